@@ -1,0 +1,43 @@
+"""Exceptions dsub raises for problems the user can fix.
+
+Every subclass also inherits the matching built-in exception, so callers that
+already catch ``ValueError`` or ``FileNotFoundError`` keep working. The command
+line prints ``DsubError`` messages as one clean line and exits non-zero; any
+other exception is a bug in dsub.
+"""
+
+from __future__ import annotations
+
+
+class DsubError(Exception):
+    """Base class: a problem with the user's inputs or environment."""
+
+
+class InputFileError(DsubError, ValueError):
+    """An input file is unreadable, malformed or inconsistent with the others."""
+
+    def __init__(self, path, problem: str, fix: str | None = None):
+        self.path = str(path)
+        message = f"{path}: {problem}"
+        if fix:
+            message += f" {fix}"
+        super().__init__(message)
+
+
+class MissingInputError(DsubError, FileNotFoundError):
+    """An input file named on the command line or inside metadata does not exist."""
+
+    def __init__(self, path, referenced_from=None):
+        self.path = str(path)
+        message = f"{path}: file not found"
+        if referenced_from is not None:
+            message += f" (referenced from {referenced_from})"
+        super().__init__(message)
+
+
+class OptionError(DsubError, ValueError):
+    """An option value is invalid or options contradict each other."""
+
+
+class OutputExistsError(DsubError, FileExistsError):
+    """The output folder holds results of a different run."""

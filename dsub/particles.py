@@ -1,0 +1,71 @@
+"""The particle table: everything dsub needs to know about each particle.
+
+Both readers (RELION ``.star`` and cryoSPARC ``.cs``) produce this one table in
+RELION's geometry, so the physics never sees a format. The raw metadata the
+table came from is kept alongside, so the writers can pass every input column
+or field through unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: Half sets as stored in ``ParticleTable.half_set``: RELION's ``rlnRandomSubset``.
+HALF_A = 1
+HALF_B = 2
+HALF_UNKNOWN = 0
+
+
+@dataclass
+class ParticleTable:
+    """Per-particle arrays, all of length ``n``, in RELION conventions.
+
+    Geometry: a map point ``c`` (voxels from the map centre ``N//2``, ordered
+    x, y, z) lands at image position ``(rotations[i] @ c)[:2] - origin_px``
+    where ``origin_px = origins_angstrom[i] / pixel_size_angstrom[i]``.
+    """
+
+    rotations: np.ndarray  # (n, 3, 3) float64: RELION's A, map frame -> image frame
+    origins_angstrom: np.ndarray  # (n, 2) float64: rlnOriginX/YAngst
+    defocus_u_angstrom: np.ndarray  # (n,)
+    defocus_v_angstrom: np.ndarray  # (n,)
+    defocus_angle_degrees: np.ndarray  # (n,)
+    phase_shift_degrees: np.ndarray  # (n,)
+    voltage_kv: np.ndarray  # (n,)
+    spherical_aberration_mm: np.ndarray  # (n,)
+    amplitude_contrast: np.ndarray  # (n,)
+    ctf_bfactor: np.ndarray  # (n,) Å², envelope exp(-B s²/4)
+    ctf_premultiplied: np.ndarray  # (n,) bool: images already multiplied by their CTF
+    half_set: np.ndarray  # (n,) int8: HALF_A, HALF_B or HALF_UNKNOWN
+    image_paths: np.ndarray  # (n,) object: resolved path of each particle's stack
+    image_indices: np.ndarray  # (n,) int64: 0-based index within that stack
+    pixel_size_angstrom: np.ndarray  # (n,)
+    box_size: np.ndarray  # (n,) int64
+    optics_group: np.ndarray  # (n,) int64, 1-based
+    input_contrast: np.ndarray | None = None  # (n,) contrast scale from the input, if any
+    source_format: str = ""  # "star" or "cs"
+    source_path: Path | None = None
+    source: Any = None  # raw metadata: {"optics": DataFrame, "particles": DataFrame} or a structured array
+    extra: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.rotations.shape[0])
+
+    @property
+    def origins_pixels(self) -> np.ndarray:
+        """Origins in pixels of each particle's own images, shape (n, 2)."""
+        return self.origins_angstrom / self.pixel_size_angstrom[:, None]
+
+    def subset(self, index) -> "ParticleTable":
+        """Rows ``index`` of every per-particle array (metadata source kept whole)."""
+        values = {}
+        for name, value in self.__dict__.items():
+            if isinstance(value, np.ndarray) and value.shape[:1] == (len(self),):
+                values[name] = value[index]
+            else:
+                values[name] = value
+        return ParticleTable(**values)

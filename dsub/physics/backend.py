@@ -1,0 +1,43 @@
+"""Choosing the array module (NumPy or CuPy) the physics runs on."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def array_module(array):
+    """The module (numpy or cupy) that owns ``array``."""
+    module = type(array).__module__.split(".")[0]
+    if module == "cupy":
+        import cupy
+
+        return cupy
+    return np
+
+
+def gpu_available() -> bool:
+    """True when CuPy imports and sees at least one CUDA device."""
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # ImportError, or a CUDA runtime/driver error
+        return False
+
+
+def get_xp(device: str):
+    """Array module for ``device``: "cpu" -> numpy, "gpu" -> cupy."""
+    if device == "cpu":
+        return np
+    if device == "gpu":
+        import cupy
+
+        return cupy
+    raise ValueError(f"device must be 'cpu' or 'gpu', not {device!r}")
+
+
+def to_numpy(array) -> np.ndarray:
+    """A NumPy copy of a NumPy or CuPy array."""
+    if type(array).__module__.split(".")[0] == "cupy":
+        return array.get()
+    return np.asarray(array)

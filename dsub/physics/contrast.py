@@ -1,0 +1,99 @@
+"""Per-particle contrast scale: a least-squares fit against the full half-map.
+
+Particles differ in contrast (ice thickness, dose). dsub fits one scale per
+particle against the CTF-modulated projection of the *full* half-map, because
+the image holds the whole particle: fitting against the masked projection
+alone is biased by the kept region and several times noisier. With the image
+and the model both multiplied by the same soft real-space window (as the
+refinement did) and transformed, over a frequency band B:
+
+    α = Σ_B h Re(X · conj(M)) / Σ_B h |M|²
+
+where h counts each rfft half-plane coefficient as often as it appears in the
+full plane (1 on the kx = 0 and Nyquist columns, 2 elsewhere).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .ctf import frequency_grid
+
+SCALE_MODES = ("fit", "input", "none")
+
+
+@dataclass(frozen=True)
+class ContrastFit:
+    """How the contrast scale is fitted; radii are fractions of the box half-width."""
+
+    window_inner: float | None = 0.85
+    window_outer: float | None = 0.99
+    low_resolution_angstrom: float | None = 100.0
+    high_resolution_angstrom: float | None = None  # None: up to Nyquist
+
+    def __post_init__(self):
+        inner, outer = self.window_inner, self.window_outer
+        if (inner is None) != (outer is None):
+            raise ValueError("give both window radii, or neither to fit without a window")
+        if inner is not None and not 0 < inner <= outer <= 1.5:
+            raise ValueError(
+                f"window radii must satisfy 0 < inner <= outer, got inner={inner}, outer={outer}"
+            )
+        low, high = self.low_resolution_angstrom, self.high_resolution_angstrom
+        if low is not None and high is not None and high >= low:
+            raise ValueError(
+                f"fit band is empty: high-resolution limit {high} Å must be finer (smaller) "
+                f"than the low-resolution limit {low} Å"
+            )
+
+
+def soft_window(xp, box: int, inner: float, outer: float):
+    """Circular window: 1 inside ``inner``, raised-cosine fall to 0 at ``outer`` (fractions of box/2)."""
+    offsets = np.arange(box) - box // 2
+    radius = np.hypot(offsets[:, None], offsets[None, :]) / (box / 2.0)
+    if outer > inner:
+        ramp = np.clip((radius - inner) / (outer - inner), 0.0, 1.0)
+        window = 0.5 * (1.0 + np.cos(np.pi * ramp))
+    else:
+        window = (radius <= inner).astype(float)
+    return xp.asarray(window, dtype="float32")
+
+
+def band_weights(xp, box: int, pixel_size_angstrom, fit: ContrastFit):
+    """Hermitian-weighted band mask per particle, shape (n, box, box//2 + 1); DC always excluded."""
+    kx, ky = frequency_grid(xp, box)
+    hermitian = xp.full(kx.shape, 2.0, dtype="float32")
+    hermitian[:, 0] = 1.0
+    if box % 2 == 0:
+        hermitian[:, -1] = 1.0
+    radius = xp.sqrt(kx * kx + ky * ky)[None]  # cycles per box
+    psize = xp.asarray(pixel_size_angstrom, dtype="float32").reshape(-1, 1, 1)
+    resolution_inverse = radius / (box * psize)  # 1/Å
+    keep = (radius > 0) & (radius <= box / 2.0) & (resolution_inverse >= 0)
+    if fit.low_resolution_angstrom is not None:
+        keep = keep & (resolution_inverse >= 1.0 / fit.low_resolution_angstrom)
+    if fit.high_resolution_angstrom is not None:
+        keep = keep & (resolution_inverse <= 1.0 / fit.high_resolution_angstrom)
+    return xp.where(keep, hermitian[None], 0.0).astype("float32")
+
+
+def fit_contrast(xp, images, models, pixel_size_angstrom, fit: ContrastFit):
+    """Least-squares scale of each model image to its particle image, shape (n,).
+
+    ``images`` and ``models`` are real (n, box, box) arrays; the window and the
+    band come from ``fit``. A model with no power in the band gets α = 0.
+    """
+    box = images.shape[-1]
+    if fit.window_inner is not None:
+        window = soft_window(xp, box, fit.window_inner, fit.window_outer)
+        images = images * window
+        models = models * window
+    image_ft = xp.fft.rfft2(images)
+    model_ft = xp.fft.rfft2(models)
+    weights = band_weights(xp, box, pixel_size_angstrom, fit)
+    cross = (weights * (image_ft * xp.conj(model_ft)).real).sum(axis=(-2, -1))
+    power = (weights * (model_ft * xp.conj(model_ft)).real).sum(axis=(-2, -1))
+    safe = xp.where(power > 0, power, 1.0)
+    return xp.where(power > 0, cross / safe, 0.0).astype("float32")

@@ -1,0 +1,79 @@
+"""The contrast transfer function, with RELION's formula and units.
+
+Defocus U/V in Å (positive = underfocus), astigmatism angle and phase shift in
+degrees, Cs in mm, voltage in kV, amplitude contrast Q0 as a fraction:
+
+    λ  = 12.2643247 / sqrt(V (1 + 0.978466e-6 V))      (Å, V in volts)
+    Δf = U cos²(θ - φ) + V sin²(θ - φ)
+    χ  = π λ Δf s² - (π/2) Cs λ³ s⁴ + phase_shift
+    CTF = sqrt(1 - Q0²) sin χ + Q0 cos χ,  times exp(-B s² / 4)
+
+The CTF scale factor is not applied here: dsub treats it as contrast (see
+``contrast.py``).
+"""
+
+from __future__ import annotations
+
+
+def electron_wavelength_angstrom(voltage_kv):
+    """Relativistic electron wavelength in Å for an accelerating voltage in kV."""
+    volts = voltage_kv * 1e3
+    return 12.2643247 / (volts * (1.0 + 0.978466e-6 * volts)) ** 0.5
+
+
+def frequency_grid(xp, size: int, dtype="float32"):
+    """Frequencies (kx, ky) of an rfft2 half-plane of a ``size``² image, in cycles per box.
+
+    Returns two arrays of shape (size, size//2 + 1): kx along the last axis
+    (0 .. size/2) and ky along the first (0 .. size/2-1, then negative).
+    """
+    ky = xp.fft.fftfreq(size).astype(dtype) * size
+    kx = xp.fft.rfftfreq(size).astype(dtype) * size
+    return xp.broadcast_to(kx[None, :], (size, size // 2 + 1)), xp.broadcast_to(
+        ky[:, None], (size, size // 2 + 1)
+    )
+
+
+def ctf_2d(
+    xp,
+    size: int,
+    pixel_size_angstrom,
+    defocus_u_angstrom,
+    defocus_v_angstrom,
+    defocus_angle_degrees,
+    voltage_kv,
+    spherical_aberration_mm,
+    amplitude_contrast,
+    phase_shift_degrees,
+    bfactor,
+):
+    """CTFs of a batch of particles on an rfft2 half-plane, shape (n, size, size//2+1).
+
+    Every parameter is an array of length n (or a scalar); ``size`` is the box
+    the CTF is sampled for, so frequencies are ``k / (size * pixel_size)``.
+    """
+
+    def column(value):
+        return xp.asarray(value, dtype="float64").reshape(-1, 1, 1)
+
+    kx, ky = frequency_grid(xp, size, dtype="float64")
+    psize = column(pixel_size_angstrom)
+    sx = kx[None] / (size * psize)
+    sy = ky[None] / (size * psize)
+    s2 = sx * sx + sy * sy
+    theta = xp.arctan2(sy, sx)
+    phi = xp.deg2rad(column(defocus_angle_degrees))
+    cos2 = xp.cos(theta - phi) ** 2
+    defocus = column(defocus_u_angstrom) * cos2 + column(defocus_v_angstrom) * (1.0 - cos2)
+    wavelength = electron_wavelength_angstrom(column(voltage_kv))
+    cs_angstrom = column(spherical_aberration_mm) * 1e7
+    chi = (
+        xp.pi * wavelength * defocus * s2
+        - 0.5 * xp.pi * cs_angstrom * wavelength**3 * s2 * s2
+        + xp.deg2rad(column(phase_shift_degrees))
+    )
+    q0 = column(amplitude_contrast)
+    ctf = xp.sqrt(1.0 - q0 * q0) * xp.sin(chi) + q0 * xp.cos(chi)
+    bfactor = column(bfactor)
+    ctf = ctf * xp.exp(-bfactor * s2 / 4.0)
+    return ctf.astype("float32")

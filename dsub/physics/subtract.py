@@ -1,0 +1,112 @@
+"""Subtraction of a batch of particles with the half-map of their own half set.
+
+For each particle: project the full half-map and the masked half-map in the
+particle's pose, shift by its origin, multiply by its CTF (CTF² when the images
+are CTF-premultiplied), choose its contrast scale α, and subtract
+``α · CTF · P_masked`` from the image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .contrast import SCALE_MODES, ContrastFit, fit_contrast
+from .ctf import ctf_2d
+from .projector import PROJECTORS, PreparedVolume, prepare_volume, project
+
+
+@dataclass(frozen=True)
+class SubtractionSettings:
+    """Everything about the physics that a run can choose."""
+
+    projector: str = "padded"
+    padding: int = 3
+    scale: str = "fit"
+    mask_keeps: bool = False
+    fit: ContrastFit = field(default_factory=ContrastFit)
+
+    def __post_init__(self):
+        if self.projector not in PROJECTORS:
+            raise ValueError(f"projector must be one of {PROJECTORS}, not {self.projector!r}")
+        if self.scale not in SCALE_MODES:
+            raise ValueError(f"scale must be one of {SCALE_MODES}, not {self.scale!r}")
+        if int(self.padding) != self.padding or self.padding < 1:
+            raise ValueError(f"padding must be a positive integer, not {self.padding!r}")
+
+
+@dataclass
+class HalfMapModel:
+    """One half-map prepared twice: whole, and restricted to the region to subtract."""
+
+    full: PreparedVolume
+    masked: PreparedVolume
+
+
+def subtraction_region(xp, mask, mask_keeps: bool):
+    """Weights of the region to subtract: the mask itself, or 1 - mask under RELION's convention."""
+    mask = xp.asarray(mask, dtype="float32")
+    return 1.0 - mask if mask_keeps else mask
+
+
+def prepare_half_map(xp, half_map, mask, settings: SubtractionSettings) -> HalfMapModel:
+    """Prepare a half-map for projection, whole and masked (done once per worker)."""
+    half_map = xp.asarray(half_map, dtype="float32")
+    region = subtraction_region(xp, mask, settings.mask_keeps)
+    return HalfMapModel(
+        full=prepare_volume(xp, half_map, settings.padding),
+        masked=prepare_volume(xp, half_map * region, settings.padding),
+    )
+
+
+def particle_ctfs(xp, particles, box: int):
+    """CTF (or CTF² for premultiplied images) of each particle on the box's rfft2 grid."""
+    ctf = ctf_2d(
+        xp,
+        box,
+        particles.pixel_size_angstrom,
+        particles.defocus_u_angstrom,
+        particles.defocus_v_angstrom,
+        particles.defocus_angle_degrees,
+        particles.voltage_kv,
+        particles.spherical_aberration_mm,
+        particles.amplitude_contrast,
+        particles.phase_shift_degrees,
+        particles.ctf_bfactor,
+    )
+    premultiplied = xp.asarray(particles.ctf_premultiplied, dtype=bool).reshape(-1, 1, 1)
+    return xp.where(premultiplied, ctf * ctf, ctf)
+
+
+def model_images(xp, model: HalfMapModel, particles, box: int, settings: SubtractionSettings):
+    """CTF-modulated, shifted projections (full, masked) as real images (n, box, box)."""
+    ctf = particle_ctfs(xp, particles, box)
+    images = []
+    for volume in (model.full, model.masked):
+        spectra = project(xp, volume, particles.rotations, particles.origins_pixels, settings.projector)
+        images.append(
+            xp.fft.fftshift(xp.fft.irfft2(spectra * ctf, s=(box, box)), axes=(-2, -1)).astype("float32")
+        )
+    return images[0], images[1]
+
+
+def subtract_batch(xp, images, particles, model: HalfMapModel, settings: SubtractionSettings):
+    """Subtract the masked projection from each image; returns (subtracted, alpha).
+
+    ``particles`` is a ``ParticleTable`` of the batch, all of one half set, and
+    ``model`` that half set's prepared half-map.
+    """
+    images = xp.asarray(images, dtype="float32")
+    box = images.shape[-1]
+    if model.full.box != box:
+        raise ValueError(f"map box {model.full.box} differs from particle box {box}")
+    full, masked = model_images(xp, model, particles, box, settings)
+    if settings.scale == "fit":
+        alpha = fit_contrast(xp, images, full, particles.pixel_size_angstrom, settings.fit)
+    elif settings.scale == "input":
+        if particles.input_contrast is None:
+            raise ValueError("scale 'input' needs each particle's contrast in the input metadata")
+        alpha = xp.asarray(particles.input_contrast, dtype="float32")
+    else:
+        alpha = xp.ones(images.shape[0], dtype="float32")
+    subtracted = images - alpha[:, None, None] * masked
+    return subtracted, alpha
