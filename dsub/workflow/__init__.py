@@ -1,0 +1,1 @@
+"""The workflow: chunked subtraction into one Zarr store, then export to MRC/STAR/CS."""

@@ -1,0 +1,274 @@
+"""One subtraction run, from input files to exported outputs.
+
+1. read the particle table and check every input (``validate``);
+2. create the Zarr store, or reopen the store of an identical earlier run and
+   keep its finished chunks;
+3. run one task per unfinished chunk of particles on the Dask scheduler;
+4. export stacks, then the star and .cs files, and write ``dsub_run.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dask
+import numpy as np
+
+from .. import __version__
+from ..errors import InputFileError, OptionError, OutputExistsError
+from ..formats import read_particles
+from ..physics.backend import gpu_available
+from ..physics.subtract import SubtractionSettings
+from . import export, store, validate
+from .tasks import MapFiles, half_map_models, run_chunk, subtract_particles
+
+SCHEDULERS = ("threads", "sync")
+RUN_SUMMARY = "dsub_run.json"
+POLARITY_SAMPLE = 64
+
+
+@dataclass
+class RunOptions:
+    """How a run is carried out (as opposed to the physics, in ``SubtractionSettings``)."""
+
+    outdir: Path
+    chunk_size: int = 256
+    particles_per_stack: int = 10000
+    scheduler: str = "threads"
+    workers: int | None = None
+    device: str = "auto"
+    overwrite: bool = False
+    cs_root: str | None = None
+    progress: bool = True
+    log: object = field(default=sys.stdout, repr=False)
+
+    def __post_init__(self):
+        if self.chunk_size < 1:
+            raise OptionError(f"--chunk-size must be at least 1, not {self.chunk_size}")
+        if self.particles_per_stack < 1:
+            raise OptionError(f"--particles-per-stack must be at least 1, not {self.particles_per_stack}")
+        if self.scheduler not in SCHEDULERS:
+            raise OptionError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, not {self.scheduler!r}")
+        if self.device not in ("auto", "cpu", "gpu"):
+            raise OptionError(f"--device must be auto, cpu or gpu, not {self.device!r}")
+        # Stacks hold whole chunks, so an export task never reads half a chunk.
+        self.particles_per_stack = max(self.chunk_size, self.particles_per_stack // self.chunk_size * self.chunk_size)
+
+
+def resolve_device(device: str) -> str:
+    """'auto' becomes 'gpu' where CuPy sees a GPU, else 'cpu'."""
+    if device == "auto":
+        return "gpu" if gpu_available() else "cpu"
+    if device == "gpu" and not gpu_available():
+        raise OptionError("--device gpu was asked for, but CuPy is not installed or sees no GPU")
+    return device
+
+
+def file_identity(path) -> dict:
+    """What identifies an input file's content cheaply: absolute path, size, modification time."""
+    stat = os.stat(path)
+    return {"path": str(Path(path).resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def run_fingerprint(identity: dict) -> str:
+    """A short hash of a run's inputs and parameters; equal fingerprints mean a run can resume."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def settings_record(settings: SubtractionSettings) -> dict:
+    return dataclasses.asdict(settings)
+
+
+def say(options: RunOptions, message: str) -> None:
+    print(message, file=options.log, flush=True)
+
+
+def check_polarity(table, maps: MapFiles, settings, device: str, options: RunOptions) -> None:
+    """With input contrast, fit α on a sample first and refuse if the signs disagree."""
+    sample = np.linspace(0, len(table) - 1, min(POLARITY_SAMPLE, len(table))).astype(int)
+    sample = np.unique(sample)
+    particles = table.subset(sample)
+    from ..formats.mrc import read_images
+
+    images = read_images(particles.image_paths, particles.image_indices)
+    fit_settings = dataclasses.replace(settings, scale="fit")
+    models = half_map_models(maps, fit_settings, device)
+    _, fitted = subtract_particles(images, particles, models, fit_settings, device)
+    given = np.sign(np.median(particles.input_contrast))
+    measured = np.sign(np.median(fitted))
+    if given != measured:
+        raise InputFileError(
+            table.source_path,
+            f"the input contrast scales are {'positive' if given > 0 else 'negative'} but a fit on "
+            f"{sample.size} particles finds them {'positive' if measured > 0 else 'negative'}: the images "
+            "have the opposite polarity to what the metadata implies.",
+            "Use --scale fit (it absorbs the polarity), or check the stacks' contrast inversion.",
+        )
+    say(options, f"Polarity check: input contrast agrees with a fit on {sample.size} particles "
+                 f"(median fitted {np.median(fitted):.3f}, median input {np.median(particles.input_contrast):.3f}).")
+
+
+def prepare_outdir(outdir: Path, fingerprint: str, overwrite: bool) -> bool:
+    """Make the output folder ready; True if an identical earlier run's store can be resumed."""
+    store_path = outdir / store.STORE_NAME
+    if store_path.exists():
+        try:
+            previous = store.open_store(store_path).attrs.get("run", {}).get("fingerprint")
+        except Exception:  # an unreadable store is as good as none
+            previous = None
+        if previous == fingerprint and not overwrite:
+            return True
+        if not overwrite:
+            raise OutputExistsError(
+                f"{outdir}: holds the results of a different run (other inputs or parameters). "
+                "Choose another output folder, or add --overwrite to replace them."
+            )
+        shutil.rmtree(store_path)
+    elif outdir.exists() and any(outdir.iterdir()) and not overwrite:
+        stray = [p.name for p in outdir.iterdir()][:3]
+        if any(name in (export.STAR_NAME, export.CS_NAME, export.STACK_FOLDER) for name in stray):
+            raise OutputExistsError(
+                f"{outdir}: holds dsub outputs without their store. Choose another output folder, "
+                "or add --overwrite to replace them."
+            )
+    outdir.mkdir(parents=True, exist_ok=True)
+    if not os.access(outdir, os.W_OK):
+        raise OptionError(f"{outdir}: the output folder is not writable")
+    return False
+
+
+def subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings, options: RunOptions) -> dict:
+    """Run a whole subtraction; returns the run summary (also written to ``dsub_run.json``)."""
+    started = time.monotonic()
+    outdir = Path(options.outdir)
+    table = read_particles(particles_path, cs_root=options.cs_root)
+    if len(table) == 0:
+        raise InputFileError(particles_path, "holds no particles.")
+    box = validate.particle_box(table)
+    validate.check_half_sets(table)
+    if settings.scale == "input" and table.input_contrast is None:
+        raise InputFileError(
+            particles_path,
+            "has no per-particle contrast (alignments3D/alpha in a .cs, rlnCtfScalefactor in a star), "
+            "which --scale input needs.",
+            "Use --scale fit to fit each particle's contrast instead.",
+        )
+    pixel_size = float(np.median(table.pixel_size_angstrom))
+    validate.check_maps(half_a, half_b, mask, box, pixel_size)
+    validate.check_images(table, box)
+    device = resolve_device(options.device)
+    maps = MapFiles(str(Path(half_a).resolve()), str(Path(half_b).resolve()), str(Path(mask).resolve()))
+
+    identity = {
+        "dsub": __version__,
+        "particles": file_identity(particles_path),
+        "half_a": file_identity(half_a),
+        "half_b": file_identity(half_b),
+        "mask": file_identity(mask),
+        "cs_root": options.cs_root,
+        "settings": settings_record(settings),
+        "chunk_size": options.chunk_size,
+        "count": len(table),
+        "box": box,
+    }
+    fingerprint = run_fingerprint(identity)
+    resuming = prepare_outdir(outdir, fingerprint, options.overwrite)
+    for name in (export.STAR_NAME, export.CS_NAME, RUN_SUMMARY):
+        (outdir / name).unlink(missing_ok=True)  # never leave old metadata that looks complete
+
+    if settings.scale == "input":
+        check_polarity(table, maps, settings, device, options)
+
+    store_path = outdir / store.STORE_NAME
+    bounds = store.chunk_bounds(len(table), options.chunk_size)
+    if not resuming:
+        store.create_store(store_path, len(table), box, options.chunk_size,
+                           {**identity, "fingerprint": fingerprint})
+    done = store.finished_chunks(store_path)
+    pending = [i for i in range(len(bounds)) if not done[i]]
+    say(options, f"dsub: {len(table)} particles of {box} px in {len(bounds)} chunks on {device} "
+                 f"({options.scheduler} scheduler); {len(bounds) - len(pending)} chunks already done.")
+
+    tasks = []
+    for index in pending:
+        start, stop = bounds[index]
+        chunk = dataclasses.replace(table.subset(np.arange(start, stop)), source=None)
+        tasks.append(
+            dask.delayed(run_chunk, pure=False, name=f"subtract-chunk-{index:05d}")(
+                index, start, chunk, maps, settings, str(store_path), device
+            )
+        )
+    compute(tasks, options)
+
+    say(options, "Exporting stacks and metadata ...")
+    export_tasks = [
+        dask.delayed(export.write_stack_from_store, pure=False, name=f"export-{relative.split('/')[-1]}")(
+            store_path, outdir, relative, start, stop, float(table.pixel_size_angstrom[start])
+        )
+        for relative, start, stop in export.stack_layout(len(table), options.particles_per_stack)
+    ]
+    compute(export_tasks, options)
+    contrast = np.asarray(store.open_store(store_path)["contrast"][:])
+    export.write_metadata(table, outdir, options.particles_per_stack, contrast)
+
+    summary = {
+        "particles": len(table),
+        "box": box,
+        "chunks_total": len(bounds),
+        "chunks_skipped": len(bounds) - len(pending),
+        "seconds": round(time.monotonic() - started, 3),
+        "scheduler": options.scheduler,
+        "workers": options.workers,
+        "device": device,
+        "scale": settings.scale,
+        "contrast_median": float(np.median(contrast)),
+        "contrast_negative_fraction": float(np.mean(contrast < 0)),
+        "outputs": {
+            "store": store.STORE_NAME,
+            "star": export.STAR_NAME,
+            "cs": export.CS_NAME,
+            "stacks": export.STACK_FOLDER,
+        },
+    }
+    (outdir / RUN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    report(summary, outdir, options)
+    return summary
+
+
+def compute(tasks, options: RunOptions) -> None:
+    """Run delayed tasks on the chosen local scheduler, with a progress bar."""
+    if not tasks:
+        return
+    kwargs = {"scheduler": options.scheduler}
+    if options.scheduler == "threads" and options.workers:
+        kwargs["num_workers"] = options.workers
+    if options.progress:
+        from dask.diagnostics import ProgressBar
+
+        with ProgressBar(dt=0.5, out=options.log):
+            dask.compute(*tasks, **kwargs)
+    else:
+        dask.compute(*tasks, **kwargs)
+
+
+def report(summary: dict, outdir: Path, options: RunOptions) -> None:
+    """Tell the user what happened and where the results are."""
+    say(options, f"Subtracted {summary['particles']} particles in {summary['seconds']:.1f} s "
+                 f"(contrast median {summary['contrast_median']:.3f}).")
+    negative = summary["contrast_negative_fraction"]
+    if summary["scale"] == "fit" and negative > 0.5:
+        say(options, f"WARNING: {negative:.0%} of the fitted contrast scales are negative: the images have "
+                     "the opposite contrast to the maps (inverted stacks). The subtraction is still right, "
+                     "because the fit absorbs the sign, but check the polarity before refining.")
+    elif negative > 0:
+        say(options, f"{negative:.1%} of the contrast scales are negative.")
+    say(options, f"Outputs in {outdir}: {export.STAR_NAME}, {export.CS_NAME}, {export.STACK_FOLDER}/, "
+                 f"{store.STORE_NAME}, {RUN_SUMMARY}")

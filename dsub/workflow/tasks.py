@@ -1,0 +1,85 @@
+"""What one task does: read a chunk's images, subtract, write its region of the store.
+
+The prepared half-maps are built once per worker process from the map files
+(on its GPU when it uses one) and cached for all later tasks there, so they
+never travel between processes: a task carries only its chunk's metadata and
+file paths.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..formats.mrc import read_images, read_map
+from ..particles import HALF_A, HALF_B
+from ..physics.backend import get_xp, to_numpy
+from ..physics.subtract import SubtractionSettings, prepare_half_map, subtract_batch
+from . import store
+
+#: Rough per-particle working memory of one batch, in complex64 arrays of the slice size.
+_ARRAYS_PER_PARTICLE = 16
+_BATCH_BYTES = {"cpu": 512 * 2**20, "gpu": 4 * 2**30}
+
+
+@dataclass(frozen=True)
+class MapFiles:
+    """The three maps of a run; each worker reads them itself."""
+
+    half_a: str
+    half_b: str
+    mask: str
+
+
+_models: dict = {}
+_models_lock = threading.Lock()
+
+
+def half_map_models(maps: MapFiles, settings: SubtractionSettings, device: str) -> dict:
+    """Prepared models {HALF_A: ..., HALF_B: ...} for this process, built on first use."""
+    key = (maps, settings, device)
+    with _models_lock:
+        if key not in _models:
+            xp = get_xp(device)
+            mask, _ = read_map(maps.mask)
+            _models.clear()  # one run's models at a time per process
+            _models[key] = {
+                HALF_A: prepare_half_map(xp, read_map(maps.half_a)[0], mask, settings),
+                HALF_B: prepare_half_map(xp, read_map(maps.half_b)[0], mask, settings),
+            }
+        return _models[key]
+
+
+def batch_size(box: int, settings: SubtractionSettings, device: str) -> int:
+    """How many particles to process at once so a batch fits the device's working memory."""
+    size = box * settings.padding if settings.projector == "padded" else box
+    per_particle = _ARRAYS_PER_PARTICLE * size * (size // 2 + 1) * 8
+    return max(1, _BATCH_BYTES[device] // per_particle)
+
+
+def subtract_particles(images: np.ndarray, particles, models: dict, settings, device: str):
+    """Subtract every particle with its own half set's model; returns (subtracted, alpha) as NumPy."""
+    xp = get_xp(device)
+    subtracted = np.empty(images.shape, dtype=np.float32)
+    alpha = np.empty(images.shape[0], dtype=np.float32)
+    step = batch_size(images.shape[-1], settings, device)
+    for half in (HALF_A, HALF_B):
+        members = np.flatnonzero(particles.half_set == half)
+        for first in range(0, members.size, step):
+            batch = members[first : first + step]
+            result, scale = subtract_batch(xp, images[batch], particles.subset(batch), models[half], settings)
+            subtracted[batch] = to_numpy(result)
+            alpha[batch] = to_numpy(scale)
+    return subtracted, alpha
+
+
+def run_chunk(chunk_index: int, start: int, particles, maps: MapFiles, settings, store_path: str, device: str):
+    """Task body: subtract particles ``start:start+len(particles)`` and store them. Returns α."""
+    models = half_map_models(maps, settings, device)
+    images = read_images(particles.image_paths, particles.image_indices)
+    subtracted, alpha = subtract_particles(images, particles, models, settings, device)
+    store.write_chunk(Path(store_path), chunk_index, start, subtracted, alpha)
+    return alpha

@@ -1,0 +1,96 @@
+"""Checks made before any long work starts, each failing with one clear message."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputFileError, MissingInputError
+from ..formats.mrc import open_stack, read_map
+from ..particles import HALF_A, HALF_B
+
+#: Relative disagreement between pixel sizes that is still accepted.
+PIXEL_SIZE_TOLERANCE = 0.01
+
+
+def particle_box(table) -> int:
+    """The one box size of all particles (dsub needs a single box)."""
+    boxes = np.unique(table.box_size)
+    if boxes.size != 1:
+        raise InputFileError(
+            table.source_path,
+            f"particles come in several box sizes ({', '.join(map(str, boxes))} px).",
+            "Subtract each box size separately (split the file by optics group).",
+        )
+    return int(boxes[0])
+
+
+def check_half_sets(table) -> None:
+    """Every particle must belong to half set A or B, and both must be present."""
+    known = np.isin(table.half_set, (HALF_A, HALF_B))
+    if not known.all():
+        raise InputFileError(
+            table.source_path,
+            f"{int((~known).sum())} of {len(table)} particles have no half set "
+            "(rlnRandomSubset 1/2 or alignments3D/split 0/1).",
+            "Use the particles of a gold-standard refinement, whose half sets decide which half-map "
+            "subtracts each particle.",
+        )
+
+
+def check_maps(half_a: str, half_b: str, mask: str, box: int, pixel_size: float) -> None:
+    """Half maps and mask: readable, same cubic box as the particles, pixel size, mask in [0, 1]."""
+    shapes = {}
+    for label, path in (("half map A", half_a), ("half map B", half_b), ("mask", mask)):
+        volume, voxel = read_map(path)
+        shapes[label] = volume.shape
+        if volume.shape[0] != box:
+            raise InputFileError(
+                path,
+                f"{label} has a box of {volume.shape[0]} voxels but the particles are {box} px.",
+                "Resample or re-box the map to the particles' box (e.g. relion_image_handler --new_box).",
+            )
+        if voxel > 0 and abs(voxel - pixel_size) > PIXEL_SIZE_TOLERANCE * pixel_size:
+            raise InputFileError(
+                path,
+                f"{label} has a voxel size of {voxel:.4f} Å but the particles' pixel size is {pixel_size:.4f} Å.",
+                "Use maps at the particles' pixel size (or fix the header if only it is wrong).",
+            )
+        if voxel <= 0:
+            warnings.warn(f"{path}: no voxel size in the header; assuming the particles' {pixel_size:.4f} Å")
+        if not np.all(np.isfinite(volume)):
+            raise InputFileError(path, f"{label} contains NaN or infinite values.", "Use a valid map.")
+        if label == "mask":
+            low, high = float(volume.min()), float(volume.max())
+            if low < -1e-3 or high > 1 + 1e-3:
+                raise InputFileError(
+                    path,
+                    f"mask values span [{low:.3g}, {high:.3g}] but must lie in [0, 1].",
+                    "Use a soft mask from relion_mask_create or cryoSPARC's Volume Tools.",
+                )
+            if high <= 0:
+                raise InputFileError(path, "the mask is empty (all zeros).", "Check the mask file.")
+
+
+def check_images(table, box: int) -> None:
+    """Each stack exists, is an image stack of the particles' box and holds every referenced index."""
+    paths = np.asarray(table.image_paths, dtype=object)
+    for path in np.unique(paths):
+        if not Path(path).is_file():
+            raise MissingInputError(path, referenced_from=table.source_path)
+        stack = open_stack(path)
+        if stack.shape[-1] != box or stack.shape[-2] != box:
+            raise InputFileError(
+                path, f"images are {stack.shape[-1]}x{stack.shape[-2]} px but the metadata says {box} px.",
+                "Check rlnImageSize / blob/shape against the stacks.",
+            )
+        highest = int(table.image_indices[paths == path].max())
+        if highest >= stack.shape[0]:
+            raise InputFileError(
+                path,
+                f"image {highest + 1} (1-based) is referenced by {table.source_path} but the stack holds "
+                f"{stack.shape[0]} images.",
+                "The stack is truncated or the metadata belongs to other stacks.",
+            )
