@@ -1,0 +1,105 @@
+"""RELION <-> cryoSPARC conventions, written once.
+
+dsub works in RELION's geometry (see ``ParticleTable``). Every conversion from
+or to cryoSPARC's conventions happens through the functions here, so a sign or
+transpose lives in exactly one place.
+
+Rotations
+---------
+RELION's matrix ``A`` (``euler.cpp: Euler_angles2matrix``) maps map
+coordinates to image coordinates, ``r_img = A @ r_map``::
+
+    A = Rotation.from_euler("ZYZ", [rot, tilt, psi], degrees=True).as_matrix().T
+
+cryoSPARC's ``alignments3D/pose`` is an axis-angle (Rodrigues) vector in
+radians whose standard matrix ``R_cs`` maps image to map, so ``A = R_cs.T``.
+Its length may exceed pi; a round trip returns an equivalent vector of length
+<= pi, so compare matrices, never vectors.
+
+Shifts and half sets
+--------------------
+``alignments3D/shift`` is in pixels at ``alignments3D/psize_A`` with the same
+sign as RELION's origin: ``rlnOriginXAngst = shift_x * psize``.
+``alignments3D/split`` 0/1 is ``rlnRandomSubset`` 1/2 (half A / half B).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from scipy.spatial.transform import Rotation
+
+from dsub.particles import HALF_UNKNOWN
+
+
+def _matrices(A: np.ndarray) -> np.ndarray:
+    """``A`` as an (n, 3, 3) float64 array (a single 3x3 matrix becomes n=1)."""
+    A = np.asarray(A, dtype=np.float64)
+    return A.reshape(-1, 3, 3)
+
+
+def _as_euler_zyz(rotation: Rotation) -> np.ndarray:
+    """ZYZ Euler angles in degrees, (n, 3), without scipy's gimbal-lock warning.
+
+    At tilt 0 or 180 only rot+psi (or rot-psi) is defined; scipy then sets the
+    third angle to zero and warns. The matrix is reproduced exactly either way,
+    so the warning carries no information for dsub.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Gg]imbal lock.*")
+        return np.atleast_2d(rotation.as_euler("ZYZ", degrees=True))
+
+
+def relion_euler_to_matrix(rot, tilt, psi) -> np.ndarray:
+    """RELION Euler angles (degrees, ZYZ) -> matrices ``A``, shape (n, 3, 3)."""
+    angles = np.stack(
+        [np.atleast_1d(np.asarray(a, dtype=np.float64)) for a in (rot, tilt, psi)], axis=-1
+    )
+    return Rotation.from_euler("ZYZ", angles, degrees=True).as_matrix().transpose(0, 2, 1)
+
+
+def matrix_to_relion_euler(A: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Matrices ``A`` (n, 3, 3) -> RELION (rot, tilt, psi) in degrees, tilt in [0, 180]."""
+    angles = _as_euler_zyz(Rotation.from_matrix(_matrices(A).transpose(0, 2, 1)))
+    return angles[:, 0], angles[:, 1], angles[:, 2]
+
+
+def cryosparc_pose_to_matrix(pose: np.ndarray) -> np.ndarray:
+    """cryoSPARC ``alignments3D/pose`` (n, 3) axis-angle radians -> ``A`` (n, 3, 3)."""
+    pose = np.asarray(pose, dtype=np.float64).reshape(-1, 3)
+    return Rotation.from_rotvec(pose).as_matrix().transpose(0, 2, 1)
+
+
+def matrix_to_cryosparc_pose(A: np.ndarray) -> np.ndarray:
+    """Matrices ``A`` (n, 3, 3) -> cryoSPARC axis-angle vectors (n, 3), length <= pi."""
+    return Rotation.from_matrix(_matrices(A).transpose(0, 2, 1)).as_rotvec().reshape(-1, 3)
+
+
+def cryosparc_shift_to_origin_angstrom(shift_px: np.ndarray, psize_angstrom) -> np.ndarray:
+    """``alignments3D/shift`` (n, 2) pixels at ``psize`` -> RELION origin in Å (same sign)."""
+    shift = np.asarray(shift_px, dtype=np.float64).reshape(-1, 2)
+    psize = np.asarray(psize_angstrom, dtype=np.float64)
+    return shift * (psize[:, None] if psize.ndim else psize)
+
+
+def origin_angstrom_to_cryosparc_shift(origin_angstrom: np.ndarray, psize_angstrom) -> np.ndarray:
+    """RELION origin in Å (n, 2) -> ``alignments3D/shift`` in pixels at ``psize``."""
+    origin = np.asarray(origin_angstrom, dtype=np.float64).reshape(-1, 2)
+    psize = np.asarray(psize_angstrom, dtype=np.float64)
+    return origin / (psize[:, None] if psize.ndim else psize)
+
+
+def split_to_half_set(split: np.ndarray) -> np.ndarray:
+    """cryoSPARC ``alignments3D/split`` 0/1 -> half set 1/2 (``rlnRandomSubset``), int8."""
+    split = np.asarray(split)
+    half = np.full(split.shape, HALF_UNKNOWN, dtype=np.int8)
+    half[split == 0] = 1
+    half[split == 1] = 2
+    return half
+
+
+def half_set_to_split(half_set: np.ndarray) -> np.ndarray:
+    """Half set 1/2 -> cryoSPARC ``alignments3D/split`` 0/1 (``<u4``); unknown -> 0."""
+    half_set = np.asarray(half_set)
+    return np.where(half_set == 2, 1, 0).astype("<u4")

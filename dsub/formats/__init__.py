@@ -1,0 +1,40 @@
+"""Particle metadata and image formats: RELION .star, cryoSPARC .cs, MRC.
+
+``read_particles`` picks the reader from the file's content (a numpy or
+CSDAT magic number means .cs) and, for text, its extension.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dsub.errors import InputFileError, MissingInputError
+from dsub.formats import cs, star
+from dsub.particles import ParticleTable
+
+_ACCEPTED = (
+    "dsub reads RELION 3.0/3.1+ particle .star files and cryoSPARC particle .cs files "
+    "(numpy format, e.g. J24_005_particles.cs)."
+)
+
+
+def read_particles(
+    path: str | os.PathLike, cs_root=None, *, require_ctf: bool = True
+) -> ParticleTable:
+    """Read a RELION .star or cryoSPARC .cs particle file into a ``ParticleTable``.
+
+    ``cs_root`` is the folder relative ``blob/path`` values of a .cs start from
+    (default: found next to the .cs). ``require_ctf=False`` accepts particles
+    without CTF parameters (simulated projections) and gives them a CTF of 1.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingInputError(path)
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if head.startswith((cs.MAGIC_NUMPY, cs.MAGIC_CSDAT)) or path.suffix.lower() == ".cs":
+        return cs.read_particles(path, cs_root, require_ctf=require_ctf)
+    if path.suffix.lower() == ".star" or b"data_" in head:
+        return star.read_particles(path, require_ctf=require_ctf)
+    raise InputFileError(path, "is neither a RELION .star nor a cryoSPARC .cs file.", _ACCEPTED)

@@ -1,0 +1,322 @@
+"""cryoSPARC particle ``.cs`` files (numpy structured arrays, fields ``slot/field``).
+
+A job's particles are split over ``J<n>_<iter>_particles.cs`` (the slots the
+job made) and ``J<n>_passthrough_particles.cs`` (slots copied from its
+inputs); dsub joins the two on ``uid`` as cryoSPARC does. Only the numpy
+format is read; cryosparc-tools' compressed CSDAT format is refused with the
+command that converts it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from dsub.conventions import (
+    cryosparc_pose_to_matrix,
+    cryosparc_shift_to_origin_angstrom,
+    half_set_to_split,
+    matrix_to_cryosparc_pose,
+    origin_angstrom_to_cryosparc_shift,
+    split_to_half_set,
+)
+from dsub.errors import InputFileError, MissingInputError
+from dsub.particles import HALF_UNKNOWN, ParticleTable
+
+MAGIC_NUMPY = b"\x93NUMPY"
+MAGIC_CSDAT = b"\x95CSDAT"
+BLOB_FIELDS = ("uid", "blob/path", "blob/idx", "blob/shape", "blob/psize_A")
+POSE_FIELDS = ("alignments3D/pose", "alignments3D/shift")
+CTF_FIELDS = (
+    "ctf/df1_A", "ctf/df2_A", "ctf/df_angle_rad", "ctf/accel_kv", "ctf/cs_mm", "ctf/amp_contrast"
+)
+#: ``blob/sign`` written for stacks that came from RELION. cryoSPARC's own import of
+#: RELION stacks (``empiar_10076_7.cs``, ``cryosparc_J2_particles_exported.cs``) records -1,
+#: as do its extracted stacks; the flag's exact meaning is unpublished.
+STAR_IMPORT_BLOB_SIGN = -1.0
+
+
+def _load_one(path: Path) -> np.ndarray:
+    """One numpy-format .cs file, after checking its magic bytes."""
+    if not path.is_file():
+        raise MissingInputError(path)
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic == MAGIC_CSDAT:
+        raise InputFileError(
+            path, "is in cryosparc-tools' compressed CSDAT format, which dsub does not read.",
+            "Convert it to numpy format with cryosparc-tools: `from cryosparc.dataset import "
+            "Dataset, NUMPY_FORMAT; Dataset.load(path).save(out, format=NUMPY_FORMAT)`, or "
+            "export the job's particles from cryoSPARC.",
+        )
+    if magic != MAGIC_NUMPY:
+        raise InputFileError(
+            path, "is not a cryoSPARC .cs file (no numpy header).",
+            "Give a particles .cs from a cryoSPARC job folder, e.g. J24_005_particles.cs.",
+        )
+    try:
+        data = np.load(path, allow_pickle=False, max_header_size=2**30)
+    except (ValueError, OSError) as exc:
+        raise InputFileError(path, f"could not be read as a .cs file ({exc}).") from exc
+    if data.dtype.names is None or data.ndim != 1:
+        raise InputFileError(path, "is a numpy array but not a cryoSPARC dataset (no fields).")
+    return data
+
+
+def passthrough_path(path: str | os.PathLike) -> Path | None:
+    """The ``*J<n>_passthrough_particles.cs`` beside a job's particles file, if any."""
+    path = Path(path)
+    match = re.search(r"(?:^|_)(J\d+)_(?:\d+_)?particles", path.name)
+    if match is None or "passthrough" in path.name:
+        return None
+    pattern = re.compile(rf"(?:^|_){match.group(1)}_passthrough_particles\.cs$")
+    candidates = path.parent.glob("*_passthrough_particles.cs")
+    found = sorted(p for p in candidates if pattern.search(p.name))
+    return found[0] if found else None
+
+
+def _join(main: np.ndarray, extra: np.ndarray, path: Path, extra_path: Path) -> np.ndarray:
+    """Inner join on ``uid`` in ``main``'s row order; ``main``'s fields win."""
+    if "uid" not in main.dtype.names or "uid" not in extra.dtype.names:
+        return main
+    order = np.argsort(extra["uid"], kind="stable")
+    sorted_uid = extra["uid"][order]
+    pos = np.minimum(np.searchsorted(sorted_uid, main["uid"]), len(sorted_uid) - 1)
+    found = sorted_uid[pos] == main["uid"] if len(sorted_uid) else np.zeros(len(main), bool)
+    if len(main) and not found.any():
+        raise InputFileError(
+            extra_path, f"shares no particle uid with {path.name}.",
+            "Move it away if it belongs to another job.",
+        )
+    added = [n for n in extra.dtype.names if n not in main.dtype.names]
+    dtype = [(n, main.dtype.fields[n][0]) for n in main.dtype.names]
+    dtype += [(n, extra.dtype.fields[n][0]) for n in added]
+    joined = np.empty(int(found.sum()), dtype=dtype)
+    for name in main.dtype.names:
+        joined[name] = main[name][found]
+    rows = order[pos[found]]
+    for name in added:
+        joined[name] = extra[name][rows]
+    return joined
+
+
+def load_dataset(path: str | os.PathLike) -> np.ndarray:
+    """The particles of ``path``, joined with the job's passthrough file when one exists."""
+    path = Path(path)
+    data = _load_one(path)
+    extra_path = passthrough_path(path)
+    if extra_path is not None:
+        data = _join(data, _load_one(extra_path), path, extra_path)
+    return data
+
+
+def _missing(data: np.ndarray, fields, path: Path, why: str) -> None:
+    missing = [f for f in fields if f not in data.dtype.names]
+    if missing:
+        raise InputFileError(
+            path, f"lacks the field(s) {', '.join(missing)}, needed for {why}.",
+            "Give the particles output of a 3D refinement job (Homogeneous, Non-uniform or "
+            "Local Refinement), which carries blob, ctf and alignments3D slots.",
+        )
+
+
+def ctf_from_fields(data: np.ndarray, path: Path, require_ctf: bool = True) -> dict:
+    """CTF arrays named as ``ParticleTable`` fields, in RELION units (degrees).
+
+    Without ``ctf/*`` fields and ``require_ctf`` False the CTF is exactly 1
+    (defocus 0, Cs 0, amplitude contrast 1) and ``"ctf_absent"`` is True.
+    """
+    names = data.dtype.names
+    n = len(data)
+    absent = not require_ctf and "ctf/df1_A" not in names
+    if not absent:
+        _missing(data, CTF_FIELDS, path, "the CTF")
+
+    def field(name: str, default: float) -> np.ndarray:
+        return data[name].astype(np.float64) if name in names else np.full(n, default)
+
+    return {
+        "defocus_u_angstrom": field("ctf/df1_A", 0.0),
+        "defocus_v_angstrom": field("ctf/df2_A", 0.0),
+        "defocus_angle_degrees": np.rad2deg(field("ctf/df_angle_rad", 0.0)),
+        "phase_shift_degrees": np.rad2deg(field("ctf/phase_shift_rad", 0.0)),
+        "voltage_kv": field("ctf/accel_kv", 300.0),
+        "spherical_aberration_mm": field("ctf/cs_mm", 0.0),
+        "amplitude_contrast": field("ctf/amp_contrast", 1.0),
+        "ctf_bfactor": field("ctf/bfactor", 0.0),
+        "ctf_premultiplied": np.zeros(n, dtype=bool),
+        "ctf_absent": absent,
+    }
+
+
+def read_ctf(path: str | os.PathLike, require_ctf: bool = True) -> dict:
+    """Only the CTF of each particle (see ``ctf_from_fields``); poses not needed."""
+    return ctf_from_fields(load_dataset(path), Path(path), require_ctf)
+
+
+def resolve_blob_paths(raw, cs_path: Path, cs_root=None) -> np.ndarray:
+    """Absolute stack paths from ``blob/path`` values (bytes or str).
+
+    One leading ``>`` (relative to an export folder) is stripped. Relative
+    paths are joined to ``cs_root`` if given, else to the first of the .cs
+    folder, its parent and its grandparent (a job folder sits in the project
+    folder) in which the first relative stack exists, else to the .cs folder.
+    """
+    raw = np.asarray(raw)
+    if raw.size == 0:
+        return np.empty(0, dtype=object)
+    uniq, inverse = np.unique(raw, return_inverse=True)  # decode each stack name once
+    texts = [u.decode() if isinstance(u, bytes) else str(u) for u in uniq]
+    texts = [t[1:] if t.startswith(">") else t for t in texts]
+    folder = Path(os.path.abspath(cs_path)).parent
+    roots = [folder, folder.parent, folder.parent.parent] if cs_root is None else [Path(cs_root)]
+    relative = [texts[int(inverse.reshape(-1)[0])]] + texts  # the first particle's stack first
+    probe = next((t for t in relative if not os.path.isabs(t)), None)
+    root = next((r for r in roots if probe and (r / probe).is_file()), roots[0])
+    resolved = np.array(
+        [os.path.normpath(os.path.join(os.path.abspath(root), t)) for t in texts], dtype=object
+    )
+    return resolved[inverse.reshape(-1)]
+
+
+def read_particles(
+    path: str | os.PathLike, cs_root=None, *, require_ctf: bool = True
+) -> ParticleTable:
+    """Read a cryoSPARC particles .cs (plus its passthrough file) into a ``ParticleTable``."""
+    path = Path(path)
+    data = load_dataset(path)
+    _missing(data, BLOB_FIELDS + POSE_FIELDS, path, "the particle images and poses")
+    ctf = ctf_from_fields(data, path, require_ctf)
+    ctf_absent = ctf.pop("ctf_absent")
+    names = data.dtype.names
+    pixel_size = data["blob/psize_A"].astype(np.float64)
+    shape = data["blob/shape"].reshape(len(data), -1)
+    if len(data) and (shape[:, 0] != shape[:, -1]).any():
+        raise InputFileError(path, "holds non-square particle images (blob/shape).")
+    align_psize = data["alignments3D/psize_A"] if "alignments3D/psize_A" in names else pixel_size
+    groups, group_ids = np.unique(
+        data["ctf/exp_group_id"] if "ctf/exp_group_id" in names else np.zeros(len(data)),
+        return_inverse=True,
+    )
+    half = (
+        split_to_half_set(data["alignments3D/split"]) if "alignments3D/split" in names
+        else np.full(len(data), HALF_UNKNOWN, dtype=np.int8)
+    )
+    return ParticleTable(
+        rotations=cryosparc_pose_to_matrix(data["alignments3D/pose"]),
+        origins_angstrom=cryosparc_shift_to_origin_angstrom(
+            data["alignments3D/shift"], align_psize
+        ),
+        half_set=half,
+        image_paths=resolve_blob_paths(data["blob/path"], path, cs_root),
+        image_indices=data["blob/idx"].astype(np.int64),
+        pixel_size_angstrom=pixel_size,
+        box_size=shape[:, 0].astype(np.int64),
+        optics_group=group_ids.reshape(-1).astype(np.int64) + 1,
+        input_contrast=(
+            data["alignments3D/alpha"].astype(np.float64) if "alignments3D/alpha" in names else None
+        ),
+        source_format="cs",
+        source_path=path,
+        source=data,
+        extra={"ctf_absent": ctf_absent, "exp_group_ids": groups},
+        **ctf,
+    )
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """A bijection on uint64 that scatters consecutive numbers (SplitMix64's finaliser)."""
+    z = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def star_uids(source_path, n: int) -> np.ndarray:
+    """Deterministic uids for particles read from a star file: distinct within the file.
+
+    ``splitmix64(seed + row)`` with the seed hashed from the star file's path:
+    the same file gives the same uids on every run, other files other uids.
+    """
+    name = os.path.abspath(source_path or "").encode()
+    seed = int.from_bytes(hashlib.blake2b(name, digest_size=8).digest(), "little")
+    return _splitmix64(np.uint64(seed) + np.arange(n, dtype=np.uint64))
+
+
+def _fields_from_table(table: ParticleTable) -> dict[str, np.ndarray]:
+    """cryoSPARC fields built from the table (a star input); blob/path, idx, alpha set later."""
+    n = len(table)
+    psize = table.pixel_size_angstrom
+    return {
+        "uid": star_uids(table.source_path, n),
+        "blob/shape": np.stack([table.box_size, table.box_size], axis=1).astype("<u4"),
+        "blob/psize_A": psize.astype("<f4"),
+        "blob/sign": np.full(n, STAR_IMPORT_BLOB_SIGN, dtype="<f4"),
+        "ctf/type": np.full(n, b"imported", dtype="S8"),
+        "ctf/exp_group_id": table.optics_group.astype("<u4"),
+        "ctf/accel_kv": table.voltage_kv.astype("<f4"),
+        "ctf/cs_mm": table.spherical_aberration_mm.astype("<f4"),
+        "ctf/amp_contrast": table.amplitude_contrast.astype("<f4"),
+        "ctf/df1_A": table.defocus_u_angstrom.astype("<f4"),
+        "ctf/df2_A": table.defocus_v_angstrom.astype("<f4"),
+        "ctf/df_angle_rad": np.deg2rad(table.defocus_angle_degrees).astype("<f4"),
+        "ctf/phase_shift_rad": np.deg2rad(table.phase_shift_degrees).astype("<f4"),
+        "ctf/bfactor": table.ctf_bfactor.astype("<f4"),
+        "ctf/scale": np.ones(n, dtype="<f4"),
+        "alignments3D/pose": matrix_to_cryosparc_pose(table.rotations).astype("<f4"),
+        "alignments3D/shift": origin_angstrom_to_cryosparc_shift(
+            table.origins_angstrom, psize).astype("<f4"),
+        "alignments3D/psize_A": psize.astype("<f4"),
+        "alignments3D/split": half_set_to_split(table.half_set),
+    }
+
+
+def write_particles(
+    table: ParticleTable,
+    path: str | os.PathLike,
+    image_paths,
+    image_indices,
+    contrast=None,
+) -> None:
+    """Write a numpy-format .cs with every input row in input order.
+
+    ``blob/path`` (bytes), ``blob/idx`` (0-based) and ``alignments3D/alpha``
+    (``contrast``; None keeps the input's alpha, or 1.0) are replaced; a .cs
+    input passes every other field through, a star input gets its fields built
+    from the table (see ``_fields_from_table``, ``star_uids``).
+    """
+    n = len(table)
+    if table.source_format == "cs":
+        if len(table.source) != n:
+            raise ValueError("write_particles needs the whole table, one row per input particle")
+        fields = {name: table.source[name] for name in table.source.dtype.names}
+    else:
+        fields = _fields_from_table(table)
+    paths = np.array([os.fspath(p).encode() for p in image_paths], dtype=bytes)
+    indices = np.asarray(image_indices)
+    if paths.shape != (n,) or indices.shape != (n,):
+        raise ValueError(f"need {n} image paths and indices")
+    fields["blob/path"] = paths.astype(f"S{max(paths.dtype.itemsize, 1)}")
+    fields["blob/idx"] = indices.astype("<u4")
+    if contrast is not None:
+        fields["alignments3D/alpha"] = np.asarray(contrast, dtype="<f4").reshape(n)
+    elif "alignments3D/alpha" not in fields:
+        fields["alignments3D/alpha"] = np.ones(n, dtype="<f4")
+    else:
+        fields["alignments3D/alpha"] = fields["alignments3D/alpha"].astype("<f4")
+    out = np.empty(n, dtype=[(k, v.dtype, v.shape[1:]) for k, v in fields.items()])
+    for name, values in fields.items():
+        out[name] = values
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:  # a file handle: np.save would append ".npy" to a name
+            np.save(f, out, allow_pickle=False)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -1,0 +1,187 @@
+"""MRC maps and image stacks, through ``mrcfile``.
+
+Stacks are opened as read-only memory maps and cached per process, so the many
+small chunk reads of a run never reopen a file. Images come back as float32
+whatever the file's mode (0 int8, 1 int16, 2 float32, 6 uint16, 12 float16).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+
+from dsub.errors import InputFileError, MissingInputError
+
+#: MRC modes dsub reads as real images: int8, int16, float32, uint16, float16.
+READABLE_MODES = (0, 1, 2, 6, 12)
+_STACK_CACHE_SIZE = 128  # each cached stack holds one file descriptor
+
+
+def read_map(path: str | os.PathLike) -> tuple[np.ndarray, float]:
+    """Read a cubic 3D map: (float32 array indexed z, y, x; voxel size in Å).
+
+    A voxel size of 0 in the header is returned as 0.0: the caller decides
+    whether to take it from the particles instead.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingInputError(path)
+    try:
+        with mrcfile.open(path, mode="r") as mrc:
+            data = np.asarray(mrc.data, dtype=np.float32).copy()
+            voxel = mrc.voxel_size
+    except (ValueError, OSError) as exc:
+        raise InputFileError(
+            path, f"is not a readable MRC file ({exc}).", "Give a map in MRC format (.mrc)."
+        ) from exc
+    if data.ndim != 3 or len(set(data.shape)) != 1:
+        raise InputFileError(
+            path,
+            f"is not a cubic 3D map (data shape {data.shape}).",
+            "dsub needs maps and masks of N x N x N voxels, the particles' box size.",
+        )
+    sizes = {float(voxel.x), float(voxel.y), float(voxel.z)}
+    if len(sizes) != 1:
+        raise InputFileError(
+            path,
+            f"has different voxel sizes along x, y, z ({voxel.x}, {voxel.y}, {voxel.z}) Å.",
+            "Resample the map to cubic voxels.",
+        )
+    return data, sizes.pop()
+
+
+def open_stack(path: str | os.PathLike) -> np.ndarray:
+    """A read-only memory map of an image stack, shape (n, ny, nx), in the file's dtype.
+
+    A 2D file counts as a stack of one image. Cached per process by path, file
+    size and modification time, so a rewritten file is opened afresh.
+    """
+    path = os.fspath(path)
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        raise MissingInputError(path) from None
+    return _open_stack_cached(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=_STACK_CACHE_SIZE)
+def _open_stack_cached(path: str, size: int, mtime_ns: int) -> np.ndarray:
+    """Open ``path`` with mrcfile and keep only its numpy memmap.
+
+    Closing the ``MrcMemmap`` in read mode leaves the numpy memmap valid (numpy
+    keeps its own mapping) and writes nothing back to the file.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with mrcfile.mmap(path, mode="r", permissive=True) as mrc:
+                data, mode = mrc.data, int(mrc.header.mode)
+        except (ValueError, OSError) as exc:
+            raise InputFileError(
+                path, f"is not a readable MRC image stack ({exc}).", "Give .mrcs/.mrc stacks."
+            ) from exc
+    if data is None:
+        problems = "; ".join(str(w.message) for w in caught) or "no data block"
+        raise InputFileError(
+            path, f"is not a readable MRC image stack ({problems}).", "Give .mrcs/.mrc stacks."
+        )
+    if mode not in READABLE_MODES:
+        raise InputFileError(
+            path,
+            f"has MRC mode {mode}; dsub reads real-valued images in modes {READABLE_MODES}.",
+            "Convert the stack to float32 (mode 2).",
+        )
+    if data.ndim == 2:
+        data = data[np.newaxis]
+    if data.ndim != 3:
+        raise InputFileError(path, f"has {data.ndim}-dimensional data, not an image stack.")
+    return data
+
+
+def read_images(paths, indices) -> np.ndarray:
+    """Images ``indices[i]`` (0-based) of stacks ``paths[i]``, float32 (n, ny, nx).
+
+    Reads each stack once, in index order within the stack, so chunks of
+    particles that share stacks touch each file sequentially.
+    """
+    paths = np.asarray(paths, dtype=object)
+    indices = np.asarray(indices, dtype=np.int64)
+    if paths.shape != indices.shape or paths.ndim != 1:
+        raise ValueError("paths and indices must be 1D and of equal length")
+    out: np.ndarray | None = None
+    for path in dict.fromkeys(paths.tolist()):
+        rows = np.flatnonzero(paths == path)
+        stack = open_stack(path)
+        wanted = indices[rows]
+        bad = wanted[(wanted < 0) | (wanted >= stack.shape[0])]
+        if bad.size:
+            raise InputFileError(
+                path,
+                f"image index {int(bad[0]) + 1} (1-based) is beyond the stack's "
+                f"{stack.shape[0]} images.",
+                "Check the particle file's image names (N@stack) or blob/idx against the stack.",
+            )
+        if out is None:
+            out = np.empty((len(paths),) + stack.shape[1:], dtype=np.float32)
+        elif stack.shape[1:] != out.shape[1:]:
+            raise InputFileError(
+                path,
+                f"holds {stack.shape[2]}x{stack.shape[1]} images; other stacks of the same "
+                f"particles hold {out.shape[2]}x{out.shape[1]}.",
+                "All particles of one run must have the same box size.",
+            )
+        order = np.argsort(wanted, kind="stable")
+        out[rows[order]] = stack[wanted[order]]
+    if out is None:
+        return np.empty((0, 0, 0), dtype=np.float32)
+    return out
+
+
+def write_stack(
+    path: str | os.PathLike,
+    data_or_shape,
+    voxel_size: float,
+    *,
+    mrc_mode: int = 2,
+):
+    """Create an image stack ``path`` and return its open, writable ``MrcMemmap``.
+
+    ``data_or_shape`` is either the images (n, ny, nx), written at once, or the
+    shape to allocate and fill afterwards through ``mrc.data``. ``mrc_mode`` is
+    2 (float32) or 12 (float16, read by RELION >= 4.0 and cryoSPARC >= 4.4).
+    Use as ``with write_stack(...) as mrc:``; call ``mrc.update_header_stats()``
+    after filling if the statistics matter.
+    """
+    if mrc_mode not in (2, 12):
+        raise ValueError(f"mrc_mode must be 2 (float32) or 12 (float16), not {mrc_mode}")
+    data = None
+    if isinstance(data_or_shape, np.ndarray):
+        data = data_or_shape if data_or_shape.ndim == 3 else data_or_shape[np.newaxis]
+        shape = data.shape
+    else:
+        shape = tuple(int(s) for s in data_or_shape)
+    if len(shape) != 3:
+        raise ValueError(f"an image stack has shape (n, ny, nx), not {shape}")
+    mrc = mrcfile.new_mmap(path, shape, mrc_mode=mrc_mode, overwrite=True)
+    # set_image_stack() first: voxel size is cella / m{x,y,z}, and a stack has mz = 1.
+    mrc.set_image_stack()
+    mrc.voxel_size = float(voxel_size)
+    if data is not None:
+        mrc.data[...] = data
+        mrc.update_header_stats()
+    return mrc
+
+
+def write_map(path: str | os.PathLike, volume: np.ndarray, voxel_size: float) -> None:
+    """Write a 3D map (z, y, x) as float32 MRC with voxel size ``voxel_size`` Å."""
+    volume = np.asarray(volume, dtype=np.float32)
+    if volume.ndim != 3:
+        raise ValueError(f"a map is 3D, not shape {volume.shape}")
+    with mrcfile.new(path, data=volume, overwrite=True) as mrc:
+        mrc.voxel_size = float(voxel_size)
+        mrc.update_header_stats()

@@ -1,0 +1,378 @@
+"""RELION particle ``.star`` files: RELION 3.1+ (optics + particles) and 3.0.
+
+Reading merges each particle's optics-group values into its row (a value in
+the particles table wins, as in RELION's ``CTF::readValue``). Writing starts
+from the input's own tables, so every column passes through unchanged, and
+only the image names (and, for a RELION 3.0 input, the optics table and the
+origins in Å) are changed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import starfile
+
+from dsub.conventions import matrix_to_relion_euler, relion_euler_to_matrix
+from dsub.errors import InputFileError, MissingInputError
+from dsub.formats.mrc import open_stack
+from dsub.particles import HALF_UNKNOWN, ParticleTable
+
+#: Columns read as text, never numericised (a micrograph named ``1`` stays "1").
+NAME_COLUMNS = [
+    "rlnImageName", "rlnImageOriginalName", "rlnMicrographName", "rlnMicrographOriginalName",
+    "rlnMicrographMovieName", "rlnOpticsGroupName", "rlnGroupName", "rlnCtfImage",
+    "rlnReferenceImage",
+]
+ANGLE_LABELS = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
+#: RELION's amplitude contrast when a file gives none.
+DEFAULT_AMPLITUDE_CONTRAST = 0.1
+_FIX = "dsub reads RELION 3.0 and 3.1+ particle .star files (e.g. run_data.star of a Refine3D job)."
+
+
+def _read_blocks(path: Path) -> tuple[pd.DataFrame | None, pd.DataFrame, dict]:
+    """(optics table or None, particles table, other blocks) of a star file."""
+    if not path.is_file():
+        raise MissingInputError(path)
+    try:
+        blocks = starfile.read(path, always_dict=True, parse_as_string=NAME_COLUMNS)
+    except Exception as exc:  # starfile/pandas raise many types on malformed text
+        raise InputFileError(path, f"could not be parsed as a STAR file ({exc}).", _FIX) from exc
+    tables = {k: v for k, v in blocks.items() if isinstance(v, pd.DataFrame)}
+    name = "particles" if "particles" in tables else next(
+        (k for k, v in tables.items() if "rlnImageName" in v.columns), None
+    )
+    if name is None:
+        found = ", ".join(f"data_{k}" for k in blocks) or "no data_ blocks"
+        raise InputFileError(
+            path, f"is not a particle STAR file: no table with rlnImageName ({found}).", _FIX
+        )
+    optics = tables.get("optics") if name != "optics" else None
+    other = {k: v for k, v in blocks.items() if k not in (name, "optics")}
+    return optics, tables[name], other
+
+
+def _merge_optics(particles: pd.DataFrame, optics: pd.DataFrame | None, path: Path) -> pd.DataFrame:
+    """Particles with every optics column not already per particle added to each row."""
+    merged = particles.reset_index(drop=True).copy()
+    if optics is None or optics.empty:
+        return merged
+    extra = [c for c in optics.columns if c not in merged.columns]
+    if "rlnOpticsGroup" not in merged.columns:
+        if len(optics) != 1:
+            raise InputFileError(
+                path, f"defines {len(optics)} optics groups but its particles have no "
+                "rlnOpticsGroup column.", "Add rlnOpticsGroup to the particles table."
+            )
+        for c in extra:
+            merged[c] = optics[c].iloc[0]
+        return merged
+    if "rlnOpticsGroup" not in optics.columns or optics["rlnOpticsGroup"].duplicated().any():
+        raise InputFileError(
+            path, "its data_optics table lacks unique rlnOpticsGroup numbers.",
+            "Number the optics groups 1..K, one row each.",
+        )
+    table = optics.set_index("rlnOpticsGroup")
+    groups = merged["rlnOpticsGroup"].to_numpy()
+    undefined = sorted(set(groups.tolist()) - set(table.index.tolist()))
+    if undefined:
+        raise InputFileError(
+            path, f"its particles use optics groups {undefined} that data_optics does not "
+            "define.", "Add those groups to the optics table."
+        )
+    for c in extra:
+        merged[c] = table[c].reindex(groups).to_numpy()
+    return merged
+
+
+def _column(df: pd.DataFrame, label: str, default=None, dtype=np.float64) -> np.ndarray | None:
+    """Column ``label`` as an array, or ``default`` broadcast (None: absent)."""
+    if label in df.columns:
+        return df[label].to_numpy(dtype=dtype)
+    return None if default is None else np.full(len(df), default, dtype=dtype)
+
+
+def _require(df: pd.DataFrame, labels: list[str], path: Path, why: str, fix: str = _FIX) -> None:
+    missing = [label for label in labels if label not in df.columns]
+    if missing:
+        raise InputFileError(
+            path, f"lacks the column(s) {', '.join(missing)}, needed for {why}.", fix
+        )
+
+
+def _pixel_size(df: pd.DataFrame, path: Path) -> np.ndarray:
+    """Image pixel size in Å: rlnImagePixelSize, rlnMicrographPixelSize, or 3.0 detector/mag."""
+    for label in ("rlnImagePixelSize", "rlnMicrographPixelSize"):
+        if label in df.columns:
+            return df[label].to_numpy(dtype=np.float64)
+    if {"rlnDetectorPixelSize", "rlnMagnification"} <= set(df.columns):
+        detector_um = df["rlnDetectorPixelSize"].to_numpy(dtype=np.float64)
+        return detector_um * 1e4 / df["rlnMagnification"].to_numpy(dtype=np.float64)
+    raise InputFileError(
+        path, "gives no pixel size (no rlnImagePixelSize, rlnMicrographPixelSize, or "
+        "rlnDetectorPixelSize with rlnMagnification).",
+        "Add rlnImagePixelSize (Å) to the optics table, e.g. with relion_star_handler.",
+    )
+
+
+def ctf_from_columns(df: pd.DataFrame, path: Path, require_ctf: bool = True) -> dict:
+    """CTF arrays named as ``ParticleTable`` fields, from merged particle columns.
+
+    Defaults as RELION's: defocus V = U, angle 0, phase shift 0, B-factor 0,
+    amplitude contrast 0.1. Without any defocus column and ``require_ctf``
+    False, the particles have no CTF: the values returned (defocus 0, Cs 0,
+    amplitude contrast 1) make RELION's CTF formula exactly 1, and
+    ``"ctf_absent"`` is True.
+    """
+    n = len(df)
+    absent = "rlnDefocusU" not in df.columns and not require_ctf
+    if not absent:
+        _require(
+            df, ["rlnDefocusU", "rlnVoltage", "rlnSphericalAberration"], path, "the CTF",
+            _FIX + " Images without a CTF (simulated projections) can be read with "
+            "require_ctf=False.",
+        )
+    defocus_u = _column(df, "rlnDefocusU", 0.0)
+    return {
+        "defocus_u_angstrom": defocus_u,
+        "defocus_v_angstrom": _column(df, "rlnDefocusV") if "rlnDefocusV" in df else defocus_u,
+        "defocus_angle_degrees": _column(df, "rlnDefocusAngle", 0.0),
+        "phase_shift_degrees": _column(df, "rlnPhaseShift", 0.0),
+        "voltage_kv": _column(df, "rlnVoltage", 300.0),
+        "spherical_aberration_mm": np.zeros(n) if absent else _column(df, "rlnSphericalAberration"),
+        "amplitude_contrast": np.ones(n) if absent
+        else _column(df, "rlnAmplitudeContrast", DEFAULT_AMPLITUDE_CONTRAST),
+        "ctf_bfactor": _column(df, "rlnCtfBfactor", 0.0),
+        "ctf_premultiplied": _column(df, "rlnCtfDataAreCtfPremultiplied", 0, np.int64) != 0,
+        "ctf_absent": absent,
+    }
+
+
+def read_ctf(path: str | os.PathLike, require_ctf: bool = True) -> dict:
+    """Only the CTF of each particle (see ``ctf_from_columns``); angles not needed."""
+    path = Path(path)
+    optics, particles, _ = _read_blocks(path)
+    return ctf_from_columns(_merge_optics(particles, optics, path), path, require_ctf)
+
+
+def _image_names(df: pd.DataFrame, star_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``N@stack`` -> (resolved stack paths, 0-based indices). A name without ``@`` is image 1."""
+    names = df["rlnImageName"].astype(str)
+    parts = names.str.split("@", n=1, expand=True)
+    if parts.shape[1] == 1:
+        parts[1] = None
+    has_at = parts[1].notna().to_numpy()
+    numbers = pd.to_numeric(parts[0].where(has_at, "1"), errors="coerce")
+    stacks = parts[1].where(has_at, parts[0]).to_numpy(dtype=object)
+    bad = np.flatnonzero(numbers.isna().to_numpy() | (numbers.to_numpy() < 1))
+    if bad.size:
+        raise InputFileError(
+            star_path, f"particle {bad[0] + 1} has the image name {names.iloc[bad[0]]!r}, not "
+            "N@stack with N >= 1.", "Image names look like 000012@Extract/job007/stack.mrcs."
+        )
+    folder = os.path.abspath(star_path.parent)
+    codes, uniques = pd.factorize(stacks)  # resolve each stack name once
+    resolved = np.array([os.path.normpath(os.path.join(folder, s)) for s in uniques], dtype=object)
+    return resolved[codes], numbers.to_numpy(dtype=np.int64) - 1
+
+
+def _box_sizes(df: pd.DataFrame, groups: np.ndarray, paths: np.ndarray, star_path: Path):
+    """rlnImageSize, or the size of the first stack of each optics group."""
+    if "rlnImageSize" in df.columns:
+        return df["rlnImageSize"].to_numpy(dtype=np.int64)
+    box = np.zeros(len(df), dtype=np.int64)
+    for group in np.unique(groups):
+        rows = groups == group
+        stack = paths[np.argmax(rows)]
+        if not os.path.isfile(stack):
+            raise MissingInputError(stack, referenced_from=star_path)
+        box[rows] = open_stack(stack).shape[-1]
+    return box
+
+
+def _optics_groups(df: pd.DataFrame, pixel_size: np.ndarray, ctf: dict) -> np.ndarray:
+    """rlnOpticsGroup, or (RELION 3.0) one group per distinct pixel size and optics."""
+    if "rlnOpticsGroup" in df.columns:
+        return df["rlnOpticsGroup"].to_numpy(dtype=np.int64)
+    keys = pd.MultiIndex.from_arrays([
+        pixel_size, ctf["voltage_kv"], ctf["spherical_aberration_mm"], ctf["amplitude_contrast"]
+    ])
+    return pd.factorize(keys)[0].astype(np.int64) + 1
+
+
+def read_particles(path: str | os.PathLike, *, require_ctf: bool = True) -> ParticleTable:
+    """Read a RELION particle star file into a ``ParticleTable``.
+
+    Stack paths in ``rlnImageName`` are resolved against the star file's
+    folder. ``require_ctf=False`` accepts files without defocus (simulated
+    projections): their CTF is exactly 1 (see ``ctf_from_columns``).
+    """
+    path = Path(path)
+    optics, particles, other = _read_blocks(path)
+    df = _merge_optics(particles, optics, path)
+    _require(df, ANGLE_LABELS, path, "the particle poses")
+    ctf = ctf_from_columns(df, path, require_ctf)
+    ctf_absent = ctf.pop("ctf_absent")
+    pixel_size = _pixel_size(df, path)
+    origins = np.zeros((len(df), 2))
+    for axis, xy in enumerate("XY"):
+        if f"rlnOrigin{xy}Angst" in df.columns:
+            origins[:, axis] = _column(df, f"rlnOrigin{xy}Angst")
+        elif f"rlnOrigin{xy}" in df.columns:  # RELION 3.0: pixels
+            origins[:, axis] = _column(df, f"rlnOrigin{xy}") * pixel_size
+    half = _column(df, "rlnRandomSubset", HALF_UNKNOWN, np.int64)
+    if "rlnRandomSubset" in df.columns and not np.isin(half, (1, 2)).all():
+        raise InputFileError(
+            path, "rlnRandomSubset holds values other than 1 and 2 "
+            f"({sorted(set(half.tolist()) - {1, 2})}).",
+            "RELION accepts only 1 and 2; fix or remove the column.",
+        )
+    paths, indices = _image_names(df, path)
+    groups = _optics_groups(df, pixel_size, ctf)
+    angles = (df[label].to_numpy(np.float64) for label in ANGLE_LABELS)
+    return ParticleTable(
+        rotations=relion_euler_to_matrix(*angles),
+        origins_angstrom=origins,
+        half_set=half.astype(np.int8),
+        image_paths=paths,
+        image_indices=indices,
+        pixel_size_angstrom=pixel_size,
+        box_size=_box_sizes(df, groups, paths, path),
+        optics_group=groups,
+        input_contrast=_column(df, "rlnCtfScalefactor"),
+        source_format="star",
+        source_path=path,
+        source={"optics": optics, "particles": particles, "other": other},
+        extra={"ctf_absent": ctf_absent},
+        **ctf,
+    )
+
+
+def _optics_from_table(table: ParticleTable) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """A RELION 3.1 optics table, one row per ``optics_group``.
+
+    Returns the table and the CTF columns that vary within a group and must
+    therefore also be written per particle (RELION reads those first).
+    """
+    uniq, first, inverse = np.unique(table.optics_group, return_index=True, return_inverse=True)
+
+    def varies(values: np.ndarray) -> bool:
+        return bool((values != values[first][inverse]).any())
+
+    optics = pd.DataFrame({
+        "rlnOpticsGroup": uniq.astype(np.int64),
+        "rlnOpticsGroupName": [f"opticsGroup{g}" for g in uniq],
+    })
+    per_particle = {}
+    for label, values in (
+        ("rlnAmplitudeContrast", table.amplitude_contrast),
+        ("rlnSphericalAberration", table.spherical_aberration_mm),
+        ("rlnVoltage", table.voltage_kv),
+    ):
+        optics[label] = values[first]
+        if varies(values):
+            per_particle[label] = values
+    for label, values in (
+        ("rlnImagePixelSize", table.pixel_size_angstrom),
+        ("rlnImageSize", table.box_size),
+        ("rlnCtfDataAreCtfPremultiplied", table.ctf_premultiplied.astype(np.int64)),
+    ):
+        if varies(values):
+            raise ValueError(f"{label} differs between particles of one optics group")
+        if label != "rlnCtfDataAreCtfPremultiplied" or table.ctf_premultiplied.any():
+            optics[label] = values[first]
+        if label == "rlnImageSize":
+            optics["rlnImageDimensionality"] = 2
+    return optics, per_particle
+
+
+def _blocks_from_star(table: ParticleTable) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The input's own tables; a RELION 3.0 input gets an optics table and origins in Å."""
+    particles = table.source["particles"].reset_index(drop=True).copy()
+    if len(particles) != len(table):
+        raise ValueError("write_particles needs the whole table, one row per input particle")
+    optics = table.source["optics"]
+    if optics is None:
+        optics, _ = _optics_from_table(table)  # 3.0 rows carry their own CTF columns
+    elif "rlnImageSize" not in optics.columns:
+        optics = optics.copy()
+        _, first = np.unique(table.optics_group, return_index=True)
+        box = dict(zip(table.optics_group[first].tolist(), table.box_size[first].tolist()))
+        optics["rlnImageSize"] = optics["rlnOpticsGroup"].map(box).fillna(table.box_size[0])
+        optics["rlnImageSize"] = optics["rlnImageSize"].astype(np.int64)
+    if "rlnOpticsGroup" not in particles.columns:
+        particles["rlnOpticsGroup"] = table.optics_group
+    for axis, xy in enumerate("XY"):  # RELION 3.1 ignores pixel origins next to an optics table
+        if f"rlnOrigin{xy}Angst" not in particles.columns and f"rlnOrigin{xy}" in particles.columns:
+            particles[f"rlnOrigin{xy}Angst"] = table.origins_angstrom[:, axis]
+            particles = particles.drop(columns=f"rlnOrigin{xy}")
+    return optics, particles
+
+
+def _blocks_from_table(table: ParticleTable) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Optics and particles tables built from the particle table (a .cs input)."""
+    optics, per_particle = _optics_from_table(table)
+    rot, tilt, psi = matrix_to_relion_euler(table.rotations)
+    columns = {
+        "rlnImageName": np.full(len(table), "", dtype=object),
+        "rlnAngleRot": rot, "rlnAngleTilt": tilt, "rlnAnglePsi": psi,
+        "rlnOriginXAngst": table.origins_angstrom[:, 0],
+        "rlnOriginYAngst": table.origins_angstrom[:, 1],
+        "rlnDefocusU": table.defocus_u_angstrom,
+        "rlnDefocusV": table.defocus_v_angstrom,
+        "rlnDefocusAngle": table.defocus_angle_degrees,
+        "rlnPhaseShift": table.phase_shift_degrees,
+        "rlnCtfBfactor": table.ctf_bfactor,
+        "rlnOpticsGroup": table.optics_group.astype(np.int64),
+        **per_particle,
+    }
+    if (table.half_set != HALF_UNKNOWN).all():  # RELION rejects any value but 1 and 2
+        columns["rlnRandomSubset"] = table.half_set.astype(np.int64)
+    return optics, pd.DataFrame(columns)
+
+
+def write_particles(
+    table: ParticleTable,
+    path: str | os.PathLike,
+    image_names,
+    original_names=None,
+) -> None:
+    """Write a RELION 3.1 star file: optics + particles, every input row in input order.
+
+    ``image_names`` (``N@stack``) become ``rlnImageName``; ``rlnImageOriginalName``
+    gets ``original_names``, by default the input's image names (as
+    ``relion_particle_subtract`` does, so ``--revert`` works). A star input
+    passes every column through; a .cs input gets columns built from the table.
+    Written to a temporary file beside ``path`` and renamed into place.
+    """
+    if table.source_format == "star":
+        optics, particles = _blocks_from_star(table)
+        default_original = particles["rlnImageName"].astype(str).to_numpy(dtype=object)
+    else:
+        optics, particles = _blocks_from_table(table)
+        default_original = np.array(
+            [f"{i + 1:06d}@{p}" for i, p in zip(table.image_indices, table.image_paths)],
+            dtype=object,
+        )
+    names = np.asarray(image_names, dtype=object)
+    if names.shape != (len(table),):
+        raise ValueError(f"need {len(table)} image names, got {names.shape}")
+    original = default_original if original_names is None else np.asarray(original_names, object)
+    particles["rlnImageOriginalName"] = original
+    particles["rlnImageName"] = names
+    _write_atomic({"optics": optics, "particles": particles}, Path(path))
+
+
+def _write_atomic(blocks: dict, path: Path) -> None:
+    """``starfile.write`` to a temporary name, then rename: never a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        # starfile's default "%.6f" would round away small values (e.g. rlnMagMat01).
+        starfile.write(blocks, tmp, float_format="%.10g")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -1,0 +1,169 @@
+"""cryoSPARC .cs reading and writing, against cryoDRGN's parse and the worked values."""
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dsub.conventions import matrix_to_relion_euler
+from dsub.errors import InputFileError
+from dsub.formats import cs, read_particles, star
+
+P12 = "cryodrgn/cryosparc_P12_J24_001_particles.cs"
+
+
+@pytest.fixture(scope="module")
+def p12(shared_data):
+    return read_particles(shared_data / P12)
+
+
+def test_rotations_match_cryodrgn(p12, shared_data):  # conventions!
+    with open(shared_data / "cryodrgn/pose.cs.pkl", "rb") as f:
+        rots, trans = pickle.load(f)
+    assert len(p12) == 2019
+    np.testing.assert_allclose(p12.rotations, rots, atol=1e-5)
+    # cryoDRGN's translations are the same shifts as a fraction of the box
+    np.testing.assert_allclose(p12.origins_pixels / p12.box_size[:, None], trans, atol=1e-6)
+
+
+def test_worked_values_formats_3_1(p12):  # conventions!
+    rot, tilt, psi = matrix_to_relion_euler(p12.rotations[:3])
+    expected = [[-157.8085, 118.7910, 34.6833], [51.9525, 110.2111, 92.7572],
+                [26.6987, 42.3911, -142.7465]]
+    np.testing.assert_allclose(np.stack([rot, tilt, psi], 1), expected, atol=1e-4)
+    np.testing.assert_allclose(
+        p12.origins_angstrom[:3], [[33.4364, -5.3930], [3.7336, -13.6898], [-21.9867, 32.6067]],
+        atol=1e-4,
+    )
+    np.testing.assert_allclose(p12.defocus_angle_degrees[:3], -78.1311, atol=1e-4)
+    np.testing.assert_array_equal(p12.half_set[:3], [2, 1, 1])
+    assert (np.bincount(p12.half_set)[1:] == [1010, 1009]).all()
+    assert p12.box_size[0] == 180 and p12.pixel_size_angstrom[0] == pytest.approx(2.95)
+    np.testing.assert_array_equal(p12.image_indices[:3], [0, 1, 2])
+    assert p12.input_contrast is not None and p12.input_contrast.min() > 0
+
+
+def test_ctf_equals_star_import(shared_data):
+    from_cs = cs.read_ctf(shared_data / "cryodrgn/empiar_10076_7.cs")
+    from_star = star.read_ctf(shared_data / "cryodrgn/empiar_10076_7.star")
+    for name in ("defocus_u_angstrom", "defocus_v_angstrom", "defocus_angle_degrees",
+                 "voltage_kv", "spherical_aberration_mm", "amplitude_contrast"):
+        np.testing.assert_allclose(from_cs[name], from_star[name], rtol=1e-6, atol=1e-4, err_msg=name)
+    np.testing.assert_allclose(from_star["defocus_angle_degrees"], 5.28)
+
+
+def test_cs_star_cs_round_trip(p12, tmp_path):
+    names = [f"{i + 1:06d}@{p}" for i, p in zip(p12.image_indices, p12.image_paths)]
+    star.write_particles(p12, tmp_path / "p12.star", names)
+    back = read_particles(tmp_path / "p12.star")
+    _assert_same_particles(back, p12)
+    cs.write_particles(back, tmp_path / "p12.cs", back.image_paths, back.image_indices)
+    again = read_particles(tmp_path / "p12.cs")
+    _assert_same_particles(again, p12, atol=1e-4)
+
+
+def test_star_cs_round_trip(shared_data, tmp_path):
+    table = read_particles(shared_data / "cryodrgn/relion31.6opticsgroups.star")
+    alpha = np.linspace(0.5, 1.5, len(table))
+    cs.write_particles(table, tmp_path / "out.cs", table.image_paths, table.image_indices, alpha)
+    raw = np.load(tmp_path / "out.cs", allow_pickle=False)
+    assert raw.dtype["blob/idx"] == np.dtype("<u4") and raw.dtype["blob/path"].kind == "S"
+    assert len(np.unique(raw["uid"])) == len(table)
+    back = read_particles(tmp_path / "out.cs")
+    _assert_same_particles(back, table, atol=1e-4)
+    np.testing.assert_allclose(back.input_contrast, alpha, rtol=1e-6)
+    np.testing.assert_array_equal(back.optics_group, table.optics_group)
+    again = tmp_path / "again.cs"
+    cs.write_particles(table, again, table.image_paths, table.image_indices, alpha)
+    np.testing.assert_array_equal(np.load(again)["uid"], raw["uid"])  # deterministic uids
+
+
+def test_cs_output_passes_fields_through(p12, tmp_path):
+    out = tmp_path / "sub.cs"
+    new_paths = [f"dsub/stack_{i // 100:03d}.mrcs" for i in range(len(p12))]
+    cs.write_particles(p12, out, new_paths, np.arange(len(p12)) % 100, np.full(len(p12), 2.0))
+    raw = np.load(out, allow_pickle=False)
+    source = p12.source
+    assert raw.dtype.names == source.dtype.names
+    for name in source.dtype.names:
+        if name not in ("blob/path", "blob/idx", "alignments3D/alpha"):
+            np.testing.assert_array_equal(raw[name], source[name], err_msg=name)
+    assert raw["blob/path"][150] == b"dsub/stack_001.mrcs" and raw["blob/idx"][150] == 50
+    assert (raw["alignments3D/alpha"] == 2.0).all()
+
+
+def test_passthrough_join(shared_data, tmp_path):
+    full = np.load(shared_data / P12, allow_pickle=False, max_header_size=2**30)[:50]
+    main_fields = [n for n in full.dtype.names if not n.startswith("ctf/")]
+    pass_fields = ["uid", "blob/psize_A"] + [n for n in full.dtype.names if n.startswith("ctf/")]
+    passthrough = full[pass_fields][::-1].copy()  # reversed, plus a stranger
+    passthrough["blob/psize_A"] = 99.0  # the main file's own field must win
+    stranger = passthrough[:1].copy()
+    stranger["uid"] = 12345
+    _save(tmp_path / "J24_passthrough_particles.cs", np.concatenate([stranger, passthrough]))
+    _save(tmp_path / "J24_005_particles.cs", full[main_fields][:40])
+    _save(tmp_path / "J240_passthrough_particles.cs", full[:1])  # another job
+    assert cs.passthrough_path(tmp_path / "J24_005_particles.cs").name == "J24_passthrough_particles.cs"
+    table = read_particles(tmp_path / "J24_005_particles.cs")
+    assert len(table) == 40
+    np.testing.assert_array_equal(table.source["uid"], full["uid"][:40])
+    np.testing.assert_allclose(table.defocus_u_angstrom, full["ctf/df1_A"][:40])
+    assert (table.pixel_size_angstrom == np.float32(2.95)).all()
+
+
+def test_blob_paths_resolve_against_project(shared_data, tmp_path):
+    project = tmp_path / "P12"
+    (project / "J19/extract").mkdir(parents=True)
+    (project / "J24").mkdir()
+    data = np.load(shared_data / P12, allow_pickle=False, max_header_size=2**30)[:3]
+    Path(project / data["blob/path"][0].decode()).touch()
+    _save(project / "J24/J24_001_particles.cs", data)
+    table = read_particles(project / "J24/J24_001_particles.cs")
+    assert Path(table.image_paths[0]) == project / data["blob/path"][0].decode()
+    table = read_particles(project / "J24/J24_001_particles.cs", cs_root=tmp_path / "elsewhere")
+    assert Path(table.image_paths[0]).parent.parent.parent == tmp_path / "elsewhere"
+    exported = data.copy()
+    exported["blob/path"] = b">J19/extract/x.mrc"
+    (project / "J24/J19/extract").mkdir(parents=True)
+    (project / "J24/J19/extract/x.mrc").touch()
+    _save(project / "J24/exported.cs", exported)
+    table = read_particles(project / "J24/exported.cs")
+    assert Path(table.image_paths[0]) == project / "J24/J19/extract/x.mrc"
+
+
+def test_csdat_is_refused_with_the_fix(tmp_path):
+    path = tmp_path / "J9_particles.cs"
+    path.write_bytes(b"\x95CSDAT" + bytes(100))
+    with pytest.raises(InputFileError, match="J9_particles.cs.*CSDAT.*NUMPY_FORMAT"):
+        read_particles(path)
+
+
+def test_not_a_cs_file(tmp_path):
+    path = tmp_path / "junk.cs"
+    path.write_text("hello")
+    with pytest.raises(InputFileError, match="junk.cs.*not a cryoSPARC .cs file"):
+        read_particles(path)
+
+
+def test_cs_without_alignments(shared_data):
+    with pytest.raises(InputFileError, match="empiar_10076_7.cs.*alignments3D/pose"):
+        read_particles(shared_data / "cryodrgn/empiar_10076_7.cs")
+
+
+def _save(path, data):
+    with open(path, "wb") as f:  # np.save(name) would append ".npy"
+        np.save(f, data)
+
+
+def _assert_same_particles(a, b, atol=1e-6):
+    np.testing.assert_allclose(a.rotations, b.rotations, atol=atol)
+    np.testing.assert_allclose(a.origins_angstrom, b.origins_angstrom, atol=atol * 10)
+    for name in ("defocus_u_angstrom", "defocus_v_angstrom", "defocus_angle_degrees",
+                 "phase_shift_degrees", "voltage_kv", "spherical_aberration_mm",
+                 "amplitude_contrast", "ctf_bfactor", "pixel_size_angstrom"):
+        np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-6, atol=atol, err_msg=name)
+    np.testing.assert_array_equal(a.half_set, b.half_set)
+    np.testing.assert_array_equal(a.box_size, b.box_size)
+    np.testing.assert_array_equal(a.image_indices, b.image_indices)
+    assert [Path(p) for p in a.image_paths] == [Path(p) for p in b.image_paths]

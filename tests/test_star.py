@@ -1,0 +1,144 @@
+"""RELION .star reading and writing on real RELION 3.0 / 3.1 files."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import starfile
+
+from dsub.errors import InputFileError
+from dsub.formats import read_particles, star
+from dsub.formats.mrc import read_images
+
+
+def test_relion31(shared_data):
+    table = read_particles(shared_data / "cryodrgn/relion31.star")
+    assert len(table) == 5 and table.source_format == "star"
+    np.testing.assert_allclose(table.pixel_size_angstrom, 2.806)  # the MRC header says 1.0
+    np.testing.assert_array_equal(table.image_indices, np.arange(5))
+    assert {Path(p) for p in table.image_paths} == {shared_data / "cryodrgn/relion31.mrcs"}
+    assert (table.box_size == 256).all() and (table.half_set == 1).all()
+    np.testing.assert_allclose(table.origins_angstrom[0], [0.019324, -0.64686])
+    np.testing.assert_allclose(table.defocus_u_angstrom[0], 13108.082418)
+    np.testing.assert_allclose(table.defocus_angle_degrees[0], -160.39)
+    np.testing.assert_allclose(table.spherical_aberration_mm, 0.01)  # from data_optics
+    np.testing.assert_allclose(table.amplitude_contrast, 0.1)
+    np.testing.assert_allclose(table.input_contrast, 1.0)  # rlnCtfScalefactor
+    assert not table.ctf_premultiplied.any()
+    images = read_images(table.image_paths, table.image_indices)
+    assert images.shape == (5, 256, 256) and images.dtype == np.float32
+
+
+def test_six_optics_groups(shared_data):
+    table = read_particles(shared_data / "cryodrgn/relion31.6opticsgroups.star")
+    assert len(table) == 139
+    np.testing.assert_array_equal(np.unique(table.optics_group), np.arange(1, 7))
+    assert set(np.unique(table.half_set)) == {1, 2}
+    assert (table.box_size == 196).all()
+    optics = table.source["optics"].set_index("rlnOpticsGroup")
+    for group in range(1, 7):
+        rows = table.optics_group == group
+        assert np.allclose(table.pixel_size_angstrom[rows], optics.loc[group, "rlnImagePixelSize"])
+        assert np.allclose(table.spherical_aberration_mm[rows],
+                           optics.loc[group, "rlnSphericalAberration"])
+    assert table.input_contrast is None
+
+
+def test_relion30_pixel_origins(shared_data, tmp_path):
+    path = shared_data / "relion_projections/rln_proj_64_shifted.star"
+    with pytest.raises(InputFileError, match="rln_proj_64_shifted.star.*rlnDefocusU"):
+        read_particles(path)
+    table = read_particles(path, require_ctf=False)
+    assert table.extra["ctf_absent"]
+    np.testing.assert_allclose(table.origins_angstrom, [[6, 10], [10, -5], [-8, 11], [-13, -3]])
+    blocks = starfile.read(path, always_dict=True)
+    blocks["optics"]["rlnImagePixelSize"] = 2.0
+    starfile.write(blocks, tmp_path / "shifted.star")
+    table = read_particles(tmp_path / "shifted.star", require_ctf=False)
+    np.testing.assert_allclose(table.origins_angstrom[0], [12.0, 20.0])
+    np.testing.assert_allclose(table.origins_pixels[0], [6.0, 10.0])
+    star.write_particles(table, tmp_path / "out.star", table.image_paths.astype(str))
+    written = starfile.read(tmp_path / "out.star")["particles"]
+    assert "rlnOriginX" not in written and "rlnOriginXAngst" in written
+    np.testing.assert_allclose(read_particles(tmp_path / "out.star", require_ctf=False)
+                               .origins_angstrom, table.origins_angstrom)
+
+
+def test_relion30_detector_pixel_size_and_box_from_stack(shared_data, tmp_path):
+    df = starfile.read(shared_data / "cryodrgn/empiar_10076_7.star",
+                       parse_as_string=["rlnImageName", "rlnMicrographName"])
+    stack = shared_data / "cryodrgn/empiar_10076_7.mrc"
+    df["rlnImageName"] = [f"{i + 1}@{stack}" for i in range(len(df))]
+    df["rlnAngleRot"], df["rlnAngleTilt"], df["rlnAnglePsi"] = 10.0, 20.0, 30.0
+    df["rlnOriginX"], df["rlnOriginY"] = 2.0, -1.0
+    starfile.write(df, tmp_path / "v30.star")
+    table = read_particles(tmp_path / "v30.star")
+    np.testing.assert_allclose(table.pixel_size_angstrom, 5e4 / 38168)
+    assert (table.box_size == 320).all() and (table.optics_group == 1).all()
+    assert (table.half_set == 0).all()
+    np.testing.assert_allclose(table.origins_angstrom[0], [2 * 5e4 / 38168, -5e4 / 38168])
+    star.write_particles(table, tmp_path / "v31.star", df["rlnImageName"])
+    blocks = starfile.read(tmp_path / "v31.star")
+    assert blocks["optics"]["rlnImageSize"].tolist() == [320]
+    back = read_particles(tmp_path / "v31.star")
+    np.testing.assert_allclose(back.pixel_size_angstrom, table.pixel_size_angstrom)
+    np.testing.assert_allclose(back.origins_angstrom, table.origins_angstrom)
+    np.testing.assert_allclose(back.rotations, table.rotations)
+
+
+def test_write_passes_every_column_through(shared_data, tmp_path):
+    src = shared_data / "cryodrgn/relion31.6opticsgroups.star"
+    table = read_particles(src)
+    names = [f"{i + 1:06d}@Subtract/stack.mrcs" for i in range(len(table))]
+    out = tmp_path / "particles_subtracted.star"
+    star.write_particles(table, out, names)
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary left behind
+    before = starfile.read(src, always_dict=True, parse_as_string=star.NAME_COLUMNS)
+    after = starfile.read(out, always_dict=True, parse_as_string=star.NAME_COLUMNS)
+    # "%.10g" writes 200.0 as 200, which reads back as an int: same values, other dtype
+    pd.testing.assert_frame_equal(after["optics"], before["optics"], check_dtype=False)
+    assert after["optics"]["rlnMagMat01"][0] == pytest.approx(0.004231, abs=0)
+    assert after["particles"]["rlnImageName"].tolist() == names
+    assert (after["particles"]["rlnImageOriginalName"] == before["particles"]["rlnImageName"]).all()
+    kept = before["particles"].columns
+    pd.testing.assert_frame_equal(
+        after["particles"][kept].drop(columns="rlnImageName"),
+        before["particles"].drop(columns="rlnImageName"),
+        check_dtype=False,
+    )
+    back = read_particles(out)
+    np.testing.assert_allclose(back.rotations, table.rotations)
+    np.testing.assert_array_equal(back.half_set, table.half_set)
+
+
+def test_not_a_star_file(tmp_path):
+    path = tmp_path / "notes.star"
+    path.write_text("hello\nthis is not a star file\n")
+    with pytest.raises(InputFileError, match="notes.star.*not a particle STAR file"):
+        read_particles(path)
+    other = tmp_path / "notes.txt"
+    other.write_text("hello\n")
+    with pytest.raises(InputFileError, match="notes.txt.*neither a RELION .star nor"):
+        read_particles(other)
+
+
+def test_missing_angle_column(shared_data, tmp_path):
+    blocks = starfile.read(shared_data / "cryodrgn/relion31.star", always_dict=True)
+    blocks["particles"] = blocks["particles"].drop(columns="rlnAngleRot")
+    starfile.write(blocks, tmp_path / "no_rot.star")
+    with pytest.raises(InputFileError, match="no_rot.star.*rlnAngleRot"):
+        read_particles(tmp_path / "no_rot.star")
+
+
+def test_no_pixel_size(shared_data):
+    with pytest.raises(InputFileError, match="rln_proj_64.star.*pixel size"):
+        read_particles(shared_data / "relion_projections/rln_proj_64.star", require_ctf=False)
+
+
+def test_undefined_optics_group(shared_data, tmp_path):
+    blocks = starfile.read(shared_data / "cryodrgn/relion31.star", always_dict=True)
+    blocks["particles"]["rlnOpticsGroup"] = 3
+    starfile.write(blocks, tmp_path / "bad_group.star")
+    with pytest.raises(InputFileError, match=r"bad_group.star.*optics groups \[3\]"):
+        read_particles(tmp_path / "bad_group.star")
