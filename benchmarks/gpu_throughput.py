@@ -1,0 +1,100 @@
+"""GPU check and throughput: CuPy path vs the NumPy twin, then particles/s by box size.
+
+Run on a machine with a GPU (CuPy installed):
+    python benchmarks/gpu_throughput.py [--boxes 128 256] [--batch 256]
+Prints one table; the figures go into BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+
+def timed(cupy, function, repeats):
+    """Median seconds of ``function()`` on the GPU, timed with CUDA events after one warm-up."""
+    function()
+    cupy.cuda.Device().synchronize()
+    samples = []
+    for _ in range(repeats):
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        function()
+        stop.record()
+        stop.synchronize()
+        samples.append(cupy.cuda.get_elapsed_time(start, stop) / 1e3)
+    return float(np.median(samples))
+
+
+def scene(box, count, rng):
+    from dsub.simulate import GaussianPhantom, to_particle_table, SimulatedParticles
+    from scipy.spatial.transform import Rotation
+
+    blobs = 40
+    phantom = GaussianPhantom(
+        centres=rng.uniform(-box / 5, box / 5, size=(blobs, 3)), sigmas=rng.uniform(1.5, 3, blobs),
+        amplitudes=rng.uniform(0.5, 1, blobs), domains=np.where(np.arange(blobs) < blobs // 2, 1, 2),
+    )
+    volume = phantom.voxelize(box)
+    mask = phantom.select(2).voxelize(box)
+    mask = np.clip(mask / mask.max() * 4, 0, 1).astype(np.float32)
+    images = rng.normal(size=(count, box, box)).astype(np.float32)
+    sim = SimulatedParticles(
+        images=images, kept_signal=None, subtracted_signal=None,
+        rotations=Rotation.random(count, random_state=1).as_matrix(),
+        origins_pixels=rng.uniform(-3, 3, (count, 2)), defocus_u=rng.uniform(8e3, 2.5e4, count),
+        defocus_v=rng.uniform(8e3, 2.5e4, count), defocus_angle=rng.uniform(0, 180, count),
+        contrast=np.ones(count), half_set=np.ones(count, dtype=int), pixel_size=1.0,
+    )
+    return volume, mask, images, to_particle_table(sim)
+
+
+def main():
+    import cupy
+
+    from dsub.physics.subtract import SubtractionSettings, prepare_half_map, subtract_batch
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--boxes", type=int, nargs="+", default=[128, 256])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    print(f"GPU: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}, CuPy {cupy.__version__}")
+    rows = []
+    for box in args.boxes:
+        for projector, padding in (("padded", 3), ("relion", 2)):
+            settings = SubtractionSettings(projector=projector, padding=padding)
+            volume, mask, images, table = scene(box, args.batch, rng)
+            # correctness on a few particles against the NumPy twin
+            few = np.arange(4)
+            cpu, a_cpu = subtract_batch(np, images[few], table.subset(few),
+                                        prepare_half_map(np, volume, mask, settings), settings)
+            started = time.perf_counter()
+            model = prepare_half_map(cupy, volume, mask, settings)
+            cupy.cuda.Device().synchronize()
+            prepare_s = time.perf_counter() - started
+            gpu, a_gpu = subtract_batch(cupy, images[few], table.subset(few), model, settings)
+            difference = float(np.max(np.abs(gpu.get() - cpu)) / np.max(np.abs(cpu)))
+            alpha_difference = float(np.max(np.abs(a_gpu.get() - a_cpu) / np.abs(a_cpu)))
+            on_gpu = cupy.asarray(images)
+            compute_s = timed(cupy, lambda: subtract_batch(cupy, on_gpu, table, model, settings), args.repeats)
+            transfer_s = timed(
+                cupy, lambda: subtract_batch(cupy, cupy.asarray(images), table, model, settings)[0].get(),
+                args.repeats,
+            )
+            rows.append((box, projector, padding, difference, alpha_difference, prepare_s,
+                         args.batch / compute_s, args.batch / transfer_s))
+            del model, on_gpu
+            cupy.get_default_memory_pool().free_all_blocks()
+    print("| box | projector | padding | max rel diff vs NumPy | α rel diff | prepare one half-map (s) "
+          "| particles/s, data on GPU | particles/s, host→GPU→host |")
+    print("|---|---|---|---|---|---|---|---|")
+    for box, projector, padding, diff, adiff, prep, rate, rate_io in rows:
+        print(f"| {box} | {projector} | {padding} | {diff:.1e} | {adiff:.1e} | {prep:.2f} | {rate:,.0f} | {rate_io:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""The GPU path (CuPy + the CUDA slice kernel) against the NumPy twin.
+
+Runs only where CuPy sees a GPU; CI has none, so these are skipped there and
+run on a GPU machine (results in BENCHMARKS.md).
+"""
+
+import numpy as np
+import pytest
+
+from dsub.physics.backend import gpu_available
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a visible GPU"),
+]
+
+from dsub.particles import HALF_A, HALF_B  # noqa: E402
+from dsub.physics.projector import extract_slices, prepare_volume  # noqa: E402
+from dsub.physics.subtract import SubtractionSettings, prepare_half_map, subtract_batch  # noqa: E402
+from dsub.simulate import perturbed, simulate_particles, soft_sphere_mask, to_particle_table, two_domain_phantom  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cupy():
+    import cupy
+
+    return cupy
+
+
+@pytest.mark.parametrize("box, padding, padded_slice", [(64, 2, False), (64, 3, True), (65, 2, True)])
+def test_slice_kernel_matches_numpy(cupy, box, padding, padded_slice):
+    rng = np.random.default_rng(0)
+    volume = rng.normal(size=(box, box, box)).astype(np.float32)
+    rotations = np.array([np.linalg.qr(rng.normal(size=(3, 3)))[0] for _ in range(7)])
+    size = box * padding if padded_slice else box
+    cpu = extract_slices(np, prepare_volume(np, volume, padding), rotations, size)
+    gpu = extract_slices(cupy, prepare_volume(cupy, volume, padding), rotations, size).get()
+    assert np.linalg.norm(gpu - cpu) / np.linalg.norm(cpu) < 1e-5
+
+
+@pytest.mark.parametrize("projector, padding", [("padded", 3), ("relion", 2)])
+def test_subtraction_on_gpu_matches_cpu(cupy, projector, padding):
+    box = 64
+    rng = np.random.default_rng(3)
+    phantom = two_domain_phantom(box, rng)
+    halves = (perturbed(phantom, rng), perturbed(phantom, rng))
+    mask = soft_sphere_mask(phantom, 2, box)
+    sim = simulate_particles(halves, 2, 24, box, 1.5, rng, snr=0.1)
+    table = to_particle_table(sim)
+    settings = SubtractionSettings(projector=projector, padding=padding)
+    for half in (HALF_A, HALF_B):
+        members = np.flatnonzero(table.half_set == half)
+        volume = halves[half - 1].voxelize(box)
+        cpu, alpha_cpu = subtract_batch(np, sim.images[members], table.subset(members),
+                                        prepare_half_map(np, volume, mask, settings), settings)
+        gpu, alpha_gpu = subtract_batch(cupy, sim.images[members], table.subset(members),
+                                        prepare_half_map(cupy, volume, mask, settings), settings)
+        np.testing.assert_allclose(alpha_gpu.get(), alpha_cpu, rtol=1e-4)
+        assert np.max(np.abs(gpu.get() - cpu)) <= 1e-4 * np.max(np.abs(cpu))
