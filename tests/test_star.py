@@ -142,3 +142,19 @@ def test_undefined_optics_group(shared_data, tmp_path):
     starfile.write(blocks, tmp_path / "bad_group.star")
     with pytest.raises(InputFileError, match=r"bad_group.star.*optics groups \[3\]"):
         read_particles(tmp_path / "bad_group.star")
+
+
+def test_image_paths_relative_to_relion_project_folder(shared_data, tmp_path):
+    """A job's star sits two folders below the project; its image names are project-relative."""
+    project = tmp_path / "project"
+    stacks = project / "Extract" / "job007"
+    stacks.mkdir(parents=True)
+    (stacks / "relion31.mrcs").write_bytes((shared_data / "cryodrgn" / "relion31.mrcs").read_bytes())
+    blocks = starfile.read(shared_data / "cryodrgn" / "relion31.star", always_dict=True)
+    blocks["particles"]["rlnImageName"] = [f"{i + 1:06d}@Extract/job007/relion31.mrcs" for i in range(5)]
+    job = project / "Refine3D" / "job012"
+    job.mkdir(parents=True)
+    starfile.write(blocks, job / "run_data.star")
+    table = read_particles(job / "run_data.star")
+    assert set(table.image_paths) == {str(stacks / "relion31.mrcs")}
+    np.testing.assert_array_equal(table.image_indices, np.arange(5))

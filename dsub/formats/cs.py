@@ -26,6 +26,7 @@ from dsub.conventions import (
 )
 from dsub.errors import InputFileError, MissingInputError
 from dsub.particles import HALF_UNKNOWN, ParticleTable
+from dsub.formats.paths import resolve_stack_names
 
 MAGIC_NUMPY = b"\x93NUMPY"
 MAGIC_CSDAT = b"\x95CSDAT"
@@ -166,21 +167,11 @@ def resolve_blob_paths(raw, cs_path: Path, cs_root=None) -> np.ndarray:
     folder, its parent and its grandparent (a job folder sits in the project
     folder) in which the first relative stack exists, else to the .cs folder.
     """
-    raw = np.asarray(raw)
-    if raw.size == 0:
-        return np.empty(0, dtype=object)
-    uniq, inverse = np.unique(raw, return_inverse=True)  # decode each stack name once
-    texts = [u.decode() if isinstance(u, bytes) else str(u) for u in uniq]
-    texts = [t[1:] if t.startswith(">") else t for t in texts]
-    folder = Path(os.path.abspath(cs_path)).parent
-    roots = [folder, folder.parent, folder.parent.parent] if cs_root is None else [Path(cs_root)]
-    relative = [texts[int(inverse.reshape(-1)[0])]] + texts  # the first particle's stack first
-    probe = next((t for t in relative if not os.path.isabs(t)), None)
-    root = next((r for r in roots if probe and (r / probe).is_file()), roots[0])
-    resolved = np.array(
-        [os.path.normpath(os.path.join(os.path.abspath(root), t)) for t in texts], dtype=object
-    )
-    return resolved[inverse.reshape(-1)]
+    raw = np.asarray(raw).reshape(-1)
+    uniques, inverse = np.unique(raw, return_inverse=True)  # decode each stack name once
+    texts = [u.decode() if isinstance(u, bytes) else str(u) for u in uniques]
+    texts = np.array([t[1:] if t.startswith(">") else t for t in texts], dtype=object)
+    return resolve_stack_names(texts[inverse.reshape(-1)], cs_path, cs_root)
 
 
 def read_particles(

@@ -19,6 +19,7 @@ import starfile
 from dsub.conventions import matrix_to_relion_euler, relion_euler_to_matrix
 from dsub.errors import InputFileError, MissingInputError
 from dsub.formats.mrc import open_stack
+from dsub.formats.paths import resolve_stack_names
 from dsub.particles import HALF_UNKNOWN, ParticleTable
 
 #: Columns read as text, never numericised (a micrograph named ``1`` stays "1").
@@ -159,7 +160,10 @@ def read_ctf(path: str | os.PathLike, require_ctf: bool = True) -> dict:
 
 
 def _image_names(df: pd.DataFrame, star_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """``N@stack`` -> (resolved stack paths, 0-based indices). A name without ``@`` is image 1."""
+    """``N@stack`` -> (resolved stack paths, 0-based indices). A name without ``@`` is image 1.
+
+    Stacks are looked up from the star file's folder, then its parents (see ``paths``).
+    """
     names = df["rlnImageName"].astype(str)
     parts = names.str.split("@", n=1, expand=True)
     if parts.shape[1] == 1:
@@ -173,10 +177,7 @@ def _image_names(df: pd.DataFrame, star_path: Path) -> tuple[np.ndarray, np.ndar
             star_path, f"particle {bad[0] + 1} has the image name {names.iloc[bad[0]]!r}, not "
             "N@stack with N >= 1.", "Image names look like 000012@Extract/job007/stack.mrcs."
         )
-    folder = os.path.abspath(star_path.parent)
-    codes, uniques = pd.factorize(stacks)  # resolve each stack name once
-    resolved = np.array([os.path.normpath(os.path.join(folder, s)) for s in uniques], dtype=object)
-    return resolved[codes], numbers.to_numpy(dtype=np.int64) - 1
+    return resolve_stack_names(stacks, star_path), numbers.to_numpy(dtype=np.int64) - 1
 
 
 def _box_sizes(df: pd.DataFrame, groups: np.ndarray, paths: np.ndarray, star_path: Path):
