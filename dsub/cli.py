@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
-            warnings.formatwarning = lambda message, *rest, **kw: f"dsub: warning: {message}\n"
+            warnings.showwarning = lambda message, *rest, **kw: print(f"dsub: warning: {message}", file=sys.stderr)
             return handlers[args.command](args)
     except DsubError as exc:
         print(f"dsub: error: {exc}", file=sys.stderr)

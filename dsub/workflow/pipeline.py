@@ -132,9 +132,8 @@ def prepare_outdir(outdir: Path, fingerprint: str, overwrite: bool) -> bool:
                 "Choose another output folder, or add --overwrite to replace them."
             )
         shutil.rmtree(store_path)
-    elif outdir.exists() and any(outdir.iterdir()) and not overwrite:
-        stray = [p.name for p in outdir.iterdir()][:3]
-        if any(name in (export.STAR_NAME, export.CS_NAME, export.STACK_FOLDER) for name in stray):
+    elif not overwrite:
+        if any((outdir / name).exists() for name in (export.STAR_NAME, export.CS_NAME, export.STACK_FOLDER)):
             raise OutputExistsError(
                 f"{outdir}: holds dsub outputs without their store. Choose another output folder, "
                 "or add --overwrite to replace them."
@@ -173,6 +172,7 @@ def subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings
         "half_a": file_identity(half_a),
         "half_b": file_identity(half_b),
         "mask": file_identity(mask),
+        "stacks": [file_identity(path) for path in np.unique(np.asarray(table.image_paths, dtype=str))],
         "cs_root": options.cs_root,
         "settings": settings_record(settings),
         "chunk_size": options.chunk_size,
