@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dsub.cluster import ClusterSpec
 from dsub.demo import make_dataset, residual_of_masked_region
 from dsub.formats.mrc import read_images
 from dsub.formats.star import read_particles
@@ -33,7 +34,7 @@ def main():
         results = {}
         for device in ("gpu", "cpu"):
             outdir = folder / device
-            options = RunOptions(outdir=outdir, chunk_size=64, device=device, progress=False)
+            options = RunOptions(outdir=outdir, chunk_size=64, device=device, cluster=ClusterSpec(progress=False))
             summary = subtract(paths["star"], paths["half_a"], paths["half_b"], paths["mask"],
                                SubtractionSettings(), options)
             table = read_particles(outdir / "particles_subtracted.star")

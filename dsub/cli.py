@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 from . import __version__
+from .cluster import ClusterSpec, parse_adapt
 from .errors import DsubError, OptionError
 from .physics.contrast import SCALE_MODES, ContrastFit
 from .physics.projector import PROJECTORS
@@ -52,8 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--chunk-size", type=int, default=256, help="particles per task and Zarr chunk (256)")
     run.add_argument("--particles-per-stack", type=int, default=10000,
                      help="particles per exported .mrcs stack (10000, rounded to whole chunks)")
-    run.add_argument("--scheduler", default="threads", help="threads (default) or sync (one thread, for debugging)")
-    run.add_argument("--workers", type=int, default=None, help="number of threads (default: one per core)")
+    add_cluster_arguments(run)
     run.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                      help="where the physics runs: a GPU through CuPy when there is one (auto)")
     run.add_argument("--cs-root", default=None,
@@ -62,11 +62,47 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace the results of a different run in OUTDIR")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    script = commands.add_parser(
+        "job-script", help="print the batch job script dsub would submit for each worker",
+        description="Print the job script of one SLURM or PBS worker, for review before a run.",
+    )
+    script.add_argument("--scheduler", choices=("slurm", "pbs"), required=True)
+    script.add_argument("--cluster-config", default=None, help="YAML file in dask-jobqueue's jobqueue.yaml format")
+
     demo = commands.add_parser("demo", help="simulate a small dataset, subtract it and report the accuracy")
     demo.add_argument("-o", "--outdir", default="demo_out", help="folder for the dataset and results (demo_out)")
     demo.add_argument("--particles", type=int, default=400, help="number of particles (400)")
     demo.add_argument("--box", type=int, default=64, help="box size in pixels (64)")
     return parser
+
+
+def add_cluster_arguments(parser) -> None:
+    group = parser.add_argument_group("where it runs")
+    group.add_argument("--scheduler", default="threads",
+                       help="threads (default: this process), sync (one thread, for debugging), local (a local "
+                            "Dask cluster: one worker per GPU), slurm, pbs (dask-jobqueue; one GPU per worker), "
+                            "or tcp://HOST:PORT of a running Dask scheduler")
+    group.add_argument("--workers", type=int, default=None,
+                       help="threads (threads), worker processes (local) or batch jobs (slurm, pbs)")
+    group.add_argument("--adapt", default=None, metavar="MIN:MAX",
+                       help="adaptive scaling between MIN and MAX workers/jobs instead of a fixed --workers")
+    group.add_argument("--cluster-config", default=None,
+                       help="YAML file with dask-jobqueue settings (jobqueue.yaml format), applied on top of "
+                            "~/.config/dask/jobqueue.yaml; see cluster/ for GPU profiles")
+    group.add_argument("--worker-timeout", type=float, default=300.0,
+                       help="seconds to wait for the first worker before giving up (300)")
+    group.add_argument("--dashboard-address", default="127.0.0.1:8787",
+                       help="where a local cluster serves the Dask dashboard (127.0.0.1:8787: this machine only; "
+                            "reach it from elsewhere through an SSH tunnel)")
+
+
+def cluster_from_args(args) -> ClusterSpec:
+    return ClusterSpec(
+        scheduler=args.scheduler, workers=args.workers,
+        adapt=parse_adapt(args.adapt) if args.adapt else None, cluster_config=args.cluster_config,
+        worker_timeout=args.worker_timeout, dashboard_address=args.dashboard_address,
+        progress=not getattr(args, "quiet", False),
+    )
 
 
 def settings_from_args(args) -> SubtractionSettings:
@@ -90,8 +126,7 @@ def run_subtract(args) -> int:
     settings = settings_from_args(args)
     options = RunOptions(
         outdir=Path(args.outdir), chunk_size=args.chunk_size, particles_per_stack=args.particles_per_stack,
-        scheduler=args.scheduler, workers=args.workers, device=args.device, overwrite=args.overwrite,
-        cs_root=args.cs_root, progress=not args.quiet,
+        device=args.device, overwrite=args.overwrite, cs_root=args.cs_root, cluster=cluster_from_args(args),
     )
     subtract(args.particles, args.half_a, args.half_b, args.mask, settings, options)
     return 0
@@ -113,10 +148,17 @@ def run_demo(args) -> int:
     return 0
 
 
+def run_job_script(args) -> int:
+    from .cluster.scripts import job_script
+
+    print(job_script(args.scheduler, args.cluster_config))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"subtract": run_subtract, "demo": run_demo}
+    handlers = {"subtract": run_subtract, "demo": run_demo, "job-script": run_job_script}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")

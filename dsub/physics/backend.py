@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 
@@ -15,6 +17,7 @@ def array_module(array):
     return np
 
 
+@lru_cache(maxsize=1)
 def gpu_available() -> bool:
     """True when CuPy imports and sees at least one CUDA device."""
     try:
@@ -41,3 +44,12 @@ def to_numpy(array) -> np.ndarray:
     if type(array).__module__.split(".")[0] == "cupy":
         return array.get()
     return np.asarray(array)
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'gpu' where CuPy sees a GPU in this process, else 'cpu'; 'gpu' must have one."""
+    if device == "auto":
+        return "gpu" if gpu_available() else "cpu"
+    if device == "gpu" and not gpu_available():
+        raise RuntimeError("device 'gpu' was asked for, but CuPy is not installed or sees no GPU here")
+    return device

@@ -25,12 +25,12 @@ import numpy as np
 from .. import __version__
 from ..errors import InputFileError, OptionError, OutputExistsError
 from ..formats import read_particles
+from ..cluster import ClusterSpec, open_runner
 from ..physics.backend import gpu_available
 from ..physics.subtract import SubtractionSettings
 from . import export, store, validate
-from .tasks import MapFiles, half_map_models, run_chunk, subtract_particles
+from .tasks import MapFiles, fit_sample, run_chunk
 
-SCHEDULERS = ("threads", "sync")
 RUN_SUMMARY = "dsub_run.json"
 POLARITY_SAMPLE = 64
 
@@ -42,34 +42,30 @@ class RunOptions:
     outdir: Path
     chunk_size: int = 256
     particles_per_stack: int = 10000
-    scheduler: str = "threads"
-    workers: int | None = None
     device: str = "auto"
     overwrite: bool = False
     cs_root: str | None = None
-    progress: bool = True
-    log: object = field(default=sys.stdout, repr=False)
+    cluster: ClusterSpec = field(default_factory=ClusterSpec)
 
     def __post_init__(self):
         if self.chunk_size < 1:
             raise OptionError(f"--chunk-size must be at least 1, not {self.chunk_size}")
         if self.particles_per_stack < 1:
             raise OptionError(f"--particles-per-stack must be at least 1, not {self.particles_per_stack}")
-        if self.scheduler not in SCHEDULERS:
-            raise OptionError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, not {self.scheduler!r}")
         if self.device not in ("auto", "cpu", "gpu"):
             raise OptionError(f"--device must be auto, cpu or gpu, not {self.device!r}")
         # Stacks hold whole chunks, so an export task never reads half a chunk.
         self.particles_per_stack = max(self.chunk_size, self.particles_per_stack // self.chunk_size * self.chunk_size)
 
+    @property
+    def log(self):
+        return self.cluster.log
 
-def resolve_device(device: str) -> str:
-    """'auto' becomes 'gpu' where CuPy sees a GPU, else 'cpu'."""
-    if device == "auto":
-        return "gpu" if gpu_available() else "cpu"
-    if device == "gpu" and not gpu_available():
+
+def check_device(options: RunOptions) -> None:
+    """--device gpu on the threaded scheduler needs a GPU here; elsewhere the workers decide."""
+    if options.device == "gpu" and not options.cluster.distributed and not gpu_available():
         raise OptionError("--device gpu was asked for, but CuPy is not installed or sees no GPU")
-    return device
 
 
 def file_identity(path) -> dict:
@@ -91,19 +87,19 @@ def say(options: RunOptions, message: str) -> None:
     print(message, file=options.log, flush=True)
 
 
-def check_polarity(table, maps: MapFiles, settings, device: str, options: RunOptions) -> None:
-    """With input contrast, fit α on a sample first and refuse if the signs disagree."""
-    sample = np.linspace(0, len(table) - 1, min(POLARITY_SAMPLE, len(table))).astype(int)
-    sample = np.unique(sample)
-    particles = table.subset(sample)
-    from ..formats.mrc import read_images
+def polarity_task(table, maps: MapFiles, settings, device: str):
+    """A task that fits α on a sample of particles, to check the input contrast's polarity."""
+    sample = np.unique(np.linspace(0, len(table) - 1, min(POLARITY_SAMPLE, len(table))).astype(int))
+    particles = dataclasses.replace(table.subset(sample), source=None)
+    return sample, dask.delayed(fit_sample, pure=False, name="polarity-check")(
+        particles, maps, dataclasses.replace(settings, scale="fit"), device
+    )
 
-    images = read_images(particles.image_paths, particles.image_indices)
-    fit_settings = dataclasses.replace(settings, scale="fit")
-    models = half_map_models(maps, fit_settings, device)
-    _, fitted = subtract_particles(images, particles, models, fit_settings, device)
-    given = np.sign(np.median(particles.input_contrast))
-    measured = np.sign(np.median(fitted))
+
+def check_polarity(table, sample, fitted, options: RunOptions) -> None:
+    """With input contrast, refuse when a fit on a sample finds the opposite sign."""
+    given_values = table.input_contrast[sample]
+    given, measured = np.sign(np.median(given_values)), np.sign(np.median(fitted))
     if given != measured:
         raise InputFileError(
             table.source_path,
@@ -113,7 +109,7 @@ def check_polarity(table, maps: MapFiles, settings, device: str, options: RunOpt
             "Use --scale fit (it absorbs the polarity), or check the stacks' contrast inversion.",
         )
     say(options, f"Polarity check: input contrast agrees with a fit on {sample.size} particles "
-                 f"(median fitted {np.median(fitted):.3f}, median input {np.median(particles.input_contrast):.3f}).")
+                 f"(median fitted {np.median(fitted):.3f}, median input {np.median(given_values):.3f}).")
 
 
 def prepare_outdir(outdir: Path, fingerprint: str, overwrite: bool) -> bool:
@@ -163,7 +159,8 @@ def subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings
     pixel_size = float(np.median(table.pixel_size_angstrom))
     validate.check_maps(half_a, half_b, mask, box, pixel_size)
     validate.check_images(table, box)
-    device = resolve_device(options.device)
+    check_device(options)
+    device = options.device
     maps = MapFiles(str(Path(half_a).resolve()), str(Path(half_b).resolve()), str(Path(mask).resolve()))
 
     identity = {
@@ -184,38 +181,38 @@ def subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings
     for name in (export.STAR_NAME, export.CS_NAME, RUN_SUMMARY):
         (outdir / name).unlink(missing_ok=True)  # never leave old metadata that looks complete
 
-    if settings.scale == "input":
-        check_polarity(table, maps, settings, device, options)
-
     store_path = outdir / store.STORE_NAME
     bounds = store.chunk_bounds(len(table), options.chunk_size)
-    if not resuming:
-        store.create_store(store_path, len(table), box, options.chunk_size,
-                           {**identity, "fingerprint": fingerprint})
-    done = store.finished_chunks(store_path)
-    pending = [i for i in range(len(bounds)) if not done[i]]
-    say(options, f"dsub: {len(table)} particles of {box} px in {len(bounds)} chunks on {device} "
-                 f"({options.scheduler} scheduler); {len(bounds) - len(pending)} chunks already done.")
 
-    tasks = []
-    for index in pending:
-        start, stop = bounds[index]
-        chunk = dataclasses.replace(table.subset(np.arange(start, stop)), source=None)
-        tasks.append(
-            dask.delayed(run_chunk, pure=False, name=f"subtract-chunk-{index:05d}")(
-                index, start, chunk, maps, settings, str(store_path), device
+    with open_runner(options.cluster) as runner:
+        if settings.scale == "input":
+            sample, task = polarity_task(table, maps, settings, device)
+            check_polarity(table, sample, runner.compute([task], "polarity check")[0], options)
+        if not resuming:
+            store.create_store(store_path, len(table), box, options.chunk_size,
+                               {**identity, "fingerprint": fingerprint})
+        done = store.finished_chunks(store_path)
+        pending = [i for i in range(len(bounds)) if not done[i]]
+        say(options, f"dsub: {len(table)} particles of {box} px in {len(bounds)} chunks "
+                     f"({len(bounds) - len(pending)} already done) on {runner.description}.")
+        tasks = []
+        for index in pending:
+            start, stop = bounds[index]
+            chunk = dataclasses.replace(table.subset(np.arange(start, stop)), source=None)
+            tasks.append(
+                dask.delayed(run_chunk, pure=False, name=f"subtract-chunk-{index:05d}")(
+                    index, start, chunk, maps, settings, str(store_path), device
+                )
             )
-        )
-    compute(tasks, options)
-
-    say(options, "Exporting stacks and metadata ...")
-    export_tasks = [
-        dask.delayed(export.write_stack_from_store, pure=False, name=f"export-{relative.split('/')[-1]}")(
-            store_path, outdir, relative, start, stop, float(table.pixel_size_angstrom[start])
-        )
-        for relative, start, stop in export.stack_layout(len(table), options.particles_per_stack)
-    ]
-    compute(export_tasks, options)
+        devices = sorted(set(runner.compute(tasks, "subtract")))
+        export_tasks = [
+            dask.delayed(export.write_stack_from_store, pure=False, name=f"export-{relative.split('/')[-1]}")(
+                store_path, outdir, relative, start, stop, float(table.pixel_size_angstrom[start])
+            )
+            for relative, start, stop in export.stack_layout(len(table), options.particles_per_stack)
+        ]
+        runner.compute(export_tasks, "export")
+        workers = runner.workers
     contrast = np.asarray(store.open_store(store_path)["contrast"][:])
     export.write_metadata(table, outdir, options.particles_per_stack, contrast)
 
@@ -225,9 +222,9 @@ def subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings
         "chunks_total": len(bounds),
         "chunks_skipped": len(bounds) - len(pending),
         "seconds": round(time.monotonic() - started, 3),
-        "scheduler": options.scheduler,
-        "workers": options.workers,
-        "device": device,
+        "scheduler": options.cluster.scheduler,
+        "workers": workers,
+        "devices": devices,
         "scale": settings.scale,
         "contrast_median": float(np.median(contrast)),
         "contrast_negative_fraction": float(np.mean(contrast < 0)),
@@ -241,22 +238,6 @@ def subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings
     (outdir / RUN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     report(summary, outdir, options)
     return summary
-
-
-def compute(tasks, options: RunOptions) -> None:
-    """Run delayed tasks on the chosen local scheduler, with a progress bar."""
-    if not tasks:
-        return
-    kwargs = {"scheduler": options.scheduler}
-    if options.scheduler == "threads" and options.workers:
-        kwargs["num_workers"] = options.workers
-    if options.progress:
-        from dask.diagnostics import ProgressBar
-
-        with ProgressBar(dt=0.5, out=options.log):
-            dask.compute(*tasks, **kwargs)
-    else:
-        dask.compute(*tasks, **kwargs)
 
 
 def report(summary: dict, outdir: Path, options: RunOptions) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..formats.mrc import read_images, read_map
 from ..particles import HALF_A, HALF_B
-from ..physics.backend import get_xp, to_numpy
+from ..physics.backend import get_xp, resolve_device, to_numpy
 from ..physics.subtract import SubtractionSettings, prepare_half_map, subtract_batch
 from . import store
 
@@ -40,7 +40,7 @@ _models_lock = threading.Lock()
 
 def half_map_models(maps: MapFiles, settings: SubtractionSettings, device: str) -> dict:
     """Prepared models {HALF_A: ..., HALF_B: ...} for this process, built on first use."""
-    key = (maps, settings, device)
+    key = (maps, settings.padding, settings.mask_keeps, device)  # what the prepared maps depend on
     with _models_lock:
         if key not in _models:
             xp = get_xp(device)
@@ -77,9 +77,22 @@ def subtract_particles(images: np.ndarray, particles, models: dict, settings, de
 
 
 def run_chunk(chunk_index: int, start: int, particles, maps: MapFiles, settings, store_path: str, device: str):
-    """Task body: subtract particles ``start:start+len(particles)`` and store them. Returns α."""
+    """Task body: subtract particles ``start:start+len(particles)`` and store them.
+
+    ``device`` may be "auto": each worker decides for itself (a login node
+    without a GPU submits to GPU nodes). Returns the device used.
+    """
+    device = resolve_device(device)
     models = half_map_models(maps, settings, device)
     images = read_images(particles.image_paths, particles.image_indices)
     subtracted, alpha = subtract_particles(images, particles, models, settings, device)
     store.write_chunk(Path(store_path), chunk_index, start, subtracted, alpha)
-    return alpha
+    return device
+
+
+def fit_sample(particles, maps: MapFiles, settings, device: str):
+    """Task body: fitted contrast of a sample of particles (for the polarity check)."""
+    device = resolve_device(device)
+    images = read_images(particles.image_paths, particles.image_indices)
+    models = half_map_models(maps, settings, device)
+    return subtract_particles(images, particles, models, settings, device)[1]

@@ -1,0 +1,141 @@
+"""Runners: run Dask delayed tasks with a progress bar on the chosen scheduler.
+
+* ``threads`` / ``sync``: Dask's local schedulers in this process (NumPy or one GPU).
+* ``local``: a distributed ``LocalCluster``; one worker process per visible GPU,
+  each pinned to its GPU, or CPU worker processes where there is no GPU.
+* ``slurm`` / ``pbs``: dask-jobqueue ``SLURMCluster`` / ``PBSCluster``, set up
+  from dask's config (``jobqueue.slurm`` / ``jobqueue.pbs``) and ``--cluster-config``.
+* ``tcp://HOST:PORT``: an existing Dask scheduler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from dataclasses import dataclass, field
+
+import dask
+
+from ..errors import OptionError
+from .config import cluster_config
+
+SCHEDULERS = ("threads", "sync", "local", "slurm", "pbs")
+
+
+@dataclass
+class ClusterSpec:
+    """How and where to run: the scheduler and the size of the cluster."""
+
+    scheduler: str = "threads"
+    workers: int | None = None
+    adapt: tuple[int, int] | None = None
+    cluster_config: str | None = None
+    worker_timeout: float = 300.0
+    dashboard_address: str = "127.0.0.1:8787"
+    progress: bool = True
+    log: object = field(default=sys.stdout, repr=False)
+
+    def __post_init__(self):
+        if self.scheduler not in SCHEDULERS and not self.scheduler.startswith("tcp://"):
+            raise OptionError(
+                f"--scheduler must be one of {', '.join(SCHEDULERS)} or tcp://HOST:PORT, not {self.scheduler!r}"
+            )
+        if self.workers is not None and self.workers < 1:
+            raise OptionError(f"--workers must be at least 1, not {self.workers}")
+        if self.adapt is not None and self.scheduler not in ("slurm", "pbs", "local"):
+            raise OptionError("--adapt works with --scheduler local, slurm or pbs")
+        if self.worker_timeout <= 0:
+            raise OptionError(f"--worker-timeout must be positive, not {self.worker_timeout}")
+
+    @property
+    def distributed(self) -> bool:
+        return self.scheduler not in ("threads", "sync")
+
+
+def parse_adapt(text: str) -> tuple[int, int]:
+    """'MIN:MAX' -> (MIN, MAX) for adaptive scaling."""
+    try:
+        low, high = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise OptionError(f"--adapt takes MIN:MAX (e.g. 1:8), not {text!r}") from None
+    if not 0 <= low <= high or high < 1:
+        raise OptionError(f"--adapt needs 0 <= MIN <= MAX and MAX >= 1, not {text!r}")
+    return low, high
+
+
+def say(spec: ClusterSpec, message: str) -> None:
+    print(message, file=spec.log, flush=True)
+
+
+class ThreadRunner:
+    """Dask's threaded (or synchronous) scheduler in this process."""
+
+    def __init__(self, spec: ClusterSpec):
+        self.spec = spec
+        self.workers = spec.workers or (os.cpu_count() or 1)
+        self.description = f"{spec.scheduler} scheduler, {self.workers if spec.scheduler == 'threads' else 1} thread(s)"
+
+    def compute(self, tasks, label: str):
+        if not tasks:
+            return []
+        kwargs = {"scheduler": self.spec.scheduler}
+        if self.spec.scheduler == "threads":
+            kwargs["num_workers"] = self.workers
+        if not self.spec.progress:
+            return list(dask.compute(*tasks, **kwargs))
+        from dask.diagnostics import ProgressBar
+
+        say(self.spec, f"{label}: {len(tasks)} tasks")
+        with ProgressBar(dt=0.5, out=self.spec.log):
+            return list(dask.compute(*tasks, **kwargs))
+
+
+class DistributedRunner:
+    """A distributed Client on a cluster dsub started (or an existing scheduler)."""
+
+    def __init__(self, client, cluster, spec: ClusterSpec, description: str):
+        self.client, self.cluster, self.spec, self.description = client, cluster, spec, description
+        self.workers = len(client.scheduler_info().get("workers", {}))
+
+    def compute(self, tasks, label: str):
+        from distributed import as_completed
+
+        if not tasks:
+            return []
+        futures = self.client.compute(tasks)
+        order = {future.key: index for index, future in enumerate(futures)}
+        results = [None] * len(futures)
+        progress = None
+        if self.spec.progress:
+            from tqdm import tqdm
+
+            progress = tqdm(total=len(futures), desc=label, unit="task", file=self.spec.log)
+        try:
+            for future in as_completed(futures):
+                results[order[future.key]] = future.result()  # re-raises a task's exception here
+                if progress is not None:
+                    progress.update()
+        except BaseException:
+            self.client.cancel(futures)
+            raise
+        finally:
+            if progress is not None:
+                progress.close()
+        self.workers = len(self.client.scheduler_info().get("workers", {}))
+        return results
+
+
+@contextlib.contextmanager
+def open_runner(spec: ClusterSpec):
+    """Start what ``spec`` asks for, yield a runner, and stop it again (cancelling batch jobs)."""
+    if not spec.distributed:
+        yield ThreadRunner(spec)
+        return
+    with cluster_config(spec.cluster_config):
+        from .start import start_cluster
+
+        with start_cluster(spec) as (client, cluster, description):
+            if client.dashboard_link:
+                say(spec, f"Dask dashboard: {client.dashboard_link}")
+            yield DistributedRunner(client, cluster, spec, description)

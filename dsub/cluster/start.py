@@ -1,0 +1,137 @@
+"""Starting and stopping the Dask clusters dsub runs on."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import dask
+
+from ..errors import DsubError
+from .gpus import PinGPU, visible_gpus
+
+
+class NoWorkersError(DsubError, TimeoutError):
+    """No worker joined the scheduler in time."""
+
+
+@contextlib.contextmanager
+def start_cluster(spec):
+    """Yield (client, cluster or None, description) for ``spec.scheduler``; always clean up."""
+    from distributed import Client
+
+    if spec.scheduler.startswith("tcp://"):
+        try:
+            client = Client(spec.scheduler, timeout=min(spec.worker_timeout, 30))
+        except OSError as exc:
+            raise DsubError(f"cannot reach the Dask scheduler at {spec.scheduler}: {exc}") from exc
+        try:
+            wait_for_workers(client, None, spec, "the existing scheduler's workers")
+            yield client, None, f"scheduler {spec.scheduler}"
+        finally:
+            client.close()
+        return
+
+    if spec.scheduler == "local":
+        cluster, description, plugin = local_cluster(spec)
+    else:
+        cluster, description, plugin = batch_cluster(spec), f"{spec.scheduler} jobs", None
+    try:
+        client = Client(cluster)
+        try:
+            if plugin is not None:
+                client.register_plugin(plugin)
+            if spec.adapt is not None:
+                cluster.adapt(minimum_jobs=spec.adapt[0], maximum_jobs=spec.adapt[1]) if spec.scheduler != "local" \
+                    else cluster.adapt(minimum=spec.adapt[0], maximum=spec.adapt[1])
+            elif spec.scheduler != "local":
+                cluster.scale(jobs=spec.workers or 1)
+            wait_for_workers(client, cluster, spec, description)
+            yield client, cluster, description
+        finally:
+            client.close()
+    finally:
+        cluster.close()
+
+
+def local_cluster(spec):
+    """A LocalCluster: one worker per visible GPU (pinned), else CPU worker processes."""
+    from distributed import LocalCluster
+
+    gpus = visible_gpus()
+    cores = os.cpu_count() or 1
+    if gpus:
+        workers = spec.workers or len(gpus)
+        threads = 2  # one reads and writes while the other computes
+        plugin = PinGPU(gpus)
+        description = f"local cluster, {workers} GPU worker(s) on GPUs {', '.join(gpus)}"
+    else:
+        workers = spec.workers or max(1, min(4, cores))
+        threads = max(1, cores // workers)
+        plugin = None
+        description = f"local cluster, {workers} CPU worker(s) x {threads} thread(s)"
+    if spec.adapt is not None:
+        workers = spec.adapt[0]
+    cluster = LocalCluster(
+        n_workers=workers, threads_per_worker=threads, processes=True, host="127.0.0.1",
+        dashboard_address=spec.dashboard_address, silence_logs=logging.ERROR,
+    )
+    return cluster, description, plugin
+
+
+def batch_cluster(spec):
+    """A dask-jobqueue cluster configured by dask's config (jobqueue.slurm / jobqueue.pbs)."""
+    from dask_jobqueue import PBSCluster, SLURMCluster
+
+    cls = {"slurm": SLURMCluster, "pbs": PBSCluster}[spec.scheduler]
+    options = {}
+    if dask.config.get(f"jobqueue.{spec.scheduler}.cores", None) is None:
+        options.update(cores=1)
+    if dask.config.get(f"jobqueue.{spec.scheduler}.memory", None) is None:
+        options.update(memory="8GB")
+    if dask.config.get(f"jobqueue.{spec.scheduler}.processes", None) is None:
+        options.update(processes=1)  # one worker process per job: one GPU each
+    try:
+        return cls(**options)
+    except (ValueError, TypeError) as exc:
+        raise DsubError(f"cannot set up the {spec.scheduler} cluster: {exc}") from exc
+
+
+def wait_for_workers(client, cluster, spec, description: str) -> None:
+    """Wait for the first worker; on time-out, say why, with the batch system's own words."""
+    try:
+        client.wait_for_workers(1, timeout=spec.worker_timeout)
+    except (TimeoutError, OSError) as exc:
+        detail = diagnose(cluster, spec) if cluster is not None else ""
+        raise NoWorkersError(
+            f"no Dask worker started within {spec.worker_timeout:.0f} s ({description}).{detail} "
+            "Check the queue, the resources the job asks for (dsub job-script shows the script) "
+            "or raise --worker-timeout."
+        ) from exc
+
+
+def diagnose(cluster, spec) -> str:
+    """What the batch system says about the job dsub could not start."""
+    if spec.scheduler not in ("slurm", "pbs"):
+        return ""
+    lines = []
+    script = cluster.job_script()
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "job.sh"
+        path.write_text(script)
+        if spec.scheduler == "slurm" and shutil.which("sbatch"):
+            result = subprocess.run(["sbatch", "--test-only", str(path)], capture_output=True, text=True, timeout=30)
+            said = (result.stderr or result.stdout).strip()
+            if said:
+                lines.append(f"sbatch --test-only says: {said}")
+    queue = {"slurm": ["squeue", "-h", "-o", "%i %T %r"], "pbs": ["qstat"]}[spec.scheduler]
+    if shutil.which(queue[0]):
+        result = subprocess.run(queue, capture_output=True, text=True, timeout=30)
+        if result.stdout.strip():
+            lines.append(f"{queue[0]}: " + " | ".join(result.stdout.strip().splitlines()[:5]))
+    return (" " + "; ".join(lines)) if lines else ""
