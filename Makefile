@@ -1,10 +1,10 @@
-# dsub: make install | make test | make demo
+# dsub: make install | make test | make demo | make slurm-up / slurm-down (a local SLURM for tests)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo clean
+.PHONY: install test demo clean slurm-up slurm-down
 
 install: $(STAMP)
 
@@ -22,3 +22,9 @@ demo: $(STAMP)
 
 clean:
 	rm -rf demo_out .pytest_cache
+
+slurm-up:
+	bash cluster/local-slurm/up.sh
+
+slurm-down:
+	bash cluster/local-slurm/down.sh

@@ -37,18 +37,29 @@ def start_cluster(spec):
             client.close()
         return
 
+    with quiet_submission_errors():
+        yield from _start_own_cluster(spec, Client)
+
+
+def _start_own_cluster(spec, Client):
     if spec.scheduler == "local":
         cluster, description, plugin = local_cluster(spec)
     else:
         cluster, description, plugin = batch_cluster(spec), f"{spec.scheduler} jobs", None
+        try:
+            preflight(cluster, spec)
+        except BaseException:
+            stop_cluster(cluster)
+            raise
     try:
         client = Client(cluster)
         try:
             if plugin is not None:
                 client.register_plugin(plugin)
-            if spec.adapt is not None:
-                cluster.adapt(minimum_jobs=spec.adapt[0], maximum_jobs=spec.adapt[1]) if spec.scheduler != "local" \
-                    else cluster.adapt(minimum=spec.adapt[0], maximum=spec.adapt[1])
+            if spec.adapt is not None and spec.scheduler == "local":
+                cluster.adapt(minimum=spec.adapt[0], maximum=spec.adapt[1])
+            elif spec.adapt is not None:
+                cluster.adapt(minimum_jobs=spec.adapt[0], maximum_jobs=spec.adapt[1])
             elif spec.scheduler != "local":
                 cluster.scale(jobs=spec.workers or 1)
             wait_for_workers(client, cluster, spec, description)
@@ -56,7 +67,54 @@ def start_cluster(spec):
         finally:
             client.close()
     finally:
+        stop_cluster(cluster)
+
+
+@contextlib.contextmanager
+def quiet_submission_errors():
+    """dask-jobqueue logs a failed sbatch/qsub with a traceback; dsub reports it itself."""
+    logger = logging.getLogger("tornado.application")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def stop_cluster(cluster) -> None:
+    """Close a cluster; if that fails (a job that never started), cancel the batch jobs directly."""
+    try:
         cluster.close()
+    except Exception:  # distributed asserts on workers that never started; jobs must still go
+        cancel = getattr(getattr(cluster, "job_cls", None), "cancel_command", None)
+        job_ids = [getattr(job, "job_id", None) for job in getattr(cluster, "workers", {}).values()]
+        job_ids = [job_id for job_id in job_ids if job_id]
+        if cancel and job_ids:
+            subprocess.run([cancel, *job_ids], capture_output=True, timeout=60)
+
+
+def preflight(cluster, spec) -> None:
+    """Ask SLURM whether it would run the worker job at all, before waiting for one."""
+    if spec.scheduler != "slurm" or not shutil.which("sbatch"):
+        return
+    said = sbatch_test_only(cluster.job_script())
+    if said is not None:
+        raise DsubError(
+            f"SLURM refuses the worker job: {said} Check the partition and resources in your cluster "
+            "config (dsub job-script --scheduler slurm shows the job script)."
+        )
+
+
+def sbatch_test_only(script: str) -> str | None:
+    """What ``sbatch --test-only`` says against ``script`` if it refuses it, else None."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "job.sh"
+        path.write_text(script)
+        result = subprocess.run(["sbatch", "--test-only", str(path)], capture_output=True, text=True, timeout=60)
+    if result.returncode == 0:
+        return None
+    return (result.stderr or result.stdout).strip().replace("sbatch: error: ", "")
 
 
 def local_cluster(spec):
@@ -96,10 +154,38 @@ def batch_cluster(spec):
         options.update(memory="8GB")
     if dask.config.get(f"jobqueue.{spec.scheduler}.processes", None) is None:
         options.update(processes=1)  # one worker process per job: one GPU each
+    scheduler_options = dict(dask.config.get(f"jobqueue.{spec.scheduler}.scheduler-options", None) or {})
+    scheduler_options.setdefault("dashboard_address", spec.dashboard_address)  # loopback unless configured
+    options.update(scheduler_options=scheduler_options)
+    errors: list[str] = []
     try:
-        return cls(**options)
+        cluster = cls(job_cls=recording_job_class(cls.job_cls, errors), **options)
     except (ValueError, TypeError) as exc:
         raise DsubError(f"cannot set up the {spec.scheduler} cluster: {exc}") from exc
+    cluster.dsub_submit_errors = errors
+    return cluster
+
+
+def submission_output(text: str) -> str:
+    """The batch system's own words from dask-jobqueue's 'Command exited ...' error, on one line."""
+    if "stdout:" in text:
+        text = text.split("stdout:", 1)[1].replace("stderr:", " ")
+    return " ".join(text.split())
+
+
+def recording_job_class(job_cls, errors: list):
+    """A dask-jobqueue Job class that keeps what sbatch/qsub said when a submission fails."""
+
+    class RecordingJob(job_cls):
+        async def start(self):
+            try:
+                await super().start()
+            except Exception as exc:
+                errors.append(submission_output(str(exc)))
+                raise
+
+    RecordingJob.__name__ = job_cls.__name__
+    return RecordingJob
 
 
 def wait_for_workers(client, cluster, spec, description: str) -> None:
@@ -120,15 +206,13 @@ def diagnose(cluster, spec) -> str:
     if spec.scheduler not in ("slurm", "pbs"):
         return ""
     lines = []
-    script = cluster.job_script()
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "job.sh"
-        path.write_text(script)
-        if spec.scheduler == "slurm" and shutil.which("sbatch"):
-            result = subprocess.run(["sbatch", "--test-only", str(path)], capture_output=True, text=True, timeout=30)
-            said = (result.stderr or result.stdout).strip()
-            if said:
-                lines.append(f"sbatch --test-only says: {said}")
+    submitted = getattr(cluster, "dsub_submit_errors", [])
+    if submitted:
+        return f" The job submission failed: {submitted[-1]}"
+    if spec.scheduler == "slurm" and shutil.which("sbatch"):
+        said = sbatch_test_only(cluster.job_script())
+        if said:
+            lines.append(f"sbatch --test-only says: {said}")
     queue = {"slurm": ["squeue", "-h", "-o", "%i %T %r"], "pbs": ["qstat"]}[spec.scheduler]
     if shutil.which(queue[0]):
         result = subprocess.run(queue, capture_output=True, text=True, timeout=30)
