@@ -51,5 +51,10 @@ def cluster_config(path=None):
     if path is None:
         yield
         return
-    with dask.config.set(load_cluster_config(path)):
+    settings = load_cluster_config(path)
+    # Load dask-jobqueue's defaults first: dask.config.set drops, on exit, any
+    # top-level key that did not exist on entry, defaults loaded meanwhile included.
+    import dask_jobqueue  # noqa: F401
+
+    with dask.config.set(settings):
         yield

@@ -1,0 +1,103 @@
+"""Cluster set-up without a scheduler: job scripts, profiles, options, config files."""
+
+from pathlib import Path
+
+import dask
+import pytest
+
+from dsub.cli import main
+from dsub.cluster import ClusterSpec, parse_adapt
+from dsub.cluster.config import cluster_config, load_cluster_config
+from dsub.cluster.scripts import job_script
+from dsub.cluster.start import submission_output
+from dsub.errors import DsubError, InputFileError, MissingInputError, OptionError
+
+PROFILES = Path(__file__).resolve().parents[1] / "cluster"
+
+
+def test_slurm_profile_asks_for_one_gpu_per_worker():
+    script = job_script("slurm", PROFILES / "slurm-gpu.yaml")
+    assert "#SBATCH --gres=gpu:1" in script
+    assert "#SBATCH -p gpu" in script and "#SBATCH --cpus-per-task=8" in script
+    assert "source /path/to/dsub/.venv/bin/activate" in script  # the site's environment lines
+    assert "--nthreads 8" in script and script.count("dask_worker") == 1  # one worker process per job
+
+
+def test_pbspro_profile_uses_select_with_ngpus():
+    script = job_script("pbs", PROFILES / "pbspro-gpu.yaml")
+    assert "#PBS -l select=1:ncpus=8:ngpus=1:mem=64GB" in script
+    assert "module load cuda/12" in script
+
+
+def test_torque_profile_uses_nodes_ppn_gpus():
+    script = job_script("pbs", PROFILES / "torque-gpu.yaml")
+    assert "#PBS -l nodes=1:ppn=8:gpus=1" in script
+
+
+def test_local_slurm_config_advertises_loopback():
+    script = job_script("slurm", PROFILES / "local-slurm" / "jobqueue.yaml")
+    assert "--interface lo" in script and "#SBATCH --gres=gpu:1" in script and "#SBATCH -p debug" in script
+
+
+def test_job_script_command_prints_the_script(capsys):
+    assert main(["job-script", "--scheduler", "slurm", "--cluster-config", str(PROFILES / "slurm-gpu.yaml")]) == 0
+    assert "#SBATCH --gres=gpu:1" in capsys.readouterr().out
+
+
+def test_cluster_config_applies_only_inside_the_block(tmp_path):
+    path = tmp_path / "site.yaml"
+    path.write_text("jobqueue:\n  slurm:\n    queue: gpu-long\n")
+    before = dask.config.get("jobqueue.slurm.walltime")
+    with cluster_config(path):
+        assert dask.config.get("jobqueue.slurm.queue") == "gpu-long"
+        assert dask.config.get("jobqueue.slurm.walltime") == before  # untouched keys keep their defaults
+    assert dask.config.get("jobqueue.slurm.queue") != "gpu-long"
+
+
+@pytest.mark.parametrize("content, error", [("jobqueue: [unclosed", InputFileError), ("", InputFileError)])
+def test_bad_cluster_config_names_the_file(tmp_path, content, error):
+    path = tmp_path / "site.yaml"
+    path.write_text(content)
+    with pytest.raises(error, match="site.yaml"):
+        load_cluster_config(path)
+
+
+def test_missing_cluster_config(tmp_path):
+    with pytest.raises(MissingInputError, match="nothere.yaml"):
+        load_cluster_config(tmp_path / "nothere.yaml")
+
+
+def test_parse_adapt():
+    assert parse_adapt("1:8") == (1, 8)
+    assert parse_adapt("0:4") == (0, 4)
+    for bad in ("8", "4:1", "a:b", "0:0"):
+        with pytest.raises(OptionError):
+            parse_adapt(bad)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(scheduler="condor"), dict(workers=0), dict(scheduler="threads", adapt=(1, 2)), dict(worker_timeout=0)],
+)
+def test_bad_cluster_options(kwargs):
+    with pytest.raises(OptionError):
+        ClusterSpec(**kwargs)
+
+
+def test_scheduler_address_is_accepted():
+    assert ClusterSpec(scheduler="tcp://127.0.0.1:8786").distributed
+
+
+def test_unreachable_scheduler_is_one_clear_error(tmp_path, capsys):
+    from dsub.cluster import open_runner
+
+    spec = ClusterSpec(scheduler="tcp://127.0.0.1:9", worker_timeout=2, progress=False)
+    with pytest.raises(DsubError, match="cannot reach the Dask scheduler at tcp://127.0.0.1:9"):
+        with open_runner(spec):
+            pass
+
+
+def test_submission_output_keeps_the_batch_systems_words():
+    text = ("Command exited with non-zero exit code.\nExit code: 1\nCommand:\nsbatch /tmp/x.sh\nstdout:\n\n"
+            "stderr:\nsbatch: error: Batch job submission failed: Invalid account\n\n")
+    assert submission_output(text) == "sbatch: error: Batch job submission failed: Invalid account"

@@ -1,0 +1,150 @@
+"""Runs on real schedulers: a local Dask cluster, a killed-and-resumed run, SLURM and PBS.
+
+The SLURM and PBS tests need the single-node SLURM of ``make slurm-up``
+(CI starts it); they are skipped where there is none. Every run here is a
+real ``dsub`` process, as a user would start it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pytest
+
+from dsub.demo import make_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCAL_SLURM = ROOT / "cluster" / "local-slurm" / "jobqueue.yaml"
+
+
+def slurm_ready() -> bool:
+    if not shutil.which("sinfo"):
+        return False
+    result = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True)
+    return result.returncode == 0 and any(s.startswith(("idle", "mix")) for s in result.stdout.split())
+
+
+needs_slurm = pytest.mark.skipif(not slurm_ready(), reason="no local SLURM (run make slurm-up)")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    paths, _ = make_dataset(folder, count=96, box=48, seed=7)
+    return paths
+
+
+def dsub(paths, outdir, *extra, timeout=300, **popen):
+    command = [sys.executable, "-m", "dsub.cli", "subtract", str(paths["star"]), "--half-a", str(paths["half_a"]),
+               "--half-b", str(paths["half_b"]), "--mask", str(paths["mask"]), "-o", str(outdir), "--quiet",
+               "--dashboard-address", "127.0.0.1:0", *extra]
+    if popen:
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+
+def stacks(outdir) -> np.ndarray:
+    files = sorted((Path(outdir) / "Particles").glob("*.mrcs"))
+    return np.concatenate([mrcfile.read(f) for f in files])
+
+
+def same_images(a, b) -> float:
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+@pytest.fixture(scope="module")
+def threaded(dataset, tmp_path_factory):
+    outdir = tmp_path_factory.mktemp("threads") / "out"
+    result = dsub(dataset, outdir, "--chunk-size", "16")
+    assert result.returncode == 0, result.stderr
+    return stacks(outdir)
+
+
+def test_local_cluster_matches_threads(dataset, threaded, tmp_path):
+    result = dsub(dataset, tmp_path / "out", "--chunk-size", "16", "--scheduler", "local", "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    assert "Dask dashboard: http://127.0.0.1:" in result.stdout
+    assert same_images(stacks(tmp_path / "out"), threaded) <= 1e-5
+    alpha = np.load(tmp_path / "out" / "particles_subtracted.cs")["alignments3D/alpha"]
+    assert alpha.shape == (96,) and np.all(np.isfinite(alpha)) and np.all(alpha > 0)
+    summary = json.loads((tmp_path / "out" / "dsub_run.json").read_text())
+    assert summary["scheduler"] == "local" and summary["workers"] == 2 and summary["chunks_total"] == 6
+
+
+def test_killed_run_resumes_only_unfinished_chunks(tmp_path, threaded):
+    paths, _ = make_dataset(tmp_path / "data", count=240, box=48, seed=7)
+    outdir = tmp_path / "out"
+    run = dsub(paths, outdir, "--chunk-size", "4", "--workers", "1", start_new_session=True)
+    done_folder = outdir / "subtracted.zarr" / "chunk_done" / "c"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and run.poll() is None:
+        if done_folder.is_dir() and len(list(done_folder.iterdir())) >= 3:
+            break
+        time.sleep(0.02)
+    assert run.poll() is None, "the run finished before it could be killed"
+    os.killpg(run.pid, signal.SIGKILL)  # the whole process group, as a scheduler's preemption would
+    run.wait()
+    assert not (outdir / "particles_subtracted.star").exists()
+
+    rerun = dsub(paths, outdir, "--chunk-size", "4", "--workers", "1")
+    assert rerun.returncode == 0, rerun.stderr
+    summary = json.loads((outdir / "dsub_run.json").read_text())
+    assert 0 < summary["chunks_skipped"] < summary["chunks_total"] == 60
+
+    clean = dsub(paths, tmp_path / "clean", "--chunk-size", "4")
+    assert clean.returncode == 0, clean.stderr
+    assert same_images(stacks(outdir), stacks(tmp_path / "clean")) <= 1e-6
+
+
+@needs_slurm
+@pytest.mark.parametrize("scheduler", ["slurm", "pbs"])
+def test_batch_scheduler_matches_threads_and_leaves_queue_empty(dataset, threaded, tmp_path, scheduler):
+    if scheduler == "pbs" and not shutil.which("qsub"):
+        pytest.skip("no qsub (slurm-wlm-torque)")
+    result = dsub(dataset, tmp_path / "out", "--chunk-size", "16", "--scheduler", scheduler, "--workers", "2",
+                  "--cluster-config", str(LOCAL_SLURM), "--worker-timeout", "120")
+    assert result.returncode == 0, result.stderr
+    assert same_images(stacks(tmp_path / "out"), threaded) <= 1e-5
+    queue = ""
+    for _ in range(20):  # cancelled jobs leave the queue within a second or two
+        queue = subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip()
+        if not queue:
+            break
+        time.sleep(0.5)
+    assert queue == ""
+
+
+@needs_slurm
+def test_impossible_slurm_request_fails_fast_with_sbatch_words(dataset, tmp_path):
+    config = tmp_path / "greedy.yaml"
+    config.write_text(LOCAL_SLURM.read_text().replace("--gres=gpu:1", "--gres=gpu:9"))
+    started = time.monotonic()
+    result = dsub(dataset, tmp_path / "out", "--scheduler", "slurm", "--cluster-config", str(config),
+                  "--worker-timeout", "60")
+    assert result.returncode == 2
+    assert "Requested node configuration is not available" in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert time.monotonic() - started < 30  # refused before any waiting
+    assert not (tmp_path / "out" / "particles_subtracted.star").exists()
+
+
+@needs_slurm
+def test_pbs_submission_failure_is_reported_after_timeout(dataset, tmp_path):
+    if not shutil.which("qsub"):
+        pytest.skip("no qsub (slurm-wlm-torque)")
+    config = tmp_path / "greedy.yaml"
+    config.write_text(LOCAL_SLURM.read_text().replace("gpus=1", "gpus=9"))
+    result = dsub(dataset, tmp_path / "out", "--scheduler", "pbs", "--cluster-config", str(config),
+                  "--worker-timeout", "5")
+    assert result.returncode == 2
+    assert "no Dask worker started within 5 s" in result.stderr
+    assert "Requested node configuration is not available" in result.stderr
