@@ -29,8 +29,7 @@ def timed(cupy, function, repeats):
 
 
 def scene(box, count, rng):
-    from dsub.simulate import GaussianPhantom, to_particle_table, SimulatedParticles
-    from scipy.spatial.transform import Rotation
+    from dsub.simulate import GaussianPhantom, SimulatedParticles, random_rotations, to_particle_table
 
     blobs = 40
     phantom = GaussianPhantom(
@@ -43,7 +42,7 @@ def scene(box, count, rng):
     images = rng.normal(size=(count, box, box)).astype(np.float32)
     sim = SimulatedParticles(
         images=images, kept_signal=None, subtracted_signal=None,
-        rotations=Rotation.random(count, random_state=1).as_matrix(),
+        rotations=random_rotations(count, rng),
         origins_pixels=rng.uniform(-3, 3, (count, 2)), defocus_u=rng.uniform(8e3, 2.5e4, count),
         defocus_v=rng.uniform(8e3, 2.5e4, count), defocus_angle=rng.uniform(0, 180, count),
         contrast=np.ones(count), half_set=np.ones(count, dtype=int), pixel_size=1.0,

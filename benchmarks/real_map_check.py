@@ -218,13 +218,13 @@ class SplineVolume:
     radius: float  # voxels
 
 
-def spline_volume(volume: np.ndarray, upsample: int = 2, margin: float = 4.0, tol: float = 1e-7) -> SplineVolume:
+def spline_volume(volume: np.ndarray, upsample: int = 2, margin: float = 4.0, tol: float = 1e-6) -> SplineVolume:
     box = volume.shape[0]
     support = np.argwhere(np.abs(volume) > tol * np.abs(volume).max())  # (z, y, x)
     xyz = support[:, ::-1] - box // 2
     centre = 0.5 * (xyz.min(axis=0) + xyz.max(axis=0))
     radius = float(np.sqrt(((xyz - centre) ** 2).sum(axis=1)).max()) + margin
-    coeffs = ndimage.spline_filter(fourier_upsample(volume, upsample), order=3, mode="mirror",
+    coeffs = ndimage.spline_filter(fourier_upsample(volume, upsample), order=3, mode="grid-constant",
                                    output=np.float64)
     return SplineVolume(coeffs, box, upsample, centre.astype(float), radius)
 
@@ -257,7 +257,7 @@ def project_real_space(vol: SplineVolume, rotation: np.ndarray, origin, beam_ste
     c = A.T @ np.stack([tx, ty, tz])  # (x, y, z) voxels from the centre
     scale = vol.upsample
     coords = scale * (c[::-1] + n // 2)  # (z, y, x) indices on the upsampled grid
-    values = ndimage.map_coordinates(vol.coeffs, coords, order=3, prefilter=False, mode="mirror")
+    values = ndimage.map_coordinates(vol.coeffs, coords, order=3, prefilter=False, mode="grid-constant")
     pixel = ((UY[keep] + n // 2) * n + (UX[keep] + n // 2)).astype(np.int64)
     image.ravel()[:] = np.bincount(pixel, weights=values, minlength=n * n) * beam_step
     return image
@@ -600,8 +600,18 @@ def main(argv=None):
           f"{sim.noise_sigma:.4g}; masked part carries {sub_power:.1%} of the signal power")
     wrong = np.linalg.norm(sim.wrong_half_subtracted - sim.subtracted_truth[:control]) / np.linalg.norm(
         sim.subtracted_truth[:control])
+    # Least-squares floor of a contrast fit against the exact full model (all frequencies, no window):
+    # var(α_i) = σ² / ||M_i||², M_i = CTF·P_full,i, leaving (α_fit - α_i)·CTF·P_masked,i.
+    n = args.particles
+    model_energy = np.sum(((sim.subtracted_truth + sim.kept_truth) / sim.alpha[:, None, None]).reshape(n, -1) ** 2, 1)
+    sub_energy = np.sum(sim.subtracted_truth.reshape(n, -1) ** 2, 1)
+    alpha_floor = float(np.sqrt(np.sum(sim.noise_sigma**2 / model_energy * sub_energy / sim.alpha**2))
+                        / np.sqrt(sub_energy.sum()))
+    alpha_floor_rel = float(np.sqrt(np.mean(sim.noise_sigma**2 / model_energy / sim.alpha**2)))
     print(f"[sim] control: subtracting with the OTHER half map would leave {wrong:.2%} "
           f"(first {control} particles)")
+    print(f"[sim] ideal least-squares contrast fit (exact model, no window, all frequencies) would leave "
+          f"{alpha_floor:.2%} (α rel RMS {alpha_floor_rel:.2%})")
 
     paths, names = write_inputs(work, sim, halves, mask.astype(np.float32), voxel, box)
     print(f"[io] {check_written_metadata(paths, sim, names)}")
@@ -655,9 +665,12 @@ def main(argv=None):
           f"{'same' if keeps_rel < 1e-4 else 'DIFFERENT'}")
     print("residual = ||out - (images - subtracted_truth)|| / ||subtracted_truth||; α-part: what the α "
           "error alone leaves; model: what is left after correcting α (projector/CTF/geometry).")
-    print(f"projector self-check: " + ", ".join(f"{k} {v:.3%}" for k, v in checks.items()))
+    print(f"least-squares floor of the α fit (exact model, no window, all frequencies): {alpha_floor:.2%} "
+          f"(α rel RMS {alpha_floor_rel:.2%}); other half map instead of own: {wrong:.2%}")
+    print("projector self-check: " + ", ".join(f"{k} {v:.3%}" for k, v in checks.items()))
     print(f"total {time.monotonic() - t0:.0f} s")
     record = {"args": vars(args), "checks": checks, "runs": rows, "keeps_max_diff": keeps_diff,
+              "alpha_fit_floor": alpha_floor, "alpha_fit_floor_rel": alpha_floor_rel,
               "mask_density_fraction": frac_all, "half_map_difference": diff_all, "wrong_half_control": wrong}
     (work / "results.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     if cleanup:

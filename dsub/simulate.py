@@ -53,6 +53,11 @@ class GaussianPhantom:
         return image
 
 
+def random_rotations(count: int, rng: np.random.Generator) -> np.ndarray:
+    """Rotation matrices uniform over SO(3): normalised Gaussian quaternions (any SciPy version)."""
+    return Rotation.from_quat(rng.normal(size=(count, 4))).as_matrix()
+
+
 def two_domain_phantom(box: int, rng: np.random.Generator, blobs_per_domain: int = 10) -> GaussianPhantom:
     """Domain 1 (kept) left of centre, domain 2 (to subtract) right of it, a gap between."""
     scale = box / 64.0
@@ -153,7 +158,7 @@ def simulate_particles(halves, mask_domain: int, count: int, box: int, pixel_siz
     ``snr`` is the mean signal power over the box divided by the noise variance;
     ``None`` gives noise-free images.
     """
-    rotations = Rotation.random(count, random_state=rng.integers(2**31)).as_matrix().transpose(0, 2, 1)
+    rotations = random_rotations(count, rng)
     origins = rng.uniform(-3, 3, size=(count, 2))
     defocus_u = rng.uniform(8000, 25000, size=count)
     defocus_v = defocus_u - rng.uniform(0, 800, size=count)

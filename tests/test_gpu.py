@@ -14,6 +14,7 @@ pytestmark = [
     pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a visible GPU"),
 ]
 
+from dsub.cluster.gpus import visible_gpus  # noqa: E402
 from dsub.particles import HALF_A, HALF_B  # noqa: E402
 from dsub.physics.projector import extract_slices, prepare_volume  # noqa: E402
 from dsub.physics.subtract import SubtractionSettings, prepare_half_map, subtract_batch  # noqa: E402
@@ -57,3 +58,22 @@ def test_subtraction_on_gpu_matches_cpu(cupy, projector, padding):
                                         prepare_half_map(cupy, volume, mask, settings), settings)
         np.testing.assert_allclose(alpha_gpu.get(), alpha_cpu, rtol=1e-4)
         assert np.max(np.abs(gpu.get() - cpu)) <= 1e-4 * np.max(np.abs(cpu))
+
+
+@pytest.mark.skipif(not gpu_available() or len(visible_gpus()) < 2, reason="needs two GPUs")
+def test_local_cluster_uses_every_gpu(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from dsub.demo import make_dataset
+
+    paths, _ = make_dataset(tmp_path / "data", count=128, box=48)
+    command = [sys.executable, "-m", "dsub.cli", "subtract", str(paths["star"]), "--half-a", str(paths["half_a"]),
+               "--half-b", str(paths["half_b"]), "--mask", str(paths["mask"]), "-o", str(tmp_path / "out"),
+               "--scheduler", "local", "--chunk-size", "8", "--quiet", "--dashboard-address", "127.0.0.1:0"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "out" / "dsub_run.json").read_text())
+    assert summary["workers"] >= 2
+    assert len({d for d in summary["devices"] if d.startswith("gpu:")}) >= 2

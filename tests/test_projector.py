@@ -2,15 +2,13 @@
 
 import numpy as np
 import pytest
-from scipy.spatial.transform import Rotation
 
 from dsub.formats.mrc import read_images, read_map
 from dsub.formats.star import read_particles
 from dsub.physics.projector import image_spectra, prepare_volume, project
-from dsub.simulate import GaussianPhantom
+from dsub.simulate import GaussianPhantom, random_rotations
 
 BOX = 64
-
 
 def blob_phantom(spread: float, seed: int = 0) -> GaussianPhantom:
     rng = np.random.default_rng(seed)
@@ -21,10 +19,9 @@ def blob_phantom(spread: float, seed: int = 0) -> GaussianPhantom:
         domains=np.ones(12, dtype=int),
     )
 
-
 def projection_error(phantom, projector, padding):
     """Relative RMS error of the engine's projections against the analytic line integrals."""
-    rotations = Rotation.random(6, random_state=3).as_matrix()
+    rotations = random_rotations(6, np.random.default_rng(3))
     origins = np.random.default_rng(4).uniform(-3, 3, size=(6, 2))
     prepared = prepare_volume(np, phantom.voxelize(BOX), padding)
     spectra = project(np, prepared, rotations, origins, projector)
@@ -34,7 +31,6 @@ def projection_error(phantom, projector, padding):
         exact = phantom.project(rotation, origin, BOX)
         errors.append(np.linalg.norm(image - exact) / np.linalg.norm(exact))
     return float(np.mean(errors))
-
 
 @pytest.mark.parametrize(
     "spread, projector, padding, limit",
@@ -48,14 +44,12 @@ def projection_error(phantom, projector, padding):
 def test_projection_matches_exact_line_integral(spread, projector, padding, limit):
     assert projection_error(blob_phantom(spread), projector, padding) <= limit
 
-
 def test_padding_and_padded_slice_reduce_error():
     phantom = blob_phantom(14)
     relion2 = projection_error(phantom, "relion", 2)
     padded2 = projection_error(phantom, "padded", 2)
     padded3 = projection_error(phantom, "padded", 3)
     assert padded3 < padded2 < relion2
-
 
 def fourier_crop(volume: np.ndarray, size: int) -> np.ndarray:
     """Crop the centred 3D transform to ``size``³ and invert (how the RELION test set was made)."""
@@ -64,7 +58,6 @@ def fourier_crop(volume: np.ndarray, size: int) -> np.ndarray:
     cropped = spectrum[centre - half : centre + half, centre - half : centre + half, centre - half : centre + half]
     scale = (size / volume.shape[0]) ** 3
     return np.fft.fftshift(np.fft.ifftn(np.fft.ifftshift(cropped))).real * scale
-
 
 @pytest.mark.parametrize("name", ["rln_proj_64_centered", "rln_proj_64_shifted"])
 @pytest.mark.parametrize("projector", ["relion", "padded"])
@@ -79,7 +72,6 @@ def test_reproduces_relion_project(shared_data, name, projector):  # conventions
     images = np.fft.fftshift(np.fft.irfft2(spectra, s=(64, 64)), axes=(-2, -1))
     for ours, theirs in zip(images, expected):
         assert np.corrcoef(ours.ravel(), theirs.ravel())[0, 1] >= 0.98
-
 
 def test_image_spectra_puts_origin_at_box_centre():
     image = np.zeros((BOX, BOX), dtype=np.float32)

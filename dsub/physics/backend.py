@@ -53,3 +53,19 @@ def resolve_device(device: str) -> str:
     if device == "gpu" and not gpu_available():
         raise RuntimeError("device 'gpu' was asked for, but CuPy is not installed or sees no GPU here")
     return device
+
+
+def device_label(device: str) -> str:
+    """Which device this process computes on, for run summaries: 'cpu' or 'gpu:<CUDA device>'."""
+    if device != "gpu":
+        return device
+    import os
+
+    import cupy
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    index = cupy.cuda.Device().id
+    if visible:
+        ids = [item.strip() for item in visible.split(",")]
+        return f"gpu:{ids[index] if index < len(ids) else index}"
+    return f"gpu:{index}"

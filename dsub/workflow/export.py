@@ -44,9 +44,20 @@ def write_stack_from_store(store_path: Path, outdir: Path, relative: str, start:
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
     images = store.open_store(store_path)["images"]
+    step = images.chunks[0]
+    low, high, total, squares = np.inf, -np.inf, 0.0, 0.0
     with write_stack(partial, (stop - start, images.shape[1], images.shape[2]), pixel_size) as mrc:
-        mrc.data[...] = images[start:stop]
-        mrc.update_header_stats()
+        for first in range(start, stop, step):  # one Zarr chunk at a time: memory stays bounded
+            last = min(first + step, stop)
+            block = np.asarray(images[first:last])
+            mrc.data[first - start : last - start] = block
+            low, high = min(low, float(block.min())), max(high, float(block.max()))
+            total += float(block.sum(dtype=np.float64))
+            squares += float(np.square(block, dtype=np.float64).sum())
+        count = mrc.data.size
+        mean = total / count
+        mrc.header.dmin, mrc.header.dmax, mrc.header.dmean = low, high, mean
+        mrc.header.rms = np.sqrt(max(squares / count - mean * mean, 0.0))
     os.replace(partial, target)
     return relative
 

@@ -184,7 +184,9 @@ def subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings
     store_path = outdir / store.STORE_NAME
     bounds = store.chunk_bounds(len(table), options.chunk_size)
 
+    timings = {"check_inputs": time.monotonic() - started}
     with open_runner(options.cluster) as runner:
+        timings["start_workers"] = time.monotonic() - started - sum(timings.values())
         if settings.scale == "input":
             sample, task = polarity_task(table, maps, settings, device)
             check_polarity(table, sample, runner.compute([task], "polarity check")[0], options)
@@ -205,6 +207,7 @@ def subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings
                 )
             )
         devices = sorted(set(runner.compute(tasks, "subtract")))
+        timings["subtract"] = time.monotonic() - started - sum(timings.values())
         export_tasks = [
             dask.delayed(export.write_stack_from_store, pure=False, name=f"export-{relative.split('/')[-1]}")(
                 store_path, outdir, relative, start, stop, float(table.pixel_size_angstrom[start])
@@ -215,6 +218,7 @@ def subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings
         workers = runner.workers
     contrast = np.asarray(store.open_store(store_path)["contrast"][:])
     export.write_metadata(table, outdir, options.particles_per_stack, contrast)
+    timings["export"] = time.monotonic() - started - sum(timings.values())
 
     summary = {
         "particles": len(table),
@@ -222,6 +226,7 @@ def subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings
         "chunks_total": len(bounds),
         "chunks_skipped": len(bounds) - len(pending),
         "seconds": round(time.monotonic() - started, 3),
+        "phase_seconds": {phase: round(value, 3) for phase, value in timings.items()},
         "scheduler": options.cluster.scheduler,
         "workers": workers,
         "devices": devices,

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..formats.mrc import read_images, read_map
 from ..particles import HALF_A, HALF_B
-from ..physics.backend import get_xp, resolve_device, to_numpy
+from ..physics.backend import device_label, get_xp, resolve_device, to_numpy
 from ..physics.subtract import SubtractionSettings, prepare_half_map, subtract_batch
 from . import store
 
@@ -80,14 +80,14 @@ def run_chunk(chunk_index: int, start: int, particles, maps: MapFiles, settings,
     """Task body: subtract particles ``start:start+len(particles)`` and store them.
 
     ``device`` may be "auto": each worker decides for itself (a login node
-    without a GPU submits to GPU nodes). Returns the device used.
+    without a GPU submits to GPU nodes). Returns the device used ("cpu", "gpu:N").
     """
     device = resolve_device(device)
     models = half_map_models(maps, settings, device)
     images = read_images(particles.image_paths, particles.image_indices)
     subtracted, alpha = subtract_particles(images, particles, models, settings, device)
     store.write_chunk(Path(store_path), chunk_index, start, subtracted, alpha)
-    return device
+    return device_label(device)
 
 
 def fit_sample(particles, maps: MapFiles, settings, device: str):

@@ -1,0 +1,95 @@
+"""Throughput of ``dsub subtract --scheduler local`` with 1 and 2 GPU workers.
+
+    python benchmarks/multi_gpu.py [--particles 4096] [--box 256] [--workers 1 2]
+
+Writes a dataset of noise images with realistic metadata (the cost of the
+physics does not depend on the image content), runs the whole command (cluster
+start, half-map preparation, subtraction, Zarr, export) for each worker count,
+and prints particles/s and the GPUs the summary says were used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+
+
+from dsub.formats import star as star_format
+from dsub.formats.mrc import write_map, write_stack
+from dsub.simulate import (
+    SimulatedParticles, perturbed, random_rotations, soft_sphere_mask, to_particle_table, two_domain_phantom,
+)
+
+
+def write_dataset(folder: Path, count: int, box: int) -> dict:
+    rng = np.random.default_rng(0)
+    phantom = two_domain_phantom(box, rng)
+    paths = {name: folder / f"{name}.mrc" for name in ("half_a", "half_b", "mask")}
+    write_map(paths["half_a"], perturbed(phantom, rng).voxelize(box), 1.0)
+    write_map(paths["half_b"], perturbed(phantom, rng).voxelize(box), 1.0)
+    write_map(paths["mask"], soft_sphere_mask(phantom, 2, box), 1.0)
+    stack = folder / "particles.mrcs"
+    with write_stack(stack, (count, box, box), 1.0) as mrc:
+        for start in range(0, count, 512):
+            stop = min(start + 512, count)
+            mrc.data[start:stop] = rng.normal(size=(stop - start, box, box)).astype(np.float32)
+    sim = SimulatedParticles(
+        images=np.empty((0, box, box), dtype=np.float32),  # only the box size is read from it
+        kept_signal=None, subtracted_signal=None,
+        rotations=random_rotations(count, rng), origins_pixels=rng.uniform(-3, 3, (count, 2)),
+        defocus_u=rng.uniform(8e3, 2.5e4, count), defocus_v=rng.uniform(8e3, 2.5e4, count),
+        defocus_angle=rng.uniform(0, 180, count), contrast=np.ones(count), half_set=rng.integers(1, 3, count),
+        pixel_size=1.0,
+    )
+    table = to_particle_table(sim, str(stack))
+    paths["star"] = folder / "particles.star"
+    star_format.write_particles(table, paths["star"], [f"{i + 1:06d}@particles.mrcs" for i in range(count)])
+    return paths
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--particles", type=int, default=4096)
+    parser.add_argument("--box", type=int, default=256)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--chunk-size", type=int, default=256)
+    args = parser.parse_args()
+    rows, first = [], None
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        started = time.perf_counter()
+        paths = write_dataset(folder, args.particles, args.box)
+        print(f"dataset: {args.particles} particles of {args.box} px written in {time.perf_counter() - started:.1f} s")
+        for workers in args.workers:
+            outdir = folder / f"out{workers}"
+            command = [sys.executable, "-m", "dsub.cli", "subtract", str(paths["star"]),
+                       "--half-a", str(paths["half_a"]), "--half-b", str(paths["half_b"]), "--mask", str(paths["mask"]),
+                       "-o", str(outdir), "--scheduler", "local", "--workers", str(workers),
+                       "--chunk-size", str(args.chunk_size), "--quiet", "--dashboard-address", "127.0.0.1:0"]
+            started = time.perf_counter()
+            result = subprocess.run(command, capture_output=True, text=True)
+            wall = time.perf_counter() - started
+            if result.returncode != 0:
+                print(result.stdout, result.stderr)
+                raise SystemExit(f"dsub failed with {workers} workers")
+            summary = json.loads((outdir / "dsub_run.json").read_text())
+            images = mrcfile.mmap(sorted((outdir / "Particles").glob("*.mrcs"))[0], mode="r").data
+            difference = 0.0 if first is None else float(np.abs(images - first).max() / np.abs(first).max())
+            first = np.array(images) if first is None else first
+            rows.append((workers, wall, summary["seconds"], args.particles / wall, summary["devices"], difference))
+    print("| workers | wall s (whole command) | dsub seconds | particles/s (whole command) | devices | max diff vs 1 worker |")
+    print("|---|---|---|---|---|---|")
+    for workers, wall, seconds, rate, devices, difference in rows:
+        print(f"| {workers} | {wall:.1f} | {seconds:.1f} | {rate:,.0f} | {', '.join(devices)} | {difference:.1e} |")
+
+
+if __name__ == "__main__":
+    main()
