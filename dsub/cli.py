@@ -51,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "relion: box-point slice as relion_particle_subtract")
     run.add_argument("--padding", type=int, default=3, help="zero-padding factor of the maps (3)")
     run.add_argument("--chunk-size", type=int, default=256, help="particles per task and Zarr chunk (256)")
-    run.add_argument("--particles-per-stack", type=int, default=10000,
-                     help="particles per exported .mrcs stack (10000, rounded to whole chunks)")
+    run.add_argument("--particles-per-stack", type=int, default=4096,
+                     help="particles per exported .mrcs stack (4096, rounded to whole chunks); stacks are "
+                          "written in parallel")
     add_cluster_arguments(run)
     run.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                      help="where the physics runs: a GPU through CuPy when there is one (auto)")

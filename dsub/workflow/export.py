@@ -51,9 +51,10 @@ def write_stack_from_store(store_path: Path, outdir: Path, relative: str, start:
             last = min(first + step, stop)
             block = np.asarray(images[first:last])
             mrc.data[first - start : last - start] = block
-            low, high = min(low, float(block.min())), max(high, float(block.max()))
-            total += float(block.sum(dtype=np.float64))
-            squares += float(np.square(block, dtype=np.float64).sum())
+            flat = block.reshape(-1)
+            low, high = min(low, float(flat.min())), max(high, float(flat.max()))
+            total += float(flat.sum())  # numpy sums float32 pairwise: accurate enough here
+            squares += float(np.dot(flat, flat))  # BLAS; float32 is plenty for a header statistic
         count = mrc.data.size
         mean = total / count
         mrc.header.dmin, mrc.header.dmax, mrc.header.dmean = low, high, mean

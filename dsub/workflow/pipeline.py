@@ -41,7 +41,7 @@ class RunOptions:
 
     outdir: Path
     chunk_size: int = 256
-    particles_per_stack: int = 10000
+    particles_per_stack: int = 4096
     device: str = "auto"
     overwrite: bool = False
     cs_root: str | None = None
