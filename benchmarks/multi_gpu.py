@@ -84,11 +84,15 @@ def main():
             images = mrcfile.mmap(sorted((outdir / "Particles").glob("*.mrcs"))[0], mode="r").data
             difference = 0.0 if first is None else float(np.abs(images - first).max() / np.abs(first).max())
             first = np.array(images) if first is None else first
-            rows.append((workers, wall, summary["seconds"], args.particles / wall, summary["devices"], difference))
-    print("| workers | wall s (whole command) | dsub seconds | particles/s (whole command) | devices | max diff vs 1 worker |")
-    print("|---|---|---|---|---|---|")
-    for workers, wall, seconds, rate, devices, difference in rows:
-        print(f"| {workers} | {wall:.1f} | {seconds:.1f} | {rate:,.0f} | {', '.join(devices)} | {difference:.1e} |")
+            phases = summary["phase_seconds"]
+            rows.append((workers, wall, phases, args.particles / phases["subtract"], args.particles / wall,
+                         summary["devices"], difference))
+    print("| workers | wall s | start workers s | subtract s | export s | particles/s in subtract | "
+          "particles/s whole command | devices | max diff vs 1 worker |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for workers, wall, phases, rate, whole, devices, difference in rows:
+        print(f"| {workers} | {wall:.1f} | {phases['start_workers']:.1f} | {phases['subtract']:.1f} | "
+              f"{phases['export']:.1f} | {rate:,.0f} | {whole:,.0f} | {', '.join(devices)} | {difference:.1e} |")
 
 
 if __name__ == "__main__":
