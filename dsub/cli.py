@@ -93,8 +93,13 @@ def add_cluster_arguments(parser) -> None:
     group.add_argument("--worker-timeout", type=float, default=300.0,
                        help="seconds to wait for the first worker before giving up (300)")
     group.add_argument("--dashboard-address", default="127.0.0.1:8787",
-                       help="where a local cluster serves the Dask dashboard (127.0.0.1:8787: this machine only; "
-                            "reach it from elsewhere through an SSH tunnel)")
+                       help="where the Dask dashboard listens (127.0.0.1:8787: this machine only; reach it from "
+                            "elsewhere through an SSH tunnel)")
+    group.add_argument("--interface", default=None,
+                       help="network interface the scheduler (and batch workers) listen on, e.g. ib0 (default: "
+                            "loopback for local, dask-jobqueue's 'interface' setting for slurm/pbs)")
+    group.add_argument("--secure", action="store_true",
+                       help="TLS between client, scheduler and workers with credentials made for this run only")
 
 
 def cluster_from_args(args) -> ClusterSpec:
@@ -102,7 +107,7 @@ def cluster_from_args(args) -> ClusterSpec:
         scheduler=args.scheduler, workers=args.workers,
         adapt=parse_adapt(args.adapt) if args.adapt else None, cluster_config=args.cluster_config,
         worker_timeout=args.worker_timeout, dashboard_address=args.dashboard_address,
-        progress=not getattr(args, "quiet", False),
+        interface=args.interface, secure=args.secure, progress=not getattr(args, "quiet", False),
     )
 
 

@@ -47,9 +47,11 @@ def dsub(paths, outdir, *extra, timeout=300, **popen):
     command = [sys.executable, "-m", "dsub.cli", "subtract", str(paths["star"]), "--half-a", str(paths["half_a"]),
                "--half-b", str(paths["half_b"]), "--mask", str(paths["mask"]), "-o", str(outdir), "--quiet",
                "--dashboard-address", "127.0.0.1:0", *extra]
+    cwd = Path(outdir).parent  # batch systems may drop job output files in the working directory
+    cwd.mkdir(parents=True, exist_ok=True)
     if popen:
-        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, **popen)
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
 def stacks(outdir) -> np.ndarray:
@@ -148,3 +150,88 @@ def test_pbs_submission_failure_is_reported_after_timeout(dataset, tmp_path):
     assert result.returncode == 2
     assert "no Dask worker started within 5 s" in result.stderr
     assert "Requested node configuration is not available" in result.stderr
+
+
+def test_secure_cluster_refuses_clients_without_its_credentials():
+    from distributed import Client
+    from distributed.security import Security
+
+    from dsub.cluster import ClusterSpec, open_runner
+
+    spec = ClusterSpec(scheduler="local", workers=1, secure=True, dashboard_address="127.0.0.1:0", progress=False)
+    with open_runner(spec) as runner:
+        address = runner.client.scheduler.address
+        assert address.startswith("tls://127.0.0.1:")
+        with pytest.raises((OSError, TimeoutError)):  # a plain connection
+            Client(address.replace("tls://", "tcp://"), timeout=3)
+        with pytest.raises((OSError, TimeoutError)):  # TLS, but with someone else's certificates
+            Client(address, security=Security.temporary(), timeout=3)
+        # dsub's own client holds the credentials and gets work done
+        assert runner.compute([dask_delayed_sum(2, 3)], "check") == [5]
+
+
+def dask_delayed_sum(a, b):
+    import dask
+
+    return dask.delayed(lambda x, y: x + y, pure=True)(a, b)
+
+
+def finished_chunks(outdir) -> int:
+    folder = Path(outdir) / "subtracted.zarr" / "chunk_done" / "c"
+    return len(list(folder.iterdir())) if folder.is_dir() else 0
+
+
+def wait_for_chunks(run, outdir, count, limit=120.0) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and run.poll() is None and finished_chunks(outdir) < count:
+        time.sleep(0.02)
+    assert run.poll() is None, "the run finished before the fault could be injected"
+
+
+@pytest.fixture(scope="module")
+def slow_dataset(tmp_path_factory):
+    """Enough small chunks that a run lasts several seconds."""
+    folder = tmp_path_factory.mktemp("slow")
+    paths, _ = make_dataset(folder / "data", count=240, box=48, seed=7)
+    clean = folder / "clean"
+    result = dsub(paths, clean, "--chunk-size", "4")
+    assert result.returncode == 0, result.stderr
+    return paths, stacks(clean)
+
+
+def test_worker_killed_mid_run_is_replaced_and_output_is_clean(slow_dataset, tmp_path):
+    import psutil
+
+    paths, clean = slow_dataset
+    outdir = tmp_path / "out"
+    run = dsub(paths, outdir, "--chunk-size", "4", "--scheduler", "local", "--workers", "2", start_new_session=True)
+    wait_for_chunks(run, outdir, 3)
+    workers = [p for p in psutil.Process(run.pid).children() if "spawn_main" in " ".join(p.cmdline())
+               and "resource_tracker" not in " ".join(p.cmdline())]
+    assert workers, "no worker process found"
+    workers[0].kill()  # SIGKILL, mid-task: the nanny restarts it and the scheduler reruns its task
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err
+    summary = json.loads((outdir / "dsub_run.json").read_text())
+    assert summary["chunks_skipped"] == 0 and summary["chunks_total"] == 60
+    assert same_images(stacks(outdir), clean) <= 1e-6
+
+
+@needs_slurm
+def test_slurm_job_cancelled_mid_run_still_completes(slow_dataset, tmp_path):
+    paths, clean = slow_dataset
+    outdir = tmp_path / "out"
+    run = dsub(paths, outdir, "--chunk-size", "4", "--scheduler", "slurm", "--workers", "2",
+               "--cluster-config", str(LOCAL_SLURM), start_new_session=True)
+    wait_for_chunks(run, outdir, 3)
+    jobs = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+    assert jobs, "no worker job in the queue"
+    subprocess.run(["scancel", jobs[0]], check=True)
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err
+    assert same_images(stacks(outdir), clean) <= 1e-6
+    for _ in range(20):
+        if not subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip():
+            break
+        time.sleep(0.5)
+    assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip() == ""

@@ -33,6 +33,8 @@ class ClusterSpec:
     cluster_config: str | None = None
     worker_timeout: float = 300.0
     dashboard_address: str = "127.0.0.1:8787"
+    interface: str | None = None
+    secure: bool = False
     progress: bool = True
     log: object = field(default=sys.stdout, repr=False)
 
@@ -45,6 +47,11 @@ class ClusterSpec:
             raise OptionError(f"--workers must be at least 1, not {self.workers}")
         if self.adapt is not None and self.scheduler not in ("slurm", "pbs", "local"):
             raise OptionError("--adapt works with --scheduler local, slurm or pbs")
+        if self.secure and self.scheduler.startswith("tcp://"):
+            raise OptionError(
+                "--secure starts a cluster with fresh TLS credentials, so it cannot join a running scheduler; "
+                "give that scheduler's TLS settings in dask's config (distributed.comm.tls) instead"
+            )
         if self.worker_timeout <= 0:
             raise OptionError(f"--worker-timeout must be positive, not {self.worker_timeout}")
 

@@ -136,10 +136,20 @@ def local_cluster(spec):
     if spec.adapt is not None:
         workers = spec.adapt[0]
     cluster = LocalCluster(
-        n_workers=workers, threads_per_worker=threads, processes=True, host="127.0.0.1",
-        dashboard_address=spec.dashboard_address, silence_logs=logging.ERROR,
+        n_workers=workers, threads_per_worker=threads, processes=True,
+        host=None if spec.interface else "127.0.0.1", interface=spec.interface,
+        dashboard_address=spec.dashboard_address, silence_logs=logging.ERROR, **security_options(spec),
     )
     return cluster, description, plugin
+
+
+def security_options(spec) -> dict:
+    """TLS with credentials made for this run only (``--secure``): nobody without them can connect."""
+    if not spec.secure:
+        return {}
+    from distributed.security import Security
+
+    return {"security": Security.temporary(), "protocol": "tls://"}
 
 
 def batch_cluster(spec):
@@ -157,6 +167,13 @@ def batch_cluster(spec):
     scheduler_options = dict(dask.config.get(f"jobqueue.{spec.scheduler}.scheduler-options", None) or {})
     scheduler_options.setdefault("dashboard_address", spec.dashboard_address)  # loopback unless configured
     options.update(scheduler_options=scheduler_options)
+    if spec.interface:
+        options.update(interface=spec.interface)
+    if spec.secure:
+        # Workers read the run's certificates from a folder they share with the coordinator.
+        options.update(security_options(spec))
+        if dask.config.get(f"jobqueue.{spec.scheduler}.shared-temp-directory", None) is None:
+            options.update(shared_temp_directory=os.getcwd())
     errors: list[str] = []
     try:
         cluster = cls(job_cls=recording_job_class(cls.job_cls, errors), **options)
