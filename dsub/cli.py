@@ -37,11 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--scale", choices=SCALE_MODES, default="fit",
                      help="contrast scale per particle: fit it (default), take it from the input "
                           "(alignments3D/alpha, rlnCtfScalefactor), or none (1)")
-    run.add_argument("--window-inner", type=float, default=0.85,
-                     help="inner radius of the soft fitting window, fraction of the box half-width (0.85)")
-    run.add_argument("--window-outer", type=float, default=0.99,
-                     help="outer radius of the soft fitting window (0.99)")
-    run.add_argument("--no-window", action="store_true", help="fit the contrast without a real-space window")
+    run.add_argument("--window-inner", type=float, default=None,
+                     help="fit the contrast inside a soft circular window: inner radius as a fraction of the box "
+                          "half-width (cryoSPARC's default is 0.85; default here: no window, see README)")
+    run.add_argument("--window-outer", type=float, default=None,
+                     help="outer radius of that window (cryoSPARC: 0.99)")
     run.add_argument("--fit-lowres", type=float, default=100.0,
                      help="low-resolution limit of the contrast fit in Å (100; 0 = include all but DC)")
     run.add_argument("--fit-highres", type=float, default=0.0,
@@ -114,8 +114,8 @@ def cluster_from_args(args) -> ClusterSpec:
 def settings_from_args(args) -> SubtractionSettings:
     try:
         fit = ContrastFit(
-            window_inner=None if args.no_window else args.window_inner,
-            window_outer=None if args.no_window else args.window_outer,
+            window_inner=args.window_inner,
+            window_outer=args.window_outer,
             low_resolution_angstrom=args.fit_lowres or None,
             high_resolution_angstrom=args.fit_highres or None,
         )

@@ -28,14 +28,17 @@ def cupy():
     return cupy
 
 
-@pytest.mark.parametrize("box, padding, padded_slice", [(64, 2, False), (64, 3, True), (65, 2, True)])
-def test_slice_kernel_matches_numpy(cupy, box, padding, padded_slice):
+@pytest.mark.parametrize(
+    "box, padding, padded_slice, band",
+    [(64, 2, False, "circle"), (64, 3, True, "cube"), (65, 2, True, "cube"), (64, 2, True, "circle")],
+)
+def test_slice_kernel_matches_numpy(cupy, box, padding, padded_slice, band):
     rng = np.random.default_rng(0)
     volume = rng.normal(size=(box, box, box)).astype(np.float32)
     rotations = np.array([np.linalg.qr(rng.normal(size=(3, 3)))[0] for _ in range(7)])
     size = box * padding if padded_slice else box
-    cpu = extract_slices(np, prepare_volume(np, volume, padding), rotations, size)
-    gpu = extract_slices(cupy, prepare_volume(cupy, volume, padding), rotations, size).get()
+    cpu = extract_slices(np, prepare_volume(np, volume, padding), rotations, size, band)
+    gpu = extract_slices(cupy, prepare_volume(cupy, volume, padding), rotations, size, band).get()
     assert np.linalg.norm(gpu - cpu) / np.linalg.norm(cpu) < 1e-5
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from dsub.particles import HALF_A, HALF_B
+from dsub.physics.contrast import ContrastFit, soft_window
 from dsub.physics.subtract import SubtractionSettings, prepare_half_map, subtract_batch
 from dsub.simulate import (
     apply_ctf,
@@ -122,3 +123,31 @@ def test_noisy_particles_contrast_recovered_and_beats_one_scale_for_all(scene):
     # Contrast varies ±30 % between particles: fitting beats assuming one scale for all.
     unscaled, _ = run(maps, mask, sim, SubtractionSettings(scale="none"))
     assert residual(out, sim) < 0.5 * residual(unscaled, sim)
+
+
+def test_cryosparc_window_leaves_contrast_unbiased(scene):
+    maps, mask, sim, _ = scene
+    windowed = SubtractionSettings(fit=ContrastFit(window_inner=0.85, window_outer=0.99))
+    out, alpha = run(maps, mask, sim, windowed)
+    np.testing.assert_allclose(alpha, sim.contrast, rtol=0.005)
+    assert residual(out, sim) < 0.005
+
+
+def test_soft_window_profile():
+    window = soft_window(np, 64, 0.5, 0.9)
+    centre = 32
+    assert window[centre, centre] == 1.0 and window[centre, centre + 15] == 1.0  # inside 0.5 * 32 px
+    assert window[centre, centre + 29] == 0.0 and window[0, 0] == 0.0  # beyond 0.9 * 32 px, corners
+    profile = window[centre, centre:]
+    assert np.all(np.diff(profile) <= 0)  # falls monotonically
+    assert 0 < window[centre, centre + 22] < 1  # soft in between
+
+
+def test_fit_band_excludes_frequencies_outside_it(scene):
+    maps, mask, sim, _ = scene
+    # A band between 20 and 8 Å still recovers the contrast of noise-free particles.
+    banded = SubtractionSettings(fit=ContrastFit(low_resolution_angstrom=20.0, high_resolution_angstrom=8.0))
+    _, alpha = run(maps, mask, sim, banded)
+    np.testing.assert_allclose(alpha, sim.contrast, rtol=0.01)
+    with pytest.raises(ValueError, match="fit band is empty"):
+        ContrastFit(low_resolution_angstrom=8.0, high_resolution_angstrom=20.0)

@@ -19,11 +19,13 @@ extern "C" __global__ void extract_slices(
     const complex<float>* __restrict__ volume,   // (P, P, H) padded rfft, axes z, y, x
     const float* __restrict__ rotations,         // (n, 9) RELION A, row-major
     complex<float>* __restrict__ out,            // (n, size, size/2 + 1)
-    const int n, const int size, const int padded, const int half, const float step)
+    const int n, const int size, const int padded, const int half, const float step,
+    const int cube)                               // 1: keep points inside the map's Nyquist cube
 {
     const int width = size / 2 + 1;
     const long long total = (long long)n * size * width;
     const float radius2 = 0.25f * size * size;
+    const float limit = 0.5f * padded;
     for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
          idx += (long long)blockDim.x * gridDim.x) {
         const int ix = (int)(idx % width);
@@ -31,7 +33,7 @@ extern "C" __global__ void extract_slices(
         const int p = (int)(idx / ((long long)width * size));
         const float kx = (float)ix;
         const float ky = (float)(iy < (size + 1) / 2 ? iy : iy - size);
-        if (kx * kx + ky * ky > radius2) {
+        if (!cube && kx * kx + ky * ky > radius2) {
             out[idx] = complex<float>(0.f, 0.f);
             continue;
         }
@@ -39,6 +41,10 @@ extern "C" __global__ void extract_slices(
         float qx = step * (kx * a[0] + ky * a[3]);
         float qy = step * (kx * a[1] + ky * a[4]);
         float qz = step * (kx * a[2] + ky * a[5]);
+        if (cube && (fabsf(qx) > limit || fabsf(qy) > limit || fabsf(qz) > limit)) {
+            out[idx] = complex<float>(0.f, 0.f);
+            continue;
+        }
         const bool negative = qx < 0.f;
         if (negative) { qx = -qx; qy = -qy; qz = -qz; }
         const float fx0 = floorf(qx), fy0 = floorf(qy), fz0 = floorf(qz);
@@ -79,7 +85,7 @@ def _compiled():
     return _kernel
 
 
-def extract_slices_cuda(prepared, rotations, size: int):
+def extract_slices_cuda(prepared, rotations, size: int, band: str = "circle"):
     """Central slices on the GPU; same contract as ``projector.extract_slices``."""
     import cupy
 
@@ -105,6 +111,7 @@ def extract_slices_cuda(prepared, rotations, size: int):
             np.int32(padded),
             np.int32(transform.shape[2]),
             np.float32(padded / float(size)),
+            np.int32(band == "cube"),
         ),
     )
     return out
