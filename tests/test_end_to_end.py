@@ -530,3 +530,22 @@ def test_interrupted_export_is_redone_cleanly(dataset, tmp_path):
     for stack in stacks:
         assert mrcfile.validate(str(stack), print_file=io.StringIO())
     assert not list((outdir / "Particles").glob("*.partial"))
+
+
+def test_inputs_are_only_read(dataset, tmp_path):
+    """Stacks named inside the metadata, the metadata and the maps are never modified."""
+    import hashlib
+
+    paths, _ = dataset
+    data = copy_dataset(paths, tmp_path / "data")
+
+    def fingerprints():
+        return {name: (hashlib.sha256(Path(p).read_bytes()).hexdigest(), os.stat(p).st_mtime_ns)
+                for name, p in data.items()}
+
+    before = fingerprints()
+    assert run_cli(data, tmp_path / "out") == 0
+    assert fingerprints() == before
+    written = {p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()} - {
+        Path(p).relative_to(tmp_path) for p in data.values()}
+    assert all(path.parts[0] == "out" for path in written)  # nothing written outside OUTDIR
