@@ -235,3 +235,22 @@ def test_slurm_job_cancelled_mid_run_still_completes(slow_dataset, tmp_path):
             break
         time.sleep(0.5)
     assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip() == ""
+
+
+def test_adaptive_local_cluster_completes(dataset, threaded, tmp_path):
+    result = dsub(dataset, tmp_path / "out", "--chunk-size", "16", "--scheduler", "local", "--adapt", "1:2")
+    assert result.returncode == 0, result.stderr
+    assert same_images(stacks(tmp_path / "out"), threaded) <= 1e-5
+
+
+@needs_slurm
+def test_adaptive_slurm_cluster_completes_and_leaves_queue_empty(dataset, threaded, tmp_path):
+    result = dsub(dataset, tmp_path / "out", "--chunk-size", "16", "--scheduler", "slurm", "--adapt", "1:2",
+                  "--cluster-config", str(LOCAL_SLURM), "--worker-timeout", "120")
+    assert result.returncode == 0, result.stderr
+    assert same_images(stacks(tmp_path / "out"), threaded) <= 1e-5
+    for _ in range(20):
+        if not subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip():
+            break
+        time.sleep(0.5)
+    assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip() == ""
