@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("particles", help="RELION .star or cryoSPARC particle .cs")
     run.add_argument("--half-a", required=True, help="half-map A (.mrc): rlnRandomSubset 1, split 0")
-    run.add_argument("--half-b", required=True, help="half-map B (.mrc): rlnRandomSubset 2, split 1")
+    run.add_argument("--half-b", default=None,
+                     help="half-map B (.mrc): rlnRandomSubset 2, split 1 (required unless --single-map)")
     run.add_argument("--mask", required=True, help="soft mask (.mrc, values in [0, 1]) of the region to subtract")
     run.add_argument("-o", "--outdir", required=True, help="output folder")
     run.add_argument("--mask-keeps", action="store_true",
@@ -61,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="folder that blob/path in a .cs is relative to (default: the .cs folder, then its "
                           "parents up to the cryoSPARC project folder)")
     run.add_argument("--overwrite", action="store_true", help="replace the results of a different run in OUTDIR")
+    run.add_argument("--single-map", action="store_true",
+                     help="subtract every particle with --half-a, for particles without (or with only one) half "
+                          "set; breaks gold-standard independence, so dsub warns")
+    run.add_argument("--skip-bad-particles", action="store_true",
+                     help="leave out particles whose images hold NaN or infinite values (listed in "
+                          "skipped_particles.star and dsub_run.json) instead of stopping")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
 
     script = commands.add_parser(
@@ -132,7 +139,8 @@ def run_subtract(args) -> int:
     settings = settings_from_args(args)
     options = RunOptions(
         outdir=Path(args.outdir), chunk_size=args.chunk_size, particles_per_stack=args.particles_per_stack,
-        device=args.device, overwrite=args.overwrite, cs_root=args.cs_root, cluster=cluster_from_args(args),
+        device=args.device, overwrite=args.overwrite, cs_root=args.cs_root, single_map=args.single_map,
+        skip_bad_particles=args.skip_bad_particles, cluster=cluster_from_args(args),
     )
     subtract(args.particles, args.half_a, args.half_b, args.mask, settings, options)
     return 0

@@ -17,22 +17,28 @@ class InputFileError(DsubError, ValueError):
     """An input file is unreadable, malformed or inconsistent with the others."""
 
     def __init__(self, path, problem: str, fix: str | None = None):
-        self.path = str(path)
+        self.path, self.problem, self.fix = str(path), problem, fix
         message = f"{path}: {problem}"
         if fix:
             message += f" {fix}"
         super().__init__(message)
+
+    def __reduce__(self):  # travels intact from a Dask worker to the client
+        return type(self), (self.path, self.problem, self.fix)
 
 
 class MissingInputError(DsubError, FileNotFoundError):
     """An input file named on the command line or inside metadata does not exist."""
 
     def __init__(self, path, referenced_from=None):
-        self.path = str(path)
+        self.path, self.referenced_from = str(path), referenced_from
         message = f"{path}: file not found"
         if referenced_from is not None:
             message += f" (referenced from {referenced_from})"
         super().__init__(message)
+
+    def __reduce__(self):
+        return type(self), (self.path, self.referenced_from)
 
 
 class OptionError(DsubError, ValueError):
@@ -41,3 +47,7 @@ class OptionError(DsubError, ValueError):
 
 class OutputExistsError(DsubError, FileExistsError):
     """The output folder holds results of a different run."""
+
+
+class DiskFullError(DsubError, OSError):
+    """The output disk filled up while dsub was writing."""

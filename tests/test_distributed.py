@@ -254,3 +254,15 @@ def test_adaptive_slurm_cluster_completes_and_leaves_queue_empty(dataset, thread
             break
         time.sleep(0.5)
     assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip() == ""
+
+
+def test_bad_image_on_a_worker_is_one_clear_error(tmp_path):
+    paths, _ = make_dataset(tmp_path / "data", count=32, box=48, seed=3)
+    with mrcfile.mmap(paths["stack"], mode="r+") as mrc:
+        mrc.data[20, 1, 1] = np.nan
+    result = dsub(paths, tmp_path / "out", "--chunk-size", "8", "--scheduler", "local", "--workers", "2")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dsub: error:") and str(paths["stack"]) in lines[0]
+    assert "image 21 (1-based)" in lines[0]
+    assert not (tmp_path / "out" / "particles_subtracted.star").exists()

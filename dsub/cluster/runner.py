@@ -36,7 +36,11 @@ class ClusterSpec:
     interface: str | None = None
     secure: bool = False
     progress: bool = True
-    log: object = field(default=sys.stdout, repr=False)
+    log: object = field(default=None, repr=False)  # None: sys.stdout at the time of writing
+
+    @property
+    def out(self):
+        return self.log or sys.stdout
 
     def __post_init__(self):
         if self.scheduler not in SCHEDULERS and not self.scheduler.startswith("tcp://"):
@@ -72,7 +76,7 @@ def parse_adapt(text: str) -> tuple[int, int]:
 
 
 def say(spec: ClusterSpec, message: str) -> None:
-    print(message, file=spec.log, flush=True)
+    print(message, file=spec.out, flush=True)
 
 
 class ThreadRunner:
@@ -94,7 +98,7 @@ class ThreadRunner:
         from dask.diagnostics import ProgressBar
 
         say(self.spec, f"{label}: {len(tasks)} tasks")
-        with ProgressBar(dt=0.5, out=self.spec.log):
+        with ProgressBar(dt=0.5, out=self.spec.out):
             return list(dask.compute(*tasks, **kwargs))
 
 
@@ -117,7 +121,7 @@ class DistributedRunner:
         if self.spec.progress:
             from tqdm import tqdm
 
-            progress = tqdm(total=len(futures), desc=label, unit="task", file=self.spec.log)
+            progress = tqdm(total=len(futures), desc=label, unit="task", file=self.spec.out)
         try:
             for future in as_completed(futures):
                 results[order[future.key]] = future.result()  # re-raises a task's exception here

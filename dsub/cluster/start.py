@@ -138,7 +138,7 @@ def local_cluster(spec):
     cluster = LocalCluster(
         n_workers=workers, threads_per_worker=threads, processes=True,
         host=None if spec.interface else "127.0.0.1", interface=spec.interface,
-        dashboard_address=spec.dashboard_address, silence_logs=logging.ERROR, **security_options(spec),
+        dashboard_address=spec.dashboard_address, silence_logs=logging.CRITICAL, **security_options(spec),
     )
     return cluster, description, plugin
 

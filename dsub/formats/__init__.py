@@ -6,8 +6,11 @@ CSDAT magic number means .cs) and, for text, its extension.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
+
+import numpy as np
 
 from dsub.errors import InputFileError, MissingInputError
 from dsub.formats import cs, star
@@ -38,3 +41,15 @@ def read_particles(
     if path.suffix.lower() == ".star" or b"data_" in head:
         return star.read_particles(path, require_ctf=require_ctf)
     raise InputFileError(path, "is neither a RELION .star nor a cryoSPARC .cs file.", _ACCEPTED)
+
+
+def select_rows(table: ParticleTable, keep) -> ParticleTable:
+    """The particles where ``keep`` is true, with their rows of the raw metadata, for the writers."""
+    keep = np.asarray(keep, dtype=bool)
+    chosen = table.subset(np.flatnonzero(keep))
+    source = table.source
+    if table.source_format == "star" and source is not None:
+        source = {**source, "particles": source["particles"].reset_index(drop=True)[keep].reset_index(drop=True)}
+    elif table.source_format == "cs" and source is not None:
+        source = source[keep]
+    return dataclasses.replace(chosen, source=source)

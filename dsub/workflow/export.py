@@ -6,7 +6,10 @@
   name in ``rlnImageOriginalName``;
 * ``OUTDIR/particles_subtracted.cs``: every input field passed through, with
   ``blob/path`` / ``blob/idx`` pointing at the new stacks (relative to OUTDIR)
-  and ``alignments3D/alpha`` holding the contrast each particle was subtracted with.
+  and ``alignments3D/alpha`` holding the contrast each particle was subtracted with;
+* ``OUTDIR/skipped_particles.star``: with ``--skip-bad-particles``, the input
+  rows of the particles left out (their slots in the stacks hold zeros, and no
+  metadata row points at them).
 
 Each stack is written under a temporary name and renamed when full; the two
 metadata files are written last, so their presence means the export finished.
@@ -21,12 +24,14 @@ import numpy as np
 
 from ..formats import cs as cs_format
 from ..formats import star as star_format
+from ..formats import select_rows
 from ..formats.mrc import write_stack
 from . import store
 
 STACK_FOLDER = "Particles"
 STAR_NAME = "particles_subtracted.star"
 CS_NAME = "particles_subtracted.cs"
+SKIPPED_NAME = "skipped_particles.star"
 
 
 def stack_layout(count: int, particles_per_stack: int) -> list[tuple[str, int, int]]:
@@ -73,9 +78,25 @@ def new_image_locations(count: int, particles_per_stack: int) -> tuple[np.ndarra
     return paths, indices
 
 
-def write_metadata(table, outdir: Path, particles_per_stack: int, contrast: np.ndarray) -> None:
-    """Write the star and .cs files that point at the exported stacks."""
+def write_metadata(table, outdir: Path, particles_per_stack: int, contrast: np.ndarray,
+                   skipped: np.ndarray | None = None) -> None:
+    """Write the star and .cs files that point at the exported stacks (skipped particles left out)."""
     paths, indices = new_image_locations(len(table), particles_per_stack)
-    names = [f"{index + 1:06d}@{path}" for path, index in zip(paths, indices)]
-    star_format.write_particles(table, outdir / STAR_NAME, names)
-    cs_format.write_particles(table, outdir / CS_NAME, paths, indices, contrast)
+    names = np.array([f"{index + 1:06d}@{path}" for path, index in zip(paths, indices)], dtype=object)
+    keep = np.ones(len(table), dtype=bool) if skipped is None else ~np.asarray(skipped, dtype=bool)
+    (outdir / SKIPPED_NAME).unlink(missing_ok=True)
+    if not keep.all():
+        left_out = select_rows(table, ~keep)
+        originals = original_image_names(left_out)
+        star_format.write_particles(left_out, outdir / SKIPPED_NAME, originals, original_names=originals)
+    kept = select_rows(table, keep)
+    star_format.write_particles(kept, outdir / STAR_NAME, names[keep])
+    cs_format.write_particles(kept, outdir / CS_NAME, paths[keep], indices[keep], contrast[keep])
+
+
+def original_image_names(table) -> np.ndarray:
+    """Each particle's input image as ``N@path`` (1-based), as the input named it where possible."""
+    source = table.source
+    if table.source_format == "star" and source is not None and "rlnImageName" in source["particles"]:
+        return source["particles"]["rlnImageName"].astype(str).to_numpy(dtype=object)
+    return np.array([f"{i + 1:06d}@{p}" for i, p in zip(table.image_indices, table.image_paths)], dtype=object)

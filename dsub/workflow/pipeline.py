@@ -10,12 +10,10 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import os
-import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,12 +21,14 @@ import dask
 import numpy as np
 
 from .. import __version__
-from ..errors import InputFileError, OptionError, OutputExistsError
-from ..formats import read_particles
 from ..cluster import ClusterSpec, open_runner
+from ..errors import InputFileError, OptionError
+from ..formats import read_particles, select_rows
+from ..particles import HALF_A
 from ..physics.backend import gpu_available
 from ..physics.subtract import SubtractionSettings
 from . import export, store, validate
+from .outdir import disk_full, file_identity, prepare_outdir, run_fingerprint
 from .tasks import MapFiles, fit_sample, run_chunk
 
 RUN_SUMMARY = "dsub_run.json"
@@ -45,6 +45,8 @@ class RunOptions:
     device: str = "auto"
     overwrite: bool = False
     cs_root: str | None = None
+    single_map: bool = False
+    skip_bad_particles: bool = False
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
 
     def __post_init__(self):
@@ -68,31 +70,20 @@ def check_device(options: RunOptions) -> None:
         raise OptionError("--device gpu was asked for, but CuPy is not installed or sees no GPU")
 
 
-def file_identity(path) -> dict:
-    """What identifies an input file's content cheaply: absolute path, size, modification time."""
-    stat = os.stat(path)
-    return {"path": str(Path(path).resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-
-def run_fingerprint(identity: dict) -> str:
-    """A short hash of a run's inputs and parameters; equal fingerprints mean a run can resume."""
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def settings_record(settings: SubtractionSettings) -> dict:
     return dataclasses.asdict(settings)
 
 
 def say(options: RunOptions, message: str) -> None:
-    print(message, file=options.log, flush=True)
+    print(message, file=options.log or sys.stdout, flush=True)
 
 
 def polarity_task(table, maps: MapFiles, settings, device: str):
     """A task that fits α on a sample of particles, to check the input contrast's polarity."""
     sample = np.unique(np.linspace(0, len(table) - 1, min(POLARITY_SAMPLE, len(table))).astype(int))
     particles = dataclasses.replace(table.subset(sample), source=None)
-    return sample, dask.delayed(fit_sample, pure=False, name="polarity-check")(
-        particles, maps, dataclasses.replace(settings, scale="fit"), device
+    return sample, dask.delayed(fit_sample, pure=False)(
+        particles, maps, dataclasses.replace(settings, scale="fit"), device, dask_key_name="polarity-check"
     )
 
 
@@ -112,43 +103,36 @@ def check_polarity(table, sample, fitted, options: RunOptions) -> None:
                  f"(median fitted {np.median(fitted):.3f}, median input {np.median(given_values):.3f}).")
 
 
-def prepare_outdir(outdir: Path, fingerprint: str, overwrite: bool) -> bool:
-    """Make the output folder ready; True if an identical earlier run's store can be resumed."""
-    store_path = outdir / store.STORE_NAME
-    if store_path.exists():
-        try:
-            previous = store.open_store(store_path).attrs.get("run", {}).get("fingerprint")
-        except Exception:  # an unreadable store is as good as none
-            previous = None
-        if previous == fingerprint and not overwrite:
-            return True
-        if not overwrite:
-            raise OutputExistsError(
-                f"{outdir}: holds the results of a different run (other inputs or parameters). "
-                "Choose another output folder, or add --overwrite to replace them."
-            )
-        shutil.rmtree(store_path)
-    elif not overwrite:
-        if any((outdir / name).exists() for name in (export.STAR_NAME, export.CS_NAME, export.STACK_FOLDER)):
-            raise OutputExistsError(
-                f"{outdir}: holds dsub outputs without their store. Choose another output folder, "
-                "or add --overwrite to replace them."
-            )
-    outdir.mkdir(parents=True, exist_ok=True)
-    if not os.access(outdir, os.W_OK):
-        raise OptionError(f"{outdir}: the output folder is not writable")
-    return False
-
-
 def subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings, options: RunOptions) -> dict:
-    """Run a whole subtraction; returns the run summary (also written to ``dsub_run.json``)."""
+    """Run a whole subtraction; returns the run summary (also written to ``dsub_run.json``).
+
+    ``half_b`` may be None with ``options.single_map``: every particle then uses ``half_a``.
+    """
+    try:
+        return _subtract(particles_path, half_a, half_b, mask, settings, options)
+    except OSError as exc:
+        full = disk_full(exc, Path(options.outdir))
+        if full is None:
+            raise
+        raise full from exc
+
+
+def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings, options: RunOptions) -> dict:
     started = time.monotonic()
     outdir = Path(options.outdir)
     table = read_particles(particles_path, cs_root=options.cs_root)
     if len(table) == 0:
         raise InputFileError(particles_path, "holds no particles.")
     box = validate.particle_box(table)
-    validate.check_half_sets(table)
+    if options.single_map:
+        warnings.warn("--single-map: every particle is subtracted with --half-a; gold-standard independence "
+                      "of the half sets is broken for anything refined from the result")
+        table.half_set[:] = HALF_A
+        half_b = half_a
+    elif half_b is None:
+        raise OptionError("--half-b is required (or --single-map to subtract every particle with --half-a)")
+    else:
+        validate.check_half_sets(table)
     if settings.scale == "input" and table.input_contrast is None:
         raise InputFileError(
             particles_path,
@@ -173,6 +157,8 @@ def subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings
         "cs_root": options.cs_root,
         "settings": settings_record(settings),
         "chunk_size": options.chunk_size,
+        "single_map": options.single_map,
+        "skip_bad_particles": options.skip_bad_particles,
         "count": len(table),
         "box": box,
     }
@@ -202,22 +188,27 @@ def subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings
             start, stop = bounds[index]
             chunk = dataclasses.replace(table.subset(np.arange(start, stop)), source=None)
             tasks.append(
-                dask.delayed(run_chunk, pure=False, name=f"subtract-chunk-{index:05d}")(
-                    index, start, chunk, maps, settings, str(store_path), device
+                dask.delayed(run_chunk, pure=False)(
+                    index, start, chunk, maps, settings, str(store_path), device, options.skip_bad_particles,
+                    dask_key_name=f"subtract-chunk-{index:05d}",
                 )
             )
         devices = sorted(set(runner.compute(tasks, "subtract")))
         timings["subtract"] = time.monotonic() - started - sum(timings.values())
         export_tasks = [
-            dask.delayed(export.write_stack_from_store, pure=False, name=f"export-{relative.split('/')[-1]}")(
-                store_path, outdir, relative, start, stop, float(table.pixel_size_angstrom[start])
+            dask.delayed(export.write_stack_from_store, pure=False)(
+                store_path, outdir, relative, start, stop, float(table.pixel_size_angstrom[start]),
+                dask_key_name=f"export-stack-{number:04d}",
             )
-            for relative, start, stop in export.stack_layout(len(table), options.particles_per_stack)
+            for number, (relative, start, stop) in enumerate(
+                export.stack_layout(len(table), options.particles_per_stack))
         ]
         runner.compute(export_tasks, "export")
         workers = runner.workers
-    contrast = np.asarray(store.open_store(store_path)["contrast"][:])
-    export.write_metadata(table, outdir, options.particles_per_stack, contrast)
+    results = store.open_store(store_path)
+    contrast = np.asarray(results["contrast"][:])
+    skipped = np.asarray(results["skipped"][:], dtype=bool)
+    export.write_metadata(table, outdir, options.particles_per_stack, contrast, skipped)
     timings["export"] = time.monotonic() - started - sum(timings.values())
 
     summary = {
@@ -231,8 +222,9 @@ def subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings
         "workers": workers,
         "devices": devices,
         "scale": settings.scale,
-        "contrast_median": float(np.median(contrast)),
-        "contrast_negative_fraction": float(np.mean(contrast < 0)),
+        "contrast_median": float(np.nanmedian(contrast)) if (~skipped).any() else None,
+        "contrast_negative_fraction": float(np.mean(contrast[~skipped] < 0)) if (~skipped).any() else None,
+        "skipped_particles": skipped_report(table, skipped),
         "outputs": {
             "store": store.STORE_NAME,
             "star": export.STAR_NAME,
@@ -245,11 +237,28 @@ def subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings
     return summary
 
 
+def skipped_report(table, skipped: np.ndarray, limit: int = 1000) -> dict:
+    """Which particles were left out and why, for dsub_run.json (the first ``limit`` listed)."""
+    rows = np.flatnonzero(skipped)
+    names = export.original_image_names(select_rows(table, skipped))[:limit] if rows.size else []
+    return {
+        "count": int(rows.size),
+        "listed": [{"index": int(i), "image": str(name), "reason": "NaN or infinite values in the image"}
+                   for i, name in zip(rows[:limit], names)],
+        "file": export.SKIPPED_NAME if rows.size else None,
+    }
+
+
 def report(summary: dict, outdir: Path, options: RunOptions) -> None:
     """Tell the user what happened and where the results are."""
-    say(options, f"Subtracted {summary['particles']} particles in {summary['seconds']:.1f} s "
-                 f"(contrast median {summary['contrast_median']:.3f}).")
-    negative = summary["contrast_negative_fraction"]
+    median = summary["contrast_median"]
+    say(options, f"Subtracted {summary['particles']} particles in {summary['seconds']:.1f} s"
+                 + (f" (contrast median {median:.3f})." if median is not None else "."))
+    skipped = summary["skipped_particles"]["count"]
+    if skipped:
+        say(options, f"WARNING: {skipped} particles with NaN or infinite values were left out; they are "
+                     f"listed in {export.SKIPPED_NAME} and {RUN_SUMMARY}.")
+    negative = summary["contrast_negative_fraction"] or 0.0
     if summary["scale"] == "fit" and negative > 0.5:
         say(options, f"WARNING: {negative:.0%} of the fitted contrast scales are negative: the images have "
                      "the opposite contrast to the maps (inverted stacks). The subtraction is still right, "

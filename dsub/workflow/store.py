@@ -4,8 +4,9 @@ Layout of ``OUTDIR/subtracted.zarr``:
 
 * ``images``      float32 (n, box, box), one Zarr chunk per particle chunk;
 * ``contrast``    float32 (n,), the contrast scale α each particle was subtracted with;
-* ``chunk_done``  uint8 (n_chunks,), set to 1 after a chunk's images and
-  contrast are written, so a rerun knows what is finished;
+* ``skipped``     uint8 (n,), 1 for particles left out (``--skip-bad-particles``);
+* ``chunk_done``  uint8 (n_chunks,), set to 1 after a chunk's images,
+  contrast and skip marks are written, so a rerun knows what is finished;
 * attributes: the run's parameters and inputs (``run``).
 
 The coordinator creates every array before any task runs; a task then writes
@@ -40,6 +41,7 @@ def create_store(path: Path, count: int, box: int, chunk_size: int, run_attrs: d
         "contrast", shape=(count,), chunks=(chunk_size,), dtype="float32", fill_value=float("nan"),
         compressors=None,
     )
+    group.create_array("skipped", shape=(count,), chunks=(chunk_size,), dtype="uint8", fill_value=0)
     group.create_array("chunk_done", shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0)
     group.attrs["run"] = run_attrs
     return group
@@ -50,12 +52,15 @@ def open_store(path: Path, mode: str = "r") -> zarr.Group:
     return zarr.open_group(str(path), mode=mode)
 
 
-def write_chunk(path: Path, chunk_index: int, start: int, images: np.ndarray, contrast: np.ndarray) -> None:
+def write_chunk(path: Path, chunk_index: int, start: int, images: np.ndarray, contrast: np.ndarray,
+                skipped: np.ndarray | None = None) -> None:
     """Write one chunk's results, then mark the chunk finished (in that order)."""
     group = open_store(path, mode="r+")
     stop = start + images.shape[0]
     group["images"][start:stop] = images
     group["contrast"][start:stop] = contrast
+    if skipped is not None and skipped.any():
+        group["skipped"][start:stop] = skipped.astype(np.uint8)
     group["chunk_done"][chunk_index] = 1
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import InputFileError
 from ..formats.mrc import read_images, read_map
 from ..particles import HALF_A, HALF_B
 from ..physics.backend import device_label, get_xp, resolve_device, to_numpy
@@ -76,17 +77,38 @@ def subtract_particles(images: np.ndarray, particles, models: dict, settings, de
     return subtracted, alpha
 
 
-def run_chunk(chunk_index: int, start: int, particles, maps: MapFiles, settings, store_path: str, device: str):
+def bad_images(images: np.ndarray, particles, skip: bool) -> np.ndarray:
+    """Which images hold NaN or infinite values: an error naming the first, or a mask to skip them."""
+    bad = ~np.isfinite(images).all(axis=(1, 2))
+    if bad.any() and not skip:
+        first = int(np.flatnonzero(bad)[0])
+        raise InputFileError(
+            particles.image_paths[first],
+            f"image {particles.image_indices[first] + 1} (1-based) contains NaN or infinite values"
+            f"{f' ({int(bad.sum())} such images in this chunk)' if bad.sum() > 1 else ''}.",
+            "Re-extract the particles, or add --skip-bad-particles to leave such particles out.",
+        )
+    return bad
+
+
+def run_chunk(chunk_index: int, start: int, particles, maps: MapFiles, settings, store_path: str, device: str,
+              skip_bad: bool = False):
     """Task body: subtract particles ``start:start+len(particles)`` and store them.
 
     ``device`` may be "auto": each worker decides for itself (a login node
-    without a GPU submits to GPU nodes). Returns the device used ("cpu", "gpu:N").
+    without a GPU submits to GPU nodes). Images with NaN or infinite values stop
+    the run, or with ``skip_bad`` are stored as zeros and marked skipped.
+    Returns the device used ("cpu", "gpu:N").
     """
     device = resolve_device(device)
     models = half_map_models(maps, settings, device)
     images = read_images(particles.image_paths, particles.image_indices)
+    bad = bad_images(images, particles, skip_bad)
+    images[bad] = 0.0
     subtracted, alpha = subtract_particles(images, particles, models, settings, device)
-    store.write_chunk(Path(store_path), chunk_index, start, subtracted, alpha)
+    subtracted[bad] = 0.0
+    alpha[bad] = np.nan
+    store.write_chunk(Path(store_path), chunk_index, start, subtracted, alpha, bad)
     return device_label(device)
 
 
@@ -94,5 +116,6 @@ def fit_sample(particles, maps: MapFiles, settings, device: str):
     """Task body: fitted contrast of a sample of particles (for the polarity check)."""
     device = resolve_device(device)
     images = read_images(particles.image_paths, particles.image_indices)
+    good = ~bad_images(images, particles, skip=True)
     models = half_map_models(maps, settings, device)
-    return subtract_particles(images, particles, models, settings, device)[1]
+    return subtract_particles(images[good], particles.subset(np.flatnonzero(good)), models, settings, device)[1]

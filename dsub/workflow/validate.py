@@ -36,8 +36,41 @@ def check_half_sets(table) -> None:
             f"{int((~known).sum())} of {len(table)} particles have no half set "
             "(rlnRandomSubset 1/2 or alignments3D/split 0/1).",
             "Use the particles of a gold-standard refinement, whose half sets decide which half-map "
-            "subtracts each particle.",
+            "subtracts each particle, or add --single-map to subtract all with --half-a knowingly.",
         )
+    present = set(np.unique(table.half_set).tolist())
+    if len(table) > 1 and present != {HALF_A, HALF_B}:
+        only = "A (rlnRandomSubset 1 / split 0)" if present == {HALF_A} else "B (rlnRandomSubset 2 / split 1)"
+        raise InputFileError(
+            table.source_path,
+            f"all {len(table)} particles are in half set {only}, so one half-map would subtract them all.",
+            "Use the whole particle set of the refinement, or add --single-map to subtract all with "
+            "--half-a knowingly.",
+        )
+
+
+#: A mask edge narrower than this (in pixels) counts as hard.
+HARD_EDGE_PIXELS = 1.5
+
+
+def mask_edge_width(mask: np.ndarray) -> float:
+    """Approximate width in voxels of the mask's soft edge (0 for a binary mask).
+
+    Voxels strictly between 0 and 1, per face of the 0.5 surface; a ramp of
+    width w crosses the surface obliquely on average and yields about 2w/3 of
+    them per face, hence the factor 1.5.
+    """
+    inside = mask > 0.5
+    faces = sum(int(np.count_nonzero(np.diff(inside, axis=axis))) for axis in range(3))
+    if faces == 0:
+        return float("inf")
+    soft = int(np.count_nonzero((mask > 0.01) & (mask < 0.99)))
+    return 1.5 * soft / faces
+
+
+def recommended_edge_pixels(pixel_size: float) -> int:
+    """A soft edge of about 6 Å, and never under 3 px."""
+    return int(max(3, np.ceil(6.0 / pixel_size)))
 
 
 def check_maps(half_a: str, half_b: str, mask: str, box: int, pixel_size: float) -> None:
@@ -72,6 +105,13 @@ def check_maps(half_a: str, half_b: str, mask: str, box: int, pixel_size: float)
                 )
             if high <= 0:
                 raise InputFileError(path, "the mask is empty (all zeros).", "Check the mask file.")
+            width = mask_edge_width(volume)
+            if width < HARD_EDGE_PIXELS:
+                warnings.warn(
+                    f"{path}: the mask has a hard edge (about {width:.1f} px soft), which rings in the "
+                    f"subtracted images. A soft edge of at least {recommended_edge_pixels(pixel_size)} px "
+                    f"(about 6 Å) is recommended, e.g. relion_mask_create --width_soft_edge."
+                )
 
 
 def check_images(table, box: int) -> None:

@@ -1,0 +1,208 @@
+"""Bad input: one clear line naming the file, exit status 2, and no metadata that looks complete."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pytest
+import starfile
+
+from dsub.cli import main
+from dsub.demo import PIXEL_SIZE, make_dataset
+from dsub.formats.mrc import read_map, write_map, write_stack
+
+COUNT, BOX = 24, 48
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    paths, _ = make_dataset(tmp_path_factory.mktemp("data"), count=COUNT, box=BOX, snr=None)
+    return paths
+
+
+@pytest.fixture
+def data(pristine, tmp_path):
+    """A private copy of the dataset, free to break."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    return {key: Path(shutil.copy2(path, folder / Path(path).name)) for key, path in pristine.items()}
+
+
+def run(data, outdir, *extra, **replace):
+    files = {**data, **replace}
+    args = ["subtract", str(files["star"]), "--half-a", str(files["half_a"]), "--mask", str(files["mask"]),
+            "-o", str(outdir), "--chunk-size", "8", "--padding", "2", "--quiet"]
+    if files.get("half_b") is not None:
+        args += ["--half-b", str(files["half_b"])]
+    return main(args + list(extra))
+
+
+def assert_refused(code, capsys, outdir, *names):
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dsub: error:"), err
+    for name in names:
+        assert str(name) in lines[0], lines[0]
+    assert not (Path(outdir) / "particles_subtracted.star").exists()
+    assert not (Path(outdir) / "particles_subtracted.cs").exists()
+    return lines[0]
+
+
+def test_half_maps_of_different_shapes(data, tmp_path, capsys):
+    volume, _ = read_map(data["half_b"])
+    write_map(data["half_b"], volume[4:-4, 4:-4, 4:-4], PIXEL_SIZE)
+    assert_refused(run(data, tmp_path / "out"), capsys, tmp_path / "out", data["half_b"])
+
+
+def test_pixel_sizes_that_disagree(data, tmp_path, capsys):
+    volume, _ = read_map(data["half_a"])
+    write_map(data["half_a"], volume, PIXEL_SIZE * 1.2)
+    line = assert_refused(run(data, tmp_path / "out"), capsys, tmp_path / "out", data["half_a"])
+    assert "voxel size" in line
+
+
+def test_hard_edged_mask_warns_with_a_soft_edge_width(data, tmp_path, capsys):
+    mask, _ = read_map(data["mask"])
+    write_map(data["mask"], (mask > 0.5).astype(np.float32), PIXEL_SIZE)
+    assert run(data, tmp_path / "out") == 0
+    err = capsys.readouterr().err
+    assert "dsub: warning:" in err and "hard edge" in err and str(data["mask"]) in err
+    assert "at least 4 px (about 6 Å)" in err  # 6 Å at 1.5 Å/px
+    assert (tmp_path / "out" / "particles_subtracted.star").exists()
+
+
+def test_soft_mask_gives_no_warning(data, tmp_path, capsys):
+    assert run(data, tmp_path / "out") == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def set_half_sets(star_path, values):
+    blocks = starfile.read(star_path, always_dict=True)
+    if values is None:
+        blocks["particles"] = blocks["particles"].drop(columns="rlnRandomSubset")
+    else:
+        blocks["particles"]["rlnRandomSubset"] = values
+    starfile.write(blocks, star_path)
+
+
+def test_all_particles_in_one_half_are_refused_unless_single_map(data, tmp_path, capsys):
+    set_half_sets(data["star"], 1)
+    line = assert_refused(run(data, tmp_path / "out"), capsys, tmp_path / "out", data["star"])
+    assert "--single-map" in line
+    assert run(data, tmp_path / "single", "--single-map", half_b=None) == 0
+    err = capsys.readouterr().err
+    assert "dsub: warning:" in err and "gold-standard independence" in err
+    assert len(starfile.read(tmp_path / "single" / "particles_subtracted.star")["particles"]) == COUNT
+
+
+def test_missing_half_sets_mention_single_map(data, tmp_path, capsys):
+    set_half_sets(data["star"], None)
+    line = assert_refused(run(data, tmp_path / "out"), capsys, tmp_path / "out", data["star"])
+    assert "no half set" in line and "--single-map" in line
+
+
+def test_half_b_is_required_without_single_map(data, tmp_path, capsys):
+    line = assert_refused(run(data, tmp_path / "out", half_b=None), capsys, tmp_path / "out")
+    assert "--half-b" in line
+
+
+def test_truncated_stack(data, tmp_path, capsys):
+    size = os.path.getsize(data["stack"])
+    os.truncate(data["stack"], size - 3 * BOX * BOX * 4)
+    assert_refused(run(data, tmp_path / "out"), capsys, tmp_path / "out", data["stack"])
+
+
+def test_stack_that_is_not_mrc(data, tmp_path, capsys):
+    data["stack"].write_text("these are not images\n" * 100)
+    line = assert_refused(run(data, tmp_path / "out"), capsys, tmp_path / "out", data["stack"])
+    assert "MRC" in line
+
+
+def poison(stack_path, index, value):
+    with mrcfile.mmap(stack_path, mode="r+") as mrc:
+        mrc.data[index, 3, 5] = value
+
+
+def test_nan_image_stops_with_file_and_index(data, tmp_path, capsys):
+    poison(data["stack"], 9, np.nan)
+    line = assert_refused(run(data, tmp_path / "out"), capsys, tmp_path / "out", data["stack"])
+    assert "image 10 (1-based)" in line and "--skip-bad-particles" in line
+
+
+def test_skip_bad_particles_leaves_them_out_and_lists_them(data, tmp_path, capsys):
+    poison(data["stack"], 9, np.nan)
+    poison(data["stack"], 17, np.inf)
+    outdir = tmp_path / "out"
+    assert run(data, outdir, "--skip-bad-particles") == 0
+    star = starfile.read(outdir / "particles_subtracted.star")["particles"]
+    assert len(star) == COUNT - 2
+    originals = set(star["rlnImageOriginalName"])
+    assert "000010@particles.mrcs" not in originals and "000018@particles.mrcs" not in originals
+    skipped = starfile.read(outdir / "skipped_particles.star")["particles"]
+    assert list(skipped["rlnImageName"]) == ["000010@particles.mrcs", "000018@particles.mrcs"]
+    cs = np.load(outdir / "particles_subtracted.cs", max_header_size=2**30)
+    assert len(cs) == COUNT - 2 and np.all(np.isfinite(cs["alignments3D/alpha"]))
+    report = json.loads((outdir / "dsub_run.json").read_text())["skipped_particles"]
+    assert report["count"] == 2 and [entry["index"] for entry in report["listed"]] == [9, 17]
+    assert "2 particles with NaN or infinite values were left out" in capsys.readouterr().out
+
+
+def test_output_folder_that_cannot_be_created(data, tmp_path, capsys, monkeypatch):
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    line = assert_refused(run(data, tmp_path / "out"), capsys, tmp_path / "out", tmp_path / "out")
+    assert "cannot create the output folder" in line
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_output_folder_in_a_read_only_parent(data, tmp_path, capsys):
+    parent = tmp_path / "locked"
+    parent.mkdir()
+    parent.chmod(0o500)
+    try:
+        assert_refused(run(data, parent / "out"), capsys, parent / "out", parent / "out")
+    finally:
+        parent.chmod(0o700)
+
+
+def test_disk_full_while_writing(data, tmp_path, capsys, monkeypatch):
+    import dsub.workflow.store as store
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store, "write_chunk", full)
+    line = assert_refused(run(data, tmp_path / "out", "--scheduler", "sync"), capsys, tmp_path / "out",
+                          tmp_path / "out")
+    assert "no space left on device" in line and "rerun the same command" in line
+
+
+def test_disk_full_during_export(data, tmp_path, capsys, monkeypatch):
+    import dsub.workflow.export as export
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "Particles" / "x"))
+
+    monkeypatch.setattr(export, "write_stack_from_store", full)
+    line = assert_refused(run(data, tmp_path / "out", "--scheduler", "sync"), capsys, tmp_path / "out",
+                          tmp_path / "out" / "Particles")
+    assert "no space left on device" in line
+
+
+def test_errors_survive_the_trip_from_a_worker():
+    import pickle
+
+    from dsub.errors import InputFileError, MissingInputError
+
+    for error in (InputFileError("/data/x.mrcs", "image 3 is bad.", "Fix it."), MissingInputError("/d/y", "a.star")):
+        again = pickle.loads(pickle.dumps(error))
+        assert type(again) is type(error) and str(again) == str(error) and again.path == error.path
