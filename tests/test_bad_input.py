@@ -206,3 +206,40 @@ def test_errors_survive_the_trip_from_a_worker():
     for error in (InputFileError("/data/x.mrcs", "image 3 is bad.", "Fix it."), MissingInputError("/d/y", "a.star")):
         again = pickle.loads(pickle.dumps(error))
         assert type(again) is type(error) and str(again) == str(error) and again.path == error.path
+
+
+def edit_particles(star_path, edit):
+    blocks = starfile.read(star_path, always_dict=True)
+    edit(blocks)
+    starfile.write(blocks, star_path)
+
+
+@pytest.mark.parametrize(
+    "case, edit, words",
+    [
+        ("nan-defocus", lambda b: b["particles"].__setitem__("rlnDefocusU", b["particles"]["rlnDefocusU"]
+                                                             .where(b["particles"].index != 3)), "rlnDefocusU"),
+        ("nan-angle", lambda b: b["particles"].__setitem__("rlnAngleTilt", b["particles"]["rlnAngleTilt"]
+                                                           .where(b["particles"].index != 2)), "angles"),
+        ("zero-pixel-size", lambda b: b["optics"].__setitem__("rlnImagePixelSize", 0.0), "pixel size"),
+        ("empty", lambda b: b.__setitem__("particles", b["particles"].iloc[:0]), "holds no particles"),
+    ],
+)
+def test_broken_particle_metadata(data, tmp_path, capsys, case, edit, words):
+    edit_particles(data["star"], edit)
+    line = assert_refused(run(data, tmp_path / "out"), capsys, tmp_path / "out", data["star"])
+    assert words in line
+
+
+def test_map_that_is_a_folder(data, tmp_path, capsys):
+    folder = tmp_path / "maps"
+    folder.mkdir()
+    line = assert_refused(run(data, tmp_path / "out", half_a=folder), capsys, tmp_path / "out", folder)
+    assert "is a folder" in line
+
+
+def test_output_path_that_is_a_file(data, tmp_path, capsys):
+    target = tmp_path / "taken"
+    target.write_text("not a folder\n")
+    line = assert_refused(run(data, target), capsys, target, target)
+    assert "cannot create the output folder" in line

@@ -180,6 +180,8 @@ def read_particles(
     """Read a cryoSPARC particles .cs (plus its passthrough file) into a ``ParticleTable``."""
     path = Path(path)
     data = load_dataset(path)
+    if len(data) == 0:
+        raise InputFileError(path, "holds no particles (the dataset is empty).")
     _missing(data, BLOB_FIELDS + POSE_FIELDS, path, "the particle images and poses")
     ctf = ctf_from_fields(data, path, require_ctf)
     ctf_absent = ctf.pop("ctf_absent")

@@ -29,6 +29,8 @@ def read_map(path: str | os.PathLike) -> tuple[np.ndarray, float]:
     whether to take it from the particles instead.
     """
     path = Path(path)
+    if path.is_dir():
+        raise InputFileError(path, "is a folder, not a map file.", "Give the .mrc file itself.")
     if not path.is_file():
         raise MissingInputError(path)
     try:

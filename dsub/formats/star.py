@@ -213,6 +213,8 @@ def read_particles(path: str | os.PathLike, *, require_ctf: bool = True) -> Part
     """
     path = Path(path)
     optics, particles, other = _read_blocks(path)
+    if len(particles) == 0:
+        raise InputFileError(path, "holds no particles (its particle table is empty).")
     df = _merge_optics(particles, optics, path)
     _require(df, ANGLE_LABELS, path, "the particle poses")
     ctf = ctf_from_columns(df, path, require_ctf)

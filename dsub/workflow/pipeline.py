@@ -123,6 +123,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     table = read_particles(particles_path, cs_root=options.cs_root)
     if len(table) == 0:
         raise InputFileError(particles_path, "holds no particles.")
+    validate.check_metadata(table)
     box = validate.particle_box(table)
     if options.single_map:
         warnings.warn("--single-map: every particle is subtracted with --half-a; gold-standard independence "

@@ -27,6 +27,56 @@ def particle_box(table) -> int:
     return int(boxes[0])
 
 
+#: Per-particle values that must be finite, with the names users know them by.
+_FINITE = {
+    "rotations": "the angles (rlnAngleRot/Tilt/Psi or alignments3D/pose)",
+    "origins_angstrom": "the origins (rlnOriginX/YAngst or alignments3D/shift)",
+    "defocus_u_angstrom": "rlnDefocusU (ctf/df1_A)",
+    "defocus_v_angstrom": "rlnDefocusV (ctf/df2_A)",
+    "defocus_angle_degrees": "rlnDefocusAngle (ctf/df_angle_rad)",
+    "phase_shift_degrees": "rlnPhaseShift (ctf/phase_shift_rad)",
+    "voltage_kv": "rlnVoltage (ctf/accel_kv)",
+    "spherical_aberration_mm": "rlnSphericalAberration (ctf/cs_mm)",
+    "amplitude_contrast": "rlnAmplitudeContrast (ctf/amp_contrast)",
+    "ctf_bfactor": "rlnCtfBfactor (ctf/bfactor)",
+    "pixel_size_angstrom": "the pixel size (rlnImagePixelSize or blob/psize_A)",
+}
+
+
+def check_metadata(table) -> None:
+    """Per-particle numbers must be finite and physical, or the subtraction silently makes NaNs."""
+    for name, label in _FINITE.items():
+        values = getattr(table, name).reshape(len(table), -1)
+        bad = ~np.isfinite(values).all(axis=1)
+        if bad.any():
+            first = int(np.flatnonzero(bad)[0])
+            raise InputFileError(
+                table.source_path,
+                f"particle {first + 1} (and {int(bad.sum()) - 1} more) has a missing or non-numeric value in {label}."
+                if bad.sum() > 1 else f"particle {first + 1} has a missing or non-numeric value in {label}.",
+                "Fix or remove those rows.",
+            )
+    for name, label, low, high in (
+        ("pixel_size_angstrom", "the pixel size (rlnImagePixelSize or blob/psize_A)", 0.0, np.inf),
+        ("voltage_kv", "rlnVoltage (ctf/accel_kv)", 0.0, np.inf),
+        ("amplitude_contrast", "rlnAmplitudeContrast (ctf/amp_contrast)", -1e-9, 1.0),
+    ):
+        values = getattr(table, name)
+        bad = ~((values > low) & (values < high))
+        if bad.any():
+            first = int(np.flatnonzero(bad)[0])
+            raise InputFileError(
+                table.source_path, f"particle {first + 1} has {label} = {values[first]:g}, which is not physical.",
+                "Fix the optics table or the particle rows.",
+            )
+    if table.input_contrast is not None and not np.isfinite(table.input_contrast).all():
+        first = int(np.flatnonzero(~np.isfinite(table.input_contrast))[0])
+        raise InputFileError(
+            table.source_path, f"particle {first + 1} has a missing or non-numeric contrast "
+            "(alignments3D/alpha or rlnCtfScalefactor).", "Fix those rows, or use --scale fit.",
+        )
+
+
 def check_half_sets(table) -> None:
     """Every particle must belong to half set A or B, and both must be present."""
     known = np.isin(table.half_set, (HALF_A, HALF_B))
