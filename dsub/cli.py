@@ -156,7 +156,8 @@ def run_demo(args) -> int:
     options = RunOptions(outdir=outdir / "subtracted", chunk_size=64, overwrite=True)
     subtract(paths["star"], paths["half_a"], paths["half_b"], paths["mask"], SubtractionSettings(), options)
     residual = residual_of_masked_region(outdir / "subtracted", sim)
-    print(f"\nWhat is left of the masked domain: {residual:.2%} (RMS, relative to the subtracted signal).")
+    print(f"\nWhat is left of the masked domain: {residual:.2%} (RMS, relative to the subtracted signal;"
+          " at this noise level almost all of it is noise in each particle's fitted contrast).")
     print(f"Inputs:  {outdir / 'data'}  (particles.star, half_A.mrc, half_B.mrc, mask.mrc)")
     print(f"Outputs: {outdir / 'subtracted'}  (particles_subtracted.star / .cs, Particles/*.mrcs)")
     return 0

@@ -243,3 +243,17 @@ def test_output_path_that_is_a_file(data, tmp_path, capsys):
     target.write_text("not a folder\n")
     line = assert_refused(run(data, target), capsys, target, target)
     assert "cannot create the output folder" in line
+
+
+def test_empty_half_map(data, tmp_path, capsys):
+    volume, _ = read_map(data["half_b"])
+    write_map(data["half_b"], np.zeros_like(volume), PIXEL_SIZE)
+    line = assert_refused(run(data, tmp_path / "out"), capsys, tmp_path / "out", data["half_b"])
+    assert "empty" in line
+
+
+def test_empty_mask(data, tmp_path, capsys):
+    volume, _ = read_map(data["mask"])
+    write_map(data["mask"], np.zeros_like(volume), PIXEL_SIZE)
+    line = assert_refused(run(data, tmp_path / "out"), capsys, tmp_path / "out", data["mask"])
+    assert "empty" in line

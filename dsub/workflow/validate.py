@@ -145,6 +145,8 @@ def check_maps(half_a: str, half_b: str, mask: str, box: int, pixel_size: float)
             warnings.warn(f"{path}: no voxel size in the header; assuming the particles' {pixel_size:.4f} Å")
         if not np.all(np.isfinite(volume)):
             raise InputFileError(path, f"{label} contains NaN or infinite values.", "Use a valid map.")
+        if label != "mask" and not np.any(volume):
+            raise InputFileError(path, f"{label} is empty (all zeros).", "Check the half-map file.")
         if label == "mask":
             low, high = float(volume.min()), float(volume.max())
             if low < -1e-3 or high > 1 + 1e-3:
