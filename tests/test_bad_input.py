@@ -257,3 +257,29 @@ def test_empty_mask(data, tmp_path, capsys):
     write_map(data["mask"], np.zeros_like(volume), PIXEL_SIZE)
     line = assert_refused(run(data, tmp_path / "out"), capsys, tmp_path / "out", data["mask"])
     assert "empty" in line
+
+
+def invert_stack(stack_path):
+    with mrcfile.mmap(stack_path, mode="r+") as mrc:
+        mrc.data[...] *= -1
+
+
+def test_input_contrast_with_the_wrong_polarity_is_refused_before_the_run(data, tmp_path, capsys):
+    edit_particles(data["star"], lambda b: b["particles"].__setitem__("rlnCtfScalefactor", 1.0))
+    outdir = tmp_path / "out"
+    assert run(data, outdir, "--scale", "input") == 0  # right polarity: accepted
+    assert "Polarity check: input contrast agrees" in capsys.readouterr().out
+    invert_stack(data["stack"])
+    line = assert_refused(run(data, tmp_path / "inverted", "--scale", "input"), capsys, tmp_path / "inverted",
+                          data["star"])
+    assert "opposite polarity" in line and "--scale fit" in line
+    assert not (tmp_path / "inverted" / "subtracted.zarr").exists()  # refused before any chunk
+
+
+def test_fitted_contrast_mostly_negative_is_reported_plainly(data, tmp_path, capsys):
+    invert_stack(data["stack"])
+    assert run(data, tmp_path / "out") == 0
+    out = capsys.readouterr().out
+    assert "WARNING: 100% of the fitted contrast scales are negative" in out
+    summary = json.loads((tmp_path / "out" / "dsub_run.json").read_text())
+    assert summary["contrast_negative_fraction"] == 1.0
