@@ -70,10 +70,6 @@ def check_device(options: RunOptions) -> None:
         raise OptionError("--device gpu was asked for, but CuPy is not installed or sees no GPU")
 
 
-def settings_record(settings: SubtractionSettings) -> dict:
-    return dataclasses.asdict(settings)
-
-
 def say(options: RunOptions, message: str) -> None:
     print(message, file=options.log or sys.stdout, flush=True)
 
@@ -121,8 +117,6 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     started = time.monotonic()
     outdir = Path(options.outdir)
     table = read_particles(particles_path, cs_root=options.cs_root)
-    if len(table) == 0:
-        raise InputFileError(particles_path, "holds no particles.")
     validate.check_metadata(table)
     box = validate.particle_box(table)
     if options.single_map:
@@ -148,21 +142,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     device = options.device
     maps = MapFiles(str(Path(half_a).resolve()), str(Path(half_b).resolve()), str(Path(mask).resolve()))
 
-    identity = {
-        "dsub": __version__,
-        "particles": file_identity(particles_path),
-        "half_a": file_identity(half_a),
-        "half_b": file_identity(half_b),
-        "mask": file_identity(mask),
-        "stacks": [file_identity(path) for path in np.unique(np.asarray(table.image_paths, dtype=str))],
-        "cs_root": options.cs_root,
-        "settings": settings_record(settings),
-        "chunk_size": options.chunk_size,
-        "single_map": options.single_map,
-        "skip_bad_particles": options.skip_bad_particles,
-        "count": len(table),
-        "box": box,
-    }
+    identity = run_identity(particles_path, maps, table, box, settings, options)
     fingerprint = run_fingerprint(identity)
     resuming = prepare_outdir(outdir, fingerprint, options.overwrite)
     for name in (export.STAR_NAME, export.CS_NAME, RUN_SUMMARY):
@@ -212,6 +192,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     export.write_metadata(table, outdir, options.particles_per_stack, contrast, skipped)
     timings["export"] = time.monotonic() - started - sum(timings.values())
 
+    kept = contrast[~skipped]
     summary = {
         "particles": len(table),
         "box": box,
@@ -223,19 +204,34 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
         "workers": workers,
         "devices": devices,
         "scale": settings.scale,
-        "contrast_median": float(np.nanmedian(contrast)) if (~skipped).any() else None,
-        "contrast_negative_fraction": float(np.mean(contrast[~skipped] < 0)) if (~skipped).any() else None,
+        "contrast_median": float(np.median(kept)) if kept.size else None,
+        "contrast_negative_fraction": float(np.mean(kept < 0)) if kept.size else None,
         "skipped_particles": skipped_report(table, skipped),
-        "outputs": {
-            "store": store.STORE_NAME,
-            "star": export.STAR_NAME,
-            "cs": export.CS_NAME,
-            "stacks": export.STACK_FOLDER,
-        },
+        "outputs": {"store": store.STORE_NAME, "star": export.STAR_NAME, "cs": export.CS_NAME,
+                    "stacks": export.STACK_FOLDER},
     }
     (outdir / RUN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     report(summary, outdir, options)
     return summary
+
+
+def run_identity(particles_path, maps: MapFiles, table, box: int, settings, options: RunOptions) -> dict:
+    """Everything the results depend on; stored in the store so an identical rerun can resume."""
+    return {
+        "dsub": __version__,
+        "particles": file_identity(particles_path),
+        "half_a": file_identity(maps.half_a),
+        "half_b": file_identity(maps.half_b),
+        "mask": file_identity(maps.mask),
+        "stacks": [file_identity(path) for path in np.unique(np.asarray(table.image_paths, dtype=str))],
+        "cs_root": options.cs_root,
+        "settings": dataclasses.asdict(settings),
+        "chunk_size": options.chunk_size,
+        "single_map": options.single_map,
+        "skip_bad_particles": options.skip_bad_particles,
+        "count": len(table),
+        "box": box,
+    }
 
 
 def skipped_report(table, skipped: np.ndarray, limit: int = 1000) -> dict:
