@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import __version__
 from .cluster import ClusterSpec, parse_adapt
-from .errors import DsubError, OptionError
+from .errors import DsubError, DsubWarning, OptionError
 from .physics.contrast import SCALE_MODES, ContrastFit
 from .physics.projector import PROJECTORS
 from .physics.subtract import SubtractionSettings
@@ -176,7 +176,9 @@ def main(argv=None) -> int:
     handlers = {"subtract": run_subtract, "demo": run_demo, "job-script": run_job_script}
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("default")
+            # dsub's own warnings reach the user; libraries' deprecation notices do not.
+            warnings.simplefilter("ignore")
+            warnings.simplefilter("default", DsubWarning)
             warnings.showwarning = lambda message, *rest, **kw: print(f"dsub: warning: {message}", file=sys.stderr)
             return handlers[args.command](args)
     except DsubError as exc:

@@ -8,6 +8,8 @@ other exception is a bug in dsub.
 
 from __future__ import annotations
 
+import warnings
+
 
 class DsubError(Exception):
     """Base class: a problem with the user's inputs or environment."""
@@ -51,3 +53,12 @@ class OutputExistsError(DsubError, FileExistsError):
 
 class DiskFullError(DsubError, OSError):
     """The output disk filled up while dsub was writing."""
+
+
+class DsubWarning(UserWarning):
+    """Something the user should know that does not stop the run (shown by the CLI)."""
+
+
+def warn(message: str) -> None:
+    """Issue a ``DsubWarning``: the command line prints these, and only these, as ``dsub: warning:``."""
+    warnings.warn(message, DsubWarning, stacklevel=2)

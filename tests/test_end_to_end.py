@@ -549,3 +549,20 @@ def test_inputs_are_only_read(dataset, tmp_path):
     written = {p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()} - {
         Path(p).relative_to(tmp_path) for p in data.values()}
     assert all(path.parts[0] == "out" for path in written)  # nothing written outside OUTDIR
+
+
+def test_library_deprecation_notices_do_not_reach_the_user(dataset, tmp_path, capsys, monkeypatch):
+    """Only dsub's own warnings are printed, whatever a newer library deprecates."""
+    import dsub.workflow.validate as validate
+
+    original = validate.check_images
+
+    def noisy(*args, **kwargs):
+        warnings.warn("some library feature is deprecated", DeprecationWarning)
+        warnings.warn("some library changes in the future", FutureWarning)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(validate, "check_images", noisy)
+    paths, _ = dataset
+    assert run_cli(paths, tmp_path / "out") == 0
+    assert "warning" not in capsys.readouterr().err

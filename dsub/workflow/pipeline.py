@@ -13,7 +13,6 @@ import dataclasses
 import json
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import numpy as np
 
 from .. import __version__
 from ..cluster import ClusterSpec, open_runner
-from ..errors import InputFileError, OptionError
+from ..errors import InputFileError, OptionError, warn
 from ..formats import read_particles, select_rows
 from ..particles import HALF_A
 from ..physics.backend import gpu_available
@@ -120,7 +119,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     validate.check_metadata(table)
     box = validate.particle_box(table)
     if options.single_map:
-        warnings.warn("--single-map: every particle is subtracted with --half-a; gold-standard independence "
+        warn("--single-map: every particle is subtracted with --half-a; gold-standard independence "
                       "of the half sets is broken for anything refined from the result")
         table.half_set[:] = HALF_A
         half_b = half_a

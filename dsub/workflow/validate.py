@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputFileError, MissingInputError
+from ..errors import InputFileError, MissingInputError, warn
 from ..formats.mrc import open_stack, read_map
 from ..particles import HALF_A, HALF_B
 
@@ -142,7 +141,7 @@ def check_maps(half_a: str, half_b: str, mask: str, box: int, pixel_size: float)
                 "Use maps at the particles' pixel size (or fix the header if only it is wrong).",
             )
         if voxel <= 0:
-            warnings.warn(f"{path}: no voxel size in the header; assuming the particles' {pixel_size:.4f} Å")
+            warn(f"{path}: no voxel size in the header; assuming the particles' {pixel_size:.4f} Å")
         if not np.all(np.isfinite(volume)):
             raise InputFileError(path, f"{label} contains NaN or infinite values.", "Use a valid map.")
         if label != "mask" and not np.any(volume):
@@ -159,7 +158,7 @@ def check_maps(half_a: str, half_b: str, mask: str, box: int, pixel_size: float)
                 raise InputFileError(path, "the mask is empty (all zeros).", "Check the mask file.")
             width = mask_edge_width(volume)
             if width < HARD_EDGE_PIXELS:
-                warnings.warn(
+                warn(
                     f"{path}: the mask has a hard edge (about {width:.1f} px soft), which rings in the "
                     f"subtracted images. A soft edge of at least {recommended_edge_pixels(pixel_size)} px "
                     f"(about 6 Å) is recommended, e.g. relion_mask_create --width_soft_edge."
