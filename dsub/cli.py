@@ -182,7 +182,7 @@ def main(argv=None) -> int:
             warnings.showwarning = lambda message, *rest, **kw: print(f"dsub: warning: {message}", file=sys.stderr)
             return handlers[args.command](args)
     except DsubError as exc:
-        print(f"dsub: error: {exc}", file=sys.stderr)
+        print(f"dsub: error: {' '.join(str(exc).split())}", file=sys.stderr)  # always one line
         return 2
     except KeyboardInterrupt:
         print("dsub: interrupted; rerun the same command to resume", file=sys.stderr)

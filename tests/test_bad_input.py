@@ -214,18 +214,31 @@ def edit_particles(star_path, edit):
     starfile.write(blocks, star_path)
 
 
+def nan_defocus(blocks):
+    particles = blocks["particles"]
+    particles.loc[3, "rlnDefocusU"] = np.nan
+
+
+def nan_angle(blocks):
+    particles = blocks["particles"]
+    particles.loc[2, "rlnAngleTilt"] = np.nan
+
+
+def zero_pixel_size(blocks):
+    optics = blocks["optics"]
+    optics.loc[:, "rlnImagePixelSize"] = 0.0
+
+
+def no_rows(blocks):
+    blocks["particles"] = blocks["particles"].iloc[:0]
+
+
 @pytest.mark.parametrize(
-    "case, edit, words",
-    [
-        ("nan-defocus", lambda b: b["particles"].__setitem__("rlnDefocusU", b["particles"]["rlnDefocusU"]
-                                                             .where(b["particles"].index != 3)), "rlnDefocusU"),
-        ("nan-angle", lambda b: b["particles"].__setitem__("rlnAngleTilt", b["particles"]["rlnAngleTilt"]
-                                                           .where(b["particles"].index != 2)), "angles"),
-        ("zero-pixel-size", lambda b: b["optics"].__setitem__("rlnImagePixelSize", 0.0), "pixel size"),
-        ("empty", lambda b: b.__setitem__("particles", b["particles"].iloc[:0]), "holds no particles"),
-    ],
+    "edit, words",
+    [(nan_defocus, "rlnDefocusU"), (nan_angle, "angles"), (zero_pixel_size, "pixel size"),
+     (no_rows, "holds no particles")],
 )
-def test_broken_particle_metadata(data, tmp_path, capsys, case, edit, words):
+def test_broken_particle_metadata(data, tmp_path, capsys, edit, words):
     edit_particles(data["star"], edit)
     line = assert_refused(run(data, tmp_path / "out"), capsys, tmp_path / "out", data["star"])
     assert words in line
@@ -265,7 +278,11 @@ def invert_stack(stack_path):
 
 
 def test_input_contrast_with_the_wrong_polarity_is_refused_before_the_run(data, tmp_path, capsys):
-    edit_particles(data["star"], lambda b: b["particles"].__setitem__("rlnCtfScalefactor", 1.0))
+    def unit_contrast(blocks):
+        particles = blocks["particles"]
+        particles["rlnCtfScalefactor"] = 1.0
+
+    edit_particles(data["star"], unit_contrast)
     outdir = tmp_path / "out"
     assert run(data, outdir, "--scale", "input") == 0  # right polarity: accepted
     assert "Polarity check: input contrast agrees" in capsys.readouterr().out

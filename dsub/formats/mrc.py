@@ -88,7 +88,8 @@ def _open_stack_cached(path: str, size: int, mtime_ns: int) -> np.ndarray:
                 path, f"is not a readable MRC image stack ({exc}).", "Give .mrcs/.mrc stacks."
             ) from exc
     if data is None:
-        problems = "; ".join(str(w.message) for w in caught) or "no data block"
+        said = [" ".join(str(w.message).split()) for w in caught if not issubclass(w.category, DeprecationWarning)]
+        problems = "; ".join(said) or "no data block"
         raise InputFileError(
             path, f"is not a readable MRC image stack ({problems}).", "Give .mrcs/.mrc stacks."
         )
