@@ -101,3 +101,10 @@ def test_submission_output_keeps_the_batch_systems_words():
     text = ("Command exited with non-zero exit code.\nExit code: 1\nCommand:\nsbatch /tmp/x.sh\nstdout:\n\n"
             "stderr:\nsbatch: error: Batch job submission failed: Invalid account\n\n")
     assert submission_output(text) == "sbatch: error: Batch job submission failed: Invalid account"
+
+
+def test_job_script_leaves_no_folders_behind(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    script = job_script("slurm", PROFILES / "slurm-gpu.yaml")
+    assert "dsub-worker-logs/" in script  # the profile's relative log folder, as it will be used
+    assert list(tmp_path.iterdir()) == []

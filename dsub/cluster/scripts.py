@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 from .config import cluster_config
 from .runner import ClusterSpec
 from .start import batch_cluster
 
 
 def job_script(scheduler: str, config_path=None) -> str:
-    """The job script dask-jobqueue would submit for one worker under ``scheduler`` (slurm or pbs)."""
-    with cluster_config(config_path):
-        cluster = batch_cluster(ClusterSpec(scheduler=scheduler))
+    """The job script dask-jobqueue would submit for one worker under ``scheduler`` (slurm or pbs).
+
+    dask-jobqueue creates a relative log directory when it sets up a cluster;
+    for a script that is only shown, that happens in a throw-away folder.
+    """
+    config_path = None if config_path is None else os.path.abspath(config_path)
+    here = os.getcwd()
+    with tempfile.TemporaryDirectory() as scratch, cluster_config(config_path):
+        os.chdir(scratch)
         try:
-            return cluster.job_script()
+            cluster = batch_cluster(ClusterSpec(scheduler=scheduler))
+            try:
+                return cluster.job_script()
+            finally:
+                cluster.close()
         finally:
-            cluster.close()
+            os.chdir(here)
