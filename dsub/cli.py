@@ -119,6 +119,9 @@ def cluster_from_args(args) -> ClusterSpec:
 
 
 def settings_from_args(args) -> SubtractionSettings:
+    for option, value in (("--fit-lowres", args.fit_lowres), ("--fit-highres", args.fit_highres)):
+        if not value >= 0:
+            raise OptionError(f"{option} must be a resolution in Å, or 0 for no limit, not {value:g}")
     try:
         fit = ContrastFit(
             window_inner=args.window_inner,

@@ -6,10 +6,13 @@ import errno
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import mrcfile
 import numpy as np
+import pandas as pd
 import pytest
 import starfile
 
@@ -57,15 +60,29 @@ def assert_refused(code, capsys, outdir, *names):
 
 def test_half_maps_of_different_shapes(data, tmp_path, capsys):
     volume, _ = read_map(data["half_b"])
-    write_map(data["half_b"], volume[4:-4, 4:-4, 4:-4], PIXEL_SIZE)
-    assert_refused(run(data, tmp_path / "out"), capsys, tmp_path / "out", data["half_b"])
+    write_map(data["half_b"], volume[4:-4, 4:-4, 4:-4], PIXEL_SIZE)  # 40³ against half A's 48³
+    line = assert_refused(run(data, tmp_path / "out"), capsys, tmp_path / "out", data["half_b"])
+    assert "half map B has a box of 40 voxels" in line
 
 
 def test_pixel_sizes_that_disagree(data, tmp_path, capsys):
     volume, _ = read_map(data["half_a"])
     write_map(data["half_a"], volume, PIXEL_SIZE * 1.2)
     line = assert_refused(run(data, tmp_path / "out"), capsys, tmp_path / "out", data["half_a"])
-    assert "voxel size" in line
+    assert "voxel size of 1.8000 Å but the particles' pixel size is 1.5000 Å" in line
+
+
+def test_particles_with_several_pixel_sizes(data, tmp_path, capsys):
+    def second_optics_group(blocks):
+        optics = pd.concat([blocks["optics"]] * 2, ignore_index=True)
+        optics.loc[1, ["rlnOpticsGroup", "rlnImagePixelSize"]] = [2, PIXEL_SIZE * 1.2]
+        blocks["optics"] = optics
+        particles = blocks["particles"]
+        particles.loc[: COUNT // 2, "rlnOpticsGroup"] = 2
+
+    edit_particles(data["star"], second_optics_group)
+    line = assert_refused(run(data, tmp_path / "out"), capsys, tmp_path / "out", data["star"])
+    assert "several pixel sizes (1.5, 1.8 Å)" in line
 
 
 def test_hard_edged_mask_warns_with_a_soft_edge_width(data, tmp_path, capsys):
@@ -100,6 +117,8 @@ def test_all_particles_in_one_half_are_refused_unless_single_map(data, tmp_path,
     err = capsys.readouterr().err
     assert "dsub: warning:" in err and "gold-standard independence" in err
     assert len(starfile.read(tmp_path / "single" / "particles_subtracted.star")["particles"]) == COUNT
+    assert run(data, tmp_path / "both", "--single-map") == 0  # --half-b given too: said to be unused
+    assert "--half-b is not used" in capsys.readouterr().err
 
 
 def test_missing_half_sets_mention_single_map(data, tmp_path, capsys):
@@ -116,13 +135,22 @@ def test_half_b_is_required_without_single_map(data, tmp_path, capsys):
 def test_truncated_stack(data, tmp_path, capsys):
     size = os.path.getsize(data["stack"])
     os.truncate(data["stack"], size - 3 * BOX * BOX * 4)
-    assert_refused(run(data, tmp_path / "out"), capsys, tmp_path / "out", data["stack"])
+    line = assert_refused(run(data, tmp_path / "out"), capsys, tmp_path / "out", data["stack"])
+    assert f"truncated: its header says {COUNT} images of {BOX}x{BOX} px" in line
+    assert f"holds only {size - 3 * BOX * BOX * 4} bytes ({COUNT - 3} whole images)" in line
+    assert not (tmp_path / "out" / "subtracted.zarr").exists()  # refused before any chunk
+
+
+def test_truncated_map(data, tmp_path, capsys):
+    os.truncate(data["mask"], os.path.getsize(data["mask"]) - 4 * BOX * BOX)
+    line = assert_refused(run(data, tmp_path / "out"), capsys, tmp_path / "out", data["mask"])
+    assert f"truncated: its header says a map of {BOX}x{BOX}x{BOX} voxels" in line
 
 
 def test_stack_that_is_not_mrc(data, tmp_path, capsys):
     data["stack"].write_text("these are not images\n" * 100)
     line = assert_refused(run(data, tmp_path / "out"), capsys, tmp_path / "out", data["stack"])
-    assert "MRC" in line
+    assert "not a readable MRC image stack" in line and "no MRC header" in line
 
 
 def poison(stack_path, index, value):
@@ -134,6 +162,22 @@ def test_nan_image_stops_with_file_and_index(data, tmp_path, capsys):
     poison(data["stack"], 9, np.nan)
     line = assert_refused(run(data, tmp_path / "out"), capsys, tmp_path / "out", data["stack"])
     assert "image 10 (1-based)" in line and "--skip-bad-particles" in line
+
+
+def test_skip_bad_particles_resumes_the_run_a_bad_image_stopped(data, tmp_path, capsys):
+    from dsub.workflow.store import finished_chunks
+
+    poison(data["stack"], 1, np.nan)
+    outdir = tmp_path / "out"
+    assert_refused(run(data, outdir, "--scheduler", "sync"), capsys, outdir, data["stack"])
+    finished = int(finished_chunks(outdir / "subtracted.zarr").sum())
+    assert run(data, outdir, "--scheduler", "sync", "--skip-bad-particles") == 0  # as the message says
+    summary = json.loads((outdir / "dsub_run.json").read_text())
+    assert summary["skipped_particles"]["count"] == 1 and summary["chunks_skipped"] == finished
+    assert len(starfile.read(outdir / "particles_subtracted.star")["particles"]) == COUNT - 1
+    capsys.readouterr()
+    assert run(data, outdir, "--scheduler", "sync") == 2  # without the flag: a different run, not silently
+    assert "holds the results of a different run" in capsys.readouterr().err
 
 
 def test_skip_bad_particles_leaves_them_out_and_lists_them(data, tmp_path, capsys):
@@ -163,6 +207,37 @@ def test_output_folder_that_cannot_be_created(data, tmp_path, capsys, monkeypatc
     assert "cannot create the output folder" in line
 
 
+def test_output_folder_that_is_not_writable(data, tmp_path, capsys, monkeypatch):
+    import dsub.workflow.outdir as outdir_module
+
+    monkeypatch.setattr(outdir_module.os, "access", lambda path, mode: False)
+    line = assert_refused(run(data, tmp_path / "out"), capsys, tmp_path / "out", tmp_path / "out")
+    assert "not writable" in line
+
+
+def test_permission_denied_inside_the_output_folder(data, tmp_path, capsys, monkeypatch):
+    import dsub.workflow.store as store
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(store, "create_store", refuse)
+    outdir = tmp_path / "out"
+    line = assert_refused(run(data, outdir), capsys, outdir, outdir / "subtracted.zarr")
+    assert "cannot write there (Permission denied)" in line and "-o" in line
+
+
+def test_input_that_cannot_be_read(data, tmp_path, capsys, monkeypatch):
+    import dsub.workflow.pipeline as pipeline
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(pipeline, "read_particles", refuse)
+    line = assert_refused(run(data, tmp_path / "out"), capsys, tmp_path / "out", data["star"])
+    assert "cannot be opened (Permission denied)" in line
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
 def test_output_folder_in_a_read_only_parent(data, tmp_path, capsys):
     parent = tmp_path / "locked"
@@ -174,16 +249,19 @@ def test_output_folder_in_a_read_only_parent(data, tmp_path, capsys):
         parent.chmod(0o700)
 
 
-def test_disk_full_while_writing(data, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("scheduler", ["threads", "sync"])
+@pytest.mark.parametrize("code, words", [(errno.ENOSPC, "no space left on device"),
+                                         (errno.EDQUOT, "disk quota exceeded")])
+def test_disk_full_while_writing(data, tmp_path, capsys, monkeypatch, scheduler, code, words):
     import dsub.workflow.store as store
 
     def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise OSError(code, os.strerror(code))
 
     monkeypatch.setattr(store, "write_chunk", full)
-    line = assert_refused(run(data, tmp_path / "out", "--scheduler", "sync"), capsys, tmp_path / "out",
+    line = assert_refused(run(data, tmp_path / "out", "--scheduler", scheduler), capsys, tmp_path / "out",
                           tmp_path / "out")
-    assert "no space left on device" in line and "rerun the same command" in line
+    assert words in line and "rerun the same command: finished chunks are kept" in line
 
 
 def test_disk_full_during_export(data, tmp_path, capsys, monkeypatch):
@@ -196,6 +274,26 @@ def test_disk_full_during_export(data, tmp_path, capsys, monkeypatch):
     line = assert_refused(run(data, tmp_path / "out", "--scheduler", "sync"), capsys, tmp_path / "out",
                           tmp_path / "out" / "Particles")
     assert "no space left on device" in line
+
+
+def test_disk_full_while_writing_metadata_leaves_none_and_the_rerun_resumes(data, tmp_path, capsys, monkeypatch):
+    import dsub.formats.cs as cs_format
+
+    def full(table, path, *args, **kwargs):  # the star is written by then
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    outdir = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(cs_format, "write_particles", full)
+        line = assert_refused(run(data, outdir), capsys, outdir, outdir / "particles_subtracted.cs")
+    assert "no space left on device" in line and not (outdir / "dsub_run.json").exists()
+    assert run(data, outdir) == 0  # space freed: the same command finishes without redoing a chunk
+    assert json.loads((outdir / "dsub_run.json").read_text())["chunks_skipped"] == COUNT // 8
+
+
+def test_negative_resolution_limit_is_refused(data, tmp_path, capsys):
+    line = assert_refused(run(data, tmp_path / "out", "--fit-lowres", "-5"), capsys, tmp_path / "out")
+    assert "--fit-lowres must be a resolution in Å" in line
 
 
 def test_errors_survive_the_trip_from_a_worker():
@@ -242,6 +340,27 @@ def test_broken_particle_metadata(data, tmp_path, capsys, edit, words):
     edit_particles(data["star"], edit)
     line = assert_refused(run(data, tmp_path / "out"), capsys, tmp_path / "out", data["star"])
     assert words in line
+
+
+def test_particles_that_are_a_folder(data, tmp_path, capsys):
+    folder = tmp_path / "particles.star"
+    folder.mkdir()
+    line = assert_refused(run(data, tmp_path / "out", star=folder), capsys, tmp_path / "out", folder)
+    assert "is a folder" in line
+
+
+def test_a_real_process_prints_a_warning_and_an_error_line_and_no_traceback(data, tmp_path):
+    mask, _ = read_map(data["mask"])
+    write_map(data["mask"], (mask > 0.5).astype(np.float32), PIXEL_SIZE)
+    poison(data["stack"], 5, np.inf)
+    args = ["subtract", str(data["star"]), "--half-a", str(data["half_a"]), "--half-b", str(data["half_b"]),
+            "--mask", str(data["mask"]), "-o", str(tmp_path / "out"), "--chunk-size", "8", "--quiet"]
+    done = subprocess.run([sys.executable, "-m", "dsub.cli", *args], capture_output=True, text=True, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 2, done.stderr
+    assert lines[0].startswith(f"dsub: warning: {data['mask']}: the mask has a hard edge")
+    assert lines[1].startswith(f"dsub: error: {data['stack']}: image 6 (1-based)")
+    assert not (tmp_path / "out" / "particles_subtracted.star").exists()
 
 
 def test_map_that_is_a_folder(data, tmp_path, capsys):

@@ -32,6 +32,8 @@ def read_particles(
     without CTF parameters (simulated projections) and gives them a CTF of 1.
     """
     path = Path(path)
+    if path.is_dir():
+        raise InputFileError(path, "is a folder, not a particle file.", _ACCEPTED)
     if not path.is_file():
         raise MissingInputError(path)
     with open(path, "rb") as f:

@@ -19,6 +19,16 @@ from dsub.errors import InputFileError, MissingInputError
 
 #: MRC modes dsub reads as real images: int8, int16, float32, uint16, float16.
 READABLE_MODES = (0, 1, 2, 6, 12)
+#: Bytes per voxel of every MRC mode (101 packs two 4-bit voxels in a byte).
+_MODE_BYTES = {0: 1, 1: 2, 2: 4, 3: 4, 4: 8, 6: 2, 12: 2, 101: 0.5}
+_HEADER_BYTES = 1024
+_COMPRESSED = (b"\x1f\x8b", b"BZh")  # gzip, bzip2
+_NOT_MRC_FIX = {
+    "stack": "Check that the particle metadata points at the extracted .mrcs stacks (a text file or an "
+             "incomplete download is no stack).",
+    "map": "Give a map in MRC format (.mrc).",
+}
+_TRUNCATED_FIX = "Copy the file again or re-extract it: an interrupted transfer or a full disk leaves such files."
 _STACK_CACHE_SIZE = 128  # each cached stack holds one file descriptor
 
 
@@ -33,6 +43,7 @@ def read_map(path: str | os.PathLike) -> tuple[np.ndarray, float]:
         raise InputFileError(path, "is a folder, not a map file.", "Give the .mrc file itself.")
     if not path.is_file():
         raise MissingInputError(path)
+    check_mrc_file(path, "map")
     try:
         with mrcfile.open(path, mode="r") as mrc:
             data = np.asarray(mrc.data, dtype=np.float32).copy()
@@ -57,6 +68,53 @@ def read_map(path: str | os.PathLike) -> tuple[np.ndarray, float]:
     return data, sizes.pop()
 
 
+def _plausible_header(raw: bytes) -> np.ndarray | None:
+    """The 1024-byte header read in the byte order that makes sense of it, or None if none does."""
+    stamp = raw[212:214]
+    orders = (">", "<") if stamp == b"\x11\x11" else ("<", ">")
+    for order in orders:
+        header = np.frombuffer(raw, dtype=mrcfile.dtypes.HEADER_DTYPE.newbyteorder(order))[0]
+        dims = (int(header["nx"]), int(header["ny"]), int(header["nz"]))
+        if int(header["mode"]) in _MODE_BYTES and min(dims) > 0 and int(header["nsymbt"]) >= 0:
+            return header
+    return None
+
+
+def check_mrc_file(path: str | os.PathLike, kind: str = "stack") -> None:
+    """Check an MRC file's header against its size without reading the data.
+
+    Reads only the 1024-byte header, so it is cheap for any stack. Refuses, with
+    a message naming the file, what is no MRC at all (a text file saved as
+    .mrcs) and a file shorter than its header says (an interrupted copy).
+    ``kind`` is "stack" or "map"; a gzip or bzip2 map is left to mrcfile.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(_HEADER_BYTES)
+    if raw.startswith(_COMPRESSED):
+        if kind == "map":
+            return
+        raise InputFileError(path, "is a compressed (gzip or bzip2) stack, which cannot be memory-mapped.",
+                             "Decompress it (gunzip, bunzip2) and point the metadata at the result.")
+    header = _plausible_header(raw) if len(raw) == _HEADER_BYTES else None
+    if header is None:
+        what = (f"{size} bytes, shorter than an MRC header" if len(raw) < _HEADER_BYTES
+                else "its first 1024 bytes are no MRC header: no 'MAP ' ID, unknown data mode")
+        raise InputFileError(path, f"is not a readable MRC {'image stack' if kind == 'stack' else 'file'} ({what}).",
+                             _NOT_MRC_FIX[kind])
+    nx, ny, nz, mode, extended = (int(header[name]) for name in ("nx", "ny", "nz", "mode", "nsymbt"))
+    section_bytes = int(np.ceil(nx * ny * _MODE_BYTES[mode]))
+    expected = _HEADER_BYTES + extended + nz * section_bytes
+    if size < expected:
+        if kind == "stack":
+            whole = max(0, size - _HEADER_BYTES - extended) // section_bytes
+            says, holds = f"{nz} images of {nx}x{ny} px", f"{size} bytes ({whole} whole images)"
+        else:
+            says, holds = f"a map of {nx}x{ny}x{nz} voxels", f"{size} bytes"
+        raise InputFileError(path, f"is truncated: its header says {says}, {expected} bytes, but the file "
+                             f"holds only {holds}.", _TRUNCATED_FIX)
+
+
 def open_stack(path: str | os.PathLike) -> np.ndarray:
     """A read-only memory map of an image stack, shape (n, ny, nx), in the file's dtype.
 
@@ -76,8 +134,10 @@ def _open_stack_cached(path: str, size: int, mtime_ns: int) -> np.ndarray:
     """Open ``path`` with mrcfile and keep only its numpy memmap.
 
     Closing the ``MrcMemmap`` in read mode leaves the numpy memmap valid (numpy
-    keeps its own mapping) and writes nothing back to the file.
+    keeps its own mapping) and writes nothing back to the file. The header is
+    checked against the file's size first (``check_mrc_file``).
     """
+    check_mrc_file(path, "stack")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:

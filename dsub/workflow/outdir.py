@@ -9,7 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ..errors import DiskFullError, OptionError, OutputExistsError
+from ..errors import DiskFullError, DsubError, InputFileError, OptionError, OutputExistsError
 from . import export, store
 
 
@@ -56,14 +56,37 @@ def prepare_outdir(outdir: Path, fingerprint: str, overwrite: bool) -> bool:
     return False
 
 
-def disk_full(exc: OSError, outdir: Path) -> DiskFullError | None:
-    """The one message for a full disk while writing, or None for other OS errors."""
-    if exc.errno != errno.ENOSPC:
-        return None
+def explain_os_error(exc: OSError, outdir: Path) -> DsubError | None:
+    """The one clear message for an OS error that the user can fix, or None for any other.
+
+    A full disk or quota, and a file or folder dsub may not read or write, wherever
+    they happen: checking the inputs, in a task, or during the export.
+    """
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return disk_full(exc, outdir)
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return access_denied(exc, outdir)
+    return None
+
+
+def disk_full(exc: OSError, outdir: Path) -> DiskFullError:
+    """A full disk (or quota) while writing: what to do, and that finished chunks are kept."""
     where = exc.filename or outdir
+    what = "no space left on device" if exc.errno == errno.ENOSPC else "disk quota exceeded"
     return DiskFullError(
-        f"{where}: no space left on device while writing the results. Free space (or choose another -o) and "
-        "rerun the same command: finished chunks are kept."
+        f"{where}: {what} while writing the results. Free space and rerun the same command: finished "
+        "chunks are kept (or choose another -o and start afresh)."
     )
 
 
+def access_denied(exc: OSError, outdir: Path) -> DsubError:
+    """A permission error: in OUTDIR (or on its way) the folder to fix, elsewhere the file to make readable."""
+    where = Path(exc.filename) if exc.filename else outdir
+    target, folder = Path(os.path.abspath(where)), Path(os.path.abspath(outdir))
+    if exc.errno == errno.EROFS or target.is_relative_to(folder) or folder.is_relative_to(target):
+        return OptionError(
+            f"{where}: cannot write there ({exc.strerror}). Make the output folder writable and rerun the "
+            "same command (finished chunks are kept), or choose another folder with -o."
+        )
+    return InputFileError(where, f"cannot be opened ({exc.strerror}).",
+                          "Check its permissions, and those of the folders above it, for your user.")

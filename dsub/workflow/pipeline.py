@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -21,16 +22,18 @@ import numpy as np
 
 from .. import __version__
 from ..cluster import ClusterSpec, open_runner
-from ..errors import InputFileError, OptionError, warn
+from ..errors import DsubError, InputFileError, OptionError, warn
 from ..formats import read_particles, select_rows
 from ..particles import HALF_A
 from ..physics.backend import gpu_available
 from ..physics.subtract import SubtractionSettings
 from . import export, store, validate
-from .outdir import disk_full, file_identity, prepare_outdir, run_fingerprint
+from .outdir import explain_os_error, file_identity, prepare_outdir, run_fingerprint
 from .tasks import MapFiles, fit_sample, run_chunk
 
 RUN_SUMMARY = "dsub_run.json"
+#: What a finished export leaves beside the stacks; none of it may outlive a failed run.
+METADATA = (export.STAR_NAME, export.CS_NAME, export.SKIPPED_NAME, RUN_SUMMARY)
 POLARITY_SAMPLE = 64
 
 
@@ -105,11 +108,13 @@ def subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings
     """
     try:
         return _subtract(particles_path, half_a, half_b, mask, settings, options)
-    except OSError as exc:
-        full = disk_full(exc, Path(options.outdir))
-        if full is None:
+    except DsubError:
+        raise
+    except OSError as exc:  # wherever it happened, on this machine or a worker: one message
+        explained = explain_os_error(exc, Path(options.outdir))
+        if explained is None:
             raise
-        raise full from exc
+        raise explained from exc
 
 
 def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings, options: RunOptions) -> dict:
@@ -119,8 +124,9 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     validate.check_metadata(table)
     box = validate.particle_box(table)
     if options.single_map:
-        warn("--single-map: every particle is subtracted with --half-a; gold-standard independence "
-                      "of the half sets is broken for anything refined from the result")
+        unused = "; --half-b is not used" if half_b is not None else ""
+        warn(f"--single-map: every particle is subtracted with --half-a{unused}; gold-standard independence "
+             "of the half sets is broken for anything refined from the result")
         table.half_set[:] = HALF_A
         half_b = half_a
     elif half_b is None:
@@ -134,7 +140,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             "which --scale input needs.",
             "Use --scale fit to fit each particle's contrast instead.",
         )
-    pixel_size = float(np.median(table.pixel_size_angstrom))
+    pixel_size = validate.particle_pixel_size(table)
     validate.check_maps(half_a, half_b, mask, box, pixel_size)
     validate.check_images(table, box)
     check_device(options)
@@ -143,11 +149,11 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
 
     identity = run_identity(particles_path, maps, table, box, settings, options)
     fingerprint = run_fingerprint(identity)
-    resuming = prepare_outdir(outdir, fingerprint, options.overwrite)
-    for name in (export.STAR_NAME, export.CS_NAME, RUN_SUMMARY):
-        (outdir / name).unlink(missing_ok=True)  # never leave old metadata that looks complete
-
     store_path = outdir / store.STORE_NAME
+    if options.skip_bad_particles and not options.overwrite:
+        adopt_strict_run(store_path, identity, fingerprint)
+    resuming = prepare_outdir(outdir, fingerprint, options.overwrite)
+    remove_metadata(outdir)  # never leave old metadata that looks complete
     bounds = store.chunk_bounds(len(table), options.chunk_size)
 
     timings = {"check_inputs": time.monotonic() - started}
@@ -188,30 +194,66 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     results = store.open_store(store_path)
     contrast = np.asarray(results["contrast"][:])
     skipped = np.asarray(results["skipped"][:], dtype=bool)
-    export.write_metadata(table, outdir, options.particles_per_stack, contrast, skipped)
-    timings["export"] = time.monotonic() - started - sum(timings.values())
-
-    kept = contrast[~skipped]
-    summary = {
-        "particles": len(table),
-        "box": box,
-        "chunks_total": len(bounds),
-        "chunks_skipped": len(bounds) - len(pending),
-        "seconds": round(time.monotonic() - started, 3),
-        "phase_seconds": {phase: round(value, 3) for phase, value in timings.items()},
-        "scheduler": options.cluster.scheduler,
-        "workers": workers,
-        "devices": devices,
-        "scale": settings.scale,
-        "contrast_median": float(np.median(kept)) if kept.size else None,
-        "contrast_negative_fraction": float(np.mean(kept < 0)) if kept.size else None,
-        "skipped_particles": skipped_report(table, skipped),
-        "outputs": {"store": store.STORE_NAME, "star": export.STAR_NAME, "cs": export.CS_NAME,
-                    "stacks": export.STACK_FOLDER},
-    }
-    (outdir / RUN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    with all_metadata_or_none(outdir):
+        export.write_metadata(table, outdir, options.particles_per_stack, contrast, skipped)
+        timings["export"] = time.monotonic() - started - sum(timings.values())
+        kept = contrast[~skipped]
+        summary = {
+            "particles": len(table),
+            "box": box,
+            "chunks_total": len(bounds),
+            "chunks_skipped": len(bounds) - len(pending),
+            "seconds": round(time.monotonic() - started, 3),
+            "phase_seconds": {phase: round(value, 3) for phase, value in timings.items()},
+            "scheduler": options.cluster.scheduler,
+            "workers": workers,
+            "devices": devices,
+            "scale": settings.scale,
+            "contrast_median": float(np.median(kept)) if kept.size else None,
+            "contrast_negative_fraction": float(np.mean(kept < 0)) if kept.size else None,
+            "skipped_particles": skipped_report(table, skipped),
+            "outputs": {"store": store.STORE_NAME, "star": export.STAR_NAME, "cs": export.CS_NAME,
+                        "stacks": export.STACK_FOLDER},
+        }
+        (outdir / RUN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     report(summary, outdir, options)
     return summary
+
+
+def remove_metadata(outdir: Path) -> None:
+    """Remove the star, .cs and summary files of an earlier export."""
+    for name in METADATA:
+        (outdir / name).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def all_metadata_or_none(outdir: Path):
+    """Write the export's metadata inside; if that fails (a full disk, an interrupt), none of it is left."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(OSError):
+            remove_metadata(outdir)
+        raise
+
+
+def adopt_strict_run(store_path: Path, identity: dict, fingerprint: str) -> None:
+    """Let --skip-bad-particles resume a run that stopped at a bad image (the fix its error message gives).
+
+    That run's finished chunks held no bad image, so they are exactly what this
+    run would write: its store takes this run's fingerprint (and a later rerun
+    without the flag is then refused as a different run, as it should be).
+    """
+    if not store_path.exists():
+        return
+    strict = run_fingerprint({**identity, "skip_bad_particles": False})
+    try:
+        group = store.open_store(store_path, mode="r+")
+        if group.attrs.get("run", {}).get("fingerprint") != strict:
+            return
+    except Exception:  # unreadable: prepare_outdir decides
+        return
+    group.attrs["run"] = {**identity, "fingerprint": fingerprint}
 
 
 def run_identity(particles_path, maps: MapFiles, table, box: int, settings, options: RunOptions) -> dict:

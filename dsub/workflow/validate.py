@@ -26,6 +26,19 @@ def particle_box(table) -> int:
     return int(boxes[0])
 
 
+def particle_pixel_size(table) -> float:
+    """The one pixel size of all particles, within 1 % (the maps have a single voxel size)."""
+    sizes = table.pixel_size_angstrom
+    if sizes.max() - sizes.min() > PIXEL_SIZE_TOLERANCE * sizes.min():
+        distinct = ", ".join(f"{size:g}" for size in np.unique(np.round(sizes, 4))[:6])
+        raise InputFileError(
+            table.source_path,
+            f"particles come with several pixel sizes ({distinct} Å), but the maps have one voxel size.",
+            "Subtract each pixel size separately (split the file by optics group), with maps at that pixel size.",
+        )
+    return float(np.median(sizes))
+
+
 #: Per-particle values that must be finite, with the names users know them by.
 _FINITE = {
     "rotations": "the angles (rlnAngleRot/Tilt/Psi or alignments3D/pose)",
@@ -166,7 +179,11 @@ def check_maps(half_a: str, half_b: str, mask: str, box: int, pixel_size: float)
 
 
 def check_images(table, box: int) -> None:
-    """Each stack exists, is an image stack of the particles' box and holds every referenced index."""
+    """Each stack exists, is an image stack of the particles' box and holds every referenced index.
+
+    Opening a stack first checks its 1024-byte header against the file's size
+    (``formats.mrc.check_mrc_file``): a text file or a truncated stack is refused here.
+    """
     paths = np.asarray(table.image_paths, dtype=object)
     for path in np.unique(paths):
         if not Path(path).is_file():
