@@ -145,6 +145,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     validate.check_maps(half_a, half_b, mask, box, pixel_size)
     validate.check_images(table, box)
     check_device(options)
+    plan, spec = plan_resources(box, settings, options)
     device = options.device
     maps = MapFiles(str(Path(half_a).resolve()), str(Path(half_b).resolve()), str(Path(mask).resolve()))
 
@@ -157,7 +158,6 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     remove_metadata(outdir)  # never leave old metadata that looks complete
     bounds = store.chunk_bounds(len(table), options.chunk_size)
 
-    plan, spec = plan_resources(box, settings, options)
     timings = {"check_inputs": time.monotonic() - started}
     with resources.failures_explained(plan), open_runner(spec) as runner:
         timings["start_workers"] = time.monotonic() - started - sum(timings.values())
