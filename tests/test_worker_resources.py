@@ -7,7 +7,6 @@ stand-in GPUs) and are skipped without it.
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,10 +18,10 @@ from dsub.cluster.scripts import job_script
 from dsub.demo import make_dataset
 from dsub.physics.subtract import SubtractionSettings
 from dsub.workflow import resources
+from test_distributed import LOCAL_SLURM, needs_slurm
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = ROOT / "cluster"
-LOCAL_SLURM = PROFILES / "local-slurm" / "jobqueue.yaml"
 
 
 def profile(tmp_path, text: str) -> Path:
@@ -114,16 +113,6 @@ def test_worker_with_too_small_a_limit_is_refused_before_any_work():
     capacities["tcp://10.0.0.7:4242"].update(device="gpu", gpu_free=1_000_000_000)
     with pytest.raises(resources.NotEnoughMemoryError, match="GPU has 1.0 GB free"):
         resources.check_workers(plan(), capacities, 128, SubtractionSettings(), 256)
-
-
-def slurm_ready() -> bool:
-    if not shutil.which("sinfo"):
-        return False
-    result = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True)
-    return result.returncode == 0 and any(s.startswith(("idle", "mix")) for s in result.stdout.split())
-
-
-needs_slurm = pytest.mark.skipif(not slurm_ready(), reason="no local SLURM (run make slurm-up)")
 
 
 def dsub(paths, outdir, *extra):
