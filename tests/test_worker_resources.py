@@ -87,7 +87,7 @@ def test_killed_worker_becomes_one_line_with_the_figures_and_the_logs():
     with pytest.raises(resources.WorkerLostError) as caught, resources.failures_explained(small):
         raise exc
     text = one_line(caught.value)
-    assert "subtract-chunk-00003" in text and "died 4 times" in text
+    assert "subtract-chunk-00003" in text and "died 4 time(s)" in text
     assert "each worker had 2.0 GB" in text and f"needs about {small.need.host_bytes / 1e9:.1f} GB" in text
     assert "Likely cause: the memory limit" in text
     assert "/scratch/dsub-worker-logs" in text and "rerun the same command to resume" in text
@@ -143,3 +143,57 @@ def test_workers_too_small_for_the_job_end_in_one_line(tmp_path):
     assert "Requested node configuration is not available" in lines[0]
     assert re.search(r"Each job asks for \d+GB of memory", lines[0])
     assert not (tmp_path / "out" / "particles_subtracted.star").exists()
+
+
+@needs_slurm
+def test_all_workers_lost_ends_in_one_line_and_keeps_finished_chunks(tmp_path):
+    from test_distributed import finished_chunks, wait_for_chunks
+
+    paths, _ = make_dataset(tmp_path / "data", count=240, box=48, seed=7)
+    outdir = tmp_path / "out"
+    command = [sys.executable, "-m", "dsub.cli", "subtract", str(paths["star"]), "--half-a", str(paths["half_a"]),
+               "--half-b", str(paths["half_b"]), "--mask", str(paths["mask"]), "-o", str(outdir), "--quiet",
+               "--dashboard-address", "127.0.0.1:0", "--scheduler", "slurm", "--workers", "1", "--chunk-size", "4",
+               "--cluster-config", str(LOCAL_SLURM), "--worker-timeout", "10"]
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    wait_for_chunks(run, outdir, 3)
+    jobs = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+    subprocess.run(["scancel", *jobs], check=True)  # the node is lost: no worker comes back
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 2
+    lines = [line for line in err.strip().splitlines() if not line.startswith("dsub: warning:")]
+    assert len(lines) == 1 and lines[0].startswith("dsub: error:") and "Traceback" not in err
+    assert "every Dask worker was lost" in lines[0] and "Worker logs: /tmp/dsub-slurm/worker-logs" in lines[0]
+    assert finished_chunks(outdir) >= 3 and not (outdir / "particles_subtracted.star").exists()
+
+
+def test_killed_worker_on_a_local_cluster_ends_in_one_line(tmp_path):
+    import os
+    import signal
+
+    import psutil
+
+    from test_distributed import finished_chunks, wait_for_chunks
+
+    paths, _ = make_dataset(tmp_path / "data", count=240, box=48, seed=7)
+    outdir = tmp_path / "out"
+    command = [sys.executable, "-m", "dsub.cli", "subtract", str(paths["star"]), "--half-a", str(paths["half_a"]),
+               "--half-b", str(paths["half_b"]), "--mask", str(paths["mask"]), "-o", str(outdir), "--quiet",
+               "--dashboard-address", "127.0.0.1:0", "--scheduler", "local", "--workers", "1", "--chunk-size", "4"]
+    # Dask gives up on a task at the first death of its worker, as it does after the nanny's third restart.
+    environment = {**os.environ, "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"}
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                           env=environment)
+    wait_for_chunks(run, outdir, 3)
+    workers = [p for p in psutil.Process(run.pid).children(recursive=True)
+               if "spawn_main" in " ".join(p.cmdline()) and "resource_tracker" not in " ".join(p.cmdline())]
+    assert workers, "no worker process found"
+    for worker in workers:
+        worker.send_signal(signal.SIGKILL)  # mid-task, as the kernel's or the nanny's memory killer does
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dsub: error:") and "Traceback" not in err
+    assert re.search(r"the workers running subtract-chunk-\d+ died 1 time\(s\)", lines[0])
+    assert "Likely cause:" in lines[0] and "the estimate needs about" in lines[0]
+    assert finished_chunks(outdir) >= 3 and not (outdir / "particles_subtracted.star").exists()

@@ -294,7 +294,7 @@ def killed_worker_error(exc, plan: MemoryPlan) -> WorkerLostError:
     """One line for distributed's KilledWorker: which task, the likely cause and where the logs are."""
     task = getattr(exc, "task", None) or (exc.args[0] if exc.args else "a task")
     tries = getattr(exc, "allowed_failures", None)
-    times = f" {tries + 1} times" if isinstance(tries, int) else ""
+    times = f" {tries + 1} time(s)" if isinstance(tries, int) else ""
     tight = plan.worker_limit is not None and plan.need.host_bytes > plan.worker_limit * usable_fraction()
     cause = ("the memory limit (" + memory_figures(plan) + ")" if tight or plan.worker_limit is None else
              "a lost node or a preempted or expired job, or the memory limit (" + memory_figures(plan) + ")")
