@@ -76,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     script.add_argument("--scheduler", choices=("slurm", "pbs"), required=True)
     script.add_argument("--cluster-config", default=None, help="YAML file in dask-jobqueue's jobqueue.yaml format")
+    script.add_argument("--box", type=int, default=None,
+                        help="box size of the particles: the script then asks for the memory a run needs per worker")
+    script.add_argument("--padding", type=int, default=3, help="as for subtract (3)")
+    script.add_argument("--projector", choices=PROJECTORS, default="padded", help="as for subtract (padded)")
+    script.add_argument("--chunk-size", type=int, default=256, help="as for subtract (256)")
+    script.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
+                        help="cpu: the workers ask for no GPU (default: one GPU per worker job)")
 
     demo = commands.add_parser("demo", help="simulate a small dataset, subtract it and report the accuracy")
     demo.add_argument("-o", "--outdir", default="demo_out", help="folder for the dataset and results (demo_out)")
@@ -167,9 +174,26 @@ def run_demo(args) -> int:
 
 
 def run_job_script(args) -> int:
+    from .cluster.config import cluster_config
     from .cluster.scripts import job_script
+    from .workflow.pipeline import RunOptions
+    from .workflow.resources import plan_memory
 
-    print(job_script(args.scheduler, args.cluster_config))
+    memory = None
+    if args.box is not None:
+        if args.box < 2:
+            raise OptionError(f"--box must be at least 2 pixels, not {args.box}")
+        try:
+            settings = SubtractionSettings(projector=args.projector, padding=args.padding)
+        except ValueError as exc:
+            raise OptionError(str(exc)) from exc
+        spec = ClusterSpec(scheduler=args.scheduler, cluster_config=args.cluster_config)
+        options = RunOptions(outdir=Path("."), chunk_size=args.chunk_size, device=args.device, cluster=spec)
+        with cluster_config(args.cluster_config):
+            plan = plan_memory(args.box, settings, options)
+        print(f"# Memory: {plan.need.describe()}.")
+        memory = plan.request_bytes
+    print(job_script(args.scheduler, args.cluster_config, memory, args.device))
     return 0
 
 

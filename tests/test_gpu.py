@@ -80,3 +80,22 @@ def test_local_cluster_uses_every_gpu(tmp_path):
     summary = json.loads((tmp_path / "out" / "dsub_run.json").read_text())
     assert summary["workers"] >= 2
     assert len({d for d in summary["devices"] if d.startswith("gpu:")}) >= 2
+
+
+@pytest.mark.parametrize("box", [64, 128])
+def test_memory_estimate_bounds_the_gpu_pool_peak(cupy, box):
+    """The prepared-map estimate (counted for NumPy) is an upper bound on the GPU, and not a wasteful one."""
+    from dsub.physics.memory import prepared_map_bytes
+
+    settings = SubtractionSettings()
+    rng = np.random.default_rng(box)
+    halves = [rng.normal(size=(box,) * 3).astype(np.float32) for _ in range(2)]
+    mask = rng.uniform(0, 1, (box,) * 3).astype(np.float32)
+    pool = cupy.get_default_memory_pool()
+    cupy.fft.config.get_plan_cache().clear()
+    pool.free_all_blocks()
+    before = pool.total_bytes()  # the pool only grows: what it holds afterwards is its peak
+    models = [prepare_half_map(cupy, half, mask, settings) for half in halves]
+    cupy.cuda.Device().synchronize()
+    peak = pool.total_bytes() - before
+    assert models and peak <= prepared_map_bytes(box, settings) <= 1.6 * peak

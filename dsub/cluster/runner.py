@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 
 import dask
@@ -37,6 +38,8 @@ class ClusterSpec:
     secure: bool = False
     progress: bool = True
     log: object = field(default=None, repr=False)  # None: sys.stdout at the time of writing
+    device: str = "auto"  # where workers compute: decides whether batch jobs ask for a GPU
+    worker_memory_bytes: int | None = None  # host memory each batch job must have (the run's estimate)
 
     @property
     def out(self):
@@ -101,6 +104,10 @@ class ThreadRunner:
         with ProgressBar(dt=0.5, out=self.spec.out):
             return list(dask.compute(*tasks, **kwargs))
 
+    def capacities(self, device: str) -> None:
+        """No separate workers: the machine itself is checked before the run."""
+        return None
+
 
 class DistributedRunner:
     """A distributed Client on a cluster dsub started (or an existing scheduler)."""
@@ -110,8 +117,6 @@ class DistributedRunner:
         self.workers = len(client.scheduler_info().get("workers", {}))
 
     def compute(self, tasks, label: str):
-        from distributed import as_completed
-
         if not tasks:
             return []
         futures = self.client.compute(tasks)
@@ -123,7 +128,7 @@ class DistributedRunner:
 
             progress = tqdm(total=len(futures), desc=label, unit="task", file=self.spec.out)
         try:
-            for future in as_completed(futures):
+            for future in self.completed(futures):
                 results[order[future.key]] = future.result()  # re-raises a task's exception here
                 if progress is not None:
                     progress.update()
@@ -135,6 +140,43 @@ class DistributedRunner:
                 progress.close()
         self.workers = len(self.client.scheduler_info().get("workers", {}))
         return results
+
+    def completed(self, futures, poll: float = 2.0):
+        """Yield futures as they finish; stop with ``WorkersLost`` when no worker is left for too long.
+
+        A batch job that dies (preemption, walltime, a failed node) is not
+        replaced without --adapt, so without this check the run would wait forever.
+        """
+        from distributed import wait
+
+        pending = set(futures)
+        alone_since = None
+        while pending:
+            try:
+                done, pending = wait(pending, timeout=poll, return_when="FIRST_COMPLETED")
+            except TimeoutError:
+                done = set()
+            yield from done
+            if done or self.client.scheduler_info().get("workers"):
+                alone_since = None
+                continue
+            alone_since = alone_since or time.monotonic()
+            if time.monotonic() - alone_since > self.spec.worker_timeout:
+                raise WorkersLost(self.spec.worker_timeout)
+
+    def capacities(self, device: str) -> dict:
+        """Each worker's device, memory limit, free GPU memory and threads ({address: {...}})."""
+        from ..workflow.resources import worker_capacity
+
+        return self.client.run(worker_capacity, device)
+
+
+class WorkersLost(RuntimeError):
+    """Every worker left and none came back within the worker time-out."""
+
+    def __init__(self, waited: float):
+        super().__init__(f"no worker for {waited:.0f} s")
+        self.waited = waited
 
 
 @contextlib.contextmanager

@@ -10,8 +10,11 @@ from .runner import ClusterSpec
 from .start import batch_cluster
 
 
-def job_script(scheduler: str, config_path=None) -> str:
+def job_script(scheduler: str, config_path=None, memory_bytes: int | None = None, device: str = "auto") -> str:
     """The job script dask-jobqueue would submit for one worker under ``scheduler`` (slurm or pbs).
+
+    ``memory_bytes``: the host memory a run needs per worker (raises a smaller
+    ``memory`` of the profile, as a run does); ``device`` "cpu" asks for no GPU.
 
     dask-jobqueue creates a relative log directory when it sets up a cluster;
     for a script that is only shown, that happens in a throw-away folder.
@@ -21,7 +24,8 @@ def job_script(scheduler: str, config_path=None) -> str:
     with tempfile.TemporaryDirectory() as scratch, cluster_config(config_path):
         os.chdir(scratch)
         try:
-            cluster = batch_cluster(ClusterSpec(scheduler=scheduler))
+            spec = ClusterSpec(scheduler=scheduler, device=device, worker_memory_bytes=memory_bytes)
+            cluster = batch_cluster(spec)
             try:
                 return cluster.job_script()
             finally:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import dask
 
-from ..errors import DsubError
+from ..errors import DsubError, warn
 from .gpus import PinGPU, visible_gpus
 
 
@@ -100,8 +102,12 @@ def preflight(cluster, spec) -> None:
         return
     said = sbatch_test_only(cluster.job_script())
     if said is not None:
+        asked = ""
+        if spec.worker_memory_bytes:
+            asked = (f" Each job asks for {getattr(cluster, 'dsub_memory', '?')} of memory, what this run needs "
+                     "per worker (see the estimate above).")
         raise DsubError(
-            f"SLURM refuses the worker job: {said} Check the partition and resources in your cluster "
+            f"SLURM refuses the worker job: {said}{asked} Check the partition and resources in your cluster "
             "config (dsub job-script --scheduler slurm shows the job script)."
         )
 
@@ -117,20 +123,28 @@ def sbatch_test_only(script: str) -> str | None:
     return (result.stderr or result.stdout).strip().replace("sbatch: error: ", "")
 
 
-def local_cluster(spec):
-    """A LocalCluster: one worker per visible GPU (pinned), else CPU worker processes."""
-    from distributed import LocalCluster
-
+def local_layout(spec) -> tuple[int, int, list[str]]:
+    """(worker processes, threads per worker, GPUs) of the LocalCluster for ``spec``."""
     gpus = visible_gpus()
     cores = os.cpu_count() or 1
     if gpus:
         workers = spec.workers or len(gpus)
         threads = 2  # one reads and writes while the other computes
-        plugin = PinGPU(gpus)
-        description = f"local cluster, {workers} GPU worker(s) on GPUs {', '.join(gpus)}"
     else:
         workers = spec.workers or max(1, min(4, cores))
         threads = max(1, cores // workers)
+    return workers, threads, gpus
+
+
+def local_cluster(spec):
+    """A LocalCluster: one worker per visible GPU (pinned), else CPU worker processes."""
+    from distributed import LocalCluster
+
+    workers, threads, gpus = local_layout(spec)
+    if gpus:
+        plugin = PinGPU(gpus)
+        description = f"local cluster, {workers} GPU worker(s) on GPUs {', '.join(gpus)}"
+    else:
         plugin = None
         description = f"local cluster, {workers} CPU worker(s) x {threads} thread(s)"
     if spec.adapt is not None:
@@ -160,10 +174,9 @@ def batch_cluster(spec):
     options = {}
     if dask.config.get(f"jobqueue.{spec.scheduler}.cores", None) is None:
         options.update(cores=1)
-    if dask.config.get(f"jobqueue.{spec.scheduler}.memory", None) is None:
-        options.update(memory="8GB")
     if dask.config.get(f"jobqueue.{spec.scheduler}.processes", None) is None:
         options.update(processes=1)  # one worker process per job: one GPU each
+    options.update(job_resources(spec))
     scheduler_options = dict(dask.config.get(f"jobqueue.{spec.scheduler}.scheduler-options", None) or {})
     scheduler_options.setdefault("dashboard_address", spec.dashboard_address)  # loopback unless configured
     options.update(scheduler_options=scheduler_options)
@@ -180,7 +193,84 @@ def batch_cluster(spec):
     except (ValueError, TypeError) as exc:
         raise DsubError(f"cannot set up the {spec.scheduler} cluster: {exc}") from exc
     cluster.dsub_submit_errors = errors
+    cluster.dsub_memory = options.get("memory") or dask.config.get(f"jobqueue.{spec.scheduler}.memory", None)
     return cluster
+
+
+#: Host memory per worker job when neither the profile nor an estimate says.
+DEFAULT_JOB_MEMORY = "8GB"
+GPU_DIRECTIVES = ("--gres=gpu", "--gpus", "-G ", "--gpus-per-node", "--gpus-per-task")
+
+
+def gpus_per_job(spec) -> int:
+    """GPUs each worker job gets: 1 by default, 0 with --device cpu or ``dsub: {gpus-per-worker: 0}``.
+
+    A profile that already asks for GPUs itself (``--gres``/``--gpus`` directives,
+    ``ngpus``/``gpus`` in a PBS resource-spec) keeps its own request.
+    """
+    configured = dask.config.get("dsub.gpus-per-worker", None)
+    if configured is not None:
+        return int(configured)
+    return 0 if getattr(spec, "device", "auto") == "cpu" else 1
+
+
+def worker_device(spec) -> str:
+    """What batch workers compute on: --device, else the profile's ``dsub: {worker-device: ...}``, else auto."""
+    device = getattr(spec, "device", "auto")
+    if device != "auto":
+        return device
+    return str(dask.config.get("dsub.worker-device", None) or "auto")
+
+
+def profile_asks_for_gpus(scheduler: str) -> bool:
+    if scheduler == "slurm":
+        directives = dask.config.get("jobqueue.slurm.job-extra-directives", None) or []
+        return any(text.strip().startswith(GPU_DIRECTIVES) for text in directives)
+    spec = dask.config.get("jobqueue.pbs.resource-spec", None) or ""
+    return "gpus=" in spec
+
+
+def job_resources(spec) -> dict:
+    """dask-jobqueue options for memory and GPUs: what the profile says, raised to what the run needs.
+
+    ``spec.worker_memory_bytes`` (the estimate, from ``dsub.workflow.resources``)
+    raises a smaller ``memory`` of the profile, with a notice: dask-jobqueue uses
+    that figure both as the job's request and as the Dask worker's memory limit,
+    so a smaller one only gets the worker killed. One GPU per job is added unless
+    the profile asks for GPUs itself or ``gpus_per_job`` is 0.
+    """
+    from dask.utils import parse_bytes
+
+    scheduler = spec.scheduler
+    options = {}
+    configured = dask.config.get(f"jobqueue.{scheduler}.memory", None)
+    memory = configured or DEFAULT_JOB_MEMORY
+    needed = getattr(spec, "worker_memory_bytes", None)
+    if needed and parse_bytes(memory) < needed:
+        raised = f"{math.ceil(needed / 1e9)}GB"  # whole GB: PBS takes integer sizes only
+        if configured:
+            warn(f"the cluster config gives each worker {memory}, but this run needs {needed / 1e9:.1f} GB per "
+                 f"worker (the estimate, kept below the share of the limit where Dask pauses a worker); "
+                 f"each worker job asks for {raised} instead")
+        memory = raised
+    if memory != configured:
+        options.update(memory=memory)
+    gpus = gpus_per_job(spec)
+    resource_spec = dask.config.get(f"jobqueue.{scheduler}.resource-spec", None)
+    if scheduler == "pbs" and resource_spec and "mem=" in resource_spec and memory != configured:
+        resource_spec = re.sub(r"mem=[^:,+\s]+", f"mem={memory}", resource_spec)
+        options.update(resource_spec=resource_spec)
+    if gpus and not profile_asks_for_gpus(scheduler):
+        if scheduler == "slurm":
+            directives = list(dask.config.get("jobqueue.slurm.job-extra-directives", None) or [])
+            options.update(job_extra_directives=[*directives, f"--gres=gpu:{gpus}"])
+        elif resource_spec:
+            joiner = ":gpus=" if resource_spec.startswith("nodes=") else ":ngpus="
+            options.update(resource_spec=f"{resource_spec}{joiner}{gpus}")
+        else:  # dask-jobqueue's own default is PBS Pro's select syntax
+            cores = dask.config.get("jobqueue.pbs.cores", None) or 1
+            options.update(resource_spec=f"select=1:ncpus={cores}:ngpus={gpus}:mem={memory}")
+    return options
 
 
 def submission_output(text: str) -> str:

@@ -22,12 +22,13 @@ import numpy as np
 
 from .. import __version__
 from ..cluster import ClusterSpec, open_runner
+from ..cluster.config import cluster_config
 from ..errors import DsubError, InputFileError, OptionError, warn
 from ..formats import read_particles, select_rows
 from ..particles import HALF_A
 from ..physics.backend import gpu_available
 from ..physics.subtract import SubtractionSettings
-from . import export, store, validate
+from . import export, resources, store, validate
 from .outdir import explain_os_error, file_identity, prepare_outdir, run_fingerprint
 from .tasks import MapFiles, fit_sample, run_chunk
 
@@ -144,6 +145,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     validate.check_maps(half_a, half_b, mask, box, pixel_size)
     validate.check_images(table, box)
     check_device(options)
+    plan, spec = plan_resources(box, settings, options)
     device = options.device
     maps = MapFiles(str(Path(half_a).resolve()), str(Path(half_b).resolve()), str(Path(mask).resolve()))
 
@@ -157,8 +159,11 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     bounds = store.chunk_bounds(len(table), options.chunk_size)
 
     timings = {"check_inputs": time.monotonic() - started}
-    with open_runner(options.cluster) as runner:
+    with resources.failures_explained(plan), open_runner(spec) as runner:
         timings["start_workers"] = time.monotonic() - started - sum(timings.values())
+        capacities = runner.capacities(device)
+        if capacities:
+            resources.check_workers(plan, capacities, box, settings, options.chunk_size)
         if settings.scale == "input":
             sample, task = polarity_task(table, maps, settings, device)
             check_polarity(table, sample, runner.compute([task], "polarity check")[0], options)
@@ -218,6 +223,21 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
         (outdir / RUN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     report(summary, outdir, options)
     return summary
+
+
+def plan_resources(box: int, settings, options: RunOptions):
+    """Estimate and print the memory each worker needs; refuse here when this machine cannot hold it.
+
+    Returns the plan and the cluster spec to start, which asks batch jobs for
+    that memory and, unless the run is on the CPU, one GPU each.
+    """
+    with cluster_config(options.cluster.cluster_config):
+        plan = resources.plan_memory(box, settings, options)
+    say(options, f"Memory: {plan.need.describe()}.")
+    if not options.cluster.distributed:
+        resources.check_this_machine(plan)
+    request = plan.request_bytes if options.cluster.scheduler in ("slurm", "pbs") else None
+    return plan, dataclasses.replace(options.cluster, device=options.device, worker_memory_bytes=request)
 
 
 def remove_metadata(outdir: Path) -> None:

@@ -8,6 +8,7 @@ file paths.
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +20,10 @@ from ..formats.mrc import read_images, read_map
 from ..particles import HALF_A, HALF_B
 from ..physics.backend import device_label, get_xp, resolve_device, to_numpy
 from ..physics.subtract import SubtractionSettings, prepare_half_map, subtract_batch
-from . import store
+from . import resources, store
 
-#: Rough per-particle working memory of one batch, in complex64 arrays of the slice size.
-_ARRAYS_PER_PARTICLE = 16
-_BATCH_BYTES = {"cpu": 512 * 2**20, "gpu": 4 * 2**30}
+#: Share of the free memory measured at a task's start that its batches may use (others run alongside).
+BATCH_SHARE_OF_FREE = 0.8
 
 
 @dataclass(frozen=True)
@@ -54,11 +54,36 @@ def half_map_models(maps: MapFiles, settings: SubtractionSettings, device: str) 
         return _models[key]
 
 
-def batch_size(box: int, settings: SubtractionSettings, device: str) -> int:
-    """How many particles to process at once so a batch fits the device's working memory."""
-    size = box * settings.padding if settings.projector == "padded" else box
-    per_particle = _ARRAYS_PER_PARTICLE * size * (size // 2 + 1) * 8
-    return max(1, _BATCH_BYTES[device] // per_particle)
+def worker_threads_and_limit() -> tuple[int, int | None]:
+    """Tasks this process runs at once, and its Dask memory limit (None outside a Dask worker or unlimited)."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return os.cpu_count() or 1, None  # the threaded scheduler: one task per core at most
+    limit = worker.memory_manager.memory_limit
+    return worker.state.nthreads, int(limit) if limit else None
+
+
+def batch_size(box: int, settings: SubtractionSettings, device: str, chunk_size: int) -> int:
+    """How many particles to process at once, from what this worker has free now.
+
+    On a GPU: its free memory (the prepared maps already hold theirs). On the
+    CPU: the room left under the Dask worker's memory limit (below the point
+    where distributed pauses it), or this machine's available memory. Shared by
+    the tasks running at once, at most ``resources.BATCH_CAP_BYTES`` each.
+    """
+    import psutil
+
+    threads, limit = worker_threads_and_limit()
+    if device == "gpu":
+        free = resources.gpu_memory_free()
+    elif limit:
+        free = limit * resources.usable_fraction() - psutil.Process().memory_info().rss
+    else:
+        free = resources.host_memory_available()
+    return resources.batch_within(BATCH_SHARE_OF_FREE * free, box, settings, device, threads, chunk_size)
 
 
 def subtract_particles(images: np.ndarray, particles, models: dict, settings, device: str):
@@ -66,7 +91,7 @@ def subtract_particles(images: np.ndarray, particles, models: dict, settings, de
     xp = get_xp(device)
     subtracted = np.empty(images.shape, dtype=np.float32)
     alpha = np.empty(images.shape[0], dtype=np.float32)
-    step = batch_size(images.shape[-1], settings, device)
+    step = batch_size(images.shape[-1], settings, device, images.shape[0])
     for half in (HALF_A, HALF_B):
         members = np.flatnonzero(particles.half_set == half)
         for first in range(0, members.size, step):

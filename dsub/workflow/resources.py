@@ -1,0 +1,336 @@
+"""The memory one worker needs: estimated before any work, printed, and checked against each worker.
+
+Built on ``physics.memory`` (prepared maps, batch working memory) plus what a
+worker holds besides: its Python process, a chunk's images in and out and the
+Zarr write of each task it runs at once. Where a limit is known (this
+machine's free memory or GPU memory for ``threads``/``sync``, each Dask
+worker's memory limit and free GPU memory once it has joined) a run that
+cannot fit is refused in one line before any map is prepared. Later failures
+(``MemoryError``, a worker killed by its nanny or lost with its node) end in
+one line too, with the estimate and where the worker logs are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import resource
+from dataclasses import dataclass
+
+import dask
+
+from ..cluster.runner import WorkersLost
+from ..errors import DsubError
+from ..physics.memory import batch_bytes_per_particle, prepared_map_bytes
+
+#: Resident memory of a worker process with dsub, NumPy, Zarr and Dask loaded (measured: 175-195 MB).
+BASELINE_HOST_BYTES = 200 * 2**20
+#: Host memory of a CUDA context and CuPy in a GPU worker (rough; depends on the driver).
+GPU_HOST_OVERHEAD_BYTES = 512 * 2**20
+#: A chunk's images as read, as subtracted, and as encoded for the Zarr write.
+IMAGE_COPIES_PER_TASK = 3
+#: Largest batch per task worth making: larger ones do not run faster.
+BATCH_CAP_BYTES = {"cpu": 512 * 2**20, "gpu": 4 * 2**30}
+#: Share of a Dask worker's memory limit dsub plans to use: distributed pauses a worker at 80 %.
+DEFAULT_USABLE_FRACTION = 0.8
+
+GB = 1e9
+
+
+def gigabytes(count: int) -> str:
+    return f"{count / GB:.1f} GB"
+
+
+class NotEnoughMemoryError(DsubError, MemoryError):
+    """A worker (or this machine) cannot hold what the run needs."""
+
+
+class WorkerLostError(DsubError, RuntimeError):
+    """A worker died or was lost while running tasks."""
+
+
+@dataclass(frozen=True)
+class WorkerMemory:
+    """Memory one worker needs (bytes), for a box, device, tasks at once and batch size."""
+
+    box: int
+    device: str
+    threads: int
+    batch: int
+    host_bytes: int
+    gpu_bytes: int
+
+    def describe(self) -> str:
+        gpu = f" and {gigabytes(self.gpu_bytes)} of GPU memory" if self.device == "gpu" else " (no GPU)"
+        return (f"each worker needs about {gigabytes(self.host_bytes)} of host memory{gpu} for box {self.box} "
+                f"({self.threads} task(s) at once, batches of {self.batch})")
+
+
+def usable_fraction() -> float:
+    """Share of a worker's memory limit it may fill before distributed pauses or restarts it."""
+    fractions = [dask.config.get(f"distributed.worker.memory.{name}", None) for name in ("pause", "terminate")]
+    fractions = [float(value) for value in fractions if value not in (None, False)]
+    return min(fractions) if fractions else 1.0
+
+
+def task_io_bytes(box: int, chunk_size: int) -> int:
+    """Host bytes of one task's images: read, subtracted, and encoded for Zarr."""
+    return IMAGE_COPIES_PER_TASK * chunk_size * box * box * 4
+
+
+def worker_memory(box: int, settings, device: str, threads: int, chunk_size: int, batch: int) -> WorkerMemory:
+    """Host and GPU bytes of one worker running ``threads`` tasks at once with batches of ``batch``."""
+    maps_read = 3 * box**3 * 4  # both half maps and the mask as read from their files
+    working = threads * batch * batch_bytes_per_particle(box, settings)
+    io = threads * task_io_bytes(box, chunk_size)
+    if device == "gpu":
+        host = BASELINE_HOST_BYTES + GPU_HOST_OVERHEAD_BYTES + maps_read + io
+        gpu = prepared_map_bytes(box, settings) + working
+    else:
+        host = BASELINE_HOST_BYTES + maps_read + prepared_map_bytes(box, settings) + working + io
+        gpu = 0
+    return WorkerMemory(box, device, threads, batch, host, gpu)
+
+
+def batch_cap(box: int, settings, device: str, threads: int, chunk_size: int) -> int:
+    """The batch a task uses when memory is plentiful (the tasks of a worker share its one GPU)."""
+    budget = BATCH_CAP_BYTES[device] // (max(1, threads) if device == "gpu" else 1)
+    largest = budget // batch_bytes_per_particle(box, settings)
+    return int(max(1, min(chunk_size, largest)))
+
+
+def batch_within(budget_bytes: float, box: int, settings, device: str, threads: int, chunk_size: int) -> int:
+    """Largest batch (>= 1, at most the cap) whose working memory for ``threads`` tasks fits ``budget_bytes``."""
+    fits = int(budget_bytes // (max(1, threads) * batch_bytes_per_particle(box, settings)))
+    return max(1, min(batch_cap(box, settings, device, threads, chunk_size), fits))
+
+
+# --- what this machine or a worker has -----------------------------------------------------------
+
+def host_memory_available() -> int:
+    """Bytes this process may still allocate: free memory, cgroup and rlimit caps (whichever is least)."""
+    import psutil
+    from distributed.system import memory_limit  # total, cgroup and RLIMIT_RSS aware
+
+    process = psutil.Process().memory_info()
+    room = [psutil.virtual_memory().available, memory_limit() - process.rss]
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft not in (resource.RLIM_INFINITY, -1):
+        room.append(soft - process.vms)
+    return max(0, int(min(room)))
+
+
+def gpu_memory_free() -> int:
+    """Free bytes on this process's current GPU, counting CuPy's cached free blocks."""
+    import cupy
+
+    free, _ = cupy.cuda.runtime.memGetInfo()
+    return int(free + cupy.get_default_memory_pool().free_bytes())
+
+
+def worker_capacity(device: str, dask_worker=None) -> dict:
+    """Run on each Dask worker (``client.run``): its device, memory limit, free GPU memory and threads."""
+    from ..physics.backend import resolve_device
+
+    try:
+        resolved = resolve_device(device)
+    except RuntimeError:
+        resolved = "none"
+    limit = dask_worker.memory_manager.memory_limit if dask_worker is not None else None
+    return {
+        "device": resolved,
+        "host_limit": int(limit) if limit else None,
+        "gpu_free": gpu_memory_free() if resolved == "gpu" else None,
+        "threads": dask_worker.state.nthreads if dask_worker is not None else 1,
+    }
+
+
+# --- the plan made on the coordinator --------------------------------------------------------------
+
+@dataclass
+class MemoryPlan:
+    """The estimate a run prints, and what it asks of batch jobs."""
+
+    need: WorkerMemory
+    minimum: WorkerMemory  # batches of one particle
+    scheduler: str
+    log_directory: str | None = None
+    worker_limit: int | None = None  # the smallest memory limit a worker reported
+
+    @property
+    def request_bytes(self) -> int:
+        """Memory to ask of a batch job so the estimate stays below distributed's pause threshold."""
+        return int(math.ceil(self.need.host_bytes / usable_fraction() / 1e8) * 1e8)
+
+
+def planned_device(options) -> str:
+    """The device the estimate is for; 'auto' is decided where it can be (a GPU here, or GPU jobs)."""
+    spec = options.cluster
+    if options.device != "auto":
+        return options.device
+    if spec.scheduler in ("threads", "sync"):
+        from ..physics.backend import gpu_available
+
+        return "gpu" if gpu_available() else "cpu"
+    if spec.scheduler == "local":
+        from ..cluster.gpus import visible_gpus
+
+        return "gpu" if visible_gpus() else "cpu"
+    if spec.scheduler in ("slurm", "pbs"):
+        from ..cluster.start import gpus_per_job, worker_device
+
+        declared = worker_device(spec)
+        if declared != "auto":
+            return declared
+        return "gpu" if gpus_per_job(spec) > 0 else "cpu"
+    return "gpu"  # an existing scheduler: each worker is checked once it answers
+
+
+def tasks_per_worker(spec) -> int:
+    """How many tasks one worker runs at once (threads)."""
+    if spec.scheduler == "sync":
+        return 1
+    if spec.scheduler == "threads":
+        return spec.workers or (os.cpu_count() or 1)
+    if spec.scheduler == "local":
+        from ..cluster.start import local_layout
+
+        return local_layout(spec)[1]
+    if spec.scheduler in ("slurm", "pbs"):
+        cores = dask.config.get(f"jobqueue.{spec.scheduler}.cores", None) or 1
+        processes = dask.config.get(f"jobqueue.{spec.scheduler}.processes", None) or 1
+        return max(1, int(cores) // int(processes))
+    return 1
+
+
+def plan_memory(box: int, settings, options) -> MemoryPlan:
+    """The estimate for this run's workers (call with the cluster config applied)."""
+    spec = options.cluster
+    device = planned_device(options)
+    threads = tasks_per_worker(spec)
+    chunk = options.chunk_size
+    batch = batch_cap(box, settings, device, threads, chunk)
+    if spec.scheduler in ("threads", "sync"):  # the limit is known now: plan batches within it
+        budget = (gpu_memory_free() - prepared_map_bytes(box, settings) if device == "gpu" else
+                  host_memory_available() + BASELINE_HOST_BYTES - worker_memory(box, settings, "cpu", threads, chunk, 0).host_bytes)
+        batch = batch_within(budget, box, settings, device, threads, chunk)
+    log_directory = None
+    if spec.scheduler in ("slurm", "pbs"):
+        log_directory = os.path.abspath(dask.config.get(f"jobqueue.{spec.scheduler}.log-directory", None) or ".")
+    return MemoryPlan(
+        need=worker_memory(box, settings, device, threads, chunk, batch),
+        minimum=worker_memory(box, settings, device, threads, chunk, 1),
+        scheduler=spec.scheduler, log_directory=log_directory,
+    )
+
+
+def remedies(device: str) -> str:
+    """What a user can change to need less memory per worker (a clause, lower case)."""
+    gpu = "" if device == "gpu" else ", or run on a GPU (--device gpu)"
+    return f"lower --padding, use fewer --workers (tasks at once), or --projector relion{gpu}"
+
+
+def sentence(clause: str) -> str:
+    return clause[:1].upper() + clause[1:]
+
+
+def check_this_machine(plan: MemoryPlan) -> None:
+    """threads/sync: refuse when this machine's free memory (or free GPU memory) cannot hold the minimum."""
+    need = plan.minimum
+    if need.device == "gpu":
+        free = gpu_memory_free()
+        if need.gpu_bytes > free:
+            raise NotEnoughMemoryError(
+                f"{need.describe()}, but the GPU has {gigabytes(free)} free. {sentence(remedies('gpu'))}, "
+                "or use a GPU with more memory.")
+    room = host_memory_available() + BASELINE_HOST_BYTES
+    if need.host_bytes > room:
+        raise NotEnoughMemoryError(
+            f"{need.describe()}, but this machine has {gigabytes(room)} available to dsub. {sentence(remedies(need.device))}.")
+
+
+def check_workers(plan: MemoryPlan, capacities: dict, box: int, settings, chunk_size: int) -> None:
+    """Distributed runs: refuse when a worker's memory limit or free GPU memory cannot hold the minimum."""
+    fraction = usable_fraction()
+    limits = [c["host_limit"] for c in capacities.values() if c.get("host_limit")]
+    plan.worker_limit = min(limits) if limits else None
+    for address, capacity in sorted(capacities.items()):
+        if capacity["device"] == "none":
+            raise NotEnoughMemoryError(f"worker {address} has no GPU, but --device gpu was asked for. "
+                                       "Check the GPU request of the worker jobs (dsub job-script).")
+        need = worker_memory(box, settings, capacity["device"], capacity["threads"], chunk_size, 1)
+        limit = capacity.get("host_limit")
+        if limit and need.host_bytes > limit * fraction:
+            raise NotEnoughMemoryError(
+                f"{need.describe()}, but worker {address} has a memory limit of {gigabytes(limit)} (Dask pauses "
+                f"it at {fraction:.0%} of that). Raise 'memory' in the cluster config (or give --workers fewer "
+                f"workers per machine); or {remedies(need.device)}.")
+        free = capacity.get("gpu_free")
+        if capacity["device"] == "gpu" and free is not None and need.gpu_bytes > free:
+            raise NotEnoughMemoryError(
+                f"{need.describe()}, but worker {address}'s GPU has {gigabytes(free)} free. "
+                f"{sentence(remedies('gpu'))}, or use GPUs with more memory.")
+
+
+# --- failures after the start ------------------------------------------------------------------------
+
+def where_logs_are(plan: MemoryPlan) -> str:
+    if plan.scheduler in ("slurm", "pbs"):
+        return f"Worker logs: {plan.log_directory}."
+    if plan.scheduler == "local":
+        return "Local workers keep no log files: rerun with --scheduler threads to see the failure here."
+    return "Worker logs: wherever that scheduler's workers write them."
+
+
+def memory_figures(plan: MemoryPlan) -> str:
+    need = plan.need
+    had = f"each worker had {gigabytes(plan.worker_limit)}" if plan.worker_limit else "the worker's limit is unknown"
+    gpu = f" and {gigabytes(need.gpu_bytes)} of GPU memory" if need.device == "gpu" else ""
+    return f"{had}; the estimate needs about {gigabytes(need.host_bytes)} of host memory{gpu} for box {need.box}"
+
+
+def killed_worker_error(exc, plan: MemoryPlan) -> WorkerLostError:
+    """One line for distributed's KilledWorker: which task, the likely cause and where the logs are."""
+    task = getattr(exc, "task", None) or (exc.args[0] if exc.args else "a task")
+    tries = getattr(exc, "allowed_failures", None)
+    times = f" {tries + 1} time(s)" if isinstance(tries, int) else ""
+    tight = plan.worker_limit is not None and plan.need.host_bytes > plan.worker_limit * usable_fraction()
+    cause = ("the memory limit (" + memory_figures(plan) + ")" if tight or plan.worker_limit is None else
+             "a lost node or a preempted or expired job, or the memory limit (" + memory_figures(plan) + ")")
+    return WorkerLostError(
+        f"the workers running {task} died{times}, so Dask gave up on it. Likely cause: {cause}. "
+        f"{where_logs_are(plan)} Finished chunks are kept: fix the cause (e.g. raise 'memory' in the cluster "
+        "config) and rerun the same command to resume.")
+
+
+def workers_lost_error(plan: MemoryPlan, waited: float) -> WorkerLostError:
+    """One line when every worker is gone and none came back."""
+    return WorkerLostError(
+        f"every Dask worker was lost and none came back within {waited:.0f} s. Likely cause: the worker jobs were "
+        f"preempted, hit their walltime or a node failed, or the memory limit ({memory_figures(plan)}). "
+        f"{where_logs_are(plan)} Finished chunks are kept: rerun the same command to resume.")
+
+
+def out_of_memory_error(exc: MemoryError, plan: MemoryPlan) -> NotEnoughMemoryError:
+    said = " ".join(str(exc).split())
+    return NotEnoughMemoryError(
+        f"out of memory ({said or type(exc).__name__}): {plan.need.describe()}. {sentence(remedies(plan.need.device))}. "
+        "Finished chunks are kept: rerun the same command to resume.")
+
+
+@contextlib.contextmanager
+def failures_explained(plan: MemoryPlan):
+    """Turn MemoryError and distributed's KilledWorker, wherever raised, into one-line dsub errors."""
+    try:
+        yield
+    except DsubError:
+        raise
+    except MemoryError as exc:  # NumPy, and CuPy's OutOfMemoryError
+        raise out_of_memory_error(exc, plan) from exc
+    except WorkersLost as exc:
+        raise workers_lost_error(plan, exc.waited) from exc
+    except Exception as exc:
+        if type(exc).__name__ == "KilledWorker":  # distributed.scheduler.KilledWorker, without importing it
+            raise killed_worker_error(exc, plan) from exc
+        raise

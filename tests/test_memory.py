@@ -1,0 +1,136 @@
+"""The memory model against measured memory: tracemalloc peaks of the physics, peak RSS of a whole run.
+
+The truth here is what the process really allocated (``tracemalloc``, which
+sees every NumPy buffer, and the kernel's peak resident size of a real
+``dsub`` process), never the model's own arithmetic.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import resource
+import subprocess
+import sys
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from dsub.demo import make_dataset
+from dsub.particles import ParticleTable
+from dsub.physics.memory import batch_bytes_per_particle, prepared_map_bytes
+from dsub.physics.subtract import SubtractionSettings, prepare_half_map, subtract_batch
+
+TOLERANCE = 0.25  # the estimate must be within 25 % of the measured peak
+
+
+def random_particles(count: int, box: int, rng) -> ParticleTable:
+    rotations, _ = np.linalg.qr(rng.standard_normal((count, 3, 3)))
+    same = lambda value: np.full(count, value, dtype=float)  # noqa: E731
+    return ParticleTable(
+        rotations=rotations, origins_angstrom=rng.uniform(-3, 3, (count, 2)), defocus_u_angstrom=same(15000),
+        defocus_v_angstrom=same(14000), defocus_angle_degrees=same(30), phase_shift_degrees=same(0),
+        voltage_kv=same(300), spherical_aberration_mm=same(2.7), amplitude_contrast=same(0.1),
+        ctf_bfactor=same(0), ctf_premultiplied=np.zeros(count, bool), half_set=np.ones(count, np.int8),
+        image_paths=np.array(["unused.mrcs"] * count, dtype=object), image_indices=np.arange(count),
+        pixel_size_angstrom=same(1.5), box_size=np.full(count, box), optics_group=np.ones(count, int),
+    )
+
+
+def traced_peak(function, *args) -> tuple[int, object]:
+    tracemalloc.start()
+    try:
+        result = function(*args)
+        return tracemalloc.get_traced_memory()[1], result
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("box, padding", [(24, 3), (40, 3), (48, 2), (32, 4)])
+def test_prepared_map_estimate_matches_the_measured_peak(box, padding):
+    settings = SubtractionSettings(padding=padding)
+    rng = np.random.default_rng(box)
+    half_a, half_b = (rng.standard_normal((box,) * 3).astype(np.float32) for _ in range(2))
+    mask = rng.uniform(0, 1, (box,) * 3).astype(np.float32)
+
+    def both_half_sets():
+        return prepare_half_map(np, half_a, mask, settings), prepare_half_map(np, half_b, mask, settings)
+
+    peak, _ = traced_peak(both_half_sets)
+    assert abs(prepared_map_bytes(box, settings) - peak) <= TOLERANCE * peak
+
+
+@pytest.mark.parametrize("box, padding, projector", [(32, 3, "padded"), (48, 2, "padded"), (48, 3, "relion"),
+                                                     (40, 4, "padded")])
+def test_batch_estimate_matches_the_measured_peak(box, padding, projector):
+    settings = SubtractionSettings(projector=projector, padding=padding)
+    rng = np.random.default_rng(box)
+    volume = rng.standard_normal((box,) * 3).astype(np.float32)
+    model = prepare_half_map(np, volume, np.ones_like(volume), settings)
+    count = 12
+    particles = random_particles(count, box, rng)
+    images = rng.standard_normal((count, box, box)).astype(np.float32)
+    peak, _ = traced_peak(subtract_batch, np, images, particles, model, settings)
+    estimate = count * batch_bytes_per_particle(box, settings)
+    assert abs(estimate - peak) <= TOLERANCE * peak
+
+
+def test_bigger_settings_need_more():
+    settings = SubtractionSettings()
+    assert prepared_map_bytes(128, settings) > 7 * prepared_map_bytes(64, settings)  # ~ box³
+    assert batch_bytes_per_particle(64, SubtractionSettings(projector="relion")) < batch_bytes_per_particle(64, settings)
+
+
+PEAK_RSS = """
+import resource, sys
+from dsub.cli import main
+code = main(sys.argv[1:])
+print("PEAK_RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+sys.exit(code)
+"""
+
+
+def run_dsub(paths, outdir, *extra, limit_bytes=None):
+    """A real dsub process (optionally under an address-space limit); returns the finished process."""
+    command = [sys.executable, "-c", PEAK_RSS, "subtract", str(paths["star"]), "--half-a", str(paths["half_a"]),
+               "--half-b", str(paths["half_b"]), "--mask", str(paths["mask"]), "-o", str(outdir), "--quiet",
+               "--scheduler", "sync", *extra]
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+
+    return subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          preexec_fn=limit if limit_bytes else None)
+
+
+@pytest.fixture(scope="module")
+def box64(tmp_path_factory):
+    paths, _ = make_dataset(tmp_path_factory.mktemp("box64"), count=48, box=64, seed=5)
+    return paths
+
+
+def printed_host_gb(stdout: str) -> float:
+    found = re.search(r"Memory: each worker needs about ([\d.]+) GB of host memory", stdout)
+    assert found, stdout
+    return float(found.group(1))
+
+
+def test_printed_estimate_covers_the_peak_of_a_real_run(box64, tmp_path):
+    result = run_dsub(box64, tmp_path / "out", "--padding", "4", "--chunk-size", "24")
+    assert result.returncode == 0, result.stderr
+    measured = int(re.search(r"PEAK_RSS (\d+)", result.stdout).group(1)) / 1e9
+    estimate = printed_host_gb(result.stdout)
+    # An upper bound (prepared maps at their peak plus a batch), but not a wasteful one.
+    assert measured <= estimate <= 1.5 * measured, (estimate, measured)
+    assert json.loads((tmp_path / "out" / "dsub_run.json").read_text())["particles"] == 48
+
+
+def test_run_that_cannot_fit_is_refused_up_front_in_one_line(box64, tmp_path):
+    result = run_dsub(box64, tmp_path / "out", "--padding", "6", limit_bytes=1_500_000_000)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dsub: error:") and "Traceback" not in result.stderr
+    assert "each worker needs about" in lines[0] and "for box 64" in lines[0]
+    assert "available to dsub" in lines[0] and "--padding" in lines[0]
+    assert not (tmp_path / "out" / "subtracted.zarr").exists()  # refused before any work

@@ -1,0 +1,199 @@
+"""Worker resources: the memory and GPUs batch jobs ask for, refusals, and worker deaths in one line.
+
+The SLURM tests need the single-node SLURM of ``make slurm-up`` (23 GB, two
+stand-in GPUs) and are skipped without it.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dsub.cli import main
+from dsub.cluster.scripts import job_script
+from dsub.demo import make_dataset
+from dsub.physics.subtract import SubtractionSettings
+from dsub.workflow import resources
+from test_distributed import LOCAL_SLURM, needs_slurm
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILES = ROOT / "cluster"
+
+
+def profile(tmp_path, text: str) -> Path:
+    path = tmp_path / "site.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_a_profile_without_gpu_lines_gets_one_gpu_per_worker(tmp_path):
+    slurm = job_script("slurm", profile(tmp_path, "jobqueue:\n  slurm:\n    queue: gpu\n"))
+    assert slurm.count("--gres=gpu:1") == 1
+    pbs = job_script("pbs", profile(tmp_path, "jobqueue:\n  pbs:\n    queue: gpu\n    cores: 4\n"))
+    assert "#PBS -l select=1:ncpus=4:ngpus=1:mem=8GB" in pbs
+    torque = job_script("pbs", profile(tmp_path, "jobqueue:\n  pbs:\n    resource-spec: nodes=1:ppn=4\n"))
+    assert "#PBS -l nodes=1:ppn=4:gpus=1" in torque
+
+
+def test_the_profile_decides_gpus_when_it_says(tmp_path):
+    typed = job_script("slurm", profile(tmp_path, 'jobqueue:\n  slurm:\n    job-extra-directives: ["--gpus=a100:2"]\n'))
+    assert "--gpus=a100:2" in typed and "--gres" not in typed
+    none = job_script("slurm", profile(tmp_path, "jobqueue:\n  slurm:\n    queue: cpu\ndsub:\n  gpus-per-worker: 0\n"))
+    assert "gpu" not in none.replace("-p cpu", "")
+    cpu = job_script("pbs", profile(tmp_path, "jobqueue:\n  pbs:\n    queue: cpu\n"), device="cpu")
+    assert "gpus" not in cpu
+
+
+def test_memory_request_is_raised_to_the_estimate_with_a_notice(tmp_path, capsys):
+    assert main(["job-script", "--scheduler", "pbs", "--cluster-config", str(PROFILES / "pbspro-gpu.yaml"),
+                 "--box", "400", "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    needed = float(re.search(r"# Memory: each worker needs about ([\d.]+) GB of host memory", out).group(1))
+    asked = int(re.search(r"#PBS -l select=1:ncpus=8:ngpus=1:mem=(\d+)GB", out).group(1))
+    assert asked >= needed / 0.8 > 64  # below the share where Dask pauses a worker, above the profile's 64GB
+    assert "gives each worker 64GB" in err and f"asks for {asked}GB instead" in err
+    assert f"--memory-limit {asked}" not in out  # dask-jobqueue writes the limit in GiB
+    assert re.search(r"--memory-limit [\d.]+GiB", out)
+
+
+def test_a_profile_with_enough_memory_is_left_alone(capsys):
+    assert main(["job-script", "--scheduler", "slurm", "--cluster-config", str(PROFILES / "slurm-gpu.yaml"),
+                 "--box", "256"]) == 0
+    out, err = capsys.readouterr()
+    assert "#SBATCH --mem=60G" in out and "--gres=gpu:1" in out and err == ""  # 64 GB in dask-jobqueue's GiB
+
+
+def plan(scheduler="slurm", device="cpu", box=128, limit=None):
+    need = resources.worker_memory(box, SubtractionSettings(), device, 1, 256, 8)
+    return resources.MemoryPlan(need=need, minimum=need, scheduler=scheduler,
+                                log_directory="/scratch/dsub-worker-logs", worker_limit=limit)
+
+
+def one_line(error) -> str:
+    text = str(error)
+    assert "\n" not in text
+    return text
+
+
+def test_killed_worker_becomes_one_line_with_the_figures_and_the_logs():
+    from distributed.scheduler import KilledWorker
+
+    exc = KilledWorker("subtract-chunk-00003", "tcp://10.0.0.7:4242", allowed_failures=3)
+    small = plan(limit=2e9)
+    with pytest.raises(resources.WorkerLostError) as caught, resources.failures_explained(small):
+        raise exc
+    text = one_line(caught.value)
+    assert "subtract-chunk-00003" in text and "died 4 time(s)" in text
+    assert "each worker had 2.0 GB" in text and f"needs about {small.need.host_bytes / 1e9:.1f} GB" in text
+    assert "Likely cause: the memory limit" in text
+    assert "/scratch/dsub-worker-logs" in text and "rerun the same command to resume" in text
+
+
+def test_memory_error_anywhere_becomes_one_line_with_the_estimate():
+    threads = plan("threads")
+    with pytest.raises(resources.NotEnoughMemoryError) as caught, resources.failures_explained(threads):
+        raise MemoryError("Unable to allocate 6.59 GiB for an array with shape (960, 960, 960) and data type float64")
+    text = one_line(caught.value)
+    assert "Unable to allocate 6.59 GiB" in text
+    assert f"each worker needs about {threads.need.host_bytes / 1e9:.1f} GB of host memory" in text
+    assert "--padding" in text
+
+
+def test_worker_with_too_small_a_limit_is_refused_before_any_work():
+    capacities = {"tcp://10.0.0.7:4242": {"device": "cpu", "host_limit": 2_000_000_000, "gpu_free": None,
+                                          "threads": 1}}
+    with pytest.raises(resources.NotEnoughMemoryError) as caught:
+        resources.check_workers(plan(), capacities, 128, SubtractionSettings(), 256)
+    text = one_line(caught.value)
+    assert "tcp://10.0.0.7:4242 has a memory limit of 2.0 GB" in text and "Raise 'memory'" in text
+    capacities["tcp://10.0.0.7:4242"].update(device="gpu", gpu_free=1_000_000_000)
+    with pytest.raises(resources.NotEnoughMemoryError, match="GPU has 1.0 GB free"):
+        resources.check_workers(plan(), capacities, 128, SubtractionSettings(), 256)
+
+
+def dsub(paths, outdir, *extra):
+    command = [sys.executable, "-m", "dsub.cli", "subtract", str(paths["star"]), "--half-a", str(paths["half_a"]),
+               "--half-b", str(paths["half_b"]), "--mask", str(paths["mask"]), "-o", str(outdir), "--quiet",
+               "--dashboard-address", "127.0.0.1:0", "--scheduler", "slurm", "--worker-timeout", "120", *extra]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=Path(outdir).parent)
+
+
+@needs_slurm
+def test_local_profile_2gb_workers_run_a_box_128_data_set(tmp_path):
+    paths, _ = make_dataset(tmp_path / "data", count=8, box=128, seed=4)
+    result = dsub(paths, tmp_path / "out", "--cluster-config", str(LOCAL_SLURM), "--chunk-size", "4")
+    assert result.returncode == 0, result.stderr
+    assert "Memory: each worker needs about" in result.stdout and "for box 128" in result.stdout
+    assert "gives each worker 2GB" in result.stderr and "instead" in result.stderr  # the notice
+    assert (tmp_path / "out" / "particles_subtracted.star").exists()
+
+
+@needs_slurm
+def test_workers_too_small_for_the_job_end_in_one_line(tmp_path):
+    paths, _ = make_dataset(tmp_path / "data", count=8, box=48, seed=4)
+    # Padding 20 needs ~40 GB per worker: more than the node has, so SLURM cannot run the raised request.
+    result = dsub(paths, tmp_path / "out", "--cluster-config", str(LOCAL_SLURM), "--padding", "20")
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("dsub: warning:")]
+    assert len(lines) == 1 and lines[0].startswith("dsub: error:") and "Traceback" not in result.stderr
+    assert "Requested node configuration is not available" in lines[0]
+    assert re.search(r"Each job asks for \d+GB of memory", lines[0])
+    assert not (tmp_path / "out" / "particles_subtracted.star").exists()
+
+
+@needs_slurm
+def test_all_workers_lost_ends_in_one_line_and_keeps_finished_chunks(tmp_path):
+    from test_distributed import finished_chunks, wait_for_chunks
+
+    paths, _ = make_dataset(tmp_path / "data", count=240, box=48, seed=7)
+    outdir = tmp_path / "out"
+    command = [sys.executable, "-m", "dsub.cli", "subtract", str(paths["star"]), "--half-a", str(paths["half_a"]),
+               "--half-b", str(paths["half_b"]), "--mask", str(paths["mask"]), "-o", str(outdir), "--quiet",
+               "--dashboard-address", "127.0.0.1:0", "--scheduler", "slurm", "--workers", "1", "--chunk-size", "4",
+               "--cluster-config", str(LOCAL_SLURM), "--worker-timeout", "10"]
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    wait_for_chunks(run, outdir, 3)
+    jobs = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+    subprocess.run(["scancel", *jobs], check=True)  # the node is lost: no worker comes back
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 2
+    lines = [line for line in err.strip().splitlines() if not line.startswith("dsub: warning:")]
+    assert len(lines) == 1 and lines[0].startswith("dsub: error:") and "Traceback" not in err
+    assert "every Dask worker was lost" in lines[0] and "Worker logs: /tmp/dsub-slurm/worker-logs" in lines[0]
+    assert finished_chunks(outdir) >= 3 and not (outdir / "particles_subtracted.star").exists()
+
+
+def test_killed_worker_on_a_local_cluster_ends_in_one_line(tmp_path):
+    import os
+    import signal
+
+    import psutil
+
+    from test_distributed import finished_chunks, wait_for_chunks
+
+    paths, _ = make_dataset(tmp_path / "data", count=240, box=48, seed=7)
+    outdir = tmp_path / "out"
+    command = [sys.executable, "-m", "dsub.cli", "subtract", str(paths["star"]), "--half-a", str(paths["half_a"]),
+               "--half-b", str(paths["half_b"]), "--mask", str(paths["mask"]), "-o", str(outdir), "--quiet",
+               "--dashboard-address", "127.0.0.1:0", "--scheduler", "local", "--workers", "1", "--chunk-size", "4"]
+    # Dask gives up on a task at the first death of its worker, as it does after the nanny's third restart.
+    environment = {**os.environ, "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"}
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                           env=environment)
+    wait_for_chunks(run, outdir, 3)
+    workers = [p for p in psutil.Process(run.pid).children(recursive=True)
+               if "spawn_main" in " ".join(p.cmdline()) and "resource_tracker" not in " ".join(p.cmdline())]
+    assert workers, "no worker process found"
+    for worker in workers:
+        worker.send_signal(signal.SIGKILL)  # mid-task, as the kernel's or the nanny's memory killer does
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dsub: error:") and "Traceback" not in err
+    assert re.search(r"the workers running subtract-chunk-\d+ died 1 time\(s\)", lines[0])
+    assert "Likely cause:" in lines[0] and "the estimate needs about" in lines[0]
+    assert finished_chunks(outdir) >= 3 and not (outdir / "particles_subtracted.star").exists()
