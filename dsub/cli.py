@@ -77,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     script.add_argument("--scheduler", choices=("slurm", "pbs"), required=True)
     script.add_argument("--cluster-config", default=None, help="YAML file in dask-jobqueue's jobqueue.yaml format")
 
+    qc = commands.add_parser(
+        "report", help="write the QC report of a finished run (OUTDIR/report/index.html)",
+        description="Draw example particles, power spectra, the contrast and fit quality of a finished run, with "
+                    "its counts, parameters and timings, into OUTDIR/report/index.html (written at the end of "
+                    "every run too).",
+    )
+    qc.add_argument("outdir", help="output folder of a finished dsub subtract run")
+
     demo = commands.add_parser("demo", help="simulate a small dataset, subtract it and report the accuracy")
     demo.add_argument("-o", "--outdir", default="demo_out", help="folder for the dataset and results (demo_out)")
     demo.add_argument("--particles", type=int, default=400, help="number of particles (400)")
@@ -166,6 +174,13 @@ def run_demo(args) -> int:
     return 0
 
 
+def run_report(args) -> int:
+    from .report import write_report
+
+    print(f"Report: {write_report(Path(args.outdir))}")
+    return 0
+
+
 def run_job_script(args) -> int:
     from .cluster.scripts import job_script
 
@@ -176,7 +191,7 @@ def run_job_script(args) -> int:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"subtract": run_subtract, "demo": run_demo, "job-script": run_job_script}
+    handlers = {"subtract": run_subtract, "demo": run_demo, "job-script": run_job_script, "report": run_report}
     try:
         with warnings.catch_warnings():
             # dsub's own warnings reach the user; libraries' deprecation notices do not.

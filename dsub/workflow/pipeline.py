@@ -159,9 +159,13 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     timings = {"check_inputs": time.monotonic() - started}
     with open_runner(options.cluster) as runner:
         timings["start_workers"] = time.monotonic() - started - sum(timings.values())
+        sample_check = None
         if settings.scale == "input":
             sample, task = polarity_task(table, maps, settings, device)
-            check_polarity(table, sample, runner.compute([task], "polarity check")[0], options)
+            fitted = runner.compute([task], "polarity check")[0]
+            check_polarity(table, sample, fitted, options)
+            if len(fitted) == sample.size:  # bad images in the sample are left out of the fit
+                sample_check = {"index": sample.tolist(), "fitted_contrast": np.asarray(fitted).tolist()}
         if not resuming:
             store.create_store(store_path, len(table), box, options.chunk_size,
                                {**identity, "fingerprint": fingerprint})
@@ -212,12 +216,25 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             "contrast_median": float(np.median(kept)) if kept.size else None,
             "contrast_negative_fraction": float(np.mean(kept < 0)) if kept.size else None,
             "skipped_particles": skipped_report(table, skipped),
+            "input_contrast_check": sample_check,
             "outputs": {"store": store.STORE_NAME, "star": export.STAR_NAME, "cs": export.CS_NAME,
                         "stacks": export.STACK_FOLDER},
         }
         (outdir / RUN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     report(summary, outdir, options)
+    write_qc_report(outdir, options)
     return summary
+
+
+def write_qc_report(outdir: Path, options: RunOptions) -> None:
+    """OUTDIR/report/index.html; a failure to draw it only warns: the subtraction itself is finished."""
+    from ..report import write_report
+
+    try:
+        say(options, f"Report: {write_report(outdir)}")
+    except Exception as exc:  # noqa: BLE001 -- any failure here must not fail a finished run
+        warn(f"the QC report could not be written ({type(exc).__name__}: {exc}); the subtraction is complete. "
+             f"Try again with: dsub report {outdir}")
 
 
 def remove_metadata(outdir: Path) -> None:
