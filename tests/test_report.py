@@ -23,7 +23,7 @@ from dsub.formats import cs as cs_format
 from dsub.formats import star as star_format
 from dsub.report import write_report
 from dsub.report.gather import gather
-from dsub.report.imaging import low_pass, radial_power_spectrum
+from dsub.report.imaging import bin_images, image_spectra, low_pass, radial_power_spectrum
 
 BOX = 48
 COUNT = 40
@@ -236,7 +236,7 @@ def test_a_failing_report_only_warns(clean_dataset, tmp_path, capsys, monkeypatc
 def test_white_noise_has_flat_power_equal_to_its_variance():
     rng = np.random.default_rng(0)
     images = rng.normal(0.0, 2.0, size=(800, 64, 64)).astype(np.float32)
-    frequency, power = radial_power_spectrum(images, 1.5)
+    frequency, power = radial_power_spectrum(image_spectra(images), 1.5)
     assert frequency.size == 32
     np.testing.assert_allclose(frequency[[0, -1]], [1 / 96, 1 / 3.0])  # first shell, Nyquist of 1.5 Å pixels
     np.testing.assert_allclose(power, 4.0, rtol=0.06)  # Parseval: σ² per pixel at every shell
@@ -246,7 +246,7 @@ def test_a_plane_wave_puts_its_power_in_its_own_shell():
     box, k = 64, 10
     y, x = np.mgrid[:box, :box]
     wave = np.cos(2 * np.pi * (k * x / box)).astype(np.float32)[None]
-    _, power = radial_power_spectrum(wave, 1.0)
+    _, power = radial_power_spectrum(image_spectra(wave), 1.0)
     assert np.argmax(power) == k - 1
     # Parseval: mean of cos² is 1/2, all of it in shell k, averaged over that shell's coefficients
     shell = np.rint(np.hypot(*np.meshgrid(np.fft.fftfreq(box, 1 / box), np.fft.fftfreq(box, 1 / box)))) == k
@@ -261,3 +261,9 @@ def test_low_pass_halves_a_wave_at_its_resolution():
     filtered = low_pass(wave, pixel, resolution_angstrom=box * pixel / k)
     np.testing.assert_allclose(filtered, 0.5 * wave, atol=1e-5)
     np.testing.assert_allclose(low_pass(np.ones((1, box, box)), pixel, 12.0), 1.0, atol=1e-6)  # DC kept
+
+
+def test_binning_for_display_averages_pixel_blocks():
+    small = np.arange(16, dtype=np.float32).reshape(1, 4, 4)
+    np.testing.assert_array_equal(bin_images(np.kron(small, np.ones((3, 3), np.float32)), 3), small)
+    np.testing.assert_array_equal(bin_images(small, 1), small)

@@ -29,7 +29,7 @@ from ..formats.paths import resolve_stack_names
 from ..particles import HALF_A, HALF_B
 from ..workflow import export, store
 from ..workflow.pipeline import RUN_SUMMARY
-from .imaging import low_pass, radial_power_spectrum
+from .imaging import bin_images, image_spectra, low_pass, radial_power_spectrum
 
 #: Particles whose images are read for the power spectra.
 SPECTRUM_SAMPLE = 256
@@ -38,6 +38,8 @@ EXAMPLES_PER_HALF = 3
 #: Display low-pass: at least this resolution, and never finer than this many pixels.
 DISPLAY_RESOLUTION_ANGSTROM = 10.0
 DISPLAY_RESOLUTION_PIXELS = 3.0
+#: Example images larger than this are shown binned (figures draw them at about this many pixels).
+DISPLAY_PIXELS = 128
 #: A contrast farther than this many robust standard deviations (1.4826 MAD) from the median is flagged.
 OUTLIER_SIGMAS = 4.0
 #: Per-particle fit-quality arrays that a run may record in the store.
@@ -47,7 +49,7 @@ HALF_NAMES = {HALF_A: "A", HALF_B: "B"}
 
 @dataclass
 class Example:
-    """One particle shown side by side; images low-pass filtered, float32 (box, box)."""
+    """One particle shown side by side; images low-pass filtered (and binned for display when large)."""
 
     row: int  # row in particles_subtracted.star (0-based)
     image_name: str  # its input image, N@stack as the input named it
@@ -92,6 +94,7 @@ class ReportData:
     examples: list[Example] = field(default_factory=list)
     spectra: Spectra | None = None
     display_resolution_angstrom: float = DISPLAY_RESOLUTION_ANGSTROM
+    display_pixel_size_angstrom: float = 0.0  # pixel size of the example images as shown (after binning)
     notes: list[str] = field(default_factory=list)  # what could not be shown, and why
 
     @property
@@ -247,18 +250,25 @@ def read_sample_images(data: ReportData, table) -> None:
                           "the results are shown.")
     model = None if original is None else original - result
     in_spectrum = np.isin(rows, spectrum_rows)
-    frequency, power_result = radial_power_spectrum(result[in_spectrum], data.pixel_size_angstrom)
+    pixel = data.pixel_size_angstrom
+    result_spectra = image_spectra(result[in_spectrum])
+    frequency, power_result = radial_power_spectrum(result_spectra, pixel)
+    input_spectra = None if original is None else image_spectra(original[in_spectrum])
     data.spectra = Spectra(
         frequency_per_angstrom=frequency, result=power_result,
-        input=None if original is None else radial_power_spectrum(original[in_spectrum], data.pixel_size_angstrom)[1],
-        model=None if model is None else radial_power_spectrum(model[in_spectrum], data.pixel_size_angstrom)[1],
+        input=None if original is None else radial_power_spectrum(input_spectra, pixel)[1],
+        model=None if original is None else radial_power_spectrum(input_spectra - result_spectra, pixel)[1],
         sample_size=int(in_spectrum.sum()),
     )
+    del result_spectra, input_spectra
     shown = np.isin(rows, example_rows)
     resolution = data.display_resolution_angstrom
+    # Shown smaller than the box: average pixel blocks, as far as the low-pass leaves nothing to alias.
+    factor = max(1, min(-(-data.box // DISPLAY_PIXELS), int(resolution / (2 * pixel))))
+    data.display_pixel_size_angstrom = pixel * factor
 
     def filtered(images):
-        return None if images is None else low_pass(images[shown], data.pixel_size_angstrom, resolution)
+        return None if images is None else bin_images(low_pass(images[shown], pixel, resolution), factor)
 
     result_f, input_f, model_f = filtered(result), filtered(original), filtered(model)
     defocus = (table.defocus_u_angstrom + table.defocus_v_angstrom) / 2
