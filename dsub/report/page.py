@@ -139,7 +139,7 @@ def render(data: ReportData, figures: dict[str, str | None]) -> str:
         f"<title>dsub report: {escape(data.outdir.resolve().name)}</title>",
         f"<style>{STYLE}</style></head><body>",
         "<h1>dsub subtraction report</h1>",
-        f"<p class=\"sub\">{escape(str(data.outdir.resolve()))} · generated {generated}</p>",
+        f"<p class=\"sub\">{escape(str(data.outdir))} · generated {generated}</p>",
         *[f"<p class=\"note\">{escape(note)}</p>" for note in data.notes],
         "<div class=\"cols\"><div>" + table(at_a_glance(data)) + "</div>" + counts_section(data) + "</div>",
         figure_block(
