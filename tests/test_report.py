@@ -179,6 +179,7 @@ def test_fit_quality_and_contrast_outliers_recorded_in_the_store(clean_dataset, 
     assert "fit_quality.png" in page.links and (page_path.parent / "fit_quality.png").is_file()
     assert "Not recorded by this run." not in page_path.read_text(encoding="utf-8")
     np.testing.assert_array_equal(gather(outdir).quality["fit_correlation"], correlation)
+    assert cell_after(page.cells, "median fit correlation") == f"{np.median(correlation):.3f}"
     assert cell_after(page.cells, "contrast outliers") == "2"
     listed = page.cells[page.cells.index("α") + 1:]
     names = starfile.read(outdir / "particles_subtracted.star", always_dict=True)["particles"]["rlnImageOriginalName"]
@@ -199,7 +200,10 @@ def test_cs_input_with_input_scale_shows_fitted_against_input(clean_dataset, tmp
     np.testing.assert_allclose(data.sample_fit["input"], sim.contrast[: data.sample_fit["input"].size], rtol=1e-6)
     np.testing.assert_allclose(data.sample_fit["fitted"], data.sample_fit["input"], rtol=0.03)
     assert all(example.input is not None for example in data.examples)  # input stacks found from the .cs names
-    assert "contrast.png" in parse(outdir / "report" / "index.html").links
+    page = parse(outdir / "report" / "index.html")
+    assert "contrast.png" in page.links
+    ratio = float(cell_after(page.cells, "fitted / input α (sample median)"))
+    assert ratio == pytest.approx(1.0, abs=0.03)
 
 
 def test_report_without_the_input_stacks_shows_the_results(clean_dataset, tmp_path):

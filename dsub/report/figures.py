@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .gather import HALF_NAMES, ReportData
 
@@ -132,11 +133,16 @@ def contrast_figure(data: ReportData, folder: Path) -> str | None:
     panels = 2 if data.sample_fit is not None else 1
     figure = Figure(figsize=(6.4 * panels, 4.2), layout="constrained")
     axes = figure.subplots(1, panels, squeeze=False)[0]
-    edges = np.histogram_bin_edges(values, bins=min(60, max(10, values.size // 20)))
     flagged = data.outliers[np.isfinite(data.contrast)]
-    axes[0].hist(values[~flagged], bins=edges, color=COLOURS["kept"], label="within bounds")
+    edges, shown = contrast_bins(values, flagged)
+    axes[0].hist(shown[~flagged], bins=edges, color=COLOURS["kept"], label="within bounds")
     if flagged.any():
-        axes[0].hist(values[flagged], bins=edges, color=COLOURS["outlier"], label=f"outliers ({flagged.sum()})")
+        clipped = " (far ones at the edges)" if (shown != values).any() else ""
+        axes[0].hist(shown[flagged], bins=edges, color=COLOURS["outlier"],
+                     label=f"outliers ({flagged.sum()}){clipped}")
+        # a marker per outlier: a single particle is visible beside hundreds in one bin
+        axes[0].plot(shown[flagged], np.zeros(int(flagged.sum())), linestyle="none", marker="^", markersize=9,
+                     color=COLOURS["outlier"], clip_on=False, zorder=3)
     median = float(np.median(values))
     axes[0].axvline(median, color="black", linewidth=1.2, label=f"median {median:.3f}")
     low, high = data.outlier_bounds
@@ -151,6 +157,7 @@ def contrast_figure(data: ReportData, folder: Path) -> str | None:
                       fontsize=11)
     axes[0].set_xlabel("contrast scale α (dimensionless)")
     axes[0].set_ylabel("particles")
+    axes[0].yaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].legend(fontsize=9)
     if data.sample_fit is not None:
         given, fitted = data.sample_fit["input"], data.sample_fit["fitted"]
@@ -165,6 +172,29 @@ def contrast_figure(data: ReportData, folder: Path) -> str | None:
         axes[1].set_ylabel("fitted contrast α")
         axes[1].legend(fontsize=9)
     return save(figure, folder, "contrast.png")
+
+
+def contrast_bins(values: np.ndarray, flagged: np.ndarray, widest: float = 4.0):
+    """Histogram edges sized to the particles within bounds, and the values to draw.
+
+    Outliers stretch the axis up to ``widest`` times the span of the others;
+    farther ones are drawn in the first or last bin, so one absurd value cannot
+    squeeze every other particle into a single bar.
+    """
+    inside = values[~flagged] if (~flagged).any() else values
+    bins = int(np.clip(inside.size // 15, 10, 40))
+    low, high = float(inside.min()), float(inside.max())
+    if high <= low:
+        low, high = low - 0.5, high + 0.5
+    step = (high - low) / bins
+    reach = widest * (high - low) / 2
+    centre = (low + high) / 2
+    shown_low = max(float(values.min()), centre - reach)
+    shown_high = min(float(values.max()), centre + reach)
+    first = low - np.ceil((low - shown_low) / step) * step
+    count = int(np.ceil((shown_high - first) / step)) or 1
+    edges = first + step * np.arange(count + 1)
+    return edges, np.clip(values, edges[0], edges[-1])
 
 
 QUALITY_LABELS = {
@@ -189,6 +219,7 @@ def quality_figure(data: ReportData, folder: Path) -> str | None:
         ax.set_title(title, fontsize=11)
         ax.set_xlabel(label)
         ax.set_ylabel("particles")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=9)
     return save(figure, folder, "fit_quality.png")
 

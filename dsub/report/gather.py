@@ -244,7 +244,7 @@ def read_sample_images(data: ReportData, table) -> None:
     try:
         paths, indices = input_image_locations(data, table)
         original = read_images(paths[rows], indices[rows])
-    except (DsubError, OSError, ValueError) as exc:
+    except (DsubError, OSError, ValueError, KeyError) as exc:  # moved, deleted or renamed since the run
         original = None
         data.notes.append(f"The input images could not be read here ({' '.join(str(exc).split())}), so only "
                           "the results are shown.")

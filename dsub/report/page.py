@@ -75,6 +75,12 @@ def at_a_glance(data: ReportData) -> list[tuple[str, str]]:
         ("negative α", f"{np.mean(finite < 0):.1%}" if finite.size else "—"),
         ("contrast outliers", f"{int(data.outliers.sum())}"),
     ]
+    correlation = data.quality.get("fit_correlation")
+    if correlation is not None and np.isfinite(correlation).any():
+        rows.append(("median fit correlation", f"{np.nanmedian(correlation):.3f}"))
+    if data.sample_fit is not None and np.median(data.sample_fit["input"]):
+        ratio = np.median(data.sample_fit["fitted"]) / np.median(data.sample_fit["input"])
+        rows.append(("fitted / input α (sample median)", f"{ratio:.3f}"))
     if "seconds" in summary:
         rows.append(("run time", f"{summary['seconds']:.1f} s"))
     if "devices" in summary:
