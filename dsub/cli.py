@@ -84,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     script.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                         help="cpu: the workers ask for no GPU (default: one GPU per worker job)")
 
+    qc = commands.add_parser(
+        "report", help="write the QC report of a finished run (OUTDIR/report/index.html)",
+        description="Draw example particles, power spectra, the contrast and fit quality of a finished run, with "
+                    "its counts, parameters and timings, into OUTDIR/report/index.html (written at the end of "
+                    "every run too).",
+    )
+    qc.add_argument("outdir", help="output folder of a finished dsub subtract run")
+
     demo = commands.add_parser("demo", help="simulate a small dataset, subtract it and report the accuracy")
     demo.add_argument("-o", "--outdir", default="demo_out", help="folder for the dataset and results (demo_out)")
     demo.add_argument("--particles", type=int, default=400, help="number of particles (400)")
@@ -173,6 +181,13 @@ def run_demo(args) -> int:
     return 0
 
 
+def run_report(args) -> int:
+    from .report import write_report
+
+    print(f"Report: {write_report(Path(args.outdir))}")
+    return 0
+
+
 def run_job_script(args) -> int:
     from .cluster.config import cluster_config
     from .cluster.scripts import job_script
@@ -200,7 +215,7 @@ def run_job_script(args) -> int:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"subtract": run_subtract, "demo": run_demo, "job-script": run_job_script}
+    handlers = {"subtract": run_subtract, "demo": run_demo, "job-script": run_job_script, "report": run_report}
     try:
         with warnings.catch_warnings():
             # dsub's own warnings reach the user; libraries' deprecation notices do not.

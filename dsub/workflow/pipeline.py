@@ -164,9 +164,13 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
         capacities = runner.capacities(device)
         if capacities:
             resources.check_workers(plan, capacities, box, settings, options.chunk_size)
+        sample_check = None
         if settings.scale == "input":
             sample, task = polarity_task(table, maps, settings, device)
-            check_polarity(table, sample, runner.compute([task], "polarity check")[0], options)
+            fitted = runner.compute([task], "polarity check")[0]
+            check_polarity(table, sample, fitted, options)
+            if len(fitted) == sample.size:  # bad images in the sample are left out of the fit
+                sample_check = {"index": sample.tolist(), "fitted_contrast": np.asarray(fitted).tolist()}
         if not resuming:
             store.create_store(store_path, len(table), box, options.chunk_size,
                                {**identity, "fingerprint": fingerprint})
@@ -217,11 +221,13 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             "contrast_median": float(np.median(kept)) if kept.size else None,
             "contrast_negative_fraction": float(np.mean(kept < 0)) if kept.size else None,
             "skipped_particles": skipped_report(table, skipped),
+            "input_contrast_check": sample_check,
             "outputs": {"store": store.STORE_NAME, "star": export.STAR_NAME, "cs": export.CS_NAME,
                         "stacks": export.STACK_FOLDER},
         }
         (outdir / RUN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     report(summary, outdir, options)
+    write_qc_report(outdir, options)
     return summary
 
 
@@ -238,6 +244,15 @@ def plan_resources(box: int, settings, options: RunOptions):
         resources.check_this_machine(plan)
     request = plan.request_bytes if options.cluster.scheduler in ("slurm", "pbs") else None
     return plan, dataclasses.replace(options.cluster, device=options.device, worker_memory_bytes=request)
+def write_qc_report(outdir: Path, options: RunOptions) -> None:
+    """OUTDIR/report/index.html; a failure to draw it only warns: the subtraction itself is finished."""
+    from ..report import write_report
+
+    try:
+        say(options, f"Report: {write_report(outdir)}")
+    except Exception as exc:  # noqa: BLE001 -- any failure here must not fail a finished run
+        warn(f"the QC report could not be written ({type(exc).__name__}: {exc}); the subtraction is complete. "
+             f"Try again with: dsub report {outdir}")
 
 
 def remove_metadata(outdir: Path) -> None:

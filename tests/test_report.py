@@ -1,0 +1,273 @@
+"""The QC report (``dsub report OUTDIR``, also written at the end of every run).
+
+Checked against what the run wrote (the star file read with ``starfile``, the Zarr
+store read with ``zarr``), against the simulator's truth (half sets, the signal
+that was subtracted), and, for the image measures, against analytic results.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import starfile
+import zarr
+
+from dsub.cli import main
+from dsub.demo import PIXEL_SIZE, make_dataset
+from dsub.formats import cs as cs_format
+from dsub.formats import star as star_format
+from dsub.report import write_report
+from dsub.report.gather import gather
+from dsub.report.imaging import bin_images, image_spectra, low_pass, radial_power_spectrum
+
+BOX = 48
+COUNT = 40
+FIGURES = ("examples.png", "power_spectra.png", "contrast.png")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class Links(HTMLParser):
+    """Every src/href in a page, and the text of its table cells in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.links, self.cells, self._cell = [], [], None
+
+    def handle_starttag(self, tag, attrs):
+        self.links += [value for name, value in attrs if name in ("src", "href")]
+        if tag in ("td", "th"):
+            self._cell = ""
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self.cells.append(self._cell.strip())
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+
+
+def parse(page: Path) -> Links:
+    parser = Links()
+    parser.feed(page.read_text(encoding="utf-8"))
+    return parser
+
+
+def cell_after(cells: list[str], label: str) -> str:
+    """The table cell right of the first cell reading ``label``."""
+    return cells[cells.index(label) + 1]
+
+
+def subtract(paths, outdir, *extra, particles=None) -> int:
+    return main([
+        "subtract", str(particles or paths["star"]), "--half-a", str(paths["half_a"]), "--half-b",
+        str(paths["half_b"]), "--mask", str(paths["mask"]), "-o", str(outdir), "--chunk-size", "16", "--quiet",
+        *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """``dsub demo`` at a small size: noisy particles, report written at the end of the run."""
+    folder = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "-o", str(folder), "--particles", str(COUNT), "--box", "32"]) == 0
+    return folder / "subtracted"
+
+
+@pytest.fixture(scope="module")
+def clean_dataset(tmp_path_factory):
+    """Noise-free particles, so the subtracted model can be compared with the simulator's signal."""
+    folder = tmp_path_factory.mktemp("clean")
+    paths, sim = make_dataset(folder, count=COUNT, box=BOX, snr=None)
+    return paths, sim
+
+
+def test_demo_run_writes_every_figure_and_links_only_files_it_has(demo_run):
+    report = demo_run / "report"
+    for name in FIGURES:
+        assert (report / name).read_bytes()[:8] == PNG_SIGNATURE, name
+    page = parse(report / "index.html")
+    assert sorted(page.links) == sorted(FIGURES)  # fit quality was not recorded by this run: no figure
+    for link in page.links:
+        assert not link.startswith(("/", "file:", "http")) and ".." not in link  # relative: the folder travels
+        assert (report / link).is_file()
+    assert "Not recorded by this run." in (report / "index.html").read_text(encoding="utf-8")
+    assert sorted(p.name for p in report.iterdir()) == sorted(FIGURES + ("index.html",))
+
+
+def test_report_numbers_match_the_star_file_and_the_store(demo_run):
+    cells = parse(demo_run / "report" / "index.html").cells
+    rows = starfile.read(demo_run / "particles_subtracted.star", always_dict=True)["particles"]
+    store = zarr.open_group(str(demo_run / "subtracted.zarr"), mode="r")
+    contrast = np.asarray(store["contrast"][:])
+    assert cell_after(cells, "particles subtracted") == f"{len(rows)} of {COUNT}"
+    for half, name in ((1, "A (rlnRandomSubset 1)"), (2, "B (rlnRandomSubset 2)")):
+        assert int(cell_after(cells, name)) == int((rows["rlnRandomSubset"] == half).sum())
+    assert cell_after(cells, "median contrast α") == f"{np.median(contrast):.4f}"
+    optics_row = cells.index("opticsGroup1")
+    assert int(cells[optics_row + 1]) == len(rows)
+    assert float(cells[optics_row + 2]) == PIXEL_SIZE
+    assert cell_after(cells, "scale") == "fit"
+    assert cell_after(cells, "chunk_size") == "64"  # the demo's chunks, from the store's run record
+
+
+def test_report_command_rewrites_the_folder_and_prints_where(demo_run, capsys):
+    (demo_run / "report" / "stale.png").write_bytes(b"old")
+    assert main(["report", str(demo_run)]) == 0
+    assert capsys.readouterr().out.strip() == f"Report: {demo_run / 'report' / 'index.html'}"
+    assert not (demo_run / "report" / "stale.png").exists()
+
+
+@pytest.mark.parametrize("state", ["missing", "empty", "unfinished"])
+def test_report_without_a_finished_run_is_one_error_line(state, demo_run, tmp_path, capsys):
+    outdir = tmp_path / "out"
+    if state != "missing":
+        outdir.mkdir()
+    if state == "unfinished":  # a run stopped before its export: the store, but no star file
+        shutil.copytree(demo_run / "subtracted.zarr", outdir / "subtracted.zarr")
+    assert main(["report", str(outdir)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith(f"dsub: error: {outdir}")
+    assert "Traceback" not in err
+    if state == "unfinished":
+        assert "particles_subtracted.star" in err and "dsub_run.json" in err
+    assert not (outdir / "report").exists()
+
+
+def test_subtracted_model_is_the_simulated_signal_and_spectra_are_ordered(clean_dataset, tmp_path):
+    paths, sim = clean_dataset
+    outdir = tmp_path / "out"
+    assert subtract(paths, outdir) == 0
+    data = gather(outdir)
+    halves = [example.half_set for example in data.examples]
+    assert halves.count(1) == 3 and halves.count(2) == 3
+    for example in data.examples:
+        truth = low_pass(sim.subtracted_signal[example.row][None], PIXEL_SIZE, data.display_resolution_angstrom)[0]
+        error = np.linalg.norm(example.model - truth) / np.linalg.norm(truth)
+        assert error < 0.02, (example.row, error)
+        assert example.half_set == sim.half_set[example.row]
+        assert example.defocus_angstrom == pytest.approx((sim.defocus_u[example.row] + sim.defocus_v[example.row]) / 2)
+    # Noise-free: the input holds exactly the kept and the subtracted signal, so its power exceeds the result's
+    # at low resolution, where the masked domain's signal is.
+    spectra = data.spectra
+    low = spectra.frequency_per_angstrom < 1 / 15
+    assert (spectra.input[low] > spectra.result[low]).all()
+    assert spectra.sample_size == COUNT
+
+
+def test_fit_quality_and_contrast_outliers_recorded_in_the_store(clean_dataset, tmp_path):
+    paths, _ = clean_dataset
+    outdir = tmp_path / "out"
+    assert subtract(paths, outdir) == 0
+    store = zarr.open_group(str(outdir / "subtracted.zarr"), mode="r+")
+    correlation = np.linspace(0.2, 0.9, COUNT).astype(np.float32)
+    for name, values in (("fit_correlation", correlation), ("contrast_sigma", np.full(COUNT, 0.05, np.float32))):
+        store.create_array(name, shape=(COUNT,), chunks=(16,), dtype="float32")[:] = values
+    contrast = np.asarray(store["contrast"][:])
+    planted = [3, 17]  # one far too strong, one of the wrong sign
+    contrast[planted] = [10.0, -1.0]
+    store["contrast"][:] = contrast
+
+    page_path = write_report(outdir)
+    page = parse(page_path)
+    assert "fit_quality.png" in page.links and (page_path.parent / "fit_quality.png").is_file()
+    assert "Not recorded by this run." not in page_path.read_text(encoding="utf-8")
+    np.testing.assert_array_equal(gather(outdir).quality["fit_correlation"], correlation)
+    assert cell_after(page.cells, "median fit correlation") == f"{np.median(correlation):.3f}"
+    assert cell_after(page.cells, "contrast outliers") == "2"
+    listed = page.cells[page.cells.index("α") + 1:]
+    names = starfile.read(outdir / "particles_subtracted.star", always_dict=True)["particles"]["rlnImageOriginalName"]
+    assert listed[:6] == ["4", names[3], "10.0000", "18", names[17], "-1.0000"]  # farthest first
+
+
+def test_cs_input_with_input_scale_shows_fitted_against_input(clean_dataset, tmp_path):
+    paths, sim = clean_dataset
+    table = star_format.read_particles(paths["star"])
+    cs_path = tmp_path / "J9_particles.cs"
+    cs_format.write_particles(table, cs_path, [str(paths["stack"])] * COUNT, table.image_indices,
+                              contrast=sim.contrast)
+    outdir = tmp_path / "out"
+    assert subtract(paths, outdir, "--scale", "input", particles=cs_path) == 0
+    data = gather(outdir)
+    assert data.scale == "input" and data.sample_fit is not None
+    # Noise-free particles: the fit finds the simulator's contrast, which is also the input's.
+    np.testing.assert_allclose(data.sample_fit["input"], sim.contrast[: data.sample_fit["input"].size], rtol=1e-6)
+    np.testing.assert_allclose(data.sample_fit["fitted"], data.sample_fit["input"], rtol=0.03)
+    assert all(example.input is not None for example in data.examples)  # input stacks found from the .cs names
+    page = parse(outdir / "report" / "index.html")
+    assert "contrast.png" in page.links
+    ratio = float(cell_after(page.cells, "fitted / input α (sample median)"))
+    assert ratio == pytest.approx(1.0, abs=0.03)
+
+
+def test_report_without_the_input_stacks_shows_the_results(clean_dataset, tmp_path):
+    paths, _ = clean_dataset
+    data_copy = tmp_path / "data"
+    data_copy.mkdir()
+    copied = {key: Path(shutil.copy2(path, data_copy / Path(path).name)) for key, path in paths.items()}
+    outdir = tmp_path / "out"
+    assert subtract(copied, outdir) == 0
+    copied["stack"].unlink()  # the report is drawn later, on a machine without the inputs
+    page_path = write_report(outdir)
+    text = page_path.read_text(encoding="utf-8")
+    assert "The input images could not be read here" in text and str(copied["stack"]) in text
+    assert sorted(parse(page_path).links) == sorted(FIGURES)
+
+
+def test_a_failing_report_only_warns(clean_dataset, tmp_path, capsys, monkeypatch):
+    import dsub.report
+
+    def broken(outdir):
+        raise RuntimeError("no fonts")
+
+    monkeypatch.setattr(dsub.report, "write_report", broken)
+    paths, _ = clean_dataset
+    assert subtract(paths, tmp_path / "out") == 0
+    err = capsys.readouterr().err
+    assert re.search(r"dsub: warning: the QC report could not be written \(RuntimeError: no fonts\)", err)
+    assert (tmp_path / "out" / "particles_subtracted.star").is_file()
+
+
+# ----------------------------------------------------------------------------- image measures, analytic
+
+
+def test_white_noise_has_flat_power_equal_to_its_variance():
+    rng = np.random.default_rng(0)
+    images = rng.normal(0.0, 2.0, size=(800, 64, 64)).astype(np.float32)
+    frequency, power = radial_power_spectrum(image_spectra(images), 1.5)
+    assert frequency.size == 32
+    np.testing.assert_allclose(frequency[[0, -1]], [1 / 96, 1 / 3.0])  # first shell, Nyquist of 1.5 Å pixels
+    np.testing.assert_allclose(power, 4.0, rtol=0.06)  # Parseval: σ² per pixel at every shell
+
+
+def test_a_plane_wave_puts_its_power_in_its_own_shell():
+    box, k = 64, 10
+    y, x = np.mgrid[:box, :box]
+    wave = np.cos(2 * np.pi * (k * x / box)).astype(np.float32)[None]
+    _, power = radial_power_spectrum(image_spectra(wave), 1.0)
+    assert np.argmax(power) == k - 1
+    # Parseval: mean of cos² is 1/2, all of it in shell k, averaged over that shell's coefficients
+    shell = np.rint(np.hypot(*np.meshgrid(np.fft.fftfreq(box, 1 / box), np.fft.fftfreq(box, 1 / box)))) == k
+    assert power[k - 1] == pytest.approx(0.5 * box**2 / shell.sum(), rel=1e-5)
+
+
+def test_low_pass_halves_a_wave_at_its_resolution():
+    box, pixel = 64, 1.5
+    k = 8  # a wave of period box·pixel/k = 12 Å
+    x = np.arange(box)
+    wave = np.tile(np.cos(2 * np.pi * k * x / box), (box, 1)).astype(np.float32)[None]
+    filtered = low_pass(wave, pixel, resolution_angstrom=box * pixel / k)
+    np.testing.assert_allclose(filtered, 0.5 * wave, atol=1e-5)
+    np.testing.assert_allclose(low_pass(np.ones((1, box, box)), pixel, 12.0), 1.0, atol=1e-6)  # DC kept
+
+
+def test_binning_for_display_averages_pixel_blocks():
+    small = np.arange(16, dtype=np.float32).reshape(1, 4, 4)
+    np.testing.assert_array_equal(bin_images(np.kron(small, np.ones((3, 3), np.float32)), 3), small)
+    np.testing.assert_array_equal(bin_images(small, 1), small)
