@@ -35,13 +35,16 @@ import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 from ..errors import InputFileError, OptionError
 from ..formats import cs as cs_format
 from ..formats import star as star_format
 
 #: Robust noise level of a map's solvent: voxels under median + this many robust σ carry no weight.
-SOLVENT_SIGMAS = 3.0
+SOLVENT_SIGMAS = 5.0
+#: Width (σ, voxels) of the Gaussian that smooths the kept density before it is thresholded.
+SMOOTHING_VOXELS = 2.0
 
 
 @dataclass(frozen=True)
@@ -97,24 +100,26 @@ def kept_weight(mask: np.ndarray, mask_keeps: bool) -> np.ndarray:
 def kept_region_centre(density: np.ndarray, kept: np.ndarray, path=None) -> np.ndarray:
     """Centre of mass (x, y, z) of ``density · kept``, in voxels from the centre voxel ``N//2``.
 
-    ``density`` and ``kept`` are (z, y, x) arrays of one cubic box. Only
-    voxels above the solvent's noise level (median + 3 robust σ of the whole
-    map, σ = 1.4826·MAD) count, so the noise of a large unmasked solvent does
-    not pull the centre towards the box centre; like RELION's
-    ``MultidimArray::centerOfMass`` the weights are the values themselves.
+    ``density`` and ``kept`` are (z, y, x) arrays of one cubic box. The kept
+    region's density is smoothed with a Gaussian of ``SMOOTHING_VOXELS`` (which
+    leaves a centre of mass where it is) and only voxels above its solvent level
+    (median + ``SOLVENT_SIGMAS`` robust σ, σ = 1.4826·MAD) count, so the noise of a
+    large unmasked solvent does not pull the centre towards the box centre.
+    As in RELION's ``MultidimArray::centerOfMass`` the weights are the values.
     Raises ``InputFileError`` (naming ``path``) when nothing is left to weigh.
     """
-    density = np.asarray(density, dtype=np.float64)
-    median = float(np.median(density))
-    level = median + SOLVENT_SIGMAS * 1.4826 * float(np.median(np.abs(density - median)))
-    weight = np.where(density > level, density, 0.0) * np.asarray(kept, dtype=np.float64)
+    region = np.asarray(density, dtype=np.float32) * np.asarray(kept, dtype=np.float32)
+    smooth = ndimage.gaussian_filter(region, SMOOTHING_VOXELS, mode="constant").astype(np.float64)
+    median = float(np.median(smooth))
+    level = max(median + SOLVENT_SIGMAS * 1.4826 * float(np.median(np.abs(smooth - median))), 0.0)
+    weight = np.where(smooth > level, smooth, 0.0)
     total = float(weight.sum())
     if not total > 0:
         raise InputFileError(
             path, "the region that is kept (outside the subtracted region) holds no density to recentre on.",
             "Check the mask and --mask-keeps, or give the point with --center X Y Z.",
         )
-    box = density.shape[0]
+    box = region.shape[0]
     grid = np.arange(box, dtype=np.float64) - box // 2
     z = float(np.einsum("zyx,z->", weight, grid)) / total
     y = float(np.einsum("zyx,y->", weight, grid)) / total
