@@ -158,12 +158,20 @@ def test_kept_region_projects_within_half_a_pixel_of_the_new_centre(dataset, tmp
         assert not images[:, :border].any() and not images[:, :, -border:].any()
 
 
-def test_recenter_metadata_describe_the_reboxed_images(dataset, tmp_path):
+@pytest.fixture(scope="module")
+def recentred_run(dataset, tmp_path_factory):
+    """--recenter --new-box 32 on the star input."""
+    paths, _, _ = dataset
+    outdir = tmp_path_factory.mktemp("recentred") / "out"
+    assert run(paths, outdir, "--recenter", "--new-box", 32) == 0
+    return outdir
+
+
+def test_recenter_metadata_describe_the_reboxed_images(dataset, recentred_run):
     """A projection of the kept region, re-centred on the reported centre, with the new origins and the
     simulator's CTF in the input box, cropped to the new box, matches the output images."""
     paths, sim, halves = dataset
-    outdir = tmp_path / "out"
-    assert run(paths, outdir, "--recenter", "--new-box", 32) == 0
+    outdir = recentred_run
     report = summary(outdir)["rebox"]
     centre = np.array(report["center_voxels"])
     assert report["center_from"] == "centre of mass of the kept region" and report["new_box"] == 32
@@ -192,10 +200,8 @@ def test_recenter_metadata_describe_the_reboxed_images(dataset, tmp_path):
         assert float(mrc.voxel_size.x) == pytest.approx(PIXEL_SIZE)
 
 
-def test_star_and_cs_agree_on_the_new_origins_and_box(dataset, tmp_path):
-    paths, sim, _ = dataset
-    outdir = tmp_path / "out"
-    assert run(paths, outdir, "--recenter", "--new-box", 32) == 0
+def test_star_and_cs_agree_on_the_new_origins_and_box(recentred_run):
+    outdir = recentred_run
     blocks = starfile.read(outdir / STAR_OUT, always_dict=True)
     assert blocks["optics"]["rlnImageSize"].tolist() == [32]
     rows = blocks["particles"]
@@ -269,6 +275,35 @@ def test_new_box_alone_crops_about_the_centre_and_keeps_origins_and_priors(datas
     _, centred = output_images(tmp_path / "centred")
     for i, (tx, ty) in enumerate(shifts.astype(int)):
         np.testing.assert_array_equal(centred[i], np.roll(plain[i], (ty, tx), axis=(0, 1)))
+
+
+def test_mask_keeps_with_the_inverted_mask_finds_the_same_centre(dataset, recentred_run, tmp_path):
+    paths, _, _ = dataset
+    inverted = tmp_path / "keep.mrc"
+    write_map(inverted, 1.0 - read_map(paths["mask"])[0], PIXEL_SIZE)
+    outdir = tmp_path / "out"
+    assert run(paths, outdir, "--recenter", "--mask-keeps", mask=inverted) == 0
+    np.testing.assert_allclose(summary(outdir)["rebox"]["center_voxels"],
+                               summary(recentred_run)["rebox"]["center_voxels"], atol=1e-4)
+
+
+def test_skipped_particles_keep_their_input_origins_and_box(dataset, tmp_path):
+    paths, _, _ = dataset
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    star = Path(shutil.copy2(paths["star"], folder / "particles.star"))
+    stack = Path(shutil.copy2(paths["stack"], folder / "particles.mrcs"))
+    with mrcfile.open(stack, mode="r+") as mrc:
+        mrc.data[3] = np.nan
+    outdir = tmp_path / "out"
+    assert run(paths, outdir, "--recenter", "--new-box", 32, "--skip-bad-particles", particles=star) == 0
+    given = starfile.read(star, always_dict=True)
+    skipped = starfile.read(outdir / "skipped_particles.star", always_dict=True)
+    assert skipped["optics"]["rlnImageSize"].tolist() == [BOX]
+    for label in ("rlnOriginXAngst", "rlnOriginYAngst"):
+        assert skipped["particles"][label].tolist() == pytest.approx([given["particles"][label][3]], abs=1e-9)
+    written = starfile.read(outdir / STAR_OUT, always_dict=True)
+    assert written["optics"]["rlnImageSize"].tolist() == [32] and len(written["particles"]) == COUNT - 1
 
 
 def _all_ones_mask(paths, folder: Path) -> Path:

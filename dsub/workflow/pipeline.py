@@ -208,8 +208,8 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     contrast = np.asarray(results["contrast"][:])
     skipped = np.asarray(results["skipped"][:], dtype=bool)
     with all_metadata_or_none(outdir):
-        written = rebox.reboxed_table(table, reboxing) if reboxing is not None else table
-        export.write_metadata(written, outdir, options.particles_per_stack, contrast, skipped)
+        exported = rebox.reboxed_table(table, reboxing) if reboxing is not None else None
+        export.write_metadata(table, outdir, options.particles_per_stack, contrast, skipped, exported)
         timings["export"] = time.monotonic() - started - sum(timings.values())
         kept = contrast[~skipped]
         summary = {
