@@ -80,3 +80,15 @@ def test_local_cluster_uses_every_gpu(tmp_path):
     summary = json.loads((tmp_path / "out" / "dsub_run.json").read_text())
     assert summary["workers"] >= 2
     assert len({d for d in summary["devices"] if d.startswith("gpu:")}) >= 2
+
+
+@pytest.mark.parametrize("box, new_box", [(64, 48), (64, 96)])
+def test_translate_and_window_matches_numpy(cupy, box, new_box):
+    from dsub.workflow.rebox import translate_and_window
+
+    rng = np.random.default_rng(box + new_box)
+    images = rng.normal(size=(9, box, box)).astype(np.float32)
+    shifts = rng.integers(-box // 2, box // 2, size=(9, 2))
+    cpu = translate_and_window(np, images, shifts, new_box)
+    gpu = translate_and_window(cupy, cupy.asarray(images), shifts, new_box)
+    np.testing.assert_array_equal(gpu.get(), cpu)

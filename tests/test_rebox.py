@@ -24,7 +24,8 @@ from dsub.formats import cs as cs_format
 from dsub.formats import star as star_format
 from dsub.formats.mrc import read_images, read_map, write_map
 from dsub.simulate import GaussianPhantom, apply_ctf, ctf_full_plane, perturbed, two_domain_phantom
-from dsub.workflow.rebox import kept_region_centre, relion_round, translate_and_window
+from dsub.conventions import relion_round
+from dsub.workflow.rebox import kept_region_centre, translate_and_window
 
 BOX = 48
 COUNT = 24

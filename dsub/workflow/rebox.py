@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from ..conventions import relion_round
 from ..errors import InputFileError, OptionError
 from ..formats import cs as cs_format
 from ..formats import star as star_format
@@ -125,12 +126,6 @@ def kept_region_centre(density: np.ndarray, kept: np.ndarray, path=None) -> np.n
     y = float(np.einsum("zyx,y->", weight, grid)) / total
     x = float(np.einsum("zyx,x->", weight, grid)) / total
     return np.array([x, y, z])
-
-
-def relion_round(values: np.ndarray) -> np.ndarray:
-    """RELION's ``ROUND``: to the nearest integer, halves away from zero (``macros.h``)."""
-    values = np.asarray(values, dtype=np.float64)
-    return np.sign(values) * np.floor(np.abs(values) + 0.5)
 
 
 def centring_shifts(particles, reboxing: Reboxing) -> tuple[np.ndarray, np.ndarray]:
