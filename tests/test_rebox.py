@@ -25,7 +25,9 @@ from dsub.formats import star as star_format
 from dsub.formats.mrc import read_images, read_map, write_map
 from dsub.simulate import GaussianPhantom, apply_ctf, ctf_full_plane, perturbed, two_domain_phantom
 from dsub.conventions import relion_round
-from dsub.workflow.rebox import kept_region_centre, translate_and_window
+from dsub.physics.projector import prepare_volume, project
+from dsub.workflow.rebox import Reboxing, kept_region_centre, rebox_images, reboxed_table, translate_and_window
+from test_projector import fourier_crop
 
 BOX = 48
 COUNT = 24
@@ -305,6 +307,32 @@ def test_skipped_particles_keep_their_input_origins_and_box(dataset, tmp_path):
         assert skipped["particles"][label].tolist() == pytest.approx([given["particles"][label][3]], abs=1e-9)
     written = starfile.read(outdir / STAR_OUT, always_dict=True)
     assert written["optics"]["rlnImageSize"].tolist() == [32] and len(written["particles"]) == COUNT - 1
+
+
+@pytest.mark.parametrize("name", ["rln_proj_64_centered", "rln_proj_64_shifted"])
+def test_relion_projections_recentred_match_the_translated_map(shared_data, tmp_path, name):  # conventions!
+    """RELION's own projections (relion_project; RELION 3.0 pixel origins up to 13 px) re-centred on an
+    integer map point and re-boxed are the projections of the map translated by -c at the written
+    origins (the projector reproduces relion_project at correlation > 0.9999, test_projector)."""
+    folder = shared_data / "relion_projections"
+    volume = fourier_crop(read_map(folder / "clean70SRibosome_vol_65p.mrc")[0].astype(np.float64), 64)
+    table = star_format.read_particles(folder / f"{name}.star", require_ctf=False)
+    centre = (4, -3, 2)
+    reboxing = Reboxing(center_voxels=centre, map_pixel_size=1.0, new_box=48)
+    images = rebox_images(np, read_images(table.image_paths, table.image_indices), table, reboxing)
+    star_format.write_particles(reboxed_table(table, reboxing), tmp_path / "out.star",
+                                [f"{i + 1}@out.mrcs" for i in range(len(table))])
+    written = starfile.read(tmp_path / "out.star", always_dict=True)
+    assert written["optics"]["rlnImageSize"].tolist() == [48]
+    assert "rlnOriginX" not in written["particles"]  # RELION 3.1 origins in Å only
+    origins = written["particles"][["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy() / 1.0
+    assert np.all(np.abs(origins) <= 0.5)
+    translated = np.roll(volume, (-centre[2], -centre[1], -centre[0]), axis=(0, 1, 2))
+    for map_volume, lowest, highest in ((translated, 0.9995, 1.0), (volume, -1.0, 0.5)):  # measured 0.99991; control
+        spectra = project(np, prepare_volume(np, map_volume, 2), table.rotations, origins, "relion")
+        expected = window_about_centre(np.fft.fftshift(np.fft.irfft2(spectra, s=(64, 64)), axes=(-2, -1)), 48)
+        for ours, theirs in zip(expected, images):
+            assert lowest <= np.corrcoef(ours.ravel(), theirs.ravel())[0, 1] <= highest
 
 
 def _all_ones_mask(paths, folder: Path) -> Path:
