@@ -24,7 +24,7 @@ from .. import __version__
 from ..cluster import ClusterSpec, open_runner
 from ..errors import DsubError, InputFileError, OptionError, warn
 from ..formats import read_particles, select_rows
-from ..formats.mrc import read_map
+from ..formats.mrc import map_header, read_map
 from ..particles import HALF_A
 from ..physics.backend import gpu_available
 from ..physics.subtract import SubtractionSettings
@@ -243,17 +243,18 @@ def reboxing_of_run(maps: MapFiles, settings, options: RunOptions, pixel_size: f
     """
     if not (options.recenter or options.center_voxels is not None or options.new_box):
         return None, None
-    half_a, voxel = read_map(maps.half_a)
-    voxel = voxel if voxel > 0 else pixel_size  # check_maps warned already
-    centre, centre_from = None, None
+    centre, centre_from, voxel = None, None, pixel_size
     if options.recenter:
+        half_a, voxel = read_map(maps.half_a)
         half_b = half_a if options.single_map else read_map(maps.half_b)[0]
         kept = rebox.kept_weight(read_map(maps.mask)[0], settings.mask_keeps)
         centre = rebox.kept_region_centre(0.5 * (half_a + half_b), kept, maps.mask)
         centre_from = "centre of mass of the kept region"
     elif options.center_voxels is not None:
-        rebox.check_center(options.center_voxels, half_a.shape[0])
+        map_box, voxel = map_header(maps.half_a)
+        rebox.check_center(options.center_voxels, map_box)
         centre, centre_from = np.asarray(options.center_voxels, dtype=np.float64), "--center"
+    voxel = voxel if voxel > 0 else pixel_size  # check_maps warned already
     reboxing = rebox.Reboxing(
         center_voxels=None if centre is None else tuple(float(v) for v in centre),
         map_pixel_size=float(voxel), new_box=options.new_box,

@@ -110,11 +110,11 @@ def kept_region_centre(density: np.ndarray, kept: np.ndarray, path=None) -> np.n
     Raises ``InputFileError`` (naming ``path``) when nothing is left to weigh.
     """
     region = np.asarray(density, dtype=np.float32) * np.asarray(kept, dtype=np.float32)
-    smooth = ndimage.gaussian_filter(region, SMOOTHING_VOXELS, mode="constant").astype(np.float64)
+    smooth = ndimage.gaussian_filter(region, SMOOTHING_VOXELS, mode="constant")
     median = float(np.median(smooth))
     level = max(median + SOLVENT_SIGMAS * 1.4826 * float(np.median(np.abs(smooth - median))), 0.0)
-    weight = np.where(smooth > level, smooth, 0.0)
-    total = float(weight.sum())
+    weight = np.where(smooth > level, smooth, np.float32(0.0))
+    total = float(weight.sum(dtype=np.float64))
     if not total > 0:
         raise InputFileError(
             path, "the region that is kept (outside the subtracted region) holds no density to recentre on.",
@@ -122,9 +122,8 @@ def kept_region_centre(density: np.ndarray, kept: np.ndarray, path=None) -> np.n
         )
     box = region.shape[0]
     grid = np.arange(box, dtype=np.float64) - box // 2
-    z = float(np.einsum("zyx,z->", weight, grid)) / total
-    y = float(np.einsum("zyx,y->", weight, grid)) / total
-    x = float(np.einsum("zyx,x->", weight, grid)) / total
+    z, y, x = (float(weight.sum(axis=tuple(a for a in range(3) if a != axis), dtype=np.float64) @ grid) / total
+               for axis in range(3))
     return np.array([x, y, z])
 
 
