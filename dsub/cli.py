@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--skip-bad-particles", action="store_true",
                      help="leave out particles whose images hold NaN or infinite values (listed in "
                           "skipped_particles.star and dsub_run.json) instead of stopping")
+    add_rebox_arguments(run)
     run.add_argument("--quiet", action="store_true", help="no progress bar")
 
     script = commands.add_parser(
@@ -97,6 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--particles", type=int, default=400, help="number of particles (400)")
     demo.add_argument("--box", type=int, default=64, help="box size in pixels (64)")
     return parser
+
+
+def add_rebox_arguments(parser) -> None:
+    group = parser.add_argument_group("re-centring and re-boxing (relion_particle_subtract's --recenter_on_mask, "
+                                      "--center_x/y/z, --new_box)")
+    centre = group.add_mutually_exclusive_group()
+    centre.add_argument("--recenter", action="store_true",
+                        help="centre each subtracted particle on the projection of the kept region's centre of "
+                             "mass (half maps x region kept); the sub-pixel rest goes into the origins")
+    centre.add_argument("--center", type=float, nargs=3, metavar=("X", "Y", "Z"), default=None,
+                        help="centre on the projection of this map point: voxels from the map's centre voxel "
+                             "N//2 (RELION's --center_x/y/z)")
+    group.add_argument("--new-box", type=int, default=None, metavar="B",
+                       help="write the subtracted particles in a box of B px (even): cropped about the (new) "
+                            "centre, or padded with zeros; rlnImageSize and blob/shape follow")
 
 
 def add_cluster_arguments(parser) -> None:
@@ -158,7 +174,9 @@ def run_subtract(args) -> int:
     options = RunOptions(
         outdir=Path(args.outdir), chunk_size=args.chunk_size, particles_per_stack=args.particles_per_stack,
         device=args.device, overwrite=args.overwrite, cs_root=args.cs_root, single_map=args.single_map,
-        skip_bad_particles=args.skip_bad_particles, cluster=cluster_from_args(args),
+        skip_bad_particles=args.skip_bad_particles, recenter=args.recenter,
+        center_voxels=tuple(args.center) if args.center is not None else None, new_box=args.new_box,
+        cluster=cluster_from_args(args),
     )
     subtract(args.particles, args.half_a, args.half_b, args.mask, settings, options)
     return 0

@@ -103,3 +103,14 @@ def half_set_to_split(half_set: np.ndarray) -> np.ndarray:
     """Half set 1/2 -> cryoSPARC ``alignments3D/split`` 0/1 (``<u4``); unknown -> 0."""
     half_set = np.asarray(half_set)
     return np.where(half_set == 2, 1, 0).astype("<u4")
+
+
+def relion_round(values) -> np.ndarray:
+    """RELION's ``ROUND`` (``src/macros.h``): to the nearest integer, halves away from zero.
+
+    ``relion_particle_subtract`` re-centres a particle by translating its image
+    by ``ROUND(o - A c)`` whole pixels and keeps the rest in the origin; NumPy's
+    ``round`` (halves to even) would differ at exact halves. Returns float64.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    return np.sign(values) * np.floor(np.abs(values) + 0.5)

@@ -99,3 +99,13 @@ def test_memory_estimate_bounds_the_gpu_pool_peak(cupy, box):
     cupy.cuda.Device().synchronize()
     peak = pool.total_bytes() - before
     assert models and peak <= prepared_map_bytes(box, settings) <= 1.6 * peak
+@pytest.mark.parametrize("box, new_box", [(64, 48), (64, 96)])
+def test_translate_and_window_matches_numpy(cupy, box, new_box):
+    from dsub.workflow.rebox import translate_and_window
+
+    rng = np.random.default_rng(box + new_box)
+    images = rng.normal(size=(9, box, box)).astype(np.float32)
+    shifts = rng.integers(-box // 2, box // 2, size=(9, 2))
+    cpu = translate_and_window(np, images, shifts, new_box)
+    gpu = translate_and_window(cupy, cupy.asarray(images), shifts, new_box)
+    np.testing.assert_array_equal(gpu.get(), cpu)

@@ -268,6 +268,22 @@ def _fields_from_table(table: ParticleTable) -> dict[str, np.ndarray]:
     }
 
 
+def with_origins_and_box(data: np.ndarray, origins_angstrom: np.ndarray, box: int) -> np.ndarray:
+    """A copy of a .cs input's records with new shifts and box (re-boxed particles).
+
+    ``alignments3D/shift`` gets ``origins_angstrom`` in pixels of
+    ``alignments3D/psize_A`` (or ``blob/psize_A``), ``blob/shape`` becomes
+    ``(box, box)``; every other field is unchanged.
+    """
+    data = data.copy()
+    names = data.dtype.names
+    psize = data["alignments3D/psize_A"] if "alignments3D/psize_A" in names else data["blob/psize_A"]
+    if "alignments3D/shift" in names:
+        data["alignments3D/shift"] = origin_angstrom_to_cryosparc_shift(np.asarray(origins_angstrom), psize)
+    data["blob/shape"] = box
+    return data
+
+
 def write_particles(
     table: ParticleTable,
     path: str | os.PathLike,

@@ -68,6 +68,16 @@ def read_map(path: str | os.PathLike) -> tuple[np.ndarray, float]:
     return data, sizes.pop()
 
 
+def map_header(path: str | os.PathLike) -> tuple[int, float]:
+    """(box in voxels along x, voxel size in Å) of a map, from its header alone (0.0 when unset)."""
+    check_mrc_file(path, "map")
+    try:
+        with mrcfile.open(path, mode="r", header_only=True) as mrc:
+            return int(mrc.header.nx), float(mrc.voxel_size.x)
+    except (ValueError, OSError) as exc:
+        raise InputFileError(path, f"is not a readable MRC header ({exc}).", "Give a map in MRC format.") from exc
+
+
 def _plausible_header(raw: bytes) -> np.ndarray | None:
     """The 1024-byte header read in the byte order that makes sense of it, or None if none does."""
     stamp = raw[212:214]

@@ -315,6 +315,27 @@ def _blocks_from_star(table: ParticleTable) -> tuple[pd.DataFrame, pd.DataFrame]
     return optics, particles
 
 
+def with_origins_and_box(source: dict, origins_angstrom: np.ndarray, box: int, drop_priors: bool) -> dict:
+    """A star input's raw tables with new ``rlnOriginX/YAngst`` and ``rlnImageSize`` (re-boxed particles).
+
+    As ``relion_particle_subtract`` writes re-centred particles: origins in Å
+    (RELION 3.0 pixel origins are replaced), ``rlnImageSize`` = ``box`` in every
+    optics group, and with ``drop_priors`` the ``rlnOriginX/YPriorAngst``
+    columns removed (``ParticleSubtractor::saveStarFile``).
+    """
+    particles = source["particles"].reset_index(drop=True).copy()
+    for axis, xy in enumerate("XY"):
+        particles = particles.drop(columns=[f"rlnOrigin{xy}"], errors="ignore")
+        particles[f"rlnOrigin{xy}Angst"] = np.asarray(origins_angstrom, dtype=np.float64)[:, axis]
+        if drop_priors:
+            particles = particles.drop(columns=[f"rlnOrigin{xy}PriorAngst"], errors="ignore")
+    optics = source["optics"]
+    if optics is not None:
+        optics = optics.copy()
+        optics["rlnImageSize"] = np.int64(box)
+    return {**source, "optics": optics, "particles": particles}
+
+
 def _blocks_from_table(table: ParticleTable) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Optics and particles tables built from the particle table (a .cs input)."""
     optics, per_particle = _optics_from_table(table)

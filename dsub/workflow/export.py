@@ -7,6 +7,8 @@
 * ``OUTDIR/particles_subtracted.cs``: every input field passed through, with
   ``blob/path`` / ``blob/idx`` pointing at the new stacks (relative to OUTDIR)
   and ``alignments3D/alpha`` holding the contrast each particle was subtracted with;
+* re-centred or re-boxed particles (``rebox``): the star and .cs carry their
+  new origins and box (``rlnImageSize``, ``blob/shape``);
 * ``OUTDIR/skipped_particles.star``: with ``--skip-bad-particles``, the input
   rows of the particles left out (their slots in the stacks hold zeros, and no
   metadata row points at them).
@@ -79,8 +81,15 @@ def new_image_locations(count: int, particles_per_stack: int) -> tuple[np.ndarra
 
 
 def write_metadata(table, outdir: Path, particles_per_stack: int, contrast: np.ndarray,
-                   skipped: np.ndarray | None = None) -> None:
-    """Write the star and .cs files that point at the exported stacks (skipped particles left out)."""
+                   skipped: np.ndarray | None = None, exported=None) -> None:
+    """Write the star and .cs files that point at the exported stacks (skipped particles left out).
+
+    ``exported`` is the table that describes the exported images when it differs
+    from the input ``table`` (re-centred or re-boxed particles: new origins and
+    box); the skipped particles' rows, which point at their input images, always
+    come from ``table``.
+    """
+    exported = table if exported is None else exported
     paths, indices = new_image_locations(len(table), particles_per_stack)
     names = np.array([f"{index + 1:06d}@{path}" for path, index in zip(paths, indices)], dtype=object)
     keep = np.ones(len(table), dtype=bool) if skipped is None else ~np.asarray(skipped, dtype=bool)
@@ -89,7 +98,7 @@ def write_metadata(table, outdir: Path, particles_per_stack: int, contrast: np.n
         left_out = select_rows(table, ~keep)
         originals = original_image_names(left_out)
         star_format.write_particles(left_out, outdir / SKIPPED_NAME, originals, original_names=originals)
-    kept = select_rows(table, keep)
+    kept = select_rows(exported, keep)
     star_format.write_particles(kept, outdir / STAR_NAME, names[keep])
     cs_format.write_particles(kept, outdir / CS_NAME, paths[keep], indices[keep], contrast[keep])
 

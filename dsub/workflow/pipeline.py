@@ -25,10 +25,11 @@ from ..cluster import ClusterSpec, open_runner
 from ..cluster.config import cluster_config
 from ..errors import DsubError, InputFileError, OptionError, warn
 from ..formats import read_particles, select_rows
+from ..formats.mrc import map_header, read_map
 from ..particles import HALF_A
 from ..physics.backend import gpu_available
 from ..physics.subtract import SubtractionSettings
-from . import export, resources, store, validate
+from . import export, rebox, resources, store, validate
 from .outdir import explain_os_error, file_identity, prepare_outdir, run_fingerprint
 from .tasks import MapFiles, fit_sample, run_chunk
 
@@ -50,6 +51,9 @@ class RunOptions:
     cs_root: str | None = None
     single_map: bool = False
     skip_bad_particles: bool = False
+    recenter: bool = False  # centre on the kept region's centre of mass
+    center_voxels: tuple | None = None  # or on this map point (x, y, z), voxels from the map centre
+    new_box: int | None = None  # output box in pixels
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
 
     def __post_init__(self):
@@ -59,6 +63,9 @@ class RunOptions:
             raise OptionError(f"--particles-per-stack must be at least 1, not {self.particles_per_stack}")
         if self.device not in ("auto", "cpu", "gpu"):
             raise OptionError(f"--device must be auto, cpu or gpu, not {self.device!r}")
+        if self.recenter and self.center_voxels is not None:
+            raise OptionError("--recenter and --center both choose the new centre: give only one")
+        rebox.check_new_box(self.new_box)
         # Stacks hold whole chunks, so an export task never reads half a chunk.
         self.particles_per_stack = max(self.chunk_size, self.particles_per_stack // self.chunk_size * self.chunk_size)
 
@@ -148,8 +155,12 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     plan, spec = plan_resources(box, settings, options)
     device = options.device
     maps = MapFiles(str(Path(half_a).resolve()), str(Path(half_b).resolve()), str(Path(mask).resolve()))
+    reboxing, centre_from = reboxing_of_run(maps, settings, options, pixel_size)
+    out_box = reboxing.output_box(box) if reboxing else box
 
     identity = run_identity(particles_path, maps, table, box, settings, options)
+    if reboxing is not None:  # only then: runs without re-boxing keep their identity
+        identity["rebox"] = dataclasses.asdict(reboxing)
     fingerprint = run_fingerprint(identity)
     store_path = outdir / store.STORE_NAME
     if options.skip_bad_particles and not options.overwrite:
@@ -172,12 +183,14 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             if len(fitted) == sample.size:  # bad images in the sample are left out of the fit
                 sample_check = {"index": sample.tolist(), "fitted_contrast": np.asarray(fitted).tolist()}
         if not resuming:
-            store.create_store(store_path, len(table), box, options.chunk_size,
+            store.create_store(store_path, len(table), out_box, options.chunk_size,
                                {**identity, "fingerprint": fingerprint})
         done = store.finished_chunks(store_path)
         pending = [i for i in range(len(bounds)) if not done[i]]
         say(options, f"dsub: {len(table)} particles of {box} px in {len(bounds)} chunks "
                      f"({len(bounds) - len(pending)} already done) on {runner.description}.")
+        if reboxing is not None:
+            say(options, rebox.describe(reboxing, centre_from, box))
         tasks = []
         for index in pending:
             start, stop = bounds[index]
@@ -185,7 +198,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             tasks.append(
                 dask.delayed(run_chunk, pure=False)(
                     index, start, chunk, maps, settings, str(store_path), device, options.skip_bad_particles,
-                    dask_key_name=f"subtract-chunk-{index:05d}",
+                    reboxing, dask_key_name=f"subtract-chunk-{index:05d}",
                 )
             )
         devices = sorted(set(runner.compute(tasks, "subtract")))
@@ -204,12 +217,14 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     contrast = np.asarray(results["contrast"][:])
     skipped = np.asarray(results["skipped"][:], dtype=bool)
     with all_metadata_or_none(outdir):
-        export.write_metadata(table, outdir, options.particles_per_stack, contrast, skipped)
+        exported = rebox.reboxed_table(table, reboxing) if reboxing is not None else None
+        export.write_metadata(table, outdir, options.particles_per_stack, contrast, skipped, exported)
         timings["export"] = time.monotonic() - started - sum(timings.values())
         kept = contrast[~skipped]
         summary = {
             "particles": len(table),
-            "box": box,
+            "box": out_box,
+            **({"rebox": rebox_report(reboxing, centre_from, box)} if reboxing is not None else {}),
             "chunks_total": len(bounds),
             "chunks_skipped": len(bounds) - len(pending),
             "seconds": round(time.monotonic() - started, 3),
@@ -253,6 +268,42 @@ def write_qc_report(outdir: Path, options: RunOptions) -> None:
     except Exception as exc:  # noqa: BLE001 -- any failure here must not fail a finished run
         warn(f"the QC report could not be written ({type(exc).__name__}: {exc}); the subtraction is complete. "
              f"Try again with: dsub report {outdir}")
+def reboxing_of_run(maps: MapFiles, settings, options: RunOptions, pixel_size: float):
+    """The run's ``rebox.Reboxing`` and where its centre came from; (None, None) without those options.
+
+    ``--recenter`` takes the centre of mass of the kept region of the half maps'
+    average (``rebox.kept_region_centre``); ``--center`` is checked to lie in the map.
+    """
+    if not (options.recenter or options.center_voxels is not None or options.new_box):
+        return None, None
+    centre, centre_from, voxel = None, None, pixel_size
+    if options.recenter:
+        half_a, voxel = read_map(maps.half_a)
+        half_b = half_a if options.single_map else read_map(maps.half_b)[0]
+        kept = rebox.kept_weight(read_map(maps.mask)[0], settings.mask_keeps)
+        centre = rebox.kept_region_centre(0.5 * (half_a + half_b), kept, maps.mask)
+        centre_from = "centre of mass of the kept region"
+    elif options.center_voxels is not None:
+        map_box, voxel = map_header(maps.half_a)
+        rebox.check_center(options.center_voxels, map_box)
+        centre, centre_from = np.asarray(options.center_voxels, dtype=np.float64), "--center"
+    voxel = voxel if voxel > 0 else pixel_size  # check_maps warned already
+    reboxing = rebox.Reboxing(
+        center_voxels=None if centre is None else tuple(float(v) for v in centre),
+        map_pixel_size=float(voxel), new_box=options.new_box,
+    )
+    return reboxing, centre_from
+
+
+def rebox_report(reboxing, centre_from, box: int) -> dict:
+    """The re-centring and re-boxing, for dsub_run.json."""
+    return {
+        "center_voxels": None if reboxing.center_voxels is None else list(reboxing.center_voxels),
+        "center_from": centre_from,
+        "map_pixel_size": reboxing.map_pixel_size,
+        "input_box": box,
+        "new_box": reboxing.output_box(box),
+    }
 
 
 def remove_metadata(outdir: Path) -> None:

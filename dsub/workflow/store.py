@@ -2,7 +2,8 @@
 
 Layout of ``OUTDIR/subtracted.zarr``:
 
-* ``images``      float32 (n, box, box), one Zarr chunk per particle chunk;
+* ``images``      float32 (n, box, box), one Zarr chunk per particle chunk; ``box`` is the
+  output box (``--new-box``, else the particles' box);
 * ``contrast``    float32 (n,), the contrast scale α each particle was subtracted with;
 * ``skipped``     uint8 (n,), 1 for particles left out (``--skip-bad-particles``);
 * ``chunk_done``  uint8 (n_chunks,), set to 1 after a chunk's images,

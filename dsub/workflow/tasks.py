@@ -21,6 +21,7 @@ from ..particles import HALF_A, HALF_B
 from ..physics.backend import device_label, get_xp, resolve_device, to_numpy
 from ..physics.subtract import SubtractionSettings, prepare_half_map, subtract_batch
 from . import resources, store
+from .rebox import rebox_images
 
 #: Share of the free memory measured at a task's start that its batches may use (others run alongside).
 BATCH_SHARE_OF_FREE = 0.8
@@ -117,13 +118,14 @@ def bad_images(images: np.ndarray, particles, skip: bool) -> np.ndarray:
 
 
 def run_chunk(chunk_index: int, start: int, particles, maps: MapFiles, settings, store_path: str, device: str,
-              skip_bad: bool = False):
+              skip_bad: bool = False, reboxing=None):
     """Task body: subtract particles ``start:start+len(particles)`` and store them.
 
     ``device`` may be "auto": each worker decides for itself (a login node
     without a GPU submits to GPU nodes). Images with NaN or infinite values stop
-    the run, or with ``skip_bad`` are stored as zeros and marked skipped.
-    Returns the device used ("cpu", "gpu:N").
+    the run, or with ``skip_bad`` are stored as zeros and marked skipped. With
+    ``reboxing`` (a ``rebox.Reboxing``) the subtracted images are re-centred and
+    re-boxed before they are stored. Returns the device used ("cpu", "gpu:N").
     """
     device = resolve_device(device)
     models = half_map_models(maps, settings, device)
@@ -131,6 +133,8 @@ def run_chunk(chunk_index: int, start: int, particles, maps: MapFiles, settings,
     bad = bad_images(images, particles, skip_bad)
     images[bad] = 0.0
     subtracted, alpha = subtract_particles(images, particles, models, settings, device)
+    if reboxing is not None:
+        subtracted = rebox_images(np, subtracted, particles, reboxing)
     subtracted[bad] = 0.0
     alpha[bad] = np.nan
     store.write_chunk(Path(store_path), chunk_index, start, subtracted, alpha, bad)
