@@ -67,7 +67,11 @@ class Reboxing:
 
 
 def check_new_box(new_box: int | None) -> None:
-    """``--new-box``: a positive even number of pixels (RELION and cryoSPARC extract even boxes only)."""
+    """``--new-box``: a positive even number of pixels, else ``OptionError``.
+
+    ``relion_particle_subtract`` silently makes an odd ``--new_box`` even
+    (``boxsize -= boxsize % 2``); dsub says so instead of changing the box.
+    """
     if new_box is None:
         return
     if new_box < 2:
@@ -80,7 +84,7 @@ def check_new_box(new_box: int | None) -> None:
 
 
 def check_center(center_voxels, map_box: int) -> None:
-    """``--center X Y Z`` must be finite and inside the map (voxels from its centre voxel)."""
+    """``--center X Y Z`` must be finite and inside the ``map_box``-voxel map, else ``OptionError``."""
     center = np.asarray(center_voxels, dtype=np.float64)
     low, high = -(map_box // 2), map_box - map_box // 2 - 1
     if not np.all(np.isfinite(center)) or np.any(center < low) or np.any(center > high):
