@@ -43,7 +43,7 @@ from ..formats import cs as cs_format
 from ..formats import star as star_format
 
 #: Robust noise level of a map's solvent: voxels under median + this many robust σ carry no weight.
-SOLVENT_SIGMAS = 5.0
+SOLVENT_SIGMAS = 3.0
 #: Width (σ, voxels) of the Gaussian that smooths the kept density before it is thresholded.
 SMOOTHING_VOXELS = 2.0
 
@@ -67,7 +67,11 @@ class Reboxing:
 
 
 def check_new_box(new_box: int | None) -> None:
-    """``--new-box``: a positive even number of pixels (RELION and cryoSPARC extract even boxes only)."""
+    """``--new-box``: a positive even number of pixels, else ``OptionError``.
+
+    ``relion_particle_subtract`` silently makes an odd ``--new_box`` even
+    (``boxsize -= boxsize % 2``); dsub says so instead of changing the box.
+    """
     if new_box is None:
         return
     if new_box < 2:
@@ -80,7 +84,7 @@ def check_new_box(new_box: int | None) -> None:
 
 
 def check_center(center_voxels, map_box: int) -> None:
-    """``--center X Y Z`` must be finite and inside the map (voxels from its centre voxel)."""
+    """``--center X Y Z`` must be finite and inside the ``map_box``-voxel map, else ``OptionError``."""
     center = np.asarray(center_voxels, dtype=np.float64)
     low, high = -(map_box // 2), map_box - map_box // 2 - 1
     if not np.all(np.isfinite(center)) or np.any(center < low) or np.any(center > high):
@@ -105,8 +109,11 @@ def kept_region_centre(density: np.ndarray, kept: np.ndarray, path=None) -> np.n
     region's density is smoothed with a Gaussian of ``SMOOTHING_VOXELS`` (which
     leaves a centre of mass where it is) and only voxels above its solvent level
     (median + ``SOLVENT_SIGMAS`` robust σ, σ = 1.4826·MAD) count, so the noise of a
-    large unmasked solvent does not pull the centre towards the box centre.
-    As in RELION's ``MultidimArray::centerOfMass`` the weights are the values.
+    large unmasked solvent does not pull the centre away. As in RELION's
+    ``MultidimArray::centerOfMass`` the weights are the values. Measured on
+    EMD-3488 with chain A of 5ME2 subtracted, against the model's centre of mass
+    (tests/test_rebox.py): 0.2 voxel off, 0.8 with solvent noise of half the mean
+    protein density (the positive density's plain centre of mass: 0.6 and 7.0).
     Raises ``InputFileError`` (naming ``path``) when nothing is left to weigh.
     """
     region = np.asarray(density, dtype=np.float32) * np.asarray(kept, dtype=np.float32)
