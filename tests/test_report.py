@@ -12,6 +12,7 @@ import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
+import mrcfile
 import numpy as np
 import pytest
 import starfile
@@ -271,3 +272,19 @@ def test_binning_for_display_averages_pixel_blocks():
     small = np.arange(16, dtype=np.float32).reshape(1, 4, 4)
     np.testing.assert_array_equal(bin_images(np.kron(small, np.ones((3, 3), np.float32)), 3), small)
     np.testing.assert_array_equal(bin_images(small, 1), small)
+
+
+def test_a_rerun_that_fails_leaves_no_report_of_the_old_run(clean_dataset, tmp_path, capsys):
+    paths, _ = clean_dataset
+    outdir = tmp_path / "out"
+    assert subtract(paths, outdir) == 0
+    assert (outdir / "report" / "index.html").is_file()
+    data_copy = tmp_path / "data"
+    data_copy.mkdir()
+    copied = {key: Path(shutil.copy2(path, data_copy / Path(path).name)) for key, path in paths.items()}
+    with mrcfile.open(copied["stack"], mode="r+") as mrc:
+        mrc.data[5] = np.nan  # this run stops at the bad image, after the old outputs were cleared
+    assert subtract(copied, outdir, "--overwrite") == 2
+    assert "NaN" in capsys.readouterr().err
+    assert not (outdir / "report").exists()
+

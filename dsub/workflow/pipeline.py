@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from ..formats import read_particles, select_rows
 from ..particles import HALF_A
 from ..physics.backend import gpu_available
 from ..physics.subtract import SubtractionSettings
+from ..report import REPORT_FOLDER
 from . import export, store, validate
 from .outdir import explain_os_error, file_identity, prepare_outdir, run_fingerprint
 from .tasks import MapFiles, fit_sample, run_chunk
@@ -238,9 +240,10 @@ def write_qc_report(outdir: Path, options: RunOptions) -> None:
 
 
 def remove_metadata(outdir: Path) -> None:
-    """Remove the star, .cs and summary files of an earlier export."""
+    """Remove the star, .cs and summary files and the QC report of an earlier export."""
     for name in METADATA:
         (outdir / name).unlink(missing_ok=True)
+    shutil.rmtree(outdir / REPORT_FOLDER, ignore_errors=True)  # an old run's report must not outlive it
 
 
 @contextlib.contextmanager
