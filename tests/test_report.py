@@ -12,6 +12,7 @@ import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
+import mrcfile
 import numpy as np
 import pytest
 import starfile
@@ -271,3 +272,42 @@ def test_binning_for_display_averages_pixel_blocks():
     small = np.arange(16, dtype=np.float32).reshape(1, 4, 4)
     np.testing.assert_array_equal(bin_images(np.kron(small, np.ones((3, 3), np.float32)), 3), small)
     np.testing.assert_array_equal(bin_images(small, 1), small)
+
+
+def test_a_rerun_that_fails_leaves_no_report_of_the_old_run(clean_dataset, tmp_path, capsys):
+    paths, _ = clean_dataset
+    outdir = tmp_path / "out"
+    assert subtract(paths, outdir) == 0
+    assert (outdir / "report" / "index.html").is_file()
+    data_copy = tmp_path / "data"
+    data_copy.mkdir()
+    copied = {key: Path(shutil.copy2(path, data_copy / Path(path).name)) for key, path in paths.items()}
+    with mrcfile.open(copied["stack"], mode="r+") as mrc:
+        mrc.data[5] = np.nan  # this run stops at the bad image, after the old outputs were cleared
+    assert subtract(copied, outdir, "--overwrite") == 2
+    assert "NaN" in capsys.readouterr().err
+    assert not (outdir / "report").exists()
+
+
+
+def test_skipped_particles_are_counted_and_left_out_of_the_figures(clean_dataset, tmp_path):
+    paths, sim = clean_dataset
+    data_copy = tmp_path / "data"
+    data_copy.mkdir()
+    copied = {key: Path(shutil.copy2(path, data_copy / Path(path).name)) for key, path in paths.items()}
+    with mrcfile.open(copied["stack"], mode="r+") as mrc:
+        mrc.data[7] = np.inf
+    outdir = tmp_path / "out"
+    assert subtract(copied, outdir, "--skip-bad-particles") == 0
+    cells = parse(outdir / "report" / "index.html").cells
+    assert cell_after(cells, "particles subtracted") == f"{COUNT - 1} of {COUNT}"
+    assert cell_after(cells, "left out (bad images)") == "1"
+    contrast = np.asarray(zarr.open_group(str(outdir / "subtracted.zarr"), mode="r")["contrast"][:])
+    assert np.isnan(contrast[7])
+    assert cell_after(cells, "median contrast α") == f"{np.nanmedian(contrast):.4f}"
+    data = gather(outdir)
+    assert 7 not in data.exported_rows and data.contrast.size == COUNT - 1
+    for example in data.examples:  # star rows map back to input rows past the skipped one
+        source = data.exported_rows[example.row]
+        assert example.half_set == sim.half_set[source]
+        assert example.contrast == pytest.approx(contrast[source])

@@ -205,7 +205,9 @@ def sample_fit(summary: dict, contrast_used: np.ndarray) -> dict | None:
     fitted = np.asarray(record["fitted_contrast"], dtype=np.float64)
     if index.shape != fitted.shape or index.size == 0 or index.max() >= contrast_used.size:
         return None
-    return {"input": contrast_used[index], "fitted": fitted}
+    given = contrast_used[index]
+    paired = np.isfinite(given) & np.isfinite(fitted)  # a bad image in the sample has neither
+    return {"input": given[paired], "fitted": fitted[paired]} if paired.any() else None
 
 
 def evenly_spaced(rows: np.ndarray, count: int) -> np.ndarray:

@@ -50,8 +50,10 @@ def flatten(value, prefix: str = "") -> list[tuple[str, str]]:
         for key, item in value.items():
             pairs += flatten(item, f"{prefix}.{key}" if prefix else str(key))
         return pairs
-    if isinstance(value, list) and len(value) > 8:
+    if isinstance(value, list) and (len(value) > 8 or any(isinstance(item, (dict, list)) for item in value)):
         return [(prefix, f"{len(value)} entries")]
+    if isinstance(value, list):
+        return [(prefix, ", ".join(map(str, value)) or "—")]
     if isinstance(value, float):
         return [(prefix, f"{value:.6g}")]
     return [(prefix, "—" if value is None else str(value))]
@@ -116,8 +118,8 @@ def parameters_section(data: ReportData) -> str:
     identity = data.identity
     inputs = [(name, (identity.get(name) or {}).get("path", "—")) for name in ("particles", "half_a", "half_b", "mask")]
     settings = flatten(identity.get("settings", {}))
-    settings += [(key, str(identity[key])) for key in ("chunk_size", "single_map", "skip_bad_particles", "cs_root")
-                 if key in identity]
+    settings += flatten({key: identity[key] for key in ("chunk_size", "single_map", "skip_bad_particles", "cs_root")
+                         if key in identity})
     phases = data.summary.get("phase_seconds", {})
     timings = [(phase, f"{seconds:.2f}") for phase, seconds in phases.items()]
     if "seconds" in data.summary:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from ..formats.mrc import map_header, read_map
 from ..particles import HALF_A
 from ..physics.backend import gpu_available
 from ..physics.subtract import SubtractionSettings
+from ..report import REPORT_FOLDER
 from . import export, rebox, resources, store, validate
 from .outdir import explain_os_error, file_identity, prepare_outdir, run_fingerprint
 from .tasks import MapFiles, fit_sample, run_chunk
@@ -307,9 +309,10 @@ def rebox_report(reboxing, centre_from, box: int) -> dict:
 
 
 def remove_metadata(outdir: Path) -> None:
-    """Remove the star, .cs and summary files of an earlier export."""
+    """Remove the star, .cs and summary files and the QC report of an earlier export."""
     for name in METADATA:
         (outdir / name).unlink(missing_ok=True)
+    shutil.rmtree(outdir / REPORT_FOLDER, ignore_errors=True)  # an old run's report must not outlive it
 
 
 @contextlib.contextmanager
