@@ -24,10 +24,11 @@ from .. import __version__
 from ..cluster import ClusterSpec, open_runner
 from ..errors import DsubError, InputFileError, OptionError, warn
 from ..formats import read_particles, select_rows
+from ..formats.paths import PATH_MODES
 from ..particles import HALF_A
 from ..physics.backend import gpu_available
 from ..physics.subtract import SubtractionSettings
-from . import export, store, validate
+from . import export, region, store, validate
 from .outdir import explain_os_error, file_identity, prepare_outdir, run_fingerprint
 from .tasks import MapFiles, fit_sample, run_chunk
 
@@ -47,6 +48,9 @@ class RunOptions:
     device: str = "auto"
     overwrite: bool = False
     cs_root: str | None = None
+    passthrough: tuple = ()
+    paths: str = "auto"
+    resolution_angstrom: float | None = None
     single_map: bool = False
     skip_bad_particles: bool = False
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
@@ -56,6 +60,10 @@ class RunOptions:
             raise OptionError(f"--chunk-size must be at least 1, not {self.chunk_size}")
         if self.particles_per_stack < 1:
             raise OptionError(f"--particles-per-stack must be at least 1, not {self.particles_per_stack}")
+        if self.paths not in PATH_MODES:
+            raise OptionError(f"--paths must be one of {', '.join(PATH_MODES)}, not {self.paths!r}")
+        if self.resolution_angstrom is not None and not self.resolution_angstrom > 0:
+            raise OptionError(f"--resolution must be a resolution in Å above 0, not {self.resolution_angstrom:g}")
         if self.device not in ("auto", "cpu", "gpu"):
             raise OptionError(f"--device must be auto, cpu or gpu, not {self.device!r}")
         # Stacks hold whole chunks, so an export task never reads half a chunk.
@@ -120,8 +128,9 @@ def subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings
 def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings, options: RunOptions) -> dict:
     started = time.monotonic()
     outdir = Path(options.outdir)
-    table = read_particles(particles_path, cs_root=options.cs_root)
+    table = read_particles(particles_path, cs_root=options.cs_root, passthrough=options.passthrough)
     validate.check_metadata(table)
+    validate.check_classes(table)
     box = validate.particle_box(table)
     if options.single_map:
         unused = "; --half-b is not used" if half_b is not None else ""
@@ -141,7 +150,12 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             "Use --scale fit to fit each particle's contrast instead.",
         )
     pixel_size = validate.particle_pixel_size(table)
-    validate.check_maps(half_a, half_b, mask, box, pixel_size)
+    volumes = validate.check_maps(half_a, half_b, mask, box, pixel_size,
+                                  resolution_angstrom=options.resolution_angstrom,
+                                  lowpass_angstrom=settings.lowpass_angstrom, single_map=options.single_map)
+    say(options, region.report_region((volumes["half map A"], volumes["half map B"]), volumes["mask"], mask,
+                                      settings.mask_keeps))
+    del volumes
     validate.check_images(table, box)
     check_device(options)
     device = options.device
@@ -195,7 +209,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     contrast = np.asarray(results["contrast"][:])
     skipped = np.asarray(results["skipped"][:], dtype=bool)
     with all_metadata_or_none(outdir):
-        export.write_metadata(table, outdir, options.particles_per_stack, contrast, skipped)
+        export.write_metadata(table, outdir, options.particles_per_stack, contrast, skipped, options.paths)
         timings["export"] = time.monotonic() - started - sum(timings.values())
         kept = contrast[~skipped]
         summary = {
@@ -266,6 +280,7 @@ def run_identity(particles_path, maps: MapFiles, table, box: int, settings, opti
         "mask": file_identity(maps.mask),
         "stacks": [file_identity(path) for path in np.unique(np.asarray(table.image_paths, dtype=str))],
         "cs_root": options.cs_root,
+        "passthrough": [file_identity(path) for path in table.extra.get("passthrough", [])],
         "settings": dataclasses.asdict(settings),
         "chunk_size": options.chunk_size,
         "single_map": options.single_map,
