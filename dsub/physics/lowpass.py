@@ -43,5 +43,6 @@ def lowpass_map(xp, volume, voxel_size_angstrom: float, resolution_angstrom: flo
     """``volume`` (3D, any real dtype, NumPy or CuPy) low-pass filtered to ``resolution_angstrom``; float32."""
     volume = xp.asarray(volume, dtype=xp.float32)
     weights = lowpass_weights(xp, volume.shape, voxel_size_angstrom, resolution_angstrom, edge_shells)
-    filtered = xp.fft.irfftn(xp.fft.rfftn(volume) * weights, s=volume.shape)
+    axes = tuple(range(volume.ndim))
+    filtered = xp.fft.irfftn(xp.fft.rfftn(volume, axes=axes) * weights, s=volume.shape, axes=axes)
     return filtered.astype(xp.float32)

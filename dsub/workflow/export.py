@@ -29,6 +29,7 @@ import numpy as np
 from ..formats import cs as cs_format
 from ..formats import star as star_format
 from ..formats import select_rows
+from ..errors import warn
 from ..formats.mrc import write_stack
 from ..formats.paths import written_paths
 from . import store
@@ -102,6 +103,10 @@ def write_metadata(table, outdir: Path, particles_per_stack: int, contrast: np.n
         originals = original_image_names(left_out)
         star_format.write_particles(left_out, outdir / SKIPPED_NAME, originals, original_names=originals)
     kept = select_rows(table, keep)
+    if np.any(kept.ctf_premultiplied):
+        warn(f"{CS_NAME}: the images are CTF-premultiplied (rlnCtfDataAreCtfPremultiplied), and a cryoSPARC "
+             "particle .cs has no field that says so: cryoSPARC would treat them as plain images. Continue "
+             f"from {STAR_NAME} in RELION, which keeps the flag.")
     star_format.write_particles(kept, outdir / STAR_NAME, names[keep])
     cs_format.write_particles(kept, outdir / CS_NAME, paths[keep], indices[keep], contrast[keep])
 
