@@ -80,3 +80,12 @@ def test_local_cluster_uses_every_gpu(tmp_path):
     summary = json.loads((tmp_path / "out" / "dsub_run.json").read_text())
     assert summary["workers"] >= 2
     assert len({d for d in summary["devices"] if d.startswith("gpu:")}) >= 2
+
+
+def test_lowpass_matches_numpy(cupy):
+    from dsub.physics.lowpass import lowpass_map
+
+    volume = np.random.default_rng(3).normal(size=(48, 48, 48)).astype(np.float32)
+    cpu = lowpass_map(np, volume, 1.5, 8.0)
+    gpu = cupy.asnumpy(lowpass_map(cupy, cupy.asarray(volume), 1.5, 8.0))
+    np.testing.assert_allclose(gpu, cpu, atol=1e-5 * float(np.abs(cpu).max()))

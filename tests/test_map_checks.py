@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -131,6 +132,8 @@ def test_region_line_printed_and_extremes_warned(dataset, tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("Subtracting the region inside the mask")
     inside = float(out[0].rsplit(": ", 1)[1].split("%")[0])
+    summary = json.loads((tmp_path / "a/dsub_run.json").read_text())["subtracted_region"]
+    assert summary == {"mask_keeps": False, "density_share": pytest.approx(inside / 100, abs=6e-4)}
     assert run(paths, tmp_path / "b", "--mask-keeps") == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("Subtracting the region outside the mask")

@@ -34,8 +34,8 @@ def lowpass_weights(xp, shape, voxel_size_angstrom: float, resolution_angstrom: 
     radius = xp.sqrt(sum(g.astype(xp.float32) ** 2 for g in grids))
     if high <= low:  # no edge: a hard cut-off
         return (radius <= low).astype(xp.float32)
-    ramp = 0.5 + 0.5 * xp.cos(xp.pi * (radius - low) / (high - low))
-    return xp.where(radius < low, 1.0, xp.where(radius > high, 0.0, ramp)).astype(xp.float32)
+    across = xp.clip((radius - low) / (high - low), 0.0, 1.0)  # 0 below the edge, 1 above it
+    return (0.5 + 0.5 * xp.cos(xp.pi * across)).astype(xp.float32)
 
 
 def lowpass_map(xp, volume, voxel_size_angstrom: float, resolution_angstrom: float,

@@ -153,9 +153,10 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     volumes = validate.check_maps(half_a, half_b, mask, box, pixel_size,
                                   resolution_angstrom=options.resolution_angstrom,
                                   lowpass_angstrom=settings.lowpass_angstrom, single_map=options.single_map)
-    say(options, region.report_region((volumes["half map A"], volumes["half map B"]), volumes["mask"], mask,
-                                      settings.mask_keeps))
+    share = region.density_share((volumes["half map A"], volumes["half map B"]), volumes["mask"],
+                                 settings.mask_keeps)
     del volumes
+    say(options, region.report_region(share, mask, settings.mask_keeps))
     validate.check_images(table, box)
     check_device(options)
     device = options.device
@@ -223,6 +224,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             "workers": workers,
             "devices": devices,
             "scale": settings.scale,
+            "subtracted_region": {"mask_keeps": settings.mask_keeps, "density_share": round(share, 4)},
             "contrast_median": float(np.median(kept)) if kept.size else None,
             "contrast_negative_fraction": float(np.mean(kept < 0)) if kept.size else None,
             "skipped_particles": skipped_report(table, skipped),

@@ -40,9 +40,8 @@ def region_line(mask_path, mask_keeps: bool, share: float) -> str:
     return f"Subtracting the region {where}: {share:.1%} of the map's density lies in it."
 
 
-def report_region(half_maps, mask: np.ndarray, mask_path, mask_keeps: bool) -> str:
-    """The region line; warns when the region holds (almost) all or none of the density."""
-    share = density_share(half_maps, mask, mask_keeps)
+def report_region(share: float, mask_path, mask_keeps: bool) -> str:
+    """The region line for ``share`` (``density_share``); warns when the region holds (almost) all or none of it."""
     if share >= 1 - EXTREME_SHARE:
         warn(f"{mask_path}: the subtracted region holds {share:.1%} of the map's density, so the run removes "
              "(almost) the whole particle. If the mask covers the region to keep, add --mask-keeps.")
