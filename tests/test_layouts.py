@@ -283,3 +283,19 @@ def test_real_cs_blob_paths_stay_project_relative(shared_data, tmp_path):
     table = read_particles(deep / "J24_001_particles.cs")
     assert Path(table.image_paths[0]) == stack
     assert table.extra["project_folder"] == project
+
+
+def test_exported_paths_do_not_make_the_export_folder_a_project(shared_data, tmp_path):
+    """``>`` paths start from an export group folder; the output .cs must not be written relative to it."""
+    data = np.load(shared_data / P12, allow_pickle=False, max_header_size=2**30)[:3]
+    project = tmp_path / "P12"
+    group = project / "exports/groups/P12_J24_particles"
+    (group / "J19/extract").mkdir(parents=True)
+    (group / "J19/extract/x.mrc").touch()
+    data["blob/path"] = b">J19/extract/x.mrc"
+    _save(group / "P12_J24_particles_exported.cs", data)
+    table = read_particles(group / "P12_J24_particles_exported.cs")
+    assert Path(table.image_paths[0]) == group / "J19/extract/x.mrc"
+    assert table.extra["project_folder"] is None  # no project.json: unknown, so absolute paths are written
+    (project / "project.json").write_text("{}")
+    assert read_particles(group / "P12_J24_particles_exported.cs").extra["project_folder"] == project

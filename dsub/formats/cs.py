@@ -26,7 +26,7 @@ from dsub.conventions import (
 )
 from dsub.errors import InputFileError, MissingInputError, warn
 from dsub.particles import HALF_UNKNOWN, ParticleTable
-from dsub.formats.paths import cs_roots, resolve_stack_names
+from dsub.formats.paths import cryosparc_project_folder, cs_roots, resolve_stack_names
 
 MAGIC_NUMPY = b"\x93NUMPY"
 MAGIC_CSDAT = b"\x95CSDAT"
@@ -211,8 +211,8 @@ def read_ctf(path: str | os.PathLike, require_ctf: bool = True, passthrough=()) 
     return ctf_from_fields(data, Path(path), require_ctf, joined, looked_for)
 
 
-def resolve_blob_paths(raw, cs_path: Path, cs_root=None) -> tuple[np.ndarray, Path]:
-    """Absolute stack paths from ``blob/path`` values (bytes or str), and the folder they start from.
+def resolve_blob_paths(raw, cs_path: Path, cs_root=None) -> tuple[np.ndarray, Path | None]:
+    """Absolute stack paths from ``blob/path`` values (bytes or str), and the project folder (or None).
 
     One leading ``>`` (relative to an export folder) is stripped. Relative
     paths are joined to ``cs_root`` if given, else to the first of the
@@ -223,10 +223,14 @@ def resolve_blob_paths(raw, cs_path: Path, cs_root=None) -> tuple[np.ndarray, Pa
     raw = np.asarray(raw).reshape(-1)
     uniques, inverse = np.unique(raw, return_inverse=True)  # decode each stack name once
     texts = [u.decode() if isinstance(u, bytes) else str(u) for u in uniques]
+    exported = any(t.startswith(">") for t in texts)
     texts = np.array([t[1:] if t.startswith(">") else t for t in texts], dtype=object)
     roots = cs_roots(cs_path, cs_root)
     fallback = roots[0] if cs_root is not None else Path(os.path.abspath(cs_path)).parent
-    return resolve_stack_names(texts[inverse.reshape(-1)], roots, fallback)
+    resolved, root = resolve_stack_names(texts[inverse.reshape(-1)], roots, fallback)
+    if cs_root is None and exported:
+        root = cryosparc_project_folder(cs_path)  # ">" paths start from an export folder, not the project
+    return resolved, root
 
 
 def read_particles(
