@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import warn
 from ..formats import cs as cs_format
 from ..formats import star as star_format
 from ..formats import select_rows
-from ..errors import warn
 from ..formats.mrc import write_stack
 from ..formats.paths import written_paths
 from . import store
