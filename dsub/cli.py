@@ -10,6 +10,7 @@ from pathlib import Path
 from . import __version__
 from .cluster import ClusterSpec, parse_adapt
 from .errors import DsubError, DsubWarning, OptionError
+from .formats.paths import PATH_MODES
 from .physics.contrast import SCALE_MODES, ContrastFit
 from .physics.projector import PROJECTORS
 from .physics.subtract import SubtractionSettings
@@ -59,8 +60,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                      help="where the physics runs: a GPU through CuPy when there is one (auto)")
     run.add_argument("--cs-root", default=None,
-                     help="folder that blob/path in a .cs is relative to (default: the .cs folder, then its "
-                          "parents up to the cryoSPARC project folder)")
+                     help="the cryoSPARC project folder: blob/path in an input .cs is relative to it (default: the "
+                          "project folder above the .cs, else the .cs folder and its parents), and the output .cs's "
+                          "blob/path are written relative to it (for star input too)")
+    run.add_argument("--passthrough", action="append", default=[], metavar="FILE",
+                     help="a .cs whose fields are joined to the input .cs's on uid (repeatable); the job's own "
+                          "J<n>_passthrough_particles*.cs beside the input is joined without asking")
+    run.add_argument("--paths", choices=PATH_MODES, default="auto",
+                     help="how the outputs name the new stacks: auto (star: relative to the current folder when "
+                          "OUTDIR is inside it, as RELION's jobs write; .cs: relative to the cryoSPARC project "
+                          "folder when OUTDIR is inside it; else absolute), relative (to those folders, with ../), "
+                          "absolute, or outdir (relative to OUTDIR)")
+    run.add_argument("--lowpass", type=float, default=None, metavar="Å",
+                     help="low-pass filter both half maps to this resolution (soft edge) before subtracting")
+    run.add_argument("--resolution", type=float, default=None, metavar="Å",
+                     help="the maps' resolution: the mask's soft edge is checked against 5 x resolution / pixel size")
     run.add_argument("--overwrite", action="store_true", help="replace the results of a different run in OUTDIR")
     run.add_argument("--single-map", action="store_true",
                      help="subtract every particle with --half-a, for particles without (or with only one) half "
@@ -161,7 +175,8 @@ def settings_from_args(args) -> SubtractionSettings:
             high_resolution_angstrom=args.fit_highres or None,
         )
         return SubtractionSettings(
-            projector=args.projector, padding=args.padding, scale=args.scale, mask_keeps=args.mask_keeps, fit=fit
+            projector=args.projector, padding=args.padding, scale=args.scale, mask_keeps=args.mask_keeps, fit=fit,
+            lowpass_angstrom=args.lowpass,
         )
     except ValueError as exc:
         raise OptionError(str(exc)) from exc
@@ -173,7 +188,8 @@ def run_subtract(args) -> int:
     settings = settings_from_args(args)
     options = RunOptions(
         outdir=Path(args.outdir), chunk_size=args.chunk_size, particles_per_stack=args.particles_per_stack,
-        device=args.device, overwrite=args.overwrite, cs_root=args.cs_root, single_map=args.single_map,
+        device=args.device, overwrite=args.overwrite, cs_root=args.cs_root, passthrough=tuple(args.passthrough),
+        paths=args.paths, resolution_angstrom=args.resolution, single_map=args.single_map,
         skip_bad_particles=args.skip_bad_particles, recenter=args.recenter,
         center_voxels=tuple(args.center) if args.center is not None else None, new_box=args.new_box,
         cluster=cluster_from_args(args),

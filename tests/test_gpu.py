@@ -99,6 +99,8 @@ def test_memory_estimate_bounds_the_gpu_pool_peak(cupy, box):
     cupy.cuda.Device().synchronize()
     peak = pool.total_bytes() - before
     assert models and peak <= prepared_map_bytes(box, settings) <= 1.6 * peak
+
+
 @pytest.mark.parametrize("box, new_box", [(64, 48), (64, 96)])
 def test_translate_and_window_matches_numpy(cupy, box, new_box):
     from dsub.workflow.rebox import translate_and_window
@@ -109,3 +111,12 @@ def test_translate_and_window_matches_numpy(cupy, box, new_box):
     cpu = translate_and_window(np, images, shifts, new_box)
     gpu = translate_and_window(cupy, cupy.asarray(images), shifts, new_box)
     np.testing.assert_array_equal(gpu.get(), cpu)
+
+
+def test_lowpass_matches_numpy(cupy):
+    from dsub.physics.lowpass import lowpass_map
+
+    volume = np.random.default_rng(3).normal(size=(48, 48, 48)).astype(np.float32)
+    cpu = lowpass_map(np, volume, 1.5, 8.0)
+    gpu = cupy.asnumpy(lowpass_map(cupy, cupy.asarray(volume), 1.5, 8.0))
+    np.testing.assert_allclose(gpu, cpu, atol=1e-5 * float(np.abs(cpu).max()))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dsub.errors import InputFileError, MissingInputError
+from dsub.errors import InputFileError, MissingInputError, OptionError
 from dsub.formats import cs, star
 from dsub.particles import ParticleTable
 
@@ -23,13 +23,17 @@ _ACCEPTED = (
 
 
 def read_particles(
-    path: str | os.PathLike, cs_root=None, *, require_ctf: bool = True
+    path: str | os.PathLike, cs_root=None, *, require_ctf: bool = True, passthrough=()
 ) -> ParticleTable:
     """Read a RELION .star or cryoSPARC .cs particle file into a ``ParticleTable``.
 
-    ``cs_root`` is the folder relative ``blob/path`` values of a .cs start from
-    (default: found next to the .cs). ``require_ctf=False`` accepts particles
-    without CTF parameters (simulated projections) and gives them a CTF of 1.
+    ``cs_root`` is the cryoSPARC project folder: relative ``blob/path`` values
+    of a .cs start from it (default: found above the .cs), and for any input it
+    is recorded as ``extra["project_folder"]``, the folder the output .cs's
+    ``blob/path`` are written relative to. ``passthrough``: further .cs files
+    joined on ``uid`` (a .cs input only; ``OptionError`` for a star).
+    ``require_ctf=False`` accepts particles without CTF parameters (simulated
+    projections) and gives them a CTF of 1.
     """
     path = Path(path)
     if path.is_dir():
@@ -39,9 +43,14 @@ def read_particles(
     with open(path, "rb") as f:
         head = f.read(4096)
     if head.startswith((cs.MAGIC_NUMPY, cs.MAGIC_CSDAT)) or path.suffix.lower() == ".cs":
-        return cs.read_particles(path, cs_root, require_ctf=require_ctf)
+        return cs.read_particles(path, cs_root, require_ctf=require_ctf, passthrough=passthrough)
     if path.suffix.lower() == ".star" or b"data_" in head:
-        return star.read_particles(path, require_ctf=require_ctf)
+        if passthrough:
+            raise OptionError(f"--passthrough joins cryoSPARC .cs files, but {path} is a RELION star file")
+        table = star.read_particles(path, require_ctf=require_ctf)
+        if cs_root is not None:
+            table.extra["project_folder"] = Path(os.path.abspath(cs_root))
+        return table
     raise InputFileError(path, "is neither a RELION .star nor a cryoSPARC .cs file.", _ACCEPTED)
 
 

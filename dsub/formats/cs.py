@@ -24,9 +24,9 @@ from dsub.conventions import (
     origin_angstrom_to_cryosparc_shift,
     split_to_half_set,
 )
-from dsub.errors import InputFileError, MissingInputError
+from dsub.errors import InputFileError, MissingInputError, warn
 from dsub.particles import HALF_UNKNOWN, ParticleTable
-from dsub.formats.paths import resolve_stack_names
+from dsub.formats.paths import cryosparc_project_folder, cs_roots, resolve_stack_names
 
 MAGIC_NUMPY = b"\x93NUMPY"
 MAGIC_CSDAT = b"\x95CSDAT"
@@ -68,22 +68,46 @@ def _load_one(path: Path) -> np.ndarray:
     return data
 
 
-def passthrough_path(path: str | os.PathLike) -> Path | None:
-    """The ``*J<n>_passthrough_particles.cs`` beside a job's particles file, if any."""
+_PARTICLES_NAME = re.compile(
+    r"^(?P<prefix>.*?)(?P<job>J\d+)_(?:class_(?P<cls>\d+)_)?(?:\d+_)?particles(?P<suffix>\w*)\.cs$"
+)
+
+
+def passthrough_candidates(path: str | os.PathLike) -> list[Path]:
+    """The passthrough files cryoSPARC writes beside a job's particles file, by name.
+
+    ``J24_005_particles.cs`` -> ``J24_passthrough_particles.cs``;
+    ``J12_particles_selected.cs`` -> ``J12_passthrough_particles_selected.cs``;
+    a heterogeneous refinement's class output ``J5_class_00_00262_particles.cs``
+    -> ``J5_passthrough_particles_class_0.cs``. A download prefix
+    (``cryosparc_P12_``) is tried with and without.
+    """
     path = Path(path)
-    match = re.search(r"(?:^|_)(J\d+)_(?:\d+_)?particles", path.name)
+    match = _PARTICLES_NAME.match(path.name)
     if match is None or "passthrough" in path.name:
-        return None
-    pattern = re.compile(rf"(?:^|_){match.group(1)}_passthrough_particles\.cs$")
-    candidates = path.parent.glob("*_passthrough_particles.cs")
-    found = sorted(p for p in candidates if pattern.search(p.name))
-    return found[0] if found else None
+        return []
+    job, suffix, cls = match.group("job"), match.group("suffix"), match.group("cls")
+    tails = [suffix] if cls is None else [f"{suffix}_class_{int(cls)}", f"{suffix}_class_{cls}"]
+    prefixes = dict.fromkeys([match.group("prefix"), ""])
+    names = dict.fromkeys(f"{prefix}{job}_passthrough_particles{tail}.cs" for prefix in prefixes for tail in tails)
+    return [path.parent / name for name in names]
+
+
+def passthrough_path(path: str | os.PathLike) -> Path | None:
+    """The passthrough file beside a job's particles file, if one exists (see ``passthrough_candidates``)."""
+    return next((p for p in passthrough_candidates(path) if p.is_file()), None)
 
 
 def _join(main: np.ndarray, extra: np.ndarray, path: Path, extra_path: Path) -> np.ndarray:
-    """Inner join on ``uid`` in ``main``'s row order; ``main``'s fields win."""
-    if "uid" not in main.dtype.names or "uid" not in extra.dtype.names:
-        return main
+    """Inner join on ``uid`` in ``main``'s row order; ``main``'s fields win.
+
+    Particles of ``main`` without a row in ``extra`` are left out, with a warning.
+    """
+    for data, where in ((main, path), (extra, extra_path)):
+        if "uid" not in data.dtype.names:
+            raise InputFileError(where, "has no uid field, so its particles cannot be joined with "
+                                 f"{(extra_path if where == path else path).name}.",
+                                 "Give the particles and passthrough files of one cryoSPARC job.")
     order = np.argsort(extra["uid"], kind="stable")
     sorted_uid = extra["uid"][order]
     pos = np.minimum(np.searchsorted(sorted_uid, main["uid"]), len(sorted_uid) - 1)
@@ -91,8 +115,11 @@ def _join(main: np.ndarray, extra: np.ndarray, path: Path, extra_path: Path) -> 
     if len(main) and not found.any():
         raise InputFileError(
             extra_path, f"shares no particle uid with {path.name}.",
-            "Move it away if it belongs to another job.",
+            "Move it away, or give the passthrough file of the same job and class.",
         )
+    if not found.all():
+        warn(f"{extra_path}: {int((~found).sum())} of the {len(main)} particles of {path.name} have no row in "
+             "it; they are left out of the subtraction and of the outputs")
     added = [n for n in extra.dtype.names if n not in main.dtype.names]
     dtype = [(n, main.dtype.fields[n][0]) for n in main.dtype.names]
     dtype += [(n, extra.dtype.fields[n][0]) for n in added]
@@ -105,27 +132,51 @@ def _join(main: np.ndarray, extra: np.ndarray, path: Path, extra_path: Path) -> 
     return joined
 
 
-def load_dataset(path: str | os.PathLike) -> np.ndarray:
-    """The particles of ``path``, joined with the job's passthrough file when one exists."""
+def load_joined(path: str | os.PathLike, passthrough=()) -> tuple[np.ndarray, list[Path], list[Path]]:
+    """The particles of ``path`` joined on ``uid`` with the job's passthrough file and ``passthrough``.
+
+    Returns (dataset, the files joined, the passthrough names looked for beside
+    ``path``). Fields of ``path`` win over a passthrough's, an earlier
+    passthrough's over a later one's (as cryoSPARC's newer slots replace
+    inherited ones).
+    """
     path = Path(path)
     data = _load_one(path)
-    extra_path = passthrough_path(path)
-    if extra_path is not None:
+    looked_for = passthrough_candidates(path)
+    found = passthrough_path(path)
+    files = ([found] if found is not None else []) + [Path(p) for p in passthrough]
+    joined = []
+    for extra_path in files:
+        if any(os.path.abspath(extra_path) == os.path.abspath(done) for done in joined):
+            continue
         data = _join(data, _load_one(extra_path), path, extra_path)
-    return data
+        joined.append(extra_path)
+    return data, joined, looked_for
 
 
-def _missing(data: np.ndarray, fields, path: Path, why: str) -> None:
+def load_dataset(path: str | os.PathLike, passthrough=()) -> np.ndarray:
+    """The particles of ``path``, joined with the job's passthrough file(s) (see ``load_joined``)."""
+    return load_joined(path, passthrough)[0]
+
+
+def _missing(data: np.ndarray, fields, path: Path, why: str, joined=(), looked_for=()) -> None:
     missing = [f for f in fields if f not in data.dtype.names]
     if missing:
+        if joined:
+            where = f" (nor in the joined {', '.join(str(p) for p in joined)})"
+        elif looked_for:
+            where = f" and no passthrough file was found beside it (looked for {', '.join(p.name for p in looked_for)})"
+        else:
+            where = ""
         raise InputFileError(
-            path, f"lacks the field(s) {', '.join(missing)}, needed for {why}.",
-            "Give the particles output of a 3D refinement job (Homogeneous, Non-uniform or "
-            "Local Refinement), which carries blob, ctf and alignments3D slots.",
+            path, f"lacks the field(s) {', '.join(missing)}, needed for {why}{where}.",
+            "Give the file that holds them with --passthrough FILE (e.g. the job's "
+            "J<n>_passthrough_particles*.cs), or the particles output of a 3D refinement job "
+            "(Homogeneous, Non-uniform or Local Refinement), which carries blob, ctf and alignments3D slots.",
         )
 
 
-def ctf_from_fields(data: np.ndarray, path: Path, require_ctf: bool = True) -> dict:
+def ctf_from_fields(data: np.ndarray, path: Path, require_ctf: bool = True, joined=(), looked_for=()) -> dict:
     """CTF arrays named as ``ParticleTable`` fields, in RELION units (degrees).
 
     Without ``ctf/*`` fields and ``require_ctf`` False the CTF is exactly 1
@@ -135,7 +186,7 @@ def ctf_from_fields(data: np.ndarray, path: Path, require_ctf: bool = True) -> d
     n = len(data)
     absent = not require_ctf and "ctf/df1_A" not in names
     if not absent:
-        _missing(data, CTF_FIELDS, path, "the CTF")
+        _missing(data, CTF_FIELDS, path, "the CTF", joined, looked_for)
 
     def field(name: str, default: float) -> np.ndarray:
         return data[name].astype(np.float64) if name in names else np.full(n, default)
@@ -154,36 +205,50 @@ def ctf_from_fields(data: np.ndarray, path: Path, require_ctf: bool = True) -> d
     }
 
 
-def read_ctf(path: str | os.PathLike, require_ctf: bool = True) -> dict:
+def read_ctf(path: str | os.PathLike, require_ctf: bool = True, passthrough=()) -> dict:
     """Only the CTF of each particle (see ``ctf_from_fields``); poses not needed."""
-    return ctf_from_fields(load_dataset(path), Path(path), require_ctf)
+    data, joined, looked_for = load_joined(path, passthrough)
+    return ctf_from_fields(data, Path(path), require_ctf, joined, looked_for)
 
 
-def resolve_blob_paths(raw, cs_path: Path, cs_root=None) -> np.ndarray:
-    """Absolute stack paths from ``blob/path`` values (bytes or str).
+def resolve_blob_paths(raw, cs_path: Path, cs_root=None) -> tuple[np.ndarray, Path | None]:
+    """Absolute stack paths from ``blob/path`` values (bytes or str), and the project folder (or None).
 
     One leading ``>`` (relative to an export folder) is stripped. Relative
-    paths are joined to ``cs_root`` if given, else to the first of the .cs
-    folder, its parent and its grandparent (a job folder sits in the project
-    folder) in which the first relative stack exists, else to the .cs folder.
+    paths are joined to ``cs_root`` if given, else to the first of the
+    cryoSPARC project folder above the .cs, the .cs folder, its parent and its
+    grandparent in which the first relative stack exists, else to the .cs
+    folder (see ``paths.cs_roots``).
     """
     raw = np.asarray(raw).reshape(-1)
     uniques, inverse = np.unique(raw, return_inverse=True)  # decode each stack name once
     texts = [u.decode() if isinstance(u, bytes) else str(u) for u in uniques]
+    exported = any(t.startswith(">") for t in texts)
     texts = np.array([t[1:] if t.startswith(">") else t for t in texts], dtype=object)
-    return resolve_stack_names(texts[inverse.reshape(-1)], cs_path, cs_root)
+    roots = cs_roots(cs_path, cs_root)
+    fallback = roots[0] if cs_root is not None else Path(os.path.abspath(cs_path)).parent
+    resolved, root = resolve_stack_names(texts[inverse.reshape(-1)], roots, fallback)
+    if cs_root is None and exported:
+        root = cryosparc_project_folder(cs_path)  # ">" paths start from an export folder, not the project
+    return resolved, root
 
 
 def read_particles(
-    path: str | os.PathLike, cs_root=None, *, require_ctf: bool = True
+    path: str | os.PathLike, cs_root=None, *, require_ctf: bool = True, passthrough=()
 ) -> ParticleTable:
-    """Read a cryoSPARC particles .cs (plus its passthrough file) into a ``ParticleTable``."""
+    """Read a cryoSPARC particles .cs (plus its passthrough files) into a ``ParticleTable``.
+
+    ``passthrough``: further files joined on ``uid`` (see ``load_joined``).
+    ``extra["project_folder"]`` is the folder relative ``blob/path`` values were
+    resolved against (the cryoSPARC project folder, or ``cs_root``), and
+    ``extra["passthrough"]`` the files joined.
+    """
     path = Path(path)
-    data = load_dataset(path)
+    data, joined, looked_for = load_joined(path, passthrough)
     if len(data) == 0:
         raise InputFileError(path, "holds no particles (the dataset is empty).")
-    _missing(data, BLOB_FIELDS + POSE_FIELDS, path, "the particle images and poses")
-    ctf = ctf_from_fields(data, path, require_ctf)
+    _missing(data, BLOB_FIELDS + POSE_FIELDS, path, "the particle images and poses", joined, looked_for)
+    ctf = ctf_from_fields(data, path, require_ctf, joined, looked_for)
     ctf_absent = ctf.pop("ctf_absent")
     names = data.dtype.names
     pixel_size = data["blob/psize_A"].astype(np.float64)
@@ -199,13 +264,14 @@ def read_particles(
         split_to_half_set(data["alignments3D/split"]) if "alignments3D/split" in names
         else np.full(len(data), HALF_UNKNOWN, dtype=np.int8)
     )
+    image_paths, project_folder = resolve_blob_paths(data["blob/path"], path, cs_root)
     return ParticleTable(
         rotations=cryosparc_pose_to_matrix(data["alignments3D/pose"]),
         origins_angstrom=cryosparc_shift_to_origin_angstrom(
             data["alignments3D/shift"], align_psize
         ),
         half_set=half,
-        image_paths=resolve_blob_paths(data["blob/path"], path, cs_root),
+        image_paths=image_paths,
         image_indices=data["blob/idx"].astype(np.int64),
         pixel_size_angstrom=pixel_size,
         box_size=shape[:, 0].astype(np.int64),
@@ -216,7 +282,8 @@ def read_particles(
         source_format="cs",
         source_path=path,
         source=data,
-        extra={"ctf_absent": ctf_absent, "exp_group_ids": groups},
+        extra={"ctf_absent": ctf_absent, "exp_group_ids": groups, "project_folder": project_folder,
+               "passthrough": joined},
         **ctf,
     )
 

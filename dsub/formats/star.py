@@ -19,7 +19,7 @@ import starfile
 from dsub.conventions import matrix_to_relion_euler, relion_euler_to_matrix
 from dsub.errors import InputFileError, MissingInputError
 from dsub.formats.mrc import open_stack
-from dsub.formats.paths import resolve_stack_names
+from dsub.formats.paths import resolve_stack_names, star_roots
 from dsub.particles import HALF_UNKNOWN, ParticleTable
 
 #: Columns read as text, never numericised (a micrograph named ``1`` stays "1").
@@ -162,7 +162,8 @@ def read_ctf(path: str | os.PathLike, require_ctf: bool = True) -> dict:
 def _image_names(df: pd.DataFrame, star_path: Path) -> tuple[np.ndarray, np.ndarray]:
     """``N@stack`` -> (resolved stack paths, 0-based indices). A name without ``@`` is image 1.
 
-    Stacks are looked up from the star file's folder, then its parents (see ``paths``).
+    Stacks are looked up from the current folder (RELION's rule), then the star
+    file's folder and its parents (see ``paths``).
     """
     names = df["rlnImageName"].astype(str)
     parts = names.str.split("@", n=1, expand=True)
@@ -177,7 +178,8 @@ def _image_names(df: pd.DataFrame, star_path: Path) -> tuple[np.ndarray, np.ndar
             star_path, f"particle {bad[0] + 1} has the image name {names.iloc[bad[0]]!r}, not "
             "N@stack with N >= 1.", "Image names look like 000012@Extract/job007/stack.mrcs."
         )
-    return resolve_stack_names(stacks, star_path), numbers.to_numpy(dtype=np.int64) - 1
+    resolved, _ = resolve_stack_names(stacks, star_roots(star_path), Path(os.path.abspath(star_path)).parent)
+    return resolved, numbers.to_numpy(dtype=np.int64) - 1
 
 
 def _box_sizes(df: pd.DataFrame, groups: np.ndarray, paths: np.ndarray, star_path: Path):
@@ -207,8 +209,8 @@ def _optics_groups(df: pd.DataFrame, pixel_size: np.ndarray, ctf: dict) -> np.nd
 def read_particles(path: str | os.PathLike, *, require_ctf: bool = True) -> ParticleTable:
     """Read a RELION particle star file into a ``ParticleTable``.
 
-    Stack paths in ``rlnImageName`` are resolved against the star file's
-    folder. ``require_ctf=False`` accepts files without defocus (simulated
+    Stack paths in ``rlnImageName`` are resolved against the current folder,
+    then the star file's folder and its parents (``paths.star_roots``). ``require_ctf=False`` accepts files without defocus (simulated
     projections): their CTF is exactly 1 (see ``ctf_from_columns``).
     """
     path = Path(path)

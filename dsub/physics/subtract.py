@@ -24,6 +24,8 @@ class SubtractionSettings:
     scale: str = "fit"
     mask_keeps: bool = False
     fit: ContrastFit = field(default_factory=ContrastFit)
+    #: low-pass both half maps to this resolution (Å, soft edge: ``lowpass.py``) before preparation; None = off
+    lowpass_angstrom: float | None = None
 
     def __post_init__(self):
         if self.projector not in PROJECTORS:
@@ -32,6 +34,8 @@ class SubtractionSettings:
             raise ValueError(f"scale must be one of {SCALE_MODES}, not {self.scale!r}")
         if int(self.padding) != self.padding or self.padding < 1:
             raise ValueError(f"padding must be a positive integer, not {self.padding!r}")
+        if self.lowpass_angstrom is not None and not self.lowpass_angstrom > 0:
+            raise ValueError(f"--lowpass must be a resolution in Å above 0, not {self.lowpass_angstrom:g}")
 
 
 @dataclass

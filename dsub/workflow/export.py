@@ -2,11 +2,15 @@
 
 * ``OUTDIR/Particles/subtracted_NNNN.mrcs``: float32 stacks, pixel size in the header;
 * ``OUTDIR/particles_subtracted.star``: every input row, in input order, with
-  ``rlnImageName`` pointing at the new stacks (relative to OUTDIR) and the old
-  name in ``rlnImageOriginalName``;
+  ``rlnImageName`` pointing at the new stacks (by default relative to the
+  current folder, RELION's project folder, when OUTDIR is inside it, else
+  absolute: ``formats.paths.written_paths``) and the old name in
+  ``rlnImageOriginalName``;
 * ``OUTDIR/particles_subtracted.cs``: every input field passed through, with
-  ``blob/path`` / ``blob/idx`` pointing at the new stacks (relative to OUTDIR)
-  and ``alignments3D/alpha`` holding the contrast each particle was subtracted with;
+  ``blob/path`` / ``blob/idx`` pointing at the new stacks (by default relative
+  to the cryoSPARC project folder when there is one and OUTDIR is inside it,
+  else absolute) and ``alignments3D/alpha`` holding the contrast each particle
+  was subtracted with;
 * re-centred or re-boxed particles (``rebox``): the star and .cs carry their
   new origins and box (``rlnImageSize``, ``blob/shape``);
 * ``OUTDIR/skipped_particles.star``: with ``--skip-bad-particles``, the input
@@ -24,10 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import warn
 from ..formats import cs as cs_format
 from ..formats import star as star_format
 from ..formats import select_rows
 from ..formats.mrc import write_stack
+from ..formats.paths import written_paths
 from . import store
 
 STACK_FOLDER = "Particles"
@@ -81,17 +87,22 @@ def new_image_locations(count: int, particles_per_stack: int) -> tuple[np.ndarra
 
 
 def write_metadata(table, outdir: Path, particles_per_stack: int, contrast: np.ndarray,
-                   skipped: np.ndarray | None = None, exported=None) -> None:
+                   skipped: np.ndarray | None = None, exported=None, paths_mode: str = "auto") -> None:
     """Write the star and .cs files that point at the exported stacks (skipped particles left out).
 
     ``exported`` is the table that describes the exported images when it differs
     from the input ``table`` (re-centred or re-boxed particles: new origins and
     box); the skipped particles' rows, which point at their input images, always
-    come from ``table``.
+    come from ``table``. ``paths_mode`` (``--paths``): how stack paths are
+    written, see ``formats.paths.written_paths``; the star's start from the
+    current folder, the .cs's from ``table.extra["project_folder"]`` (the
+    cryoSPARC project folder).
     """
     exported = table if exported is None else exported
-    paths, indices = new_image_locations(len(table), particles_per_stack)
-    names = np.array([f"{index + 1:06d}@{path}" for path, index in zip(paths, indices)], dtype=object)
+    relative, indices = new_image_locations(len(table), particles_per_stack)
+    star_paths = written_paths(relative, outdir, paths_mode, Path.cwd())
+    paths = written_paths(relative, outdir, paths_mode, table.extra.get("project_folder"))
+    names = np.array([f"{index + 1:06d}@{path}" for path, index in zip(star_paths, indices)], dtype=object)
     keep = np.ones(len(table), dtype=bool) if skipped is None else ~np.asarray(skipped, dtype=bool)
     (outdir / SKIPPED_NAME).unlink(missing_ok=True)
     if not keep.all():
@@ -99,6 +110,10 @@ def write_metadata(table, outdir: Path, particles_per_stack: int, contrast: np.n
         originals = original_image_names(left_out)
         star_format.write_particles(left_out, outdir / SKIPPED_NAME, originals, original_names=originals)
     kept = select_rows(exported, keep)
+    if np.any(kept.ctf_premultiplied):
+        warn(f"{CS_NAME}: the images are CTF-premultiplied (rlnCtfDataAreCtfPremultiplied), and a cryoSPARC "
+             "particle .cs has no field that says so: cryoSPARC would treat them as plain images. Continue "
+             f"from {STAR_NAME} in RELION, which keeps the flag.")
     star_format.write_particles(kept, outdir / STAR_NAME, names[keep])
     cs_format.write_particles(kept, outdir / CS_NAME, paths[keep], indices[keep], contrast[keep])
 

@@ -27,11 +27,12 @@ from ..cluster.config import cluster_config
 from ..errors import DsubError, InputFileError, OptionError, warn
 from ..formats import read_particles, select_rows
 from ..formats.mrc import map_header, read_map
+from ..formats.paths import PATH_MODES
 from ..particles import HALF_A
 from ..physics.backend import gpu_available
 from ..physics.subtract import SubtractionSettings
 from ..report import REPORT_FOLDER
-from . import export, rebox, resources, store, validate
+from . import export, rebox, region, resources, store, validate
 from .outdir import explain_os_error, file_identity, prepare_outdir, run_fingerprint
 from .tasks import MapFiles, fit_sample, run_chunk
 
@@ -51,6 +52,9 @@ class RunOptions:
     device: str = "auto"
     overwrite: bool = False
     cs_root: str | None = None
+    passthrough: tuple = ()
+    paths: str = "auto"
+    resolution_angstrom: float | None = None
     single_map: bool = False
     skip_bad_particles: bool = False
     recenter: bool = False  # centre on the kept region's centre of mass
@@ -63,6 +67,10 @@ class RunOptions:
             raise OptionError(f"--chunk-size must be at least 1, not {self.chunk_size}")
         if self.particles_per_stack < 1:
             raise OptionError(f"--particles-per-stack must be at least 1, not {self.particles_per_stack}")
+        if self.paths not in PATH_MODES:
+            raise OptionError(f"--paths must be one of {', '.join(PATH_MODES)}, not {self.paths!r}")
+        if self.resolution_angstrom is not None and not self.resolution_angstrom > 0:
+            raise OptionError(f"--resolution must be a resolution in Å above 0, not {self.resolution_angstrom:g}")
         if self.device not in ("auto", "cpu", "gpu"):
             raise OptionError(f"--device must be auto, cpu or gpu, not {self.device!r}")
         if self.recenter and self.center_voxels is not None:
@@ -130,8 +138,9 @@ def subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings
 def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings, options: RunOptions) -> dict:
     started = time.monotonic()
     outdir = Path(options.outdir)
-    table = read_particles(particles_path, cs_root=options.cs_root)
+    table = read_particles(particles_path, cs_root=options.cs_root, passthrough=options.passthrough)
     validate.check_metadata(table)
+    validate.check_classes(table)
     box = validate.particle_box(table)
     if options.single_map:
         unused = "; --half-b is not used" if half_b is not None else ""
@@ -151,7 +160,13 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             "Use --scale fit to fit each particle's contrast instead.",
         )
     pixel_size = validate.particle_pixel_size(table)
-    validate.check_maps(half_a, half_b, mask, box, pixel_size)
+    volumes = validate.check_maps(half_a, half_b, mask, box, pixel_size,
+                                  resolution_angstrom=options.resolution_angstrom,
+                                  lowpass_angstrom=settings.lowpass_angstrom, single_map=options.single_map)
+    share = region.density_share((volumes["half map A"], volumes["half map B"]), volumes["mask"],
+                                 settings.mask_keeps)
+    del volumes
+    say(options, region.report_region(share, mask, settings.mask_keeps))
     validate.check_images(table, box)
     check_device(options)
     plan, spec = plan_resources(box, settings, options)
@@ -220,7 +235,8 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     skipped = np.asarray(results["skipped"][:], dtype=bool)
     with all_metadata_or_none(outdir):
         exported = rebox.reboxed_table(table, reboxing) if reboxing is not None else None
-        export.write_metadata(table, outdir, options.particles_per_stack, contrast, skipped, exported)
+        export.write_metadata(table, outdir, options.particles_per_stack, contrast, skipped, exported,
+                              options.paths)
         timings["export"] = time.monotonic() - started - sum(timings.values())
         kept = contrast[~skipped]
         summary = {
@@ -235,6 +251,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             "workers": workers,
             "devices": devices,
             "scale": settings.scale,
+            "subtracted_region": {"mask_keeps": settings.mask_keeps, "density_share": round(share, 4)},
             "contrast_median": float(np.median(kept)) if kept.size else None,
             "contrast_negative_fraction": float(np.mean(kept < 0)) if kept.size else None,
             "skipped_particles": skipped_report(table, skipped),
@@ -355,6 +372,7 @@ def run_identity(particles_path, maps: MapFiles, table, box: int, settings, opti
         "mask": file_identity(maps.mask),
         "stacks": [file_identity(path) for path in np.unique(np.asarray(table.image_paths, dtype=str))],
         "cs_root": options.cs_root,
+        "passthrough": [file_identity(path) for path in table.extra.get("passthrough", [])],
         "settings": dataclasses.asdict(settings),
         "chunk_size": options.chunk_size,
         "single_map": options.single_map,

@@ -19,6 +19,7 @@ from ..errors import InputFileError
 from ..formats.mrc import read_images, read_map
 from ..particles import HALF_A, HALF_B
 from ..physics.backend import device_label, get_xp, resolve_device, to_numpy
+from ..physics.lowpass import lowpass_map
 from ..physics.subtract import SubtractionSettings, prepare_half_map, subtract_batch
 from . import resources, store
 from .rebox import rebox_images
@@ -40,17 +41,25 @@ _models: dict = {}
 _models_lock = threading.Lock()
 
 
+def read_half_map(xp, path: str, settings: SubtractionSettings):
+    """One half map, low-pass filtered first when ``settings.lowpass_angstrom`` asks for it."""
+    volume, voxel = read_map(path)
+    if settings.lowpass_angstrom:
+        return lowpass_map(xp, volume, voxel, settings.lowpass_angstrom)
+    return volume
+
+
 def half_map_models(maps: MapFiles, settings: SubtractionSettings, device: str) -> dict:
     """Prepared models {HALF_A: ..., HALF_B: ...} for this process, built on first use."""
-    key = (maps, settings.padding, settings.mask_keeps, device)  # what the prepared maps depend on
+    key = (maps, settings.padding, settings.mask_keeps, settings.lowpass_angstrom, device)  # what they depend on
     with _models_lock:
         if key not in _models:
             xp = get_xp(device)
             mask, _ = read_map(maps.mask)
             _models.clear()  # one run's models at a time per process
             _models[key] = {
-                HALF_A: prepare_half_map(xp, read_map(maps.half_a)[0], mask, settings),
-                HALF_B: prepare_half_map(xp, read_map(maps.half_b)[0], mask, settings),
+                HALF_A: prepare_half_map(xp, read_half_map(xp, maps.half_a, settings), mask, settings),
+                HALF_B: prepare_half_map(xp, read_half_map(xp, maps.half_b, settings), mask, settings),
             }
         return _models[key]
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputFileError, MissingInputError, warn
+from ..errors import InputFileError, MissingInputError, OptionError, warn
 from ..formats.mrc import open_stack, read_map
 from ..particles import HALF_A, HALF_B
 
@@ -135,47 +135,128 @@ def recommended_edge_pixels(pixel_size: float) -> int:
     return int(max(3, np.ceil(6.0 / pixel_size)))
 
 
-def check_maps(half_a: str, half_b: str, mask: str, box: int, pixel_size: float) -> None:
-    """Half maps and mask: readable, same cubic box as the particles, pixel size, mask in [0, 1]."""
-    shapes = {}
+#: The guide's minimum soft-edge width of a subtraction mask: this many times resolution / pixel size.
+EDGE_RESOLUTIONS = 5.0
+
+
+def minimum_edge_pixels(pixel_size: float, resolution_angstrom: float | None) -> float:
+    """The soft edge a mask needs: 6 Å and at least 3 px; with a resolution, also 5 × resolution / pixel size."""
+    minimum = float(recommended_edge_pixels(pixel_size))
+    if resolution_angstrom:
+        minimum = max(minimum, EDGE_RESOLUTIONS * resolution_angstrom / pixel_size)
+    return minimum
+
+
+def check_mask(path, volume: np.ndarray, pixel_size: float, resolution_angstrom: float | None = None) -> None:
+    """Mask values in [0, 1], not empty; a warning for a narrow soft edge.
+
+    A mask of ones everywhere is warned about by ``region.report_region``
+    (the subtracted region then holds all or none of the density).
+    """
+    low, high = float(volume.min()), float(volume.max())
+    if low < -1e-3 or high > 1 + 1e-3:
+        raise InputFileError(
+            path,
+            f"mask values span [{low:.3g}, {high:.3g}] but must lie in [0, 1].",
+            "Use a soft mask from relion_mask_create or cryoSPARC's Volume Tools.",
+        )
+    if high <= 0:
+        raise InputFileError(path, "the mask is empty (all zeros).", "Check the mask file.")
+    width = mask_edge_width(volume)
+    minimum = minimum_edge_pixels(pixel_size, resolution_angstrom)
+    if width < HARD_EDGE_PIXELS:
+        warn(
+            f"{path}: the mask has a hard edge (about {width:.1f} px soft), which rings in the "
+            f"subtracted images. A soft edge of at least {np.ceil(minimum):.0f} px "
+            f"({'5 × resolution / pixel size' if resolution_angstrom else 'about 6 Å'}) is recommended, "
+            "e.g. relion_mask_create --width_soft_edge."
+        )
+    elif resolution_angstrom and width < minimum:
+        warn(
+            f"{path}: the mask's soft edge is about {width:.1f} px wide, narrower than the {minimum:.1f} px "
+            f"(5 × {resolution_angstrom:g} Å / {pixel_size:.4g} Å) recommended at that resolution; "
+            "widen it (relion_mask_create --width_soft_edge, or the soft padding width in cryoSPARC's Volume Tools)."
+        )
+
+
+def check_lowpass(lowpass_angstrom: float | None, voxel_size: float) -> None:
+    """--lowpass must be coarser than the maps' Nyquist resolution, or it would change nothing."""
+    if lowpass_angstrom and lowpass_angstrom <= 2 * voxel_size:
+        raise OptionError(
+            f"--lowpass {lowpass_angstrom:g} Å is at or beyond the maps' Nyquist resolution "
+            f"({2 * voxel_size:.4g} Å at {voxel_size:.4g} Å per voxel), so it would change nothing; "
+            "give a coarser resolution or leave it out"
+        )
+
+
+def check_maps(half_a: str, half_b: str, mask: str, box: int, pixel_size: float, *,
+               resolution_angstrom: float | None = None, lowpass_angstrom: float | None = None,
+               single_map: bool = False) -> dict:
+    """Half maps and mask: readable, same cubic box as the particles, pixel size, mask in [0, 1].
+
+    Errors (``InputFileError``) for another box, a voxel size of 0 or one that
+    disagrees with the particles', NaN or infinite values, an all-zero half map,
+    a mask outside [0, 1] or empty; warnings for one file (or identical maps)
+    given as both half maps and a soft edge narrower than ``minimum_edge_pixels``. Returns the volumes read, keyed
+    "half map A", "half map B", "mask" (float32, z, y, x).
+    """
+    volumes = {}
     for label, path in (("half map A", half_a), ("half map B", half_b), ("mask", mask)):
         volume, voxel = read_map(path)
-        shapes[label] = volume.shape
         if volume.shape[0] != box:
             raise InputFileError(
                 path,
                 f"{label} has a box of {volume.shape[0]} voxels but the particles are {box} px.",
                 "Resample or re-box the map to the particles' box (e.g. relion_image_handler --new_box).",
             )
-        if voxel > 0 and abs(voxel - pixel_size) > PIXEL_SIZE_TOLERANCE * pixel_size:
+        if not voxel > 0:
+            raise InputFileError(
+                path, f"{label} has a voxel size of {voxel:g} Å in its header.",
+                f"Set it to the map's real voxel size (the particles' pixel size is {pixel_size:.4f} Å), e.g. "
+                "relion_image_handler --i MAP --o FIXED --angpix SIZE, or mrcfile's voxel_size.",
+            )
+        if abs(voxel - pixel_size) > PIXEL_SIZE_TOLERANCE * pixel_size:
             raise InputFileError(
                 path,
                 f"{label} has a voxel size of {voxel:.4f} Å but the particles' pixel size is {pixel_size:.4f} Å.",
                 "Use maps at the particles' pixel size (or fix the header if only it is wrong).",
             )
-        if voxel <= 0:
-            warn(f"{path}: no voxel size in the header; assuming the particles' {pixel_size:.4f} Å")
         if not np.all(np.isfinite(volume)):
             raise InputFileError(path, f"{label} contains NaN or infinite values.", "Use a valid map.")
         if label != "mask" and not np.any(volume):
             raise InputFileError(path, f"{label} is empty (all zeros).", "Check the half-map file.")
         if label == "mask":
-            low, high = float(volume.min()), float(volume.max())
-            if low < -1e-3 or high > 1 + 1e-3:
-                raise InputFileError(
-                    path,
-                    f"mask values span [{low:.3g}, {high:.3g}] but must lie in [0, 1].",
-                    "Use a soft mask from relion_mask_create or cryoSPARC's Volume Tools.",
-                )
-            if high <= 0:
-                raise InputFileError(path, "the mask is empty (all zeros).", "Check the mask file.")
-            width = mask_edge_width(volume)
-            if width < HARD_EDGE_PIXELS:
-                warn(
-                    f"{path}: the mask has a hard edge (about {width:.1f} px soft), which rings in the "
-                    f"subtracted images. A soft edge of at least {recommended_edge_pixels(pixel_size)} px "
-                    f"(about 6 Å) is recommended, e.g. relion_mask_create --width_soft_edge."
-                )
+            check_mask(path, volume, pixel_size, resolution_angstrom)
+        else:
+            check_lowpass(lowpass_angstrom, voxel)
+        volumes[label] = volume
+    if not single_map and same_half_maps(half_a, half_b, volumes["half map A"], volumes["half map B"]):
+        warn(f"{half_a} is given as both half maps (--half-a and --half-b hold the same map): every particle is "
+             "subtracted with a map its own half set helped to make, which breaks gold-standard independence. "
+             "Give the refinement's two half maps, or --single-map to do this knowingly.")
+    return volumes
+
+
+def same_half_maps(half_a, half_b, volume_a: np.ndarray, volume_b: np.ndarray) -> bool:
+    """One file named twice, or two files holding the same map."""
+    return Path(half_a).resolve() == Path(half_b).resolve() or np.array_equal(volume_a, volume_b)
+
+
+def check_classes(table) -> None:
+    """Warn when the particles come from several 3D classes (rlnClassNumber, alignments3D/class)."""
+    source, classes = table.source, None
+    if table.source_format == "star" and source is not None and "rlnClassNumber" in source["particles"]:
+        classes, label = source["particles"]["rlnClassNumber"].to_numpy(), "rlnClassNumber"
+    elif table.source_format == "cs" and source is not None and "alignments3D/class" in source.dtype.names:
+        classes, label = source["alignments3D/class"], "alignments3D/class"
+    if classes is None:
+        return
+    distinct = np.unique(classes)
+    if distinct.size > 1:
+        listed = ", ".join(str(c) for c in distinct[:8]) + (", ..." if distinct.size > 8 else "")
+        warn(f"{table.source_path}: the particles belong to {distinct.size} 3D classes ({label} {listed}), but "
+             "one pair of half maps subtracts them all. Subtract each class with its own class's half maps "
+             "(split the particles by class) unless the classes share this map.")
 
 
 def check_images(table, box: int) -> None:

@@ -1,0 +1,301 @@
+"""Project layouts of RELION and cryoSPARC: passthrough files, and the outputs opened as each program opens them.
+
+The outputs are read with third-party readers from the program's own starting
+folder: ``starfile`` + ``mrcfile`` from the RELION project folder (RELION opens
+image names relative to the folder it runs in), and cryosparc-tools'
+``Dataset.load`` with ``blob/path`` joined to the cryoSPARC project folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pytest
+import starfile
+
+from dsub.cli import main
+from dsub.demo import make_dataset
+from dsub.errors import InputFileError, OptionError
+from dsub.formats import cs as cs_format
+from dsub.formats import read_particles
+from dsub.formats import star as star_format
+from dsub.formats.mrc import read_images
+from dsub.formats.paths import cryosparc_project_folder, written_paths
+
+BOX = 32
+COUNT = 24
+P12 = "cryodrgn/cryosparc_P12_J24_001_particles.cs"
+#: What is left of the masked region at this small box with fitted contrast (about 4 %; 100 % unsubtracted).
+LIMIT = 0.06
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A noise-free demo dataset (copy before editing)."""
+    folder = tmp_path_factory.mktemp("layout_data")
+    return make_dataset(folder, count=COUNT, box=BOX, snr=None)
+
+
+def run(particles, paths, outdir, *extra) -> int:
+    return main([
+        "subtract", str(particles), "--half-a", str(paths["half_a"]), "--half-b", str(paths["half_b"]),
+        "--mask", str(paths["mask"]), "-o", str(outdir), "--chunk-size", "8", "--quiet",
+        *map(str, extra),
+    ])
+
+
+def expected_images(sim) -> np.ndarray:
+    return sim.images - sim.subtracted_signal
+
+
+def residual(images, sim) -> float:
+    return float(np.linalg.norm(images - expected_images(sim)) / np.linalg.norm(sim.subtracted_signal))
+
+
+def open_relion_names(names) -> np.ndarray:
+    """Images named ``N@stack`` opened relative to the current folder, as RELION does."""
+    images = []
+    for name in names:
+        number, stack = name.split("@", 1)
+        with mrcfile.open(stack, permissive=False) as mrc:
+            images.append(np.asarray(mrc.data[int(number) - 1]))
+    return np.stack(images)
+
+
+def _save(path: Path, data: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, data, allow_pickle=False)
+
+
+# ----------------------------------------------------------------------------- RELION project
+
+
+def relion_project(dataset, root: Path) -> dict:
+    """A RELION project: stacks in Extract/job007, a star three folders down naming them project-relative."""
+    paths, sim = dataset
+    (root / "Extract/job007").mkdir(parents=True)
+    shutil.copy2(paths["stack"], root / "Extract/job007/particles.mrcs")
+    star_dir = root / "External/job020/select"
+    star_dir.mkdir(parents=True)
+    blocks = starfile.read(paths["star"], always_dict=True)
+    blocks["particles"]["rlnImageName"] = [f"{i + 1:06d}@Extract/job007/particles.mrcs" for i in range(COUNT)]
+    blocks["particles"]["rlnClassNumber"] = 1
+    starfile.write(blocks, star_dir / "run_data.star")
+    return {**paths, "star": star_dir / "run_data.star"}
+
+
+def test_relion_project_output_opens_from_the_project_folder(dataset, tmp_path, monkeypatch):
+    """Run from the project folder with -o Subtract/job011: RELION finds every image from there."""
+    paths, sim = dataset
+    project = tmp_path / "relion_project"
+    files = relion_project(dataset, project)
+    monkeypatch.chdir(project)
+    # The star's image names are project-relative and the star sits three folders down:
+    # only the current folder (RELION's rule) finds them.
+    assert run(Path("External/job020/select/run_data.star"), files, "Subtract/job011") == 0
+
+    rows = starfile.read("Subtract/job011/particles_subtracted.star", always_dict=True)["particles"]
+    names = rows["rlnImageName"].tolist()
+    assert all(name.split("@", 1)[1].startswith("Subtract/job011/Particles/") for name in names)
+    assert rows["rlnImageOriginalName"].tolist()[0] == "000001@Extract/job007/particles.mrcs"
+    assert residual(open_relion_names(names), sim) < LIMIT
+    np.testing.assert_array_equal(open_relion_names(rows["rlnImageOriginalName"]), sim.images)
+
+    # OUTDIR outside the current folder: absolute paths, which RELION opens from anywhere.
+    assert run(files["star"], files, tmp_path / "outside") == 0
+    rows = starfile.read(tmp_path / "outside/particles_subtracted.star", always_dict=True)["particles"]
+    assert all(os.path.isabs(n.split("@", 1)[1]) for n in rows["rlnImageName"])
+    monkeypatch.chdir(tmp_path)
+    assert residual(open_relion_names(rows["rlnImageName"]), sim) < LIMIT
+
+
+def test_paths_option_writes_each_form(dataset, tmp_path, monkeypatch):
+    paths, sim = dataset
+    project = tmp_path / "p"
+    files = relion_project(dataset, project)
+    monkeypatch.chdir(project)
+    for mode, expected in (("absolute", f"{project}/Subtract/job1/Particles/subtracted_0000.mrcs"),
+                           ("outdir", "Particles/subtracted_0000.mrcs"),
+                           ("relative", "Subtract/job1/Particles/subtracted_0000.mrcs")):
+        assert run(files["star"], files, "Subtract/job1", "--paths", mode, "--overwrite") == 0
+        rows = starfile.read("Subtract/job1/particles_subtracted.star", always_dict=True)["particles"]
+        assert rows["rlnImageName"].iloc[0] == f"000001@{expected}", mode
+    # relative to the current folder even for an OUTDIR outside it: with ../
+    assert run(files["star"], files, tmp_path / "side", "--paths", "relative") == 0
+    rows = starfile.read(tmp_path / "side/particles_subtracted.star", always_dict=True)["particles"]
+    assert rows["rlnImageName"].iloc[0] == "000001@../side/Particles/subtracted_0000.mrcs"
+    assert residual(open_relion_names(rows["rlnImageName"]), sim) < LIMIT
+
+
+def test_written_paths_rules(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    names = np.array(["Particles/a.mrcs", "Particles/b.mrcs", "Particles/a.mrcs"], dtype=object)
+    inside = written_paths(names, "Sub/job2", "auto", tmp_path)
+    assert inside.tolist() == ["Sub/job2/Particles/a.mrcs", "Sub/job2/Particles/b.mrcs", "Sub/job2/Particles/a.mrcs"]
+    outside = written_paths(names, tmp_path.parent / "x", "auto", tmp_path)
+    assert outside[0] == str(tmp_path.parent / "x/Particles/a.mrcs")
+    assert written_paths(names, "Sub", "auto", None)[1] == str(tmp_path / "Sub/Particles/b.mrcs")
+    assert written_paths(names, "Sub", "outdir", tmp_path).tolist() == names.tolist()
+    with pytest.raises(ValueError):
+        written_paths(names, "Sub", "sideways", tmp_path)
+
+
+def test_passthrough_option_refused_for_star_input(dataset, tmp_path, capsys):
+    paths, _ = dataset
+    assert run(paths["star"], paths, tmp_path / "o", "--passthrough", paths["star"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dsub: error: --passthrough") and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- cryoSPARC project
+
+
+def cryosparc_project(dataset, root: Path, classes: bool = True) -> dict:
+    """A cryoSPARC project: J19 extracted the stack, J5 is a heterogeneous refinement class output.
+
+    ``J5_class_00_00262_particles.cs`` holds uid and alignments3D; blob and ctf are in
+    ``J5_passthrough_particles_class_0.cs`` beside it, in another row order (as cryoSPARC writes them).
+    """
+    paths, sim = dataset
+    (root / "J19/extract").mkdir(parents=True)
+    (root / "J5").mkdir()
+    (root / "project.json").write_text("{}")
+    for job in ("J19", "J5"):
+        (root / job / "job.json").write_text("{}")
+    shutil.copy2(paths["stack"], root / "J19/extract/particles.mrc")
+    table = star_format.read_particles(paths["star"])
+    whole = root / "J5/whole.cs"
+    cs_format.write_particles(table, whole, ["J19/extract/particles.mrc"] * COUNT, table.image_indices,
+                              contrast=sim.contrast)
+    data = np.load(whole, max_header_size=2**30)
+    whole.unlink()
+    main_fields = ["uid"] + [n for n in data.dtype.names if n.startswith("alignments3D/")]
+    pass_fields = ["uid"] + [n for n in data.dtype.names if n.startswith(("blob/", "ctf/"))]
+    main_file = root / "J5/J5_class_00_00262_particles.cs"
+    _save(main_file, data[main_fields])
+    _save(root / "J5/J5_passthrough_particles_class_0.cs", data[pass_fields][::-1].copy())
+    if classes:  # another class's files beside it, which must not be picked
+        other = data[:4].copy()
+        other["uid"] += np.uint64(1)
+        _save(root / "J5/J5_class_01_00262_particles.cs", other[main_fields])
+        _save(root / "J5/J5_passthrough_particles_class_1.cs", other[pass_fields])
+    return {**paths, "cs": main_file, "data": data}
+
+
+def test_class_output_joined_with_its_passthrough(dataset, tmp_path):
+    paths, sim = dataset
+    files = cryosparc_project(dataset, tmp_path / "P3")
+    table = read_particles(files["cs"])
+    data = files["data"]
+    assert len(table) == COUNT
+    np.testing.assert_array_equal(table.source["uid"], data["uid"])
+    np.testing.assert_allclose(table.defocus_u_angstrom, sim.defocus_u, rtol=1e-6)
+    np.testing.assert_array_equal(table.image_indices, np.arange(COUNT))
+    assert Path(table.image_paths[0]) == tmp_path / "P3/J19/extract/particles.mrc"
+    assert table.extra["project_folder"] == tmp_path / "P3"
+    assert [p.name for p in table.extra["passthrough"]] == ["J5_passthrough_particles_class_0.cs"]
+    assert cryosparc_project_folder(files["cs"]) == tmp_path / "P3"
+
+
+def test_missing_passthrough_names_the_files_looked_for(dataset, tmp_path, capsys):
+    paths, _ = dataset
+    files = cryosparc_project(dataset, tmp_path / "P3", classes=False)
+    moved = tmp_path / "elsewhere_pt.cs"
+    shutil.move(tmp_path / "P3/J5/J5_passthrough_particles_class_0.cs", moved)
+    with pytest.raises(InputFileError) as error:
+        read_particles(files["cs"])
+    message = str(error.value)
+    assert "J5_passthrough_particles_class_0.cs" in message and "--passthrough" in message
+    assert "blob/path" in message
+    # The CLI: one line, exit 2; then --passthrough FILE gives it.
+    assert run(files["cs"], paths, tmp_path / "P3/J30") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dsub: error: ") and err.count("\n") == 1 and "J5_passthrough_particles_class_0.cs" in err
+    table = read_particles(files["cs"], passthrough=[moved])
+    assert len(table) == COUNT and table.extra["passthrough"] == [moved]
+
+
+def test_passthrough_missing_some_particles_warns(dataset, tmp_path):
+    files = cryosparc_project(dataset, tmp_path / "P3", classes=False)
+    pt = tmp_path / "P3/J5/J5_passthrough_particles_class_0.cs"
+    _save(pt, np.load(pt, max_header_size=2**30)[:-3])
+    with pytest.warns(UserWarning, match="3 of the 24 particles"):
+        table = read_particles(files["cs"])
+    assert len(table) == COUNT - 3
+
+
+def test_cryosparc_project_output_loads_with_cryosparc_tools(dataset, tmp_path, monkeypatch):
+    """OUTDIR inside the project: blob/path relative to the project folder, as cryoSPARC's own (J19/extract/...)."""
+    dataset_cls = pytest.importorskip("cryosparc.dataset").Dataset
+    paths, sim = dataset
+    files = cryosparc_project(dataset, tmp_path / "P3")
+    monkeypatch.chdir(tmp_path)  # not the project folder: the star gets absolute paths
+    assert run(files["cs"], paths, tmp_path / "P3/J30/dsub") == 0
+    out = dataset_cls.load(tmp_path / "P3/J30/dsub/particles_subtracted.cs")
+    assert len(out) == COUNT
+    blob_paths = list(out["blob/path"])
+    assert all(p.startswith("J30/dsub/Particles/") for p in blob_paths)
+    images = np.stack([
+        mrcfile.open(tmp_path / "P3" / p).data[i] for p, i in zip(blob_paths, out["blob/idx"])
+    ])
+    assert residual(images, sim) < LIMIT
+    np.testing.assert_array_equal(out["uid"], files["data"]["uid"])
+    np.testing.assert_allclose(out["ctf/df1_A"], files["data"]["ctf/df1_A"])  # passthrough fields kept
+    rows = starfile.read(tmp_path / "P3/J30/dsub/particles_subtracted.star", always_dict=True)["particles"]
+    assert residual(open_relion_names(rows["rlnImageName"]), sim) < LIMIT
+    # Outside the project: absolute blob/path.
+    assert run(files["cs"], paths, tmp_path / "out") == 0
+    out = dataset_cls.load(tmp_path / "out/particles_subtracted.cs")
+    assert out["blob/path"][0] == str(tmp_path / "out/Particles/subtracted_0000.mrcs")
+
+
+def test_cs_root_sets_the_project_of_a_star_inputs_cs(dataset, tmp_path, monkeypatch):
+    dataset_cls = pytest.importorskip("cryosparc.dataset").Dataset
+    paths, sim = dataset
+    project = tmp_path / "P9"
+    project.mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert run(paths["star"], paths, project / "imports/dsub", "--cs-root", project) == 0
+    out = dataset_cls.load(project / "imports/dsub/particles_subtracted.cs")
+    assert out["blob/path"][0] == "imports/dsub/Particles/subtracted_0000.mrcs"
+    images = np.stack([mrcfile.open(project / p).data[i] for p, i in zip(out["blob/path"], out["blob/idx"])])
+    assert residual(images, sim) < LIMIT
+
+
+def test_real_cs_blob_paths_stay_project_relative(shared_data, tmp_path):
+    """The real P12 .cs names J19/extract/...; in a project folder they resolve there and the project is found."""
+    data = np.load(shared_data / P12, allow_pickle=False, max_header_size=2**30)[:3]
+    project = tmp_path / "P12"
+    stack = project / data["blob/path"][0].decode()
+    stack.parent.mkdir(parents=True)
+    stack.touch()
+    (project / "J24").mkdir()
+    (project / "J24/job.json").write_text("{}")
+    deep = project / "J24/sub/deeper"
+    deep.mkdir(parents=True)
+    _save(deep / "J24_001_particles.cs", data)  # three folders down: only the project rule finds the stacks
+    table = read_particles(deep / "J24_001_particles.cs")
+    assert Path(table.image_paths[0]) == stack
+    assert table.extra["project_folder"] == project
+
+
+def test_exported_paths_do_not_make_the_export_folder_a_project(shared_data, tmp_path):
+    """``>`` paths start from an export group folder; the output .cs must not be written relative to it."""
+    data = np.load(shared_data / P12, allow_pickle=False, max_header_size=2**30)[:3]
+    project = tmp_path / "P12"
+    group = project / "exports/groups/P12_J24_particles"
+    (group / "J19/extract").mkdir(parents=True)
+    (group / "J19/extract/x.mrc").touch()
+    data["blob/path"] = b">J19/extract/x.mrc"
+    _save(group / "P12_J24_particles_exported.cs", data)
+    table = read_particles(group / "P12_J24_particles_exported.cs")
+    assert Path(table.image_paths[0]) == group / "J19/extract/x.mrc"
+    assert table.extra["project_folder"] is None  # no project.json: unknown, so absolute paths are written
+    (project / "project.json").write_text("{}")
+    assert read_particles(group / "P12_J24_particles_exported.cs").extra["project_folder"] == project
