@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import DsubError, OptionError
 from ..formats import star as star_format
 from ..formats.mrc import read_images
-from ..formats.paths import resolve_stack_names
+from ..formats.paths import cs_roots, resolve_stack_names, star_roots
 from ..particles import HALF_A, HALF_B
 from ..workflow import export, store
 from ..workflow.pipeline import RUN_SUMMARY
@@ -220,15 +220,18 @@ def evenly_spaced(rows: np.ndarray, count: int) -> np.ndarray:
 def input_image_locations(data: ReportData, table) -> tuple[np.ndarray, np.ndarray]:
     """Stack paths and 0-based indices of the input images, from ``rlnImageOriginalName``.
 
-    Relative names are resolved from the input particle file's folder and its
-    parents, as dsub did when it read them (``formats.paths``).
+    Relative names are resolved as dsub did when it read them: from the current
+    folder, then the input particle file's folder and its parents
+    (``formats.paths``).
     """
     names = table.source["particles"]["rlnImageOriginalName"].astype(str)
     parts = names.str.split("@", n=1, expand=True)
     indices = parts[0].astype(np.int64).to_numpy() - 1
     input_path = data.identity.get("particles", {}).get("path")
     anchor = Path(input_path) if input_path else data.outdir / export.STAR_NAME
-    return resolve_stack_names(parts[1].to_numpy(dtype=object), anchor), indices
+    roots = cs_roots(anchor) if anchor.suffix == ".cs" else star_roots(anchor)
+    paths, _ = resolve_stack_names(parts[1].to_numpy(dtype=object), roots, anchor.parent)
+    return paths, indices
 
 
 def read_sample_images(data: ReportData, table) -> None:
