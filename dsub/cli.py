@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -144,6 +145,7 @@ def run_subtract(args) -> int:
         outdir=Path(args.outdir), chunk_size=args.chunk_size, particles_per_stack=args.particles_per_stack,
         device=args.device, overwrite=args.overwrite, cs_root=args.cs_root, single_map=args.single_map,
         skip_bad_particles=args.skip_bad_particles, cluster=cluster_from_args(args),
+        command=shlex.join(args.command_line),
     )
     subtract(args.particles, args.half_a, args.half_b, args.mask, settings, options)
     return 0
@@ -156,7 +158,8 @@ def run_demo(args) -> int:
     outdir = Path(args.outdir)
     print(f"Simulating {args.particles} particles of {args.box} px in {outdir / 'data'} ...", flush=True)
     paths, sim = make_dataset(outdir / "data", count=args.particles, box=args.box)
-    options = RunOptions(outdir=outdir / "subtracted", chunk_size=64, overwrite=True)
+    options = RunOptions(outdir=outdir / "subtracted", chunk_size=64, overwrite=True,
+                         command=shlex.join(args.command_line))
     subtract(paths["star"], paths["half_a"], paths["half_b"], paths["mask"], SubtractionSettings(), options)
     residual = residual_of_masked_region(outdir / "subtracted", sim)
     print(f"\nWhat is left of the masked domain: {residual:.2%} (RMS, relative to the subtracted signal;"
@@ -176,6 +179,7 @@ def run_job_script(args) -> int:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command_line = ["dsub", *map(str, sys.argv[1:] if argv is None else argv)]
     handlers = {"subtract": run_subtract, "demo": run_demo, "job-script": run_job_script}
     try:
         with warnings.catch_warnings():

@@ -22,14 +22,16 @@ import numpy as np
 
 from .. import __version__
 from ..cluster import ClusterSpec, open_runner
+from ..cluster.progress import map_preparation_estimate, setup_step
 from ..errors import DsubError, InputFileError, OptionError, warn
 from ..formats import read_particles, select_rows
 from ..particles import HALF_A
-from ..physics.backend import gpu_available
+from ..physics.backend import gpu_available, resolve_device
 from ..physics.subtract import SubtractionSettings
-from . import export, store, validate
+from . import export, record, store, validate
 from .outdir import explain_os_error, file_identity, prepare_outdir, run_fingerprint
-from .tasks import MapFiles, fit_sample, run_chunk
+from .tasks import MapFiles, fit_sample, half_map_models, run_chunk
+from .transcript import Transcript
 
 RUN_SUMMARY = "dsub_run.json"
 #: What a finished export leaves beside the stacks; none of it may outlive a failed run.
@@ -50,6 +52,7 @@ class RunOptions:
     single_map: bool = False
     skip_bad_particles: bool = False
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
+    command: str | None = None  # the command line, for the run record
 
     def __post_init__(self):
         if self.chunk_size < 1:
@@ -74,6 +77,25 @@ def check_device(options: RunOptions) -> None:
 
 def say(options: RunOptions, message: str) -> None:
     print(message, file=options.log or sys.stdout, flush=True)
+
+
+def prepare_maps_where_visible(maps: MapFiles, settings, options: RunOptions, box: int) -> str | None:
+    """Prepare the half-maps in view of the user; returns what the progress shows while workers do it.
+
+    On threads the maps are prepared here, before any task, with a line that says
+    so; the tasks then find them ready. Workers of a cluster prepare their own on
+    their first task: the progress says so until a chunk finishes.
+    """
+    estimate = map_preparation_estimate(box, settings.padding).text()
+    size = box * settings.padding
+    if options.cluster.distributed:
+        say(options, f"Each worker reads the maps and prepares them on its first task ({size}³ transforms, "
+                     f"{estimate}).")
+        return "preparing the maps on the workers"
+    device = resolve_device(options.device)
+    with setup_step(options.log, f"Preparing the maps on {device} ({size}³ transforms)", estimate):
+        half_map_models(maps, settings, device)
+    return None
 
 
 def polarity_task(table, maps: MapFiles, settings, device: str):
@@ -105,22 +127,42 @@ def subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings
     """Run a whole subtraction; returns the run summary (also written to ``dsub_run.json``).
 
     ``half_b`` may be None with ``options.single_map``: every particle then uses ``half_a``.
+    What it prints also goes to ``OUTDIR/dsub.log``; each attempt is recorded (``record``).
     """
-    try:
-        return _subtract(particles_path, half_a, half_b, mask, settings, options)
-    except DsubError:
-        raise
-    except OSError as exc:  # wherever it happened, on this machine or a worker: one message
-        explained = explain_os_error(exc, Path(options.outdir))
-        if explained is None:
+    transcript = Transcript(options.cluster.out)
+    options = dataclasses.replace(options, cluster=dataclasses.replace(options.cluster, log=transcript))
+    attempt = record.AttemptRecorder()
+    with transcript.capturing_warnings():
+        try:
+            return _subtract(particles_path, half_a, half_b, mask, settings, options, attempt)
+        except DsubError as exc:
+            attempt.fail("failed", record_error(transcript, exc))
             raise
-        raise explained from exc
+        except OSError as exc:  # wherever it happened, on this machine or a worker: one message
+            explained = explain_os_error(exc, Path(options.outdir))
+            if explained is None:
+                attempt.fail("failed", record_error(transcript, exc))
+                raise
+            attempt.fail("failed", record_error(transcript, explained))
+            raise explained from exc
+        except KeyboardInterrupt:
+            attempt.fail("interrupted", record_error(transcript, "interrupted; rerun the same command to resume"))
+            raise
 
 
-def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings, options: RunOptions) -> dict:
+def record_error(transcript: Transcript, error) -> str:
+    """The error line the command line prints, into the log; returns it for the run record."""
+    line = f"dsub: error: {' '.join(str(error).split())}"
+    transcript.log_only(line)
+    return line
+
+
+def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings, options: RunOptions,
+              attempt: record.AttemptRecorder) -> dict:
     started = time.monotonic()
     outdir = Path(options.outdir)
-    table = read_particles(particles_path, cs_root=options.cs_root)
+    with setup_step(options.log, f"Reading the particles from {particles_path}"):
+        table = read_particles(particles_path, cs_root=options.cs_root)
     validate.check_metadata(table)
     box = validate.particle_box(table)
     if options.single_map:
@@ -141,8 +183,9 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             "Use --scale fit to fit each particle's contrast instead.",
         )
     pixel_size = validate.particle_pixel_size(table)
-    validate.check_maps(half_a, half_b, mask, box, pixel_size)
-    validate.check_images(table, box)
+    with setup_step(options.log, "Checking the maps and the particle stacks"):
+        validate.check_maps(half_a, half_b, mask, box, pixel_size)
+        validate.check_images(table, box)
     check_device(options)
     device = options.device
     maps = MapFiles(str(Path(half_a).resolve()), str(Path(half_b).resolve()), str(Path(mask).resolve()))
@@ -152,19 +195,24 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     store_path = outdir / store.STORE_NAME
     if options.skip_bad_particles and not options.overwrite:
         adopt_strict_run(store_path, identity, fingerprint)
-    resuming = prepare_outdir(outdir, fingerprint, options.overwrite)
+    resuming = prepare_outdir(outdir, fingerprint, options.overwrite, identity)
+    options.log.open_log(outdir, fresh=options.overwrite, command=options.command)
     remove_metadata(outdir)  # never leave old metadata that looks complete
     bounds = store.chunk_bounds(len(table), options.chunk_size)
 
     timings = {"check_inputs": time.monotonic() - started}
     with open_runner(options.cluster) as runner:
         timings["start_workers"] = time.monotonic() - started - sum(timings.values())
+        waiting = prepare_maps_where_visible(maps, settings, options, box)
+        timings["prepare_maps"] = time.monotonic() - started - sum(timings.values())
         if settings.scale == "input":
             sample, task = polarity_task(table, maps, settings, device)
-            check_polarity(table, sample, runner.compute([task], "polarity check")[0], options)
+            fitted = runner.compute([task], "polarity check", [len(sample)], waiting, unit="tasks")[0]
+            check_polarity(table, sample, fitted, options)
         if not resuming:
             store.create_store(store_path, len(table), box, options.chunk_size,
                                {**identity, "fingerprint": fingerprint})
+        attempt.begin(store_path, options.cluster.scheduler, device, len(bounds))
         done = store.finished_chunks(store_path)
         pending = [i for i in range(len(bounds)) if not done[i]]
         say(options, f"dsub: {len(table)} particles of {box} px in {len(bounds)} chunks "
@@ -179,18 +227,19 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
                     dask_key_name=f"subtract-chunk-{index:05d}",
                 )
             )
-        devices = sorted(set(runner.compute(tasks, "subtract")))
+        devices = sorted(set(runner.compute(tasks, "subtract", [bounds[i][1] - bounds[i][0] for i in pending],
+                                            waiting, on_result=attempt.chunk_finished)))
         timings["subtract"] = time.monotonic() - started - sum(timings.values())
+        layout = export.stack_layout(len(table), options.particles_per_stack)
         export_tasks = [
             dask.delayed(export.write_stack_from_store, pure=False)(
                 store_path, outdir, relative, start, stop, float(table.pixel_size_angstrom[start]),
                 dask_key_name=f"export-stack-{number:04d}",
             )
-            for number, (relative, start, stop) in enumerate(
-                export.stack_layout(len(table), options.particles_per_stack))
+            for number, (relative, start, stop) in enumerate(layout)
         ]
-        runner.compute(export_tasks, "export")
-        workers = runner.workers
+        runner.compute(export_tasks, "export", [stop - start for _, start, stop in layout], unit="stacks")
+        workers, phases = runner.workers, runner.phases
     results = store.open_store(store_path)
     contrast = np.asarray(results["contrast"][:])
     skipped = np.asarray(results["skipped"][:], dtype=bool)
@@ -215,7 +264,12 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             "outputs": {"store": store.STORE_NAME, "star": export.STAR_NAME, "cs": export.CS_NAME,
                         "stacks": export.STACK_FOLDER},
         }
+        summary = {**record.run_description(options.command, identity),
+                   **attempt.finish(summary, phases, workers)}
         (outdir / RUN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    throughput = record.throughput_line(phases)
+    if throughput:
+        say(options, throughput)
     report(summary, outdir, options)
     return summary
 
