@@ -69,7 +69,8 @@ class PhaseRate:
     def line(self, item_name: str = "particles") -> str:
         rate = self.items_per_second
         speed = f", {number(rate)} {item_name}/s" if rate else ""
-        return f"{self.label}: {self.tasks} {self.unit}, {number(self.items)} {item_name} in {self.seconds:.1f} s{speed}"
+        unit = self.unit[:-1] if self.tasks == 1 and self.unit.endswith("s") else self.unit
+        return f"{self.label}: {self.tasks} {unit}, {number(self.items)} {item_name} in {self.seconds:.1f} s{speed}"
 
 
 class Progress:
@@ -229,9 +230,9 @@ class Estimate:
         return ", ".join(parts) or None
 
 
-#: Seconds per (padded voxel × log2 padded voxels) to prepare both half-maps on one CPU core: measured
-#: 2 × 1.96 s at box 96 and 2 × 4.32 s at box 128, padding 3 (BENCHMARKS.md); larger boxes run somewhat slower.
-_PREPARE_SECONDS_PER_VOXEL_LOG = 6.5e-9
+#: Seconds per (padded voxel × log2 padded voxels) to prepare both half-maps on a CPU: 122 s measured at
+#: box 256, padding 3; 2 × (3–8)e-9 per half-map at boxes 64–128 (benchmarks/map_preparation.py, BENCHMARKS.md).
+_PREPARE_SECONDS_PER_VOXEL_LOG = 9e-9
 
 
 def map_preparation_estimate(box: int, padding: int) -> Estimate:

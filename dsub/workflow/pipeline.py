@@ -93,7 +93,8 @@ def prepare_maps_where_visible(maps: MapFiles, settings, options: RunOptions, bo
                      f"{estimate}).")
         return "preparing the maps on the workers"
     device = resolve_device(options.device)
-    with setup_step(options.log, f"Preparing the maps on {device} ({size}³ transforms)", estimate):
+    with setup_step(options.log, f"Preparing the maps on {device} ({size}³ transforms)",
+                    estimate if device == "cpu" else None):
         half_map_models(maps, settings, device)
     return None
 
