@@ -189,3 +189,31 @@ def test_refusal_names_the_changed_parameter_and_input_file(small, tmp_path, cap
         os.utime(small["stack"], ns=(stack.st_atime_ns, stack.st_mtime_ns))
     assert main(subtract_args(small, outdir)) == 0  # all back as it was: the same run, resumed
 
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_terminal_gets_a_bar_and_the_log_plain_lines():
+    clock, screen, log = FakeClock(), Terminal(), io.StringIO()
+    shown = Progress("subtract", [50] * 4, screen, waiting="preparing the maps", extra_logs=[log], clock=clock)
+    for index in range(4):
+        clock.now += 30
+        shown.task_done(index)
+    shown.close()
+    assert "\r" in screen.getvalue() and "preparing the maps" in screen.getvalue()
+    assert "200/200" in screen.getvalue() and "chunks 4/4" in screen.getvalue()
+    assert "\r" not in log.getvalue()
+    assert log.getvalue().splitlines()[-1] == "subtract: 4 chunks, 200 particles in 120.0 s, 2 particles/s"
+
+
+def test_a_phase_that_fails_does_not_end_with_a_complete_looking_line():
+    clock, out = FakeClock(), io.StringIO()
+    shown = Progress("subtract", [10] * 4, out, clock=clock)
+    clock.now += 4
+    shown.task_done(0)
+    shown.close(completed=False)
+    assert out.getvalue().splitlines()[-1].startswith("subtract: chunks 1/4") and out.getvalue().endswith(
+        ": stopped\n")

@@ -99,8 +99,7 @@ class Progress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=sum(self.sizes), desc=label, unit=item_name[:-1] if item_name.endswith("s")
-                            else item_name, file=out)
-            self._set_note()
+                            else item_name, file=out, postfix=waiting)
         else:
             self.logs.append([out, LOG_INTERVAL_S, self.started])
         self.logs.extend([stream, LOG_FILE_INTERVAL_S, self.started] for stream in extra_logs)
@@ -180,16 +179,20 @@ class Progress:
         else:
             self.bar.set_postfix_str(f"{self.unit} {self.done_tasks}/{self.total_tasks}", refresh=False)
 
-    def close(self) -> PhaseRate:
-        """Stop the clock, write the final line (logs) or close the bar; returns the phase's figures."""
+    def close(self, completed: bool = True) -> PhaseRate:
+        """Stop the clock, write the final line (logs) or close the bar; returns the phase's figures.
+
+        A phase that did not complete (an error, an interrupt) ends with where it stopped.
+        """
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
         finished = PhaseRate(self.label, self.done_tasks, self.done_items, self.clock() - self.started, self.unit)
         if self.bar is not None:
             self.bar.close()
+        last = finished.line(self.item_name) if completed else f"{self.status()}: stopped"
         for stream, *_ in self.logs:
-            _write_line(stream, finished.line(self.item_name))
+            _write_line(stream, last)
         return finished
 
 

@@ -102,7 +102,7 @@ class _Runner:
         self.phases: dict[str, PhaseRate] = {}
 
     def _finish(self, progress: Progress | None, label: str, sizes, started: float, unit: str) -> None:
-        rate = progress.close() if progress is not None else None
+        rate = progress.close(completed=sys.exc_info()[0] is None) if progress is not None else None
         self.phases[label] = rate or PhaseRate(label, len(sizes), sum(sizes), time.monotonic() - started, unit)
 
 

@@ -147,13 +147,17 @@ def subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings
             attempt.fail("failed", record_error(transcript, explained))
             raise explained from exc
         except KeyboardInterrupt:
-            attempt.fail("interrupted", record_error(transcript, "interrupted; rerun the same command to resume"))
+            attempt.fail("interrupted", record_error(transcript, "interrupted; rerun the same command to resume",
+                                                     prefix="dsub: "))
+            raise
+        except Exception as exc:  # a bug: the traceback follows; the record says the attempt failed
+            attempt.fail("failed", record_error(transcript, f"{type(exc).__name__}: {exc}"))
             raise
 
 
-def record_error(transcript: Transcript, error) -> str:
+def record_error(transcript: Transcript, error, prefix: str = "dsub: error: ") -> str:
     """The error line the command line prints, into the log; returns it for the run record."""
-    line = f"dsub: error: {' '.join(str(error).split())}"
+    line = prefix + " ".join(str(error).split())
     transcript.log_only(line)
     return line
 
