@@ -203,18 +203,19 @@ def _write_line(stream, line: str) -> None:
 
 
 @contextlib.contextmanager
-def setup_step(out, doing: str, estimate: str | None = None):
+def setup_step(out, doing: str, estimate: str | None = None, done: str | None = None):
     """Announce a set-up step before it starts (``doing``, with an estimate of its cost), and its time after.
 
-    The time is reported only for steps of at least ``REPORT_STEP_AFTER_S``, so
-    small runs stay short.
+    The time (``done`` + " in 12.3 s", by default ``doing`` + ": done") is
+    reported only for steps of at least ``REPORT_STEP_AFTER_S``, so small runs
+    stay short.
     """
     _write_line(out, f"{doing}{f', {estimate}' if estimate else ''} ...")
     started = time.monotonic()
     yield
     elapsed = time.monotonic() - started
     if elapsed >= REPORT_STEP_AFTER_S:
-        _write_line(out, f"{doing}: done in {elapsed:.1f} s")
+        _write_line(out, f"{done or doing + ': done'} in {elapsed:.1f} s")
 
 
 @dataclass(frozen=True)

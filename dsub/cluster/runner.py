@@ -20,7 +20,7 @@ import dask
 
 from ..errors import OptionError
 from .config import cluster_config
-from .progress import PhaseRate, Progress
+from .progress import PhaseRate, Progress, setup_step
 
 SCHEDULERS = ("threads", "sync", "local", "slurm", "pbs")
 
@@ -195,7 +195,19 @@ def open_runner(spec: ClusterSpec):
     with cluster_config(spec.cluster_config):
         from .start import start_cluster
 
-        with start_cluster(spec) as (client, cluster, description):
+        with contextlib.ExitStack() as started:
+            with setup_step(spec.out, starting_words(spec), done="The first worker was ready"):
+                client, cluster, description = started.enter_context(start_cluster(spec))
             if client.dashboard_link:
                 say(spec, f"Dask dashboard: {client.dashboard_link}")
             yield DistributedRunner(client, cluster, spec, description)
+
+
+def starting_words(spec: ClusterSpec) -> str:
+    """What starting the cluster involves, said before it starts (a batch queue may take minutes)."""
+    if spec.scheduler.startswith("tcp://"):
+        return f"Connecting to the Dask scheduler at {spec.scheduler} and waiting for a worker"
+    if spec.scheduler == "local":
+        return "Starting a local Dask cluster"
+    return (f"Submitting worker jobs to {spec.scheduler.upper()} and waiting for the first to start "
+            f"(at most {spec.worker_timeout:g} s, --worker-timeout)")

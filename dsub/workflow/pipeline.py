@@ -94,7 +94,7 @@ def prepare_maps_where_visible(maps: MapFiles, settings, options: RunOptions, bo
         return "preparing the maps on the workers"
     device = resolve_device(options.device)
     with setup_step(options.log, f"Preparing the maps on {device} ({size}³ transforms)",
-                    estimate if device == "cpu" else None):
+                    estimate if device == "cpu" else None, done="Maps prepared"):
         half_map_models(maps, settings, device)
     return None
 
@@ -209,7 +209,8 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     with open_runner(options.cluster) as runner:
         timings["start_workers"] = time.monotonic() - started - sum(timings.values())
         waiting = prepare_maps_where_visible(maps, settings, options, box)
-        timings["prepare_maps"] = time.monotonic() - started - sum(timings.values())
+        if waiting is None:  # prepared here (on workers it is part of their first chunk)
+            timings["prepare_maps"] = time.monotonic() - started - sum(timings.values())
         if settings.scale == "input":
             sample, task = polarity_task(table, maps, settings, device)
             fitted = runner.compute([task], "polarity check", [len(sample)], waiting, unit="tasks")[0]
