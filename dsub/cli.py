@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import __version__
 from .cluster import ClusterSpec, parse_adapt
-from .errors import DsubError, DsubWarning, OptionError
+from .errors import INTERRUPTED, DsubError, DsubWarning, OptionError, error_line
 from .physics.contrast import SCALE_MODES, ContrastFit
 from .physics.projector import PROJECTORS
 from .physics.subtract import SubtractionSettings
@@ -189,10 +189,10 @@ def main(argv=None) -> int:
             warnings.showwarning = lambda message, *rest, **kw: print(f"dsub: warning: {message}", file=sys.stderr)
             return handlers[args.command](args)
     except DsubError as exc:
-        print(f"dsub: error: {' '.join(str(exc).split())}", file=sys.stderr)  # always one line
+        print(error_line(exc), file=sys.stderr)  # always one line
         return 2
     except KeyboardInterrupt:
-        print("dsub: interrupted; rerun the same command to resume", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return 130
 
 

@@ -133,33 +133,16 @@ def subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings
     transcript = Transcript(options.cluster.out)
     options = dataclasses.replace(options, cluster=dataclasses.replace(options.cluster, log=transcript))
     attempt = record.AttemptRecorder()
-    with transcript.capturing_warnings():
+    with transcript.capturing_warnings(), record.failure_recorded(attempt, transcript):
         try:
             return _subtract(particles_path, half_a, half_b, mask, settings, options, attempt)
-        except DsubError as exc:
-            attempt.fail("failed", record_error(transcript, exc))
+        except DsubError:
             raise
         except OSError as exc:  # wherever it happened, on this machine or a worker: one message
             explained = explain_os_error(exc, Path(options.outdir))
             if explained is None:
-                attempt.fail("failed", record_error(transcript, exc))
                 raise
-            attempt.fail("failed", record_error(transcript, explained))
             raise explained from exc
-        except KeyboardInterrupt:
-            attempt.fail("interrupted", record_error(transcript, "interrupted; rerun the same command to resume",
-                                                     prefix="dsub: "))
-            raise
-        except Exception as exc:  # a bug: the traceback follows; the record says the attempt failed
-            attempt.fail("failed", record_error(transcript, f"{type(exc).__name__}: {exc}"))
-            raise
-
-
-def record_error(transcript: Transcript, error, prefix: str = "dsub: error: ") -> str:
-    """The error line the command line prints, into the log; returns it for the run record."""
-    line = prefix + " ".join(str(error).split())
-    transcript.log_only(line)
-    return line
 
 
 def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings, options: RunOptions,

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from .. import __version__
+from ..errors import INTERRUPTED, DsubError, error_line
 from . import store
 from .outdir import modified
 from .transcript import utc_now
@@ -178,3 +179,19 @@ def throughput_line(phases: dict) -> str | None:
 
     rates = [f"{label} {number(rate.items_per_second)}" for label, rate in phases.items() if rate.items_per_second]
     return f"Particles/s: {', '.join(rates)}" if rates else None
+
+
+@contextlib.contextmanager
+def failure_recorded(attempt: AttemptRecorder, transcript):
+    """Inside: an error or interrupt closes the attempt with the line the user sees, also put in dsub.log."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        transcript.log_only(INTERRUPTED)
+        attempt.fail("interrupted", INTERRUPTED)
+        raise
+    except BaseException as exc:
+        line = error_line(exc if isinstance(exc, DsubError) else f"{type(exc).__name__}: {exc}")
+        transcript.log_only(line)
+        attempt.fail("failed", line)
+        raise
