@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--skip-bad-particles", action="store_true",
                      help="leave out particles whose images hold NaN or infinite values (listed in "
                           "skipped_particles.star and dsub_run.json) instead of stopping")
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--quiet", action="store_true",
+                     help="no progress (bar or lines); messages, warnings and errors still show")
 
     script = commands.add_parser(
         "job-script", help="print the batch job script dsub would submit for each worker",
