@@ -107,6 +107,7 @@ def test_killed_run_resumes_only_unfinished_chunks(tmp_path, threaded):
     assert resumed["status"] == "finished" and resumed["chunks_done_before"] == summary["chunks_skipped"]
     assert killed["chunks_done"] + resumed["chunks_done"] == 60 and resumed["devices"] == ["cpu"]
     assert killed["started"] <= resumed["started"] and killed["pid"] == run.pid
+    assert summary["seconds"] == round(killed["seconds"] + resumed["seconds"], 3) and killed["seconds"] >= 0
     assert (outdir / "dsub.log").read_text().count("==== ") == 2
 
     clean = dsub(paths, tmp_path / "clean", "--chunk-size", "4")

@@ -76,8 +76,8 @@ class PhaseRate:
 class Progress:
     """Counts finished tasks of one phase and shows them: a bar on a terminal, lines in a log.
 
-    ``sizes`` gives the items (particles) of each task, in task order; without it
-    every task counts as one item. ``waiting`` says what happens before the
+    ``sizes`` gives the items (particles) of each task, in task order; a task is
+    one ``unit`` (chunks, stacks). ``waiting`` says what happens before the
     first task finishes (e.g. "preparing the maps on the workers"). ``extra_logs``
     are further streams (OUTDIR/dsub.log) that get plain lines every
     ``LOG_FILE_INTERVAL_S``. ``clock`` is for tests.
@@ -98,8 +98,8 @@ class Progress:
         if is_terminal(out):
             from tqdm import tqdm
 
-            self.bar = tqdm(total=sum(self.sizes), desc=label, unit=item_name[:-1] if item_name.endswith("s")
-                            else item_name, file=out, postfix=waiting)
+            self.bar = tqdm(total=sum(self.sizes), desc=label, unit=item_name.removesuffix("s"), file=out,
+                            postfix=waiting)
         else:
             self.logs.append([out, LOG_INTERVAL_S, self.started])
         self.logs.extend([stream, LOG_FILE_INTERVAL_S, self.started] for stream in extra_logs)

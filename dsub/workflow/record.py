@@ -18,6 +18,7 @@ import os
 import platform
 import socket
 import time
+from datetime import datetime
 from pathlib import Path
 
 from .. import __version__
@@ -80,8 +81,10 @@ class AttemptRecorder:
         done_before = int(store.finished_chunks(self.store_path).sum())
         for attempt in self.attempts:
             if attempt.get("status") == "running":  # it ended without a word: killed or preempted
-                attempt.update(status="stopped", ended=attempt.get("last_update"),
-                               chunks_done=done_before - attempt["chunks_done_before"])
+                last = attempt["last_update"]  # its last chunk saved (at most SAVE_INTERVAL_S apart)
+                attempt.update(status="stopped", ended=last, chunks_done=done_before - attempt["chunks_done_before"],
+                               seconds=(datetime.fromisoformat(last) - datetime.fromisoformat(attempt["started"]))
+                               .total_seconds())
         self.attempts.append({
             "attempt": len(self.attempts) + 1,
             "status": "running",
