@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from dsub.cli import main
-from dsub.cluster.progress import Progress, duration, map_preparation_estimate, number
+from dsub.cluster.progress import Progress, duration, map_preparation_estimate, number, rate
 from dsub.demo import make_dataset
 
 
@@ -72,6 +72,7 @@ def test_extra_log_gets_lines_once_a_minute():
 
 def test_words_for_people():
     assert number(1530.4) == "1 530" and number(12) == "12"
+    assert rate(0.42) == "0.4" and rate(9.96) == "10.0" and rate(1530.4) == "1 530"
     assert duration(40) == "40 s" and duration(185) == "3 min" and duration(7500) == "2 h 5 min"
     # FFTs of the padded grid cost n log n: box 256 at padding 3 against box 64
     small, large = map_preparation_estimate(64, 3).seconds, map_preparation_estimate(256, 3).seconds
@@ -94,8 +95,8 @@ def test_cli_output_to_a_file_is_plain_lines_and_goes_to_dsub_log(small, tmp_pat
     preparing = next(i for i, line in enumerate(lines) if line.startswith("Preparing the maps on cpu (96³"))
     chunks = next(i for i, line in enumerate(lines) if line.startswith("dsub: 24 particles"))
     assert preparing < chunks  # the maps are prepared, in view, before the chunks run
-    assert re.fullmatch(r"subtract: 3 chunks, 24 particles in [\d.]+ s, [\d ]+ particles/s", lines[chunks + 1])
-    assert any(re.fullmatch(r"Particles/s: subtract [\d ]+, export [\d ]+", line) for line in lines)
+    assert re.fullmatch(r"subtract: 3 chunks, 24 particles in [\d.]+ s, [\d .]+ particles/s", lines[chunks + 1])
+    assert any(re.fullmatch(r"Particles/s: subtract [\d .]+, export [\d .]+", line) for line in lines)
 
     log = (outdir / "dsub.log").read_text().splitlines()
     assert log[0].startswith("==== ") and log[0].endswith(" ".join(["dsub", *subtract_args(small, outdir,
@@ -206,7 +207,7 @@ def test_terminal_gets_a_bar_and_the_log_plain_lines():
     assert "\r" in screen.getvalue() and "preparing the maps" in screen.getvalue()
     assert "200/200" in screen.getvalue() and "chunks 4/4" in screen.getvalue()
     assert "\r" not in log.getvalue()
-    assert log.getvalue().splitlines()[-1] == "subtract: 4 chunks, 200 particles in 120.0 s, 2 particles/s"
+    assert log.getvalue().splitlines()[-1] == "subtract: 4 chunks, 200 particles in 120.0 s, 1.7 particles/s"
 
 
 def test_a_phase_that_fails_does_not_end_with_a_complete_looking_line():

@@ -42,6 +42,11 @@ def number(value: float) -> str:
     return f"{value:,.0f}".replace(",", " ")
 
 
+def rate(per_second: float) -> str:
+    """A rate for people: ``1 530``, or ``0.4`` where whole numbers would round it away."""
+    return f"{per_second:.1f}" if per_second < 10 else number(per_second)
+
+
 def duration(seconds: float) -> str:
     """A rough duration: ``40 s``, ``3 min``, ``2 h 5 min``."""
     if seconds < 90:
@@ -67,8 +72,8 @@ class PhaseRate:
         return self.items / self.seconds if self.seconds > 0 and self.items else None
 
     def line(self, item_name: str = "particles") -> str:
-        rate = self.items_per_second
-        speed = f", {number(rate)} {item_name}/s" if rate else ""
+        per_second = self.items_per_second
+        speed = f", {rate(per_second)} {item_name}/s" if per_second else ""
         unit = self.unit[:-1] if self.tasks == 1 and self.unit.endswith("s") else self.unit
         return f"{self.label}: {self.tasks} {unit}, {number(self.items)} {item_name} in {self.seconds:.1f} s{speed}"
 
@@ -137,7 +142,7 @@ class Progress:
                 self.bar.update(self.sizes[index])
         self.tick()
 
-    def rate(self) -> float | None:
+    def items_per_second(self) -> float | None:
         """Items per second: measured from the first finished task on (set-up excluded) once it can be."""
         now = self.clock()
         if self.first_done is not None:
@@ -153,12 +158,12 @@ class Progress:
         if self.done_tasks == 0:
             note = f", {self.waiting}" if self.waiting else ", waiting for the first to finish"
             return f"{head}{note} ({duration(self.clock() - self.started)} so far)"
-        rate = self.rate()
-        if not rate:
+        per_second = self.items_per_second()
+        if not per_second:
             return head
-        left = (self.total_items - self.done_items) / rate
+        left = (self.total_items - self.done_items) / per_second
         ending = f", about {duration(left)} left" if self.done_tasks < self.total_tasks else ""
-        return f"{head}, {number(rate)} {self.item_name}/s{ending}"
+        return f"{head}, {rate(per_second)} {self.item_name}/s{ending}"
 
     def tick(self) -> None:
         """Write a plain line to each log whose interval has passed; redraw the bar."""

@@ -178,9 +178,9 @@ def run_description(command: str | None, identity: dict) -> dict:
 
 def throughput_line(phases: dict) -> str | None:
     """``Particles/s: subtract 1 530, export 25 000`` for the phases that processed particles."""
-    from ..cluster.progress import number
+    from ..cluster.progress import rate
 
-    rates = [f"{label} {number(rate.items_per_second)}" for label, rate in phases.items() if rate.items_per_second]
+    rates = [f"{label} {rate(phase.items_per_second)}" for label, phase in phases.items() if phase.items_per_second]
     return f"Particles/s: {', '.join(rates)}" if rates else None
 
 
