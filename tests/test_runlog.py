@@ -218,3 +218,21 @@ def test_a_phase_that_fails_does_not_end_with_a_complete_looking_line():
     shown.close(completed=False)
     assert out.getvalue().splitlines()[-1].startswith("subtract: chunks 1/4") and out.getvalue().endswith(
         ": stopped\n")
+
+
+def test_interrupted_attempt_is_recorded(small, tmp_path, monkeypatch, capsys):
+    import dsub.workflow.export as export
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    outdir = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(export, "write_metadata", interrupt)
+        assert main(subtract_args(small, outdir)) == 130
+    assert capsys.readouterr().err.strip() == "dsub: interrupted; rerun the same command to resume"
+    assert (outdir / "dsub.log").read_text().splitlines()[-1] == "dsub: interrupted; rerun the same command to resume"
+    assert main(subtract_args(small, outdir)) == 0
+    interrupted, finished = json.loads((outdir / "dsub_run.json").read_text())["attempts"]
+    assert interrupted["status"] == "interrupted" and interrupted["chunks_done"] == 3
+    assert finished["chunks_done_before"] == 3

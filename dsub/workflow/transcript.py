@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import threading
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,11 +27,15 @@ def utc_now() -> str:
 
 
 class LogFile:
-    """The log file as a stream; holds what is written until it is opened, ignores write errors."""
+    """The log file as a stream; holds what is written until it is opened, ignores write errors.
+
+    Written from the main thread and the progress display's thread, hence the lock.
+    """
 
     def __init__(self):
         self._file = None
         self._pending: list[str] = []
+        self._lock = threading.Lock()
 
     def open(self, path: Path, fresh: bool, heading: str) -> None:
         self._file = open(path, "w" if fresh else "a", encoding="utf-8")
@@ -41,11 +46,12 @@ class LogFile:
         self.flush()
 
     def write(self, text: str) -> None:
-        if self._file is None:
-            self._pending.append(text)
-            return
-        with contextlib.suppress(OSError, ValueError):  # a full disk must not hide the real error
-            self._file.write(text)
+        with self._lock:
+            if self._file is None:
+                self._pending.append(text)
+                return
+            with contextlib.suppress(OSError, ValueError):  # a full disk must not hide the real error
+                self._file.write(text)
 
     def flush(self) -> None:
         if self._file is not None:
