@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import warnings
 from pathlib import Path
 
 from . import __version__
 from .cluster import ClusterSpec, parse_adapt
-from .errors import DsubError, DsubWarning, OptionError
+from .errors import INTERRUPTED, DsubError, DsubWarning, OptionError, error_line
 from .formats.paths import PATH_MODES
 from .physics.contrast import SCALE_MODES, ContrastFit
 from .physics.projector import PROJECTORS
@@ -83,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="leave out particles whose images hold NaN or infinite values (listed in "
                           "skipped_particles.star and dsub_run.json) instead of stopping")
     add_rebox_arguments(run)
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--quiet", action="store_true",
+                     help="no progress (bar or lines); messages, warnings and errors still show")
 
     script = commands.add_parser(
         "job-script", help="print the batch job script dsub would submit for each worker",
@@ -192,7 +194,7 @@ def run_subtract(args) -> int:
         paths=args.paths, resolution_angstrom=args.resolution, single_map=args.single_map,
         skip_bad_particles=args.skip_bad_particles, recenter=args.recenter,
         center_voxels=tuple(args.center) if args.center is not None else None, new_box=args.new_box,
-        cluster=cluster_from_args(args),
+        cluster=cluster_from_args(args), command=shlex.join(args.command_line),
     )
     subtract(args.particles, args.half_a, args.half_b, args.mask, settings, options)
     return 0
@@ -205,7 +207,8 @@ def run_demo(args) -> int:
     outdir = Path(args.outdir)
     print(f"Simulating {args.particles} particles of {args.box} px in {outdir / 'data'} ...", flush=True)
     paths, sim = make_dataset(outdir / "data", count=args.particles, box=args.box)
-    options = RunOptions(outdir=outdir / "subtracted", chunk_size=64, overwrite=True)
+    options = RunOptions(outdir=outdir / "subtracted", chunk_size=64, overwrite=True,
+                         command=shlex.join(args.command_line))
     subtract(paths["star"], paths["half_a"], paths["half_b"], paths["mask"], SubtractionSettings(), options)
     residual = residual_of_masked_region(outdir / "subtracted", sim)
     print(f"\nWhat is left of the masked domain: {residual:.2%} (RMS, relative to the subtracted signal;"
@@ -249,6 +252,7 @@ def run_job_script(args) -> int:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command_line = ["dsub", *map(str, sys.argv[1:] if argv is None else argv)]
     handlers = {"subtract": run_subtract, "demo": run_demo, "job-script": run_job_script, "report": run_report}
     try:
         with warnings.catch_warnings():
@@ -258,10 +262,10 @@ def main(argv=None) -> int:
             warnings.showwarning = lambda message, *rest, **kw: print(f"dsub: warning: {message}", file=sys.stderr)
             return handlers[args.command](args)
     except DsubError as exc:
-        print(f"dsub: error: {' '.join(str(exc).split())}", file=sys.stderr)  # always one line
+        print(error_line(exc), file=sys.stderr)  # always one line
         return 2
     except KeyboardInterrupt:
-        print("dsub: interrupted; rerun the same command to resume", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return 130
 
 

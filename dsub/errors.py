@@ -62,3 +62,12 @@ class DsubWarning(UserWarning):
 def warn(message: str) -> None:
     """Issue a ``DsubWarning``: the command line prints these, and only these, as ``dsub: warning:``."""
     warnings.warn(message, DsubWarning, stacklevel=2)
+
+
+#: What the command line prints when the user stops a run (Ctrl-C).
+INTERRUPTED = "dsub: interrupted; rerun the same command to resume"
+
+
+def error_line(error) -> str:
+    """The one line the command line prints for an error (its message with line breaks folded)."""
+    return f"dsub: error: {' '.join(str(error).split())}"

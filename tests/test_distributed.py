@@ -75,6 +75,7 @@ def test_local_cluster_matches_threads(dataset, threaded, tmp_path):
     result = dsub(dataset, tmp_path / "out", "--chunk-size", "16", "--scheduler", "local", "--workers", "2")
     assert result.returncode == 0, result.stderr
     assert "Dask dashboard: http://127.0.0.1:" in result.stdout
+    assert "Each worker reads the maps and prepares them on its first task" in result.stdout
     assert same_images(stacks(tmp_path / "out"), threaded) <= 1e-5
     alpha = np.load(tmp_path / "out" / "particles_subtracted.cs")["alignments3D/alpha"]
     assert alpha.shape == (96,) and np.all(np.isfinite(alpha)) and np.all(alpha > 0)
@@ -101,6 +102,13 @@ def test_killed_run_resumes_only_unfinished_chunks(tmp_path, threaded):
     assert rerun.returncode == 0, rerun.stderr
     summary = json.loads((outdir / "dsub_run.json").read_text())
     assert 0 < summary["chunks_skipped"] < summary["chunks_total"] == 60
+    killed, resumed = summary["attempts"]  # the killed attempt is kept, with what it did
+    assert killed["status"] == "stopped" and killed["chunks_done"] == summary["chunks_skipped"]
+    assert resumed["status"] == "finished" and resumed["chunks_done_before"] == summary["chunks_skipped"]
+    assert killed["chunks_done"] + resumed["chunks_done"] == 60 and resumed["devices"] == ["cpu"]
+    assert killed["started"] <= resumed["started"] and killed["pid"] == run.pid
+    assert summary["seconds"] == round(killed["seconds"] + resumed["seconds"], 3) and killed["seconds"] >= 0
+    assert (outdir / "dsub.log").read_text().count("==== ") == 2
 
     clean = dsub(paths, tmp_path / "clean", "--chunk-size", "4")
     assert clean.returncode == 0, clean.stderr

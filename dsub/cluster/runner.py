@@ -1,4 +1,4 @@
-"""Runners: run Dask delayed tasks with a progress bar on the chosen scheduler.
+"""Runners: run Dask delayed tasks on the chosen scheduler, showing their progress (``progress.py``).
 
 * ``threads`` / ``sync``: Dask's local schedulers in this process (NumPy or one GPU).
 * ``local``: a distributed ``LocalCluster``; one worker process per visible GPU,
@@ -20,6 +20,7 @@ import dask
 
 from ..errors import OptionError
 from .config import cluster_config
+from .progress import PhaseRate, Progress, setup_step
 
 SCHEDULERS = ("threads", "sync", "local", "slurm", "pbs")
 
@@ -82,62 +83,109 @@ def say(spec: ClusterSpec, message: str) -> None:
     print(message, file=spec.out, flush=True)
 
 
-class ThreadRunner:
-    """Dask's threaded (or synchronous) scheduler in this process."""
+def start_progress(spec: ClusterSpec, label: str, sizes, waiting: str | None, unit: str) -> Progress | None:
+    """A progress display for one phase on the spec's output (none with --quiet).
+
+    Where the output also goes to OUTDIR/dsub.log (a stream with ``screen`` and
+    ``files``), the bar or lines go to the screen and plain lines to the log.
+    """
+    if not spec.progress:
+        return None
+    out = spec.out
+    return Progress(label, sizes, getattr(out, "screen", out), unit=unit, waiting=waiting,
+                    extra_logs=getattr(out, "files", ())).start()
+
+
+class _Runner:
+    """What both runners share: each phase's figures (tasks, particles, seconds) for the run record."""
 
     def __init__(self, spec: ClusterSpec):
         self.spec = spec
+        self.phases: dict[str, PhaseRate] = {}
+
+    def _finish(self, progress: Progress | None, label: str, sizes, started: float, unit: str) -> None:
+        rate = progress.close(completed=sys.exc_info()[0] is None) if progress is not None else None
+        self.phases[label] = rate or PhaseRate(label, len(sizes), sum(sizes), time.monotonic() - started, unit)
+
+
+class ThreadRunner(_Runner):
+    """Dask's threaded (or synchronous) scheduler in this process."""
+
+    def __init__(self, spec: ClusterSpec):
+        super().__init__(spec)
         self.workers = spec.workers or (os.cpu_count() or 1)
         self.description = f"{spec.scheduler} scheduler, {self.workers if spec.scheduler == 'threads' else 1} thread(s)"
 
-    def compute(self, tasks, label: str):
+    def compute(self, tasks, label: str, sizes=None, waiting: str | None = None, on_result=None,
+                unit: str = "chunks"):
+        """Run delayed ``tasks``; returns their results in order.
+
+        ``sizes``: particles per task (for particles/s); ``waiting``: what happens
+        before the first task finishes; ``on_result(result)`` is called as each
+        task finishes; ``unit``: what a task is, for the progress lines.
+        """
         if not tasks:
             return []
+        from dask.callbacks import Callback
+
+        sizes = list(sizes) if sizes is not None else [1] * len(tasks)
         kwargs = {"scheduler": self.spec.scheduler}
         if self.spec.scheduler == "threads":
             kwargs["num_workers"] = self.workers
-        if not self.spec.progress:
-            return list(dask.compute(*tasks, **kwargs))
-        from dask.diagnostics import ProgressBar
+        order = {task.key: index for index, task in enumerate(tasks)}
+        started = time.monotonic()
+        progress = start_progress(self.spec, label, sizes, waiting, unit)
 
-        say(self.spec, f"{label}: {len(tasks)} tasks")
-        with ProgressBar(dt=0.5, out=self.spec.out):
-            return list(dask.compute(*tasks, **kwargs))
+        def finished(key, result, *_):
+            if key in order:
+                if progress is not None:
+                    progress.task_done(order[key])
+                if on_result is not None:
+                    on_result(result)
+
+        try:
+            with Callback(posttask=finished):
+                return list(dask.compute(*tasks, **kwargs))
+        finally:
+            self._finish(progress, label, sizes, started, unit)
 
     def capacities(self, device: str) -> None:
         """No separate workers: the machine itself is checked before the run."""
         return None
 
 
-class DistributedRunner:
+class DistributedRunner(_Runner):
     """A distributed Client on a cluster dsub started (or an existing scheduler)."""
 
     def __init__(self, client, cluster, spec: ClusterSpec, description: str):
-        self.client, self.cluster, self.spec, self.description = client, cluster, spec, description
+        super().__init__(spec)
+        self.client, self.cluster, self.description = client, cluster, description
         self.workers = len(client.scheduler_info().get("workers", {}))
 
-    def compute(self, tasks, label: str):
+    def compute(self, tasks, label: str, sizes=None, waiting: str | None = None, on_result=None,
+                unit: str = "chunks"):
+        """As ``ThreadRunner.compute``, on the cluster's workers."""
         if not tasks:
             return []
+        sizes = list(sizes) if sizes is not None else [1] * len(tasks)
+        started = time.monotonic()
         futures = self.client.compute(tasks)
         order = {future.key: index for index, future in enumerate(futures)}
         results = [None] * len(futures)
-        progress = None
-        if self.spec.progress:
-            from tqdm import tqdm
-
-            progress = tqdm(total=len(futures), desc=label, unit="task", file=self.spec.out)
+        progress = start_progress(self.spec, label, sizes, waiting, unit)
         try:
             for future in self.completed(futures):
-                results[order[future.key]] = future.result()  # re-raises a task's exception here
+                index = order[future.key]
+                results[index] = future.result()  # re-raises a task's exception here
                 if progress is not None:
-                    progress.update()
+                    progress.task_done(index)
+                if on_result is not None:
+                    on_result(results[index])
         except BaseException:
             self.client.cancel(futures)
             raise
         finally:
-            if progress is not None:
-                progress.close()
+            self._finish(progress, label, sizes, started, unit)
         self.workers = len(self.client.scheduler_info().get("workers", {}))
         return results
 
@@ -188,7 +236,19 @@ def open_runner(spec: ClusterSpec):
     with cluster_config(spec.cluster_config):
         from .start import start_cluster
 
-        with start_cluster(spec) as (client, cluster, description):
+        with contextlib.ExitStack() as started:
+            with setup_step(spec.out, starting_words(spec), done="The first worker was ready"):
+                client, cluster, description = started.enter_context(start_cluster(spec))
             if client.dashboard_link:
                 say(spec, f"Dask dashboard: {client.dashboard_link}")
             yield DistributedRunner(client, cluster, spec, description)
+
+
+def starting_words(spec: ClusterSpec) -> str:
+    """What starting the cluster involves, said before it starts (a batch queue may take minutes)."""
+    if spec.scheduler.startswith("tcp://"):
+        return f"Connecting to the Dask scheduler at {spec.scheduler} and waiting for a worker"
+    if spec.scheduler == "local":
+        return "Starting a local Dask cluster"
+    return (f"Submitting worker jobs to {spec.scheduler.upper()} and waiting for the first to start "
+            f"(at most {spec.worker_timeout:g} s, --worker-timeout)")

@@ -7,8 +7,10 @@ import hashlib
 import json
 import os
 import shutil
+from datetime import datetime, timezone
 from pathlib import Path
 
+from ..cluster.progress import number
 from ..errors import DiskFullError, DsubError, InputFileError, OptionError, OutputExistsError
 from . import export, store
 
@@ -24,19 +26,39 @@ def run_fingerprint(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def prepare_outdir(outdir: Path, fingerprint: str, overwrite: bool) -> bool:
-    """Make the output folder ready; True if an identical earlier run's store can be resumed."""
+#: Where a run's identity (``pipeline.run_identity``) comes from on the command line.
+INPUT_OPTIONS = {"particles": "the particles", "half_a": "--half-a", "half_b": "--half-b", "mask": "--mask"}
+PARAMETER_OPTIONS = {
+    "settings.projector": "--projector", "settings.padding": "--padding", "settings.scale": "--scale",
+    "settings.mask_keeps": "--mask-keeps", "settings.fit.window_inner": "--window-inner",
+    "settings.fit.window_outer": "--window-outer", "settings.fit.low_resolution_angstrom": "--fit-lowres",
+    "settings.fit.high_resolution_angstrom": "--fit-highres", "chunk_size": "--chunk-size",
+    "single_map": "--single-map", "skip_bad_particles": "--skip-bad-particles", "cs_root": "--cs-root",
+    "dsub": "the dsub version", "count": "the number of particles", "box": "the box size",
+}
+#: How many changed stacks a refusal names before it only counts them.
+NAMED_STACKS = 3
+
+
+def prepare_outdir(outdir: Path, fingerprint: str, overwrite: bool, identity: dict | None = None) -> bool:
+    """Make the output folder ready; True if an identical earlier run's store can be resumed.
+
+    A folder that holds a different run is refused (``OutputExistsError``) unless
+    ``overwrite``; with this run's ``identity`` the message names what differs.
+    """
     store_path = outdir / store.STORE_NAME
     if store_path.exists():
         try:
-            previous = store.open_store(store_path).attrs.get("run", {}).get("fingerprint")
+            earlier = dict(store.open_store(store_path).attrs.get("run", {}))
         except Exception:  # an unreadable store is as good as none
-            previous = None
-        if previous == fingerprint and not overwrite:
+            earlier = {}
+        if earlier.get("fingerprint") == fingerprint and not overwrite:
             return True
         if not overwrite:
+            changes = identity_differences(earlier, identity) if earlier and identity else []
+            what = "; ".join(changes) if changes else "other inputs or parameters"
             raise OutputExistsError(
-                f"{outdir}: holds the results of a different run (other inputs or parameters). "
+                f"{outdir}: holds the results of a different run ({what}). "
                 "Choose another output folder, or add --overwrite to replace them."
             )
         shutil.rmtree(store_path)
@@ -90,3 +112,67 @@ def access_denied(exc: OSError, outdir: Path) -> DsubError:
         )
     return InputFileError(where, f"cannot be opened ({exc.strerror}).",
                           "Check its permissions, and those of the folders above it, for your user.")
+
+
+def identity_differences(earlier: dict, now: dict) -> list[str]:
+    """What differs between an earlier run's identity and this one's, in the command line's words.
+
+    E.g. ``--scale was fit, now input`` or ``--half-a /data/half_A.mrc has changed since that run
+    (1 000 → 2 000 bytes; modified 2026-11-29T10:00:00+00:00 → 2026-11-29T11:00:00+00:00)``.
+    """
+    changes = [change for name, option in INPUT_OPTIONS.items()
+               if (change := file_difference(option, earlier.get(name), now.get(name)))]
+    changes += stack_differences(earlier.get("stacks") or [], now.get("stacks") or [])
+    before, after = flatten(earlier), flatten(now)
+    for key, option in PARAMETER_OPTIONS.items():
+        if before.get(key) != after.get(key):
+            changes.append(f"{option} was {before.get(key)!r}, now {after.get(key)!r}")
+    return changes
+
+
+def file_difference(option: str, earlier: dict | None, now: dict | None) -> str | None:
+    """How one input file differs: another path, or the same path with another size or time."""
+    if earlier == now or not earlier or not now:
+        return None
+    if earlier["path"] != now["path"]:
+        return f"{option} was {earlier['path']}, now {now['path']}"
+    details = []
+    if earlier["bytes"] != now["bytes"]:
+        details.append(f"{number(earlier['bytes'])} → {number(now['bytes'])} bytes")
+    if earlier["mtime_ns"] != now["mtime_ns"]:
+        details.append(f"modified {modified(earlier)} → {modified(now)}")
+    return f"{option} {now['path']} has changed since that run ({'; '.join(details)})"
+
+
+def stack_differences(earlier: list[dict], now: list[dict]) -> list[str]:
+    """Particle stacks changed, added or no longer used, the first few by name."""
+    before = {stack["path"]: stack for stack in earlier}
+    after = {stack["path"]: stack for stack in now}
+    groups = (
+        ("changed since that run", [path for path in after if path in before and after[path] != before[path]]),
+        ("new", [path for path in after if path not in before]),
+        ("no longer used", [path for path in before if path not in after]),
+    )
+    changes = []
+    for what, paths in groups:
+        if paths:
+            named = ", ".join(paths[:NAMED_STACKS]) + (f" and {len(paths) - NAMED_STACKS} more"
+                                                       if len(paths) > NAMED_STACKS else "")
+            changes.append(f"particle stack{'s' if len(paths) > 1 else ''} {what}: {named}")
+    return changes
+
+
+def modified(identity: dict) -> str:
+    """A file identity's modification time as ISO 8601 UTC."""
+    return datetime.fromtimestamp(identity["mtime_ns"] / 1e9, timezone.utc).isoformat(timespec="seconds")
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"settings": {"fit": {"window_inner": 1}}} -> {"settings.fit.window_inner": 1}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -24,17 +24,20 @@ import numpy as np
 from .. import __version__
 from ..cluster import ClusterSpec, open_runner
 from ..cluster.config import cluster_config
+from ..cluster.config import cluster_config
+from ..cluster.progress import map_preparation_estimate, setup_step
 from ..errors import DsubError, InputFileError, OptionError, warn
 from ..formats import read_particles, select_rows
 from ..formats.mrc import map_header, read_map
 from ..formats.paths import PATH_MODES
 from ..particles import HALF_A
-from ..physics.backend import gpu_available
+from ..physics.backend import gpu_available, resolve_device
 from ..physics.subtract import SubtractionSettings
 from ..report import REPORT_FOLDER
-from . import export, rebox, region, resources, store, validate
+from . import export, rebox, record, region, resources, store, validate
 from .outdir import explain_os_error, file_identity, prepare_outdir, run_fingerprint
-from .tasks import MapFiles, fit_sample, run_chunk
+from .tasks import MapFiles, fit_sample, half_map_models, run_chunk
+from .transcript import Transcript
 
 RUN_SUMMARY = "dsub_run.json"
 #: What a finished export leaves beside the stacks; none of it may outlive a failed run.
@@ -61,6 +64,7 @@ class RunOptions:
     center_voxels: tuple | None = None  # or on this map point (x, y, z), voxels from the map centre
     new_box: int | None = None  # output box in pixels
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
+    command: str | None = None  # the command line, for the run record
 
     def __post_init__(self):
         if self.chunk_size < 1:
@@ -94,6 +98,26 @@ def say(options: RunOptions, message: str) -> None:
     print(message, file=options.log or sys.stdout, flush=True)
 
 
+def prepare_maps_where_visible(maps: MapFiles, settings, options: RunOptions, box: int) -> str | None:
+    """Prepare the half-maps in view of the user; returns what the progress shows while workers do it.
+
+    On threads the maps are prepared here, before any task, with a line that says
+    so; the tasks then find them ready. Workers of a cluster prepare their own on
+    their first task: the progress says so until a chunk finishes.
+    """
+    estimate = map_preparation_estimate(box, settings.padding).text()
+    size = box * settings.padding
+    if options.cluster.distributed:
+        say(options, f"Each worker reads the maps and prepares them on its first task ({size}³ transforms, "
+                     f"{estimate}).")
+        return "preparing the maps on the workers"
+    device = resolve_device(options.device)
+    with setup_step(options.log, f"Preparing the maps on {device} ({size}³ transforms)",
+                    estimate if device == "cpu" else None, done="Maps prepared"):
+        half_map_models(maps, settings, device)
+    return None
+
+
 def polarity_task(table, maps: MapFiles, settings, device: str):
     """A task that fits α on a sample of particles, to check the input contrast's polarity."""
     sample = np.unique(np.linspace(0, len(table) - 1, min(POLARITY_SAMPLE, len(table))).astype(int))
@@ -123,22 +147,29 @@ def subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings
     """Run a whole subtraction; returns the run summary (also written to ``dsub_run.json``).
 
     ``half_b`` may be None with ``options.single_map``: every particle then uses ``half_a``.
+    What it prints also goes to ``OUTDIR/dsub.log``; each attempt is recorded (``record``).
     """
-    try:
-        return _subtract(particles_path, half_a, half_b, mask, settings, options)
-    except DsubError:
-        raise
-    except OSError as exc:  # wherever it happened, on this machine or a worker: one message
-        explained = explain_os_error(exc, Path(options.outdir))
-        if explained is None:
+    transcript = Transcript(options.cluster.out)
+    options = dataclasses.replace(options, cluster=dataclasses.replace(options.cluster, log=transcript))
+    attempt = record.AttemptRecorder()
+    with transcript.capturing_warnings(), record.failure_recorded(attempt, transcript):
+        try:
+            return _subtract(particles_path, half_a, half_b, mask, settings, options, attempt)
+        except DsubError:
             raise
-        raise explained from exc
+        except OSError as exc:  # wherever it happened, on this machine or a worker: one message
+            explained = explain_os_error(exc, Path(options.outdir))
+            if explained is None:
+                raise
+            raise explained from exc
 
 
-def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings, options: RunOptions) -> dict:
+def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings, options: RunOptions,
+              attempt: record.AttemptRecorder) -> dict:
     started = time.monotonic()
     outdir = Path(options.outdir)
-    table = read_particles(particles_path, cs_root=options.cs_root, passthrough=options.passthrough)
+    with setup_step(options.log, f"Reading the particles from {particles_path}"):
+        table = read_particles(particles_path, cs_root=options.cs_root, passthrough=options.passthrough)
     validate.check_metadata(table)
     validate.check_classes(table)
     box = validate.particle_box(table)
@@ -160,14 +191,15 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             "Use --scale fit to fit each particle's contrast instead.",
         )
     pixel_size = validate.particle_pixel_size(table)
-    volumes = validate.check_maps(half_a, half_b, mask, box, pixel_size,
-                                  resolution_angstrom=options.resolution_angstrom,
-                                  lowpass_angstrom=settings.lowpass_angstrom, single_map=options.single_map)
-    share = region.density_share((volumes["half map A"], volumes["half map B"]), volumes["mask"],
-                                 settings.mask_keeps)
-    del volumes
-    say(options, region.report_region(share, mask, settings.mask_keeps))
-    validate.check_images(table, box)
+    with setup_step(options.log, "Checking the maps and the particle stacks"):
+        volumes = validate.check_maps(half_a, half_b, mask, box, pixel_size,
+                                      resolution_angstrom=options.resolution_angstrom,
+                                      lowpass_angstrom=settings.lowpass_angstrom, single_map=options.single_map)
+        share = region.density_share((volumes["half map A"], volumes["half map B"]), volumes["mask"],
+                                     settings.mask_keeps)
+        del volumes
+        say(options, region.report_region(share, mask, settings.mask_keeps))
+        validate.check_images(table, box)
     check_device(options)
     plan, spec = plan_resources(box, settings, options)
     device = options.device
@@ -182,7 +214,8 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     store_path = outdir / store.STORE_NAME
     if options.skip_bad_particles and not options.overwrite:
         adopt_strict_run(store_path, identity, fingerprint)
-    resuming = prepare_outdir(outdir, fingerprint, options.overwrite)
+    resuming = prepare_outdir(outdir, fingerprint, options.overwrite, identity)
+    options.log.open_log(outdir, fresh=options.overwrite, command=options.command)
     remove_metadata(outdir)  # never leave old metadata that looks complete
     bounds = store.chunk_bounds(len(table), options.chunk_size)
 
@@ -192,16 +225,20 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
         capacities = runner.capacities(device)
         if capacities:
             resources.check_workers(plan, capacities, box, settings, options.chunk_size)
+        waiting = prepare_maps_where_visible(maps, settings, options, box)
+        if waiting is None:  # prepared here (on workers it is part of their first chunk)
+            timings["prepare_maps"] = time.monotonic() - started - sum(timings.values())
         sample_check = None
         if settings.scale == "input":
             sample, task = polarity_task(table, maps, settings, device)
-            fitted = runner.compute([task], "polarity check")[0]
+            fitted = runner.compute([task], "polarity check", [len(sample)], waiting, unit="tasks")[0]
             check_polarity(table, sample, fitted, options)
             if len(fitted) == sample.size:  # bad images in the sample are left out of the fit
                 sample_check = {"index": sample.tolist(), "fitted_contrast": np.asarray(fitted).tolist()}
         if not resuming:
             store.create_store(store_path, len(table), out_box, options.chunk_size,
                                {**identity, "fingerprint": fingerprint})
+        attempt.begin(store_path, options.cluster.scheduler, device, len(bounds))
         done = store.finished_chunks(store_path)
         pending = [i for i in range(len(bounds)) if not done[i]]
         say(options, f"dsub: {len(table)} particles of {box} px in {len(bounds)} chunks "
@@ -218,18 +255,19 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
                     reboxing, dask_key_name=f"subtract-chunk-{index:05d}",
                 )
             )
-        devices = sorted(set(runner.compute(tasks, "subtract")))
+        devices = sorted(set(runner.compute(tasks, "subtract", [bounds[i][1] - bounds[i][0] for i in pending],
+                                            waiting, on_result=attempt.chunk_finished)))
         timings["subtract"] = time.monotonic() - started - sum(timings.values())
+        layout = export.stack_layout(len(table), options.particles_per_stack)
         export_tasks = [
             dask.delayed(export.write_stack_from_store, pure=False)(
                 store_path, outdir, relative, start, stop, float(table.pixel_size_angstrom[start]),
                 dask_key_name=f"export-stack-{number:04d}",
             )
-            for number, (relative, start, stop) in enumerate(
-                export.stack_layout(len(table), options.particles_per_stack))
+            for number, (relative, start, stop) in enumerate(layout)
         ]
-        runner.compute(export_tasks, "export")
-        workers = runner.workers
+        runner.compute(export_tasks, "export", [stop - start for _, start, stop in layout], unit="stacks")
+        workers, phases = runner.workers, runner.phases
     results = store.open_store(store_path)
     contrast = np.asarray(results["contrast"][:])
     skipped = np.asarray(results["skipped"][:], dtype=bool)
@@ -259,7 +297,12 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             "outputs": {"store": store.STORE_NAME, "star": export.STAR_NAME, "cs": export.CS_NAME,
                         "stacks": export.STACK_FOLDER},
         }
+        summary = {**record.run_description(options.command, identity),
+                   **attempt.finish(summary, phases, workers)}
         (outdir / RUN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    throughput = record.throughput_line(phases)
+    if throughput:
+        say(options, throughput)
     report(summary, outdir, options)
     write_qc_report(outdir, options)
     return summary
@@ -278,6 +321,8 @@ def plan_resources(box: int, settings, options: RunOptions):
         resources.check_this_machine(plan)
     request = plan.request_bytes if options.cluster.scheduler in ("slurm", "pbs") else None
     return plan, dataclasses.replace(options.cluster, device=options.device, worker_memory_bytes=request)
+
+
 def write_qc_report(outdir: Path, options: RunOptions) -> None:
     """OUTDIR/report/index.html; a failure to draw it only warns: the subtraction itself is finished."""
     from ..report import write_report

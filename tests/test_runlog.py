@@ -1,0 +1,238 @@
+"""What a run tells its user and keeps: progress in logs, the run record, dsub.log, refusals that say why."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from dsub.cli import main
+from dsub.cluster.progress import Progress, duration, map_preparation_estimate, number, rate
+from dsub.demo import make_dataset
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    paths, _ = make_dataset(tmp_path_factory.mktemp("data"), count=24, box=32, seed=3)
+    return paths
+
+
+def subtract_args(paths, outdir, *extra):
+    return ["subtract", str(paths["star"]), "--half-a", str(paths["half_a"]), "--half-b", str(paths["half_b"]),
+            "--mask", str(paths["mask"]), "-o", str(outdir), "--chunk-size", "8", *extra]
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+def test_log_lines_are_plain_paced_and_count_particles_per_second():
+    """Chunks of 100 particles every 5 s after 20 s of set-up: 20 particles/s, whatever the set-up took."""
+    clock, out = FakeClock(), io.StringIO()
+    shown = Progress("subtract", [100] * 8, out, waiting="preparing the maps on the workers", clock=clock)
+    for second in range(1, 60):  # the ticking thread's calls, one a second
+        clock.now += 1
+        if second >= 20 and second % 5 == 0 and shown.done_tasks < 8:
+            shown.task_done(shown.done_tasks)
+        else:
+            shown.tick()
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue()
+    assert lines[0] == "subtract: chunks 0/8, preparing the maps on the workers (10 s so far)"
+    # At 30 s: chunks at 20, 25, 30 s -> (300 - 100) particles in 10 s; 500 left at 20/s.
+    assert lines[2] == "subtract: chunks 3/8, 20 particles/s, about 25 s left"
+    assert len(lines) == 5  # one line per 10 s over 59 s, not one per update
+    assert lines[4] == "subtract: chunks 7/8, 20 particles/s, about 5 s left"
+    final = shown.close()
+    assert final.tasks == 8 and final.items == 800 and final.seconds == pytest.approx(59)
+    assert out.getvalue().splitlines()[-1] == "subtract: 8 chunks, 800 particles in 59.0 s, 14 particles/s"
+
+
+def test_extra_log_gets_lines_once_a_minute():
+    clock, out, log = FakeClock(), io.StringIO(), io.StringIO()
+    shown = Progress("subtract", [10] * 1000, out, extra_logs=[log], clock=clock)
+    for index in range(300):
+        clock.now += 1
+        shown.task_done(index)
+    assert len(out.getvalue().splitlines()) == 30 and len(log.getvalue().splitlines()) == 5
+
+
+def test_words_for_people():
+    assert number(1530.4) == "1 530" and number(12) == "12"
+    assert rate(0.42) == "0.4" and rate(9.96) == "10.0" and rate(1530.4) == "1 530"
+    assert duration(40) == "40 s" and duration(185) == "3 min" and duration(7500) == "2 h 5 min"
+    # FFTs of the padded grid cost n log n: box 256 at padding 3 against box 64
+    small, large = map_preparation_estimate(64, 3).seconds, map_preparation_estimate(256, 3).seconds
+    n_small, n_large = 192.0**3, 768.0**3
+    assert large / small == pytest.approx(n_large * math.log2(n_large) / (n_small * math.log2(n_small)))
+
+
+# ----------------------------------------------------------------------------- the CLI in a log
+
+
+def test_cli_output_to_a_file_is_plain_lines_and_goes_to_dsub_log(small, tmp_path):
+    outdir = tmp_path / "out"
+    with open(tmp_path / "job.log", "w") as job_log:  # as a batch system's job log
+        done = subprocess.run([sys.executable, "-m", "dsub.cli", *subtract_args(small, outdir, "--single-map")],
+                              stdout=job_log, stderr=subprocess.PIPE, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    printed = (tmp_path / "job.log").read_text()
+    assert "\r" not in printed and "|" not in printed  # no bar redrawn on one endless line
+    lines = printed.splitlines()
+    preparing = next(i for i, line in enumerate(lines) if line.startswith("Preparing the maps on cpu (96³"))
+    chunks = next(i for i, line in enumerate(lines) if line.startswith("dsub: 24 particles"))
+    assert preparing < chunks  # the maps are prepared, in view, before the chunks run
+    assert re.fullmatch(r"subtract: 3 chunks, 24 particles in [\d.]+ s, [\d .]+ particles/s", lines[chunks + 1])
+    assert any(re.fullmatch(r"Particles/s: subtract [\d .]+, export [\d .]+", line) for line in lines)
+
+    log = (outdir / "dsub.log").read_text().splitlines()
+    assert log[0].startswith("==== ") and log[0].endswith(" ".join(["dsub", *subtract_args(small, outdir,
+                                                                                             "--single-map")]))
+    assert sorted(log[1:]) == sorted([*lines, *done.stderr.splitlines()])  # what was printed, warning included
+    assert done.stderr.startswith("dsub: warning: --single-map")
+
+
+# ----------------------------------------------------------------------------- the run record
+
+
+def test_run_record_names_command_versions_and_inputs(small, tmp_path):
+    outdir = tmp_path / "out"
+    assert main(subtract_args(small, outdir)) == 0
+    summary = json.loads((outdir / "dsub_run.json").read_text())
+    assert summary["command"].startswith("dsub subtract ") and "--chunk-size 8" in summary["command"]
+    assert summary["versions"]["numpy"] and summary["versions"]["zarr"] and summary["versions"]["dask"]
+    half_a = summary["inputs"]["half_a"]
+    assert half_a["path"] == str(small["half_a"].resolve()) and half_a["bytes"] == os.path.getsize(small["half_a"])
+    assert half_a["modified"].startswith(str(__import__("datetime").datetime.fromtimestamp(
+        os.path.getmtime(small["half_a"]), __import__("datetime").timezone.utc).date()))
+    assert [stack["path"] for stack in summary["inputs"]["stacks"]] == [str(small["stack"].resolve())]
+    [attempt] = summary["attempts"]
+    assert attempt["status"] == "finished" and attempt["chunks_done"] == 3 and attempt["devices"] == ["cpu"]
+    assert attempt["particles_per_second"]["subtract"] > 0
+
+
+def test_rerun_of_a_finished_run_keeps_the_first_attempts_figures(small, tmp_path):
+    outdir = tmp_path / "out"
+    assert main(subtract_args(small, outdir)) == 0
+    first = json.loads((outdir / "dsub_run.json").read_text())["attempts"][0]
+    assert main(subtract_args(small, outdir)) == 0
+    summary = json.loads((outdir / "dsub_run.json").read_text())
+    assert summary["attempts"][0] == first
+    assert summary["attempts"][1]["chunks_done"] == 0 and summary["attempts"][1]["chunks_done_before"] == 3
+    assert summary["devices"] == ["cpu"]  # the run's devices, though the rerun computed nothing
+    assert summary["seconds"] >= first["seconds"]
+    assert (outdir / "dsub.log").read_text().count("==== ") == 2
+
+
+def test_failed_attempt_is_recorded_with_its_error(small, tmp_path, monkeypatch, capsys):
+    import dsub.workflow.export as export
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "out" / "x"))
+
+    outdir = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(export, "write_metadata", broken)
+        assert main(subtract_args(small, outdir)) == 2
+    error = capsys.readouterr().err.strip()
+    assert error in (outdir / "dsub.log").read_text()
+    assert main(subtract_args(small, outdir)) == 0
+    failed, finished = json.loads((outdir / "dsub_run.json").read_text())["attempts"]
+    assert failed["status"] == "failed" and failed["error"] == error and failed["chunks_done"] == 3
+    assert finished["status"] == "finished" and finished["chunks_done"] == 0
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+def refusal(paths, outdir, capsys, *extra) -> str:
+    capsys.readouterr()
+    assert main(subtract_args(paths, outdir, *extra)) == 2
+    return capsys.readouterr().err.strip()
+
+
+def test_refusal_names_the_changed_parameter_and_input_file(small, tmp_path, capsys):
+    outdir = tmp_path / "out"
+    assert main(subtract_args(small, outdir)) == 0
+
+    line = refusal(small, outdir, capsys, "--padding", "2", "--scale", "none")
+    assert "--padding was 3, now 2" in line and "--scale was 'fit', now 'none'" in line
+    assert line.count("\n") == 0 and "--overwrite" in line
+
+    stat = os.stat(small["half_a"])
+    try:
+        os.utime(small["half_a"], ns=(stat.st_atime_ns, stat.st_mtime_ns + 3_600 * 10**9))  # touched an hour later
+        line = refusal(small, outdir, capsys)
+        assert f"--half-a {small['half_a'].resolve()} has changed since that run (modified " in line
+        assert "--half-b" not in line and "--padding" not in line
+    finally:
+        os.utime(small["half_a"], ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+    stack = os.stat(small["stack"])
+    try:
+        os.utime(small["stack"], ns=(stack.st_atime_ns, stack.st_mtime_ns + 10**9))
+        line = refusal(small, outdir, capsys)
+        assert f"particle stack changed since that run: {small['stack'].resolve()}" in line
+    finally:
+        os.utime(small["stack"], ns=(stack.st_atime_ns, stack.st_mtime_ns))
+    assert main(subtract_args(small, outdir)) == 0  # all back as it was: the same run, resumed
+
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_terminal_gets_a_bar_and_the_log_plain_lines():
+    clock, screen, log = FakeClock(), Terminal(), io.StringIO()
+    shown = Progress("subtract", [50] * 4, screen, waiting="preparing the maps", extra_logs=[log], clock=clock)
+    for index in range(4):
+        clock.now += 30
+        shown.task_done(index)
+    shown.close()
+    assert "\r" in screen.getvalue() and "preparing the maps" in screen.getvalue()
+    assert "200/200" in screen.getvalue() and "chunks 4/4" in screen.getvalue()
+    assert "\r" not in log.getvalue()
+    assert log.getvalue().splitlines()[-1] == "subtract: 4 chunks, 200 particles in 120.0 s, 1.7 particles/s"
+
+
+def test_a_phase_that_fails_does_not_end_with_a_complete_looking_line():
+    clock, out = FakeClock(), io.StringIO()
+    shown = Progress("subtract", [10] * 4, out, clock=clock)
+    clock.now += 4
+    shown.task_done(0)
+    shown.close(completed=False)
+    assert out.getvalue().splitlines()[-1].startswith("subtract: chunks 1/4") and out.getvalue().endswith(
+        ": stopped\n")
+
+
+def test_interrupted_attempt_is_recorded(small, tmp_path, monkeypatch, capsys):
+    import dsub.workflow.export as export
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    outdir = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(export, "write_metadata", interrupt)
+        assert main(subtract_args(small, outdir)) == 130
+    assert capsys.readouterr().err.strip() == "dsub: interrupted; rerun the same command to resume"
+    assert (outdir / "dsub.log").read_text().splitlines()[-1] == "dsub: interrupted; rerun the same command to resume"
+    assert main(subtract_args(small, outdir)) == 0
+    interrupted, finished = json.loads((outdir / "dsub_run.json").read_text())["attempts"]
+    assert interrupted["status"] == "interrupted" and interrupted["chunks_done"] == 3
+    assert finished["chunks_done_before"] == 3
