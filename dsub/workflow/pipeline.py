@@ -24,7 +24,6 @@ import numpy as np
 from .. import __version__
 from ..cluster import ClusterSpec, open_runner
 from ..cluster.config import cluster_config
-from ..cluster.config import cluster_config
 from ..cluster.progress import map_preparation_estimate, setup_step
 from ..errors import DsubError, InputFileError, OptionError, warn
 from ..formats import read_particles, select_rows
