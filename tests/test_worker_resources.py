@@ -201,3 +201,23 @@ def test_killed_worker_on_a_local_cluster_ends_in_one_line(tmp_path):
     assert re.search(r"the workers running subtract-chunk-\d+ died 1 time\(s\)", lines[0])
     assert "Likely cause:" in lines[0] and "the estimate needs about" in lines[0]
     assert finished_chunks(outdir) >= 3 and not (outdir / "particles_subtracted.star").exists()
+
+
+def test_local_workers_too_small_for_the_job_are_refused_as_they_join(tmp_path):
+    import psutil
+
+    paths, _ = make_dataset(tmp_path / "data", count=8, box=48, seed=4)
+    # Distributed gives each of 2 local workers half of this machine's memory; choose a padding that needs more.
+    padding = next(p for p in range(4, 40) if resources.worker_memory(
+        48, SubtractionSettings(padding=p), "cpu", 1, 256, 1).host_bytes > 0.6 * psutil.virtual_memory().total)
+    command = [sys.executable, "-m", "dsub.cli", "subtract", str(paths["star"]), "--half-a", str(paths["half_a"]),
+               "--half-b", str(paths["half_b"]), "--mask", str(paths["mask"]), "-o", str(tmp_path / "out"),
+               "--quiet", "--dashboard-address", "127.0.0.1:0", "--scheduler", "local", "--workers", "2",
+               "--padding", str(padding), "--device", "cpu"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dsub: error:") and "Traceback" not in result.stderr
+    assert re.search(r"but worker tcp://127\.0\.0\.1:\d+ has a memory limit of [\d.]+ GB", lines[0])
+    assert "for box 48" in lines[0]
+    assert not (tmp_path / "out" / "particles_subtracted.star").exists()
