@@ -6,6 +6,7 @@ stand-in GPUs) and are skipped without it.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -151,13 +152,17 @@ def test_all_workers_lost_ends_in_one_line_and_keeps_finished_chunks(tmp_path):
 
     paths, _ = make_dataset(tmp_path / "data", count=240, box=48, seed=7)
     outdir = tmp_path / "out"
+    name = f"dsub-lost-{os.getpid()}"  # only this run's jobs are cancelled
+    config = tmp_path / "named.yaml"
+    config.write_text(LOCAL_SLURM.read_text().replace("  slurm:\n", f"  slurm:\n    name: {name}\n", 1))
     command = [sys.executable, "-m", "dsub.cli", "subtract", str(paths["star"]), "--half-a", str(paths["half_a"]),
                "--half-b", str(paths["half_b"]), "--mask", str(paths["mask"]), "-o", str(outdir), "--quiet",
                "--dashboard-address", "127.0.0.1:0", "--scheduler", "slurm", "--workers", "1", "--chunk-size", "4",
-               "--cluster-config", str(LOCAL_SLURM), "--worker-timeout", "10"]
+               "--cluster-config", str(config), "--worker-timeout", "10"]
     run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     wait_for_chunks(run, outdir, 3)
-    jobs = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+    jobs = subprocess.run(["squeue", "-h", "-n", name, "-o", "%i"], capture_output=True, text=True).stdout.split()
+    assert jobs, "no worker job of this run in the queue"
     subprocess.run(["scancel", *jobs], check=True)  # the node is lost: no worker comes back
     _, err = run.communicate(timeout=120)
     assert run.returncode == 2
@@ -168,7 +173,6 @@ def test_all_workers_lost_ends_in_one_line_and_keeps_finished_chunks(tmp_path):
 
 
 def test_killed_worker_on_a_local_cluster_ends_in_one_line(tmp_path):
-    import os
     import signal
 
     import psutil
@@ -197,3 +201,23 @@ def test_killed_worker_on_a_local_cluster_ends_in_one_line(tmp_path):
     assert re.search(r"the workers running subtract-chunk-\d+ died 1 time\(s\)", lines[0])
     assert "Likely cause:" in lines[0] and "the estimate needs about" in lines[0]
     assert finished_chunks(outdir) >= 3 and not (outdir / "particles_subtracted.star").exists()
+
+
+def test_local_workers_too_small_for_the_job_are_refused_as_they_join(tmp_path):
+    import psutil
+
+    paths, _ = make_dataset(tmp_path / "data", count=8, box=48, seed=4)
+    # Distributed gives each of 2 local workers half of this machine's memory; choose a padding that needs more.
+    padding = next(p for p in range(4, 40) if resources.worker_memory(
+        48, SubtractionSettings(padding=p), "cpu", 1, 256, 1).host_bytes > 0.6 * psutil.virtual_memory().total)
+    command = [sys.executable, "-m", "dsub.cli", "subtract", str(paths["star"]), "--half-a", str(paths["half_a"]),
+               "--half-b", str(paths["half_b"]), "--mask", str(paths["mask"]), "-o", str(tmp_path / "out"),
+               "--quiet", "--dashboard-address", "127.0.0.1:0", "--scheduler", "local", "--workers", "2",
+               "--padding", str(padding), "--device", "cpu"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dsub: error:") and "Traceback" not in result.stderr
+    assert re.search(r"but worker tcp://127\.0\.0\.1:\d+ has a memory limit of [\d.]+ GB", lines[0])
+    assert "for box 48" in lines[0]
+    assert not (tmp_path / "out" / "particles_subtracted.star").exists()

@@ -9,7 +9,7 @@ Two figures, both for the layout of ``subtract.prepare_half_map`` and
 
 The constants are counted from the code and checked against the peak that
 ``tracemalloc`` measures for NumPy (tests/test_memory.py: within a few per cent
-on boxes 24 to 64). CuPy makes the same arrays, but cuFFT needs less scratch
+on boxes 24 to 48). CuPy makes the same arrays, but cuFFT needs less scratch
 than NumPy's pocketfft, so on a GPU the figures are an upper bound (by about a
 quarter for the map preparation).
 """
