@@ -20,6 +20,28 @@ it, 2.37 % without), because the CTF spreads the particle's signal into the
 box edges and corners that the window cuts. Neighbouring particles and
 background there are uncorrelated with the model, so leaving them in adds
 noise but no bias.
+
+Noisy half maps. A half map is the true map S plus its own noise N, so
+E|M|² = |C|²(S² + N²) while the image only holds α·C·S: the plain fit above is
+biased low by S²/(S² + N²) shell by shell. That factor is what the FSC of the
+two half maps estimates (``fsc.py``), so given the FSC f(s), dsub fits against
+the Wiener-filtered model M_w = f·M:
+
+    α = Σ_B h Re(X · conj(M_w)) / Σ_B h |M_w|²
+
+E[X · conj(M_w)] = α f |C|² S² and E|M_w|² = f² |C|² (S² + N²) = f |C|² S², so
+the fit is unbiased, and M_w is the least-squares estimate of the true signal,
+so shells where the maps are mostly noise weigh little. The FSC's 3D shell
+radius maps onto the image's 2D frequency by the central-slice theorem, both in
+1/Å (map voxel size and particle pixel size may differ). Its uncertainty is the
+heteroscedasticity-consistent ("sandwich") standard error of a least-squares
+slope, with the residual R = X − α M_w as the noise of each coefficient:
+
+    σ_α² = Σ_B h |M_w|² |R|² / (Σ_B h |M_w|²)²
+
+(White 1980, Econometrica 48:817), which holds for coloured noise as for white.
+The fit quality is the correlation of image and model over the band,
+Σ h Re(X conj M_w) / sqrt(Σ h |X|² · Σ h |M_w|²).
 """
 
 from __future__ import annotations
@@ -88,11 +110,28 @@ def band_weights(xp, box: int, pixel_size_angstrom, fit: ContrastFit):
     return xp.where(keep, hermitian[None], 0.0).astype("float32")
 
 
-def fit_contrast(xp, images, models, pixel_size_angstrom, fit: ContrastFit):
-    """Least-squares scale of each model image to its particle image, shape (n,).
+@dataclass
+class ContrastResult:
+    """Per-particle contrast and how well it is determined; arrays (n,) float32 (NumPy or CuPy).
+
+    ``alpha``: the contrast scale; ``sigma``: its standard error (NaN where not
+    fitted); ``correlation``: of the image and the model over the fit band.
+    """
+
+    alpha: object
+    sigma: object
+    correlation: object
+
+
+def fit_contrast(xp, images, models, pixel_size_angstrom, fit: ContrastFit, fsc=None) -> ContrastResult:
+    """Least-squares scale of each model image to its particle image, with its uncertainty.
 
     ``images`` and ``models`` are real (n, box, box) arrays; the window and the
-    band come from ``fit``. A model with no power in the band gets α = 0.
+    band come from ``fit``; ``pixel_size_angstrom`` is a scalar or (n,) array.
+    ``fsc`` (a ``fsc.ShellCurve`` of the two half maps, or None for exact maps)
+    weights the model so that map noise does not bias α (see the module
+    docstring). A model with no power in the band gets α = 0, σ = NaN and
+    correlation 0.
     """
     box = images.shape[-1]
     if fit.window_inner is not None:
@@ -102,7 +141,33 @@ def fit_contrast(xp, images, models, pixel_size_angstrom, fit: ContrastFit):
     image_ft = xp.fft.rfft2(images)
     model_ft = xp.fft.rfft2(models)
     weights = band_weights(xp, box, pixel_size_angstrom, fit)
+    if fsc is not None:
+        model_ft = model_ft * signal_fraction(xp, fsc, box, pixel_size_angstrom)
     cross = (weights * (image_ft * xp.conj(model_ft)).real).sum(axis=(-2, -1))
-    power = (weights * (model_ft * xp.conj(model_ft)).real).sum(axis=(-2, -1))
-    safe = xp.where(power > 0, power, 1.0)
-    return xp.where(power > 0, cross / safe, 0.0).astype("float32")
+    model_power = (weights * _power(xp, model_ft)).sum(axis=(-2, -1))
+    image_power = (weights * _power(xp, image_ft)).sum(axis=(-2, -1))
+    fitted = model_power > 0
+    safe = xp.where(fitted, model_power, 1.0)
+    alpha = xp.where(fitted, cross / safe, 0.0)
+    residual_ft = image_ft - alpha[:, None, None] * model_ft
+    spread = (weights * _power(xp, model_ft) * _power(xp, residual_ft)).sum(axis=(-2, -1))
+    sigma = xp.where(fitted, xp.sqrt(spread) / safe, xp.nan)
+    norm = xp.sqrt(model_power * image_power)
+    correlation = xp.where(norm > 0, cross / xp.where(norm > 0, norm, 1.0), 0.0)
+    return ContrastResult(alpha.astype("float32"), sigma.astype("float32"), correlation.astype("float32"))
+
+
+def _power(xp, spectra):
+    return (spectra * xp.conj(spectra)).real
+
+
+def signal_fraction(xp, fsc, box: int, pixel_size_angstrom):
+    """The half maps' FSC, clipped to [0, 1], on each particle's rfft2 grid (n, box, box//2 + 1).
+
+    A particle frequency k (cycles per box) is k / (box · pixel size) 1/Å; the
+    map's shell at that frequency gives S² / (S² + N²) of one half map there.
+    """
+    kx, ky = frequency_grid(xp, box)
+    psize = xp.asarray(pixel_size_angstrom, dtype="float32").reshape(-1, 1, 1)
+    frequency = xp.sqrt(kx * kx + ky * ky)[None] / (box * psize)
+    return xp.clip(fsc.at(xp, frequency), 0.0, 1.0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .contrast import SCALE_MODES, ContrastFit, fit_contrast
+from .contrast import SCALE_MODES, ContrastFit, ContrastResult, fit_contrast
 from .ctf import ctf_2d
 from .projector import PROJECTORS, PreparedVolume, prepare_volume, project
 
@@ -40,6 +40,7 @@ class HalfMapModel:
 
     full: PreparedVolume
     masked: PreparedVolume
+    fsc: object = None  # fsc.ShellCurve of the two half maps; None: treat the map as exact
 
 
 def subtraction_region(xp, mask, mask_keeps: bool):
@@ -48,13 +49,17 @@ def subtraction_region(xp, mask, mask_keeps: bool):
     return 1.0 - mask if mask_keeps else mask
 
 
-def prepare_half_map(xp, half_map, mask, settings: SubtractionSettings) -> HalfMapModel:
-    """Prepare a half-map for projection, whole and masked (done once per worker)."""
+def prepare_half_map(xp, half_map, mask, settings: SubtractionSettings, fsc=None) -> HalfMapModel:
+    """Prepare a half-map for projection, whole and masked (done once per worker).
+
+    ``fsc``: the two half maps' ``fsc.ShellCurve``, for the contrast fit.
+    """
     half_map = xp.asarray(half_map, dtype="float32")
     region = subtraction_region(xp, mask, settings.mask_keeps)
     return HalfMapModel(
         full=prepare_volume(xp, half_map, settings.padding),
         masked=prepare_volume(xp, half_map * region, settings.padding),
+        fsc=fsc,
     )
 
 
@@ -90,18 +95,20 @@ def model_images(xp, model: HalfMapModel, particles, box: int, settings: Subtrac
 
 
 def subtract_batch(xp, images, particles, model: HalfMapModel, settings: SubtractionSettings):
-    """Subtract the masked projection from each image; returns (subtracted, alpha).
+    """Subtract the masked projection from each image; returns (subtracted, ``ContrastResult``).
 
     ``particles`` is a ``ParticleTable`` of the batch, all of one half set, and
-    ``model`` that half set's prepared half-map.
+    ``model`` that half set's prepared half-map. The result holds the α used, its
+    fitted uncertainty (NaN unless fitted) and the fit correlation (always).
     """
     images = xp.asarray(images, dtype="float32")
     box = images.shape[-1]
     if model.full.box != box:
         raise ValueError(f"map box {model.full.box} differs from particle box {box}")
     full, masked = model_images(xp, model, particles, box, settings)
+    fitted = fit_contrast(xp, images, full, particles.pixel_size_angstrom, settings.fit, fsc=model.fsc)
     if settings.scale == "fit":
-        alpha = fit_contrast(xp, images, full, particles.pixel_size_angstrom, settings.fit)
+        alpha = fitted.alpha
     elif settings.scale == "input":
         if particles.input_contrast is None:
             raise ValueError("scale 'input' needs each particle's contrast in the input metadata")
@@ -109,4 +116,5 @@ def subtract_batch(xp, images, particles, model: HalfMapModel, settings: Subtrac
     else:
         alpha = xp.ones(images.shape[0], dtype="float32")
     subtracted = images - alpha[:, None, None] * masked
-    return subtracted, alpha
+    sigma = fitted.sigma if settings.scale == "fit" else xp.full(alpha.shape, xp.nan, dtype="float32")
+    return subtracted, ContrastResult(alpha, sigma, fitted.correlation)

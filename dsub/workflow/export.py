@@ -7,6 +7,8 @@
 * ``OUTDIR/particles_subtracted.cs``: every input field passed through, with
   ``blob/path`` / ``blob/idx`` pointing at the new stacks (relative to OUTDIR)
   and ``alignments3D/alpha`` holding the contrast each particle was subtracted with;
+* both carry the contrast fit's uncertainty and quality (``FIT_COLUMNS``,
+  ``FIT_FIELDS``): dsub's own labels, since neither program defines one;
 * ``OUTDIR/skipped_particles.star``: with ``--skip-bad-particles``, the input
   rows of the particles left out (their slots in the stacks hold zeros, and no
   metadata row points at them).
@@ -32,6 +34,10 @@ STACK_FOLDER = "Particles"
 STAR_NAME = "particles_subtracted.star"
 CS_NAME = "particles_subtracted.cs"
 SKIPPED_NAME = "skipped_particles.star"
+#: Store array -> star label / .cs field for what the contrast fit measured of each particle.
+FIT_COLUMNS = {"contrast": "rlnDsubContrast", "contrast_sigma": "rlnDsubContrastSigma",
+               "fit_correlation": "rlnDsubFitCorrelation"}
+FIT_FIELDS = {"contrast_sigma": "dsub/contrast_sigma", "fit_correlation": "dsub/fit_correlation"}
 
 
 def stack_layout(count: int, particles_per_stack: int) -> list[tuple[str, int, int]]:
@@ -79,8 +85,12 @@ def new_image_locations(count: int, particles_per_stack: int) -> tuple[np.ndarra
 
 
 def write_metadata(table, outdir: Path, particles_per_stack: int, contrast: np.ndarray,
-                   skipped: np.ndarray | None = None) -> None:
-    """Write the star and .cs files that point at the exported stacks (skipped particles left out)."""
+                   skipped: np.ndarray | None = None, fit: dict | None = None) -> None:
+    """Write the star and .cs files that point at the exported stacks (skipped particles left out).
+
+    ``fit``: {store array name: (n,) values} of ``store.PER_PARTICLE`` besides
+    ``contrast``, written under ``FIT_COLUMNS`` / ``FIT_FIELDS``.
+    """
     paths, indices = new_image_locations(len(table), particles_per_stack)
     names = np.array([f"{index + 1:06d}@{path}" for path, index in zip(paths, indices)], dtype=object)
     keep = np.ones(len(table), dtype=bool) if skipped is None else ~np.asarray(skipped, dtype=bool)
@@ -90,8 +100,13 @@ def write_metadata(table, outdir: Path, particles_per_stack: int, contrast: np.n
         originals = original_image_names(left_out)
         star_format.write_particles(left_out, outdir / SKIPPED_NAME, originals, original_names=originals)
     kept = select_rows(table, keep)
-    star_format.write_particles(kept, outdir / STAR_NAME, names[keep])
-    cs_format.write_particles(kept, outdir / CS_NAME, paths[keep], indices[keep], contrast[keep])
+    measured = {"contrast": np.asarray(contrast), **(fit or {})}
+    columns = {FIT_COLUMNS[name]: np.asarray(values, np.float32)[keep] for name, values in measured.items()}
+    fields = {FIT_FIELDS[name]: np.asarray(values, "<f4")[keep] for name, values in measured.items()
+              if name in FIT_FIELDS}
+    star_format.write_particles(kept, outdir / STAR_NAME, names[keep], extra_columns=columns)
+    cs_format.write_particles(kept, outdir / CS_NAME, paths[keep], indices[keep], contrast[keep],
+                              extra_fields=fields)
 
 
 def original_image_names(table) -> np.ndarray:

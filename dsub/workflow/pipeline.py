@@ -27,14 +27,13 @@ from ..formats import read_particles, select_rows
 from ..particles import HALF_A
 from ..physics.backend import gpu_available
 from ..physics.subtract import SubtractionSettings
-from . import export, store, validate
+from . import diagnostics, export, store, validate
 from .outdir import explain_os_error, file_identity, prepare_outdir, run_fingerprint
-from .tasks import MapFiles, fit_sample, run_chunk
+from .tasks import MapFiles, run_chunk
 
 RUN_SUMMARY = "dsub_run.json"
 #: What a finished export leaves beside the stacks; none of it may outlive a failed run.
 METADATA = (export.STAR_NAME, export.CS_NAME, export.SKIPPED_NAME, RUN_SUMMARY)
-POLARITY_SAMPLE = 64
 
 
 @dataclass
@@ -74,31 +73,6 @@ def check_device(options: RunOptions) -> None:
 
 def say(options: RunOptions, message: str) -> None:
     print(message, file=options.log or sys.stdout, flush=True)
-
-
-def polarity_task(table, maps: MapFiles, settings, device: str):
-    """A task that fits α on a sample of particles, to check the input contrast's polarity."""
-    sample = np.unique(np.linspace(0, len(table) - 1, min(POLARITY_SAMPLE, len(table))).astype(int))
-    particles = dataclasses.replace(table.subset(sample), source=None)
-    return sample, dask.delayed(fit_sample, pure=False)(
-        particles, maps, dataclasses.replace(settings, scale="fit"), device, dask_key_name="polarity-check"
-    )
-
-
-def check_polarity(table, sample, fitted, options: RunOptions) -> None:
-    """With input contrast, refuse when a fit on a sample finds the opposite sign."""
-    given_values = table.input_contrast[sample]
-    given, measured = np.sign(np.median(given_values)), np.sign(np.median(fitted))
-    if given != measured:
-        raise InputFileError(
-            table.source_path,
-            f"the input contrast scales are {'positive' if given > 0 else 'negative'} but a fit on "
-            f"{sample.size} particles finds them {'positive' if measured > 0 else 'negative'}: the images "
-            "have the opposite polarity to what the metadata implies.",
-            "Use --scale fit (it absorbs the polarity), or check the stacks' contrast inversion.",
-        )
-    say(options, f"Polarity check: input contrast agrees with a fit on {sample.size} particles "
-                 f"(median fitted {np.median(fitted):.3f}, median input {np.median(given_values):.3f}).")
 
 
 def subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings, options: RunOptions) -> dict:
@@ -159,9 +133,9 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     timings = {"check_inputs": time.monotonic() - started}
     with open_runner(options.cluster) as runner:
         timings["start_workers"] = time.monotonic() - started - sum(timings.values())
-        if settings.scale == "input":
-            sample, task = polarity_task(table, maps, settings, device)
-            check_polarity(table, sample, runner.compute([task], "polarity check")[0], options)
+        sample, task = diagnostics.sample_task(table, maps, settings, device)
+        checked = diagnostics.check_sample(table, sample, runner.compute([task], "sample fit")[0], settings.scale,
+                                           lambda line: say(options, line))
         if not resuming:
             store.create_store(store_path, len(table), box, options.chunk_size,
                                {**identity, "fingerprint": fingerprint})
@@ -192,10 +166,13 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
         runner.compute(export_tasks, "export")
         workers = runner.workers
     results = store.open_store(store_path)
-    contrast = np.asarray(results["contrast"][:])
+    fit = store.per_particle(store_path)
+    contrast = fit.pop("contrast")
     skipped = np.asarray(results["skipped"][:], dtype=bool)
+    diagnosed = {"sample": checked, "all": diagnostics.check_results(
+        {"contrast": contrast, **fit}, skipped, settings.scale, checked)}
     with all_metadata_or_none(outdir):
-        export.write_metadata(table, outdir, options.particles_per_stack, contrast, skipped)
+        export.write_metadata(table, outdir, options.particles_per_stack, contrast, skipped, fit)
         timings["export"] = time.monotonic() - started - sum(timings.values())
         kept = contrast[~skipped]
         summary = {
@@ -212,6 +189,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             "contrast_median": float(np.median(kept)) if kept.size else None,
             "contrast_negative_fraction": float(np.mean(kept < 0)) if kept.size else None,
             "skipped_particles": skipped_report(table, skipped),
+            "diagnostics": diagnosed,
             "outputs": {"store": store.STORE_NAME, "star": export.STAR_NAME, "cs": export.CS_NAME,
                         "stacks": export.STACK_FOLDER},
         }
@@ -297,11 +275,7 @@ def report(summary: dict, outdir: Path, options: RunOptions) -> None:
         say(options, f"WARNING: {skipped} particles with NaN or infinite values were left out; they are "
                      f"listed in {export.SKIPPED_NAME} and {RUN_SUMMARY}.")
     negative = summary["contrast_negative_fraction"] or 0.0
-    if summary["scale"] == "fit" and negative > 0.5:
-        say(options, f"WARNING: {negative:.0%} of the fitted contrast scales are negative: the images have "
-                     "the opposite contrast to the maps (inverted stacks). The subtraction is still right, "
-                     "because the fit absorbs the sign, but check the polarity before refining.")
-    elif negative > 0:
+    if 0 < negative <= 0.5:
         say(options, f"{negative:.1%} of the contrast scales are negative.")
     say(options, f"Outputs in {outdir}: {export.STAR_NAME}, {export.CS_NAME}, {export.STACK_FOLDER}/, "
                  f"{store.STORE_NAME}, {RUN_SUMMARY}")
