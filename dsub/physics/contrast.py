@@ -53,6 +53,8 @@ import numpy as np
 from .ctf import frequency_grid
 
 SCALE_MODES = ("fit", "input", "none")
+#: "fsc": fit against the model Wiener-filtered by the half maps' FSC; "none": the plain model.
+WEIGHTINGS = ("fsc", "none")
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,11 @@ class ContrastFit:
     window_outer: float | None = None  # cryoSPARC: 0.99
     low_resolution_angstrom: float | None = 100.0
     high_resolution_angstrom: float | None = None  # None: up to Nyquist
+    weighting: str = "fsc"
 
     def __post_init__(self):
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"fit weighting must be one of {WEIGHTINGS}, not {self.weighting!r}")
         inner, outer = self.window_inner, self.window_outer
         if (inner is None) != (outer is None):
             raise ValueError("give both window radii, or neither to fit without a window")
@@ -130,7 +135,7 @@ def fit_contrast(xp, images, models, pixel_size_angstrom, fit: ContrastFit, fsc=
     band come from ``fit``; ``pixel_size_angstrom`` is a scalar or (n,) array.
     ``fsc`` (a ``fsc.ShellCurve`` of the two half maps, or None for exact maps)
     weights the model so that map noise does not bias α (see the module
-    docstring). A model with no power in the band gets α = 0, σ = NaN and
+    docstring), unless ``fit.weighting`` is "none". A model with no power in the band gets α = 0, σ = NaN and
     correlation 0.
     """
     box = images.shape[-1]
@@ -141,7 +146,7 @@ def fit_contrast(xp, images, models, pixel_size_angstrom, fit: ContrastFit, fsc=
     image_ft = xp.fft.rfft2(images)
     model_ft = xp.fft.rfft2(models)
     weights = band_weights(xp, box, pixel_size_angstrom, fit)
-    if fsc is not None:
+    if fsc is not None and fit.weighting == "fsc":
         model_ft = model_ft * signal_fraction(xp, fsc, box, pixel_size_angstrom)
     cross = (weights * (image_ft * xp.conj(model_ft)).real).sum(axis=(-2, -1))
     model_power = (weights * _power(xp, model_ft)).sum(axis=(-2, -1))
