@@ -111,8 +111,9 @@ def check_sample(table, sample: np.ndarray, result, scale: str, say) -> dict:
     """Check the sample fit ``result = (ContrastResult, control correlation)`` of rows ``sample``.
 
     Raises ``InputFileError`` when, with ``scale == "input"``, the input
-    contrast has the opposite sign to the fit. Warns as the module says; calls
-    ``say(line)`` with one line of figures. Returns the figures for
+    contrast has the opposite sign to the fit (unless the maps explain nothing
+    of the images, when the fit's sign means nothing). Warns as the module says;
+    calls ``say(line)`` with one line of figures. Returns the figures for
     ``dsub_run.json``.
     """
     fit, control = result
@@ -123,35 +124,40 @@ def check_sample(table, sample: np.ndarray, result, scale: str, say) -> dict:
                "median_abs_fit_correlation": _median(np.abs(fit.correlation)),
                "median_abs_control_correlation": _median(np.abs(control)),
                **contrast_spread(fit.alpha, fit.sigma)}
-    if scale == "input":
-        figures.update(check_input_contrast(table, sample[usable], fit.alpha[usable], fit.sigma[usable], say))
-    if usable.sum() < MIN_SAMPLE:
-        return figures
-    # Magnitudes: inverted images correlate as well as upright ones, with the opposite sign.
-    gain = np.abs(fit.correlation[usable].astype(np.float64)) - np.abs(control[usable])
-    spread = float(np.std(gain, ddof=1))
-    t = float(np.mean(gain) / (spread / math.sqrt(gain.size))) if spread > 0 else math.inf * np.sign(np.mean(gain))
     own, other = figures["median_abs_fit_correlation"], figures["median_abs_control_correlation"]
-    figures["own_pose_t"] = t
-    figures["maps_explain_images"] = bool(t >= BELONGS_T and own >= BELONGS_GAIN * max(other, 0.0))
-    if not figures["maps_explain_images"]:
-        warn(f"the maps explain almost nothing of the images: on {gain.size} sample particles the fit correlation "
-             f"with their own poses (median magnitude {own:.3f}) is no better than with other particles' poses "
-             f"({other:.3f}). The poses, CTF or maps probably do not belong to these particles: check that "
-             "the metadata comes from a refinement against these maps and these images.")
-    warn_spread(figures, "of the sample", scale)
-    say(f"Sample fit on {gain.size} particles: median contrast {figures['median_contrast']:.3f}, fit "
-        f"correlation magnitude {own:.3f} (with other particles' poses: {other:.3f}).")
+    if usable.sum() >= MIN_SAMPLE:
+        # Magnitudes: inverted images correlate as well as upright ones, with the opposite sign.
+        gain = np.abs(fit.correlation[usable].astype(np.float64)) - np.abs(control[usable])
+        spread = float(np.std(gain, ddof=1))
+        t = float(np.mean(gain) / (spread / math.sqrt(gain.size))) if spread > 0 else math.copysign(
+            math.inf, float(np.mean(gain)))
+        figures["own_pose_t"] = t
+        figures["maps_explain_images"] = bool(t >= BELONGS_T and own >= BELONGS_GAIN * max(other, 0.0))
+        if not figures["maps_explain_images"]:
+            warn(f"the maps explain almost nothing of the images: on {gain.size} sample particles the fit "
+                 f"correlation with their own poses (median magnitude {own:.3f}) is no better than with other "
+                 f"particles' poses ({other:.3f}). The poses, CTF or maps probably do not belong to these "
+                 "particles: check that the metadata comes from a refinement against these maps and images.")
+    explained = figures.get("maps_explain_images", True)
+    if scale == "input":
+        figures.update(check_input_contrast(table, sample[usable], fit.alpha[usable], fit.sigma[usable], say,
+                                            check_sign=explained))
+    if explained:  # otherwise the spread of α only repeats that warning
+        warn_spread(figures, "of the sample", scale)
+    if usable.any():
+        say(f"Sample fit on {usable.sum()} particles: median contrast {figures['median_contrast']:.3f}, fit "
+            f"correlation magnitude {own:.3f} (with other particles' poses: {other:.3f}).")
     return figures
 
 
-def check_input_contrast(table, rows: np.ndarray, fitted: np.ndarray, sigma: np.ndarray, say) -> dict:
+def check_input_contrast(table, rows: np.ndarray, fitted: np.ndarray, sigma: np.ndarray, say,
+                         check_sign: bool = True) -> dict:
     """With --scale input: refuse the opposite polarity; warn when fitted / input leaves ``RATIO_BAND``."""
     given = np.asarray(table.input_contrast[rows], dtype=np.float64)
     if not rows.size:
         return {}
     given_sign, measured_sign = np.sign(np.median(given)), np.sign(np.median(fitted))
-    if given_sign != measured_sign:
+    if check_sign and given_sign != measured_sign:
         raise InputFileError(
             table.source_path,
             f"the input contrast scales are {'positive' if given_sign > 0 else 'negative'} but a fit on "
@@ -171,8 +177,9 @@ def check_input_contrast(table, rows: np.ndarray, fitted: np.ndarray, sigma: np.
         warn(f"the fitted contrast is {median_ratio:.2f} times the input contrast (median of {finite.sum()} "
              f"sample particles, ± {noise:.2f}): the input contrast does not match these maps and images. "
              "Check that the metadata and maps come from the same refinement, or use --scale fit.")
-    say(f"Polarity check: input contrast agrees with a fit on {rows.size} particles "
-        f"(median fitted {np.median(fitted):.3f}, median input {np.median(given):.3f}).")
+    if check_sign:
+        say(f"Polarity check: input contrast agrees with a fit on {rows.size} particles "
+            f"(median fitted {np.median(fitted):.3f}, median input {np.median(given):.3f}).")
     return {"median_ratio_fitted_to_input": median_ratio, "median_ratio_noise": noise}
 
 
@@ -189,12 +196,13 @@ def check_results(per_particle: dict, skipped: np.ndarray, scale: str, sample: d
     figures = {"particles": int(kept.sum()), "median_fit_correlation": _median(correlation),
                "median_abs_fit_correlation": _median(np.abs(correlation)),
                "median_contrast": _median(alpha), "median_contrast_sigma": _median(sigma)}
+    already_said = not (sample or {}).get("maps_explain_images", True)
     if scale == "fit":
         figures.update(contrast_spread(alpha, sigma))
-        warn_spread(figures, "of all particles", scale)
+        if not already_said:
+            warn_spread(figures, "of all particles", scale)
     control = (sample or {}).get("median_abs_control_correlation")
     own = figures["median_abs_fit_correlation"]
-    already_said = not (sample or {}).get("maps_explain_images", True)
     if own is not None and control is not None and own < BELONGS_GAIN * max(control, 0.0) and not already_said:
         warn(f"the maps explain almost nothing of the images: the median fit correlation magnitude of all particles "
              f"({own:.3f}) is no better than the sample's with other particles' poses ({control:.3f}). The "
