@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from dsub.particles import HALF_A, HALF_B
-from dsub.physics.contrast import ContrastFit, fit_contrast, signal_fraction
-from dsub.physics.fsc import ShellCurve, fourier_shell_correlation
+from dsub.physics.contrast import ContrastFit, fit_contrast
+from dsub.physics.fsc import ShellCurve, fourier_shell_correlation, wiener_filter
 from dsub.physics.subtract import SubtractionSettings, model_images, prepare_half_map
 from dsub.simulate import simulate_particles, soft_sphere_mask, to_particle_table, two_domain_phantom
 
@@ -41,9 +41,9 @@ def fit_all(noisy_maps, sim, fit: ContrastFit, with_fsc: bool):
     alpha, sigma, correlation = (np.empty(len(table)) for _ in range(3))
     for half in (HALF_A, HALF_B):
         members = np.flatnonzero(table.half_set == half)
-        model = prepare_half_map(np, halves[half - 1], mask, settings)
+        model = prepare_half_map(np, halves[half - 1], mask, settings, fsc)
         full, _ = model_images(np, model, table.subset(members), BOX, settings)
-        result = fit_contrast(np, sim.images[members], full, PIXEL, fit, fsc=fsc)
+        result = fit_contrast(np, sim.images[members], full, PIXEL, fit)
         alpha[members], sigma[members], correlation[members] = result.alpha, result.sigma, result.correlation
     return alpha, sigma, correlation
 
@@ -84,19 +84,20 @@ def test_fsc_of_identical_and_of_unrelated_maps():
         fourier_shell_correlation(np, volume, volume[:-1], 1.0)
 
 
-def test_fsc_reaches_each_particle_at_its_own_frequency_in_inverse_angstrom():
-    """Map voxel 1.0 Å, particles at 1.0 and 1.04 Å: the curve is read at k / (box · pixel size)."""
-    frequency = np.arange(33) / (64 * 1.0)
-    curve = ShellCurve(frequency, 1.0 - 1.5 * frequency)  # linear: interpolation is exact
-    weights = signal_fraction(np, curve, 64, np.array([1.0, 1.04]))
-    kx, ky = 5, 12  # rfft2 index (row ky, column kx)
-    radius = np.hypot(kx, ky)
-    for particle, pixel in enumerate((1.0, 1.04)):
-        expected = 1.0 - 1.5 * radius / (64 * pixel)
-        assert weights[particle, ky, kx] == pytest.approx(expected, rel=1e-5)
-    assert weights[0, 0, 32] == pytest.approx(0.25, rel=1e-5)  # Nyquist of the map
-    assert weights[0, 32, 32] == 0.0  # beyond the map's Nyquist
-    assert weights.min() >= 0 and weights.max() <= 1
+def test_wiener_filter_scales_each_frequency_by_the_curve_at_its_frequency_in_inverse_angstrom():
+    """A plane wave of frequency (3, 4, 12) cycles per box (13 shells) in a 64-voxel, 1.3 Å map."""
+    box, voxel = 64, 1.3
+    frequency = np.arange(box // 2 + 1) / (box * voxel)
+    curve = ShellCurve(frequency, 1.0 - 4.0 * frequency, np.full(frequency.size, 10**6))  # linear: exact
+    z, y, x = np.meshgrid(*(np.arange(box),) * 3, indexing="ij")
+    wave = np.cos(2 * np.pi * (3 * x + 4 * y + 12 * z) / box).astype(np.float32)
+    expected = 1.0 - 4.0 * 13 / (box * voxel)
+    np.testing.assert_allclose(wiener_filter(np, wave, curve), expected * wave, atol=1e-5)
+    # Shells whose FSC is within 3 of its noise (1/sqrt(coefficients)) carry nothing.
+    noisy = ShellCurve(frequency, curve.values, np.full(frequency.size, 4))  # noise 0.5: 3 sigma 1.5
+    np.testing.assert_allclose(wiener_filter(np, wave, noisy), 0.0, atol=1e-5)
+    corner = np.cos(2 * np.pi * (30 * x + 30 * y + 30 * z) / box).astype(np.float32)  # beyond Nyquist shell
+    np.testing.assert_allclose(wiener_filter(np, corner, curve), 0.0, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- bias, uncertainty, quality

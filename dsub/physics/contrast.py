@@ -23,19 +23,26 @@ noise but no bias.
 
 Noisy half maps. A half map is the true map S plus its own noise N, so
 E|M|² = |C|²(S² + N²) while the image only holds α·C·S: the plain fit above is
-biased low by S²/(S² + N²) shell by shell. That factor is what the FSC of the
-two half maps estimates (``fsc.py``), so given the FSC f(s), dsub fits against
-the Wiener-filtered model M_w = f·M:
+biased low by S²/(S² + N²) shell by shell. That factor is what the FSC f of the
+two half maps estimates (``fsc.py``), so dsub fits against the projection M_w
+of the half map Wiener-filtered in 3D, f·(S + N) shell by shell, which by the
+central-slice theorem is f·M at the same frequency in 1/Å (map voxel size and
+particle pixel size may differ):
 
     α = Σ_B h Re(X · conj(M_w)) / Σ_B h |M_w|²
 
 E[X · conj(M_w)] = α f |C|² S² and E|M_w|² = f² |C|² (S² + N²) = f |C|² S², so
-the fit is unbiased, and M_w is the least-squares estimate of the true signal,
-so shells where the maps are mostly noise weigh little. The FSC's 3D shell
-radius maps onto the image's 2D frequency by the central-slice theorem, both in
-1/Å (map voxel size and particle pixel size may differ). Its uncertainty is the
-heteroscedasticity-consistent ("sandwich") standard error of a least-squares
-slope, with the residual R = X − α M_w as the noise of each coefficient:
+the fit is unbiased; M_w is the least-squares estimate of the true signal, so
+shells where the maps are mostly noise weigh little. The filter is applied to
+the map, not to the 2D model: the padded projector crops each projection to the
+box, which spreads every frequency's noise over the others, so noise beyond the
+maps' resolution must be gone before the projection (measured on EMD-3488 with
+half maps whose FSC crosses 0.143 at 7.5 Å: −15 % bias when filtering the 2D
+model, +1 % when filtering the map; see benchmarks/README.md).
+
+Its uncertainty is the heteroscedasticity-consistent ("sandwich") standard
+error of a least-squares slope, with the residual R = X − α M_w as the noise of
+each coefficient:
 
     σ_α² = Σ_B h |M_w|² |R|² / (Σ_B h |M_w|²)²
 
@@ -53,7 +60,7 @@ import numpy as np
 from .ctf import frequency_grid
 
 SCALE_MODES = ("fit", "input", "none")
-#: "fsc": fit against the model Wiener-filtered by the half maps' FSC; "none": the plain model.
+#: "fsc": fit against the half map Wiener-filtered by the half maps' FSC; "none": the plain map.
 WEIGHTINGS = ("fsc", "none")
 
 
@@ -128,14 +135,13 @@ class ContrastResult:
     correlation: object
 
 
-def fit_contrast(xp, images, models, pixel_size_angstrom, fit: ContrastFit, fsc=None) -> ContrastResult:
+def fit_contrast(xp, images, models, pixel_size_angstrom, fit: ContrastFit) -> ContrastResult:
     """Least-squares scale of each model image to its particle image, with its uncertainty.
 
-    ``images`` and ``models`` are real (n, box, box) arrays; the window and the
-    band come from ``fit``; ``pixel_size_angstrom`` is a scalar or (n,) array.
-    ``fsc`` (a ``fsc.ShellCurve`` of the two half maps, or None for exact maps)
-    weights the model so that map noise does not bias α (see the module
-    docstring), unless ``fit.weighting`` is "none". A model with no power in the band gets α = 0, σ = NaN and
+    ``images`` and ``models`` are real (n, box, box) arrays (the models
+    projected from the Wiener-filtered map, see the module docstring); the
+    window and the band come from ``fit``; ``pixel_size_angstrom`` is a scalar
+    or (n,) array. A model with no power in the band gets α = 0, σ = NaN and
     correlation 0.
     """
     box = images.shape[-1]
@@ -146,8 +152,6 @@ def fit_contrast(xp, images, models, pixel_size_angstrom, fit: ContrastFit, fsc=
     image_ft = xp.fft.rfft2(images)
     model_ft = xp.fft.rfft2(models)
     weights = band_weights(xp, box, pixel_size_angstrom, fit)
-    if fsc is not None and fit.weighting == "fsc":
-        model_ft = model_ft * signal_fraction(xp, fsc, box, pixel_size_angstrom)
     cross = (weights * (image_ft * xp.conj(model_ft)).real).sum(axis=(-2, -1))
     model_power = (weights * _power(xp, model_ft)).sum(axis=(-2, -1))
     image_power = (weights * _power(xp, image_ft)).sum(axis=(-2, -1))
@@ -164,15 +168,3 @@ def fit_contrast(xp, images, models, pixel_size_angstrom, fit: ContrastFit, fsc=
 
 def _power(xp, spectra):
     return (spectra * xp.conj(spectra)).real
-
-
-def signal_fraction(xp, fsc, box: int, pixel_size_angstrom):
-    """The half maps' FSC, clipped to [0, 1], on each particle's rfft2 grid (n, box, box//2 + 1).
-
-    A particle frequency k (cycles per box) is k / (box · pixel size) 1/Å; the
-    map's shell at that frequency gives S² / (S² + N²) of one half map there.
-    """
-    kx, ky = frequency_grid(xp, box)
-    psize = xp.asarray(pixel_size_angstrom, dtype="float32").reshape(-1, 1, 1)
-    frequency = xp.sqrt(kx * kx + ky * ky)[None] / (box * psize)
-    return xp.clip(fsc.at(xp, frequency), 0.0, 1.0)

@@ -10,8 +10,9 @@ frequency r / (N · voxel size) 1/Å.
 
 Why dsub needs it: each half map is the true map S plus its own noise N of
 equal power, so the FSC of the two halves estimates S² / (S² + N²) shell by
-shell -- the fraction of a half map's power that is signal. That is the
-Wiener factor that makes the contrast fit unbiased (``contrast.py``).
+shell -- the fraction of a half map's power that is signal. Multiplying the
+half map's transform by it (``wiener_filter``) gives the least-squares
+estimate of S, the model that makes the contrast fit unbiased (``contrast.py``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,19 @@ class ShellCurve:
 
     frequency_per_angstrom: np.ndarray
     values: np.ndarray
+    coefficients: np.ndarray | None = None  # (m,) Fourier coefficients summed in each shell
+
+    def significant(self, sigmas: float = 3.0) -> "ShellCurve":
+        """The curve with shells not above ``sigmas`` times their noise (1/sqrt(coefficients)) set to 0.
+
+        The FSC of two unrelated maps scatters about 0 with a standard deviation of
+        about 1/sqrt(n) for n coefficients in the shell.
+        """
+        if self.coefficients is None:
+            return self
+        noise = sigmas / np.sqrt(np.maximum(self.coefficients, 1))
+        return ShellCurve(self.frequency_per_angstrom, np.where(self.values > noise, self.values, 0.0),
+                          self.coefficients)
 
     def at(self, xp, frequency_per_angstrom):
         """The curve linearly interpolated at ``frequency_per_angstrom`` (any shape, 1/Å), float32.
@@ -78,5 +92,22 @@ def fourier_shell_correlation(xp, half_a, half_b, voxel_size_angstrom: float) ->
     norm = xp.sqrt(power_a * power_b)
     fsc = xp.where(norm > 0, cross / xp.where(norm > 0, norm, 1.0), 0.0)
     values = to_numpy(fsc).astype(np.float64)
+    counts = to_numpy(xp.bincount(shell, minlength=shells)[:shells]).astype(np.int64)
     frequency = np.arange(shells) / (box * float(voxel_size_angstrom))
-    return ShellCurve(frequency_per_angstrom=frequency, values=values)
+    return ShellCurve(frequency_per_angstrom=frequency, values=values, coefficients=counts)
+
+
+def wiener_filter(xp, volume, curve: ShellCurve):
+    """``volume`` (cubic, z y x, the maps' box and voxel size) with each shell scaled by the significant FSC.
+
+    Factor per voxel of frequency: ``curve.significant()`` clipped to [0, 1] at
+    that frequency (0 beyond the last shell, the map's Nyquist). Returns float32.
+    """
+    volume = xp.asarray(volume, dtype="float32")
+    box = int(volume.shape[0])
+    voxel = 1.0 / (box * float(curve.frequency_per_angstrom[1]))
+    kz = xp.fft.fftfreq(box) * box
+    kx = xp.fft.rfftfreq(box) * box
+    radius = xp.sqrt(kz[:, None, None] ** 2 + kz[None, :, None] ** 2 + kx[None, None, :] ** 2)
+    factor = xp.clip(curve.significant().at(xp, radius / (box * voxel)), 0.0, 1.0)
+    return xp.fft.irfftn(xp.fft.rfftn(volume) * factor, s=volume.shape, axes=(0, 1, 2)).astype("float32")

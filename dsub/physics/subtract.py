@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from .contrast import SCALE_MODES, ContrastFit, ContrastResult, fit_contrast
 from .ctf import ctf_2d
+from .fsc import wiener_filter
 from .projector import PROJECTORS, PreparedVolume, prepare_volume, project
 
 
@@ -38,7 +39,7 @@ class SubtractionSettings:
 class HalfMapModel:
     """One half-map prepared twice: whole, and restricted to the region to subtract."""
 
-    full: PreparedVolume
+    full: PreparedVolume  # Wiener-filtered by the half maps' FSC unless the fit's weighting is "none"
     masked: PreparedVolume
     fsc: object = None  # fsc.ShellCurve of the two half maps; None: treat the map as exact
 
@@ -52,12 +53,16 @@ def subtraction_region(xp, mask, mask_keeps: bool):
 def prepare_half_map(xp, half_map, mask, settings: SubtractionSettings, fsc=None) -> HalfMapModel:
     """Prepare a half-map for projection, whole and masked (done once per worker).
 
-    ``fsc``: the two half maps' ``fsc.ShellCurve``, for the contrast fit.
+    ``fsc``: the two half maps' ``fsc.ShellCurve``. With the default
+    ``settings.fit.weighting`` ("fsc") the whole map, which only serves the
+    contrast fit, is Wiener-filtered by it in 3D (see ``contrast.py``); the
+    masked map, which is subtracted, never is.
     """
     half_map = xp.asarray(half_map, dtype="float32")
     region = subtraction_region(xp, mask, settings.mask_keeps)
+    fit_map = half_map if fsc is None or settings.fit.weighting != "fsc" else wiener_filter(xp, half_map, fsc)
     return HalfMapModel(
-        full=prepare_volume(xp, half_map, settings.padding),
+        full=prepare_volume(xp, fit_map, settings.padding),
         masked=prepare_volume(xp, half_map * region, settings.padding),
         fsc=fsc,
     )
@@ -106,7 +111,7 @@ def subtract_batch(xp, images, particles, model: HalfMapModel, settings: Subtrac
     if model.full.box != box:
         raise ValueError(f"map box {model.full.box} differs from particle box {box}")
     full, masked = model_images(xp, model, particles, box, settings)
-    fitted = fit_contrast(xp, images, full, particles.pixel_size_angstrom, settings.fit, fsc=model.fsc)
+    fitted = fit_contrast(xp, images, full, particles.pixel_size_angstrom, settings.fit)
     if settings.scale == "fit":
         alpha = fitted.alpha
     elif settings.scale == "input":
