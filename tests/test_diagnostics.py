@@ -16,6 +16,8 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 import pytest
+import starfile
+import zarr
 
 from dsub.cli import main
 from dsub.demo import PIXEL_SIZE, make_dataset
@@ -71,6 +73,27 @@ def test_good_input_is_silent_and_its_figures_are_recorded(dataset, tmp_path, ca
         else:
             assert every["negative_fraction"] == 0 and every["outlier_fraction"] == 0
             assert every["median_contrast"] == pytest.approx(np.median(sim.contrast), rel=0.1)
+        check_fit_outputs(outdir, sim, fitted=scale == "fit")
+
+
+def check_fit_outputs(outdir, sim, fitted: bool):
+    """Store arrays, star columns and .cs fields of the fit agree; σ is NaN unless α was fitted."""
+    stored = zarr.open_group(str(outdir / "subtracted.zarr"), mode="r")
+    sigma, correlation = np.asarray(stored["contrast_sigma"][:]), np.asarray(stored["fit_correlation"][:])
+    assert sigma.dtype == correlation.dtype == np.float32 and sigma.shape == correlation.shape == (COUNT,)
+    rows = starfile.read(outdir / "particles_subtracted.star", always_dict=True)["particles"]
+    cs = np.load(outdir / "particles_subtracted.cs", max_header_size=2**30)
+    np.testing.assert_allclose(rows["rlnDsubContrastSigma"].to_numpy(), sigma, rtol=1e-6)
+    np.testing.assert_allclose(rows["rlnDsubFitCorrelation"].to_numpy(), correlation, rtol=1e-6)
+    np.testing.assert_allclose(rows["rlnDsubContrast"].to_numpy(), stored["contrast"][:], rtol=1e-6)
+    np.testing.assert_array_equal(cs["dsub/contrast_sigma"], sigma)
+    np.testing.assert_array_equal(cs["dsub/fit_correlation"], correlation)
+    assert np.all((correlation > 0) & (correlation < 1))
+    if fitted:  # α errors of about σ: the true contrast lies within a few σ of each fit
+        assert np.all(sigma > 0)
+        assert np.mean(np.abs(stored["contrast"][:] - sim.contrast) / sigma) < 3
+    else:
+        assert np.all(np.isnan(sigma))
 
 
 def test_cs_with_scrambled_poses_is_reported_before_the_run(dataset, tmp_path, capsys):
