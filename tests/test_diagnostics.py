@@ -162,3 +162,21 @@ def test_contrast_spread_counts_negatives_beyond_the_noise():
     noisy = contrast_spread(np.array([1.0, 0.5, 1.5, -0.2]), np.full(4, 1.0))
     # Median 0.75, sigma 1: P(alpha < 0) = Phi(-0.75) for every particle.
     assert noisy["expected_negative_fraction"] == pytest.approx(0.5 * (1 + math.erf(-0.75 / math.sqrt(2))))
+
+
+def test_sample_figures_are_strict_json_and_few_particles_skip_the_pose_check(recwarn):
+    from dsub.physics.contrast import ContrastResult
+    from dsub.workflow.diagnostics import check_sample
+
+    lines = []
+    ones = np.ones(12, dtype=np.float32)
+    # Every gain equal (t infinite), one image unusable (NaN): figures still strict JSON.
+    fit = ContrastResult(ones.copy(), 0.05 * ones, 0.5 * ones)
+    fit.alpha[3] = np.nan
+    figures = check_sample(None, np.arange(12), (fit, 0.1 * ones), "fit", lines.append)
+    json.dumps(figures, allow_nan=False)
+    assert figures["particles"] == 11 and figures["maps_explain_images"] and figures["own_pose_t"] is None
+    few = check_sample(None, np.arange(4), (ContrastResult(ones[:4], ones[:4], ones[:4]), ones[:4]), "fit",
+                       lines.append)
+    assert "maps_explain_images" not in few  # too few particles to judge
+    assert not [w for w in recwarn.list if "dsub" in type(w.message).__module__]

@@ -147,7 +147,13 @@ def check_sample(table, sample: np.ndarray, result, scale: str, say) -> dict:
     if usable.any():
         say(f"Sample fit on {usable.sum()} particles: median contrast {figures['median_contrast']:.3f}, fit "
             f"correlation magnitude {own:.3f} (with other particles' poses: {other:.3f}).")
-    return figures
+    return _json_safe(figures)
+
+
+def _json_safe(figures: dict) -> dict:
+    """Infinite or NaN figures as None, so dsub_run.json stays strict JSON."""
+    return {key: None if isinstance(value, float) and not math.isfinite(value) else value
+            for key, value in figures.items()}
 
 
 def check_input_contrast(table, rows: np.ndarray, fitted: np.ndarray, sigma: np.ndarray, say,
@@ -207,4 +213,4 @@ def check_results(per_particle: dict, skipped: np.ndarray, scale: str, sample: d
         warn(f"the maps explain almost nothing of the images: the median fit correlation magnitude of all particles "
              f"({own:.3f}) is no better than the sample's with other particles' poses ({control:.3f}). The "
              "poses, CTF or maps probably do not belong to these particles.")
-    return figures
+    return _json_safe(figures)
