@@ -57,9 +57,9 @@ def main():
             t0 = time.perf_counter()
             images = read_images(chunk.image_paths, chunk.image_indices)
             t1 = time.perf_counter()
-            subtracted, alpha = subtract_particles(images, chunk, models, settings, args.device)
+            subtracted, contrast = subtract_particles(images, chunk, models, settings, args.device)
             t2 = time.perf_counter()
-            store.write_chunk(store_path, index, start, subtracted, alpha)
+            store.write_chunk(store_path, index, start, subtracted, contrast)
             t3 = time.perf_counter()
             if index:  # the first chunk pays for FFT plans and kernel compilation
                 steps["read"].append(t1 - t0)

@@ -77,7 +77,7 @@ def main():
             prepare_s = time.perf_counter() - started
             gpu, a_gpu = subtract_batch(cupy, images[few], table.subset(few), model, settings)
             difference = float(np.max(np.abs(gpu.get() - cpu)) / np.max(np.abs(cpu)))
-            alpha_difference = float(np.max(np.abs(a_gpu.get() - a_cpu) / np.abs(a_cpu)))
+            alpha_difference = float(np.max(np.abs(a_gpu.alpha.get() - a_cpu.alpha) / np.abs(a_cpu.alpha)))
             on_gpu = cupy.asarray(images)
             compute_s = timed(cupy, lambda: subtract_batch(cupy, on_gpu, table, model, settings), args.repeats)
             transfer_s = timed(

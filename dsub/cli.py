@@ -12,7 +12,7 @@ from . import __version__
 from .cluster import ClusterSpec, parse_adapt
 from .errors import INTERRUPTED, DsubError, DsubWarning, OptionError, error_line
 from .formats.paths import PATH_MODES
-from .physics.contrast import SCALE_MODES, ContrastFit
+from .physics.contrast import SCALE_MODES, WEIGHTINGS, ContrastFit
 from .physics.projector import PROJECTORS
 from .physics.subtract import SubtractionSettings
 
@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="low-resolution limit of the contrast fit in Å (100; 0 = include all but DC)")
     run.add_argument("--fit-highres", type=float, default=0.0,
                      help="high-resolution limit of the contrast fit in Å (0 = Nyquist)")
+    run.add_argument("--fit-weighting", choices=WEIGHTINGS, default="fsc",
+                     help="fsc: weight the contrast fit by the half maps' FSC, so their noise does not bias it "
+                          "(default); none: the plain least-squares fit (for maps without noise)")
     run.add_argument("--projector", choices=PROJECTORS, default="padded",
                      help="padded: slice on the padded grid, crop after the inverse FFT (accurate, default); "
                           "relion: box-point slice as relion_particle_subtract")
@@ -175,6 +178,7 @@ def settings_from_args(args) -> SubtractionSettings:
             window_outer=args.window_outer,
             low_resolution_angstrom=args.fit_lowres or None,
             high_resolution_angstrom=args.fit_highres or None,
+            weighting=args.fit_weighting,
         )
         return SubtractionSettings(
             projector=args.projector, padding=args.padding, scale=args.scale, mask_keeps=args.mask_keeps, fit=fit,

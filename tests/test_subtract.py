@@ -42,7 +42,8 @@ def run(maps, mask, sim, settings, images=None, swap_halves=False, table=None):
     for half in (HALF_A, HALF_B):
         members = np.flatnonzero(table.half_set == half)
         model = models[3 - half] if swap_halves else models[half]
-        out[members], alpha[members] = subtract_batch(np, images[members], table.subset(members), model, settings)
+        out[members], fitted = subtract_batch(np, images[members], table.subset(members), model, settings)
+        alpha[members] = fitted.alpha
     return out, alpha
 
 

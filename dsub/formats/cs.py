@@ -357,6 +357,7 @@ def write_particles(
     image_paths,
     image_indices,
     contrast=None,
+    extra_fields: dict | None = None,
 ) -> None:
     """Write a numpy-format .cs with every input row in input order.
 
@@ -364,6 +365,7 @@ def write_particles(
     (``contrast``; None keeps the input's alpha, or 1.0) are replaced; a .cs
     input passes every other field through, a star input gets its fields built
     from the table (see ``_fields_from_table``, ``star_uids``).
+    ``extra_fields`` ({name: (n,) array}) are added or replace the input's.
     """
     n = len(table)
     if table.source_format == "cs":
@@ -384,6 +386,8 @@ def write_particles(
         fields["alignments3D/alpha"] = np.ones(n, dtype="<f4")
     else:
         fields["alignments3D/alpha"] = fields["alignments3D/alpha"].astype("<f4")
+    for name, values in (extra_fields or {}).items():
+        fields[name] = np.asarray(values).reshape(n)
     out = np.empty(n, dtype=[(k, v.dtype, v.shape[1:]) for k, v in fields.items()])
     for name, values in fields.items():
         out[name] = values

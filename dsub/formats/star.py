@@ -365,6 +365,7 @@ def write_particles(
     path: str | os.PathLike,
     image_names,
     original_names=None,
+    extra_columns: dict | None = None,
 ) -> None:
     """Write a RELION 3.1 star file: optics + particles, every input row in input order.
 
@@ -372,6 +373,7 @@ def write_particles(
     gets ``original_names``, by default the input's image names (as
     ``relion_particle_subtract`` does, so ``--revert`` works). A star input
     passes every column through; a .cs input gets columns built from the table.
+    ``extra_columns`` ({label: (n,) values}) are added or replace the input's.
     Written to a temporary file beside ``path`` and renamed into place.
     """
     if table.source_format == "star":
@@ -389,6 +391,8 @@ def write_particles(
     original = default_original if original_names is None else np.asarray(original_names, object)
     particles["rlnImageOriginalName"] = original
     particles["rlnImageName"] = names
+    for label, values in (extra_columns or {}).items():
+        particles[label] = np.asarray(values)
     _write_atomic({"optics": optics, "particles": particles}, Path(path))
 
 

@@ -20,6 +20,35 @@ it, 2.37 % without), because the CTF spreads the particle's signal into the
 box edges and corners that the window cuts. Neighbouring particles and
 background there are uncorrelated with the model, so leaving them in adds
 noise but no bias.
+
+Noisy half maps. A half map is the true map S plus its own noise N, so
+E|M|² = |C|²(S² + N²) while the image only holds α·C·S: the plain fit above is
+biased low by S²/(S² + N²) shell by shell. That factor is what the FSC f of the
+two half maps estimates (``fsc.py``), so dsub fits against the projection M_w
+of the half map Wiener-filtered in 3D, f·(S + N) shell by shell, which by the
+central-slice theorem is f·M at the same frequency in 1/Å (map voxel size and
+particle pixel size may differ):
+
+    α = Σ_B h Re(X · conj(M_w)) / Σ_B h |M_w|²
+
+E[X · conj(M_w)] = α f |C|² S² and E|M_w|² = f² |C|² (S² + N²) = f |C|² S², so
+the fit is unbiased; M_w is the least-squares estimate of the true signal, so
+shells where the maps are mostly noise weigh little. The filter is applied to
+the map, not to the 2D model: the padded projector crops each projection to the
+box, which spreads every frequency's noise over the others, so noise beyond the
+maps' resolution must be gone before the projection (measured on EMD-3488 with
+half maps whose FSC crosses 0.143 at 7.5 Å: −15 % bias when filtering the 2D
+model, +1 % when filtering the map; see benchmarks/README.md).
+
+Its uncertainty is the heteroscedasticity-consistent ("sandwich") standard
+error of a least-squares slope, with the residual R = X − α M_w as the noise of
+each coefficient:
+
+    σ_α² = Σ_B h |M_w|² |R|² / (Σ_B h |M_w|²)²
+
+(White 1980, Econometrica 48:817), which holds for coloured noise as for white.
+The fit quality is the correlation of image and model over the band,
+Σ h Re(X conj M_w) / sqrt(Σ h |X|² · Σ h |M_w|²).
 """
 
 from __future__ import annotations
@@ -31,6 +60,8 @@ import numpy as np
 from .ctf import frequency_grid
 
 SCALE_MODES = ("fit", "input", "none")
+#: "fsc": fit against the half map Wiener-filtered by the half maps' FSC; "none": the plain map.
+WEIGHTINGS = ("fsc", "none")
 
 
 @dataclass(frozen=True)
@@ -41,8 +72,11 @@ class ContrastFit:
     window_outer: float | None = None  # cryoSPARC: 0.99
     low_resolution_angstrom: float | None = 100.0
     high_resolution_angstrom: float | None = None  # None: up to Nyquist
+    weighting: str = "fsc"
 
     def __post_init__(self):
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"fit weighting must be one of {WEIGHTINGS}, not {self.weighting!r}")
         inner, outer = self.window_inner, self.window_outer
         if (inner is None) != (outer is None):
             raise ValueError("give both window radii, or neither to fit without a window")
@@ -88,11 +122,27 @@ def band_weights(xp, box: int, pixel_size_angstrom, fit: ContrastFit):
     return xp.where(keep, hermitian[None], 0.0).astype("float32")
 
 
-def fit_contrast(xp, images, models, pixel_size_angstrom, fit: ContrastFit):
-    """Least-squares scale of each model image to its particle image, shape (n,).
+@dataclass
+class ContrastResult:
+    """Per-particle contrast and how well it is determined; arrays (n,) float32 (NumPy or CuPy).
 
-    ``images`` and ``models`` are real (n, box, box) arrays; the window and the
-    band come from ``fit``. A model with no power in the band gets α = 0.
+    ``alpha``: the contrast scale; ``sigma``: its standard error (NaN where not
+    fitted); ``correlation``: of the image and the model over the fit band.
+    """
+
+    alpha: object
+    sigma: object
+    correlation: object
+
+
+def fit_contrast(xp, images, models, pixel_size_angstrom, fit: ContrastFit) -> ContrastResult:
+    """Least-squares scale of each model image to its particle image, with its uncertainty.
+
+    ``images`` and ``models`` are real (n, box, box) arrays (the models
+    projected from the Wiener-filtered map, see the module docstring); the
+    window and the band come from ``fit``; ``pixel_size_angstrom`` is a scalar
+    or (n,) array. A model with no power in the band gets α = 0, σ = NaN and
+    correlation 0.
     """
     box = images.shape[-1]
     if fit.window_inner is not None:
@@ -103,6 +153,18 @@ def fit_contrast(xp, images, models, pixel_size_angstrom, fit: ContrastFit):
     model_ft = xp.fft.rfft2(models)
     weights = band_weights(xp, box, pixel_size_angstrom, fit)
     cross = (weights * (image_ft * xp.conj(model_ft)).real).sum(axis=(-2, -1))
-    power = (weights * (model_ft * xp.conj(model_ft)).real).sum(axis=(-2, -1))
-    safe = xp.where(power > 0, power, 1.0)
-    return xp.where(power > 0, cross / safe, 0.0).astype("float32")
+    model_power = (weights * _power(xp, model_ft)).sum(axis=(-2, -1))
+    image_power = (weights * _power(xp, image_ft)).sum(axis=(-2, -1))
+    fitted = model_power > 0
+    safe = xp.where(fitted, model_power, 1.0)
+    alpha = xp.where(fitted, cross / safe, 0.0)
+    residual_ft = image_ft - alpha[:, None, None] * model_ft
+    spread = (weights * _power(xp, model_ft) * _power(xp, residual_ft)).sum(axis=(-2, -1))
+    sigma = xp.where(fitted, xp.sqrt(spread) / safe, xp.nan)
+    norm = xp.sqrt(model_power * image_power)
+    correlation = xp.where(norm > 0, cross / xp.where(norm > 0, norm, 1.0), 0.0)
+    return ContrastResult(alpha.astype("float32"), sigma.astype("float32"), correlation.astype("float32"))
+
+
+def _power(xp, spectra):
+    return (spectra * xp.conj(spectra)).real

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .contrast import SCALE_MODES, ContrastFit, fit_contrast
+from .contrast import SCALE_MODES, ContrastFit, ContrastResult, fit_contrast
 from .ctf import ctf_2d
+from .fsc import wiener_filter
 from .projector import PROJECTORS, PreparedVolume, prepare_volume, project
 
 
@@ -42,8 +43,9 @@ class SubtractionSettings:
 class HalfMapModel:
     """One half-map prepared twice: whole, and restricted to the region to subtract."""
 
-    full: PreparedVolume
+    full: PreparedVolume  # Wiener-filtered by the half maps' FSC unless the fit's weighting is "none"
     masked: PreparedVolume
+    fsc: object = None  # fsc.ShellCurve of the two half maps; None: treat the map as exact
 
 
 def subtraction_region(xp, mask, mask_keeps: bool):
@@ -52,13 +54,21 @@ def subtraction_region(xp, mask, mask_keeps: bool):
     return 1.0 - mask if mask_keeps else mask
 
 
-def prepare_half_map(xp, half_map, mask, settings: SubtractionSettings) -> HalfMapModel:
-    """Prepare a half-map for projection, whole and masked (done once per worker)."""
+def prepare_half_map(xp, half_map, mask, settings: SubtractionSettings, fsc=None) -> HalfMapModel:
+    """Prepare a half-map for projection, whole and masked (done once per worker).
+
+    ``fsc``: the two half maps' ``fsc.ShellCurve``. With the default
+    ``settings.fit.weighting`` ("fsc") the whole map, which only serves the
+    contrast fit, is Wiener-filtered by it in 3D (see ``contrast.py``); the
+    masked map, which is subtracted, never is.
+    """
     half_map = xp.asarray(half_map, dtype="float32")
     region = subtraction_region(xp, mask, settings.mask_keeps)
+    fit_map = half_map if fsc is None or settings.fit.weighting != "fsc" else wiener_filter(xp, half_map, fsc)
     return HalfMapModel(
-        full=prepare_volume(xp, half_map, settings.padding),
+        full=prepare_volume(xp, fit_map, settings.padding),
         masked=prepare_volume(xp, half_map * region, settings.padding),
+        fsc=fsc,
     )
 
 
@@ -94,18 +104,20 @@ def model_images(xp, model: HalfMapModel, particles, box: int, settings: Subtrac
 
 
 def subtract_batch(xp, images, particles, model: HalfMapModel, settings: SubtractionSettings):
-    """Subtract the masked projection from each image; returns (subtracted, alpha).
+    """Subtract the masked projection from each image; returns (subtracted, ``ContrastResult``).
 
     ``particles`` is a ``ParticleTable`` of the batch, all of one half set, and
-    ``model`` that half set's prepared half-map.
+    ``model`` that half set's prepared half-map. The result holds the α used, its
+    fitted uncertainty (NaN unless fitted) and the fit correlation (always).
     """
     images = xp.asarray(images, dtype="float32")
     box = images.shape[-1]
     if model.full.box != box:
         raise ValueError(f"map box {model.full.box} differs from particle box {box}")
     full, masked = model_images(xp, model, particles, box, settings)
+    fitted = fit_contrast(xp, images, full, particles.pixel_size_angstrom, settings.fit)
     if settings.scale == "fit":
-        alpha = fit_contrast(xp, images, full, particles.pixel_size_angstrom, settings.fit)
+        alpha = fitted.alpha
     elif settings.scale == "input":
         if particles.input_contrast is None:
             raise ValueError("scale 'input' needs each particle's contrast in the input metadata")
@@ -113,4 +125,5 @@ def subtract_batch(xp, images, particles, model: HalfMapModel, settings: Subtrac
     else:
         alpha = xp.ones(images.shape[0], dtype="float32")
     subtracted = images - alpha[:, None, None] * masked
-    return subtracted, alpha
+    sigma = fitted.sigma if settings.scale == "fit" else xp.full(alpha.shape, xp.nan, dtype="float32")
+    return subtracted, ContrastResult(alpha, sigma, fitted.correlation)

@@ -13,6 +13,8 @@
   was subtracted with;
 * re-centred or re-boxed particles (``rebox``): the star and .cs carry their
   new origins and box (``rlnImageSize``, ``blob/shape``);
+* both carry the contrast fit's uncertainty and quality (``FIT_COLUMNS``,
+  ``FIT_FIELDS``): dsub's own labels, since neither program defines one;
 * ``OUTDIR/skipped_particles.star``: with ``--skip-bad-particles``, the input
   rows of the particles left out (their slots in the stacks hold zeros, and no
   metadata row points at them).
@@ -40,6 +42,10 @@ STACK_FOLDER = "Particles"
 STAR_NAME = "particles_subtracted.star"
 CS_NAME = "particles_subtracted.cs"
 SKIPPED_NAME = "skipped_particles.star"
+#: Store array -> star label / .cs field for what the contrast fit measured of each particle.
+FIT_COLUMNS = {"contrast": "rlnDsubContrast", "contrast_sigma": "rlnDsubContrastSigma",
+               "fit_correlation": "rlnDsubFitCorrelation"}
+FIT_FIELDS = {"contrast_sigma": "dsub/contrast_sigma", "fit_correlation": "dsub/fit_correlation"}
 
 
 def stack_layout(count: int, particles_per_stack: int) -> list[tuple[str, int, int]]:
@@ -87,7 +93,8 @@ def new_image_locations(count: int, particles_per_stack: int) -> tuple[np.ndarra
 
 
 def write_metadata(table, outdir: Path, particles_per_stack: int, contrast: np.ndarray,
-                   skipped: np.ndarray | None = None, exported=None, paths_mode: str = "auto") -> None:
+                   skipped: np.ndarray | None = None, exported=None, paths_mode: str = "auto",
+                   fit: dict | None = None) -> None:
     """Write the star and .cs files that point at the exported stacks (skipped particles left out).
 
     ``exported`` is the table that describes the exported images when it differs
@@ -96,7 +103,9 @@ def write_metadata(table, outdir: Path, particles_per_stack: int, contrast: np.n
     come from ``table``. ``paths_mode`` (``--paths``): how stack paths are
     written, see ``formats.paths.written_paths``; the star's start from the
     current folder, the .cs's from ``table.extra["project_folder"]`` (the
-    cryoSPARC project folder).
+    cryoSPARC project folder). ``fit``: {store array name: (n,) values} of
+    ``store.PER_PARTICLE`` besides ``contrast``, written under ``FIT_COLUMNS`` /
+    ``FIT_FIELDS``.
     """
     exported = table if exported is None else exported
     relative, indices = new_image_locations(len(table), particles_per_stack)
@@ -114,8 +123,13 @@ def write_metadata(table, outdir: Path, particles_per_stack: int, contrast: np.n
         warn(f"{CS_NAME}: the images are CTF-premultiplied (rlnCtfDataAreCtfPremultiplied), and a cryoSPARC "
              "particle .cs has no field that says so: cryoSPARC would treat them as plain images. Continue "
              f"from {STAR_NAME} in RELION, which keeps the flag.")
-    star_format.write_particles(kept, outdir / STAR_NAME, names[keep])
-    cs_format.write_particles(kept, outdir / CS_NAME, paths[keep], indices[keep], contrast[keep])
+    measured = {"contrast": np.asarray(contrast), **(fit or {})}
+    columns = {FIT_COLUMNS[name]: np.asarray(values, np.float32)[keep] for name, values in measured.items()}
+    fields = {FIT_FIELDS[name]: np.asarray(values, "<f4")[keep] for name, values in measured.items()
+              if name in FIT_FIELDS}
+    star_format.write_particles(kept, outdir / STAR_NAME, names[keep], extra_columns=columns)
+    cs_format.write_particles(kept, outdir / CS_NAME, paths[keep], indices[keep], contrast[keep],
+                              extra_fields=fields)
 
 
 def original_image_names(table) -> np.ndarray:

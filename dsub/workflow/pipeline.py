@@ -33,15 +33,14 @@ from ..particles import HALF_A
 from ..physics.backend import gpu_available, resolve_device
 from ..physics.subtract import SubtractionSettings
 from ..report import REPORT_FOLDER
-from . import export, rebox, record, region, resources, store, validate
+from . import diagnostics, export, rebox, record, region, resources, store, validate
 from .outdir import explain_os_error, file_identity, prepare_outdir, run_fingerprint
-from .tasks import MapFiles, fit_sample, half_map_models, run_chunk
+from .tasks import MapFiles, half_map_models, run_chunk
 from .transcript import Transcript
 
 RUN_SUMMARY = "dsub_run.json"
 #: What a finished export leaves beside the stacks; none of it may outlive a failed run.
 METADATA = (export.STAR_NAME, export.CS_NAME, export.SKIPPED_NAME, RUN_SUMMARY)
-POLARITY_SAMPLE = 64
 
 
 @dataclass
@@ -115,31 +114,6 @@ def prepare_maps_where_visible(maps: MapFiles, settings, options: RunOptions, bo
                     estimate if device == "cpu" else None, done="Maps prepared"):
         half_map_models(maps, settings, device)
     return None
-
-
-def polarity_task(table, maps: MapFiles, settings, device: str):
-    """A task that fits α on a sample of particles, to check the input contrast's polarity."""
-    sample = np.unique(np.linspace(0, len(table) - 1, min(POLARITY_SAMPLE, len(table))).astype(int))
-    particles = dataclasses.replace(table.subset(sample), source=None)
-    return sample, dask.delayed(fit_sample, pure=False)(
-        particles, maps, dataclasses.replace(settings, scale="fit"), device, dask_key_name="polarity-check"
-    )
-
-
-def check_polarity(table, sample, fitted, options: RunOptions) -> None:
-    """With input contrast, refuse when a fit on a sample finds the opposite sign."""
-    given_values = table.input_contrast[sample]
-    given, measured = np.sign(np.median(given_values)), np.sign(np.median(fitted))
-    if given != measured:
-        raise InputFileError(
-            table.source_path,
-            f"the input contrast scales are {'positive' if given > 0 else 'negative'} but a fit on "
-            f"{sample.size} particles finds them {'positive' if measured > 0 else 'negative'}: the images "
-            "have the opposite polarity to what the metadata implies.",
-            "Use --scale fit (it absorbs the polarity), or check the stacks' contrast inversion.",
-        )
-    say(options, f"Polarity check: input contrast agrees with a fit on {sample.size} particles "
-                 f"(median fitted {np.median(fitted):.3f}, median input {np.median(given_values):.3f}).")
 
 
 def subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings, options: RunOptions) -> dict:
@@ -227,13 +201,14 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
         waiting = prepare_maps_where_visible(maps, settings, options, box)
         if waiting is None:  # prepared here (on workers it is part of their first chunk)
             timings["prepare_maps"] = time.monotonic() - started - sum(timings.values())
+        sample, task = diagnostics.sample_task(table, maps, settings, device)
+        sample_fit = runner.compute([task], "sample fit", [len(sample)], waiting, unit="tasks")[0]
+        checked = diagnostics.check_sample(table, sample, sample_fit, settings.scale, lambda line: say(options, line))
         sample_check = None
-        if settings.scale == "input":
-            sample, task = polarity_task(table, maps, settings, device)
-            fitted = runner.compute([task], "polarity check", [len(sample)], waiting, unit="tasks")[0]
-            check_polarity(table, sample, fitted, options)
-            if len(fitted) == sample.size:  # bad images in the sample are left out of the fit
-                sample_check = {"index": sample.tolist(), "fitted_contrast": np.asarray(fitted).tolist()}
+        if settings.scale == "input":  # for the report: fitted against input contrast
+            fitted = np.asarray(sample_fit[0].alpha)
+            usable = np.isfinite(fitted)
+            sample_check = {"index": sample[usable].tolist(), "fitted_contrast": fitted[usable].tolist()}
         if not resuming:
             store.create_store(store_path, len(table), out_box, options.chunk_size,
                                {**identity, "fingerprint": fingerprint})
@@ -268,12 +243,15 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
         runner.compute(export_tasks, "export", [stop - start for _, start, stop in layout], unit="stacks")
         workers, phases = runner.workers, runner.phases
     results = store.open_store(store_path)
-    contrast = np.asarray(results["contrast"][:])
+    fit = store.per_particle(store_path)
+    contrast = fit.pop("contrast")
     skipped = np.asarray(results["skipped"][:], dtype=bool)
+    diagnosed = {"sample": checked, "all": diagnostics.check_results(
+        {"contrast": contrast, **fit}, skipped, settings.scale, checked)}
     with all_metadata_or_none(outdir):
         exported = rebox.reboxed_table(table, reboxing) if reboxing is not None else None
         export.write_metadata(table, outdir, options.particles_per_stack, contrast, skipped, exported,
-                              options.paths)
+                              options.paths, fit)
         timings["export"] = time.monotonic() - started - sum(timings.values())
         kept = contrast[~skipped]
         summary = {
@@ -293,6 +271,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             "contrast_negative_fraction": float(np.mean(kept < 0)) if kept.size else None,
             "skipped_particles": skipped_report(table, skipped),
             "input_contrast_check": sample_check,
+            "diagnostics": diagnosed,
             "outputs": {"store": store.STORE_NAME, "star": export.STAR_NAME, "cs": export.CS_NAME,
                         "stacks": export.STACK_FOLDER},
         }
@@ -448,11 +427,7 @@ def report(summary: dict, outdir: Path, options: RunOptions) -> None:
         say(options, f"WARNING: {skipped} particles with NaN or infinite values were left out; they are "
                      f"listed in {export.SKIPPED_NAME} and {RUN_SUMMARY}.")
     negative = summary["contrast_negative_fraction"] or 0.0
-    if summary["scale"] == "fit" and negative > 0.5:
-        say(options, f"WARNING: {negative:.0%} of the fitted contrast scales are negative: the images have "
-                     "the opposite contrast to the maps (inverted stacks). The subtraction is still right, "
-                     "because the fit absorbs the sign, but check the polarity before refining.")
-    elif negative > 0:
+    if 0 < negative <= 0.5:
         say(options, f"{negative:.1%} of the contrast scales are negative.")
     say(options, f"Outputs in {outdir}: {export.STAR_NAME}, {export.CS_NAME}, {export.STACK_FOLDER}/, "
                  f"{store.STORE_NAME}, {RUN_SUMMARY}")

@@ -5,6 +5,9 @@ Layout of ``OUTDIR/subtracted.zarr``:
 * ``images``      float32 (n, box, box), one Zarr chunk per particle chunk; ``box`` is the
   output box (``--new-box``, else the particles' box);
 * ``contrast``    float32 (n,), the contrast scale α each particle was subtracted with;
+* ``contrast_sigma``  float32 (n,), the standard error of a fitted α (NaN unless ``--scale fit``);
+* ``fit_correlation`` float32 (n,), correlation of image and full model over the fit band;
+  all three NaN for skipped particles;
 * ``skipped``     uint8 (n,), 1 for particles left out (``--skip-bad-particles``);
 * ``chunk_done``  uint8 (n_chunks,), set to 1 after a chunk's images,
   contrast and skip marks are written, so a rerun knows what is finished;
@@ -23,6 +26,8 @@ import numpy as np
 import zarr
 
 STORE_NAME = "subtracted.zarr"
+#: Per-particle float32 arrays and the ``ContrastResult`` field each holds.
+PER_PARTICLE = {"contrast": "alpha", "contrast_sigma": "sigma", "fit_correlation": "correlation"}
 
 
 def chunk_bounds(count: int, chunk_size: int) -> list[tuple[int, int]]:
@@ -38,10 +43,11 @@ def create_store(path: Path, count: int, box: int, chunk_size: int, run_attrs: d
         "images", shape=(count, box, box), chunks=(chunk_size, box, box), dtype="float32",
         fill_value=0.0, compressors=None,
     )
-    group.create_array(
-        "contrast", shape=(count,), chunks=(chunk_size,), dtype="float32", fill_value=float("nan"),
-        compressors=None,
-    )
+    for name in PER_PARTICLE:
+        group.create_array(
+            name, shape=(count,), chunks=(chunk_size,), dtype="float32", fill_value=float("nan"),
+            compressors=None,
+        )
     group.create_array("skipped", shape=(count,), chunks=(chunk_size,), dtype="uint8", fill_value=0)
     group.create_array("chunk_done", shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0)
     group.attrs["run"] = run_attrs
@@ -53,13 +59,17 @@ def open_store(path: Path, mode: str = "r") -> zarr.Group:
     return zarr.open_group(str(path), mode=mode)
 
 
-def write_chunk(path: Path, chunk_index: int, start: int, images: np.ndarray, contrast: np.ndarray,
+def write_chunk(path: Path, chunk_index: int, start: int, images: np.ndarray, contrast,
                 skipped: np.ndarray | None = None) -> None:
-    """Write one chunk's results, then mark the chunk finished (in that order)."""
+    """Write one chunk's results, then mark the chunk finished (in that order).
+
+    ``contrast`` is a ``ContrastResult`` of (n,) NumPy arrays.
+    """
     group = open_store(path, mode="r+")
     stop = start + images.shape[0]
     group["images"][start:stop] = images
-    group["contrast"][start:stop] = contrast
+    for name, field in PER_PARTICLE.items():
+        group[name][start:stop] = getattr(contrast, field)
     if skipped is not None and skipped.any():
         group["skipped"][start:stop] = skipped.astype(np.uint8)
     group["chunk_done"][chunk_index] = 1
@@ -68,3 +78,14 @@ def write_chunk(path: Path, chunk_index: int, start: int, images: np.ndarray, co
 def finished_chunks(path: Path) -> np.ndarray:
     """Boolean array: which chunks are complete."""
     return np.asarray(open_store(path)["chunk_done"][:], dtype=bool)
+
+
+def per_particle(path: Path) -> dict:
+    """{name: (n,) float32 NumPy array} of every per-particle array in the store (``PER_PARTICLE``).
+
+    A store written before an array existed gives NaN for it.
+    """
+    group = open_store(path)
+    count = group["contrast"].shape[0]
+    return {name: np.asarray(group[name][:]) if name in group else np.full(count, np.nan, np.float32)
+            for name in PER_PARTICLE}

@@ -8,6 +8,7 @@ file paths.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from ..errors import InputFileError
 from ..formats.mrc import read_images, read_map
 from ..particles import HALF_A, HALF_B
 from ..physics.backend import device_label, get_xp, resolve_device, to_numpy
+from ..physics.contrast import ContrastResult
+from ..physics.fsc import fourier_shell_correlation
 from ..physics.lowpass import lowpass_map
 from ..physics.subtract import SubtractionSettings, prepare_half_map, subtract_batch
 from . import resources, store
@@ -41,25 +44,23 @@ _models: dict = {}
 _models_lock = threading.Lock()
 
 
-def read_half_map(xp, path: str, settings: SubtractionSettings):
-    """One half map, low-pass filtered first when ``settings.lowpass_angstrom`` asks for it."""
-    volume, voxel = read_map(path)
-    if settings.lowpass_angstrom:
-        return lowpass_map(xp, volume, voxel, settings.lowpass_angstrom)
-    return volume
-
-
 def half_map_models(maps: MapFiles, settings: SubtractionSettings, device: str) -> dict:
     """Prepared models {HALF_A: ..., HALF_B: ...} for this process, built on first use."""
-    key = (maps, settings.padding, settings.mask_keeps, settings.lowpass_angstrom, device)  # what they depend on
+    key = (maps, settings.padding, settings.mask_keeps, settings.lowpass_angstrom, settings.fit.weighting,
+           device)  # what the prepared maps depend on
     with _models_lock:
         if key not in _models:
             xp = get_xp(device)
             mask, _ = read_map(maps.mask)
             _models.clear()  # one run's models at a time per process
+            (half_a, voxel), (half_b, _) = read_map(maps.half_a), read_map(maps.half_b)
+            if settings.lowpass_angstrom:
+                half_a, half_b = (lowpass_map(xp, half, voxel, settings.lowpass_angstrom) for half in (half_a, half_b))
+            # One map for all (--single-map): no second half to tell signal from noise.
+            fsc = None if maps.half_a == maps.half_b else fourier_shell_correlation(xp, half_a, half_b, voxel)
             _models[key] = {
-                HALF_A: prepare_half_map(xp, read_half_map(xp, maps.half_a, settings), mask, settings),
-                HALF_B: prepare_half_map(xp, read_half_map(xp, maps.half_b, settings), mask, settings),
+                HALF_A: prepare_half_map(xp, half_a, mask, settings, fsc),
+                HALF_B: prepare_half_map(xp, half_b, mask, settings, fsc),
             }
         return _models[key]
 
@@ -97,19 +98,24 @@ def batch_size(box: int, settings: SubtractionSettings, device: str, chunk_size:
 
 
 def subtract_particles(images: np.ndarray, particles, models: dict, settings, device: str):
-    """Subtract every particle with its own half set's model; returns (subtracted, alpha) as NumPy."""
+    """Subtract every particle with its own half set's model.
+
+    Returns (subtracted (n, box, box), ``ContrastResult`` of (n,) arrays), all NumPy float32.
+    """
     xp = get_xp(device)
+    count = images.shape[0]
     subtracted = np.empty(images.shape, dtype=np.float32)
-    alpha = np.empty(images.shape[0], dtype=np.float32)
-    step = batch_size(images.shape[-1], settings, device, images.shape[0])
+    contrast = ContrastResult(*(np.empty(count, dtype=np.float32) for _ in range(3)))
+    step = batch_size(images.shape[-1], settings, device, count)
     for half in (HALF_A, HALF_B):
         members = np.flatnonzero(particles.half_set == half)
         for first in range(0, members.size, step):
             batch = members[first : first + step]
-            result, scale = subtract_batch(xp, images[batch], particles.subset(batch), models[half], settings)
+            result, fitted = subtract_batch(xp, images[batch], particles.subset(batch), models[half], settings)
             subtracted[batch] = to_numpy(result)
-            alpha[batch] = to_numpy(scale)
-    return subtracted, alpha
+            for name in ("alpha", "sigma", "correlation"):
+                getattr(contrast, name)[batch] = to_numpy(getattr(fitted, name))
+    return subtracted, contrast
 
 
 def bad_images(images: np.ndarray, particles, skip: bool) -> np.ndarray:
@@ -141,19 +147,39 @@ def run_chunk(chunk_index: int, start: int, particles, maps: MapFiles, settings,
     images = read_images(particles.image_paths, particles.image_indices)
     bad = bad_images(images, particles, skip_bad)
     images[bad] = 0.0
-    subtracted, alpha = subtract_particles(images, particles, models, settings, device)
+    subtracted, contrast = subtract_particles(images, particles, models, settings, device)
     if reboxing is not None:
         subtracted = rebox_images(np, subtracted, particles, reboxing)
     subtracted[bad] = 0.0
-    alpha[bad] = np.nan
-    store.write_chunk(Path(store_path), chunk_index, start, subtracted, alpha, bad)
+    for values in (contrast.alpha, contrast.sigma, contrast.correlation):
+        values[bad] = np.nan
+    store.write_chunk(Path(store_path), chunk_index, start, subtracted, contrast, bad)
     return device_label(device)
 
 
 def fit_sample(particles, maps: MapFiles, settings, device: str):
-    """Task body: fitted contrast of a sample of particles (for the polarity check)."""
+    """Task body: contrast fit of a sample of particles, for the checks before the long run.
+
+    Returns (fit, control): the ``ContrastResult`` of the sample with its own
+    poses, and the fit correlation of each image with the model in another
+    sample particle's pose and origin (its own CTF and half set), a baseline of
+    what a model that does not belong to the image explains. Images with NaN or
+    infinite values get NaN throughout. ``settings.scale`` should be "fit".
+    """
     device = resolve_device(device)
     images = read_images(particles.image_paths, particles.image_indices)
-    good = ~bad_images(images, particles, skip=True)
+    good = np.flatnonzero(~bad_images(images, particles, skip=True))
     models = half_map_models(maps, settings, device)
-    return subtract_particles(images[good], particles.subset(np.flatnonzero(good)), models, settings, device)[1]
+    chosen = particles.subset(good)
+    others = dataclasses.replace(
+        chosen, rotations=np.roll(chosen.rotations, 1, axis=0),
+        origins_angstrom=np.roll(chosen.origins_angstrom, 1, axis=0),
+    )
+    fit = ContrastResult(*(np.full(len(particles), np.nan, dtype=np.float32) for _ in range(3)))
+    control = np.full(len(particles), np.nan, dtype=np.float32)
+    if good.size:
+        own = subtract_particles(images[good], chosen, models, settings, device)[1]
+        for name in ("alpha", "sigma", "correlation"):
+            getattr(fit, name)[good] = getattr(own, name)
+        control[good] = subtract_particles(images[good], others, models, settings, device)[1].correlation
+    return fit, control
