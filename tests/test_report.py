@@ -28,7 +28,7 @@ from dsub.report.imaging import bin_images, image_spectra, low_pass, radial_powe
 
 BOX = 48
 COUNT = 40
-FIGURES = ("examples.png", "power_spectra.png", "contrast.png")
+FIGURES = ("examples.png", "power_spectra.png", "contrast.png", "fit_quality.png")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -94,12 +94,24 @@ def test_demo_run_writes_every_figure_and_links_only_files_it_has(demo_run):
     for name in FIGURES:
         assert (report / name).read_bytes()[:8] == PNG_SIGNATURE, name
     page = parse(report / "index.html")
-    assert sorted(page.links) == sorted(FIGURES)  # fit quality was not recorded by this run: no figure
+    assert sorted(page.links) == sorted(FIGURES)
     for link in page.links:
         assert not link.startswith(("/", "file:", "http")) and ".." not in link  # relative: the folder travels
         assert (report / link).is_file()
-    assert "Not recorded by this run." in (report / "index.html").read_text(encoding="utf-8")
+    assert "Not recorded by this run." not in (report / "index.html").read_text(encoding="utf-8")
     assert sorted(p.name for p in report.iterdir()) == sorted(FIGURES + ("index.html",))
+
+
+def test_runs_without_fit_quality_say_so(clean_dataset, tmp_path):
+    paths, _ = clean_dataset
+    outdir = tmp_path / "out"
+    assert subtract(paths, outdir) == 0
+    store = zarr.open_group(str(outdir / "subtracted.zarr"), mode="r+")
+    for name in ("fit_correlation", "contrast_sigma"):  # as a store written before dsub recorded them
+        del store[name]
+    page_path = write_report(outdir)
+    assert "Not recorded by this run." in page_path.read_text(encoding="utf-8")
+    assert sorted(parse(page_path).links) == sorted(name for name in FIGURES if name != "fit_quality.png")
 
 
 def test_report_numbers_match_the_star_file_and_the_store(demo_run):
@@ -144,7 +156,9 @@ def test_report_without_a_finished_run_is_one_error_line(state, demo_run, tmp_pa
 def test_subtracted_model_is_the_simulated_signal_and_spectra_are_ordered(clean_dataset, tmp_path):
     paths, sim = clean_dataset
     outdir = tmp_path / "out"
-    assert subtract(paths, outdir) == 0
+    # Each simulated particle holds its own half map exactly, not a common truth: the FSC weighting
+    # (made for half maps = truth + noise) would scale the model by about 2 %.
+    assert subtract(paths, outdir, "--fit-weighting", "none") == 0
     data = gather(outdir)
     halves = [example.half_set for example in data.examples]
     assert halves.count(1) == 3 and halves.count(2) == 3
@@ -169,7 +183,7 @@ def test_fit_quality_and_contrast_outliers_recorded_in_the_store(clean_dataset, 
     store = zarr.open_group(str(outdir / "subtracted.zarr"), mode="r+")
     correlation = np.linspace(0.2, 0.9, COUNT).astype(np.float32)
     for name, values in (("fit_correlation", correlation), ("contrast_sigma", np.full(COUNT, 0.05, np.float32))):
-        store.create_array(name, shape=(COUNT,), chunks=(16,), dtype="float32")[:] = values
+        store[name][:] = values
     contrast = np.asarray(store["contrast"][:])
     planted = [3, 17]  # one far too strong, one of the wrong sign
     contrast[planted] = [10.0, -1.0]
