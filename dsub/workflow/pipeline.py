@@ -140,12 +140,12 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             "which --scale input needs.",
             "Use --scale fit to fit each particle's contrast instead.",
         )
-    pixel_size = validate.particle_pixel_size(table)
-    validate.check_maps(half_a, half_b, mask, box, pixel_size)
+    pixel_size = validate.check_maps(half_a, half_b, mask, box, table)
     validate.check_images(table, box)
     check_device(options)
     device = options.device
-    maps = MapFiles(str(Path(half_a).resolve()), str(Path(half_b).resolve()), str(Path(mask).resolve()))
+    maps = MapFiles(str(Path(half_a).resolve()), str(Path(half_b).resolve()), str(Path(mask).resolve()),
+                    pixel_size)
 
     identity = run_identity(particles_path, maps, table, box, settings, options)
     fingerprint = run_fingerprint(identity)
@@ -183,11 +183,10 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
         timings["subtract"] = time.monotonic() - started - sum(timings.values())
         export_tasks = [
             dask.delayed(export.write_stack_from_store, pure=False)(
-                store_path, outdir, relative, start, stop, float(table.pixel_size_angstrom[start]),
-                dask_key_name=f"export-stack-{number:04d}",
+                store_path, outdir, relative, rows, pixel_size, dask_key_name=f"export-stack-{number:04d}",
             )
-            for number, (relative, start, stop) in enumerate(
-                export.stack_layout(len(table), options.particles_per_stack))
+            for number, (relative, rows, pixel_size) in enumerate(
+                export.stack_layout(len(table), options.particles_per_stack, table.pixel_size_angstrom))
         ]
         runner.compute(export_tasks, "export")
         workers = runner.workers
@@ -195,7 +194,8 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     contrast = np.asarray(results["contrast"][:])
     skipped = np.asarray(results["skipped"][:], dtype=bool)
     with all_metadata_or_none(outdir):
-        export.write_metadata(table, outdir, options.particles_per_stack, contrast, skipped)
+        export.write_metadata(table, outdir, options.particles_per_stack,
+                              None if settings.scale == "none" else contrast, skipped)
         timings["export"] = time.monotonic() - started - sum(timings.values())
         kept = contrast[~skipped]
         summary = {

@@ -33,6 +33,7 @@ class MapFiles:
     half_a: str
     half_b: str
     mask: str
+    pixel_size_angstrom: float | None = None  # the maps' voxel size (None: each particle's own)
 
 
 _models: dict = {}
@@ -48,8 +49,8 @@ def half_map_models(maps: MapFiles, settings: SubtractionSettings, device: str) 
             mask, _ = read_map(maps.mask)
             _models.clear()  # one run's models at a time per process
             _models[key] = {
-                HALF_A: prepare_half_map(xp, read_map(maps.half_a)[0], mask, settings),
-                HALF_B: prepare_half_map(xp, read_map(maps.half_b)[0], mask, settings),
+                HALF_A: prepare_half_map(xp, read_map(maps.half_a)[0], mask, settings, maps.pixel_size_angstrom),
+                HALF_B: prepare_half_map(xp, read_map(maps.half_b)[0], mask, settings, maps.pixel_size_angstrom),
             }
         return _models[key]
 

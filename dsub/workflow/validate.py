@@ -14,29 +14,64 @@ from ..particles import HALF_A, HALF_B
 PIXEL_SIZE_TOLERANCE = 0.01
 
 
+def _groups_text(table, rows) -> str:
+    """``optics group 2`` / ``optics groups 1, 3``: the groups of the particles ``rows``."""
+    groups = np.unique(np.asarray(table.optics_group)[rows]).tolist()
+    return f"optics group{'s' if len(groups) > 1 else ''} {', '.join(map(str, groups))}"
+
+
 def particle_box(table) -> int:
     """The one box size of all particles (dsub needs a single box)."""
     boxes = np.unique(table.box_size)
     if boxes.size != 1:
+        by_box = "; ".join(f"{_groups_text(table, table.box_size == box)}: {box} px" for box in boxes)
         raise InputFileError(
             table.source_path,
-            f"particles come in several box sizes ({', '.join(map(str, boxes))} px).",
-            "Subtract each box size separately (split the file by optics group).",
+            f"particles come in several box sizes ({by_box}).",
+            "Subtract each box size separately (split the file by optics group), each with maps at that box.",
         )
     return int(boxes[0])
 
 
-def particle_pixel_size(table) -> float:
-    """The one pixel size of all particles, within 1 % (the maps have a single voxel size)."""
-    sizes = table.pixel_size_angstrom
-    if sizes.max() - sizes.min() > PIXEL_SIZE_TOLERANCE * sizes.min():
-        distinct = ", ".join(f"{size:g}" for size in np.unique(np.round(sizes, 4))[:6])
-        raise InputFileError(
-            table.source_path,
-            f"particles come with several pixel sizes ({distinct} Å), but the maps have one voxel size.",
-            "Subtract each pixel size separately (split the file by optics group), with maps at that pixel size.",
-        )
-    return float(np.median(sizes))
+def map_pixel_size(table, maps: dict) -> float:
+    """The maps' one voxel size in Å; each map file must agree within 1 %.
+
+    ``maps`` is {label: (path, voxel size from the header)}. Particles of any pixel
+    size are subtracted at their own scale (``physics.optics.slice_matrices``), as
+    RELION does for merged data sets; a map whose voxel size is within 1 % of no
+    optics group's pixel size gets a warning (a wrong header is the likelier cause).
+    A header without a voxel size is taken to be at the particles' pixel size when
+    they all share one, and refused otherwise.
+    """
+    known = {label: voxel for label, (_, voxel) in maps.items() if voxel > 0}
+    sizes = np.asarray(table.pixel_size_angstrom, dtype=np.float64)
+    groups = np.unique(np.round(sizes, 4))
+    if known:
+        reference = float(np.median(list(known.values())))
+        for label, voxel in known.items():
+            if abs(voxel - reference) > PIXEL_SIZE_TOLERANCE * reference:
+                others = [v for other, v in known.items() if other != label]
+                raise InputFileError(
+                    maps[label][0],
+                    f"{label} has a voxel size of {voxel:.4f} Å but the other maps {np.median(others):.4f} Å.",
+                    "Use half maps and a mask at one voxel size (or fix the header if only it is wrong).",
+                )
+    for label, (path, voxel) in maps.items():
+        if voxel <= 0:
+            if not known and groups.size > 1:
+                raise InputFileError(
+                    path, f"{label} has no voxel size in its header, and the particles come with several "
+                    f"pixel sizes ({', '.join(f'{g:g}' for g in groups)} Å).",
+                    "Set the maps' voxel size (e.g. relion_image_handler --angpix ... --force_header_angpix).",
+                )
+            fallback = float(np.median(list(known.values()))) if known else float(groups[0])
+            warn(f"{path}: no voxel size in the header; assuming {fallback:.4f} Å")
+    pixel = float(np.median(list(known.values()))) if known else float(groups[0])
+    if not np.any(np.abs(groups - pixel) <= PIXEL_SIZE_TOLERANCE * pixel):
+        warn(f"the maps' voxel size {pixel:.4f} Å is more than 1 % from every optics group's pixel size "
+             f"({', '.join(f'{g:g}' for g in groups)} Å); each particle's projection is rescaled to its own "
+             "pixel size, which is right only if the map header is")
+    return pixel
 
 
 #: Per-particle values that must be finite, with the names users know them by.
@@ -135,26 +170,23 @@ def recommended_edge_pixels(pixel_size: float) -> int:
     return int(max(3, np.ceil(6.0 / pixel_size)))
 
 
-def check_maps(half_a: str, half_b: str, mask: str, box: int, pixel_size: float) -> None:
-    """Half maps and mask: readable, same cubic box as the particles, pixel size, mask in [0, 1]."""
-    shapes = {}
+def check_maps(half_a: str, half_b: str, mask: str, box: int, table) -> float:
+    """Half maps and mask: readable, same cubic box as the particles, one voxel size, mask in [0, 1].
+
+    Returns the maps' voxel size in Å (see ``map_pixel_size``).
+    """
+    voxels = {}
     for label, path in (("half map A", half_a), ("half map B", half_b), ("mask", mask)):
         volume, voxel = read_map(path)
-        shapes[label] = volume.shape
+        voxels[label] = (path, voxel)
         if volume.shape[0] != box:
             raise InputFileError(
                 path,
-                f"{label} has a box of {volume.shape[0]} voxels but the particles are {box} px.",
-                "Resample or re-box the map to the particles' box (e.g. relion_image_handler --new_box).",
+                f"{label} has a box of {volume.shape[0]} voxels but the particles "
+                f"({_groups_text(table, slice(None))}) are {box} px.",
+                "Resample or re-box the map to the particles' box (e.g. relion_image_handler --new_box), "
+                "or subtract each optics group with maps at its own box.",
             )
-        if voxel > 0 and abs(voxel - pixel_size) > PIXEL_SIZE_TOLERANCE * pixel_size:
-            raise InputFileError(
-                path,
-                f"{label} has a voxel size of {voxel:.4f} Å but the particles' pixel size is {pixel_size:.4f} Å.",
-                "Use maps at the particles' pixel size (or fix the header if only it is wrong).",
-            )
-        if voxel <= 0:
-            warn(f"{path}: no voxel size in the header; assuming the particles' {pixel_size:.4f} Å")
         if not np.all(np.isfinite(volume)):
             raise InputFileError(path, f"{label} contains NaN or infinite values.", "Use a valid map.")
         if label != "mask" and not np.any(volume):
@@ -170,12 +202,14 @@ def check_maps(half_a: str, half_b: str, mask: str, box: int, pixel_size: float)
             if high <= 0:
                 raise InputFileError(path, "the mask is empty (all zeros).", "Check the mask file.")
             width = mask_edge_width(volume)
+            pixel_size = voxel if voxel > 0 else float(np.median(table.pixel_size_angstrom))
             if width < HARD_EDGE_PIXELS:
                 warn(
                     f"{path}: the mask has a hard edge (about {width:.1f} px soft), which rings in the "
                     f"subtracted images. A soft edge of at least {recommended_edge_pixels(pixel_size)} px "
                     f"(about 6 Å) is recommended, e.g. relion_mask_create --width_soft_edge."
                 )
+    return map_pixel_size(table, voxels)
 
 
 def check_images(table, box: int) -> None:
