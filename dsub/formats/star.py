@@ -40,6 +40,7 @@ KNOWN_OPTICS_LABELS = {
     "rlnEvenZernike", "rlnMagMat00", "rlnMagMat01", "rlnMagMat10", "rlnMagMat11",
     "rlnMicrographPixelSize", "rlnMicrographOriginalPixelSize", "rlnCtfBfactor",
     "rlnCtfScalefactor", "rlnPhaseShift", "rlnDetectorPixelSize", "rlnMagnification",
+    "rlnMicrographBinning",
 }
 _FIX = "dsub reads RELION 3.0 and 3.1+ particle .star files (e.g. run_data.star of a Refine3D job)."
 

@@ -87,6 +87,9 @@ _FINITE = {
     "amplitude_contrast": "rlnAmplitudeContrast (ctf/amp_contrast)",
     "ctf_bfactor": "rlnCtfBfactor (ctf/bfactor)",
     "pixel_size_angstrom": "the pixel size (rlnImagePixelSize or blob/psize_A)",
+    "ctf_scale": "rlnCtfScalefactor (ctf/scale)",
+    "beam_tilt_mrad": "rlnBeamTiltX/Y (ctf/tilt_A)",
+    "mag_matrix": "rlnMagMat00..11 (ctf/anisomag)",
 }
 
 
