@@ -267,3 +267,25 @@ def test_unmodelled_optics_columns_are_named_in_a_warning(shared_data, tmp_path)
 
     with pytest.warns(UserWarning, match="rlnMtfFileName is not modelled"):
         star_format.read_particles(write_variant(shared_data, tmp_path, mtf))
+
+
+def test_cryosparc_tilt_and_magnification_reach_relions_optics_table(shared_data, tmp_path):
+    table = star_format.read_particles(shared_data / "cryodrgn/relion31.star")
+    table.beam_tilt_mrad = np.tile([0.4, -0.7], (len(table), 1))
+    table.mag_matrix = np.tile([[1.01, 0.002], [-0.003, 0.995]], (len(table), 1, 1))
+    table.ctf_scale = np.linspace(0.8, 1.2, len(table))
+    cs_path = tmp_path / "J1_particles.cs"
+    cs_format.write_particles(table, cs_path, ["stack.mrcs"] * len(table), table.image_indices)
+    written = np.load(cs_path)
+    # pyem's formula read backwards: tilt_A = sin(tilt mrad / 1e3) * cs_mm * 1e7
+    np.testing.assert_allclose(written["ctf/tilt_A"][0], np.sin([0.4e-3, -0.7e-3]) * table.spherical_aberration_mm[0] * 1e7, rtol=1e-5)
+    back = cs_format.read_particles(cs_path, cs_root=tmp_path)
+    star_path = tmp_path / "back.star"
+    star_format.write_particles(back, star_path, [f"{i + 1:06d}@stack.mrcs" for i in range(len(back))])
+    optics = starfile.read(star_path, always_dict=True)["optics"].iloc[0]
+    assert optics["rlnBeamTiltX"] == pytest.approx(0.4, rel=1e-4)
+    assert optics["rlnBeamTiltY"] == pytest.approx(-0.7, rel=1e-4)
+    assert [optics[f"rlnMagMat{r}{c}"] for r in range(2) for c in range(2)] == pytest.approx(
+        [1.01, 0.002, -0.003, 0.995], abs=1e-6)
+    particles = starfile.read(star_path, always_dict=True)["particles"]
+    np.testing.assert_allclose(particles["rlnCtfScalefactor"], table.ctf_scale, rtol=1e-6)

@@ -42,7 +42,7 @@ CTF_FIELDS = (
 #: ``ctf/*`` fields that dsub reads, or that do not change the images it models.
 KNOWN_CTF_FIELDS = set(CTF_FIELDS) | {
     "ctf/type", "ctf/exp_group_id", "ctf/phase_shift_rad", "ctf/bfactor", "ctf/scale",
-    "ctf/scale_const", "ctf/tilt_A", "ctf/anisomag", "ctf/cross_corr_ctffind4", "ctf/ctf_fit_to_A",
+    "ctf/tilt_A", "ctf/anisomag", "ctf/cross_corr_ctffind4", "ctf/ctf_fit_to_A",
     "ctf/path", "ctf/fig_of_merit_gctf",
 }
 #: ``blob/sign`` written for stacks that came from RELION. cryoSPARC's own import of
@@ -292,6 +292,9 @@ def _fields_from_table(table: ParticleTable) -> dict[str, np.ndarray]:
     """cryoSPARC fields built from the table (a star input); blob/path, idx, alpha set later."""
     n = len(table)
     psize = table.pixel_size_angstrom
+    if table.odd_zernike.any() or table.even_zernike.any():
+        warn(f"{table.source_path}: rlnOddZernike/rlnEvenZernike have no cryoSPARC field dsub can write "
+             "(ctf/trefoil_A and ctf/tetra_A use an unpublished convention); the .cs output leaves them out")
     return {
         "uid": star_uids(table.source_path, n),
         "blob/shape": np.stack([table.box_size, table.box_size], axis=1).astype("<u4"),
