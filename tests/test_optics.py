@@ -20,7 +20,9 @@ from scipy import ndimage
 
 from dsub.formats import cs as cs_format
 from dsub.formats import star as star_format
-from dsub.physics.optics import even_zernike_index_to_mn, odd_zernike_index_to_mn, zernike_cartesian
+from dsub.physics.optics import (
+    even_zernike_index_to_mn, fit_map_to_box, map_extent_voxels, odd_zernike_index_to_mn, zernike_cartesian,
+)
 from dsub.physics.subtract import SubtractionSettings, prepare_half_map, subtract_batch
 
 BOX = 64
@@ -65,8 +67,11 @@ def simulate(volume, row: pd.Series, map_pixel: float) -> np.ndarray:
     mag = np.array([[row.get("rlnMagMat00", 1.0), row.get("rlnMagMat01", 0.0)],
                     [row.get("rlnMagMat10", 0.0), row.get("rlnMagMat11", 1.0)]], dtype=float)
     A = relion_matrix(row["rlnAngleRot"], row["rlnAngleTilt"], row["rlnAnglePsi"])
-    ratio = (volume.shape[0] * map_pixel) / (box * pixel)
-    # Fourier model F_img(k) = F_P(ratio · M k)  <=>  img(r) = P(L r) / (ratio² det M), L = (ratio M)^-T
+    # RELION samples the map's transform at index (S a / (B p)) M k (applyScaleDifference, applyAnisoMag);
+    # it normalises the map's transform by (pad S)³ then multiplies by pad³ S (projector.cpp: normfft), and
+    # the image's by B²: F_img(k) = (B/S)² F_P(S a/(B p) M k) in unnormalised transforms. In real space, with
+    # c = a/p: img(r) = (B/S)² P(L r) / (c² det M), L = (c M)^-T, P the line sum through the map's voxels.
+    ratio = map_pixel / pixel
     L = np.linalg.inv(ratio * mag).T
     offsets = np.arange(box) - box // 2
     ry, rx = np.meshgrid(offsets, offsets, indexing="ij")
@@ -77,7 +82,7 @@ def simulate(volume, row: pd.Series, map_pixel: float) -> np.ndarray:
     centre = volume.shape[0] // 2
     samples = ndimage.map_coordinates(volume, [points[2] + centre, points[1] + centre, points[0] + centre],
                                       order=3, mode="constant", cval=0.0)
-    image = samples.sum(axis=-1) / (ratio * ratio * np.linalg.det(mag))
+    image = samples.sum(axis=-1) / (ratio * ratio * np.linalg.det(mag)) * (box / volume.shape[0]) ** 2
 
     k = np.fft.fftfreq(box) * box
     ky, kx = np.meshgrid(k, k, indexing="ij")
@@ -110,26 +115,48 @@ def merged_rows(star_path) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------- shared inputs
-@pytest.fixture(scope="module")
-def maps(shared_data):
-    """EMD-3488 at 1.25 Å in a 64 box (Fourier crop 100 -> 84, then a soft sphere and a real-space crop)."""
+def soft_sphere(shape, centre, radius, edge):
+    grid = np.indices(shape) - shape[0] // 2
+    distance = np.sqrt(((grid - np.reshape(centre, (3, 1, 1, 1))) ** 2).sum(axis=0))
+    return np.clip((radius - distance) / edge, 0, 1)
+
+
+def read_emd3488(shared_data) -> np.ndarray:
     import mrcfile
 
     with mrcfile.open(shared_data / "emd3488/emd_3488.mrc", permissive=True) as mrc:
-        full = np.asarray(mrc.data, dtype=np.float64)
+        return np.asarray(mrc.data, dtype=np.float64)
+
+
+@pytest.fixture(scope="module")
+def raw_map(shared_data):
+    """EMD-3488 in its deposited voxels (100 at 1.05 Å) under the same soft spheres as ``maps``.
+
+    Band-limited to the particles' Nyquist frequency (1/2.5 Å⁻¹, a Fourier crop to 84 voxels padded back):
+    the real-space simulator samples the map at the particles' pixels, which would alias finer detail.
+    """
+    scale = MAP_PIXEL / 1.05
+    spectrum = np.fft.fftshift(np.fft.fftn(read_emd3488(shared_data)))
+    keep = np.zeros_like(spectrum)
+    keep[8:92, 8:92, 8:92] = spectrum[8:92, 8:92, 8:92]
+    band_limited = np.fft.ifftn(np.fft.ifftshift(keep)).real
+    volume = band_limited * soft_sphere((100,) * 3, (0, 0, 0), 29 * scale, 3 * scale)
+    mask = soft_sphere((100,) * 3, (0, 0, 10 * scale), 16 * scale, 4 * scale)
+    return (volume / np.abs(volume).max()).astype(np.float32), mask.astype(np.float32), 1.05
+
+
+@pytest.fixture(scope="module")
+def maps(shared_data):
+    """EMD-3488 at 1.25 Å in a 64 box (Fourier crop 100 -> 84, then a soft sphere and a real-space crop)."""
+    full = read_emd3488(shared_data)
     spectrum = np.fft.fftshift(np.fft.fftn(full))
     lo = 50 - 42
     cropped = np.fft.ifftn(np.fft.ifftshift(spectrum[lo:lo + 84, lo:lo + 84, lo:lo + 84])).real
     start = 42 - BOX // 2
-    volume = cropped[start:start + BOX, start:start + BOX, start:start + BOX]
-    grid = np.indices(volume.shape) - BOX // 2
-    radius = np.sqrt((grid ** 2).sum(axis=0))
-    volume = volume * np.clip((29 - radius) / 3, 0, 1)
+    volume = cropped[start:start + BOX, start:start + BOX, start:start + BOX] * soft_sphere((BOX,) * 3, (0, 0, 0), 29, 3)
     volume = (volume / np.abs(volume).max()).astype(np.float32)
-    centre = np.array([0, 0, 10])[:, None, None, None]  # z, y, x: a region off-centre along x
-    distance = np.sqrt(((grid - centre) ** 2).sum(axis=0))
-    mask = np.clip((16 - distance) / 4, 0, 1).astype(np.float32)
-    return volume, mask
+    mask = soft_sphere((BOX,) * 3, (0, 0, 10), 16, 4).astype(np.float32)  # z, y, x: off-centre along x
+    return volume, mask, MAP_PIXEL
 
 
 def write_variant(shared_data, tmp_path, edit=None) -> tuple:
@@ -147,15 +174,20 @@ def write_variant(shared_data, tmp_path, edit=None) -> tuple:
     return path
 
 
-def masked_signal_left(maps, star_path, table=None) -> float:
-    """Share of the masked region's signal that dsub leaves in the simulated particles."""
-    volume, mask = maps
+def masked_signal_left(maps, star_path, table=None, given=None) -> float:
+    """Share of the masked region's signal that dsub leaves in the simulated particles.
+
+    ``maps`` (volume, mask, voxel size) simulate the particles; dsub subtracts with
+    ``given`` (the same three) when set, else with ``maps``.
+    """
+    volume, mask, voxel = maps
     table = star_format.read_particles(star_path) if table is None else table
     rows = merged_rows(star_path)
-    images = np.stack([simulate(volume, row, MAP_PIXEL) for _, row in rows.iterrows()]).astype(np.float32)
-    masked = np.stack([simulate(volume * mask, row, MAP_PIXEL) for _, row in rows.iterrows()])
+    images = np.stack([simulate(volume, row, voxel) for _, row in rows.iterrows()]).astype(np.float32)
+    masked = np.stack([simulate(volume * mask, row, voxel) for _, row in rows.iterrows()])
     settings = SubtractionSettings(scale="none", padding=2)
-    model = prepare_half_map(np, volume, mask, settings, pixel_size_angstrom=MAP_PIXEL)
+    volume, mask, voxel = maps if given is None else given
+    model = prepare_half_map(np, volume, mask, settings, pixel_size_angstrom=voxel)
     subtracted, _ = subtract_batch(np, images, table, model, settings)
     return float(np.linalg.norm(subtracted - (images - masked)) / np.linalg.norm(masked))
 
@@ -289,3 +321,18 @@ def test_cryosparc_tilt_and_magnification_reach_relions_optics_table(shared_data
         [1.01, 0.002, -0.003, 0.995], abs=1e-6)
     particles = starfile.read(star_path, always_dict=True)["particles"]
     np.testing.assert_allclose(particles["rlnCtfScalefactor"], table.ctf_scale, rtol=1e-6)
+
+
+def test_a_map_of_another_box_and_voxel_size_is_brought_to_the_particles(raw_map, maps, shared_data, tmp_path):
+    """The deposited 100-voxel map at 1.05 Å, particles at 64 px and 1.24/1.25 Å with the six real optics."""
+    path = write_variant(shared_data, tmp_path, with_scale_factors)
+    volume, mask, voxel = raw_map
+    extent = map_extent_voxels(volume.shape[0], BOX, 1.25, voxel)
+    assert extent == 76  # 64 px of 1.25 Å span 76 voxels of 1.05 Å
+    given = (fit_map_to_box(volume, extent, BOX), np.clip(fit_map_to_box(mask, extent, BOX, density=False), 0, 1),
+             voxel * extent / BOX)
+    reboxed = masked_signal_left(raw_map, path, given=given)
+    same_box = masked_signal_left(maps, path)
+    print(f"masked signal left: map at the particles' box {same_box:.4f}, re-boxed from 100 voxels at 1.05 Å "
+          f"{reboxed:.4f}")
+    assert reboxed < 1.5 * same_box + 0.01

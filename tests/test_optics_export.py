@@ -71,3 +71,41 @@ def test_scale_none_keeps_the_input_alpha(dataset, tmp_path):
     np.testing.assert_allclose(written["alignments3D/alpha"], alpha, rtol=1e-6)
     stored = zarr.open_group(str(outdir / "subtracted.zarr"), mode="r")
     np.testing.assert_array_equal(np.asarray(stored["contrast"][:]), 1.0)  # what it was subtracted with
+
+
+def pad_maps(paths, folder, size, shift=(0, 0, 0)):
+    """The dataset's maps zero-padded to ``size`` voxels (same voxel size), the mask moved by ``shift``."""
+    from dsub.formats.mrc import read_map, write_map
+
+    padded = {}
+    for key in ("half_a", "half_b", "mask"):
+        volume, voxel = read_map(paths[key])
+        out = np.zeros((size,) * 3, dtype=np.float32)
+        start = size // 2 - volume.shape[0] // 2
+        out[start:start + volume.shape[0], start:start + volume.shape[0], start:start + volume.shape[0]] = volume
+        if key == "mask":
+            out = np.roll(out, shift, axis=(0, 1, 2))
+        padded[key] = folder / f"{key}_{size}.mrc"
+        write_map(padded[key], out, voxel)
+    return padded
+
+
+def test_maps_of_a_larger_box_are_brought_to_the_particles_box(dataset, tmp_path, capsys):
+    from dsub.demo import residual_of_masked_region
+
+    paths, sim = dataset
+    assert run(paths, paths["star"], tmp_path / "same") == 0
+    same = residual_of_masked_region(tmp_path / "same", sim)
+    padded = pad_maps(paths, tmp_path, BOX + 10)
+    assert run({**paths, **padded}, paths["star"], tmp_path / "padded") == 0
+    reboxed = residual_of_masked_region(tmp_path / "padded", sim)
+    print(f"masked signal left: maps at the box {same:.4f}, maps at box {BOX + 10} {reboxed:.4f}")
+    assert reboxed < 1.2 * same + 0.005
+
+
+def test_a_mask_beyond_the_particles_box_is_refused(dataset, tmp_path, capsys):
+    paths, _ = dataset
+    padded = pad_maps(paths, tmp_path, BOX + 16, shift=(0, 0, 14))
+    assert run({**paths, **padded}, paths["star"], tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "dsub: error:" in err and str(padded["mask"]) in err and "outside the 32-voxel cube" in err

@@ -168,3 +168,62 @@ def slice_matrices(particles, map_pixel_size_angstrom=None, map_box: int | None 
         ratio = (map_box * float(map_pixel_size_angstrom)) / (box * particles.pixel_size_angstrom)
         out[:, :2, :] *= ratio[:, None, None]
     return out
+
+
+def map_extent_voxels(map_box: int, box: int, largest_pixel_angstrom: float, map_pixel_angstrom: float) -> int:
+    """How many of the map's voxels span the particles' box (their largest pixel size); the map box if equal."""
+    if map_box == box:
+        return int(map_box)
+    return max(1, int(round(box * largest_pixel_angstrom / map_pixel_angstrom)))
+
+
+def crop_or_pad(volume: np.ndarray, size: int) -> np.ndarray:
+    """A cubic map cropped or zero-padded to ``size`` voxels about its centre voxel ``N//2``."""
+    box = volume.shape[0]
+    if size == box:
+        return volume
+    out = np.zeros((size, size, size), dtype=volume.dtype)
+    if size < box:
+        start = box // 2 - size // 2
+        return volume[start : start + size, start : start + size, start : start + size].copy()
+    start = size // 2 - box // 2
+    out[start : start + box, start : start + box, start : start + box] = volume
+    return out
+
+
+def fourier_resample(volume: np.ndarray, size: int) -> np.ndarray:
+    """A cubic map Fourier-cropped or -padded to ``size`` voxels: same extent, voxel × N/size.
+
+    The unnormalised transform keeps its values at each physical frequency.
+    """
+    box = volume.shape[0]
+    if size == box:
+        return volume
+    spectrum = np.fft.fftshift(np.fft.fftn(np.asarray(volume, dtype=np.float64)))
+    small = min(size, box)
+    lo_in, lo_out = box // 2 - small // 2, size // 2 - small // 2
+    out = np.zeros((size, size, size), dtype=np.complex128)
+    window_in = slice(lo_in, lo_in + small)
+    window_out = slice(lo_out, lo_out + small)
+    out[window_out, window_out, window_out] = spectrum[window_in, window_in, window_in]
+    return np.fft.ifftn(np.fft.ifftshift(out)).real.astype(volume.dtype)
+
+
+def fit_map_to_box(volume: np.ndarray, extent_voxels: int, box: int, density: bool = True) -> np.ndarray:
+    """The map brought to the particles' box: crop/pad to ``extent_voxels``, then Fourier-resample to ``box``.
+
+    Its voxel size becomes ``voxel · extent_voxels / box`` (give that to
+    ``slice_matrices``), so each particle is sampled where RELION's
+    ``applyScaleDifference`` samples a map of another box S. Values are scaled by
+    ``(box / S)²``: RELION normalises the map's transform by ``(pad·S)³`` and
+    multiplies it by ``normfft = pad³·S`` (``Projector::computeFourierTransformMap``),
+    and the images' transforms by ``box²``, so a map of box S predicts ``(box/S)²``
+    times the line sum through its voxels. ``density=False`` (a mask) keeps the
+    values themselves instead (a mask of ones stays ones).
+    """
+    original = volume.shape[0]
+    if original == box:
+        return volume
+    fitted = fourier_resample(crop_or_pad(np.asarray(volume), int(extent_voxels)), int(box))
+    factor = (box / original) ** 2 if density else (box / extent_voxels) ** 3
+    return (fitted * factor).astype(fitted.dtype)

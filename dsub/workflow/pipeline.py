@@ -26,6 +26,7 @@ from ..errors import DsubError, InputFileError, OptionError, warn
 from ..formats import read_particles, select_rows
 from ..particles import HALF_A
 from ..physics.backend import gpu_available
+from ..physics.optics import map_extent_voxels
 from ..physics.subtract import SubtractionSettings
 from . import export, store, validate
 from .outdir import explain_os_error, file_identity, prepare_outdir, run_fingerprint
@@ -140,12 +141,17 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             "which --scale input needs.",
             "Use --scale fit to fit each particle's contrast instead.",
         )
-    pixel_size = validate.check_maps(half_a, half_b, mask, box, table)
+    pixel_size, map_box = validate.check_maps(half_a, half_b, mask, box, table)
+    extent = map_extent_voxels(map_box, box, float(np.max(table.pixel_size_angstrom)), pixel_size)
+    validate.warn_far_pixel_size(table, pixel_size * extent / box)
+    if map_box != box:
+        say(options, f"Maps of {map_box} voxels at {pixel_size:.4f} Å brought to the particles' {box} px box: "
+                     f"{extent} voxels kept, resampled to {box} (voxel {pixel_size * extent / box:.4f} Å).")
     validate.check_images(table, box)
     check_device(options)
     device = options.device
     maps = MapFiles(str(Path(half_a).resolve()), str(Path(half_b).resolve()), str(Path(mask).resolve()),
-                    pixel_size)
+                    pixel_size, box, extent)
 
     identity = run_identity(particles_path, maps, table, box, settings, options)
     fingerprint = run_fingerprint(identity)

@@ -18,6 +18,7 @@ from ..errors import InputFileError
 from ..formats.mrc import read_images, read_map
 from ..particles import HALF_A, HALF_B
 from ..physics.backend import device_label, get_xp, resolve_device, to_numpy
+from ..physics.optics import fit_map_to_box
 from ..physics.subtract import SubtractionSettings, prepare_half_map, subtract_batch
 from . import store
 
@@ -34,6 +35,16 @@ class MapFiles:
     half_b: str
     mask: str
     pixel_size_angstrom: float | None = None  # the maps' voxel size (None: each particle's own)
+    box: int | None = None  # the particles' box, to bring maps of another box to
+    extent_voxels: int | None = None  # the map voxels that box spans (physics.optics.map_extent_voxels)
+
+    def load(self, path: str, density: bool = True) -> tuple[np.ndarray, float | None]:
+        """A map at the particles' box, and its voxel size there (see ``physics.optics.fit_map_to_box``)."""
+        volume, _ = read_map(path)
+        if self.box is None or volume.shape[0] == self.box:
+            return volume, self.pixel_size_angstrom
+        fitted = fit_map_to_box(volume, self.extent_voxels, self.box, density)
+        return fitted, self.pixel_size_angstrom * self.extent_voxels / self.box
 
 
 _models: dict = {}
@@ -46,12 +57,13 @@ def half_map_models(maps: MapFiles, settings: SubtractionSettings, device: str) 
     with _models_lock:
         if key not in _models:
             xp = get_xp(device)
-            mask, _ = read_map(maps.mask)
+            mask, _ = maps.load(maps.mask, density=False)
+            mask = np.clip(mask, 0.0, 1.0)  # a re-boxed soft mask may ring a little past [0, 1]
             _models.clear()  # one run's models at a time per process
-            _models[key] = {
-                HALF_A: prepare_half_map(xp, read_map(maps.half_a)[0], mask, settings, maps.pixel_size_angstrom),
-                HALF_B: prepare_half_map(xp, read_map(maps.half_b)[0], mask, settings, maps.pixel_size_angstrom),
-            }
+            _models[key] = {}
+            for half, path in ((HALF_A, maps.half_a), (HALF_B, maps.half_b)):
+                volume, pixel_size = maps.load(path)
+                _models[key][half] = prepare_half_map(xp, volume, mask, settings, pixel_size)
         return _models[key]
 
 

@@ -9,6 +9,7 @@ import numpy as np
 from ..errors import InputFileError, MissingInputError, warn
 from ..formats.mrc import open_stack, read_map
 from ..particles import HALF_A, HALF_B
+from ..physics.optics import crop_or_pad, map_extent_voxels
 
 #: Relative disagreement between pixel sizes that is still accepted.
 PIXEL_SIZE_TOLERANCE = 0.01
@@ -39,7 +40,7 @@ def map_pixel_size(table, maps: dict) -> float:
     ``maps`` is {label: (path, voxel size from the header)}. Particles of any pixel
     size are subtracted at their own scale (``physics.optics.slice_matrices``), as
     RELION does for merged data sets; a map whose voxel size is within 1 % of no
-    optics group's pixel size gets a warning (a wrong header is the likelier cause).
+    optics group's pixel size gets a warning from ``warn_far_pixel_size``.
     A header without a voxel size is taken to be at the particles' pixel size when
     they all share one, and refused otherwise.
     """
@@ -66,12 +67,16 @@ def map_pixel_size(table, maps: dict) -> float:
                 )
             fallback = float(np.median(list(known.values()))) if known else float(groups[0])
             warn(f"{path}: no voxel size in the header; assuming {fallback:.4f} Å")
-    pixel = float(np.median(list(known.values()))) if known else float(groups[0])
+    return float(np.median(list(known.values()))) if known else float(groups[0])
+
+
+def warn_far_pixel_size(table, pixel: float) -> None:
+    """A warning when the maps' (possibly re-boxed) voxel size is within 1 % of no optics group's pixel size."""
+    groups = np.unique(np.round(np.asarray(table.pixel_size_angstrom, dtype=np.float64), 4))
     if not np.any(np.abs(groups - pixel) <= PIXEL_SIZE_TOLERANCE * pixel):
         warn(f"the maps' voxel size {pixel:.4f} Å is more than 1 % from every optics group's pixel size "
              f"({', '.join(f'{g:g}' for g in groups)} Å); each particle's projection is rescaled to its own "
              "pixel size, which is right only if the map header is")
-    return pixel
 
 
 #: Per-particle values that must be finite, with the names users know them by.
@@ -173,23 +178,30 @@ def recommended_edge_pixels(pixel_size: float) -> int:
     return int(max(3, np.ceil(6.0 / pixel_size)))
 
 
-def check_maps(half_a: str, half_b: str, mask: str, box: int, table) -> float:
-    """Half maps and mask: readable, same cubic box as the particles, one voxel size, mask in [0, 1].
+def check_maps(half_a: str, half_b: str, mask: str, box: int, table) -> tuple[float, int]:
+    """Half maps and mask: readable, one cubic shape and voxel size, mask in [0, 1].
 
-    Returns the maps' voxel size in Å (see ``map_pixel_size``).
+    Returns (the maps' voxel size in Å, their box). Maps of another box than the
+    particles are re-boxed by the workers (``physics.optics.fit_map_to_box``);
+    refused here when the mask, or warned when more than 1 % of a half map's
+    density, lies outside the part of the map that the particles' box spans.
     """
-    voxels = {}
+    voxels, shape = {}, None
+    largest_pixel = float(np.max(table.pixel_size_angstrom))
     for label, path in (("half map A", half_a), ("half map B", half_b), ("mask", mask)):
         volume, voxel = read_map(path)
         voxels[label] = (path, voxel)
-        if volume.shape[0] != box:
-            raise InputFileError(
-                path,
-                f"{label} has a box of {volume.shape[0]} voxels but the particles "
-                f"({_groups_text(table, slice(None))}) are {box} px.",
-                "Resample or re-box the map to the particles' box (e.g. relion_image_handler --new_box), "
-                "or subtract each optics group with maps at its own box.",
+        if shape is not None and volume.shape != shape[0]:
+            this, first = (path, label, volume.shape[0]), (voxels[shape[1]][0], shape[1], shape[0][0])
+            odd, other = (first, this) if first[2] != box and this[2] == box else (this, first)
+            raise InputFileError(  # names the map whose box is not the particles'
+                odd[0], f"{odd[1]} has a box of {odd[2]} voxels but {other[1]} {other[2]}.",
+                "Use half maps and a mask of one box (e.g. relion_image_handler --new_box).",
             )
+        shape = shape or (volume.shape, label)
+        if volume.shape[0] != box:
+            extent = map_extent_voxels(volume.shape[0], box, largest_pixel, voxel if voxel > 0 else largest_pixel)
+            check_map_reboxing(path, label, volume, extent, table, box)
         if not np.all(np.isfinite(volume)):
             raise InputFileError(path, f"{label} contains NaN or infinite values.", "Use a valid map.")
         if label != "mask" and not np.any(volume):
@@ -212,7 +224,25 @@ def check_maps(half_a: str, half_b: str, mask: str, box: int, table) -> float:
                     f"subtracted images. A soft edge of at least {recommended_edge_pixels(pixel_size)} px "
                     f"(about 6 Å) is recommended, e.g. relion_mask_create --width_soft_edge."
                 )
-    return map_pixel_size(table, voxels)
+    return map_pixel_size(table, voxels), int(shape[0][0])
+
+
+def check_map_reboxing(path, label: str, volume: np.ndarray, extent: int, table, box: int) -> None:
+    """What a crop to the ``extent`` voxels the particles' box spans would cut from the map."""
+    if extent >= volume.shape[0]:
+        return
+    kept = np.abs(crop_or_pad(volume, extent)).sum()
+    cut = 1.0 - float(kept / max(np.abs(volume).sum(), 1e-30))
+    groups = ", ".join(map(str, np.unique(table.optics_group)))
+    if label == "mask" and cut > 1e-3:
+        raise InputFileError(
+            path, f"{100 * cut:.1f} % of the mask lies outside the {extent}-voxel cube that the particles' "
+            f"{box} px box spans (optics groups {groups}), so that region cannot be subtracted.",
+            "Re-extract the particles in a larger box, or use a mask within the particles' box.",
+        )
+    if cut > 0.01:
+        warn(f"{path}: {100 * cut:.1f} % of {label}'s density lies outside the {extent}-voxel cube that the "
+             f"particles' {box} px box spans and is left out of their projections")
 
 
 def check_images(table, box: int) -> None:
