@@ -31,6 +31,10 @@ Optics (RELION 3.1+; dsub.physics.optics implements them)
   ``M⁻¹ A · (B p) / (S a)`` and its projector reads the map at ``A⁻¹ (x, y, 0)``
   (``projector.cpp``), i.e. at ``Aᵀ M s · S a / (B p)``: each particle is sampled
   at its own pixel size ``p`` and box ``B`` from a map of voxel ``a``, box ``S``.
+* Amplitude: RELION normalises the map's transform by ``(pad·S)³`` and multiplies it
+  by ``normfft = pad³·S`` (``Projector::computeFourierTransformMap``), the images' by
+  ``B²``: a map of box ``S`` predicts ``(B/S)²`` times the line sum through its voxels
+  in an image of box ``B`` (``physics.optics.fit_map_to_box``).
 * ``rlnOddZernike`` / ``rlnEvenZernike``: coefficients (radians) of RELION's
   unnormalised Zernike polynomials ``Z(m, n)`` at ``s'`` (``Zernike.cpp``), index
   ``i`` -> (m, n) by ``oddIndexToMN`` / ``evenIndexToMN`` (odd: (-1,1) (1,1) (-3,3)
