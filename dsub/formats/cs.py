@@ -42,6 +42,7 @@ CTF_FIELDS = (
 #: ``ctf/*`` fields that dsub reads, or that do not change the images it models.
 KNOWN_CTF_FIELDS = set(CTF_FIELDS) | {
     "ctf/type", "ctf/exp_group_id", "ctf/phase_shift_rad", "ctf/bfactor", "ctf/scale",
+    "ctf/scale_const",  # a flag: 1 where ctf/scale is one constant (real refinement outputs: 1 with scale 1)
     "ctf/tilt_A", "ctf/anisomag", "ctf/cross_corr_ctffind4", "ctf/ctf_fit_to_A",
     "ctf/path", "ctf/fig_of_merit_gctf",
 }
