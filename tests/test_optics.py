@@ -281,6 +281,8 @@ def test_real_cryosparc_ctf_fields_convert_as_pyem_does(shared_data):
     assert not real["beam_tilt_mrad"].any() and (real["ctf_scale"] == 1).all()
     np.testing.assert_array_equal(real["mag_matrix"], np.broadcast_to(np.eye(2), (len(data), 2, 2)))
     np.testing.assert_allclose(real["defocus_u_angstrom"][0], 16412.178, rtol=1e-6)
+    # pyem: rlnDefocusAngle = rad2deg(ctf/df_angle_rad) (parse_cryosparc_2_cs); row 0 holds 0.86163914 rad
+    np.testing.assert_allclose(real["defocus_angle_degrees"][0], 49.368, atol=1e-3)
     np.testing.assert_allclose(real["amplitude_contrast"], 0.1, rtol=1e-6)
 
 

@@ -144,6 +144,11 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     pixel_size, map_box = validate.check_maps(half_a, half_b, mask, box, table)
     extent = map_extent_voxels(map_box, box, float(np.max(table.pixel_size_angstrom)), pixel_size)
     validate.warn_far_pixel_size(table, pixel_size * extent / box)
+    sizes = np.unique(np.round(table.pixel_size_angstrom, 4))
+    if sizes.size > 1:
+        say(options, f"Optics groups at {', '.join(f'{size:g}' for size in sizes)} Å: each particle is projected "
+                     f"at its own pixel size from maps at {pixel_size * extent / box:.4f} Å, and exported to "
+                     "stacks of one pixel size.")
     if map_box != box:
         say(options, f"Maps of {map_box} voxels at {pixel_size:.4f} Å brought to the particles' {box} px box: "
                      f"{extent} voxels kept, resampled to {box} (voxel {pixel_size * extent / box:.4f} Å).")
