@@ -296,11 +296,16 @@ def test_unmodelled_cryosparc_aberrations_are_named_in_a_warning(shared_data):
 
 
 def test_unmodelled_optics_columns_are_named_in_a_warning(shared_data, tmp_path):
-    def mtf(blocks):
+    def one_mtf(blocks):  # RELION's subtraction divides by the average MTF: one MTF changes nothing
         blocks["optics"]["rlnMtfFileName"] = "mtf_k2_200kV.star"
 
-    with pytest.warns(UserWarning, match="rlnMtfFileName is not modelled"):
-        star_format.read_particles(write_variant(shared_data, tmp_path, mtf))
+    def two_mtfs(blocks):
+        blocks["optics"]["rlnMtfFileName"] = ["mtf_k2_200kV.star", "mtf_k3_200kV.star"] * 3
+        blocks["optics"]["rlnSomethingNew"] = 1.0
+
+    star_format.read_particles(write_variant(shared_data, tmp_path / "one", one_mtf))  # no warning (errors here)
+    with pytest.warns(UserWarning, match=r"rlnSomethingNew, rlnMtfFileName \(several MTFs.*are not modelled"):
+        star_format.read_particles(write_variant(shared_data, tmp_path / "two", two_mtfs))
 
 
 def test_cryosparc_tilt_and_magnification_reach_relions_optics_table(shared_data, tmp_path):

@@ -41,6 +41,9 @@ KNOWN_OPTICS_LABELS = {
     "rlnMicrographPixelSize", "rlnMicrographOriginalPixelSize", "rlnCtfBfactor",
     "rlnCtfScalefactor", "rlnPhaseShift", "rlnDetectorPixelSize", "rlnMagnification",
     "rlnMicrographBinning",
+    # RELION's subtraction multiplies each group's prediction by its MTF over the groups' average
+    # (particle_subtractor.cpp: divideByMtf(..., true); obs_model.cpp skips it for a single MTF file)
+    "rlnMtfFileName",
 }
 _FIX = "dsub reads RELION 3.0 and 3.1+ particle .star files (e.g. run_data.star of a Refine3D job)."
 
@@ -217,6 +220,8 @@ def warn_unmodelled_optics(optics: pd.DataFrame | None, path: Path) -> None:
     if optics is None:
         return
     unknown = [c for c in optics.columns if c not in KNOWN_OPTICS_LABELS]
+    if "rlnMtfFileName" in optics.columns and optics["rlnMtfFileName"].nunique() > 1:
+        unknown.append("rlnMtfFileName (several MTFs: RELION weights each group by its MTF over their average)")
     if unknown:
         warn(f"{path}: the optics table's {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} "
              "not modelled by dsub and ignored in the subtraction")
