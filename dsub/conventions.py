@@ -21,6 +21,43 @@ Shifts and half sets
 ``alignments3D/shift`` is in pixels at ``alignments3D/psize_A`` with the same
 sign as RELION's origin: ``rlnOriginXAngst = shift_x * psize``.
 ``alignments3D/split`` 0/1 is ``rlnRandomSubset`` 1/2 (half A / half B).
+
+Optics (RELION 3.1+; dsub.physics.optics implements them)
+--------------------------------------------------------
+* Frequencies ``s = k / (box · pixel size)`` in 1/Å, mapped by the optics group's
+  ``rlnMagMat00..11`` as ``s' = M s`` before the CTF and the aberrations see them
+  (``ctf.h: CTF::getCTF``; ``obs_model.cpp: getPhaseCorrection, getGammaOffset``).
+* Projection: RELION projects with ``applyScaleDifference(applyAnisoMag(A))`` =
+  ``M⁻¹ A · (B p) / (S a)`` and its projector reads the map at ``A⁻¹ (x, y, 0)``
+  (``projector.cpp``), i.e. at ``Aᵀ M s · S a / (B p)``: each particle is sampled
+  at its own pixel size ``p`` and box ``B`` from a map of voxel ``a``, box ``S``.
+* Amplitude: RELION normalises the map's transform by ``(pad·S)³`` and multiplies it
+  by ``normfft = pad³·S`` (``Projector::computeFourierTransformMap``), the images' by
+  ``B²``: a map of box ``S`` predicts ``(B/S)²`` times the line sum through its voxels
+  in an image of box ``B`` (``physics.optics.fit_map_to_box``).
+* ``rlnOddZernike`` / ``rlnEvenZernike``: coefficients (radians) of RELION's
+  unnormalised Zernike polynomials ``Z(m, n)`` at ``s'`` (``Zernike.cpp``), index
+  ``i`` -> (m, n) by ``oddIndexToMN`` / ``evenIndexToMN`` (odd: (-1,1) (1,1) (-3,3)
+  (-1,3) (1,3) (3,3)...; even: (0,0) (-2,2) (0,2) (2,2) (-4,4)...). The odd phase
+  multiplies the CTF-modulated projection by ``exp(+i φ)`` (``demodulatePhase(...,
+  true)`` in ``particle_subtractor.cpp``); the even phase is added to RELION's
+  ``gamma`` (CTF = ``-sin(gamma)``).
+* ``rlnBeamTiltX/Y`` (mrad) are added to the odd coefficients by
+  ``TiltHelper::insertTilt``: ``Z3 = -π Cs[mm] λ² 2e4 tilt / 3``, twice into the
+  linear terms (index 1: x, 0: y) and once into coma (4: x, 3: y).
+* ``rlnCtfScalefactor`` multiplies the CTF (``getCTF``: ``retval *= scale``); a
+  CTF-premultiplied image gets ``(scale · CTF)²`` (``particle_subtractor.cpp``
+  squares ``Fctf``). A missing ``rlnAmplitudeContrast`` is 0 (``CTF::readByGroup``:
+  ``readValue(EMDL_CTF_Q0, Q0, 0, ...)``), a missing scale factor 1.
+* cryoSPARC: ``ctf/scale`` multiplies the CTF as ``rlnCtfScalefactor`` does;
+  ``alignments3D/alpha`` is a further per-particle contrast. ``ctf/tilt_A`` (Å) is
+  the beam tilt times Cs: ``rlnBeamTiltX = asin(tilt_A[0] / (cs_mm · 1e7)) · 1e3``
+  (pyem ``metadata/cryosparc2.py: cryosparc_2_cs_ctf_parameters``), and likewise Y.
+  ``ctf/anisomag`` (4 values, pyem's order 00, 01, 10, 11): pyem copies them into
+  ``rlnMagMat``; cryoSPARC writes 0 0 0 0 where it estimated none, so dsub reads
+  ``M = I + anisomag`` (an inference: no public source states it).
+  ``ctf/trefoil_A``, ``ctf/tetra_A`` and ``ctf/shift_A`` have no public
+  conversion (pyem leaves them out); dsub warns when they are not zero.
 """
 
 from __future__ import annotations
@@ -88,6 +125,30 @@ def origin_angstrom_to_cryosparc_shift(origin_angstrom: np.ndarray, psize_angstr
     origin = np.asarray(origin_angstrom, dtype=np.float64).reshape(-1, 2)
     psize = np.asarray(psize_angstrom, dtype=np.float64)
     return origin / (psize[:, None] if psize.ndim else psize)
+
+
+def cryosparc_tilt_to_beam_tilt_mrad(tilt_A, cs_mm) -> np.ndarray:
+    """``ctf/tilt_A`` (n, 2) and ``ctf/cs_mm`` (n,) -> ``rlnBeamTiltX/Y`` in mrad (pyem's formula)."""
+    tilt = np.asarray(tilt_A, dtype=np.float64).reshape(-1, 2)
+    cs_angstrom = np.asarray(cs_mm, dtype=np.float64).reshape(-1, 1) * 1e7
+    return np.arcsin(tilt / cs_angstrom) * 1e3
+
+
+def beam_tilt_mrad_to_cryosparc_tilt(beam_tilt_mrad, cs_mm) -> np.ndarray:
+    """Inverse of ``cryosparc_tilt_to_beam_tilt_mrad``: (n, 2) Å."""
+    tilt = np.asarray(beam_tilt_mrad, dtype=np.float64).reshape(-1, 2)
+    return np.sin(tilt * 1e-3) * np.asarray(cs_mm, dtype=np.float64).reshape(-1, 1) * 1e7
+
+
+def cryosparc_anisomag_to_mag_matrix(anisomag) -> np.ndarray:
+    """``ctf/anisomag`` (n, 4) -> RELION magnification matrices (n, 2, 2): identity + values."""
+    values = np.asarray(anisomag, dtype=np.float64).reshape(-1, 2, 2)
+    return values + np.eye(2)
+
+
+def mag_matrix_to_cryosparc_anisomag(mag_matrix) -> np.ndarray:
+    """Inverse of ``cryosparc_anisomag_to_mag_matrix``: (n, 4)."""
+    return (np.asarray(mag_matrix, dtype=np.float64).reshape(-1, 2, 2) - np.eye(2)).reshape(-1, 4)
 
 
 def split_to_half_set(split: np.ndarray) -> np.ndarray:

@@ -47,10 +47,30 @@ class ParticleTable:
     box_size: np.ndarray  # (n,) int64
     optics_group: np.ndarray  # (n,) int64, 1-based
     input_contrast: np.ndarray | None = None  # (n,) contrast scale from the input, if any
+    # Optics beyond the plain CTF (see ``dsub.physics.optics``); None means "none given" and
+    # becomes the neutral value in ``__post_init__``.
+    ctf_scale: np.ndarray | None = None  # (n,) rlnCtfScalefactor / ctf/scale: multiplies the CTF
+    beam_tilt_mrad: np.ndarray | None = None  # (n, 2) rlnBeamTiltX/Y
+    odd_zernike: np.ndarray | None = None  # (n, k) rlnOddZernike, rad, RELION's order
+    even_zernike: np.ndarray | None = None  # (n, k) rlnEvenZernike, rad, RELION's order
+    mag_matrix: np.ndarray | None = None  # (n, 2, 2) rlnMagMat00..11 (identity: none)
     source_format: str = ""  # "star" or "cs"
     source_path: Path | None = None
     source: Any = None  # raw metadata: {"optics": DataFrame, "particles": DataFrame} or a structured array
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        n = len(self)
+        if self.ctf_scale is None:
+            self.ctf_scale = np.ones(n)
+        if self.beam_tilt_mrad is None:
+            self.beam_tilt_mrad = np.zeros((n, 2))
+        if self.odd_zernike is None:
+            self.odd_zernike = np.zeros((n, 0))
+        if self.even_zernike is None:
+            self.even_zernike = np.zeros((n, 0))
+        if self.mag_matrix is None:
+            self.mag_matrix = np.broadcast_to(np.eye(2), (n, 2, 2)).copy()
 
     def __len__(self) -> int:
         return int(self.rotations.shape[0])

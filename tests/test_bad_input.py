@@ -69,20 +69,20 @@ def test_pixel_sizes_that_disagree(data, tmp_path, capsys):
     volume, _ = read_map(data["half_a"])
     write_map(data["half_a"], volume, PIXEL_SIZE * 1.2)
     line = assert_refused(run(data, tmp_path / "out"), capsys, tmp_path / "out", data["half_a"])
-    assert "voxel size of 1.8000 Å but the particles' pixel size is 1.5000 Å" in line
+    assert "half map A has a voxel size of 1.8000 Å but the other maps 1.5000 Å" in line
 
 
-def test_particles_with_several_pixel_sizes(data, tmp_path, capsys):
+def test_particles_with_several_box_sizes_name_their_optics_groups(data, tmp_path, capsys):
     def second_optics_group(blocks):
         optics = pd.concat([blocks["optics"]] * 2, ignore_index=True)
-        optics.loc[1, ["rlnOpticsGroup", "rlnImagePixelSize"]] = [2, PIXEL_SIZE * 1.2]
+        optics.loc[1, ["rlnOpticsGroup", "rlnImageSize"]] = [2, 64]
         blocks["optics"] = optics
         particles = blocks["particles"]
         particles.loc[: COUNT // 2, "rlnOpticsGroup"] = 2
 
     edit_particles(data["star"], second_optics_group)
     line = assert_refused(run(data, tmp_path / "out"), capsys, tmp_path / "out", data["star"])
-    assert "several pixel sizes (1.5, 1.8 Å)" in line
+    assert "several box sizes" in line and "optics group 1: 48 px" in line and "optics group 2: 64 px" in line
 
 
 def test_hard_edged_mask_warns_with_a_soft_edge_width(data, tmp_path, capsys):

@@ -66,7 +66,8 @@ def test_cs_star_cs_round_trip(p12, tmp_path):
 def test_star_cs_round_trip(shared_data, tmp_path):
     table = read_particles(shared_data / "cryodrgn/relion31.6opticsgroups.star")
     alpha = np.linspace(0.5, 1.5, len(table))
-    cs.write_particles(table, tmp_path / "out.cs", table.image_paths, table.image_indices, alpha)
+    with pytest.warns(UserWarning, match="rlnOddZernike/rlnEvenZernike have no cryoSPARC field"):
+        cs.write_particles(table, tmp_path / "out.cs", table.image_paths, table.image_indices, alpha)
     raw = np.load(tmp_path / "out.cs", allow_pickle=False)
     assert raw.dtype["blob/idx"] == np.dtype("<u4") and raw.dtype["blob/path"].kind == "S"
     assert len(np.unique(raw["uid"])) == len(table)
@@ -75,7 +76,8 @@ def test_star_cs_round_trip(shared_data, tmp_path):
     np.testing.assert_allclose(back.input_contrast, alpha, rtol=1e-6)
     np.testing.assert_array_equal(back.optics_group, table.optics_group)
     again = tmp_path / "again.cs"
-    cs.write_particles(table, again, table.image_paths, table.image_indices, alpha)
+    with pytest.warns(UserWarning, match="rlnOddZernike"):
+        cs.write_particles(table, again, table.image_paths, table.image_indices, alpha)
     np.testing.assert_array_equal(np.load(again)["uid"], raw["uid"])  # deterministic uids
 
 

@@ -78,6 +78,18 @@ def test_subtraction_on_gpu_matches_cpu(cupy, projector, padding):
         assert np.max(np.abs(gpu.get() - cpu)) <= 1e-4 * np.max(np.abs(cpu))
 
 
+def test_optics_on_gpu_match_cpu(cupy, shared_data):
+    from dsub.formats import star as star_format
+    from dsub.physics.optics import particle_transfer
+
+    table = star_format.read_particles(shared_data / "cryodrgn/relion31.6opticsgroups.star")
+    table.ctf_scale = np.linspace(0.5, 1.5, len(table))
+    for size in (196, 392):  # the box, and the extended grid a projector may ask for
+        cpu = particle_transfer(np, table, size)
+        gpu = particle_transfer(cupy, table, size).get()
+        assert np.max(np.abs(gpu - cpu)) < 1e-4 * np.max(np.abs(cpu))
+
+
 @pytest.mark.skipif(not gpu_available() or len(visible_gpus()) < 2, reason="needs two GPUs")
 def test_local_cluster_uses_every_gpu(tmp_path):
     import json

@@ -17,7 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from dsub.conventions import (
+    beam_tilt_mrad_to_cryosparc_tilt,
+    mag_matrix_to_cryosparc_anisomag,
+    cryosparc_anisomag_to_mag_matrix,
     cryosparc_pose_to_matrix,
+    cryosparc_tilt_to_beam_tilt_mrad,
     cryosparc_shift_to_origin_angstrom,
     half_set_to_split,
     matrix_to_cryosparc_pose,
@@ -35,6 +39,13 @@ POSE_FIELDS = ("alignments3D/pose", "alignments3D/shift")
 CTF_FIELDS = (
     "ctf/df1_A", "ctf/df2_A", "ctf/df_angle_rad", "ctf/accel_kv", "ctf/cs_mm", "ctf/amp_contrast"
 )
+#: ``ctf/*`` fields that dsub reads, or that do not change the images it models.
+KNOWN_CTF_FIELDS = set(CTF_FIELDS) | {
+    "ctf/type", "ctf/exp_group_id", "ctf/phase_shift_rad", "ctf/bfactor", "ctf/scale",
+    "ctf/scale_const",  # a flag: 1 where ctf/scale is one constant (real refinement outputs: 1 with scale 1)
+    "ctf/tilt_A", "ctf/anisomag", "ctf/cross_corr_ctffind4", "ctf/ctf_fit_to_A",
+    "ctf/path", "ctf/fig_of_merit_gctf",
+}
 #: ``blob/sign`` written for stacks that came from RELION. cryoSPARC's own import of
 #: RELION stacks (``empiar_10076_7.cs``, ``cryosparc_J2_particles_exported.cs``) records -1,
 #: as do its extracted stacks; the flag's exact meaning is unpublished.
@@ -192,6 +203,7 @@ def ctf_from_fields(data: np.ndarray, path: Path, require_ctf: bool = True, join
         return data[name].astype(np.float64) if name in names else np.full(n, default)
 
     return {
+        **_optics_from_fields(data, path),
         "defocus_u_angstrom": field("ctf/df1_A", 0.0),
         "defocus_v_angstrom": field("ctf/df2_A", 0.0),
         "defocus_angle_degrees": np.rad2deg(field("ctf/df_angle_rad", 0.0)),
@@ -202,6 +214,43 @@ def ctf_from_fields(data: np.ndarray, path: Path, require_ctf: bool = True, join
         "ctf_bfactor": field("ctf/bfactor", 0.0),
         "ctf_premultiplied": np.zeros(n, dtype=bool),
         "ctf_absent": absent,
+    }
+
+
+def _optics_from_fields(data: np.ndarray, path: Path) -> dict:
+    """``ctf/scale``, ``ctf/tilt_A`` and ``ctf/anisomag`` as ``ParticleTable`` fields (see conventions).
+
+    Every other ``ctf/*`` field that could change the images (``ctf/trefoil_A``,
+    ``ctf/tetra_A``, ``ctf/shift_A`` and unknown ones) gets a warning naming it
+    when any particle has a non-zero value there.
+    """
+    names = data.dtype.names
+    n = len(data)
+    tilt = np.zeros((n, 2))
+    if "ctf/tilt_A" in names and np.any(data["ctf/tilt_A"]):
+        cs_mm = data["ctf/cs_mm"].astype(np.float64) if "ctf/cs_mm" in names else np.zeros(n)
+        tilted = np.any(data["ctf/tilt_A"] != 0, axis=1)
+        if np.any(tilted & (cs_mm == 0)):
+            raise InputFileError(
+                path, "has ctf/tilt_A (beam tilt) on particles with ctf/cs_mm = 0, which cannot be "
+                "converted to RELION's beam tilt.", "Fix ctf/cs_mm, or zero ctf/tilt_A knowingly.",
+            )
+        tilt[tilted] = cryosparc_tilt_to_beam_tilt_mrad(data["ctf/tilt_A"][tilted], cs_mm[tilted])
+    mag = np.broadcast_to(np.eye(2), (n, 2, 2)).copy()
+    if "ctf/anisomag" in names and np.any(data["ctf/anisomag"]):
+        mag = cryosparc_anisomag_to_mag_matrix(data["ctf/anisomag"])
+    ignored = [
+        name for name in names
+        if name.startswith("ctf/") and name not in KNOWN_CTF_FIELDS
+        and data[name].dtype.kind in "biuf" and np.any(data[name])
+    ]
+    if ignored:
+        warn(f"{path}: {', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} not zero but not "
+             "modelled by dsub, and ignored in the subtraction")
+    return {
+        "ctf_scale": data["ctf/scale"].astype(np.float64) if "ctf/scale" in names else np.ones(n),
+        "beam_tilt_mrad": tilt,
+        "mag_matrix": mag,
     }
 
 
@@ -311,6 +360,9 @@ def _fields_from_table(table: ParticleTable) -> dict[str, np.ndarray]:
     """cryoSPARC fields built from the table (a star input); blob/path, idx, alpha set later."""
     n = len(table)
     psize = table.pixel_size_angstrom
+    if table.odd_zernike.any() or table.even_zernike.any():
+        warn(f"{table.source_path}: rlnOddZernike/rlnEvenZernike have no cryoSPARC field dsub can write "
+             "(ctf/trefoil_A and ctf/tetra_A use an unpublished convention); the .cs output leaves them out")
     return {
         "uid": star_uids(table.source_path, n),
         "blob/shape": np.stack([table.box_size, table.box_size], axis=1).astype("<u4"),
@@ -326,7 +378,10 @@ def _fields_from_table(table: ParticleTable) -> dict[str, np.ndarray]:
         "ctf/df_angle_rad": np.deg2rad(table.defocus_angle_degrees).astype("<f4"),
         "ctf/phase_shift_rad": np.deg2rad(table.phase_shift_degrees).astype("<f4"),
         "ctf/bfactor": table.ctf_bfactor.astype("<f4"),
-        "ctf/scale": np.ones(n, dtype="<f4"),
+        "ctf/scale": table.ctf_scale.astype("<f4"),
+        "ctf/tilt_A": beam_tilt_mrad_to_cryosparc_tilt(
+            table.beam_tilt_mrad, table.spherical_aberration_mm).astype("<f4"),
+        "ctf/anisomag": mag_matrix_to_cryosparc_anisomag(table.mag_matrix).astype("<f4"),
         "alignments3D/pose": matrix_to_cryosparc_pose(table.rotations).astype("<f4"),
         "alignments3D/shift": origin_angstrom_to_cryosparc_shift(
             table.origins_angstrom, psize).astype("<f4"),

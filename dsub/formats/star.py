@@ -17,7 +17,7 @@ import pandas as pd
 import starfile
 
 from dsub.conventions import matrix_to_relion_euler, relion_euler_to_matrix
-from dsub.errors import InputFileError, MissingInputError
+from dsub.errors import InputFileError, MissingInputError, warn
 from dsub.formats.mrc import open_stack
 from dsub.formats.paths import resolve_stack_names, star_roots
 from dsub.particles import HALF_UNKNOWN, ParticleTable
@@ -29,8 +29,22 @@ NAME_COLUMNS = [
     "rlnReferenceImage",
 ]
 ANGLE_LABELS = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
-#: RELION's amplitude contrast when a file gives none.
-DEFAULT_AMPLITUDE_CONTRAST = 0.1
+#: RELION's amplitude contrast when a file gives none: 0, as ``CTF::readByGroup`` reads it
+#: (``ctf.cpp: readValue(EMDL_CTF_Q0, Q0, 0, ...)``; see ``dsub.conventions``).
+DEFAULT_AMPLITUDE_CONTRAST = 0.0
+#: Optics columns dsub reads (or that do not change the images it models).
+KNOWN_OPTICS_LABELS = {
+    "rlnOpticsGroup", "rlnOpticsGroupName", "rlnAmplitudeContrast", "rlnSphericalAberration",
+    "rlnVoltage", "rlnImagePixelSize", "rlnImageSize", "rlnImageDimensionality",
+    "rlnCtfDataAreCtfPremultiplied", "rlnBeamTiltX", "rlnBeamTiltY", "rlnOddZernike",
+    "rlnEvenZernike", "rlnMagMat00", "rlnMagMat01", "rlnMagMat10", "rlnMagMat11",
+    "rlnMicrographPixelSize", "rlnMicrographOriginalPixelSize", "rlnCtfBfactor",
+    "rlnCtfScalefactor", "rlnPhaseShift", "rlnDetectorPixelSize", "rlnMagnification",
+    "rlnMicrographBinning",
+    # RELION's subtraction multiplies each group's prediction by its MTF over the groups' average
+    # (particle_subtractor.cpp: divideByMtf(..., true); obs_model.cpp skips it for a single MTF file)
+    "rlnMtfFileName",
+}
 _FIX = "dsub reads RELION 3.0 and 3.1+ particle .star files (e.g. run_data.star of a Refine3D job)."
 
 
@@ -138,6 +152,7 @@ def ctf_from_columns(df: pd.DataFrame, path: Path, require_ctf: bool = True) -> 
         )
     defocus_u = _column(df, "rlnDefocusU", 0.0)
     return {
+        **_optics_from_columns(df, path),
         "defocus_u_angstrom": defocus_u,
         "defocus_v_angstrom": _column(df, "rlnDefocusV") if "rlnDefocusV" in df else defocus_u,
         "defocus_angle_degrees": _column(df, "rlnDefocusAngle", 0.0),
@@ -150,6 +165,66 @@ def ctf_from_columns(df: pd.DataFrame, path: Path, require_ctf: bool = True) -> 
         "ctf_premultiplied": _column(df, "rlnCtfDataAreCtfPremultiplied", 0, np.int64) != 0,
         "ctf_absent": absent,
     }
+
+
+def _zernike_column(df: pd.DataFrame, label: str, path: Path) -> np.ndarray:
+    """``rlnOddZernike``/``rlnEvenZernike`` (text ``[c0,c1,...]`` per row) as (n, k) float64."""
+    if label not in df.columns:
+        return np.zeros((len(df), 0))
+    texts = df[label].astype(str).to_numpy()
+    parsed = {}
+    for text in np.unique(texts):
+        try:
+            parsed[text] = [float(v) for v in text.strip().strip("[]").split(",") if v.strip()]
+        except ValueError as exc:
+            raise InputFileError(
+                path, f"has {label} = {text!r}, not a list of numbers like [0.1,0.2].",
+                "Fix the optics table.",
+            ) from exc
+    width = max(len(v) for v in parsed.values())
+    out = np.zeros((len(df), width))
+    for text, values in parsed.items():
+        out[texts == text, : len(values)] = values
+    return out
+
+
+def _optics_from_columns(df: pd.DataFrame, path: Path) -> dict:
+    """Scale factor, beam tilt, Zernike terms and magnification matrices, as ``ParticleTable`` fields.
+
+    Defaults as RELION's ``ObservationModel`` and ``CTF::readByGroup``: scale 1,
+    no tilt, no Zernike terms, identity matrix (a missing element keeps its
+    identity value).
+    """
+    n = len(df)
+    mag = np.broadcast_to(np.eye(2), (n, 2, 2)).copy()
+    for row in range(2):
+        for col in range(2):
+            label = f"rlnMagMat{row}{col}"
+            if label in df.columns:
+                mag[:, row, col] = _column(df, label)
+    tilt = np.zeros((n, 2))
+    for axis, xy in enumerate("XY"):
+        if f"rlnBeamTilt{xy}" in df.columns:
+            tilt[:, axis] = _column(df, f"rlnBeamTilt{xy}")
+    return {
+        "ctf_scale": _column(df, "rlnCtfScalefactor", 1.0),
+        "beam_tilt_mrad": tilt,
+        "odd_zernike": _zernike_column(df, "rlnOddZernike", path),
+        "even_zernike": _zernike_column(df, "rlnEvenZernike", path),
+        "mag_matrix": mag,
+    }
+
+
+def warn_unmodelled_optics(optics: pd.DataFrame | None, path: Path) -> None:
+    """A ``dsub: warning:`` naming every optics column that dsub does not model."""
+    if optics is None:
+        return
+    unknown = [c for c in optics.columns if c not in KNOWN_OPTICS_LABELS]
+    if "rlnMtfFileName" in optics.columns and optics["rlnMtfFileName"].nunique() > 1:
+        unknown.append("rlnMtfFileName (several MTFs: RELION weights each group by its MTF over their average)")
+    if unknown:
+        warn(f"{path}: the optics table's {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} "
+             "not modelled by dsub and ignored in the subtraction")
 
 
 def read_ctf(path: str | os.PathLike, require_ctf: bool = True) -> dict:
@@ -218,6 +293,7 @@ def read_particles(path: str | os.PathLike, *, require_ctf: bool = True) -> Part
     if len(particles) == 0:
         raise InputFileError(path, "holds no particles (its particle table is empty).")
     df = _merge_optics(particles, optics, path)
+    warn_unmodelled_optics(optics, path)
     _require(df, ANGLE_LABELS, path, "the particle poses")
     ctf = ctf_from_columns(df, path, require_ctf)
     ctf_absent = ctf.pop("ctf_absent")
@@ -247,7 +323,8 @@ def read_particles(path: str | os.PathLike, *, require_ctf: bool = True) -> Part
         pixel_size_angstrom=pixel_size,
         box_size=_box_sizes(df, groups, paths, path),
         optics_group=groups,
-        input_contrast=_column(df, "rlnCtfScalefactor"),
+        # rlnCtfScalefactor is in the CTF (ctf_scale): RELION has no further per-particle contrast
+        input_contrast=np.ones(len(df)) if "rlnCtfScalefactor" in df.columns else None,
         source_format="star",
         source_path=path,
         source={"optics": optics, "particles": particles, "other": other},
@@ -280,6 +357,16 @@ def _optics_from_table(table: ParticleTable) -> tuple[pd.DataFrame, dict[str, np
         optics[label] = values[first]
         if varies(values):
             per_particle[label] = values
+    optics_terms = [("rlnBeamTiltX", table.beam_tilt_mrad[:, 0]), ("rlnBeamTiltY", table.beam_tilt_mrad[:, 1])]
+    optics_terms += [(f"rlnMagMat{r}{c}", table.mag_matrix[:, r, c]) for r in range(2) for c in range(2)]
+    if table.beam_tilt_mrad.any() or not np.array_equal(table.mag_matrix, np.broadcast_to(np.eye(2), table.mag_matrix.shape)):
+        for label, values in optics_terms:
+            if varies(values):
+                warn(f"{label} differs between particles of one optics group; the star file gets each "
+                     "group's first value (RELION reads it per optics group)")
+            optics[label] = values[first]
+    if (table.ctf_scale != 1).any():
+        per_particle["rlnCtfScalefactor"] = table.ctf_scale
     for label, values in (
         ("rlnImagePixelSize", table.pixel_size_angstrom),
         ("rlnImageSize", table.box_size),

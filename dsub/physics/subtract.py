@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .contrast import SCALE_MODES, ContrastFit, ContrastResult, fit_contrast
-from .ctf import ctf_2d
 from .fsc import wiener_filter
+from .optics import particle_transfer, slice_matrices
 from .projector import PROJECTORS, PreparedVolume, prepare_volume, project
 
 
@@ -46,6 +46,7 @@ class HalfMapModel:
     full: PreparedVolume  # Wiener-filtered by the half maps' FSC unless the fit's weighting is "none"
     masked: PreparedVolume
     fsc: object = None  # fsc.ShellCurve of the two half maps; None: treat the map as exact
+    pixel_size_angstrom: float | None = None  # the map's voxel size; None: each particle's own
 
 
 def subtraction_region(xp, mask, mask_keeps: bool):
@@ -54,13 +55,16 @@ def subtraction_region(xp, mask, mask_keeps: bool):
     return 1.0 - mask if mask_keeps else mask
 
 
-def prepare_half_map(xp, half_map, mask, settings: SubtractionSettings, fsc=None) -> HalfMapModel:
+def prepare_half_map(xp, half_map, mask, settings: SubtractionSettings, fsc=None,
+                     pixel_size_angstrom=None) -> HalfMapModel:
     """Prepare a half-map for projection, whole and masked (done once per worker).
 
     ``fsc``: the two half maps' ``fsc.ShellCurve``. With the default
     ``settings.fit.weighting`` ("fsc") the whole map, which only serves the
     contrast fit, is Wiener-filtered by it in 3D (see ``contrast.py``); the
-    masked map, which is subtracted, never is.
+    masked map, which is subtracted, never is. ``pixel_size_angstrom`` is the
+    map's voxel size: each particle's projection is then sampled at its own
+    pixel size (``optics.slice_matrices``).
     """
     half_map = xp.asarray(half_map, dtype="float32")
     region = subtraction_region(xp, mask, settings.mask_keeps)
@@ -69,26 +73,17 @@ def prepare_half_map(xp, half_map, mask, settings: SubtractionSettings, fsc=None
         full=prepare_volume(xp, fit_map, settings.padding),
         masked=prepare_volume(xp, half_map * region, settings.padding),
         fsc=fsc,
+        pixel_size_angstrom=pixel_size_angstrom,
     )
 
 
-def particle_ctfs(xp, particles, box: int):
-    """CTF (or CTF² for premultiplied images) of each particle on the box's rfft2 grid."""
-    ctf = ctf_2d(
-        xp,
-        box,
-        particles.pixel_size_angstrom,
-        particles.defocus_u_angstrom,
-        particles.defocus_v_angstrom,
-        particles.defocus_angle_degrees,
-        particles.voltage_kv,
-        particles.spherical_aberration_mm,
-        particles.amplitude_contrast,
-        particles.phase_shift_degrees,
-        particles.ctf_bfactor,
-    )
-    premultiplied = xp.asarray(particles.ctf_premultiplied, dtype=bool).reshape(-1, 1, 1)
-    return xp.where(premultiplied, ctf * ctf, ctf)
+def particle_ctfs(xp, particles, size: int):
+    """Complex64 (n, size, size//2+1): what multiplies each projection on an rfft2 grid of ``size``.
+
+    Scaled CTF (squared for premultiplied images) with every aberration; see
+    ``optics.particle_transfer``.
+    """
+    return particle_transfer(xp, particles, size)
 
 
 def model_images(xp, model: HalfMapModel, particles, box: int, settings: SubtractionSettings):
@@ -96,7 +91,8 @@ def model_images(xp, model: HalfMapModel, particles, box: int, settings: Subtrac
     ctf = particle_ctfs(xp, particles, box)
     images = []
     for volume in (model.full, model.masked):
-        spectra = project(xp, volume, particles.rotations, particles.origins_pixels, settings.projector)
+        spectra = project(xp, volume, slice_matrices(particles, model.pixel_size_angstrom, volume.box),
+                          particles.origins_pixels, settings.projector)
         images.append(
             xp.fft.fftshift(xp.fft.irfft2(spectra * ctf, s=(box, box)), axes=(-2, -1)).astype("float32")
         )

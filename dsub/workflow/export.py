@@ -1,6 +1,7 @@
 """Export the Zarr store to what RELION and cryoSPARC read.
 
-* ``OUTDIR/Particles/subtracted_NNNN.mrcs``: float32 stacks, pixel size in the header;
+* ``OUTDIR/Particles/subtracted_NNNN.mrcs``: float32 stacks, each holding particles of one
+  pixel size (in input order), with that pixel size in the header;
 * ``OUTDIR/particles_subtracted.star``: every input row, in input order, with
   ``rlnImageName`` pointing at the new stacks (by default relative to the
   current folder, RELION's project folder, when OUTDIR is inside it, else
@@ -10,7 +11,7 @@
   ``blob/path`` / ``blob/idx`` pointing at the new stacks (by default relative
   to the cryoSPARC project folder when there is one and OUTDIR is inside it,
   else absolute) and ``alignments3D/alpha`` holding the contrast each particle
-  was subtracted with;
+  was subtracted with (with ``--scale none``, the input's alpha, or 1);
 * re-centred or re-boxed particles (``rebox``): the star and .cs carry their
   new origins and box (``rlnImageSize``, ``blob/shape``);
 * both carry the contrast fit's uncertainty and quality (``FIT_COLUMNS``,
@@ -48,28 +49,41 @@ FIT_COLUMNS = {"contrast": "rlnDsubContrast", "contrast_sigma": "rlnDsubContrast
 FIT_FIELDS = {"contrast_sigma": "dsub/contrast_sigma", "fit_correlation": "dsub/fit_correlation"}
 
 
-def stack_layout(count: int, particles_per_stack: int) -> list[tuple[str, int, int]]:
-    """(relative path, start, stop) of each output stack."""
-    return [
-        (f"{STACK_FOLDER}/subtracted_{number:04d}.mrcs", start, min(start + particles_per_stack, count))
-        for number, start in enumerate(range(0, count, particles_per_stack))
-    ]
+def stack_layout(count: int, particles_per_stack: int, pixel_sizes=None) -> list[tuple[str, np.ndarray, float]]:
+    """(relative path, rows, pixel size) of each output stack.
+
+    Each stack holds particles of one pixel size (``pixel_sizes``, length
+    ``count``; None: all alike, reported as 0), in input order, at most
+    ``particles_per_stack``; pixel sizes in order of first appearance.
+    """
+    sizes = np.zeros(count) if pixel_sizes is None else np.round(np.asarray(pixel_sizes, dtype=np.float64), 6)
+    _, first = np.unique(sizes, return_index=True)
+    layout = []
+    for size in sizes[np.sort(first)]:
+        rows = np.flatnonzero(sizes == size)
+        for start in range(0, rows.size, particles_per_stack):
+            relative = f"{STACK_FOLDER}/subtracted_{len(layout):04d}.mrcs"
+            layout.append((relative, rows[start : start + particles_per_stack], float(size)))
+    return layout
 
 
-def write_stack_from_store(store_path: Path, outdir: Path, relative: str, start: int, stop: int,
-                           pixel_size: float) -> str:
-    """Copy particles ``start:stop`` of the store into one float32 .mrcs stack."""
+def write_stack_from_store(store_path: Path, outdir: Path, relative: str, rows, pixel_size: float) -> str:
+    """Copy the particles ``rows`` (ascending store indices) into one float32 .mrcs stack."""
     target = outdir / relative
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
     images = store.open_store(store_path)["images"]
+    rows = np.asarray(rows, dtype=np.int64)
     step = images.chunks[0]
     low, high, total, squares = np.inf, -np.inf, 0.0, 0.0
-    with write_stack(partial, (stop - start, images.shape[1], images.shape[2]), pixel_size) as mrc:
-        for first in range(start, stop, step):  # one Zarr chunk at a time: memory stays bounded
-            last = min(first + step, stop)
-            block = np.asarray(images[first:last])
-            mrc.data[first - start : last - start] = block
+    with write_stack(partial, (rows.size, images.shape[1], images.shape[2]), pixel_size) as mrc:
+        for first in range(0, rows.size, step):  # a chunk's worth at a time: memory stays bounded
+            wanted = rows[first : first + step]
+            if wanted[-1] - wanted[0] + 1 == wanted.size:  # contiguous: a plain slice
+                block = np.asarray(images[int(wanted[0]) : int(wanted[-1]) + 1])
+            else:
+                block = np.asarray(images.oindex[wanted])
+            mrc.data[first : first + wanted.size] = block
             flat = block.reshape(-1)
             low, high = min(low, float(flat.min())), max(high, float(flat.max()))
             total += float(flat.sum())  # numpy sums float32 pairwise: accurate enough here
@@ -82,13 +96,13 @@ def write_stack_from_store(store_path: Path, outdir: Path, relative: str, start:
     return relative
 
 
-def new_image_locations(count: int, particles_per_stack: int) -> tuple[np.ndarray, np.ndarray]:
+def new_image_locations(count: int, particles_per_stack: int, pixel_sizes=None) -> tuple[np.ndarray, np.ndarray]:
     """Relative stack path and 0-based index of every particle in the exported stacks."""
     paths = np.empty(count, dtype=object)
     indices = np.empty(count, dtype=np.int64)
-    for relative, start, stop in stack_layout(count, particles_per_stack):
-        paths[start:stop] = relative
-        indices[start:stop] = np.arange(stop - start)
+    for relative, rows, _ in stack_layout(count, particles_per_stack, pixel_sizes):
+        paths[rows] = relative
+        indices[rows] = np.arange(rows.size)
     return paths, indices
 
 
@@ -97,6 +111,7 @@ def write_metadata(table, outdir: Path, particles_per_stack: int, contrast: np.n
                    fit: dict | None = None) -> None:
     """Write the star and .cs files that point at the exported stacks (skipped particles left out).
 
+    ``contrast`` None (``--scale none``) keeps the input's ``alignments3D/alpha`` (or 1).
     ``exported`` is the table that describes the exported images when it differs
     from the input ``table`` (re-centred or re-boxed particles: new origins and
     box); the skipped particles' rows, which point at their input images, always
@@ -108,7 +123,7 @@ def write_metadata(table, outdir: Path, particles_per_stack: int, contrast: np.n
     ``FIT_FIELDS``.
     """
     exported = table if exported is None else exported
-    relative, indices = new_image_locations(len(table), particles_per_stack)
+    relative, indices = new_image_locations(len(table), particles_per_stack, table.pixel_size_angstrom)
     star_paths = written_paths(relative, outdir, paths_mode, Path.cwd())
     paths = written_paths(relative, outdir, paths_mode, table.extra.get("project_folder"))
     names = np.array([f"{index + 1:06d}@{path}" for path, index in zip(star_paths, indices)], dtype=object)
@@ -123,13 +138,13 @@ def write_metadata(table, outdir: Path, particles_per_stack: int, contrast: np.n
         warn(f"{CS_NAME}: the images are CTF-premultiplied (rlnCtfDataAreCtfPremultiplied), and a cryoSPARC "
              "particle .cs has no field that says so: cryoSPARC would treat them as plain images. Continue "
              f"from {STAR_NAME} in RELION, which keeps the flag.")
-    measured = {"contrast": np.asarray(contrast), **(fit or {})}
+    measured = {**({"contrast": np.asarray(contrast)} if contrast is not None else {}), **(fit or {})}
     columns = {FIT_COLUMNS[name]: np.asarray(values, np.float32)[keep] for name, values in measured.items()}
     fields = {FIT_FIELDS[name]: np.asarray(values, "<f4")[keep] for name, values in measured.items()
               if name in FIT_FIELDS}
     star_format.write_particles(kept, outdir / STAR_NAME, names[keep], extra_columns=columns)
-    cs_format.write_particles(kept, outdir / CS_NAME, paths[keep], indices[keep], contrast[keep],
-                              extra_fields=fields)
+    cs_format.write_particles(kept, outdir / CS_NAME, paths[keep], indices[keep],
+                              None if contrast is None else contrast[keep], extra_fields=fields)
 
 
 def original_image_names(table) -> np.ndarray:

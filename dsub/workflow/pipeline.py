@@ -31,6 +31,7 @@ from ..formats.mrc import map_header, read_map
 from ..formats.paths import PATH_MODES
 from ..particles import HALF_A
 from ..physics.backend import gpu_available, resolve_device
+from ..physics.optics import map_extent_voxels
 from ..physics.subtract import SubtractionSettings
 from ..report import REPORT_FOLDER
 from . import diagnostics, export, rebox, record, region, resources, store, validate
@@ -163,20 +164,30 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             "which --scale input needs.",
             "Use --scale fit to fit each particle's contrast instead.",
         )
-    pixel_size = validate.particle_pixel_size(table)
     with setup_step(options.log, "Checking the maps and the particle stacks"):
-        volumes = validate.check_maps(half_a, half_b, mask, box, pixel_size,
-                                      resolution_angstrom=options.resolution_angstrom,
-                                      lowpass_angstrom=settings.lowpass_angstrom, single_map=options.single_map)
+        pixel_size, map_box, volumes = validate.check_maps(
+            half_a, half_b, mask, box, table, resolution_angstrom=options.resolution_angstrom,
+            lowpass_angstrom=settings.lowpass_angstrom, single_map=options.single_map)
         share = region.density_share((volumes["half map A"], volumes["half map B"]), volumes["mask"],
                                      settings.mask_keeps)
         del volumes
-        say(options, region.report_region(share, mask, settings.mask_keeps))
         validate.check_images(table, box)
+    say(options, region.report_region(share, mask, settings.mask_keeps))
+    extent = map_extent_voxels(map_box, box, float(np.max(table.pixel_size_angstrom)), pixel_size)
+    validate.warn_far_pixel_size(table, pixel_size * extent / box)
+    sizes = np.unique(np.round(table.pixel_size_angstrom, 4))
+    if sizes.size > 1:
+        say(options, f"Optics groups at {', '.join(f'{size:g}' for size in sizes)} Å: each particle is projected "
+                     f"at its own pixel size from maps at {pixel_size * extent / box:.4f} Å, and exported to "
+                     "stacks of one pixel size.")
+    if map_box != box:
+        say(options, f"Maps of {map_box} voxels at {pixel_size:.4f} Å brought to the particles' {box} px box: "
+                     f"{extent} voxels kept, resampled to {box} (voxel {pixel_size * extent / box:.4f} Å).")
     check_device(options)
     plan, spec = plan_resources(box, settings, options)
     device = options.device
-    maps = MapFiles(str(Path(half_a).resolve()), str(Path(half_b).resolve()), str(Path(mask).resolve()))
+    maps = MapFiles(str(Path(half_a).resolve()), str(Path(half_b).resolve()), str(Path(mask).resolve()),
+                    pixel_size, box, extent)
     reboxing, centre_from = reboxing_of_run(maps, settings, options, pixel_size)
     out_box = reboxing.output_box(box) if reboxing else box
 
@@ -232,15 +243,14 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
         devices = sorted(set(runner.compute(tasks, "subtract", [bounds[i][1] - bounds[i][0] for i in pending],
                                             waiting, on_result=attempt.chunk_finished)))
         timings["subtract"] = time.monotonic() - started - sum(timings.values())
-        layout = export.stack_layout(len(table), options.particles_per_stack)
+        layout = export.stack_layout(len(table), options.particles_per_stack, table.pixel_size_angstrom)
         export_tasks = [
             dask.delayed(export.write_stack_from_store, pure=False)(
-                store_path, outdir, relative, start, stop, float(table.pixel_size_angstrom[start]),
-                dask_key_name=f"export-stack-{number:04d}",
+                store_path, outdir, relative, rows, stack_pixel_size, dask_key_name=f"export-stack-{number:04d}",
             )
-            for number, (relative, start, stop) in enumerate(layout)
+            for number, (relative, rows, stack_pixel_size) in enumerate(layout)
         ]
-        runner.compute(export_tasks, "export", [stop - start for _, start, stop in layout], unit="stacks")
+        runner.compute(export_tasks, "export", [rows.size for _, rows, _ in layout], unit="stacks")
         workers, phases = runner.workers, runner.phases
     results = store.open_store(store_path)
     fit = store.per_particle(store_path)
@@ -250,8 +260,8 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
         {"contrast": contrast, **fit}, skipped, settings.scale, checked)}
     with all_metadata_or_none(outdir):
         exported = rebox.reboxed_table(table, reboxing) if reboxing is not None else None
-        export.write_metadata(table, outdir, options.particles_per_stack, contrast, skipped, exported,
-                              options.paths, fit)
+        export.write_metadata(table, outdir, options.particles_per_stack,
+                              None if settings.scale == "none" else contrast, skipped, exported, options.paths, fit)
         timings["export"] = time.monotonic() - started - sum(timings.values())
         kept = contrast[~skipped]
         summary = {

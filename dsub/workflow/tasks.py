@@ -23,6 +23,7 @@ from ..physics.backend import device_label, get_xp, resolve_device, to_numpy
 from ..physics.contrast import ContrastResult
 from ..physics.fsc import fourier_shell_correlation
 from ..physics.lowpass import lowpass_map
+from ..physics.optics import fit_map_to_box
 from ..physics.subtract import SubtractionSettings, prepare_half_map, subtract_batch
 from . import resources, store
 from .rebox import rebox_images
@@ -38,6 +39,17 @@ class MapFiles:
     half_a: str
     half_b: str
     mask: str
+    pixel_size_angstrom: float | None = None  # the maps' voxel size (None: each particle's own)
+    box: int | None = None  # the particles' box, to bring maps of another box to
+    extent_voxels: int | None = None  # the map voxels that box spans (physics.optics.map_extent_voxels)
+
+    def load(self, path: str, density: bool = True) -> tuple[np.ndarray, float | None]:
+        """A map at the particles' box, and its voxel size there (see ``physics.optics.fit_map_to_box``)."""
+        volume, _ = read_map(path)
+        if self.box is None or volume.shape[0] == self.box:
+            return volume, self.pixel_size_angstrom
+        fitted = fit_map_to_box(volume, self.extent_voxels, self.box, density)
+        return fitted, self.pixel_size_angstrom * self.extent_voxels / self.box
 
 
 _models: dict = {}
@@ -51,16 +63,18 @@ def half_map_models(maps: MapFiles, settings: SubtractionSettings, device: str) 
     with _models_lock:
         if key not in _models:
             xp = get_xp(device)
-            mask, _ = read_map(maps.mask)
+            mask, _ = maps.load(maps.mask, density=False)
+            mask = np.clip(mask, 0.0, 1.0)  # a re-boxed soft mask may ring a little past [0, 1]
             _models.clear()  # one run's models at a time per process
-            (half_a, voxel), (half_b, _) = read_map(maps.half_a), read_map(maps.half_b)
+            (half_a, voxel), (half_b, _) = maps.load(maps.half_a), maps.load(maps.half_b)
+            fsc_voxel = voxel or read_map(maps.half_a)[1]  # None: maps at each particle's own pixel size
             if settings.lowpass_angstrom:
-                half_a, half_b = (lowpass_map(xp, half, voxel, settings.lowpass_angstrom) for half in (half_a, half_b))
+                half_a, half_b = (lowpass_map(xp, half, fsc_voxel, settings.lowpass_angstrom) for half in (half_a, half_b))
             # One map for all (--single-map): no second half to tell signal from noise.
-            fsc = None if maps.half_a == maps.half_b else fourier_shell_correlation(xp, half_a, half_b, voxel)
+            fsc = None if maps.half_a == maps.half_b else fourier_shell_correlation(xp, half_a, half_b, fsc_voxel)
             _models[key] = {
-                HALF_A: prepare_half_map(xp, half_a, mask, settings, fsc),
-                HALF_B: prepare_half_map(xp, half_b, mask, settings, fsc),
+                HALF_A: prepare_half_map(xp, half_a, mask, settings, fsc, voxel),
+                HALF_B: prepare_half_map(xp, half_b, mask, settings, fsc, voxel),
             }
         return _models[key]
 

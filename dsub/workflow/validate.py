@@ -9,34 +9,74 @@ import numpy as np
 from ..errors import InputFileError, MissingInputError, OptionError, warn
 from ..formats.mrc import open_stack, read_map
 from ..particles import HALF_A, HALF_B
+from ..physics.optics import crop_or_pad, map_extent_voxels
 
 #: Relative disagreement between pixel sizes that is still accepted.
 PIXEL_SIZE_TOLERANCE = 0.01
+
+
+def _groups_text(table, rows) -> str:
+    """``optics group 2`` / ``optics groups 1, 3``: the groups of the particles ``rows``."""
+    groups = np.unique(np.asarray(table.optics_group)[rows]).tolist()
+    return f"optics group{'s' if len(groups) > 1 else ''} {', '.join(map(str, groups))}"
 
 
 def particle_box(table) -> int:
     """The one box size of all particles (dsub needs a single box)."""
     boxes = np.unique(table.box_size)
     if boxes.size != 1:
+        by_box = "; ".join(f"{_groups_text(table, table.box_size == box)}: {box} px" for box in boxes)
         raise InputFileError(
             table.source_path,
-            f"particles come in several box sizes ({', '.join(map(str, boxes))} px).",
-            "Subtract each box size separately (split the file by optics group).",
+            f"particles come in several box sizes ({by_box}).",
+            "Subtract each box size separately (split the file by optics group), each with maps at that box.",
         )
     return int(boxes[0])
 
 
-def particle_pixel_size(table) -> float:
-    """The one pixel size of all particles, within 1 % (the maps have a single voxel size)."""
-    sizes = table.pixel_size_angstrom
-    if sizes.max() - sizes.min() > PIXEL_SIZE_TOLERANCE * sizes.min():
-        distinct = ", ".join(f"{size:g}" for size in np.unique(np.round(sizes, 4))[:6])
-        raise InputFileError(
-            table.source_path,
-            f"particles come with several pixel sizes ({distinct} Å), but the maps have one voxel size.",
-            "Subtract each pixel size separately (split the file by optics group), with maps at that pixel size.",
-        )
-    return float(np.median(sizes))
+def map_pixel_size(table, maps: dict) -> float:
+    """The maps' one voxel size in Å; each map file must agree within 1 %.
+
+    ``maps`` is {label: (path, voxel size from the header)}. Particles of any pixel
+    size are subtracted at their own scale (``physics.optics.slice_matrices``), as
+    RELION does for merged data sets; a map whose voxel size is within 1 % of no
+    optics group's pixel size gets a warning from ``warn_far_pixel_size``.
+    A header without a voxel size is taken to be at the particles' pixel size when
+    they all share one, and refused otherwise.
+    """
+    known = {label: voxel for label, (_, voxel) in maps.items() if voxel > 0}
+    sizes = np.asarray(table.pixel_size_angstrom, dtype=np.float64)
+    groups = np.unique(np.round(sizes, 4))
+    if known:
+        reference = float(np.median(list(known.values())))
+        for label, voxel in known.items():
+            if abs(voxel - reference) > PIXEL_SIZE_TOLERANCE * reference:
+                others = [v for other, v in known.items() if other != label]
+                raise InputFileError(
+                    maps[label][0],
+                    f"{label} has a voxel size of {voxel:.4f} Å but the other maps {np.median(others):.4f} Å.",
+                    "Use half maps and a mask at one voxel size (or fix the header if only it is wrong).",
+                )
+    for label, (path, voxel) in maps.items():
+        if voxel <= 0:
+            if not known and groups.size > 1:
+                raise InputFileError(
+                    path, f"{label} has no voxel size in its header, and the particles come with several "
+                    f"pixel sizes ({', '.join(f'{g:g}' for g in groups)} Å).",
+                    "Set the maps' voxel size (e.g. relion_image_handler --angpix ... --force_header_angpix).",
+                )
+            fallback = float(np.median(list(known.values()))) if known else float(groups[0])
+            warn(f"{path}: no voxel size in the header; assuming {fallback:.4f} Å")
+    return float(np.median(list(known.values()))) if known else float(groups[0])
+
+
+def warn_far_pixel_size(table, pixel: float) -> None:
+    """A warning when the maps' (possibly re-boxed) voxel size is within 1 % of no optics group's pixel size."""
+    groups = np.unique(np.round(np.asarray(table.pixel_size_angstrom, dtype=np.float64), 4))
+    if not np.any(np.abs(groups - pixel) <= PIXEL_SIZE_TOLERANCE * pixel):
+        warn(f"the maps' voxel size {pixel:.4f} Å is more than 1 % from every optics group's pixel size "
+             f"({', '.join(f'{g:g}' for g in groups)} Å); each particle's projection is rescaled to its own "
+             "pixel size, which is right only if the map header is")
 
 
 #: Per-particle values that must be finite, with the names users know them by.
@@ -52,6 +92,9 @@ _FINITE = {
     "amplitude_contrast": "rlnAmplitudeContrast (ctf/amp_contrast)",
     "ctf_bfactor": "rlnCtfBfactor (ctf/bfactor)",
     "pixel_size_angstrom": "the pixel size (rlnImagePixelSize or blob/psize_A)",
+    "ctf_scale": "rlnCtfScalefactor (ctf/scale)",
+    "beam_tilt_mrad": "rlnBeamTiltX/Y (ctf/tilt_A)",
+    "mag_matrix": "rlnMagMat00..11 (ctf/anisomag)",
 }
 
 
@@ -189,44 +232,50 @@ def check_lowpass(lowpass_angstrom: float | None, voxel_size: float) -> None:
         )
 
 
-def check_maps(half_a: str, half_b: str, mask: str, box: int, pixel_size: float, *,
+def check_maps(half_a: str, half_b: str, mask: str, box: int, table, *,
                resolution_angstrom: float | None = None, lowpass_angstrom: float | None = None,
-               single_map: bool = False) -> dict:
-    """Half maps and mask: readable, same cubic box as the particles, pixel size, mask in [0, 1].
+               single_map: bool = False) -> tuple[float, int, dict]:
+    """Half maps and mask: readable, one cubic shape and voxel size, mask in [0, 1].
 
-    Errors (``InputFileError``) for another box, a voxel size of 0 or one that
-    disagrees with the particles', NaN or infinite values, an all-zero half map,
-    a mask outside [0, 1] or empty; warnings for one file (or identical maps)
-    given as both half maps and a soft edge narrower than ``minimum_edge_pixels``. Returns the volumes read, keyed
-    "half map A", "half map B", "mask" (float32, z, y, x).
+    Returns (the maps' voxel size in Å, their box, the volumes read keyed
+    "half map A", "half map B", "mask", float32 z, y, x). Maps of another box
+    than the particles are re-boxed by the workers (``physics.optics.fit_map_to_box``);
+    refused here when the mask, or warned when more than 1 % of a half map's
+    density, lies outside the part of the map that the particles' box spans.
+    Errors (``InputFileError``) for a voxel size of 0, maps of different shapes
+    or voxel sizes, NaN or infinite values, an all-zero half map, a mask outside
+    [0, 1] or empty; warnings for one file (or identical maps) given as both half
+    maps and a soft edge narrower than ``minimum_edge_pixels``.
     """
-    volumes = {}
+    voxels, shape, volumes = {}, None, {}
+    largest_pixel = float(np.max(table.pixel_size_angstrom))
     for label, path in (("half map A", half_a), ("half map B", half_b), ("mask", mask)):
         volume, voxel = read_map(path)
-        if volume.shape[0] != box:
-            raise InputFileError(
-                path,
-                f"{label} has a box of {volume.shape[0]} voxels but the particles are {box} px.",
-                "Resample or re-box the map to the particles' box (e.g. relion_image_handler --new_box).",
-            )
         if not voxel > 0:
             raise InputFileError(
                 path, f"{label} has a voxel size of {voxel:g} Å in its header.",
-                f"Set it to the map's real voxel size (the particles' pixel size is {pixel_size:.4f} Å), e.g. "
+                f"Set it to the map's real voxel size (the particles' pixel size is "
+                f"{float(np.median(table.pixel_size_angstrom)):.4f} Å), e.g. "
                 "relion_image_handler --i MAP --o FIXED --angpix SIZE, or mrcfile's voxel_size.",
             )
-        if abs(voxel - pixel_size) > PIXEL_SIZE_TOLERANCE * pixel_size:
-            raise InputFileError(
-                path,
-                f"{label} has a voxel size of {voxel:.4f} Å but the particles' pixel size is {pixel_size:.4f} Å.",
-                "Use maps at the particles' pixel size (or fix the header if only it is wrong).",
+        voxels[label] = (path, voxel)
+        if shape is not None and volume.shape != shape[0]:
+            this, first = (path, label, volume.shape[0]), (voxels[shape[1]][0], shape[1], shape[0][0])
+            odd, other = (first, this) if first[2] != box and this[2] == box else (this, first)
+            raise InputFileError(  # names the map whose box is not the particles'
+                odd[0], f"{odd[1]} has a box of {odd[2]} voxels but {other[1]} {other[2]}.",
+                "Use half maps and a mask of one box (e.g. relion_image_handler --new_box).",
             )
+        shape = shape or (volume.shape, label)
+        if volume.shape[0] != box:
+            extent = map_extent_voxels(volume.shape[0], box, largest_pixel, voxel)
+            check_map_reboxing(path, label, volume, extent, table, box)
         if not np.all(np.isfinite(volume)):
             raise InputFileError(path, f"{label} contains NaN or infinite values.", "Use a valid map.")
         if label != "mask" and not np.any(volume):
             raise InputFileError(path, f"{label} is empty (all zeros).", "Check the half-map file.")
         if label == "mask":
-            check_mask(path, volume, pixel_size, resolution_angstrom)
+            check_mask(path, volume, voxel, resolution_angstrom)
         else:
             check_lowpass(lowpass_angstrom, voxel)
         volumes[label] = volume
@@ -234,7 +283,25 @@ def check_maps(half_a: str, half_b: str, mask: str, box: int, pixel_size: float,
         warn(f"{half_a} is given as both half maps (--half-a and --half-b hold the same map): every particle is "
              "subtracted with a map its own half set helped to make, which breaks gold-standard independence. "
              "Give the refinement's two half maps, or --single-map to do this knowingly.")
-    return volumes
+    return map_pixel_size(table, voxels), int(shape[0][0]), volumes
+
+
+def check_map_reboxing(path, label: str, volume: np.ndarray, extent: int, table, box: int) -> None:
+    """What a crop to the ``extent`` voxels the particles' box spans would cut from the map."""
+    if extent >= volume.shape[0]:
+        return
+    kept = np.abs(crop_or_pad(volume, extent)).sum()
+    cut = 1.0 - float(kept / max(np.abs(volume).sum(), 1e-30))
+    groups = ", ".join(map(str, np.unique(table.optics_group)))
+    if label == "mask" and cut > 1e-3:
+        raise InputFileError(
+            path, f"{100 * cut:.1f} % of the mask lies outside the {extent}-voxel cube that the particles' "
+            f"{box} px box spans (optics groups {groups}), so that region cannot be subtracted.",
+            "Re-extract the particles in a larger box, or use a mask within the particles' box.",
+        )
+    if cut > 0.01:
+        warn(f"{path}: {100 * cut:.1f} % of {label}'s density lies outside the {extent}-voxel cube that the "
+             f"particles' {box} px box spans and is left out of their projections")
 
 
 def same_half_maps(half_a, half_b, volume_a: np.ndarray, volume_b: np.ndarray) -> bool:
