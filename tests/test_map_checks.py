@@ -126,16 +126,23 @@ def test_density_share_of_two_blobs():
     assert "outside the mask" in line and "75.0%" in line
 
 
+def region_line(printed: str) -> list[str]:
+    """The region line, printed once, after the set-up steps' lines."""
+    lines = [line for line in printed.splitlines() if line.startswith("Subtracting the region")]
+    assert len(lines) == 1, printed
+    return lines
+
+
 def test_region_line_printed_and_extremes_warned(dataset, tmp_path, capsys):
     paths, _ = dataset
     assert run(paths, tmp_path / "a") == 0
-    out = capsys.readouterr().out.splitlines()
+    out = region_line(capsys.readouterr().out)
     assert out[0].startswith("Subtracting the region inside the mask")
     inside = float(out[0].rsplit(": ", 1)[1].split("%")[0])
     summary = json.loads((tmp_path / "a/dsub_run.json").read_text())["subtracted_region"]
     assert summary == {"mask_keeps": False, "density_share": pytest.approx(inside / 100, abs=6e-4)}
     assert run(paths, tmp_path / "b", "--mask-keeps") == 0
-    out = capsys.readouterr().out.splitlines()
+    out = region_line(capsys.readouterr().out)
     assert out[0].startswith("Subtracting the region outside the mask")
     assert inside + float(out[0].rsplit(": ", 1)[1].split("%")[0]) == pytest.approx(100.0, abs=0.11)
 

@@ -246,13 +246,17 @@ def read_sample_images(data: ReportData, table) -> None:
     ])
     rows = np.union1d(spectrum_rows, example_rows)
     result = read_images(table.image_paths[rows], table.image_indices[rows])
-    try:
-        paths, indices = input_image_locations(data, table)
-        original = read_images(paths[rows], indices[rows])
-    except (DsubError, OSError, ValueError, KeyError) as exc:  # moved, deleted or renamed since the run
-        original = None
-        data.notes.append(f"The input images could not be read here ({' '.join(str(exc).split())}), so only "
-                          "the results are shown.")
+    original = None
+    if data.summary.get("rebox"):  # translated and windowed: input and result are not on one grid
+        data.notes.append("The particles were re-centred or re-boxed (--recenter, --center, --new-box), so the "
+                          "input images are not on the results' grid: only the results are shown.")
+    else:
+        try:
+            paths, indices = input_image_locations(data, table)
+            original = read_images(paths[rows], indices[rows])
+        except (DsubError, OSError, ValueError, KeyError) as exc:  # moved, deleted or renamed since the run
+            data.notes.append(f"The input images could not be read here ({' '.join(str(exc).split())}), so "
+                              "only the results are shown.")
     model = None if original is None else original - result
     in_spectrum = np.isin(rows, spectrum_rows)
     pixel = data.pixel_size_angstrom
