@@ -11,8 +11,8 @@ from . import __version__
 from .cluster import ClusterSpec, parse_adapt
 from .errors import DsubError, DsubWarning, OptionError
 from .physics.contrast import SCALE_MODES, ContrastFit
-from .physics.projector import PROJECTORS
-from .physics.subtract import SubtractionSettings
+from .physics.projector import CORNERS, PROJECTORS
+from .physics.subtract import EXTENSION, SubtractionSettings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,10 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="low-resolution limit of the contrast fit in Å (100; 0 = include all but DC)")
     run.add_argument("--fit-highres", type=float, default=0.0,
                      help="high-resolution limit of the contrast fit in Å (0 = Nyquist)")
-    run.add_argument("--projector", choices=PROJECTORS, default="padded",
-                     help="padded: slice on the padded grid, crop after the inverse FFT (accurate, default); "
-                          "relion: box-point slice as relion_particle_subtract")
-    run.add_argument("--padding", type=int, default=3, help="zero-padding factor of the maps (3)")
+    run.add_argument("--projector", choices=PROJECTORS, default="gridding",
+                     help="gridding: Kaiser-Bessel slice, shift and CTF on an extraction field, crop (accurate, "
+                          "default); relion: trilinear slice, shift and CTF on the box as relion_particle_subtract")
+    run.add_argument("--padding", type=float, default=None,
+                     help="oversampling of the prepared maps (gridding: 1.25; relion: 2)")
+    run.add_argument("--corners", choices=CORNERS, default="map",
+                     help="what the image spectrum's corners beyond the Nyquist circle get: the map's content "
+                          "(map, default) or nothing (zero, as RELION); relion always uses zero")
+    run.add_argument("--extension", type=float, default=EXTENSION,
+                     help=f"side of the extraction field the shift and CTF are applied on, in boxes "
+                          f"({EXTENSION:g}; gridding only)")
     run.add_argument("--chunk-size", type=int, default=256, help="particles per task and Zarr chunk (256)")
     run.add_argument("--particles-per-stack", type=int, default=4096,
                      help="particles per exported .mrcs stack (4096, rounded to whole chunks); stacks are "
@@ -130,7 +137,8 @@ def settings_from_args(args) -> SubtractionSettings:
             high_resolution_angstrom=args.fit_highres or None,
         )
         return SubtractionSettings(
-            projector=args.projector, padding=args.padding, scale=args.scale, mask_keeps=args.mask_keeps, fit=fit
+            projector=args.projector, padding=args.padding, scale=args.scale, mask_keeps=args.mask_keeps, fit=fit,
+            corners=args.corners, extension=args.extension,
         )
     except ValueError as exc:
         raise OptionError(str(exc)) from exc

@@ -1,9 +1,18 @@
 """Subtraction of a batch of particles with the half-map of their own half set.
 
-For each particle: project the full half-map and the masked half-map in the
-particle's pose, shift by its origin, multiply by its CTF (CTF² when the images
-are CTF-premultiplied), choose its contrast scale α, and subtract
-``α · CTF · P_masked`` from the image.
+For each particle: model the full half-map and the masked half-map as the
+particle was extracted (``model_images``), choose its contrast scale α, and
+subtract ``α · model_masked`` from the image.
+
+The default model follows extraction from a micrograph: the projection (box-grid
+slice, ``projector.py``) is placed in a zero field of ``extension · box``
+pixels, shifted by its origin and multiplied by its CTF on that field, and
+cropped back to the box, so signal the CTF delocalises beyond the box leaves it
+instead of wrapping round to the other side. CTF-premultiplied images were
+multiplied by the CTF after extraction, on the box: their model is
+``CTF_box · crop(CTF_field · P)``. ``projector="relion"`` keeps RELION's model
+(``relion_particle_subtract``): trilinear box-grid slice, shift and CTF (CTF²
+when premultiplied) on the box grid.
 """
 
 from __future__ import annotations
@@ -12,26 +21,63 @@ from dataclasses import dataclass, field
 
 from .contrast import SCALE_MODES, ContrastFit, fit_contrast
 from .ctf import ctf_2d
-from .projector import PROJECTORS, PreparedVolume, prepare_volume, project
+from .gridding import grid_size
+from .projector import (
+    CORNERS,
+    PROJECTORS,
+    PreparedVolume,
+    extract_slices,
+    image_spectra,
+    pad_images,
+    prepare_volume,
+    projector_kernel,
+    shift_phases,
+    spectra_to_images,
+)
+
+#: Default size of the extraction field, in boxes (see benchmarks/README.md for the measurement).
+EXTENSION = 2.0
 
 
 @dataclass(frozen=True)
 class SubtractionSettings:
-    """Everything about the physics that a run can choose."""
+    """Everything about the physics that a run can choose.
 
-    projector: str = "padded"
-    padding: int = 3
+    ``padding``: oversampling of the prepared maps (None: 1.25 for "gridding",
+    RELION's 2 for "relion"). ``corners``: what the spectrum's corners beyond the
+    Nyquist circle hold ("map" or "zero"; "relion" always uses "zero").
+    ``extension``: size of the extraction field in boxes (≥ 2; "relion" does
+    not use one).
+    """
+
+    projector: str = "gridding"
+    padding: float | None = None
     scale: str = "fit"
     mask_keeps: bool = False
     fit: ContrastFit = field(default_factory=ContrastFit)
+    corners: str = "map"
+    extension: float = EXTENSION
+    field_slice: bool = False
 
     def __post_init__(self):
         if self.projector not in PROJECTORS:
             raise ValueError(f"projector must be one of {PROJECTORS}, not {self.projector!r}")
         if self.scale not in SCALE_MODES:
             raise ValueError(f"scale must be one of {SCALE_MODES}, not {self.scale!r}")
-        if int(self.padding) != self.padding or self.padding < 1:
-            raise ValueError(f"padding must be a positive integer, not {self.padding!r}")
+        if self.padding is not None and not self.padding >= 1:
+            raise ValueError(f"padding must be at least 1, not {self.padding!r}")
+        if self.corners not in CORNERS:
+            raise ValueError(f"corners must be one of {CORNERS}, not {self.corners!r}")
+        if not self.extension >= 2:
+            raise ValueError(f"extension must be at least 2 (boxes), not {self.extension!r}")
+
+    @property
+    def slice_corners(self) -> str:
+        return "zero" if self.projector == "relion" else self.corners
+
+    def field_size(self, box: int) -> int:
+        """Side of the extraction field in pixels (the box itself for "relion")."""
+        return box if self.projector == "relion" else grid_size(box, self.extension)
 
 
 @dataclass
@@ -52,17 +98,22 @@ def prepare_half_map(xp, half_map, mask, settings: SubtractionSettings) -> HalfM
     """Prepare a half-map for projection, whole and masked (done once per worker)."""
     half_map = xp.asarray(half_map, dtype="float32")
     region = subtraction_region(xp, mask, settings.mask_keeps)
+    kernel, oversampling = projector_kernel(settings.projector, settings.padding)
     return HalfMapModel(
-        full=prepare_volume(xp, half_map, settings.padding),
-        masked=prepare_volume(xp, half_map * region, settings.padding),
+        full=prepare_volume(xp, half_map, kernel, oversampling),
+        masked=prepare_volume(xp, half_map * region, kernel, oversampling),
     )
 
 
-def particle_ctfs(xp, particles, box: int):
-    """CTF (or CTF² for premultiplied images) of each particle on the box's rfft2 grid."""
-    ctf = ctf_2d(
+def particle_ctfs(xp, particles, size: int):
+    """CTF of each particle on an rfft2 grid of ``size`` at its pixel size, (n, size, size//2+1).
+
+    Frequencies are ``k / (size · pixel size)``. Callers multiply by it (never
+    assume it real); premultiplication is handled by ``model_images``.
+    """
+    return ctf_2d(
         xp,
-        box,
+        size,
         particles.pixel_size_angstrom,
         particles.defocus_u_angstrom,
         particles.defocus_v_angstrom,
@@ -73,19 +124,36 @@ def particle_ctfs(xp, particles, box: int):
         particles.phase_shift_degrees,
         particles.ctf_bfactor,
     )
-    premultiplied = xp.asarray(particles.ctf_premultiplied, dtype=bool).reshape(-1, 1, 1)
-    return xp.where(premultiplied, ctf * ctf, ctf)
+
+
+def _premultiplied(xp, particles):
+    return xp.asarray(particles.ctf_premultiplied, dtype=bool).reshape(-1, 1, 1)
 
 
 def model_images(xp, model: HalfMapModel, particles, box: int, settings: SubtractionSettings):
-    """CTF-modulated, shifted projections (full, masked) as real images (n, box, box)."""
-    ctf = particle_ctfs(xp, particles, box)
+    """Models of the particles from the full and the masked map: real float32 (n, box, box) each."""
+    premultiplied = _premultiplied(xp, particles)
+    box_ctf = particle_ctfs(xp, particles, box)
+    if settings.projector == "relion":
+        ctf = xp.where(premultiplied, box_ctf * box_ctf, box_ctf) * shift_phases(xp, box, particles.origins_pixels)
+        return tuple(
+            spectra_to_images(xp, extract_slices(xp, volume, particles.rotations, "zero") * ctf, box)
+            for volume in (model.full, model.masked)
+        )
+    size = settings.field_size(box)
+    field_ctf = particle_ctfs(xp, particles, size) * shift_phases(xp, size, particles.origins_pixels)
+    box_ctf = xp.where(premultiplied, box_ctf, 1)
     images = []
     for volume in (model.full, model.masked):
-        spectra = project(xp, volume, particles.rotations, particles.origins_pixels, settings.projector)
-        images.append(
-            xp.fft.fftshift(xp.fft.irfft2(spectra * ctf, s=(box, box)), axes=(-2, -1)).astype("float32")
-        )
+        if settings.field_slice:
+            spectra = extract_slices(xp, volume, particles.rotations, settings.corners, size)
+        else:
+            projections = spectra_to_images(xp, extract_slices(xp, volume, particles.rotations, settings.corners), box)
+            spectra = image_spectra(xp, pad_images(xp, projections, size))
+        extracted = spectra_to_images(xp, spectra * field_ctf, box)
+        if bool(premultiplied.any()):
+            extracted = spectra_to_images(xp, image_spectra(xp, extracted) * box_ctf, box)
+        images.append(extracted)
     return images[0], images[1]
 
 

@@ -41,7 +41,7 @@ _models_lock = threading.Lock()
 
 def half_map_models(maps: MapFiles, settings: SubtractionSettings, device: str) -> dict:
     """Prepared models {HALF_A: ..., HALF_B: ...} for this process, built on first use."""
-    key = (maps, settings.padding, settings.mask_keeps, device)  # what the prepared maps depend on
+    key = (maps, settings.projector, settings.padding, settings.mask_keeps, device)  # what the prepared maps depend on
     with _models_lock:
         if key not in _models:
             xp = get_xp(device)
@@ -56,7 +56,7 @@ def half_map_models(maps: MapFiles, settings: SubtractionSettings, device: str) 
 
 def batch_size(box: int, settings: SubtractionSettings, device: str) -> int:
     """How many particles to process at once so a batch fits the device's working memory."""
-    size = box * settings.padding if settings.projector == "padded" else box
+    size = settings.field_size(box)
     per_particle = _ARRAYS_PER_PARTICLE * size * (size // 2 + 1) * 8
     return max(1, _BATCH_BYTES[device] // per_particle)
 
