@@ -56,8 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="what the image spectrum's corners beyond the Nyquist circle get: the map's content "
                           "(map, default) or nothing (zero, as RELION); relion always uses zero")
     run.add_argument("--extension", type=float, default=EXTENSION,
-                     help=f"side of the extraction field the shift and CTF are applied on, in boxes "
-                          f"({EXTENSION:g}; gridding only)")
+                     help=f"least side of the extraction field the shift and CTF are applied on, in boxes "
+                          f"({EXTENSION:g}; grown for the CTF's delocalisation; gridding only)")
+    run.add_argument("--field-slice", action="store_true",
+                     help="sample the slice on the extraction field's grid (exact when the map's projection "
+                          "overflows the box; four times the slice cost; gridding only)")
     run.add_argument("--chunk-size", type=int, default=256, help="particles per task and Zarr chunk (256)")
     run.add_argument("--particles-per-stack", type=int, default=4096,
                      help="particles per exported .mrcs stack (4096, rounded to whole chunks); stacks are "
@@ -138,7 +141,7 @@ def settings_from_args(args) -> SubtractionSettings:
         )
         return SubtractionSettings(
             projector=args.projector, padding=args.padding, scale=args.scale, mask_keeps=args.mask_keeps, fit=fit,
-            corners=args.corners, extension=args.extension,
+            corners=args.corners, extension=args.extension, field_slice=args.field_slice,
         )
     except ValueError as exc:
         raise OptionError(str(exc)) from exc

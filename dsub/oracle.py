@@ -12,9 +12,11 @@ array axes (z, y, x); the image frequency ``k`` maps to the 3D point
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from .simulate import ctf_full_plane
+from .simulate import ctf_full_plane, random_rotations
 
 
 def nufft_slices(volume: np.ndarray, rotations: np.ndarray, size: int, tolerance: float = 1e-9) -> np.ndarray:
@@ -92,3 +94,56 @@ def soft_sphere(box: int, radius: float, centre_xyz=(0.0, 0.0, 0.0), edge: float
     centre = np.asarray(centre_xyz, dtype=float)[::-1].reshape(3, 1, 1, 1)
     distance = np.sqrt(((grid - centre) ** 2).sum(axis=0))
     return 0.5 + 0.5 * np.cos(np.pi * np.clip((distance - radius) / edge, 0.0, 1.0))
+
+
+@dataclass
+class ExtractedScene:
+    """Particles extracted from a larger field, their metadata, and each one's true contrast."""
+
+    table: object  # ParticleTable
+    full: np.ndarray  # (n, box, box) extracted particles of the whole map, contrast 1
+    masked: np.ndarray  # the same of the masked map
+    contrast: np.ndarray
+
+
+def extraction_scene(volume, mask, count, pixel_size, field_boxes, ctf: bool, seed: int) -> ExtractedScene:
+    """Particles of ``volume`` (and of ``volume * mask``) extracted from a field of ``field_boxes`` boxes."""
+    box = volume.shape[0]
+    rng = np.random.default_rng(seed)
+    rotations = random_rotations(count, rng)
+    origins = rng.uniform(-4, 4, size=(count, 2))
+    defocus_u = rng.uniform(8000, 25000, size=count) if ctf else np.zeros(count)
+    defocus_v = defocus_u - rng.uniform(0, 600, size=count) if ctf else np.zeros(count)
+    angle = rng.uniform(-180, 180, size=count)
+    cs_mm, q0 = (2.7, 0.1) if ctf else (0.0, 1.0)  # no CTF: defocus 0, Cs 0, Q0 1 gives CTF = 1
+    ctfs = [dict(pixel_size=pixel_size, defocus_u=defocus_u[i], defocus_v=defocus_v[i], angle_degrees=angle[i],
+                 voltage_kv=300.0, cs_mm=cs_mm, q0=q0) for i in range(count)] if ctf else None
+    field = int(round(field_boxes * box))
+    field += field % 2
+    full = extracted_particles(volume, rotations, origins, box, field, ctfs)
+    masked = extracted_particles(volume * mask, rotations, origins, box, field, ctfs)
+
+    def column(value):
+        return np.full(count, value, dtype=float)
+
+    from .particles import ParticleTable
+
+    table = ParticleTable(
+        rotations=rotations, origins_angstrom=origins * pixel_size, defocus_u_angstrom=defocus_u,
+        defocus_v_angstrom=defocus_v, defocus_angle_degrees=angle, phase_shift_degrees=column(0.0),
+        voltage_kv=column(300.0), spherical_aberration_mm=column(cs_mm), amplitude_contrast=column(q0),
+        ctf_bfactor=column(0.0), ctf_premultiplied=np.zeros(count, dtype=bool), half_set=np.ones(count, np.int8),
+        image_paths=np.array(["particles.mrcs"] * count, dtype=object), image_indices=np.arange(count),
+        pixel_size_angstrom=column(pixel_size), box_size=np.full(count, box), optics_group=np.ones(count, np.int64),
+        input_contrast=rng.uniform(0.7, 1.3, size=count),
+    )
+    return ExtractedScene(table, full, masked, table.input_contrast.copy())
+
+
+def in_circle_norm(images: np.ndarray) -> float:
+    """Norm of the images' spectra inside the Nyquist circle."""
+    box = images.shape[-1]
+    spectra = np.fft.rfft2(images)
+    ky, kx = np.fft.fftfreq(box) * box, np.fft.rfftfreq(box) * box
+    inside = (ky[:, None] ** 2 + kx[None, :] ** 2) <= (box / 2) ** 2
+    return float(np.linalg.norm(spectra[:, inside]))

@@ -6,10 +6,14 @@ complex64 of shape (P, P, P//2 + 1 + 2·reach), P = ``grid_size(box,
 oversampling)``. Both half sets are resident, so four volumes.
 
 Batch: the peak of ``subtract_batch`` per particle, measured with tracemalloc
-on NumPy (tests/test_subtract.py checks it): about 80 bytes per element of the
-extraction field's rfft2 half plane (E·(E//2 + 1); the CTF is computed there in
-float64, ``ctf.ctf_2d``, beside the shift phases and the spectra) and 24 bytes
-per element of the box's half plane (the images, models and contrast fit).
+on NumPy (tests/test_subtract.py checks it within 25 %): the larger of the
+slice's working arrays (8 + 52·width bytes per element of the rfft2 half plane
+it is sampled on: coordinates, taps and weights per axis, gathered values) and
+the extraction field's (80 bytes per element of its half plane E·(E//2 + 1):
+the CTF is computed there in float64, ``ctf.ctf_2d``, beside the shift phases
+and the spectra), plus 24 bytes per element of the box's half plane (images,
+models, contrast fit). The GPU's slice kernel keeps no per-tap arrays, so this
+bounds the GPU's batch too.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from __future__ import annotations
 from .gridding import grid_size
 from .projector import prepared_shape, projector_kernel
 
-#: Bytes per element of the extraction field's rfft2 half plane, and of the box's (measured).
+#: Bytes per element of an rfft2 half plane (measured): the slice's (plus per kernel width), the field's, the box's.
+SLICE_BYTES_PER_ELEMENT = 8
+SLICE_BYTES_PER_ELEMENT_AND_WIDTH = 52
 FIELD_BYTES_PER_ELEMENT = 80
 BOX_BYTES_PER_ELEMENT = 24
 #: Prepared volumes resident per worker: (whole, masked) for each of the two half sets.
@@ -45,7 +51,19 @@ def preparation_peak_bytes(box: int, settings) -> int:
     return prepared_map_bytes(box, settings) + max(plain_rfft, 2 * padded_map)
 
 
-def batch_bytes_per_particle(box: int, settings) -> int:
-    """Peak working bytes per particle of a batch in ``subtract_batch`` (beyond the prepared maps)."""
-    field = settings.field_size(box)
-    return FIELD_BYTES_PER_ELEMENT * field * (field // 2 + 1) + BOX_BYTES_PER_ELEMENT * box * (box // 2 + 1)
+def batch_bytes_per_particle(box: int, settings, delocalisation_pixels: float = 0.0) -> int:
+    """Peak working bytes per particle of a batch in ``subtract_batch`` (beyond the prepared maps).
+
+    The extraction field grows with the CTF's delocalisation (pass
+    ``subtract.ctf_delocalisation_pixels(particles)`` of the data set; 0 gives
+    the field of ``settings.extension`` boxes).
+    """
+    def half_plane(size):
+        return size * (size // 2 + 1)
+
+    kernel, _ = projector_kernel(settings.projector, settings.padding)
+    field = settings.field_size(box, delocalisation_pixels)
+    sliced = field if settings.field_slice and settings.projector != "relion" else box
+    slice_bytes = (SLICE_BYTES_PER_ELEMENT + SLICE_BYTES_PER_ELEMENT_AND_WIDTH * kernel.width) * half_plane(sliced)
+    field_bytes = FIELD_BYTES_PER_ELEMENT * half_plane(field)
+    return max(slice_bytes, field_bytes) + BOX_BYTES_PER_ELEMENT * half_plane(box)

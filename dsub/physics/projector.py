@@ -179,15 +179,14 @@ def _extract_slices_numpy(xp, prepared: PreparedVolume, rotations, corners: str,
     y0, wy = _axis_taps(xp, kernel, qy * sign)
     z0, wz = _axis_taps(xp, kernel, qz * sign)
     flat = prepared.transform.reshape(-1)
-    x0 = xp.clip(x0 + reach, 0, columns - kernel.width)
+    x0 = xp.clip(x0 + reach, 0, columns - kernel.width)[:, None] + xp.arange(kernel.width)
     value = xp.zeros(points.shape, dtype="complex64")
     for a in range(kernel.width):
         plane = ((z0 + a) % grid) * grid
         for b in range(kernel.width):
-            row = (plane + (y0 + b) % grid) * columns + x0
-            weight_zy = wz[:, a] * wy[:, b]
-            for c in range(kernel.width):
-                value += flat[row + c] * (weight_zy * wx[:, c])
+            row = ((plane + (y0 + b) % grid) * columns)[:, None] + x0
+            # the row's taps along x, contiguous in memory, summed with their weights
+            value += xp.einsum("pj,pj->p", flat[row], wx) * (wz[:, a] * wy[:, b])
     value = xp.where(negative, xp.conj(value), value)
     out = xp.zeros(in_band.size, dtype="complex64")
     out[points] = value
@@ -199,12 +198,13 @@ def shift_phases(xp, size: int, origins_pixels):
 
     ``exp(+2πi (kx ox + ky oy) / size)``, shape (n, size, size//2 + 1).
     """
-    kx, ky = frequency_grid(xp, size)
     origins = xp.asarray(origins_pixels, dtype="float32")
-    phase = (2 * np.pi / size) * (
-        kx[None] * origins[:, 0, None, None] + ky[None] * origins[:, 1, None, None]
-    )
-    return xp.exp(1j * phase).astype("complex64")
+    kx = xp.fft.rfftfreq(size).astype("float32") * size
+    ky = xp.fft.fftfreq(size).astype("float32") * size
+    scale = np.float32(2 * np.pi / size)
+    along_x = xp.exp(1j * (scale * kx[None, :] * origins[:, 0, None])).astype("complex64")
+    along_y = xp.exp(1j * (scale * ky[None, :] * origins[:, 1, None])).astype("complex64")
+    return along_y[:, :, None] * along_x[:, None, :]
 
 
 def image_spectra(xp, images):

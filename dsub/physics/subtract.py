@@ -19,8 +19,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .contrast import SCALE_MODES, ContrastFit, fit_contrast
-from .ctf import ctf_2d
+from .ctf import ctf_2d, electron_wavelength_angstrom
 from .gridding import grid_size
 from .projector import (
     CORNERS,
@@ -46,8 +48,11 @@ class SubtractionSettings:
     ``padding``: oversampling of the prepared maps (None: 1.25 for "gridding",
     RELION's 2 for "relion"). ``corners``: what the spectrum's corners beyond the
     Nyquist circle hold ("map" or "zero"; "relion" always uses "zero").
-    ``extension``: size of the extraction field in boxes (≥ 2; "relion" does
-    not use one).
+    ``extension``: least size of the extraction field in boxes (≥ 2; grown
+    for the CTF's delocalisation, ``field_size``; "relion" does not use one).
+    ``field_slice``: sample the slice on the field's grid itself instead of
+    zero-padding the box's projection (exact for a map whose projection
+    overflows the box, four times the taps; see benchmarks/README.md).
     """
 
     projector: str = "gridding"
@@ -71,13 +76,16 @@ class SubtractionSettings:
         if not self.extension >= 2:
             raise ValueError(f"extension must be at least 2 (boxes), not {self.extension!r}")
 
-    @property
-    def slice_corners(self) -> str:
-        return "zero" if self.projector == "relion" else self.corners
+    def field_size(self, box: int, delocalisation_pixels: float = 0.0) -> int:
+        """Side of the extraction field in pixels (the box itself for "relion").
 
-    def field_size(self, box: int) -> int:
-        """Side of the extraction field in pixels (the box itself for "relion")."""
-        return box if self.projector == "relion" else grid_size(box, self.extension)
+        At least ``extension`` boxes, and at least the box plus the CTF's
+        delocalisation at Nyquist (``ctf_delocalisation_pixels``), half of it on
+        each side; then the next even 2-3-5-smooth size.
+        """
+        if self.projector == "relion":
+            return box
+        return grid_size(box, max(self.extension, 1.0 + float(delocalisation_pixels) / box))
 
 
 @dataclass
@@ -126,6 +134,24 @@ def particle_ctfs(xp, particles, size: int):
     )
 
 
+def ctf_delocalisation_pixels(particles) -> float:
+    """Largest distance (pixels) the batch's CTFs move signal at Nyquist: ``|λ Δf s - Cs λ³ s³| / pixel``.
+
+    The gradient of the CTF phase ``χ/2π`` with respect to ``s`` (Å⁻¹) at
+    ``s = 1/(2 · pixel size)``, with ``Δf`` the larger defocus (U or V); host
+    NumPy arithmetic on the metadata, 0 for an empty batch.
+    """
+    pixel = np.asarray(particles.pixel_size_angstrom, dtype=float)
+    if pixel.size == 0:
+        return 0.0
+    wavelength = electron_wavelength_angstrom(np.asarray(particles.voltage_kv, dtype=float))
+    defocus = np.maximum(np.abs(particles.defocus_u_angstrom), np.abs(particles.defocus_v_angstrom))
+    nyquist = 0.5 / pixel
+    cs_angstrom = np.asarray(particles.spherical_aberration_mm, dtype=float) * 1e7
+    shift = np.abs(wavelength * defocus * nyquist - cs_angstrom * wavelength**3 * nyquist**3)
+    return float(np.max(shift / pixel))
+
+
 def _premultiplied(xp, particles):
     return xp.asarray(particles.ctf_premultiplied, dtype=bool).reshape(-1, 1, 1)
 
@@ -140,7 +166,7 @@ def model_images(xp, model: HalfMapModel, particles, box: int, settings: Subtrac
             spectra_to_images(xp, extract_slices(xp, volume, particles.rotations, "zero") * ctf, box)
             for volume in (model.full, model.masked)
         )
-    size = settings.field_size(box)
+    size = settings.field_size(box, ctf_delocalisation_pixels(particles))
     field_ctf = particle_ctfs(xp, particles, size) * shift_phases(xp, size, particles.origins_pixels)
     box_ctf = xp.where(premultiplied, box_ctf, 1)
     images = []
