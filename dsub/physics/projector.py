@@ -13,18 +13,23 @@ Two projectors:
 
 * ``relion``: trilinear interpolation at padding 2, RELION's model
   (``Projector::project``), the parity mode.
-* ``gridding`` (default): a Kaiser-Bessel kernel of width 3 at oversampling 1.25.
+* ``gridding`` (default): a Kaiser-Bessel kernel of width 4 at oversampling
+  1.25, β 1.3 times Beatty's.
 
 Choice of the default, measured against a finufft type-2 transform (tolerance
 1e-9) at the exact slice points of the real map EMD-3488 (box 100 padded to 128,
-1.05 Å, masked as a subtraction masks it), as ``||P - P_oracle||² / ||P_oracle||²``
-inside the Nyquist circle (benchmarks/projector_oracle.py, table in
-benchmarks/README.md): trilinear at padding 2 leaves 1.3 %, at padding 3 0.33 %;
-Kaiser-Bessel width 2 at σ 1.25 leaves 0.07 %, width 3 at σ 1.25 0.0015 %,
-width 4 at σ 1.25 5e-5 %. Width 3 at σ 1.25 is two orders of magnitude under
-the 0.2 % target for 27 taps per point (trilinear: 8), and its grid of 1.25³
-box³ keeps both half sets' four prepared maps at 4.3 GB for box 512 (the old
-default, trilinear at padding 3, needed 78.7 GB).
+1.05 Å, masked by a soft sphere off-centre), as ``||P - P_oracle|| / ||P_oracle||``
+inside the Nyquist circle (benchmarks/projector_oracle.py; table in
+benchmarks/README.md): trilinear leaves 0.74 % at padding 2 and 0.33 % at padding
+3; Kaiser-Bessel at σ 1.25 leaves 2.1 / 0.37 / 0.06 % at width 3 / 4 / 5 with
+Beatty's β, and 0.84 / 0.068 / 0.004 % with β × 1.3 (the larger β lowers the
+kernel's side lobes, which alias; beyond about × 1.4 the fall-off of its
+transform across the box costs more, most where the map fills the box). Width 4
+at σ 1.25 with β × 1.3 is the cheapest setting under the 0.2 % target with a
+margin of three (0.073 % at worst over the masked and whole map at box 100 and
+128): 64 taps per point, and a grid of 1.25³ box³ that keeps both half sets'
+four prepared maps at 4.3 GB for box 512 (trilinear at padding 3: 78.7 GB).
+σ 1.5 would reach 0.02 % but needs 7.3 GB at box 512.
 
 Outside the Nyquist circle (the spectrum's corners) the slice holds either the
 map's content where the 3D point lies inside the map's Nyquist cube (``corners =
