@@ -184,14 +184,16 @@ def _extract_slices_numpy(xp, prepared: PreparedVolume, rotations, corners: str,
     y0, wy = _axis_taps(xp, kernel, qy * sign)
     z0, wz = _axis_taps(xp, kernel, qz * sign)
     flat = prepared.transform.reshape(-1)
-    x0 = xp.clip(x0 + reach, 0, columns - kernel.width)[:, None] + xp.arange(kernel.width)
+    index = "int32" if flat.size < 2**31 else "int64"
+    taps = xp.arange(kernel.width, dtype=index)
+    x0 = xp.clip(x0 + reach, 0, columns - kernel.width).astype(index)[:, None] + taps
+    rows = [(((y0 + b) % grid) * columns).astype(index) for b in range(kernel.width)]
     value = xp.zeros(points.shape, dtype="complex64")
     for a in range(kernel.width):
-        plane = ((z0 + a) % grid) * grid
+        plane = (((z0 + a) % grid) * (grid * columns)).astype(index)
         for b in range(kernel.width):
-            row = ((plane + (y0 + b) % grid) * columns)[:, None] + x0
             # the row's taps along x, contiguous in memory, summed with their weights
-            value += xp.einsum("pj,pj->p", flat[row], wx) * (wz[:, a] * wy[:, b])
+            value += xp.einsum("pj,pj->p", flat[(plane + rows[b])[:, None] + x0], wx) * (wz[:, a] * wy[:, b])
     value = xp.where(negative, xp.conj(value), value)
     out = xp.zeros(in_band.size, dtype="complex64")
     out[points] = value
