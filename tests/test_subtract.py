@@ -254,3 +254,10 @@ def test_field_grows_with_ctf_delocalisation():
     assert settings.field_size(32) == 64
     assert settings.field_size(32, 87.5) >= 32 + 87.5
     assert settings.field_size(256, 87.5) == 512
+
+
+@pytest.mark.parametrize("change, message", [({"extension": 1.5}, "extension"), ({"corners": "cube"}, "corners"),
+                                             ({"padding": 0.5}, "padding"), ({"projector": "padded"}, "projector")])
+def test_settings_refuse_values_outside_their_range(change, message):
+    with pytest.raises(ValueError, match=message):
+        SubtractionSettings(**change)
