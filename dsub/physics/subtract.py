@@ -157,30 +157,39 @@ def _premultiplied(xp, particles):
 
 
 def model_images(xp, model: HalfMapModel, particles, box: int, settings: SubtractionSettings):
-    """Models of the particles from the full and the masked map: real float32 (n, box, box) each."""
+    """Models of the particles from the full and the masked map: real float32 (n, box, box) each.
+
+    "relion": box-grid slice, shift and CTF (CTF² for premultiplied images) on
+    the box grid. Otherwise the projection lies in a zero field, is shifted and
+    CTF-modulated there and cropped to the box, then multiplied by the box-grid
+    CTF where the images are CTF-premultiplied.
+    """
+    volumes = (model.full, model.masked)
     premultiplied = _premultiplied(xp, particles)
-    box_ctf = particle_ctfs(xp, particles, box)
     if settings.projector == "relion":
-        ctf = xp.where(premultiplied, box_ctf * box_ctf, box_ctf) * shift_phases(xp, box, particles.origins_pixels)
+        ctf = particle_ctfs(xp, particles, box)
+        ctf = xp.where(premultiplied, ctf * ctf, ctf) * shift_phases(xp, box, particles.origins_pixels)
         return tuple(
             spectra_to_images(xp, extract_slices(xp, volume, particles.rotations, "zero") * ctf, box)
-            for volume in (model.full, model.masked)
+            for volume in volumes
         )
     size = settings.field_size(box, ctf_delocalisation_pixels(particles))
     field_ctf = particle_ctfs(xp, particles, size) * shift_phases(xp, size, particles.origins_pixels)
-    box_ctf = xp.where(premultiplied, box_ctf, 1)
-    images = []
-    for volume in (model.full, model.masked):
-        if settings.field_slice:
-            spectra = extract_slices(xp, volume, particles.rotations, settings.corners, size)
-        else:
-            projections = spectra_to_images(xp, extract_slices(xp, volume, particles.rotations, settings.corners), box)
-            spectra = image_spectra(xp, pad_images(xp, projections, size))
-        extracted = spectra_to_images(xp, spectra * field_ctf, box)
-        if bool(premultiplied.any()):
-            extracted = spectra_to_images(xp, image_spectra(xp, extracted) * box_ctf, box)
-        images.append(extracted)
-    return images[0], images[1]
+    box_ctf = xp.where(premultiplied, particle_ctfs(xp, particles, box), 1) if bool(premultiplied.any()) else None
+    return tuple(_extracted(xp, volume, particles, box, size, field_ctf, box_ctf, settings) for volume in volumes)
+
+
+def _extracted(xp, volume: PreparedVolume, particles, box: int, size: int, field_ctf, box_ctf, settings):
+    """One map's model as extracted from a ``size``² field (see ``model_images``)."""
+    if settings.field_slice:
+        spectra = extract_slices(xp, volume, particles.rotations, settings.corners, size)
+    else:
+        projections = spectra_to_images(xp, extract_slices(xp, volume, particles.rotations, settings.corners), box)
+        spectra = image_spectra(xp, pad_images(xp, projections, size))
+    extracted = spectra_to_images(xp, spectra * field_ctf, box)
+    if box_ctf is not None:
+        extracted = spectra_to_images(xp, image_spectra(xp, extracted) * box_ctf, box)
+    return extracted
 
 
 def subtract_batch(xp, images, particles, model: HalfMapModel, settings: SubtractionSettings):
