@@ -1,8 +1,10 @@
-"""GPU check and throughput: CuPy path vs the NumPy twin, then particles/s by box size.
+"""GPU check and throughput: CuPy path vs the NumPy twin, then particles/s and memory by box size.
 
 Run on a machine with a GPU (CuPy installed):
-    python benchmarks/gpu_throughput.py [--boxes 128 256] [--batch 256]
-Prints one table; the figures go into BENCHMARKS.md.
+    python benchmarks/gpu_throughput.py [--boxes 128 256 384 512] [--batch 256]
+Prints one table; the figures go into BENCHMARKS.md. "resident GB" is the memory
+pool's use with both half sets' prepared maps in place (four volumes), beside
+``memory.prepared_map_bytes``; "pool peak GB" is the pool's total after a batch.
 """
 
 from __future__ import annotations
@@ -53,10 +55,12 @@ def scene(box, count, rng):
 def main():
     import cupy
 
+    from dsub.physics.memory import prepared_map_bytes
     from dsub.physics.subtract import SubtractionSettings, prepare_half_map, subtract_batch
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--boxes", type=int, nargs="+", default=[128, 256])
+    parser.add_argument("--boxes", type=int, nargs="+", default=[128, 256, 384, 512])
+    parser.add_argument("--check-up-to", type=int, default=256, help="compare with NumPy up to this box")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
@@ -64,36 +68,43 @@ def main():
     print(f"GPU: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}, CuPy {cupy.__version__}")
     rows = []
     for box in args.boxes:
-        for projector, padding in (("padded", 3), ("relion", 2)):
-            settings = SubtractionSettings(projector=projector, padding=padding)
+        for projector in ("gridding", "relion"):
+            settings = SubtractionSettings(projector=projector)
             volume, mask, images, table = scene(box, args.batch, rng)
-            # correctness on a few particles against the NumPy twin
-            few = np.arange(4)
-            cpu, a_cpu = subtract_batch(np, images[few], table.subset(few),
-                                        prepare_half_map(np, volume, mask, settings), settings)
+            pool = cupy.get_default_memory_pool()
+            pool.free_all_blocks()
+            before = pool.used_bytes()
             started = time.perf_counter()
             model = prepare_half_map(cupy, volume, mask, settings)
             cupy.cuda.Device().synchronize()
             prepare_s = time.perf_counter() - started
-            gpu, a_gpu = subtract_batch(cupy, images[few], table.subset(few), model, settings)
-            difference = float(np.max(np.abs(gpu.get() - cpu)) / np.max(np.abs(cpu)))
-            alpha_difference = float(np.max(np.abs(a_gpu.alpha.get() - a_cpu.alpha) / np.abs(a_cpu.alpha)))
+            other_half = prepare_half_map(cupy, volume, mask, settings)
+            resident = pool.used_bytes() - before
+            difference = alpha_difference = float("nan")
+            if box <= args.check_up_to:  # correctness on a few particles against the NumPy twin
+                few = np.arange(4)
+                cpu, a_cpu = subtract_batch(np, images[few], table.subset(few),
+                                            prepare_half_map(np, volume, mask, settings), settings)
+                gpu, a_gpu = subtract_batch(cupy, images[few], table.subset(few), model, settings)
+                difference = float(np.max(np.abs(gpu.get() - cpu)) / np.max(np.abs(cpu)))
+                alpha_difference = float(np.max(np.abs(a_gpu.alpha.get() - a_cpu.alpha) / np.abs(a_cpu.alpha)))
             on_gpu = cupy.asarray(images)
             compute_s = timed(cupy, lambda: subtract_batch(cupy, on_gpu, table, model, settings), args.repeats)
             transfer_s = timed(
                 cupy, lambda: subtract_batch(cupy, cupy.asarray(images), table, model, settings)[0].get(),
                 args.repeats,
             )
-            rows.append((box, projector, padding, difference, alpha_difference, prepare_s,
-                         args.batch / compute_s, args.batch / transfer_s))
-            del model, on_gpu
-            cupy.get_default_memory_pool().free_all_blocks()
-    print("| box | projector | padding | max rel diff vs NumPy | α rel diff | prepare one half-map (s) "
-          "| particles/s, data on GPU | particles/s, host→GPU→host |")
-    print("|---|---|---|---|---|---|---|---|")
-    for box, projector, padding, diff, adiff, prep, rate, rate_io in rows:
-        print(f"| {box} | {projector} | {padding} | {diff:.1e} | {adiff:.1e} | {prep:.2f} | {rate:,.0f} | {rate_io:,.0f} |")
-
+            rows.append((box, projector, difference, alpha_difference, prepare_s, args.batch / compute_s,
+                         args.batch / transfer_s, resident / 1e9, prepared_map_bytes(box, settings) / 1e9,
+                         pool.total_bytes() / 1e9))
+            del model, other_half, on_gpu
+            pool.free_all_blocks()
+    print("| box | projector | max rel diff vs NumPy | α rel diff | prepare one half-map (s) "
+          "| particles/s, data on GPU | particles/s, host→GPU→host | resident GB (formula) | pool peak GB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for box, projector, diff, adiff, prep, rate, rate_io, resident, formula, peak in rows:
+        print(f"| {box} | {projector} | {diff:.1e} | {adiff:.1e} | {prep:.2f} | {rate:,.0f} | {rate_io:,.0f} "
+              f"| {resident:.2f} ({formula:.2f}) | {peak:.2f} |")
 
 if __name__ == "__main__":
     main()

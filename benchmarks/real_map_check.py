@@ -19,6 +19,8 @@ band-limited interpolant), turned into cubic-spline coefficients, and sampled wi
 a map point c (voxels from the centre N//2, order x, y, z) lands at image position
 ``(A c)_xy - origin`` with ``A = Rotation.from_euler('ZYZ', [rot, tilt, psi], degrees=True)
 .as_matrix().T``; the projection is the line integral along the beam (sum with voxel step 1).
+Particles are extracted as from a micrograph: projected onto a field of ``--field`` boxes (3),
+multiplied by their CTF there and cropped to the box (``--field 1``: the CTF on the box grid).
 
 Run from the repository root:  .venv/bin/python benchmarks/real_map_check.py  [--help]
 """
@@ -229,20 +231,23 @@ def spline_volume(volume: np.ndarray, upsample: int = 2, margin: float = 4.0, to
     return SplineVolume(coeffs, box, upsample, centre.astype(float), radius)
 
 
-def project_real_space(vol: SplineVolume, rotation: np.ndarray, origin, beam_step: float = 1.0) -> np.ndarray:
+def project_real_space(vol: SplineVolume, rotation: np.ndarray, origin, beam_step: float = 1.0,
+                       size: int | None = None) -> np.ndarray:
     """Line integral along the beam, image (y, x): pixel u collects the points c with (A c)_xy = u + o.
 
     Only rays through the support sphere are sampled, at points w = w_centre + j*beam_step.
+    The image is ``size``² (default the map's box) with its centre at pixel size//2.
     """
     n = vol.box
+    size = n if size is None else int(size)
     A = np.asarray(rotation, dtype=np.float64)
     o = np.asarray(origin, dtype=np.float64)
     landed = A @ vol.centre  # where the support centre goes, before the origin shift
     ps = landed[:2] - o
     r = vol.radius
-    lo = np.maximum(np.ceil(ps - r).astype(int), -(n // 2))
-    hi = np.minimum(np.floor(ps + r).astype(int), n - n // 2 - 1)
-    image = np.zeros((n, n))
+    lo = np.maximum(np.ceil(ps - r).astype(int), -(size // 2))
+    hi = np.minimum(np.floor(ps + r).astype(int), size - size // 2 - 1)
+    image = np.zeros((size, size))
     if np.any(hi < lo):
         return image
     ux = np.arange(lo[0], hi[0] + 1, dtype=np.float64)
@@ -258,8 +263,8 @@ def project_real_space(vol: SplineVolume, rotation: np.ndarray, origin, beam_ste
     scale = vol.upsample
     coords = scale * (c[::-1] + n // 2)  # (z, y, x) indices on the upsampled grid
     values = ndimage.map_coordinates(vol.coeffs, coords, order=3, prefilter=False, mode="grid-constant")
-    pixel = ((UY[keep] + n // 2) * n + (UX[keep] + n // 2)).astype(np.int64)
-    image.ravel()[:] = np.bincount(pixel, weights=values, minlength=n * n) * beam_step
+    pixel = ((UY[keep] + size // 2) * size + (UX[keep] + size // 2)).astype(np.int64)
+    image.ravel()[:] = np.bincount(pixel, weights=values, minlength=size * size) * beam_step
     return image
 
 
@@ -336,10 +341,10 @@ _SIM: dict = {}
 def _project_particle(i):
     s = _SIM
     half = s["half"][i] - 1
-    R, o, step = s["rotations"][i], s["origins"][i], s["beam_step"]
-    masked = project_real_space(s["masked"][half], R, o, step)
-    rest = project_real_space(s["rest"][half], R, o, step)
-    other = project_real_space(s["masked"][1 - half], R, o, step) if i < s["control"] else None
+    R, o, step, field = s["rotations"][i], s["origins"][i], s["beam_step"], s["field"]
+    masked = project_real_space(s["masked"][half], R, o, step, field)
+    rest = project_real_space(s["rest"][half], R, o, step, field)
+    other = project_real_space(s["masked"][1 - half], R, o, step, field) if i < s["control"] else None
     return i, masked, rest, other
 
 
@@ -361,7 +366,8 @@ class Simulation:
     seconds: float
 
 
-def simulate(halves_masked, halves_rest, count, box, voxel, snr, rng, beam_step, processes, control):
+def simulate(halves_masked, halves_rest, count, box, voxel, snr, rng, beam_step, processes, control, field):
+    """Particles as extracted: projected onto a ``field``² image, CTF applied there, central box cropped."""
     angles = Rotation.random(count, random_state=int(rng.integers(2**31))).as_euler("ZYZ", degrees=True)
     rotations = np.stack([Rotation.from_euler("ZYZ", a, degrees=True).as_matrix().T for a in angles])
     origins = rng.uniform(-3, 3, size=(count, 2))
@@ -371,7 +377,7 @@ def simulate(halves_masked, halves_rest, count, box, voxel, snr, rng, beam_step,
     alpha = rng.uniform(0.7, 1.3, size=count)
     half = rng.integers(1, 3, size=count)
     _SIM.update(masked=halves_masked, rest=halves_rest, rotations=rotations, origins=origins,
-                half=half, beam_step=beam_step, control=control)
+                half=half, beam_step=beam_step, control=control, field=field)
     started = time.monotonic()
     if processes > 1:
         with multiprocessing.get_context("fork").Pool(processes) as pool:
@@ -381,12 +387,14 @@ def simulate(halves_masked, halves_rest, count, box, voxel, snr, rng, beam_step,
     sub = np.empty((count, box, box))
     kept = np.empty((count, box, box))
     wrong = np.empty((control, box, box))
+    start = field // 2 - box // 2
+    crop = (slice(start, start + box), slice(start, start + box))
     for i, masked, rest, other in results:
-        ctf = ctf_full_plane(box, voxel, defocus_u[i], defocus_v[i], defocus_angle[i], VOLTAGE_KV, CS_MM, Q0)
-        sub[i] = alpha[i] * apply_ctf(masked, ctf)
-        kept[i] = alpha[i] * apply_ctf(rest, ctf)
+        ctf = ctf_full_plane(field, voxel, defocus_u[i], defocus_v[i], defocus_angle[i], VOLTAGE_KV, CS_MM, Q0)
+        sub[i] = alpha[i] * apply_ctf(masked, ctf)[crop]
+        kept[i] = alpha[i] * apply_ctf(rest, ctf)[crop]
         if other is not None:
-            wrong[i] = alpha[i] * apply_ctf(other, ctf)
+            wrong[i] = alpha[i] * apply_ctf(other, ctf)[crop]
     signal = sub + kept
     noise_sigma = 0.0 if not snr or not np.isfinite(snr) else float(np.sqrt(np.mean(signal**2) / snr))
     images = signal + noise_sigma * rng.normal(size=signal.shape)
@@ -528,6 +536,8 @@ def main(argv=None):
     ap.add_argument("--keep", default=None, help="keep all files in this folder (default: a temp dir)")
     ap.add_argument("--chain", default="A", help="chain of 5me2.pdb to mask (A)")
     ap.add_argument("--upsample", type=int, default=2, help="Fourier upsampling before the spline (2)")
+    ap.add_argument("--field", type=float, default=3.0,
+                    help="extract the particles from a field of this many boxes (3; 1 = CTF on the box grid)")
     ap.add_argument("--beam-step", type=float, default=1.0, help="sampling step along the beam, voxels")
     ap.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="simulation processes")
     ap.add_argument("--no-relion", action="store_true", help="skip the --projector relion comparison runs")
@@ -591,8 +601,10 @@ def main(argv=None):
     rest_vols = [spline_volume(h * (1.0 - mask), args.upsample) for h in halves]
     prep = time.monotonic() - t
     control = min(16, args.particles)
+    field = int(round(args.field * box))
+    field += field % 2
     sim = simulate(masked_vols, rest_vols, args.particles, box, voxel, args.snr, rng, args.beam_step,
-                   args.processes, control)
+                   args.processes, control, field)
     del masked_vols, rest_vols
     sub_power = np.mean(sim.subtracted_truth**2) / np.mean((sim.subtracted_truth + sim.kept_truth) ** 2)
     print(f"[sim] {args.particles} particles of {box} px: spline prep {prep:.1f} s, projections "

@@ -13,8 +13,8 @@ from .cluster import ClusterSpec, parse_adapt
 from .errors import INTERRUPTED, DsubError, DsubWarning, OptionError, error_line
 from .formats.paths import PATH_MODES
 from .physics.contrast import SCALE_MODES, WEIGHTINGS, ContrastFit
-from .physics.projector import PROJECTORS
-from .physics.subtract import SubtractionSettings
+from .physics.projector import CORNERS, PROJECTORS
+from .physics.subtract import EXTENSION, SubtractionSettings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,10 +52,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--fit-weighting", choices=WEIGHTINGS, default="fsc",
                      help="fsc: weight the contrast fit by the half maps' FSC, so their noise does not bias it "
                           "(default); none: the plain least-squares fit (for maps without noise)")
-    run.add_argument("--projector", choices=PROJECTORS, default="padded",
-                     help="padded: slice on the padded grid, crop after the inverse FFT (accurate, default); "
-                          "relion: box-point slice as relion_particle_subtract")
-    run.add_argument("--padding", type=int, default=3, help="zero-padding factor of the maps (3)")
+    run.add_argument("--projector", choices=PROJECTORS, default="gridding",
+                     help="gridding: Kaiser-Bessel slice, shift and CTF on an extraction field, crop (accurate, "
+                          "default); relion: trilinear slice, shift and CTF on the box as relion_particle_subtract")
+    run.add_argument("--padding", type=float, default=None,
+                     help="oversampling of the prepared maps (gridding: 1.25; relion: 2)")
+    run.add_argument("--corners", choices=CORNERS, default="map",
+                     help="what the image spectrum's corners beyond the Nyquist circle get: the map's content "
+                          "(map, default) or nothing (zero, as RELION); relion always uses zero")
+    run.add_argument("--extension", type=float, default=EXTENSION,
+                     help=f"least side of the extraction field the shift and CTF are applied on, in boxes "
+                          f"({EXTENSION:g}; grown for the CTF's delocalisation; gridding only)")
+    run.add_argument("--field-slice", action="store_true",
+                     help="sample the slice on the extraction field's grid (exact when the map's projection "
+                          "overflows the box; four times the slice cost; gridding only)")
     run.add_argument("--chunk-size", type=int, default=256, help="particles per task and Zarr chunk (256)")
     run.add_argument("--particles-per-stack", type=int, default=4096,
                      help="particles per exported .mrcs stack (4096, rounded to whole chunks); stacks are "
@@ -183,6 +193,7 @@ def settings_from_args(args) -> SubtractionSettings:
         return SubtractionSettings(
             projector=args.projector, padding=args.padding, scale=args.scale, mask_keeps=args.mask_keeps, fit=fit,
             lowpass_angstrom=args.lowpass,
+            corners=args.corners, extension=args.extension, field_slice=args.field_slice,
         )
     except ValueError as exc:
         raise OptionError(str(exc)) from exc

@@ -27,7 +27,7 @@ def make_dataset(folder: Path, count: int = 400, box: int = 64, seed: int = 2026
     phantom = two_domain_phantom(box, rng)
     halves = (perturbed(phantom, rng), perturbed(phantom, rng))
     mask = soft_sphere_mask(phantom, 2, box)
-    sim = simulate_particles(halves, 2, count, box, PIXEL_SIZE, rng, snr=snr)
+    sim = simulate_particles(halves, 2, count, box, PIXEL_SIZE, rng, snr=snr, field=3 * box)  # as extracted
     paths = {
         "half_a": folder / "half_A.mrc",
         "half_b": folder / "half_B.mrc",

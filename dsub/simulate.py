@@ -152,12 +152,17 @@ class SimulatedParticles:
 
 def simulate_particles(halves, mask_domain: int, count: int, box: int, pixel_size: float,
                        rng: np.random.Generator, snr: float | None = 0.1,
-                       contrast_range=(0.7, 1.3)) -> SimulatedParticles:
+                       contrast_range=(0.7, 1.3), field: int | None = None) -> SimulatedParticles:
     """Noisy CTF-modulated images of the half-phantoms ``halves = (A, B)``, each particle of its own half.
 
     ``snr`` is the mean signal power over the box divided by the noise variance;
-    ``None`` gives noise-free images.
+    ``None`` gives noise-free images. ``field``: extract each particle as from a
+    micrograph, i.e. project, shift and apply the CTF on a ``field``² image and
+    crop the central box (None: everything on the box grid, so what the CTF
+    delocalises beyond the box wraps round).
     """
+    field = box if field is None else int(field)
+    start = field // 2 - box // 2
     rotations = random_rotations(count, rng)
     origins = rng.uniform(-3, 3, size=(count, 2))
     defocus_u = rng.uniform(8000, 25000, size=count)
@@ -169,10 +174,10 @@ def simulate_particles(halves, mask_domain: int, count: int, box: int, pixel_siz
     removed = np.empty((count, box, box))
     for i in range(count):
         phantom = halves[half_set[i] - 1]
-        ctf = ctf_full_plane(box, pixel_size, defocus_u[i], defocus_v[i], angles[i], 300.0, 2.7, 0.1)
+        ctf = ctf_full_plane(field, pixel_size, defocus_u[i], defocus_v[i], angles[i], 300.0, 2.7, 0.1)
         for target, domain in ((kept, 3 - mask_domain), (removed, mask_domain)):
-            projection = phantom.select(domain).project(rotations[i], origins[i], box)
-            target[i] = contrast[i] * apply_ctf(projection, ctf)
+            projection = phantom.select(domain).project(rotations[i], origins[i], field)
+            target[i] = contrast[i] * apply_ctf(projection, ctf)[start : start + box, start : start + box]
     signal = kept + removed
     sigma = 0.0 if snr is None else float(np.sqrt(np.mean(signal**2) / snr))
     noisy = signal + rng.normal(0, 1, size=signal.shape) * sigma

@@ -16,7 +16,7 @@ pytestmark = [
 
 from dsub.cluster.gpus import visible_gpus  # noqa: E402
 from dsub.particles import HALF_A, HALF_B  # noqa: E402
-from dsub.physics.projector import extract_slices, prepare_volume  # noqa: E402
+from dsub.physics.projector import extract_slices, prepare_volume, projector_kernel  # noqa: E402
 from dsub.physics.subtract import SubtractionSettings, prepare_half_map, subtract_batch  # noqa: E402
 from dsub.simulate import perturbed, simulate_particles, soft_sphere_mask, to_particle_table, two_domain_phantom  # noqa: E402
 
@@ -29,16 +29,22 @@ def cupy():
 
 
 @pytest.mark.parametrize(
-    "box, padding, padded_slice, band",
-    [(64, 2, False, "circle"), (64, 3, True, "cube"), (65, 2, True, "cube"), (64, 2, True, "circle")],
+    "box, projector, corners, size",
+    [(64, "relion", "zero", None), (64, "gridding", "map", None), (65, "gridding", "zero", None),
+     (64, "gridding", "map", 128), (48, "gridding", "zero", 100)],
 )
-def test_slice_kernel_matches_numpy(cupy, box, padding, padded_slice, band):
+def test_slice_kernel_matches_numpy(cupy, box, projector, corners, size):
     rng = np.random.default_rng(0)
     volume = rng.normal(size=(box, box, box)).astype(np.float32)
     rotations = np.array([np.linalg.qr(rng.normal(size=(3, 3)))[0] for _ in range(7)])
-    size = box * padding if padded_slice else box
-    cpu = extract_slices(np, prepare_volume(np, volume, padding), rotations, size, band)
-    gpu = extract_slices(cupy, prepare_volume(cupy, volume, padding), rotations, size, band).get()
+    rotations[0] = np.eye(3)  # lattice points: taps at the kernel's edge
+    rotations[1, :2] *= 1.03  # magnification folded into the rows
+    kernel, oversampling = projector_kernel(projector)
+    cpu = extract_slices(np, prepare_volume(np, volume, kernel, oversampling), rotations, corners, size)
+    prepared = prepare_volume(cupy, volume, kernel, oversampling)
+    np.testing.assert_allclose(prepared.transform.get(), prepare_volume(np, volume, kernel, oversampling).transform,
+                               atol=1e-4 * float(np.abs(cpu).max()))
+    gpu = extract_slices(cupy, prepared, rotations, corners, size).get()
     assert np.linalg.norm(gpu - cpu) / np.linalg.norm(cpu) < 1e-5
 
 
@@ -56,8 +62,8 @@ def test_fsc_and_wiener_filter_on_gpu_match_numpy(cupy):
     np.testing.assert_allclose(filtered, wiener_filter(np, halves[0], cpu), atol=1e-5 * np.abs(halves[0]).max())
 
 
-@pytest.mark.parametrize("projector, padding", [("padded", 3), ("relion", 2)])
-def test_subtraction_on_gpu_matches_cpu(cupy, projector, padding):
+@pytest.mark.parametrize("projector, premultiplied", [("gridding", False), ("gridding", True), ("relion", True)])
+def test_subtraction_on_gpu_matches_cpu(cupy, projector, premultiplied):
     box = 64
     rng = np.random.default_rng(3)
     phantom = two_domain_phantom(box, rng)
@@ -65,7 +71,8 @@ def test_subtraction_on_gpu_matches_cpu(cupy, projector, padding):
     mask = soft_sphere_mask(phantom, 2, box)
     sim = simulate_particles(halves, 2, 24, box, 1.5, rng, snr=0.1)
     table = to_particle_table(sim)
-    settings = SubtractionSettings(projector=projector, padding=padding)
+    table.ctf_premultiplied[::2] = premultiplied
+    settings = SubtractionSettings(projector=projector)
     for half in (HALF_A, HALF_B):
         members = np.flatnonzero(table.half_set == half)
         volume = halves[half - 1].voxelize(box)

@@ -1,14 +1,55 @@
-"""The projector against exact line integrals and against RELION's own projections."""
+"""The projector against independent truth: an exact NUFFT of a real map, exact line integrals of
+Gaussian blobs, the kernels' transforms by quadrature, and RELION's own projections."""
 
 import numpy as np
 import pytest
+from scipy import integrate
 
 from dsub.formats.mrc import read_images, read_map
 from dsub.formats.star import read_particles
-from dsub.physics.projector import image_spectra, prepare_volume, project
+from dsub.physics.gridding import GriddingKernel, grid_size, kaiser_bessel
+from dsub.physics.projector import (
+    extract_slices,
+    image_spectra,
+    prepare_volume,
+    projector_kernel,
+    shift_phases,
+    spectra_to_images,
+)
 from dsub.simulate import GaussianPhantom, random_rotations
 
 BOX = 64
+
+
+def project(volume, rotations, origins, projector):
+    """Shifted projections (n, box, box) of ``volume`` by a projector with its default kernel."""
+    kernel, oversampling = projector_kernel(projector)
+    prepared = prepare_volume(np, volume, kernel, oversampling)
+    box = volume.shape[0]
+    corners = "zero" if projector == "relion" else "map"
+    spectra = extract_slices(np, prepared, rotations, corners) * shift_phases(np, box, origins)
+    return spectra_to_images(np, spectra, box)
+
+
+@pytest.mark.parametrize("kernel", [GriddingKernel("trilinear", 2), kaiser_bessel(4, 1.25), kaiser_bessel(3, 2.0)])
+def test_kernel_transform_matches_quadrature(kernel):
+    for frequency in (0.0, 0.1, 0.3, 0.45):
+        half = kernel.width / 2
+
+        def integrand(u):
+            return float(kernel.weights(np, np.float64(u))) * np.cos(2 * np.pi * u * frequency)
+
+        expected = integrate.quad(integrand, -half, half, limit=200)[0]
+        assert kernel.transform(frequency) == pytest.approx(expected, rel=1e-4)
+
+
+def test_grid_size_is_even_and_fft_friendly():
+    assert grid_size(512, 1.25) == 640
+    assert grid_size(100, 1.25) == 128  # 126 = 2 * 3^2 * 7 is not 5-smooth
+    for box in (48, 100, 128, 200, 333):
+        size = grid_size(box, 1.25)
+        assert size >= 1.25 * box and size % 2 == 0
+
 
 def blob_phantom(spread: float, seed: int = 0) -> GaussianPhantom:
     rng = np.random.default_rng(seed)
@@ -19,37 +60,57 @@ def blob_phantom(spread: float, seed: int = 0) -> GaussianPhantom:
         domains=np.ones(12, dtype=int),
     )
 
-def projection_error(phantom, projector, padding):
-    """Relative RMS error of the engine's projections against the analytic line integrals."""
+
+@pytest.mark.parametrize("spread, projector, limit", [(8, "relion", 0.01), (8, "gridding", 0.002), (14, "gridding", 0.002)])
+def test_projection_matches_exact_line_integral(spread, projector, limit):
+    phantom = blob_phantom(spread)
     rotations = random_rotations(6, np.random.default_rng(3))
     origins = np.random.default_rng(4).uniform(-3, 3, size=(6, 2))
-    prepared = prepare_volume(np, phantom.voxelize(BOX), padding)
-    spectra = project(np, prepared, rotations, origins, projector)
-    images = np.fft.fftshift(np.fft.irfft2(spectra, s=(BOX, BOX)), axes=(-2, -1))
-    errors = []
-    for image, rotation, origin in zip(images, rotations, origins):
-        exact = phantom.project(rotation, origin, BOX)
-        errors.append(np.linalg.norm(image - exact) / np.linalg.norm(exact))
-    return float(np.mean(errors))
+    images = project(phantom.voxelize(BOX), rotations, origins, projector)
+    exact = np.array([phantom.project(r, o, BOX) for r, o in zip(rotations, origins)])
+    assert np.linalg.norm(images - exact) / np.linalg.norm(exact) <= limit
 
-@pytest.mark.parametrize(
-    "spread, projector, padding, limit",
-    [
-        (8, "relion", 2, 0.01),  # compact object, RELION-style slice: under 1 %
-        (8, "padded", 2, 0.005),
-        (14, "padded", 3, 0.005),  # object filling half the box: dsub's default
-        (20, "padded", 3, 0.01),  # object filling most of the box
-    ],
-)
-def test_projection_matches_exact_line_integral(spread, projector, padding, limit):
-    assert projection_error(blob_phantom(spread), projector, padding) <= limit
 
-def test_padding_and_padded_slice_reduce_error():
-    phantom = blob_phantom(14)
-    relion2 = projection_error(phantom, "relion", 2)
-    padded2 = projection_error(phantom, "padded", 2)
-    padded3 = projection_error(phantom, "padded", 3)
-    assert padded3 < padded2 < relion2
+@pytest.fixture(scope="module")
+def real_map_scene(shared_data):
+    """EMD-3488 cropped to 64³ about its centre, masked by a soft sphere off-centre, and its NUFFT slices."""
+    pytest.importorskip("finufft")
+    from dsub.oracle import nufft_slices, real_map, soft_sphere
+
+    volume = real_map(shared_data / "emd3488" / "emd_3488.mrc", BOX)
+    masked = volume * soft_sphere(BOX, 18.0, centre_xyz=(4.0, -3.0, 2.0))
+    rotations = random_rotations(6, np.random.default_rng(7))
+    return masked, rotations, nufft_slices(masked, rotations, BOX)
+
+
+def oracle_error(real_map_scene, kernel, oversampling):
+    """||P - P_oracle|| / ||P_oracle|| inside the Nyquist circle (ratio of norms)."""
+    masked, rotations, oracle = real_map_scene
+    slices = extract_slices(np, prepare_volume(np, masked, kernel, oversampling), rotations, "zero")
+    ky, kx = np.fft.fftfreq(BOX) * BOX, np.fft.rfftfreq(BOX) * BOX
+    inside = (ky[:, None] ** 2 + kx[None, :] ** 2) <= (BOX / 2) ** 2
+    assert np.all(slices[:, ~inside] == 0)
+    return np.linalg.norm((slices - oracle)[:, inside]) / np.linalg.norm(oracle[:, inside])
+
+
+def test_default_projector_within_0_2_percent_of_nufft_on_real_map(real_map_scene):
+    assert oracle_error(real_map_scene, *projector_kernel("gridding")) <= 0.002
+
+
+def test_relion_projector_error_against_nufft_is_trilinear_sized(real_map_scene):
+    relion = oracle_error(real_map_scene, *projector_kernel("relion"))
+    assert 0.002 < relion < 0.05  # the trilinear kernel: a few per mille to a few per cent
+    assert oracle_error(real_map_scene, kaiser_bessel(4, 2.0), 2.0) < relion  # a wider kernel does better
+
+
+def test_slices_follow_hermitian_symmetry_across_qx_zero(real_map_scene):
+    # A rotation by 180 degrees about the beam maps k to -k: its slice is the conjugate of the first.
+    masked, rotations, _ = real_map_scene
+    prepared = prepare_volume(np, masked, *projector_kernel("gridding"))
+    flip = np.diag([-1.0, -1.0, 1.0]) @ rotations[0]
+    first, flipped = extract_slices(np, prepared, np.stack([rotations[0], flip]), "zero")
+    np.testing.assert_allclose(flipped, np.conj(first), atol=1e-4 * np.abs(first).max())
+
 
 def fourier_crop(volume: np.ndarray, size: int) -> np.ndarray:
     """Crop the centred 3D transform to ``size``³ and invert (how the RELION test set was made)."""
@@ -59,19 +120,19 @@ def fourier_crop(volume: np.ndarray, size: int) -> np.ndarray:
     scale = (size / volume.shape[0]) ** 3
     return np.fft.fftshift(np.fft.ifftn(np.fft.ifftshift(cropped))).real * scale
 
+
 @pytest.mark.parametrize("name", ["rln_proj_64_centered", "rln_proj_64_shifted"])
-@pytest.mark.parametrize("projector", ["relion", "padded"])
+@pytest.mark.parametrize("projector", ["relion", "gridding"])
 def test_reproduces_relion_project(shared_data, name, projector):  # conventions!
     folder = shared_data / "relion_projections"
     volume, _ = read_map(folder / "clean70SRibosome_vol_65p.mrc")
     volume = fourier_crop(volume.astype(np.float64), 64)
     table = read_particles(folder / f"{name}.star", require_ctf=False)
     expected = read_images(table.image_paths, table.image_indices)
-    prepared = prepare_volume(np, volume, 2)
-    spectra = project(np, prepared, table.rotations, table.origins_pixels, projector)
-    images = np.fft.fftshift(np.fft.irfft2(spectra, s=(64, 64)), axes=(-2, -1))
+    images = project(volume, table.rotations, table.origins_pixels, projector)
     for ours, theirs in zip(images, expected):
         assert np.corrcoef(ours.ravel(), theirs.ravel())[0, 1] >= 0.98
+
 
 def test_image_spectra_puts_origin_at_box_centre():
     image = np.zeros((BOX, BOX), dtype=np.float32)

@@ -28,7 +28,8 @@ def scene():
     halves = (perturbed(phantom, rng), perturbed(phantom, rng))
     mask = soft_sphere_mask(phantom, 2, BOX)
     maps = {HALF_A: halves[0].voxelize(BOX), HALF_B: halves[1].voxelize(BOX)}
-    clean = simulate_particles(halves, 2, 40, BOX, 1.5, rng, snr=None)
+    # Particles extracted from a 3x larger field, as from a micrograph.
+    clean = simulate_particles(halves, 2, 40, BOX, 1.5, rng, snr=None, field=3 * BOX)
     return maps, mask, clean, halves
 
 
@@ -63,12 +64,15 @@ def test_noise_free_subtraction_removes_masked_domain(scene):
     assert np.linalg.norm(out - kept) / np.linalg.norm(kept) < 0.005
 
 
-def test_relion_projector_is_close_but_less_accurate(scene):
-    maps, mask, sim, _ = scene
-    padded = residual(run(maps, mask, sim, SubtractionSettings())[0], sim)
-    relion = residual(run(maps, mask, sim, SubtractionSettings(projector="relion", padding=2))[0], sim)
-    assert relion < 0.03
-    assert padded < relion
+def test_relion_projector_matches_box_grid_particles_but_not_extracted_ones(scene):
+    maps, mask, extracted, halves = scene
+    relion = SubtractionSettings(projector="relion")
+    # RELION's own model (CTF on the box grid): particles simulated that way are subtracted well.
+    box_grid = simulate_particles(halves, 2, 20, BOX, 1.5, np.random.default_rng(12), snr=None)
+    assert residual(run(maps, mask, box_grid, relion)[0], box_grid) < 0.03
+    # Extracted particles: the CTF's delocalised signal left the box, which only the default models.
+    default = residual(run(maps, mask, extracted, SubtractionSettings())[0], extracted)
+    assert 10 * default < residual(run(maps, mask, extracted, relion)[0], extracted)
 
 
 def test_wrong_half_map_is_measurably_worse(scene):
@@ -115,7 +119,7 @@ def test_ctf_premultiplied_images_subtract_ctf_squared(scene):
 def test_noisy_particles_contrast_recovered_and_beats_one_scale_for_all(scene):
     maps, mask, _, halves = scene
     rng = np.random.default_rng(5)
-    sim = simulate_particles(halves, 2, 80, BOX, 1.5, rng, snr=0.1)
+    sim = simulate_particles(halves, 2, 80, BOX, 1.5, rng, snr=0.1, field=3 * BOX)
     out, alpha = run(maps, mask, sim, SubtractionSettings())
     relative_error = alpha / sim.contrast - 1
     assert abs(np.mean(relative_error)) < 0.02  # unbiased
@@ -152,3 +156,109 @@ def test_fit_band_excludes_frequencies_outside_it(scene):
     np.testing.assert_allclose(alpha, sim.contrast, rtol=0.01)
     with pytest.raises(ValueError, match="fit band is empty"):
         ContrastFit(low_resolution_angstrom=8.0, high_resolution_angstrom=20.0)
+
+
+@pytest.mark.parametrize("settings", [SubtractionSettings(), SubtractionSettings(projector="relion"),
+                                      SubtractionSettings(extension=3.0), SubtractionSettings(field_slice=True)])
+def test_memory_model_matches_measured_allocation(settings):
+    import tracemalloc
+
+    from dsub.physics.memory import batch_bytes_per_particle, prepared_map_bytes
+    from dsub.physics.subtract import ctf_delocalisation_pixels
+
+    box, count = 48, 8
+    rng = np.random.default_rng(2)
+    phantom = two_domain_phantom(box, rng)
+    mask = soft_sphere_mask(phantom, 2, box)
+    sim = simulate_particles((phantom, phantom), 2, count, box, 1.5, rng, snr=0.1)
+    table = to_particle_table(sim)
+    table.half_set[:] = HALF_A
+    volume = phantom.voxelize(box)
+    tracemalloc.start()
+    try:
+        models = [prepare_half_map(np, volume, mask, settings) for _ in (HALF_A, HALF_B)]
+        resident = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        start = tracemalloc.get_traced_memory()[0]
+        subtract_batch(np, sim.images, table, models[0], settings)
+        working = (tracemalloc.get_traced_memory()[1] - start) / count
+    finally:
+        tracemalloc.stop()
+    assert resident == pytest.approx(prepared_map_bytes(box, settings), rel=0.02)
+    expected = batch_bytes_per_particle(box, settings, ctf_delocalisation_pixels(table))
+    assert working == pytest.approx(expected, rel=0.25)
+
+
+@pytest.fixture(scope="module")
+def extracted_real_map(shared_data):
+    """EMD-3488 cropped to box 64, particles extracted from a 3x field by the independent finufft simulator."""
+    pytest.importorskip("finufft")
+    from dsub.oracle import extraction_scene, real_map, soft_sphere
+
+    box = 64
+    volume = real_map(shared_data / "emd3488" / "emd_3488.mrc", box)
+    mask = soft_sphere(box, 13.0, centre_xyz=(4.0, -3.0, 1.0), edge=3.0)
+    scenes = {ctf: extraction_scene(volume, mask, 6, 1.56, 3.0, ctf, seed=4) for ctf in (False, True)}
+    return volume, mask, scenes
+
+
+@pytest.mark.parametrize("ctf, limit", [(False, 0.002), (True, 0.005)])
+def test_model_matches_particles_extracted_from_a_larger_field(extracted_real_map, ctf, limit):
+    from dsub.oracle import in_circle_norm
+    from dsub.physics.subtract import model_images
+
+    volume, mask, scenes = extracted_real_map
+    scene = scenes[ctf]
+    box = volume.shape[0]
+
+    def left(settings):
+        _, masked = model_images(np, prepare_half_map(np, volume, mask, settings), scene.table, box, settings)
+        return in_circle_norm(masked - scene.masked) / in_circle_norm(scene.masked)
+
+    assert left(SubtractionSettings()) <= limit
+    # Sampling the slice on the field's grid also keeps the projection's ringing tails (the map's
+    # spectrum ends sharply at Nyquist) that overflow the box: better still.
+    assert left(SubtractionSettings(field_slice=True)) <= 0.5 * limit
+    if ctf:  # RELION's box-grid CTF wraps what the CTF delocalises: several per cent at box 64
+        assert left(SubtractionSettings(projector="relion")) > 0.05
+
+
+def test_premultiplied_model_is_box_ctf_times_cropped_field_model(extracted_real_map):
+    from dsub.oracle import in_circle_norm
+    from dsub.physics.subtract import model_images
+
+    volume, mask, scenes = extracted_real_map
+    scene = scenes[True]
+    box = volume.shape[0]
+    table = dataclasses.replace(scene.table, ctf_premultiplied=np.ones(len(scene.contrast), dtype=bool))
+    expected = np.empty_like(scene.masked)
+    for i in range(len(expected)):  # the premultiplication happened on the extracted box
+        ctf = ctf_full_plane(box, 1.56, table.defocus_u_angstrom[i], table.defocus_v_angstrom[i],
+                             table.defocus_angle_degrees[i], 300.0, 2.7, 0.1)
+        expected[i] = apply_ctf(scene.masked[i], ctf)
+    settings = SubtractionSettings()
+    _, masked = model_images(np, prepare_half_map(np, volume, mask, settings), table, box, settings)
+    assert in_circle_norm(masked - expected) / in_circle_norm(expected) <= 0.005
+
+
+def test_field_grows_with_ctf_delocalisation():
+    from dsub.physics.subtract import ctf_delocalisation_pixels
+
+    sim = simulate_particles((two_domain_phantom(32, np.random.default_rng(1)),) * 2, 2, 4, 32, 1.5,
+                             np.random.default_rng(1), snr=None)
+    table = to_particle_table(sim)
+    table.defocus_u_angstrom[:] = table.defocus_v_angstrom[:] = 20000.0
+    table.spherical_aberration_mm[:] = 0.0
+    # λ(300 kV) = 0.019687 Å; λ Δf / (2 pixel²) = 0.019687 * 20000 / (2 * 1.5²) = 87.5 pixels
+    assert ctf_delocalisation_pixels(table) == pytest.approx(87.5, rel=1e-3)
+    settings = SubtractionSettings()
+    assert settings.field_size(32) == 64
+    assert settings.field_size(32, 87.5) >= 32 + 87.5
+    assert settings.field_size(256, 87.5) == 512
+
+
+@pytest.mark.parametrize("change, message", [({"extension": 1.5}, "extension"), ({"corners": "cube"}, "corners"),
+                                             ({"padding": 0.5}, "padding"), ({"projector": "padded"}, "projector")])
+def test_settings_refuse_values_outside_their_range(change, message):
+    with pytest.raises(ValueError, match=message):
+        SubtractionSettings(**change)

@@ -1,11 +1,12 @@
 """CUDA kernel for Fourier-slice extraction: the GPU twin of
-``projector._extract_slices_trilinear``, one thread per output coefficient.
+``projector._extract_slices_numpy``, one thread per output coefficient.
 
-The NumPy version gathers eight corner arrays per slice and builds several
-temporary arrays the size of the output; here each thread reads its eight
-corners straight from the padded transform and writes one value, so the slice
-costs one pass over the output. Results agree with the NumPy twin to float32
-rounding (tests/test_gpu.py).
+Each thread computes its 3D point, flips it into the stored half space (x ≥ 0)
+by Hermitian symmetry, evaluates the separable kernel's ``width`` weights per
+axis (tent, or Kaiser-Bessel through ``cyl_bessel_i0f``) and sums the
+``width³`` taps straight from the prepared transform, so a slice costs one pass
+over the output. Results agree with the NumPy twin to float32 rounding
+(tests/test_gpu.py).
 """
 
 from __future__ import annotations
@@ -15,59 +16,72 @@ import numpy as np
 _SOURCE = r"""
 #include <cupy/complex.cuh>
 
+#define MAX_WIDTH 8
+
+__device__ __forceinline__ void axis_taps(float q, int width, int kind, float beta, int* first, float* w)
+{
+    const float start = ceilf(q - 0.5f * width);
+    *first = (int)start;
+    for (int j = 0; j < width; ++j) {
+        const float d = q - (start + j);
+        if (kind == 0) {
+            w[j] = fmaxf(1.f - fabsf(d), 0.f);
+        } else {
+            const float r = 2.f * d / width;
+            w[j] = fabsf(r) <= 1.f ? cyl_bessel_i0f(beta * sqrtf(fmaxf(1.f - r * r, 0.f))) - 1.f : 0.f;
+        }
+    }
+}
+
 extern "C" __global__ void extract_slices(
-    const complex<float>* __restrict__ volume,   // (P, P, H) padded rfft, axes z, y, x
+    const complex<float>* __restrict__ volume,   // (P, P, C) extended rfft, axes z, y, x
     const float* __restrict__ rotations,         // (n, 9) RELION A, row-major
     complex<float>* __restrict__ out,            // (n, size, size/2 + 1)
-    const int n, const int size, const int padded, const int half, const float step,
+    const int n, const int size, const int box, const int padded, const int columns, const int reach,
+    const float scale, const float step, const int width, const int kind, const float beta,
     const int cube)                               // 1: keep points inside the map's Nyquist cube
 {
-    const int width = size / 2 + 1;
-    const long long total = (long long)n * size * width;
+    const int half_width = size / 2 + 1;
+    const long long total = (long long)n * size * half_width;
     const float radius2 = 0.25f * size * size;
-    const float limit = 0.5f * padded;
+    const float limit = 0.5f * box;
+    float wx[MAX_WIDTH], wy[MAX_WIDTH], wz[MAX_WIDTH];
     for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
          idx += (long long)blockDim.x * gridDim.x) {
-        const int ix = (int)(idx % width);
-        const int iy = (int)((idx / width) % size);
-        const int p = (int)(idx / ((long long)width * size));
+        const int ix = (int)(idx % half_width);
+        const int iy = (int)((idx / half_width) % size);
+        const int p = (int)(idx / ((long long)half_width * size));
         const float kx = (float)ix;
         const float ky = (float)(iy < (size + 1) / 2 ? iy : iy - size);
-        if (!cube && kx * kx + ky * ky > radius2) {
-            out[idx] = complex<float>(0.f, 0.f);
-            continue;
-        }
         const float* a = rotations + 9 * p;
-        float qx = step * (kx * a[0] + ky * a[3]);
-        float qy = step * (kx * a[1] + ky * a[4]);
-        float qz = step * (kx * a[2] + ky * a[5]);
-        if (cube && (fabsf(qx) > limit || fabsf(qy) > limit || fabsf(qz) > limit)) {
+        float qx = kx * (scale * a[0]) + ky * (scale * a[3]);
+        float qy = kx * (scale * a[1]) + ky * (scale * a[4]);
+        float qz = kx * (scale * a[2]) + ky * (scale * a[5]);
+        const bool in_band = cube ? (fabsf(qx) <= limit && fabsf(qy) <= limit && fabsf(qz) <= limit)
+                                  : (kx * kx + ky * ky <= radius2);
+        if (!in_band) {
             out[idx] = complex<float>(0.f, 0.f);
             continue;
         }
         const bool negative = qx < 0.f;
-        if (negative) { qx = -qx; qy = -qy; qz = -qz; }
-        const float fx0 = floorf(qx), fy0 = floorf(qy), fz0 = floorf(qz);
-        const float fx = qx - fx0, fy = qy - fy0, fz = qz - fz0;
-        int x0 = min((int)fx0, half - 1);
-        int x1 = min((int)fx0 + 1, half - 1);
-        int y0 = ((int)fy0 % padded + padded) % padded;
-        int y1 = (y0 + 1) % padded;
-        int z0 = ((int)fz0 % padded + padded) % padded;
-        int z1 = (z0 + 1) % padded;
-        const long long row00 = ((long long)z0 * padded + y0) * half;
-        const long long row01 = ((long long)z0 * padded + y1) * half;
-        const long long row10 = ((long long)z1 * padded + y0) * half;
-        const long long row11 = ((long long)z1 * padded + y1) * half;
-        complex<float> v =
-              volume[row00 + x0] * ((1.f - fx) * (1.f - fy) * (1.f - fz))
-            + volume[row00 + x1] * (fx * (1.f - fy) * (1.f - fz))
-            + volume[row01 + x0] * ((1.f - fx) * fy * (1.f - fz))
-            + volume[row01 + x1] * (fx * fy * (1.f - fz))
-            + volume[row10 + x0] * ((1.f - fx) * (1.f - fy) * fz)
-            + volume[row10 + x1] * (fx * (1.f - fy) * fz)
-            + volume[row11 + x0] * ((1.f - fx) * fy * fz)
-            + volume[row11 + x1] * (fx * fy * fz);
+        const float sign = negative ? -1.f : 1.f;
+        int x0, y0, z0;
+        axis_taps(sign * step * qx, width, kind, beta, &x0, wx);
+        axis_taps(sign * step * qy, width, kind, beta, &y0, wy);
+        axis_taps(sign * step * qz, width, kind, beta, &z0, wz);
+        x0 = min(max(x0 + reach, 0), columns - width);
+        complex<float> v(0.f, 0.f);
+        for (int c = 0; c < width; ++c) {
+            const int z = ((z0 + c) % padded + padded) % padded;
+            for (int b = 0; b < width; ++b) {
+                const int y = ((y0 + b) % padded + padded) % padded;
+                const complex<float>* row = volume + ((long long)z * padded + y) * columns + x0;
+                const float wzy = wz[c] * wy[b];
+                for (int j = 0; j < width; ++j) {
+                    v += row[j] * (wzy * wx[j]);
+                }
+            }
+        }
         out[idx] = negative ? conj(v) : v;
     }
 }
@@ -85,20 +99,20 @@ def _compiled():
     return _kernel
 
 
-def extract_slices_cuda(prepared, rotations, size: int, band: str = "circle"):
+def extract_slices_cuda(prepared, rotations, corners: str, size: int):
     """Central slices on the GPU; same contract as ``projector.extract_slices``."""
     import cupy
 
     transform = cupy.ascontiguousarray(prepared.transform, dtype=cupy.complex64)
     rot = cupy.ascontiguousarray(cupy.asarray(rotations, dtype=cupy.float32).reshape(-1, 9))
-    count = rot.shape[0]
+    count, box = rot.shape[0], prepared.box
     out = cupy.empty((count, size, size // 2 + 1), dtype=cupy.complex64)
     total = out.size
     if total == 0:
         return out
     threads = 256
     blocks = int(min((total + threads - 1) // threads, 65535 * 8))
-    padded = prepared.padded_size
+    kernel = prepared.kernel
     _compiled()(
         (blocks,),
         (threads,),
@@ -108,10 +122,16 @@ def extract_slices_cuda(prepared, rotations, size: int, band: str = "circle"):
             out,
             np.int32(count),
             np.int32(size),
-            np.int32(padded),
+            np.int32(box),
+            np.int32(prepared.grid_size),
             np.int32(transform.shape[2]),
-            np.float32(padded / float(size)),
-            np.int32(band == "cube"),
+            np.int32(kernel.reach),
+            np.float32(box / float(size)),
+            np.float32(prepared.grid_size / float(box)),
+            np.int32(kernel.width),
+            np.int32(0 if kernel.kind == "trilinear" else 1),
+            np.float32(kernel.beta),
+            np.int32(corners == "map"),
         ),
     )
     return out

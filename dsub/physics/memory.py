@@ -1,68 +1,69 @@
-"""How much memory the physics of one worker needs, from the box and the settings alone.
+"""Memory a worker needs for the physics: the prepared maps, and a batch's working arrays.
 
-Two figures, both for the layout of ``subtract.prepare_half_map`` and
-``subtract.subtract_batch`` (they change together with that code):
+Prepared maps: each half set keeps two prepared volumes (the whole half-map and
+its masked region), each the oversampled rfft of ``projector.prepare_volume``:
+complex64 of shape (P, P, P//2 + 1 + 2·reach), P = ``grid_size(box,
+oversampling)``. Both half sets are resident, so four volumes.
 
-* ``prepared_map_bytes``: the prepared maps of both half sets, at their peak,
-  i.e. while the last of the four transforms is being made;
-* ``batch_bytes_per_particle``: the peak working memory of a batch, per particle.
-
-The constants are counted from the code and checked against the peak that
-``tracemalloc`` measures for NumPy (tests/test_memory.py: within a few per cent
-on boxes 24 to 48). CuPy makes the same arrays, but cuFFT needs less scratch
-than NumPy's pocketfft, so on a GPU the figures are an upper bound (by about a
-quarter for the map preparation).
+Batch: the peak of ``subtract_batch`` per particle, measured with tracemalloc
+on NumPy (tests/test_subtract.py checks it within 25 %): the larger of the
+slice's working arrays (8 + 52·width bytes per element of the rfft2 half plane
+it is sampled on: coordinates, taps and weights per axis, gathered values) and
+the extraction field's (80 bytes per element of its half plane E·(E//2 + 1):
+the CTF is computed there in float64, ``ctf.ctf_2d``, beside the shift phases
+and the spectra), plus 24 bytes per element of the box's half plane (images,
+models, contrast fit). The GPU's slice kernel keeps no per-tap arrays, so this
+bounds the GPU's batch too.
 """
 
 from __future__ import annotations
 
-COMPLEX64 = 8
-FLOAT32 = 4
+from .gridding import grid_size
+from .projector import prepared_shape, projector_kernel
 
-#: Peak of NumPy's ``rfftn`` of a real 3D array, in units of its own output: pocketfft
-#: (NumPy 2.x) transforms axis by axis into fresh arrays, 6 outputs at the peak (measured).
-RFFTN_PEAK_OUTPUTS = 6
-#: Per slice coefficient (n, size, size//2+1) of the trilinear slice extraction: the 3D
-#: coordinates, their floors as int64, the wrapped indices, eight gathered corners, the
-#: weights, and the shift phases (``projector._extract_slices_trilinear``, ``shift_phases``).
-SLICE_BYTES_PER_COEFFICIENT = 118
-#: Per coefficient of the box's rfft2 grid: the CTF (computed in float64), the real-space
-#: full and masked images, their spectra in the contrast fit, and the band weights.
-BOX_BYTES_PER_COEFFICIENT = 26
+#: Bytes per element of an rfft2 half plane (measured): the slice's (plus per kernel width), the field's, the box's.
+SLICE_BYTES_PER_ELEMENT = 8
+SLICE_BYTES_PER_ELEMENT_AND_WIDTH = 52
+FIELD_BYTES_PER_ELEMENT = 80
+BOX_BYTES_PER_ELEMENT = 24
+#: Prepared volumes resident per worker: (whole, masked) for each of the two half sets.
+PREPARED_VOLUMES = 4
 
 
-def padded_size(box: int, settings) -> int:
-    """Edge of the zero-padded map, ``padding * box`` voxels."""
-    return int(box) * int(settings.padding)
-
-
-def rfft_coefficients(size: int, dims: int) -> int:
-    """Number of complex values in an rfft of a ``size``^dims real array."""
-    return size ** (dims - 1) * (size // 2 + 1)
+def prepared_volume_bytes(box: int, settings) -> int:
+    """Bytes of one prepared volume (complex64)."""
+    kernel, oversampling = projector_kernel(settings.projector, settings.padding)
+    z, y, x = prepared_shape(box, kernel, oversampling)
+    return 8 * z * y * x
 
 
 def prepared_map_bytes(box: int, settings) -> int:
-    """Peak bytes of the prepared maps of BOTH half sets (whole and masked: four transforms).
+    """Resident bytes of the prepared maps of both half sets (four volumes)."""
+    return PREPARED_VOLUMES * prepared_volume_bytes(box, settings)
 
-    Resident: four complex64 rffts of (P, P, P), P = padding * box. The peak
-    comes while the fourth is made: three resident transforms, the zero-padded
-    float32 map and its ``ifftshift`` copy (P³ each), NumPy's ``rfftn`` scratch
-    (``RFFTN_PEAK_OUTPUTS`` outputs), and box-sized float32 copies of the map
-    (masked map, region weights, grid-corrected map).
+
+def preparation_peak_bytes(box: int, settings) -> int:
+    """Peak bytes while the last volume is prepared: the other three, it, and its plain rfft and padded map."""
+    kernel, oversampling = projector_kernel(settings.projector, settings.padding)
+    size = grid_size(box, oversampling)
+    plain_rfft = 8 * size * size * (size // 2 + 1)
+    padded_map = 4 * size**3
+    return prepared_map_bytes(box, settings) + max(plain_rfft, 2 * padded_map)
+
+
+def batch_bytes_per_particle(box: int, settings, delocalisation_pixels: float = 0.0) -> int:
+    """Peak working bytes per particle of a batch in ``subtract_batch`` (beyond the prepared maps).
+
+    The extraction field grows with the CTF's delocalisation (pass
+    ``subtract.ctf_delocalisation_pixels(particles)`` of the data set; 0 gives
+    the field of ``settings.extension`` boxes).
     """
-    size = padded_size(box, settings)
-    transform = rfft_coefficients(size, 3) * COMPLEX64
-    padded_copies = 2 * size**3 * FLOAT32
-    box_copies = 3 * int(box) ** 3 * FLOAT32
-    return 3 * transform + padded_copies + RFFTN_PEAK_OUTPUTS * transform + box_copies
+    def half_plane(size):
+        return size * (size // 2 + 1)
 
-
-def batch_bytes_per_particle(box: int, settings) -> int:
-    """Peak working bytes per particle of ``subtract_batch``.
-
-    The slice is sampled on the padded grid (``projector == "padded"``) or on
-    the box grid (``"relion"``); every other array lives on the box grid.
-    """
-    size = padded_size(box, settings) if settings.projector == "padded" else int(box)
-    return (SLICE_BYTES_PER_COEFFICIENT * rfft_coefficients(size, 2)
-            + BOX_BYTES_PER_COEFFICIENT * rfft_coefficients(int(box), 2))
+    kernel, _ = projector_kernel(settings.projector, settings.padding)
+    field = settings.field_size(box, delocalisation_pixels)
+    sliced = field if settings.field_slice and settings.projector != "relion" else box
+    slice_bytes = (SLICE_BYTES_PER_ELEMENT + SLICE_BYTES_PER_ELEMENT_AND_WIDTH * kernel.width) * half_plane(sliced)
+    field_bytes = FIELD_BYTES_PER_ELEMENT * half_plane(field)
+    return max(slice_bytes, field_bytes) + BOX_BYTES_PER_ELEMENT * half_plane(box)

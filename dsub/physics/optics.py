@@ -118,13 +118,16 @@ def particle_frequencies(xp, particles, size: int):
     return m[0][0] * x + m[0][1] * y, m[1][0] * x + m[1][1] * y
 
 
-def particle_transfer(xp, particles, size: int):
+def particle_transfer(xp, particles, size: int, square_premultiplied: bool = True, aberration_phase: bool = True):
     """What multiplies each projection's spectrum: complex64 (n, size, size//2 + 1).
 
-    ``scale · CTF`` (or ``(scale · CTF)²`` for CTF-premultiplied images) with the
-    even aberrations in the CTF phase, times ``exp(i φ_odd)`` from the odd
-    aberrations and beam tilt. Frequencies ``k / (size · pixel_size)``, so
-    ``size`` may exceed the box (a finer grid for the same particle).
+    ``scale · CTF`` (or ``(scale · CTF)²`` for CTF-premultiplied images, unless
+    ``square_premultiplied`` is False) with the even aberrations in the CTF
+    phase, times ``exp(i φ_odd)`` from the odd aberrations and beam tilt (unless
+    ``aberration_phase`` is False: then the real ``scale · CTF`` that
+    premultiplied images were multiplied by). Frequencies ``k / (size ·
+    pixel_size)``, so ``size`` may exceed the box (a finer grid for the same
+    particle).
     """
     sx, sy = particle_frequencies(xp, particles, size)
     even = None
@@ -137,7 +140,10 @@ def particle_transfer(xp, particles, size: int):
     )
     ctf = ctf * xp.asarray(particles.ctf_scale, dtype="float64").reshape(-1, 1, 1)
     premultiplied = xp.asarray(particles.ctf_premultiplied, dtype=bool).reshape(-1, 1, 1)
-    ctf = xp.where(premultiplied, ctf * ctf, ctf)
+    if square_premultiplied:
+        ctf = xp.where(premultiplied, ctf * ctf, ctf)
+    if not aberration_phase:
+        return ctf.astype("complex64")
     odd = odd_zernike_with_beam_tilt(
         particles.odd_zernike, particles.beam_tilt_mrad, particles.spherical_aberration_mm,
         particles.voltage_kv,

@@ -1,28 +1,39 @@
 """Fourier-slice projection of a 3D map, with RELION's geometry.
 
-The 2D transform of a projection at image frequency ``k = (kx, ky)`` equals the
-3D transform of the map at ``Aᵀ·(kx, ky, 0)``, where ``A`` is RELION's rotation
-(map frame -> image frame) and the real-space projection is the line *sum*
-along the beam. Accuracy comes from three steps done once per map
-(``prepare_volume``): divide by the Fourier transform of the trilinear kernel
-("gridding correction", a separable sinc²), zero-pad, and FFT. Slices are then
-read by trilinear interpolation (``extract_slices``).
+The 2D transform of a projection at image frequency ``k = (kx, ky)`` (cycles
+per box) equals the 3D transform of the map at ``Aᵀ·(kx, ky, 0)``, where ``A``
+is RELION's rotation (map frame -> image frame; any 3x3 matrix is accepted, so
+magnification can be folded into its rows) and the real-space projection is the
+line *sum* along the beam. A map is prepared once (``prepare_volume``): divided
+by its interpolation kernel's transform (``gridding.py``), zero-padded to a grid
+of ``P`` ≥ oversampling · box points, and transformed. Slices are read off that
+grid with the kernel (``extract_slices``), one value per box-grid frequency.
 
-Two ways of sampling the slice:
+Two projectors:
 
-* ``size = box`` ("relion"): a box-point slice at stride ``padding`` through
-  the padded transform, as ``relion_project`` and ``relion_particle_subtract``
-  do. Cheapest.
-* ``size = padding * box`` ("padded"): the slice on the full padded grid, then
-  the inverse FFT at that size and a crop to the box. Three to five times more
-  accurate for a pad² larger 2D FFT; dsub's default.
+* ``relion``: trilinear interpolation at padding 2, RELION's model
+  (``Projector::project``), the parity mode.
+* ``gridding`` (default): a Kaiser-Bessel kernel of width 4 at oversampling
+  1.25, β 1.3 times Beatty's.
 
-Measured on sums of 3D Gaussians against their exact line integrals (box 64,
-relative RMS error; see tests/test_projector.py): with the object within ±14
-voxels of the centre, "relion" gives 2.2 % at padding 2 and 1.0 % at padding
-3, "padded" 0.93 % and 0.17 %. What is left is aliasing from the periodic
-copies of the padded map that the beam passes through, so it shrinks with
-padding.
+Choice of the default, measured against a finufft type-2 transform (tolerance
+1e-9) at the exact slice points of the real map EMD-3488 (box 100 padded to 128,
+1.05 Å, masked by a soft sphere off-centre), as ``||P - P_oracle|| / ||P_oracle||``
+inside the Nyquist circle (benchmarks/projector_oracle.py; table in
+benchmarks/README.md): trilinear leaves 0.74 % at padding 2 and 0.33 % at padding
+3; Kaiser-Bessel at σ 1.25 leaves 2.1 / 0.37 / 0.06 % at width 3 / 4 / 5 with
+Beatty's β, and 0.84 / 0.068 / 0.004 % with β × 1.3 (the larger β lowers the
+kernel's side lobes, which alias; beyond about × 1.4 the fall-off of its
+transform across the box costs more, most where the map fills the box). Width 4
+at σ 1.25 with β × 1.3 is the cheapest setting under the 0.2 % target with a
+margin of three (0.073 % at worst over the masked and whole map at box 100 and
+128): 64 taps per point, and a grid of 1.25³ box³ that keeps both half sets'
+four prepared maps at 4.3 GB for box 512 (trilinear at padding 3: 78.7 GB).
+σ 1.5 would reach 0.02 % but needs 7.3 GB at box 512.
+
+Outside the Nyquist circle (the spectrum's corners) the slice holds either the
+map's content where the 3D point lies inside the map's Nyquist cube (``corners =
+"map"``), or nothing (``"zero"``, as RELION); see ``slice_coordinates``.
 """
 
 from __future__ import annotations
@@ -32,130 +43,161 @@ from dataclasses import dataclass
 import numpy as np
 
 from .ctf import frequency_grid
+from .gridding import GriddingKernel, grid_size, gridding_correction, kaiser_bessel
 
-PROJECTORS = ("padded", "relion")
+PROJECTORS = ("gridding", "relion")
+CORNERS = ("map", "zero")
+#: RELION's padding factor (``--pad 2`` of relion_project / relion_particle_subtract).
+RELION_PADDING = 2
+#: The default projector's kernel: width, oversampling and β relative to Beatty's (module docstring).
+GRIDDING_WIDTH = 4
+GRIDDING_OVERSAMPLING = 1.25
+GRIDDING_BETA_SCALE = 1.3
+
+
+def projector_kernel(projector: str, oversampling: float | None = None, width: int | None = None):
+    """(kernel, oversampling) of a projector, with its defaults where a value is None."""
+    if projector == "relion":
+        return GriddingKernel("trilinear", 2), float(oversampling or RELION_PADDING)
+    if projector == "gridding":
+        oversampling = float(oversampling or GRIDDING_OVERSAMPLING)
+        beatty = kaiser_bessel(int(width or GRIDDING_WIDTH), oversampling)
+        return GriddingKernel(beatty.kind, beatty.width, GRIDDING_BETA_SCALE * beatty.beta), oversampling
+    raise ValueError(f"projector must be one of {PROJECTORS}, not {projector!r}")
 
 
 @dataclass
 class PreparedVolume:
-    """The padded 3D rfft of a map (axes z, y, x), ready for slicing."""
+    """The oversampled 3D rfft of a map (axes z, y, x), ready for slicing.
 
-    transform: object  # complex64 array (P, P, P//2 + 1), P = padding * box
+    ``transform`` is complex64 of shape (P, P, P//2 + 1 + 2·reach): the rfft
+    along x extended by ``reach`` columns on both sides from Hermitian symmetry,
+    so column ``reach + x`` holds frequency x for x in [-reach, P/2 + reach].
+    """
+
+    transform: object
     box: int
-    padding: int
+    kernel: GriddingKernel
 
     @property
-    def padded_size(self) -> int:
-        return self.box * self.padding
+    def grid_size(self) -> int:
+        return int(self.transform.shape[0])
 
 
-def gridding_correction(xp, box: int, padding: int):
-    """Separable sinc² of each voxel's offset from the centre, over the padded size.
+def prepared_shape(box: int, kernel: GriddingKernel, oversampling: float) -> tuple:
+    """Shape of ``PreparedVolume.transform`` for a map of ``box``³."""
+    size = grid_size(box, oversampling)
+    return (size, size, size // 2 + 1 + 2 * kernel.reach)
 
-    Trilinear interpolation in Fourier space multiplies the real-space map by the
-    transform of a separable tent, sinc²(x/P) sinc²(y/P) sinc²(z/P); dividing the
-    map by it beforehand cancels that fall-off.
+
+def prepare_volume(xp, volume, kernel: GriddingKernel, oversampling: float) -> PreparedVolume:
+    """Grid-correct, zero-pad to P = grid_size(box, oversampling) and transform a cubic map (z, y, x).
+
+    Raises ValueError for a map that is not cubic. Peak working memory: the
+    float32 padded map (P³ · 4 bytes) and its rfft (P²·(P/2+1) · 8 bytes) beside
+    the result.
     """
-    offsets = (np.arange(box) - box // 2) / float(box * padding)
-    profile = np.sinc(offsets) ** 2
-    correction = profile[:, None, None] * profile[None, :, None] * profile[None, None, :]
-    return xp.asarray(correction, dtype="float32")
-
-
-def prepare_volume(xp, volume, padding: int = 2) -> PreparedVolume:
-    """Grid-correct, zero-pad and transform a cubic map (z, y, x) for slicing."""
     box = int(volume.shape[0])
     if volume.ndim != 3 or volume.shape != (box, box, box):
         raise ValueError(f"volume must be cubic, got shape {tuple(volume.shape)}")
-    if padding < 1:
-        raise ValueError(f"padding must be a positive integer, got {padding}")
-    size = box * padding
-    corrected = xp.asarray(volume, dtype="float32") / gridding_correction(xp, box, padding)
+    shape = prepared_shape(box, kernel, oversampling)
+    size, reach = shape[0], kernel.reach
     padded = xp.zeros((size, size, size), dtype="float32")
     start = size // 2 - box // 2
-    padded[start : start + box, start : start + box, start : start + box] = corrected
-    transform = xp.fft.rfftn(xp.fft.ifftshift(padded)).astype("complex64")
-    return PreparedVolume(transform=transform, box=box, padding=padding)
+    padded[start : start + box, start : start + box, start : start + box] = xp.asarray(
+        volume, dtype="float32"
+    ) / gridding_correction(xp, kernel, box, size)
+    half = xp.fft.rfftn(xp.fft.ifftshift(padded)).astype("complex64", copy=False)
+    del padded
+    transform = xp.empty(shape, dtype="complex64")
+    transform[:, :, reach : reach + size // 2 + 1] = half
+    # F[z, y, x] = conj(F[-z, -y, -x]) fills the columns outside the half space.
+    for column in range(1, reach + 1):
+        for target, source in ((reach - column, column), (reach + size // 2 + column, size // 2 - column)):
+            transform[:, :, target] = xp.conj(xp.roll(half[::-1, ::-1, source], (1, 1), axis=(0, 1)))
+    del half
+    return PreparedVolume(transform=transform, box=box, kernel=kernel)
 
 
-BANDS = ("circle", "cube")
+def slice_coordinates(xp, rotations, box: int, size: int, corners: str = "zero"):
+    """3D points (cycles per box) of each particle's central slice on an rfft2 grid of ``size``.
 
-
-def slice_coordinates(xp, rotations, size: int, padded_size: int, band: str = "circle"):
-    """3D sampling points (padded-grid units) of each particle's central slice.
-
-    Returns (qx, qy, qz), each (n, size, size//2 + 1), and the in-band mask:
-    "circle" keeps image frequencies within the box's Nyquist circle (RELION);
-    "cube" keeps every frequency whose 3D point lies inside the map's Nyquist
-    cube, so the corners of the image spectrum get the map's content too.
+    The grid samples the projection as it lies in a ``size``² field (frequency
+    step box/size cycles per box). Returns ``(qx, qy, qz)``, each
+    (n, size, size//2 + 1) float32, and the in-band mask: "zero" keeps
+    frequencies within the Nyquist circle (RELION); "map" keeps every frequency
+    whose 3D point lies inside the map's Nyquist cube, so the corners of the
+    image spectrum get the map's content.
     """
     kx, ky = frequency_grid(xp, size)
-    step = padded_size / float(size)
-    rot = xp.asarray(rotations, dtype="float32")
+    rot = xp.asarray(rotations, dtype="float32") * np.float32(box / float(size))
     # q = Aᵀ (kx, ky, 0) = kx * A[0, :] + ky * A[1, :]
-    q = [
-        step * (kx[None] * rot[:, 0, axis, None, None] + ky[None] * rot[:, 1, axis, None, None])
-        for axis in range(3)
-    ]
-    if band == "circle":
+    q = [kx[None] * rot[:, 0, axis, None, None] + ky[None] * rot[:, 1, axis, None, None] for axis in range(3)]
+    if corners == "zero":
         in_band = ((kx * kx + ky * ky) <= (size / 2.0) ** 2)[None]
-    elif band == "cube":
-        limit = padded_size / 2.0
+    elif corners == "map":
+        limit = box / 2.0
         in_band = (xp.abs(q[0]) <= limit) & (xp.abs(q[1]) <= limit) & (xp.abs(q[2]) <= limit)
     else:
-        raise ValueError(f"band must be one of {BANDS}, not {band!r}")
+        raise ValueError(f"corners must be one of {CORNERS}, not {corners!r}")
     return q, in_band
 
 
-def extract_slices(xp, prepared: PreparedVolume, rotations, size: int | None = None, band: str = "circle"):
-    """Central slices of ``prepared`` for each rotation, on an rfft2 grid of ``size``.
-
-    ``size`` defaults to the box (RELION-style); ``prepared.padded_size`` gives
-    the padded slice. ``band`` as in ``slice_coordinates``. Returns complex64
+def extract_slices(xp, prepared: PreparedVolume, rotations, corners: str = "zero", size: int | None = None):
+    """Central slices of ``prepared`` on an rfft2 grid of ``size`` (default: the box), complex64
     (n, size, size//2 + 1).
+
+    ``corners`` and ``size`` as in ``slice_coordinates``. On CuPy a CUDA kernel
+    does the same arithmetic (``_slice_cuda.py``).
     """
+    if corners not in CORNERS:
+        raise ValueError(f"corners must be one of {CORNERS}, not {corners!r}")
     size = prepared.box if size is None else int(size)
-    if band not in BANDS:
-        raise ValueError(f"band must be one of {BANDS}, not {band!r}")
     if xp.__name__ == "cupy":
         from ._slice_cuda import extract_slices_cuda
 
-        return extract_slices_cuda(prepared, rotations, size, band)
-    return _extract_slices_trilinear(xp, prepared, rotations, size, band)
+        return extract_slices_cuda(prepared, rotations, corners, size)
+    return _extract_slices_numpy(xp, prepared, rotations, corners, size)
 
 
-def _extract_slices_trilinear(xp, prepared: PreparedVolume, rotations, size: int, band: str):
-    """Trilinear interpolation of the half transform, using Hermitian symmetry for qx < 0."""
-    transform = prepared.transform
-    padded = prepared.padded_size
-    half = transform.shape[2]
-    (qx, qy, qz), in_band = slice_coordinates(xp, rotations, size, padded, band)
+def _axis_taps(xp, kernel: GriddingKernel, coordinate):
+    """First tap, and the weights of the ``width`` taps, of each coordinate (grid units)."""
+    first = xp.ceil(coordinate - kernel.width / 2.0)
+    offsets = xp.arange(kernel.width, dtype="float32")
+    weights = kernel.weights(xp, coordinate[:, None] - (first[:, None] + offsets))
+    return first.astype("int64"), weights
+
+
+def _extract_slices_numpy(xp, prepared: PreparedVolume, rotations, corners: str, size: int):
+    """The kernel sum at every in-band point, with Hermitian symmetry for qx < 0."""
+    box, kernel = prepared.box, prepared.kernel
+    grid, reach = prepared.grid_size, kernel.reach
+    columns = prepared.transform.shape[2]
+    (qx, qy, qz), in_band = slice_coordinates(xp, rotations, box, size, corners)
+    in_band = xp.broadcast_to(in_band, qx.shape)
+    points = xp.flatnonzero(in_band)
+    step = grid / float(box)
+    qx, qy, qz = (axis.ravel()[points] * step for axis in (qx, qy, qz))
     negative = qx < 0
     sign = xp.where(negative, -1.0, 1.0).astype("float32")
-    qx, qy, qz = qx * sign, qy * sign, qz * sign
-    x0 = xp.floor(qx)
-    y0 = xp.floor(qy)
-    z0 = xp.floor(qz)
-    fx, fy, fz = qx - x0, qy - y0, qz - z0
-    x0 = x0.astype("int64")
-    y0 = y0.astype("int64")
-    z0 = z0.astype("int64")
-    x1 = xp.minimum(x0 + 1, half - 1)
-    y0w, y1w = y0 % padded, (y0 + 1) % padded
-    z0w, z1w = z0 % padded, (z0 + 1) % padded
-    x0 = xp.minimum(x0, half - 1)
-    value = (
-        transform[z0w, y0w, x0] * ((1 - fx) * (1 - fy) * (1 - fz))
-        + transform[z0w, y0w, x1] * (fx * (1 - fy) * (1 - fz))
-        + transform[z0w, y1w, x0] * ((1 - fx) * fy * (1 - fz))
-        + transform[z0w, y1w, x1] * (fx * fy * (1 - fz))
-        + transform[z1w, y0w, x0] * ((1 - fx) * (1 - fy) * fz)
-        + transform[z1w, y0w, x1] * (fx * (1 - fy) * fz)
-        + transform[z1w, y1w, x0] * ((1 - fx) * fy * fz)
-        + transform[z1w, y1w, x1] * (fx * fy * fz)
-    )
+    x0, wx = _axis_taps(xp, kernel, qx * sign)
+    y0, wy = _axis_taps(xp, kernel, qy * sign)
+    z0, wz = _axis_taps(xp, kernel, qz * sign)
+    flat = prepared.transform.reshape(-1)
+    index = "int32" if flat.size < 2**31 else "int64"
+    taps = xp.arange(kernel.width, dtype=index)
+    x0 = xp.clip(x0 + reach, 0, columns - kernel.width).astype(index)[:, None] + taps
+    rows = [(((y0 + b) % grid) * columns).astype(index) for b in range(kernel.width)]
+    value = xp.zeros(points.shape, dtype="complex64")
+    for a in range(kernel.width):
+        plane = (((z0 + a) % grid) * (grid * columns)).astype(index)
+        for b in range(kernel.width):
+            # the row's taps along x, contiguous in memory, summed with their weights
+            value += xp.einsum("pj,pj->p", flat[(plane + rows[b])[:, None] + x0], wx) * (wz[:, a] * wy[:, b])
     value = xp.where(negative, xp.conj(value), value)
-    return xp.where(in_band, value, 0).astype("complex64")
+    out = xp.zeros(in_band.size, dtype="complex64")
+    out[points] = value
+    return out.reshape(in_band.shape)
 
 
 def shift_phases(xp, size: int, origins_pixels):
@@ -163,12 +205,13 @@ def shift_phases(xp, size: int, origins_pixels):
 
     ``exp(+2πi (kx ox + ky oy) / size)``, shape (n, size, size//2 + 1).
     """
-    kx, ky = frequency_grid(xp, size)
     origins = xp.asarray(origins_pixels, dtype="float32")
-    phase = (2 * np.pi / size) * (
-        kx[None] * origins[:, 0, None, None] + ky[None] * origins[:, 1, None, None]
-    )
-    return xp.exp(1j * phase).astype("complex64")
+    kx = xp.fft.rfftfreq(size).astype("float32") * size
+    ky = xp.fft.fftfreq(size).astype("float32") * size
+    scale = np.float32(2 * np.pi / size)
+    along_x = xp.exp(1j * (scale * kx[None, :] * origins[:, 0, None])).astype("complex64")
+    along_y = xp.exp(1j * (scale * ky[None, :] * origins[:, 1, None])).astype("complex64")
+    return along_y[:, :, None] * along_x[:, None, :]
 
 
 def image_spectra(xp, images):
@@ -184,22 +227,10 @@ def spectra_to_images(xp, spectra, box: int):
     return images[..., start : start + box, start : start + box].astype("float32")
 
 
-def project(xp, prepared: PreparedVolume, rotations, origins_pixels, projector: str = "padded"):
-    """Shifted projections of ``prepared`` as rfft2 spectra on the box grid (n, box, box//2+1).
-
-    With the "padded" projector the slice is sampled on the padded grid (every
-    frequency inside the map's Nyquist cube), shifted there, brought to real
-    space and cropped to the box, then transformed back, so the CTF can be
-    applied on the box grid exactly as with "relion" (box-point slice within the
-    Nyquist circle, as RELION).
-    """
-    if projector not in PROJECTORS:
-        raise ValueError(f"projector must be one of {PROJECTORS}, not {projector!r}")
-    if projector == "relion":
-        size, band = prepared.box, "circle"
-    else:
-        size, band = prepared.padded_size, "cube"
-    spectra = extract_slices(xp, prepared, rotations, size, band) * shift_phases(xp, size, origins_pixels)
-    if size != prepared.box:
-        spectra = image_spectra(xp, spectra_to_images(xp, spectra, prepared.box))
-    return spectra
+def pad_images(xp, images, size: int):
+    """Images (n, box, box) centred in a zero field (n, size, size): centre box//2 -> size//2."""
+    box = images.shape[-1]
+    field = xp.zeros(images.shape[:-2] + (size, size), dtype="float32")
+    start = size // 2 - box // 2
+    field[..., start : start + box, start : start + box] = images
+    return field

@@ -22,7 +22,7 @@ import dask
 
 from ..cluster.runner import WorkersLost
 from ..errors import DsubError
-from ..physics.memory import batch_bytes_per_particle, prepared_map_bytes
+from ..physics.memory import batch_bytes_per_particle, prepared_map_bytes, preparation_peak_bytes
 
 #: Resident memory of a worker process with dsub, NumPy, Zarr and Dask loaded (measured: 175-195 MB).
 BASELINE_HOST_BYTES = 200 * 2**20
@@ -84,11 +84,13 @@ def worker_memory(box: int, settings, device: str, threads: int, chunk_size: int
     maps_read = 3 * box**3 * 4  # both half maps and the mask as read from their files
     working = threads * batch * batch_bytes_per_particle(box, settings)
     io = threads * task_io_bytes(box, chunk_size)
+    # The maps' preparation peaks before any batch runs; then the prepared maps stay beside the batches.
+    physics = max(preparation_peak_bytes(box, settings), prepared_map_bytes(box, settings) + working)
     if device == "gpu":
         host = BASELINE_HOST_BYTES + GPU_HOST_OVERHEAD_BYTES + maps_read + io
-        gpu = prepared_map_bytes(box, settings) + working
+        gpu = physics
     else:
-        host = BASELINE_HOST_BYTES + maps_read + prepared_map_bytes(box, settings) + working + io
+        host = BASELINE_HOST_BYTES + maps_read + physics + io
         gpu = 0
     return WorkerMemory(box, device, threads, batch, host, gpu)
 

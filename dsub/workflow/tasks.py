@@ -58,8 +58,8 @@ _models_lock = threading.Lock()
 
 def half_map_models(maps: MapFiles, settings: SubtractionSettings, device: str) -> dict:
     """Prepared models {HALF_A: ..., HALF_B: ...} for this process, built on first use."""
-    key = (maps, settings.padding, settings.mask_keeps, settings.lowpass_angstrom, settings.fit.weighting,
-           device)  # what the prepared maps depend on
+    key = (maps, settings.projector, settings.padding, settings.mask_keeps, settings.lowpass_angstrom,
+           settings.fit.weighting, device)  # what the prepared maps depend on
     with _models_lock:
         if key not in _models:
             xp = get_xp(device)
