@@ -103,8 +103,8 @@ def engine_rows(device: str, boxes, batch: int, repeats: int):
             resident = (pool.used_bytes() - before) if pool is not None else memory.prepared_map_bytes(box, settings)
             on_device = xp.asarray(images)
 
-            def once():
-                subtract_batch(xp, on_device, table, models[0], settings)
+            def once(on_device=on_device, model=models[0], settings=settings):
+                subtract_batch(xp, on_device, table, model, settings)
 
             once()
             samples = []

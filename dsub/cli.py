@@ -108,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     script.add_argument("--cluster-config", default=None, help="YAML file in dask-jobqueue's jobqueue.yaml format")
     script.add_argument("--box", type=int, default=None,
                         help="box size of the particles: the script then asks for the memory a run needs per worker")
-    script.add_argument("--padding", type=int, default=3, help="as for subtract (3)")
-    script.add_argument("--projector", choices=PROJECTORS, default="padded", help="as for subtract (padded)")
+    script.add_argument("--padding", type=float, default=None, help="as for subtract (the projector's default)")
+    script.add_argument("--projector", choices=PROJECTORS, default="gridding", help="as for subtract (gridding)")
     script.add_argument("--chunk-size", type=int, default=256, help="as for subtract (256)")
     script.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                         help="cpu: the workers ask for no GPU (default: one GPU per worker job)")

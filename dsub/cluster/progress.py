@@ -244,12 +244,13 @@ class Estimate:
 _PREPARE_SECONDS_PER_VOXEL_LOG = 9e-9
 
 
-def map_preparation_estimate(box: int, padding: int) -> Estimate:
-    """Expected cost of preparing both half-maps (read, mask, pad to ``box·padding``³, FFT) on one CPU.
+def map_preparation_estimate(grid: int, memory_bytes: int | None = None) -> Estimate:
+    """Expected cost of preparing both half-maps (read, mask, pad to ``grid``³, FFT) on one CPU.
 
-    Four padded FFTs of n = (box·padding)³ voxels: time grows as n·log2 n
-    (constant measured on a CPU, see BENCHMARKS.md). Memory is left to a
-    measured model (``memory_bytes`` None until there is one).
+    Four padded FFTs of n = ``grid``³ voxels (``grid``: the prepared maps' side,
+    ``physics.gridding.grid_size``): time grows as n·log2 n (constant measured
+    on a CPU, see BENCHMARKS.md). ``memory_bytes``: the peak, from
+    ``physics.memory.preparation_peak_bytes``.
     """
-    voxels = float(box * padding) ** 3
-    return Estimate(seconds=_PREPARE_SECONDS_PER_VOXEL_LOG * voxels * math.log2(voxels))
+    voxels = float(grid) ** 3
+    return Estimate(seconds=_PREPARE_SECONDS_PER_VOXEL_LOG * voxels * math.log2(voxels), memory_bytes=memory_bytes)

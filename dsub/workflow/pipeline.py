@@ -31,7 +31,10 @@ from ..formats.mrc import map_header, read_map
 from ..formats.paths import PATH_MODES
 from ..particles import HALF_A
 from ..physics.backend import gpu_available, resolve_device
+from ..physics.gridding import grid_size
+from ..physics.memory import preparation_peak_bytes
 from ..physics.optics import map_extent_voxels
+from ..physics.projector import projector_kernel
 from ..physics.subtract import SubtractionSettings
 from ..report import REPORT_FOLDER
 from . import diagnostics, export, rebox, record, region, resources, store, validate
@@ -104,8 +107,9 @@ def prepare_maps_where_visible(maps: MapFiles, settings, options: RunOptions, bo
     so; the tasks then find them ready. Workers of a cluster prepare their own on
     their first task: the progress says so until a chunk finishes.
     """
-    estimate = map_preparation_estimate(box, settings.padding).text()
-    size = box * settings.padding
+    _, oversampling = projector_kernel(settings.projector, settings.padding)
+    size = grid_size(box, oversampling)
+    estimate = map_preparation_estimate(size, preparation_peak_bytes(box, settings)).text()
     if options.cluster.distributed:
         say(options, f"Each worker reads the maps and prepares them on its first task ({size}³ transforms, "
                      f"{estimate}).")
