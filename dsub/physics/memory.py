@@ -42,13 +42,19 @@ def prepared_map_bytes(box: int, settings) -> int:
     return PREPARED_VOLUMES * prepared_volume_bytes(box, settings)
 
 
+#: Peak of preparing one volume beyond the three already resident, in units of its plain rfft
+#: (P²·(P/2+1) complex64): NumPy's pocketfft transforms axis by axis into fresh arrays, beside the padded
+#: map, its shifted copy and the extended transform (tracemalloc, NumPy 2.x: 8.1-9.7; tests/test_memory.py).
+#: cuFFT needs less scratch, so on a GPU this is an upper bound.
+PREPARATION_PEAK_PLAIN_RFFTS = 8.5
+
+
 def preparation_peak_bytes(box: int, settings) -> int:
-    """Peak bytes while the last volume is prepared: the other three, it, and its plain rfft and padded map."""
-    kernel, oversampling = projector_kernel(settings.projector, settings.padding)
+    """Peak bytes while the last of the four volumes is prepared: the other three and its scratch."""
+    _, oversampling = projector_kernel(settings.projector, settings.padding)
     size = grid_size(box, oversampling)
     plain_rfft = 8 * size * size * (size // 2 + 1)
-    padded_map = 4 * size**3
-    return prepared_map_bytes(box, settings) + max(plain_rfft, 2 * padded_map)
+    return int(3 * prepared_volume_bytes(box, settings) + PREPARATION_PEAK_PLAIN_RFFTS * plain_rfft)
 
 
 def batch_bytes_per_particle(box: int, settings, delocalisation_pixels: float = 0.0) -> int:

@@ -124,11 +124,20 @@ def host_memory_available() -> int:
 
 
 def gpu_memory_free() -> int:
-    """Free bytes on this process's current GPU, counting CuPy's cached free blocks."""
+    """Free bytes on this process's current GPU, counting CuPy's cached free blocks.
+
+    A limit on CuPy's memory pool (``CUPY_GPU_MEMORY_LIMIT``, ``set_limit``) counts
+    too: what the pool may still take is the smaller of the two.
+    """
     import cupy
 
+    pool = cupy.get_default_memory_pool()
     free, _ = cupy.cuda.runtime.memGetInfo()
-    return int(free + cupy.get_default_memory_pool().free_bytes())
+    free = int(free + pool.free_bytes())
+    limit = int(pool.get_limit())
+    if limit:
+        free = min(free, limit - int(pool.used_bytes()))
+    return max(0, free)
 
 
 def worker_capacity(device: str, dask_worker=None) -> dict:
@@ -230,7 +239,7 @@ def plan_memory(box: int, settings, options) -> MemoryPlan:
 def remedies(device: str) -> str:
     """What a user can change to need less memory per worker (a clause, lower case)."""
     gpu = "" if device == "gpu" else ", or run on a GPU (--device gpu)"
-    return f"lower --padding, use fewer --workers (tasks at once), or --projector relion{gpu}"
+    return f"lower --padding (the default projector's 1.25 is the leanest), or use fewer --workers (tasks at once){gpu}"
 
 
 def sentence(clause: str) -> str:
