@@ -96,7 +96,15 @@ def engine_rows(device: str, boxes, batch: int, repeats: int):
                 pool.free_all_blocks()
                 before = pool.used_bytes()
             started = time.perf_counter()
-            models = [prepare_half_map(xp, volume, mask, settings) for _ in range(2)]  # both half sets
+            try:
+                models = [prepare_half_map(xp, volume, mask, settings) for _ in range(2)]  # both half sets
+            except Exception as exc:  # e.g. CuPy's OutOfMemoryError under CUPY_GPU_MEMORY_LIMIT
+                if "OutOfMemory" not in type(exc).__name__:
+                    raise
+                rows.append((box, projector, float("nan"), float("nan"), float("nan")))
+                print(f"box {box}, {projector}: out of GPU memory while preparing the maps ({exc})")
+                pool.free_all_blocks()
+                continue
             if device == "gpu":
                 xp.cuda.Device().synchronize()
             prepare_s = (time.perf_counter() - started) / 2
@@ -106,7 +114,16 @@ def engine_rows(device: str, boxes, batch: int, repeats: int):
             def once(on_device=on_device, model=models[0], settings=settings):
                 subtract_batch(xp, on_device, table, model, settings)
 
-            once()
+            try:
+                once()
+            except Exception as exc:
+                if "OutOfMemory" not in type(exc).__name__:
+                    raise
+                rows.append((box, projector, float("nan"), resident / 1e9, prepare_s))
+                print(f"box {box}, {projector}: out of GPU memory for a batch of {count} ({exc})")
+                del models, on_device
+                pool.free_all_blocks()
+                continue
             samples = []
             for _ in range(repeats):
                 if device == "gpu":

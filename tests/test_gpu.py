@@ -119,7 +119,7 @@ def test_local_cluster_uses_every_gpu(tmp_path):
 @pytest.mark.parametrize("box", [64, 128])
 def test_memory_estimate_bounds_the_gpu_pool_peak(cupy, box):
     """The prepared-map estimate (counted for NumPy) is an upper bound on the GPU, and not a wasteful one."""
-    from dsub.physics.memory import prepared_map_bytes
+    from dsub.physics.memory import preparation_peak_bytes
 
     settings = SubtractionSettings()
     rng = np.random.default_rng(box)
@@ -132,7 +132,7 @@ def test_memory_estimate_bounds_the_gpu_pool_peak(cupy, box):
     models = [prepare_half_map(cupy, half, mask, settings) for half in halves]
     cupy.cuda.Device().synchronize()
     peak = pool.total_bytes() - before
-    assert models and peak <= prepared_map_bytes(box, settings) <= 1.6 * peak
+    assert models and peak <= preparation_peak_bytes(box, settings) <= 1.6 * peak
 
 
 @pytest.mark.parametrize("box, new_box", [(64, 48), (64, 96)])

@@ -24,6 +24,15 @@ from ..cluster.runner import WorkersLost
 from ..errors import DsubError
 from ..physics.memory import batch_bytes_per_particle, prepared_map_bytes, preparation_peak_bytes
 
+#: A batch on a GPU needs this much more per particle than NumPy's count (cuFFT work areas and plans for the
+#: extraction field; CuPy's pool at box 512, batch 256, on an H200: 63 MB against 45 MB, BENCHMARKS.md).
+GPU_BATCH_FACTOR = 1.4
+
+
+def particle_bytes(box: int, settings, device: str) -> float:
+    """Working bytes per particle of a batch on ``device``."""
+    return batch_bytes_per_particle(box, settings) * (GPU_BATCH_FACTOR if device == "gpu" else 1.0)
+
 #: Resident memory of a worker process with dsub, NumPy, Zarr and Dask loaded (measured: 175-195 MB).
 BASELINE_HOST_BYTES = 200 * 2**20
 #: Host memory of a CUDA context and CuPy in a GPU worker (rough; depends on the driver).
@@ -82,7 +91,7 @@ def task_io_bytes(box: int, chunk_size: int) -> int:
 def worker_memory(box: int, settings, device: str, threads: int, chunk_size: int, batch: int) -> WorkerMemory:
     """Host and GPU bytes of one worker running ``threads`` tasks at once with batches of ``batch``."""
     maps_read = 3 * box**3 * 4  # both half maps and the mask as read from their files
-    working = threads * batch * batch_bytes_per_particle(box, settings)
+    working = threads * batch * particle_bytes(box, settings, device)
     io = threads * task_io_bytes(box, chunk_size)
     # The maps' preparation peaks before any batch runs; then the prepared maps stay beside the batches.
     physics = max(preparation_peak_bytes(box, settings), prepared_map_bytes(box, settings) + working)
@@ -98,13 +107,13 @@ def worker_memory(box: int, settings, device: str, threads: int, chunk_size: int
 def batch_cap(box: int, settings, device: str, threads: int, chunk_size: int) -> int:
     """The batch a task uses when memory is plentiful (the tasks of a worker share its one GPU)."""
     budget = BATCH_CAP_BYTES[device] // (max(1, threads) if device == "gpu" else 1)
-    largest = budget // batch_bytes_per_particle(box, settings)
+    largest = int(budget // particle_bytes(box, settings, device))
     return int(max(1, min(chunk_size, largest)))
 
 
 def batch_within(budget_bytes: float, box: int, settings, device: str, threads: int, chunk_size: int) -> int:
     """Largest batch (>= 1, at most the cap) whose working memory for ``threads`` tasks fits ``budget_bytes``."""
-    fits = int(budget_bytes // (max(1, threads) * batch_bytes_per_particle(box, settings)))
+    fits = int(budget_bytes // (max(1, threads) * particle_bytes(box, settings, device)))
     return max(1, min(batch_cap(box, settings, device, threads, chunk_size), fits))
 
 
