@@ -211,7 +211,9 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     resuming = prepare_outdir(outdir, fingerprint, options.overwrite, identity)
     options.log.open_log(outdir, fresh=options.overwrite, command=options.command)
     if resuming and store.images_deleted(store_path):
-        finished = finished_run(outdir, options)
+        stacks = [relative for relative, _, _ in
+                  export.stack_layout(len(table), options.particles_per_stack, table.pixel_size_angstrom)]
+        finished = finished_run(outdir, stacks, options)
         if finished is not None:
             return finished
         resuming = False  # the images are gone and the export is not complete: compute afresh
@@ -413,14 +415,16 @@ def adopt_strict_run(store_path: Path, identity: dict, fingerprint: str) -> None
     group.attrs["run"] = {**identity, "fingerprint": fingerprint}
 
 
-def finished_run(outdir: Path, options: RunOptions) -> dict | None:
+def finished_run(outdir: Path, stacks: list[str], options: RunOptions) -> dict | None:
     """The summary of this very run when it already finished in ``outdir`` (its store images deleted).
 
     Says so and returns the recorded summary when the star, .cs and
-    ``dsub_run.json`` are all there (written last, so the export completed);
-    else None: the images are gone, and the run must be computed again.
+    ``dsub_run.json`` (written last, so the export completed) and every stack
+    of ``stacks`` (paths relative to ``outdir``) are there; else None: the
+    images are gone, and the run must be computed again.
     """
-    if not all((outdir / name).exists() for name in (export.STAR_NAME, export.CS_NAME, RUN_SUMMARY)):
+    needed = [export.STAR_NAME, export.CS_NAME, RUN_SUMMARY, *stacks]
+    if not all((outdir / name).is_file() for name in needed):
         return None
     say(options, f"dsub: {outdir} already holds the finished results of this run ({export.STAR_NAME}, "
                  f"{export.CS_NAME}, {export.STACK_FOLDER}/); nothing to do. Add --overwrite to compute it again"
