@@ -136,6 +136,8 @@ def test_rerun_of_a_finished_run_says_so_and_leaves_it_alone(dataset, runs, tmp_
     assert "already holds the finished results of this run" in out and "--overwrite" in out
     assert {path: (path.stat().st_mtime_ns, path.read_bytes()) for path in stacks_of(outdir)} == before
     assert (outdir / STAR_OUT).read_bytes() == star and (outdir / "dsub_run.json").read_text() == summary
+    log = (outdir / "dsub.log").read_text()
+    assert log.count("==== ") == 2 and "already holds the finished results" in log
 
     # The metadata or a stack lost after the images were deleted: nothing to export from, so computed afresh.
     for lost in (outdir / STAR_OUT, stacks_of(outdir)[-1]):
