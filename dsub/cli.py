@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--particles-per-stack", type=int, default=4096,
                      help="particles per exported .mrcs stack (4096, rounded to whole chunks); stacks are "
                           "written in parallel")
+    run.add_argument("--float16", action="store_true",
+                     help="write float16 stacks (MRC mode 12, read by RELION >= 4.0 and cryoSPARC >= 4.4) and a "
+                          "float16 store: half the bytes; values beyond ±65504 stop the run")
+    run.add_argument("--keep-store", action="store_true",
+                     help="keep the store's images after the export (by default they are deleted: the stacks "
+                          "hold them)")
     add_cluster_arguments(run)
     run.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                      help="where the physics runs: a GPU through CuPy when there is one (auto)")
@@ -216,7 +222,7 @@ def run_subtract(args) -> int:
         paths=args.paths, resolution_angstrom=args.resolution, single_map=args.single_map,
         skip_bad_particles=args.skip_bad_particles, recenter=args.recenter,
         center_voxels=tuple(args.center) if args.center is not None else None, new_box=args.new_box,
-        cluster=cluster_from_args(args), command=shlex.join(args.command_line),
+        float16=args.float16, keep_store=args.keep_store, cluster=cluster_from_args(args), command=shlex.join(args.command_line),
     )
     subtract(args.particles, args.half_a, args.half_b, args.mask, settings, options)
     return 0

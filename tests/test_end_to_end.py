@@ -196,7 +196,7 @@ def test_star_input_fit_writes_complete_consistent_outputs(dataset, base_run):
     assert residual(via_star, sim) < 0.01
     assert relative_to_truth(via_star, sim) < 0.015
     np.testing.assert_array_equal(images_via_cs(outdir), via_star)
-    np.testing.assert_array_equal(np.asarray(stored["images"][:]), via_star)
+    assert "images" not in stored  # deleted after the export: the stacks hold them
 
 
 # ----------------------------------------------------------------------------- 2. .cs in, --scale input
@@ -316,11 +316,11 @@ def test_mask_keeps_with_inverted_mask_matches_default(dataset, base_run, tmp_pa
 def test_rerun_resumes_and_other_parameters_need_overwrite(dataset, tmp_path, capsys):
     paths, sim = dataset
     outdir = tmp_path / "out"
-    assert run_cli(paths, outdir) == 0
+    assert run_cli(paths, outdir, "--keep-store") == 0
     first = images_via_star(outdir)
     assert run_summary(outdir)["chunks_skipped"] == 0
 
-    # The same command again: every chunk is kept, the outputs are the same.
+    # The same command again (the store's images kept): every chunk is kept, the outputs are the same.
     assert run_cli(paths, outdir) == 0
     summary = run_summary(outdir)
     assert summary["chunks_skipped"] == summary["chunks_total"] == 4
@@ -345,7 +345,7 @@ def test_rerun_resumes_and_other_parameters_need_overwrite(dataset, tmp_path, ca
 def test_resume_keeps_finished_chunks_and_redoes_the_rest(dataset, tmp_path):
     paths, sim = dataset
     outdir = tmp_path / "out"
-    assert run_cli(paths, outdir, "--padding", "2") == 0
+    assert run_cli(paths, outdir, "--padding", "2", "--keep-store") == 0
     first = images_via_star(outdir)
 
     # As if the run had been stopped: chunk 2 unfinished, chunk 0 finished with marked images.
@@ -517,7 +517,7 @@ def test_interrupted_export_is_redone_cleanly(dataset, tmp_path):
     """An export killed part-way (a half-written stack, no metadata) is redone by rerunning the command."""
     paths, _ = dataset
     outdir = tmp_path / "out"
-    assert run_cli(paths, outdir) == 0
+    assert run_cli(paths, outdir, "--keep-store") == 0  # the store's images go only after a complete export
     first = images_via_star(outdir)
     stacks = sorted((outdir / "Particles").glob("*.mrcs"))
     # What a kill during export leaves: the metadata not yet written, one stack still partial.

@@ -42,7 +42,7 @@ def test_two_pixel_sizes_get_one_stack_each_with_its_own_header(dataset, tmp_pat
     star = paths["star"].with_name("two_groups.star")
     starfile.write(blocks, star)
     outdir = tmp_path / "out"
-    assert run(paths, star, outdir) == 0
+    assert run(paths, star, outdir, "--keep-store") == 0  # the store's images, to compare the stacks with
 
     expected = np.where(group == 2, 1.54, PIXEL_SIZE)
     table = star_format.read_particles(outdir / "particles_subtracted.star")

@@ -1,6 +1,7 @@
 """Export the Zarr store to what RELION and cryoSPARC read.
 
-* ``OUTDIR/Particles/subtracted_NNNN.mrcs``: float32 stacks, each holding particles of one
+* ``OUTDIR/Particles/subtracted_NNNN.mrcs``: float32 (MRC mode 2) stacks, float16 (mode 12)
+  when the store is float16 (``--float16``), each holding particles of one
   pixel size (in input order), with that pixel size in the header;
 * ``OUTDIR/particles_subtracted.star``: every input row, in input order, with
   ``rlnImageName`` pointing at the new stacks (by default relative to the
@@ -68,7 +69,12 @@ def stack_layout(count: int, particles_per_stack: int, pixel_sizes=None) -> list
 
 
 def write_stack_from_store(store_path: Path, outdir: Path, relative: str, rows, pixel_size: float) -> str:
-    """Copy the particles ``rows`` (ascending store indices) into one float32 .mrcs stack."""
+    """Copy the particles ``rows`` (ascending store indices) into one .mrcs stack.
+
+    The stack takes the store's dtype: MRC mode 2 (float32) or 12 (float16,
+    ``--float16``; MRC2014, read by RELION >= 4.0 and cryoSPARC >= 4.4). Header
+    statistics are computed in float32 whatever the dtype.
+    """
     target = outdir / relative
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
@@ -76,7 +82,8 @@ def write_stack_from_store(store_path: Path, outdir: Path, relative: str, rows, 
     rows = np.asarray(rows, dtype=np.int64)
     step = images.chunks[0]
     low, high, total, squares = np.inf, -np.inf, 0.0, 0.0
-    with write_stack(partial, (rows.size, images.shape[1], images.shape[2]), pixel_size) as mrc:
+    mode = 12 if np.dtype(images.dtype) == np.float16 else 2
+    with write_stack(partial, (rows.size, images.shape[1], images.shape[2]), pixel_size, mrc_mode=mode) as mrc:
         for first in range(0, rows.size, step):  # a chunk's worth at a time: memory stays bounded
             wanted = rows[first : first + step]
             if wanted[-1] - wanted[0] + 1 == wanted.size:  # contiguous: a plain slice
@@ -84,7 +91,7 @@ def write_stack_from_store(store_path: Path, outdir: Path, relative: str, rows, 
             else:
                 block = np.asarray(images.oindex[wanted])
             mrc.data[first : first + wanted.size] = block
-            flat = block.reshape(-1)
+            flat = block.reshape(-1).astype(np.float32, copy=False)  # float16 sums would overflow
             low, high = min(low, float(flat.min())), max(high, float(flat.max()))
             total += float(flat.sum())  # numpy sums float32 pairwise: accurate enough here
             squares += float(np.dot(flat, flat))  # BLAS; float32 is plenty for a header statistic

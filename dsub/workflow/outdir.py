@@ -35,7 +35,10 @@ PARAMETER_OPTIONS = {
     "settings.fit.high_resolution_angstrom": "--fit-highres", "chunk_size": "--chunk-size",
     "single_map": "--single-map", "skip_bad_particles": "--skip-bad-particles", "cs_root": "--cs-root",
     "dsub": "the dsub version", "count": "the number of particles", "box": "the box size",
+    "float16": "--float16",
 }
+#: Parameters a run's identity leaves out at their default (``pipeline.run_identity``).
+PARAMETER_DEFAULTS = {"float16": False}
 #: How many changed stacks a refusal names before it only counts them.
 NAMED_STACKS = 3
 
@@ -125,8 +128,9 @@ def identity_differences(earlier: dict, now: dict) -> list[str]:
     changes += stack_differences(earlier.get("stacks") or [], now.get("stacks") or [])
     before, after = flatten(earlier), flatten(now)
     for key, option in PARAMETER_OPTIONS.items():
-        if before.get(key) != after.get(key):
-            changes.append(f"{option} was {before.get(key)!r}, now {after.get(key)!r}")
+        was, now = (values.get(key, PARAMETER_DEFAULTS.get(key)) for values in (before, after))
+        if was != now:
+            changes.append(f"{option} was {was!r}, now {now!r}")
     return changes
 
 

@@ -4,7 +4,11 @@
 2. create the Zarr store, or reopen the store of an identical earlier run and
    keep its finished chunks;
 3. run one task per unfinished chunk of particles on the Dask scheduler;
-4. export stacks, then the star and .cs files, and write ``dsub_run.json``.
+4. export stacks, then the star and .cs files, and write ``dsub_run.json``;
+5. delete the store's images (the stacks hold them) unless ``--keep-store``.
+
+A rerun of a finished run whose store images were deleted does nothing and
+says so (``finished_run``).
 """
 
 from __future__ import annotations
@@ -65,6 +69,8 @@ class RunOptions:
     recenter: bool = False  # centre on the kept region's centre of mass
     center_voxels: tuple | None = None  # or on this map point (x, y, z), voxels from the map centre
     new_box: int | None = None  # output box in pixels
+    float16: bool = False  # float16 store and MRC mode 12 stacks
+    keep_store: bool = False  # keep the store's images after the export
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
     command: str | None = None  # the command line, for the run record
 
@@ -204,6 +210,13 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
         adopt_strict_run(store_path, identity, fingerprint)
     resuming = prepare_outdir(outdir, fingerprint, options.overwrite, identity)
     options.log.open_log(outdir, fresh=options.overwrite, command=options.command)
+    if resuming and store.images_deleted(store_path):
+        stacks = [relative for relative, _, _ in
+                  export.stack_layout(len(table), options.particles_per_stack, table.pixel_size_angstrom)]
+        finished = finished_run(outdir, stacks, options)
+        if finished is not None:
+            return finished
+        resuming = False  # the images are gone and the export is not complete: compute afresh
     remove_metadata(outdir)  # never leave old metadata that looks complete
     bounds = store.chunk_bounds(len(table), options.chunk_size)
 
@@ -226,7 +239,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             sample_check = {"index": sample[usable].tolist(), "fitted_contrast": fitted[usable].tolist()}
         if not resuming:
             store.create_store(store_path, len(table), out_box, options.chunk_size,
-                               {**identity, "fingerprint": fingerprint})
+                               {**identity, "fingerprint": fingerprint}, float16=options.float16)
         attempt.begin(store_path, options.cluster.scheduler, device, len(bounds))
         done = store.finished_chunks(store_path)
         pending = [i for i in range(len(bounds)) if not done[i]]
@@ -287,11 +300,14 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             "input_contrast_check": sample_check,
             "diagnostics": diagnosed,
             "outputs": {"store": store.STORE_NAME, "star": export.STAR_NAME, "cs": export.CS_NAME,
-                        "stacks": export.STACK_FOLDER},
+                        "stacks": export.STACK_FOLDER, "stack_dtype": "float16" if options.float16 else "float32",
+                        "store_images": "kept" if options.keep_store else "deleted"},
         }
         summary = {**record.run_description(options.command, identity),
                    **attempt.finish(summary, phases, workers)}
         (outdir / RUN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    if not options.keep_store:  # only now: an export cut short is redone from the store's images
+        store.delete_images(store_path)
     throughput = record.throughput_line(phases)
     if throughput:
         say(options, throughput)
@@ -399,6 +415,25 @@ def adopt_strict_run(store_path: Path, identity: dict, fingerprint: str) -> None
     group.attrs["run"] = {**identity, "fingerprint": fingerprint}
 
 
+def finished_run(outdir: Path, stacks: list[str], options: RunOptions) -> dict | None:
+    """The summary of this very run when it already finished in ``outdir`` (its store images deleted).
+
+    Says so and returns the recorded summary when the star, .cs and
+    ``dsub_run.json`` (written last, so the export completed) and every stack
+    of ``stacks`` (paths relative to ``outdir``) are there; else None: the
+    images are gone, and the run must be computed again.
+    """
+    needed = [export.STAR_NAME, export.CS_NAME, RUN_SUMMARY, *stacks]
+    if not all((outdir / name).is_file() for name in needed):
+        return None
+    say(options, f"dsub: {outdir} already holds the finished results of this run ({export.STAR_NAME}, "
+                 f"{export.CS_NAME}, {export.STACK_FOLDER}/); nothing to do. Add --overwrite to compute it again"
+                 + (" (the store's images were deleted after that export)." if options.keep_store else "."))
+    if not (outdir / REPORT_FOLDER).exists():
+        write_qc_report(outdir, options)
+    return json.loads((outdir / RUN_SUMMARY).read_text())
+
+
 def run_identity(particles_path, maps: MapFiles, table, box: int, settings, options: RunOptions) -> dict:
     """Everything the results depend on; stored in the store so an identical rerun can resume."""
     return {
@@ -416,6 +451,7 @@ def run_identity(particles_path, maps: MapFiles, table, box: int, settings, opti
         "skip_bad_particles": options.skip_bad_particles,
         "count": len(table),
         "box": box,
+        **({"float16": True} if options.float16 else {}),  # absent for float32: earlier runs keep their identity
     }
 
 

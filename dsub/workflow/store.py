@@ -2,8 +2,9 @@
 
 Layout of ``OUTDIR/subtracted.zarr``:
 
-* ``images``      float32 (n, box, box), one Zarr chunk per particle chunk; ``box`` is the
-  output box (``--new-box``, else the particles' box);
+* ``images``      float32, or float16 with ``--float16``, (n, box, box), one Zarr chunk per
+  particle chunk; ``box`` is the output box (``--new-box``, else the particles' box); deleted
+  after a complete export unless ``--keep-store`` (``delete_images``: the stacks hold them);
 * ``contrast``    float32 (n,), the contrast scale α each particle was subtracted with;
 * ``contrast_sigma``  float32 (n,), the standard error of a fitted α (NaN unless ``--scale fit``);
 * ``fit_correlation`` float32 (n,), correlation of image and full model over the fit band;
@@ -11,7 +12,8 @@ Layout of ``OUTDIR/subtracted.zarr``:
 * ``skipped``     uint8 (n,), 1 for particles left out (``--skip-bad-particles``);
 * ``chunk_done``  uint8 (n_chunks,), set to 1 after a chunk's images,
   contrast and skip marks are written, so a rerun knows what is finished;
-* attributes: the run's parameters and inputs (``run``).
+* attributes: the run's parameters and inputs (``run``); ``images_deleted`` once the
+  images were deleted after the export.
 
 The coordinator creates every array before any task runs; a task then writes
 only the Zarr chunks it owns, so tasks never write the same chunk and no lock
@@ -28,6 +30,8 @@ import zarr
 STORE_NAME = "subtracted.zarr"
 #: Per-particle float32 arrays and the ``ContrastResult`` field each holds.
 PER_PARTICLE = {"contrast": "alpha", "contrast_sigma": "sigma", "fit_correlation": "correlation"}
+#: Largest finite float16 value (IEEE 754 binary16): what a float16 store and a mode-12 stack can hold.
+FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
 def chunk_bounds(count: int, chunk_size: int) -> list[tuple[int, int]]:
@@ -35,12 +39,17 @@ def chunk_bounds(count: int, chunk_size: int) -> list[tuple[int, int]]:
     return [(start, min(start + chunk_size, count)) for start in range(0, count, chunk_size)]
 
 
-def create_store(path: Path, count: int, box: int, chunk_size: int, run_attrs: dict) -> zarr.Group:
-    """A fresh store for ``count`` particles of ``box``² pixels, replacing any store at ``path``."""
+def create_store(path: Path, count: int, box: int, chunk_size: int, run_attrs: dict,
+                 float16: bool = False) -> zarr.Group:
+    """A fresh store for ``count`` particles of ``box``² pixels, replacing any store at ``path``.
+
+    ``float16``: the images are stored as float16 (half the bytes; ``--float16``).
+    """
     group = zarr.open_group(str(path), mode="w")
     n_chunks = len(chunk_bounds(count, chunk_size))
     group.create_array(
-        "images", shape=(count, box, box), chunks=(chunk_size, box, box), dtype="float32",
+        "images", shape=(count, box, box), chunks=(chunk_size, box, box),
+        dtype="float16" if float16 else "float32",
         fill_value=0.0, compressors=None,
     )
     for name in PER_PARTICLE:
@@ -73,6 +82,30 @@ def write_chunk(path: Path, chunk_index: int, start: int, images: np.ndarray, co
     if skipped is not None and skipped.any():
         group["skipped"][start:stop] = skipped.astype(np.uint8)
     group["chunk_done"][chunk_index] = 1
+
+
+def image_dtype(path: Path) -> np.dtype:
+    """The dtype of the store's images: float32, or float16 (``--float16``)."""
+    return np.dtype(open_store(path)["images"].dtype)
+
+
+def images_deleted(path: Path) -> bool:
+    """Whether the store's images were deleted after a complete export (``delete_images``)."""
+    return bool(open_store(path).attrs.get("images_deleted", False))
+
+
+def delete_images(path: Path) -> None:
+    """Delete the store's images after a complete export: the exported stacks hold them.
+
+    The mark is set before the array goes, so a deletion cut short still reads
+    as deleted (and a rerun does not export from half-deleted images). The
+    per-particle arrays, ``skipped``, ``chunk_done`` and the attributes stay:
+    the QC report and a rerun read them.
+    """
+    group = open_store(path, mode="r+")
+    group.attrs["images_deleted"] = True
+    if "images" in group:
+        del group["images"]
 
 
 def finished_chunks(path: Path) -> np.ndarray:

@@ -146,6 +146,26 @@ def bad_images(images: np.ndarray, particles, skip: bool) -> np.ndarray:
     return bad
 
 
+def check_float16_range(subtracted: np.ndarray, particles) -> None:
+    """Refuse subtracted images (n, box, box) beyond float16's ±65504 (``--float16``): they would become inf.
+
+    Normalised particles (RELION's extraction: background mean 0, σ 1) stay far
+    inside that range; values beyond it mean unnormalised images, which clipping
+    would corrupt, so the run stops with one error naming the first such image.
+    """
+    peaks = np.abs(subtracted).max(axis=(1, 2), initial=0.0)
+    beyond = np.flatnonzero(peaks > store.FLOAT16_MAX)
+    if beyond.size:
+        first = int(beyond[0])
+        raise InputFileError(
+            particles.image_paths[first],
+            f"image {particles.image_indices[first] + 1} (1-based): the subtracted image reaches "
+            f"{float(peaks[first]):.4g}, beyond the ±{store.FLOAT16_MAX:g} that --float16 can store.",
+            "Rerun without --float16 (add --overwrite, the store is float16), or normalise the particles "
+            "(RELION's extraction with --norm).",
+        )
+
+
 def run_chunk(chunk_index: int, start: int, particles, maps: MapFiles, settings, store_path: str, device: str,
               skip_bad: bool = False, reboxing=None):
     """Task body: subtract particles ``start:start+len(particles)`` and store them.
@@ -165,6 +185,8 @@ def run_chunk(chunk_index: int, start: int, particles, maps: MapFiles, settings,
     if reboxing is not None:
         subtracted = rebox_images(np, subtracted, particles, reboxing)
     subtracted[bad] = 0.0
+    if store.image_dtype(Path(store_path)) == np.float16:
+        check_float16_range(subtracted, particles)
     for values in (contrast.alpha, contrast.sigma, contrast.correlation):
         values[bad] = np.nan
     store.write_chunk(Path(store_path), chunk_index, start, subtracted, contrast, bad)
