@@ -17,8 +17,16 @@ from .physics.projector import CORNERS, PROJECTORS, projector_kernel
 from .physics.subtract import EXTENSION, SubtractionSettings
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with dsub's error form: one ``dsub: error:`` line and a pointer to --help, exit status 2."""
+
+    def error(self, message):
+        sys.stderr.write(f"dsub: error: {message} (see '{self.prog} --help').\n")
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="dsub", description="Distributed particle subtraction for cryo-EM (RELION and cryoSPARC)."
     )
     parser.add_argument("--version", action="version", version=f"dsub {__version__}")

@@ -325,3 +325,30 @@ def test_skipped_particles_are_counted_and_left_out_of_the_figures(clean_dataset
         source = data.exported_rows[example.row]
         assert example.half_set == sim.half_set[source]
         assert example.contrast == pytest.approx(contrast[source])
+
+
+def test_report_of_a_run_copied_elsewhere_finds_its_stacks(clean_dataset, tmp_path):
+    """Copied off the cluster, the star's stack paths (absolute here) no longer exist: OUTDIR/Particles does."""
+    paths, _ = clean_dataset
+    outdir = tmp_path / "cluster" / "out"
+    assert subtract(paths, outdir) == 0
+    copy = tmp_path / "laptop" / "job"
+    shutil.copytree(outdir, copy)
+    shutil.rmtree(outdir)
+    page_path = write_report(copy)
+    assert "examples.png" in parse(page_path).links
+    assert all(example.result is not None for example in gather(copy).examples)
+
+
+def test_the_runs_warnings_head_the_report(clean_dataset, tmp_path):
+    from dsub.formats.mrc import write_map
+
+    paths, _ = clean_dataset
+    ones = tmp_path / "ones.mrc"
+    write_map(ones, np.ones((BOX,) * 3, np.float32), PIXEL_SIZE)  # subtracts the whole map: warned about
+    outdir = tmp_path / "out"
+    assert subtract({**paths, "mask": ones}, outdir) == 0
+    warnings = gather(outdir).warnings
+    assert warnings and any("density" in warning for warning in warnings)
+    text = (outdir / "report" / "index.html").read_text(encoding="utf-8")
+    assert text.count('class="warn"') == len(warnings)

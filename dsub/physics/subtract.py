@@ -74,13 +74,13 @@ class SubtractionSettings:
         if self.scale not in SCALE_MODES:
             raise ValueError(f"scale must be one of {SCALE_MODES}, not {self.scale!r}")
         if self.padding is not None and not self.padding >= 1:
-            raise ValueError(f"padding must be at least 1, not {self.padding!r}")
+            raise ValueError(f"--padding must be at least 1, not {self.padding!r}")
         if self.lowpass_angstrom is not None and not self.lowpass_angstrom > 0:
             raise ValueError(f"--lowpass must be a resolution in Å above 0, not {self.lowpass_angstrom:g}")
         if self.corners not in CORNERS:
             raise ValueError(f"corners must be one of {CORNERS}, not {self.corners!r}")
         if not self.extension >= 2:
-            raise ValueError(f"extension must be at least 2 (boxes), not {self.extension!r}")
+            raise ValueError(f"--extension must be at least 2 (boxes), not {self.extension!r}")
 
     def field_size(self, box: int, delocalisation_pixels: float = 0.0) -> int:
         """Side of the extraction field in pixels (the box itself for "relion").

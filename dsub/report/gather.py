@@ -26,6 +26,7 @@ from ..errors import DsubError, OptionError
 from ..formats import star as star_format
 from ..formats.mrc import read_images
 from ..formats.paths import cs_roots, resolve_stack_names, star_roots
+from ..workflow.transcript import LOG_NAME
 from ..particles import HALF_A, HALF_B
 from ..workflow import export, store
 from ..workflow.pipeline import RUN_SUMMARY
@@ -96,6 +97,7 @@ class ReportData:
     display_resolution_angstrom: float = DISPLAY_RESOLUTION_ANGSTROM
     display_pixel_size_angstrom: float = 0.0  # pixel size of the example images as shown (after binning)
     notes: list[str] = field(default_factory=list)  # what could not be shown, and why
+    warnings: list[str] = field(default_factory=list)  # what the run warned about (dsub.log)
 
     @property
     def scale(self) -> str:
@@ -115,6 +117,33 @@ def finished_run_files(outdir: Path) -> None:
         )
 
 
+def exported_stacks(outdir: Path, paths) -> np.ndarray:
+    """The exported stacks as they lie in ``outdir`` now.
+
+    The star names them as ``--paths`` chose (from the project folder, absolute,
+    ...): a run copied off a cluster keeps them in ``OUTDIR/Particles`` under the
+    same file names, where they are looked for when the named path is not there.
+    """
+    paths = np.asarray(paths, dtype=object)
+    found = {}
+    for path in np.unique(paths.astype(str)):
+        local = outdir / export.STACK_FOLDER / Path(path).name
+        found[path] = path if Path(path).is_file() or not local.is_file() else str(local)
+    return np.array([found[str(path)] for path in paths], dtype=object)
+
+
+def run_warnings(outdir: Path) -> list[str]:
+    """The warnings the last attempt printed (``dsub: warning:`` lines of its part of dsub.log)."""
+    log = outdir / LOG_NAME
+    if not log.is_file():
+        return []
+    lines = log.read_text(errors="replace").splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("==== ")]
+    last = lines[starts[-1] + 1:] if starts else lines
+    prefix = "dsub: warning: "
+    return list(dict.fromkeys(line[len(prefix):] for line in last if line.startswith(prefix)))
+
+
 def gather(outdir: Path) -> ReportData:
     """Read what the report shows from ``outdir``; raises ``OptionError`` if no finished run is there."""
     outdir = Path(outdir)
@@ -125,6 +154,7 @@ def gather(outdir: Path) -> ReportData:
     skipped = np.asarray(results["skipped"][:], dtype=bool)
     exported_rows = np.flatnonzero(~skipped)
     table = star_format.read_particles(outdir / export.STAR_NAME, require_ctf=False)
+    table.image_paths = exported_stacks(outdir, table.image_paths)
     if len(table) != exported_rows.size:
         raise OptionError(
             f"{outdir / export.STAR_NAME}: lists {len(table)} particles but {store.STORE_NAME} holds "
@@ -149,6 +179,7 @@ def gather(outdir: Path) -> ReportData:
         quality={name: np.asarray(results[name][:], dtype=np.float64)[exported_rows]
                  for name in QUALITY_ARRAYS if name in results},
         sample_fit=sample_fit(summary, np.asarray(results["contrast"][:], dtype=np.float64)),
+        warnings=run_warnings(outdir),
     )
     data.display_resolution_angstrom = max(DISPLAY_RESOLUTION_ANGSTROM,
                                            DISPLAY_RESOLUTION_PIXELS * data.pixel_size_angstrom)

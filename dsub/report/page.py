@@ -23,6 +23,7 @@ th { background: #f4f4f6; } td.num { text-align: right; font-variant-numeric: ta
 img { max-width: 100%; border: 1px solid #eee; }
 .caption { color: #444; font-size: 0.9em; max-width: 60em; }
 .note { background: #fff6e0; border-left: 4px solid #e0a500; padding: 0.4em 0.8em; margin: 0.4em 0; }
+.warn { background: #fde8e8; border-left: 4px solid #c62828; padding: 0.4em 0.8em; margin: 0.4em 0; }
 .missing { color: #777; font-style: italic; }
 .cols { display: flex; gap: 2.5em; flex-wrap: wrap; align-items: flex-start; }
 .pair { display: grid; grid-template-columns: repeat(auto-fit, minmax(480px, 1fr)); gap: 0 2em; }
@@ -148,6 +149,7 @@ def render(data: ReportData, figures: dict[str, str | None]) -> str:
         f"<style>{STYLE}</style></head><body>",
         "<h1>dsub subtraction report</h1>",
         f"<p class=\"sub\">{escape(str(data.outdir))} · generated {generated}</p>",
+        *[f"<p class=\"warn\"><b>Warning:</b> {escape(warning)}</p>" for warning in data.warnings],
         *[f"<p class=\"note\">{escape(note)}</p>" for note in data.notes],
         "<div class=\"cols\"><div>" + table(at_a_glance(data)) + "</div>" + counts_section(data) + "</div>",
         figure_block(

@@ -35,7 +35,10 @@ PARAMETER_OPTIONS = {
     "settings.fit.high_resolution_angstrom": "--fit-highres", "chunk_size": "--chunk-size",
     "single_map": "--single-map", "skip_bad_particles": "--skip-bad-particles", "cs_root": "--cs-root",
     "dsub": "the dsub version", "count": "the number of particles", "box": "the box size",
-    "float16": "--float16",
+    "float16": "--float16", "settings.lowpass_angstrom": "--lowpass", "settings.corners": "--corners",
+    "settings.extension": "--extension", "settings.field_slice": "--field-slice",
+    "settings.fit.weighting": "--fit-weighting", "rebox.center_voxels": "the centre (--recenter, --center)",
+    "rebox.new_box": "--new-box", "passthrough": "--passthrough",
 }
 #: Parameters a run's identity leaves out at their default (``pipeline.run_identity``).
 PARAMETER_DEFAULTS = {"float16": False}
@@ -131,6 +134,12 @@ def identity_differences(earlier: dict, now: dict) -> list[str]:
         was, now = (values.get(key, PARAMETER_DEFAULTS.get(key)) for values in (before, after))
         if was != now:
             changes.append(f"{option} was {was!r}, now {now!r}")
+    named = set(PARAMETER_OPTIONS) | set(INPUT_OPTIONS) | {"stacks", "fingerprint", "rebox.map_pixel_size"}
+    for key in sorted(set(before) | set(after)):  # anything else the identity holds, by its own name
+        if not any(key == name or key.startswith(name + ".") for name in named):
+            was, now = before.get(key, PARAMETER_DEFAULTS.get(key)), after.get(key, PARAMETER_DEFAULTS.get(key))
+            if was != now:
+                changes.append(f"{key} was {was!r}, now {now!r}")
     return changes
 
 

@@ -76,7 +76,8 @@ def warn_far_pixel_size(table, pixel: float) -> None:
     if not np.any(np.abs(groups - pixel) <= PIXEL_SIZE_TOLERANCE * pixel):
         warn(f"the maps' voxel size {pixel:.4f} Å is more than 1 % from every optics group's pixel size "
              f"({', '.join(f'{g:g}' for g in groups)} Å); each particle's projection is rescaled to its own "
-             "pixel size, which is right only if the map header is")
+             "pixel size, which is right only if the map header's voxel size is right: check it (e.g. against the "
+             "refinement's rlnImagePixelSize), and fix it with relion_image_handler --angpix if it is wrong")
 
 
 #: Per-particle values that must be finite, with the names users know them by.
