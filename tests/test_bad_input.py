@@ -420,3 +420,18 @@ def test_fitted_contrast_mostly_negative_is_reported_plainly(data, tmp_path, cap
     assert "explain almost nothing" not in err  # inverted images are explained, with the opposite sign
     summary = json.loads((tmp_path / "out" / "dsub_run.json").read_text())
     assert summary["contrast_negative_fraction"] == 1.0
+
+
+def test_an_output_folder_in_use_by_another_run_is_refused(data, tmp_path, capsys):
+    from dsub.workflow.outdir import OutdirLock
+
+    outdir = tmp_path / "out"
+    other = OutdirLock(outdir)
+    other.acquire()  # as a run of the same job submitted twice would hold it
+    try:
+        line = assert_refused(run(data, outdir), capsys, outdir, outdir)
+        assert "another dsub run is using this output folder" in line and f"pid {os.getpid()}" in line
+        assert not (outdir / "subtracted.zarr").exists()
+    finally:
+        other.release()
+    assert run(data, outdir) == 0  # once it is free, the folder is used as usual

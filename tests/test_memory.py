@@ -110,3 +110,17 @@ def test_run_that_cannot_fit_is_refused_up_front_in_one_line(box64, tmp_path):
     assert "each worker needs about" in lines[0] and "for box 64" in lines[0]
     assert "available to dsub" in lines[0] and "--padding" in lines[0]
     assert not (tmp_path / "out" / "subtracted.zarr").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("map_box, extent, box", [(48, 160, 64), (40, 120, 48)])
+def test_reboxing_a_map_of_another_box_is_in_the_estimate(map_box, extent, box):
+    """A map brought to the particles' box passes through an extent³ cube: its peak is in the host estimate."""
+    from dsub.physics.optics import fit_map_to_box
+    from dsub.workflow.resources import REBOX_BYTES_PER_VOXEL, worker_memory
+
+    volume = np.random.default_rng(map_box).normal(size=(map_box,) * 3).astype(np.float32)
+    peak, _ = traced_peak(fit_map_to_box, volume, extent, box)
+    assert abs(REBOX_BYTES_PER_VOXEL * extent**3 - peak) <= TOLERANCE * peak
+    settings = SubtractionSettings()
+    plain = worker_memory(box, settings, "cpu", 1, 64, 4).host_bytes
+    assert worker_memory(box, settings, "cpu", 1, 64, 4, extent).host_bytes >= plain - 3 * box**3 * 4 + peak

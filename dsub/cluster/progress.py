@@ -244,13 +244,18 @@ class Estimate:
 _PREPARE_SECONDS_PER_VOXEL_LOG = 9e-9
 
 
-def map_preparation_estimate(grid: int, memory_bytes: int | None = None) -> Estimate:
+def map_preparation_estimate(grid: int, memory_bytes: int | None = None, rebox_voxels: int = 0) -> Estimate:
     """Expected cost of preparing both half-maps (read, mask, pad to ``grid``³, FFT) on one CPU.
 
     Four padded FFTs of n = ``grid``³ voxels (``grid``: the prepared maps' side,
     ``physics.gridding.grid_size``): time grows as n·log2 n (constant measured
     on a CPU, see BENCHMARKS.md). ``memory_bytes``: the peak, from
-    ``physics.memory.preparation_peak_bytes``.
+    ``physics.memory.preparation_peak_bytes``. ``rebox_voxels``: the side of the
+    cube maps of another box are brought through first (0: none).
     """
     voxels = float(grid) ** 3
-    return Estimate(seconds=_PREPARE_SECONDS_PER_VOXEL_LOG * voxels * math.log2(voxels), memory_bytes=memory_bytes)
+    seconds = _PREPARE_SECONDS_PER_VOXEL_LOG * voxels * math.log2(voxels)
+    if rebox_voxels:  # three maps (half maps, mask) each through an FFT of that cube, about half the above each
+        cube = float(rebox_voxels) ** 3
+        seconds += 3 * 0.5 * _PREPARE_SECONDS_PER_VOXEL_LOG * cube * math.log2(cube)
+    return Estimate(seconds=seconds, memory_bytes=memory_bytes)

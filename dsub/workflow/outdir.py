@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import errno
+import fcntl
+import socket
+import time
 import hashlib
 import json
 import os
@@ -44,6 +47,47 @@ PARAMETER_OPTIONS = {
 PARAMETER_DEFAULTS = {"float16": False}
 #: How many changed stacks a refusal names before it only counts them.
 NAMED_STACKS = 3
+
+
+#: The lock a running dsub holds on its output folder (``OutdirLock``).
+LOCK_NAME = ".dsub.lock"
+
+
+class OutdirLock:
+    """Exclusive use of an output folder by one dsub run at a time (an advisory ``flock`` on a file in it).
+
+    Two runs writing one store would mix their chunks (a job submitted twice, a
+    requeued job while the first still runs). ``acquire`` creates the folder if
+    needed and raises ``OptionError`` naming the other run (pid, host, start)
+    when it holds the folder; the lock goes with ``release`` or the process.
+    """
+
+    def __init__(self, outdir: Path):
+        self.outdir, self.fd = Path(outdir), None
+
+    def acquire(self) -> None:
+        try:
+            self.outdir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.outdir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise OptionError(f"{self.outdir}: cannot create the output folder ({exc.strerror}). "
+                              "Choose a folder you can write to with -o.") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise OptionError(f"{self.outdir}: another dsub run is using this output folder ({holder}). Wait for "
+                              "it to finish (or stop it), then rerun to resume; or choose another folder with -o.")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the lock
+            self.fd = None
 
 
 def prepare_outdir(outdir: Path, fingerprint: str, overwrite: bool, identity: dict | None = None) -> bool:

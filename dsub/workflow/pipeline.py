@@ -42,7 +42,7 @@ from ..physics.projector import projector_kernel
 from ..physics.subtract import SubtractionSettings
 from ..report import REPORT_FOLDER
 from . import diagnostics, export, rebox, record, region, resources, store, validate
-from .outdir import explain_os_error, file_identity, prepare_outdir, run_fingerprint
+from .outdir import OutdirLock, explain_os_error, file_identity, prepare_outdir, run_fingerprint
 from .tasks import MapFiles, half_map_models, run_chunk
 from .transcript import Transcript
 
@@ -115,7 +115,9 @@ def prepare_maps_where_visible(maps: MapFiles, settings, options: RunOptions, bo
     """
     _, oversampling = projector_kernel(settings.projector, settings.padding)
     size = grid_size(box, oversampling)
-    estimate = map_preparation_estimate(size, preparation_peak_bytes(box, settings)).text()
+    rebox = maps.extent_voxels if maps.box is not None and maps.extent_voxels != maps.box else 0
+    peak = max(preparation_peak_bytes(box, settings), resources.REBOX_BYTES_PER_VOXEL * rebox**3)
+    estimate = map_preparation_estimate(size, peak, rebox).text()
     if options.cluster.distributed:
         say(options, f"Each worker reads the maps and prepares them on its first task ({size}³ transforms, "
                      f"{estimate}).")
@@ -136,9 +138,10 @@ def subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings
     transcript = Transcript(options.cluster.out)
     options = dataclasses.replace(options, cluster=dataclasses.replace(options.cluster, log=transcript))
     attempt = record.AttemptRecorder()
+    lock = OutdirLock(Path(options.outdir))
     with transcript.capturing_warnings(), record.failure_recorded(attempt, transcript):
         try:
-            return _subtract(particles_path, half_a, half_b, mask, settings, options, attempt)
+            return _subtract(particles_path, half_a, half_b, mask, settings, options, attempt, lock)
         except DsubError:
             raise
         except OSError as exc:  # wherever it happened, on this machine or a worker: one message
@@ -146,10 +149,12 @@ def subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings
             if explained is None:
                 raise
             raise explained from exc
+        finally:
+            lock.release()
 
 
 def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings, options: RunOptions,
-              attempt: record.AttemptRecorder) -> dict:
+              attempt: record.AttemptRecorder, lock: OutdirLock) -> dict:
     started = time.monotonic()
     outdir = Path(options.outdir)
     with setup_step(options.log, f"Reading the particles from {particles_path}"):
@@ -194,7 +199,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
         say(options, f"Maps of {map_box} voxels at {pixel_size:.4f} Å brought to the particles' {box} px box: "
                      f"{extent} voxels kept, resampled to {box} (voxel {pixel_size * extent / box:.4f} Å).")
     check_device(options)
-    plan, spec = plan_resources(box, settings, options)
+    plan, spec = plan_resources(box, settings, options, extent if map_box != box else 0)
     device = options.device
     maps = MapFiles(str(Path(half_a).resolve()), str(Path(half_b).resolve()), str(Path(mask).resolve()),
                     pixel_size, box, extent)
@@ -206,6 +211,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
         identity["rebox"] = dataclasses.asdict(reboxing)
     fingerprint = run_fingerprint(identity)
     store_path = outdir / store.STORE_NAME
+    lock.acquire()  # from here on this run alone writes in OUTDIR
     if options.skip_bad_particles and not options.overwrite:
         adopt_strict_run(store_path, identity, fingerprint)
     resuming = prepare_outdir(outdir, fingerprint, options.overwrite, identity)
@@ -316,14 +322,14 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     return summary
 
 
-def plan_resources(box: int, settings, options: RunOptions):
+def plan_resources(box: int, settings, options: RunOptions, map_voxels: int = 0):
     """Estimate and print the memory each worker needs; refuse here when this machine cannot hold it.
 
     Returns the plan and the cluster spec to start, which asks batch jobs for
     that memory and, unless the run is on the CPU, one GPU each.
     """
     with cluster_config(options.cluster.cluster_config):
-        plan = resources.plan_memory(box, settings, options)
+        plan = resources.plan_memory(box, settings, options, map_voxels)
     say(options, f"Memory: {plan.need.describe()}.")
     if not options.cluster.distributed:
         resources.check_this_machine(plan)

@@ -88,9 +88,22 @@ def task_io_bytes(box: int, chunk_size: int) -> int:
     return IMAGE_COPIES_PER_TASK * chunk_size * box * box * 4
 
 
-def worker_memory(box: int, settings, device: str, threads: int, chunk_size: int, batch: int) -> WorkerMemory:
-    """Host and GPU bytes of one worker running ``threads`` tasks at once with batches of ``batch``."""
+#: Host bytes per voxel of the cube that a map of another box is cropped or padded to before it is
+#: Fourier-resampled to the particles' box (``optics.fit_map_to_box``, in float64/complex128; one map at a
+#: time): 44 by tracemalloc (tests/test_memory.py); a 684³ cube (a 100-voxel map at 1.05 Å brought to 256 px
+#: at 2.806 Å) peaked at 13 GB resident.
+REBOX_BYTES_PER_VOXEL = 45
+
+
+def worker_memory(box: int, settings, device: str, threads: int, chunk_size: int, batch: int,
+                  map_voxels: int = 0) -> WorkerMemory:
+    """Host and GPU bytes of one worker running ``threads`` tasks at once with batches of ``batch``.
+
+    ``map_voxels``: the side of the cube a map of another box is brought through
+    (``MapFiles.extent_voxels``), 0 when the maps are at the particles' box.
+    """
     maps_read = 3 * box**3 * 4  # both half maps and the mask as read from their files
+    maps_read = max(maps_read, REBOX_BYTES_PER_VOXEL * int(map_voxels) ** 3)
     working = threads * batch * particle_bytes(box, settings, device)
     io = threads * task_io_bytes(box, chunk_size)
     # The maps' preparation peaks before any batch runs; then the prepared maps stay beside the batches.
@@ -224,8 +237,8 @@ def tasks_per_worker(spec) -> int:
     return 1
 
 
-def plan_memory(box: int, settings, options) -> MemoryPlan:
-    """The estimate for this run's workers (call with the cluster config applied)."""
+def plan_memory(box: int, settings, options, map_voxels: int = 0) -> MemoryPlan:
+    """The estimate for this run's workers (call with the cluster config applied); ``map_voxels`` as in ``worker_memory``."""
     spec = options.cluster
     device = planned_device(options)
     threads = tasks_per_worker(spec)
@@ -233,14 +246,14 @@ def plan_memory(box: int, settings, options) -> MemoryPlan:
     batch = batch_cap(box, settings, device, threads, chunk)
     if spec.scheduler in ("threads", "sync"):  # the limit is known now: plan batches within it
         budget = (gpu_memory_free() - prepared_map_bytes(box, settings) if device == "gpu" else
-                  host_memory_available() + BASELINE_HOST_BYTES - worker_memory(box, settings, "cpu", threads, chunk, 0).host_bytes)
+                  host_memory_available() + BASELINE_HOST_BYTES - worker_memory(box, settings, "cpu", threads, chunk, 0, map_voxels).host_bytes)
         batch = batch_within(budget, box, settings, device, threads, chunk)
     log_directory = None
     if spec.scheduler in ("slurm", "pbs"):
         log_directory = os.path.abspath(dask.config.get(f"jobqueue.{spec.scheduler}.log-directory", None) or ".")
     return MemoryPlan(
-        need=worker_memory(box, settings, device, threads, chunk, batch),
-        minimum=worker_memory(box, settings, device, threads, chunk, 1),
+        need=worker_memory(box, settings, device, threads, chunk, batch, map_voxels),
+        minimum=worker_memory(box, settings, device, threads, chunk, 1, map_voxels),
         scheduler=spec.scheduler, log_directory=log_directory,
     )
 
