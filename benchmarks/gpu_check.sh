@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks and figures of BENCHMARKS.md, in two stages that each fit a 10-minute command:
-#   bash benchmarks/gpu_session.sh check    # GPU tests vs the NumPy twin, engine per box, box 512 under a 24 GB cap
-#   bash benchmarks/gpu_session.sh command  # whole command cold at box 256 (threads, local) against the disk floor
+#   bash benchmarks/gpu_check.sh check    # GPU tests vs the NumPy twin, engine per box, box 512 under a 24 GB cap
+#   bash benchmarks/gpu_check.sh command  # whole command cold at box 256 (threads, local) against the disk floor
 # Logs go to $OUT (default /tmp/dsub-gpu). Needs CuPy; other packages from PYTHONPATH or installed.
 set -uo pipefail
 OUT=${OUT:-/tmp/dsub-gpu}
