@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import __version__
 from .cluster import ClusterSpec, parse_adapt
-from .errors import INTERRUPTED, DsubError, DsubWarning, OptionError, error_line
+from .errors import INTERRUPTED, DsubError, DsubWarning, MissingInputError, OptionError, error_line
 from .formats.paths import PATH_MODES
 from .physics.contrast import SCALE_MODES, WEIGHTINGS, ContrastFit
 from .physics.projector import CORNERS, PROJECTORS, projector_kernel
@@ -224,6 +224,10 @@ def run_subtract(args) -> int:
     from .workflow.pipeline import RunOptions, subtract
 
     settings = settings_from_args(args)
+    for path, option in ((args.particles, "the particles"), (args.half_a, "--half-a"), (args.half_b, "--half-b"),
+                         (args.mask, "--mask")):
+        if path is not None and not Path(path).exists():
+            raise MissingInputError(path, given_as=option)
     options = RunOptions(
         outdir=Path(args.outdir), chunk_size=args.chunk_size, particles_per_stack=args.particles_per_stack,
         device=args.device, overwrite=args.overwrite, cs_root=args.cs_root, passthrough=tuple(args.passthrough),

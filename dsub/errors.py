@@ -8,6 +8,8 @@ other exception is a bug in dsub.
 
 from __future__ import annotations
 
+import os
+
 import warnings
 
 
@@ -32,15 +34,18 @@ class InputFileError(DsubError, ValueError):
 class MissingInputError(DsubError, FileNotFoundError):
     """An input file named on the command line or inside metadata does not exist."""
 
-    def __init__(self, path, referenced_from=None):
-        self.path, self.referenced_from = str(path), referenced_from
+    def __init__(self, path, referenced_from=None, given_as=None):
+        self.path, self.referenced_from, self.given_as = str(path), referenced_from, given_as
         message = f"{path}: file not found"
         if referenced_from is not None:
             message += f" (referenced from {referenced_from})"
+        if given_as is not None:
+            message += (f" (given as {given_as}). Check the path: a relative one starts from the current folder, "
+                        f"{os.getcwd()}")
         super().__init__(message)
 
     def __reduce__(self):
-        return type(self), (self.path, self.referenced_from)
+        return type(self), (self.path, self.referenced_from, self.given_as)
 
 
 class OptionError(DsubError, ValueError):

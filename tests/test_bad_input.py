@@ -435,3 +435,9 @@ def test_an_output_folder_in_use_by_another_run_is_refused(data, tmp_path, capsy
     finally:
         other.release()
     assert run(data, outdir) == 0  # once it is free, the folder is used as usual
+
+
+def test_a_missing_map_names_its_option(data, tmp_path, capsys):
+    missing = tmp_path / "no_such_half.mrc"
+    line = assert_refused(run(data, tmp_path / "out", half_b=missing), capsys, tmp_path / "out", missing)
+    assert "file not found (given as --half-b)" in line and "current folder" in line

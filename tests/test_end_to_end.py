@@ -492,7 +492,9 @@ def test_console_entry_in_a_subprocess(dataset, tmp_path):
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )
     assert failed.returncode == 2
-    assert failed.stderr.strip() == f"dsub: error: {tmp_path / 'nothing.star'}: file not found"
+    assert failed.stderr.strip() == (f"dsub: error: {tmp_path / 'nothing.star'}: file not found (given as the "
+                                     f"particles). Check the path: a relative one starts from the current folder, "
+                                     f"{tmp_path}")
 
 
 def test_installed_dsub_script_reports_its_version():
