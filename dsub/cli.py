@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
 from . import __version__
 from .cluster import ClusterSpec, parse_adapt
-from .errors import INTERRUPTED, DsubError, DsubWarning, MissingInputError, OptionError, error_line
+from .errors import (
+    INTERRUPTED, TERMINATED, DsubError, DsubWarning, MissingInputError, OptionError, Terminated, error_line,
+)
 from .formats.paths import PATH_MODES
 from .physics.contrast import SCALE_MODES, WEIGHTINGS, ContrastFit
 from .physics.projector import CORNERS, PROJECTORS, projector_kernel
@@ -294,6 +298,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.command_line = ["dsub", *map(str, sys.argv[1:] if argv is None else argv)]
     handlers = {"subtract": run_subtract, "demo": run_demo, "job-script": run_job_script, "report": run_report}
+    previous = terminate_on_sigterm()
     try:
         with warnings.catch_warnings():
             # dsub's own warnings reach the user; libraries' deprecation notices do not.
@@ -304,9 +309,29 @@ def main(argv=None) -> int:
     except DsubError as exc:
         print(error_line(exc), file=sys.stderr)  # always one line
         return 2
+    except Terminated:
+        print(TERMINATED, file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(INTERRUPTED, file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def terminate_on_sigterm():
+    """Turn SIGTERM (a batch system's time limit or preemption) into ``Terminated``; returns the old handler.
+
+    Only the main thread can install it; elsewhere nothing changes (None).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def terminated(signum, frame):
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, terminated)
 
 
 if __name__ == "__main__":

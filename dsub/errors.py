@@ -71,6 +71,12 @@ def warn(message: str) -> None:
 
 #: What the command line prints when the user stops a run (Ctrl-C).
 INTERRUPTED = "dsub: interrupted; rerun the same command to resume"
+TERMINATED = ("dsub: stopped by SIGTERM (a batch system's time limit, a preemption or a cancel); rerun the same "
+              "command to resume")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM received by the command (``cli.main`` turns the signal into this), so the run records it."""
 
 
 def error_line(error) -> str:

@@ -236,3 +236,28 @@ def test_interrupted_attempt_is_recorded(small, tmp_path, monkeypatch, capsys):
     interrupted, finished = json.loads((outdir / "dsub_run.json").read_text())["attempts"]
     assert interrupted["status"] == "interrupted" and interrupted["chunks_done"] == 3
     assert finished["chunks_done_before"] == 3
+
+
+def test_sigterm_is_recorded_as_an_interrupted_attempt(small, tmp_path, monkeypatch, capsys):
+    """A batch system's time limit or preemption sends SIGTERM: one line, exit 143, the attempt recorded."""
+    import os
+    import signal
+
+    import dsub.workflow.export as export
+
+    def preempted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # the real signal, to dsub's own handler
+
+    outdir = tmp_path / "out"
+    before = signal.getsignal(signal.SIGTERM)
+    with monkeypatch.context() as patch:
+        patch.setattr(export, "write_metadata", preempted)
+        assert main(subtract_args(small, outdir)) == 143
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("dsub: stopped by SIGTERM") and line.endswith("rerun the same command to resume")
+    assert (outdir / "dsub.log").read_text().splitlines()[-1] == line
+    assert signal.getsignal(signal.SIGTERM) == before  # the caller's handler is put back
+    assert main(subtract_args(small, outdir)) == 0
+    stopped, finished = json.loads((outdir / "dsub_run.json").read_text())["attempts"]
+    assert stopped["status"] == "interrupted" and stopped["chunks_done"] == 3
+    assert finished["chunks_done_before"] == 3

@@ -22,7 +22,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .. import __version__
-from ..errors import INTERRUPTED, DsubError, error_line
+from ..errors import INTERRUPTED, TERMINATED, DsubError, Terminated, error_line
 from . import store
 from .outdir import modified
 from .transcript import utc_now
@@ -189,9 +189,10 @@ def failure_recorded(attempt: AttemptRecorder, transcript):
     """Inside: an error or interrupt closes the attempt with the line the user sees, also put in dsub.log."""
     try:
         yield
-    except KeyboardInterrupt:
-        transcript.log_only(INTERRUPTED)
-        attempt.fail("interrupted", INTERRUPTED)
+    except KeyboardInterrupt as exc:
+        line = TERMINATED if isinstance(exc, Terminated) else INTERRUPTED
+        transcript.log_only(line)
+        attempt.fail("interrupted", line)
         raise
     except BaseException as exc:
         line = error_line(exc if isinstance(exc, DsubError) else f"{type(exc).__name__}: {exc}")
