@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputFileError
-from ..formats.mrc import read_images, read_map
+from ..formats.mrc import map_header, read_images, read_map
 from ..particles import HALF_A, HALF_B
 from ..physics.backend import device_label, get_xp, resolve_device, to_numpy
 from ..physics.contrast import ContrastResult
@@ -67,7 +67,7 @@ def half_map_models(maps: MapFiles, settings: SubtractionSettings, device: str) 
             mask = np.clip(mask, 0.0, 1.0)  # a re-boxed soft mask may ring a little past [0, 1]
             _models.clear()  # one run's models at a time per process
             (half_a, voxel), (half_b, _) = maps.load(maps.half_a), maps.load(maps.half_b)
-            fsc_voxel = voxel or read_map(maps.half_a)[1]  # None: maps at each particle's own pixel size
+            fsc_voxel = voxel or map_header(maps.half_a)[1]  # None: maps at each particle's own pixel size (header only)
             if settings.lowpass_angstrom:
                 half_a, half_b = (lowpass_map(xp, half, fsc_voxel, settings.lowpass_angstrom) for half in (half_a, half_b))
             # One map for all (--single-map): no second half to tell signal from noise.
