@@ -374,7 +374,8 @@ def test_output_path_that_is_a_file(data, tmp_path, capsys):
     target = tmp_path / "taken"
     target.write_text("not a folder\n")
     line = assert_refused(run(data, target), capsys, target, target)
-    assert "cannot create the output folder" in line
+    assert "cannot create the output folder" in line and "is a file, not a folder" in line
+    assert "File exists" not in line
 
 
 def test_empty_half_map(data, tmp_path, capsys):

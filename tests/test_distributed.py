@@ -227,13 +227,20 @@ def test_worker_killed_mid_run_is_replaced_and_output_is_clean(slow_dataset, tmp
 
 @needs_slurm
 def test_slurm_job_cancelled_mid_run_still_completes(slow_dataset, tmp_path):
+    import yaml
+
     paths, clean = slow_dataset
     outdir = tmp_path / "out"
+    job_name = f"dsub-test-{os.getpid()}"  # cancel one of this run's jobs only, whatever else the queue holds
+    config = yaml.safe_load(LOCAL_SLURM.read_text())
+    config["jobqueue"]["slurm"]["name"] = job_name
+    named = tmp_path / "jobqueue.yaml"
+    named.write_text(yaml.safe_dump(config))
     run = dsub(paths, outdir, "--chunk-size", "4", "--scheduler", "slurm", "--workers", "2",
-               "--cluster-config", str(LOCAL_SLURM), start_new_session=True)
+               "--cluster-config", str(named), start_new_session=True)
     wait_for_chunks(run, outdir, 3)
-    jobs = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
-    assert jobs, "no worker job in the queue"
+    jobs = subprocess.run(["squeue", "-h", "-n", job_name, "-o", "%i"], capture_output=True, text=True).stdout.split()
+    assert jobs, f"no worker job named {job_name} in the queue"
     subprocess.run(["scancel", jobs[0]], check=True)
     out, err = run.communicate(timeout=300)
     assert run.returncode == 0, err

@@ -261,3 +261,21 @@ def test_sigterm_is_recorded_as_an_interrupted_attempt(small, tmp_path, monkeypa
     stopped, finished = json.loads((outdir / "dsub_run.json").read_text())["attempts"]
     assert stopped["status"] == "interrupted" and stopped["chunks_done"] == 3
     assert finished["chunks_done_before"] == 3
+
+
+def test_modification_times_that_differ_below_a_second_print_differently():
+    from dsub.workflow.outdir import identity_differences
+
+    earlier = {"path": "/data/half_A.mrc", "bytes": 10, "mtime_ns": 1_764_410_400_000_000_000}
+    now = {**earlier, "mtime_ns": earlier["mtime_ns"] + 1_500}
+    change, = identity_differences({"half_a": earlier}, {"half_a": now})
+    before, after = change.split("(modified ")[1].rstrip(")").split(" → ")
+    assert before == "2025-11-29T10:00:00.000000000+00:00" and after == "2025-11-29T10:00:00.000001500+00:00"
+
+
+def test_small_memory_figures_are_never_zero():
+    from dsub.cluster.progress import binary_size
+    from dsub.workflow.resources import gigabytes
+
+    assert binary_size(40 * 2**20) == "40 MiB" and binary_size(5.4 * 2**30) == "5.4 GiB"
+    assert gigabytes(3e7) == "30 MB" and gigabytes(2.44e9) == "2.4 GB" and gigabytes(1e3) == "1 MB"

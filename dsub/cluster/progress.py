@@ -47,6 +47,11 @@ def rate(per_second: float) -> str:
     return f"{per_second:.1f}" if per_second < 10 else number(per_second)
 
 
+def binary_size(count: float) -> str:
+    """Bytes for people in binary units: ``5.4 GiB``, or ``40 MiB`` below a tenth of a GiB."""
+    return f"{count / 2**30:.1f} GiB" if count >= 0.1 * 2**30 else f"{max(1, round(count / 2**20))} MiB"
+
+
 def duration(seconds: float) -> str:
     """A rough duration: ``40 s``, ``3 min``, ``2 h 5 min``."""
     if seconds < 90:
@@ -235,7 +240,7 @@ class Estimate:
         if self.seconds is not None:
             parts.append(f"about {duration(self.seconds)} on one CPU")
         if self.memory_bytes is not None:
-            parts.append(f"about {self.memory_bytes / 2**30:.1f} GiB")
+            parts.append(f"about {binary_size(self.memory_bytes)}")
         return ", ".join(parts) or None
 
 

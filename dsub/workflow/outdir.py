@@ -70,8 +70,7 @@ class OutdirLock:
             self.outdir.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.outdir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise OptionError(f"{self.outdir}: cannot create the output folder ({exc.strerror}). "
-                              "Choose a folder you can write to with -o.") from exc
+            raise OptionError(cannot_create(self.outdir, exc)) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -121,8 +120,7 @@ def prepare_outdir(outdir: Path, fingerprint: str, overwrite: bool, identity: di
     try:
         outdir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OptionError(f"{outdir}: cannot create the output folder ({exc.strerror}). "
-                          "Choose a folder you can write to with -o.") from exc
+        raise OptionError(cannot_create(outdir, exc)) from exc
     if not os.access(outdir, os.W_OK):
         raise OptionError(f"{outdir}: the output folder is not writable. Choose a folder you can write to with -o.")
     return False
@@ -168,7 +166,7 @@ def identity_differences(earlier: dict, now: dict) -> list[str]:
     """What differs between an earlier run's identity and this one's, in the command line's words.
 
     E.g. ``--scale was fit, now input`` or ``--half-a /data/half_A.mrc has changed since that run
-    (1 000 → 2 000 bytes; modified 2026-11-29T10:00:00+00:00 → 2026-11-29T11:00:00+00:00)``.
+    (1 000 → 2 000 bytes; modified 2026-11-29T10:00:00.000000000+00:00 → 2026-11-29T11:00:00.000000000+00:00)``.
     """
     changes = [change for name, option in INPUT_OPTIONS.items()
                if (change := file_difference(option, earlier.get(name), now.get(name)))]
@@ -220,8 +218,19 @@ def stack_differences(earlier: list[dict], now: list[dict]) -> list[str]:
 
 
 def modified(identity: dict) -> str:
-    """A file identity's modification time as ISO 8601 UTC."""
-    return datetime.fromtimestamp(identity["mtime_ns"] / 1e9, timezone.utc).isoformat(timespec="seconds")
+    """A file identity's modification time as ISO 8601 UTC, to the nanosecond the comparison uses."""
+    seconds, nanoseconds = divmod(int(identity["mtime_ns"]), 10**9)
+    stamp = datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{stamp}.{nanoseconds:09d}+00:00"
+
+
+def cannot_create(outdir: Path, exc: OSError) -> str:
+    """Why the output folder cannot be made: a file in its place, or the system's reason."""
+    blocking = next((path for path in (outdir, *outdir.parents) if path.exists() and not path.is_dir()), None)
+    if blocking is not None:
+        return (f"{outdir}: cannot create the output folder: {blocking} is a file, not a folder. "
+                "Give -o a folder (new or existing).")
+    return f"{outdir}: cannot create the output folder ({exc.strerror}). Choose a folder you can write to with -o."
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

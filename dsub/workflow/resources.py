@@ -48,7 +48,8 @@ GB = 1e9
 
 
 def gigabytes(count: int) -> str:
-    return f"{count / GB:.1f} GB"
+    """Bytes for people: ``2.4 GB``, or ``40 MB`` below a tenth of a GB (never ``0.0 GB``)."""
+    return f"{count / GB:.1f} GB" if count >= 0.1 * GB else f"{max(1, round(count / 1e6))} MB"
 
 
 class NotEnoughMemoryError(DsubError, MemoryError):
