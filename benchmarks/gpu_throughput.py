@@ -2,6 +2,7 @@
 
 Run on a machine with a GPU (CuPy installed):
     python benchmarks/gpu_throughput.py [--boxes 128 256 384 512] [--batch 256]
+    python benchmarks/gpu_throughput.py --boxes 256 --stages 256 1024   # time per stage
 Prints one table; the figures go into BENCHMARKS.md. "resident GB" is the memory
 pool's use with both half sets' prepared maps in place (four volumes), beside
 ``memory.prepared_map_bytes``; "pool peak GB" is the pool's total after a batch.
@@ -52,6 +53,110 @@ def scene(box, count, rng):
     return volume, mask, images, to_particle_table(sim)
 
 
+#: Functions of the engine timed one by one by ``--stages`` (module, name); absent ones are skipped.
+STAGE_FUNCTIONS = (
+    ("dsub.physics.subtract", "slice_matrices"),
+    ("dsub.physics.subtract", "ctf_delocalisation_pixels"),
+    ("dsub.physics.subtract", "particle_ctfs"),
+    ("dsub.physics.subtract", "premultiplied_ctfs"),
+    ("dsub.physics.subtract", "shift_phases"),
+    ("dsub.physics.subtract", "extract_slices"),
+    ("dsub.physics.subtract", "extract_slice_pair"),
+    ("dsub.physics.subtract", "spectra_to_images"),
+    ("dsub.physics.subtract", "image_spectra"),
+    ("dsub.physics.subtract", "pad_images"),
+    ("dsub.physics.subtract", "apply_transfer"),
+    ("dsub.physics.subtract", "field_to_box"),
+    ("dsub.physics.subtract", "fit_contrast"),
+    ("dsub.physics.subtract", "subtract_scaled"),
+    ("dsub.physics.contrast", "band_weights"),
+    ("dsub.physics.contrast", "fit_spectra"),
+    ("cupy.fft", "rfft2"),
+    ("cupy.fft", "irfft2"),
+    ("cupy.fft", "fftshift"),
+    ("cupy.fft", "ifftshift"),
+)
+
+
+class StageTimer:
+    """Wraps the engine's functions to time each call with CUDA events (GPU) and the host clock.
+
+    Nested calls are attributed to the outermost timed function and counted apart
+    as ``outer/inner``. GPU time between a stage's two events includes any wait
+    for the host, so a stage that is host-bound shows its launch time.
+    """
+
+    def __init__(self, cupy):
+        import importlib
+
+        self.cupy, self.records, self.stack, self.saved = cupy, [], [], []
+        for module_name, name in STAGE_FUNCTIONS:
+            module = importlib.import_module(module_name)
+            if hasattr(module, name):
+                self.saved.append((module, name, getattr(module, name)))
+                setattr(module, name, self.wrap(name, getattr(module, name)))
+
+    def wrap(self, name, function):
+        def timed_call(*args, **kwargs):
+            label = "/".join(self.stack + [name])
+            self.stack.append(name)
+            start, stop = self.cupy.cuda.Event(), self.cupy.cuda.Event()
+            host = time.perf_counter()
+            start.record()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                stop.record()
+                self.records.append((label, start, stop, time.perf_counter() - host))
+                self.stack.pop()
+
+        return timed_call
+
+    def restore(self):
+        for module, name, function in self.saved:
+            setattr(module, name, function)
+
+    def table(self, calls):
+        """{label: (GPU ms per call, host ms per call)} after ``calls`` timed batches."""
+        self.cupy.cuda.Device().synchronize()
+        totals = {}
+        for label, start, stop, host in self.records:
+            gpu = self.cupy.cuda.get_elapsed_time(start, stop)
+            previous = totals.get(label, (0.0, 0.0))
+            totals[label] = (previous[0] + gpu / calls, previous[1] + 1e3 * host / calls)
+        return totals
+
+
+def stage_profile(cupy, box, batch, repeats, rng):
+    """Per-stage GPU and host milliseconds of ``subtract_batch`` for both projectors (printed)."""
+    from dsub.physics import subtract
+
+    for projector in ("gridding", "relion"):
+        settings = subtract.SubtractionSettings(projector=projector)
+        volume, mask, images, table = scene(box, batch, rng)
+        model = subtract.prepare_half_map(cupy, volume, mask, settings)
+        on_gpu = cupy.asarray(images)
+        total = timed(cupy, lambda: subtract.subtract_batch(cupy, on_gpu, table, model, settings), repeats)
+        timer = StageTimer(cupy)
+        try:
+            subtract.subtract_batch(cupy, on_gpu, table, model, settings)  # warm-up of the wrappers
+            timer.records.clear()
+            for _ in range(repeats):
+                subtract.subtract_batch(cupy, on_gpu, table, model, settings)
+            stages = timer.table(repeats)
+        finally:
+            timer.restore()
+        print(f"\nstages, box {box}, batch {batch}, {projector}: whole batch {1e3 * total:.2f} ms "
+              f"({batch / total:,.0f} particles/s)")
+        print("| stage | GPU ms per batch | host ms per batch | share of batch |")
+        print("|---|---|---|---|")
+        for label, (gpu_ms, host_ms) in stages.items():
+            share = f"{gpu_ms / (1e3 * total):.0%}" if "/" not in label else "(inside)"
+            print(f"| {label} | {gpu_ms:.3f} | {host_ms:.3f} | {share} |")
+        del model, on_gpu
+        cupy.get_default_memory_pool().free_all_blocks()
+
+
 def main():
     import cupy
 
@@ -63,9 +168,16 @@ def main():
     parser.add_argument("--check-up-to", type=int, default=256, help="compare with NumPy up to this box")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--stages", type=int, nargs="*", metavar="BATCH",
+                        help="time each stage of subtract_batch at these batch sizes (each box of --boxes) and stop")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     print(f"GPU: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}, CuPy {cupy.__version__}")
+    if args.stages is not None:
+        for box in args.boxes:
+            for batch in args.stages or [args.batch]:
+                stage_profile(cupy, box, batch, args.repeats, rng)
+        return
     rows = []
     for box in args.boxes:
         for projector in ("gridding", "relion"):
