@@ -216,5 +216,5 @@ def test_fit_kernel_matches_numpy(cupy):
         cpu = fit_spectra(np, images, models, box, pixel, fit)
         gpu = fit_spectra(cupy, cupy.asarray(images), cupy.asarray(models), box, pixel, fit)
         for name in ("alpha", "sigma", "correlation"):
-            np.testing.assert_allclose(getattr(gpu, name).get(), getattr(cpu, name), rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(getattr(gpu, name).get(), getattr(cpu, name), rtol=1e-4, atol=1e-6)
         assert gpu.alpha.get()[3] == 0 and np.isnan(gpu.sigma.get()[3])
