@@ -1,9 +1,9 @@
 """GPU twins of the particle model's steps (``subtract.project_images``, ``subtract.extract_in_field``,
 ``subtract.subtract_scaled``): fused CUDA kernels and batched cuFFT transforms.
 
-* ``project_images``: one launch samples the whole and the masked map at once,
-  multiplies by the transfer and by ``(-1)^(kx+ky)`` (which centres the inverse
-  transform, so no ``fftshift`` copy), then one batched inverse FFT, done in place.
+* ``project_images``: one launch per map samples its slices, multiplies them by
+  the transfer and by ``(-1)^(kx+ky)`` (which centres the inverse transform, so
+  no ``fftshift`` copy) into one array, then one batched inverse FFT, in place.
 * ``extract_in_field``: one kernel writes the zero field with the images in its
   middle, one batched rfft2, one kernel multiplies both maps' spectra by the
   transfer evaluated once per coefficient, one in-place inverse FFT; the box is a
@@ -92,12 +92,12 @@ def project_images(volumes, rotations, corners: str, box: int, size: int, table,
 
     from .projector import spectra_to_images
 
-    second = volumes[1] if len(volumes) > 1 else None
     even = size % 2 == 0
-    spectra = extract_slices_cuda(volumes[0], rotations, corners, size, second=second, checkerboard=even,
-                                  transfer=table, given=given)
-    if second is None:
-        spectra = spectra[None]
+    rotations = cupy.asarray(rotations, dtype=cupy.float32)  # one copy to the GPU for every map
+    spectra = cupy.empty((len(volumes), len(rotations), size, size // 2 + 1), dtype=cupy.complex64)
+    for index, volume in enumerate(volumes):
+        extract_slices_cuda(volume, rotations, corners, size, checkerboard=even, transfer=table, given=given,
+                            out=spectra[index])
     if not even:  # (-1)^k is not a shift by half an odd grid: the plain path
         return spectra_to_images(cupy, spectra, box)
     images = cufft.irfft2(spectra, s=(size, size), overwrite_x=True)

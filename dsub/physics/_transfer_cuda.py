@@ -4,7 +4,8 @@ The GPU twin of ``subtract.ParticleTransfer.values`` (``optics.particle_transfer
 without aberrations or magnification, ``ctf.ctf_at_frequencies`` and
 ``projector.shift_phases``): kernels that multiply a spectrum by the transfer
 evaluate it per coefficient from 16 numbers per particle instead of reading a
-precomputed array, in float64 as the NumPy path. Particles with aberrations or
+precomputed array: the CTF's phase in float64 as the NumPy path, its sine,
+cosine and envelope and the shift phases in float32. Particles with aberrations or
 a magnification matrix bring their CTF as an array (``given``), and only the
 shift phases are evaluated here. Results agree with the NumPy twin to float32
 rounding (tests/test_gpu.py).
@@ -29,10 +30,9 @@ __device__ __forceinline__ complex<float> particle_transfer(
     const double* __restrict__ t, const float kx, const float ky, const int size,
     const complex<float>* __restrict__ given, const long long index)
 {
-    const double phase = 6.283185307179586 * ((double)kx * t[12] + (double)ky * t[13]) / size;
-    double sp, cp;
-    sincos(phase, &sp, &cp);
-    const complex<float> shift((float)cp, (float)sp);
+    float sp, cp;
+    sincospif(2.f * (kx * (float)t[12] + ky * (float)t[13]) / size, &sp, &cp);
+    const complex<float> shift(cp, sp);
     if (given != nullptr) {
         return given[index] * shift;
     }
@@ -43,13 +43,15 @@ __device__ __forceinline__ complex<float> particle_transfer(
     const double cos2 = s2 > 0.0 ? along * along / s2 : t[3] * t[3];
     const double defocus = t[1] * cos2 + t[2] * (1.0 - cos2);
     const double chi = t[5] * defocus * s2 - t[6] * s2 * s2 + t[7];
-    double sc, cc;
-    sincos(chi, &sc, &cc);
-    double ctf = (t[8] * sc + t[9] * cc) * exp(-t[10] * s2 / 4.0) * t[11];
+    // chi in float64, reduced to [-pi, pi] before the float32 sine and cosine (float32 rounding of the result)
+    const float reduced = (float)(chi - 6.283185307179586 * rint(chi * 0.15915494309189535));
+    float sc, cc;
+    sincosf(reduced, &sc, &cc);
+    float ctf = (float)(t[8] * sc + t[9] * cc) * expf((float)(-t[10] * s2 / 4.0)) * (float)t[11];
     if (t[14] != 0.0) {
         ctf = ctf * ctf;
     }
-    return shift * (float)ctf;
+    return shift * ctf;
 }
 """
 
