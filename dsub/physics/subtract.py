@@ -207,8 +207,9 @@ def project_images(xp, volumes, matrices, corners: str, box: int, size: int | No
     The slices are sampled on an rfft2 grid of ``size`` (default the box;
     ``projector.extract_slices``), multiplied by ``transfer`` (for that grid; None:
     nothing), transformed to real space and cropped to ``box`` about the centre
-    (``projector.spectra_to_images``). On CuPy one kernel samples every volume
-    and applies the transfer (``_model_cuda.project_images``).
+    (``projector.spectra_to_images``). On CuPy one kernel launch per volume
+    samples and applies the transfer, and one batched inverse FFT follows
+    (``_model_cuda.project_images``).
     """
     size = box if size is None else int(size)
     if xp.__name__ == "cupy":
