@@ -1,7 +1,7 @@
 """GPU check and throughput: CuPy path vs the NumPy twin, then particles/s and memory by box size.
 
 Run on a machine with a GPU (CuPy installed):
-    python benchmarks/gpu_throughput.py [--boxes 128 256 384 512] [--batch 256]
+    python benchmarks/gpu_throughput.py [--boxes 128 256 384 512] [--batch 256 1024]
     python benchmarks/gpu_throughput.py --boxes 256 --stages 256 1024   # time per stage
 Prints one table; the figures go into BENCHMARKS.md. "resident GB" is the memory
 pool's use with both half sets' prepared maps in place (four volumes), beside
