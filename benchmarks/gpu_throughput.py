@@ -1,7 +1,8 @@
 """GPU check and throughput: CuPy path vs the NumPy twin, then particles/s and memory by box size.
 
 Run on a machine with a GPU (CuPy installed):
-    python benchmarks/gpu_throughput.py [--boxes 128 256 384 512] [--batch 256]
+    python benchmarks/gpu_throughput.py [--boxes 128 256 384 512] [--batch 256 1024]
+    python benchmarks/gpu_throughput.py --boxes 256 --stages 256 1024   # time per stage
 Prints one table; the figures go into BENCHMARKS.md. "resident GB" is the memory
 pool's use with both half sets' prepared maps in place (four volumes), beside
 ``memory.prepared_map_bytes``; "pool peak GB" is the pool's total after a batch.
@@ -52,6 +53,115 @@ def scene(box, count, rng):
     return volume, mask, images, to_particle_table(sim)
 
 
+#: Functions of the engine timed one by one by ``--stages`` (module, name); absent ones are skipped.
+STAGE_FUNCTIONS = (
+    ("dsub.physics.subtract", "slice_matrices"),
+    ("dsub.physics.subtract", "ctf_delocalisation_pixels"),
+    ("dsub.physics.subtract", "particle_ctfs"),
+    ("dsub.physics.subtract", "premultiplied_ctfs"),
+    ("dsub.physics.subtract", "shift_phases"),
+    ("dsub.physics.subtract", "extract_slices"),
+    ("dsub.physics.subtract", "project_images"),
+    ("dsub.physics.subtract", "extract_in_field"),
+    ("dsub.physics.subtract", "spectra_to_images"),
+    ("dsub.physics.subtract", "image_spectra"),
+    ("dsub.physics.subtract", "pad_images"),
+    ("dsub.physics.subtract", "fit_contrast"),
+    ("dsub.physics.subtract", "subtract_scaled"),
+    ("dsub.physics.contrast", "band_weights"),
+    ("dsub.physics.contrast", "fit_spectra"),
+    ("dsub.physics._model_cuda", "extract_slices_cuda"),
+    ("cupy.fft", "rfft2"),
+    ("cupy.fft", "irfft2"),
+    ("cupy.fft", "fftshift"),
+    ("cupy.fft", "ifftshift"),
+    ("cupyx.scipy.fft", "rfft2"),
+    ("cupyx.scipy.fft", "irfft2"),
+)
+
+
+class StageTimer:
+    """Wraps the engine's functions to time each call with CUDA events (GPU) and the host clock.
+
+    Nested calls are attributed to the outermost timed function and counted apart
+    as ``outer/inner``. GPU time between a stage's two events includes any wait
+    for the host, so a stage that is host-bound shows its launch time.
+    """
+
+    def __init__(self, cupy):
+        import importlib
+
+        self.cupy, self.records, self.stack, self.saved = cupy, [], [], []
+        for module_name, name in STAGE_FUNCTIONS:
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError:  # an engine without that module
+                continue
+            if hasattr(module, name):
+                self.saved.append((module, name, getattr(module, name)))
+                setattr(module, name, self.wrap(name, getattr(module, name)))
+
+    def wrap(self, name, function):
+        def timed_call(*args, **kwargs):
+            label = "/".join(self.stack + [name])
+            self.stack.append(name)
+            start, stop = self.cupy.cuda.Event(), self.cupy.cuda.Event()
+            host = time.perf_counter()
+            start.record()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                stop.record()
+                self.records.append((label, start, stop, time.perf_counter() - host))
+                self.stack.pop()
+
+        return timed_call
+
+    def restore(self):
+        for module, name, function in self.saved:
+            setattr(module, name, function)
+
+    def table(self, calls):
+        """{label: (GPU ms per call, host ms per call)} after ``calls`` timed batches."""
+        self.cupy.cuda.Device().synchronize()
+        totals = {}
+        for label, start, stop, host in self.records:
+            gpu = self.cupy.cuda.get_elapsed_time(start, stop)
+            previous = totals.get(label, (0.0, 0.0))
+            totals[label] = (previous[0] + gpu / calls, previous[1] + 1e3 * host / calls)
+        return totals
+
+
+def stage_profile(cupy, box, batch, repeats, rng):
+    """Per-stage GPU and host milliseconds of ``subtract_batch`` for both projectors (printed)."""
+    from dsub.physics import subtract
+
+    for projector in ("gridding", "relion"):
+        settings = subtract.SubtractionSettings(projector=projector)
+        volume, mask, images, table = scene(box, batch, rng)
+        model = subtract.prepare_half_map(cupy, volume, mask, settings)
+        on_gpu = cupy.asarray(images)
+        total = timed(cupy, lambda: subtract.subtract_batch(cupy, on_gpu, table, model, settings), repeats)
+        timer = StageTimer(cupy)
+        try:
+            subtract.subtract_batch(cupy, on_gpu, table, model, settings)  # warm-up of the wrappers
+            timer.records.clear()
+            for _ in range(repeats):
+                subtract.subtract_batch(cupy, on_gpu, table, model, settings)
+            stages = timer.table(repeats)
+        finally:
+            timer.restore()
+        print(f"\nstages, box {box}, batch {batch}, {projector}: whole batch {1e3 * total:.2f} ms "
+              f"({batch / total:,.0f} particles/s)")
+        print("| stage | GPU ms per batch | host ms per batch | share of batch |")
+        print("|---|---|---|---|")
+        for label, (gpu_ms, host_ms) in stages.items():
+            share = f"{gpu_ms / (1e3 * total):.0%}" if "/" not in label else "(inside)"
+            print(f"| {label} | {gpu_ms:.3f} | {host_ms:.3f} | {share} |")
+        del model, on_gpu
+        cupy.get_default_memory_pool().free_all_blocks()
+
+
 def main():
     import cupy
 
@@ -61,16 +171,24 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--boxes", type=int, nargs="+", default=[128, 256, 384, 512])
     parser.add_argument("--check-up-to", type=int, default=256, help="compare with NumPy up to this box")
-    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--batch", type=int, nargs="+", default=[256], help="batch sizes to time (the first is checked)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--stages", type=int, nargs="*", metavar="BATCH",
+                        help="time each stage of subtract_batch at these batch sizes (each box of --boxes) and stop")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     print(f"GPU: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}, CuPy {cupy.__version__}")
+    if args.stages is not None:
+        for box in args.boxes:
+            for batch in args.stages or args.batch:
+                stage_profile(cupy, box, batch, args.repeats, rng)
+        return
     rows = []
     for box in args.boxes:
         for projector in ("gridding", "relion"):
             settings = SubtractionSettings(projector=projector)
-            volume, mask, images, table = scene(box, args.batch, rng)
+            largest = max(args.batch)
+            volume, mask, images, table = scene(box, largest, rng)
             pool = cupy.get_default_memory_pool()
             pool.free_all_blocks()
             before = pool.used_bytes()
@@ -88,22 +206,34 @@ def main():
                 gpu, a_gpu = subtract_batch(cupy, images[few], table.subset(few), model, settings)
                 difference = float(np.max(np.abs(gpu.get() - cpu)) / np.max(np.abs(cpu)))
                 alpha_difference = float(np.max(np.abs(a_gpu.alpha.get() - a_cpu.alpha) / np.abs(a_cpu.alpha)))
-            on_gpu = cupy.asarray(images)
-            compute_s = timed(cupy, lambda: subtract_batch(cupy, on_gpu, table, model, settings), args.repeats)
+            rates = []
+            for batch in args.batch:
+                subset = table.subset(np.arange(batch))
+                on_gpu = cupy.asarray(images[:batch])
+                compute_s = timed(cupy, lambda: subtract_batch(cupy, on_gpu, subset, model, settings), args.repeats)
+                rates.append(batch / compute_s)
+                del on_gpu
+            first = args.batch[0]
+            subset = table.subset(np.arange(first))
             transfer_s = timed(
-                cupy, lambda: subtract_batch(cupy, cupy.asarray(images), table, model, settings)[0].get(),
+                cupy, lambda: subtract_batch(cupy, cupy.asarray(images[:first]), subset, model, settings)[0].get(),
                 args.repeats,
             )
-            rows.append((box, projector, difference, alpha_difference, prepare_s, args.batch / compute_s,
-                         args.batch / transfer_s, resident / 1e9, prepared_map_bytes(box, settings) / 1e9,
+            rows.append((box, projector, difference, alpha_difference, prepare_s, rates,
+                         first / transfer_s, resident / 1e9, prepared_map_bytes(box, settings) / 1e9,
                          pool.total_bytes() / 1e9))
-            del model, other_half, on_gpu
+            print(f"box {box} {projector}: particles/s {[round(rate) for rate in rates]} at batches {args.batch}",
+                  flush=True)
+            del model, other_half
             pool.free_all_blocks()
-    print("| box | projector | max rel diff vs NumPy | α rel diff | prepare one half-map (s) "
-          "| particles/s, data on GPU | particles/s, host→GPU→host | resident GB (formula) | pool peak GB |")
+    batches = " / ".join(str(batch) for batch in args.batch)
+    print(f"| box | projector | max rel diff vs NumPy | α rel diff | prepare one half-map (s) "
+          f"| particles/s, data on GPU, batch {batches} | particles/s, host→GPU→host, batch {args.batch[0]} "
+          "| resident GB (formula) | pool peak GB |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for box, projector, diff, adiff, prep, rate, rate_io, resident, formula, peak in rows:
-        print(f"| {box} | {projector} | {diff:.1e} | {adiff:.1e} | {prep:.2f} | {rate:,.0f} | {rate_io:,.0f} "
+    for box, projector, diff, adiff, prep, rates, rate_io, resident, formula, peak in rows:
+        rate = " / ".join(f"{value:,.0f}" for value in rates)
+        print(f"| {box} | {projector} | {diff:.1e} | {adiff:.1e} | {prep:.2f} | {rate} | {rate_io:,.0f} "
               f"| {resident:.2f} ({formula:.2f}) | {peak:.2f} |")
 
 if __name__ == "__main__":

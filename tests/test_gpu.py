@@ -62,8 +62,23 @@ def test_fsc_and_wiener_filter_on_gpu_match_numpy(cupy):
     np.testing.assert_allclose(filtered, wiener_filter(np, halves[0], cpu), atol=1e-5 * np.abs(halves[0]).max())
 
 
-@pytest.mark.parametrize("projector, premultiplied", [("gridding", False), ("gridding", True), ("relion", True)])
-def test_subtraction_on_gpu_matches_cpu(cupy, projector, premultiplied):
+def with_optics(table, rng):
+    """The table with per-particle aberrations, beam tilt, a magnification matrix and CTF scale factors."""
+    n = len(table)
+    table.even_zernike = rng.normal(0, 0.3, (n, 9))
+    table.odd_zernike = rng.normal(0, 0.3, (n, 6))
+    table.beam_tilt_mrad = rng.normal(0, 0.5, (n, 2))
+    table.mag_matrix = np.eye(2) + rng.normal(0, 0.01, (n, 2, 2))
+    table.ctf_scale = rng.uniform(0.5, 1.5, n)
+    return table
+
+
+@pytest.mark.parametrize(
+    "projector, premultiplied, variant",
+    [("gridding", False, None), ("gridding", True, None), ("relion", True, None), ("gridding", True, "optics"),
+     ("relion", True, "optics"), ("gridding", False, "field slice")],
+)
+def test_subtraction_on_gpu_matches_cpu(cupy, projector, premultiplied, variant):
     box = 64
     rng = np.random.default_rng(3)
     phantom = two_domain_phantom(box, rng)
@@ -72,7 +87,9 @@ def test_subtraction_on_gpu_matches_cpu(cupy, projector, premultiplied):
     sim = simulate_particles(halves, 2, 24, box, 1.5, rng, snr=0.1)
     table = to_particle_table(sim)
     table.ctf_premultiplied[::2] = premultiplied
-    settings = SubtractionSettings(projector=projector)
+    if variant == "optics":  # the CTF comes to the kernels as an array
+        table = with_optics(table, rng)
+    settings = SubtractionSettings(projector=projector, field_slice=variant == "field slice")
     for half in (HALF_A, HALF_B):
         members = np.flatnonzero(table.half_set == half)
         volume = halves[half - 1].voxelize(box)
@@ -154,3 +171,50 @@ def test_lowpass_matches_numpy(cupy):
     cpu = lowpass_map(np, volume, 1.5, 8.0)
     gpu = cupy.asnumpy(lowpass_map(cupy, cupy.asarray(volume), 1.5, 8.0))
     np.testing.assert_allclose(gpu, cpu, atol=1e-5 * float(np.abs(cpu).max()))
+
+
+@pytest.mark.parametrize("optics, size", [(False, 64), (True, 64), (False, 150), (True, 150)])
+def test_transfer_kernel_matches_numpy(cupy, optics, size):
+    """The transfer the kernels evaluate (CTF, squared CTF, shift phases) against ``ParticleTransfer.values``."""
+    from dsub.physics._model_cuda import extract_in_field
+    from dsub.physics.subtract import ParticleTransfer
+
+    rng = np.random.default_rng(size + optics)
+    box = 48
+    sim = simulate_particles((two_domain_phantom(box, rng),) * 2, 2, 9, box, 1.3, rng, snr=None)
+    table = to_particle_table(sim)
+    table.phase_shift_degrees = rng.uniform(0, 90, len(table))
+    table.ctf_bfactor = rng.uniform(0, 50, len(table))
+    if optics:
+        table = with_optics(table, rng)
+    squared = np.arange(len(table)) % 3 == 0
+    transfer = ParticleTransfer(table, size, squared)
+    expected = transfer.values(np)
+    parameters, given = transfer.for_kernels(cupy)
+    assert (given is None) != optics
+    # a unit impulse at the field's centre: its field spectrum is (-1)^(kx+ky) · transfer; read back through
+    # the kernel that multiplies spectra, compared in real space on the whole field
+    impulse = np.zeros((1, len(table), size, size), dtype=np.float32)
+    impulse[:, :, size // 2, size // 2] = 1.0
+    gpu = extract_in_field(cupy.asarray(impulse), size, parameters, given).get()[0]
+    cpu = np.fft.fftshift(np.fft.irfft2(expected, s=(size, size)), axes=(-2, -1))
+    assert np.max(np.abs(gpu - cpu)) < 1e-5 * np.max(np.abs(cpu))
+
+
+def test_fit_kernel_matches_numpy(cupy):
+    from dsub.physics.contrast import ContrastFit, fit_spectra
+
+    rng = np.random.default_rng(8)
+    box, count = 40, 12
+    shape = (count, box, box // 2 + 1)
+    models = (rng.normal(size=shape) + 1j * rng.normal(size=shape)).astype(np.complex64)
+    images = (0.7 * models + rng.normal(size=shape) + 1j * rng.normal(size=shape)).astype(np.complex64)
+    models[3] = 0  # no power in the band: α 0, σ NaN
+    pixel = rng.uniform(1.0, 2.0, count)
+    for fit in (ContrastFit(), ContrastFit(low_resolution_angstrom=20.0, high_resolution_angstrom=4.0),
+                ContrastFit(low_resolution_angstrom=None)):
+        cpu = fit_spectra(np, images, models, box, pixel, fit)
+        gpu = fit_spectra(cupy, cupy.asarray(images), cupy.asarray(models), box, pixel, fit)
+        for name in ("alpha", "sigma", "correlation"):
+            np.testing.assert_allclose(getattr(gpu, name).get(), getattr(cpu, name), rtol=1e-4, atol=1e-6)
+        assert gpu.alpha.get()[3] == 0 and np.isnan(gpu.sigma.get()[3])

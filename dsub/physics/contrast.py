@@ -149,8 +149,23 @@ def fit_contrast(xp, images, models, pixel_size_angstrom, fit: ContrastFit) -> C
         window = soft_window(xp, box, fit.window_inner, fit.window_outer)
         images = images * window
         models = models * window
-    image_ft = xp.fft.rfft2(images)
-    model_ft = xp.fft.rfft2(models)
+    return fit_spectra(xp, xp.fft.rfft2(images), xp.fft.rfft2(models), box, pixel_size_angstrom, fit)
+
+
+def fit_spectra(xp, image_ft, model_ft, box: int, pixel_size_angstrom, fit: ContrastFit) -> ContrastResult:
+    """``fit_contrast`` on the rfft2 of the (windowed) images and models, complex (n, box, box//2 + 1).
+
+    On CuPy one CUDA kernel computes the sums (``_contrast_cuda.py``).
+    """
+    if xp.__name__ == "cupy":
+        from ._contrast_cuda import fit_spectra_cuda
+
+        low, high = fit.low_resolution_angstrom, fit.high_resolution_angstrom
+        alpha, sigma, correlation = fit_spectra_cuda(
+            image_ft, model_ft, box, pixel_size_angstrom,
+            None if low is None else np.float32(1.0 / low), None if high is None else np.float32(1.0 / high),
+        )
+        return ContrastResult(alpha, sigma, correlation)
     weights = band_weights(xp, box, pixel_size_angstrom, fit)
     cross = (weights * (image_ft * xp.conj(model_ft)).real).sum(axis=(-2, -1))
     model_power = (weights * _power(xp, model_ft)).sum(axis=(-2, -1))

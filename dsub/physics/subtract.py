@@ -165,8 +165,92 @@ def ctf_delocalisation_pixels(particles) -> float:
     return float(np.max(shift / pixel))
 
 
-def _premultiplied(xp, particles):
-    return xp.asarray(particles.ctf_premultiplied, dtype=bool).reshape(-1, 1, 1)
+@dataclass(frozen=True)
+class ParticleTransfer:
+    """What multiplies each particle's projection on an rfft2 grid of ``size``: its transfer
+    (``particle_ctfs``) times the shift phases (``shift_phases``), and where ``squared`` is True
+    (CTF-premultiplied images under RELION's model) times the real CTF again (``premultiplied_ctfs``).
+
+    ``values`` gives it as an array; the GPU's kernels evaluate it where they use it
+    (``_transfer_cuda.py``), so it is computed once per batch for both maps.
+    """
+
+    particles: object
+    size: int
+    squared: np.ndarray | None = None  # (n,) bool, or None: no particle's CTF is squared
+
+    def ctf(self, xp):
+        """The transfer without the shift phases, complex64 (n, size, size//2 + 1)."""
+        transfer = particle_ctfs(xp, self.particles, self.size)
+        if self.squared is not None and self.squared.any():
+            squared = xp.asarray(self.squared, dtype=bool).reshape(-1, 1, 1)
+            transfer = transfer * xp.where(squared, premultiplied_ctfs(xp, self.particles, self.size), 1)
+        return transfer
+
+    def values(self, xp):
+        """The whole transfer, complex64 (n, size, size//2 + 1)."""
+        return self.ctf(xp) * shift_phases(xp, self.size, self.particles.origins_pixels)
+
+    def for_kernels(self, cupy):
+        """(parameters, CTF array or None) for the GPU's kernels: the CTF is evaluated in them unless there are optics."""
+        from ._transfer_cuda import plain_optics, transfer_parameters
+
+        if plain_optics(self.particles):
+            return cupy.asarray(transfer_parameters(self.particles, self.squared)), None
+        return cupy.asarray(transfer_parameters(self.particles)), self.ctf(cupy)
+
+
+def project_images(xp, volumes, matrices, corners: str, box: int, size: int | None = None,
+                   transfer: ParticleTransfer | None = None):
+    """Centred images of each prepared volume's slices: float32 (len(volumes), n, box, box).
+
+    The slices are sampled on an rfft2 grid of ``size`` (default the box;
+    ``projector.extract_slices``), multiplied by ``transfer`` (for that grid; None:
+    nothing), transformed to real space and cropped to ``box`` about the centre
+    (``projector.spectra_to_images``). On CuPy one kernel launch per volume
+    samples and applies the transfer, and one batched inverse FFT follows
+    (``_model_cuda.project_images``).
+    """
+    size = box if size is None else int(size)
+    if xp.__name__ == "cupy":
+        from ._model_cuda import project_images as project_on_gpu
+
+        table, given = transfer.for_kernels(xp) if transfer is not None else (None, None)
+        return project_on_gpu(volumes, matrices, corners, box, size, table, given)
+    values = transfer.values(xp) if transfer is not None else None
+    images = xp.empty((len(volumes), len(matrices), box, box), dtype="float32")
+    for index, volume in enumerate(volumes):  # one map at a time: the working arrays of one
+        spectra = extract_slices(xp, volume, matrices, corners, size)
+        images[index] = spectra_to_images(xp, spectra if values is None else spectra * values, box)
+    return images
+
+
+def extract_in_field(xp, images, size: int, transfer: ParticleTransfer):
+    """Images (m, n, box, box) as extracted from a ``size``² field: placed in its middle, multiplied by
+    ``transfer`` there and cropped back to the box; float32 (m, n, box, box).
+
+    On CuPy with an even ``size``: ``_model_cuda.extract_in_field`` (the result may be a view).
+    """
+    box = images.shape[-1]
+    if xp.__name__ == "cupy" and size % 2 == 0:
+        from ._model_cuda import extract_in_field as extract_on_gpu
+
+        return extract_on_gpu(images, size, *transfer.for_kernels(xp))
+    values = transfer.values(xp)
+    out = xp.empty(images.shape, dtype="float32")
+    for index in range(images.shape[0]):
+        field = image_spectra(xp, pad_images(xp, images[index], size))
+        out[index] = spectra_to_images(xp, field * values, box)
+    return out
+
+
+def subtract_scaled(xp, images, alpha, models):
+    """``images - alpha · models`` per particle, float32 (n, box, box); one fused pass on CuPy."""
+    if xp.__name__ == "cupy":
+        from ._model_cuda import subtract_scaled as subtract_on_gpu
+
+        return subtract_on_gpu(images, alpha, models)
+    return images - alpha[:, None, None] * models
 
 
 def model_images(xp, model: HalfMapModel, particles, box: int, settings: SubtractionSettings):
@@ -177,37 +261,26 @@ def model_images(xp, model: HalfMapModel, particles, box: int, settings: Subtrac
     lies in a zero field, is shifted and multiplied by its transfer there and
     cropped to the box, then multiplied by the box-grid real CTF where the images
     are CTF-premultiplied. Slices are sampled through ``optics.slice_matrices``
-    (each particle's pixel size and magnification against the map's).
+    (each particle's pixel size and magnification against the map's). Both maps
+    go through each step together, with one transfer (``ParticleTransfer``).
     """
     volumes = (model.full, model.masked)
     matrices = slice_matrices(particles, model.pixel_size_angstrom, model.full.box)
-    premultiplied = _premultiplied(xp, particles)
-    box_ctf = None
-    if bool(premultiplied.any()):
-        box_ctf = xp.where(premultiplied, premultiplied_ctfs(xp, particles, box), 1)
+    premultiplied = np.asarray(particles.ctf_premultiplied, dtype=bool).reshape(-1)
     if settings.projector == "relion":
-        ctf = particle_ctfs(xp, particles, box) * shift_phases(xp, box, particles.origins_pixels)
-        if box_ctf is not None:
-            ctf = ctf * box_ctf
-        return tuple(
-            spectra_to_images(xp, extract_slices(xp, volume, matrices, "zero") * ctf, box) for volume in volumes
-        )
+        squared = premultiplied if premultiplied.any() else None
+        images = project_images(xp, volumes, matrices, "zero", box, transfer=ParticleTransfer(particles, box, squared))
+        return images[0], images[1]
     size = settings.field_size(box, ctf_delocalisation_pixels(particles))
-    field_ctf = particle_ctfs(xp, particles, size) * shift_phases(xp, size, particles.origins_pixels)
-    return tuple(_extracted(xp, volume, matrices, box, size, field_ctf, box_ctf, settings) for volume in volumes)
-
-
-def _extracted(xp, volume: PreparedVolume, matrices, box: int, size: int, field_ctf, box_ctf, settings):
-    """One map's model as extracted from a ``size``² field (see ``model_images``)."""
+    transfer = ParticleTransfer(particles, size)
     if settings.field_slice:
-        spectra = extract_slices(xp, volume, matrices, settings.corners, size)
+        images = project_images(xp, volumes, matrices, settings.corners, box, size, transfer)
     else:
-        projections = spectra_to_images(xp, extract_slices(xp, volume, matrices, settings.corners), box)
-        spectra = image_spectra(xp, pad_images(xp, projections, size))
-    extracted = spectra_to_images(xp, spectra * field_ctf, box)
-    if box_ctf is not None:
-        extracted = spectra_to_images(xp, image_spectra(xp, extracted) * box_ctf, box)
-    return extracted
+        images = extract_in_field(xp, project_images(xp, volumes, matrices, settings.corners, box), size, transfer)
+    if premultiplied.any():
+        box_ctf = xp.where(xp.asarray(premultiplied).reshape(-1, 1, 1), premultiplied_ctfs(xp, particles, box), 1)
+        images = spectra_to_images(xp, image_spectra(xp, images) * box_ctf, box)
+    return images[0], images[1]
 
 
 def subtract_batch(xp, images, particles, model: HalfMapModel, settings: SubtractionSettings):
@@ -231,6 +304,6 @@ def subtract_batch(xp, images, particles, model: HalfMapModel, settings: Subtrac
         alpha = xp.asarray(particles.input_contrast, dtype="float32")
     else:
         alpha = xp.ones(images.shape[0], dtype="float32")
-    subtracted = images - alpha[:, None, None] * masked
+    subtracted = subtract_scaled(xp, images, alpha, masked)
     sigma = fitted.sigma if settings.scale == "fit" else xp.full(alpha.shape, xp.nan, dtype="float32")
     return subtracted, ContrastResult(alpha, sigma, fitted.correlation)
