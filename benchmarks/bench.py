@@ -11,7 +11,9 @@
    the page cache emptied first (``posix_fadvise(DONTNEED)`` after ``fsync``), so the floor is the
    rate of a run that only moves the data: particles/s = n / (read + write seconds).
 3. Whole command: ``dsub subtract`` cold (page cache emptied the same way) on that data set with
-   each scheduler; particles/s over the whole wall time, and its ratio to the floor.
+   each scheduler; particles/s over the whole wall time, and its ratio to the floor. The detail
+   column gives the run's phases (``dsub_run.json``) and what lies outside them: starting Python
+   and importing dsub before the first phase, the QC report after the last.
 
 Prints one table per part, ending with the summary table; figures go into BENCHMARKS.md with the
 device, the command and the date.
@@ -23,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -140,8 +143,8 @@ def engine_rows(device: str, boxes, batch: int, repeats: int):
     return rows
 
 
-def command_rate(paths: dict, outdir: Path, scheduler: str, device: str, count: int, extra) -> tuple[float, dict]:
-    """Whole ``dsub subtract`` cold: (particles/s over the wall time, the run summary)."""
+def command_rate(paths: dict, outdir: Path, scheduler: str, device: str, count: int, extra) -> tuple[float, dict, float]:
+    """Whole ``dsub subtract`` cold: (particles/s over the wall time, the run summary, wall seconds)."""
     evict([paths["star"].parent])
     command = [sys.executable, "-m", "dsub.cli", "subtract", str(paths["star"]), "--half-a", str(paths["half_a"]),
                "--half-b", str(paths["half_b"]), "--mask", str(paths["mask"]), "-o", str(outdir),
@@ -154,7 +157,7 @@ def command_rate(paths: dict, outdir: Path, scheduler: str, device: str, count: 
     if result.returncode != 0:
         print(result.stdout[-3000:], result.stderr[-3000:])
         raise SystemExit(f"dsub subtract failed with --scheduler {scheduler}")
-    return count / wall, json.loads((outdir / "dsub_run.json").read_text())
+    return count / wall, json.loads((outdir / "dsub_run.json").read_text()), wall
 
 
 def main():
@@ -199,11 +202,15 @@ def main():
         floor, read_s, write_s = floor_rate(folder / "particles.mrcs", folder, args.particles)
         rows = [("floor: read once + write once, cold", floor, 1.0, f"read {read_s:.1f} s, write {write_s:.1f} s")]
         for scheduler in args.schedulers:
-            rate, summary = command_rate(paths, folder / f"out_{scheduler}", scheduler, args.device, args.particles,
-                                         args.extra.split())
+            outdir = folder / f"out_{scheduler}"
+            rate, summary, wall = command_rate(paths, outdir, scheduler, args.device, args.particles,
+                                               args.extra.split())
             phases = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in summary["phase_seconds"].items())
+            outside = wall - sum(summary["phase_seconds"].values())
             rows.append((f"dsub subtract --scheduler {scheduler}", rate, rate / floor,
-                         f"{phases}; devices {', '.join(summary.get('devices', []))}"))
+                         f"{phases}, outside the phases (start-up, QC report) {outside:.1f} s, wall {wall:.1f} s; "
+                         f"{summary['workers']} worker(s), devices {', '.join(summary.get('devices', []))}"))
+            shutil.rmtree(outdir)  # the next run writes to a disk as empty as this one's
         print(f"\nWhole command, box {args.box}, {args.particles} particles, cold page cache:")
         print("| what | particles/s | ratio to floor | detail |")
         print("|---|---|---|---|")
