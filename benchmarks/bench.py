@@ -173,6 +173,7 @@ def main():
     parser.add_argument("--schedulers", nargs="+", default=["threads", "local"])
     parser.add_argument("--folder", type=Path, default=None, help="local-disk folder for the data set")
     parser.add_argument("--extra", default="", help="more dsub subtract options, one string")
+    parser.add_argument("--warm-up", action="store_true", help="a small run before the measured ones (always on a GPU)")
     parser.add_argument("--skip-engine", action="store_true")
     parser.add_argument("--skip-command", action="store_true")
     args = parser.parse_args()
@@ -201,7 +202,8 @@ def main():
         print(f"\ndata set: {args.particles} particles of {args.box} px "
               f"({(paths['star'].parent / 'particles.mrcs').stat().st_size / 1e9:.2f} GB) written in "
               f"{time.perf_counter() - started:.1f} s to {folder}")
-        if args.device == "gpu":  # CuPy compiles its kernels once per machine (cached on disk): not part of a run
+        if args.device == "gpu" or args.warm_up:  # CuPy compiles its kernels once per machine (cached on disk)
+            (folder / "warm").mkdir()
             warm = write_dataset(folder / "warm", 64, args.box)
             command_rate(warm, folder / "warm" / "out", "threads", args.device, 64, args.extra.split())
             shutil.rmtree(folder / "warm")
