@@ -110,8 +110,9 @@ def worker_memory(box: int, settings, device: str, threads: int, chunk_size: int
     io = threads * task_io_bytes(box, chunk_size)
     # The maps' preparation peaks before any batch runs; then the prepared maps stay beside the batches.
     physics = max(preparation_peak_bytes(box, settings), prepared_map_bytes(box, settings) + working)
-    if device == "gpu":
-        host = BASELINE_HOST_BYTES + GPU_HOST_OVERHEAD_BYTES + maps_read + io
+    if device == "gpu":  # each thread also keeps its chunk's images in and out in page-locked buffers
+        pinned = threads * 2 * chunk_size * box * box * 4
+        host = BASELINE_HOST_BYTES + GPU_HOST_OVERHEAD_BYTES + maps_read + io + pinned
         gpu = physics
     else:
         host = BASELINE_HOST_BYTES + maps_read + physics + io
