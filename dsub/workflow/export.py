@@ -25,7 +25,7 @@ Each stack is created at its full size under a temporary name before the tasks
 run (``prepare_stacks``); each task writes its chunk's images straight into
 their slots (``write_pieces``) and the store records the chunk as finished;
 when every chunk is, the header statistics are written from the store's
-per-image figures and the stack gets its name (``finish_stack``). The two
+per-image figures and the stacks get their names (``finish_stacks``). The two
 metadata files are written last, so their presence means the export finished.
 """
 
@@ -50,7 +50,7 @@ STACK_FOLDER = "Particles"
 STAR_NAME = "particles_subtracted.star"
 CS_NAME = "particles_subtracted.cs"
 SKIPPED_NAME = "skipped_particles.star"
-#: A stack's name ends in this until the run's end (``finish_stack``).
+#: A stack's name ends in this until the run's end (``finish_stacks``).
 PARTIAL_SUFFIX = ".partial"
 #: Bytes before a stack's first image: the MRC header (the stacks carry no extended header).
 DATA_OFFSET = 1024
@@ -126,7 +126,7 @@ def create_partial_stack(outdir: Path, relative: str, count: int, box: int, pixe
 
     MRC mode 2 (float32) or 12 (float16, ``--float16``; MRC2014, read by RELION
     >= 4.0 and cryoSPARC >= 4.4), ``pixel_size`` in its header; the tasks then
-    write their images into it (``write_pieces``) and ``finish_stack`` writes
+    write their images into it (``write_pieces``) and ``finish_stacks`` writes
     the header statistics and gives it its name.
     """
     partial = partial_name(outdir, relative)
@@ -180,8 +180,21 @@ def image_statistics(images: np.ndarray) -> np.ndarray:
     return statistics
 
 
-def finish_stack(outdir: Path, relative: str, statistics: np.ndarray) -> str:
-    """Write a full stack's header statistics from its images' ``statistics`` (rows, 4) and give it its name.
+def finish_stacks(outdir: Path, layout, statistics: np.ndarray) -> None:
+    """Write every stack's header statistics, then give every stack its name (``stack_layout``'s stacks).
+
+    ``statistics``: the store's (n, 4) ``image_statistics``. The names come last,
+    all together, so a failure while the headers are written leaves no stack
+    that looks complete.
+    """
+    for relative, rows, _ in layout:
+        write_stack_statistics(outdir, relative, statistics[rows])
+    for relative, _, _ in layout:
+        os.replace(partial_name(outdir, relative), Path(outdir) / relative)
+
+
+def write_stack_statistics(outdir: Path, relative: str, statistics: np.ndarray) -> None:
+    """Write a full stack's header statistics from its images' ``statistics`` (rows, 4), under its temporary name.
 
     The header's minimum, maximum, mean and RMS deviation from the mean (MRC2014
     ``dmin``, ``dmax``, ``dmean``, ``rms``) over all its pixels; the images
@@ -197,8 +210,6 @@ def finish_stack(outdir: Path, relative: str, statistics: np.ndarray) -> str:
         header["rms"] = np.sqrt(max(float(statistics[:, 3].sum()) / pixels - mean * mean, 0.0))
         handle.seek(0)
         handle.write(header.tobytes())
-    os.replace(partial, Path(outdir) / relative)
-    return relative
 
 
 def prepare_stacks(outdir: Path, layout, pieces, bounds, box: int, dtype, done: np.ndarray,

@@ -278,9 +278,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
                                             waiting, on_result=attempt.chunk_finished)))
         timings["subtract"] = time.monotonic() - started - sum(timings.values())
         workers, phases = runner.workers, runner.phases
-    statistics = store.image_statistics(store_path)
-    for relative, rows, _ in layout:  # headers only: the tasks wrote the images
-        export.finish_stack(outdir, relative, statistics[rows])
+    export.finish_stacks(outdir, layout, store.image_statistics(store_path))  # headers: the tasks wrote the images
     results = store.open_store(store_path)
     fit = store.per_particle(store_path)
     contrast = fit.pop("contrast")
