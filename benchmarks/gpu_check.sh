@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks and figures of BENCHMARKS.md, in two stages that each fit a 10-minute command:
 #   bash benchmarks/gpu_check.sh check    # GPU tests vs the NumPy twin, engine per box, box 512 under a 24 GB cap
-#   bash benchmarks/gpu_check.sh command  # whole command cold at box 256 (threads, local) against the disk floor
+#   bash benchmarks/gpu_check.sh command  # the pipeline's GPU tests, then the whole command cold at box 256
+#                                         # (threads, local) against the disk floor
 # Logs go to $OUT (default /tmp/dsub-gpu). Needs CuPy; other packages from PYTHONPATH or installed.
 set -uo pipefail
 OUT=${OUT:-/tmp/dsub-gpu}
@@ -21,6 +22,8 @@ check)
         --schedulers threads --folder /tmp 2>&1 | tee -a "$OUT/box512_capped.log" | tail -6
     ;;
 command)
+    python3 -c "import matplotlib" 2>/dev/null || echo "matplotlib missing: the QC report is not drawn (a warning)"
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_pipeline.py 2>&1 | tee "$OUT/test_gpu_pipeline.log" | tail -8
     python3 benchmarks/bench.py --device gpu --skip-engine --box 256 --particles 20000 --schedulers threads local \
         --folder /tmp 2>&1 | tee "$OUT/bench_command.log" | tail -8
     ;;

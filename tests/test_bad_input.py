@@ -264,13 +264,13 @@ def test_disk_full_while_writing(data, tmp_path, capsys, monkeypatch, scheduler,
     assert words in line and "rerun the same command: finished chunks are kept" in line
 
 
-def test_disk_full_during_export(data, tmp_path, capsys, monkeypatch):
+def test_disk_full_while_writing_stacks(data, tmp_path, capsys, monkeypatch):
     import dsub.workflow.export as export
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "Particles" / "x"))
 
-    monkeypatch.setattr(export, "write_stack_from_store", full)
+    monkeypatch.setattr(export, "write_pieces", full)
     line = assert_refused(run(data, tmp_path / "out", "--scheduler", "sync"), capsys, tmp_path / "out",
                           tmp_path / "out" / "Particles")
     assert "no space left on device" in line

@@ -345,14 +345,23 @@ def test_rerun_resumes_and_other_parameters_need_overwrite(dataset, tmp_path, ca
 def test_resume_keeps_finished_chunks_and_redoes_the_rest(dataset, tmp_path):
     paths, sim = dataset
     outdir = tmp_path / "out"
-    assert run_cli(paths, outdir, "--padding", "2", "--keep-store") == 0
+    assert run_cli(paths, outdir, "--padding", "2") == 0
     first = images_via_star(outdir)
 
-    # As if the run had been stopped: chunk 2 unfinished, chunk 0 finished with marked images.
+    # As if the run had been stopped: stacks under their temporary names, no metadata, the store not
+    # marked finished; chunk 2 unfinished (its slots zero), chunk 0 finished with marked images.
+    for name in (STAR_OUT, CS_OUT, "dsub_run.json"):
+        (outdir / name).unlink()
     group = zarr.open_group(str(outdir / "subtracted.zarr"), mode="r+")
     group["chunk_done"][2] = 0
-    group["images"][2 * CHUNK:3 * CHUNK] = np.zeros((CHUNK, BOX, BOX), np.float32)
-    group["images"][0:CHUNK] = np.full((CHUNK, BOX, BOX), 7.0, np.float32)
+    del group.attrs["images_deleted"]
+    stack = outdir / "Particles" / "subtracted_0000.mrcs"  # particles 0-31: chunks 0 and 1
+    with mrcfile.mmap(stack, mode="r+") as mrc:
+        mrc.data[:CHUNK] = 7.0
+    later = outdir / "Particles" / "subtracted_0001.mrcs"  # particles 32-59: chunks 2 and 3
+    with mrcfile.mmap(later, mode="r+") as mrc:
+        mrc.data[:CHUNK] = 0.0
+    later.rename(later.with_name(later.name + ".partial"))
 
     assert run_cli(paths, outdir, "--padding", "2") == 0
     summary = run_summary(outdir)
@@ -360,6 +369,27 @@ def test_resume_keeps_finished_chunks_and_redoes_the_rest(dataset, tmp_path):
     again = images_via_star(outdir)
     assert np.all(again[:CHUNK] == 7.0)  # finished chunks are not recomputed
     np.testing.assert_array_equal(again[CHUNK:], first[CHUNK:])  # the unfinished one is, identically
+    assert not list((outdir / "Particles").glob("*.partial"))
+
+
+def test_lost_stack_is_recomputed_or_copied_from_a_kept_store(dataset, tmp_path):
+    """A stack lost from a stopped run: its chunks are computed again, or copied from the store's images."""
+    paths, _ = dataset
+    for kept in ((), ("--keep-store",)):
+        outdir = tmp_path / f"out{len(kept)}"
+        assert run_cli(paths, outdir, *kept) == 0
+        first = images_via_star(outdir)
+        for name in (STAR_OUT, CS_OUT, "dsub_run.json"):
+            (outdir / name).unlink()
+        group = zarr.open_group(str(outdir / "subtracted.zarr"), mode="r+")
+        if "images_deleted" in group.attrs:
+            del group.attrs["images_deleted"]
+        (outdir / "Particles" / "subtracted_0001.mrcs").unlink()
+
+        assert run_cli(paths, outdir, *kept) == 0
+        recomputed = run_summary(outdir)["attempts"][-1]["chunks_done"]
+        assert recomputed == (0 if kept else 2)  # particles 32-59 are chunks 2 and 3
+        np.testing.assert_array_equal(images_via_star(outdir), first)
 
 
 def test_rerun_after_stacks_changed_does_not_reuse_old_results(dataset, tmp_path):

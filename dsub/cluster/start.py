@@ -123,13 +123,19 @@ def sbatch_test_only(script: str) -> str | None:
     return (result.stderr or result.stdout).strip().replace("sbatch: error: ", "")
 
 
+#: Most tasks a GPU worker process runs at once (reading and writing around its GPU).
+GPU_WORKER_THREADS = 16
+
+
 def local_layout(spec) -> tuple[int, int, list[str]]:
     """(worker processes, threads per worker, GPUs) of the LocalCluster for ``spec``."""
     gpus = visible_gpus()
     cores = os.cpu_count() or 1
     if gpus:
         workers = spec.workers or len(gpus)
-        threads = 2  # one reads and writes while the other computes
+        # The tasks take turns on their GPU (workflow.tasks.gpu_turn) while the others read and write:
+        # threads beyond two only add reads and writes in flight, the GPU's memory stays one task's.
+        threads = max(2, min(GPU_WORKER_THREADS, cores // workers))
     else:
         workers = spec.workers or max(1, min(4, cores))
         threads = max(1, cores // workers)

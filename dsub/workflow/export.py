@@ -1,4 +1,4 @@
-"""Export the Zarr store to what RELION and cryoSPARC read.
+"""The outputs RELION and cryoSPARC read: image stacks written by the tasks, then the metadata.
 
 * ``OUTDIR/Particles/subtracted_NNNN.mrcs``: float32 (MRC mode 2) stacks, float16 (mode 12)
   when the store is float16 (``--float16``), each holding particles of one
@@ -21,15 +21,21 @@
   rows of the particles left out (their slots in the stacks hold zeros, and no
   metadata row points at them).
 
-Each stack is written under a temporary name and renamed when full; the two
+Each stack is created at its full size under a temporary name before the tasks
+run (``prepare_stacks``); each task writes its chunk's images straight into
+their slots (``write_pieces``) and the store records the chunk as finished;
+when every chunk is, the header statistics are written from the store's
+per-image figures and the stacks get their names (``finish_stacks``). The two
 metadata files are written last, so their presence means the export finished.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
+import mrcfile
 import numpy as np
 
 from ..errors import warn
@@ -44,6 +50,10 @@ STACK_FOLDER = "Particles"
 STAR_NAME = "particles_subtracted.star"
 CS_NAME = "particles_subtracted.cs"
 SKIPPED_NAME = "skipped_particles.star"
+#: A stack's name ends in this until the run's end (``finish_stacks``).
+PARTIAL_SUFFIX = ".partial"
+#: Bytes before a stack's first image: the MRC header (the stacks carry no extended header).
+DATA_OFFSET = 1024
 #: Store array -> star label / .cs field for what the contrast fit measured of each particle.
 FIT_COLUMNS = {"contrast": "rlnDsubContrast", "contrast_sigma": "rlnDsubContrastSigma",
                "fit_correlation": "rlnDsubFitCorrelation"}
@@ -68,39 +78,186 @@ def stack_layout(count: int, particles_per_stack: int, pixel_sizes=None) -> list
     return layout
 
 
-def write_stack_from_store(store_path: Path, outdir: Path, relative: str, rows, pixel_size: float) -> str:
-    """Copy the particles ``rows`` (ascending store indices) into one .mrcs stack.
+@dataclass(frozen=True)
+class StackPiece:
+    """Where some of a chunk's images go: one contiguous run of slots in one stack.
 
-    The stack takes the store's dtype: MRC mode 2 (float32) or 12 (float16,
-    ``--float16``; MRC2014, read by RELION >= 4.0 and cryoSPARC >= 4.4). Header
-    statistics are computed in float32 whatever the dtype.
+    ``path``: the stack's temporary name (``partial_name``); ``chunk_rows``:
+    positions within the chunk, ascending; ``first``: the stack slot (0-based)
+    of ``chunk_rows[0]``, the others following it.
     """
-    target = outdir / relative
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
-    images = store.open_store(store_path)["images"]
-    rows = np.asarray(rows, dtype=np.int64)
-    step = images.chunks[0]
-    low, high, total, squares = np.inf, -np.inf, 0.0, 0.0
-    mode = 12 if np.dtype(images.dtype) == np.float16 else 2
-    with write_stack(partial, (rows.size, images.shape[1], images.shape[2]), pixel_size, mrc_mode=mode) as mrc:
-        for first in range(0, rows.size, step):  # a chunk's worth at a time: memory stays bounded
-            wanted = rows[first : first + step]
-            if wanted[-1] - wanted[0] + 1 == wanted.size:  # contiguous: a plain slice
-                block = np.asarray(images[int(wanted[0]) : int(wanted[-1]) + 1])
-            else:
-                block = np.asarray(images.oindex[wanted])
-            mrc.data[first : first + wanted.size] = block
-            flat = block.reshape(-1).astype(np.float32, copy=False)  # float16 sums would overflow
-            low, high = min(low, float(flat.min())), max(high, float(flat.max()))
-            total += float(flat.sum())  # numpy sums float32 pairwise: accurate enough here
-            squares += float(np.dot(flat, flat))  # BLAS; float32 is plenty for a header statistic
-        count = mrc.data.size
-        mean = total / count
-        mrc.header.dmin, mrc.header.dmax, mrc.header.dmean = low, high, mean
-        mrc.header.rms = np.sqrt(max(squares / count - mean * mean, 0.0))
-    os.replace(partial, target)
-    return relative
+
+    path: str
+    chunk_rows: tuple
+    first: int
+
+
+def partial_name(outdir: Path, relative: str) -> Path:
+    """The temporary name a stack has until the run's end: ``subtracted_NNNN.mrcs.partial``."""
+    target = Path(outdir) / relative
+    return target.with_name(target.name + PARTIAL_SUFFIX)
+
+
+def chunk_pieces(layout, outdir: Path, bounds) -> list[list[StackPiece]]:
+    """Each chunk's ``StackPiece`` list, from ``stack_layout``'s stacks and ``store.chunk_bounds``.
+
+    With one pixel size a chunk is one piece of one stack; particles of several
+    pixel sizes split a chunk's rows over several stacks.
+    """
+    starts = np.asarray([start for start, _ in bounds], dtype=np.int64)
+    pieces: list[list[StackPiece]] = [[] for _ in bounds]
+    for relative, rows, _ in layout:
+        path = str(partial_name(outdir, relative))
+        chunks = np.searchsorted(starts, rows, side="right") - 1  # rows ascend: chunks do too
+        edges = np.flatnonzero(np.diff(chunks)) + 1
+        for first, part in zip(np.concatenate([[0], edges]), np.split(rows, edges)):
+            chunk = int(chunks[first])
+            pieces[chunk].append(StackPiece(path, tuple(int(r) for r in part - starts[chunk]), int(first)))
+    return pieces
+
+
+def stack_bytes(count: int, box: int, dtype) -> int:
+    """Size in bytes of a stack of ``count`` images of ``box``² pixels in ``dtype`` (header included)."""
+    return DATA_OFFSET + count * box * box * np.dtype(dtype).itemsize
+
+
+def create_partial_stack(outdir: Path, relative: str, count: int, box: int, pixel_size: float, dtype) -> None:
+    """Create a stack's file under its temporary name at its full size (sparse: nothing is filled).
+
+    MRC mode 2 (float32) or 12 (float16, ``--float16``; MRC2014, read by RELION
+    >= 4.0 and cryoSPARC >= 4.4), ``pixel_size`` in its header; the tasks then
+    write their images into it (``write_pieces``) and ``finish_stacks`` writes
+    the header statistics and gives it its name.
+    """
+    partial = partial_name(outdir, relative)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    mode = 12 if np.dtype(dtype) == np.float16 else 2
+    with write_stack(partial, (count, box, box), pixel_size, mrc_mode=mode) as mrc:
+        if int(mrc.header.nsymbt) != 0:  # mrcfile writes none; the slots' offsets rely on it
+            raise RuntimeError(f"{partial}: an extended header was written")
+
+
+def write_pieces(images: np.ndarray, pieces) -> None:
+    """Write a chunk's images (n, box, box), in the stacks' dtype, into their stacks' slots.
+
+    Each piece is one ``os.pwrite`` of a contiguous byte range: tasks write
+    disjoint ranges of the same files at once without a lock. An ``OSError``
+    (a full disk) names the stack.
+    """
+    image_bytes = images[0].nbytes if images.shape[0] else 0
+    for piece in pieces:
+        rows = np.asarray(piece.chunk_rows, dtype=np.int64)
+        if rows.size and rows[-1] - rows[0] + 1 == rows.size:
+            block = np.ascontiguousarray(images[int(rows[0]) : int(rows[-1]) + 1])
+        else:
+            block = np.ascontiguousarray(images[rows])
+        data = memoryview(block.astype(block.dtype.newbyteorder("<"), copy=False)).cast("B")
+        offset = DATA_OFFSET + piece.first * image_bytes
+        try:
+            fd = os.open(piece.path, os.O_WRONLY)
+            try:
+                while data:
+                    written = os.pwrite(fd, data, offset)
+                    data, offset = data[written:], offset + written
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, piece.path) from exc
+
+
+def image_statistics(images: np.ndarray) -> np.ndarray:
+    """(n, 4) float64 of images (n, box, box): minimum, maximum, sum and sum of squares of each.
+
+    Computed in float32 whatever the dtype (float16 sums would overflow), summed in float64.
+    """
+    flat = images.reshape(images.shape[0], -1).astype(np.float32, copy=False)
+    statistics = np.empty((images.shape[0], 4), dtype=np.float64)
+    if images.shape[0]:
+        statistics[:, 0] = flat.min(axis=1)
+        statistics[:, 1] = flat.max(axis=1)
+        statistics[:, 2] = flat.sum(axis=1, dtype=np.float64)
+        statistics[:, 3] = np.einsum("ij,ij->i", flat, flat, dtype=np.float64)
+    return statistics
+
+
+def finish_stacks(outdir: Path, layout, statistics: np.ndarray) -> None:
+    """Write every stack's header statistics, then give every stack its name (``stack_layout``'s stacks).
+
+    ``statistics``: the store's (n, 4) ``image_statistics``. The names come last,
+    all together, so a failure while the headers are written leaves no stack
+    that looks complete.
+    """
+    for relative, rows, _ in layout:
+        write_stack_statistics(outdir, relative, statistics[rows])
+    for relative, _, _ in layout:
+        os.replace(partial_name(outdir, relative), Path(outdir) / relative)
+
+
+def write_stack_statistics(outdir: Path, relative: str, statistics: np.ndarray) -> None:
+    """Write a full stack's header statistics from its images' ``statistics`` (rows, 4), under its temporary name.
+
+    The header's minimum, maximum, mean and RMS deviation from the mean (MRC2014
+    ``dmin``, ``dmax``, ``dmean``, ``rms``) over all its pixels; the images
+    themselves are not read again.
+    """
+    partial = partial_name(outdir, relative)
+    with open(partial, "r+b") as handle:
+        raw = handle.read(DATA_OFFSET)
+        header = np.frombuffer(raw, dtype=mrcfile.dtypes.HEADER_DTYPE).copy()[0]
+        pixels = int(header["nx"]) * int(header["ny"]) * int(header["nz"])
+        mean = float(statistics[:, 2].sum()) / pixels
+        header["dmin"], header["dmax"], header["dmean"] = statistics[:, 0].min(), statistics[:, 1].max(), mean
+        header["rms"] = np.sqrt(max(float(statistics[:, 3].sum()) / pixels - mean * mean, 0.0))
+        handle.seek(0)
+        handle.write(header.tobytes())
+
+
+def prepare_stacks(outdir: Path, layout, pieces, bounds, box: int, dtype, done: np.ndarray,
+                   store_path: Path) -> list[int]:
+    """Make every stack of ``layout`` ready for the tasks under its temporary name; returns chunks to redo.
+
+    A stack already there at its full size, under its temporary name or (a run
+    that finished its stacks before it stopped) its final one, keeps its
+    finished chunks' images; the final name goes back to the temporary one
+    until the run's end, so nothing looks complete meanwhile. A stack that is
+    missing or of another size is created afresh; the finished chunks
+    (``done``, per chunk) with images in it are copied from the store when it
+    keeps them (``--keep-store``), else returned to be computed again.
+    ``pieces``: ``chunk_pieces`` of ``layout`` and ``bounds`` (``store.chunk_bounds``).
+    """
+    size = {relative: stack_bytes(rows.size, box, dtype) for relative, rows, _ in layout}
+    redo: set[int] = set()
+    fresh = []
+    for relative, rows, pixel_size in layout:
+        partial, target = partial_name(outdir, relative), Path(outdir) / relative
+        if _has_size(partial, size[relative]):
+            target.unlink(missing_ok=True)
+        elif _has_size(target, size[relative]):
+            os.replace(target, partial)
+        else:
+            target.unlink(missing_ok=True)
+            create_partial_stack(outdir, relative, rows.size, box, pixel_size, dtype)
+            fresh.append(str(partial))
+    if not fresh:
+        return []
+    images = store.open_store(store_path)["images"] if store.has_images(store_path) else None
+    for chunk, chunk_pieces_ in enumerate(pieces):
+        lost = [piece for piece in chunk_pieces_ if piece.path in fresh]
+        if not (lost and done[chunk]):
+            continue
+        if images is None:
+            redo.add(chunk)
+            continue
+        start, stop = bounds[chunk]
+        write_pieces(np.asarray(images[start:stop]), lost)
+    return sorted(redo)
+
+
+def _has_size(path: Path, expected: int) -> bool:
+    try:
+        return path.stat().st_size == expected
+    except FileNotFoundError:
+        return False
 
 
 def new_image_locations(count: int, particles_per_stack: int, pixel_sizes=None) -> tuple[np.ndarray, np.ndarray]:

@@ -2,13 +2,16 @@
 
 1. read the particle table and check every input (``validate``);
 2. create the Zarr store, or reopen the store of an identical earlier run and
-   keep its finished chunks;
-3. run one task per unfinished chunk of particles on the Dask scheduler;
-4. export stacks, then the star and .cs files, and write ``dsub_run.json``;
-5. delete the store's images (the stacks hold them) unless ``--keep-store``.
+   keep its finished chunks; create the output stacks at full size under
+   temporary names, or take up those of that run (``export.prepare_stacks``);
+3. run one task per unfinished chunk of particles on the Dask scheduler: each
+   writes its images straight into their stacks and records the chunk in the store;
+4. write the stacks' header statistics and give them their names, then write
+   the star and .cs files and ``dsub_run.json``;
+5. mark the store as holding no images (they are in it only with ``--keep-store``).
 
-A rerun of a finished run whose store images were deleted does nothing and
-says so (``finished_run``).
+A rerun of a finished run without ``--keep-store`` does nothing and says so
+(``finished_run``).
 """
 
 from __future__ import annotations
@@ -243,9 +246,17 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             fitted = np.asarray(sample_fit[0].alpha)
             usable = np.isfinite(fitted)
             sample_check = {"index": sample[usable].tolist(), "fitted_contrast": fitted[usable].tolist()}
+        if resuming and not store_takes_up(store_path, options):
+            resuming = False
         if not resuming:
             store.create_store(store_path, len(table), out_box, options.chunk_size,
-                               {**identity, "fingerprint": fingerprint}, float16=options.float16)
+                               {**identity, "fingerprint": fingerprint}, float16=options.float16,
+                               keep_images=options.keep_store)
+        layout = export.stack_layout(len(table), options.particles_per_stack, table.pixel_size_angstrom)
+        pieces = export.chunk_pieces(layout, outdir, bounds)
+        store.reset_chunks(store_path, export.prepare_stacks(
+            outdir, layout, pieces, bounds, out_box, store.image_dtype(store_path),
+            store.finished_chunks(store_path), store_path))
         attempt.begin(store_path, options.cluster.scheduler, device, len(bounds))
         done = store.finished_chunks(store_path)
         pending = [i for i in range(len(bounds)) if not done[i]]
@@ -260,21 +271,14 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             tasks.append(
                 dask.delayed(run_chunk, pure=False)(
                     index, start, chunk, maps, settings, str(store_path), device, options.skip_bad_particles,
-                    reboxing, dask_key_name=f"subtract-chunk-{index:05d}",
+                    reboxing, pieces[index], dask_key_name=f"subtract-chunk-{index:05d}",
                 )
             )
         devices = sorted(set(runner.compute(tasks, "subtract", [bounds[i][1] - bounds[i][0] for i in pending],
                                             waiting, on_result=attempt.chunk_finished)))
         timings["subtract"] = time.monotonic() - started - sum(timings.values())
-        layout = export.stack_layout(len(table), options.particles_per_stack, table.pixel_size_angstrom)
-        export_tasks = [
-            dask.delayed(export.write_stack_from_store, pure=False)(
-                store_path, outdir, relative, rows, stack_pixel_size, dask_key_name=f"export-stack-{number:04d}",
-            )
-            for number, (relative, rows, stack_pixel_size) in enumerate(layout)
-        ]
-        runner.compute(export_tasks, "export", [rows.size for _, rows, _ in layout], unit="stacks")
         workers, phases = runner.workers, runner.phases
+    export.finish_stacks(outdir, layout, store.image_statistics(store_path))  # headers: the tasks wrote the images
     results = store.open_store(store_path)
     fit = store.per_particle(store_path)
     contrast = fit.pop("contrast")
@@ -312,7 +316,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
         summary = {**record.run_description(options.command, identity),
                    **attempt.finish(summary, phases, workers)}
         (outdir / RUN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
-    if not options.keep_store:  # only now: an export cut short is redone from the store's images
+    if not options.keep_store:  # only now: a rerun of a run cut short takes up its store and stacks
         store.delete_images(store_path)
     throughput = record.throughput_line(phases)
     if throughput:
@@ -320,6 +324,18 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     report(summary, outdir, options)
     write_qc_report(outdir, options)
     return summary
+
+
+def store_takes_up(store_path: Path, options: RunOptions) -> bool:
+    """Whether an identical earlier run's store can be taken up by this one.
+
+    Not a store of an earlier version (no per-image statistics), nor one
+    without images when this run keeps them (``--keep-store``): the run then
+    starts afresh, since the store would lack the finished chunks' images.
+    """
+    if not store.has_statistics(store_path):
+        return False
+    return store.has_images(store_path) or not options.keep_store
 
 
 def plan_resources(box: int, settings, options: RunOptions, map_voxels: int = 0):

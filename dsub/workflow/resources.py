@@ -105,12 +105,15 @@ def worker_memory(box: int, settings, device: str, threads: int, chunk_size: int
     """
     maps_read = 3 * box**3 * 4  # both half maps and the mask as read from their files
     maps_read = max(maps_read, REBOX_BYTES_PER_VOXEL * int(map_voxels) ** 3)
-    working = threads * batch * particle_bytes(box, settings, device)
+    # On a GPU one task at a time computes (``tasks.gpu_turn``), with its chunk's images in and out there.
+    on_gpu = 2 * chunk_size * box * box * 4 if device == "gpu" else 0
+    working = (1 if device == "gpu" else threads) * batch * particle_bytes(box, settings, device) + on_gpu
     io = threads * task_io_bytes(box, chunk_size)
     # The maps' preparation peaks before any batch runs; then the prepared maps stay beside the batches.
     physics = max(preparation_peak_bytes(box, settings), prepared_map_bytes(box, settings) + working)
-    if device == "gpu":
-        host = BASELINE_HOST_BYTES + GPU_HOST_OVERHEAD_BYTES + maps_read + io
+    if device == "gpu":  # each thread also keeps its chunk's images in and out in page-locked buffers
+        pinned = threads * 2 * chunk_size * box * box * 4
+        host = BASELINE_HOST_BYTES + GPU_HOST_OVERHEAD_BYTES + maps_read + io + pinned
         gpu = physics
     else:
         host = BASELINE_HOST_BYTES + maps_read + physics + io
@@ -119,15 +122,19 @@ def worker_memory(box: int, settings, device: str, threads: int, chunk_size: int
 
 
 def batch_cap(box: int, settings, device: str, threads: int, chunk_size: int) -> int:
-    """The batch a task uses when memory is plentiful (the tasks of a worker share its one GPU)."""
-    budget = BATCH_CAP_BYTES[device] // (max(1, threads) if device == "gpu" else 1)
+    """The batch a task uses when memory is plentiful (one task at a time on a GPU: ``tasks.gpu_turn``)."""
+    budget = BATCH_CAP_BYTES[device]
     largest = int(budget // particle_bytes(box, settings, device))
     return int(max(1, min(chunk_size, largest)))
 
 
 def batch_within(budget_bytes: float, box: int, settings, device: str, threads: int, chunk_size: int) -> int:
-    """Largest batch (>= 1, at most the cap) whose working memory for ``threads`` tasks fits ``budget_bytes``."""
-    fits = int(budget_bytes // (max(1, threads) * particle_bytes(box, settings, device)))
+    """Largest batch (>= 1, at most the cap) whose working memory for ``threads`` tasks fits ``budget_bytes``.
+
+    On a GPU the tasks take turns (``tasks.gpu_turn``): one task's batch must fit.
+    """
+    tasks = 1 if device == "gpu" else max(1, threads)
+    fits = int(budget_bytes // (tasks * particle_bytes(box, settings, device)))
     return max(1, min(batch_cap(box, settings, device, threads, chunk_size), fits))
 
 

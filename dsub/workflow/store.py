@@ -3,17 +3,22 @@
 Layout of ``OUTDIR/subtracted.zarr``:
 
 * ``images``      float32, or float16 with ``--float16``, (n, box, box), one Zarr chunk per
-  particle chunk; ``box`` is the output box (``--new-box``, else the particles' box); deleted
-  after a complete export unless ``--keep-store`` (``delete_images``: the stacks hold them);
+  particle chunk; ``box`` is the output box (``--new-box``, else the particles' box); only
+  with ``--keep-store`` (the tasks write each chunk straight into its final stacks,
+  ``export.write_pieces``, and the store keeps the bookkeeping);
 * ``contrast``    float32 (n,), the contrast scale α each particle was subtracted with;
 * ``contrast_sigma``  float32 (n,), the standard error of a fitted α (NaN unless ``--scale fit``);
 * ``fit_correlation`` float32 (n,), correlation of image and full model over the fit band;
   all three NaN for skipped particles;
 * ``skipped``     uint8 (n,), 1 for particles left out (``--skip-bad-particles``);
-* ``chunk_done``  uint8 (n_chunks,), set to 1 after a chunk's images,
-  contrast and skip marks are written, so a rerun knows what is finished;
-* attributes: the run's parameters and inputs (``run``); ``images_deleted`` once the
-  images were deleted after the export.
+* ``image_statistics`` float64 (n, 4), each written image's minimum, maximum, sum and sum of
+  squares over its pixels (as stored, float16 values included): the stacks' header statistics
+  are combined from them at the end without reading the stacks again;
+* ``chunk_done``  uint8 (n_chunks,), set to 1 after a chunk's images (in its stacks, and in the
+  store with ``--keep-store``), contrast, statistics and skip marks are written, so a rerun
+  knows what is finished;
+* attributes: the run's parameters and inputs (``run``); ``image_dtype`` (float32 or
+  float16); ``images_deleted`` once the run finished without ``--keep-store`` (no images kept).
 
 The coordinator creates every array before any task runs; a task then writes
 only the Zarr chunks it owns, so tasks never write the same chunk and no lock
@@ -28,6 +33,8 @@ import numpy as np
 import zarr
 
 STORE_NAME = "subtracted.zarr"
+#: Per-image (minimum, maximum, sum, sum of squares), float64 (n, 4), for the stacks' headers.
+STATISTICS = "image_statistics"
 #: Per-particle float32 arrays and the ``ContrastResult`` field each holds.
 PER_PARTICLE = {"contrast": "alpha", "contrast_sigma": "sigma", "fit_correlation": "correlation"}
 #: Largest finite float16 value (IEEE 754 binary16): what a float16 store and a mode-12 stack can hold.
@@ -40,18 +47,23 @@ def chunk_bounds(count: int, chunk_size: int) -> list[tuple[int, int]]:
 
 
 def create_store(path: Path, count: int, box: int, chunk_size: int, run_attrs: dict,
-                 float16: bool = False) -> zarr.Group:
+                 float16: bool = False, keep_images: bool = True) -> zarr.Group:
     """A fresh store for ``count`` particles of ``box``² pixels, replacing any store at ``path``.
 
-    ``float16``: the images are stored as float16 (half the bytes; ``--float16``).
+    ``float16``: the images are float16 (half the bytes; ``--float16``), in the
+    stacks and in the store. ``keep_images`` (``--keep-store``): the store holds
+    a copy of every image besides the stacks.
     """
     group = zarr.open_group(str(path), mode="w")
     n_chunks = len(chunk_bounds(count, chunk_size))
-    group.create_array(
-        "images", shape=(count, box, box), chunks=(chunk_size, box, box),
-        dtype="float16" if float16 else "float32",
-        fill_value=0.0, compressors=None,
-    )
+    dtype = "float16" if float16 else "float32"
+    if keep_images:
+        group.create_array(
+            "images", shape=(count, box, box), chunks=(chunk_size, box, box), dtype=dtype,
+            fill_value=0.0, compressors=None,
+        )
+    group.create_array(STATISTICS, shape=(count, 4), chunks=(chunk_size, 4), dtype="float64", fill_value=0.0,
+                       compressors=None)
     for name in PER_PARTICLE:
         group.create_array(
             name, shape=(count,), chunks=(chunk_size,), dtype="float32", fill_value=float("nan"),
@@ -60,6 +72,7 @@ def create_store(path: Path, count: int, box: int, chunk_size: int, run_attrs: d
     group.create_array("skipped", shape=(count,), chunks=(chunk_size,), dtype="uint8", fill_value=0)
     group.create_array("chunk_done", shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0)
     group.attrs["run"] = run_attrs
+    group.attrs["image_dtype"] = dtype
     return group
 
 
@@ -69,14 +82,20 @@ def open_store(path: Path, mode: str = "r") -> zarr.Group:
 
 
 def write_chunk(path: Path, chunk_index: int, start: int, images: np.ndarray, contrast,
-                skipped: np.ndarray | None = None) -> None:
-    """Write one chunk's results, then mark the chunk finished (in that order).
+                skipped: np.ndarray | None = None, statistics: np.ndarray | None = None) -> None:
+    """Record one chunk's results, then mark the chunk finished (in that order).
 
-    ``contrast`` is a ``ContrastResult`` of (n,) NumPy arrays.
+    ``images`` (n, box, box) go into the store only where it keeps them
+    (``--keep-store``); the caller has written them to the stacks before.
+    ``contrast`` is a ``ContrastResult`` of (n,) NumPy arrays; ``statistics``
+    the (n, 4) ``image_statistics`` of the images as written.
     """
     group = open_store(path, mode="r+")
     stop = start + images.shape[0]
-    group["images"][start:stop] = images
+    if "images" in group:
+        group["images"][start:stop] = images
+    if statistics is not None:
+        group[STATISTICS][start:stop] = statistics
     for name, field in PER_PARTICLE.items():
         group[name][start:stop] = getattr(contrast, field)
     if skipped is not None and skipped.any():
@@ -85,22 +104,33 @@ def write_chunk(path: Path, chunk_index: int, start: int, images: np.ndarray, co
 
 
 def image_dtype(path: Path) -> np.dtype:
-    """The dtype of the store's images: float32, or float16 (``--float16``)."""
-    return np.dtype(open_store(path)["images"].dtype)
+    """The dtype of the run's images (stacks and store): float32, or float16 (``--float16``)."""
+    group = open_store(path)
+    return np.dtype(group.attrs.get("image_dtype") or group["images"].dtype)
+
+
+def has_images(path: Path) -> bool:
+    """Whether the store holds a copy of the images (``--keep-store``)."""
+    return "images" in open_store(path)
+
+
+def has_statistics(path: Path) -> bool:
+    """Whether the store records each image's statistics (stores of this version do)."""
+    return STATISTICS in open_store(path)
 
 
 def images_deleted(path: Path) -> bool:
-    """Whether the store's images were deleted after a complete export (``delete_images``)."""
+    """Whether the run finished without keeping the store's images (``delete_images``)."""
     return bool(open_store(path).attrs.get("images_deleted", False))
 
 
 def delete_images(path: Path) -> None:
-    """Delete the store's images after a complete export: the exported stacks hold them.
+    """Mark a finished run as holding no images in its store, and delete them if it has any.
 
-    The mark is set before the array goes, so a deletion cut short still reads
-    as deleted (and a rerun does not export from half-deleted images). The
-    per-particle arrays, ``skipped``, ``chunk_done`` and the attributes stay:
-    the QC report and a rerun read them.
+    Called after a complete export without ``--keep-store``: the stacks hold the
+    images. The mark is set before the array goes, so a deletion cut short
+    still reads as deleted. The per-particle arrays, ``skipped``,
+    ``chunk_done`` and the attributes stay: the QC report and a rerun read them.
     """
     group = open_store(path, mode="r+")
     group.attrs["images_deleted"] = True
@@ -111,6 +141,18 @@ def delete_images(path: Path) -> None:
 def finished_chunks(path: Path) -> np.ndarray:
     """Boolean array: which chunks are complete."""
     return np.asarray(open_store(path)["chunk_done"][:], dtype=bool)
+
+
+def reset_chunks(path: Path, chunks) -> None:
+    """Mark ``chunks`` (indices) unfinished: their images must be computed again (a lost stack)."""
+    group = open_store(path, mode="r+")
+    for index in chunks:
+        group["chunk_done"][int(index)] = 0
+
+
+def image_statistics(path: Path) -> np.ndarray:
+    """(n, 4) float64: each image's minimum, maximum, sum and sum of squares, as written by its chunk."""
+    return np.asarray(open_store(path)[STATISTICS][:])
 
 
 def per_particle(path: Path) -> dict:

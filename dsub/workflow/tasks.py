@@ -1,13 +1,21 @@
-"""What one task does: read a chunk's images, subtract, write its region of the store.
+"""What one task does: read a chunk's images, subtract, write them into their stacks.
 
 The prepared half-maps are built once per worker process from the map files
 (on its GPU when it uses one) and cached for all later tasks there, so they
 never travel between processes: a task carries only its chunk's metadata and
 file paths.
+
+The tasks of a process form a pipeline around its GPU: each task reads its
+images and writes its results in its own thread, while the GPU work (copy in,
+subtract, copy out) takes turns under one lock per device (``gpu_turn``). So
+one GPU is driven by one task at a time whatever the number of threads, and a
+task waiting for its turn holds nothing in GPU memory; reading and writing of
+the other tasks overlap with it. On the CPU the tasks run side by side.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import threading
@@ -19,13 +27,13 @@ import numpy as np
 from ..errors import InputFileError
 from ..formats.mrc import map_header, read_images, read_map
 from ..particles import HALF_A, HALF_B
-from ..physics.backend import device_label, get_xp, resolve_device, to_numpy
+from ..physics.backend import device_label, get_xp, resolve_device
 from ..physics.contrast import ContrastResult
 from ..physics.fsc import fourier_shell_correlation
 from ..physics.lowpass import lowpass_map
 from ..physics.optics import fit_map_to_box
 from ..physics.subtract import SubtractionSettings, prepare_half_map, subtract_batch
-from . import resources, store
+from . import export, resources, store
 from .rebox import rebox_images
 
 #: Share of the free memory measured at a task's start that its batches may use (others run alongside).
@@ -54,6 +62,40 @@ class MapFiles:
 
 _models: dict = {}
 _models_lock = threading.Lock()
+_gpu_locks: dict[str, threading.Lock] = {}  # per CUDA device of this process
+_host_buffers = threading.local()  # each thread's pinned staging buffers
+
+
+@contextlib.contextmanager
+def gpu_turn(device: str):
+    """Hold this process's turn on ``device`` (a lock per GPU; nothing on the CPU)."""
+    if device == "cpu":
+        yield
+        return
+    import cupy
+
+    key = f"gpu:{cupy.cuda.Device().id}"
+    with _models_lock:
+        lock = _gpu_locks.setdefault(key, threading.Lock())
+    with lock:
+        yield
+
+
+def pinned_buffer(name: str, shape: tuple, dtype=np.float32) -> np.ndarray:
+    """This thread's page-locked host array ``name`` of ``shape`` (reused while large enough).
+
+    Copies between page-locked memory and the GPU run at the bus's speed and
+    asynchronously on a stream; each thread has its own, so a task fills its
+    input and reads its output outside its turn on the GPU.
+    """
+    import cupyx
+
+    buffers = _host_buffers.__dict__.setdefault("buffers", {})
+    count = int(np.prod(shape))
+    held = buffers.get(name)
+    if held is None or held.size < count or held.dtype != np.dtype(dtype):
+        held = buffers[name] = cupyx.empty_pinned(count, dtype=dtype)
+    return held[:count].reshape(shape)
 
 
 def half_map_models(maps: MapFiles, settings: SubtractionSettings, device: str) -> dict:
@@ -94,15 +136,16 @@ def worker_threads_and_limit() -> tuple[int, int | None]:
 def batch_size(box: int, settings: SubtractionSettings, device: str, chunk_size: int) -> int:
     """How many particles to process at once, from what this worker has free now.
 
-    On a GPU: its free memory (the prepared maps already hold theirs). On the
-    CPU: the room left under the Dask worker's memory limit (below the point
-    where distributed pauses it), or this machine's available memory. Shared by
-    the tasks running at once, at most ``resources.BATCH_CAP_BYTES`` each.
+    On a GPU: its free memory (the prepared maps already hold theirs), for the
+    one task whose turn it is (``gpu_turn``). On the CPU: the room left under
+    the Dask worker's memory limit (below the point where distributed pauses
+    it), or this machine's available memory, shared by the tasks running at
+    once. At most ``resources.BATCH_CAP_BYTES`` each.
     """
     import psutil
 
     threads, limit = worker_threads_and_limit()
-    if device == "gpu":
+    if device == "gpu":  # one task at a time (gpu_turn): batch_within counts one
         free = resources.gpu_memory_free()
     elif limit:
         free = limit * resources.usable_fraction() - psutil.Process().memory_info().rss
@@ -115,8 +158,11 @@ def subtract_particles(images: np.ndarray, particles, models: dict, settings, de
     """Subtract every particle with its own half set's model.
 
     Returns (subtracted (n, box, box), ``ContrastResult`` of (n,) arrays), all NumPy float32.
+    On a GPU the whole call is one turn (``gpu_turn``); the subtracted images
+    come back in this thread's page-locked buffer, valid until its next call.
     """
-    xp = get_xp(device)
+    if device != "cpu":
+        return _subtract_on_gpu(images, particles, models, settings, device)
     count = images.shape[0]
     subtracted = np.empty(images.shape, dtype=np.float32)
     contrast = ContrastResult(*(np.empty(count, dtype=np.float32) for _ in range(3)))
@@ -125,11 +171,64 @@ def subtract_particles(images: np.ndarray, particles, models: dict, settings, de
         members = np.flatnonzero(particles.half_set == half)
         for first in range(0, members.size, step):
             batch = members[first : first + step]
-            result, fitted = subtract_batch(xp, images[batch], particles.subset(batch), models[half], settings)
-            subtracted[batch] = to_numpy(result)
+            result, fitted = subtract_batch(np, images[batch], particles.subset(batch), models[half], settings)
+            subtracted[batch] = result
             for name in ("alpha", "sigma", "correlation"):
-                getattr(contrast, name)[batch] = to_numpy(getattr(fitted, name))
+                getattr(contrast, name)[batch] = getattr(fitted, name)
     return subtracted, contrast
+
+
+def _subtract_on_gpu(images: np.ndarray, particles, models: dict, settings, device: str):
+    """``subtract_particles`` on this process's GPU: staged through pinned memory on a stream of its own.
+
+    The images are copied to this thread's page-locked buffer before the turn;
+    in the turn they go to the GPU in one asynchronous copy, are subtracted in
+    batches, and come back in one copy; the GPU memory is freed before the turn
+    ends (CuPy's pool keeps it for the next task).
+    """
+    import cupy
+
+    count = images.shape[0]
+    staged = pinned_buffer("in", images.shape)
+    np.copyto(staged, images)
+    returned = pinned_buffer("out", images.shape)
+    figures = pinned_buffer("figures", (3, count))
+    with gpu_turn(device):
+        stream = _gpu_stream(device)
+        with stream:
+            on_gpu = cupy.empty(images.shape, dtype=cupy.float32)
+            on_gpu.set(staged, stream=stream)
+            out = cupy.empty_like(on_gpu)
+            fitted_all = cupy.empty((3, count), dtype=cupy.float32)
+            step = batch_size(images.shape[-1], settings, "gpu", count)
+            for half in (HALF_A, HALF_B):
+                members = np.flatnonzero(particles.half_set == half)
+                for first in range(0, members.size, step):
+                    batch = members[first : first + step]
+                    where = cupy.asarray(batch)
+                    result, fitted = subtract_batch(cupy, on_gpu[where], particles.subset(batch), models[half],
+                                                    settings)
+                    out[where] = result
+                    for row, name in enumerate(("alpha", "sigma", "correlation")):
+                        fitted_all[row, where] = getattr(fitted, name)
+            out.get(stream=stream, out=returned)
+            fitted_all.get(stream=stream, out=figures)
+            stream.synchronize()
+            del on_gpu, out, fitted_all
+    return returned, ContrastResult(*(figures[row].copy() for row in range(3)))
+
+
+_streams: dict = {}
+
+
+def _gpu_stream(device: str):
+    """This process's non-blocking CUDA stream for ``device`` (used only in its turn)."""
+    import cupy
+
+    key = (device, cupy.cuda.Device().id)
+    if key not in _streams:
+        _streams[key] = cupy.cuda.Stream(non_blocking=True)
+    return _streams[key]
 
 
 def bad_images(images: np.ndarray, particles, skip: bool) -> np.ndarray:
@@ -167,14 +266,17 @@ def check_float16_range(subtracted: np.ndarray, particles) -> None:
 
 
 def run_chunk(chunk_index: int, start: int, particles, maps: MapFiles, settings, store_path: str, device: str,
-              skip_bad: bool = False, reboxing=None):
-    """Task body: subtract particles ``start:start+len(particles)`` and store them.
+              skip_bad: bool = False, reboxing=None, stacks=()):
+    """Task body: subtract particles ``start:start+len(particles)``, write them into their stacks, record them.
 
     ``device`` may be "auto": each worker decides for itself (a login node
     without a GPU submits to GPU nodes). Images with NaN or infinite values stop
-    the run, or with ``skip_bad`` are stored as zeros and marked skipped. With
+    the run, or with ``skip_bad`` are written as zeros and marked skipped. With
     ``reboxing`` (a ``rebox.Reboxing``) the subtracted images are re-centred and
-    re-boxed before they are stored. Returns the device used ("cpu", "gpu:N").
+    re-boxed before they are written. ``stacks``: the chunk's
+    ``export.StackPiece`` list, where its images go; the store then records
+    the chunk (and keeps the images too with ``--keep-store``). Returns the
+    device used ("cpu", "gpu:N").
     """
     device = resolve_device(device)
     models = half_map_models(maps, settings, device)
@@ -185,11 +287,15 @@ def run_chunk(chunk_index: int, start: int, particles, maps: MapFiles, settings,
     if reboxing is not None:
         subtracted = rebox_images(np, subtracted, particles, reboxing)
     subtracted[bad] = 0.0
-    if store.image_dtype(Path(store_path)) == np.float16:
+    dtype = store.image_dtype(Path(store_path))
+    if dtype == np.float16:
         check_float16_range(subtracted, particles)
+    written = subtracted.astype(dtype, copy=False)
     for values in (contrast.alpha, contrast.sigma, contrast.correlation):
         values[bad] = np.nan
-    store.write_chunk(Path(store_path), chunk_index, start, subtracted, contrast, bad)
+    export.write_pieces(written, stacks)
+    store.write_chunk(Path(store_path), chunk_index, start, written, contrast, bad,
+                      export.image_statistics(written))
     return device_label(device)
 
 

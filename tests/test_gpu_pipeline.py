@@ -1,0 +1,105 @@
+"""The whole command on a GPU: tasks taking turns on one GPU, pinned staging, stacks written by the tasks.
+
+Compared with the same run on the CPU (the NumPy twin). Runs only where CuPy
+sees a GPU; CI has none, so these are skipped there and run on a GPU machine
+(results in BENCHMARKS.md).
+"""
+
+import json
+import subprocess
+import sys
+import threading
+
+import mrcfile
+import numpy as np
+import pytest
+
+from dsub.physics.backend import gpu_available
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a visible GPU"),
+]
+
+from dsub.demo import make_dataset  # noqa: E402
+from dsub.formats import star as star_format  # noqa: E402
+from dsub.formats.mrc import read_images  # noqa: E402
+from dsub.particles import HALF_A, HALF_B  # noqa: E402
+from dsub.physics.subtract import SubtractionSettings, prepare_half_map  # noqa: E402
+from dsub.simulate import perturbed, simulate_particles, soft_sphere_mask, to_particle_table, two_domain_phantom  # noqa: E402
+from dsub.workflow import tasks  # noqa: E402
+
+
+def test_tasks_taking_turns_on_the_gpu_match_the_cpu():
+    """Twelve threads subtracting at once through ``subtract_particles``: each gets its own particles back."""
+    import cupy
+
+    box = 48
+    rng = np.random.default_rng(5)
+    phantom = two_domain_phantom(box, rng)
+    halves = (perturbed(phantom, rng), perturbed(phantom, rng))
+    mask = soft_sphere_mask(phantom, 2, box)
+    sim = simulate_particles(halves, 2, 40, box, 1.5, rng, snr=0.1)
+    table = to_particle_table(sim)
+    settings = SubtractionSettings()
+    models = {
+        device: {half: prepare_half_map(xp, halves[half - 1].voxelize(box), mask, settings) for half in (HALF_A, HALF_B)}
+        for device, xp in (("cpu", np), ("gpu", cupy))
+    }
+    expected, expected_fit = tasks.subtract_particles(sim.images, table, models["cpu"], settings, "cpu")
+    results, errors = {}, []
+
+    def task(index):
+        try:
+            rows = np.roll(np.arange(len(table)), 7 * index)  # each thread its own order
+            for _ in range(3):
+                images, fit = tasks.subtract_particles(sim.images[rows], table.subset(rows), models["gpu"],
+                                                       settings, "gpu")
+                results[index] = rows, images.copy(), fit.alpha.copy()
+        except Exception as exc:  # noqa: BLE001 -- reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=task, args=(index,)) for index in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    scale = np.max(np.abs(expected))
+    for rows, images, alpha in results.values():
+        assert np.max(np.abs(images - expected[rows])) <= 1e-4 * scale
+        np.testing.assert_allclose(alpha, expected_fit.alpha[rows], rtol=1e-4)
+
+
+def run(paths, outdir, *extra):
+    command = [sys.executable, "-m", "dsub.cli", "subtract", str(paths["star"]), "--half-a", str(paths["half_a"]),
+               "--half-b", str(paths["half_b"]), "--mask", str(paths["mask"]), "-o", str(outdir),
+               "--chunk-size", "16", "--particles-per-stack", "64", "--quiet", *map(str, extra)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return json.loads((outdir / "dsub_run.json").read_text())
+
+
+def images_via_star(outdir):
+    table = star_format.read_particles(outdir / "particles_subtracted.star")
+    return read_images(table.image_paths, table.image_indices)
+
+
+@pytest.mark.parametrize("scheduler", ["threads", "local"])
+def test_whole_command_on_the_gpu_matches_the_cpu(tmp_path_factory, scheduler):
+    root = tmp_path_factory.mktemp(scheduler)
+    paths, _ = make_dataset(root / "data", count=200, box=48)
+    cpu = root / "cpu"
+    run(paths, cpu, "--device", "cpu", "--scheduler", "threads")
+    gpu = root / "gpu"
+    extra = ("--dashboard-address", "127.0.0.1:0") if scheduler == "local" else ("--workers", "12")
+    summary = run(paths, gpu, "--device", "gpu", "--scheduler", scheduler, *extra)
+    assert summary["devices"] and all(device.startswith("gpu:") for device in summary["devices"])
+    reference = images_via_star(cpu)
+    assert np.max(np.abs(images_via_star(gpu) - reference)) <= 1e-4 * np.max(np.abs(reference))
+    stacks = sorted((gpu / "Particles").glob("*.mrcs"))
+    assert len(stacks) == 4 and not list((gpu / "Particles").glob("*.partial"))
+    for stack in stacks:
+        with mrcfile.open(stack) as mrc:
+            assert float(mrc.header.dmax) == pytest.approx(float(mrc.data.max()), rel=1e-6)
+            assert float(mrc.header.dmean) == pytest.approx(float(mrc.data.astype(np.float64).mean()), abs=1e-5)
