@@ -195,7 +195,9 @@ def test_skip_bad_particles_leaves_them_out_and_lists_them(data, tmp_path, capsy
     assert len(cs) == COUNT - 2 and np.all(np.isfinite(cs["alignments3D/alpha"]))
     report = json.loads((outdir / "dsub_run.json").read_text())["skipped_particles"]
     assert report["count"] == 2 and [entry["index"] for entry in report["listed"]] == [9, 17]
-    assert "2 particles with NaN or infinite values were left out" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert f"Subtracted {COUNT - 2} of {COUNT} particles" in out
+    assert "dsub: warning: 2 particles with NaN or infinite values were left out" in err
 
 
 def test_output_folder_that_cannot_be_created(data, tmp_path, capsys, monkeypatch):

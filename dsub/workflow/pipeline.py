@@ -260,7 +260,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
         attempt.begin(store_path, options.cluster.scheduler, device, len(bounds))
         done = store.finished_chunks(store_path)
         pending = [i for i in range(len(bounds)) if not done[i]]
-        say(options, f"dsub: {len(table)} particles of {box} px in {len(bounds)} chunks "
+        say(options, f"dsub: {len(table)} particles of {box} px in {len(bounds)} chunk{'s' if len(bounds) != 1 else ''} "
                      f"({len(bounds) - len(pending)} already done) on {runner.description}.")
         if reboxing is not None:
             say(options, rebox.describe(reboxing, centre_from, box))
@@ -492,12 +492,14 @@ def skipped_report(table, skipped: np.ndarray, limit: int = 1000) -> dict:
 def report(summary: dict, outdir: Path, options: RunOptions) -> None:
     """Tell the user what happened and where the results are."""
     median = summary["contrast_median"]
-    say(options, f"Subtracted {summary['particles']} particles in {summary['seconds']:.1f} s"
-                 + (f" (contrast median {median:.3f})." if median is not None else "."))
     skipped = summary["skipped_particles"]["count"]
+    subtracted = summary["particles"] - skipped
+    counted = f"{subtracted} of {summary['particles']}" if skipped else f"{subtracted}"
+    say(options, f"Subtracted {counted} particles in {summary['seconds']:.1f} s"
+                 + (f" (contrast median {median:.3f})." if median is not None else "."))
     if skipped:
-        say(options, f"WARNING: {skipped} particles with NaN or infinite values were left out; they are "
-                     f"listed in {export.SKIPPED_NAME} and {RUN_SUMMARY}.")
+        warn(f"{skipped} particle{'s' if skipped != 1 else ''} with NaN or infinite values "
+             f"{'were' if skipped != 1 else 'was'} left out; listed in {export.SKIPPED_NAME} and {RUN_SUMMARY}")
     negative = summary["contrast_negative_fraction"] or 0.0
     if 0 < negative <= 0.5:
         say(options, f"{negative:.1%} of the contrast scales are negative.")
