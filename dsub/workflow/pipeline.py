@@ -258,6 +258,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             outdir, layout, pieces, bounds, out_box, store.image_dtype(store_path),
             store.finished_chunks(store_path), store_path))
         attempt.begin(store_path, options.cluster.scheduler, device, len(bounds))
+        preload_report_modules()
         done = store.finished_chunks(store_path)
         pending = [i for i in range(len(bounds)) if not done[i]]
         say(options, f"dsub: {len(table)} particles of {box} px in {len(bounds)} chunk{'s' if len(bounds) != 1 else ''} "
@@ -351,6 +352,19 @@ def plan_resources(box: int, settings, options: RunOptions, map_voxels: int = 0)
         resources.check_this_machine(plan)
     request = plan.request_bytes if options.cluster.scheduler in ("slurm", "pbs") else None
     return plan, dataclasses.replace(options.cluster, device=options.device, worker_memory_bytes=request)
+
+
+def preload_report_modules() -> None:
+    """Import the QC report's plotting modules (matplotlib: seconds) in the background while the tasks run."""
+    import importlib
+    import threading
+
+    def load():
+        with contextlib.suppress(Exception):  # a failure shows where the report is drawn, not here
+            for name in ("dsub.report.figures", "dsub.report.page"):
+                importlib.import_module(name)
+
+    threading.Thread(target=load, name="dsub-report-imports", daemon=True).start()
 
 
 def write_qc_report(outdir: Path, options: RunOptions) -> None:
