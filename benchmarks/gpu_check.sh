@@ -27,4 +27,14 @@ command)
     python3 benchmarks/bench.py --device gpu --skip-engine --box 256 --particles 20000 --schedulers threads local \
         --folder /tmp 2>&1 | tee "$OUT/bench_command.log" | tail -8
     ;;
+two-gpu)  # on a host with two GPUs: the GPU tests (the two-GPU one included), one GPU on all its cores, 1 vs 2 GPUs
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+    nproc | tee -a "$OUT/gpu.txt"
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_gpu_pipeline.py 2>&1 \
+        | tee "$OUT/test_gpu.log" | tail -8
+    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/bench.py --device gpu --skip-engine --box 256 --particles 20000 \
+        --schedulers threads local --warm-up --folder /tmp 2>&1 | tee "$OUT/bench_command_one_gpu.log" | tail -8
+    python3 benchmarks/multi_gpu.py --particles 32768 --box 256 --workers 1 2 --warm-up 2>&1 \
+        | tee "$OUT/multi_gpu.log" | tail -6
+    ;;
 esac
