@@ -39,6 +39,7 @@ map's content where the 3D point lies inside the map's Nyquist cube (``corners =
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -148,7 +149,9 @@ def extract_slices(xp, prepared: PreparedVolume, rotations, corners: str = "zero
     (n, size, size//2 + 1).
 
     ``corners`` and ``size`` as in ``slice_coordinates``. On CuPy a CUDA kernel
-    does the same arithmetic (``_slice_cuda.py``).
+    does the same arithmetic (``_slice_cuda.py``); on NumPy a numba kernel
+    (``_slice_cpu.py``) where numba is installed, else the NumPy gather
+    (``_extract_slices_numpy``).
     """
     if corners not in CORNERS:
         raise ValueError(f"corners must be one of {CORNERS}, not {corners!r}")
@@ -157,7 +160,20 @@ def extract_slices(xp, prepared: PreparedVolume, rotations, corners: str = "zero
         from ._slice_cuda import extract_slices_cuda
 
         return extract_slices_cuda(prepared, rotations, corners, size)
+    compiled = compiled_cpu_gather()
+    if compiled is not None:
+        return compiled(prepared, rotations, corners, size)
     return _extract_slices_numpy(xp, prepared, rotations, corners, size)
+
+
+@lru_cache(maxsize=1)
+def compiled_cpu_gather():
+    """``_slice_cpu.extract_slices_numba`` where numba imports, else None (then the NumPy gather serves)."""
+    try:
+        from ._slice_cpu import extract_slices_numba
+    except ImportError:
+        return None
+    return extract_slices_numba
 
 
 def _axis_taps(xp, kernel: GriddingKernel, coordinate):

@@ -1,0 +1,174 @@
+"""Compiled CPU kernel for Fourier-slice extraction: the numba twin of
+``projector._extract_slices_numpy``, one loop iteration per output coefficient.
+
+Each coefficient's 3D point is computed, flipped into the stored half space
+(x ≥ 0) by Hermitian symmetry, given its separable kernel weights (tent, or
+Kaiser-Bessel through the same power series of I0 as ``gridding.bessel_i0``),
+and its ``width³`` taps are summed straight from the prepared transform, row by
+row along x as the NumPy gather does. Nothing per tap is stored, so a batch
+needs no working memory beyond its output, and the loop runs without the GIL
+(``nogil``): threads of one process each slice their own batch at full speed.
+
+``projector.extract_slices`` imports this module on first use; where numba
+is not installed it uses the NumPy gather, which computes the same values (tests/test_projector.py checks both against each other and
+against the same independent references).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from .ctf import frequency_grid
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _wrap(index, grid):
+    """``index % grid`` for an index less than one grid away from [0, grid)."""
+    if index < 0:
+        return index + grid
+    if index >= grid:
+        return index - grid
+    return index
+
+
+@numba.njit(nogil=True, cache=True)
+def _row_weights(coordinates, count, width, kind, beta, series, firsts, weights, quarter, total):
+    """First taps and kernel weights of ``count`` points' coordinates (grid units), as ``_axis_taps``.
+
+    ``weights[c, axis * width + j]`` (float32) is the weight of tap ``firsts[c, axis] + j``.
+    The I0 series of ``gridding.bessel_i0`` runs term by term over all the points' taps
+    at once, a loop without dependencies between taps that the compiler vectorises.
+    """
+    taps = 3 * width
+    for c in range(count):
+        for axis in range(3):
+            coordinate = coordinates[c, axis]
+            first = np.float32(np.ceil(coordinate - np.float32(0.5 * width)))
+            firsts[c, axis] = np.int64(first)
+            for j in range(width):
+                distance = coordinate - (first + np.float32(j))
+                if kind == 0:
+                    weights[c, axis * width + j] = max(np.float32(1.0) - abs(distance), np.float32(0.0))
+                else:
+                    ratio = np.float32(2.0) * distance / np.float32(width)
+                    inside = max(np.float32(1.0) - ratio * ratio, np.float32(0.0))
+                    x = np.float64(np.float32(beta) * np.sqrt(inside))
+                    # a tap beyond the kernel gets I0(0) - 1 = 0, as the NumPy twin's where()
+                    quarter[c * taps + axis * width + j] = x * x / 4.0 if abs(ratio) <= np.float32(1.0) else 0.0
+    if kind == 0:
+        return
+    size = count * taps
+    for i in range(size):
+        total[i] = 1.0
+    for k in range(series.shape[0] - 1, 0, -1):  # Horner's rule, as gridding.bessel_i0
+        factor = series[k]
+        for i in range(size):
+            total[i] = 1.0 + total[i] * quarter[i] * factor
+    for c in range(count):
+        for t in range(taps):
+            weights[c, t] = np.float32(total[c * taps + t] - 1.0)
+
+
+@numba.njit(nogil=True, cache=True)
+def _gather(volume, rotations, kx, ky, out, box, grid, reach, step, width, kind, beta, series, cube):
+    """Fill ``out`` (n, size, size//2 + 1) with the kernel sums of ``volume`` at each slice point.
+
+    ``volume`` is the prepared transform (P, P, C) complex64 seen as float32
+    pairs, flattened. Each output row is done in three passes: its in-band
+    points' coordinates, their weights, then the taps.
+    """
+    columns = (volume.shape[0] // (grid * grid)) // 2
+    size, half = out.shape[1], out.shape[2]
+    radius2 = np.float32((size / 2.0) ** 2)
+    limit = np.float32(box / 2.0)
+    taps = 3 * width
+    coordinates = np.empty((half, 3), dtype=np.float32)
+    points = np.empty(half, dtype=np.int64)
+    flipped = np.empty(half, dtype=np.bool_)
+    firsts = np.empty((half, 3), dtype=np.int64)
+    weights = np.empty((half, taps), dtype=np.float32)
+    quarter = np.empty(half * taps, dtype=np.float64)
+    total = np.empty(half * taps, dtype=np.float64)
+    for p in range(out.shape[0]):
+        r = rotations[p]
+        for iy in range(size):
+            fy = ky[iy]
+            count = 0
+            for ix in range(half):
+                fx = kx[ix]
+                qx = fx * r[0, 0] + fy * r[1, 0]
+                qy = fx * r[0, 1] + fy * r[1, 1]
+                qz = fx * r[0, 2] + fy * r[1, 2]
+                if cube:
+                    inside = abs(qx) <= limit and abs(qy) <= limit and abs(qz) <= limit
+                else:
+                    inside = fx * fx + fy * fy <= radius2
+                if not inside:
+                    out[p, iy, ix] = 0
+                    continue
+                qx, qy, qz = qx * step, qy * step, qz * step
+                negative = qx < np.float32(0.0)
+                if negative:  # F(-q) = conj(F(q)): read the stored half space
+                    qx, qy, qz = -qx, -qy, -qz
+                coordinates[count, 0], coordinates[count, 1], coordinates[count, 2] = qx, qy, qz
+                points[count] = ix
+                flipped[count] = negative
+                count += 1
+            _row_weights(coordinates, count, width, kind, beta, series, firsts, weights, quarter, total)
+            for c in range(count):
+                w = weights[c]
+                x0 = min(max(firsts[c, 0] + reach, 0), columns - width)
+                real = np.float32(0.0)
+                imag = np.float32(0.0)
+                for a in range(width):
+                    plane = _wrap(firsts[c, 2] + a, grid) * grid
+                    for b in range(width):
+                        start = 2 * ((plane + _wrap(firsts[c, 1] + b, grid)) * columns + x0)
+                        # the row's taps along x, contiguous (real, imag) pairs, summed in order
+                        if width == 4:  # the default kernel, unrolled
+                            row_real = (volume[start] * w[0] + volume[start + 2] * w[1]
+                                        + volume[start + 4] * w[2] + volume[start + 6] * w[3])
+                            row_imag = (volume[start + 1] * w[0] + volume[start + 3] * w[1]
+                                        + volume[start + 5] * w[2] + volume[start + 7] * w[3])
+                        elif width == 2:  # trilinear
+                            row_real = volume[start] * w[0] + volume[start + 2] * w[1]
+                            row_imag = volume[start + 1] * w[0] + volume[start + 3] * w[1]
+                        else:
+                            row_real = np.float32(0.0)
+                            row_imag = np.float32(0.0)
+                            for j in range(width):
+                                row_real += volume[start + 2 * j] * w[j]
+                                row_imag += volume[start + 2 * j + 1] * w[j]
+                        weight = w[2 * width + a] * w[width + b]
+                        real += row_real * weight
+                        imag += row_imag * weight
+                out[p, iy, points[c]] = complex(real, -imag if flipped[c] else imag)
+
+
+def _series(kernel) -> np.ndarray:
+    """1/k² for k = 0..terms (entry 0 unused): the I0 series of ``gridding.bessel_i0`` at the kernel's β."""
+    terms = int(12 + 1.5 * kernel.beta) if kernel.kind == "kaiser-bessel" else 0
+    series = np.zeros(terms + 1, dtype=np.float64)
+    series[1:] = 1.0 / np.arange(1, terms + 1, dtype=np.float64) ** 2
+    return series
+
+
+def extract_slices_numba(prepared, rotations, corners: str, size: int):
+    """Central slices on the CPU, compiled; same contract as ``projector.extract_slices``.
+
+    The first call in a process compiles the kernel (a few seconds, cached on
+    disk by numba afterwards).
+    """
+    box, kernel = prepared.box, prepared.kernel
+    transform = np.ascontiguousarray(prepared.transform, dtype=np.complex64)
+    # the same float32 arithmetic as projector.slice_coordinates
+    rot = np.ascontiguousarray(np.asarray(rotations, dtype=np.float32).reshape(-1, 3, 3) * np.float32(box / float(size)))
+    kx, ky = frequency_grid(np, size)
+    out = np.empty((rot.shape[0], size, size // 2 + 1), dtype=np.complex64)
+    if out.size == 0:
+        return out
+    _gather(transform.view(np.float32).reshape(-1), rot, np.ascontiguousarray(kx[0]), np.ascontiguousarray(ky[:, 0]), out, box,
+           prepared.grid_size, kernel.reach, np.float32(prepared.grid_size / float(box)), kernel.width,
+           0 if kernel.kind == "trilinear" else 1, float(kernel.beta), _series(kernel), corners == "map")
+    return out
