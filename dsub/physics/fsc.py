@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import to_numpy
+from .backend import fft_module, to_numpy
 
 
 @dataclass(frozen=True)
@@ -73,26 +73,25 @@ def fourier_shell_correlation(xp, half_a, half_b, voxel_size_angstrom: float) ->
     if half_a.shape != half_b.shape or half_a.ndim != 3 or len(set(half_a.shape)) != 1:
         raise ValueError(f"half maps must be cubic and of one shape, got {half_a.shape} and {half_b.shape}")
     box = int(half_a.shape[0])
-    transform_a = xp.fft.rfftn(half_a)
-    transform_b = xp.fft.rfftn(half_b)
-    kz = xp.fft.fftfreq(box) * box
-    kx = xp.fft.rfftfreq(box) * box
-    radius = xp.sqrt(kz[:, None, None] ** 2 + kz[None, :, None] ** 2 + kx[None, None, :] ** 2)
-    shell = xp.rint(radius).astype("int64").ravel()
+    fft = fft_module(xp)
+    transform_a = fft.rfftn(half_a)
+    transform_b = fft.rfftn(half_b)
     shells = box // 2 + 1
-    inside = shell < shells
-    shell = shell[inside]
+    # shells beyond Nyquist (the cube's corners) are counted in one extra bin, then dropped
+    shell = xp.minimum(_shell_index(xp, box), shells).ravel()
 
     def shell_sum(values):
-        return xp.bincount(shell, weights=values.ravel()[inside].astype("float64"), minlength=shells)[:shells]
+        return xp.bincount(shell, weights=values.ravel(), minlength=shells + 1)[:shells]
 
-    cross = shell_sum((transform_a * xp.conj(transform_b)).real)
-    power_a = shell_sum((transform_a * xp.conj(transform_a)).real)
-    power_b = shell_sum((transform_b * xp.conj(transform_b)).real)
+    cross = shell_sum(transform_a.real * transform_b.real + transform_a.imag * transform_b.imag)
+    power_a = shell_sum(transform_a.real * transform_a.real + transform_a.imag * transform_a.imag)
+    del transform_a
+    power_b = shell_sum(transform_b.real * transform_b.real + transform_b.imag * transform_b.imag)
+    del transform_b
     norm = xp.sqrt(power_a * power_b)
     fsc = xp.where(norm > 0, cross / xp.where(norm > 0, norm, 1.0), 0.0)
     values = to_numpy(fsc).astype(np.float64)
-    counts = to_numpy(xp.bincount(shell, minlength=shells)[:shells]).astype(np.int64)
+    counts = to_numpy(xp.bincount(shell, minlength=shells + 1)[:shells]).astype(np.int64)
     frequency = np.arange(shells) / (box * float(voxel_size_angstrom))
     return ShellCurve(frequency_per_angstrom=frequency, values=values, coefficients=counts)
 
@@ -106,8 +105,21 @@ def wiener_filter(xp, volume, curve: ShellCurve):
     volume = xp.asarray(volume, dtype="float32")
     box = int(volume.shape[0])
     voxel = 1.0 / (box * float(curve.frequency_per_angstrom[1]))
-    kz = xp.fft.fftfreq(box) * box
-    kx = xp.fft.rfftfreq(box) * box
-    radius = xp.sqrt(kz[:, None, None] ** 2 + kz[None, :, None] ** 2 + kx[None, None, :] ** 2)
-    factor = xp.clip(curve.significant().at(xp, radius / (box * voxel)), 0.0, 1.0)
-    return xp.fft.irfftn(xp.fft.rfftn(volume) * factor, s=volume.shape, axes=(0, 1, 2)).astype("float32")
+    factor = xp.clip(curve.significant().at(xp, _radius(xp, box) / np.float32(box * voxel)), 0.0, 1.0)
+    fft = fft_module(xp)
+    spectrum = fft.rfftn(volume)
+    spectrum *= factor
+    return fft.irfftn(spectrum, s=volume.shape, axes=(0, 1, 2)).astype("float32", copy=False)
+
+
+def _radius(xp, box: int):
+    """|k| (voxels of frequency) on the rfftn half grid of a box³ map, float32 (box, box, box//2 + 1)."""
+    k = xp.asarray(np.fft.fftfreq(box) * box, dtype="float32")
+    kx = k[: box // 2 + 1].copy()
+    kx[-1] = abs(kx[-1])  # rfftfreq: the last column is +Nyquist
+    return xp.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2)
+
+
+def _shell_index(xp, box: int):
+    """Shell of each rfftn coefficient: |k| rounded to the nearest integer (RELION), int32."""
+    return xp.rint(_radius(xp, box)).astype("int32")

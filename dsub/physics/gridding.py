@@ -109,9 +109,10 @@ def grid_size(box: int, oversampling: float) -> int:
         size += 1
 
 
-def gridding_correction(xp, kernel: GriddingKernel, box: int, size: int):
-    """The separable ``K̂(x / size)`` over a box³ map (x: offset of a voxel from voxel box//2), float32."""
+def gridding_correct(xp, volume, kernel: GriddingKernel, size: int):
+    """``volume`` (box³, float32) divided by the separable ``K̂(x / size)`` (x: offset of a voxel
+    from voxel box//2), float32: the gridding correction of a map padded to ``size``."""
+    box = int(volume.shape[0])
     offsets = (np.arange(box) - box // 2) / float(size)
-    profile = kernel.transform(offsets)
-    correction = profile[:, None, None] * profile[None, :, None] * profile[None, None, :]
-    return xp.asarray(correction, dtype="float32")
+    inverse = xp.asarray(1.0 / kernel.transform(offsets), dtype="float32")
+    return volume * inverse[:, None, None] * inverse[None, :, None] * inverse[None, None, :]

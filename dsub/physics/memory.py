@@ -7,16 +7,18 @@ oversampling)``. Both half sets are resident, so four volumes.
 
 Batch: the peak of ``subtract_batch`` per particle, measured with tracemalloc
 on NumPy (tests/test_subtract.py checks it within 25 %): the larger of the
-slice's working arrays (8 + 52·width bytes per element of the rfft2 half plane
-it is sampled on: coordinates, taps and weights per axis, gathered values) and
-the extraction field's (80 bytes per element of its half plane E·(E//2 + 1):
+slice's working arrays (8 bytes per element of the rfft2 half plane it is
+sampled on, the slice itself; 52·width more where numba is missing and the
+NumPy gather keeps coordinates, taps and weights per axis) and the extraction
+field's (80 bytes per element of its half plane E·(E//2 + 1):
 the CTF is computed there in float64, ``ctf.ctf_2d``, beside the shift phases
 and the spectra), plus 24 bytes per element of the box's half plane (images,
-models, contrast fit). The GPU's slice kernel keeps no per-tap arrays, so this
-bounds the GPU's batch too.
+models, contrast fit). The GPU's slice kernel keeps no per-tap arrays either.
 """
 
 from __future__ import annotations
+
+from importlib.util import find_spec
 
 from .gridding import grid_size
 from .projector import prepared_shape, projector_kernel
@@ -43,18 +45,30 @@ def prepared_map_bytes(box: int, settings) -> int:
 
 
 #: Peak of preparing one volume beyond the three already resident, in units of its plain rfft
-#: (P²·(P/2+1) complex64): NumPy's pocketfft transforms axis by axis into fresh arrays, beside the padded
-#: map, its shifted copy and the extended transform (tracemalloc, NumPy 2.x: 8.1-9.7; tests/test_memory.py).
-#: cuFFT needs less scratch, so on a GPU this is an upper bound.
-PREPARATION_PEAK_PLAIN_RFFTS = 8.5
+#: (P²·(P/2+1) complex64), on the CPU: the padded map, its rfft (scipy.fft, single precision) and the
+#: extended transform being filled (tracemalloc, NumPy 2.4 / SciPy 1.17: 2.2-2.6; tests/test_memory.py).
+PREPARATION_PEAK_PLAIN_RFFTS_CPU = 2.4
+#: The same on a GPU, where CuPy's pool also keeps cuFFT's work area and the freed blocks: an upper
+#: bound from tests/test_gpu.py (8.5 when the map was shifted by a copy, one padded map more).
+PREPARATION_PEAK_PLAIN_RFFTS_GPU = 8.0
 
 
-def preparation_peak_bytes(box: int, settings) -> int:
-    """Peak bytes while the last of the four volumes is prepared: the other three and its scratch."""
+def preparation_peak_bytes(box: int, settings, device: str = "gpu") -> int:
+    """Peak bytes while the last of the four volumes is prepared: the other three and its scratch.
+
+    ``device`` "cpu" gives NumPy's figure; anything else the GPU's, the larger,
+    which bounds both.
+    """
     _, oversampling = projector_kernel(settings.projector, settings.padding)
     size = grid_size(box, oversampling)
     plain_rfft = 8 * size * size * (size // 2 + 1)
-    return int(3 * prepared_volume_bytes(box, settings) + PREPARATION_PEAK_PLAIN_RFFTS * plain_rfft)
+    scratch = PREPARATION_PEAK_PLAIN_RFFTS_CPU if device == "cpu" else PREPARATION_PEAK_PLAIN_RFFTS_GPU
+    return int(3 * prepared_volume_bytes(box, settings) + scratch * plain_rfft)
+
+
+def compiled_gather_installed() -> bool:
+    """Whether numba is installed, so NumPy slices are gathered by ``_slice_cpu`` (found, not imported)."""
+    return find_spec("numba") is not None
 
 
 def batch_bytes_per_particle(box: int, settings, delocalisation_pixels: float = 0.0) -> int:
@@ -70,6 +84,7 @@ def batch_bytes_per_particle(box: int, settings, delocalisation_pixels: float = 
     kernel, _ = projector_kernel(settings.projector, settings.padding)
     field = settings.field_size(box, delocalisation_pixels)
     sliced = field if settings.field_slice and settings.projector != "relion" else box
-    slice_bytes = (SLICE_BYTES_PER_ELEMENT + SLICE_BYTES_PER_ELEMENT_AND_WIDTH * kernel.width) * half_plane(sliced)
+    per_tap = 0 if compiled_gather_installed() else SLICE_BYTES_PER_ELEMENT_AND_WIDTH * kernel.width
+    slice_bytes = (SLICE_BYTES_PER_ELEMENT + per_tap) * half_plane(sliced)
     field_bytes = FIELD_BYTES_PER_ELEMENT * half_plane(field)
     return max(slice_bytes, field_bytes) + BOX_BYTES_PER_ELEMENT * half_plane(box)

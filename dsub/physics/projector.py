@@ -43,8 +43,9 @@ from functools import lru_cache
 
 import numpy as np
 
+from .backend import fft_module
 from .ctf import frequency_grid
-from .gridding import GriddingKernel, grid_size, gridding_correction, kaiser_bessel
+from .gridding import GriddingKernel, grid_size, gridding_correct, kaiser_bessel
 
 PROJECTORS = ("gridding", "relion")
 CORNERS = ("map", "zero")
@@ -94,21 +95,25 @@ def prepared_shape(box: int, kernel: GriddingKernel, oversampling: float) -> tup
 def prepare_volume(xp, volume, kernel: GriddingKernel, oversampling: float) -> PreparedVolume:
     """Grid-correct, zero-pad to P = grid_size(box, oversampling) and transform a cubic map (z, y, x).
 
-    Raises ValueError for a map that is not cubic. Peak working memory: the
-    float32 padded map (P³ · 4 bytes) and its rfft (P²·(P/2+1) · 8 bytes) beside
-    the result.
+    Raises ValueError for a map that is not cubic. The corrected map is written
+    straight into the padded grid with its centre voxel at index 0 (what
+    ``ifftshift`` of the centred padded map gives), so the grid is made once;
+    single-precision throughout. Peak working memory beside the result: the
+    float32 padded map (P³ · 4 bytes), its rfft (P²·(P/2+1) · 8 bytes) and the
+    FFT's scratch.
     """
     box = int(volume.shape[0])
     if volume.ndim != 3 or volume.shape != (box, box, box):
         raise ValueError(f"volume must be cubic, got shape {tuple(volume.shape)}")
     shape = prepared_shape(box, kernel, oversampling)
     size, reach = shape[0], kernel.reach
+    # voxel v (offset v - box//2 from the centre) lands at index (v - box//2) mod P
+    where = xp.asarray((np.arange(box) - box // 2) % size)
     padded = xp.zeros((size, size, size), dtype="float32")
-    start = size // 2 - box // 2
-    padded[start : start + box, start : start + box, start : start + box] = xp.asarray(
-        volume, dtype="float32"
-    ) / gridding_correction(xp, kernel, box, size)
-    half = xp.fft.rfftn(xp.fft.ifftshift(padded)).astype("complex64", copy=False)
+    padded[where[:, None, None], where[None, :, None], where[None, None, :]] = gridding_correct(
+        xp, xp.asarray(volume, dtype="float32"), kernel, size
+    )
+    half = fft_module(xp).rfftn(padded).astype("complex64", copy=False)
     del padded
     transform = xp.empty(shape, dtype="complex64")
     transform[:, :, reach : reach + size // 2 + 1] = half
