@@ -57,6 +57,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .backend import fft_module
 from .ctf import frequency_grid
 
 SCALE_MODES = ("fit", "input", "none")
@@ -149,8 +150,8 @@ def fit_contrast(xp, images, models, pixel_size_angstrom, fit: ContrastFit) -> C
         window = soft_window(xp, box, fit.window_inner, fit.window_outer)
         images = images * window
         models = models * window
-    image_ft = xp.fft.rfft2(images)
-    model_ft = xp.fft.rfft2(models)
+    image_ft = fft_module(xp).rfft2(images)
+    model_ft = fft_module(xp).rfft2(models)
     weights = band_weights(xp, box, pixel_size_angstrom, fit)
     cross = (weights * (image_ft * xp.conj(model_ft)).real).sum(axis=(-2, -1))
     model_power = (weights * _power(xp, model_ft)).sum(axis=(-2, -1))

@@ -44,25 +44,26 @@ def prepared_map_bytes(box: int, settings) -> int:
     return PREPARED_VOLUMES * prepared_volume_bytes(box, settings)
 
 
-#: Peak of preparing one volume beyond the three already resident, in units of its plain rfft
-#: (P²·(P/2+1) complex64), on the CPU: the padded map, its rfft (scipy.fft, single precision) and the
-#: extended transform being filled (tracemalloc, NumPy 2.4 / SciPy 1.17: 2.2-2.6; tests/test_memory.py).
-PREPARATION_PEAK_PLAIN_RFFTS_CPU = 2.4
-#: The same on a GPU, where CuPy's pool also keeps cuFFT's work area and the freed blocks: an upper
-#: bound from tests/test_gpu.py (8.5 when the map was shifted by a copy, one padded map more).
+#: Peak of preparing one volume beyond the three already resident, on a GPU, in units of its plain
+#: rfft (P²·(P/2+1) complex64): CuPy's pool also keeps cuFFT's work areas and the freed blocks of each
+#: axis's transform; an upper bound from tests/test_gpu.py (8.5 when the whole padded grid was
+#: transformed, which needed more).
 PREPARATION_PEAK_PLAIN_RFFTS_GPU = 8.0
 
 
 def preparation_peak_bytes(box: int, settings, device: str = "gpu") -> int:
     """Peak bytes while the last of the four volumes is prepared: the other three and its scratch.
 
-    ``device`` "cpu" gives NumPy's figure; anything else the GPU's, the larger,
-    which bounds both.
+    ``device`` "cpu" gives NumPy's figure: the volume being made and
+    ``prepare_volume``'s planes and rows, (1 + r + r²) plain rffts for r =
+    box / P (tracemalloc, NumPy 2.4 / SciPy 1.17, within 10 %; tests/test_memory.py).
+    Anything else gives the GPU's, the larger, which bounds both.
     """
     _, oversampling = projector_kernel(settings.projector, settings.padding)
     size = grid_size(box, oversampling)
     plain_rfft = 8 * size * size * (size // 2 + 1)
-    scratch = PREPARATION_PEAK_PLAIN_RFFTS_CPU if device == "cpu" else PREPARATION_PEAK_PLAIN_RFFTS_GPU
+    ratio = box / size
+    scratch = 1 + ratio + ratio**2 if device == "cpu" else PREPARATION_PEAK_PLAIN_RFFTS_GPU
     return int(3 * prepared_volume_bytes(box, settings) + scratch * plain_rfft)
 
 

@@ -95,33 +95,43 @@ def prepared_shape(box: int, kernel: GriddingKernel, oversampling: float) -> tup
 def prepare_volume(xp, volume, kernel: GriddingKernel, oversampling: float) -> PreparedVolume:
     """Grid-correct, zero-pad to P = grid_size(box, oversampling) and transform a cubic map (z, y, x).
 
-    Raises ValueError for a map that is not cubic. The corrected map is written
-    straight into the padded grid with its centre voxel at index 0 (what
-    ``ifftshift`` of the centred padded map gives), so the grid is made once;
-    single-precision throughout. Peak working memory beside the result: the
-    float32 padded map (P³ · 4 bytes), its rfft (P²·(P/2+1) · 8 bytes) and the
-    FFT's scratch.
+    The transform is ``rfftn`` of the corrected map centred in a zero P³ grid
+    and ``ifftshift``-ed (its centre voxel at index 0), done axis by axis
+    without transforming the zeros: along x only the box² rows that hold the
+    map, along y only the box planes, along z the whole half spectrum, in place
+    in the result (on NumPy). Single precision throughout. Raises ValueError for
+    a map that is not cubic. Peak working memory beside the result (P² · (P/2+1)
+    complex64, about P³ · 4 bytes): the box · P · (P/2+1) complex64 planes, and
+    on CuPy a copy of the result's size.
     """
     box = int(volume.shape[0])
     if volume.ndim != 3 or volume.shape != (box, box, box):
         raise ValueError(f"volume must be cubic, got shape {tuple(volume.shape)}")
     shape = prepared_shape(box, kernel, oversampling)
     size, reach = shape[0], kernel.reach
-    # voxel v (offset v - box//2 from the centre) lands at index (v - box//2) mod P
+    fft = fft_module(xp)
+    in_place = {"overwrite_x": True} if xp.__name__ == "numpy" else {}
+    # voxel v (offset v - box//2 from the centre) lands at index (v - box//2) mod P on each axis
     where = xp.asarray((np.arange(box) - box // 2) % size)
-    padded = xp.zeros((size, size, size), dtype="float32")
-    padded[where[:, None, None], where[None, :, None], where[None, None, :]] = gridding_correct(
-        xp, xp.asarray(volume, dtype="float32"), kernel, size
-    )
-    half = fft_module(xp).rfftn(padded).astype("complex64", copy=False)
-    del padded
-    transform = xp.empty(shape, dtype="complex64")
-    transform[:, :, reach : reach + size // 2 + 1] = half
+    rows = xp.zeros((box, box, size), dtype="float32")
+    rows[:, :, where] = gridding_correct(xp, xp.asarray(volume, dtype="float32"), kernel, size)
+    rows = fft.rfft(rows, axis=2)  # (box, box, P/2+1)
+    planes = xp.zeros((box, size, size // 2 + 1), dtype="complex64")
+    planes[:, where, :] = rows
+    del rows
+    planes = fft.fft(planes, axis=1, **in_place)
+    transform = xp.zeros(shape, dtype="complex64")
+    half = transform[:, :, reach : reach + size // 2 + 1]
+    half[where] = planes
+    del planes
+    transformed = fft.fft(half, axis=0, **in_place)
+    if transformed is not half and not (xp.__name__ == "numpy" and np.shares_memory(transformed, half)):
+        half[...] = transformed
+    del transformed
     # F[z, y, x] = conj(F[-z, -y, -x]) fills the columns outside the half space.
     for column in range(1, reach + 1):
         for target, source in ((reach - column, column), (reach + size // 2 + column, size // 2 - column)):
             transform[:, :, target] = xp.conj(xp.roll(half[::-1, ::-1, source], (1, 1), axis=(0, 1)))
-    del half
     return PreparedVolume(transform=transform, box=box, kernel=kernel)
 
 
@@ -237,13 +247,13 @@ def shift_phases(xp, size: int, origins_pixels):
 
 def image_spectra(xp, images):
     """rfft2 of images whose centre is pixel ``box//2`` (origin moved to index 0)."""
-    return xp.fft.rfft2(xp.fft.ifftshift(xp.asarray(images, dtype="float32"), axes=(-2, -1)))
+    return fft_module(xp).rfft2(xp.fft.ifftshift(xp.asarray(images, dtype="float32"), axes=(-2, -1)))
 
 
 def spectra_to_images(xp, spectra, box: int):
     """Inverse of ``image_spectra`` at the spectra's size, cropped to ``box`` about the centre."""
     size = spectra.shape[-2]
-    images = xp.fft.fftshift(xp.fft.irfft2(spectra, s=(size, size)), axes=(-2, -1))
+    images = xp.fft.fftshift(fft_module(xp).irfft2(spectra, s=(size, size)), axes=(-2, -1))
     start = size // 2 - box // 2
     return images[..., start : start + box, start : start + box].astype("float32")
 
