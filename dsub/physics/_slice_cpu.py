@@ -33,41 +33,44 @@ def _wrap(index, grid):
 
 
 @numba.njit(nogil=True, cache=True)
-def _row_weights(coordinates, count, width, kind, beta, series, firsts, weights, quarter, total):
+def _row_weights(coordinates, count, width, kind, beta, series, firsts, weights, starts, quarter, total):
     """First taps and kernel weights of ``count`` points' coordinates (grid units), as ``_axis_taps``.
 
-    ``weights[c, axis * width + j]`` (float32) is the weight of tap ``firsts[c, axis] + j``.
-    The I0 series of ``gridding.bessel_i0`` runs term by term over all the points' taps
-    at once, a loop without dependencies between taps that the compiler vectorises.
+    ``coordinates[axis, c]`` is point c's coordinate; ``firsts[axis, c]`` gets its
+    first tap and ``weights[axis, j, c]`` (float32) the weight of tap ``first + j``.
+    Each loop runs over the points innermost, so the compiler vectorises it; the
+    I0 series of ``gridding.bessel_i0`` runs term by term over every tap of the
+    row at once. ``starts``, ``quarter`` and ``total`` are scratch.
     """
-    taps = 3 * width
-    for c in range(count):
-        for axis in range(3):
-            coordinate = coordinates[c, axis]
-            first = np.float32(np.ceil(coordinate - np.float32(0.5 * width)))
-            firsts[c, axis] = np.int64(first)
-            for j in range(width):
-                distance = coordinate - (first + np.float32(j))
+    for axis in range(3):
+        for c in range(count):
+            first = np.float32(np.ceil(coordinates[axis, c] - np.float32(0.5 * width)))
+            firsts[axis, c] = np.int64(first)
+            starts[c] = first
+        for j in range(width):
+            for c in range(count):
+                distance = coordinates[axis, c] - (starts[c] + np.float32(j))
                 if kind == 0:
-                    weights[c, axis * width + j] = max(np.float32(1.0) - abs(distance), np.float32(0.0))
+                    weights[axis, j, c] = max(np.float32(1.0) - abs(distance), np.float32(0.0))
                 else:
                     ratio = np.float32(2.0) * distance / np.float32(width)
                     inside = max(np.float32(1.0) - ratio * ratio, np.float32(0.0))
                     x = np.float64(np.float32(beta) * np.sqrt(inside))
                     # a tap beyond the kernel gets I0(0) - 1 = 0, as the NumPy twin's where()
-                    quarter[c * taps + axis * width + j] = x * x / 4.0 if abs(ratio) <= np.float32(1.0) else 0.0
+                    quarter[axis, j, c] = x * x / 4.0 if abs(ratio) <= np.float32(1.0) else 0.0
+                    total[axis, j, c] = 1.0
     if kind == 0:
         return
-    size = count * taps
-    for i in range(size):
-        total[i] = 1.0
     for k in range(series.shape[0] - 1, 0, -1):  # Horner's rule, as gridding.bessel_i0
         factor = series[k]
-        for i in range(size):
-            total[i] = 1.0 + total[i] * quarter[i] * factor
-    for c in range(count):
-        for t in range(taps):
-            weights[c, t] = np.float32(total[c * taps + t] - 1.0)
+        for axis in range(3):
+            for j in range(width):
+                for c in range(count):
+                    total[axis, j, c] = 1.0 + total[axis, j, c] * quarter[axis, j, c] * factor
+    for axis in range(3):
+        for j in range(width):
+            for c in range(count):
+                weights[axis, j, c] = np.float32(total[axis, j, c] - 1.0)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -82,14 +85,14 @@ def _gather(volume, rotations, kx, ky, out, box, grid, reach, step, width, kind,
     size, half = out.shape[1], out.shape[2]
     radius2 = np.float32((size / 2.0) ** 2)
     limit = np.float32(box / 2.0)
-    taps = 3 * width
-    coordinates = np.empty((half, 3), dtype=np.float32)
+    coordinates = np.empty((3, half), dtype=np.float32)
     points = np.empty(half, dtype=np.int64)
     flipped = np.empty(half, dtype=np.bool_)
-    firsts = np.empty((half, 3), dtype=np.int64)
-    weights = np.empty((half, taps), dtype=np.float32)
-    quarter = np.empty(half * taps, dtype=np.float64)
-    total = np.empty(half * taps, dtype=np.float64)
+    firsts = np.empty((3, half), dtype=np.int64)
+    weights = np.empty((3, width, half), dtype=np.float32)
+    starts = np.empty(half, dtype=np.float32)
+    quarter = np.empty((3, width, half), dtype=np.float64)
+    total = np.empty((3, width, half), dtype=np.float64)
     for p in range(out.shape[0]):
         r = rotations[p]
         for iy in range(size):
@@ -111,36 +114,36 @@ def _gather(volume, rotations, kx, ky, out, box, grid, reach, step, width, kind,
                 negative = qx < np.float32(0.0)
                 if negative:  # F(-q) = conj(F(q)): read the stored half space
                     qx, qy, qz = -qx, -qy, -qz
-                coordinates[count, 0], coordinates[count, 1], coordinates[count, 2] = qx, qy, qz
+                coordinates[0, count], coordinates[1, count], coordinates[2, count] = qx, qy, qz
                 points[count] = ix
                 flipped[count] = negative
                 count += 1
-            _row_weights(coordinates, count, width, kind, beta, series, firsts, weights, quarter, total)
+            _row_weights(coordinates, count, width, kind, beta, series, firsts, weights, starts, quarter, total)
             for c in range(count):
-                w = weights[c]
-                x0 = min(max(firsts[c, 0] + reach, 0), columns - width)
+                wx, wy, wz = weights[0, :, c], weights[1, :, c], weights[2, :, c]
+                x0 = min(max(firsts[0, c] + reach, 0), columns - width)
                 real = np.float32(0.0)
                 imag = np.float32(0.0)
                 for a in range(width):
-                    plane = _wrap(firsts[c, 2] + a, grid) * grid
+                    plane = _wrap(firsts[2, c] + a, grid) * grid
                     for b in range(width):
-                        start = 2 * ((plane + _wrap(firsts[c, 1] + b, grid)) * columns + x0)
+                        start = 2 * ((plane + _wrap(firsts[1, c] + b, grid)) * columns + x0)
                         # the row's taps along x, contiguous (real, imag) pairs, summed in order
                         if width == 4:  # the default kernel, unrolled
-                            row_real = (volume[start] * w[0] + volume[start + 2] * w[1]
-                                        + volume[start + 4] * w[2] + volume[start + 6] * w[3])
-                            row_imag = (volume[start + 1] * w[0] + volume[start + 3] * w[1]
-                                        + volume[start + 5] * w[2] + volume[start + 7] * w[3])
+                            row_real = (volume[start] * wx[0] + volume[start + 2] * wx[1]
+                                        + volume[start + 4] * wx[2] + volume[start + 6] * wx[3])
+                            row_imag = (volume[start + 1] * wx[0] + volume[start + 3] * wx[1]
+                                        + volume[start + 5] * wx[2] + volume[start + 7] * wx[3])
                         elif width == 2:  # trilinear
-                            row_real = volume[start] * w[0] + volume[start + 2] * w[1]
-                            row_imag = volume[start + 1] * w[0] + volume[start + 3] * w[1]
+                            row_real = volume[start] * wx[0] + volume[start + 2] * wx[1]
+                            row_imag = volume[start + 1] * wx[0] + volume[start + 3] * wx[1]
                         else:
                             row_real = np.float32(0.0)
                             row_imag = np.float32(0.0)
                             for j in range(width):
-                                row_real += volume[start + 2 * j] * w[j]
-                                row_imag += volume[start + 2 * j + 1] * w[j]
-                        weight = w[2 * width + a] * w[width + b]
+                                row_real += volume[start + 2 * j] * wx[j]
+                                row_imag += volume[start + 2 * j + 1] * wx[j]
+                        weight = wz[a] * wy[b]
                         real += row_real * weight
                         imag += row_imag * weight
                 out[p, iy, points[c]] = complex(real, -imag if flipped[c] else imag)
