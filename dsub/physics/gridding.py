@@ -109,10 +109,7 @@ def grid_size(box: int, oversampling: float) -> int:
         size += 1
 
 
-def gridding_correct(xp, volume, kernel: GriddingKernel, size: int):
-    """``volume`` (box³, float32) divided by the separable ``K̂(x / size)`` (x: offset of a voxel
-    from voxel box//2), float32: the gridding correction of a map padded to ``size``."""
-    box = int(volume.shape[0])
-    offsets = (np.arange(box) - box // 2) / float(size)
-    inverse = xp.asarray(1.0 / kernel.transform(offsets), dtype="float32")
-    return volume * inverse[:, None, None] * inverse[None, :, None] * inverse[None, None, :]
+def gridding_profile(kernel: GriddingKernel, box: int, size: int) -> np.ndarray:
+    """``K̂(x / size)`` along one axis of a box³ map padded to ``size`` (x: offset of a voxel from
+    voxel box//2), float64 (box,): the map is divided by its outer product (gridding correction)."""
+    return kernel.transform((np.arange(box) - box // 2) / float(size))

@@ -28,6 +28,9 @@ SLICE_BYTES_PER_ELEMENT = 8
 SLICE_BYTES_PER_ELEMENT_AND_WIDTH = 52
 FIELD_BYTES_PER_ELEMENT = 80
 BOX_BYTES_PER_ELEMENT = 24
+#: Host memory of the compiled slice gather in a CPU worker: numba, LLVM and the cached kernel
+#: (resident size of a process before and after its first slice: 58 -> 209 MB, NumPy 2.4, numba 0.68).
+COMPILED_GATHER_HOST_BYTES = 160 * 2**20
 #: Prepared volumes resident per worker: (whole, masked) for each of the two half sets.
 PREPARED_VOLUMES = 4
 
@@ -54,17 +57,17 @@ PREPARATION_PEAK_PLAIN_RFFTS_GPU = 8.0
 def preparation_peak_bytes(box: int, settings, device: str = "gpu") -> int:
     """Peak bytes while the last of the four volumes is prepared: the other three and its scratch.
 
-    ``device`` "cpu" gives NumPy's figure: the volume being made and
-    ``prepare_volume``'s planes and rows, (1 + r + r²) plain rffts for r =
-    box / P (tracemalloc, NumPy 2.4 / SciPy 1.17, within 10 %; tests/test_memory.py).
+    ``device`` "cpu" gives NumPy's figure: the volume being made (``prepare_volume``
+    transforms inside it) and the masked map (box³ float32) beside the three
+    (tracemalloc, NumPy 2.4 / SciPy 1.17, within 10 %; tests/test_memory.py).
     Anything else gives the GPU's, the larger, which bounds both.
     """
+    if device == "cpu":
+        return int(4 * prepared_volume_bytes(box, settings) + 4 * box**3)
     _, oversampling = projector_kernel(settings.projector, settings.padding)
     size = grid_size(box, oversampling)
     plain_rfft = 8 * size * size * (size // 2 + 1)
-    ratio = box / size
-    scratch = 1 + ratio + ratio**2 if device == "cpu" else PREPARATION_PEAK_PLAIN_RFFTS_GPU
-    return int(3 * prepared_volume_bytes(box, settings) + scratch * plain_rfft)
+    return int(3 * prepared_volume_bytes(box, settings) + PREPARATION_PEAK_PLAIN_RFFTS_GPU * plain_rfft)
 
 
 def compiled_gather_installed() -> bool:

@@ -45,7 +45,7 @@ import numpy as np
 
 from .backend import fft_module
 from .ctf import frequency_grid
-from .gridding import GriddingKernel, grid_size, gridding_correct, kaiser_bessel
+from .gridding import GriddingKernel, grid_size, gridding_profile, kaiser_bessel
 
 PROJECTORS = ("gridding", "relion")
 CORNERS = ("map", "zero")
@@ -96,13 +96,13 @@ def prepare_volume(xp, volume, kernel: GriddingKernel, oversampling: float) -> P
     """Grid-correct, zero-pad to P = grid_size(box, oversampling) and transform a cubic map (z, y, x).
 
     The transform is ``rfftn`` of the corrected map centred in a zero P³ grid
-    and ``ifftshift``-ed (its centre voxel at index 0), done axis by axis
-    without transforming the zeros: along x only the box² rows that hold the
-    map, along y only the box planes, along z the whole half spectrum, in place
-    in the result (on NumPy). Single precision throughout. Raises ValueError for
-    a map that is not cubic. Peak working memory beside the result (P² · (P/2+1)
-    complex64, about P³ · 4 bytes): the box · P · (P/2+1) complex64 planes, and
-    on CuPy a copy of the result's size.
+    and ``ifftshift``-ed (its centre voxel at index 0), done axis by axis inside
+    the result without transforming the zeros: along x the box² rows that hold
+    the map, one z plane at a time; along y the box planes; along z the whole
+    half spectrum (in place on NumPy). Single precision throughout. Raises
+    ValueError for a map that is not cubic. Working memory beside the result
+    (P²·(P/2 + 2·reach + 1) complex64): one plane's rows on NumPy, on CuPy a
+    copy of the result's size for the last two axes' transforms.
     """
     box = int(volume.shape[0])
     if volume.ndim != 3 or volume.shape != (box, box, box):
@@ -111,21 +111,31 @@ def prepare_volume(xp, volume, kernel: GriddingKernel, oversampling: float) -> P
     size, reach = shape[0], kernel.reach
     fft = fft_module(xp)
     in_place = {"overwrite_x": True} if xp.__name__ == "numpy" else {}
-    # voxel v (offset v - box//2 from the centre) lands at index (v - box//2) mod P on each axis
-    where = xp.asarray((np.arange(box) - box // 2) % size)
-    rows = xp.zeros((box, box, size), dtype="float32")
-    rows[:, :, where] = gridding_correct(xp, xp.asarray(volume, dtype="float32"), kernel, size)
-    rows = fft.rfft(rows, axis=2)  # (box, box, P/2+1)
-    planes = xp.zeros((box, size, size // 2 + 1), dtype="complex64")
-    planes[:, where, :] = rows
-    del rows
-    planes = fft.fft(planes, axis=1, **in_place)
+    volume = xp.asarray(volume, dtype="float32")
+    inverse = xp.asarray(1.0 / gridding_profile(kernel, box, size), dtype="float32")
+    # Voxel v (offset v - box//2 from the centre) lands at index (v - box//2) mod P on each axis:
+    # the upper part of the map at the grid's start, the lower part at its end.
+    parts = ((slice(box // 2, box), slice(0, box - box // 2)), (slice(0, box // 2), slice(size - box // 2, size)))
     transform = xp.zeros(shape, dtype="complex64")
     half = transform[:, :, reach : reach + size // 2 + 1]
-    half[where] = planes
-    del planes
-    transformed = fft.fft(half, axis=0, **in_place)
-    if transformed is not half and not (xp.__name__ == "numpy" and np.shares_memory(transformed, half)):
+    rows = xp.zeros((box, size), dtype="float32")
+    plane_correction = inverse[:, None] * inverse[None, :]
+    for v in range(box):
+        corrected = volume[v] * (plane_correction * inverse[v])
+        for source, target in parts:
+            rows[:, target] = corrected[:, source]
+        spectra = fft.rfft(rows, axis=1)  # (box, P/2 + 1): this plane's rows along x
+        plane = half[(v - box // 2) % size]
+        for source, target in parts:
+            plane[target] = spectra[source]
+    del rows, spectra
+    for _, target in parts:  # along y, the planes that hold the map
+        planes = half[target]
+        transformed = fft.fft(planes, axis=1, **in_place)
+        if not _same_memory(xp, transformed, planes):
+            planes[...] = transformed
+    transformed = fft.fft(half, axis=0, **in_place)  # along z, everything
+    if not _same_memory(xp, transformed, half):
         half[...] = transformed
     del transformed
     # F[z, y, x] = conj(F[-z, -y, -x]) fills the columns outside the half space.
@@ -133,6 +143,11 @@ def prepare_volume(xp, volume, kernel: GriddingKernel, oversampling: float) -> P
         for target, source in ((reach - column, column), (reach + size // 2 + column, size // 2 - column)):
             transform[:, :, target] = xp.conj(xp.roll(half[::-1, ::-1, source], (1, 1), axis=(0, 1)))
     return PreparedVolume(transform=transform, box=box, kernel=kernel)
+
+
+def _same_memory(xp, result, target) -> bool:
+    """Whether an FFT asked to overwrite its input wrote its result there (scipy.fft may, cupy.fft never)."""
+    return xp.__name__ == "numpy" and np.shares_memory(result, target)
 
 
 def slice_coordinates(xp, rotations, box: int, size: int, corners: str = "zero"):
