@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu_throughput import scene  # noqa: E402
 
-from dsub.physics import fsc, subtract  # noqa: E402
+from dsub.physics import fsc, projector, subtract  # noqa: E402
 from dsub.physics.memory import prepared_map_bytes  # noqa: E402
 from dsub.physics.subtract import SubtractionSettings, prepare_half_map, subtract_batch  # noqa: E402
 
@@ -174,7 +174,13 @@ def main():
     args = parser.parse_args()
     from dsub.physics.projector import compiled_cpu_gather
 
-    print(f"slice gather: {'NumPy' if compiled_cpu_gather() is None else 'numba'}; batch {args.batch}")
+    started = time.process_time()
+    gather = compiled_cpu_gather()
+    if gather is not None:  # import numba and load the kernel (compiled on the first run, then cached on disk)
+        volume = projector.prepare_volume(np, np.ones((8, 8, 8), np.float32), *projector.projector_kernel("gridding"))
+        gather(volume, np.eye(3)[None], "map", 8)
+    print(f"slice gather: {'NumPy' if gather is None else 'numba'} (loaded in {time.process_time() - started:.2f} "
+          f"CPU s); batch {args.batch}")
     rows, breakdowns, scaling = [], [], []
     for box in args.boxes:
         for name in args.projectors:

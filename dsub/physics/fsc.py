@@ -77,21 +77,21 @@ def fourier_shell_correlation(xp, half_a, half_b, voxel_size_angstrom: float) ->
     transform_a = fft.rfftn(half_a)
     transform_b = fft.rfftn(half_b)
     shells = box // 2 + 1
-    # shells beyond Nyquist (the cube's corners) are counted in one extra bin, then dropped
-    shell = xp.minimum(_shell_index(xp, box), shells).ravel()
-
-    def shell_sum(values):
-        return xp.bincount(shell, weights=values.ravel(), minlength=shells + 1)[:shells]
-
-    cross = shell_sum(transform_a.real * transform_b.real + transform_a.imag * transform_b.imag)
-    power_a = shell_sum(transform_a.real * transform_a.real + transform_a.imag * transform_a.imag)
-    del transform_a
-    power_b = shell_sum(transform_b.real * transform_b.real + transform_b.imag * transform_b.imag)
-    del transform_b
+    sums = xp.zeros((4, shells + 1), dtype="float64")  # cross, power a, power b, coefficients
+    for planes in _plane_chunks(box):
+        # shells beyond Nyquist (the cube's corners) are counted in one extra bin, then dropped
+        shell = xp.minimum(xp.rint(_radius(xp, box, planes)).astype("int32"), shells).ravel()
+        a, b = transform_a[planes], transform_b[planes]
+        for row, values in enumerate((a.real * b.real + a.imag * b.imag, a.real * a.real + a.imag * a.imag,
+                                      b.real * b.real + b.imag * b.imag)):
+            sums[row] += xp.bincount(shell, weights=values.ravel(), minlength=shells + 1)
+        sums[3] += xp.bincount(shell, minlength=shells + 1)
+    del transform_a, transform_b
+    cross, power_a, power_b, counts = sums[:, :shells]
     norm = xp.sqrt(power_a * power_b)
     fsc = xp.where(norm > 0, cross / xp.where(norm > 0, norm, 1.0), 0.0)
     values = to_numpy(fsc).astype(np.float64)
-    counts = to_numpy(xp.bincount(shell, minlength=shells + 1)[:shells]).astype(np.int64)
+    counts = to_numpy(counts).astype(np.int64)
     frequency = np.arange(shells) / (box * float(voxel_size_angstrom))
     return ShellCurve(frequency_per_angstrom=frequency, values=values, coefficients=counts)
 
@@ -105,21 +105,24 @@ def wiener_filter(xp, volume, curve: ShellCurve):
     volume = xp.asarray(volume, dtype="float32")
     box = int(volume.shape[0])
     voxel = 1.0 / (box * float(curve.frequency_per_angstrom[1]))
-    factor = xp.clip(curve.significant().at(xp, _radius(xp, box) / np.float32(box * voxel)), 0.0, 1.0)
     fft = fft_module(xp)
     spectrum = fft.rfftn(volume)
-    spectrum *= factor
+    curve = curve.significant()
+    for planes in _plane_chunks(box):
+        radius = _radius(xp, box, planes)
+        spectrum[planes] *= xp.clip(curve.at(xp, radius / np.float32(box * voxel)), 0.0, 1.0)
     return fft.irfftn(spectrum, s=volume.shape, axes=(0, 1, 2)).astype("float32", copy=False)
 
 
-def _radius(xp, box: int):
-    """|k| (voxels of frequency) on the rfftn half grid of a box³ map, float32 (box, box, box//2 + 1)."""
-    k = xp.asarray(np.fft.fftfreq(box) * box, dtype="float32")
-    kx = k[: box // 2 + 1].copy()
-    kx[-1] = abs(kx[-1])  # rfftfreq: the last column is +Nyquist
-    return xp.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2)
+def _plane_chunks(box: int, planes: int = 16):
+    """Slices of ``planes`` z planes covering a box: the per-shell sums run a few planes at a time,
+    so their temporaries stay small (reused by the allocator instead of fresh pages each time)."""
+    return [slice(start, min(start + planes, box)) for start in range(0, box, planes)]
 
 
-def _shell_index(xp, box: int):
-    """Shell of each rfftn coefficient: |k| rounded to the nearest integer (RELION), int32."""
-    return xp.rint(_radius(xp, box)).astype("int32")
+def _radius(xp, box: int, planes: slice):
+    """|k| (voxels of frequency) of z ``planes`` of the rfftn half grid of a box³ map, float32."""
+    k = np.fft.fftfreq(box) * box
+    kx = np.abs(k[: box // 2 + 1])  # rfftfreq: the last column of an even box is +Nyquist
+    k, kz, kx = (xp.asarray(values, dtype="float32") for values in (k, k[planes], kx))
+    return xp.sqrt(kz[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2)
