@@ -198,10 +198,15 @@ def extract_slices(xp, prepared: PreparedVolume, rotations, corners: str = "zero
 
 @lru_cache(maxsize=1)
 def compiled_cpu_gather():
-    """``_slice_cpu.extract_slices_numba`` where numba imports, else None (then the NumPy gather serves)."""
+    """``_slice_cpu.extract_slices_numba`` where numba imports, else None (then the NumPy gather serves).
+
+    numba raises RuntimeError at import where it has nowhere to write its cache of
+    compiled code (a read-only install without a writable home): the NumPy gather
+    computes the same values there too.
+    """
     try:
         from ._slice_cpu import extract_slices_numba
-    except ImportError:
+    except (ImportError, RuntimeError):
         return None
     return extract_slices_numba
 
