@@ -99,15 +99,16 @@ def _row_weights(coordinates, count, width, kind, beta, series, firsts, weights,
                     x = np.float64(np.float32(beta) * np.sqrt(inside))
                     # a tap beyond the kernel gets I0(0) - 1 = 0, as the NumPy twin's where()
                     quarter[axis, j, c] = x * x / 4.0 if abs(ratio) <= np.float32(1.0) else 0.0
-                    total[axis, j, c] = 1.0
     if kind == 0:
         return
+    # One flat loop over every tap of the row (entries past ``count`` hold finite leftovers, unused).
+    flat_total, flat_quarter = total.reshape(-1), quarter.reshape(-1)
+    for i in range(flat_total.shape[0]):
+        flat_total[i] = 1.0
     for k in range(series.shape[0] - 1, 0, -1):  # Horner's rule, as gridding.bessel_i0
         factor = series[k]
-        for axis in range(3):
-            for j in range(width):
-                for c in range(count):
-                    total[axis, j, c] = 1.0 + total[axis, j, c] * quarter[axis, j, c] * factor
+        for i in range(flat_total.shape[0]):
+            flat_total[i] = 1.0 + flat_total[i] * flat_quarter[i] * factor
     for axis in range(3):
         for j in range(width):
             for c in range(count):
@@ -132,7 +133,7 @@ def _gather(volume, rotations, kx, ky, out, box, grid, reach, step, width, kind,
     firsts = np.empty((3, half), dtype=np.int64)
     weights = np.empty((3, width, half), dtype=np.float32)
     starts = np.empty(half, dtype=np.float32)
-    quarter = np.empty((3, width, half), dtype=np.float64)
+    quarter = np.zeros((3, width, half), dtype=np.float64)
     total = np.empty((3, width, half), dtype=np.float64)
     for p in range(out.shape[0]):
         r = rotations[p]
