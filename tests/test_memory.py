@@ -49,7 +49,9 @@ def test_preparation_peak_matches_the_measured_peak(box, projector, padding):
         return prepare_half_map(np, half_a, mask, settings), prepare_half_map(np, half_b, mask, settings)
 
     peak, _ = traced_peak(both_half_sets)
-    assert abs(preparation_peak_bytes(box, settings) - peak) <= TOLERANCE * peak, (preparation_peak_bytes(box, settings), peak)
+    estimate = preparation_peak_bytes(box, settings, device="cpu")
+    assert abs(estimate - peak) <= TOLERANCE * peak, (estimate, peak)
+    assert preparation_peak_bytes(box, settings) >= estimate  # the default (a GPU's) bounds both
 
 
 def test_bigger_settings_need_more():

@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 from scipy import integrate
 
+from dsub.physics import projector as projector_module
+
 from dsub.formats.mrc import read_images, read_map
 from dsub.formats.star import read_particles
 from dsub.physics.gridding import GriddingKernel, grid_size, kaiser_bessel
@@ -19,6 +21,17 @@ from dsub.physics.projector import (
 from dsub.simulate import GaussianPhantom, random_rotations
 
 BOX = 64
+
+
+@pytest.fixture(autouse=True, params=["numba", "numpy"])
+def cpu_gather(request, monkeypatch):
+    """Every test here runs on both CPU gathers: the compiled kernel (``_slice_cpu``) and the NumPy one."""
+    if request.param == "numba":
+        pytest.importorskip("numba")
+        assert projector_module.compiled_cpu_gather() is not None
+    else:
+        monkeypatch.setattr(projector_module, "compiled_cpu_gather", lambda: None)
+    return request.param
 
 
 def project(volume, rotations, origins, projector):
@@ -139,3 +152,4 @@ def test_image_spectra_puts_origin_at_box_centre():
     image[BOX // 2, BOX // 2] = 1.0
     spectrum = image_spectra(np, image[None])[0]
     np.testing.assert_allclose(spectrum, np.ones_like(spectrum), atol=1e-6)
+

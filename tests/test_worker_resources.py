@@ -51,7 +51,7 @@ def test_the_profile_decides_gpus_when_it_says(tmp_path):
 
 def test_memory_request_is_raised_to_the_estimate_with_a_notice(tmp_path, capsys):
     assert main(["job-script", "--scheduler", "pbs", "--cluster-config", str(PROFILES / "pbspro-gpu.yaml"),
-                 "--box", "400", "--padding", "3", "--device", "cpu"]) == 0
+                 "--box", "400", "--padding", "4", "--device", "cpu"]) == 0
     out, err = capsys.readouterr()
     needed = float(re.search(r"# Memory: each worker needs about ([\d.]+) GB of host memory", out).group(1))
     asked = int(re.search(r"#PBS -l select=1:ncpus=8:ngpus=1:mem=(\d+)GB", out).group(1))
@@ -137,8 +137,8 @@ def test_local_profile_2gb_workers_run_a_box_128_data_set(tmp_path):
 @needs_slurm
 def test_workers_too_small_for_the_job_end_in_one_line(tmp_path):
     paths, _ = make_dataset(tmp_path / "data", count=8, box=48, seed=4)
-    # Padding 20 needs ~40 GB per worker: more than the node has, so SLURM cannot run the raised request.
-    result = dsub(paths, tmp_path / "out", "--cluster-config", str(LOCAL_SLURM), "--padding", "20")
+    # Padding 28 needs ~40 GB per worker: more than the node has, so SLURM cannot run the raised request.
+    result = dsub(paths, tmp_path / "out", "--cluster-config", str(LOCAL_SLURM), "--padding", "28")
     assert result.returncode == 2
     lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("dsub: warning:")]
     assert len(lines) == 1 and lines[0].startswith("dsub: error:") and "Traceback" not in result.stderr

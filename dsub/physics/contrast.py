@@ -57,6 +57,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .backend import fft_module
 from .ctf import frequency_grid
 
 SCALE_MODES = ("fit", "input", "none")
@@ -149,7 +150,7 @@ def fit_contrast(xp, images, models, pixel_size_angstrom, fit: ContrastFit) -> C
         window = soft_window(xp, box, fit.window_inner, fit.window_outer)
         images = images * window
         models = models * window
-    return fit_spectra(xp, xp.fft.rfft2(images), xp.fft.rfft2(models), box, pixel_size_angstrom, fit)
+    return fit_spectra(xp, fft_module(xp).rfft2(images), fft_module(xp).rfft2(models), box, pixel_size_angstrom, fit)
 
 
 def fit_spectra(xp, image_ft, model_ft, box: int, pixel_size_angstrom, fit: ContrastFit) -> ContrastResult:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import to_numpy
+from .backend import fft_module, to_numpy
 
 
 @dataclass(frozen=True)
@@ -73,26 +73,25 @@ def fourier_shell_correlation(xp, half_a, half_b, voxel_size_angstrom: float) ->
     if half_a.shape != half_b.shape or half_a.ndim != 3 or len(set(half_a.shape)) != 1:
         raise ValueError(f"half maps must be cubic and of one shape, got {half_a.shape} and {half_b.shape}")
     box = int(half_a.shape[0])
-    transform_a = xp.fft.rfftn(half_a)
-    transform_b = xp.fft.rfftn(half_b)
-    kz = xp.fft.fftfreq(box) * box
-    kx = xp.fft.rfftfreq(box) * box
-    radius = xp.sqrt(kz[:, None, None] ** 2 + kz[None, :, None] ** 2 + kx[None, None, :] ** 2)
-    shell = xp.rint(radius).astype("int64").ravel()
+    fft = fft_module(xp)
+    transform_a = fft.rfftn(half_a)
+    transform_b = fft.rfftn(half_b)
     shells = box // 2 + 1
-    inside = shell < shells
-    shell = shell[inside]
-
-    def shell_sum(values):
-        return xp.bincount(shell, weights=values.ravel()[inside].astype("float64"), minlength=shells)[:shells]
-
-    cross = shell_sum((transform_a * xp.conj(transform_b)).real)
-    power_a = shell_sum((transform_a * xp.conj(transform_a)).real)
-    power_b = shell_sum((transform_b * xp.conj(transform_b)).real)
+    sums = xp.zeros((4, shells + 1), dtype="float64")  # cross, power a, power b, coefficients
+    for planes in _plane_chunks(box):
+        # shells beyond Nyquist (the cube's corners) are counted in one extra bin, then dropped
+        shell = xp.minimum(xp.rint(_radius(xp, box, planes)).astype("int32"), shells).ravel()
+        a, b = transform_a[planes], transform_b[planes]
+        for row, values in enumerate((a.real * b.real + a.imag * b.imag, a.real * a.real + a.imag * a.imag,
+                                      b.real * b.real + b.imag * b.imag)):
+            sums[row] += xp.bincount(shell, weights=values.ravel(), minlength=shells + 1)
+        sums[3] += xp.bincount(shell, minlength=shells + 1)
+    del transform_a, transform_b
+    cross, power_a, power_b, counts = sums[:, :shells]
     norm = xp.sqrt(power_a * power_b)
     fsc = xp.where(norm > 0, cross / xp.where(norm > 0, norm, 1.0), 0.0)
     values = to_numpy(fsc).astype(np.float64)
-    counts = to_numpy(xp.bincount(shell, minlength=shells)[:shells]).astype(np.int64)
+    counts = to_numpy(counts).astype(np.int64)
     frequency = np.arange(shells) / (box * float(voxel_size_angstrom))
     return ShellCurve(frequency_per_angstrom=frequency, values=values, coefficients=counts)
 
@@ -106,8 +105,24 @@ def wiener_filter(xp, volume, curve: ShellCurve):
     volume = xp.asarray(volume, dtype="float32")
     box = int(volume.shape[0])
     voxel = 1.0 / (box * float(curve.frequency_per_angstrom[1]))
-    kz = xp.fft.fftfreq(box) * box
-    kx = xp.fft.rfftfreq(box) * box
-    radius = xp.sqrt(kz[:, None, None] ** 2 + kz[None, :, None] ** 2 + kx[None, None, :] ** 2)
-    factor = xp.clip(curve.significant().at(xp, radius / (box * voxel)), 0.0, 1.0)
-    return xp.fft.irfftn(xp.fft.rfftn(volume) * factor, s=volume.shape, axes=(0, 1, 2)).astype("float32")
+    fft = fft_module(xp)
+    spectrum = fft.rfftn(volume)
+    curve = curve.significant()
+    for planes in _plane_chunks(box):
+        radius = _radius(xp, box, planes)
+        spectrum[planes] *= xp.clip(curve.at(xp, radius / np.float32(box * voxel)), 0.0, 1.0)
+    return fft.irfftn(spectrum, s=volume.shape, axes=(0, 1, 2)).astype("float32", copy=False)
+
+
+def _plane_chunks(box: int, planes: int = 16):
+    """Slices of ``planes`` z planes covering a box: the per-shell sums run a few planes at a time,
+    so their temporaries stay small (reused by the allocator instead of fresh pages each time)."""
+    return [slice(start, min(start + planes, box)) for start in range(0, box, planes)]
+
+
+def _radius(xp, box: int, planes: slice):
+    """|k| (voxels of frequency) of z ``planes`` of the rfftn half grid of a box³ map, float32."""
+    k = np.fft.fftfreq(box) * box
+    kx = np.abs(k[: box // 2 + 1])  # rfftfreq: the last column of an even box is +Nyquist
+    k, kz, kx = (xp.asarray(values, dtype="float32") for values in (k, k[planes], kx))
+    return xp.sqrt(kz[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2)

@@ -109,9 +109,7 @@ def grid_size(box: int, oversampling: float) -> int:
         size += 1
 
 
-def gridding_correction(xp, kernel: GriddingKernel, box: int, size: int):
-    """The separable ``K̂(x / size)`` over a box³ map (x: offset of a voxel from voxel box//2), float32."""
-    offsets = (np.arange(box) - box // 2) / float(size)
-    profile = kernel.transform(offsets)
-    correction = profile[:, None, None] * profile[None, :, None] * profile[None, None, :]
-    return xp.asarray(correction, dtype="float32")
+def gridding_profile(kernel: GriddingKernel, box: int, size: int) -> np.ndarray:
+    """``K̂(x / size)`` along one axis of a box³ map padded to ``size`` (x: offset of a voxel from
+    voxel box//2), float64 (box,): the map is divided by its outer product (gridding correction)."""
+    return kernel.transform((np.arange(box) - box // 2) / float(size))

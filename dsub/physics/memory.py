@@ -7,16 +7,18 @@ oversampling)``. Both half sets are resident, so four volumes.
 
 Batch: the peak of ``subtract_batch`` per particle, measured with tracemalloc
 on NumPy (tests/test_subtract.py checks it within 25 %): the larger of the
-slice's working arrays (8 + 52·width bytes per element of the rfft2 half plane
-it is sampled on: coordinates, taps and weights per axis, gathered values) and
-the extraction field's (80 bytes per element of its half plane E·(E//2 + 1):
+slice's working arrays (8 bytes per element of the rfft2 half plane it is
+sampled on, the slice itself; 52·width more where numba is missing and the
+NumPy gather keeps coordinates, taps and weights per axis) and the extraction
+field's (80 bytes per element of its half plane E·(E//2 + 1):
 the CTF is computed there in float64, ``ctf.ctf_2d``, beside the shift phases
 and the spectra), plus 24 bytes per element of the box's half plane (images,
-models, contrast fit). The GPU's slice kernel keeps no per-tap arrays, so this
-bounds the GPU's batch too.
+models, contrast fit). The GPU's slice kernel keeps no per-tap arrays either.
 """
 
 from __future__ import annotations
+
+from importlib.util import find_spec
 
 from .gridding import grid_size
 from .projector import prepared_shape, projector_kernel
@@ -26,6 +28,9 @@ SLICE_BYTES_PER_ELEMENT = 8
 SLICE_BYTES_PER_ELEMENT_AND_WIDTH = 52
 FIELD_BYTES_PER_ELEMENT = 80
 BOX_BYTES_PER_ELEMENT = 24
+#: Host memory of the compiled slice gather in a CPU worker: numba, LLVM and the cached kernel
+#: (resident size of a process before and after its first slice: 58 -> 209 MB, NumPy 2.4, numba 0.68).
+COMPILED_GATHER_HOST_BYTES = 160 * 2**20
 #: Prepared volumes resident per worker: (whole, masked) for each of the two half sets.
 PREPARED_VOLUMES = 4
 
@@ -42,19 +47,32 @@ def prepared_map_bytes(box: int, settings) -> int:
     return PREPARED_VOLUMES * prepared_volume_bytes(box, settings)
 
 
-#: Peak of preparing one volume beyond the three already resident, in units of its plain rfft
-#: (P²·(P/2+1) complex64): NumPy's pocketfft transforms axis by axis into fresh arrays, beside the padded
-#: map, its shifted copy and the extended transform (tracemalloc, NumPy 2.x: 8.1-9.7; tests/test_memory.py).
-#: cuFFT needs less scratch, so on a GPU this is an upper bound.
-PREPARATION_PEAK_PLAIN_RFFTS = 8.5
+#: Peak of preparing one volume beyond the three already resident, on a GPU, in units of its plain
+#: rfft (P²·(P/2+1) complex64): CuPy's pool also keeps cuFFT's work areas and the freed blocks of each
+#: axis's transform; an upper bound from tests/test_gpu.py (8.5 when the whole padded grid was
+#: transformed, which needed more).
+PREPARATION_PEAK_PLAIN_RFFTS_GPU = 8.0
 
 
-def preparation_peak_bytes(box: int, settings) -> int:
-    """Peak bytes while the last of the four volumes is prepared: the other three and its scratch."""
+def preparation_peak_bytes(box: int, settings, device: str = "gpu") -> int:
+    """Peak bytes while the last of the four volumes is prepared: the other three and its scratch.
+
+    ``device`` "cpu" gives NumPy's figure: the volume being made (``prepare_volume``
+    transforms inside it) and the masked map (box³ float32) beside the three
+    (tracemalloc, NumPy 2.4 / SciPy 1.17, within 10 %; tests/test_memory.py).
+    Anything else gives the GPU's, the larger, which bounds both.
+    """
+    if device == "cpu":
+        return int(4 * prepared_volume_bytes(box, settings) + 4 * box**3)
     _, oversampling = projector_kernel(settings.projector, settings.padding)
     size = grid_size(box, oversampling)
     plain_rfft = 8 * size * size * (size // 2 + 1)
-    return int(3 * prepared_volume_bytes(box, settings) + PREPARATION_PEAK_PLAIN_RFFTS * plain_rfft)
+    return int(3 * prepared_volume_bytes(box, settings) + PREPARATION_PEAK_PLAIN_RFFTS_GPU * plain_rfft)
+
+
+def compiled_gather_installed() -> bool:
+    """Whether numba is installed, so NumPy slices are gathered by ``_slice_cpu`` (found, not imported)."""
+    return find_spec("numba") is not None
 
 
 def batch_bytes_per_particle(box: int, settings, delocalisation_pixels: float = 0.0) -> int:
@@ -70,6 +88,7 @@ def batch_bytes_per_particle(box: int, settings, delocalisation_pixels: float = 
     kernel, _ = projector_kernel(settings.projector, settings.padding)
     field = settings.field_size(box, delocalisation_pixels)
     sliced = field if settings.field_slice and settings.projector != "relion" else box
-    slice_bytes = (SLICE_BYTES_PER_ELEMENT + SLICE_BYTES_PER_ELEMENT_AND_WIDTH * kernel.width) * half_plane(sliced)
+    per_tap = 0 if compiled_gather_installed() else SLICE_BYTES_PER_ELEMENT_AND_WIDTH * kernel.width
+    slice_bytes = (SLICE_BYTES_PER_ELEMENT + per_tap) * half_plane(sliced)
     field_bytes = FIELD_BYTES_PER_ELEMENT * half_plane(field)
     return max(slice_bytes, field_bytes) + BOX_BYTES_PER_ELEMENT * half_plane(box)

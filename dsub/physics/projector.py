@@ -39,11 +39,13 @@ map's content where the 3D point lies inside the map's Nyquist cube (``corners =
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
+from .backend import fft_module
 from .ctf import frequency_grid
-from .gridding import GriddingKernel, grid_size, gridding_correction, kaiser_bessel
+from .gridding import GriddingKernel, grid_size, gridding_profile, kaiser_bessel
 
 PROJECTORS = ("gridding", "relion")
 CORNERS = ("map", "zero")
@@ -93,30 +95,59 @@ def prepared_shape(box: int, kernel: GriddingKernel, oversampling: float) -> tup
 def prepare_volume(xp, volume, kernel: GriddingKernel, oversampling: float) -> PreparedVolume:
     """Grid-correct, zero-pad to P = grid_size(box, oversampling) and transform a cubic map (z, y, x).
 
-    Raises ValueError for a map that is not cubic. Peak working memory: the
-    float32 padded map (P³ · 4 bytes) and its rfft (P²·(P/2+1) · 8 bytes) beside
-    the result.
+    The transform is ``rfftn`` of the corrected map centred in a zero P³ grid
+    and ``ifftshift``-ed (its centre voxel at index 0), done axis by axis inside
+    the result without transforming the zeros: along x the box² rows that hold
+    the map, one z plane at a time; along y the box planes; along z the whole
+    half spectrum (in place on NumPy). Single precision throughout. Raises
+    ValueError for a map that is not cubic. Working memory beside the result
+    (P²·(P/2 + 2·reach + 1) complex64): one plane's rows on NumPy, on CuPy a
+    copy of the result's size for the last two axes' transforms.
     """
     box = int(volume.shape[0])
     if volume.ndim != 3 or volume.shape != (box, box, box):
         raise ValueError(f"volume must be cubic, got shape {tuple(volume.shape)}")
     shape = prepared_shape(box, kernel, oversampling)
     size, reach = shape[0], kernel.reach
-    padded = xp.zeros((size, size, size), dtype="float32")
-    start = size // 2 - box // 2
-    padded[start : start + box, start : start + box, start : start + box] = xp.asarray(
-        volume, dtype="float32"
-    ) / gridding_correction(xp, kernel, box, size)
-    half = xp.fft.rfftn(xp.fft.ifftshift(padded)).astype("complex64", copy=False)
-    del padded
-    transform = xp.empty(shape, dtype="complex64")
-    transform[:, :, reach : reach + size // 2 + 1] = half
+    fft = fft_module(xp)
+    in_place = {"overwrite_x": True} if xp.__name__ == "numpy" else {}
+    volume = xp.asarray(volume, dtype="float32")
+    inverse = xp.asarray(1.0 / gridding_profile(kernel, box, size), dtype="float32")
+    # Voxel v (offset v - box//2 from the centre) lands at index (v - box//2) mod P on each axis:
+    # the upper part of the map at the grid's start, the lower part at its end.
+    parts = ((slice(box // 2, box), slice(0, box - box // 2)), (slice(0, box // 2), slice(size - box // 2, size)))
+    transform = xp.zeros(shape, dtype="complex64")
+    half = transform[:, :, reach : reach + size // 2 + 1]
+    rows = xp.zeros((box, size), dtype="float32")
+    plane_correction = inverse[:, None] * inverse[None, :]
+    for v in range(box):
+        corrected = volume[v] * (plane_correction * inverse[v])
+        for source, target in parts:
+            rows[:, target] = corrected[:, source]
+        spectra = fft.rfft(rows, axis=1)  # (box, P/2 + 1): this plane's rows along x
+        plane = half[(v - box // 2) % size]
+        for source, target in parts:
+            plane[target] = spectra[source]
+    del rows, spectra
+    for _, target in parts:  # along y, the planes that hold the map
+        planes = half[target]
+        transformed = fft.fft(planes, axis=1, **in_place)
+        if not _same_memory(xp, transformed, planes):
+            planes[...] = transformed
+    transformed = fft.fft(half, axis=0, **in_place)  # along z, everything
+    if not _same_memory(xp, transformed, half):
+        half[...] = transformed
+    del transformed
     # F[z, y, x] = conj(F[-z, -y, -x]) fills the columns outside the half space.
     for column in range(1, reach + 1):
         for target, source in ((reach - column, column), (reach + size // 2 + column, size // 2 - column)):
             transform[:, :, target] = xp.conj(xp.roll(half[::-1, ::-1, source], (1, 1), axis=(0, 1)))
-    del half
     return PreparedVolume(transform=transform, box=box, kernel=kernel)
+
+
+def _same_memory(xp, result, target) -> bool:
+    """Whether an FFT asked to overwrite its input wrote its result there (scipy.fft may, cupy.fft never)."""
+    return xp.__name__ == "numpy" and np.shares_memory(result, target)
 
 
 def slice_coordinates(xp, rotations, box: int, size: int, corners: str = "zero"):
@@ -148,7 +179,9 @@ def extract_slices(xp, prepared: PreparedVolume, rotations, corners: str = "zero
     (n, size, size//2 + 1).
 
     ``corners`` and ``size`` as in ``slice_coordinates``. On CuPy a CUDA kernel
-    does the same arithmetic (``_slice_cuda.py``).
+    does the same arithmetic (``_slice_cuda.py``); on NumPy a numba kernel
+    (``_slice_cpu.py``) where numba is installed, else the NumPy gather
+    (``_extract_slices_numpy``).
     """
     if corners not in CORNERS:
         raise ValueError(f"corners must be one of {CORNERS}, not {corners!r}")
@@ -157,7 +190,25 @@ def extract_slices(xp, prepared: PreparedVolume, rotations, corners: str = "zero
         from ._slice_cuda import extract_slices_cuda
 
         return extract_slices_cuda(prepared, rotations, corners, size)
+    compiled = compiled_cpu_gather()
+    if compiled is not None:
+        return compiled(prepared, rotations, corners, size)
     return _extract_slices_numpy(xp, prepared, rotations, corners, size)
+
+
+@lru_cache(maxsize=1)
+def compiled_cpu_gather():
+    """``_slice_cpu.extract_slices_numba`` where numba imports, else None (then the NumPy gather serves).
+
+    numba raises RuntimeError at import where it has nowhere to write its cache of
+    compiled code (a read-only install without a writable home): the NumPy gather
+    computes the same values there too.
+    """
+    try:
+        from ._slice_cpu import extract_slices_numba
+    except (ImportError, RuntimeError):
+        return None
+    return extract_slices_numba
 
 
 def _axis_taps(xp, kernel: GriddingKernel, coordinate):
@@ -216,13 +267,13 @@ def shift_phases(xp, size: int, origins_pixels):
 
 def image_spectra(xp, images):
     """rfft2 of images whose centre is pixel ``box//2`` (origin moved to index 0)."""
-    return xp.fft.rfft2(xp.fft.ifftshift(xp.asarray(images, dtype="float32"), axes=(-2, -1)))
+    return fft_module(xp).rfft2(xp.fft.ifftshift(xp.asarray(images, dtype="float32"), axes=(-2, -1)))
 
 
 def spectra_to_images(xp, spectra, box: int):
     """Inverse of ``image_spectra`` at the spectra's size, cropped to ``box`` about the centre."""
     size = spectra.shape[-2]
-    images = xp.fft.fftshift(xp.fft.irfft2(spectra, s=(size, size)), axes=(-2, -1))
+    images = xp.fft.fftshift(fft_module(xp).irfft2(spectra, s=(size, size)), axes=(-2, -1))
     start = size // 2 - box // 2
     return images[..., start : start + box, start : start + box].astype("float32")
 

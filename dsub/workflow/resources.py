@@ -22,7 +22,13 @@ import dask
 
 from ..cluster.runner import WorkersLost
 from ..errors import DsubError
-from ..physics.memory import batch_bytes_per_particle, prepared_map_bytes, preparation_peak_bytes
+from ..physics.memory import (
+    COMPILED_GATHER_HOST_BYTES,
+    batch_bytes_per_particle,
+    compiled_gather_installed,
+    prepared_map_bytes,
+    preparation_peak_bytes,
+)
 
 #: A batch on a GPU needs this much more per particle than NumPy's count (cuFFT work areas and plans for the
 #: extraction field; CuPy's pool at box 512, batch 256, on an H200: 63 MB against 45 MB, BENCHMARKS.md).
@@ -110,13 +116,14 @@ def worker_memory(box: int, settings, device: str, threads: int, chunk_size: int
     working = (1 if device == "gpu" else threads) * batch * particle_bytes(box, settings, device) + on_gpu
     io = threads * task_io_bytes(box, chunk_size)
     # The maps' preparation peaks before any batch runs; then the prepared maps stay beside the batches.
-    physics = max(preparation_peak_bytes(box, settings), prepared_map_bytes(box, settings) + working)
+    physics = max(preparation_peak_bytes(box, settings, device), prepared_map_bytes(box, settings) + working)
     if device == "gpu":  # each thread also keeps its chunk's images in and out in page-locked buffers
         pinned = threads * 2 * chunk_size * box * box * 4
         host = BASELINE_HOST_BYTES + GPU_HOST_OVERHEAD_BYTES + maps_read + io + pinned
         gpu = physics
     else:
-        host = BASELINE_HOST_BYTES + maps_read + physics + io
+        compiler = COMPILED_GATHER_HOST_BYTES if compiled_gather_installed() else 0
+        host = BASELINE_HOST_BYTES + compiler + maps_read + physics + io
         gpu = 0
     return WorkerMemory(box, device, threads, batch, host, gpu)
 

@@ -1,0 +1,31 @@
+"""The compiled CPU slice gather (numba) against its NumPy twin, which tests/test_projector.py checks
+against independent references (and runs those references on the compiled gather too)."""
+
+import numpy as np
+import pytest
+
+from dsub.physics.gridding import GriddingKernel, kaiser_bessel
+from dsub.physics.projector import _extract_slices_numpy, extract_slices, prepare_volume, projector_kernel
+from dsub.simulate import random_rotations
+
+pytest.importorskip("numba")
+
+
+@pytest.mark.parametrize("kernel, oversampling", [(GriddingKernel("trilinear", 2), 2.0),
+                                                  projector_kernel("gridding"), (kaiser_bessel(3, 2.0), 2.0),
+                                                  (kaiser_bessel(6, 1.5), 1.5)])
+@pytest.mark.parametrize("box, size", [(64, None), (65, None), (48, 100), (32, 64)])
+@pytest.mark.parametrize("corners", ["map", "zero"])
+def test_compiled_gather_matches_numpy_gather(kernel, oversampling, box, size, corners):
+    rng = np.random.default_rng(box)
+    volume = rng.standard_normal((box,) * 3).astype(np.float32)
+    prepared = prepare_volume(np, volume, kernel, oversampling)
+    magnified = random_rotations(3, rng)
+    magnified[:, :2] = np.einsum("ij,njk->nik", [[1.03, 0.02], [-0.01, 0.98]], magnified[:, :2])
+    lattice = np.stack([np.eye(3), np.diag([-1.0, 1.0, -1.0])])  # every point on a grid point or none
+    matrices = np.concatenate([random_rotations(4, rng), magnified, lattice])
+    compiled = extract_slices(np, prepared, matrices, corners, size)
+    reference = _extract_slices_numpy(np, prepared, matrices, corners, size or box)
+    assert compiled.dtype == np.complex64 and compiled.shape == reference.shape
+    assert np.array_equal(compiled == 0, reference == 0)
+    np.testing.assert_allclose(compiled, reference, rtol=0, atol=1e-6 * np.abs(reference).max())
