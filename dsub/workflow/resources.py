@@ -39,8 +39,9 @@ def particle_bytes(box: int, settings, device: str) -> float:
     """Working bytes per particle of a batch on ``device``."""
     return batch_bytes_per_particle(box, settings) * (GPU_BATCH_FACTOR if device == "gpu" else 1.0)
 
-#: Resident memory of a worker process with dsub, NumPy, Zarr and Dask loaded (measured: 175-195 MB).
-BASELINE_HOST_BYTES = 200 * 2**20
+#: Resident memory of a worker process with dsub, NumPy, SciPy, Zarr and Dask loaded (measured: 175-195 MB),
+#: with room for its tasks' reading and writing threads (a box-64 run peaked 15 MB above a 200 MB baseline).
+BASELINE_HOST_BYTES = 240 * 2**20
 #: Host memory of a CUDA context and CuPy in a GPU worker (rough; depends on the driver).
 GPU_HOST_OVERHEAD_BYTES = 512 * 2**20
 #: A chunk's images as read, as subtracted, and as encoded for the Zarr write.
