@@ -244,9 +244,10 @@ class Estimate:
         return ", ".join(parts) or None
 
 
-#: Seconds per (padded voxel × log2 padded voxels) to prepare both half-maps on a CPU: 122 s measured at
-#: box 256, padding 3; 2 × (3–8)e-9 per half-map at boxes 64–128 (benchmarks/map_preparation.py, BENCHMARKS.md).
-_PREPARE_SECONDS_PER_VOXEL_LOG = 9e-9
+#: Seconds per (padded voxel × log2 padded voxels) to prepare both half-maps on a CPU, with the single-precision
+#: preparation that transforms only what the map fills: at box 256, 1.4–2.6 CPU s on a 320³ grid (the default)
+#: and 5.9–7.1 s on a 512³ grid (``--projector relion``), i.e. (2–3.2)e-9 (BENCHMARKS.md, "CPU path").
+_PREPARE_SECONDS_PER_VOXEL_LOG = 3.5e-9
 
 
 def map_preparation_estimate(grid: int, memory_bytes: int | None = None, rebox_voxels: int = 0) -> Estimate:
