@@ -18,6 +18,7 @@ import starfile
 
 from dsub.conventions import matrix_to_relion_euler, relion_euler_to_matrix
 from dsub.errors import InputFileError, MissingInputError, warn
+from dsub.formats import star_reader
 from dsub.formats.mrc import open_stack
 from dsub.formats.paths import resolve_stack_names, star_roots
 from dsub.particles import HALF_UNKNOWN, ParticleTable
@@ -45,15 +46,26 @@ KNOWN_OPTICS_LABELS = {
     # (particle_subtractor.cpp: divideByMtf(..., true); obs_model.cpp skips it for a single MTF file)
     "rlnMtfFileName",
 }
+#: Star files of this size or more are read by ``star_reader`` (``starfile`` reads smaller ones).
+FAST_READ_BYTES = 16 * 2**20
 _FIX = "dsub reads RELION 3.0 and 3.1+ particle .star files (e.g. run_data.star of a Refine3D job)."
 
 
 def _read_blocks(path: Path) -> tuple[pd.DataFrame | None, pd.DataFrame, dict]:
-    """(optics table or None, particles table, other blocks) of a star file."""
+    """(optics table or None, particles table, other blocks) of a star file.
+
+    Files of ``FAST_READ_BYTES`` or more are read by ``star_reader.read_star``
+    (its particle loop parsed by pandas' C reader, names as categories),
+    smaller ones by ``starfile``.
+    """
     if not path.is_file():
         raise MissingInputError(path)
     try:
-        blocks = starfile.read(path, always_dict=True, parse_as_string=NAME_COLUMNS)
+        blocks = None
+        if path.stat().st_size >= FAST_READ_BYTES:
+            blocks = star_reader.read_star(path, NAME_COLUMNS)
+        if blocks is None:
+            blocks = starfile.read(path, always_dict=True, parse_as_string=NAME_COLUMNS)
     except Exception as exc:  # starfile/pandas raise many types on malformed text
         raise InputFileError(path, f"could not be parsed as a STAR file ({exc}).", _FIX) from exc
     tables = {k: v for k, v in blocks.items() if isinstance(v, pd.DataFrame)}
@@ -72,7 +84,7 @@ def _read_blocks(path: Path) -> tuple[pd.DataFrame | None, pd.DataFrame, dict]:
 
 def _merge_optics(particles: pd.DataFrame, optics: pd.DataFrame | None, path: Path) -> pd.DataFrame:
     """Particles with every optics column not already per particle added to each row."""
-    merged = particles.reset_index(drop=True).copy()
+    merged = particles.reset_index(drop=True)  # copy-on-write: added columns leave ``particles`` alone
     if optics is None or optics.empty:
         return merged
     extra = [c for c in optics.columns if c not in merged.columns]
@@ -240,7 +252,15 @@ def _image_names(df: pd.DataFrame, star_path: Path) -> tuple[np.ndarray, np.ndar
     Stacks are looked up from the current folder (RELION's rule), then the star
     file's folder and its parents (see ``paths``).
     """
-    names = df["rlnImageName"].astype(str)
+    column = df["rlnImageName"]
+    if isinstance(column.dtype, pd.CategoricalDtype):  # each distinct name split once
+        codes = column.cat.codes.to_numpy()
+        names = pd.Series(column.cat.categories.astype(str))
+        if (codes < 0).any():  # a missing name: split it as the text "nan", as astype(str) gives it
+            names = pd.concat([names, pd.Series(["nan"])], ignore_index=True)
+            codes = np.where(codes < 0, len(names) - 1, codes)
+    else:
+        names, codes = column.astype(str).reset_index(drop=True), None
     parts = names.str.split("@", n=1, expand=True)
     if parts.shape[1] == 1:
         parts[1] = None
@@ -249,12 +269,18 @@ def _image_names(df: pd.DataFrame, star_path: Path) -> tuple[np.ndarray, np.ndar
     stacks = parts[1].where(has_at, parts[0]).to_numpy(dtype=object)
     bad = np.flatnonzero(numbers.isna().to_numpy() | (numbers.to_numpy() < 1))
     if bad.size:
+        row = int(bad[0]) if codes is None else int(np.flatnonzero(np.isin(codes, bad))[0])
         raise InputFileError(
-            star_path, f"particle {bad[0] + 1} has the image name {names.iloc[bad[0]]!r}, not "
+            star_path, f"particle {row + 1} has the image name {str(column.iloc[row])!r}, not "
             "N@stack with N >= 1.", "Image names look like 000012@Extract/job007/stack.mrcs."
         )
-    resolved, _ = resolve_stack_names(stacks, star_roots(star_path), Path(os.path.abspath(star_path)).parent)
-    return resolved, numbers.to_numpy(dtype=np.int64) - 1
+    first = 0 if codes is None else int(codes[0])  # the first row's stack is probed first, as for plain names
+    order = np.concatenate([[first], np.arange(len(stacks))])
+    resolved, _ = resolve_stack_names(stacks[order], star_roots(star_path), Path(os.path.abspath(star_path)).parent)
+    resolved, indices = resolved[1:], numbers.to_numpy(dtype=np.int64) - 1
+    if codes is None:
+        return resolved, indices
+    return resolved[codes], indices[codes]
 
 
 def _box_sizes(df: pd.DataFrame, groups: np.ndarray, paths: np.ndarray, star_path: Path):

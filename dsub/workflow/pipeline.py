@@ -41,7 +41,7 @@ from ..physics.optics import map_extent_voxels
 from ..physics.projector import projector_kernel
 from ..physics.subtract import SubtractionSettings
 from ..report import REPORT_FOLDER
-from . import diagnostics, export, rebox, record, region, resources, store, validate
+from . import diagnostics, export, metadata, rebox, record, region, resources, store, validate
 from .outdir import OutdirLock, explain_os_error, file_identity, prepare_outdir, run_fingerprint
 from .tasks import MapFiles, half_map_models, run_chunk
 from .transcript import Transcript
@@ -253,16 +253,16 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
                      f"({len(bounds) - len(pending)} already done) on {runner.description}.")
         if reboxing is not None:
             say(options, rebox.describe(reboxing, centre_from, box))
-        tasks = []
-        for index in pending:
-            start, stop = bounds[index]
-            chunk = dataclasses.replace(table.subset(np.arange(start, stop)), source=None)
-            tasks.append(
-                dask.delayed(run_chunk, pure=False)(
-                    index, start, chunk, maps, settings, str(store_path), device, options.skip_bad_particles,
-                    reboxing, dask_key_name=f"subtract-chunk-{index:05d}",
-                )
+        # Tasks carry a row range of the table written once beside the store, built as they are submitted.
+        columns = metadata.write_table(table, store_path / metadata.FOLDER)
+        tasks = (
+            dask.delayed(run_chunk, pure=False)(
+                index, bounds[index][0], metadata.table_rows(columns, *bounds[index]), maps, settings,
+                str(store_path), device, options.skip_bad_particles, reboxing,
+                dask_key_name=f"subtract-chunk-{index:05d}",
             )
+            for index in pending
+        )
         devices = sorted(set(runner.compute(tasks, "subtract", [bounds[i][1] - bounds[i][0] for i in pending],
                                             waiting, on_result=attempt.chunk_finished)))
         timings["subtract"] = time.monotonic() - started - sum(timings.values())

@@ -1,0 +1,100 @@
+"""A fast reader for large particle ``.star`` files (millions of rows, as after symmetry expansion).
+
+``starfile`` keeps every line of a file as a Python string before pandas parses
+them: about 8× the file in memory and most of the time at a million rows. Here
+the particle loop is handed straight to pandas' C parser from its offset in the
+file, and text columns are read as categories (unique strings plus integer
+codes), so an image or micrograph name repeated a million times is held once.
+The blocks before the particle loop (the optics table) are small and still read
+by ``starfile``. Values come out as ``starfile`` gives them, with the same
+numeric inference, except that the ``strings`` columns are categorical.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import starfile
+
+
+def _particle_loop(text: mmap.mmap, image_label: str) -> tuple[str, int, int, list[str]] | None:
+    """(block name, offset of the block's ``data_`` line, offset of its first row, labels) of the first loop
+    that has ``image_label``; None when the file has none."""
+    position, block, block_at = 0, None, 0
+    size = len(text)
+    while position < size:
+        end = text.find(b"\n", position)
+        end = size if end < 0 else end
+        line = text[position:end].strip()
+        if line.startswith(b"data_"):
+            block, block_at = line[5:].decode(), position
+        elif line.startswith(b"loop_") and block is not None:
+            labels, position = [], end + 1
+            while position < size:
+                end = text.find(b"\n", position)
+                end = size if end < 0 else end
+                line = text[position:end].strip()
+                if line.startswith(b"_"):
+                    labels.append(line.split()[0][1:].decode())
+                elif line and not line.startswith(b"#"):
+                    break
+                position = end + 1
+            if image_label in labels:
+                return block, block_at, position, labels
+            continue
+        position = end + 1
+    return None
+
+
+def read_star(path: str | os.PathLike, strings, image_label: str = "rlnImageName") -> dict | None:
+    """Every block of a particle star file, as ``starfile.read(path, always_dict=True)`` gives them.
+
+    The particle loop (the first loop with ``image_label``) is parsed by pandas'
+    C reader with ``strings`` columns as categories. Returns None when this
+    reader cannot be sure to read the file as ``starfile`` does (quotes in the
+    particle rows, blocks after the particle loop, no particle loop, no rows):
+    read it with ``starfile`` then.
+    """
+    path = Path(path)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as text:
+        found = _particle_loop(text, image_label)
+        if found is None:
+            return None
+        name, block_at, rows_at, labels = found
+        if any(text.find(mark, rows_at) >= 0 for mark in (b"'", b'"', b"\ndata_")):
+            return None
+        header = bytes(text[:block_at])
+    blocks = _read_header(header, strings) if header.strip() else {}
+    with open(path, "rb") as f:
+        f.seek(rows_at)
+        table = pd.read_csv(
+            f, sep=r"\s+", header=None, names=labels, comment="#", engine="c",
+            dtype={label: "category" for label in strings if label in labels},
+            keep_default_na=False, na_values=["nan", "NaN", "<NA>"],
+        )
+    if table.empty:
+        return None
+    for label in table.columns:  # starfile's inference: a text column that is all numbers becomes numeric
+        if label not in strings and table[label].dtype == object:
+            try:
+                numeric = pd.to_numeric(table[label])
+            except (ValueError, TypeError):
+                continue
+            if not numeric.isna().all():
+                table[label] = numeric
+    blocks[name] = table
+    return blocks
+
+
+def _read_header(header: bytes, strings) -> dict:
+    """The blocks before the particle loop, read by ``starfile`` from a temporary file."""
+    with tempfile.NamedTemporaryFile("wb", suffix=".star", delete=False) as f:
+        f.write(header)
+    try:
+        return dict(starfile.read(f.name, always_dict=True, parse_as_string=list(strings)))
+    finally:
+        os.unlink(f.name)
