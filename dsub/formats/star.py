@@ -21,7 +21,7 @@ from dsub.errors import InputFileError, MissingInputError, warn
 from dsub.formats import star_reader
 from dsub.formats.mrc import open_stack
 from dsub.formats.paths import resolve_stack_names, star_roots
-from dsub.particles import HALF_UNKNOWN, ParticleTable
+from dsub.particles import HALF_UNKNOWN, ParticleTable, same_for_all, shared_if_constant
 
 #: Columns read as text, never numericised (a micrograph named ``1`` stays "1").
 NAME_COLUMNS = [
@@ -208,18 +208,21 @@ def _optics_from_columns(df: pd.DataFrame, path: Path) -> dict:
     identity value).
     """
     n = len(df)
-    mag = np.broadcast_to(np.eye(2), (n, 2, 2)).copy()
-    for row in range(2):
-        for col in range(2):
-            label = f"rlnMagMat{row}{col}"
-            if label in df.columns:
-                mag[:, row, col] = _column(df, label)
-    tilt = np.zeros((n, 2))
-    for axis, xy in enumerate("XY"):
-        if f"rlnBeamTilt{xy}" in df.columns:
-            tilt[:, axis] = _column(df, f"rlnBeamTilt{xy}")
+    mag, tilt = same_for_all(np.eye(2), n), same_for_all(np.zeros(2), n)  # neutral: one row of memory
+    if any(f"rlnMagMat{row}{col}" in df.columns for row in range(2) for col in range(2)):
+        mag = np.broadcast_to(np.eye(2), (n, 2, 2)).copy()
+        for row in range(2):
+            for col in range(2):
+                label = f"rlnMagMat{row}{col}"
+                if label in df.columns:
+                    mag[:, row, col] = _column(df, label)
+    if "rlnBeamTiltX" in df.columns or "rlnBeamTiltY" in df.columns:
+        tilt = np.zeros((n, 2))
+        for axis, xy in enumerate("XY"):
+            if f"rlnBeamTilt{xy}" in df.columns:
+                tilt[:, axis] = _column(df, f"rlnBeamTilt{xy}")
     return {
-        "ctf_scale": _column(df, "rlnCtfScalefactor", 1.0),
+        "ctf_scale": _column(df, "rlnCtfScalefactor") if "rlnCtfScalefactor" in df.columns else same_for_all(1.0, n),
         "beam_tilt_mrad": tilt,
         "odd_zernike": _zernike_column(df, "rlnOddZernike", path),
         "even_zernike": _zernike_column(df, "rlnEvenZernike", path),
@@ -307,6 +310,15 @@ def _optics_groups(df: pd.DataFrame, pixel_size: np.ndarray, ctf: dict) -> np.nd
     return pd.factorize(keys)[0].astype(np.int64) + 1
 
 
+def _rotations(df: pd.DataFrame, block: int = 1 << 18) -> np.ndarray:
+    """RELION's matrices ``A`` (n, 3, 3) from the angle columns, converted in row blocks (bounded temporaries)."""
+    rotations = np.empty((len(df), 3, 3))
+    angles = [df[label].to_numpy(np.float64) for label in ANGLE_LABELS]
+    for start in range(0, len(df), block):
+        rotations[start : start + block] = relion_euler_to_matrix(*(a[start : start + block] for a in angles))
+    return rotations
+
+
 def read_particles(path: str | os.PathLike, *, require_ctf: bool = True) -> ParticleTable:
     """Read a RELION particle star file into a ``ParticleTable``.
 
@@ -339,18 +351,20 @@ def read_particles(path: str | os.PathLike, *, require_ctf: bool = True) -> Part
         )
     paths, indices = _image_names(df, path)
     groups = _optics_groups(df, pixel_size, ctf)
-    angles = (df[label].to_numpy(np.float64) for label in ANGLE_LABELS)
+    for name in ("voltage_kv", "spherical_aberration_mm", "amplitude_contrast", "ctf_bfactor", "phase_shift_degrees",
+                 "ctf_scale", "mag_matrix", "beam_tilt_mrad"):  # one optics group's values: one row of memory
+        ctf[name] = shared_if_constant(ctf[name])
     return ParticleTable(
-        rotations=relion_euler_to_matrix(*angles),
+        rotations=_rotations(df),
         origins_angstrom=origins,
         half_set=half.astype(np.int8),
         image_paths=paths,
         image_indices=indices,
-        pixel_size_angstrom=pixel_size,
-        box_size=_box_sizes(df, groups, paths, path),
+        pixel_size_angstrom=shared_if_constant(pixel_size),
+        box_size=shared_if_constant(_box_sizes(df, groups, paths, path)),
         optics_group=groups,
         # rlnCtfScalefactor is in the CTF (ctf_scale): RELION has no further per-particle contrast
-        input_contrast=np.ones(len(df)) if "rlnCtfScalefactor" in df.columns else None,
+        input_contrast=same_for_all(1.0, len(df)) if "rlnCtfScalefactor" in df.columns else None,
         source_format="star",
         source_path=path,
         source={"optics": optics, "particles": particles, "other": other},

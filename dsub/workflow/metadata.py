@@ -3,7 +3,8 @@
 A task of a million-particle run must not carry its chunk's table through the
 scheduler (48 kB each, thousands at once). The coordinator writes the table
 once into ``OUTDIR/subtracted.zarr/particle_table/``: one ``.npy`` file per
-per-particle array of ``ParticleTable`` (``<field>.npy``, rows first), the stack
+per-particle array of ``ParticleTable`` (``<field>.npy``, rows first; one row for
+an array that is the same for all, ``particles.same_for_all``), the stack
 paths as a category (``image_paths.json``: the distinct paths; ``image_path_codes.npy``:
 int32 index of each row's path into them) and ``table.json`` (the fields that
 are not per particle). A task carries a ``ParticleRows`` (the folder and a row
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..particles import ParticleTable
+from ..particles import ParticleTable, is_same_for_all
 
 FOLDER = "particle_table"
 _DESCRIPTION = "table.json"
@@ -62,11 +63,14 @@ def write_table(table: ParticleTable, folder: str | os.PathLike) -> Path:
     codes, uniques = pd.factorize(np.asarray(arrays.pop("image_paths"), dtype=object))  # hashes, no copies
     (partial / _PATHS).write_text(json.dumps([str(path) for path in uniques]))
     np.save(partial / _PATH_CODES, codes.astype(np.int32))
+    shared = sorted(name for name, values in arrays.items() if is_same_for_all(values))
     for name, values in arrays.items():
-        np.save(partial / f"{name}.npy", np.ascontiguousarray(values), allow_pickle=False)
+        np.save(partial / f"{name}.npy", np.ascontiguousarray(values[:1] if name in shared else values),
+                allow_pickle=False)
     description = {
         "count": len(table),
         "arrays": sorted(arrays),
+        "same_for_all": shared,  # saved as their one row
         "source_format": table.source_format,
         "source_path": None if table.source_path is None else str(table.source_path),
     }
@@ -95,8 +99,13 @@ def load_particles(particles) -> ParticleTable:
     start, stop = particles.start, particles.stop
     if not 0 <= start <= stop <= description["count"]:
         raise IndexError(f"rows {start}:{stop} are outside the table of {description['count']} particles in {folder}")
-    values = {name: np.array(np.load(folder / f"{name}.npy", mmap_mode="r")[start:stop])
-              for name in description["arrays"]}
+    values = {}
+    for name in description["arrays"]:
+        stored = np.load(folder / f"{name}.npy", mmap_mode="r")
+        if name in description["same_for_all"]:
+            values[name] = np.repeat(np.asarray(stored), stop - start, axis=0)
+        else:
+            values[name] = np.array(stored[start:stop])
     paths = np.array(json.loads((folder / _PATHS).read_text()), dtype=object)
     codes = np.load(folder / _PATH_CODES, mmap_mode="r")[start:stop]
     source_path = description["source_path"]

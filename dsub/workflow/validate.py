@@ -8,7 +8,7 @@ import numpy as np
 
 from ..errors import InputFileError, MissingInputError, OptionError, warn
 from ..formats.mrc import open_stack, read_map
-from ..particles import HALF_A, HALF_B
+from ..particles import HALF_A, HALF_B, is_same_for_all
 from ..physics.optics import crop_or_pad, map_extent_voxels
 
 #: Relative disagreement between pixel sizes that is still accepted.
@@ -102,8 +102,12 @@ _FINITE = {
 def check_metadata(table) -> None:
     """Per-particle numbers must be finite and physical, or the subtraction silently makes NaNs."""
     for name, label in _FINITE.items():
-        values = getattr(table, name).reshape(len(table), -1)
-        bad = ~np.isfinite(values).all(axis=1)
+        values = getattr(table, name)
+        if is_same_for_all(values):  # one row shared by all: check it once
+            values = np.broadcast_to(np.isfinite(values[:1]).all(), (len(table), 1))
+            bad = ~values[:, 0]
+        else:
+            bad = ~np.isfinite(values.reshape(len(table), -1)).all(axis=1)
         if bad.any():
             first = int(np.flatnonzero(bad)[0])
             raise InputFileError(
