@@ -57,6 +57,8 @@ def read_particles(
 def select_rows(table: ParticleTable, keep) -> ParticleTable:
     """The particles where ``keep`` is true, with their rows of the raw metadata, for the writers."""
     keep = np.asarray(keep, dtype=bool)
+    if keep.shape == (len(table),) and keep.all():  # all of them: no copy of millions of rows
+        return table
     chosen = table.subset(np.flatnonzero(keep))
     source = table.source
     if table.source_format == "star" and source is not None:

@@ -9,18 +9,20 @@ origins in Å) are changed.
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import starfile
+from starfile.writer import package_info
 
 from dsub.conventions import matrix_to_relion_euler, relion_euler_to_matrix
 from dsub.errors import InputFileError, MissingInputError, warn
 from dsub.formats import star_reader
 from dsub.formats.mrc import open_stack
-from dsub.formats.paths import resolve_stack_names, star_roots
+from dsub.formats.paths import StackRefs, resolve_stack_names, star_roots
 from dsub.particles import HALF_UNKNOWN, ParticleTable, same_for_all, shared_if_constant
 
 #: Columns read as text, never numericised (a micrograph named ``1`` stays "1").
@@ -423,7 +425,7 @@ def _optics_from_table(table: ParticleTable) -> tuple[pd.DataFrame, dict[str, np
 
 def _blocks_from_star(table: ParticleTable) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The input's own tables; a RELION 3.0 input gets an optics table and origins in Å."""
-    particles = table.source["particles"].reset_index(drop=True).copy()
+    particles = table.source["particles"].reset_index(drop=True)  # copy-on-write: changes below copy
     if len(particles) != len(table):
         raise ValueError("write_particles needs the whole table, one row per input particle")
     optics = table.source["optics"]
@@ -487,6 +489,13 @@ def _blocks_from_table(table: ParticleTable) -> tuple[pd.DataFrame, pd.DataFrame
     return optics, pd.DataFrame(columns)
 
 
+#: Rows formatted at once when a particle table is written (memory: one block's text).
+WRITE_BLOCK_ROWS = 100_000
+#: As ``starfile.write`` with dsub's options: its default "%.6f" would round away small values
+#: (e.g. rlnMagMat01).
+FLOAT_FORMAT = "%.10g"
+
+
 def write_particles(
     table: ParticleTable,
     path: str | os.PathLike,
@@ -496,39 +505,88 @@ def write_particles(
 ) -> None:
     """Write a RELION 3.1 star file: optics + particles, every input row in input order.
 
-    ``image_names`` (``N@stack``) become ``rlnImageName``; ``rlnImageOriginalName``
-    gets ``original_names``, by default the input's image names (as
-    ``relion_particle_subtract`` does, so ``--revert`` works). A star input
-    passes every column through; a .cs input gets columns built from the table.
-    ``extra_columns`` ({label: (n,) values}) are added or replace the input's.
-    Written to a temporary file beside ``path`` and renamed into place.
+    ``image_names`` (``N@stack``: (n,) str, or a ``paths.StackRefs``) become
+    ``rlnImageName``; ``rlnImageOriginalName`` gets ``original_names`` (the same
+    kinds), by default the input's image names (as ``relion_particle_subtract``
+    does, so ``--revert`` works). A star input passes every column through; a
+    .cs input gets columns built from the table. ``extra_columns`` ({label: (n,)
+    values}) are added or replace the input's. The text is ``starfile.write``'s,
+    written a block of rows at a time (``write_star``), to a temporary file
+    beside ``path`` that is renamed into place.
     """
     if table.source_format == "star":
         optics, particles = _blocks_from_star(table)
-        default_original = particles["rlnImageName"].astype(str).to_numpy(dtype=object)
+        default_original = particles["rlnImageName"]
     else:
         optics, particles = _blocks_from_table(table)
-        default_original = np.array(
-            [f"{i + 1:06d}@{p}" for i, p in zip(table.image_indices, table.image_paths)],
-            dtype=object,
-        )
-    names = np.asarray(image_names, dtype=object)
-    if names.shape != (len(table),):
-        raise ValueError(f"need {len(table)} image names, got {names.shape}")
-    original = default_original if original_names is None else np.asarray(original_names, object)
-    particles["rlnImageOriginalName"] = original
-    particles["rlnImageName"] = names
-    for label, values in (extra_columns or {}).items():
-        particles[label] = np.asarray(values)
-    _write_atomic({"optics": optics, "particles": particles}, Path(path))
+        default_original = StackRefs.from_paths(table.image_paths, table.image_indices)
+    if len(image_names) != len(table) or (not isinstance(image_names, StackRefs) and np.ndim(image_names) != 1):
+        raise ValueError(f"need {len(table)} image names, got {np.shape(image_names)}")
+    columns = {
+        "rlnImageOriginalName": default_original if original_names is None else original_names,
+        "rlnImageName": image_names,
+        **(extra_columns or {}),
+    }
+    write_star(path, {"optics": optics, "particles": particles}, columns)
 
 
-def _write_atomic(blocks: dict, path: Path) -> None:
-    """``starfile.write`` to a temporary name, then rename: never a half-written file."""
+def _column_block(values, start: int, stop: int):
+    """Rows ``start:stop`` of a column given as a Series, an array or a ``StackRefs`` (as names)."""
+    if isinstance(values, StackRefs):
+        return values.names(start, stop)
+    if isinstance(values, pd.Series):
+        return values.iloc[start:stop].reset_index(drop=True)
+    return np.asarray(values)[start:stop]
+
+
+def _quoted(column: pd.Series) -> pd.Series:
+    """``starfile``'s quoting of text values: in double quotes when empty or holding a space."""
+    def quote(value):
+        return f'"{value}"' if isinstance(value, str) and (" " in value or not value) else value
+
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        return column.cat.rename_categories([quote(c) for c in column.cat.categories])
+    if column.dtype == object or pd.api.types.is_string_dtype(column.dtype):
+        return column.map(quote)
+    return column
+
+
+def write_star(path: str | os.PathLike, blocks: dict, columns: dict | None = None) -> None:
+    """Write ``blocks`` ({name: DataFrame}) as ``starfile.write(blocks, path, float_format=FLOAT_FORMAT)`` does.
+
+    ``columns`` ({label: (n,) values, a Series or a ``paths.StackRefs``}) are
+    set in the last block (replacing a column of that label in place, else
+    added at the end); they and that block's rows are formatted
+    ``WRITE_BLOCK_ROWS`` at a time. Written to a temporary file beside ``path``,
+    then renamed: never a half-written file.
+    """
+    path = Path(path)
+    names = list(blocks)
+    *head, last = names
+    table = blocks[last]
+    columns = columns or {}
+    labels = list(table.columns) + [label for label in columns if label not in table.columns]
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        # starfile's default "%.6f" would round away small values (e.g. rlnMagMat01).
-        starfile.write(blocks, tmp, float_format="%.10g")
+        with open(tmp, "w") as f:
+            if head:  # the optics table: small, written by starfile itself
+                f.write(starfile.to_string({name: blocks[name] for name in head}, float_format=FLOAT_FORMAT))
+            else:
+                f.write(package_info() + "\n\n\n")
+            f.write(f"data_{last}\n\nloop_\n")
+            f.write("".join(f"_{label} #{number}\n" for number, label in enumerate(labels, 1)))
+            for start in range(0, len(table), WRITE_BLOCK_ROWS):
+                stop = min(start + WRITE_BLOCK_ROWS, len(table))
+                rows = table.iloc[start:stop].reset_index(drop=True)
+                for label, values in columns.items():
+                    rows[label] = _column_block(values, start, stop)
+                rows = rows[labels]
+                for label in labels:
+                    rows[label] = _quoted(rows[label])
+                text = rows.to_csv(sep="\t", header=False, index=False, float_format=FLOAT_FORMAT,
+                                   na_rep="<NA>", quoting=csv.QUOTE_NONE)
+                f.write("".join(line + "\n" for line in text.splitlines()))
+            f.write("\n\n")
         os.replace(tmp, path)
     finally:
         if tmp.exists():

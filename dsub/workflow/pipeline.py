@@ -24,6 +24,7 @@ from pathlib import Path
 
 import dask
 import numpy as np
+import pandas as pd
 
 from .. import __version__
 from ..cluster import ClusterSpec, open_runner
@@ -448,7 +449,7 @@ def run_identity(particles_path, maps: MapFiles, table, box: int, settings, opti
         "half_a": file_identity(maps.half_a),
         "half_b": file_identity(maps.half_b),
         "mask": file_identity(maps.mask),
-        "stacks": [file_identity(path) for path in np.unique(np.asarray(table.image_paths, dtype=str))],
+        "stacks": [file_identity(path) for path in sorted({str(path) for path in pd.unique(table.image_paths)})],
         "cs_root": options.cs_root,
         "passthrough": [file_identity(path) for path in table.extra.get("passthrough", [])],
         "settings": dataclasses.asdict(settings),
