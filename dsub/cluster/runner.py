@@ -221,8 +221,9 @@ class ThreadRunner(_Runner):
         def next_done(pending):
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                pending.difference_update(done)
-                yield from sorted(done, key=order_of_submission.get)
+                for future in sorted(done, key=order_of_submission.get):
+                    pending.discard(future)  # one at a time: a slot frees when its result is handed over
+                    yield future
 
         order_of_submission: dict = {}
 
@@ -292,8 +293,9 @@ class DistributedRunner(_Runner):
                 done, _ = wait(list(pending), timeout=poll, return_when="FIRST_COMPLETED")
             except TimeoutError:
                 done = set()
-            pending.difference_update(done)
-            yield from done
+            for future in done:
+                pending.discard(future)  # one at a time: a slot frees when its result is handed over
+                yield future
             if done or self.client.scheduler_info().get("workers"):
                 alone_since = None
                 continue
