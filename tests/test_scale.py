@@ -135,7 +135,9 @@ def test_a_failing_task_stops_the_phase():
 
 # ---------------------------------------------------------------- the fast star reader
 @pytest.mark.parametrize("name", ["relion31.star", "relion31.6opticsgroups.star", "empiar_10076_7.star"])
-def test_fast_reader_gives_starfiles_tables(shared_data, name):
+@pytest.mark.parametrize("piece_rows", [7, 1 << 18])
+def test_fast_reader_gives_starfiles_tables(shared_data, name, piece_rows, monkeypatch):
+    monkeypatch.setattr(star.star_reader, "PIECE_ROWS", piece_rows)  # rows parsed at once
     path = shared_data / "cryodrgn" / name
     fast = star.star_reader.read_star(path, star.NAME_COLUMNS)
     plain = starfile.read(path, always_dict=True, parse_as_string=star.NAME_COLUMNS)
@@ -158,6 +160,14 @@ def test_large_star_is_read_into_the_same_table(shared_data, monkeypatch):
     assert str(fast.source["particles"]["rlnImageName"].dtype) == "category"
     for field, values in _per_particle(plain).items():
         np.testing.assert_array_equal(getattr(fast, field), values, err_msg=field)
+
+
+def test_a_column_of_numbers_then_text_is_left_to_starfile(tmp_path, monkeypatch):
+    monkeypatch.setattr(star.star_reader, "PIECE_ROWS", 2)
+    path = tmp_path / "mixed.star"
+    path.write_text("data_particles\n\nloop_\n_rlnImageName #1\n_rlnMyLabel #2\n"
+                    "1@a.mrcs 1\n2@a.mrcs 2\n3@a.mrcs x3\n")
+    assert star.star_reader.read_star(path, star.NAME_COLUMNS) is None
 
 
 def test_quoted_rows_are_left_to_starfile(tmp_path):

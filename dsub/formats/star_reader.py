@@ -17,6 +17,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import starfile
 
@@ -69,13 +70,10 @@ def read_star(path: str | os.PathLike, strings, image_label: str = "rlnImageName
             return None
         header = bytes(text[:block_at])
     blocks = _read_header(header, strings) if header.strip() else {}
-    with open(path, "rb") as f:
-        f.seek(rows_at)
-        table = pd.read_csv(
-            f, sep=r"\s+", header=None, names=labels, comment="#", engine="c",
-            dtype={label: "category" for label in strings if label in labels},
-            keep_default_na=False, na_values=["nan", "NaN", "<NA>"],
-        )
+    try:
+        table = _read_rows(path, rows_at, labels, [label for label in strings if label in labels])
+    except _MixedColumn:
+        return None
     if table.empty:
         return None
     for label in table.columns:  # starfile's inference: a text column that is all numbers becomes numeric
@@ -88,6 +86,41 @@ def read_star(path: str | os.PathLike, strings, image_label: str = "rlnImageName
                 table[label] = numeric
     blocks[name] = table
     return blocks
+
+
+#: Rows parsed at once; each column's pieces are joined (and freed) one column at a time, so reading
+#: holds the table about once, not twice as one ``pd.read_csv`` of the whole loop does.
+PIECE_ROWS = 1 << 18
+
+
+def _read_rows(path: Path, rows_at: int, labels: list[str], strings: list[str]) -> pd.DataFrame:
+    """The particle rows from byte ``rows_at`` on, as ``pd.read_csv`` of them in one go would give them."""
+    options = dict(sep=r"\s+", header=None, names=labels, comment="#", engine="c",
+                   dtype={label: "category" for label in strings},
+                   keep_default_na=False, na_values=["nan", "NaN", "<NA>"])
+    pieces: dict[str, list] = {label: [] for label in labels}
+    with open(path, "rb") as f:
+        f.seek(rows_at)
+        for piece in pd.read_csv(f, chunksize=PIECE_ROWS, **options):
+            for label in labels:  # copied out, so each piece's memory goes with its columns
+                column = piece[label]
+                pieces[label].append(column.array.copy() if label in strings else column.to_numpy(copy=True))
+            del piece, column
+    columns = {}
+    for label in labels:
+        parts = pieces.pop(label)
+        if label in strings:
+            columns[label] = pd.Series(pd.api.types.union_categoricals(parts), copy=False)
+            continue
+        if len({part.dtype for part in parts}) > 1 and not {part.dtype.kind for part in parts} <= set("iuf"):
+            raise _MixedColumn(label)  # text in some pieces, numbers in others: one read_csv would differ
+        columns[label] = np.concatenate(parts) if len(parts) > 1 else parts[0]  # ints with floats: floats
+        del parts
+    return pd.DataFrame(columns, copy=False)
+
+
+class _MixedColumn(ValueError):
+    """A column read as text in some pieces and as numbers in others."""
 
 
 def _read_header(header: bytes, strings) -> dict:
