@@ -161,8 +161,12 @@ def instrument(sampler: Sampler, result_path: Path, stop_after_first: bool):
         setattr(module, name, wrapper)
 
     timed(pipeline, "read_particles", "read particles")
-    timed(pipeline.validate, "check_metadata", "checks")
-    timed(pipeline, "plan_resources", "maps, plan")
+    timed(pipeline.validate, "check_metadata", "check metadata")
+    timed(pipeline.validate, "check_maps", "check maps, stacks")
+    timed(pipeline, "plan_resources", "plan, identity, maps")
+    timed(pipeline.diagnostics, "sample_task", "sample fit")
+    timed(pipeline.store, "create_store", "create store")
+    timed(pipeline.metadata, "write_table", "write particle table")
     original_finished = record.AttemptRecorder.chunk_finished
 
     def finished(self, *args, **kwargs):
@@ -268,7 +272,7 @@ def main():
         results[f"coordinator_{rows}"] = figures
         marks = figures["marks_s"]
         size = (folder / f"particles_{rows}.star").stat().st_size / 1e6
-        read_s = marks.get("checks", 0) - marks.get("read particles", 0)
+        read_s = marks.get("check metadata", 0) - marks.get("read particles", 0)
         steps = ", ".join(f"{k} {v}" for k, v in figures["peak_rss_gb_by_step"].items())
         print(f"| {rows:,} | {size:.0f} | {read_s:.1f} | {marks.get('first chunk')} | {figures['peak_rss_gb']} | "
               f"{(figures['task_graph_bytes'] or 0) / 1e3:.1f} | {steps} |", flush=True)
