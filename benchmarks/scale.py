@@ -233,6 +233,36 @@ def child(args) -> None:
     Path(args.result).write_text(json.dumps(result, indent=2))
 
 
+def child_write(args) -> None:
+    """Read the star, then write the output star and .cs as the export does (every particle kept)."""
+    from dsub.formats import read_particles
+    from dsub.workflow import export
+
+    folder = Path(args.folder)
+    sampler = Sampler()
+    sampler.enter("read particles")
+    started = time.monotonic()
+    table = read_particles(folder / f"particles_{args.rows}.star")
+    read_s = time.monotonic() - started
+    outdir = Path(args.outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    fit = {"contrast_sigma": rng.random(len(table), dtype=np.float32),
+           "fit_correlation": rng.random(len(table), dtype=np.float32)}
+    contrast = rng.random(len(table), dtype=np.float32)
+    sampler.enter("write star and .cs")
+    started = time.monotonic()
+    export.write_metadata(table, outdir, 65536, contrast, None, None, "auto", fit)
+    write_s = time.monotonic() - started
+    sampler.enter("end")
+    dump(sampler, {"task_bytes": []}, Path(args.result))
+    result = json.loads(Path(args.result).read_text())
+    result.update(read_s=round(read_s, 1), write_s=round(write_s, 1),
+                  star_mb=round((outdir / export.STAR_NAME).stat().st_size / 1e6),
+                  cs_mb=round((outdir / export.CS_NAME).stat().st_size / 1e6))
+    Path(args.result).write_text(json.dumps(result, indent=2))
+
+
 def measure(folder: Path, rows: int, mode: str) -> dict:
     result = folder / f"result_{mode}_{rows}.json"
     result.unlink(missing_ok=True)
@@ -252,7 +282,9 @@ def main():
     parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000])
     parser.add_argument("--rows-run", type=int, default=1_000_000, help="rows of the whole run at box 32 (0: none)")
     parser.add_argument("--folder", default="scale_data")
-    parser.add_argument("--child", choices=("coordinator", "run"), help=argparse.SUPPRESS)
+    parser.add_argument("--write-rows", type=int, nargs="*", default=[1_000_000, 10_000_000],
+                        help="rows of the star and .cs writing measurement")
+    parser.add_argument("--child", choices=("coordinator", "run", "write"), help=argparse.SUPPRESS)
     parser.add_argument("--outdir", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -260,9 +292,9 @@ def main():
     if args.child:
         args.mode = args.child
         args.rows = args.rows[0]
-        child(args)
+        (child_write if args.mode == "write" else child)(args)
         return
-    make_dataset(folder, sorted(set(args.rows + ([args.rows_run] if args.rows_run else []))))
+    make_dataset(folder, sorted(set(args.rows + args.write_rows + ([args.rows_run] if args.rows_run else []))))
     results = {}
     print("| rows | star (MB) | read particles (s) | first chunk (s) | coordinator peak RSS (GB) | "
           "task graph (kB) | peak RSS by step (GB) |")
@@ -276,6 +308,15 @@ def main():
         steps = ", ".join(f"{k} {v}" for k, v in figures["peak_rss_gb_by_step"].items())
         print(f"| {rows:,} | {size:.0f} | {read_s:.1f} | {marks.get('first chunk')} | {figures['peak_rss_gb']} | "
               f"{(figures['task_graph_bytes'] or 0) / 1e3:.1f} | {steps} |", flush=True)
+    if args.write_rows:
+        print("\n| rows | read star (s) | write star + .cs (s) | star, .cs (MB) | peak RSS reading / writing (GB) |")
+        print("|---|---|---|---|---|")
+    for rows in args.write_rows:
+        figures = measure(folder, rows, "write")
+        results[f"write_{rows}"] = figures
+        peaks = figures["peak_rss_gb_by_step"]
+        print(f"| {rows:,} | {figures['read_s']} | {figures['write_s']} | {figures['star_mb']}, {figures['cs_mb']} | "
+              f"{peaks.get('read particles')} / {peaks.get('write star and .cs')} |", flush=True)
     if args.rows_run:
         figures = measure(folder, args.rows_run, "run")
         results[f"run_{args.rows_run}"] = figures

@@ -84,8 +84,18 @@ def _read_blocks(path: Path) -> tuple[pd.DataFrame | None, pd.DataFrame, dict]:
     return optics, tables[name], other
 
 
+def _per_group(values: pd.Series, group_of_row: np.ndarray) -> pd.Categorical:
+    """``values`` (one per optics group) for every row, as a categorical: a byte or two per row, not a float."""
+    groups = pd.Categorical(values.to_numpy())
+    return pd.Categorical.from_codes(np.asarray(groups.codes)[group_of_row], dtype=groups.dtype)
+
+
 def _merge_optics(particles: pd.DataFrame, optics: pd.DataFrame | None, path: Path) -> pd.DataFrame:
-    """Particles with every optics column not already per particle added to each row."""
+    """Particles with every optics column not already per particle added to each row.
+
+    The added columns are categoricals (each group's value once, a small code
+    per row): ten million rows of one optics group do not get ten million copies.
+    """
     merged = particles.reset_index(drop=True)  # copy-on-write: added columns leave ``particles`` alone
     if optics is None or optics.empty:
         return merged
@@ -96,8 +106,9 @@ def _merge_optics(particles: pd.DataFrame, optics: pd.DataFrame | None, path: Pa
                 path, f"defines {len(optics)} optics groups but its particles have no "
                 "rlnOpticsGroup column.", "Add rlnOpticsGroup to the particles table."
             )
+        first = np.zeros(len(merged), dtype=np.int8)
         for c in extra:
-            merged[c] = optics[c].iloc[0]
+            merged[c] = _per_group(optics[c].iloc[:1], first)
         return merged
     if "rlnOpticsGroup" not in optics.columns or optics["rlnOpticsGroup"].duplicated().any():
         raise InputFileError(
@@ -112,16 +123,21 @@ def _merge_optics(particles: pd.DataFrame, optics: pd.DataFrame | None, path: Pa
             path, f"its particles use optics groups {undefined} that data_optics does not "
             "define.", "Add those groups to the optics table."
         )
+    group_of_row = table.index.get_indexer(groups)  # hashing: linear in the rows
     for c in extra:
-        merged[c] = table[c].reindex(groups).to_numpy()
+        merged[c] = _per_group(table[c], group_of_row)
     return merged
 
 
 def _column(df: pd.DataFrame, label: str, default=None, dtype=np.float64) -> np.ndarray | None:
-    """Column ``label`` as an array, or ``default`` broadcast (None: absent)."""
+    """Column ``label`` as an array, or ``default`` broadcast (None: absent).
+
+    A column of one value (an optics group's) is a read-only view of that value
+    (``particles.shared_if_constant``): no memory per row.
+    """
     if label in df.columns:
-        return df[label].to_numpy(dtype=dtype)
-    return None if default is None else np.full(len(df), default, dtype=dtype)
+        return shared_if_constant(df[label].to_numpy(dtype=dtype))
+    return None if default is None else np.broadcast_to(np.asarray(default, dtype=dtype), (len(df),))
 
 
 def _require(df: pd.DataFrame, labels: list[str], path: Path, why: str, fix: str = _FIX) -> None:
@@ -136,7 +152,7 @@ def _pixel_size(df: pd.DataFrame, path: Path) -> np.ndarray:
     """Image pixel size in Å: rlnImagePixelSize, rlnMicrographPixelSize, or 3.0 detector/mag."""
     for label in ("rlnImagePixelSize", "rlnMicrographPixelSize"):
         if label in df.columns:
-            return df[label].to_numpy(dtype=np.float64)
+            return _column(df, label)
     if {"rlnDetectorPixelSize", "rlnMagnification"} <= set(df.columns):
         detector_um = df["rlnDetectorPixelSize"].to_numpy(dtype=np.float64)
         return detector_um * 1e4 / df["rlnMagnification"].to_numpy(dtype=np.float64)
@@ -291,7 +307,7 @@ def _image_names(df: pd.DataFrame, star_path: Path) -> tuple[np.ndarray, np.ndar
 def _box_sizes(df: pd.DataFrame, groups: np.ndarray, paths: np.ndarray, star_path: Path):
     """rlnImageSize, or the size of the first stack of each optics group."""
     if "rlnImageSize" in df.columns:
-        return df["rlnImageSize"].to_numpy(dtype=np.int64)
+        return _column(df, "rlnImageSize", dtype=np.int64)
     box = np.zeros(len(df), dtype=np.int64)
     for group in np.unique(groups):
         rows = groups == group
@@ -305,7 +321,7 @@ def _box_sizes(df: pd.DataFrame, groups: np.ndarray, paths: np.ndarray, star_pat
 def _optics_groups(df: pd.DataFrame, pixel_size: np.ndarray, ctf: dict) -> np.ndarray:
     """rlnOpticsGroup, or (RELION 3.0) one group per distinct pixel size and optics."""
     if "rlnOpticsGroup" in df.columns:
-        return df["rlnOpticsGroup"].to_numpy(dtype=np.int64)
+        return _column(df, "rlnOpticsGroup", dtype=np.int64)
     keys = pd.MultiIndex.from_arrays([
         pixel_size, ctf["voltage_kv"], ctf["spherical_aberration_mm"], ctf["amplitude_contrast"]
     ])
