@@ -12,7 +12,11 @@ stacks of 64 images of box 32, half maps and a mask), then, each in a fresh proc
   (pickled size of the tasks submitted and not yet finished);
 * ``run``: the whole command at box 32 on the CPU (``--rows-run`` rows), with its phases.
 
-    .venv/bin/python benchmarks/scale.py --rows 1000000 10000000 --rows-run 1000000 --folder /tmp/scale
+* ``write``: reads the star and writes the output star and ``.cs`` as the export does
+  (``--write-rows``), with the time and peak memory of each.
+
+    .venv/bin/python benchmarks/scale.py --rows 1000000 10000000 --write-rows 1000000 10000000 \
+        --rows-run 1000000 --folder /tmp/scale
 
 Figures go to stdout as a Markdown table and to FOLDER/results.json.
 """
@@ -279,7 +283,8 @@ def measure(folder: Path, rows: int, mode: str) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    parser.add_argument("--rows", type=int, nargs="*", default=[1_000_000, 10_000_000],
+                        help="rows of the coordinator measurement")
     parser.add_argument("--rows-run", type=int, default=1_000_000, help="rows of the whole run at box 32 (0: none)")
     parser.add_argument("--folder", default="scale_data")
     parser.add_argument("--write-rows", type=int, nargs="*", default=[1_000_000, 10_000_000],
@@ -296,9 +301,10 @@ def main():
         return
     make_dataset(folder, sorted(set(args.rows + args.write_rows + ([args.rows_run] if args.rows_run else []))))
     results = {}
-    print("| rows | star (MB) | read particles (s) | first chunk (s) | coordinator peak RSS (GB) | "
-          "task graph (kB) | peak RSS by step (GB) |")
-    print("|---|---|---|---|---|---|---|")
+    if args.rows:
+        print("| rows | star (MB) | read particles (s) | first chunk (s) | coordinator peak RSS (GB) | "
+              "task graph (kB) | peak RSS by step (GB) |")
+        print("|---|---|---|---|---|---|---|")
     for rows in args.rows:
         figures = measure(folder, rows, "coordinator")
         results[f"coordinator_{rows}"] = figures
