@@ -12,7 +12,6 @@ numeric inference, except that the ``strings`` columns are categorical.
 
 from __future__ import annotations
 
-import mmap
 import os
 import tempfile
 from pathlib import Path
@@ -22,33 +21,47 @@ import pandas as pd
 import starfile
 
 
-def _particle_loop(text: mmap.mmap, image_label: str) -> tuple[str, int, int, list[str]] | None:
+def _particle_loop(f, image_label: str) -> tuple[str, int, int, list[str]] | None:
     """(block name, offset of the block's ``data_`` line, offset of its first row, labels) of the first loop
-    that has ``image_label``; None when the file has none."""
-    position, block, block_at = 0, None, 0
-    size = len(text)
-    while position < size:
-        end = text.find(b"\n", position)
-        end = size if end < 0 else end
-        line = text[position:end].strip()
-        if line.startswith(b"data_"):
-            block, block_at = line[5:].decode(), position
-        elif line.startswith(b"loop_") and block is not None:
-            labels, position = [], end + 1
-            while position < size:
-                end = text.find(b"\n", position)
-                end = size if end < 0 else end
-                line = text[position:end].strip()
-                if line.startswith(b"_"):
-                    labels.append(line.split()[0][1:].decode())
-                elif line and not line.startswith(b"#"):
+    of the open file ``f`` that has ``image_label``; None when the file has none."""
+    block, block_at = None, 0
+    position = f.tell()
+    line = f.readline()
+    while line:
+        stripped = line.strip()
+        if stripped.startswith(b"data_"):
+            block, block_at = stripped[5:].decode(), position
+        elif stripped.startswith(b"loop_") and block is not None:
+            labels = []
+            position, line = f.tell(), f.readline()
+            while line:
+                stripped = line.strip()
+                if stripped.startswith(b"_"):
+                    labels.append(stripped.split()[0][1:].decode())
+                elif stripped and not stripped.startswith(b"#"):
                     break
-                position = end + 1
+                position, line = f.tell(), f.readline()
             if image_label in labels:
                 return block, block_at, position, labels
             continue
-        position = end + 1
+        position, line = f.tell(), f.readline()
     return None
+
+
+def _found_after(f, start: int, marks: tuple[bytes, ...], block: int = 1 << 24) -> bool:
+    """Whether any of ``marks`` occurs in the file from byte ``start`` on (read in blocks, not mapped:
+    a mapping would count the whole file in this process's resident memory)."""
+    overlap = max(len(mark) for mark in marks) - 1
+    f.seek(start)
+    tail = b""
+    while True:
+        data = f.read(block)
+        if not data:
+            return False
+        window = tail + data
+        if any(mark in window for mark in marks):
+            return True
+        tail = window[-overlap:] if overlap else b""
 
 
 def read_star(path: str | os.PathLike, strings, image_label: str = "rlnImageName") -> dict | None:
@@ -61,14 +74,15 @@ def read_star(path: str | os.PathLike, strings, image_label: str = "rlnImageName
     read it with ``starfile`` then.
     """
     path = Path(path)
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as text:
-        found = _particle_loop(text, image_label)
+    with open(path, "rb") as f:
+        found = _particle_loop(f, image_label)
         if found is None:
             return None
         name, block_at, rows_at, labels = found
-        if any(text.find(mark, rows_at) >= 0 for mark in (b"'", b'"', b"\ndata_")):
+        if _found_after(f, rows_at, (b"'", b'"', b"\ndata_")):
             return None
-        header = bytes(text[:block_at])
+        f.seek(0)
+        header = f.read(block_at)
     blocks = _read_header(header, strings) if header.strip() else {}
     try:
         table = _read_rows(path, rows_at, labels, [label for label in strings if label in labels])
