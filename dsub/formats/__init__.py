@@ -14,6 +14,7 @@ import numpy as np
 
 from dsub.errors import InputFileError, MissingInputError, OptionError
 from dsub.formats import cs, star
+from dsub.formats.star_reader import return_free_memory
 from dsub.particles import ParticleTable
 
 _ACCEPTED = (
@@ -53,23 +54,6 @@ def read_particles(
             table.extra["project_folder"] = Path(os.path.abspath(cs_root))
         return table
     raise InputFileError(path, "is neither a RELION .star nor a cryoSPARC .cs file.", _ACCEPTED)
-
-
-def return_free_memory() -> None:
-    """Give the memory the C allocator keeps after frees back to the system (glibc ``malloc_trim``; elsewhere nothing).
-
-    Parsing a large star file frees many buffers of a few MB, which glibc keeps
-    for reuse: without this the process would hold about a third more than the
-    table it read for the rest of the run.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):  # not glibc
-        pass
 
 
 def select_rows(table: ParticleTable, keep) -> ParticleTable:
