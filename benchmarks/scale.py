@@ -173,6 +173,8 @@ def instrument(sampler: Sampler, result_path: Path, stop_after_first: bool):
     timed(pipeline.diagnostics, "sample_task", "sample fit")
     timed(pipeline.store, "create_store", "create store")
     timed(pipeline.metadata, "write_table", "write particle table")
+    timed(pipeline.export, "write_metadata", "write star and .cs")
+    timed(pipeline, "write_qc_report", "QC report")
     original_finished = record.AttemptRecorder.chunk_finished
 
     def finished(self, *args, **kwargs):
@@ -189,6 +191,8 @@ def instrument(sampler: Sampler, result_path: Path, stop_after_first: bool):
         if label == "subtract":
             sampler.enter("tasks: build, submit")
             tasks = list(watched(tasks)) if isinstance(tasks, list) else watched(tasks)
+        elif label == "export":
+            sampler.enter("export stacks")
         return original_compute(self, tasks, label, *args, **kwargs)
 
     def watched(tasks):
@@ -227,7 +231,7 @@ def child(args) -> None:
     figures = instrument(sampler, Path(args.result), stop_after_first=args.mode == "coordinator")
     figures["in_flight_limit"] = getattr(runner_module, "IN_FLIGHT_PER_THREAD", None)
     os.chdir(folder)
-    options = RunOptions(outdir=Path(args.outdir), overwrite=True, chunk_size=256, particles_per_stack=65536,
+    options = RunOptions(outdir=Path(args.outdir), overwrite=True, chunk_size=256,
                          device="cpu", cluster=ClusterSpec(scheduler="threads", workers=2, progress=False))
     started = time.monotonic()
     summary = subtract(f"particles_{args.rows}.star", "half_A.mrc", "half_B.mrc", "mask.mrc",
