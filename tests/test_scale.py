@@ -228,3 +228,28 @@ def test_cs_written_in_blocks_equals_one_block(name, request, tmp_path, monkeypa
     assert blocks["blob/path"][5] == paths[5].encode() and blocks["blob/idx"][5] == 5
     dataset = pytest.importorskip("cryosparc.dataset")
     assert len(dataset.Dataset.load(tmp_path / "blocks.cs")) == n
+
+
+# ---------------------------------------------------------------- a whole run
+def test_chunk_tasks_carry_row_ranges_and_the_table_goes_afterwards(tmp_path, monkeypatch):
+    from dsub.cli import main
+    from dsub.demo import make_dataset
+    from dsub.workflow import store, tasks
+
+    paths, _ = make_dataset(tmp_path / "data", count=48, box=32, snr=None)
+    given = []
+    original = tasks.load_particles
+
+    def recording(particles):
+        given.append(particles)
+        return original(particles)
+
+    monkeypatch.setattr(tasks, "load_particles", recording)
+    outdir = tmp_path / "out"
+    assert main(["subtract", str(paths["star"]), "--half-a", str(paths["half_a"]), "--half-b", str(paths["half_b"]),
+                 "--mask", str(paths["mask"]), "-o", str(outdir), "--chunk-size", "10", "--quiet"]) == 0
+    chunks = [p for p in given if isinstance(p, metadata.ParticleRows)]
+    assert sorted((p.start, p.stop) for p in chunks) == [(0, 10), (10, 20), (20, 30), (30, 40), (40, 48)]
+    assert not (outdir / store.STORE_NAME / metadata.FOLDER).exists()
+    back = read_particles(outdir / "particles_subtracted.star")
+    np.testing.assert_allclose(back.rotations, read_particles(paths["star"]).rotations, atol=1e-9)

@@ -9,6 +9,7 @@ paths as a category (``image_paths.json``: the distinct paths; ``image_path_code
 int32 index of each row's path into them) and ``table.json`` (the fields that
 are not per particle). A task carries a ``ParticleRows`` (the folder and a row
 range); ``load_particles`` memory-maps each file and copies only those rows.
+The folder is deleted once every chunk is stored (``pipeline``).
 """
 
 from __future__ import annotations

@@ -266,6 +266,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
         )
         devices = sorted(set(runner.compute(tasks, "subtract", [bounds[i][1] - bounds[i][0] for i in pending],
                                             waiting, on_result=attempt.chunk_finished)))
+        shutil.rmtree(columns, ignore_errors=True)  # every chunk is stored: no task reads it again
         timings["subtract"] = time.monotonic() - started - sum(timings.values())
         layout = export.stack_layout(len(table), options.particles_per_stack, table.pixel_size_angstrom)
         export_tasks = [
