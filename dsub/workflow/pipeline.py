@@ -248,7 +248,8 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             store.create_store(store_path, len(table), out_box, options.chunk_size,
                                {**identity, "fingerprint": fingerprint}, float16=options.float16)
         attempt.begin(store_path, options.cluster.scheduler, device, len(bounds))
-        done = store.finished_chunks(store_path)
+        # A fresh store has no finished chunk (reading the marks of 40 000 chunks takes seconds).
+        done = store.finished_chunks(store_path) if resuming else np.zeros(len(bounds), dtype=bool)
         pending = [i for i in range(len(bounds)) if not done[i]]
         say(options, f"dsub: {len(table)} particles of {box} px in {len(bounds)} chunks "
                      f"({len(bounds) - len(pending)} already done) on {runner.description}.")
