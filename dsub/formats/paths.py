@@ -130,8 +130,11 @@ class StackRefs:
 
     def __init__(self, paths, codes, indices):
         self.paths = np.asarray(paths, dtype=object)
-        self.codes = np.asarray(codes, dtype=np.int64).reshape(-1)
-        self.indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        self.codes = np.asarray(codes).reshape(-1)  # any integer type: int32 halves ten million of them
+        self.indices = np.asarray(indices).reshape(-1)
+        if self.codes.dtype.kind not in "iu" or self.indices.dtype.kind not in "iu":
+            raise ValueError(f"stack codes and image indices must be integers, not {self.codes.dtype}, "
+                             f"{self.indices.dtype}")
         if self.codes.shape != self.indices.shape:
             raise ValueError(f"{self.codes.size} path codes but {self.indices.size} image indices")
 
@@ -141,7 +144,7 @@ class StackRefs:
         import pandas as pd
 
         codes, uniques = pd.factorize(np.asarray(paths, dtype=object))
-        return cls([str(path) for path in uniques], codes, indices)
+        return cls([str(path) for path in uniques], codes, np.asarray(indices, dtype=np.int64))
 
     def __len__(self) -> int:
         return int(self.codes.size)
@@ -156,9 +159,9 @@ class StackRefs:
 
     def names(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """``N@path`` of rows ``start:stop`` as an object array of str."""
-        paths = self.paths[self.codes[start:stop]]
-        return np.array([f"{index + 1:06d}@{path}" for index, path in zip(self.indices[start:stop], paths)],
-                        dtype=object)
+        paths = self.paths[self.codes[start:stop]].tolist()
+        indices = self.indices[start:stop].tolist()
+        return np.array([f"{index + 1:06d}@{path}" for index, path in zip(indices, paths)], dtype=object)
 
     def path_width(self) -> int:
         """Bytes of the longest stack path any particle has (at least 1)."""

@@ -116,8 +116,8 @@ def new_image_locations(count: int, particles_per_stack: int, pixel_sizes=None) 
 def new_stack_refs(count: int, particles_per_stack: int, pixel_sizes=None) -> StackRefs:
     """Each particle's place in the exported stacks (paths relative to OUTDIR), as ``new_image_locations``."""
     layout = stack_layout(count, particles_per_stack, pixel_sizes)
-    codes = np.empty(count, dtype=np.int64)
-    indices = np.empty(count, dtype=np.int64)
+    codes = np.empty(count, dtype=np.int32)
+    indices = np.empty(count, dtype=np.int32)
     for number, (_, rows, _) in enumerate(layout):
         codes[rows] = number
         indices[rows] = np.arange(rows.size)
@@ -155,13 +155,14 @@ def write_metadata(table, outdir: Path, particles_per_stack: int, contrast: np.n
         warn(f"{CS_NAME}: the images are CTF-premultiplied (rlnCtfDataAreCtfPremultiplied), and a cryoSPARC "
              "particle .cs has no field that says so: cryoSPARC would treat them as plain images. Continue "
              f"from {STAR_NAME} in RELION, which keeps the flag.")
+    rows = slice(None) if keep.all() else keep  # all kept: views, no copies of millions of values
     measured = {**({"contrast": np.asarray(contrast)} if contrast is not None else {}), **(fit or {})}
-    columns = {FIT_COLUMNS[name]: np.asarray(values, np.float32)[keep] for name, values in measured.items()}
-    fields = {FIT_FIELDS[name]: np.asarray(values, "<f4")[keep] for name, values in measured.items()
+    columns = {FIT_COLUMNS[name]: np.asarray(values, np.float32)[rows] for name, values in measured.items()}
+    fields = {FIT_FIELDS[name]: np.asarray(values, "<f4")[rows] for name, values in measured.items()
               if name in FIT_FIELDS}
-    star_format.write_particles(kept, outdir / STAR_NAME, names.select(keep), extra_columns=columns)
-    cs_format.write_particles(kept, outdir / CS_NAME, paths.select(keep), None,
-                              None if contrast is None else contrast[keep], extra_fields=fields)
+    star_format.write_particles(kept, outdir / STAR_NAME, names.select(rows), extra_columns=columns)
+    cs_format.write_particles(kept, outdir / CS_NAME, paths.select(rows), None,
+                              None if contrast is None else contrast[rows], extra_fields=fields)
 
 
 def original_image_names(table) -> np.ndarray:
