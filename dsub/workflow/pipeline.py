@@ -256,7 +256,9 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
         if reboxing is not None:
             say(options, rebox.describe(reboxing, centre_from, box))
         # Tasks carry a row range of the table written once beside the store, built as they are submitted.
-        columns = metadata.write_table(table, store_path / metadata.FOLDER)
+        columns = store_path / metadata.FOLDER
+        if pending:
+            metadata.write_table(table, columns)
         tasks = (
             dask.delayed(run_chunk, pure=False)(
                 index, bounds[index][0], metadata.table_rows(columns, *bounds[index]), maps, settings,
