@@ -20,6 +20,30 @@ HALF_B = 2
 HALF_UNKNOWN = 0
 
 
+def same_for_all(row, count: int) -> np.ndarray:
+    """``row`` (a scalar or an array) repeated ``count`` times as a read-only view: shape (count, *row.shape).
+
+    Ten million particles of one optics group share their voltage, pixel size or
+    magnification matrix; such a column costs one row of memory. Indexing it
+    (``ParticleTable.subset``) gives an ordinary array.
+    """
+    row = np.asarray(row, dtype=np.float64)
+    return np.broadcast_to(row, (count, *row.shape))
+
+
+def is_same_for_all(values: np.ndarray) -> bool:
+    """Whether ``values`` is a ``same_for_all`` view (its rows share their memory)."""
+    return values.ndim > 0 and values.shape[0] > 1 and values.strides[0] == 0
+
+
+def shared_if_constant(values: np.ndarray) -> np.ndarray:
+    """``values`` (n, ...) as a ``same_for_all`` view when every row equals the first (NaN never does)."""
+    values = np.asarray(values)
+    if values.shape[0] > 1 and not is_same_for_all(values) and (values == values[:1]).all():
+        return np.broadcast_to(values[0], values.shape)
+    return values
+
+
 @dataclass
 class ParticleTable:
     """Per-particle arrays, all of length ``n``, in RELION conventions.
@@ -60,17 +84,18 @@ class ParticleTable:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        # The neutral values are read-only views of one row (``same_for_all``): no memory per particle.
         n = len(self)
         if self.ctf_scale is None:
-            self.ctf_scale = np.ones(n)
+            self.ctf_scale = same_for_all(1.0, n)
         if self.beam_tilt_mrad is None:
-            self.beam_tilt_mrad = np.zeros((n, 2))
+            self.beam_tilt_mrad = same_for_all(np.zeros(2), n)
         if self.odd_zernike is None:
             self.odd_zernike = np.zeros((n, 0))
         if self.even_zernike is None:
             self.even_zernike = np.zeros((n, 0))
         if self.mag_matrix is None:
-            self.mag_matrix = np.broadcast_to(np.eye(2), (n, 2, 2)).copy()
+            self.mag_matrix = same_for_all(np.eye(2), n)
 
     def __len__(self) -> int:
         return int(self.rotations.shape[0])

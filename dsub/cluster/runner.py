@@ -96,62 +96,164 @@ def start_progress(spec: ClusterSpec, label: str, sizes, waiting: str | None, un
                     extra_logs=getattr(out, "files", ())).start()
 
 
+#: Tasks submitted and not yet finished, per thread of the workers (at least ``MIN_IN_FLIGHT``):
+#: enough to keep every thread busy, while the graph in flight stays small whatever the run's size.
+IN_FLIGHT_PER_THREAD = 4
+MIN_IN_FLIGHT = 8
+
+
+def task_sizes(tasks, sizes):
+    """(tasks, sizes as a list): ``tasks`` may be any iterable when ``sizes`` gives its length."""
+    if sizes is None:
+        tasks = list(tasks)
+        return tasks, [1] * len(tasks)
+    return tasks, list(sizes)
+
+
 class _Runner:
-    """What both runners share: each phase's figures (tasks, particles, seconds) for the run record."""
+    """What both runners share: each phase's figures (tasks, particles, seconds) for the run record.
+
+    ``compute(tasks, label, sizes, waiting, on_result, unit)`` runs Dask delayed
+    ``tasks`` (a list, or any iterable -- a generator builds each task only when it
+    is submitted -- with ``sizes`` giving one entry per task) in bounded waves:
+    never more than ``in_flight_limit()`` submitted and unfinished, so neither the
+    graph nor the data submitted grows with the run. Returns the results in the
+    order of ``tasks``. ``sizes``: particles per task (for particles/s);
+    ``waiting``: what happens before the first task finishes; ``on_result(result)``
+    is called as each task finishes, in the order they finish; ``unit``: what a
+    task is, for the progress lines. The first task that fails stops the phase:
+    tasks not yet started are cancelled and its exception is raised.
+    """
 
     def __init__(self, spec: ClusterSpec):
         self.spec = spec
         self.phases: dict[str, PhaseRate] = {}
+        self.in_flight_peak = 0  # the most tasks submitted and unfinished at once, over all phases
 
     def _finish(self, progress: Progress | None, label: str, sizes, started: float, unit: str) -> None:
         rate = progress.close(completed=sys.exc_info()[0] is None) if progress is not None else None
         self.phases[label] = rate or PhaseRate(label, len(sizes), sum(sizes), time.monotonic() - started, unit)
 
+    def _run_waves(self, tasks, sizes, label, waiting, on_result, unit, submit, next_done, cancel):
+        """The bounded-wave loop both runners share (see the class docstring).
+
+        ``submit(list of tasks)`` -> handles; ``next_done(set of handles)`` yields
+        finished handles (removing them from the set), each giving its result
+        through ``handle.result()``; ``cancel(set of handles)`` on failure.
+        """
+        tasks, sizes = task_sizes(tasks, sizes)
+        if not sizes:
+            return []
+        results = [None] * len(sizes)
+        remaining = iter(enumerate(tasks))
+        pending: set = set()
+        order: dict = {}
+        started = time.monotonic()
+        progress = start_progress(self.spec, label, sizes, waiting, unit)
+
+        def top_up():
+            batch = []
+            for _ in range(self.in_flight_limit() - len(pending)):
+                item = next(remaining, None)
+                if item is None:
+                    break
+                batch.append(item)
+            if batch:
+                for (index, _), handle in zip(batch, submit([task for _, task in batch])):
+                    order[handle] = index
+                    pending.add(handle)
+            self.in_flight_peak = max(self.in_flight_peak, len(pending))
+
+        try:
+            top_up()
+            for handle in next_done(pending):
+                index = order.pop(handle)
+                results[index] = handle.result()  # re-raises a task's exception here
+                if progress is not None:
+                    progress.task_done(index)
+                if on_result is not None:
+                    on_result(results[index])
+                top_up()
+        except BaseException:
+            cancel(pending)
+            raise
+        finally:
+            self._finish(progress, label, sizes, started, unit)
+        return results
+
+
+class _Done:
+    """A task run at once in this thread (``sync``): its result, or the exception it raised."""
+
+    def __init__(self, task):
+        try:
+            self.value, self.error = dask.compute(task, scheduler="sync")[0], None
+        except Exception as exc:  # noqa: BLE001 -- re-raised by result(), as a future would
+            self.value, self.error = None, exc
+
+    def result(self):
+        if self.error is not None:
+            raise self.error
+        return self.value
+
 
 class ThreadRunner(_Runner):
-    """Dask's threaded (or synchronous) scheduler in this process."""
+    """Threads of this process (``threads``), or this thread alone (``sync``)."""
 
     def __init__(self, spec: ClusterSpec):
         super().__init__(spec)
         self.workers = spec.workers or (os.cpu_count() or 1)
         self.description = f"{spec.scheduler} scheduler, {self.workers if spec.scheduler == 'threads' else 1} thread(s)"
 
+    def in_flight_limit(self) -> int:
+        if self.spec.scheduler != "threads":
+            return 1
+        return max(MIN_IN_FLIGHT, IN_FLIGHT_PER_THREAD * self.workers)
+
     def compute(self, tasks, label: str, sizes=None, waiting: str | None = None, on_result=None,
                 unit: str = "chunks"):
-        """Run delayed ``tasks``; returns their results in order.
+        """Run delayed ``tasks`` here, at most ``in_flight_limit()`` built at once; see ``_Runner``."""
+        if self.spec.scheduler != "threads":
+            return self._run_waves(tasks, sizes, label, waiting, on_result, unit,
+                                   lambda batch: [_Done(task) for task in batch], _drain, lambda pending: None)
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-        ``sizes``: particles per task (for particles/s); ``waiting``: what happens
-        before the first task finishes; ``on_result(result)`` is called as each
-        task finishes; ``unit``: what a task is, for the progress lines.
-        """
-        if not tasks:
-            return []
-        from dask.callbacks import Callback
+        def next_done(pending):
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in sorted(done, key=order_of_submission.get):
+                    pending.discard(future)  # one at a time: a slot frees when its result is handed over
+                    yield future
 
-        sizes = list(sizes) if sizes is not None else [1] * len(tasks)
-        kwargs = {"scheduler": self.spec.scheduler}
-        if self.spec.scheduler == "threads":
-            kwargs["num_workers"] = self.workers
-        order = {task.key: index for index, task in enumerate(tasks)}
-        started = time.monotonic()
-        progress = start_progress(self.spec, label, sizes, waiting, unit)
+        order_of_submission: dict = {}
 
-        def finished(key, result, *_):
-            if key in order:
-                if progress is not None:
-                    progress.task_done(order[key])
-                if on_result is not None:
-                    on_result(result)
+        def submit(batch):
+            futures = [pool.submit(_compute_here, task) for task in batch]
+            for future in futures:
+                order_of_submission[future] = len(order_of_submission)
+            return futures
 
-        try:
-            with Callback(posttask=finished):
-                return list(dask.compute(*tasks, **kwargs))
-        finally:
-            self._finish(progress, label, sizes, started, unit)
+        def cancel(pending):
+            for future in pending:
+                future.cancel()
+
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="dsub-task") as pool:
+            return self._run_waves(tasks, sizes, label, waiting, on_result, unit, submit, next_done, cancel)
 
     def capacities(self, device: str) -> None:
         """No separate workers: the machine itself is checked before the run."""
         return None
+
+
+def _compute_here(task):
+    """One delayed task, computed in the calling thread."""
+    return dask.compute(task, scheduler="sync")[0]
+
+
+def _drain(pending: set):
+    """Finished handles of ``pending`` (all of them: ``sync`` runs each task as it is submitted)."""
+    while pending:
+        yield pending.pop()
 
 
 class DistributedRunner(_Runner):
@@ -162,49 +264,38 @@ class DistributedRunner(_Runner):
         self.client, self.cluster, self.description = client, cluster, description
         self.workers = len(client.scheduler_info().get("workers", {}))
 
+    def in_flight_limit(self) -> int:
+        """``IN_FLIGHT_PER_THREAD`` per thread of the workers connected now (at least ``MIN_IN_FLIGHT``)."""
+        workers = self.client.scheduler_info().get("workers", {})
+        threads = sum(int(info.get("nthreads", 1)) for info in workers.values())
+        return max(MIN_IN_FLIGHT, IN_FLIGHT_PER_THREAD * threads)
+
     def compute(self, tasks, label: str, sizes=None, waiting: str | None = None, on_result=None,
                 unit: str = "chunks"):
-        """As ``ThreadRunner.compute``, on the cluster's workers."""
-        if not tasks:
-            return []
-        sizes = list(sizes) if sizes is not None else [1] * len(tasks)
-        started = time.monotonic()
-        futures = self.client.compute(tasks)
-        order = {future.key: index for index, future in enumerate(futures)}
-        results = [None] * len(futures)
-        progress = start_progress(self.spec, label, sizes, waiting, unit)
-        try:
-            for future in self.completed(futures):
-                index = order[future.key]
-                results[index] = future.result()  # re-raises a task's exception here
-                if progress is not None:
-                    progress.task_done(index)
-                if on_result is not None:
-                    on_result(results[index])
-        except BaseException:
-            self.client.cancel(futures)
-            raise
-        finally:
-            self._finish(progress, label, sizes, started, unit)
+        """Run delayed ``tasks`` on the cluster's workers in bounded waves; see ``_Runner``."""
+        results = self._run_waves(tasks, sizes, label, waiting, on_result, unit, self.client.compute,
+                                  self.completed, lambda pending: self.client.cancel(list(pending)))
         self.workers = len(self.client.scheduler_info().get("workers", {}))
         return results
 
-    def completed(self, futures, poll: float = 2.0):
-        """Yield futures as they finish; stop with ``WorkersLost`` when no worker is left for too long.
+    def completed(self, pending: set, poll: float = 2.0):
+        """Yield futures of ``pending`` as they finish (removing them; the caller may add more meanwhile);
+        stop with ``WorkersLost`` when no worker is left for too long.
 
         A batch job that dies (preemption, walltime, a failed node) is not
         replaced without --adapt, so without this check the run would wait forever.
         """
         from distributed import wait
 
-        pending = set(futures)
         alone_since = None
         while pending:
             try:
-                done, pending = wait(pending, timeout=poll, return_when="FIRST_COMPLETED")
+                done, _ = wait(list(pending), timeout=poll, return_when="FIRST_COMPLETED")
             except TimeoutError:
                 done = set()
-            yield from done
+            for future in done:
+                pending.discard(future)  # one at a time: a slot frees when its result is handed over
+                yield future
             if done or self.client.scheduler_info().get("workers"):
                 alone_since = None
                 continue

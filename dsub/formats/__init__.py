@@ -14,6 +14,7 @@ import numpy as np
 
 from dsub.errors import InputFileError, MissingInputError, OptionError
 from dsub.formats import cs, star
+from dsub.formats.star_reader import return_free_memory
 from dsub.particles import ParticleTable
 
 _ACCEPTED = (
@@ -48,6 +49,7 @@ def read_particles(
         if passthrough:
             raise OptionError(f"--passthrough joins cryoSPARC .cs files, but {path} is a RELION star file")
         table = star.read_particles(path, require_ctf=require_ctf)
+        return_free_memory()  # what parsing millions of rows freed: back to the system
         if cs_root is not None:
             table.extra["project_folder"] = Path(os.path.abspath(cs_root))
         return table
@@ -57,6 +59,8 @@ def read_particles(
 def select_rows(table: ParticleTable, keep) -> ParticleTable:
     """The particles where ``keep`` is true, with their rows of the raw metadata, for the writers."""
     keep = np.asarray(keep, dtype=bool)
+    if keep.shape == (len(table),) and keep.all():  # all of them: no copy of millions of rows
+        return table
     chosen = table.subset(np.flatnonzero(keep))
     source = table.source
     if table.source_format == "star" and source is not None:

@@ -30,7 +30,7 @@ from dsub.conventions import (
 )
 from dsub.errors import InputFileError, MissingInputError, warn
 from dsub.particles import HALF_UNKNOWN, ParticleTable
-from dsub.formats.paths import cryosparc_project_folder, cs_roots, resolve_stack_names
+from dsub.formats.paths import StackRefs, cryosparc_project_folder, cs_roots, resolve_stack_names
 
 MAGIC_NUMPY = b"\x93NUMPY"
 MAGIC_CSDAT = b"\x95CSDAT"
@@ -345,26 +345,28 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def star_uids(source_path, n: int) -> np.ndarray:
+def star_uids(source_path, n: int, first_row: int = 0) -> np.ndarray:
     """Deterministic uids for particles read from a star file: distinct within the file.
 
     ``splitmix64(seed + row)`` with the seed hashed from the star file's path:
     the same file gives the same uids on every run, other files other uids.
+    Rows ``first_row:first_row + n``.
     """
     name = os.path.abspath(source_path or "").encode()
     seed = int.from_bytes(hashlib.blake2b(name, digest_size=8).digest(), "little")
-    return _splitmix64(np.uint64(seed) + np.arange(n, dtype=np.uint64))
+    return _splitmix64(np.uint64(seed) + np.arange(first_row, first_row + n, dtype=np.uint64))
 
 
-def _fields_from_table(table: ParticleTable) -> dict[str, np.ndarray]:
-    """cryoSPARC fields built from the table (a star input); blob/path, idx, alpha set later."""
+def _fields_from_table(table: ParticleTable, first_row: int = 0) -> dict[str, np.ndarray]:
+    """cryoSPARC fields built from the table (a star input); blob/path, idx, alpha set later.
+
+    ``table`` may be rows ``first_row:first_row + len(table)`` of a larger table
+    (the uids are those rows' of the whole table).
+    """
     n = len(table)
     psize = table.pixel_size_angstrom
-    if table.odd_zernike.any() or table.even_zernike.any():
-        warn(f"{table.source_path}: rlnOddZernike/rlnEvenZernike have no cryoSPARC field dsub can write "
-             "(ctf/trefoil_A and ctf/tetra_A use an unpublished convention); the .cs output leaves them out")
     return {
-        "uid": star_uids(table.source_path, n),
+        "uid": star_uids(table.source_path, n, first_row),
         "blob/shape": np.stack([table.box_size, table.box_size], axis=1).astype("<u4"),
         "blob/psize_A": psize.astype("<f4"),
         "blob/sign": np.full(n, STAR_IMPORT_BLOB_SIGN, dtype="<f4"),
@@ -406,11 +408,15 @@ def with_origins_and_box(data: np.ndarray, origins_angstrom: np.ndarray, box: in
     return data
 
 
+#: Rows converted and written at once by ``write_particles`` (memory: one block of records).
+WRITE_BLOCK_ROWS = 100_000
+
+
 def write_particles(
     table: ParticleTable,
     path: str | os.PathLike,
     image_paths,
-    image_indices,
+    image_indices=None,
     contrast=None,
     extra_fields: dict | None = None,
 ) -> None:
@@ -420,37 +426,61 @@ def write_particles(
     (``contrast``; None keeps the input's alpha, or 1.0) are replaced; a .cs
     input passes every other field through, a star input gets its fields built
     from the table (see ``_fields_from_table``, ``star_uids``).
+    ``image_paths`` is (n,) paths with ``image_indices`` (n,), or a
+    ``paths.StackRefs`` holding both (``image_indices`` None).
     ``extra_fields`` ({name: (n,) array}) are added or replace the input's.
+    The records are built and written ``WRITE_BLOCK_ROWS`` at a time after the
+    ``.npy`` header (as ``np.save`` writes it), into a temporary file beside
+    ``path`` that is renamed into place.
     """
     n = len(table)
-    if table.source_format == "cs":
-        if len(table.source) != n:
-            raise ValueError("write_particles needs the whole table, one row per input particle")
-        fields = {name: table.source[name] for name in table.source.dtype.names}
-    else:
-        fields = _fields_from_table(table)
-    paths = np.array([os.fspath(p).encode() for p in image_paths], dtype=bytes)
-    indices = np.asarray(image_indices)
-    if paths.shape != (n,) or indices.shape != (n,):
+    if table.source_format == "cs" and len(table.source) != n:
+        raise ValueError("write_particles needs the whole table, one row per input particle")
+    refs = image_paths if isinstance(image_paths, StackRefs) else StackRefs.from_paths(
+        [os.fspath(p) for p in image_paths], np.asarray(image_indices).reshape(-1))
+    if len(refs) != n or (image_indices is not None and np.shape(image_indices) != (n,)):
         raise ValueError(f"need {n} image paths and indices")
-    fields["blob/path"] = paths.astype(f"S{max(paths.dtype.itemsize, 1)}")
-    fields["blob/idx"] = indices.astype("<u4")
-    if contrast is not None:
-        fields["alignments3D/alpha"] = np.asarray(contrast, dtype="<f4").reshape(n)
-    elif "alignments3D/alpha" not in fields:
-        fields["alignments3D/alpha"] = np.ones(n, dtype="<f4")
-    else:
-        fields["alignments3D/alpha"] = fields["alignments3D/alpha"].astype("<f4")
-    for name, values in (extra_fields or {}).items():
-        fields[name] = np.asarray(values).reshape(n)
-    out = np.empty(n, dtype=[(k, v.dtype, v.shape[1:]) for k, v in fields.items()])
-    for name, values in fields.items():
-        out[name] = values
+    if table.source_format != "cs" and (table.odd_zernike.any() or table.even_zernike.any()):
+        warn(f"{table.source_path}: rlnOddZernike/rlnEvenZernike have no cryoSPARC field dsub can write "
+             "(ctf/trefoil_A and ctf/tetra_A use an unpublished convention); the .cs output leaves them out")
+    width = refs.path_width()
+
+    def records(start: int, stop: int) -> dict[str, np.ndarray]:
+        rows = slice(start, stop)
+        if table.source_format == "cs":
+            fields = {name: table.source[name][rows] for name in table.source.dtype.names}
+        else:
+            fields = _fields_from_table(table.subset(np.arange(start, stop)), start)
+        fields["blob/path"] = refs.path_bytes(start, stop).astype(f"S{width}")
+        fields["blob/idx"] = refs.indices[rows].astype("<u4")
+        if contrast is not None:
+            fields["alignments3D/alpha"] = np.asarray(contrast, dtype="<f4").reshape(n)[rows]
+        elif "alignments3D/alpha" not in fields:
+            fields["alignments3D/alpha"] = np.ones(stop - start, dtype="<f4")
+        else:
+            fields["alignments3D/alpha"] = fields["alignments3D/alpha"].astype("<f4")
+        for name, values in (extra_fields or {}).items():
+            fields[name] = np.asarray(values).reshape(n)[rows]
+        return fields
+
+    first = records(0, min(n, WRITE_BLOCK_ROWS))
+    dtype = np.dtype([(k, v.dtype, v.shape[1:]) for k, v in first.items()])
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:  # a file handle: np.save would append ".npy" to a name
-            np.save(f, out, allow_pickle=False)
+        with open(tmp, "wb") as f:
+            header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (n,)}
+            try:  # np.save's choice: format 1.0 unless the header does not fit in it
+                np.lib.format.write_array_header_1_0(f, header)
+            except ValueError:
+                np.lib.format.write_array_header_2_0(f, header)
+            for start in range(0, n, WRITE_BLOCK_ROWS):
+                stop = min(start + WRITE_BLOCK_ROWS, n)
+                fields = first if start == 0 else records(start, stop)
+                block = np.empty(stop - start, dtype=dtype)
+                for name, values in fields.items():
+                    block[name] = values
+                f.write(block.tobytes())
         os.replace(tmp, path)
     finally:
         if tmp.exists():

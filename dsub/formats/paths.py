@@ -116,3 +116,60 @@ def written_paths(relative_to_outdir, outdir, mode: str, base) -> np.ndarray:
     else:
         written = absolute
     return np.array(written, dtype=object)[inverse.reshape(-1)]
+
+
+class StackRefs:
+    """Each particle's image as (stack path, 0-based index), with the stack paths held as a category.
+
+    ``paths``: the k distinct stack paths (str); ``codes``: (n,) index of each
+    particle's path into them; ``indices``: (n,) 0-based image index in its stack.
+    The writers build ``N@path`` names (1-based, six digits, as RELION writes
+    them) and ``blob/path`` bytes a block of rows at a time, so millions of
+    particles never become millions of Python strings at once.
+    """
+
+    def __init__(self, paths, codes, indices):
+        self.paths = np.asarray(paths, dtype=object)
+        self.codes = np.asarray(codes).reshape(-1)  # any integer type: int32 halves ten million of them
+        self.indices = np.asarray(indices).reshape(-1)
+        if self.codes.dtype.kind not in "iu" or self.indices.dtype.kind not in "iu":
+            raise ValueError(f"stack codes and image indices must be integers, not {self.codes.dtype}, "
+                             f"{self.indices.dtype}")
+        if self.codes.shape != self.indices.shape:
+            raise ValueError(f"{self.codes.size} path codes but {self.indices.size} image indices")
+
+    @classmethod
+    def from_paths(cls, paths, indices) -> "StackRefs":
+        """From a path for every particle ((n,) str or object array)."""
+        import pandas as pd
+
+        codes, uniques = pd.factorize(np.asarray(paths, dtype=object))
+        return cls([str(path) for path in uniques], codes, np.asarray(indices, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return int(self.codes.size)
+
+    def select(self, rows) -> "StackRefs":
+        """The particles ``rows`` (a boolean mask or indices)."""
+        return StackRefs(self.paths, self.codes[rows], self.indices[rows])
+
+    def with_paths(self, paths) -> "StackRefs":
+        """The same particles with each distinct path replaced by ``paths`` (same order)."""
+        return StackRefs(paths, self.codes, self.indices)
+
+    def names(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """``N@path`` of rows ``start:stop`` as an object array of str."""
+        paths = self.paths[self.codes[start:stop]].tolist()
+        indices = self.indices[start:stop].tolist()
+        return np.array([f"{index + 1:06d}@{path}" for index, path in zip(indices, paths)], dtype=object)
+
+    def path_width(self) -> int:
+        """Bytes of the longest stack path any particle has (at least 1)."""
+        used = np.unique(self.codes)
+        return max([len(os.fspath(self.paths[code]).encode()) for code in used] + [1])
+
+    def path_bytes(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """The stack path of rows ``start:stop`` as bytes (``S<path_width()>``)."""
+        encoded = np.array([os.fspath(path).encode() for path in self.paths] + [b""],
+                           dtype=f"S{self.path_width()}")
+        return encoded[self.codes[start:stop]]

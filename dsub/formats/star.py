@@ -15,12 +15,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import starfile
+from starfile.writer import package_info
 
 from dsub.conventions import matrix_to_relion_euler, relion_euler_to_matrix
 from dsub.errors import InputFileError, MissingInputError, warn
+from dsub.formats import star_reader
 from dsub.formats.mrc import open_stack
-from dsub.formats.paths import resolve_stack_names, star_roots
-from dsub.particles import HALF_UNKNOWN, ParticleTable
+from dsub.formats.paths import StackRefs, resolve_stack_names, star_roots
+from dsub.particles import HALF_UNKNOWN, ParticleTable, same_for_all, shared_if_constant
 
 #: Columns read as text, never numericised (a micrograph named ``1`` stays "1").
 NAME_COLUMNS = [
@@ -45,15 +47,26 @@ KNOWN_OPTICS_LABELS = {
     # (particle_subtractor.cpp: divideByMtf(..., true); obs_model.cpp skips it for a single MTF file)
     "rlnMtfFileName",
 }
+#: Star files of this size or more are read by ``star_reader`` (``starfile`` reads smaller ones).
+FAST_READ_BYTES = 16 * 2**20
 _FIX = "dsub reads RELION 3.0 and 3.1+ particle .star files (e.g. run_data.star of a Refine3D job)."
 
 
 def _read_blocks(path: Path) -> tuple[pd.DataFrame | None, pd.DataFrame, dict]:
-    """(optics table or None, particles table, other blocks) of a star file."""
+    """(optics table or None, particles table, other blocks) of a star file.
+
+    Files of ``FAST_READ_BYTES`` or more are read by ``star_reader.read_star``
+    (its particle loop parsed by pandas' C reader, names as categories),
+    smaller ones by ``starfile``.
+    """
     if not path.is_file():
         raise MissingInputError(path)
     try:
-        blocks = starfile.read(path, always_dict=True, parse_as_string=NAME_COLUMNS)
+        blocks = None
+        if path.stat().st_size >= FAST_READ_BYTES:
+            blocks = star_reader.read_star(path, NAME_COLUMNS)
+        if blocks is None:
+            blocks = starfile.read(path, always_dict=True, parse_as_string=NAME_COLUMNS)
     except Exception as exc:  # starfile/pandas raise many types on malformed text
         raise InputFileError(path, f"could not be parsed as a STAR file ({exc}).", _FIX) from exc
     tables = {k: v for k, v in blocks.items() if isinstance(v, pd.DataFrame)}
@@ -70,9 +83,19 @@ def _read_blocks(path: Path) -> tuple[pd.DataFrame | None, pd.DataFrame, dict]:
     return optics, tables[name], other
 
 
+def _per_group(values: pd.Series, group_of_row: np.ndarray) -> pd.Categorical:
+    """``values`` (one per optics group) for every row, as a categorical: a byte or two per row, not a float."""
+    groups = pd.Categorical(values.to_numpy())
+    return pd.Categorical.from_codes(np.asarray(groups.codes)[group_of_row], dtype=groups.dtype)
+
+
 def _merge_optics(particles: pd.DataFrame, optics: pd.DataFrame | None, path: Path) -> pd.DataFrame:
-    """Particles with every optics column not already per particle added to each row."""
-    merged = particles.reset_index(drop=True).copy()
+    """Particles with every optics column not already per particle added to each row.
+
+    The added columns are categoricals (each group's value once, a small code
+    per row): ten million rows of one optics group do not get ten million copies.
+    """
+    merged = particles.reset_index(drop=True)  # copy-on-write: added columns leave ``particles`` alone
     if optics is None or optics.empty:
         return merged
     extra = [c for c in optics.columns if c not in merged.columns]
@@ -82,8 +105,9 @@ def _merge_optics(particles: pd.DataFrame, optics: pd.DataFrame | None, path: Pa
                 path, f"defines {len(optics)} optics groups but its particles have no "
                 "rlnOpticsGroup column.", "Add rlnOpticsGroup to the particles table."
             )
+        first = np.zeros(len(merged), dtype=np.int8)
         for c in extra:
-            merged[c] = optics[c].iloc[0]
+            merged[c] = _per_group(optics[c].iloc[:1], first)
         return merged
     if "rlnOpticsGroup" not in optics.columns or optics["rlnOpticsGroup"].duplicated().any():
         raise InputFileError(
@@ -98,16 +122,21 @@ def _merge_optics(particles: pd.DataFrame, optics: pd.DataFrame | None, path: Pa
             path, f"its particles use optics groups {undefined} that data_optics does not "
             "define.", "Add those groups to the optics table."
         )
+    group_of_row = table.index.get_indexer(groups)  # hashing: linear in the rows
     for c in extra:
-        merged[c] = table[c].reindex(groups).to_numpy()
+        merged[c] = _per_group(table[c], group_of_row)
     return merged
 
 
 def _column(df: pd.DataFrame, label: str, default=None, dtype=np.float64) -> np.ndarray | None:
-    """Column ``label`` as an array, or ``default`` broadcast (None: absent)."""
+    """Column ``label`` as an array, or ``default`` broadcast (None: absent).
+
+    A column of one value (an optics group's) is a read-only view of that value
+    (``particles.shared_if_constant``): no memory per row.
+    """
     if label in df.columns:
-        return df[label].to_numpy(dtype=dtype)
-    return None if default is None else np.full(len(df), default, dtype=dtype)
+        return shared_if_constant(df[label].to_numpy(dtype=dtype))
+    return None if default is None else np.broadcast_to(np.asarray(default, dtype=dtype), (len(df),))
 
 
 def _require(df: pd.DataFrame, labels: list[str], path: Path, why: str, fix: str = _FIX) -> None:
@@ -122,7 +151,7 @@ def _pixel_size(df: pd.DataFrame, path: Path) -> np.ndarray:
     """Image pixel size in Å: rlnImagePixelSize, rlnMicrographPixelSize, or 3.0 detector/mag."""
     for label in ("rlnImagePixelSize", "rlnMicrographPixelSize"):
         if label in df.columns:
-            return df[label].to_numpy(dtype=np.float64)
+            return _column(df, label)
     if {"rlnDetectorPixelSize", "rlnMagnification"} <= set(df.columns):
         detector_um = df["rlnDetectorPixelSize"].to_numpy(dtype=np.float64)
         return detector_um * 1e4 / df["rlnMagnification"].to_numpy(dtype=np.float64)
@@ -196,18 +225,21 @@ def _optics_from_columns(df: pd.DataFrame, path: Path) -> dict:
     identity value).
     """
     n = len(df)
-    mag = np.broadcast_to(np.eye(2), (n, 2, 2)).copy()
-    for row in range(2):
-        for col in range(2):
-            label = f"rlnMagMat{row}{col}"
-            if label in df.columns:
-                mag[:, row, col] = _column(df, label)
-    tilt = np.zeros((n, 2))
-    for axis, xy in enumerate("XY"):
-        if f"rlnBeamTilt{xy}" in df.columns:
-            tilt[:, axis] = _column(df, f"rlnBeamTilt{xy}")
+    mag, tilt = same_for_all(np.eye(2), n), same_for_all(np.zeros(2), n)  # neutral: one row of memory
+    if any(f"rlnMagMat{row}{col}" in df.columns for row in range(2) for col in range(2)):
+        mag = np.broadcast_to(np.eye(2), (n, 2, 2)).copy()
+        for row in range(2):
+            for col in range(2):
+                label = f"rlnMagMat{row}{col}"
+                if label in df.columns:
+                    mag[:, row, col] = _column(df, label)
+    if "rlnBeamTiltX" in df.columns or "rlnBeamTiltY" in df.columns:
+        tilt = np.zeros((n, 2))
+        for axis, xy in enumerate("XY"):
+            if f"rlnBeamTilt{xy}" in df.columns:
+                tilt[:, axis] = _column(df, f"rlnBeamTilt{xy}")
     return {
-        "ctf_scale": _column(df, "rlnCtfScalefactor", 1.0),
+        "ctf_scale": _column(df, "rlnCtfScalefactor") if "rlnCtfScalefactor" in df.columns else same_for_all(1.0, n),
         "beam_tilt_mrad": tilt,
         "odd_zernike": _zernike_column(df, "rlnOddZernike", path),
         "even_zernike": _zernike_column(df, "rlnEvenZernike", path),
@@ -240,7 +272,15 @@ def _image_names(df: pd.DataFrame, star_path: Path) -> tuple[np.ndarray, np.ndar
     Stacks are looked up from the current folder (RELION's rule), then the star
     file's folder and its parents (see ``paths``).
     """
-    names = df["rlnImageName"].astype(str)
+    column = df["rlnImageName"]
+    if isinstance(column.dtype, pd.CategoricalDtype):  # each distinct name split once
+        codes = column.cat.codes.to_numpy()
+        names = pd.Series(column.cat.categories.astype(str))
+        if (codes < 0).any():  # a missing name: split it as the text "nan", as astype(str) gives it
+            names = pd.concat([names, pd.Series(["nan"])], ignore_index=True)
+            codes = np.where(codes < 0, len(names) - 1, codes)
+    else:
+        names, codes = column.astype(str).reset_index(drop=True), None
     parts = names.str.split("@", n=1, expand=True)
     if parts.shape[1] == 1:
         parts[1] = None
@@ -249,18 +289,24 @@ def _image_names(df: pd.DataFrame, star_path: Path) -> tuple[np.ndarray, np.ndar
     stacks = parts[1].where(has_at, parts[0]).to_numpy(dtype=object)
     bad = np.flatnonzero(numbers.isna().to_numpy() | (numbers.to_numpy() < 1))
     if bad.size:
+        row = int(bad[0]) if codes is None else int(np.flatnonzero(np.isin(codes, bad))[0])
         raise InputFileError(
-            star_path, f"particle {bad[0] + 1} has the image name {names.iloc[bad[0]]!r}, not "
+            star_path, f"particle {row + 1} has the image name {str(column.iloc[row])!r}, not "
             "N@stack with N >= 1.", "Image names look like 000012@Extract/job007/stack.mrcs."
         )
-    resolved, _ = resolve_stack_names(stacks, star_roots(star_path), Path(os.path.abspath(star_path)).parent)
-    return resolved, numbers.to_numpy(dtype=np.int64) - 1
+    first = 0 if codes is None else int(codes[0])  # the first row's stack is probed first, as for plain names
+    order = np.concatenate([[first], np.arange(len(stacks))])
+    resolved, _ = resolve_stack_names(stacks[order], star_roots(star_path), Path(os.path.abspath(star_path)).parent)
+    resolved, indices = resolved[1:], numbers.to_numpy(dtype=np.int64) - 1
+    if codes is None:
+        return resolved, indices
+    return resolved[codes], indices[codes]
 
 
 def _box_sizes(df: pd.DataFrame, groups: np.ndarray, paths: np.ndarray, star_path: Path):
     """rlnImageSize, or the size of the first stack of each optics group."""
     if "rlnImageSize" in df.columns:
-        return df["rlnImageSize"].to_numpy(dtype=np.int64)
+        return _column(df, "rlnImageSize", dtype=np.int64)
     box = np.zeros(len(df), dtype=np.int64)
     for group in np.unique(groups):
         rows = groups == group
@@ -274,11 +320,20 @@ def _box_sizes(df: pd.DataFrame, groups: np.ndarray, paths: np.ndarray, star_pat
 def _optics_groups(df: pd.DataFrame, pixel_size: np.ndarray, ctf: dict) -> np.ndarray:
     """rlnOpticsGroup, or (RELION 3.0) one group per distinct pixel size and optics."""
     if "rlnOpticsGroup" in df.columns:
-        return df["rlnOpticsGroup"].to_numpy(dtype=np.int64)
+        return _column(df, "rlnOpticsGroup", dtype=np.int64)
     keys = pd.MultiIndex.from_arrays([
         pixel_size, ctf["voltage_kv"], ctf["spherical_aberration_mm"], ctf["amplitude_contrast"]
     ])
     return pd.factorize(keys)[0].astype(np.int64) + 1
+
+
+def _rotations(df: pd.DataFrame, block: int = 1 << 18) -> np.ndarray:
+    """RELION's matrices ``A`` (n, 3, 3) from the angle columns, converted in row blocks (bounded temporaries)."""
+    rotations = np.empty((len(df), 3, 3))
+    angles = [df[label].to_numpy(np.float64) for label in ANGLE_LABELS]
+    for start in range(0, len(df), block):
+        rotations[start : start + block] = relion_euler_to_matrix(*(a[start : start + block] for a in angles))
+    return rotations
 
 
 def read_particles(path: str | os.PathLike, *, require_ctf: bool = True) -> ParticleTable:
@@ -313,18 +368,20 @@ def read_particles(path: str | os.PathLike, *, require_ctf: bool = True) -> Part
         )
     paths, indices = _image_names(df, path)
     groups = _optics_groups(df, pixel_size, ctf)
-    angles = (df[label].to_numpy(np.float64) for label in ANGLE_LABELS)
+    for name in ("voltage_kv", "spherical_aberration_mm", "amplitude_contrast", "ctf_bfactor", "phase_shift_degrees",
+                 "ctf_scale", "mag_matrix", "beam_tilt_mrad"):  # one optics group's values: one row of memory
+        ctf[name] = shared_if_constant(ctf[name])
     return ParticleTable(
-        rotations=relion_euler_to_matrix(*angles),
+        rotations=_rotations(df),
         origins_angstrom=origins,
         half_set=half.astype(np.int8),
         image_paths=paths,
         image_indices=indices,
-        pixel_size_angstrom=pixel_size,
-        box_size=_box_sizes(df, groups, paths, path),
+        pixel_size_angstrom=shared_if_constant(pixel_size),
+        box_size=shared_if_constant(_box_sizes(df, groups, paths, path)),
         optics_group=groups,
         # rlnCtfScalefactor is in the CTF (ctf_scale): RELION has no further per-particle contrast
-        input_contrast=np.ones(len(df)) if "rlnCtfScalefactor" in df.columns else None,
+        input_contrast=same_for_all(1.0, len(df)) if "rlnCtfScalefactor" in df.columns else None,
         source_format="star",
         source_path=path,
         source={"optics": optics, "particles": particles, "other": other},
@@ -383,7 +440,7 @@ def _optics_from_table(table: ParticleTable) -> tuple[pd.DataFrame, dict[str, np
 
 def _blocks_from_star(table: ParticleTable) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The input's own tables; a RELION 3.0 input gets an optics table and origins in Å."""
-    particles = table.source["particles"].reset_index(drop=True).copy()
+    particles = table.source["particles"].reset_index(drop=True)  # copy-on-write: changes below copy
     if len(particles) != len(table):
         raise ValueError("write_particles needs the whole table, one row per input particle")
     optics = table.source["optics"]
@@ -447,6 +504,13 @@ def _blocks_from_table(table: ParticleTable) -> tuple[pd.DataFrame, pd.DataFrame
     return optics, pd.DataFrame(columns)
 
 
+#: Rows formatted at once when a particle table is written (memory: one block's text).
+WRITE_BLOCK_ROWS = 50_000
+#: As ``starfile.write`` with dsub's options: its default "%.6f" would round away small values
+#: (e.g. rlnMagMat01).
+FLOAT_FORMAT = "%.10g"
+
+
 def write_particles(
     table: ParticleTable,
     path: str | os.PathLike,
@@ -456,39 +520,108 @@ def write_particles(
 ) -> None:
     """Write a RELION 3.1 star file: optics + particles, every input row in input order.
 
-    ``image_names`` (``N@stack``) become ``rlnImageName``; ``rlnImageOriginalName``
-    gets ``original_names``, by default the input's image names (as
-    ``relion_particle_subtract`` does, so ``--revert`` works). A star input
-    passes every column through; a .cs input gets columns built from the table.
-    ``extra_columns`` ({label: (n,) values}) are added or replace the input's.
-    Written to a temporary file beside ``path`` and renamed into place.
+    ``image_names`` (``N@stack``: (n,) str, or a ``paths.StackRefs``) become
+    ``rlnImageName``; ``rlnImageOriginalName`` gets ``original_names`` (the same
+    kinds), by default the input's image names (as ``relion_particle_subtract``
+    does, so ``--revert`` works). A star input passes every column through; a
+    .cs input gets columns built from the table. ``extra_columns`` ({label: (n,)
+    values}) are added or replace the input's. The text is ``starfile.write``'s,
+    written a block of rows at a time (``write_star``), to a temporary file
+    beside ``path`` that is renamed into place.
     """
     if table.source_format == "star":
         optics, particles = _blocks_from_star(table)
-        default_original = particles["rlnImageName"].astype(str).to_numpy(dtype=object)
+        default_original = particles["rlnImageName"]
     else:
         optics, particles = _blocks_from_table(table)
-        default_original = np.array(
-            [f"{i + 1:06d}@{p}" for i, p in zip(table.image_indices, table.image_paths)],
-            dtype=object,
-        )
-    names = np.asarray(image_names, dtype=object)
-    if names.shape != (len(table),):
-        raise ValueError(f"need {len(table)} image names, got {names.shape}")
-    original = default_original if original_names is None else np.asarray(original_names, object)
-    particles["rlnImageOriginalName"] = original
-    particles["rlnImageName"] = names
-    for label, values in (extra_columns or {}).items():
-        particles[label] = np.asarray(values)
-    _write_atomic({"optics": optics, "particles": particles}, Path(path))
+        default_original = StackRefs.from_paths(table.image_paths, table.image_indices)
+    if len(image_names) != len(table) or (not isinstance(image_names, StackRefs) and np.ndim(image_names) != 1):
+        raise ValueError(f"need {len(table)} image names, got {np.shape(image_names)}")
+    columns = {
+        "rlnImageOriginalName": default_original if original_names is None else original_names,
+        "rlnImageName": image_names,
+        **(extra_columns or {}),
+    }
+    write_star(path, {"optics": optics, "particles": particles}, columns)
 
 
-def _write_atomic(blocks: dict, path: Path) -> None:
-    """``starfile.write`` to a temporary name, then rename: never a half-written file."""
+def _column_block(values, start: int, stop: int):
+    """Rows ``start:stop`` of a column given as a Series, an array or a ``StackRefs`` (as names)."""
+    if isinstance(values, StackRefs):
+        return values.names(start, stop)
+    if isinstance(values, pd.Series):
+        return values.iloc[start:stop].reset_index(drop=True)
+    return np.asarray(values)[start:stop]
+
+
+def _quoted(column: pd.Series) -> pd.Series:
+    """``starfile``'s quoting of text values: in double quotes when empty or holding a space."""
+    def quote(value):
+        return f'"{value}"' if isinstance(value, str) and (" " in value or not value) else value
+
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        return column.cat.rename_categories([quote(c) for c in column.cat.categories])
+    if column.dtype == object or pd.api.types.is_string_dtype(column.dtype):
+        return column.map(quote)
+    return column
+
+
+def _as_text(column: pd.Series) -> list[str]:
+    """The column's values as ``starfile.write`` puts them in the text.
+
+    Floats ``FLOAT_FORMAT % value``, text quoted (``_quoted``), everything else
+    ``str(value)``, a missing value ``<NA>``: what pandas' ``to_csv`` writes
+    value by value, without its per-value overhead (most of the time of
+    writing millions of rows).
+    """
+    if isinstance(column.dtype, np.dtype) and column.dtype.kind in "biuf":
+        values = column.to_numpy()
+        if values.dtype.kind != "f":
+            return [str(value) for value in values.tolist()]
+        text = [FLOAT_FORMAT % value for value in values.tolist()]
+        for row in np.flatnonzero(np.isnan(values)).tolist():
+            text[row] = "<NA>"
+        return text
+    column = _quoted(column)
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        categories = np.array([str(value) for value in column.cat.categories] + ["<NA>"], dtype=object)
+        return categories[column.cat.codes.to_numpy()].tolist()  # code -1 (missing): the last
+    missing = column.isna().to_numpy()
+    return ["<NA>" if absent else str(value) for value, absent in zip(column.tolist(), missing.tolist())]
+
+
+def write_star(path: str | os.PathLike, blocks: dict, columns: dict | None = None) -> None:
+    """Write ``blocks`` ({name: DataFrame}) as ``starfile.write(blocks, path, float_format=FLOAT_FORMAT)`` does.
+
+    ``columns`` ({label: (n,) values, a Series or a ``paths.StackRefs``}) are
+    set in the last block (replacing a column of that label in place, else
+    added at the end); they and that block's rows are formatted
+    ``WRITE_BLOCK_ROWS`` at a time. Written to a temporary file beside ``path``,
+    then renamed: never a half-written file.
+    """
+    path = Path(path)
+    names = list(blocks)
+    *head, last = names
+    table = blocks[last]
+    columns = columns or {}
+    labels = list(table.columns) + [label for label in columns if label not in table.columns]
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        # starfile's default "%.6f" would round away small values (e.g. rlnMagMat01).
-        starfile.write(blocks, tmp, float_format="%.10g")
+        with open(tmp, "w") as f:
+            if head:  # the optics table: small, written by starfile itself
+                f.write(starfile.to_string({name: blocks[name] for name in head}, float_format=FLOAT_FORMAT))
+            else:
+                f.write(package_info() + "\n\n\n")
+            f.write(f"data_{last}\n\nloop_\n")
+            f.write("".join(f"_{label} #{number}\n" for number, label in enumerate(labels, 1)))
+            for start in range(0, len(table), WRITE_BLOCK_ROWS):
+                stop = min(start + WRITE_BLOCK_ROWS, len(table))
+                rows = table.iloc[start:stop].reset_index(drop=True)
+                for label, values in columns.items():
+                    rows[label] = _column_block(values, start, stop)
+                texts = [_as_text(rows[label]) for label in labels]
+                f.write("\n".join(map("\t".join, zip(*texts))) + "\n")
+            f.write("\n\n")
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -43,7 +43,7 @@ from ..formats import cs as cs_format
 from ..formats import star as star_format
 from ..formats import select_rows
 from ..formats.mrc import write_stack
-from ..formats.paths import written_paths
+from ..formats.paths import StackRefs, written_paths
 from . import store
 
 STACK_FOLDER = "Particles"
@@ -270,6 +270,17 @@ def new_image_locations(count: int, particles_per_stack: int, pixel_sizes=None) 
     return paths, indices
 
 
+def new_stack_refs(count: int, particles_per_stack: int, pixel_sizes=None) -> StackRefs:
+    """Each particle's place in the exported stacks (paths relative to OUTDIR), as ``new_image_locations``."""
+    layout = stack_layout(count, particles_per_stack, pixel_sizes)
+    codes = np.empty(count, dtype=np.int32)
+    indices = np.empty(count, dtype=np.int32)
+    for number, (_, rows, _) in enumerate(layout):
+        codes[rows] = number
+        indices[rows] = np.arange(rows.size)
+    return StackRefs([relative for relative, _, _ in layout], codes, indices)
+
+
 def write_metadata(table, outdir: Path, particles_per_stack: int, contrast: np.ndarray,
                    skipped: np.ndarray | None = None, exported=None, paths_mode: str = "auto",
                    fit: dict | None = None) -> None:
@@ -287,10 +298,9 @@ def write_metadata(table, outdir: Path, particles_per_stack: int, contrast: np.n
     ``FIT_FIELDS``.
     """
     exported = table if exported is None else exported
-    relative, indices = new_image_locations(len(table), particles_per_stack, table.pixel_size_angstrom)
-    star_paths = written_paths(relative, outdir, paths_mode, Path.cwd())
-    paths = written_paths(relative, outdir, paths_mode, table.extra.get("project_folder"))
-    names = np.array([f"{index + 1:06d}@{path}" for path, index in zip(star_paths, indices)], dtype=object)
+    locations = new_stack_refs(len(table), particles_per_stack, table.pixel_size_angstrom)
+    names = locations.with_paths(written_paths(locations.paths, outdir, paths_mode, Path.cwd()))
+    paths = locations.with_paths(written_paths(locations.paths, outdir, paths_mode, table.extra.get("project_folder")))
     keep = np.ones(len(table), dtype=bool) if skipped is None else ~np.asarray(skipped, dtype=bool)
     (outdir / SKIPPED_NAME).unlink(missing_ok=True)
     if not keep.all():
@@ -302,13 +312,14 @@ def write_metadata(table, outdir: Path, particles_per_stack: int, contrast: np.n
         warn(f"{CS_NAME}: the images are CTF-premultiplied (rlnCtfDataAreCtfPremultiplied), and a cryoSPARC "
              "particle .cs has no field that says so: cryoSPARC would treat them as plain images. Continue "
              f"from {STAR_NAME} in RELION, which keeps the flag.")
+    rows = slice(None) if keep.all() else keep  # all kept: views, no copies of millions of values
     measured = {**({"contrast": np.asarray(contrast)} if contrast is not None else {}), **(fit or {})}
-    columns = {FIT_COLUMNS[name]: np.asarray(values, np.float32)[keep] for name, values in measured.items()}
-    fields = {FIT_FIELDS[name]: np.asarray(values, "<f4")[keep] for name, values in measured.items()
+    columns = {FIT_COLUMNS[name]: np.asarray(values, np.float32)[rows] for name, values in measured.items()}
+    fields = {FIT_FIELDS[name]: np.asarray(values, "<f4")[rows] for name, values in measured.items()
               if name in FIT_FIELDS}
-    star_format.write_particles(kept, outdir / STAR_NAME, names[keep], extra_columns=columns)
-    cs_format.write_particles(kept, outdir / CS_NAME, paths[keep], indices[keep],
-                              None if contrast is None else contrast[keep], extra_fields=fields)
+    star_format.write_particles(kept, outdir / STAR_NAME, names.select(rows), extra_columns=columns)
+    cs_format.write_particles(kept, outdir / CS_NAME, paths.select(rows), None,
+                              None if contrast is None else contrast[rows], extra_fields=fields)
 
 
 def original_image_names(table) -> np.ndarray:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import dask
 import numpy as np
+import pandas as pd
 
 from .. import __version__
 from ..cluster import ClusterSpec, open_runner
@@ -44,7 +45,7 @@ from ..physics.optics import map_extent_voxels
 from ..physics.projector import projector_kernel
 from ..physics.subtract import SubtractionSettings
 from ..report import REPORT_FOLDER
-from . import diagnostics, export, rebox, record, region, resources, store, validate
+from . import diagnostics, export, metadata, rebox, record, region, resources, store, validate
 from .outdir import OutdirLock, explain_os_error, file_identity, prepare_outdir, run_fingerprint
 from .tasks import MapFiles, half_map_models, run_chunk
 from .transcript import Transcript
@@ -254,29 +255,34 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
                                keep_images=options.keep_store)
         layout = export.stack_layout(len(table), options.particles_per_stack, table.pixel_size_angstrom)
         pieces = export.chunk_pieces(layout, outdir, bounds)
+        # A fresh store has no finished chunk (reading the marks of 40 000 chunks takes seconds).
+        unfinished = np.zeros(len(bounds), dtype=bool)
         store.reset_chunks(store_path, export.prepare_stacks(
             outdir, layout, pieces, bounds, out_box, store.image_dtype(store_path),
-            store.finished_chunks(store_path), store_path))
+            store.finished_chunks(store_path) if resuming else unfinished, store_path))
         attempt.begin(store_path, options.cluster.scheduler, device, len(bounds))
         preload_report_modules()
-        done = store.finished_chunks(store_path)
+        done = store.finished_chunks(store_path) if resuming else unfinished
         pending = [i for i in range(len(bounds)) if not done[i]]
         say(options, f"dsub: {len(table)} particles of {box} px in {len(bounds)} chunk{'s' if len(bounds) != 1 else ''} "
                      f"({len(bounds) - len(pending)} already done) on {runner.description}.")
         if reboxing is not None:
             say(options, rebox.describe(reboxing, centre_from, box))
-        tasks = []
-        for index in pending:
-            start, stop = bounds[index]
-            chunk = dataclasses.replace(table.subset(np.arange(start, stop)), source=None)
-            tasks.append(
-                dask.delayed(run_chunk, pure=False)(
-                    index, start, chunk, maps, settings, str(store_path), device, options.skip_bad_particles,
-                    reboxing, pieces[index], dask_key_name=f"subtract-chunk-{index:05d}",
-                )
+        # Tasks carry a row range of the table written once beside the store, built as they are submitted.
+        columns = store_path / metadata.FOLDER
+        if pending:
+            metadata.write_table(table, columns)
+        tasks = (
+            dask.delayed(run_chunk, pure=False)(
+                index, bounds[index][0], metadata.table_rows(columns, *bounds[index]), maps, settings,
+                str(store_path), device, options.skip_bad_particles, reboxing, pieces[index],
+                dask_key_name=f"subtract-chunk-{index:05d}",
             )
+            for index in pending
+        )
         devices = sorted(set(runner.compute(tasks, "subtract", [bounds[i][1] - bounds[i][0] for i in pending],
                                             waiting, on_result=attempt.chunk_finished)))
+        shutil.rmtree(columns, ignore_errors=True)  # every chunk is stored: no task reads it again
         timings["subtract"] = time.monotonic() - started - sum(timings.values())
         workers, phases = runner.workers, runner.phases
     export.finish_stacks(outdir, layout, store.image_statistics(store_path))  # headers: the tasks wrote the images
@@ -478,7 +484,7 @@ def run_identity(particles_path, maps: MapFiles, table, box: int, settings, opti
         "half_a": file_identity(maps.half_a),
         "half_b": file_identity(maps.half_b),
         "mask": file_identity(maps.mask),
-        "stacks": [file_identity(path) for path in np.unique(np.asarray(table.image_paths, dtype=str))],
+        "stacks": [file_identity(path) for path in sorted({str(path) for path in pd.unique(table.image_paths)})],
         "cs_root": options.cs_root,
         "passthrough": [file_identity(path) for path in table.extra.get("passthrough", [])],
         "settings": dataclasses.asdict(settings),

@@ -27,6 +27,7 @@ is needed.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -139,8 +140,23 @@ def delete_images(path: Path) -> None:
 
 
 def finished_chunks(path: Path) -> np.ndarray:
-    """Boolean array: which chunks are complete."""
-    return np.asarray(open_store(path)["chunk_done"][:], dtype=bool)
+    """Boolean array (n_chunks,): which chunks are complete.
+
+    Zarr stores no chunk that holds only the fill value (0), so only the marks
+    whose files exist are read: a fresh store of 40 000 chunks answers at once
+    instead of opening 40 000 keys.
+    """
+    marks = open_store(path)["chunk_done"]
+    try:
+        written = np.array(sorted(int(name) for name in os.listdir(Path(path) / "chunk_done" / "c")), dtype=np.int64)
+    except FileNotFoundError:
+        written = np.zeros(0, dtype=np.int64)
+    except ValueError:  # not the layout this module writes: read every mark
+        return np.asarray(marks[:], dtype=bool)
+    done = np.zeros(marks.shape[0], dtype=bool)
+    if written.size:
+        done[written] = np.asarray(marks.get_orthogonal_selection(written), dtype=bool)
+    return done
 
 
 def reset_chunks(path: Path, chunks) -> None:

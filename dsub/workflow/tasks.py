@@ -35,6 +35,7 @@ from ..physics.optics import fit_map_to_box
 from ..physics.subtract import SubtractionSettings, prepare_half_map, subtract_batch
 from . import export, resources, store
 from .rebox import rebox_images
+from .metadata import load_particles
 
 #: Share of the free memory measured at a task's start that its batches may use (others run alongside).
 BATCH_SHARE_OF_FREE = 0.8
@@ -278,6 +279,7 @@ def run_chunk(chunk_index: int, start: int, particles, maps: MapFiles, settings,
     the chunk (and keeps the images too with ``--keep-store``). Returns the
     device used ("cpu", "gpu:N").
     """
+    particles = load_particles(particles)
     device = resolve_device(device)
     models = half_map_models(maps, settings, device)
     images = read_images(particles.image_paths, particles.image_indices)
@@ -308,6 +310,7 @@ def fit_sample(particles, maps: MapFiles, settings, device: str):
     what a model that does not belong to the image explains. Images with NaN or
     infinite values get NaN throughout. ``settings.scale`` should be "fit".
     """
+    particles = load_particles(particles)
     device = resolve_device(device)
     images = read_images(particles.image_paths, particles.image_indices)
     good = np.flatnonzero(~bad_images(images, particles, skip=True))

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from ..errors import InputFileError, MissingInputError, OptionError, warn
 from ..formats.mrc import open_stack, read_map
-from ..particles import HALF_A, HALF_B
+from ..particles import HALF_A, HALF_B, is_same_for_all
 from ..physics.optics import crop_or_pad, map_extent_voxels
 
 #: Relative disagreement between pixel sizes that is still accepted.
@@ -102,8 +103,12 @@ _FINITE = {
 def check_metadata(table) -> None:
     """Per-particle numbers must be finite and physical, or the subtraction silently makes NaNs."""
     for name, label in _FINITE.items():
-        values = getattr(table, name).reshape(len(table), -1)
-        bad = ~np.isfinite(values).all(axis=1)
+        values = getattr(table, name)
+        if is_same_for_all(values):  # one row shared by all: check it once
+            values = np.broadcast_to(np.isfinite(values[:1]).all(), (len(table), 1))
+            bad = ~values[:, 0]
+        else:
+            bad = ~np.isfinite(values.reshape(len(table), -1)).all(axis=1)
         if bad.any():
             first = int(np.flatnonzero(bad)[0])
             raise InputFileError(
@@ -333,8 +338,11 @@ def check_images(table, box: int) -> None:
     Opening a stack first checks its 1024-byte header against the file's size
     (``formats.mrc.check_mrc_file``): a text file or a truncated stack is refused here.
     """
-    paths = np.asarray(table.image_paths, dtype=object)
-    for path in np.unique(paths):
+    codes, stacks = pd.factorize(np.asarray(table.image_paths, dtype=object))  # hashing: linear in the particles
+    highest_index = np.full(len(stacks), -1, dtype=np.int64)
+    np.maximum.at(highest_index, codes, np.asarray(table.image_indices, dtype=np.int64))
+    for code in sorted(range(len(stacks)), key=lambda code: str(stacks[code])):
+        path = stacks[code]
         if not Path(path).is_file():
             raise MissingInputError(path, referenced_from=table.source_path)
         stack = open_stack(path)
@@ -343,7 +351,7 @@ def check_images(table, box: int) -> None:
                 path, f"images are {stack.shape[-1]}x{stack.shape[-2]} px but the metadata says {box} px.",
                 "Check rlnImageSize / blob/shape against the stacks.",
             )
-        highest = int(table.image_indices[paths == path].max())
+        highest = int(highest_index[code])
         if highest >= stack.shape[0]:
             raise InputFileError(
                 path,

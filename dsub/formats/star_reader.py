@@ -1,0 +1,163 @@
+"""A fast reader for large particle ``.star`` files (millions of rows, as after symmetry expansion).
+
+``starfile`` keeps every line of a file as a Python string before pandas parses
+them: about 8× the file in memory and most of the time at a million rows. Here
+the particle loop is handed straight to pandas' C parser from its offset in the
+file, and text columns are read as categories (unique strings plus integer
+codes), so an image or micrograph name repeated a million times is held once.
+The blocks before the particle loop (the optics table) are small and still read
+by ``starfile``. Values come out as ``starfile`` gives them, with the same
+numeric inference, except that the ``strings`` columns are categorical.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import starfile
+
+
+def _particle_loop(f, image_label: str) -> tuple[str, int, int, list[str]] | None:
+    """(block name, offset of the block's ``data_`` line, offset of its first row, labels) of the first loop
+    of the open file ``f`` that has ``image_label``; None when the file has none."""
+    block, block_at = None, 0
+    position = f.tell()
+    line = f.readline()
+    while line:
+        stripped = line.strip()
+        if stripped.startswith(b"data_"):
+            block, block_at = stripped[5:].decode(), position
+        elif stripped.startswith(b"loop_") and block is not None:
+            labels = []
+            position, line = f.tell(), f.readline()
+            while line:
+                stripped = line.strip()
+                if stripped.startswith(b"_"):
+                    labels.append(stripped.split()[0][1:].decode())
+                elif stripped and not stripped.startswith(b"#"):
+                    break
+                position, line = f.tell(), f.readline()
+            if image_label in labels:
+                return block, block_at, position, labels
+            continue
+        position, line = f.tell(), f.readline()
+    return None
+
+
+def _found_after(f, start: int, marks: tuple[bytes, ...], block: int = 1 << 24) -> bool:
+    """Whether any of ``marks`` occurs in the file from byte ``start`` on (read in blocks, not mapped:
+    a mapping would count the whole file in this process's resident memory)."""
+    overlap = max(len(mark) for mark in marks) - 1
+    f.seek(start)
+    tail = b""
+    while True:
+        data = f.read(block)
+        if not data:
+            return False
+        window = tail + data
+        if any(mark in window for mark in marks):
+            return True
+        tail = window[-overlap:] if overlap else b""
+
+
+def read_star(path: str | os.PathLike, strings, image_label: str = "rlnImageName") -> dict | None:
+    """Every block of a particle star file, as ``starfile.read(path, always_dict=True)`` gives them.
+
+    The particle loop (the first loop with ``image_label``) is parsed by pandas'
+    C reader with ``strings`` columns as categories. Returns None when this
+    reader cannot be sure to read the file as ``starfile`` does (quotes in the
+    particle rows, blocks after the particle loop, no particle loop, no rows):
+    read it with ``starfile`` then.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        found = _particle_loop(f, image_label)
+        if found is None:
+            return None
+        name, block_at, rows_at, labels = found
+        if _found_after(f, rows_at, (b"'", b'"', b"\ndata_")):
+            return None
+        f.seek(0)
+        header = f.read(block_at)
+    blocks = _read_header(header, strings) if header.strip() else {}
+    try:
+        table = _read_rows(path, rows_at, labels, [label for label in strings if label in labels])
+    except _MixedColumn:
+        return None
+    if table.empty:
+        return None
+    for label in table.columns:  # starfile's inference: a text column that is all numbers becomes numeric
+        if label not in strings and table[label].dtype == object:
+            try:
+                numeric = pd.to_numeric(table[label])
+            except (ValueError, TypeError):
+                continue
+            if not numeric.isna().all():
+                table[label] = numeric
+    blocks[name] = table
+    return blocks
+
+
+#: Rows parsed at once; each column's pieces are joined (and freed) one column at a time, so reading
+#: holds the table about once, not twice as one ``pd.read_csv`` of the whole loop does.
+PIECE_ROWS = 1 << 18
+
+
+def _read_rows(path: Path, rows_at: int, labels: list[str], strings: list[str]) -> pd.DataFrame:
+    """The particle rows from byte ``rows_at`` on, as ``pd.read_csv`` of them in one go would give them."""
+    options = dict(sep=r"\s+", header=None, names=labels, comment="#", engine="c",
+                   dtype={label: "category" for label in strings},
+                   keep_default_na=False, na_values=["nan", "NaN", "<NA>"])
+    pieces: dict[str, list] = {label: [] for label in labels}
+    with open(path, "rb") as f:
+        f.seek(rows_at)
+        for piece in pd.read_csv(f, chunksize=PIECE_ROWS, **options):
+            for label in labels:  # copied out, so each piece's memory goes with its columns
+                column = piece[label]
+                pieces[label].append(column.array.copy() if label in strings else column.to_numpy(copy=True))
+            del piece, column
+            return_free_memory()  # the parser's buffers for this piece: not held while the next is read
+    columns = {}
+    for label in labels:
+        parts = pieces.pop(label)
+        if label in strings:
+            columns[label] = pd.Series(pd.api.types.union_categoricals(parts), copy=False)
+            continue
+        if len({part.dtype for part in parts}) > 1 and not {part.dtype.kind for part in parts} <= set("iuf"):
+            raise _MixedColumn(label)  # text in some pieces, numbers in others: one read_csv would differ
+        columns[label] = np.concatenate(parts) if len(parts) > 1 else parts[0]  # ints with floats: floats
+        del parts
+    return pd.DataFrame(columns, copy=False)
+
+
+class _MixedColumn(ValueError):
+    """A column read as text in some pieces and as numbers in others."""
+
+
+def _read_header(header: bytes, strings) -> dict:
+    """The blocks before the particle loop, read by ``starfile`` from a temporary file."""
+    with tempfile.NamedTemporaryFile("wb", suffix=".star", delete=False) as f:
+        f.write(header)
+    try:
+        return dict(starfile.read(f.name, always_dict=True, parse_as_string=list(strings)))
+    finally:
+        os.unlink(f.name)
+
+
+def return_free_memory() -> None:
+    """Give the memory the C allocator keeps after frees back to the system (glibc ``malloc_trim``; elsewhere nothing).
+
+    Parsing a large star file frees many buffers of a few MB, which glibc keeps
+    for reuse: without this the process would hold about a third more than the
+    table it read.
+    """
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # not glibc
+        pass
