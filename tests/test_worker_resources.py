@@ -158,7 +158,7 @@ def test_all_workers_lost_ends_in_one_line_and_keeps_finished_chunks(tmp_path):
     config.write_text(LOCAL_SLURM.read_text().replace("  slurm:\n", f"  slurm:\n    name: {name}\n", 1))
     command = [sys.executable, "-m", "dsub.cli", "subtract", str(paths["star"]), "--half-a", str(paths["half_a"]),
                "--half-b", str(paths["half_b"]), "--mask", str(paths["mask"]), "-o", str(outdir), "--quiet",
-               "--dashboard-address", "127.0.0.1:0", "--scheduler", "slurm", "--workers", "1", "--chunk-size", "4",
+               "--dashboard-address", "127.0.0.1:0", "--scheduler", "slurm", "--workers", "1", "--chunk-size", "1",
                "--cluster-config", str(config), "--worker-timeout", "10"]
     run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     wait_for_chunks(run, outdir, 3)

@@ -134,6 +134,10 @@ class _Runner:
         rate = progress.close(completed=sys.exc_info()[0] is None) if progress is not None else None
         self.phases[label] = rate or PhaseRate(label, len(sizes), sum(sizes), time.monotonic() - started, unit)
 
+    def _result_of(self, handle):
+        """A finished handle's result (its task's exception raised here)."""
+        return handle.result()
+
     def _run_waves(self, tasks, sizes, label, waiting, on_result, unit, submit, next_done, cancel):
         """The bounded-wave loop both runners share (see the class docstring).
 
@@ -168,7 +172,7 @@ class _Runner:
             top_up()
             for handle in next_done(pending):
                 index = order.pop(handle)
-                results[index] = handle.result()  # re-raises a task's exception here
+                results[index] = self._result_of(handle)  # re-raises a task's exception here
                 if progress is not None:
                     progress.task_done(index)
                 if on_result is not None:
@@ -262,6 +266,7 @@ class DistributedRunner(_Runner):
     def __init__(self, client, cluster, spec: ClusterSpec, description: str):
         super().__init__(spec)
         self.client, self.cluster, self.description = client, cluster, description
+        self._fetched: dict = {}  # finished futures -> their results, fetched as they finished
         self.workers = len(client.scheduler_info().get("workers", {}))
 
     def in_flight_limit(self) -> int:
@@ -287,7 +292,7 @@ class DistributedRunner(_Runner):
         """
         from distributed import wait
 
-        alone_since = None
+        alone = _Alone(self.client, self.spec.worker_timeout)
         while pending:
             try:
                 done, _ = wait(list(pending), timeout=poll, return_when="FIRST_COMPLETED")
@@ -295,19 +300,52 @@ class DistributedRunner(_Runner):
                 done = set()
             for future in done:
                 pending.discard(future)  # one at a time: a slot frees when its result is handed over
+                self._fetched[future] = self._fetch(future, poll, alone)
                 yield future
-            if done or self.client.scheduler_info().get("workers"):
-                alone_since = None
-                continue
-            alone_since = alone_since or time.monotonic()
-            if time.monotonic() - alone_since > self.spec.worker_timeout:
-                raise WorkersLost(self.spec.worker_timeout)
+            if done:
+                alone.reset()
+            else:
+                alone.check()
+
+    def _fetch(self, future, poll: float, alone: "_Alone"):
+        """The result of a finished future, waiting while it is recomputed; ``WorkersLost`` if no worker is left.
+
+        A result lives on the worker that computed it: when that worker is lost
+        before the result is fetched, the future goes back to pending and is
+        computed again, which never happens once every worker is gone.
+        """
+        while True:
+            try:
+                return future.result(timeout=poll)
+            except TimeoutError:
+                alone.check()
+
+    def _result_of(self, handle):
+        return self._fetched.pop(handle)
 
     def capacities(self, device: str) -> dict:
         """Each worker's device, memory limit, free GPU memory and threads ({address: {...}})."""
         from ..workflow.resources import worker_capacity
 
         return self.client.run(worker_capacity, device)
+
+
+class _Alone:
+    """How long a client has had no worker: ``check`` raises ``WorkersLost`` past the worker time-out."""
+
+    def __init__(self, client, timeout: float):
+        self.client, self.timeout, self.since = client, timeout, None
+
+    def reset(self) -> None:
+        self.since = None
+
+    def check(self) -> None:
+        if self.client.scheduler_info().get("workers"):
+            self.since = None
+            return
+        self.since = self.since or time.monotonic()
+        if time.monotonic() - self.since > self.timeout:
+            raise WorkersLost(self.timeout)
 
 
 class WorkersLost(RuntimeError):
