@@ -87,7 +87,7 @@ class ReportData:
     contrast: np.ndarray  # (m,) α of each exported particle
     half_set: np.ndarray  # (m,)
     optics: list[dict]  # one per optics group: group, name, particles, pixel size, voltage
-    image_names: np.ndarray  # (m,) input image names (N@stack)
+    image_names: "RowNames"  # input image names (N@stack) of the exported rows
     outliers: np.ndarray  # (m,) bool: contrast flagged as outlying
     outlier_bounds: tuple[float, float]
     quality: dict = field(default_factory=dict)  # name -> (m,) array, for each of QUALITY_ARRAYS recorded
@@ -173,7 +173,7 @@ def gather(outdir: Path) -> ReportData:
         contrast=contrast,
         half_set=table.half_set.astype(int),
         optics=optics_groups(table),
-        image_names=table.source["particles"]["rlnImageOriginalName"].astype(str).to_numpy(dtype=object),
+        image_names=RowNames(table.source["particles"]["rlnImageOriginalName"]),
         outliers=outliers,
         outlier_bounds=bounds,
         quality={name: np.asarray(results[name][:], dtype=np.float64)[exported_rows]
@@ -248,14 +248,30 @@ def evenly_spaced(rows: np.ndarray, count: int) -> np.ndarray:
     return rows[np.unique(np.linspace(0, rows.size - 1, count).round().astype(int))]
 
 
-def input_image_locations(data: ReportData, table) -> tuple[np.ndarray, np.ndarray]:
-    """Stack paths and 0-based indices of the input images, from ``rlnImageOriginalName``.
+class RowNames:
+    """Input image names (``N@stack``) of the exported rows, made into strings only for the rows asked for.
+
+    A run of millions of particles has millions of names: the report shows a few.
+    """
+
+    def __init__(self, column):
+        self.column = column  # pandas Series, one entry per exported row
+
+    def __len__(self) -> int:
+        return len(self.column)
+
+    def __getitem__(self, row) -> str:
+        return str(self.column.iloc[int(row)])
+
+
+def input_image_locations(data: ReportData, table, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Stack paths and 0-based indices of the input images of ``rows``, from ``rlnImageOriginalName``.
 
     Relative names are resolved as dsub did when it read them: from the current
     folder, then the input particle file's folder and its parents
     (``formats.paths``).
     """
-    names = table.source["particles"]["rlnImageOriginalName"].astype(str)
+    names = table.source["particles"]["rlnImageOriginalName"].iloc[rows].astype(str)
     parts = names.str.split("@", n=1, expand=True)
     indices = parts[0].astype(np.int64).to_numpy() - 1
     input_path = data.identity.get("particles", {}).get("path")
@@ -283,8 +299,8 @@ def read_sample_images(data: ReportData, table) -> None:
                           "input images are not on the results' grid: only the results are shown.")
     else:
         try:
-            paths, indices = input_image_locations(data, table)
-            original = read_images(paths[rows], indices[rows])
+            paths, indices = input_image_locations(data, table, rows)
+            original = read_images(paths, indices)
         except (DsubError, OSError, ValueError, KeyError) as exc:  # moved, deleted or renamed since the run
             data.notes.append(f"The input images could not be read here ({' '.join(str(exc).split())}), so "
                               "only the results are shown.")
