@@ -78,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--field-slice", action="store_true",
                      help="sample the slice on the extraction field's grid (exact when the map's projection "
                           "overflows the box; four times the slice cost; gridding only)")
-    run.add_argument("--chunk-size", type=int, default=256, help="particles per task and Zarr chunk (256)")
+    run.add_argument("--chunk-size", type=int, default=None,
+                     help="particles per task and Zarr chunk (256; on --scheduler threads a smaller set is cut "
+                          "into one chunk per thread, at least 16 particles each; a resumed run keeps its chunks)")
     run.add_argument("--particles-per-stack", type=int, default=4096,
                      help="particles per exported .mrcs stack (4096, rounded to whole chunks); stacks are "
                           "written in parallel")

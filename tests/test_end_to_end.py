@@ -601,3 +601,21 @@ def test_library_deprecation_notices_do_not_reach_the_user(dataset, tmp_path, ca
     paths, _ = dataset
     assert run_cli(paths, tmp_path / "out") == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_small_set_on_threads_gives_every_thread_a_chunk_and_a_resume_keeps_them(dataset, tmp_path):
+    paths, _ = dataset
+    count = len(starfile.read(paths["star"])["particles"])
+    outdir = tmp_path / "out"
+    args = ["subtract", str(paths["star"]), "--half-a", str(paths["half_a"]), "--half-b", str(paths["half_b"]),
+            "--mask", str(paths["mask"]), "-o", str(outdir), "--quiet", "--fit-weighting", "none",
+            "--scheduler", "threads"]
+    assert main([*args, "--workers", "2", "--keep-store"]) == 0
+    summary = run_summary(outdir)
+    assert count < 2 * 256 and summary["chunks_total"] == 2  # one chunk per thread, not one chunk of all
+    first = images_via_star(outdir)
+    # Another thread count would cut the set otherwise: the rerun keeps the earlier chunks and resumes.
+    assert main([*args, "--workers", "3"]) == 0
+    summary = run_summary(outdir)
+    assert summary["chunks_total"] == summary["chunks_skipped"] == 2
+    np.testing.assert_array_equal(images_via_star(outdir), first)

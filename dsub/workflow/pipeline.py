@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import shutil
 import sys
 import time
@@ -60,7 +61,7 @@ class RunOptions:
     """How a run is carried out (as opposed to the physics, in ``SubtractionSettings``)."""
 
     outdir: Path
-    chunk_size: int = 256
+    chunk_size: int | None = None  # None: ``resolved_chunk_size`` decides
     particles_per_stack: int = 4096
     device: str = "auto"
     overwrite: bool = False
@@ -79,7 +80,7 @@ class RunOptions:
     command: str | None = None  # the command line, for the run record
 
     def __post_init__(self):
-        if self.chunk_size < 1:
+        if self.chunk_size is not None and self.chunk_size < 1:
             raise OptionError(f"--chunk-size must be at least 1, not {self.chunk_size}")
         if self.particles_per_stack < 1:
             raise OptionError(f"--particles-per-stack must be at least 1, not {self.particles_per_stack}")
@@ -93,11 +94,39 @@ class RunOptions:
             raise OptionError("--recenter and --center both choose the new centre: give only one")
         rebox.check_new_box(self.new_box)
         # Stacks hold whole chunks, so an export task never reads half a chunk.
-        self.particles_per_stack = max(self.chunk_size, self.particles_per_stack // self.chunk_size * self.chunk_size)
+        if self.chunk_size is not None:
+            self.particles_per_stack = max(self.chunk_size,
+                                           self.particles_per_stack // self.chunk_size * self.chunk_size)
 
     @property
     def log(self):
         return self.cluster.log
+
+
+#: Particles per chunk unless --chunk-size says otherwise (fewer for small sets on threads: ``resolved_chunk_size``).
+DEFAULT_CHUNK_SIZE = 256
+#: Smallest chunk chosen automatically: below it the per-task overhead shows.
+SMALLEST_AUTOMATIC_CHUNK = 16
+
+
+def resolved_chunk_size(options: RunOptions, count: int, store_path: Path) -> int:
+    """Particles per chunk: --chunk-size; else the earlier attempt's (a resume keeps its chunks); else automatic.
+
+    Automatic: ``DEFAULT_CHUNK_SIZE``, but on the threaded scheduler a set too
+    small to give every thread a chunk is cut into one chunk per thread (at
+    least ``SMALLEST_AUTOMATIC_CHUNK`` particles each), so that every core works.
+    """
+    if options.chunk_size is not None:
+        return options.chunk_size
+    if not options.overwrite and store_path.exists():
+        with contextlib.suppress(Exception):  # unreadable: prepare_outdir decides what to do with it
+            earlier = store.open_store(store_path).attrs.get("run", {}).get("chunk_size")
+            if isinstance(earlier, int) and earlier >= 1:
+                return earlier
+    if options.cluster.scheduler != "threads":
+        return DEFAULT_CHUNK_SIZE
+    threads = options.cluster.workers or os.cpu_count() or 1
+    return int(min(DEFAULT_CHUNK_SIZE, max(SMALLEST_AUTOMATIC_CHUNK, -(-count // threads))))
 
 
 def check_device(options: RunOptions) -> None:
@@ -166,6 +195,8 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     validate.check_metadata(table)
     validate.check_classes(table)
     box = validate.particle_box(table)
+    options = dataclasses.replace(
+        options, chunk_size=resolved_chunk_size(options, len(table), outdir / store.STORE_NAME))
     if options.single_map:
         unused = "; --half-b is not used" if half_b is not None else ""
         warn(f"--single-map: every particle is subtracted with --half-a{unused}; gold-standard independence "

@@ -258,7 +258,7 @@ def plan_memory(box: int, settings, options, map_voxels: int = 0) -> MemoryPlan:
     spec = options.cluster
     device = planned_device(options)
     threads = tasks_per_worker(spec)
-    chunk = options.chunk_size
+    chunk = options.chunk_size or 256  # unresolved (a script for any run): the default chunk
     batch = batch_cap(box, settings, device, threads, chunk)
     if spec.scheduler in ("threads", "sync"):  # the limit is known now: plan batches within it
         budget = (gpu_memory_free() - prepared_map_bytes(box, settings) if device == "gpu" else
