@@ -27,6 +27,7 @@ def start_cluster(spec):
     """Yield (client, cluster or None, description) for ``spec.scheduler``; always clean up."""
     from distributed import Client
 
+    quiet_lost_results()
     if spec.scheduler.startswith("tcp://"):
         try:
             client = Client(spec.scheduler, timeout=min(spec.worker_timeout, 30))
@@ -82,6 +83,18 @@ def quiet_submission_errors():
         yield
     finally:
         logger.setLevel(level)
+
+
+#: Loggers of this process that report, with tracebacks, a result lost with its worker while it was
+#: fetched: the scheduler's "Couldn't gather keys" and the fetch abandoned when the run stops (asyncio's
+#: "Task exception was never retrieved", at exit). dsub says what happened in one line (``WorkersLost``).
+LOST_RESULT_LOGGERS = ("distributed.scheduler", "distributed.client", "asyncio")
+
+
+def quiet_lost_results() -> None:
+    """Keep the coordinator's log to dsub's own lines when workers are lost (for the rest of the process)."""
+    for name in LOST_RESULT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def stop_cluster(cluster) -> None:
