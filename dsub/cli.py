@@ -88,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write float16 stacks (MRC mode 12, read by RELION >= 4.0 and cryoSPARC >= 4.4) and a "
                           "float16 store: half the bytes; values beyond ±65504 stop the run")
     run.add_argument("--keep-store", action="store_true",
-                     help="keep the store's images after the export (by default they are deleted: the stacks "
-                          "hold them)")
+                     help="also keep a copy of the images in the store (by default the tasks write them only into "
+                          "the stacks; the store keeps what a resume needs)")
     add_cluster_arguments(run)
     run.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                      help="where the physics runs: a GPU through CuPy when there is one (auto)")

@@ -619,3 +619,22 @@ def test_small_set_on_threads_gives_every_thread_a_chunk_and_a_resume_keeps_them
     summary = run_summary(outdir)
     assert summary["chunks_total"] == summary["chunks_skipped"] == 2
     np.testing.assert_array_equal(images_via_star(outdir), first)
+
+
+def test_overwrite_removes_the_earlier_runs_stacks_and_a_cut_stack_is_not_finished(dataset, tmp_path, capsys):
+    paths, _ = dataset
+    outdir = tmp_path / "out"
+    assert run_cli(paths, outdir, "--particles-per-stack", "16") == 0  # 4 stacks of 16, 16, 16, 12
+    assert len(list((outdir / "Particles").iterdir())) == 4
+    assert run_cli(paths, outdir, "--particles-per-stack", "64", "--overwrite") == 0
+    assert sorted(path.name for path in (outdir / "Particles").iterdir()) == ["subtracted_0000.mrcs"]
+    first = images_via_star(outdir)
+
+    # A stack cut short after the run finished: the rerun computes again instead of calling it finished.
+    stack = outdir / "Particles" / "subtracted_0000.mrcs"
+    with open(stack, "r+b") as handle:
+        handle.truncate(stack.stat().st_size // 2)
+    capsys.readouterr()
+    assert run_cli(paths, outdir, "--particles-per-stack", "64") == 0
+    assert "already holds the finished results" not in capsys.readouterr().out
+    np.testing.assert_array_equal(images_via_star(outdir), first)

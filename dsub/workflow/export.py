@@ -32,6 +32,7 @@ metadata files are written last, so their presence means the export finished.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -251,6 +252,26 @@ def prepare_stacks(outdir: Path, layout, pieces, bounds, box: int, dtype, done: 
         start, stop = bounds[chunk]
         write_pieces(np.asarray(images[start:stop]), lost)
     return sorted(redo)
+
+
+def remove_stacks(outdir: Path) -> None:
+    """Remove every stack dsub names ``Particles/subtracted_NNNN.mrcs`` (or ``.partial``) in ``outdir``.
+
+    For a run that starts afresh (``--overwrite``, or a store that cannot be
+    resumed): an earlier run's stacks that the new layout does not name would
+    otherwise stay beside the new ones and look like results.
+    """
+    folder = Path(outdir) / STACK_FOLDER
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        if re.fullmatch(r"subtracted_\d{4,}\.mrcs(\.partial)?", path.name):
+            path.unlink(missing_ok=True)
+
+
+def has_size(path: Path, expected: int) -> bool:
+    """Whether ``path`` is a file of exactly ``expected`` bytes."""
+    return _has_size(path, expected)
 
 
 def _has_size(path: Path, expected: int) -> bool:

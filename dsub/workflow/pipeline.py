@@ -252,8 +252,9 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     resuming = prepare_outdir(outdir, fingerprint, options.overwrite, identity)
     options.log.open_log(outdir, fresh=options.overwrite, command=options.command)
     if resuming and store.images_deleted(store_path):
-        stacks = [relative for relative, _, _ in
-                  export.stack_layout(len(table), options.particles_per_stack, table.pixel_size_angstrom)]
+        dtype = np.float16 if options.float16 else np.float32
+        stacks = {relative: export.stack_bytes(rows.size, out_box, dtype) for relative, rows, _ in
+                  export.stack_layout(len(table), options.particles_per_stack, table.pixel_size_angstrom)}
         finished = finished_run(outdir, stacks, options)
         if finished is not None:
             return finished
@@ -281,6 +282,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
         if resuming and not store_takes_up(store_path, options):
             resuming = False
         if not resuming:
+            export.remove_stacks(outdir)  # an earlier run's stacks must not stay beside this run's
             store.create_store(store_path, len(table), out_box, options.chunk_size,
                                {**identity, "fingerprint": fingerprint}, float16=options.float16,
                                keep_images=options.keep_store)
@@ -488,20 +490,22 @@ def adopt_strict_run(store_path: Path, identity: dict, fingerprint: str) -> None
     group.attrs["run"] = {**identity, "fingerprint": fingerprint}
 
 
-def finished_run(outdir: Path, stacks: list[str], options: RunOptions) -> dict | None:
-    """The summary of this very run when it already finished in ``outdir`` (its store images deleted).
+def finished_run(outdir: Path, stacks: dict, options: RunOptions) -> dict | None:
+    """The summary of this very run when it already finished in ``outdir`` (its store holding no images).
 
     Says so and returns the recorded summary when the star, .cs and
-    ``dsub_run.json`` (written last, so the export completed) and every stack
-    of ``stacks`` (paths relative to ``outdir``) are there; else None: the
-    images are gone, and the run must be computed again.
+    ``dsub_run.json`` (written last, so the export completed) are there and
+    every stack of ``stacks`` ({path relative to ``outdir``: its size in bytes})
+    is there at its full size; else None: a stack is lost or cut short, and
+    the run must be computed again.
     """
-    needed = [export.STAR_NAME, export.CS_NAME, RUN_SUMMARY, *stacks]
-    if not all((outdir / name).is_file() for name in needed):
+    if not all((outdir / name).is_file() for name in (export.STAR_NAME, export.CS_NAME, RUN_SUMMARY)):
+        return None
+    if not all(export.has_size(outdir / relative, size) for relative, size in stacks.items()):
         return None
     say(options, f"dsub: {outdir} already holds the finished results of this run ({export.STAR_NAME}, "
                  f"{export.CS_NAME}, {export.STACK_FOLDER}/); nothing to do. Add --overwrite to compute it again"
-                 + (" (the store's images were deleted after that export)." if options.keep_store else "."))
+                 + (" (that run kept no images in its store)." if options.keep_store else "."))
     if not (outdir / REPORT_FOLDER).exists():
         write_qc_report(outdir, options)
     return json.loads((outdir / RUN_SUMMARY).read_text())
