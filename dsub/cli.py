@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import shlex
 import signal
 import sys
@@ -311,6 +312,14 @@ def main(argv=None) -> int:
     except DsubError as exc:
         print(error_line(exc), file=sys.stderr)  # always one line
         return 2
+    except MemoryError as exc:
+        print(f"dsub: error: out of memory ({' '.join(str(exc).split()) or 'an allocation failed'}). Give dsub more "
+              "memory (a larger batch job, a higher 'ulimit -v': mapped stacks count against it) or run fewer tasks "
+              "at once (--workers); rerun the same command to resume.", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(os_error_line(exc), file=sys.stderr)
+        return 2
     except Terminated:
         print(TERMINATED, file=sys.stderr)
         return 128 + signal.SIGTERM
@@ -320,6 +329,23 @@ def main(argv=None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+#: What to do about an operating-system error that reached the command line, by errno.
+_OS_ERROR_FIXES = {
+    errno.ENOSPC: "free space there, or write elsewhere (-o)",
+    errno.EDQUOT: "free space in your quota, or write elsewhere (-o)",
+    errno.ENOMEM: "give dsub more memory (a higher 'ulimit -v': mapped stacks count against it, or a larger batch job)",
+    errno.EACCES: "check the permissions of that path",
+    errno.EROFS: "write elsewhere (-o): that file system is read-only",
+}
+
+
+def os_error_line(exc: OSError) -> str:
+    """One ``dsub: error:`` line for an operating-system error: the file, the system's reason, a fix."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    fix = _OS_ERROR_FIXES.get(exc.errno, "check that path and rerun the same command (finished work is kept)")
+    return f"dsub: error: {where}{exc.strerror or exc}. {fix[0].upper()}{fix[1:]}."
 
 
 def terminate_on_sigterm():

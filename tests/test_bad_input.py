@@ -444,3 +444,28 @@ def test_a_missing_map_names_its_option(data, tmp_path, capsys):
     missing = tmp_path / "no_such_half.mrc"
     line = assert_refused(run(data, tmp_path / "out", half_b=missing), capsys, tmp_path / "out", missing)
     assert "file not found (given as --half-b)" in line and "current folder" in line
+
+
+def test_memory_and_system_errors_reaching_the_command_line_are_one_line(data, tmp_path, capsys, monkeypatch):
+    import errno as errno_codes
+
+    import dsub.report as report_module
+    from dsub.workflow import region
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("Unable to allocate 32.0 MiB for an array with shape (128, 128, 128)")
+
+    monkeypatch.setattr(region, "density_share", no_memory)
+    assert run(data, tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dsub: error: out of memory (Unable to allocate 32.0 MiB")
+    assert "ulimit -v" in err[0]
+
+    def disk_full(outdir):
+        raise OSError(errno_codes.ENOSPC, "No space left on device", str(outdir / "report" / "contrast.png"))
+
+    monkeypatch.setattr(report_module, "write_report", disk_full)
+    assert main(["report", str(tmp_path / "somewhere")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"dsub: error: {tmp_path / 'somewhere' / 'report' / 'contrast.png'}: No space left on device. "
+                   "Free space there, or write elsewhere (-o)."]
