@@ -177,6 +177,23 @@ def test_quoted_rows_are_left_to_starfile(tmp_path):
     assert star.star_reader.read_star(path, star.NAME_COLUMNS) is None
 
 
+@pytest.mark.parametrize("indent", ["", "  ", "\t"])
+def test_a_block_after_the_particle_loop_is_left_to_starfile_however_indented(tmp_path, indent):
+    path = tmp_path / "after.star"
+    path.write_text("data_particles\n\nloop_\n_rlnImageName #1\n_rlnMicrographName #2\n"
+                    "1@a.mrcs data_001/mic.mrc\n2@a.mrcs data_001/mic.mrc\n"
+                    f"\n{indent}data_extra\n\n{indent}loop_\n_rlnSomething #1\n5\n")
+    assert star.star_reader.read_star(path, star.NAME_COLUMNS) is None
+
+
+def test_data_in_a_file_name_is_not_a_block(tmp_path):
+    path = tmp_path / "names.star"
+    path.write_text("data_particles\n\nloop_\n_rlnImageName #1\n_rlnMicrographName #2\n"
+                    "1@a.mrcs data_001/mic.mrc\n2@a.mrcs data_001/mic.mrc\n")
+    table = star.star_reader.read_star(path, star.NAME_COLUMNS)
+    assert table is not None and list(table["particles"]["rlnMicrographName"]) == ["data_001/mic.mrc"] * 2
+
+
 # ---------------------------------------------------------------- block-wise writers
 def _starfile_text(table, names, extra):
     """The star text as ``starfile.write`` of whole tables gives it (the way dsub wrote it before)."""
