@@ -28,9 +28,10 @@ SLICE_BYTES_PER_ELEMENT = 8
 SLICE_BYTES_PER_ELEMENT_AND_WIDTH = 52
 FIELD_BYTES_PER_ELEMENT = 80
 BOX_BYTES_PER_ELEMENT = 24
-#: Host memory of the compiled slice gather in a CPU worker: numba, LLVM and the cached kernel
-#: (resident size of a process before and after its first slice: 58 -> 209 MB, NumPy 2.4, numba 0.68).
-COMPILED_GATHER_HOST_BYTES = 160 * 2**20
+#: Host memory of the compiled slice gather in a CPU worker: numba, LLVM and the kernel. Peak resident
+#: size of a process before and after its first slice (NumPy 2.4, numba 0.68): 64 -> 189 MiB with the
+#: kernel in numba's cache, 64 -> 230 MiB when it is compiled (the first run on a machine).
+COMPILED_GATHER_HOST_BYTES = 200 * 2**20
 #: Prepared volumes resident per worker: (whole, masked) for each of the two half sets.
 PREPARED_VOLUMES = 4
 
