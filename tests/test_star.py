@@ -158,3 +158,13 @@ def test_image_paths_relative_to_relion_project_folder(shared_data, tmp_path):
     table = read_particles(job / "run_data.star")
     assert set(table.image_paths) == {str(stacks / "relion31.mrcs")}
     np.testing.assert_array_equal(table.image_indices, np.arange(5))
+
+
+def test_a_star_cut_short_in_its_last_row_is_refused_naming_the_row(tmp_path):
+
+    text = ("data_particles\n\nloop_\n_rlnImageName #1\n_rlnAngleRot #2\n_rlnAngleTilt #3\n_rlnAnglePsi #4\n"
+            "_rlnRandomSubset #5\n1@a.mrcs 1 2 3 1\n2@a.mrcs 1 2 3 2\n3@a.mrcs 1 2\n")
+    path = tmp_path / "cut.star"
+    path.write_text(text)
+    with pytest.raises(InputFileError, match=r"particle row 3 \(1-based\) has fewer values than the loop's 5 labels"):
+        star.read_particles(path)

@@ -176,8 +176,7 @@ def ctf_from_columns(df: pd.DataFrame, path: Path, require_ctf: bool = True) -> 
     if not absent:
         _require(
             df, ["rlnDefocusU", "rlnVoltage", "rlnSphericalAberration"], path, "the CTF",
-            _FIX + " Images without a CTF (simulated projections) can be read with "
-            "require_ctf=False.",
+            _FIX,
         )
     defocus_u = _column(df, "rlnDefocusU", 0.0)
     return {
@@ -336,6 +335,22 @@ def _rotations(df: pd.DataFrame, block: int = 1 << 18) -> np.ndarray:
     return rotations
 
 
+def check_complete_rows(particles: pd.DataFrame, path: Path) -> None:
+    """Refuse a particle loop whose row lacks values for its last labels (a file cut short while copied).
+
+    The readers fill the missing values of a short row with NaN, which would
+    otherwise surface later as a strange optics group or half set.
+    """
+    short = np.flatnonzero(particles.iloc[:, -1].isna().to_numpy())
+    if short.size:
+        raise InputFileError(
+            path,
+            f"particle row {int(short[0]) + 1} (1-based) has fewer values than the loop's {particles.shape[1]} "
+            f"labels{f' ({short.size} such rows)' if short.size > 1 else ''}: the file looks cut short.",
+            "Copy or write the star file again completely.",
+        )
+
+
 def read_particles(path: str | os.PathLike, *, require_ctf: bool = True) -> ParticleTable:
     """Read a RELION particle star file into a ``ParticleTable``.
 
@@ -347,6 +362,7 @@ def read_particles(path: str | os.PathLike, *, require_ctf: bool = True) -> Part
     optics, particles, other = _read_blocks(path)
     if len(particles) == 0:
         raise InputFileError(path, "holds no particles (its particle table is empty).")
+    check_complete_rows(particles, path)
     df = _merge_optics(particles, optics, path)
     warn_unmodelled_optics(optics, path)
     _require(df, ANGLE_LABELS, path, "the particle poses")
