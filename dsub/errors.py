@@ -38,7 +38,9 @@ class MissingInputError(DsubError, FileNotFoundError):
         self.path, self.referenced_from, self.given_as = str(path), referenced_from, given_as
         message = f"{path}: file not found"
         if referenced_from is not None:
-            message += f" (referenced from {referenced_from})"
+            message += (f" (referenced from {referenced_from}). Check that the stacks are where the file names "
+                        "them: relative names start from the current folder (RELION's project folder), then that "
+                        "file's folder and its parents; --cs-root gives cryoSPARC's project folder")
         if given_as is not None:
             message += (f" (given as {given_as}). Check the path: a relative one starts from the current folder, "
                         f"{os.getcwd()}")

@@ -273,6 +273,7 @@ def test_cs_blob_paths_outside_the_job_tree_need_cs_root(cs_dataset, tmp_path, c
     assert run_cli(paths, outdir, "--padding", "2", particles=cs_path) == 2
     err = capsys.readouterr().err
     assert err.startswith("dsub: error: ") and f"{job / 'particles.mrcs'}: file not found" in err
+    assert "--cs-root" in err and len(err.strip().splitlines()) == 1  # the fix is named
     assert not (outdir / STAR_OUT).exists()
 
     assert run_cli(paths, outdir, "--padding", "2", "--cs-root", paths["stack"].parent, particles=cs_path) == 0

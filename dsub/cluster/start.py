@@ -32,7 +32,9 @@ def start_cluster(spec):
         try:
             client = Client(spec.scheduler, timeout=min(spec.worker_timeout, 30))
         except OSError as exc:
-            raise DsubError(f"cannot reach the Dask scheduler at {spec.scheduler}: {exc}") from exc
+            raise DsubError(f"cannot reach the Dask scheduler at {spec.scheduler}: {' '.join(str(exc).split())}. "
+                            "Check that it is running and that this machine can reach that address and port "
+                            "(dask scheduler prints it as it starts).") from exc
         try:
             wait_for_workers(client, None, spec, "the existing scheduler's workers")
             yield client, None, f"scheduler {spec.scheduler}"
