@@ -231,9 +231,9 @@ def prepare_stacks(outdir: Path, layout, pieces, bounds, box: int, dtype, done: 
     fresh = []
     for relative, rows, pixel_size in layout:
         partial, target = partial_name(outdir, relative), Path(outdir) / relative
-        if _has_size(partial, size[relative]):
+        if has_size(partial, size[relative]):
             target.unlink(missing_ok=True)
-        elif _has_size(target, size[relative]):
+        elif has_size(target, size[relative]):
             os.replace(target, partial)
         else:
             target.unlink(missing_ok=True)
@@ -271,10 +271,6 @@ def remove_stacks(outdir: Path) -> None:
 
 def has_size(path: Path, expected: int) -> bool:
     """Whether ``path`` is a file of exactly ``expected`` bytes."""
-    return _has_size(path, expected)
-
-
-def _has_size(path: Path, expected: int) -> bool:
     try:
         return path.stat().st_size == expected
     except FileNotFoundError:

@@ -288,14 +288,14 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
                                keep_images=options.keep_store)
         layout = export.stack_layout(len(table), options.particles_per_stack, table.pixel_size_angstrom)
         pieces = export.chunk_pieces(layout, outdir, bounds)
-        # A fresh store has no finished chunk (reading the marks of 40 000 chunks takes seconds).
-        unfinished = np.zeros(len(bounds), dtype=bool)
-        store.reset_chunks(store_path, export.prepare_stacks(
-            outdir, layout, pieces, bounds, out_box, store.image_dtype(store_path),
-            store.finished_chunks(store_path) if resuming else unfinished, store_path))
-        attempt.begin(store_path, options.cluster.scheduler, device, len(bounds))
+        # The chunk marks are read once: a fresh store has none.
+        done = store.finished_chunks(store_path) if resuming else np.zeros(len(bounds), dtype=bool)
+        redo = export.prepare_stacks(outdir, layout, pieces, bounds, out_box, store.image_dtype(store_path), done,
+                                     store_path)
+        store.reset_chunks(store_path, redo)
+        done[redo] = False
+        attempt.begin(store_path, options.cluster.scheduler, device, len(bounds), int(done.sum()))
         preload_report_modules()
-        done = store.finished_chunks(store_path) if resuming else unfinished
         pending = [i for i in range(len(bounds)) if not done[i]]
         say(options, f"dsub: {len(table)} particles of {box} px in {len(bounds)} chunk{'s' if len(bounds) != 1 else ''} "
                      f"({len(bounds) - len(pending)} already done) on {runner.description}.")

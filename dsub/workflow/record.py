@@ -73,12 +73,17 @@ class AttemptRecorder:
     def current(self) -> dict:
         return self.attempts[-1]
 
-    def begin(self, store_path: Path, scheduler: str, device: str, chunks_total: int) -> dict:
-        """Start an attempt: settle the earlier ones, note what is already done, save."""
+    def begin(self, store_path: Path, scheduler: str, device: str, chunks_total: int,
+              done_before: int | None = None) -> dict:
+        """Start an attempt: settle the earlier ones, note what is already done, save.
+
+        ``done_before``: chunks already finished, when the caller has read the store's marks (else read here).
+        """
         self.store_path = Path(store_path)
         group = store.open_store(self.store_path)
         self.attempts = [dict(attempt) for attempt in group.attrs.get("attempts", [])]
-        done_before = int(store.finished_chunks(self.store_path).sum())
+        if done_before is None:
+            done_before = int(store.finished_chunks(self.store_path).sum())
         for attempt in self.attempts:
             if attempt.get("status") == "running":  # it ended without a word: killed or preempted
                 last = attempt["last_update"]  # its last chunk saved (at most SAVE_INTERVAL_S apart)
