@@ -209,10 +209,56 @@ def read_images(paths, indices) -> np.ndarray:
                 "All particles of one run must have the same box size.",
             )
         order = np.argsort(wanted, kind="stable")
-        out[rows[order]] = stack[wanted[order]]
+        _copy_images(stack, wanted[order], out, rows[order])
     if out is None:
         return np.empty((0, 0, 0), dtype=np.float32)
     return out
+
+
+def _runs(sorted_indices: np.ndarray) -> list[tuple[int, int]]:
+    """(first, stop) positions of the runs of consecutive values in ``sorted_indices``."""
+    breaks = np.flatnonzero(np.diff(sorted_indices) != 1) + 1
+    edges = np.concatenate(([0], breaks, [sorted_indices.size]))
+    return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
+
+
+def _copy_images(stack: np.ndarray, indices: np.ndarray, out: np.ndarray, rows: np.ndarray) -> None:
+    """``out[rows] = stack[indices]`` as float32, ``indices`` ascending; runs of images read with ``os.preadv``.
+
+    A memory map faults its pages in 4 kB at a time; one ``preadv`` per run of
+    consecutive images asks the kernel for the whole run at once, several
+    times faster from the page cache and from a disk alike. Images of another
+    dtype than native float32, and a stack that is not a plain file map, take
+    the memory map.
+    """
+    offset, name = getattr(stack, "offset", None), getattr(stack, "filename", None)
+    if not isinstance(stack, np.memmap) or name is None or offset is None or not stack.flags.c_contiguous:
+        out[rows] = stack[indices]
+        return
+    image_bytes = stack[0].nbytes
+    direct = stack.dtype == np.dtype(np.float32) and out.flags.c_contiguous
+    fd = os.open(name, os.O_RDONLY)
+    try:
+        for first, stop in _runs(indices):
+            targets = rows[first:stop]
+            into_place = direct and targets[-1] - targets[0] == stop - first - 1
+            buffer = (out[targets[0] : targets[-1] + 1] if into_place
+                      else np.empty((stop - first,) + stack.shape[1:], dtype=stack.dtype))
+            _read_exactly(fd, memoryview(buffer).cast("B"), offset + int(indices[first]) * image_bytes, name)
+            if not into_place:
+                out[targets] = buffer
+    finally:
+        os.close(fd)
+
+
+def _read_exactly(fd: int, view: memoryview, offset: int, name: str) -> None:
+    """Fill ``view`` from ``offset`` of the open file ``fd``; an ``InputFileError`` if the file ends first."""
+    while view.nbytes:
+        got = os.preadv(fd, [view], offset)
+        if got == 0:
+            raise InputFileError(name, "ended before the images its header promises (truncated while read?).",
+                                 _TRUNCATED_FIX)
+        view, offset = view[got:], offset + got
 
 
 def write_stack(

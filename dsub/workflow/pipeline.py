@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +47,7 @@ from ..physics.optics import map_extent_voxels
 from ..physics.projector import projector_kernel
 from ..physics.subtract import SubtractionSettings
 from ..report import REPORT_FOLDER
-from . import diagnostics, export, metadata, rebox, record, region, resources, store, validate
+from . import diagnostics, export, metadata, prefetch, rebox, record, region, resources, store, validate
 from .outdir import OutdirLock, explain_os_error, file_identity, prepare_outdir, run_fingerprint
 from .tasks import MapFiles, half_map_models, run_chunk
 from .transcript import Transcript
@@ -172,9 +173,10 @@ def subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings
     options = dataclasses.replace(options, cluster=dataclasses.replace(options.cluster, log=transcript))
     attempt = record.AttemptRecorder()
     lock = OutdirLock(Path(options.outdir))
-    with transcript.capturing_warnings(), record.failure_recorded(attempt, transcript):
+    with transcript.capturing_warnings(), record.failure_recorded(attempt, transcript), \
+            contextlib.ExitStack() as cleanup:
         try:
-            return _subtract(particles_path, half_a, half_b, mask, settings, options, attempt, lock)
+            return _subtract(particles_path, half_a, half_b, mask, settings, options, attempt, lock, cleanup)
         except DsubError:
             raise
         except OSError as exc:  # wherever it happened, on this machine or a worker: one message
@@ -187,12 +189,15 @@ def subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings
 
 
 def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings, options: RunOptions,
-              attempt: record.AttemptRecorder, lock: OutdirLock) -> dict:
+              attempt: record.AttemptRecorder, lock: OutdirLock, cleanup: contextlib.ExitStack) -> dict:
     started = time.monotonic()
     outdir = Path(options.outdir)
     with setup_step(options.log, f"Reading the particles from {particles_path}"):
         table = read_particles(particles_path, cs_root=options.cs_root, passthrough=options.passthrough)
     validate.check_metadata(table)
+    # The disk reads the stacks ahead while the inputs are checked, the maps prepared and the workers started.
+    read_ahead = prefetch.start(table, options.cluster.scheduler)
+    cleanup.callback(read_ahead.stop)
     validate.check_classes(table)
     box = validate.particle_box(table)
     options = dataclasses.replace(
@@ -250,6 +255,8 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     if options.skip_bad_particles and not options.overwrite:
         adopt_strict_run(store_path, identity, fingerprint)
     resuming = prepare_outdir(outdir, fingerprint, options.overwrite, identity)
+    if resuming:  # the finished chunks' images need no reading
+        read_ahead.stop()
     options.log.open_log(outdir, fresh=options.overwrite, command=options.command)
     if resuming and store.images_deleted(store_path):
         dtype = np.float16 if options.float16 else np.float32
@@ -263,7 +270,9 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     bounds = store.chunk_bounds(len(table), options.chunk_size)
 
     timings = {"check_inputs": time.monotonic() - started}
-    with resources.failures_explained(plan), open_runner(spec) as runner:
+    with contextlib.ExitStack() as running:
+        running.enter_context(resources.failures_explained(plan))
+        runner = running.enter_context(open_runner(spec))
         timings["start_workers"] = time.monotonic() - started - sum(timings.values())
         capacities = runner.capacities(device)
         if capacities:
@@ -316,8 +325,11 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
         devices = sorted(set(runner.compute(tasks, "subtract", [bounds[i][1] - bounds[i][0] for i in pending],
                                             waiting, on_result=attempt.chunk_finished)))
         shutil.rmtree(columns, ignore_errors=True)  # every chunk is stored: no task reads it again
+        read_ahead.stop()
         timings["subtract"] = time.monotonic() - started - sum(timings.values())
         workers, phases = runner.workers, runner.phases
+        # The workers stop while the metadata is written (a local cluster takes seconds to close).
+        cleanup.callback(close_in_background(running.pop_all()).join)
     export.finish_stacks(outdir, layout, store.image_statistics(store_path))  # headers: the tasks wrote the images
     results = store.open_store(store_path)
     fit = store.per_particle(store_path)
@@ -364,6 +376,20 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     report(summary, outdir, options)
     write_qc_report(outdir, options)
     return summary
+
+
+def close_in_background(closing: contextlib.ExitStack) -> threading.Thread:
+    """Close ``closing`` (the runner and its cluster) in a thread; join it before the run returns.
+
+    Its failures are not the run's: every result is in by then.
+    """
+    def close():
+        with contextlib.suppress(Exception):
+            closing.close()
+
+    thread = threading.Thread(target=close, name="dsub-close-cluster", daemon=True)
+    thread.start()
+    return thread
 
 
 def store_takes_up(store_path: Path, options: RunOptions) -> bool:

@@ -24,12 +24,16 @@ def density_share(half_maps, mask: np.ndarray, mask_keeps: bool) -> float:
     below the mean, noise) is left out of both sums: it is not "density of the
     map" a user thinks of.
     """
-    density = np.clip(np.mean([np.asarray(m, dtype=np.float64) for m in half_maps], axis=0), 0.0, None)
-    total = float(density.sum())
+    first, *others = (np.asarray(m, dtype=np.float32) for m in half_maps)
+    density = first.copy()
+    for other in others:
+        density += other
+    np.maximum(density, 0.0, out=density)  # the mean's positive part, times the number of maps
+    total = float(density.sum(dtype=np.float64))
     if total <= 0:
         return 0.0
-    region = subtraction_region(np, mask, mask_keeps).astype(np.float64)
-    return float((density * region).sum() / total)
+    density *= subtraction_region(np, np.asarray(mask, dtype=np.float32), mask_keeps)
+    return float(density.sum(dtype=np.float64) / total)
 
 
 def region_line(mask_path, mask_keeps: bool, share: float) -> str:
