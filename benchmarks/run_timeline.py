@@ -19,7 +19,6 @@ empties the page cache of the data set first (as ``bench.py`` does).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import sys
 import tempfile
@@ -108,18 +107,19 @@ def instrument() -> None:
     timed_stage(tasks.store, "write_chunk", "task: store bookkeeping")
     original_turn = tasks.gpu_turn
 
-    @contextlib.contextmanager
-    def turn(device):
+    def turn(work):
         asked = time.perf_counter()
-        with original_turn(device):
+
+        def timed_work():
             got = time.perf_counter()
-            with lock:
-                stages["task: wait for the GPU turn"].append(got - asked)
             try:
-                yield
+                return work()
             finally:
                 with lock:
+                    stages["task: wait for the GPU turn"].append(got - asked)
                     stages["task: GPU turn held"].append(time.perf_counter() - got)
+
+        return original_turn(timed_work)
 
     tasks.gpu_turn = turn
 

@@ -88,3 +88,13 @@ def test_read_images_in_runs_equals_the_stacks_in_any_order(stacks):
     got = read_images(paths[order], indices[order])
     expected = np.stack([stacks[p][i] for p, i in zip(paths[order], indices[order])])
     np.testing.assert_array_equal(got, expected)
+
+
+def test_gpu_batches_are_padded_to_a_few_sizes():
+    from dsub.workflow.tasks import quantum_padded
+
+    batch = np.array([4, 9, 10, 17, 30])
+    padded = quantum_padded(batch, 4)
+    assert padded.tolist() == [4, 9, 10, 17, 30, 30, 30, 30]
+    assert quantum_padded(batch[:4], 4) is not None and quantum_padded(batch[:4], 4).tolist() == [4, 9, 10, 17]
+    assert quantum_padded(batch, 1).tolist() == batch.tolist()

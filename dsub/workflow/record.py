@@ -29,6 +29,8 @@ from .transcript import utc_now
 
 #: Libraries whose versions a run records (cupy only where installed).
 LIBRARIES = ("numpy", "scipy", "dask", "distributed", "dask-jobqueue", "zarr", "mrcfile", "starfile", "pandas")
+#: The names CuPy's wheels are published under (https://docs.cupy.dev/en/stable/install.html).
+CUPY_WHEELS = ("cupy-cuda13x", "cupy-cuda12x", "cupy-cuda11x", "cupy-rocm-6-0", "cupy-rocm-5-0", "cupy")
 #: Seconds between updates of a running attempt in the store.
 SAVE_INTERVAL_S = 10.0
 
@@ -39,8 +41,10 @@ def versions() -> dict:
     for name in LIBRARIES:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             found[name] = importlib.metadata.version(name)
-    for distribution in importlib.metadata.packages_distributions().get("cupy", []):
-        found["cupy"] = f"{importlib.metadata.version(distribution)} ({distribution})"
+    for distribution in CUPY_WHEELS:  # looked up by name: listing every installed package takes a second
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            found["cupy"] = f"{importlib.metadata.version(distribution)} ({distribution})"
+            break
     return found
 
 

@@ -7,18 +7,19 @@ file paths.
 
 The tasks of a process form a pipeline around its GPU: each task reads its
 images and writes its results in its own thread, while the GPU work (copy in,
-subtract, copy out) takes turns under one lock per device (``gpu_turn``). So
-one GPU is driven by one task at a time whatever the number of threads, and a
-task waiting for its turn holds nothing in GPU memory; reading and writing of
-the other tasks overlap with it. On the CPU the tasks run side by side.
+subtract, copy out) runs in the process's one thread for that device
+(``gpu_turn``). So one GPU is driven by one thread whatever the number of
+tasks: its cuFFT plans (CuPy keeps them per thread) are made once, and a task
+waiting for its turn holds nothing in GPU memory; reading and writing of the
+other tasks overlap with it. On the CPU the tasks run side by side.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,23 +64,39 @@ class MapFiles:
 
 _models: dict = {}
 _models_lock = threading.Lock()
-_gpu_locks: dict[str, threading.Lock] = {}  # per CUDA device of this process
+_gpu_threads: dict[int, ThreadPoolExecutor] = {}  # per CUDA device of this process: the one thread driving it
 _host_buffers = threading.local()  # each thread's pinned staging buffers
+#: cuFFT plans each GPU thread keeps (CuPy's default is 16): a few batch sizes × the model's transforms.
+FFT_PLANS_KEPT = 48
+#: A GPU batch is rounded up to a multiple of this many particles, so that its cuFFT plans are few and reused.
+GPU_BATCH_QUANTUM = 32
 
 
-@contextlib.contextmanager
-def gpu_turn(device: str):
-    """Hold this process's turn on ``device`` (a lock per GPU; nothing on the CPU)."""
-    if device == "cpu":
-        yield
-        return
+def gpu_turn(work):
+    """``work()`` run in this process's one thread for the current CUDA device; returns its result.
+
+    The thread is made on first use, on the caller's device, with room for
+    ``FFT_PLANS_KEPT`` cuFFT plans; ``work``'s exception is raised here.
+    """
     import cupy
 
-    key = f"gpu:{cupy.cuda.Device().id}"
+    device_id = cupy.cuda.Device().id
     with _models_lock:
-        lock = _gpu_locks.setdefault(key, threading.Lock())
-    with lock:
-        yield
+        executor = _gpu_threads.get(device_id)
+        if executor is None:
+            def start_thread():
+                cupy.cuda.Device(device_id).use()
+                cupy.fft.config.get_plan_cache().set_size(FFT_PLANS_KEPT)
+
+            executor = _gpu_threads[device_id] = ThreadPoolExecutor(
+                1, thread_name_prefix=f"dsub-gpu{device_id}", initializer=start_thread)
+    return executor.submit(work).result()
+
+
+def quantum_padded(batch: np.ndarray, quantum: int = GPU_BATCH_QUANTUM) -> np.ndarray:
+    """``batch`` (int indices) with its last index repeated up to a multiple of ``quantum`` entries."""
+    missing = -batch.size % quantum
+    return np.concatenate([batch, np.full(missing, batch[-1], dtype=batch.dtype)]) if missing else batch
 
 
 def pinned_buffer(name: str, shape: tuple, dtype=np.float32) -> np.ndarray:
@@ -194,39 +211,45 @@ def _subtract_on_gpu(images: np.ndarray, particles, models: dict, settings, devi
     np.copyto(staged, images)
     returned = pinned_buffer("out", images.shape)
     figures = pinned_buffer("figures", (3, count))
-    with gpu_turn(device):
-        stream = _gpu_stream(device)
+
+    def turn():
+        stream = _gpu_stream()
         with stream:
             on_gpu = cupy.empty(images.shape, dtype=cupy.float32)
             on_gpu.set(staged, stream=stream)
             out = cupy.empty_like(on_gpu)
             fitted_all = cupy.empty((3, count), dtype=cupy.float32)
             step = batch_size(images.shape[-1], settings, "gpu", count)
+            quantum = GPU_BATCH_QUANTUM if step >= GPU_BATCH_QUANTUM else 1  # no padding where memory is short
+            step = step // quantum * quantum
             for half in (HALF_A, HALF_B):
                 members = np.flatnonzero(particles.half_set == half)
                 for first in range(0, members.size, step):
                     batch = members[first : first + step]
+                    padded = quantum_padded(batch, quantum)  # the extra rows repeat the last particle and are dropped
+                    result, fitted = subtract_batch(cupy, on_gpu[cupy.asarray(padded)], particles.subset(padded),
+                                                    models[half], settings)
                     where = cupy.asarray(batch)
-                    result, fitted = subtract_batch(cupy, on_gpu[where], particles.subset(batch), models[half],
-                                                    settings)
-                    out[where] = result
+                    out[where] = result[: batch.size]
                     for row, name in enumerate(("alpha", "sigma", "correlation")):
-                        fitted_all[row, where] = getattr(fitted, name)
+                        fitted_all[row, where] = getattr(fitted, name)[: batch.size]
             out.get(stream=stream, out=returned)
             fitted_all.get(stream=stream, out=figures)
             stream.synchronize()
             del on_gpu, out, fitted_all
+
+    gpu_turn(turn)
     return returned, ContrastResult(*(figures[row].copy() for row in range(3)))
 
 
 _streams: dict = {}
 
 
-def _gpu_stream(device: str):
-    """This process's non-blocking CUDA stream for ``device`` (used only in its turn)."""
+def _gpu_stream():
+    """The non-blocking CUDA stream of the current device, for its GPU thread (``gpu_turn``)."""
     import cupy
 
-    key = (device, cupy.cuda.Device().id)
+    key = cupy.cuda.Device().id
     if key not in _streams:
         _streams[key] = cupy.cuda.Stream(non_blocking=True)
     return _streams[key]
