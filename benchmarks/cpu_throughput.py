@@ -9,8 +9,9 @@ is NumPy in this process, timed in CPU seconds of the process (``time.process_ti
 load on the machine does not count); run with OMP_NUM_THREADS=1 so that one core is used.
 
 The stage breakdown wraps the functions ``dsub.physics.subtract`` calls (slice gather, FFTs,
-CTF and phase arrays, contrast fit), so it follows whatever flow ``model_images`` has; "rest" is
-the arithmetic between them (products with the CTF, crops, the subtraction itself).
+transfer, contrast fit), so it follows whatever flow ``model_images`` has; each stage's time
+excludes the wrapped calls inside it (the extraction field's FFTs exclude the transfer they
+call); "rest" is the arithmetic between them (crops, the subtraction itself).
 
 ``--threads 2`` also runs batches in one thread, then in two at once (as a worker with two task
 slots does), and prints the rate each would have on cores of its own (each thread's wall time
@@ -44,20 +45,24 @@ from dsub.physics.subtract import SubtractionSettings, prepare_half_map, subtrac
 #: (module, function name, stage): what the breakdown times. Nested calls count in the outer stage only.
 STAGES = [
     (subtract, "extract_slices", "slice gather"),
+    (subtract, "extract_slices_of", "slice gather"),
+    (subtract.ParticleTransfer, "multiply", "transfer (CTF, shift)"),
     (subtract, "spectra_to_images", "FFT (inverse)"),
     (subtract, "image_spectra", "FFT (forward)"),
+    (subtract, "_extract_in_field_numpy", "field FFTs"),
     (subtract, "pad_images", "pad to field"),
     (subtract, "particle_ctfs", "CTF arrays"),
     (subtract, "premultiplied_ctfs", "CTF arrays"),
     (subtract, "shift_phases", "phase arrays"),
     (subtract, "fit_contrast", "contrast fit"),
+    (subtract, "fit_spectra", "contrast fit"),
     (subtract, "wiener_filter", "Wiener filter"),
     (subtract, "prepare_volume", "prepare_volume"),
 ]
 
 
 class StageClock:
-    """CPU seconds spent in each wrapped function, outermost call only (per thread)."""
+    """CPU seconds spent in each wrapped function, less what wrapped functions inside it took (per thread)."""
 
     def __init__(self):
         self.seconds = defaultdict(float)
@@ -65,15 +70,16 @@ class StageClock:
 
     def wrap(self, function, stage):
         def timed(*args, **kwargs):
-            if getattr(self.local, "inside", False):
-                return function(*args, **kwargs)
-            self.local.inside = True
+            stack = self.local.__dict__.setdefault("inner", [])
+            stack.append(0.0)
             started = time.process_time()
             try:
                 return function(*args, **kwargs)
             finally:
-                self.seconds[stage] += time.process_time() - started
-                self.local.inside = False
+                elapsed = time.process_time() - started
+                self.seconds[stage] += elapsed - stack.pop()
+                if stack:
+                    stack[-1] += elapsed
 
         return timed
 

@@ -9,7 +9,9 @@ row along x in the NumPy gather's order, so the values are the same to the
 bit on every case tested. Per output row: the in-band points' coordinates,
 their weights (loops over the points, which the compiler vectorises), then
 the sums, with each point's rows prefetched a few points ahead (they lie far
-apart in a volume much larger than the caches). Nothing per tap is stored, so
+apart in a volume much larger than the caches). Several volumes of one grid
+(a half map whole and masked) are sliced in one pass, sharing the points'
+coordinates and weights (``extract_slices_of_numba``). Nothing per tap is stored, so
 a batch needs no working memory beyond its output, and the loop runs without
 the GIL (``nogil``): threads of one process slice their own batches at once.
 
@@ -116,15 +118,16 @@ def _row_weights(coordinates, count, width, kind, beta, series, firsts, weights,
 
 
 @numba.njit(nogil=True, cache=True)
-def _gather(volume, rotations, kx, ky, out, box, grid, reach, step, width, kind, beta, series, cube):
-    """Fill ``out`` (n, size, size//2 + 1) with the kernel sums of ``volume`` at each slice point.
+def _gather(volumes, rotations, kx, ky, out, box, grid, reach, step, width, kind, beta, series, cube):
+    """Fill ``out`` (m, n, size, size//2 + 1) with the kernel sums of each of the m ``volumes`` at each slice point.
 
-    ``volume`` is the prepared transform (P, P, C) complex64 seen as float32
-    pairs, flattened. Each output row is done in three passes: its in-band
-    points' coordinates, their weights, then the taps.
+    ``volumes`` is a tuple of prepared transforms of one shape (P, P, C) complex64,
+    each seen as float32 pairs, flattened. Each output row is done in three
+    passes: its in-band points' coordinates, their weights (shared by every
+    volume), then the taps of each volume in turn.
     """
-    columns = (volume.shape[0] // (grid * grid)) // 2
-    size, half = out.shape[1], out.shape[2]
+    columns = (volumes[0].shape[0] // (grid * grid)) // 2
+    size, half = out.shape[2], out.shape[3]
     radius2 = np.float32((size / 2.0) ** 2)
     limit = np.float32(box / 2.0)
     coordinates = np.empty((3, half), dtype=np.float32)
@@ -135,7 +138,7 @@ def _gather(volume, rotations, kx, ky, out, box, grid, reach, step, width, kind,
     starts = np.empty(half, dtype=np.float32)
     quarter = np.zeros((3, width, half), dtype=np.float64)
     total = np.empty((3, width, half), dtype=np.float64)
-    for p in range(out.shape[0]):
+    for p in range(out.shape[1]):
         r = rotations[p]
         for iy in range(size):
             fy = ky[iy]
@@ -150,7 +153,8 @@ def _gather(volume, rotations, kx, ky, out, box, grid, reach, step, width, kind,
                 else:
                     inside = fx * fx + fy * fy <= radius2
                 if not inside:
-                    out[p, iy, ix] = 0
+                    for m in range(len(volumes)):
+                        out[m, p, iy, ix] = 0
                     continue
                 qx, qy, qz = qx * step, qy * step, qz * step
                 negative = qx < np.float32(0.0)
@@ -161,38 +165,40 @@ def _gather(volume, rotations, kx, ky, out, box, grid, reach, step, width, kind,
                 flipped[count] = negative
                 count += 1
             _row_weights(coordinates, count, width, kind, beta, series, firsts, weights, starts, quarter, total)
-            for c in range(min(PREFETCH_AHEAD, count)):
-                _prefetch_taps(volume, firsts, c, width, grid, columns, reach)
-            for c in range(count):
-                if c + PREFETCH_AHEAD < count:  # the taps' rows are far apart: ask for them early
-                    _prefetch_taps(volume, firsts, c + PREFETCH_AHEAD, width, grid, columns, reach)
-                wx, wy, wz = weights[0, :, c], weights[1, :, c], weights[2, :, c]
-                x0 = min(max(firsts[0, c] + reach, 0), columns - width)
-                real = np.float32(0.0)
-                imag = np.float32(0.0)
-                for a in range(width):
-                    plane = _wrap(firsts[2, c] + a, grid) * grid
-                    for b in range(width):
-                        start = 2 * ((plane + _wrap(firsts[1, c] + b, grid)) * columns + x0)
-                        # the row's taps along x, contiguous (real, imag) pairs, summed in order
-                        if width == 4:  # the default kernel, unrolled
-                            row_real = (volume[start] * wx[0] + volume[start + 2] * wx[1]
-                                        + volume[start + 4] * wx[2] + volume[start + 6] * wx[3])
-                            row_imag = (volume[start + 1] * wx[0] + volume[start + 3] * wx[1]
-                                        + volume[start + 5] * wx[2] + volume[start + 7] * wx[3])
-                        elif width == 2:  # trilinear
-                            row_real = volume[start] * wx[0] + volume[start + 2] * wx[1]
-                            row_imag = volume[start + 1] * wx[0] + volume[start + 3] * wx[1]
-                        else:
-                            row_real = np.float32(0.0)
-                            row_imag = np.float32(0.0)
-                            for j in range(width):
-                                row_real += volume[start + 2 * j] * wx[j]
-                                row_imag += volume[start + 2 * j + 1] * wx[j]
-                        weight = wz[a] * wy[b]
-                        real += row_real * weight
-                        imag += row_imag * weight
-                out[p, iy, points[c]] = complex(real, -imag if flipped[c] else imag)
+            for m in range(len(volumes)):
+                volume = volumes[m]
+                for c in range(min(PREFETCH_AHEAD, count)):
+                    _prefetch_taps(volume, firsts, c, width, grid, columns, reach)
+                for c in range(count):
+                    if c + PREFETCH_AHEAD < count:  # the taps' rows are far apart: ask for them early
+                        _prefetch_taps(volume, firsts, c + PREFETCH_AHEAD, width, grid, columns, reach)
+                    wx, wy, wz = weights[0, :, c], weights[1, :, c], weights[2, :, c]
+                    x0 = min(max(firsts[0, c] + reach, 0), columns - width)
+                    real = np.float32(0.0)
+                    imag = np.float32(0.0)
+                    for a in range(width):
+                        plane = _wrap(firsts[2, c] + a, grid) * grid
+                        for b in range(width):
+                            start = 2 * ((plane + _wrap(firsts[1, c] + b, grid)) * columns + x0)
+                            # the row's taps along x, contiguous (real, imag) pairs, summed in order
+                            if width == 4:  # the default kernel, unrolled
+                                row_real = (volume[start] * wx[0] + volume[start + 2] * wx[1]
+                                            + volume[start + 4] * wx[2] + volume[start + 6] * wx[3])
+                                row_imag = (volume[start + 1] * wx[0] + volume[start + 3] * wx[1]
+                                            + volume[start + 5] * wx[2] + volume[start + 7] * wx[3])
+                            elif width == 2:  # trilinear
+                                row_real = volume[start] * wx[0] + volume[start + 2] * wx[1]
+                                row_imag = volume[start + 1] * wx[0] + volume[start + 3] * wx[1]
+                            else:
+                                row_real = np.float32(0.0)
+                                row_imag = np.float32(0.0)
+                                for j in range(width):
+                                    row_real += volume[start + 2 * j] * wx[j]
+                                    row_imag += volume[start + 2 * j + 1] * wx[j]
+                            weight = wz[a] * wy[b]
+                            real += row_real * weight
+                            imag += row_imag * weight
+                    out[m, p, iy, points[c]] = complex(real, -imag if flipped[c] else imag)
 
 
 def _series(kernel) -> np.ndarray:
@@ -209,15 +215,28 @@ def extract_slices_numba(prepared, rotations, corners: str, size: int):
     The first call in a process compiles the kernel (a few seconds, cached on
     disk by numba afterwards).
     """
-    box, kernel = prepared.box, prepared.kernel
-    transform = np.ascontiguousarray(prepared.transform, dtype=np.complex64)
+    return extract_slices_of_numba((prepared,), rotations, corners, size)[0]
+
+
+def extract_slices_of_numba(volumes, rotations, corners: str, size: int):
+    """The slices of several prepared volumes of one grid and kernel, in one pass: complex64
+    (len(volumes), n, size, size//2 + 1).
+
+    Each point's coordinates and kernel weights are computed once for all the
+    volumes. Raises ValueError for volumes of different boxes, kernels or grids.
+    """
+    first = volumes[0]
+    box, kernel = first.box, first.kernel
+    if any(v.box != box or v.kernel != kernel or v.transform.shape != first.transform.shape for v in volumes):
+        raise ValueError("volumes sliced together must share their box, kernel and grid")
+    flat = tuple(np.ascontiguousarray(v.transform, dtype=np.complex64).view(np.float32).reshape(-1) for v in volumes)
     # the same float32 arithmetic as projector.slice_coordinates
     rot = np.ascontiguousarray(np.asarray(rotations, dtype=np.float32).reshape(-1, 3, 3) * np.float32(box / float(size)))
     kx, ky = frequency_grid(np, size)
-    out = np.empty((rot.shape[0], size, size // 2 + 1), dtype=np.complex64)
+    out = np.empty((len(volumes), rot.shape[0], size, size // 2 + 1), dtype=np.complex64)
     if out.size == 0:
         return out
-    _gather(transform.view(np.float32).reshape(-1), rot, np.ascontiguousarray(kx[0]), np.ascontiguousarray(ky[:, 0]), out, box,
-           prepared.grid_size, kernel.reach, np.float32(prepared.grid_size / float(box)), kernel.width,
-           0 if kernel.kind == "trilinear" else 1, float(kernel.beta), _series(kernel), corners == "map")
+    _gather(flat, rot, np.ascontiguousarray(kx[0]), np.ascontiguousarray(ky[:, 0]), out, box,
+            first.grid_size, kernel.reach, np.float32(first.grid_size / float(box)), kernel.width,
+            0 if kernel.kind == "trilinear" else 1, float(kernel.beta), _series(kernel), corners == "map")
     return out

@@ -7,13 +7,17 @@ oversampling)``. Both half sets are resident, so four volumes.
 
 Batch: the peak of ``subtract_batch`` per particle, measured with tracemalloc
 on NumPy (tests/test_subtract.py checks it within 25 %): the larger of the
-slice's working arrays (8 bytes per element of the rfft2 half plane it is
-sampled on, the slice itself; 52·width more where numba is missing and the
-NumPy gather keeps coordinates, taps and weights per axis) and the extraction
-field's (80 bytes per element of its half plane E·(E//2 + 1):
-the CTF is computed there in float64, ``ctf.ctf_2d``, beside the shift phases
-and the spectra), plus 24 bytes per element of the box's half plane (images,
-models, contrast fit). The GPU's slice kernel keeps no per-tap arrays either.
+slices' working arrays (44 bytes per element of the rfft2 half plane they are
+sampled on: both maps' slices, sampled in one pass and multiplied by the
+transfer in place, and their inverse transforms; 52·width more where numba is
+missing and the NumPy gather keeps coordinates, taps and weights per axis) and
+the extraction field's (24 bytes per element of its half plane E·(E//2 + 1):
+both maps' field spectra, multiplied by the compiled transfer in place, and
+their pruned transforms; 96 where numba is missing and the transfer is NumPy
+arrays, its CTF in float64, ``optics.particle_transfer``), plus 24 bytes per
+element of the box's half plane (images, models, contrast fit). The GPU's
+slice kernel keeps no per-tap arrays either. Measured at box 48 and 96 (NumPy
+2.4, SciPy 1.17): within 12 % with numba, above the measured peak without it.
 """
 
 from __future__ import annotations
@@ -23,10 +27,12 @@ from importlib.util import find_spec
 from .gridding import grid_size
 from .projector import prepared_shape, projector_kernel
 
-#: Bytes per element of an rfft2 half plane (measured): the slice's (plus per kernel width), the field's, the box's.
-SLICE_BYTES_PER_ELEMENT = 8
+#: Bytes per element of an rfft2 half plane (measured): the slices' (plus per kernel width without numba),
+#: the field's (with the compiled transfer, and with NumPy's arrays), the box's.
+SLICE_BYTES_PER_ELEMENT = 44
 SLICE_BYTES_PER_ELEMENT_AND_WIDTH = 52
-FIELD_BYTES_PER_ELEMENT = 80
+FIELD_BYTES_PER_ELEMENT = 24
+FIELD_BYTES_PER_ELEMENT_NUMPY_TRANSFER = 96
 BOX_BYTES_PER_ELEMENT = 24
 #: Host memory of the compiled slice gather in a CPU worker: numba, LLVM and the kernel. Peak resident
 #: size of a process before and after its first slice (NumPy 2.4, numba 0.68): 64 -> 189 MiB with the
@@ -89,7 +95,8 @@ def batch_bytes_per_particle(box: int, settings, delocalisation_pixels: float = 
     kernel, _ = projector_kernel(settings.projector, settings.padding)
     field = settings.field_size(box, delocalisation_pixels)
     sliced = field if settings.field_slice and settings.projector != "relion" else box
-    per_tap = 0 if compiled_gather_installed() else SLICE_BYTES_PER_ELEMENT_AND_WIDTH * kernel.width
+    compiled = compiled_gather_installed()  # numba compiles the slice gather and the transfer alike
+    per_tap = 0 if compiled else SLICE_BYTES_PER_ELEMENT_AND_WIDTH * kernel.width
     slice_bytes = (SLICE_BYTES_PER_ELEMENT + per_tap) * half_plane(sliced)
-    field_bytes = FIELD_BYTES_PER_ELEMENT * half_plane(field)
+    field_bytes = (FIELD_BYTES_PER_ELEMENT if compiled else FIELD_BYTES_PER_ELEMENT_NUMPY_TRANSFER) * half_plane(field)
     return max(slice_bytes, field_bytes) + BOX_BYTES_PER_ELEMENT * half_plane(box)

@@ -196,6 +196,24 @@ def extract_slices(xp, prepared: PreparedVolume, rotations, corners: str = "zero
     return _extract_slices_numpy(xp, prepared, rotations, corners, size)
 
 
+def extract_slices_of(xp, volumes, rotations, corners: str = "zero", size: int | None = None):
+    """``extract_slices`` of several prepared volumes of one box and kernel: complex64
+    (len(volumes), n, size, size//2 + 1).
+
+    On NumPy with numba one compiled pass serves all the volumes
+    (``_slice_cpu.extract_slices_of_numba``: each point's coordinates and weights
+    are computed once); otherwise one ``extract_slices`` per volume.
+    """
+    if corners not in CORNERS:
+        raise ValueError(f"corners must be one of {CORNERS}, not {corners!r}")
+    size = volumes[0].box if size is None else int(size)
+    if xp.__name__ == "numpy" and compiled_cpu_gather() is not None:
+        from ._slice_cpu import extract_slices_of_numba
+
+        return extract_slices_of_numba(tuple(volumes), rotations, corners, size)
+    return xp.stack([extract_slices(xp, volume, rotations, corners, size) for volume in volumes])
+
+
 @lru_cache(maxsize=1)
 def compiled_cpu_gather():
     """``_slice_cpu.extract_slices_numba`` where numba imports, else None (then the NumPy gather serves).

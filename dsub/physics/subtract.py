@@ -18,21 +18,23 @@ when premultiplied) on the box grid.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
-from .contrast import SCALE_MODES, ContrastFit, ContrastResult, fit_contrast
+from ._transfer_cuda import plain_optics
+from .contrast import SCALE_MODES, ContrastFit, ContrastResult, fit_contrast, fit_spectra
 from .ctf import electron_wavelength_angstrom
 from .fsc import wiener_filter
+from .backend import fft_module
 from .optics import particle_transfer, slice_matrices
 from .gridding import grid_size
 from .projector import (
     CORNERS,
     PROJECTORS,
     PreparedVolume,
-    extract_slices,
+    extract_slices_of,
     image_spectra,
-    pad_images,
     prepare_volume,
     projector_kernel,
     shift_phases,
@@ -191,6 +193,19 @@ class ParticleTransfer:
         """The whole transfer, complex64 (n, size, size//2 + 1)."""
         return self.ctf(xp) * shift_phases(xp, self.size, self.particles.origins_pixels)
 
+    def multiply(self, xp, spectra):
+        """``spectra`` (m, n, size, size//2 + 1) complex64 times the transfer, the same for each of the m.
+
+        On NumPy with plain optics (``_transfer_cuda.plain_optics``) the compiled
+        kernel evaluates it where it multiplies, in place
+        (``_transfer_cpu.multiply_by_transfer``); otherwise ``spectra * values``.
+        """
+        compiled = compiled_cpu_transfer() if xp.__name__ == "numpy" else None
+        if (compiled is not None and spectra.dtype == np.complex64 and spectra.flags.c_contiguous
+                and plain_optics(self.particles)):
+            return compiled(spectra, self.particles, self.squared)
+        return spectra * self.values(xp)
+
     def for_kernels(self, cupy):
         """(parameters, CTF array or None) for the GPU's kernels: the CTF is evaluated in them unless there are optics."""
         from ._transfer_cuda import plain_optics, transfer_parameters
@@ -198,6 +213,27 @@ class ParticleTransfer:
         if plain_optics(self.particles):
             return cupy.asarray(transfer_parameters(self.particles, self.squared)), None
         return cupy.asarray(transfer_parameters(self.particles)), self.ctf(cupy)
+
+
+@lru_cache(maxsize=1)
+def compiled_cpu_transfer():
+    """``_transfer_cpu.multiply_by_transfer`` where numba imports, else None (then NumPy arrays serve)."""
+    try:
+        from ._transfer_cpu import multiply_by_transfer
+    except (ImportError, RuntimeError):  # as projector.compiled_cpu_gather
+        return None
+    return multiply_by_transfer
+
+
+def project_spectra(xp, volumes, matrices, corners: str, size: int, transfer: ParticleTransfer | None = None):
+    """Each prepared volume's slices on an rfft2 grid of ``size``, times ``transfer`` (None: nothing):
+    complex64 (len(volumes), n, size, size//2 + 1), centred on pixel size//2 once transformed back.
+
+    All volumes are sliced in one pass (``projector.extract_slices_of``) and share one evaluation
+    of the transfer.
+    """
+    spectra = extract_slices_of(xp, volumes, matrices, corners, size)
+    return spectra if transfer is None else transfer.multiply(xp, spectra)
 
 
 def project_images(xp, volumes, matrices, corners: str, box: int, size: int | None = None,
@@ -217,12 +253,7 @@ def project_images(xp, volumes, matrices, corners: str, box: int, size: int | No
 
         table, given = transfer.for_kernels(xp) if transfer is not None else (None, None)
         return project_on_gpu(volumes, matrices, corners, box, size, table, given)
-    values = transfer.values(xp) if transfer is not None else None
-    images = xp.empty((len(volumes), len(matrices), box, box), dtype="float32")
-    for index, volume in enumerate(volumes):  # one map at a time: the working arrays of one
-        spectra = extract_slices(xp, volume, matrices, corners, size)
-        images[index] = spectra_to_images(xp, spectra if values is None else spectra * values, box)
-    return images
+    return spectra_to_images(xp, project_spectra(xp, volumes, matrices, corners, size, transfer), box)
 
 
 def extract_in_field(xp, images, size: int, transfer: ParticleTransfer):
@@ -231,17 +262,30 @@ def extract_in_field(xp, images, size: int, transfer: ParticleTransfer):
 
     On CuPy with an even ``size``: ``_model_cuda.extract_in_field`` (the result may be a view).
     """
-    box = images.shape[-1]
     if xp.__name__ == "cupy" and size % 2 == 0:
         from ._model_cuda import extract_in_field as extract_on_gpu
 
         return extract_on_gpu(images, size, *transfer.for_kernels(xp))
-    values = transfer.values(xp)
-    out = xp.empty(images.shape, dtype="float32")
-    for index in range(images.shape[0]):
-        field = image_spectra(xp, pad_images(xp, images[index], size))
-        out[index] = spectra_to_images(xp, field * values, box)
-    return out
+    return _extract_in_field_numpy(xp, images, size, transfer)
+
+
+def _extract_in_field_numpy(xp, images, size: int, transfer: ParticleTransfer):
+    """``extract_in_field`` on NumPy, with the transforms pruned to where the field is not zero.
+
+    The box lies in the field's first ``box`` rows and columns instead of its
+    middle: that moves the field by ``box//2`` pixels, which multiplies its
+    spectrum by ``exp(-2πi k·(box//2)/size)``, and reading the box back from the
+    same corner undoes it exactly (``exp(+2πi k·(box//2)/size)``), so neither
+    phase is applied. Forward: the box's rows along x (zero-padded to ``size``),
+    then every column along y; inverse: every column along y, then only the box's
+    rows along x. Three quarters of the row transforms of a 2-box field are skipped.
+    """
+    box = images.shape[-1]
+    fft = fft_module(xp)
+    spectra = fft.fft(fft.rfft(images, n=size, axis=-1), n=size, axis=-2, overwrite_x=True)
+    spectra = transfer.multiply(xp, xp.ascontiguousarray(spectra))
+    rows = fft.ifft(spectra, axis=-2, overwrite_x=True)[..., :box, :]
+    return fft.irfft(rows, n=size, axis=-1)[..., :box].astype("float32")
 
 
 def subtract_scaled(xp, images, alpha, models):
@@ -268,8 +312,7 @@ def model_images(xp, model: HalfMapModel, particles, box: int, settings: Subtrac
     matrices = slice_matrices(particles, model.pixel_size_angstrom, model.full.box)
     premultiplied = np.asarray(particles.ctf_premultiplied, dtype=bool).reshape(-1)
     if settings.projector == "relion":
-        squared = premultiplied if premultiplied.any() else None
-        images = project_images(xp, volumes, matrices, "zero", box, transfer=ParticleTransfer(particles, box, squared))
+        images = project_images(xp, volumes, matrices, "zero", box, transfer=_relion_transfer(particles, box))
         return images[0], images[1]
     size = settings.field_size(box, ctf_delocalisation_pixels(particles))
     transfer = ParticleTransfer(particles, size)
@@ -283,6 +326,21 @@ def model_images(xp, model: HalfMapModel, particles, box: int, settings: Subtrac
     return images[0], images[1]
 
 
+def _relion_transfer(particles, box: int) -> ParticleTransfer:
+    """RELION's transfer on the box grid: the CTF squared for CTF-premultiplied images."""
+    premultiplied = np.asarray(particles.ctf_premultiplied, dtype=bool).reshape(-1)
+    return ParticleTransfer(particles, box, premultiplied if premultiplied.any() else None)
+
+
+def relion_model_spectra(xp, model: HalfMapModel, particles, box: int):
+    """RELION's model of the full and the masked map as spectra: complex64 (2, n, box, box//2 + 1).
+
+    ``model_images`` with ``projector="relion"`` is ``spectra_to_images`` of these.
+    """
+    matrices = slice_matrices(particles, model.pixel_size_angstrom, model.full.box)
+    return project_spectra(xp, (model.full, model.masked), matrices, "zero", box, _relion_transfer(particles, box))
+
+
 def subtract_batch(xp, images, particles, model: HalfMapModel, settings: SubtractionSettings):
     """Subtract the masked projection from each image; returns (subtracted, ``ContrastResult``).
 
@@ -294,8 +352,16 @@ def subtract_batch(xp, images, particles, model: HalfMapModel, settings: Subtrac
     box = images.shape[-1]
     if model.full.box != box:
         raise ValueError(f"map box {model.full.box} differs from particle box {box}")
-    full, masked = model_images(xp, model, particles, box, settings)
-    fitted = fit_contrast(xp, images, full, particles.pixel_size_angstrom, settings.fit)
+    if settings.projector == "relion" and settings.fit.window_inner is None and xp.__name__ == "numpy":
+        # RELION's model lives on the box grid: fit against the full map's spectrum itself (what the
+        # real-space fit transforms back to), so only the masked model is transformed
+        spectra = relion_model_spectra(xp, model, particles, box)
+        masked = spectra_to_images(xp, spectra[1], box)
+        fitted = fit_spectra(xp, image_spectra(xp, images), spectra[0], box, particles.pixel_size_angstrom,
+                             settings.fit)
+    else:
+        full, masked = model_images(xp, model, particles, box, settings)
+        fitted = fit_contrast(xp, images, full, particles.pixel_size_angstrom, settings.fit)
     if settings.scale == "fit":
         alpha = fitted.alpha
     elif settings.scale == "input":
