@@ -1,7 +1,7 @@
 """Where a whole run's wall time goes: a timeline of the coordinator's steps and of every task's stages.
 
     python benchmarks/run_timeline.py [--particles 20000] [--box 256] [--device gpu] [--folder DIR]
-                                      [--cold] [--extra "--float16"]
+                                      [--cold] [--extra relion,float16] [--threads 16 4] [--switch-interval 0 0.0005]
 
 Runs ``dsub.workflow.pipeline.subtract`` in this process on the threaded
 scheduler (the tasks' code is the same on a cluster's workers), with the
@@ -13,7 +13,10 @@ itself, the re-boxing, the stacks' write, the statistics and the store's
 bookkeeping. Prints each step's wall time, and per task stage its summed time
 and its share of the phase's thread time, so the limit of the subtract phase
 shows (the GPU turn, the reads, or the host work around them). ``--cold``
-empties the page cache of the data set first (as ``bench.py`` does).
+empties the page cache of the data set first (as ``bench.py`` does). Several
+``--threads`` and ``--switch-interval`` values run one after the other on the
+same data set (the interpreter's switch interval decides how long a thread that
+wants the GIL waits for it; the GPU's thread competes with the task threads).
 """
 
 from __future__ import annotations
@@ -124,22 +127,60 @@ def instrument() -> None:
     tasks.gpu_turn = turn
 
 
+def one_run(paths: dict, folder: Path, args, threads: int | None, interval: float | None) -> None:
+    """One measured run with ``threads`` task threads and the interpreter's switch interval ``interval``."""
+    steps.clear()
+    stages.clear()
+    extra = set(filter(None, args.extra.split(",")))
+    settings = SubtractionSettings(projector="relion", padding=2) if "relion" in extra else SubtractionSettings()
+    if args.cold:
+        evict([folder])
+    default_interval = sys.getswitchinterval()
+    if interval:
+        sys.setswitchinterval(interval)
+    wall = time.perf_counter()
+    try:
+        summary = pipeline.subtract(
+            paths["star"], paths["half_a"], paths["half_b"], paths["mask"], settings,
+            pipeline.RunOptions(outdir=folder / "out", device=args.device, float16="float16" in extra, overwrite=True,
+                                cluster=ClusterSpec(workers=threads, progress=False)))
+    finally:
+        sys.setswitchinterval(default_interval)
+    wall = time.perf_counter() - wall
+    print(f"\n== {summary.get('workers')} threads, switch interval {interval or default_interval:g} s: "
+          f"{wall:.2f} s wall, {args.particles / wall:.0f} particles/s; phases {summary['phase_seconds']}")
+    first = min(start for _, start, _ in steps)
+    print(f"{'coordinator step':42s} {'from s':>7s} {'to s':>7s} {'seconds':>8s}")
+    for label, start, stop in sorted(steps, key=lambda step: step[1]):
+        print(f"{label:42s} {start - first:7.2f} {stop - first:7.2f} {stop - start:8.3f}")
+    phase = next((stop - start for label, start, stop in steps if label == "phase: subtract"), None)
+    workers = summary.get("workers") or 1
+    print(f"{'task stage':42s} {'calls':>6s} {'sum s':>8s} {'mean ms':>8s} {'share of thread time':>21s}")
+    for label, values in sorted(stages.items(), key=lambda item: -sum(item[1])):
+        share = sum(values) / (phase * workers) if phase else float("nan")
+        print(f"{label:42s} {len(values):6d} {sum(values):8.2f} {1e3 * sum(values) / len(values):8.1f} {share:21.1%}")
+    print(f"(subtract phase {phase:.2f} s on {workers} threads)")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--particles", type=int, default=20000)
     parser.add_argument("--box", type=int, default=256)
     parser.add_argument("--device", default="gpu")
-    parser.add_argument("--workers", type=int, default=None, help="threads (default: one per core)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[0], help="task threads per run (0: one per core)")
+    parser.add_argument("--switch-interval", type=float, nargs="+", default=[0.0],
+                        help="sys.setswitchinterval per run, seconds (0: Python's default)")
     parser.add_argument("--folder", type=Path, default=None)
     parser.add_argument("--cold", action="store_true")
-    parser.add_argument("--extra", default="", help="projector relion | float16 (comma separated)")
+    parser.add_argument("--extra", default="", help="relion | float16 (comma separated)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.folder) as folder:
         folder = Path(folder)
         made = time.perf_counter()
         paths = write_dataset(folder, args.particles, args.box)
-        print(f"data set: {args.particles} particles of {args.box} px in {time.perf_counter() - made:.1f} s")
-        if args.device == "gpu":  # kernels compiled and cached before the measured run
+        print(f"data set: {args.particles} particles of {args.box} px in {time.perf_counter() - made:.1f} s "
+              f"(imports before it: {made - started_process:.2f} s)")
+        if args.device == "gpu":  # kernels compiled and cached before the measured runs
             small = folder / "warm"
             small.mkdir()
             warm = write_dataset(small, 64, args.box)
@@ -147,29 +188,9 @@ def main():
                               pipeline.RunOptions(outdir=small / "out", device="gpu",
                                                   cluster=ClusterSpec(progress=False)))
         instrument()
-        extra = set(filter(None, args.extra.split(",")))
-        settings = SubtractionSettings(projector="relion", padding=2) if "relion" in extra else SubtractionSettings()
-        if args.cold:
-            evict([folder])
-        wall = time.perf_counter()
-        summary = pipeline.subtract(
-            paths["star"], paths["half_a"], paths["half_b"], paths["mask"], settings,
-            pipeline.RunOptions(outdir=folder / "out", device=args.device, float16="float16" in extra,
-                                cluster=ClusterSpec(workers=args.workers, progress=False)))
-        wall = time.perf_counter() - wall
-    print(f"\nrun: {wall:.2f} s wall, {args.particles / wall:.0f} particles/s (Python start to here: "
-          f"{made - started_process:.2f} s of imports); phases {summary['phase_seconds']}")
-    first = min(start for _, start, _ in steps)
-    print(f"\n{'coordinator step':42s} {'from s':>7s} {'to s':>7s} {'seconds':>8s}")
-    for label, start, stop in sorted(steps, key=lambda step: step[1]):
-        print(f"{label:42s} {start - first:7.2f} {stop - first:7.2f} {stop - start:8.3f}")
-    phase = next((stop - start for label, start, stop in steps if label == "phase: subtract"), None)
-    threads = summary.get("workers") or 1
-    print(f"\n{'task stage':42s} {'calls':>6s} {'sum s':>8s} {'mean ms':>8s} {'share of thread time':>21s}")
-    for label, values in sorted(stages.items(), key=lambda item: -sum(item[1])):
-        share = sum(values) / (phase * threads) if phase else float("nan")
-        print(f"{label:42s} {len(values):6d} {sum(values):8.2f} {1e3 * sum(values) / len(values):8.1f} {share:21.1%}")
-    print(f"(subtract phase {phase:.2f} s on {threads} threads)")
+        for threads in args.threads:
+            for interval in args.switch_interval:
+                one_run(paths, folder, args, threads or None, interval or None)
 
 
 if __name__ == "__main__":

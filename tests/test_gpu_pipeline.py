@@ -30,6 +30,20 @@ from dsub.simulate import perturbed, simulate_particles, soft_sphere_mask, to_pa
 from dsub.workflow import tasks  # noqa: E402
 
 
+def test_image_statistics_on_the_gpu_match_numpy():
+    import cupy
+
+    from dsub.workflow import export
+
+    rng = np.random.default_rng(1)
+    images = (rng.normal(size=(37, 64, 64)) * 3 + 0.5).astype(np.float32)
+    images[5] = 0.0
+    got = tasks.image_statistics_on_gpu(cupy.asarray(images)).get()
+    expected = export.image_statistics(images)
+    np.testing.assert_array_equal(got[:, :2], expected[:, :2])
+    np.testing.assert_allclose(got[:, 2:], expected[:, 2:], rtol=1e-10, atol=1e-9)
+
+
 def test_tasks_taking_turns_on_the_gpu_match_the_cpu():
     """Twelve threads subtracting at once through ``subtract_particles``: each gets its own particles back."""
     import cupy

@@ -62,6 +62,17 @@ def test_rows_beyond_the_table_are_refused(relion, tmp_path):
         metadata.load_particles(metadata.table_rows(folder, len(relion) - 1, len(relion) + 1))
 
 
+def test_a_table_written_anew_in_the_same_folder_is_read_anew(relion, p12, tmp_path):
+    folder = tmp_path / metadata.FOLDER
+    metadata.write_table(relion, folder)
+    first = metadata.load_particles(metadata.table_rows(folder, 0, 3))
+    np.testing.assert_array_equal(first.defocus_u_angstrom, relion.defocus_u_angstrom[:3])
+    metadata.write_table(p12, folder)  # the next run's table, in a process that read the first one
+    again = metadata.load_particles(metadata.table_rows(folder, 0, 3))
+    np.testing.assert_array_equal(again.defocus_u_angstrom, p12.defocus_u_angstrom[:3])
+    assert again.source_format == p12.source_format
+
+
 def test_a_table_passes_through_unread(relion):
     assert metadata.load_particles(relion) is relion
 

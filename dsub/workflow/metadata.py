@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,28 +90,45 @@ def table_rows(folder: str | os.PathLike, start: int, stop: int) -> ParticleRows
 def load_particles(particles) -> ParticleTable:
     """The ``ParticleTable`` a task works on: ``particles`` itself, or the rows a ``ParticleRows`` names.
 
-    Only the rows asked for are read (the files are memory-mapped). Raises
-    ``FileNotFoundError`` when the folder is gone and ``IndexError`` for rows
-    beyond the table.
+    Only the rows asked for are read (the files are memory-mapped, once per
+    process and table: ``_opened_table``). Raises ``FileNotFoundError`` when the
+    folder is gone and ``IndexError`` for rows beyond the table.
     """
     if isinstance(particles, ParticleTable):
         return particles
     folder = Path(particles.folder)
-    description = json.loads((folder / _DESCRIPTION).read_text())
+    description, stored, paths, codes = _opened_table(folder)
     start, stop = particles.start, particles.stop
     if not 0 <= start <= stop <= description["count"]:
         raise IndexError(f"rows {start}:{stop} are outside the table of {description['count']} particles in {folder}")
-    values = {}
-    for name in description["arrays"]:
-        stored = np.load(folder / f"{name}.npy", mmap_mode="r")
-        if name in description["same_for_all"]:
-            values[name] = np.repeat(np.asarray(stored), stop - start, axis=0)
-        else:
-            values[name] = np.array(stored[start:stop])
-    paths = np.array(json.loads((folder / _PATHS).read_text()), dtype=object)
-    codes = np.load(folder / _PATH_CODES, mmap_mode="r")[start:stop]
+    values = {name: np.repeat(np.asarray(array), stop - start, axis=0) if name in description["same_for_all"]
+              else np.array(array[start:stop]) for name, array in stored.items()}
     source_path = description["source_path"]
     return ParticleTable(
-        image_paths=paths[codes], source_format=description["source_format"],
+        image_paths=paths[codes[start:stop]], source_format=description["source_format"],
         source_path=None if source_path is None else Path(source_path), **values,
     )
+
+
+_opened: dict = {}
+_opened_lock = threading.Lock()
+
+
+def _opened_table(folder: Path):
+    """(description, {name: memory-mapped array}, distinct paths, path codes) of the table in ``folder``.
+
+    Kept for the last table this process read: parsing twenty ``.npy`` headers
+    for every task cost more than reading its rows. The key holds the
+    description file's inode and modification time, so a table written anew
+    at the same place (the next run in a long-lived worker) is opened afresh.
+    """
+    stat = os.stat(folder / _DESCRIPTION)
+    key = (str(folder), stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    with _opened_lock:
+        if key not in _opened:
+            description = json.loads((folder / _DESCRIPTION).read_text())
+            stored = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in description["arrays"]}
+            paths = np.array(json.loads((folder / _PATHS).read_text()), dtype=object)
+            _opened.clear()
+            _opened[key] = (description, stored, paths, np.load(folder / _PATH_CODES, mmap_mode="r"))
+        return _opened[key]

@@ -28,6 +28,7 @@ is needed.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -91,17 +92,40 @@ def write_chunk(path: Path, chunk_index: int, start: int, images: np.ndarray, co
     ``contrast`` is a ``ContrastResult`` of (n,) NumPy arrays; ``statistics``
     the (n, 4) ``image_statistics`` of the images as written.
     """
-    group = open_store(path, mode="r+")
+    arrays = _chunk_arrays(Path(path))
     stop = start + images.shape[0]
-    if "images" in group:
-        group["images"][start:stop] = images
+    if "images" in arrays:
+        arrays["images"][start:stop] = images
     if statistics is not None:
-        group[STATISTICS][start:stop] = statistics
+        arrays[STATISTICS][start:stop] = statistics
     for name, field in PER_PARTICLE.items():
-        group[name][start:stop] = getattr(contrast, field)
+        arrays[name][start:stop] = getattr(contrast, field)
     if skipped is not None and skipped.any():
-        group["skipped"][start:stop] = skipped.astype(np.uint8)
-    group["chunk_done"][chunk_index] = 1
+        arrays["skipped"][start:stop] = skipped.astype(np.uint8)
+    arrays["chunk_done"][chunk_index] = 1
+
+
+_opened: dict = {}
+_opened_lock = threading.Lock()
+
+
+def _chunk_arrays(path: Path) -> dict:
+    """{name: zarr.Array} a task writes into, opened once per process and store.
+
+    Opening the group and its arrays read and parsed six metadata files for
+    every chunk, half of its bookkeeping. The key holds the group's metadata
+    file's inode and modification time: a store made anew at the same place, or
+    whose images were deleted, is opened afresh.
+    """
+    stat = os.stat(path / "zarr.json")
+    key = (str(path), stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    with _opened_lock:
+        if key not in _opened:
+            group = open_store(path, mode="r+")
+            _opened.clear()
+            _opened[key] = {name: group[name] for name in ("images", STATISTICS, *PER_PARTICLE, "skipped",
+                                                           "chunk_done") if name in group}
+        return _opened[key]
 
 
 def image_dtype(path: Path) -> np.dtype:

@@ -172,15 +172,19 @@ def batch_size(box: int, settings: SubtractionSettings, device: str, chunk_size:
     return resources.batch_within(BATCH_SHARE_OF_FREE * free, box, settings, device, threads, chunk_size)
 
 
-def subtract_particles(images: np.ndarray, particles, models: dict, settings, device: str):
+def subtract_particles(images: np.ndarray, particles, models: dict, settings, device: str,
+                       statistics: bool = False):
     """Subtract every particle with its own half set's model.
 
     Returns (subtracted (n, box, box), ``ContrastResult`` of (n,) arrays), all NumPy float32.
     On a GPU the whole call is one turn (``gpu_turn``); the subtracted images
     come back in this thread's page-locked buffer, valid until its next call.
+    With ``statistics`` a third item follows: on a GPU the subtracted images'
+    ``export.image_statistics`` (n, 4) float64, computed there in the same turn;
+    on the CPU None (the caller computes them from what it writes).
     """
     if device != "cpu":
-        return _subtract_on_gpu(images, particles, models, settings, device)
+        return _subtract_on_gpu(images, particles, models, settings, statistics)
     count = images.shape[0]
     subtracted = np.empty(images.shape, dtype=np.float32)
     contrast = ContrastResult(*(np.empty(count, dtype=np.float32) for _ in range(3)))
@@ -193,10 +197,10 @@ def subtract_particles(images: np.ndarray, particles, models: dict, settings, de
             subtracted[batch] = result
             for name in ("alpha", "sigma", "correlation"):
                 getattr(contrast, name)[batch] = getattr(fitted, name)
-    return subtracted, contrast
+    return (subtracted, contrast, None) if statistics else (subtracted, contrast)
 
 
-def _subtract_on_gpu(images: np.ndarray, particles, models: dict, settings, device: str):
+def _subtract_on_gpu(images: np.ndarray, particles, models: dict, settings, statistics: bool):
     """``subtract_particles`` on this process's GPU: staged through pinned memory on a stream of its own.
 
     The images are copied to this thread's page-locked buffer before the turn;
@@ -211,6 +215,7 @@ def _subtract_on_gpu(images: np.ndarray, particles, models: dict, settings, devi
     np.copyto(staged, images)
     returned = pinned_buffer("out", images.shape)
     figures = pinned_buffer("figures", (3, count))
+    sums = pinned_buffer("statistics", (count, 4), np.float64) if statistics else None
 
     def turn():
         stream = _gpu_stream()
@@ -235,11 +240,40 @@ def _subtract_on_gpu(images: np.ndarray, particles, models: dict, settings, devi
                         fitted_all[row, where] = getattr(fitted, name)[: batch.size]
             out.get(stream=stream, out=returned)
             fitted_all.get(stream=stream, out=figures)
+            if sums is not None:
+                image_statistics_on_gpu(out).get(stream=stream, out=sums)
             stream.synchronize()
             del on_gpu, out, fitted_all
 
     gpu_turn(turn)
-    return returned, ContrastResult(*(figures[row].copy() for row in range(3)))
+    contrast = ContrastResult(*(figures[row].copy() for row in range(3)))
+    return (returned, contrast, sums.copy()) if statistics else (returned, contrast)
+
+
+def image_statistics_on_gpu(images):
+    """``export.image_statistics`` of CuPy images (n, box, box) float32: (n, 4) float64 on the GPU."""
+    import cupy
+
+    flat = images.reshape(images.shape[0], -1)
+    out = cupy.empty((images.shape[0], 4), dtype=cupy.float64)
+    out[:, 0] = flat.min(axis=1)
+    out[:, 1] = flat.max(axis=1)
+    out[:, 2] = flat.sum(axis=1, dtype=cupy.float64)
+    out[:, 3] = _sum_of_squares(flat, axis=1)
+    return out
+
+
+def _sum_of_squares(values, axis: int):
+    import cupy
+
+    global _SUM_OF_SQUARES
+    if _SUM_OF_SQUARES is None:
+        _SUM_OF_SQUARES = cupy.ReductionKernel("float32 x", "float64 y", "(double)x * (double)x", "a + b", "y = a",
+                                               "0", "dsub_sum_of_squares")
+    return _SUM_OF_SQUARES(values, axis=axis)
+
+
+_SUM_OF_SQUARES = None
 
 
 _streams: dict = {}
@@ -308,19 +342,25 @@ def run_chunk(chunk_index: int, start: int, particles, maps: MapFiles, settings,
     images = read_images(particles.image_paths, particles.image_indices)
     bad = bad_images(images, particles, skip_bad)
     images[bad] = 0.0
-    subtracted, contrast = subtract_particles(images, particles, models, settings, device)
+    dtype = store.image_dtype(Path(store_path))
+    # On a GPU the statistics of what is written come from it, unless re-boxing or float16 changes the images.
+    from_gpu = reboxing is None and dtype == np.float32
+    subtracted, contrast, *rest = subtract_particles(images, particles, models, settings, device, statistics=from_gpu)
+    statistics = rest[0] if rest else None
     if reboxing is not None:
         subtracted = rebox_images(np, subtracted, particles, reboxing)
     subtracted[bad] = 0.0
-    dtype = store.image_dtype(Path(store_path))
     if dtype == np.float16:
         check_float16_range(subtracted, particles)
     written = subtracted.astype(dtype, copy=False)
     for values in (contrast.alpha, contrast.sigma, contrast.correlation):
         values[bad] = np.nan
+    if statistics is None:
+        statistics = export.image_statistics(written)
+    else:
+        statistics[bad] = 0.0  # written as zeros
     export.write_pieces(written, stacks)
-    store.write_chunk(Path(store_path), chunk_index, start, written, contrast, bad,
-                      export.image_statistics(written))
+    store.write_chunk(Path(store_path), chunk_index, start, written, contrast, bad, statistics)
     return device_label(device)
 
 
