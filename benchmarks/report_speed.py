@@ -9,9 +9,16 @@ result stacks = 0.9 × input for every row, the star and .cs files written by
 dsub's own export, and a store holding the per-particle contrast and fit arrays
 but no images. Then, each in a fresh process (its peak memory printed):
 
+* ``run``: as ``dsub subtract`` draws it: ``start_preparation`` (in the run, a
+  background thread while the chunks run: the report columns written into the
+  store, the sample's input images, matplotlib imported), then
+  ``write_report(OUTDIR, preparation)``, what is left after the run;
 * ``report``: ``write_report(OUTDIR)`` as ``dsub report OUTDIR`` runs it, twice
-  (the first includes importing matplotlib), with the time of reading what the
-  report shows (``gather``) and of each figure in the second.
+  (the first includes importing matplotlib);
+* ``star``: the same on a store without report columns (a run of an earlier
+  version): the exported star is parsed.
+
+Each also gives the time of reading what the report shows (``gather``) and of each figure.
 
 CPU time is printed beside wall time, as wall time on a busy machine says little.
 """
@@ -98,27 +105,61 @@ def timed(step):
     return value, time.perf_counter() - started, time.process_time() - cpu
 
 
-def child_report(outdir: Path) -> dict:
-    """``write_report`` twice, then its parts: what ``dsub report OUTDIR`` does."""
-    from dsub.report import write_report
-
-    figures_out = {}
-    _, first, first_cpu = timed(lambda: write_report(outdir))
+def parts(outdir: Path, prepared=None) -> dict:
+    """The time of reading what the report shows (``gather``) and of each figure, after one full report."""
     from dsub.report import figures
     from dsub.report.gather import gather
 
-    _, second, second_cpu = timed(lambda: write_report(outdir))
-    data, gathered, gathered_cpu = timed(lambda: gather(outdir))
+    data, wall, cpu = timed(lambda: gather(outdir, prepared))
+    out = {"gather": (wall, cpu)}
     with tempfile.TemporaryDirectory() as folder:
         for draw in figures.FIGURES:
             _, wall, cpu = timed(lambda: draw(data, Path(folder)))
-            figures_out[draw.__name__] = (round(wall, 3), round(cpu, 3))
-    return {"first": (first, first_cpu), "second": (second, second_cpu), "gather": (gathered, gathered_cpu),
-            "figures": figures_out}
+            out[draw.__name__] = (wall, cpu)
+    return out
 
 
-def run_child(mode: str, outdir: Path) -> dict:
-    result = subprocess.run([sys.executable, __file__, "--child", mode, str(outdir)], capture_output=True, text=True)
+def child_run(outdir: Path, star: Path) -> dict:
+    """As ``dsub subtract`` draws it: prepared (while the chunks run), then drawn after the run."""
+    from dsub.formats import read_particles
+    from dsub.report import start_preparation, write_report
+
+    table = read_particles(star)  # the run holds its table already: not timed
+    preparation, wall, cpu = timed(lambda: start_preparation(outdir, table, PER_STACK).result())
+    if preparation is None:
+        raise SystemExit("the report's preparation failed")
+    _, after, after_cpu = timed(lambda: write_report(outdir, preparation))
+    return {"prepare (background, imports matplotlib)": (wall, cpu), "after the run": (after, after_cpu),
+            **parts(outdir, preparation)}
+
+
+def child_report(outdir: Path, star: Path) -> dict:
+    """``dsub report OUTDIR``: everything read from the folder (the first call imports matplotlib)."""
+    from dsub.report import write_report
+
+    _, first, first_cpu = timed(lambda: write_report(outdir))
+    _, second, second_cpu = timed(lambda: write_report(outdir))
+    return {"dsub report, first": (first, first_cpu), "dsub report, second": (second, second_cpu), **parts(outdir)}
+
+
+def child_star(outdir: Path, star: Path) -> dict:
+    """``dsub report OUTDIR`` of a run whose store has no report columns (an earlier version): the star is read."""
+    import shutil
+
+    from dsub.report.columns import FOLDER
+
+    shutil.rmtree(outdir / store.STORE_NAME / FOLDER, ignore_errors=True)
+    return child_report(outdir, star)
+
+
+CHILDREN = {"run": child_run, "report": child_report, "star": child_star}
+DESCRIPTIONS = {"run": "at the end of dsub subtract", "report": "dsub report OUTDIR",
+                "star": "dsub report OUTDIR, store without report columns (earlier version)"}
+
+
+def run_child(mode: str, outdir: Path, star: Path) -> dict:
+    result = subprocess.run([sys.executable, __file__, "--child", mode, str(outdir), str(star)],
+                            capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{mode} failed:\n{result.stdout}\n{result.stderr}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -129,11 +170,11 @@ def main():
     parser.add_argument("--particles", type=int, default=20000)
     parser.add_argument("--box", type=int, default=128)
     parser.add_argument("--unique-images", type=int, default=4096)
-    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        mode, outdir = args.child
-        figures = {"report": child_report}[mode](Path(outdir))
+        mode, outdir, star = args.child
+        figures = CHILDREN[mode](Path(outdir), Path(star))
         figures["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
         print(json.dumps(figures))
         return
@@ -145,13 +186,11 @@ def main():
         finished_run(star, outdir)
         print(f"finished run of {args.particles} particles of {args.box} px built in "
               f"{time.perf_counter() - started:.1f} s (star {(outdir / export.STAR_NAME).stat().st_size / 1e6:.1f} MB)")
-        figures = run_child("report", outdir)
-        for key in ("first", "second", "gather"):
-            wall, cpu = figures[key]
-            print(f"  report {key}: {wall:.2f} s wall, {cpu:.2f} s CPU")
-        for name, (wall, cpu) in figures["figures"].items():
-            print(f"  {name}: {wall:.2f} s wall, {cpu:.2f} s CPU")
-        print(f"  peak memory of the report process: {figures['peak_rss_gb']:.2f} GB")
+        for mode in ("run", "report", "star"):
+            figures = run_child(mode, outdir, star)
+            print(f"{DESCRIPTIONS[mode]} (peak memory of the process {figures.pop('peak_rss_gb'):.2f} GB):")
+            for key, (wall, cpu) in figures.items():
+                print(f"  {key}: {wall:.2f} s wall, {cpu:.2f} s CPU")
 
 
 if __name__ == "__main__":

@@ -39,9 +39,10 @@ def test_other_modes_read_as_float32(tmp_path, dtype, mode):
     with mrcfile.new(path, data=data) as mrc:
         mrc.set_image_stack()
         assert mrc.header.mode == mode
-    images = read_images(np.array([str(path)] * 3, dtype=object), [3, 1, 1])
-    assert images.dtype == np.float32
-    np.testing.assert_array_equal(images, data[[3, 1, 1]].astype(np.float32))
+    for positioned in (False, True):  # through the memory map, and by reading each image's bytes
+        images = read_images(np.array([str(path)] * 3, dtype=object), [3, 1, 1], positioned=positioned)
+        assert images.dtype == np.float32
+        np.testing.assert_array_equal(images, data[[3, 1, 1]].astype(np.float32))
 
 
 def test_single_image_file_is_a_stack_of_one(tmp_path):
@@ -54,8 +55,9 @@ def test_mixed_stacks_keep_particle_order(tmp_path):
     a, b = tmp_path / "a.mrcs", tmp_path / "b.mrcs"
     write_stack(a, np.zeros((2, 4, 4), np.float32), 1.0).close()
     write_stack(b, np.ones((3, 4, 4), np.float32) * np.arange(3)[:, None, None], 1.0).close()
-    images = read_images([str(b), str(a), str(b)], [2, 1, 0])
-    np.testing.assert_array_equal(images[:, 0, 0], [2, 0, 0])
+    for positioned in (False, True):
+        images = read_images([str(b), str(a), str(b)], [2, 1, 0], positioned=positioned)
+        np.testing.assert_array_equal(images[:, 0, 0], [2, 0, 0])
 
 
 def test_index_beyond_stack_and_missing_file(tmp_path):

@@ -176,11 +176,15 @@ def _open_stack_cached(path: str, size: int, mtime_ns: int) -> np.ndarray:
     return data
 
 
-def read_images(paths, indices) -> np.ndarray:
+def read_images(paths, indices, positioned: bool = False) -> np.ndarray:
     """Images ``indices[i]`` (0-based) of stacks ``paths[i]``, float32 (n, ny, nx).
 
     Reads each stack once, in index order within the stack, so chunks of
-    particles that share stacks touch each file sequentially.
+    particles that share stacks touch each file sequentially. ``positioned``:
+    read each image's bytes with ``os.pread`` instead of through the memory
+    map, for a few images spread over large stacks (the QC report's sample): a
+    page fault on a memory map reads ahead around it (about 2 MB measured), so
+    256 images of 64 kB spread over 1.3 GB read 460 MB through the map.
     """
     paths = np.asarray(paths, dtype=object)
     indices = np.asarray(indices, dtype=np.int64)
@@ -209,10 +213,31 @@ def read_images(paths, indices) -> np.ndarray:
                 "All particles of one run must have the same box size.",
             )
         order = np.argsort(wanted, kind="stable")
-        out[rows[order]] = stack[wanted[order]]
+        if positioned and isinstance(stack, np.memmap):
+            out[rows[order]] = _read_positioned(stack, wanted[order])
+        else:
+            out[rows[order]] = stack[wanted[order]]
     if out is None:
         return np.empty((0, 0, 0), dtype=np.float32)
     return out
+
+
+def _read_positioned(stack: np.memmap, indices: np.ndarray) -> np.ndarray:
+    """Images ``indices`` (ascending) of the memory-mapped ``stack``, read from its file with ``os.pread``."""
+    shape = stack.shape[1:]
+    size = int(np.prod(shape)) * stack.dtype.itemsize
+    images = np.empty((indices.size,) + shape, dtype=stack.dtype)
+    descriptor = os.open(stack.filename, os.O_RDONLY)
+    try:
+        for k, index in enumerate(indices.tolist()):
+            data = os.pread(descriptor, size, stack.offset + index * size)
+            if len(data) != size:
+                raise InputFileError(stack.filename, f"ends inside image {index + 1}: it was cut short.",
+                                     "Copy or write the stack again.")
+            images[k] = np.frombuffer(data, dtype=stack.dtype).reshape(shape)
+    finally:
+        os.close(descriptor)
+    return images
 
 
 def write_stack(

@@ -6,8 +6,9 @@
   images of every particle), also written into the store for ``dsub report``;
 * the sample: ``SPECTRUM_SAMPLE`` particles spread over the run for the power
   spectra and ``EXAMPLES_PER_HALF`` examples per half set;
-* their input images, read in one pass per stack sorted by index, and the
-  input spectra.
+* their input images, read in one pass per stack sorted by index (each
+  image's bytes only: ``read_images(..., positioned=True)``), and the input
+  spectra.
 
 ``gather`` (after the run; it reads results only):
 
@@ -199,7 +200,7 @@ def prepared_sample(columns: ReportColumns, skipped: np.ndarray | None, show_inp
 def read_inputs(columns: ReportColumns, rows: np.ndarray) -> tuple[np.ndarray | None, str | None]:
     """The input images of ``rows`` (float32 (k, box, box)), or None and why they could not be read here."""
     try:
-        return read_images(*columns.images.inputs(rows)), None
+        return read_images(*columns.images.inputs(rows), positioned=True), None
     except (DsubError, OSError, ValueError, KeyError) as exc:  # moved, deleted or renamed since the run
         return None, (f"The input images could not be read here ({' '.join(str(exc).split())}), so only the "
                       "results are shown.")
@@ -372,7 +373,7 @@ def read_sample_images(data: ReportData, prepared: Prepared, skipped: np.ndarray
     spectrum_rows = prepared.spectrum_rows[in_spectrum]
     example_rows = replace_skipped(prepared.example_rows, half_set, skipped)
     rows = np.union1d(spectrum_rows, example_rows)
-    result = read_images(*columns.images.results(rows))
+    result = read_images(*columns.images.results(rows), positioned=True)
     data.box = int(result.shape[-1])
     show_inputs = prepared.show_inputs and not data.summary.get("rebox")
     input_spectra, example_inputs, note = None, None, None

@@ -20,6 +20,11 @@ Layout of ``OUTDIR/subtracted.zarr``:
 * attributes: the run's parameters and inputs (``run``); ``image_dtype`` (float32 or
   float16); ``images_deleted`` once the run finished without ``--keep-store`` (no images kept).
 
+Beside the arrays, plain files that are not Zarr arrays: ``particle_table/``
+(``metadata``: the table the tasks read, deleted once every chunk is stored) and
+``report_columns/`` (``report.columns``: what the QC report reads of the table,
+kept; written while the chunks run).
+
 The coordinator creates every array before any task runs; a task then writes
 only the Zarr chunks it owns, so tasks never write the same chunk and no lock
 is needed.
