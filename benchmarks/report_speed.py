@@ -110,7 +110,7 @@ def parts(outdir: Path, prepared=None) -> dict:
     from dsub.report import figures
     from dsub.report.gather import gather
 
-    data, wall, cpu = timed(lambda: gather(outdir, prepared))
+    data, wall, cpu = timed(lambda: gather(outdir) if prepared is None else gather(outdir, prepared))
     out = {"gather": (wall, cpu)}
     with tempfile.TemporaryDirectory() as folder:
         for draw in figures.FIGURES:
@@ -157,6 +157,18 @@ DESCRIPTIONS = {"run": "at the end of dsub subtract", "report": "dsub report OUT
                 "star": "dsub report OUTDIR, store without report columns (earlier version)"}
 
 
+def peak_memory_bytes() -> int:
+    """This process's peak resident memory since it started (``VmHWM``).
+
+    Not ``ru_maxrss``: Linux carries that over from the parent through fork and
+    exec, so the child would report the parent's peak (which built the data set).
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def run_child(mode: str, outdir: Path, star: Path) -> dict:
     result = subprocess.run([sys.executable, __file__, "--child", mode, str(outdir), str(star)],
                             capture_output=True, text=True)
@@ -175,7 +187,7 @@ def main():
     if args.child:
         mode, outdir, star = args.child
         figures = CHILDREN[mode](Path(outdir), Path(star))
-        figures["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+        figures["peak_rss_gb"] = peak_memory_bytes() / 1e9
         print(json.dumps(figures))
         return
     with tempfile.TemporaryDirectory() as folder:
