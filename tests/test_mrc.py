@@ -39,9 +39,9 @@ def test_other_modes_read_as_float32(tmp_path, dtype, mode):
     with mrcfile.new(path, data=data) as mrc:
         mrc.set_image_stack()
         assert mrc.header.mode == mode
-    images = read_images(np.array([str(path)] * 3, dtype=object), [3, 1, 1])
+    images = read_images(np.array([str(path)] * 4, dtype=object), [3, 1, 1, 2])  # runs 1-2-3 and 1
     assert images.dtype == np.float32
-    np.testing.assert_array_equal(images, data[[3, 1, 1]].astype(np.float32))
+    np.testing.assert_array_equal(images, data[[3, 1, 1, 2]].astype(np.float32))
 
 
 def test_single_image_file_is_a_stack_of_one(tmp_path):

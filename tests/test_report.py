@@ -2,7 +2,9 @@
 
 Checked against what the run wrote (the star file read with ``starfile``, the Zarr
 store read with ``zarr``), against the simulator's truth (half sets, the signal
-that was subtracted), and, for the image measures, against analytic results.
+that was subtracted), and, for the image measures, against analytic results. The
+report prepared from the particle table while a run goes, the one read back from
+the store and the one read from the star of a run without report columns agree.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from dsub.cli import main
 from dsub.demo import PIXEL_SIZE, make_dataset
 from dsub.formats import cs as cs_format
 from dsub.formats import star as star_format
-from dsub.report import write_report
-from dsub.report.gather import gather
+from dsub.report import start_preparation, write_report
+from dsub.report.columns import FOLDER, ReportColumns
+from dsub.report.gather import gather, prepare
 from dsub.report.imaging import bin_images, image_spectra, low_pass, radial_power_spectrum
 
 BOX = 48
@@ -238,7 +241,7 @@ def test_report_without_the_input_stacks_shows_the_results(clean_dataset, tmp_pa
 def test_a_failing_report_only_warns(clean_dataset, tmp_path, capsys, monkeypatch):
     import dsub.report
 
-    def broken(outdir):
+    def broken(outdir, preparation=None):
         raise RuntimeError("no fonts")
 
     monkeypatch.setattr(dsub.report, "write_report", broken)
@@ -352,3 +355,105 @@ def test_the_runs_warnings_head_the_report(clean_dataset, tmp_path):
     assert warnings and any("density" in warning for warning in warnings)
     text = (outdir / "report" / "index.html").read_text(encoding="utf-8")
     assert text.count('class="warn"') == len(warnings)
+
+
+# ------------------------------------------------------- prepared during the run, from the store, from the star
+
+
+def assert_same_report(one, other):
+    np.testing.assert_array_equal(one.exported_rows, other.exported_rows)
+    np.testing.assert_array_equal(one.contrast, other.contrast)
+    np.testing.assert_array_equal(one.half_set, other.half_set)
+    assert one.optics == other.optics and one.box == other.box
+    assert one.pixel_size_angstrom == other.pixel_size_angstrom
+    assert [(e.row, e.image_name, e.half_set) for e in one.examples] == \
+        [(e.row, e.image_name, e.half_set) for e in other.examples]
+    for a, b in zip(one.examples, other.examples):
+        assert a.defocus_angstrom == pytest.approx(b.defocus_angstrom)
+        for key in ("input", "model", "result"):
+            np.testing.assert_allclose(getattr(a, key), getattr(b, key), rtol=1e-5, atol=1e-6)
+    for key in ("frequency_per_angstrom", "input", "model", "result"):
+        np.testing.assert_allclose(getattr(one.spectra, key), getattr(other.spectra, key), rtol=1e-5)
+    assert one.spectra.sample_size == other.spectra.sample_size
+    assert [one.image_names[i] for i in range(len(one.image_names))] == \
+        [other.image_names[i] for i in range(len(other.image_names))]
+
+
+def test_prepared_report_agrees_with_the_store_and_the_star_and_replaces_a_skipped_example(clean_dataset, tmp_path):
+    paths, sim = clean_dataset
+    data_copy = tmp_path / "data"
+    data_copy.mkdir()
+    copied = {key: Path(shutil.copy2(path, data_copy / Path(path).name)) for key, path in paths.items()}
+    first_of_a = int(np.flatnonzero(sim.half_set == 1)[0])  # an example row, chosen before the run's results
+    with mrcfile.open(copied["stack"], mode="r+") as mrc:
+        mrc.data[first_of_a] = np.inf
+    outdir = tmp_path / "out"
+    assert subtract(copied, outdir, "--skip-bad-particles") == 0
+    table = star_format.read_particles(copied["star"])
+
+    prepared = prepare(outdir, table, particles_per_stack=4096)  # as the run does while its chunks go
+    assert first_of_a in prepared.example_rows and (outdir / "subtracted.zarr" / FOLDER / "columns.json").is_file()
+    during_run = gather(outdir, prepared)
+    from_store = gather(outdir)
+    shutil.rmtree(outdir / "subtracted.zarr" / FOLDER)  # as a store written before the report kept columns
+    from_star = gather(outdir)
+    assert_same_report(during_run, from_store)
+    assert_same_report(during_run, from_star)
+
+    rows = during_run.exported_rows[[example.row for example in during_run.examples]]
+    assert first_of_a not in rows and len(rows) == 6  # replaced by its nearest neighbour of half A
+    assert [sim.half_set[row] for row in rows].count(1) == 3
+    names = starfile.read(outdir / "particles_subtracted.star", always_dict=True)["particles"]["rlnImageOriginalName"]
+    assert [example.image_name for example in during_run.examples] == [names[example.row]
+                                                                       for example in during_run.examples]
+    assert all(example.model is not None for example in during_run.examples)
+    assert during_run.spectra.sample_size == COUNT - 1
+    assert int(during_run.half_set.size) == COUNT - 1
+
+
+def test_columns_of_another_run_are_not_used(clean_dataset, tmp_path):
+    paths, _ = clean_dataset
+    outdir = tmp_path / "out"
+    assert subtract(paths, outdir) == 0
+    table = star_format.read_particles(paths["star"])
+    table.half_set[:] = 3 - table.half_set  # what another run's table would say
+    ReportColumns.from_table(table, outdir, 4096, fingerprint="another run").write(
+        outdir / "subtracted.zarr" / FOLDER)
+    rows = starfile.read(outdir / "particles_subtracted.star", always_dict=True)["particles"]
+    data = gather(outdir)
+    assert int((data.half_set == 1).sum()) == int((rows["rlnRandomSubset"] == 1).sum())
+
+
+def test_preparation_in_the_background_and_its_failure(clean_dataset, tmp_path):
+    paths, _ = clean_dataset
+    outdir = tmp_path / "out"
+    assert subtract(paths, outdir) == 0
+    table = star_format.read_particles(paths["star"])
+    shutil.rmtree(outdir / "report")
+    preparation = start_preparation(outdir, table, 4096)
+    page_path = write_report(outdir, preparation)
+    assert preparation.error is None and preparation.prepared is not None
+    assert sorted(parse(page_path).links) == sorted(FIGURES)
+
+    failing = start_preparation(outdir / "elsewhere", table, 4096)  # no store there: it fails in the thread
+    page_path = write_report(outdir, failing)  # and the report is read from the folder instead
+    assert failing.error is not None and failing.result() is None
+    assert sorted(parse(page_path).links) == sorted(FIGURES)
+
+
+def test_report_columns_take_a_few_bytes_per_particle(clean_dataset, tmp_path):
+    paths, _ = clean_dataset
+    table = star_format.read_particles(paths["star"])
+    folder = ReportColumns.from_table(table, tmp_path, 16).write(tmp_path / FOLDER)
+    columns = ReportColumns.read(folder, tmp_path)
+    assert len(columns) == COUNT
+    np.testing.assert_array_equal(columns.half_set, table.half_set)
+    stacks, indices = columns.images.inputs(np.array([0, COUNT - 1]))
+    assert list(stacks) == [str(paths["stack"].resolve())] * 2 and list(indices) == [0, COUNT - 1]
+    stacks, indices = columns.images.results(np.array([15, 16]))  # 16 particles per exported stack
+    assert [Path(s).name for s in stacks] == ["subtracted_0000.mrcs", "subtracted_0001.mrcs"]
+    assert list(indices) == [15, 0]
+    per_particle = sum((folder / f"{name}.npy").stat().st_size for name in
+                       ("half_set", "optics_group", "defocus_angstrom", "input_codes", "input_indices",
+                        "result_codes", "result_indices"))
+    assert per_particle < COUNT * 26 + 7 * 128  # 25 bytes a particle, and each .npy's header

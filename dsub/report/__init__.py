@@ -4,29 +4,89 @@
 record), ``figures`` draws the PNGs with matplotlib, ``page`` writes the HTML.
 The folder links only its own files by relative name, so it can be copied
 anywhere and opened in a browser.
+
+A run draws it in two steps, so that only reading results and drawing are left
+for after the last chunk:
+
+1. once the store exists, ``start_preparation(outdir, table, particles_per_stack)``
+   runs ``gather.prepare`` in a background thread (what the particle table
+   decides: the report's per-particle columns, written into the store, the
+   sample and its input images) and loads matplotlib;
+2. after the export, ``write_report(outdir, preparation)`` reads the store's
+   per-particle arrays and the sample's exported images, and draws.
+
+``dsub report OUTDIR`` calls ``write_report(outdir)`` alone: the columns then come
+from the store (or, for a run of an earlier version, from the exported star).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import threading
 from pathlib import Path
 
 REPORT_FOLDER = "report"
 PAGE_NAME = "index.html"
 
 
-def write_report(outdir) -> Path:
+class Preparation:
+    """``gather.prepare`` running in a daemon thread; ``result()`` waits for it.
+
+    Any failure is kept, not raised: ``write_report`` then reads from the store
+    as ``dsub report`` does (``error`` holds what happened).
+    """
+
+    def __init__(self, outdir, table, particles_per_stack: int, show_inputs: bool = True):
+        self.prepared, self.error = None, None
+        self._thread = threading.Thread(target=self._run, args=(outdir, table, particles_per_stack, show_inputs),
+                                        name="dsub-report-preparation", daemon=True)
+        self._thread.start()
+
+    def _run(self, outdir, table, particles_per_stack, show_inputs):
+        try:
+            from . import figures  # matplotlib's import and fonts: a second or two, off the run's path
+            from .gather import prepare
+
+            self.prepared = prepare(outdir, table, particles_per_stack, show_inputs)
+            figures.warm_up()
+        except Exception as exc:  # noqa: BLE001 -- the report is drawn without it
+            self.error = exc
+
+    def result(self):
+        """The ``gather.Prepared``, or None when preparing failed; waits for the thread."""
+        self._thread.join()
+        return self.prepared
+
+
+def start_preparation(outdir, table, particles_per_stack: int, show_inputs: bool = True) -> Preparation:
+    """Start preparing the report of the run writing ``outdir``, in a background thread.
+
+    Call it after the run's store is created (``store.create_store``, or taken up
+    on a resume) and before the chunks run. ``table``: the run's ``ParticleTable``
+    (read, not modified); ``particles_per_stack``: the run's value (where each
+    particle lies in the exported stacks); ``show_inputs`` false for re-centred
+    or re-boxed particles (``--recenter``, ``--center``, ``--new-box``), whose
+    inputs are not shown. Pass the returned ``Preparation`` to ``write_report``.
+    """
+    return Preparation(outdir, table, particles_per_stack, show_inputs)
+
+
+def write_report(outdir, preparation=None) -> Path:
     """Write ``outdir/report/`` (replacing an earlier one) and return the path of its ``index.html``.
 
-    Raises ``OptionError`` when ``outdir`` holds no finished run. The page is
-    built in a temporary folder beside it and moved into place when complete.
+    ``preparation``: what ``start_preparation`` returned for this run (or a
+    ``gather.Prepared``); without it, or when it failed, everything is read
+    from ``outdir``. Raises ``OptionError`` when ``outdir`` holds no finished
+    run. The page is built in a temporary folder beside it and moved into place
+    when complete.
     """
     from . import figures, page  # matplotlib's Figure API on the Agg canvas: no display needed
     from .gather import gather
 
     outdir = Path(outdir)
-    data = gather(outdir)
+    prepared = preparation.result() if isinstance(preparation, Preparation) else preparation
+    data = gather(outdir, prepared)
     if data.scale == "input" and data.sample_fit is None:
         data.notes.append("The contrast fitted on a sample against the input's (--scale input) was not recorded "
                           "by this run.")

@@ -1,17 +1,29 @@
-"""Everything the report shows, read from a finished run's output folder.
+"""Everything the report shows, in two parts: what the run's inputs decide, and what its results do.
 
-Sources, all inside OUTDIR except the input stacks:
+``prepare`` (before or while the chunks run; it needs only the particle table):
 
-* ``particles_subtracted.star``: the exported particles (skipped ones left out),
-  their CTF, half set and optics group; ``rlnImageName`` points at the exported
-  stacks, ``rlnImageOriginalName`` at the input images (resolved from the input
-  particle file's folder, as dsub resolved them when it ran);
-* ``subtracted.zarr``: the contrast ``contrast`` each particle was subtracted with,
-  ``skipped``, the run's identity (attribute ``run``) and, when the run recorded
-  them, ``fit_correlation`` and ``contrast_sigma``; the store's ``images`` are not read;
-* ``dsub_run.json``: the run summary (timings, scheduler, devices, ...).
+* ``ReportColumns`` from the table (half set, optics group, defocus and both
+  images of every particle), also written into the store for ``dsub report``;
+* the sample: ``SPECTRUM_SAMPLE`` particles spread over the run for the power
+  spectra and ``EXAMPLES_PER_HALF`` examples per half set;
+* their input images, read in one pass per stack sorted by index (each
+  image's bytes only: ``read_images(...)``), and the input
+  spectra.
 
-Images are read for a sample of particles only, so a report of a large run takes seconds.
+``gather`` (after the run; it reads results only):
+
+* from ``subtracted.zarr``: ``skipped``, the contrast ``contrast`` each particle
+  was subtracted with and, when the run recorded them, ``fit_correlation`` and
+  ``contrast_sigma``; the run's identity (attribute ``run``); never ``images``;
+* ``dsub_run.json``: the run summary (timings, scheduler, devices, ...), and
+  the warnings of ``dsub.log``;
+* the exported images of the sample, and the input images of an example that
+  was skipped and replaced by its neighbour.
+
+Without a ``Prepared`` (``dsub report OUTDIR``), ``prepare_from_store`` takes its
+place: the columns from the store, or from ``particles_subtracted.star`` for a
+run of an earlier version (every row parsed: slow for millions). No step reads
+per-particle text of more rows than the report shows.
 """
 
 from __future__ import annotations
@@ -23,13 +35,12 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DsubError, OptionError
-from ..formats import star as star_format
 from ..formats.mrc import read_images
-from ..formats.paths import cs_roots, resolve_stack_names, star_roots
 from ..workflow.transcript import LOG_NAME
 from ..particles import HALF_A, HALF_B
 from ..workflow import export, store
 from ..workflow.pipeline import RUN_SUMMARY
+from .columns import FOLDER, ReportColumns
 from .imaging import bin_images, image_spectra, low_pass, radial_power_spectrum
 
 #: Particles whose images are read for the power spectra.
@@ -52,7 +63,7 @@ HALF_NAMES = {HALF_A: "A", HALF_B: "B"}
 class Example:
     """One particle shown side by side; images low-pass filtered (and binned for display when large)."""
 
-    row: int  # row in particles_subtracted.star (0-based)
+    row: int  # position among the exported particles: its row in particles_subtracted.star (0-based)
     image_name: str  # its input image, N@stack as the input named it
     half_set: int
     defocus_angstrom: float  # mean of defocus U and V
@@ -104,6 +115,97 @@ class ReportData:
         return self.identity.get("settings", {}).get("scale", self.summary.get("scale", "fit"))
 
 
+@dataclass
+class Prepared:
+    """What the report needs that the run's results do not change (``prepare``).
+
+    ``spectrum_rows``, ``example_rows``: input rows of the sample, ascending;
+    ``spectrum_inputs``: complex64 ``rfft2`` of their input images, (k, box,
+    box//2+1); ``example_inputs``: {input row: float32 (box, box) input image}.
+    Both are None when the input images are not shown (``input_note`` says why,
+    or ``show_inputs`` is false: re-centred or re-boxed particles).
+    """
+
+    columns: ReportColumns
+    spectrum_rows: np.ndarray
+    example_rows: np.ndarray
+    show_inputs: bool = True
+    spectrum_inputs: np.ndarray | None = None
+    example_inputs: dict | None = None
+    input_note: str | None = None
+
+
+def prepare(outdir, table, particles_per_stack: int, show_inputs: bool = True) -> Prepared:
+    """The part of the report that depends only on the run's inputs; call it once the store exists.
+
+    Made to run in a background thread while the chunks run (``report.start_preparation``):
+    it builds ``ReportColumns`` from ``table`` (the run's ``ParticleTable``, not
+    modified) and writes them into ``outdir``'s store, chooses the sample and
+    reads its input images. ``particles_per_stack``: the run's
+    ``--particles-per-stack`` (where each particle lies in the exported stacks).
+    ``show_inputs`` false (re-centred or re-boxed particles, whose input is not
+    on the results' grid): no input image is read. A stack that cannot be read
+    is not an error: ``input_note`` says so on the page.
+    """
+    outdir = Path(outdir)
+    store_path = outdir / store.STORE_NAME
+    fingerprint = store.open_store(store_path).attrs.get("run", {}).get("fingerprint")
+    columns = ReportColumns.from_table(table, outdir, particles_per_stack, fingerprint)
+    columns.write(store_path / FOLDER)
+    return prepared_sample(columns, None, show_inputs)
+
+
+def prepare_from_store(outdir: Path, identity: dict, skipped: np.ndarray, show_inputs: bool) -> Prepared:
+    """``prepare`` for a finished run (``dsub report``): the columns the run kept in its store, else its star.
+
+    Raises ``OptionError`` when the star and the store describe different runs.
+    """
+    columns = None
+    try:
+        columns = ReportColumns.read(outdir / store.STORE_NAME / FOLDER, outdir)
+    except (OSError, ValueError, KeyError):  # none (a run of an earlier version) or not whole
+        pass
+    if columns is not None and (len(columns) != skipped.size or columns.fingerprint != identity.get("fingerprint")):
+        columns = None  # another run's
+    if columns is None:
+        exported_rows = np.flatnonzero(~skipped)
+        try:
+            columns = ReportColumns.from_star(outdir, exported_rows, skipped.size,
+                                              (identity.get("particles") or {}).get("path"))
+        except ValueError as exc:
+            raise OptionError(
+                f"{outdir / export.STAR_NAME}: {exc}: the folder mixes two runs. Rerun the subtraction."
+            ) from exc
+    return prepared_sample(columns, skipped, show_inputs)
+
+
+def prepared_sample(columns: ReportColumns, skipped: np.ndarray | None, show_inputs: bool) -> Prepared:
+    """Choose the sample among the particles not ``skipped`` (None: all) and read its input images."""
+    candidates = np.arange(len(columns)) if skipped is None else np.flatnonzero(~skipped)
+    half_set = np.asarray(columns.half_set)
+    spectrum_rows = evenly_spaced(candidates, SPECTRUM_SAMPLE)
+    example_rows = np.concatenate([
+        evenly_spaced(candidates[half_set[candidates] == half], EXAMPLES_PER_HALF) for half in (HALF_A, HALF_B)
+    ]).astype(np.int64)
+    prepared = Prepared(columns, spectrum_rows, np.sort(example_rows), show_inputs)
+    if show_inputs and candidates.size:
+        rows = np.union1d(spectrum_rows, example_rows)
+        images, prepared.input_note = read_inputs(columns, rows)
+        if images is not None:
+            prepared.spectrum_inputs = image_spectra(images[np.isin(rows, spectrum_rows)])
+            prepared.example_inputs = {int(row): images[k] for k, row in enumerate(rows) if row in example_rows}
+    return prepared
+
+
+def read_inputs(columns: ReportColumns, rows: np.ndarray) -> tuple[np.ndarray | None, str | None]:
+    """The input images of ``rows`` (float32 (k, box, box)), or None and why they could not be read here."""
+    try:
+        return read_images(*columns.images.inputs(rows)), None
+    except (DsubError, OSError, ValueError, KeyError) as exc:  # moved, deleted or renamed since the run
+        return None, (f"The input images could not be read here ({' '.join(str(exc).split())}), so only the "
+                      "results are shown.")
+
+
 def finished_run_files(outdir: Path) -> None:
     """Refuse a folder without a finished run: one message naming what is missing."""
     if not outdir.is_dir():
@@ -115,21 +217,6 @@ def finished_run_files(outdir: Path) -> None:
             f"{outdir}: holds no finished dsub run ({', '.join(missing)} missing). Give the output folder (-o) "
             "of a finished dsub subtract run, or rerun its command to finish it."
         )
-
-
-def exported_stacks(outdir: Path, paths) -> np.ndarray:
-    """The exported stacks as they lie in ``outdir`` now.
-
-    The star names them as ``--paths`` chose (from the project folder, absolute,
-    ...): a run copied off a cluster keeps them in ``OUTDIR/Particles`` under the
-    same file names, where they are looked for when the named path is not there.
-    """
-    paths = np.asarray(paths, dtype=object)
-    found = {}
-    for path in np.unique(paths.astype(str)):
-        local = outdir / export.STACK_FOLDER / Path(path).name
-        found[path] = path if Path(path).is_file() or not local.is_file() else str(local)
-    return np.array([found[str(path)] for path in paths], dtype=object)
 
 
 def run_warnings(outdir: Path) -> list[str]:
@@ -144,46 +231,52 @@ def run_warnings(outdir: Path) -> list[str]:
     return list(dict.fromkeys(line[len(prefix):] for line in last if line.startswith(prefix)))
 
 
-def gather(outdir: Path) -> ReportData:
-    """Read what the report shows from ``outdir``; raises ``OptionError`` if no finished run is there."""
+def gather(outdir: Path, prepared: Prepared | None = None) -> ReportData:
+    """Read what the report shows from ``outdir``; raises ``OptionError`` if no finished run is there.
+
+    ``prepared``: this run's ``prepare``; without it (``dsub report OUTDIR``),
+    ``prepare_from_store``. Reads each per-particle array of the store once
+    (4 bytes a particle), and images of the sample only.
+    """
     outdir = Path(outdir)
     finished_run_files(outdir)
     summary = json.loads((outdir / RUN_SUMMARY).read_text())
     results = store.open_store(outdir / store.STORE_NAME)
     identity = dict(results.attrs.get("run", {}))
-    skipped = np.asarray(results["skipped"][:], dtype=bool)
+    arrays = store.read_arrays(outdir / store.STORE_NAME, ("skipped", "contrast", *QUALITY_ARRAYS))
+    skipped = arrays["skipped"].astype(bool)
+    show_inputs = not summary.get("rebox")  # translated and windowed: input and result are not on one grid
+    if prepared is None or len(prepared.columns) != skipped.size:
+        prepared = prepare_from_store(outdir, identity, skipped, show_inputs)
+    columns = prepared.columns
     exported_rows = np.flatnonzero(~skipped)
-    table = star_format.read_particles(outdir / export.STAR_NAME, require_ctf=False)
-    table.image_paths = exported_stacks(outdir, table.image_paths)
-    if len(table) != exported_rows.size:
-        raise OptionError(
-            f"{outdir / export.STAR_NAME}: lists {len(table)} particles but {store.STORE_NAME} holds "
-            f"{exported_rows.size} exported ones: the folder mixes two runs. Rerun the subtraction."
-        )
-    contrast = np.asarray(results["contrast"][:], dtype=np.float64)[exported_rows]
+    contrast_all = arrays["contrast"].astype(np.float64)
+    contrast = contrast_all[exported_rows]
     outliers, bounds = contrast_outliers(contrast)
     data = ReportData(
         outdir=outdir,
         summary=summary,
         identity=identity,
-        box=int(table.box_size[0]),
-        pixel_size_angstrom=float(table.pixel_size_angstrom[0]),
+        box=int(summary.get("box") or 0),
+        pixel_size_angstrom=columns.pixel_size_angstrom,
         particles_total=int(skipped.size),
         exported_rows=exported_rows,
         contrast=contrast,
-        half_set=table.half_set.astype(int),
-        optics=optics_groups(table),
-        image_names=RowNames(table.source["particles"]["rlnImageOriginalName"]),
+        half_set=np.asarray(columns.half_set)[exported_rows],
+        optics=optics_counts(columns, exported_rows),
+        image_names=RowNames(columns, exported_rows),
         outliers=outliers,
         outlier_bounds=bounds,
-        quality={name: np.asarray(results[name][:], dtype=np.float64)[exported_rows]
-                 for name in QUALITY_ARRAYS if name in results},
-        sample_fit=sample_fit(summary, np.asarray(results["contrast"][:], dtype=np.float64)),
+        quality={name: arrays[name].astype(np.float64)[exported_rows] for name in QUALITY_ARRAYS if name in arrays},
+        sample_fit=sample_fit(summary, contrast_all),
         warnings=run_warnings(outdir),
     )
     data.display_resolution_angstrom = max(DISPLAY_RESOLUTION_ANGSTROM,
                                            DISPLAY_RESOLUTION_PIXELS * data.pixel_size_angstrom)
-    read_sample_images(data, table)
+    if not show_inputs:
+        data.notes.append("The particles were re-centred or re-boxed (--recenter, --center, --new-box), so the "
+                          "input images are not on the results' grid: only the results are shown.")
+    read_sample_images(data, prepared, skipped)
     return data
 
 
@@ -208,23 +301,12 @@ def contrast_outliers(contrast: np.ndarray) -> tuple[np.ndarray, tuple[float, fl
     return flags, (low, high)
 
 
-def optics_groups(table) -> list[dict]:
-    """Particles per optics group, with the group's name, pixel size and voltage."""
-    optics = table.source.get("optics") if table.source is not None else None
-    names = {}
-    if optics is not None and "rlnOpticsGroupName" in optics.columns:
-        names = dict(zip(optics["rlnOpticsGroup"].astype(int), optics["rlnOpticsGroupName"].astype(str)))
-    groups = []
-    for group in np.unique(table.optics_group):
-        rows = table.optics_group == group
-        first = int(np.argmax(rows))
-        groups.append({
-            "group": int(group), "name": names.get(int(group), f"opticsGroup{group}"),
-            "particles": int(rows.sum()),
-            "pixel_size_angstrom": float(table.pixel_size_angstrom[first]),
-            "voltage_kv": float(table.voltage_kv[first]),
-        })
-    return groups
+def optics_counts(columns: ReportColumns, exported_rows: np.ndarray) -> list[dict]:
+    """Each optics group of ``columns.optics`` with ``particles``: how many of ``exported_rows`` are in it."""
+    groups, counts = np.unique(np.asarray(columns.optics_group)[exported_rows], return_counts=True)
+    found = dict(zip(groups.tolist(), counts.tolist()))
+    return [{**group, "particles": int(found.get(group["group"], 0))} for group in columns.optics
+            if group["group"] in found]
 
 
 def sample_fit(summary: dict, contrast_used: np.ndarray) -> dict | None:
@@ -252,86 +334,97 @@ class RowNames:
     """Input image names (``N@stack``) of the exported rows, made into strings only for the rows asked for.
 
     A run of millions of particles has millions of names: the report shows a few.
+    ``names[i]`` is the name of the ``i``-th exported particle (input row ``exported_rows[i]``).
     """
 
-    def __init__(self, column):
-        self.column = column  # pandas Series, one entry per exported row
+    def __init__(self, columns: ReportColumns, exported_rows: np.ndarray):
+        self.columns, self.exported_rows = columns, exported_rows
 
     def __len__(self) -> int:
-        return len(self.column)
+        return self.exported_rows.size
 
-    def __getitem__(self, row) -> str:
-        return str(self.column.iloc[int(row)])
-
-
-def input_image_locations(data: ReportData, table, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Stack paths and 0-based indices of the input images of ``rows``, from ``rlnImageOriginalName``.
-
-    Relative names are resolved as dsub did when it read them: from the current
-    folder, then the input particle file's folder and its parents
-    (``formats.paths``).
-    """
-    names = table.source["particles"]["rlnImageOriginalName"].iloc[rows].astype(str)
-    parts = names.str.split("@", n=1, expand=True)
-    indices = parts[0].astype(np.int64).to_numpy() - 1
-    input_path = data.identity.get("particles", {}).get("path")
-    anchor = Path(input_path) if input_path else data.outdir / export.STAR_NAME
-    roots = cs_roots(anchor) if anchor.suffix == ".cs" else star_roots(anchor)
-    paths, _ = resolve_stack_names(parts[1].to_numpy(dtype=object), roots, anchor.parent)
-    return paths, indices
+    def __getitem__(self, position) -> str:
+        return self.columns.images.names(self.exported_rows[int(position)])[0]
 
 
-def read_sample_images(data: ReportData, table) -> None:
-    """Example images and power spectra from a sample of particles (input, model, result)."""
-    count = len(table)
-    if count == 0:
+def replace_skipped(rows: np.ndarray, half_set: np.ndarray, skipped: np.ndarray) -> np.ndarray:
+    """``rows`` with each skipped one replaced by the nearest particle of its half set that was not skipped."""
+    rows = np.asarray(rows, dtype=np.int64)
+    out = []
+    for row in rows:
+        if not skipped[row]:
+            out.append(int(row))
+            continue
+        others = np.flatnonzero((half_set == half_set[row]) & ~skipped)
+        others = others[~np.isin(others, rows)]
+        if others.size:
+            out.append(int(others[np.argmin(np.abs(others - row))]))
+    return np.unique(np.asarray(out, dtype=np.int64))
+
+
+def read_sample_images(data: ReportData, prepared: Prepared, skipped: np.ndarray) -> None:
+    """Example images and power spectra of the sample (input, model, result): the exported images read here."""
+    columns = prepared.columns
+    if data.exported_rows.size == 0:
         data.notes.append("No particle was exported, so there are no images to show.")
         return
-    spectrum_rows = evenly_spaced(np.arange(count), SPECTRUM_SAMPLE)
-    example_rows = np.concatenate([
-        evenly_spaced(np.flatnonzero(table.half_set == half), EXAMPLES_PER_HALF) for half in (HALF_A, HALF_B)
-    ])
+    half_set = np.asarray(columns.half_set)
+    in_spectrum = ~skipped[prepared.spectrum_rows]
+    spectrum_rows = prepared.spectrum_rows[in_spectrum]
+    example_rows = replace_skipped(prepared.example_rows, half_set, skipped)
     rows = np.union1d(spectrum_rows, example_rows)
-    result = read_images(table.image_paths[rows], table.image_indices[rows])
-    original = None
-    if data.summary.get("rebox"):  # translated and windowed: input and result are not on one grid
-        data.notes.append("The particles were re-centred or re-boxed (--recenter, --center, --new-box), so the "
-                          "input images are not on the results' grid: only the results are shown.")
-    else:
-        try:
-            paths, indices = input_image_locations(data, table, rows)
-            original = read_images(paths, indices)
-        except (DsubError, OSError, ValueError, KeyError) as exc:  # moved, deleted or renamed since the run
-            data.notes.append(f"The input images could not be read here ({' '.join(str(exc).split())}), so "
-                              "only the results are shown.")
-    model = None if original is None else original - result
-    in_spectrum = np.isin(rows, spectrum_rows)
+    result = read_images(*columns.images.results(rows))
+    data.box = int(result.shape[-1])
+    show_inputs = prepared.show_inputs and not data.summary.get("rebox")
+    input_spectra, example_inputs, note = None, None, None
+    if show_inputs:
+        note = prepared.input_note
+        if prepared.spectrum_inputs is not None:
+            input_spectra = prepared.spectrum_inputs[in_spectrum]
+            example_inputs = dict(prepared.example_inputs)
+            missing = np.array([row for row in example_rows if row not in example_inputs], dtype=np.int64)
+            if missing.size:  # an example that was skipped, replaced by its neighbour
+                images, note = read_inputs(columns, missing)
+                if images is None:
+                    input_spectra, example_inputs = None, None
+                else:
+                    example_inputs.update(zip(missing.tolist(), images))
+        elif note is None:  # not prepared with input images (a run prepared before it finished)
+            images, note = read_inputs(columns, rows)
+            if images is not None:
+                input_spectra = image_spectra(images[np.isin(rows, spectrum_rows)])
+                example_inputs = {int(row): images[k] for k, row in enumerate(rows) if row in example_rows}
+    if note:
+        data.notes.append(note)
     pixel = data.pixel_size_angstrom
-    result_spectra = image_spectra(result[in_spectrum])
+    result_spectra = image_spectra(result[np.isin(rows, spectrum_rows)])
     frequency, power_result = radial_power_spectrum(result_spectra, pixel)
-    input_spectra = None if original is None else image_spectra(original[in_spectrum])
     data.spectra = Spectra(
         frequency_per_angstrom=frequency, result=power_result,
-        input=None if original is None else radial_power_spectrum(input_spectra, pixel)[1],
-        model=None if original is None else radial_power_spectrum(input_spectra - result_spectra, pixel)[1],
-        sample_size=int(in_spectrum.sum()),
+        input=None if input_spectra is None else radial_power_spectrum(input_spectra, pixel)[1],
+        model=None if input_spectra is None else radial_power_spectrum(input_spectra - result_spectra, pixel)[1],
+        sample_size=int(spectrum_rows.size),
     )
     del result_spectra, input_spectra
-    shown = np.isin(rows, example_rows)
     resolution = data.display_resolution_angstrom
     # Shown smaller than the box: average pixel blocks, as far as the low-pass leaves nothing to alias.
     factor = max(1, min(-(-data.box // DISPLAY_PIXELS), int(resolution / (2 * pixel))))
     data.display_pixel_size_angstrom = pixel * factor
 
     def filtered(images):
-        return None if images is None else bin_images(low_pass(images[shown], pixel, resolution), factor)
+        return None if images is None else bin_images(low_pass(images, pixel, resolution), factor)
 
-    result_f, input_f, model_f = filtered(result), filtered(original), filtered(model)
-    defocus = (table.defocus_u_angstrom + table.defocus_v_angstrom) / 2
-    for k, row in enumerate(rows[shown]):
+    shown = result[np.isin(rows, example_rows)]
+    original = None if example_inputs is None else np.stack([example_inputs[int(row)] for row in example_rows])
+    result_f, input_f = filtered(shown), filtered(original)
+    model_f = None if original is None else filtered(original - shown)
+    names = columns.images.names(example_rows)
+    positions = np.searchsorted(data.exported_rows, example_rows)
+    for k, row in enumerate(example_rows):
         data.examples.append(Example(
-            row=int(row), image_name=str(data.image_names[row]), half_set=int(table.half_set[row]),
-            defocus_angstrom=float(defocus[row]), contrast=float(data.contrast[row]), result=result_f[k],
-            input=None if input_f is None else input_f[k], model=None if model_f is None else model_f[k],
+            row=int(positions[k]), image_name=names[k], half_set=int(half_set[row]),
+            defocus_angstrom=float(columns.defocus_angstrom[row]), contrast=float(data.contrast[positions[k]]),
+            result=result_f[k], input=None if input_f is None else input_f[k],
+            model=None if model_f is None else model_f[k],
         ))
     data.examples.sort(key=lambda example: (example.half_set, example.row))

@@ -20,6 +20,11 @@ Layout of ``OUTDIR/subtracted.zarr``:
 * attributes: the run's parameters and inputs (``run``); ``image_dtype`` (float32 or
   float16); ``images_deleted`` once the run finished without ``--keep-store`` (no images kept).
 
+Beside the arrays, plain files that are not Zarr arrays: ``particle_table/``
+(``metadata``: the table the tasks read, deleted once every chunk is stored) and
+``report_columns/`` (``report.columns``: what the QC report reads of the table,
+kept; written while the chunks run).
+
 The coordinator creates every array before any task runs; a task then writes
 only the Zarr chunks it owns, so tasks never write the same chunk and no lock
 is needed.
@@ -27,6 +32,7 @@ is needed.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from pathlib import Path
@@ -204,3 +210,63 @@ def per_particle(path: Path) -> dict:
     count = group["contrast"].shape[0]
     return {name: np.asarray(group[name][:]) if name in group else np.full(count, np.nan, np.float32)
             for name in PER_PARTICLE}
+
+
+def read_arrays(path: Path, names) -> dict:
+    """{name: whole NumPy array} for each of ``names`` the store holds (absent ones left out).
+
+    For the per-particle arrays, read whole by the end of a run and by the QC
+    report. A 1-D array stored as this module creates it (zarr v3, the default
+    chunk keys ``name/c/<i>``) is read chunk file by chunk file, a chunk never
+    written taking the fill value: at a million particles in chunks of 256,
+    about ten times faster than zarr's own reader (measured 0.07 s against 0.7 s
+    per array: zarr pays its asynchronous machinery per chunk, written or not).
+    Compressed chunks (``skipped``) are decoded by zarr, only those written.
+    Any other layout is read through zarr.
+    """
+    group = open_store(path)
+    arrays = {}
+    for name in names:
+        if name in group:
+            arrays[name] = _read_plain(Path(path) / name, group[name])
+    return arrays
+
+
+def _read_plain(folder: Path, array) -> np.ndarray:
+    try:
+        meta = json.loads((folder / "zarr.json").read_text())
+        codecs = meta["codecs"]
+        default_keys = (meta.get("zarr_format") == 3 and len(meta["shape"]) == 1
+                        and meta["chunk_key_encoding"] == {"name": "default", "configuration": {"separator": "/"}}
+                        and meta["chunk_grid"]["name"] == "regular")
+        plain = default_keys and len(codecs) == 1 and codecs[0]["name"] == "bytes"
+    except (OSError, ValueError, KeyError, TypeError):
+        default_keys = plain = False
+    if not default_keys:
+        return np.asarray(array[:])
+    count, size = int(meta["shape"][0]), int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
+    out = np.full(count, array.fill_value, dtype=array.dtype)
+    chunks = os.path.join(folder, "c")
+    try:
+        written = [int(key) for key in os.listdir(chunks)]
+    except FileNotFoundError:  # no chunk written: all fill value (``skipped`` of a run that skipped none)
+        return out
+    except ValueError:  # not this module's layout
+        return np.asarray(array[:])
+    if not plain:  # compressed (``skipped``): zarr decodes, but only the chunks written (few, for ``skipped``)
+        if len(written) * 4 > -(-count // size):
+            return np.asarray(array[:])
+        for index in written:
+            out[index * size:(index + 1) * size] = array[index * size:(index + 1) * size]
+        return out
+    endian = "<" if codecs[0].get("configuration", {}).get("endian", "little") == "little" else ">"
+    dtype = np.dtype(array.dtype).newbyteorder(endian)
+    for index in written:
+        start = index * size
+        with open(os.path.join(chunks, str(index)), "rb") as file:
+            values = np.frombuffer(file.read(), dtype=dtype)
+        if values.size != size:
+            return np.asarray(array[:])  # not a plain chunk after all
+        stop = min(start + size, count)
+        out[start:stop] = values[:stop - start]
+    return out
