@@ -46,7 +46,7 @@ from ..physics.memory import preparation_peak_bytes
 from ..physics.optics import map_extent_voxels
 from ..physics.projector import projector_kernel
 from ..physics.subtract import SubtractionSettings
-from ..report import REPORT_FOLDER
+from ..report import REPORT_FOLDER, start_preparation
 from . import diagnostics, export, metadata, prefetch, rebox, record, region, resources, store, validate
 from .outdir import OutdirLock, explain_os_error, file_identity, prepare_outdir, run_fingerprint
 from .tasks import MapFiles, half_map_models, run_chunk
@@ -304,7 +304,8 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
         store.reset_chunks(store_path, redo)
         done[redo] = False
         attempt.begin(store_path, options.cluster.scheduler, device, len(bounds), int(done.sum()))
-        preload_report_modules()
+        # What the QC report needs from the inputs is gathered while the chunks run.
+        preparation = start_preparation(outdir, table, options.particles_per_stack, show_inputs=reboxing is None)
         pending = [i for i in range(len(bounds)) if not done[i]]
         say(options, f"dsub: {len(table)} particles of {box} px in {len(bounds)} chunk{'s' if len(bounds) != 1 else ''} "
                      f"({len(bounds) - len(pending)} already done) on {runner.description}.")
@@ -374,7 +375,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     if throughput:
         say(options, throughput)
     report(summary, outdir, options)
-    write_qc_report(outdir, options)
+    write_qc_report(outdir, options, preparation)
     return summary
 
 
@@ -419,25 +420,15 @@ def plan_resources(box: int, settings, options: RunOptions, map_voxels: int = 0)
     return plan, dataclasses.replace(options.cluster, device=options.device, worker_memory_bytes=request)
 
 
-def preload_report_modules() -> None:
-    """Import the QC report's plotting modules (matplotlib: seconds) in the background while the tasks run."""
-    import importlib
-    import threading
+def write_qc_report(outdir: Path, options: RunOptions, preparation=None) -> None:
+    """OUTDIR/report/index.html; a failure to draw it only warns: the subtraction itself is finished.
 
-    def load():
-        with contextlib.suppress(Exception):  # a failure shows where the report is drawn, not here
-            for name in ("dsub.report.figures", "dsub.report.page"):
-                importlib.import_module(name)
-
-    threading.Thread(target=load, name="dsub-report-imports", daemon=True).start()
-
-
-def write_qc_report(outdir: Path, options: RunOptions) -> None:
-    """OUTDIR/report/index.html; a failure to draw it only warns: the subtraction itself is finished."""
+    ``preparation``: the ``report.start_preparation`` begun while the chunks ran (None: all read afterwards).
+    """
     from ..report import write_report
 
     try:
-        say(options, f"Report: {write_report(outdir)}")
+        say(options, f"Report: {write_report(outdir, preparation)}")
     except Exception as exc:  # noqa: BLE001 -- any failure here must not fail a finished run
         warn(f"the QC report could not be written ({type(exc).__name__}: {exc}); the subtraction is complete. "
              f"Try again with: dsub report {outdir}")
