@@ -138,8 +138,10 @@ def sbatch_test_only(script: str) -> str | None:
     return (result.stderr or result.stdout).strip().replace("sbatch: error: ", "")
 
 
-#: Most tasks a GPU worker process runs at once (reading and writing around its GPU).
-GPU_WORKER_THREADS = 16
+#: Most tasks that feed one GPU at once (reading and writing around it): more threads only compete
+#: with the GPU's own thread for the interpreter lock (one H200, box 256: a GPU turn took 14 ms with
+#: 8 task threads and 48 ms with 16; BENCHMARKS.md).
+GPU_TASK_THREADS = 8
 
 
 def local_layout(spec) -> tuple[int, int, list[str]]:
@@ -150,7 +152,7 @@ def local_layout(spec) -> tuple[int, int, list[str]]:
         workers = spec.workers or len(gpus)
         # The tasks take turns on their GPU (workflow.tasks.gpu_turn) while the others read and write:
         # threads beyond two only add reads and writes in flight, the GPU's memory stays one task's.
-        threads = max(2, min(GPU_WORKER_THREADS, cores // workers))
+        threads = max(2, min(GPU_TASK_THREADS, cores // workers))
     else:
         workers = spec.workers or max(1, min(4, cores))
         threads = max(1, cores // workers)

@@ -13,6 +13,7 @@ one line too, with the estimate and where the worker logs are.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import resource
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 import dask
 
-from ..cluster.runner import WorkersLost
+from ..cluster.runner import WorkersLost, threaded_scheduler_threads
 from ..errors import DsubError
 from ..physics.memory import (
     COMPILED_GATHER_HOST_BYTES,
@@ -236,12 +237,12 @@ def planned_device(options) -> str:
     return "gpu"  # an existing scheduler: each worker is checked once it answers
 
 
-def tasks_per_worker(spec) -> int:
-    """How many tasks one worker runs at once (threads)."""
+def tasks_per_worker(spec, device: str = "auto") -> int:
+    """How many tasks one worker runs at once (threads); ``device``: where they compute (cpu, gpu, auto)."""
     if spec.scheduler == "sync":
         return 1
     if spec.scheduler == "threads":
-        return spec.workers or (os.cpu_count() or 1)
+        return threaded_scheduler_threads(dataclasses.replace(spec, device=device))
     if spec.scheduler == "local":
         from ..cluster.start import local_layout
 
@@ -257,7 +258,7 @@ def plan_memory(box: int, settings, options, map_voxels: int = 0) -> MemoryPlan:
     """The estimate for this run's workers (call with the cluster config applied); ``map_voxels`` as in ``worker_memory``."""
     spec = options.cluster
     device = planned_device(options)
-    threads = tasks_per_worker(spec)
+    threads = tasks_per_worker(spec, device)
     chunk = options.chunk_size or 256  # unresolved (a script for any run): the default chunk
     batch = batch_cap(box, settings, device, threads, chunk)
     if spec.scheduler in ("threads", "sync"):  # the limit is known now: plan batches within it
