@@ -24,14 +24,13 @@ def stacks(tmp_path):
     return made
 
 
-def test_byte_ranges_cover_the_referenced_images_in_table_order(stacks):
+def test_byte_ranges_follow_the_reading_order(stacks):
     a, b = sorted(stacks)
-    # b is named first; a's images 3..5 and 9, with 4 named twice (symmetry expansion).
-    paths = np.array([b, a, a, a, a, b, a], dtype=object)
-    indices = np.array([2, 4, 3, 5, 4, 3, 9])
+    image, header = 16 * 16 * 4, 1024
+    # b's 2-3, a's 3-5, a's 3-5 again (symmetry expansion), a's 9.
+    paths = np.array([b, b, a, a, a, a, a, a, a], dtype=object)
+    indices = np.array([2, 3, 3, 4, 5, 3, 4, 5, 9])
     ranges = prefetch.byte_ranges(paths, indices)
-    image = 16 * 16 * 4
-    header = 1024
     assert ranges == [(b, header + 2 * image, 2 * image), (a, header + 3 * image, 3 * image),
                       (a, header + 9 * image, image)]
     # What the ranges name is the bytes of those images.
@@ -41,6 +40,10 @@ def test_byte_ranges_cover_the_referenced_images_in_table_order(stacks):
             got = np.frombuffer(f.read(count), dtype="<f4").reshape(-1, 16, 16)
         first = (offset - header) // image
         np.testing.assert_array_equal(got, stacks[path][first : first + got.shape[0]])
+    # In the order the run reads the rows (its chunks round-robin over output stacks).
+    order = np.array([8, 2, 3, 4, 0, 1])
+    assert prefetch.byte_ranges(paths, indices, order) == [
+        (a, header + 9 * image, image), (a, header + 3 * image, 3 * image), (b, header + 2 * image, 2 * image)]
 
 
 def test_large_runs_are_cut_into_pieces(stacks, monkeypatch):
@@ -98,3 +101,15 @@ def test_gpu_batches_are_padded_to_a_few_sizes():
     assert padded.tolist() == [4, 9, 10, 17, 30, 30, 30, 30]
     assert quantum_padded(batch[:4], 4) is not None and quantum_padded(batch[:4], 4).tolist() == [4, 9, 10, 17]
     assert quantum_padded(batch, 1).tolist() == batch.tolist()
+
+
+def test_chunks_run_round_robin_over_the_stacks_they_write():
+    from dsub.workflow import export, store
+
+    bounds = store.chunk_bounds(1000, 100)  # 10 chunks, stacks of 400: 4 + 4 + 2 chunks
+    order = export.chunk_run_order(bounds, export.stack_layout(1000, 400))
+    assert order.tolist() == [0, 4, 8, 1, 5, 9, 2, 6, 3, 7]
+    # Optics groups of two pixel sizes split the stacks; every chunk still comes once.
+    sizes = np.r_[np.full(550, 1.0), np.full(450, 1.3)]
+    order = export.chunk_run_order(bounds, export.stack_layout(1000, 200, sizes))
+    assert order.tolist() == [0, 2, 4, 6, 8, 1, 3, 5, 7, 9]  # chunk 5 (rows 500-599) starts in the third stack

@@ -200,13 +200,18 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     with setup_step(options.log, f"Reading the particles from {particles_path}"):
         table = read_particles(particles_path, cs_root=options.cs_root, passthrough=options.passthrough)
     validate.check_metadata(table)
-    # The disk reads the stacks ahead while the inputs are checked, the maps prepared and the workers started.
-    read_ahead = prefetch.start(table, options.cluster.scheduler)
-    cleanup.callback(read_ahead.stop)
     validate.check_classes(table)
     box = validate.particle_box(table)
     options = dataclasses.replace(
         options, chunk_size=resolved_chunk_size(options, len(table), outdir / store.STORE_NAME))
+    bounds = store.chunk_bounds(len(table), options.chunk_size)
+    layout = export.stack_layout(len(table), options.particles_per_stack, table.pixel_size_angstrom)
+    run_order = export.chunk_run_order(bounds, layout)
+    # The disk reads the stacks ahead, in the chunks' order, while the inputs are checked, the maps
+    # prepared and the workers started.
+    read_ahead = prefetch.start(table, options.cluster.scheduler, order=np.concatenate(
+        [np.arange(*bounds[index]) for index in run_order]) if len(bounds) else None)
+    cleanup.callback(read_ahead.stop)
     if options.single_map:
         unused = "; --half-b is not used" if half_b is not None else ""
         warn(f"--single-map: every particle is subtracted with --half-a{unused}; gold-standard independence "
@@ -266,13 +271,12 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     if resuming and store.images_deleted(store_path):
         dtype = np.float16 if options.float16 else np.float32
         stacks = {relative: export.stack_bytes(rows.size, out_box, dtype) for relative, rows, _ in
-                  export.stack_layout(len(table), options.particles_per_stack, table.pixel_size_angstrom)}
+                  layout}
         finished = finished_run(outdir, stacks, options)
         if finished is not None:
             return finished
         resuming = False  # the images are gone and the export is not complete: compute afresh
     remove_metadata(outdir)  # never leave old metadata that looks complete
-    bounds = store.chunk_bounds(len(table), options.chunk_size)
 
     timings = {"check_inputs": time.monotonic() - started}
     with contextlib.ExitStack() as running:
@@ -300,7 +304,6 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             store.create_store(store_path, len(table), out_box, options.chunk_size,
                                {**identity, "fingerprint": fingerprint}, float16=options.float16,
                                keep_images=options.keep_store)
-        layout = export.stack_layout(len(table), options.particles_per_stack, table.pixel_size_angstrom)
         pieces = export.chunk_pieces(layout, outdir, bounds)
         # The chunk marks are read once: a fresh store has none.
         done = store.finished_chunks(store_path) if resuming else np.zeros(len(bounds), dtype=bool)
@@ -312,7 +315,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
         # What the QC report needs from the inputs is gathered while the chunks run.
         preparation = start_preparation(outdir, table, options.particles_per_stack, show_inputs=reboxing is None)
         cleanup.callback(preparation.result)  # never left running at exit (a run that fails meanwhile)
-        pending = [i for i in range(len(bounds)) if not done[i]]
+        pending = [int(i) for i in run_order if not done[i]]  # running chunks write into different stacks
         say(options, f"dsub: {len(table)} particles of {box} px in {len(bounds)} chunk{'s' if len(bounds) != 1 else ''} "
                      f"({len(bounds) - len(pending)} already done) on {runner.description}.")
         if reboxing is not None:

@@ -32,47 +32,58 @@ PAGE_CACHE_SHARE = 0.5
 PIECE_BYTES = 32 * 2**20
 
 
-def byte_ranges(paths, indices) -> list[tuple[str, int, int]]:
+def byte_ranges(paths, indices, order=None) -> list[tuple[str, int, int]]:
     """(stack path, byte offset, byte count) of the images ``indices`` of stacks ``paths``, in reading order.
 
-    ``paths`` (n,) and ``indices`` (n,) 0-based, as in the particle table; the
-    stacks come in the order the table first names them, each one's images
-    merged into runs of consecutive images and cut into ``PIECE_BYTES`` pieces.
+    ``paths`` (n,) and ``indices`` (n,) 0-based, as in the particle table;
+    ``order``: the rows in the order the run reads them (default: table order).
+    Rows that follow each other in one stack's consecutive images are one range,
+    cut into ``PIECE_BYTES`` pieces; a range equal to the one before it (an image
+    named again, as symmetry expansion does) is left out.
     """
     codes, stacks = pd.factorize(np.asarray(paths, dtype=object))
     indices = np.asarray(indices, dtype=np.int64)
-    first_row = np.full(len(stacks), len(codes), dtype=np.int64)
-    np.minimum.at(first_row, codes, np.arange(len(codes)))
-    ranges = []
-    for code in np.argsort(first_row, kind="stable"):
-        stack = open_stack(stacks[code])
-        offset, image_bytes = getattr(stack, "offset", None), stack[0].nbytes
-        if offset is None:
+    if order is not None:
+        codes, indices = codes[order], indices[order]
+    if codes.size == 0:
+        return []
+    breaks = np.flatnonzero((np.diff(codes) != 0) | (np.diff(indices) != 1)) + 1
+    firsts, lasts = np.r_[0, breaks], np.r_[breaks - 1, codes.size - 1]
+    layout = {}  # stack code -> (data offset, bytes per image), or None where it has no file map
+    ranges, previous = [], None
+    for first, last in zip(firsts.tolist(), lasts.tolist()):
+        code = int(codes[first])
+        if code not in layout:
+            stack = open_stack(stacks[code])
+            offset = getattr(stack, "offset", None)
+            layout[code] = None if offset is None else (offset, stack[0].nbytes)
+        if layout[code] is None:
             continue
-        wanted = np.unique(indices[codes == code])
-        breaks = np.flatnonzero(np.diff(wanted) != 1) + 1
-        for run in np.split(wanted, breaks):
-            start, stop = offset + int(run[0]) * image_bytes, offset + (int(run[-1]) + 1) * image_bytes
-            for piece in range(start, stop, PIECE_BYTES):
-                ranges.append((str(stacks[code]), piece, min(PIECE_BYTES, stop - piece)))
+        offset, image_bytes = layout[code]
+        start, stop = offset + int(indices[first]) * image_bytes, offset + (int(indices[last]) + 1) * image_bytes
+        if (code, start, stop) == previous:
+            continue
+        previous = (code, start, stop)
+        for piece in range(start, stop, PIECE_BYTES):
+            ranges.append((str(stacks[code]), piece, min(PIECE_BYTES, stop - piece)))
     return ranges
 
 
 class StackPrefetch:
     """A background thread reading the stacks of ``table`` ahead into the page cache; ``stop()`` ends it."""
 
-    def __init__(self, table, budget_bytes: int):
+    def __init__(self, table, budget_bytes: int, order=None):
         self._stopped = threading.Event()
         self.requested_bytes = 0
-        self._thread = threading.Thread(target=self._run, args=(table, budget_bytes), name="dsub-prefetch",
+        self._thread = threading.Thread(target=self._run, args=(table, budget_bytes, order), name="dsub-prefetch",
                                         daemon=True)
         self._thread.start()
 
-    def _run(self, table, budget_bytes: int) -> None:
+    def _run(self, table, budget_bytes: int, order) -> None:
         with contextlib.suppress(Exception):
             descriptors: dict[str, int] = {}
             try:
-                for path, offset, count in byte_ranges(table.image_paths, table.image_indices):
+                for path, offset, count in byte_ranges(table.image_paths, table.image_indices, order):
                     if self._stopped.is_set() or self.requested_bytes + count > budget_bytes:
                         return
                     fd = descriptors.get(path)
@@ -96,11 +107,12 @@ class _NoPrefetch:
         pass
 
 
-def start(table, scheduler: str, available_bytes: int | None = None):
+def start(table, scheduler: str, available_bytes: int | None = None, order=None):
     """Read ``table``'s stacks ahead when its tasks run on this machine; returns an object with ``stop()``.
 
     ``available_bytes``: the memory available now (default: psutil's figure);
-    the read-ahead stays within ``PAGE_CACHE_SHARE`` of it.
+    the read-ahead stays within ``PAGE_CACHE_SHARE`` of it. ``order``: the rows
+    in the order the tasks read them (``byte_ranges``).
     """
     if scheduler not in SAME_MACHINE or not hasattr(os, "posix_fadvise"):
         return _NoPrefetch()
@@ -108,4 +120,4 @@ def start(table, scheduler: str, available_bytes: int | None = None):
         import psutil
 
         available_bytes = psutil.virtual_memory().available
-    return StackPrefetch(table, int(PAGE_CACHE_SHARE * available_bytes))
+    return StackPrefetch(table, int(PAGE_CACHE_SHARE * available_bytes), order)
