@@ -35,7 +35,7 @@ from .projector import (
     PreparedVolume,
     extract_slices_of,
     image_spectra,
-    prepare_volume,
+    prepare_volumes,
     projector_kernel,
     shift_phases,
     spectra_to_images,
@@ -127,12 +127,8 @@ def prepare_half_map(xp, half_map, mask, settings: SubtractionSettings, fsc=None
     region = subtraction_region(xp, mask, settings.mask_keeps)
     kernel, oversampling = projector_kernel(settings.projector, settings.padding)
     fit_map = half_map if fsc is None or settings.fit.weighting != "fsc" else wiener_filter(xp, half_map, fsc)
-    return HalfMapModel(
-        full=prepare_volume(xp, fit_map, kernel, oversampling),
-        masked=prepare_volume(xp, half_map * region, kernel, oversampling),
-        fsc=fsc,
-        pixel_size_angstrom=pixel_size_angstrom,
-    )
+    full, masked = prepare_volumes(xp, (fit_map, half_map * region), kernel, oversampling)
+    return HalfMapModel(full=full, masked=masked, fsc=fsc, pixel_size_angstrom=pixel_size_angstrom)
 
 
 def particle_ctfs(xp, particles, size: int):
