@@ -67,12 +67,14 @@ def _prefetch(typing_context, array, index):
 
 @numba.njit(nogil=True, cache=True, inline="always")
 def _prefetch_taps(volume, firsts, c, width, grid, columns, reach, floats):
-    """Prefetch the first tap of each of point c's width² rows (``floats`` float32 per grid point)."""
+    """Prefetch the first and the last tap of each of point c's width² rows (``floats`` float32 per grid point)."""
     x0 = min(max(firsts[0, c] + reach, 0), columns - width)
     for a in range(width):
         plane = _wrap(firsts[2, c] + a, grid) * grid
         for b in range(width):
-            _prefetch(volume, floats * ((plane + _wrap(firsts[1, c] + b, grid)) * columns + x0))
+            start = floats * ((plane + _wrap(firsts[1, c] + b, grid)) * columns + x0)
+            _prefetch(volume, start)
+            _prefetch(volume, start + floats * width - 1)  # the row's end may lie in the next cache line
 
 
 @numba.njit(nogil=True, cache=True)
