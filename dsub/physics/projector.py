@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from importlib.util import find_spec
 
 import numpy as np
 
@@ -155,13 +156,14 @@ def prepare_volume(xp, volume, kernel: GriddingKernel, oversampling: float, out=
 def prepare_volumes(xp, volumes, kernel: GriddingKernel, oversampling: float) -> tuple:
     """``prepare_volume`` of several maps of one box (z, y, x), in order: a tuple of ``PreparedVolume``.
 
-    On NumPy with the compiled gather, two maps are prepared side by side: their
-    transforms are the two halves of one array (P, P, C, 2) complex64 (views of
-    ``prepared_shape``), so ``extract_slices_of`` reads both maps' taps of a point
-    from the same cache lines; the values are those of ``prepare_volume``. Elsewhere
-    (CuPy, the NumPy gather, another count) each map has its own array.
+    On NumPy with numba installed (the compiled gather), two maps are prepared side
+    by side: their transforms are the two halves of one array (P, P, C, 2) complex64
+    (views of ``prepared_shape``), so ``extract_slices_of`` reads both maps' taps of a
+    point from the same cache lines; the values are those of ``prepare_volume``.
+    Elsewhere (CuPy, no numba, another count) each map has its own array. numba is
+    found here, not imported (its import belongs to the first slice).
     """
-    if len(volumes) != 2 or xp.__name__ != "numpy" or compiled_cpu_gather() is None:
+    if len(volumes) != 2 or xp.__name__ != "numpy" or find_spec("numba") is None:
         return tuple(prepare_volume(xp, volume, kernel, oversampling) for volume in volumes)
     box = int(volumes[0].shape[0])
     pair = np.zeros(prepared_shape(box, kernel, oversampling) + (2,), dtype=np.complex64)
