@@ -38,10 +38,11 @@ FIELD_BYTES_PER_ELEMENT = 24
 FIELD_BYTES_PER_ELEMENT_NUMPY_TRANSFER = 96
 BOX_BYTES_PER_ELEMENT = 4
 BOX_BYTES_PER_ELEMENT_NUMPY_FIT = 24
-#: Host memory of the compiled slice gather in a CPU worker: numba, LLVM and the kernel. Peak resident
-#: size of a process before and after its first slice (NumPy 2.4, numba 0.68): 64 -> 189 MiB with the
-#: kernel in numba's cache, 64 -> 230 MiB when it is compiled (the first run on a machine).
-COMPILED_GATHER_HOST_BYTES = 200 * 2**20
+#: Host memory of the compiled CPU kernels in a worker (slice gather, transfer, contrast fit): numba, LLVM
+#: and the kernels. Peak resident size of a process before and after its first batch of each projector
+#: (NumPy 2.4, numba 0.68): 74 -> 218 MiB with the kernels in numba's cache, 74 -> 266 MiB when they are
+#: compiled (the first run on a machine).
+COMPILED_GATHER_HOST_BYTES = 240 * 2**20
 #: Prepared volumes resident per worker: (whole, masked) for each of the two half sets.
 PREPARED_VOLUMES = 4
 
