@@ -17,7 +17,9 @@ their pruned transforms; 96 where numba is missing and the transfer is NumPy
 arrays, its CTF in float64, ``optics.particle_transfer``), plus 4 bytes per
 element of the box's half plane (images, models; 24 where numba is missing
 and the contrast fit's sums are NumPy arrays). The GPU's
-slice kernel keeps no per-tap arrays either. Measured at box 48 and 96 (NumPy
+slice kernel keeps no per-tap arrays either. (On NumPy the field is transformed
+for at most 16 MiB of particles at once, ``subtract.FIELD_GROUP_BYTES``: at large
+boxes the figure is an upper bound.) Measured at box 48 and 96 (NumPy
 2.4, SciPy 1.17): within 21 % with numba (relion +21 %, the default at box 96 -19 %), above
 the measured peak without it.
 """
