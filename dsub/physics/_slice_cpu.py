@@ -9,9 +9,13 @@ row along x in the NumPy gather's order, so the values are the same to the
 bit on every case tested. Per output row: the in-band points' coordinates,
 their weights (loops over the points, which the compiler vectorises), then
 the sums, with each point's rows prefetched a few points ahead (they lie far
-apart in a volume much larger than the caches). Several volumes of one grid
+apart in a volume much larger than the caches: the first and the last tap of
+each row, which often lie in two cache lines). Several volumes of one grid
 (a half map whole and masked) are sliced in one pass, sharing the points'
-coordinates and weights (``extract_slices_of_numba``). Nothing per tap is stored, so
+coordinates and weights (``extract_slices_of_numba``); two prepared side by
+side (``projector.prepare_volumes``) have their values at each grid point next
+to each other, so a point's taps of both come from the same cache lines (the
+trilinear gather is bound by memory latency). Nothing per tap is stored, so
 a batch needs no working memory beyond its output, and the loop runs without
 the GIL (``nogil``): threads of one process slice their own batches at once.
 
