@@ -57,7 +57,7 @@ STAGES = [
     (subtract, "fit_contrast", "contrast fit"),
     (subtract, "fit_spectra", "contrast fit"),
     (subtract, "wiener_filter", "Wiener filter"),
-    (subtract, "prepare_volume", "prepare_volume"),
+    (subtract, "prepare_volumes", "prepare_volume"),
 ]
 
 

@@ -5,7 +5,14 @@ import numpy as np
 import pytest
 
 from dsub.physics.gridding import GriddingKernel, kaiser_bessel
-from dsub.physics.projector import _extract_slices_numpy, extract_slices, prepare_volume, projector_kernel
+from dsub.physics.projector import (
+    _extract_slices_numpy,
+    extract_slices,
+    extract_slices_of,
+    prepare_volume,
+    prepare_volumes,
+    projector_kernel,
+)
 from dsub.simulate import random_rotations
 
 pytest.importorskip("numba")
@@ -29,3 +36,24 @@ def test_compiled_gather_matches_numpy_gather(kernel, oversampling, box, size, c
     assert compiled.dtype == np.complex64 and compiled.shape == reference.shape
     assert np.array_equal(compiled == 0, reference == 0)
     np.testing.assert_allclose(compiled, reference, rtol=0, atol=1e-6 * np.abs(reference).max())
+
+
+@pytest.mark.parametrize("kernel, oversampling", [(GriddingKernel("trilinear", 2), 2.0), projector_kernel("gridding"),
+                                                  (kaiser_bessel(3, 2.0), 2.0)])
+@pytest.mark.parametrize("corners", ["map", "zero"])
+def test_maps_prepared_side_by_side_slice_as_maps_prepared_alone(kernel, oversampling, corners):
+    """Two maps in one array (P, P, C, 2), gathered together, give each map's own slices to the bit."""
+    box = 40
+    rng = np.random.default_rng(7)
+    maps = [rng.standard_normal((box,) * 3).astype(np.float32) for _ in range(2)]
+    together = prepare_volumes(np, maps, kernel, oversampling)
+    alone = [prepare_volume(np, volume, kernel, oversampling) for volume in maps]
+    assert together[0].transform.base is together[1].transform.base  # the side-by-side layout is in use
+    for shared, own in zip(together, alone):
+        assert np.array_equal(shared.transform, own.transform)
+    matrices = np.concatenate([random_rotations(5, rng), np.eye(3)[None]])
+    sliced = extract_slices_of(np, together, matrices, corners)
+    for index, own in enumerate(alone):
+        reference = _extract_slices_numpy(np, own, matrices, corners, box)
+        assert np.array_equal(sliced[index], extract_slices(np, own, matrices, corners))
+        np.testing.assert_allclose(sliced[index], reference, rtol=0, atol=1e-6 * np.abs(reference).max())

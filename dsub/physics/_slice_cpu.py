@@ -9,9 +9,13 @@ row along x in the NumPy gather's order, so the values are the same to the
 bit on every case tested. Per output row: the in-band points' coordinates,
 their weights (loops over the points, which the compiler vectorises), then
 the sums, with each point's rows prefetched a few points ahead (they lie far
-apart in a volume much larger than the caches). Several volumes of one grid
+apart in a volume much larger than the caches: the first and the last tap of
+each row, which often lie in two cache lines). Several volumes of one grid
 (a half map whole and masked) are sliced in one pass, sharing the points'
-coordinates and weights (``extract_slices_of_numba``). Nothing per tap is stored, so
+coordinates and weights (``extract_slices_of_numba``); two prepared side by
+side (``projector.prepare_volumes``) have their values at each grid point next
+to each other, so a point's taps of both come from the same cache lines (the
+trilinear gather is bound by memory latency). Nothing per tap is stored, so
 a batch needs no working memory beyond its output, and the loop runs without
 the GIL (``nogil``): threads of one process slice their own batches at once.
 
@@ -66,13 +70,15 @@ def _prefetch(typing_context, array, index):
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
-def _prefetch_taps(volume, firsts, c, width, grid, columns, reach):
-    """Prefetch the first tap of each of point c's width² rows."""
-    x0 = 2 * min(max(firsts[0, c] + reach, 0), columns - width)
+def _prefetch_taps(volume, firsts, c, width, grid, columns, reach, floats):
+    """Prefetch the first and the last tap of each of point c's width² rows (``floats`` float32 per grid point)."""
+    x0 = min(max(firsts[0, c] + reach, 0), columns - width)
     for a in range(width):
         plane = _wrap(firsts[2, c] + a, grid) * grid
         for b in range(width):
-            _prefetch(volume, 2 * (plane + _wrap(firsts[1, c] + b, grid)) * columns + x0)
+            start = floats * ((plane + _wrap(firsts[1, c] + b, grid)) * columns + x0)
+            _prefetch(volume, start)
+            _prefetch(volume, start + floats * width - 1)  # the row's end may lie in the next cache line
 
 
 @numba.njit(nogil=True, cache=True)
@@ -118,15 +124,19 @@ def _row_weights(coordinates, count, width, kind, beta, series, firsts, weights,
 
 
 @numba.njit(nogil=True, cache=True)
-def _gather(volumes, rotations, kx, ky, out, box, grid, reach, step, width, kind, beta, series, cube):
-    """Fill ``out`` (m, n, size, size//2 + 1) with the kernel sums of each of the m ``volumes`` at each slice point.
+def _gather(volumes, interleaved, rotations, kx, ky, out, box, grid, reach, step, width, kind, beta, series, cube):
+    """Fill ``out`` (m, n, size, size//2 + 1) with the kernel sums of each of the m volumes at each slice point.
 
-    ``volumes`` is a tuple of prepared transforms of one shape (P, P, C) complex64,
-    each seen as float32 pairs, flattened. Each output row is done in three
-    passes: its in-band points' coordinates, their weights (shared by every
-    volume), then the taps of each volume in turn.
+    ``volumes`` is a tuple of arrays of one shape (P, P, C, ``interleaved``) complex64,
+    each seen as float32 pairs, flattened: ``interleaved`` prepared transforms side by
+    side at each grid point (1 or 2), volume ``g·interleaved + i`` of ``out`` being the
+    i-th of array g. Each output row is done in three passes: its in-band points'
+    coordinates, their weights (shared by every volume), then the taps of each array in
+    turn, all of its volumes at once (their values at a tap share cache lines). Each
+    volume's sum runs in the same order whether interleaved or not.
     """
-    columns = (volumes[0].shape[0] // (grid * grid)) // 2
+    floats = 2 * interleaved  # float32 per grid point
+    columns = (volumes[0].shape[0] // (grid * grid)) // floats
     size, half = out.shape[2], out.shape[3]
     radius2 = np.float32((size / 2.0) ** 2)
     limit = np.float32(box / 2.0)
@@ -153,7 +163,7 @@ def _gather(volumes, rotations, kx, ky, out, box, grid, reach, step, width, kind
                 else:
                     inside = fx * fx + fy * fy <= radius2
                 if not inside:
-                    for m in range(len(volumes)):
+                    for m in range(out.shape[0]):
                         out[m, p, iy, ix] = 0
                     continue
                 qx, qy, qz = qx * step, qy * step, qz * step
@@ -165,40 +175,97 @@ def _gather(volumes, rotations, kx, ky, out, box, grid, reach, step, width, kind
                 flipped[count] = negative
                 count += 1
             _row_weights(coordinates, count, width, kind, beta, series, firsts, weights, starts, quarter, total)
-            for m in range(len(volumes)):
-                volume = volumes[m]
+            for g in range(len(volumes)):
+                volume = volumes[g]
                 for c in range(min(PREFETCH_AHEAD, count)):
-                    _prefetch_taps(volume, firsts, c, width, grid, columns, reach)
+                    _prefetch_taps(volume, firsts, c, width, grid, columns, reach, floats)
                 for c in range(count):
                     if c + PREFETCH_AHEAD < count:  # the taps' rows are far apart: ask for them early
-                        _prefetch_taps(volume, firsts, c + PREFETCH_AHEAD, width, grid, columns, reach)
-                    wx, wy, wz = weights[0, :, c], weights[1, :, c], weights[2, :, c]
-                    x0 = min(max(firsts[0, c] + reach, 0), columns - width)
-                    real = np.float32(0.0)
-                    imag = np.float32(0.0)
-                    for a in range(width):
-                        plane = _wrap(firsts[2, c] + a, grid) * grid
-                        for b in range(width):
-                            start = 2 * ((plane + _wrap(firsts[1, c] + b, grid)) * columns + x0)
-                            # the row's taps along x, contiguous (real, imag) pairs, summed in order
-                            if width == 4:  # the default kernel, unrolled
-                                row_real = (volume[start] * wx[0] + volume[start + 2] * wx[1]
-                                            + volume[start + 4] * wx[2] + volume[start + 6] * wx[3])
-                                row_imag = (volume[start + 1] * wx[0] + volume[start + 3] * wx[1]
-                                            + volume[start + 5] * wx[2] + volume[start + 7] * wx[3])
-                            elif width == 2:  # trilinear
-                                row_real = volume[start] * wx[0] + volume[start + 2] * wx[1]
-                                row_imag = volume[start + 1] * wx[0] + volume[start + 3] * wx[1]
-                            else:
-                                row_real = np.float32(0.0)
-                                row_imag = np.float32(0.0)
-                                for j in range(width):
-                                    row_real += volume[start + 2 * j] * wx[j]
-                                    row_imag += volume[start + 2 * j + 1] * wx[j]
-                            weight = wz[a] * wy[b]
-                            real += row_real * weight
-                            imag += row_imag * weight
-                    out[m, p, iy, points[c]] = complex(real, -imag if flipped[c] else imag)
+                        _prefetch_taps(volume, firsts, c + PREFETCH_AHEAD, width, grid, columns, reach, floats)
+                    if interleaved == 2:
+                        first, second = _tap_sums_of_two(volume, weights, firsts, c, width, grid, columns, reach)
+                        out[2 * g, p, iy, points[c]] = np.conj(first) if flipped[c] else first
+                        out[2 * g + 1, p, iy, points[c]] = np.conj(second) if flipped[c] else second
+                    else:
+                        value = _tap_sum(volume, weights, firsts, c, width, grid, columns, reach)
+                        out[g, p, iy, points[c]] = np.conj(value) if flipped[c] else value
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _tap_sum(volume, weights, firsts, c, width, grid, columns, reach):
+    """Point c's kernel sum over one volume stored alone (one complex64 per grid point)."""
+    wx, wy, wz = weights[0, :, c], weights[1, :, c], weights[2, :, c]
+    x0 = min(max(firsts[0, c] + reach, 0), columns - width)
+    real = np.float32(0.0)
+    imag = np.float32(0.0)
+    for a in range(width):
+        plane = _wrap(firsts[2, c] + a, grid) * grid
+        for b in range(width):
+            start = 2 * ((plane + _wrap(firsts[1, c] + b, grid)) * columns + x0)
+            # the row's taps along x, contiguous (real, imag) pairs, summed in order
+            if width == 4:  # the default kernel, unrolled
+                row_real = (volume[start] * wx[0] + volume[start + 2] * wx[1]
+                            + volume[start + 4] * wx[2] + volume[start + 6] * wx[3])
+                row_imag = (volume[start + 1] * wx[0] + volume[start + 3] * wx[1]
+                            + volume[start + 5] * wx[2] + volume[start + 7] * wx[3])
+            elif width == 2:  # trilinear
+                row_real = volume[start] * wx[0] + volume[start + 2] * wx[1]
+                row_imag = volume[start + 1] * wx[0] + volume[start + 3] * wx[1]
+            else:
+                row_real = np.float32(0.0)
+                row_imag = np.float32(0.0)
+                for j in range(width):
+                    row_real += volume[start + 2 * j] * wx[j]
+                    row_imag += volume[start + 2 * j + 1] * wx[j]
+            weight = wz[a] * wy[b]
+            real += row_real * weight
+            imag += row_imag * weight
+    return complex(real, imag)
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _tap_sums_of_two(volume, weights, firsts, c, width, grid, columns, reach):
+    """Point c's kernel sums over two volumes stored side by side (two complex64 per grid point),
+    each in ``_tap_sum``'s order."""
+    wx, wy, wz = weights[0, :, c], weights[1, :, c], weights[2, :, c]
+    x0 = min(max(firsts[0, c] + reach, 0), columns - width)
+    real0 = np.float32(0.0)
+    imag0 = np.float32(0.0)
+    real1 = np.float32(0.0)
+    imag1 = np.float32(0.0)
+    for a in range(width):
+        plane = _wrap(firsts[2, c] + a, grid) * grid
+        for b in range(width):
+            s = 4 * ((plane + _wrap(firsts[1, c] + b, grid)) * columns + x0)
+            if width == 4:
+                row_real0 = volume[s] * wx[0] + volume[s + 4] * wx[1] + volume[s + 8] * wx[2] + volume[s + 12] * wx[3]
+                row_imag0 = (volume[s + 1] * wx[0] + volume[s + 5] * wx[1] + volume[s + 9] * wx[2]
+                             + volume[s + 13] * wx[3])
+                row_real1 = (volume[s + 2] * wx[0] + volume[s + 6] * wx[1] + volume[s + 10] * wx[2]
+                             + volume[s + 14] * wx[3])
+                row_imag1 = (volume[s + 3] * wx[0] + volume[s + 7] * wx[1] + volume[s + 11] * wx[2]
+                             + volume[s + 15] * wx[3])
+            elif width == 2:
+                row_real0 = volume[s] * wx[0] + volume[s + 4] * wx[1]
+                row_imag0 = volume[s + 1] * wx[0] + volume[s + 5] * wx[1]
+                row_real1 = volume[s + 2] * wx[0] + volume[s + 6] * wx[1]
+                row_imag1 = volume[s + 3] * wx[0] + volume[s + 7] * wx[1]
+            else:
+                row_real0 = np.float32(0.0)
+                row_imag0 = np.float32(0.0)
+                row_real1 = np.float32(0.0)
+                row_imag1 = np.float32(0.0)
+                for j in range(width):
+                    row_real0 += volume[s + 4 * j] * wx[j]
+                    row_imag0 += volume[s + 4 * j + 1] * wx[j]
+                    row_real1 += volume[s + 4 * j + 2] * wx[j]
+                    row_imag1 += volume[s + 4 * j + 3] * wx[j]
+            weight = wz[a] * wy[b]
+            real0 += row_real0 * weight
+            imag0 += row_imag0 * weight
+            real1 += row_real1 * weight
+            imag1 += row_imag1 * weight
+    return complex(real0, imag0), complex(real1, imag1)
 
 
 def _series(kernel) -> np.ndarray:
@@ -223,20 +290,44 @@ def extract_slices_of_numba(volumes, rotations, corners: str, size: int):
     (len(volumes), n, size, size//2 + 1).
 
     Each point's coordinates and kernel weights are computed once for all the
-    volumes. Raises ValueError for volumes of different boxes, kernels or grids.
+    volumes. Two volumes prepared side by side (``projector.prepare_volumes``: their
+    transforms are the two halves of one array (P, P, C, 2)) are read together, each
+    point's taps of both from the same cache lines. Raises ValueError for volumes of
+    different boxes, kernels or grids.
     """
     first = volumes[0]
     box, kernel = first.box, first.kernel
     if any(v.box != box or v.kernel != kernel or v.transform.shape != first.transform.shape for v in volumes):
         raise ValueError("volumes sliced together must share their box, kernel and grid")
-    flat = tuple(np.ascontiguousarray(v.transform, dtype=np.complex64).view(np.float32).reshape(-1) for v in volumes)
+    pair = _side_by_side(volumes)
+    if pair is not None:
+        flat, interleaved = (pair.view(np.float32).reshape(-1),), 2
+    else:
+        flat = tuple(np.ascontiguousarray(v.transform, dtype=np.complex64).view(np.float32).reshape(-1)
+                     for v in volumes)
+        interleaved = 1
     # the same float32 arithmetic as projector.slice_coordinates
     rot = np.ascontiguousarray(np.asarray(rotations, dtype=np.float32).reshape(-1, 3, 3) * np.float32(box / float(size)))
     kx, ky = frequency_grid(np, size)
     out = np.empty((len(volumes), rot.shape[0], size, size // 2 + 1), dtype=np.complex64)
     if out.size == 0:
         return out
-    _gather(flat, rot, np.ascontiguousarray(kx[0]), np.ascontiguousarray(ky[:, 0]), out, box,
+    _gather(flat, interleaved, rot, np.ascontiguousarray(kx[0]), np.ascontiguousarray(ky[:, 0]), out, box,
             first.grid_size, kernel.reach, np.float32(first.grid_size / float(box)), kernel.width,
             0 if kernel.kind == "trilinear" else 1, float(kernel.beta), _series(kernel), corners == "map")
     return out
+
+
+def _side_by_side(volumes):
+    """The array (P, P, C, 2) complex64 whose two halves are the two volumes' transforms, in order, or None."""
+    if len(volumes) != 2:
+        return None
+    pair = volumes[0].transform.base
+    if (not isinstance(pair, np.ndarray) or pair.dtype != np.complex64 or pair.ndim != 4 or pair.shape[3] != 2
+            or not pair.flags.c_contiguous or volumes[1].transform.base is not pair):
+        return None
+    address = pair.__array_interface__["data"][0]
+    if any(v.transform.__array_interface__["data"][0] != address + 8 * i or v.transform.strides != pair.strides[:3]
+           for i, v in enumerate(volumes)):
+        return None
+    return pair

@@ -54,6 +54,7 @@ The fit quality is the correlation of image and model over the band,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -156,7 +157,8 @@ def fit_contrast(xp, images, models, pixel_size_angstrom, fit: ContrastFit) -> C
 def fit_spectra(xp, image_ft, model_ft, box: int, pixel_size_angstrom, fit: ContrastFit) -> ContrastResult:
     """``fit_contrast`` on the rfft2 of the (windowed) images and models, complex (n, box, box//2 + 1).
 
-    On CuPy one CUDA kernel computes the sums (``_contrast_cuda.py``).
+    On CuPy one CUDA kernel computes the sums (``_contrast_cuda.py``), on NumPy its
+    numba twin where numba imports (``_contrast_cpu.py``); both accumulate in float64.
     """
     if xp.__name__ == "cupy":
         from ._contrast_cuda import fit_spectra_cuda
@@ -167,6 +169,17 @@ def fit_spectra(xp, image_ft, model_ft, box: int, pixel_size_angstrom, fit: Cont
             None if low is None else np.float32(1.0 / low), None if high is None else np.float32(1.0 / high),
         )
         return ContrastResult(alpha, sigma, correlation)
+    compiled = compiled_cpu_fit() if xp.__name__ == "numpy" else None
+    if compiled is not None:
+        low, high = fit.low_resolution_angstrom, fit.high_resolution_angstrom
+        return ContrastResult(*compiled(image_ft, model_ft, box, pixel_size_angstrom,
+                                        None if low is None else np.float32(1.0 / low),
+                                        None if high is None else np.float32(1.0 / high)))
+    return _fit_spectra_arrays(xp, image_ft, model_ft, box, pixel_size_angstrom, fit)
+
+
+def _fit_spectra_arrays(xp, image_ft, model_ft, box: int, pixel_size_angstrom, fit: ContrastFit) -> ContrastResult:
+    """``fit_spectra`` from whole arrays (NumPy without numba; the twin the kernels are tested against)."""
     weights = band_weights(xp, box, pixel_size_angstrom, fit)
     cross = (weights * (image_ft * xp.conj(model_ft)).real).sum(axis=(-2, -1))
     model_power = (weights * _power(xp, model_ft)).sum(axis=(-2, -1))
@@ -180,6 +193,16 @@ def fit_spectra(xp, image_ft, model_ft, box: int, pixel_size_angstrom, fit: Cont
     norm = xp.sqrt(model_power * image_power)
     correlation = xp.where(norm > 0, cross / xp.where(norm > 0, norm, 1.0), 0.0)
     return ContrastResult(alpha.astype("float32"), sigma.astype("float32"), correlation.astype("float32"))
+
+
+@lru_cache(maxsize=1)
+def compiled_cpu_fit():
+    """``_contrast_cpu.fit_spectra_numba`` where numba imports, else None (then NumPy arrays serve)."""
+    try:
+        from ._contrast_cpu import fit_spectra_numba
+    except (ImportError, RuntimeError):  # as projector.compiled_cpu_gather
+        return None
+    return fit_spectra_numba
 
 
 def _power(xp, spectra):

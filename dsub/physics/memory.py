@@ -14,10 +14,14 @@ missing and the NumPy gather keeps coordinates, taps and weights per axis) and
 the extraction field's (24 bytes per element of its half plane E·(E//2 + 1):
 both maps' field spectra, multiplied by the compiled transfer in place, and
 their pruned transforms; 96 where numba is missing and the transfer is NumPy
-arrays, its CTF in float64, ``optics.particle_transfer``), plus 24 bytes per
-element of the box's half plane (images, models, contrast fit). The GPU's
-slice kernel keeps no per-tap arrays either. Measured at box 48 and 96 (NumPy
-2.4, SciPy 1.17): within 12 % with numba, above the measured peak without it.
+arrays, its CTF in float64, ``optics.particle_transfer``), plus 4 bytes per
+element of the box's half plane (images, models; 24 where numba is missing
+and the contrast fit's sums are NumPy arrays). The GPU's
+slice kernel keeps no per-tap arrays either. (On NumPy the field is transformed
+for at most 16 MiB of particles at once, ``subtract.FIELD_GROUP_BYTES``: at large
+boxes the figure is an upper bound.) Measured at box 48 and 96 (NumPy
+2.4, SciPy 1.17): within 21 % with numba (relion +21 %, the default at box 96 -19 %), above
+the measured peak without it.
 """
 
 from __future__ import annotations
@@ -28,16 +32,19 @@ from .gridding import grid_size
 from .projector import prepared_shape, projector_kernel
 
 #: Bytes per element of an rfft2 half plane (measured): the slices' (plus per kernel width without numba),
-#: the field's (with the compiled transfer, and with NumPy's arrays), the box's.
+#: the field's (with the compiled transfer, and with NumPy's arrays), the box's (with the compiled contrast fit,
+#: and with NumPy's arrays).
 SLICE_BYTES_PER_ELEMENT = 44
 SLICE_BYTES_PER_ELEMENT_AND_WIDTH = 52
 FIELD_BYTES_PER_ELEMENT = 24
 FIELD_BYTES_PER_ELEMENT_NUMPY_TRANSFER = 96
-BOX_BYTES_PER_ELEMENT = 24
-#: Host memory of the compiled slice gather in a CPU worker: numba, LLVM and the kernel. Peak resident
-#: size of a process before and after its first slice (NumPy 2.4, numba 0.68): 64 -> 189 MiB with the
-#: kernel in numba's cache, 64 -> 230 MiB when it is compiled (the first run on a machine).
-COMPILED_GATHER_HOST_BYTES = 200 * 2**20
+BOX_BYTES_PER_ELEMENT = 4
+BOX_BYTES_PER_ELEMENT_NUMPY_FIT = 24
+#: Host memory of the compiled CPU kernels in a worker (slice gather, transfer, contrast fit): numba, LLVM
+#: and the kernels. Peak resident size of a process before and after its first batch of each projector
+#: (NumPy 2.4, numba 0.68): 74 -> 218 MiB with the kernels in numba's cache, 74 -> 266 MiB when they are
+#: compiled (the first run on a machine).
+COMPILED_GATHER_HOST_BYTES = 240 * 2**20
 #: Prepared volumes resident per worker: (whole, masked) for each of the two half sets.
 PREPARED_VOLUMES = 4
 
@@ -95,8 +102,9 @@ def batch_bytes_per_particle(box: int, settings, delocalisation_pixels: float = 
     kernel, _ = projector_kernel(settings.projector, settings.padding)
     field = settings.field_size(box, delocalisation_pixels)
     sliced = field if settings.field_slice and settings.projector != "relion" else box
-    compiled = compiled_gather_installed()  # numba compiles the slice gather and the transfer alike
+    compiled = compiled_gather_installed()  # numba compiles the slice gather, the transfer and the fit alike
     per_tap = 0 if compiled else SLICE_BYTES_PER_ELEMENT_AND_WIDTH * kernel.width
     slice_bytes = (SLICE_BYTES_PER_ELEMENT + per_tap) * half_plane(sliced)
     field_bytes = (FIELD_BYTES_PER_ELEMENT if compiled else FIELD_BYTES_PER_ELEMENT_NUMPY_TRANSFER) * half_plane(field)
-    return max(slice_bytes, field_bytes) + BOX_BYTES_PER_ELEMENT * half_plane(box)
+    box_bytes = (BOX_BYTES_PER_ELEMENT if compiled else BOX_BYTES_PER_ELEMENT_NUMPY_FIT) * half_plane(box)
+    return max(slice_bytes, field_bytes) + box_bytes

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from importlib.util import find_spec
 
 import numpy as np
 
@@ -92,15 +93,17 @@ def prepared_shape(box: int, kernel: GriddingKernel, oversampling: float) -> tup
     return (size, size, size // 2 + 1 + 2 * kernel.reach)
 
 
-def prepare_volume(xp, volume, kernel: GriddingKernel, oversampling: float) -> PreparedVolume:
+def prepare_volume(xp, volume, kernel: GriddingKernel, oversampling: float, out=None) -> PreparedVolume:
     """Grid-correct, zero-pad to P = grid_size(box, oversampling) and transform a cubic map (z, y, x).
 
     The transform is ``rfftn`` of the corrected map centred in a zero P³ grid
     and ``ifftshift``-ed (its centre voxel at index 0), done axis by axis inside
     the result without transforming the zeros: along x the box² rows that hold
     the map, one z plane at a time; along y the box planes; along z the whole
-    half spectrum (in place on NumPy). Single precision throughout. Raises
-    ValueError for a map that is not cubic. Working memory beside the result
+    half spectrum (in place on NumPy). Single precision throughout. ``out``
+    (NumPy): a zero-filled complex64 array (or view) of ``prepared_shape`` to
+    fill instead of a new one. Raises ValueError for a map that is not cubic or
+    an ``out`` of another shape. Working memory beside the result
     (P²·(P/2 + 2·reach + 1) complex64): one plane's rows on NumPy, on CuPy a
     copy of the result's size for the last two axes' transforms.
     """
@@ -116,7 +119,12 @@ def prepare_volume(xp, volume, kernel: GriddingKernel, oversampling: float) -> P
     # Voxel v (offset v - box//2 from the centre) lands at index (v - box//2) mod P on each axis:
     # the upper part of the map at the grid's start, the lower part at its end.
     parts = ((slice(box // 2, box), slice(0, box - box // 2)), (slice(0, box // 2), slice(size - box // 2, size)))
-    transform = xp.zeros(shape, dtype="complex64")
+    if out is None:
+        transform = xp.zeros(shape, dtype="complex64")
+    elif tuple(out.shape) != shape or out.dtype != np.complex64:
+        raise ValueError(f"out must be complex64 of shape {shape}, got {out.dtype} {tuple(out.shape)}")
+    else:
+        transform = out
     half = transform[:, :, reach : reach + size // 2 + 1]
     rows = xp.zeros((box, size), dtype="float32")
     plane_correction = inverse[:, None] * inverse[None, :]
@@ -143,6 +151,23 @@ def prepare_volume(xp, volume, kernel: GriddingKernel, oversampling: float) -> P
         for target, source in ((reach - column, column), (reach + size // 2 + column, size // 2 - column)):
             transform[:, :, target] = xp.conj(xp.roll(half[::-1, ::-1, source], (1, 1), axis=(0, 1)))
     return PreparedVolume(transform=transform, box=box, kernel=kernel)
+
+
+def prepare_volumes(xp, volumes, kernel: GriddingKernel, oversampling: float) -> tuple:
+    """``prepare_volume`` of several maps of one box (z, y, x), in order: a tuple of ``PreparedVolume``.
+
+    On NumPy with numba installed (the compiled gather), two maps are prepared side
+    by side: their transforms are the two halves of one array (P, P, C, 2) complex64
+    (views of ``prepared_shape``), so ``extract_slices_of`` reads both maps' taps of a
+    point from the same cache lines; the values are those of ``prepare_volume``.
+    Elsewhere (CuPy, no numba, another count) each map has its own array. numba is
+    found here, not imported (its import belongs to the first slice).
+    """
+    if len(volumes) != 2 or xp.__name__ != "numpy" or find_spec("numba") is None:
+        return tuple(prepare_volume(xp, volume, kernel, oversampling) for volume in volumes)
+    box = int(volumes[0].shape[0])
+    pair = np.zeros(prepared_shape(box, kernel, oversampling) + (2,), dtype=np.complex64)
+    return tuple(prepare_volume(xp, volume, kernel, oversampling, out=pair[..., i]) for i, volume in enumerate(volumes))
 
 
 def _same_memory(xp, result, target) -> bool:

@@ -17,7 +17,7 @@ when premultiplied) on the box grid.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 import numpy as np
@@ -35,7 +35,7 @@ from .projector import (
     PreparedVolume,
     extract_slices_of,
     image_spectra,
-    prepare_volume,
+    prepare_volumes,
     projector_kernel,
     shift_phases,
     spectra_to_images,
@@ -127,12 +127,8 @@ def prepare_half_map(xp, half_map, mask, settings: SubtractionSettings, fsc=None
     region = subtraction_region(xp, mask, settings.mask_keeps)
     kernel, oversampling = projector_kernel(settings.projector, settings.padding)
     fit_map = half_map if fsc is None or settings.fit.weighting != "fsc" else wiener_filter(xp, half_map, fsc)
-    return HalfMapModel(
-        full=prepare_volume(xp, fit_map, kernel, oversampling),
-        masked=prepare_volume(xp, half_map * region, kernel, oversampling),
-        fsc=fsc,
-        pixel_size_angstrom=pixel_size_angstrom,
-    )
+    full, masked = prepare_volumes(xp, (fit_map, half_map * region), kernel, oversampling)
+    return HalfMapModel(full=full, masked=masked, fsc=fsc, pixel_size_angstrom=pixel_size_angstrom)
 
 
 def particle_ctfs(xp, particles, size: int):
@@ -279,7 +275,31 @@ def _extract_in_field_numpy(xp, images, size: int, transfer: ParticleTransfer):
     phase is applied. Forward: the box's rows along x (zero-padded to ``size``),
     then every column along y; inverse: every column along y, then only the box's
     rows along x. Three quarters of the row transforms of a 2-box field are skipped.
+    On NumPy the particles go through in groups whose field spectra stay within
+    ``FIELD_GROUP_BYTES``: the allocator then reuses the same memory from group to
+    group instead of the kernel handing over fresh pages for every batch.
     """
+    count = images.shape[1]
+    per_particle = images.shape[0] * size * (size // 2 + 1) * 8  # both maps' field spectra, complex64
+    group = max(1, FIELD_GROUP_BYTES // per_particle) if xp.__name__ == "numpy" else count
+    if group >= count:
+        return _extract_group_in_field(xp, images, size, transfer)
+    out = xp.empty(images.shape, dtype="float32")
+    for first in range(0, count, group):
+        rows = slice(first, min(first + group, count))
+        squared = None if transfer.squared is None else transfer.squared[rows]
+        part = replace(transfer, particles=transfer.particles.subset(rows), squared=squared)
+        out[:, rows] = _extract_group_in_field(xp, images[:, rows], size, part)
+    return out
+
+
+#: Largest field spectra (bytes) that ``_extract_in_field_numpy`` transforms at once: below glibc's
+#: largest mmap threshold (32 MiB), so the blocks are reused rather than mapped afresh for each batch.
+FIELD_GROUP_BYTES = 16 * 2**20
+
+
+def _extract_group_in_field(xp, images, size: int, transfer: ParticleTransfer):
+    """The pruned transforms of ``_extract_in_field_numpy`` for one group of particles."""
     box = images.shape[-1]
     fft = fft_module(xp)
     spectra = fft.fft(fft.rfft(images, n=size, axis=-1), n=size, axis=-2, overwrite_x=True)
