@@ -30,7 +30,7 @@ def test_byte_ranges_follow_the_reading_order(stacks):
     # b's 2-3, a's 3-5, a's 3-5 again (symmetry expansion), a's 9.
     paths = np.array([b, b, a, a, a, a, a, a, a], dtype=object)
     indices = np.array([2, 3, 3, 4, 5, 3, 4, 5, 9])
-    ranges = prefetch.byte_ranges(paths, indices)
+    ranges = list(prefetch.byte_ranges(paths, indices))
     assert ranges == [(b, header + 2 * image, 2 * image), (a, header + 3 * image, 3 * image),
                       (a, header + 9 * image, image)]
     # What the ranges name is the bytes of those images.
@@ -42,14 +42,14 @@ def test_byte_ranges_follow_the_reading_order(stacks):
         np.testing.assert_array_equal(got, stacks[path][first : first + got.shape[0]])
     # In the order the run reads the rows (its chunks round-robin over output stacks).
     order = np.array([8, 2, 3, 4, 0, 1])
-    assert prefetch.byte_ranges(paths, indices, order) == [
+    assert list(prefetch.byte_ranges(paths, indices, order)) == [
         (a, header + 9 * image, image), (a, header + 3 * image, 3 * image), (b, header + 2 * image, 2 * image)]
 
 
 def test_large_runs_are_cut_into_pieces(stacks, monkeypatch):
     monkeypatch.setattr(prefetch, "PIECE_BYTES", 3 * 16 * 16 * 4)
     a = sorted(stacks)[0]
-    ranges = prefetch.byte_ranges(np.array([a] * 10, dtype=object), np.arange(10))
+    ranges = list(prefetch.byte_ranges(np.array([a] * 10, dtype=object), np.arange(10)))
     assert [count for _, _, count in ranges] == [3072, 3072, 3072, 1024]
     assert [offset for _, offset, _ in ranges] == [1024 + 3072 * k for k in range(4)]
 
@@ -113,3 +113,19 @@ def test_chunks_run_round_robin_over_the_stacks_they_write():
     sizes = np.r_[np.full(550, 1.0), np.full(450, 1.3)]
     order = export.chunk_run_order(bounds, export.stack_layout(1000, 200, sizes))
     assert order.tolist() == [0, 2, 4, 6, 8, 1, 3, 5, 7, 9]  # chunk 5 (rows 500-599) starts in the third stack
+
+
+def test_blocks_of_rows_cover_the_same_images(stacks, monkeypatch):
+    a, b = sorted(stacks)
+    paths = np.array([a] * 9 + [b] * 5, dtype=object)
+    indices = np.r_[np.arange(9), [4, 0, 1, 2, 3]]
+    image, header = 16 * 16 * 4, 1024
+
+    def images(ranges):
+        return sorted({(path, (offset - header) // image + k) for path, offset, count in ranges
+                       for k in range(count // image)})
+
+    whole = images(prefetch.byte_ranges(paths, indices))
+    monkeypatch.setattr(prefetch, "BLOCK_ROWS", 4)
+    assert images(prefetch.byte_ranges(paths, indices)) == whole
+    assert len(whole) == 14

@@ -210,7 +210,8 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     # The disk reads the stacks ahead, in the chunks' order, while the inputs are checked, the maps
     # prepared and the workers started.
     read_ahead = prefetch.start(table, options.cluster.scheduler, order=np.concatenate(
-        [np.arange(*bounds[index]) for index in run_order]) if len(bounds) else None)
+        [np.arange(*bounds[index]) for index in run_order]) if prefetch.reads_ahead(options.cluster.scheduler)
+        and len(bounds) else None)
     cleanup.callback(read_ahead.stop)
     if options.single_map:
         unused = "; --half-b is not used" if half_b is not None else ""

@@ -32,41 +32,45 @@ PAGE_CACHE_SHARE = 0.5
 PIECE_BYTES = 32 * 2**20
 
 
-def byte_ranges(paths, indices, order=None) -> list[tuple[str, int, int]]:
+#: Rows looked at a time: the read-ahead's own memory stays small whatever the table's length.
+BLOCK_ROWS = 2**16
+
+
+def byte_ranges(paths, indices, order=None):
     """(stack path, byte offset, byte count) of the images ``indices`` of stacks ``paths``, in reading order.
 
     ``paths`` (n,) and ``indices`` (n,) 0-based, as in the particle table;
     ``order``: the rows in the order the run reads them (default: table order).
     Rows that follow each other in one stack's consecutive images are one range,
     cut into ``PIECE_BYTES`` pieces; a range equal to the one before it (an image
-    named again, as symmetry expansion does) is left out.
+    named again, as symmetry expansion does) is left out. A generator that looks
+    at ``BLOCK_ROWS`` rows at a time.
     """
-    codes, stacks = pd.factorize(np.asarray(paths, dtype=object))
+    paths = np.asarray(paths, dtype=object)
     indices = np.asarray(indices, dtype=np.int64)
-    if order is not None:
-        codes, indices = codes[order], indices[order]
-    if codes.size == 0:
-        return []
-    breaks = np.flatnonzero((np.diff(codes) != 0) | (np.diff(indices) != 1)) + 1
-    firsts, lasts = np.r_[0, breaks], np.r_[breaks - 1, codes.size - 1]
-    layout = {}  # stack code -> (data offset, bytes per image), or None where it has no file map
-    ranges, previous = [], None
-    for first, last in zip(firsts.tolist(), lasts.tolist()):
-        code = int(codes[first])
-        if code not in layout:
-            stack = open_stack(stacks[code])
-            offset = getattr(stack, "offset", None)
-            layout[code] = None if offset is None else (offset, stack[0].nbytes)
-        if layout[code] is None:
-            continue
-        offset, image_bytes = layout[code]
-        start, stop = offset + int(indices[first]) * image_bytes, offset + (int(indices[last]) + 1) * image_bytes
-        if (code, start, stop) == previous:
-            continue
-        previous = (code, start, stop)
-        for piece in range(start, stop, PIECE_BYTES):
-            ranges.append((str(stacks[code]), piece, min(PIECE_BYTES, stop - piece)))
-    return ranges
+    order = np.arange(paths.size) if order is None else np.asarray(order, dtype=np.int64)
+    layout: dict = {}  # stack path -> (data offset, bytes per image), or None where it has no file map
+    previous = None
+    for block in range(0, order.size, BLOCK_ROWS):
+        rows = order[block : block + BLOCK_ROWS]
+        codes, stacks = pd.factorize(paths[rows])
+        wanted = indices[rows]
+        breaks = np.flatnonzero((np.diff(codes) != 0) | (np.diff(wanted) != 1)) + 1
+        for first, last in zip(np.r_[0, breaks].tolist(), np.r_[breaks - 1, rows.size - 1].tolist()):
+            path = str(stacks[codes[first]])
+            if path not in layout:
+                stack = open_stack(path)
+                offset = getattr(stack, "offset", None)
+                layout[path] = None if offset is None else (offset, stack[0].nbytes)
+            if layout[path] is None:
+                continue
+            offset, image_bytes = layout[path]
+            start, stop = offset + int(wanted[first]) * image_bytes, offset + (int(wanted[last]) + 1) * image_bytes
+            if (path, start, stop) == previous:
+                continue
+            previous = (path, start, stop)
+            for piece in range(start, stop, PIECE_BYTES):
+                yield path, piece, min(PIECE_BYTES, stop - piece)
 
 
 class StackPrefetch:
@@ -107,6 +111,11 @@ class _NoPrefetch:
         pass
 
 
+def reads_ahead(scheduler: str) -> bool:
+    """Whether a run on ``scheduler`` reads ahead here (its tasks share this machine's page cache)."""
+    return scheduler in SAME_MACHINE and hasattr(os, "posix_fadvise")
+
+
 def start(table, scheduler: str, available_bytes: int | None = None, order=None):
     """Read ``table``'s stacks ahead when its tasks run on this machine; returns an object with ``stop()``.
 
@@ -114,7 +123,7 @@ def start(table, scheduler: str, available_bytes: int | None = None, order=None)
     the read-ahead stays within ``PAGE_CACHE_SHARE`` of it. ``order``: the rows
     in the order the tasks read them (``byte_ranges``).
     """
-    if scheduler not in SAME_MACHINE or not hasattr(os, "posix_fadvise"):
+    if not reads_ahead(scheduler):
         return _NoPrefetch()
     if available_bytes is None:
         import psutil
