@@ -41,9 +41,9 @@ def byte_ranges(paths, indices, order=None):
 
     ``paths`` (n,) and ``indices`` (n,) 0-based, as in the particle table;
     ``order``: the rows in the order the run reads them (default: table order).
-    Rows that follow each other in one stack's consecutive images are one range,
-    cut into ``PIECE_BYTES`` pieces; a range equal to the one before it (an image
-    named again, as symmetry expansion does) is left out. A generator that looks
+    Rows that follow each other in one stack's consecutive images (or name an
+    image again, as symmetry expansion does) are one range, cut into
+    ``PIECE_BYTES`` pieces; a range equal to the one before it is left out. A generator that looks
     at ``BLOCK_ROWS`` rows at a time.
     """
     paths = np.asarray(paths, dtype=object)
@@ -55,7 +55,8 @@ def byte_ranges(paths, indices, order=None):
         rows = order[block : block + BLOCK_ROWS]
         codes, stacks = pd.factorize(paths[rows])
         wanted = indices[rows]
-        breaks = np.flatnonzero((np.diff(codes) != 0) | (np.diff(wanted) != 1)) + 1
+        step = np.diff(wanted)  # 0: the same image again (symmetry expansion), 1: the next one
+        breaks = np.flatnonzero((np.diff(codes) != 0) | ((step != 0) & (step != 1))) + 1
         for first, last in zip(np.r_[0, breaks].tolist(), np.r_[breaks - 1, rows.size - 1].tolist()):
             path = str(stacks[codes[first]])
             if path not in layout:
