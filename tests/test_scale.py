@@ -122,7 +122,7 @@ def test_distributed_waves_are_bounded():
     from dsub.cluster.runner import DistributedRunner
 
     with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
-                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+                                  dashboard_address=":0") as cluster, distributed.Client(cluster) as client:
         runner = DistributedRunner(client, cluster, ClusterSpec(scheduler="local", progress=False), "test")
         counter = Counter()
         results = runner.compute(counter.tasks(60), "squares", [1] * 60, on_result=counter.done)
