@@ -24,7 +24,9 @@ def job_script(scheduler: str, config_path=None, memory_bytes: int | None = None
     with tempfile.TemporaryDirectory() as scratch, cluster_config(config_path):
         os.chdir(scratch)
         try:
-            spec = ClusterSpec(scheduler=scheduler, device=device, worker_memory_bytes=memory_bytes)
+            # Only the script is shown: its throw-away scheduler serves no dashboard worth a fixed port.
+            spec = ClusterSpec(scheduler=scheduler, device=device, worker_memory_bytes=memory_bytes,
+                               dashboard_address="127.0.0.1:0")
             cluster = batch_cluster(spec)
             try:
                 return cluster.job_script()
