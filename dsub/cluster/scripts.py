@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import tempfile
 
+import dask
+
 from .config import cluster_config
 from .runner import ClusterSpec
 from .start import batch_cluster
@@ -24,10 +26,13 @@ def job_script(scheduler: str, config_path=None, memory_bytes: int | None = None
     with tempfile.TemporaryDirectory() as scratch, cluster_config(config_path):
         os.chdir(scratch)
         try:
-            # Only the script is shown: its throw-away scheduler serves no dashboard worth a fixed port.
-            spec = ClusterSpec(scheduler=scheduler, device=device, worker_memory_bytes=memory_bytes,
-                               dashboard_address="127.0.0.1:0")
-            cluster = batch_cluster(spec)
+            # Only the script is shown: its throw-away scheduler serves its dashboard on any free port.
+            options = dask.config.get(f"jobqueue.{scheduler}.scheduler-options", None) or {}
+            with dask.config.set({f"jobqueue.{scheduler}.scheduler-options": {**options,
+                                                                                "dashboard_address": "127.0.0.1:0"}}):
+                spec = ClusterSpec(scheduler=scheduler, device=device, worker_memory_bytes=memory_bytes,
+                                   dashboard_address="127.0.0.1:0")
+                cluster = batch_cluster(spec)
             try:
                 return cluster.job_script()
             finally:
