@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -386,40 +385,6 @@ def open_runner(spec: ClusterSpec):
             if client.dashboard_link:
                 say(spec, f"Dask dashboard: {client.dashboard_link}")
             yield DistributedRunner(client, cluster, spec, description)
-
-
-class EarlyStart:
-    """``open_runner(spec)`` begun in a background thread, so workers start while the inputs are checked.
-
-    ``take()`` waits for it and is the runner's context (its exit stops the
-    cluster); ``close()`` stops a runner that was never taken (the run failed
-    before) and is harmless after ``take``. A failure to start is raised by ``take``.
-    """
-
-    def __init__(self, spec: ClusterSpec):
-        self._stack = contextlib.ExitStack()
-        self._runner, self._error = None, None
-        self._thread = threading.Thread(target=self._start, args=(spec,), name="dsub-start-workers", daemon=True)
-        self._thread.start()
-
-    def _start(self, spec: ClusterSpec) -> None:
-        try:
-            self._runner = self._stack.enter_context(open_runner(spec))
-        except BaseException as exc:  # noqa: BLE001 -- raised where the runner is taken
-            self._error = exc
-
-    @contextlib.contextmanager
-    def take(self):
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        with self._stack:
-            yield self._runner
-
-    def close(self) -> None:
-        self._thread.join()
-        with contextlib.suppress(Exception):
-            self._stack.close()
 
 
 def starting_words(spec: ClusterSpec) -> str:

@@ -33,7 +33,6 @@ import pandas as pd
 
 from .. import __version__
 from ..cluster import ClusterSpec, open_runner
-from ..cluster.runner import EarlyStart
 from ..cluster.config import cluster_config
 from ..cluster.progress import map_preparation_estimate, setup_step
 from ..errors import DsubError, InputFileError, OptionError, warn
@@ -193,10 +192,6 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
               attempt: record.AttemptRecorder, lock: OutdirLock, cleanup: contextlib.ExitStack) -> dict:
     started = time.monotonic()
     outdir = Path(options.outdir)
-    # A local cluster's workers need no estimate from the inputs: they start while the inputs are checked.
-    early = EarlyStart(local_spec(options)) if options.cluster.scheduler == "local" else None
-    if early is not None:
-        cleanup.callback(early.close)
     with setup_step(options.log, f"Reading the particles from {particles_path}"):
         table = read_particles(particles_path, cs_root=options.cs_root, passthrough=options.passthrough)
     validate.check_metadata(table)
@@ -282,7 +277,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     timings = {"check_inputs": time.monotonic() - started}
     with contextlib.ExitStack() as running:
         running.enter_context(resources.failures_explained(plan))
-        runner = running.enter_context(early.take() if early is not None else open_runner(spec))
+        runner = running.enter_context(open_runner(spec))
         timings["start_workers"] = time.monotonic() - started - sum(timings.values())
         capacities = runner.capacities(device)
         if capacities:
@@ -413,11 +408,6 @@ def store_takes_up(store_path: Path, options: RunOptions) -> bool:
     if not store.has_statistics(store_path):
         return False
     return store.has_images(store_path) or not options.keep_store
-
-
-def local_spec(options: RunOptions) -> ClusterSpec:
-    """The spec of a ``local`` cluster, as ``plan_resources`` gives it (no batch job: no memory request)."""
-    return dataclasses.replace(options.cluster, device=options.device, worker_memory_bytes=None)
 
 
 def plan_resources(box: int, settings, options: RunOptions, map_voxels: int = 0):
