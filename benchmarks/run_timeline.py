@@ -47,8 +47,8 @@ stages: dict[str, list[float]] = defaultdict(list)  # task stage -> durations
 lock = threading.Lock()
 
 
-def timed_step(module, name: str, label: str | None = None):
-    """Wrap ``module.name`` so each call is one step of the coordinator's timeline."""
+def timed(module, name: str, record) -> None:
+    """Wrap ``module.name`` so each call ends with ``record(start, stop)`` (``time.perf_counter`` seconds)."""
     original = getattr(module, name)
 
     @functools.wraps(original)
@@ -57,25 +57,23 @@ def timed_step(module, name: str, label: str | None = None):
         try:
             return original(*args, **kwargs)
         finally:
-            steps.append((label or name, start, time.perf_counter()))
+            record(start, time.perf_counter())
 
     setattr(module, name, wrapper)
 
 
-def timed_stage(module, name: str, label: str | None = None):
-    """Wrap ``module.name`` so each call adds to a task stage's summed time."""
-    original = getattr(module, name)
+def timed_step(module, name: str, label: str | None = None) -> None:
+    """Each call of ``module.name`` is one step of the coordinator's timeline."""
+    timed(module, name, lambda start, stop: steps.append((label or name, start, stop)))
 
-    @functools.wraps(original)
-    def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            with lock:
-                stages[label or name].append(time.perf_counter() - start)
 
-    setattr(module, name, wrapper)
+def timed_stage(module, name: str, label: str | None = None) -> None:
+    """Each call of ``module.name`` adds to a task stage's summed time."""
+    def record(start, stop):
+        with lock:
+            stages[label or name].append(stop - start)
+
+    timed(module, name, record)
 
 
 def instrument() -> None:
