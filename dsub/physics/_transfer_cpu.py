@@ -52,6 +52,21 @@ def _sine(angle, terms):
     return x * total
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _axis_factors(out, k, frequency, bfactor, scale, shift, size, squared):
+    """One axis's separable factor: ``scale`` × B-factor envelope (squared where ``squared``) × shift phase.
+
+    ``out[i]`` for frequency ``k[i]`` (cycles per ``size``), ``frequency`` Å⁻¹ per cycle, ``shift`` pixels.
+    """
+    for i in range(k.size):
+        s = k[i] * frequency
+        envelope = math.exp(-bfactor * s * s / 4.0) * scale
+        if squared:
+            envelope = envelope * envelope
+        angle = 2.0 * math.pi * k[i] * shift / size
+        out[i] = complex(envelope * math.cos(angle), envelope * math.sin(angle))
+
+
 @numba.njit(nogil=True, cache=True)
 def _multiply(spectra, table, kx, ky, size, terms):
     """``spectra[j, p] *= transfer of particle p`` for every map j; spectra (m, n, rows, half) complex64.
@@ -69,20 +84,8 @@ def _multiply(spectra, table, kx, ky, size, terms):
         offset = t[7] + math.atan2(t[9], t[8])
         astigmatism = t[1] - t[2]
         # separable factors: envelope and shift along x per column, along y (and the scale) per row
-        for ix in range(half):
-            sx = kx[ix] * frequency
-            envelope = math.exp(-t[10] * sx * sx / 4.0)
-            if squared:
-                envelope = envelope * envelope
-            angle = 2.0 * math.pi * kx[ix] * t[12] / size
-            column[ix] = complex(envelope * math.cos(angle), envelope * math.sin(angle))
-        for iy in range(rows):
-            sy = ky[iy] * frequency
-            envelope = math.exp(-t[10] * sy * sy / 4.0) * t[11]
-            if squared:
-                envelope = envelope * envelope
-            angle = 2.0 * math.pi * ky[iy] * t[13] / size
-            row[iy] = complex(envelope * math.cos(angle), envelope * math.sin(angle))
+        _axis_factors(column, kx, frequency, t[10], 1.0, t[12], size, squared)
+        _axis_factors(row, ky, frequency, t[10], t[11], t[13], size, squared)
         for iy in range(rows):
             sy = ky[iy] * frequency
             for ix in range(half):  # the CTF along the row, vectorised
