@@ -29,6 +29,18 @@ from dsub.simulate import (
 )
 
 
+def noise_metadata(count: int, box: int, rng, pixel_size: float) -> SimulatedParticles:
+    """Realistic metadata for ``count`` noise particles of ``box`` px: random poses, origins, defoci, half sets."""
+    return SimulatedParticles(
+        images=np.empty((0, box, box), dtype=np.float32),  # only the box size is read from it
+        kept_signal=None, subtracted_signal=None,
+        rotations=random_rotations(count, rng), origins_pixels=rng.uniform(-3, 3, (count, 2)),
+        defocus_u=rng.uniform(8e3, 2.5e4, count), defocus_v=rng.uniform(8e3, 2.5e4, count),
+        defocus_angle=rng.uniform(0, 180, count), contrast=np.ones(count), half_set=rng.integers(1, 3, count),
+        pixel_size=pixel_size,
+    )
+
+
 def write_dataset(folder: Path, count: int, box: int) -> dict:
     rng = np.random.default_rng(0)
     phantom = two_domain_phantom(box, rng)
@@ -41,15 +53,7 @@ def write_dataset(folder: Path, count: int, box: int) -> dict:
         for start in range(0, count, 512):
             stop = min(start + 512, count)
             mrc.data[start:stop] = rng.normal(size=(stop - start, box, box)).astype(np.float32)
-    sim = SimulatedParticles(
-        images=np.empty((0, box, box), dtype=np.float32),  # only the box size is read from it
-        kept_signal=None, subtracted_signal=None,
-        rotations=random_rotations(count, rng), origins_pixels=rng.uniform(-3, 3, (count, 2)),
-        defocus_u=rng.uniform(8e3, 2.5e4, count), defocus_v=rng.uniform(8e3, 2.5e4, count),
-        defocus_angle=rng.uniform(0, 180, count), contrast=np.ones(count), half_set=rng.integers(1, 3, count),
-        pixel_size=1.0,
-    )
-    table = to_particle_table(sim, str(stack))
+    table = to_particle_table(noise_metadata(count, box, rng, 1.0), str(stack))
     paths["star"] = folder / "particles.star"
     star_format.write_particles(table, paths["star"], [f"{i + 1:06d}@particles.mrcs" for i in range(count)])
     return paths

@@ -39,9 +39,12 @@ import numpy as np
 from dsub.formats import read_particles
 from dsub.formats import star as star_format
 from dsub.formats.mrc import open_stack, write_stack
-from dsub.simulate import SimulatedParticles, random_rotations, to_particle_table
+from dsub.simulate import to_particle_table
 from dsub.workflow import export, store
 from dsub.workflow.pipeline import RUN_SUMMARY
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from multi_gpu import noise_metadata  # noqa: E402  (the metadata of bench.py's data set)
 
 PER_STACK = 4096
 CHUNK = 256
@@ -57,15 +60,7 @@ def write_dataset(folder: Path, count: int, box: int, unique: int) -> Path:
         for start in range(0, unique, 512):
             stop = min(start + 512, unique)
             mrc.data[start:stop] = rng.normal(size=(stop - start, box, box)).astype(np.float32)
-    sim = SimulatedParticles(
-        images=np.empty((0, box, box), dtype=np.float32),  # only the box size is read from it
-        kept_signal=None, subtracted_signal=None,
-        rotations=random_rotations(count, rng), origins_pixels=rng.uniform(-3, 3, (count, 2)),
-        defocus_u=rng.uniform(8e3, 2.5e4, count), defocus_v=rng.uniform(8e3, 2.5e4, count),
-        defocus_angle=rng.uniform(0, 180, count), contrast=np.ones(count), half_set=rng.integers(1, 3, count),
-        pixel_size=PIXEL_SIZE,
-    )
-    table = to_particle_table(sim, str(stack))
+    table = to_particle_table(noise_metadata(count, box, rng, PIXEL_SIZE), str(stack))
     path = folder / "particles.star"
     names = np.char.add(np.char.zfill((np.arange(count) % unique + 1).astype(str), 6), "@particles.mrcs")
     star_format.write_particles(table, path, names.astype(object))
