@@ -469,3 +469,20 @@ def test_memory_and_system_errors_reaching_the_command_line_are_one_line(data, t
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"dsub: error: {tmp_path / 'somewhere' / 'report' / 'contrast.png'}: No space left on device. "
                    "Free space there, or write elsewhere (-o)."]
+
+
+def test_a_rerun_with_other_stacks_is_refused_naming_the_option(data, tmp_path, capsys):
+    outdir = tmp_path / "out"
+    assert run(data, outdir, "--particles-per-stack", "16") == 0
+    star = (outdir / "particles_subtracted.star").read_bytes()
+    capsys.readouterr()
+    for other, said in (("24", "24"), (None, "4096")):  # another value, and the default (4096 in chunks of 8)
+        code = run(data, outdir, *(("--particles-per-stack", other) if other else ()))
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.startswith("dsub: error:") and len(err.splitlines()) == 1, err
+        assert f"--particles-per-stack was 16, now {said}" in err and "--overwrite" in err
+        assert (outdir / "particles_subtracted.star").read_bytes() == star
+    assert sorted(p.name for p in (outdir / "Particles").iterdir()) == [
+        f"subtracted_{k:04d}.mrcs" for k in range(-(-COUNT // 16))]
+    assert run(data, outdir, "--particles-per-stack", "16") == 0  # the same run: nothing to do
+    assert "nothing to do" in capsys.readouterr().out

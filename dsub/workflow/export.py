@@ -61,6 +61,20 @@ FIT_COLUMNS = {"contrast": "rlnDsubContrast", "contrast_sigma": "rlnDsubContrast
 FIT_FIELDS = {"contrast_sigma": "dsub/contrast_sigma", "fit_correlation": "dsub/fit_correlation"}
 
 
+#: Particles per output stack unless --particles-per-stack says otherwise.
+DEFAULT_PARTICLES_PER_STACK = 4096
+
+
+def whole_chunks(particles_per_stack: int, chunk_size: int) -> int:
+    """``particles_per_stack`` rounded down to whole chunks of ``chunk_size`` (at least one chunk)."""
+    return max(chunk_size, particles_per_stack // chunk_size * chunk_size)
+
+
+def default_stack_size(chunk_size: int) -> int:
+    """The particles per stack of a run with ``chunk_size`` that does not choose them."""
+    return whole_chunks(DEFAULT_PARTICLES_PER_STACK, chunk_size)
+
+
 def stack_layout(count: int, particles_per_stack: int, pixel_sizes=None) -> list[tuple[str, np.ndarray, float]]:
     """(relative path, rows, pixel size) of each output stack.
 

@@ -41,7 +41,7 @@ PARAMETER_OPTIONS = {
     "float16": "--float16", "settings.lowpass_angstrom": "--lowpass", "settings.corners": "--corners",
     "settings.extension": "--extension", "settings.field_slice": "--field-slice",
     "settings.fit.weighting": "--fit-weighting", "rebox.center_voxels": "the centre (--recenter, --center)",
-    "rebox.new_box": "--new-box", "passthrough": "--passthrough",
+    "rebox.new_box": "--new-box", "passthrough": "--passthrough", "particles_per_stack": "--particles-per-stack",
 }
 #: Parameters a run's identity leaves out at their default (``pipeline.run_identity``).
 PARAMETER_DEFAULTS = {"float16": False}
@@ -172,6 +172,10 @@ def identity_differences(earlier: dict, now: dict) -> list[str]:
                if (change := file_difference(option, earlier.get(name), now.get(name)))]
     changes += stack_differences(earlier.get("stacks") or [], now.get("stacks") or [])
     before, after = flatten(earlier), flatten(now)
+    for values in (before, after):  # left out at the default, which depends on the run's chunks
+        chunk = values.get("chunk_size")
+        if "particles_per_stack" not in values and isinstance(chunk, int) and chunk >= 1:
+            values["particles_per_stack"] = export.default_stack_size(chunk)
     for key, option in PARAMETER_OPTIONS.items():
         was, now = (values.get(key, PARAMETER_DEFAULTS.get(key)) for values in (before, after))
         if was != now:

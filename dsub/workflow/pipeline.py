@@ -63,7 +63,7 @@ class RunOptions:
 
     outdir: Path
     chunk_size: int | None = None  # None: ``resolved_chunk_size`` decides
-    particles_per_stack: int = 4096
+    particles_per_stack: int = export.DEFAULT_PARTICLES_PER_STACK
     device: str = "auto"
     overwrite: bool = False
     cs_root: str | None = None
@@ -96,8 +96,7 @@ class RunOptions:
         rebox.check_new_box(self.new_box)
         # Stacks hold whole chunks, so an export task never reads half a chunk.
         if self.chunk_size is not None:
-            self.particles_per_stack = max(self.chunk_size,
-                                           self.particles_per_stack // self.chunk_size * self.chunk_size)
+            self.particles_per_stack = export.whole_chunks(self.particles_per_stack, self.chunk_size)
 
     @property
     def log(self):
@@ -551,6 +550,9 @@ def run_identity(particles_path, maps: MapFiles, table, box: int, settings, opti
         "count": len(table),
         "box": box,
         **({"float16": True} if options.float16 else {}),  # absent for float32: earlier runs keep their identity
+        # The stacks' layout; absent at the default, so earlier runs keep their identity.
+        **({"particles_per_stack": options.particles_per_stack}
+           if options.particles_per_stack != export.default_stack_size(options.chunk_size) else {}),
     }
 
 
