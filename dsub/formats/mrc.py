@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
 from pathlib import Path
 
 import mrcfile
+import mrcfile.utils
 import numpy as np
 
 from dsub.errors import InputFileError, MissingInputError
@@ -141,34 +141,31 @@ def open_stack(path: str | os.PathLike) -> np.ndarray:
 
 @functools.lru_cache(maxsize=_STACK_CACHE_SIZE)
 def _open_stack_cached(path: str, size: int, mtime_ns: int) -> np.ndarray:
-    """Open ``path`` with mrcfile and keep only its numpy memmap.
+    """A read-only numpy memmap of ``path``'s data, from its header (checked first: ``check_mrc_file``).
 
-    Closing the ``MrcMemmap`` in read mode leaves the numpy memmap valid (numpy
-    keeps its own mapping) and writes nothing back to the file. The header is
-    checked against the file's size first (``check_mrc_file``).
+    The dtype and shape come from mrcfile's own rules (``mrcfile.utils``); the
+    file is not opened through ``mrcfile.mmap``, whose permissive mode reports
+    through ``warnings``: catching them is process-wide and not thread-safe, and
+    stacks are opened from background threads (the read-ahead, the QC report's
+    preparation) while the run's own warnings are being captured.
     """
     check_mrc_file(path, "stack")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            with mrcfile.mmap(path, mode="r", permissive=True) as mrc:
-                data, mode = mrc.data, int(mrc.header.mode)
-        except (ValueError, OSError) as exc:
-            raise InputFileError(
-                path, f"is not a readable MRC image stack ({exc}).", "Give .mrcs/.mrc stacks."
-            ) from exc
-    if data is None:
-        said = [" ".join(str(w.message).split()) for w in caught if not issubclass(w.category, DeprecationWarning)]
-        problems = "; ".join(said) or "no data block"
-        raise InputFileError(
-            path, f"is not a readable MRC image stack ({problems}).", "Give .mrcs/.mrc stacks."
-        )
+    with open(path, "rb") as f:
+        raw = f.read(_HEADER_BYTES)
+    header = np.frombuffer(raw, dtype=_plausible_header(raw).dtype).view(np.recarray)[0]  # as mrcfile keeps it
+    mode = int(header["mode"])
     if mode not in READABLE_MODES:
         raise InputFileError(
             path,
             f"has MRC mode {mode}; dsub reads real-valued images in modes {READABLE_MODES}.",
             "Convert the stack to float32 (mode 2).",
         )
+    try:
+        dtype = mrcfile.utils.data_dtype_from_header(header)
+        shape = mrcfile.utils.data_shape_from_header(header)
+        data = np.memmap(path, dtype=dtype, mode="r", offset=_HEADER_BYTES + int(header["nsymbt"]), shape=shape)
+    except (ValueError, OSError) as exc:
+        raise InputFileError(path, f"is not a readable MRC image stack ({exc}).", "Give .mrcs/.mrc stacks.") from exc
     if data.ndim == 2:
         data = data[np.newaxis]
     if data.ndim != 3:
