@@ -2,30 +2,36 @@
 
     python benchmarks/run_timeline.py [--particles 20000] [--box 256] [--device gpu] [--folder DIR]
                                       [--cold] [--extra relion,float16] [--threads 16 4] [--switch-interval 0 0.0005]
+    python benchmarks/run_timeline.py --scheduler local --workers 1 2 [...]
 
-Runs ``dsub.workflow.pipeline.subtract`` in this process on the threaded
-scheduler (the tasks' code is the same on a cluster's workers), with the
-pipeline's steps and each task's stages wrapped in timers: reading the particle
-table, the map and stack checks, map preparation, the sample fit, the store and
-stacks set-up, the subtract phase, the export, the QC report; per task: its
-metadata, the images' read, the NaN check, waiting for the GPU turn, the turn
-itself, the re-boxing, the stacks' write, the statistics and the store's
-bookkeeping. Prints each step's wall time, and per task stage its summed time
-and its share of the phase's thread time, so the limit of the subtract phase
+Runs ``dsub.workflow.pipeline.subtract`` in this process with the pipeline's
+steps and each task's stages wrapped in timers (``task_stages.py``): reading
+the particle table, the map and stack checks, map preparation, the sample fit,
+the store and stacks set-up, each phase, the export, the QC report; per task:
+its metadata, the images' read, the NaN check, waiting for the GPU turn, the
+turn itself, the stacks' write, the statistics and the store's bookkeeping.
+With the threaded scheduler the tasks run in this process; with ``--scheduler
+local`` each worker process loads ``task_stages.py`` as a Dask worker preload
+(through a ``--cluster-config`` file, as a user would) and hands its records
+back when it closes.
+
+Prints each step's wall time and, per worker process, each task stage's summed
+time and share of the subtract phase's thread time, the share of the phase its
+GPU was held, and how many tasks ran at once: the limit of the subtract phase
 shows (the GPU turn, the reads, or the host work around them). ``--cold``
 empties the page cache of the data set first (as ``bench.py`` does). Several
-``--threads`` and ``--switch-interval`` values run one after the other on the
-same data set (the interpreter's switch interval decides how long a thread that
-wants the GIL waits for it; the GPU's thread competes with the task threads).
+``--threads``, ``--workers`` and ``--switch-interval`` values run one after the
+other on the same data set.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
+import os
 import sys
 import tempfile
-import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -35,48 +41,40 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 started_process = time.perf_counter()
+import task_stages  # noqa: E402
 from bench import evict  # noqa: E402
 from multi_gpu import write_dataset  # noqa: E402
 
 from dsub.cluster import ClusterSpec  # noqa: E402
+from dsub.cluster.start import local_layout  # noqa: E402
 from dsub.physics.subtract import SubtractionSettings  # noqa: E402
-from dsub.workflow import export, pipeline, store, tasks, validate, region  # noqa: E402
+from dsub.workflow import export, pipeline, store, validate, region  # noqa: E402
 
-steps: list[tuple[str, float, float]] = []  # (step, start, stop) of the coordinator
-stages: dict[str, list[float]] = defaultdict(list)  # task stage -> durations
-lock = threading.Lock()
-
-
-def timed(module, name: str, record) -> None:
-    """Wrap ``module.name`` so each call ends with ``record(start, stop)`` (``time.perf_counter`` seconds)."""
-    original = getattr(module, name)
-
-    @functools.wraps(original)
-    def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            record(start, time.perf_counter())
-
-    setattr(module, name, wrapper)
+steps: list[tuple[str, float, float]] = []  # (step, start, stop) of the coordinator, time.time seconds
 
 
 def timed_step(module, name: str, label: str | None = None) -> None:
     """Each call of ``module.name`` is one step of the coordinator's timeline."""
-    timed(module, name, lambda start, stop: steps.append((label or name, start, stop)))
+    original = getattr(module, name)
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        start = time.time()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            steps.append((label or name, start, time.time()))
+
+    setattr(module, name, wrapper)
 
 
-def timed_stage(module, name: str, label: str | None = None) -> None:
-    """Each call of ``module.name`` adds to a task stage's summed time."""
-    def record(start, stop):
-        with lock:
-            stages[label or name].append(stop - start)
+def instrument(scheduler: str) -> None:
+    """Time the coordinator's steps, and the task stages where the tasks run in this process.
 
-    timed(module, name, record)
-
-
-def instrument() -> None:
+    With ``local`` the workers wrap their own stages (the preload); wrapping them
+    here too would make the task functions differ from their modules' and travel
+    by value.
+    """
     for module, name in ((pipeline, "read_particles"), (validate, "check_maps"), (region, "density_share"),
                          (validate, "check_images"), (pipeline, "prepare_maps_where_visible"),
                          (pipeline, "plan_resources"), (pipeline, "prepare_outdir"),
@@ -85,50 +83,67 @@ def instrument() -> None:
                          (pipeline.metadata, "write_table")):
         timed_step(module, name)
     timed_step(pipeline.diagnostics, "check_sample")
-    original_compute = None
-
     from dsub.cluster import runner as runner_module
 
-    original_compute = runner_module.ThreadRunner.compute
+    for runner_class in (runner_module.ThreadRunner, runner_module.DistributedRunner):
+        time_phases(runner_class)
+    if scheduler == "threads":
+        task_stages.instrument()
+        pipeline.run_chunk = task_stages.tasks_module().run_chunk  # the pipeline's own name for it
+
+
+def time_phases(runner_class) -> None:
+    """Each ``compute`` call of ``runner_class`` is a phase of the coordinator's timeline."""
+    original_compute = runner_class.compute
 
     def compute(self, task_list, label, *args, **kwargs):
-        start = time.perf_counter()
+        start = time.time()
         try:
             return original_compute(self, task_list, label, *args, **kwargs)
         finally:
-            steps.append((f"phase: {label}", start, time.perf_counter()))
+            steps.append((f"phase: {label}", start, time.time()))
 
-    runner_module.ThreadRunner.compute = compute
-    for name, label in (("load_particles", "task: metadata"), ("half_map_models", "task: prepared maps"),
-                        ("read_images", "task: read images"), ("bad_images", "task: NaN check"),
-                        ("subtract_particles", "task: subtract (turn wait + turn)")):
-        timed_stage(tasks, name, label)
-    timed_stage(tasks.export, "write_pieces", "task: write stacks")
-    timed_stage(tasks.export, "image_statistics", "task: image statistics")
-    timed_stage(tasks.store, "write_chunk", "task: store bookkeeping")
-    original_turn = tasks.gpu_turn
-
-    def turn(work):
-        asked = time.perf_counter()
-
-        def timed_work():
-            got = time.perf_counter()
-            try:
-                return work()
-            finally:
-                with lock:
-                    stages["task: wait for the GPU turn"].append(got - asked)
-                    stages["task: GPU turn held"].append(time.perf_counter() - got)
-
-        return original_turn(timed_work)
-
-    tasks.gpu_turn = turn
+    runner_class.compute = compute
 
 
-def one_run(paths: dict, folder: Path, args, threads: int | None, interval: float | None) -> None:
-    """One measured run with ``threads`` task threads and the interpreter's switch interval ``interval``."""
+def busy_seconds(spans) -> float:
+    """Length of the union of (start, stop) spans."""
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(spans):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
+
+
+def print_stages(records, phase: tuple[float, float], threads: int) -> None:
+    """Per process: each stage's summed time, its share of the phase's thread time, GPU held, tasks at once."""
+    length = phase[1] - phase[0]
+    by_process = defaultdict(list)
+    for record in records:
+        by_process[record[3]].append(record)
+    for number, (pid, mine) in enumerate(sorted(by_process.items())):
+        sums = defaultdict(list)
+        for stage, start, stop, *_ in mine:
+            sums[stage].append(stop - start)
+        tasks = [(start, stop) for stage, start, stop, *_ in mine if stage == "whole task"]
+        held = [(start, stop) for stage, start, stop, *_ in mine if stage == "GPU turn held"]
+        first, last = (min(s for s, _ in tasks), max(e for _, e in tasks)) if tasks else phase
+        print(f"-- process {number} (pid {pid}): {len(tasks)} tasks from {first - phase[0]:.2f} to "
+              f"{last - phase[0]:.2f} s of the phase; GPU held {busy_seconds(held):.2f} s "
+              f"({busy_seconds(held) / length:.0%} of the phase); tasks at once on average "
+              f"{sum(e - s for s, e in tasks) / max(last - first, 1e-9):.1f}")
+        print(f"   {'task stage':40s} {'calls':>6s} {'sum s':>8s} {'mean ms':>8s} {'share of thread time':>21s}")
+        for label, values in sorted(sums.items(), key=lambda item: -sum(item[1])):
+            share = sum(values) / (length * threads)
+            print(f"   {label:40s} {len(values):6d} {sum(values):8.2f} {1e3 * sum(values) / len(values):8.1f} "
+                  f"{share:21.1%}")
+
+
+def one_run(paths: dict, folder: Path, args, scheduler: str, workers: int | None, interval: float | None) -> None:
+    """One measured run: ``workers`` task threads (threads) or worker processes (local)."""
     steps.clear()
-    stages.clear()
+    task_stages.records.clear()
     extra = set(filter(None, args.extra.split(",")))
     settings = SubtractionSettings(projector="relion", padding=2) if "relion" in extra else SubtractionSettings()
     if args.cold:
@@ -136,28 +151,39 @@ def one_run(paths: dict, folder: Path, args, threads: int | None, interval: floa
     default_interval = sys.getswitchinterval()
     if interval:
         sys.setswitchinterval(interval)
+    records_folder = Path(tempfile.mkdtemp(dir=folder))
+    config = folder / "timeline-cluster.yaml"
+    config.write_text(json.dumps({"distributed": {"worker": {"preload": [str(Path(task_stages.__file__))]}}}))
+    os.environ["DSUB_TIMELINE_DIR"] = str(records_folder)
     wall = time.perf_counter()
     try:
         summary = pipeline.subtract(
             paths["star"], paths["half_a"], paths["half_b"], paths["mask"], settings,
             pipeline.RunOptions(outdir=folder / "out", device=args.device, float16="float16" in extra, overwrite=True,
-                                cluster=ClusterSpec(workers=threads, progress=False)))
+                                cluster=ClusterSpec(scheduler=scheduler, workers=workers, progress=False,
+                                                    dashboard_address=":0",
+                                                    cluster_config=str(config) if scheduler == "local" else None)))
     finally:
         sys.setswitchinterval(default_interval)
     wall = time.perf_counter() - wall
-    print(f"\n== {summary.get('workers')} threads, switch interval {interval or default_interval:g} s: "
-          f"{wall:.2f} s wall, {args.particles / wall:.0f} particles/s; phases {summary['phase_seconds']}")
+    records = list(task_stages.records)
+    for path in records_folder.glob("worker-*.json"):
+        records += [tuple(record) for record in json.loads(path.read_text())]
+    print(f"\n== {scheduler}, {summary.get('workers')} {'threads' if scheduler == 'threads' else 'workers'}, "
+          f"switch interval {interval or default_interval:g} s: {wall:.2f} s wall, "
+          f"{args.particles / wall:.0f} particles/s; phases {summary['phase_seconds']}")
     first = min(start for _, start, _ in steps)
     print(f"{'coordinator step':42s} {'from s':>7s} {'to s':>7s} {'seconds':>8s}")
     for label, start, stop in sorted(steps, key=lambda step: step[1]):
         print(f"{label:42s} {start - first:7.2f} {stop - first:7.2f} {stop - start:8.3f}")
-    phase = next((stop - start for label, start, stop in steps if label == "phase: subtract"), None)
-    workers = summary.get("workers") or 1
-    print(f"{'task stage':42s} {'calls':>6s} {'sum s':>8s} {'mean ms':>8s} {'share of thread time':>21s}")
-    for label, values in sorted(stages.items(), key=lambda item: -sum(item[1])):
-        share = sum(values) / (phase * workers) if phase else float("nan")
-        print(f"{label:42s} {len(values):6d} {sum(values):8.2f} {1e3 * sum(values) / len(values):8.1f} {share:21.1%}")
-    print(f"(subtract phase {phase:.2f} s on {workers} threads)")
+    phase = next(((start, stop) for label, start, stop in steps if label == "phase: subtract"), None)
+    threads = (summary.get("workers") or 1) if scheduler == "threads" else local_layout(ClusterSpec(
+        scheduler="local", workers=workers))[1]
+    if phase and records:
+        print_stages(records, phase, threads)
+        print(f"(subtract phase {phase[1] - phase[0]:.2f} s)")
+    elif not records:
+        print("(no task records came back)")
 
 
 def main():
@@ -165,7 +191,11 @@ def main():
     parser.add_argument("--particles", type=int, default=20000)
     parser.add_argument("--box", type=int, default=256)
     parser.add_argument("--device", default="gpu")
-    parser.add_argument("--threads", type=int, nargs="+", default=[0], help="task threads per run (0: one per core)")
+    parser.add_argument("--scheduler", choices=("threads", "local"), default="threads")
+    parser.add_argument("--threads", type=int, nargs="+", default=[0],
+                        help="threads: task threads per run (0: dsub's choice)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0],
+                        help="local: worker processes per run (0: one per GPU)")
     parser.add_argument("--switch-interval", type=float, nargs="+", default=[0.0],
                         help="sys.setswitchinterval per run, seconds (0: Python's default)")
     parser.add_argument("--folder", type=Path, default=None)
@@ -185,10 +215,11 @@ def main():
             pipeline.subtract(warm["star"], warm["half_a"], warm["half_b"], warm["mask"], SubtractionSettings(),
                               pipeline.RunOptions(outdir=small / "out", device="gpu",
                                                   cluster=ClusterSpec(progress=False)))
-        instrument()
-        for threads in args.threads:
+        instrument(args.scheduler)
+        counts = args.threads if args.scheduler == "threads" else args.workers
+        for count in counts:
             for interval in args.switch_interval:
-                one_run(paths, folder, args, threads or None, interval or None)
+                one_run(paths, folder, args, args.scheduler, count or None, interval or None)
 
 
 if __name__ == "__main__":

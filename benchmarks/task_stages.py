@@ -1,0 +1,104 @@
+"""Timers around each stage of a task, in whatever process runs the tasks.
+
+Used by ``run_timeline.py``: in its own process for the threaded scheduler,
+and as a Dask worker preload for ``--scheduler local`` (``distributed.worker.preload``
+in a ``--cluster-config`` file names this file; its ``dask_setup`` wraps the
+stages in each worker, and ``dask_teardown`` writes that worker's records as
+JSON into the folder named by ``DSUB_TIMELINE_DIR``).
+
+A record is (stage, start, stop, process id, thread name), times in seconds
+since the epoch (``time.time``), so records of several processes line up.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import threading
+import time
+
+records: list[tuple[str, float, float, int, str]] = []
+_lock = threading.Lock()
+_done = False
+
+#: (module attribute path in dsub.workflow.tasks, stage label)
+STAGES = (
+    ("load_particles", "metadata"),
+    ("half_map_models", "prepared maps"),
+    ("read_images", "read images"),
+    ("bad_images", "NaN check"),
+    ("subtract_particles", "subtract (turn wait + turn)"),
+    ("export.write_pieces", "write stacks"),
+    ("export.image_statistics", "image statistics"),
+    ("store.write_chunk", "store bookkeeping"),
+    ("run_chunk", "whole task"),
+)
+
+
+def record(stage: str, start: float, stop: float) -> None:
+    with _lock:
+        records.append((stage, start, stop, os.getpid(), threading.current_thread().name))
+
+
+def _wrap(owner, name: str, stage: str) -> None:
+    original = getattr(owner, name)
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        start = time.time()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            record(stage, start, time.time())
+
+    setattr(owner, name, wrapper)
+
+
+def tasks_module():
+    from dsub.workflow import tasks
+
+    return tasks
+
+
+def instrument() -> None:
+    """Wrap the task stages of ``dsub.workflow.tasks`` in this process (once)."""
+    global _done
+    if _done:
+        return
+    _done = True
+    from dsub.workflow import tasks
+
+    for path, stage in STAGES:
+        owner = tasks
+        *parents, name = path.split(".")
+        for parent in parents:
+            owner = getattr(owner, parent)
+        _wrap(owner, name, stage)
+    original_turn = tasks.gpu_turn
+
+    def turn(work):
+        asked = time.time()
+
+        def timed_work():
+            got = time.time()
+            try:
+                return work()
+            finally:
+                record("wait for the GPU turn", asked, got)
+                record("GPU turn held", got, time.time())
+
+        return original_turn(timed_work)
+
+    tasks.gpu_turn = turn
+
+
+def dask_setup(worker) -> None:
+    instrument()
+
+
+def dask_teardown(worker) -> None:
+    folder = os.environ.get("DSUB_TIMELINE_DIR")
+    if folder:
+        with _lock, open(os.path.join(folder, f"worker-{os.getpid()}.json"), "w") as out:
+            json.dump(records, out)
