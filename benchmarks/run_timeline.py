@@ -2,7 +2,7 @@
 
     python benchmarks/run_timeline.py [--particles 20000] [--box 256] [--device gpu] [--folder DIR]
                                       [--cold] [--extra relion,float16] [--threads 16 4] [--switch-interval 0 0.0005]
-    python benchmarks/run_timeline.py --scheduler local --workers 1 2 [...]
+    python benchmarks/run_timeline.py --scheduler local --workers 1 2 [--task-threads 4] [...]
 
 Runs ``dsub.workflow.pipeline.subtract`` in this process with the pipeline's
 steps and each task's stages wrapped in timers (``task_stages.py``): reading
@@ -46,10 +46,12 @@ from bench import evict  # noqa: E402
 from multi_gpu import write_dataset  # noqa: E402
 
 from dsub.cluster import ClusterSpec  # noqa: E402
+from dsub.cluster import start as start_module  # noqa: E402
 from dsub.cluster.start import local_layout  # noqa: E402
 from dsub.physics.subtract import SubtractionSettings  # noqa: E402
 from dsub.workflow import export, pipeline, store, validate, region  # noqa: E402
 
+DSUB_TASK_THREADS = start_module.GPU_TASK_THREADS
 steps: list[tuple[str, float, float]] = []  # (step, start, stop) of the coordinator, time.time seconds
 
 
@@ -140,8 +142,9 @@ def print_stages(records, phase: tuple[float, float], threads: int) -> None:
                   f"{share:21.1%}")
 
 
-def one_run(paths: dict, folder: Path, args, scheduler: str, workers: int | None, interval: float | None) -> None:
-    """One measured run: ``workers`` task threads (threads) or worker processes (local)."""
+def one_run(paths: dict, folder: Path, args, scheduler: str, workers: int | None, interval: float | None,
+            task_threads: int | None = None) -> None:
+    """One measured run: ``workers`` task threads (threads) or worker processes (local) of ``task_threads``."""
     steps.clear()
     task_stages.records.clear()
     extra = set(filter(None, args.extra.split(",")))
@@ -155,6 +158,8 @@ def one_run(paths: dict, folder: Path, args, scheduler: str, workers: int | None
     config = folder / "timeline-cluster.yaml"
     config.write_text(json.dumps({"distributed": {"worker": {"preload": [str(Path(task_stages.__file__))]}}}))
     os.environ["DSUB_TIMELINE_DIR"] = str(records_folder)
+    os.environ["DSUB_TIMELINE_SWITCH_INTERVAL"] = str(interval or 0)  # the workers' (local)
+    start_module.GPU_TASK_THREADS = task_threads or DSUB_TASK_THREADS
     wall = time.perf_counter()
     try:
         summary = pipeline.subtract(
@@ -167,9 +172,12 @@ def one_run(paths: dict, folder: Path, args, scheduler: str, workers: int | None
         sys.setswitchinterval(default_interval)
     wall = time.perf_counter() - wall
     records = list(task_stages.records)
+    threads = (summary.get("workers") or 1) if scheduler == "threads" else local_layout(ClusterSpec(
+        scheduler="local", workers=workers))[1]
     for path in records_folder.glob("worker-*.json"):
         records += [tuple(record) for record in json.loads(path.read_text())]
-    print(f"\n== {scheduler}, {summary.get('workers')} {'threads' if scheduler == 'threads' else 'workers'}, "
+    print(f"\n== {scheduler}, {summary.get('workers')} {'threads' if scheduler == 'threads' else 'workers'} "
+          f"({threads} task threads each), "
           f"switch interval {interval or default_interval:g} s: {wall:.2f} s wall, "
           f"{args.particles / wall:.0f} particles/s; phases {summary['phase_seconds']}")
     first = min(start for _, start, _ in steps)
@@ -177,8 +185,6 @@ def one_run(paths: dict, folder: Path, args, scheduler: str, workers: int | None
     for label, start, stop in sorted(steps, key=lambda step: step[1]):
         print(f"{label:42s} {start - first:7.2f} {stop - first:7.2f} {stop - start:8.3f}")
     phase = next(((start, stop) for label, start, stop in steps if label == "phase: subtract"), None)
-    threads = (summary.get("workers") or 1) if scheduler == "threads" else local_layout(ClusterSpec(
-        scheduler="local", workers=workers))[1]
     if phase and records:
         print_stages(records, phase, threads)
         print(f"(subtract phase {phase[1] - phase[0]:.2f} s)")
@@ -196,6 +202,8 @@ def main():
                         help="threads: task threads per run (0: dsub's choice)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0],
                         help="local: worker processes per run (0: one per GPU)")
+    parser.add_argument("--task-threads", type=int, nargs="+", default=[0],
+                        help="local: task threads per GPU worker (dsub.cluster.start.GPU_TASK_THREADS; 0: dsub's)")
     parser.add_argument("--switch-interval", type=float, nargs="+", default=[0.0],
                         help="sys.setswitchinterval per run, seconds (0: Python's default)")
     parser.add_argument("--folder", type=Path, default=None)
@@ -218,8 +226,9 @@ def main():
         instrument(args.scheduler)
         counts = args.threads if args.scheduler == "threads" else args.workers
         for count in counts:
-            for interval in args.switch_interval:
-                one_run(paths, folder, args, args.scheduler, count or None, interval or None)
+            for task_threads in args.task_threads:
+                for interval in args.switch_interval:
+                    one_run(paths, folder, args, args.scheduler, count or None, interval or None, task_threads or None)
 
 
 if __name__ == "__main__":

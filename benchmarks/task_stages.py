@@ -4,7 +4,8 @@ Used by ``run_timeline.py``: in its own process for the threaded scheduler,
 and as a Dask worker preload for ``--scheduler local`` (``distributed.worker.preload``
 in a ``--cluster-config`` file names this file; its ``dask_setup`` wraps the
 stages in each worker, and ``dask_teardown`` writes that worker's records as
-JSON into the folder named by ``DSUB_TIMELINE_DIR``).
+JSON into the folder named by ``DSUB_TIMELINE_DIR``; ``DSUB_TIMELINE_SWITCH_INTERVAL``
+sets the worker's ``sys.setswitchinterval``).
 
 A record is (stage, start, stop, process id, thread name), times in seconds
 since the epoch (``time.time``), so records of several processes line up.
@@ -81,12 +82,14 @@ def instrument() -> None:
         asked = time.time()
 
         def timed_work():
-            got = time.time()
+            got, cpu = time.time(), time.thread_time()
             try:
                 return work()
             finally:
+                stop = time.time()
                 record("wait for the GPU turn", asked, got)
-                record("GPU turn held", got, time.time())
+                record("GPU turn held", got, stop)
+                record("GPU turn: its thread's CPU time", got, got + time.thread_time() - cpu)
 
         return original_turn(timed_work)
 
@@ -95,6 +98,11 @@ def instrument() -> None:
 
 def dask_setup(worker) -> None:
     instrument()
+    interval = float(os.environ.get("DSUB_TIMELINE_SWITCH_INTERVAL") or 0)
+    if interval:
+        import sys
+
+        sys.setswitchinterval(interval)
 
 
 def dask_teardown(worker) -> None:

@@ -260,7 +260,7 @@ def test_disk_full_while_writing(data, tmp_path, capsys, monkeypatch, scheduler,
     def full(*args, **kwargs):
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(store, "write_chunk", full)
+    monkeypatch.setattr(store, "record_chunks", full)
     line = assert_refused(run(data, tmp_path / "out", "--scheduler", scheduler), capsys, tmp_path / "out",
                           tmp_path / "out")
     assert words in line and "rerun the same command: finished chunks are kept" in line

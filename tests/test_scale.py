@@ -101,9 +101,10 @@ class Counter:
                 self.most = max(self.most, self.built - self.finished)
             yield dask.delayed(lambda i: i * i, pure=False)(index, dask_key_name=f"square-{index}")
 
-    def done(self, _):
+    def done(self, result):
         with self.lock:
             self.finished += 1
+        return result  # what the runner keeps in the result's place
 
 
 @pytest.mark.parametrize("scheduler,workers", [("threads", 2), ("threads", 3), ("sync", 1)])

@@ -189,7 +189,7 @@ def test_killed_worker_on_a_local_cluster_ends_in_one_line(tmp_path):
     environment = {**os.environ, "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"}
     run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
                            env=environment)
-    wait_for_chunks(run, outdir, 3)
+    wait_for_chunks(run, outdir, 1)  # the first chunk is recorded at once, the next ones a second later
     workers = [p for p in psutil.Process(run.pid).children(recursive=True)
                if "spawn_main" in " ".join(p.cmdline()) and "resource_tracker" not in " ".join(p.cmdline())]
     assert workers, "no worker process found"
@@ -201,7 +201,7 @@ def test_killed_worker_on_a_local_cluster_ends_in_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("dsub: error:") and "Traceback" not in err
     assert re.search(r"the workers running subtract-chunk-\d+ died 1 time\(s\)", lines[0])
     assert "Likely cause:" in lines[0] and "the estimate needs about" in lines[0]
-    assert finished_chunks(outdir) >= 3 and not (outdir / "particles_subtracted.star").exists()
+    assert finished_chunks(outdir) >= 1 and not (outdir / "particles_subtracted.star").exists()
 
 
 def test_local_workers_too_small_for_the_job_are_refused_as_they_join(tmp_path):

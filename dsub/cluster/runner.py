@@ -120,7 +120,8 @@ class _Runner:
     graph nor the data submitted grows with the run. Returns the results in the
     order of ``tasks``. ``sizes``: particles per task (for particles/s);
     ``waiting``: what happens before the first task finishes; ``on_result(result)``
-    is called as each task finishes, in the order they finish; ``unit``: what a
+    is called as each task finishes, in the order they finish, and what it
+    returns is kept in the result's place; ``unit``: what a
     task is, for the progress lines. The first task that fails stops the phase:
     tasks not yet started are cancelled and its exception is raised.
     """
@@ -176,7 +177,7 @@ class _Runner:
                 if progress is not None:
                     progress.task_done(index)
                 if on_result is not None:
-                    on_result(results[index])
+                    results[index] = on_result(results[index])
                 top_up()
         except BaseException:
             cancel(pending)
@@ -262,6 +263,9 @@ class ThreadRunner(_Runner):
         """No separate workers: the machine itself is checked before the run."""
         return None
 
+    def start_on_each_worker(self, function, *args) -> None:
+        """Nothing to start: the tasks run in this process (``DistributedRunner.start_on_each_worker``)."""
+
 
 def _compute_here(task):
     """One delayed task, computed in the calling thread."""
@@ -281,6 +285,7 @@ class DistributedRunner(_Runner):
         super().__init__(spec)
         self.client, self.cluster, self.description = client, cluster, description
         self._fetched: dict = {}  # finished futures -> their results, fetched as they finished
+        self._started: list = []  # start_on_each_worker's futures, held while the run goes on
         self.workers = len(client.scheduler_info().get("workers", {}))
 
     def in_flight_limit(self) -> int:
@@ -342,6 +347,19 @@ class DistributedRunner(_Runner):
         from ..workflow.resources import worker_capacity
 
         return self.client.run(worker_capacity, device)
+
+    def start_on_each_worker(self, function, *args) -> None:
+        """Start ``function(*args)`` once on every worker connected now, and go on without waiting.
+
+        For what each worker would otherwise do on its first task (preparing the
+        maps): the workers do it at once, while the coordinator goes on. Its
+        results and errors are not read (a failure there comes back from the
+        first task that needs the same work); workers that join later do it on
+        their first task.
+        """
+        workers = sorted(self.client.scheduler_info().get("workers", {}))
+        self._started = [self.client.submit(function, *args, workers=[address], allow_other_workers=False,
+                                            pure=False) for address in workers]  # held: released futures are cancelled
 
 
 class _Alone:

@@ -49,7 +49,7 @@ from ..physics.subtract import SubtractionSettings
 from ..report import REPORT_FOLDER, start_preparation
 from . import diagnostics, export, metadata, prefetch, rebox, record, region, resources, store, validate
 from .outdir import OutdirLock, explain_os_error, file_identity, prepare_outdir, run_fingerprint
-from .tasks import MapFiles, half_map_models, run_chunk
+from .tasks import MapFiles, half_map_models, prepare_models, run_chunk
 from .transcript import Transcript
 
 RUN_SUMMARY = "dsub_run.json"
@@ -143,8 +143,9 @@ def prepare_maps_where_visible(maps: MapFiles, settings, options: RunOptions, bo
     """Prepare the half-maps in view of the user; returns what the progress shows while workers do it.
 
     On threads the maps are prepared here, before any task, with a line that says
-    so; the tasks then find them ready. Workers of a cluster prepare their own on
-    their first task: the progress says so until a chunk finishes.
+    so; the tasks then find them ready. Workers of a cluster prepare their own
+    (those connected at the start all at once, ``prepare_models``; later ones on
+    their first task): the progress says so until a chunk finishes.
     """
     _, oversampling = projector_kernel(settings.projector, settings.padding)
     size = grid_size(box, oversampling)
@@ -281,6 +282,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
         capacities = runner.capacities(device)
         if capacities:
             resources.check_workers(plan, capacities, box, settings, options.chunk_size)
+        runner.start_on_each_worker(prepare_models, maps, settings, device)  # beside the sample fit
         waiting = prepare_maps_where_visible(maps, settings, options, box)
         if waiting is None:  # prepared here (on workers it is part of their first chunk)
             timings["prepare_maps"] = time.monotonic() - started - sum(timings.values())
@@ -327,8 +329,20 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             )
             for index in pending
         )
-        devices = sorted(set(runner.compute(tasks, "subtract", [bounds[i][1] - bounds[i][0] for i in pending],
-                                            waiting, on_result=attempt.chunk_finished)))
+        recorder = store.ChunkRecorder(store_path)
+
+        def chunk_finished(result: store.ChunkResult) -> str:
+            attempt.chunk_finished(result.device)
+            return recorder.add(result)
+
+        try:
+            devices = sorted(set(runner.compute(tasks, "subtract", [bounds[i][1] - bounds[i][0] for i in pending],
+                                                waiting, on_result=chunk_finished)))
+        except BaseException:
+            with contextlib.suppress(Exception):  # what finished is kept for the rerun; the first error matters
+                recorder.flush()
+            raise
+        recorder.flush()
         shutil.rmtree(columns, ignore_errors=True)  # every chunk is stored: no task reads it again
         read_ahead.stop()
         timings["subtract"] = time.monotonic() - started - sum(timings.values())

@@ -113,8 +113,9 @@ def worker_memory(box: int, settings, device: str, threads: int, chunk_size: int
     """
     maps_read = 3 * box**3 * 4  # both half maps and the mask as read from their files
     maps_read = max(maps_read, REBOX_BYTES_PER_VOXEL * int(map_voxels) ** 3)
-    # On a GPU one task at a time computes (``tasks.gpu_turn``), with its chunk's images in and out there.
-    on_gpu = 2 * chunk_size * box * box * 4 if device == "gpu" else 0
+    # On a GPU one task at a time computes (``tasks.gpu_turn``); every running task keeps its chunk's images
+    # in and out there while they cross the bus around its turn.
+    on_gpu = threads * 2 * chunk_size * box * box * 4 if device == "gpu" else 0
     working = (1 if device == "gpu" else threads) * batch * particle_bytes(box, settings, device) + on_gpu
     io = threads * task_io_bytes(box, chunk_size)
     # The maps' preparation peaks before any batch runs; then the prepared maps stay beside the batches.

@@ -16,7 +16,7 @@ Layout of ``OUTDIR/subtracted.zarr``:
   are combined from them at the end without reading the stacks again;
 * ``chunk_done``  uint8 (n_chunks,), set to 1 after a chunk's images (in its stacks, and in the
   store with ``--keep-store``), contrast, statistics and skip marks are written, so a rerun
-  knows what is finished;
+  knows what is finished (a chunk whose results were not yet recorded is computed again);
 * attributes: the run's parameters and inputs (``run``); ``image_dtype`` (float32 or
   float16); ``images_deleted`` once the run finished without ``--keep-store`` (no images kept).
 
@@ -25,9 +25,11 @@ Beside the arrays, plain files that are not Zarr arrays: ``particle_table/``
 ``report_columns/`` (``report.columns``: what the QC report reads of the table,
 kept; written while the chunks run).
 
-The coordinator creates every array before any task runs; a task then writes
-only the Zarr chunks it owns, so tasks never write the same chunk and no lock
-is needed.
+The coordinator creates every array before any task runs. A task writes its
+images into the stacks (and, with ``--keep-store``, into the Zarr chunk of
+``images`` it owns) and hands its per-particle results back; the coordinator
+records them, a few chunks at a time (``ChunkRecorder``), so only one process
+writes the bookkeeping and no lock is needed.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -89,26 +93,81 @@ def open_store(path: Path, mode: str = "r") -> zarr.Group:
     return zarr.open_group(str(path), mode=mode)
 
 
-def write_chunk(path: Path, chunk_index: int, start: int, images: np.ndarray, contrast,
-                skipped: np.ndarray | None = None, statistics: np.ndarray | None = None) -> None:
-    """Record one chunk's results, then mark the chunk finished (in that order).
+@dataclass(frozen=True)
+class ChunkResult:
+    """What a task hands back for the coordinator to record (``ChunkRecorder``).
 
-    ``images`` (n, box, box) go into the store only where it keeps them
-    (``--keep-store``); the caller has written them to the stacks before.
-    ``contrast`` is a ``ContrastResult`` of (n,) NumPy arrays; ``statistics``
-    the (n, 4) ``image_statistics`` of the images as written.
+    ``contrast``: float32 (3, n), the α used, its standard error and the fit
+    correlation of each particle (``PER_PARTICLE`` order); ``skipped``: bool (n,);
+    ``statistics``: float64 (n, 4), ``export.image_statistics`` of the images as
+    written; ``device``: where the chunk ran ("cpu", "gpu:N"). A few kB per chunk.
     """
+
+    chunk_index: int
+    start: int
+    device: str
+    contrast: np.ndarray
+    skipped: np.ndarray
+    statistics: np.ndarray
+
+
+def write_images(path: Path, start: int, images: np.ndarray) -> None:
+    """Keep a chunk's images (n, box, box) in the store (``--keep-store``); the task owns that Zarr chunk."""
+    _chunk_arrays(Path(path))["images"][start : start + images.shape[0]] = images
+
+
+def record_chunks(path: Path, results) -> None:
+    """Record ``results`` (``ChunkResult``s) in the store, then mark their chunks finished (in that order).
+
+    One Zarr call per array for all of them: the per-particle arrays, the
+    statistics, the skip marks (where any), then ``chunk_done``.
+    """
+    results = sorted(results, key=lambda result: result.start)
+    if not results:
+        return
     arrays = _chunk_arrays(Path(path))
-    stop = start + images.shape[0]
-    if "images" in arrays:
-        arrays["images"][start:stop] = images
-    if statistics is not None:
-        arrays[STATISTICS][start:stop] = statistics
-    for name, field in PER_PARTICLE.items():
-        arrays[name][start:stop] = getattr(contrast, field)
-    if skipped is not None and skipped.any():
-        arrays["skipped"][start:stop] = skipped.astype(np.uint8)
-    arrays["chunk_done"][chunk_index] = 1
+    rows = np.concatenate([np.arange(result.start, result.start + result.skipped.size) for result in results])
+    contrast = np.concatenate([result.contrast for result in results], axis=1)
+    for row, name in enumerate(PER_PARTICLE):
+        arrays[name].set_orthogonal_selection(rows, contrast[row])
+    arrays[STATISTICS].set_orthogonal_selection((rows, slice(None)),
+                                                np.concatenate([result.statistics for result in results]))
+    skipped = np.concatenate([result.skipped for result in results])
+    if skipped.any():
+        arrays["skipped"].set_orthogonal_selection(rows, skipped.astype(np.uint8))
+    indices = np.asarray([result.chunk_index for result in results], dtype=np.int64)
+    arrays["chunk_done"].set_orthogonal_selection(indices, np.ones(indices.size, dtype=np.uint8))
+
+
+class ChunkRecorder:
+    """Records finished chunks in the store from the coordinator, some at a time (``record_chunks``).
+
+    Tasks write their images into the stacks and hand their few kB of results
+    back; the coordinator keeps the resume bookkeeping. Recording each chunk
+    alone costs several Zarr calls of interpreter time; here the results wait
+    until ``interval_s`` has passed since the last write or ``most`` are
+    waiting, then go in one write. A run that stops loses at most those waiting
+    (their chunks are computed again on the rerun); ``flush`` writes them at
+    once, and is called at the end of the phase and when a run is interrupted.
+    """
+
+    def __init__(self, path: Path, interval_s: float = 1.0, most: int = 256):
+        self.path, self.interval_s, self.most = Path(path), interval_s, most
+        self.waiting: list[ChunkResult] = []
+        self.written = float("-inf")  # the first result is recorded at once: the run shows it is under way
+
+    def add(self, result: ChunkResult) -> str:
+        """Take one task's result; returns its device label."""
+        self.waiting.append(result)
+        if len(self.waiting) >= self.most or time.monotonic() - self.written >= self.interval_s:
+            self.flush()
+        return result.device
+
+    def flush(self) -> None:
+        """Record every waiting result now."""
+        waiting, self.waiting = self.waiting, []
+        record_chunks(self.path, waiting)
+        self.written = time.monotonic()
 
 
 _opened: dict = {}
@@ -116,12 +175,13 @@ _opened_lock = threading.Lock()
 
 
 def _chunk_arrays(path: Path) -> dict:
-    """{name: zarr.Array} a task writes into, opened once per process and store.
+    """{name: zarr.Array} the tasks and the recorder write into, opened once per process and store.
 
     Opening the group and its arrays read and parsed six metadata files for
     every chunk, half of its bookkeeping. The key holds the group's metadata
     file's inode and modification time: a store made anew at the same place, or
-    whose images were deleted, is opened afresh.
+    whose images were deleted, is opened afresh. The entry ``None`` holds the
+    run's image dtype (``image_dtype``).
     """
     stat = os.stat(path / "zarr.json")
     key = (str(path), stat.st_ino, stat.st_mtime_ns, stat.st_size)
@@ -129,15 +189,20 @@ def _chunk_arrays(path: Path) -> dict:
         if key not in _opened:
             group = open_store(path, mode="r+")
             _opened.clear()
-            _opened[key] = {name: group[name] for name in ("images", STATISTICS, *PER_PARTICLE, "skipped",
-                                                           "chunk_done") if name in group}
+            arrays = {name: group[name] for name in ("images", STATISTICS, *PER_PARTICLE, "skipped", "chunk_done")
+                      if name in group}
+            _opened[key] = {**arrays, None: np.dtype(group.attrs.get("image_dtype") or group["images"].dtype)}
         return _opened[key]
 
 
 def image_dtype(path: Path) -> np.dtype:
     """The dtype of the run's images (stacks and store): float32, or float16 (``--float16``)."""
-    group = open_store(path)
-    return np.dtype(group.attrs.get("image_dtype") or group["images"].dtype)
+    return _chunk_arrays(Path(path))[None]
+
+
+def keeps_images(path: Path) -> bool:
+    """Whether the store keeps a copy of the images while the run goes on (``--keep-store``)."""
+    return "images" in _chunk_arrays(Path(path))
 
 
 def has_images(path: Path) -> bool:

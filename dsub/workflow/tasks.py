@@ -6,12 +6,13 @@ never travel between processes: a task carries only its chunk's metadata and
 file paths.
 
 The tasks of a process form a pipeline around its GPU: each task reads its
-images and writes its results in its own thread, while the GPU work (copy in,
-subtract, copy out) runs in the process's one thread for that device
-(``gpu_turn``). So one GPU is driven by one thread whatever the number of
-tasks: its cuFFT plans (CuPy keeps them per thread) are made once, and a task
-waiting for its turn holds nothing in GPU memory; reading and writing of the
-other tasks overlap with it. On the CPU the tasks run side by side.
+images, copies them to the GPU and back on a stream of its own, and writes
+its results in its own thread, while the subtraction is queued by the
+process's one thread for that device (``gpu_turn``). So one GPU is driven by
+one thread whatever the number of tasks: its cuFFT plans (CuPy keeps them per
+thread) are made once; the copies, reads and writes of the other tasks overlap
+with its work, and a waiting task holds only its images in GPU memory. On the
+CPU the tasks run side by side.
 """
 
 from __future__ import annotations
@@ -139,6 +140,11 @@ def half_map_models(maps: MapFiles, settings: SubtractionSettings, device: str) 
         return _models[key]
 
 
+def prepare_models(maps: MapFiles, settings: SubtractionSettings, device: str) -> None:
+    """Task body: build this worker's prepared half-maps now (``half_map_models``), ahead of its first chunk."""
+    half_map_models(maps, settings, resolve_device(device))
+
+
 def worker_threads_and_limit() -> tuple[int, int | None]:
     """Tasks this process runs at once, and its Dask memory limit (None outside a Dask worker or unlimited)."""
     try:
@@ -201,12 +207,15 @@ def subtract_particles(images: np.ndarray, particles, models: dict, settings, de
 
 
 def _subtract_on_gpu(images: np.ndarray, particles, models: dict, settings, statistics: bool):
-    """``subtract_particles`` on this process's GPU: staged through pinned memory on a stream of its own.
+    """``subtract_particles`` on this process's GPU: copies on the task's own stream, compute in the GPU's turn.
 
-    The images are copied to this thread's page-locked buffer before the turn;
-    in the turn they go to the GPU in one asynchronous copy, are subtracted in
-    batches, and come back in one copy; the GPU memory is freed before the turn
-    ends (CuPy's pool keeps it for the next task).
+    The task copies its images to its thread's page-locked buffer and on to
+    the GPU on a stream of its own before its turn; the turn only queues the
+    subtraction on the GPU thread's stream, after the copy's event, and returns
+    without waiting for it; the task then copies the results back on its
+    stream once the turn's event is reached. So the GPU computes one task while
+    the copies of others cross the bus, and the GPU thread queues the next
+    turn while the GPU still runs this one.
     """
     import cupy
 
@@ -216,12 +225,16 @@ def _subtract_on_gpu(images: np.ndarray, particles, models: dict, settings, stat
     returned = pinned_buffer("out", images.shape)
     figures = pinned_buffer("figures", (3, count))
     sums = pinned_buffer("statistics", (count, 4), np.float64) if statistics else None
+    copies = _task_stream()
+    with copies:
+        on_gpu = cupy.empty(images.shape, dtype=cupy.float32)
+        on_gpu.set(staged, stream=copies)
+        arrived = copies.record()
 
     def turn():
         stream = _gpu_stream()
         with stream:
-            on_gpu = cupy.empty(images.shape, dtype=cupy.float32)
-            on_gpu.set(staged, stream=stream)
+            stream.wait_event(arrived)
             out = cupy.empty_like(on_gpu)
             fitted_all = cupy.empty((3, count), dtype=cupy.float32)
             step = batch_size(images.shape[-1], settings, "gpu", count)
@@ -238,14 +251,18 @@ def _subtract_on_gpu(images: np.ndarray, particles, models: dict, settings, stat
                     out[where] = result[: batch.size]
                     for row, name in enumerate(("alpha", "sigma", "correlation")):
                         fitted_all[row, where] = getattr(fitted, name)[: batch.size]
-            out.get(stream=stream, out=returned)
-            fitted_all.get(stream=stream, out=figures)
-            if sums is not None:
-                image_statistics_on_gpu(out).get(stream=stream, out=sums)
-            stream.synchronize()
-            del on_gpu, out, fitted_all
+            statistics_on_gpu = image_statistics_on_gpu(out) if sums is not None else None
+            return out, fitted_all, statistics_on_gpu, stream.record()
 
-    gpu_turn(turn)
+    out, fitted_all, statistics_on_gpu, computed = gpu_turn(turn)
+    with copies:
+        copies.wait_event(computed)
+        out.get(stream=copies, out=returned)
+        fitted_all.get(stream=copies, out=figures)
+        if sums is not None:
+            statistics_on_gpu.get(stream=copies, out=sums)
+        copies.synchronize()  # the GPU is done with every array of this task: they go back to CuPy's pool
+    del on_gpu, out, fitted_all, statistics_on_gpu
     contrast = ContrastResult(*(figures[row].copy() for row in range(3)))
     return (returned, contrast, sums.copy()) if statistics else (returned, contrast)
 
@@ -287,6 +304,17 @@ def _gpu_stream():
     if key not in _streams:
         _streams[key] = cupy.cuda.Stream(non_blocking=True)
     return _streams[key]
+
+
+def _task_stream():
+    """This thread's non-blocking CUDA stream on the current device, for its copies to and from the GPU."""
+    import cupy
+
+    streams = _host_buffers.__dict__.setdefault("streams", {})
+    key = cupy.cuda.Device().id
+    if key not in streams:
+        streams[key] = cupy.cuda.Stream(non_blocking=True)
+    return streams[key]
 
 
 def bad_images(images: np.ndarray, particles, skip: bool) -> np.ndarray:
@@ -332,9 +360,9 @@ def run_chunk(chunk_index: int, start: int, particles, maps: MapFiles, settings,
     the run, or with ``skip_bad`` are written as zeros and marked skipped. With
     ``reboxing`` (a ``rebox.Reboxing``) the subtracted images are re-centred and
     re-boxed before they are written. ``stacks``: the chunk's
-    ``export.StackPiece`` list, where its images go; the store then records
-    the chunk (and keeps the images too with ``--keep-store``). Returns the
-    device used ("cpu", "gpu:N").
+    ``export.StackPiece`` list, where its images go (the store keeps them too
+    with ``--keep-store``). Returns the chunk's ``store.ChunkResult``, for the
+    coordinator to record (``store.ChunkRecorder``).
     """
     particles = load_particles(particles)
     device = resolve_device(device)
@@ -360,8 +388,10 @@ def run_chunk(chunk_index: int, start: int, particles, maps: MapFiles, settings,
     else:
         statistics[bad] = 0.0  # written as zeros
     export.write_pieces(written, stacks)
-    store.write_chunk(Path(store_path), chunk_index, start, written, contrast, bad, statistics)
-    return device_label(device)
+    if store.keeps_images(Path(store_path)):
+        store.write_images(Path(store_path), start, written)
+    return store.ChunkResult(chunk_index, start, device_label(device),
+                             np.stack([contrast.alpha, contrast.sigma, contrast.correlation]), bad, statistics)
 
 
 def fit_sample(particles, maps: MapFiles, settings, device: str):
