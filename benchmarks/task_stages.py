@@ -32,7 +32,7 @@ STAGES = (
     ("subtract_particles", "subtract (turn wait + turn)"),
     ("export.write_pieces", "write stacks"),
     ("export.image_statistics", "image statistics"),
-    ("store.write_chunk", "store bookkeeping"),
+    ("store.write_images", "store images (--keep-store)"),
     ("run_chunk", "whole task"),
 )
 

@@ -229,7 +229,7 @@ def _subtract_on_gpu(images: np.ndarray, particles, models: dict, settings, stat
     with copies:
         on_gpu = cupy.empty(images.shape, dtype=cupy.float32)
         on_gpu.set(staged, stream=copies)
-        arrived = copies.record()
+        arrived = _event(copies)
 
     def turn():
         stream = _gpu_stream()
@@ -252,7 +252,7 @@ def _subtract_on_gpu(images: np.ndarray, particles, models: dict, settings, stat
                     for row, name in enumerate(("alpha", "sigma", "correlation")):
                         fitted_all[row, where] = getattr(fitted, name)[: batch.size]
             statistics_on_gpu = image_statistics_on_gpu(out) if sums is not None else None
-            return out, fitted_all, statistics_on_gpu, stream.record()
+            return out, fitted_all, statistics_on_gpu, _event(stream)
 
     out, fitted_all, statistics_on_gpu, computed = gpu_turn(turn)
     with copies:
@@ -261,7 +261,9 @@ def _subtract_on_gpu(images: np.ndarray, particles, models: dict, settings, stat
         fitted_all.get(stream=copies, out=figures)
         if sums is not None:
             statistics_on_gpu.get(stream=copies, out=sums)
-        copies.synchronize()  # the GPU is done with every array of this task: they go back to CuPy's pool
+        # Then the GPU is done with every array of this task: they go back to CuPy's pool. A blocking
+        # event: the thread sleeps instead of spinning on a core the other tasks' copies need.
+        _event(copies, blocking=True).synchronize()
     del on_gpu, out, fitted_all, statistics_on_gpu
     contrast = ContrastResult(*(figures[row].copy() for row in range(3)))
     return (returned, contrast, sums.copy()) if statistics else (returned, contrast)
@@ -304,6 +306,15 @@ def _gpu_stream():
     if key not in _streams:
         _streams[key] = cupy.cuda.Stream(non_blocking=True)
     return _streams[key]
+
+
+def _event(stream, blocking: bool = False):
+    """A CUDA event recorded on ``stream`` now, without timing; ``blocking``: waiting on it sleeps."""
+    import cupy
+
+    event = cupy.cuda.Event(block=blocking, disable_timing=True)
+    event.record(stream)
+    return event
 
 
 def _task_stream():
