@@ -117,6 +117,29 @@ def pinned_buffer(name: str, shape: tuple, dtype=np.float32) -> np.ndarray:
     return held[:count].reshape(shape)
 
 
+def thread_buffer(name: str, shape: tuple, dtype=np.float32) -> np.ndarray:
+    """This thread's host array ``name`` of ``shape`` (reused while large enough); see ``image_buffer``."""
+    buffers = _host_buffers.__dict__.setdefault("arrays", {})
+    count = int(np.prod(shape))
+    held = buffers.get(name)
+    if held is None or held.size < count or held.dtype != np.dtype(dtype):
+        held = buffers[name] = np.empty(count, dtype=dtype)
+    return held[:count].reshape(shape)
+
+
+def image_buffer(device: str):
+    """``read_images``'s ``into`` for a task on ``device``: this thread's reused array for its images.
+
+    Page-locked on a GPU (the copy to it then starts from where the images were
+    read). A fresh array for each task would be mapped and unmapped every time
+    (64 MB for a chunk of 256 at box 256), and each unmap interrupts every core
+    that runs a thread of the process. Valid until the thread's next task.
+    """
+    if device == "cpu":
+        return lambda shape: thread_buffer("in", shape)
+    return lambda shape: pinned_buffer("in", shape)
+
+
 def half_map_models(maps: MapFiles, settings: SubtractionSettings, device: str) -> dict:
     """Prepared models {HALF_A: ..., HALF_B: ...} for this process, built on first use."""
     key = (maps, settings.projector, settings.padding, settings.mask_keeps, settings.lowpass_angstrom,
@@ -183,8 +206,9 @@ def subtract_particles(images: np.ndarray, particles, models: dict, settings, de
     """Subtract every particle with its own half set's model.
 
     Returns (subtracted (n, box, box), ``ContrastResult`` of (n,) arrays), all NumPy float32.
-    On a GPU the whole call is one turn (``gpu_turn``); the subtracted images
-    come back in this thread's page-locked buffer, valid until its next call.
+    On a GPU the subtraction is one turn (``gpu_turn``); the subtracted images
+    come back in this thread's page-locked buffer (on the CPU its reused
+    array), valid until its next call.
     With ``statistics`` a third item follows: on a GPU the subtracted images'
     ``export.image_statistics`` (n, 4) float64, computed there in the same turn;
     on the CPU None (the caller computes them from what it writes).
@@ -192,7 +216,7 @@ def subtract_particles(images: np.ndarray, particles, models: dict, settings, de
     if device != "cpu":
         return _subtract_on_gpu(images, particles, models, settings, statistics)
     count = images.shape[0]
-    subtracted = np.empty(images.shape, dtype=np.float32)
+    subtracted = thread_buffer("out", images.shape)
     contrast = ContrastResult(*(np.empty(count, dtype=np.float32) for _ in range(3)))
     step = batch_size(images.shape[-1], settings, device, count)
     for half in (HALF_A, HALF_B):
@@ -221,7 +245,8 @@ def _subtract_on_gpu(images: np.ndarray, particles, models: dict, settings, stat
 
     count = images.shape[0]
     staged = pinned_buffer("in", images.shape)
-    np.copyto(staged, images)
+    if staged.ctypes.data != images.ctypes.data:  # not read into it already (``image_buffer``)
+        np.copyto(staged, images)
     returned = pinned_buffer("out", images.shape)
     figures = pinned_buffer("figures", (3, count))
     sums = pinned_buffer("statistics", (count, 4), np.float64) if statistics else None
@@ -378,7 +403,7 @@ def run_chunk(chunk_index: int, start: int, particles, maps: MapFiles, settings,
     particles = load_particles(particles)
     device = resolve_device(device)
     models = half_map_models(maps, settings, device)
-    images = read_images(particles.image_paths, particles.image_indices)
+    images = read_images(particles.image_paths, particles.image_indices, into=image_buffer(device))
     bad = bad_images(images, particles, skip_bad)
     images[bad] = 0.0
     dtype = store.image_dtype(Path(store_path))
