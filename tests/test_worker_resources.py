@@ -6,6 +6,7 @@ stand-in GPUs) and are skipped without it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -114,6 +115,18 @@ def test_worker_with_too_small_a_limit_is_refused_before_any_work():
     capacities["tcp://10.0.0.7:4242"].update(device="gpu", gpu_free=1_000_000_000, host_limit=64_000_000_000)
     with pytest.raises(resources.NotEnoughMemoryError, match="GPU has 1.0 GB free"):
         resources.check_workers(plan(box=400), capacities, 400, SubtractionSettings(), 256)
+
+
+def test_worker_limit_is_checked_against_the_preparation_of_maps_of_another_box():
+    """Maps far larger than the particles' box go through a large cube first: the check counts it."""
+    capacities = {"tcp://10.0.0.7:4242": {"device": "cpu", "host_limit": 8_000_000_000, "gpu_free": None,
+                                          "threads": 1}}
+    at_the_box = plan(box=128)
+    resources.check_workers(at_the_box, capacities, 128, SubtractionSettings(), 256)  # fits
+    through_a_cube = dataclasses.replace(at_the_box, map_voxels=684)  # 45 B per voxel of 684³: 14 GB
+    with pytest.raises(resources.NotEnoughMemoryError) as caught:
+        resources.check_workers(through_a_cube, capacities, 128, SubtractionSettings(), 256)
+    assert "has a memory limit of 8.0 GB" in one_line(caught.value)
 
 
 def dsub(paths, outdir, *extra):

@@ -152,12 +152,14 @@ def prepare_maps_where_visible(maps: MapFiles, settings, options: RunOptions, bo
     rebox = maps.extent_voxels if maps.box is not None and maps.extent_voxels != maps.box else 0
     peak = max(preparation_peak_bytes(box, settings), resources.REBOX_BYTES_PER_VOXEL * rebox**3)
     estimate = map_preparation_estimate(size, peak, rebox).text()
+    # Maps of another box are first cropped or padded to the cube their extent needs, then resampled.
+    transforms = (f"each map through a {rebox}³ cube to the particles' {box}³, then {size}³ transforms" if rebox
+                  else f"{size}³ transforms")
     if options.cluster.distributed:
-        say(options, f"Each worker reads the maps and prepares them on its first task ({size}³ transforms, "
-                     f"{estimate}).")
+        say(options, f"Each worker reads the maps and prepares them on its first task ({transforms}, {estimate}).")
         return "preparing the maps on the workers"
     device = resolve_device(options.device)
-    with setup_step(options.log, f"Preparing the maps on {device} ({size}³ transforms)",
+    with setup_step(options.log, f"Preparing the maps on {device} ({transforms})",
                     estimate if device == "cpu" else None, done="Maps prepared"):
         half_map_models(maps, settings, device)
     return None

@@ -208,6 +208,7 @@ class MemoryPlan:
     scheduler: str
     log_directory: str | None = None
     worker_limit: int | None = None  # the smallest memory limit a worker reported
+    map_voxels: int = 0  # the cube maps of another box are brought through (``worker_memory``)
 
     @property
     def request_bytes(self) -> int:
@@ -272,7 +273,7 @@ def plan_memory(box: int, settings, options, map_voxels: int = 0) -> MemoryPlan:
     return MemoryPlan(
         need=worker_memory(box, settings, device, threads, chunk, batch, map_voxels),
         minimum=worker_memory(box, settings, device, threads, chunk, 1, map_voxels),
-        scheduler=spec.scheduler, log_directory=log_directory,
+        scheduler=spec.scheduler, log_directory=log_directory, map_voxels=int(map_voxels),
     )
 
 
@@ -302,7 +303,11 @@ def check_this_machine(plan: MemoryPlan) -> None:
 
 
 def check_workers(plan: MemoryPlan, capacities: dict, box: int, settings, chunk_size: int) -> None:
-    """Distributed runs: refuse when a worker's memory limit or free GPU memory cannot hold the minimum."""
+    """Distributed runs: refuse when a worker's memory limit or free GPU memory cannot hold the minimum.
+
+    The minimum is one particle per batch, with the maps' preparation (through
+    ``plan.map_voxels``³ when the maps have another box) as the run will do it.
+    """
     fraction = usable_fraction()
     limits = [c["host_limit"] for c in capacities.values() if c.get("host_limit")]
     plan.worker_limit = min(limits) if limits else None
@@ -310,7 +315,7 @@ def check_workers(plan: MemoryPlan, capacities: dict, box: int, settings, chunk_
         if capacity["device"] == "none":
             raise NotEnoughMemoryError(f"worker {address} has no GPU, but --device gpu was asked for. "
                                        "Check the GPU request of the worker jobs (dsub job-script).")
-        need = worker_memory(box, settings, capacity["device"], capacity["threads"], chunk_size, 1)
+        need = worker_memory(box, settings, capacity["device"], capacity["threads"], chunk_size, 1, plan.map_voxels)
         limit = capacity.get("host_limit")
         if limit and need.host_bytes > limit * fraction:
             raise NotEnoughMemoryError(
