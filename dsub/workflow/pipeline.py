@@ -175,19 +175,22 @@ def subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings
     options = dataclasses.replace(options, cluster=dataclasses.replace(options.cluster, log=transcript))
     attempt = record.AttemptRecorder()
     lock = OutdirLock(Path(options.outdir))
-    with transcript.capturing_warnings(), record.failure_recorded(attempt, transcript), \
-            contextlib.ExitStack() as cleanup:
-        try:
-            return _subtract(particles_path, half_a, half_b, mask, settings, options, attempt, lock, cleanup)
-        except DsubError:
-            raise
-        except OSError as exc:  # wherever it happened, on this machine or a worker: one message
-            explained = explain_os_error(exc, Path(options.outdir))
-            if explained is None:
+    try:
+        with transcript.capturing_warnings(), record.failure_recorded(attempt, transcript), \
+                contextlib.ExitStack() as cleanup:
+            try:
+                return _subtract(particles_path, half_a, half_b, mask, settings, options, attempt, lock, cleanup)
+            except DsubError:
                 raise
-            raise explained from exc
-        finally:
-            lock.release()
+            except OSError as exc:  # wherever it happened, on this machine or a worker: one message
+                explained = explain_os_error(exc, Path(options.outdir))
+                if explained is None:
+                    raise
+                raise explained from exc
+            finally:
+                lock.release()
+    finally:
+        transcript.close()  # OUTDIR/dsub.log complete on disk before the command returns
 
 
 def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings, options: RunOptions,
