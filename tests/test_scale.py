@@ -198,6 +198,17 @@ def test_a_block_after_the_particle_loop_is_left_to_starfile_however_indented(tm
     assert star.star_reader.read_star(path, star.NAME_COLUMNS) is None
 
 
+@pytest.mark.parametrize("block", [7, 16, 64, 1 << 20])
+def test_a_block_keyword_is_found_across_read_blocks_and_on_the_first_line(tmp_path, block):
+    rows = b"1@a.mrcs data_001/mic.mrc\n" * 5
+    for text, found in ((rows, False), (rows + b"  loop_\n", True), (b"data_x\n" + rows, True),
+                        (rows + b"1@a.mrcs 'b'\n", True)):
+        path = tmp_path / "rows.star"
+        path.write_bytes(b"header\n" + text)
+        with open(path, "rb") as f:
+            assert star.star_reader._found_after(f, len(b"header\n"), block=block, overlap=16) is found
+
+
 def test_data_in_a_file_name_is_not_a_block(tmp_path):
     path = tmp_path / "names.star"
     path.write_text("data_particles\n\nloop_\n_rlnImageName #1\n_rlnMicrographName #2\n"

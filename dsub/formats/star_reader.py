@@ -52,23 +52,26 @@ def _particle_loop(f, image_label: str) -> tuple[str, int, int, list[str]] | Non
 
 
 #: What the fast reader leaves to ``starfile`` when it follows the particle rows: a quote, or a line
-#: that starts a block or a loop (indented or not).
-_NOT_PLAIN_ROWS = re.compile(rb"['\"]|(?:^|\n)[ \t]*(?:data_|loop_)")
+#: that starts a block or a loop (indented or not). The line's newline comes first in the pattern, so
+#: the regular expression engine jumps from newline to newline (0.12 s for 239 MB, against 5.6 s for
+#: the same search written as one alternation with the quotes); quotes are found with ``in``.
+_QUOTES = (b"'", b'"')
+_BLOCK_OR_LOOP = re.compile(rb"\n[ \t]*(?:data_|loop_)")
 
 
-def _found_after(f, start: int, pattern: re.Pattern = _NOT_PLAIN_ROWS, block: int = 1 << 24,
-                 overlap: int = 256) -> bool:
-    """Whether ``pattern`` matches in the file from byte ``start`` on (read in blocks, not mapped:
-    a mapping would count the whole file in this process's resident memory). Blocks overlap by
-    ``overlap`` bytes, more than a match spans (a line's indentation and its keyword)."""
+def _found_after(f, start: int, block: int = 1 << 24, overlap: int = 256) -> bool:
+    """Whether a quote, or a line starting a block or loop, follows in the file from byte ``start``
+    (a line start) on. Read in blocks, not mapped: a mapping would count the whole file in this
+    process's resident memory. Blocks overlap by ``overlap`` bytes, more than a match spans (a
+    line's newline, indentation and keyword)."""
     f.seek(start)
-    tail = b""
+    tail = b"\n"  # ``start`` begins a line
     while True:
         data = f.read(block)
         if not data:
             return False
         window = tail + data
-        if pattern.search(window):
+        if any(quote in data for quote in _QUOTES) or _BLOCK_OR_LOOP.search(window):
             return True
         tail = window[-overlap:]
 
