@@ -293,3 +293,18 @@ def test_chunk_tasks_carry_row_ranges_and_the_table_goes_afterwards(tmp_path, mo
     assert not (outdir / store.STORE_NAME / metadata.FOLDER).exists()
     back = read_particles(outdir / "particles_subtracted.star")
     np.testing.assert_allclose(back.rotations, read_particles(paths["star"]).rotations, atol=1e-9)
+
+
+def test_path_codes_hashed_in_blocks_match_one_factorize(monkeypatch):
+    import pandas as pd
+
+    from dsub.formats import paths as paths_module
+
+    rng = np.random.default_rng(3)
+    names = np.array([f"Extract/job{j:03d}/stack_{j}.mrcs" for j in range(7)], dtype=object)
+    given = names[rng.integers(0, 7, 1000)]
+    monkeypatch.setattr(paths_module, "PATH_CODE_ROWS", 64)  # 16 blocks, each with its own first appearances
+    codes, distinct = paths_module.path_codes(given)
+    expected_codes, expected_distinct = pd.factorize(given)
+    assert codes.dtype == np.int32 and np.array_equal(codes, expected_codes)
+    assert distinct == list(expected_distinct)

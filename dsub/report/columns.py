@@ -23,10 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from ..formats import star as star_format
-from ..formats.paths import cs_roots, resolve_stack_names, star_roots
+from ..formats.paths import cs_roots, path_codes, resolve_stack_names, star_roots
 from ..workflow import export
 
 FOLDER = "report_columns"
@@ -63,8 +62,7 @@ class ReportColumns:
     def from_table(cls, table, outdir, particles_per_stack: int, fingerprint: str | None = None) -> "ReportColumns":
         """From the run's ``ParticleTable``; the exported stacks in ``outdir`` as ``export.new_stack_refs`` lays them out."""
         count = len(table)
-        input_codes, input_paths = pd.factorize(np.asarray(table.image_paths, dtype=object))  # hashes, no copies
-        input_codes = input_codes.astype(np.int32)
+        input_codes, input_paths = path_codes(table.image_paths)
         first = np.unique(input_codes, return_index=True)[1] if count else np.zeros(0, dtype=np.int64)
         result = export.new_stack_refs(count, particles_per_stack, table.pixel_size_angstrom)
         images = StoredImages(

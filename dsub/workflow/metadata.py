@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
+from ..formats.paths import path_codes
 from ..particles import ParticleTable, is_same_for_all
 
 FOLDER = "particle_table"
@@ -62,9 +62,9 @@ def write_table(table: ParticleTable, folder: str | os.PathLike) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     arrays = _per_particle(table)
-    codes, uniques = pd.factorize(np.asarray(arrays.pop("image_paths"), dtype=object))  # hashes, no copies
+    codes, uniques = path_codes(arrays.pop("image_paths"))
     (partial / _PATHS).write_text(json.dumps([str(path) for path in uniques]))
-    np.save(partial / _PATH_CODES, codes.astype(np.int32))
+    np.save(partial / _PATH_CODES, codes)
     shared = sorted(name for name, values in arrays.items() if is_same_for_all(values))
     for name, values in arrays.items():
         np.save(partial / f"{name}.npy", np.ascontiguousarray(values[:1] if name in shared else values),

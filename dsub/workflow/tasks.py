@@ -289,7 +289,7 @@ def _subtract_on_gpu(images: np.ndarray, particles, models: dict, settings, stat
         # Then the GPU is done with every array of this task: they go back to CuPy's pool. A blocking
         # event: the thread sleeps instead of spinning on a core the other tasks' copies need.
         _event(copies, blocking=True).synchronize()
-    del on_gpu, out, fitted_all, statistics_on_gpu
+    on_gpu = out = fitted_all = statistics_on_gpu = None  # their memory goes back to CuPy's pool now
     contrast = ContrastResult(*(figures[row].copy() for row in range(3)))
     return (returned, contrast, sums.copy()) if statistics else (returned, contrast)
 
