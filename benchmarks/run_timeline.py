@@ -27,7 +27,6 @@ other on the same data set.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -57,17 +56,7 @@ steps: list[tuple[str, float, float]] = []  # (step, start, stop) of the coordin
 
 def timed_step(module, name: str, label: str | None = None) -> None:
     """Each call of ``module.name`` is one step of the coordinator's timeline."""
-    original = getattr(module, name)
-
-    @functools.wraps(original)
-    def wrapper(*args, **kwargs):
-        start = time.time()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            steps.append((label or name, start, time.time()))
-
-    setattr(module, name, wrapper)
+    task_stages.timed(module, name, lambda start, stop: steps.append((label or name, start, stop)))
 
 
 def instrument(scheduler: str) -> None:

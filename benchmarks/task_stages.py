@@ -42,7 +42,8 @@ def record(stage: str, start: float, stop: float) -> None:
         records.append((stage, start, stop, os.getpid(), threading.current_thread().name))
 
 
-def _wrap(owner, name: str, stage: str) -> None:
+def timed(owner, name: str, on_call) -> None:
+    """Wrap ``owner.name`` so that each call ends with ``on_call(start, stop)`` (``time.time`` seconds)."""
     original = getattr(owner, name)
 
     @functools.wraps(original)
@@ -51,7 +52,7 @@ def _wrap(owner, name: str, stage: str) -> None:
         try:
             return original(*args, **kwargs)
         finally:
-            record(stage, start, time.time())
+            on_call(start, time.time())
 
     setattr(owner, name, wrapper)
 
@@ -75,7 +76,7 @@ def instrument() -> None:
         *parents, name = path.split(".")
         for parent in parents:
             owner = getattr(owner, parent)
-        _wrap(owner, name, stage)
+        timed(owner, name, functools.partial(record, stage))
     original_turn = tasks.gpu_turn
 
     def turn(work):

@@ -109,21 +109,22 @@ def pinned_buffer(name: str, shape: tuple, dtype=np.float32) -> np.ndarray:
     """
     import cupyx
 
-    buffers = _host_buffers.__dict__.setdefault("buffers", {})
-    count = int(np.prod(shape))
-    held = buffers.get(name)
-    if held is None or held.size < count or held.dtype != np.dtype(dtype):
-        held = buffers[name] = cupyx.empty_pinned(count, dtype=dtype)
-    return held[:count].reshape(shape)
+    return _reused("pinned", cupyx.empty_pinned, name, shape, dtype)
 
 
 def thread_buffer(name: str, shape: tuple, dtype=np.float32) -> np.ndarray:
     """This thread's host array ``name`` of ``shape`` (reused while large enough); see ``image_buffer``."""
-    buffers = _host_buffers.__dict__.setdefault("arrays", {})
+    return _reused("arrays", np.empty, name, shape, dtype)
+
+
+def _reused(kind: str, allocate, name: str, shape: tuple, dtype) -> np.ndarray:
+    """This thread's array ``name`` among its ``kind``, of ``shape``; made anew by ``allocate(count, dtype)``
+    only when the one held is too small or of another dtype."""
+    buffers = _host_buffers.__dict__.setdefault(kind, {})
     count = int(np.prod(shape))
     held = buffers.get(name)
     if held is None or held.size < count or held.dtype != np.dtype(dtype):
-        held = buffers[name] = np.empty(count, dtype=dtype)
+        held = buffers[name] = allocate(count, dtype=dtype)
     return held[:count].reshape(shape)
 
 
