@@ -207,12 +207,6 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     bounds = store.chunk_bounds(len(table), options.chunk_size)
     layout = export.stack_layout(len(table), options.particles_per_stack, table.pixel_size_angstrom)
     run_order = export.chunk_run_order(bounds, layout)
-    # The disk reads the stacks ahead, in the chunks' order, while the inputs are checked, the maps
-    # prepared and the workers started.
-    read_ahead = prefetch.start(table, options.cluster.scheduler, order=np.concatenate(
-        [np.arange(*bounds[index]) for index in run_order]) if prefetch.reads_ahead(options.cluster.scheduler)
-        and len(bounds) else None)
-    cleanup.callback(read_ahead.stop)
     if options.single_map:
         unused = "; --half-b is not used" if half_b is not None else ""
         warn(f"--single-map: every particle is subtracted with --half-a{unused}; gold-standard independence "
@@ -234,6 +228,12 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
         pixel_size, map_box, volumes = validate.check_maps(
             half_a, half_b, mask, box, table, resolution_angstrom=options.resolution_angstrom,
             lowpass_angstrom=settings.lowpass_angstrom, single_map=options.single_map)
+        # The disk reads the stacks ahead, in the chunks' order, while the rest is checked, the maps
+        # prepared and the workers started; after the maps, which would otherwise queue behind it.
+        read_ahead = prefetch.start(table, options.cluster.scheduler, order=np.concatenate(
+            [np.arange(*bounds[index]) for index in run_order]) if prefetch.reads_ahead(options.cluster.scheduler)
+            and len(bounds) else None)
+        cleanup.callback(read_ahead.stop)
         share = region.density_share((volumes["half map A"], volumes["half map B"]), volumes["mask"],
                                      settings.mask_keeps)
         del volumes
