@@ -21,6 +21,7 @@ from the store (or, for a run of an earlier version, from the exported star).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
@@ -45,11 +46,10 @@ class Preparation:
 
     def _run(self, outdir, table, particles_per_stack, show_inputs):
         try:
-            from . import figures  # matplotlib's import and fonts: a second or two, off the run's path
             from .gather import prepare
 
             self.prepared = prepare(outdir, table, particles_per_stack, show_inputs)
-            figures.warm_up()
+            warm_up_drawing()  # at once where ``start_warming_up`` did it already
         except Exception as exc:  # noqa: BLE001 -- the report is drawn without it
             self.error = exc
 
@@ -57,6 +57,39 @@ class Preparation:
         """The ``gather.Prepared``, or None when preparing failed; waits for the thread."""
         self._thread.join()
         return self.prepared
+
+
+_warming_up = threading.Lock()
+_warmed_up = False
+
+
+def warm_up_drawing() -> None:
+    """Import matplotlib and draw a small figure once per process (its fonts and caches); later calls wait
+    for the first, then return."""
+    global _warmed_up
+    with _warming_up:
+        if not _warmed_up:
+            from . import figures
+
+            figures.warm_up()
+            _warmed_up = True
+
+
+def start_warming_up() -> threading.Thread:
+    """``warm_up_drawing`` in a daemon thread, started early in a run.
+
+    Importing matplotlib and loading its fonts is about a second of interpreter
+    time; done while the run checks its inputs (the main thread mostly waits on
+    the disk then) it is not taken from the threads that feed the GPU later.
+    Its failures are left to the report, which draws without the warm-up.
+    """
+    def warm_up():
+        with contextlib.suppress(Exception):
+            warm_up_drawing()
+
+    thread = threading.Thread(target=warm_up, name="dsub-report-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 def start_preparation(outdir, table, particles_per_stack: int, show_inputs: bool = True) -> Preparation:

@@ -46,7 +46,7 @@ from ..physics.memory import preparation_peak_bytes
 from ..physics.optics import map_extent_voxels
 from ..physics.projector import projector_kernel
 from ..physics.subtract import SubtractionSettings
-from ..report import REPORT_FOLDER, start_preparation
+from ..report import REPORT_FOLDER, start_preparation, start_warming_up
 from . import diagnostics, export, metadata, prefetch, rebox, record, region, resources, store, validate
 from .outdir import OutdirLock, explain_os_error, file_identity, prepare_outdir, run_fingerprint
 from .tasks import MapFiles, half_map_models, prepare_models, run_chunk
@@ -199,6 +199,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     outdir = Path(options.outdir)
     with setup_step(options.log, f"Reading the particles from {particles_path}"):
         table = read_particles(particles_path, cs_root=options.cs_root, passthrough=options.passthrough)
+    start_warming_up()  # the QC report's drawing library, loaded while the inputs are checked
     validate.check_metadata(table)
     validate.check_classes(table)
     box = validate.particle_box(table)
