@@ -107,7 +107,7 @@ def prepare_outdir(outdir: Path, fingerprint: str, overwrite: bool, identity: di
             changes = identity_differences(earlier, identity) if earlier and identity else []
             what = "; ".join(changes) if changes else "other inputs or parameters"
             raise OutputExistsError(
-                f"{outdir}: holds the results of a different run ({what}). "
+                f"{outdir}: holds the results of a different run: {what}. "
                 "Choose another output folder, or add --overwrite to replace them."
             )
         shutil.rmtree(store_path)
