@@ -1,5 +1,8 @@
 """Cluster set-up without a scheduler: job scripts, profiles, options, config files."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import dask
@@ -108,3 +111,13 @@ def test_job_script_leaves_no_folders_behind(tmp_path, monkeypatch):
     script = job_script("slurm", PROFILES / "slurm-gpu.yaml")
     assert "dsub-worker-logs/" in script  # the profile's relative log folder, as it will be used
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("scheduler, directive", [("slurm", "#SBATCH"), ("pbs", "#PBS")])
+def test_job_script_without_a_cluster_config_in_a_fresh_process(tmp_path, scheduler, directive):
+    """dask-jobqueue's own defaults: the script, not a traceback (a fresh process has not imported it yet)."""
+    result = subprocess.run([sys.executable, "-m", "dsub.cli", "job-script", "--scheduler", scheduler, "--box", "256"],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                            env={**os.environ, "HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert directive in result.stdout and "Traceback" not in result.stderr

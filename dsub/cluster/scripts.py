@@ -21,6 +21,10 @@ def job_script(scheduler: str, config_path=None, memory_bytes: int | None = None
     dask-jobqueue creates a relative log directory when it sets up a cluster;
     for a script that is only shown, that happens in a throw-away folder.
     """
+    # dask-jobqueue's defaults are loaded before dask.config.set below: on exit it drops the top-level
+    # keys added meanwhile, and the cluster's close then found no ``jobqueue`` settings.
+    import dask_jobqueue  # noqa: F401
+
     config_path = None if config_path is None else os.path.abspath(config_path)
     here = os.getcwd()
     with tempfile.TemporaryDirectory() as scratch, cluster_config(config_path):
