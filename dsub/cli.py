@@ -320,6 +320,8 @@ def main(argv=None) -> int:
               "memory (a larger batch job, a higher 'ulimit -v': mapped stacks count against it) or run fewer tasks "
               "at once (--workers); rerun the same command to resume.", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # what dsub printed was cut off by its reader (dsub job-script | head): no error
+        return 128 + signal.SIGPIPE
     except OSError as exc:
         print(os_error_line(exc), file=sys.stderr)
         return 2

@@ -105,6 +105,20 @@ def test_cli_output_to_a_file_is_plain_lines_and_goes_to_dsub_log(small, tmp_pat
     assert done.stderr.startswith("dsub: warning: --single-map")
 
 
+def test_a_reader_that_stops_early_does_not_stop_the_run(small, tmp_path):
+    """``dsub subtract ... | head -1``: the screen is gone after a line, the run finishes and logs every line."""
+    outdir = tmp_path / "out"
+    run = subprocess.Popen([sys.executable, "-m", "dsub.cli", *subtract_args(small, outdir, "--single-map")],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    first = run.stdout.readline()
+    run.stdout.close()  # as head does after its lines
+    _, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err
+    assert first.startswith("Reading the particles") and "Traceback" not in err and "Broken pipe" not in err
+    log = (outdir / "dsub.log").read_text()
+    assert "Outputs in" in log and (outdir / "dsub_run.json").is_file()
+
+
 # ----------------------------------------------------------------------------- the run record
 
 

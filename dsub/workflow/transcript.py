@@ -10,6 +10,7 @@ is ready (checking the inputs) are kept and written when the log opens.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 import warnings
@@ -38,7 +39,8 @@ class LogFile:
         self._lock = threading.Lock()
 
     def open(self, path: Path, fresh: bool, heading: str) -> None:
-        self._file = open(path, "w" if fresh else "a", encoding="utf-8")
+        # Line-buffered: a run killed outright (kill -9, the kernel's out-of-memory killer) keeps its lines.
+        self._file = open(path, "w" if fresh else "a", encoding="utf-8", buffering=1)
         self.write(f"==== {heading}\n")
         for text in self._pending:
             self.write(text)
@@ -81,12 +83,20 @@ class Transcript:
         return (self.log,)
 
     def write(self, text: str) -> None:
-        self.screen.write(text)
+        self._to_screen(lambda: self.screen.write(text))
         self.log.write(text)
 
     def flush(self) -> None:
-        self.screen.flush()
+        self._to_screen(self.screen.flush)
         self.log.flush()
+
+    def _to_screen(self, action) -> None:
+        """``action`` on the screen; a screen that is gone (a closed pipe: ``dsub ... | head``) is dropped
+        and the run goes on, its lines still in the log."""
+        try:
+            action()
+        except (OSError, ValueError):
+            self.screen = open(os.devnull, "w", encoding="utf-8")
 
     def isatty(self) -> bool:
         try:
