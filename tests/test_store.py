@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from dsub.workflow import store
 
@@ -35,3 +36,48 @@ def test_whole_arrays_read_chunk_by_chunk_equal_zarrs_reading(tmp_path):
         np.testing.assert_array_equal(values, group[name][:])
     np.testing.assert_array_equal(arrays["skipped"], [0, 0, 0, 0, 0, 1, 0, 1, 0, 0])
     assert np.isnan(arrays["contrast"][4:8]).all() and arrays["contrast"][9] == -9.5
+
+
+def chunk_result(index: int, start: int, count: int, skipped=()) -> store.ChunkResult:
+    contrast = np.vstack([np.full(count, index + 0.5), np.full(count, 0.1), np.full(count, 0.3)]).astype(np.float32)
+    bad = np.zeros(count, dtype=bool)
+    bad[list(skipped)] = True
+    statistics = np.tile([[-1.0, 1.0, 0.0, float(index)]], (count, 1))
+    return store.ChunkResult(index, start, "cpu", contrast, bad, statistics)
+
+
+def test_recorded_chunks_hold_their_figures_and_marks_in_any_order(tmp_path):
+    path = tmp_path / "subtracted.zarr"
+    store.create_store(path, count=10, box=4, chunk_size=4, run_attrs={}, keep_images=False)
+    recorder = store.ChunkRecorder(path, interval_s=3600.0)
+    assert recorder.add(chunk_result(2, 8, 2, skipped=[1])) == "cpu"  # the first is recorded at once
+    assert store.finished_chunks(path).tolist() == [False, False, True]
+    recorder.add(chunk_result(0, 0, 4))  # waits for the next write
+    assert store.finished_chunks(path).tolist() == [False, False, True]
+    recorder.close()
+    assert store.finished_chunks(path).tolist() == [True, False, True]
+    group = store.open_store(path)
+    contrast = group["contrast"][:]
+    assert np.array_equal(contrast[[0, 3, 8, 9]], [0.5, 0.5, 2.5, 2.5]) and np.isnan(contrast[4:8]).all()
+    assert group["skipped"][:].tolist() == [0] * 9 + [1]
+    assert group[store.STATISTICS][:, 3].tolist() == [0.0] * 4 + [0.0] * 4 + [2.0, 2.0]
+
+
+def test_a_stop_while_recording_records_the_chunks_before_it_goes_on(tmp_path, monkeypatch):
+    path = tmp_path / "subtracted.zarr"
+    store.create_store(path, count=8, box=4, chunk_size=4, run_attrs={}, keep_images=False)
+    recorder = store.ChunkRecorder(path, interval_s=3600.0)
+    recorder.add(chunk_result(0, 0, 4))
+    recorder.add(chunk_result(1, 4, 4))
+    original, calls = store.record_chunks, []
+
+    def interrupted_once(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # Ctrl-C or SIGTERM while the write is under way
+        original(*args)
+
+    monkeypatch.setattr(store, "record_chunks", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):  # the stop goes on once the chunks are recorded
+        recorder.close()
+    assert store.finished_chunks(path).tolist() == [True, True] and len(calls) == 2

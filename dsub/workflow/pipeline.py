@@ -346,10 +346,10 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             devices = sorted(set(runner.compute(tasks, "subtract", [bounds[i][1] - bounds[i][0] for i in pending],
                                                 waiting, on_result=chunk_finished)))
         except BaseException:
-            with contextlib.suppress(Exception):  # what finished is kept for the rerun; the first error matters
-                recorder.flush()
+            with contextlib.suppress(BaseException):  # what finished is kept for the rerun; the first error matters
+                recorder.close()
             raise
-        recorder.flush()
+        recorder.close()
         shutil.rmtree(columns, ignore_errors=True)  # every chunk is stored: no task reads it again
         read_ahead.stop()
         timings["subtract"] = time.monotonic() - started - sum(timings.values())

@@ -34,6 +34,7 @@ writes the bookkeeping and no lock is needed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -164,10 +165,20 @@ class ChunkRecorder:
         return result.device
 
     def flush(self) -> None:
-        """Record every waiting result now."""
-        waiting, self.waiting = self.waiting, []
-        record_chunks(self.path, waiting)
+        """Record every waiting result now (they wait on if the writing is cut short)."""
+        record_chunks(self.path, self.waiting)
+        self.waiting = []
         self.written = time.monotonic()
+
+    def close(self) -> None:
+        """The last ``flush``, at the end of the phase or when a run stops; a stop signal that arrives
+        while it writes (SIGTERM, Ctrl-C) has the write done again before it goes on."""
+        try:
+            self.flush()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.flush()
+            raise
 
 
 _opened: dict = {}
