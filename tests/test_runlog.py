@@ -293,3 +293,18 @@ def test_small_memory_figures_are_never_zero():
 
     assert binary_size(40 * 2**20) == "40 MiB" and binary_size(5.4 * 2**30) == "5.4 GiB"
     assert gigabytes(3e7) == "30 MB" and gigabytes(2.44e9) == "2.4 GB" and gigabytes(1e3) == "1 MB"
+
+
+@pytest.mark.parametrize("delay_s", [0.2, 0.5])
+def test_ctrl_c_while_dsub_loads_ends_in_one_line(small, tmp_path, delay_s):
+    """The console command loads its libraries after its own interrupt handling is in place."""
+    import signal
+    import time
+
+    command = [sys.executable, "-c", "from dsub.command import run; run()", *subtract_args(small, tmp_path / "out")]
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    time.sleep(delay_s)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130 and "Traceback" not in err
+    assert err.strip().splitlines() == ["dsub: interrupted; rerun the same command to resume"]
