@@ -75,7 +75,7 @@ def test_local_cluster_matches_threads(dataset, threaded, tmp_path):
     result = dsub(dataset, tmp_path / "out", "--chunk-size", "16", "--scheduler", "local", "--workers", "2")
     assert result.returncode == 0, result.stderr
     assert "Dask dashboard: http://127.0.0.1:" in result.stdout
-    assert "Each worker reads the maps and prepares them on its first task" in result.stdout
+    assert "The workers read the maps and prepare them now, beside the sample fit" in result.stdout
     assert same_images(stacks(tmp_path / "out"), threaded) <= 1e-5
     alpha = np.load(tmp_path / "out" / "particles_subtracted.cs")["alignments3D/alpha"]
     assert alpha.shape == (96,) and np.all(np.isfinite(alpha)) and np.all(alpha > 0)

@@ -308,3 +308,16 @@ def test_ctrl_c_while_dsub_loads_ends_in_one_line(small, tmp_path, delay_s):
     _, err = run.communicate(timeout=120)
     assert run.returncode == 130 and "Traceback" not in err
     assert err.strip().splitlines() == ["dsub: interrupted; rerun the same command to resume"]
+
+
+def test_a_run_from_python_with_default_padding_is_the_same_run_as_the_command_line(small, tmp_path, capsys):
+    """``dsub demo`` runs the pipeline with ``padding=None``; the command line says 1.25: the same run."""
+    from dsub.physics.subtract import SubtractionSettings
+    from dsub.workflow.pipeline import RunOptions, subtract
+
+    outdir = tmp_path / "out"
+    subtract(small["star"], small["half_a"], small["half_b"], small["mask"], SubtractionSettings(),
+             RunOptions(outdir=outdir, chunk_size=8))
+    capsys.readouterr()
+    assert main(subtract_args(small, outdir)) == 0
+    assert "already holds the finished results of this run" in capsys.readouterr().out

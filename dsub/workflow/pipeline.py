@@ -29,7 +29,6 @@ from pathlib import Path
 
 import dask
 import numpy as np
-import pandas as pd
 
 from .. import __version__
 from ..cluster import ClusterSpec, open_runner
@@ -38,7 +37,7 @@ from ..cluster.progress import map_preparation_estimate, setup_step
 from ..errors import DsubError, InputFileError, OptionError, warn
 from ..formats import read_particles, select_rows
 from ..formats.mrc import map_header, read_map
-from ..formats.paths import PATH_MODES
+from ..formats.paths import PATH_MODES, path_codes
 from ..particles import HALF_A
 from ..physics.backend import gpu_available, resolve_device
 from ..physics.gridding import grid_size
@@ -156,7 +155,8 @@ def prepare_maps_where_visible(maps: MapFiles, settings, options: RunOptions, bo
     transforms = (f"each map through a {rebox}³ cube to the particles' {box}³, then {size}³ transforms" if rebox
                   else f"{size}³ transforms")
     if options.cluster.distributed:
-        say(options, f"Each worker reads the maps and prepares them on its first task ({transforms}, {estimate}).")
+        say(options, f"The workers read the maps and prepare them now, beside the sample fit; a worker that joins "
+                     f"later does so on its first task ({transforms}, {estimate}).")
         return "preparing the maps on the workers"
     device = resolve_device(options.device)
     with setup_step(options.log, f"Preparing the maps on {device} ({transforms})",
@@ -561,10 +561,11 @@ def run_identity(particles_path, maps: MapFiles, table, box: int, settings, opti
         "half_a": file_identity(maps.half_a),
         "half_b": file_identity(maps.half_b),
         "mask": file_identity(maps.mask),
-        "stacks": [file_identity(path) for path in sorted({str(path) for path in pd.unique(table.image_paths)})],
+        "stacks": [file_identity(path) for path in sorted({str(path) for path in path_codes(table.image_paths)[1]})],
         "cs_root": options.cs_root,
         "passthrough": [file_identity(path) for path in table.extra.get("passthrough", [])],
-        "settings": dataclasses.asdict(settings),
+        # --padding as used: the projector's default when not given (the command line and Python alike)
+        "settings": {**dataclasses.asdict(settings), "padding": projector_kernel(settings.projector, settings.padding)[1]},
         "chunk_size": options.chunk_size,
         "single_map": options.single_map,
         "skip_bad_particles": options.skip_bad_particles,
