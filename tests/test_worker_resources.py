@@ -117,6 +117,16 @@ def test_worker_with_too_small_a_limit_is_refused_before_any_work():
         resources.check_workers(plan(box=400), capacities, 400, SubtractionSettings(), 256)
 
 
+def test_a_local_workers_limit_is_raised_with_local_remedies():
+    capacities = {f"tcp://127.0.0.1:{port}": {"device": "cpu", "host_limit": 2_000_000_000, "gpu_free": None,
+                                              "threads": 1} for port in (4242, 4243)}
+    with pytest.raises(resources.NotEnoughMemoryError) as caught:
+        resources.check_workers(plan("local", box=400), capacities, 400, SubtractionSettings(), 256)
+    text = one_line(caught.value)
+    assert "fewer --workers" in text and "--scheduler threads" in text and "Raise 'memory'" not in text
+    assert "even with batches of one particle" in text
+
+
 def test_worker_limit_is_checked_against_the_preparation_of_maps_of_another_box():
     """Maps far larger than the particles' box go through a large cube first: the check counts it."""
     capacities = {"tcp://10.0.0.7:4242": {"device": "cpu", "host_limit": 8_000_000_000, "gpu_free": None,

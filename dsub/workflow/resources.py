@@ -277,6 +277,16 @@ def plan_memory(box: int, settings, options, map_voxels: int = 0) -> MemoryPlan:
     )
 
 
+def raise_limit(scheduler: str, workers: int) -> str:
+    """How to give a worker of ``scheduler`` more memory (a sentence without its full stop)."""
+    if scheduler == "local":  # LocalCluster shares this machine's memory among its workers
+        fewer = " fewer --workers (each gets an equal share of this machine's memory)," if workers > 1 else ""
+        return f"Use{fewer} --scheduler threads (no worker limit), or a machine with more memory"
+    if scheduler in ("slurm", "pbs"):
+        return "Raise 'memory' in the cluster config (or put fewer worker processes on each job)"
+    return "Start the workers with a larger --memory-limit"
+
+
 def remedies(device: str) -> str:
     """What a user can change to need less memory per worker (a clause, lower case)."""
     gpu = "" if device == "gpu" else ", or run on a GPU (--device gpu)"
@@ -319,9 +329,9 @@ def check_workers(plan: MemoryPlan, capacities: dict, box: int, settings, chunk_
         limit = capacity.get("host_limit")
         if limit and need.host_bytes > limit * fraction:
             raise NotEnoughMemoryError(
-                f"{need.describe()}, but worker {address} has a memory limit of {gigabytes(limit)} (Dask pauses "
-                f"it at {fraction:.0%} of that). Raise 'memory' in the cluster config (or give --workers fewer "
-                f"workers per machine); or {remedies(need.device)}.")
+                f"{need.describe()} (even with batches of one particle), but worker {address} has a memory limit of "
+                f"{gigabytes(limit)} (Dask pauses it at {fraction:.0%} of that). {raise_limit(plan.scheduler, len(capacities))}; "
+                f"or {remedies(need.device)}.")
         free = capacity.get("gpu_free")
         if capacity["device"] == "gpu" and free is not None and need.gpu_bytes > free:
             raise NotEnoughMemoryError(
