@@ -486,3 +486,26 @@ def test_a_rerun_with_other_stacks_is_refused_naming_the_option(data, tmp_path, 
         f"subtracted_{k:04d}.mrcs" for k in range(-(-COUNT // 16))]
     assert run(data, outdir, "--particles-per-stack", "16") == 0  # the same run: nothing to do
     assert "nothing to do" in capsys.readouterr().out
+
+
+def test_an_output_folder_that_cannot_be_made_is_refused_before_the_inputs_are_read(data, tmp_path, capsys,
+                                                                                      monkeypatch):
+    import dsub.workflow.pipeline as pipeline
+
+    def read_particles(*args, **kwargs):
+        raise AssertionError("the particles were read before the output folder was checked")
+
+    monkeypatch.setattr(pipeline, "read_particles", read_particles)
+    blocking = tmp_path / "a_file"
+    blocking.write_text("not a folder")
+    line = assert_refused(run(data, blocking / "out"), capsys, blocking / "out", blocking)
+    assert "is a file, not a folder" in line
+
+
+def test_a_run_refused_at_its_inputs_leaves_no_output_folder(data, tmp_path, capsys):
+    """The output folder is tried early (made and removed again), so a bad input later leaves nothing."""
+    garbage = tmp_path / "particles.star"
+    garbage.write_text("this is not a STAR file\n")
+    outdir = tmp_path / "new" / "out"
+    assert_refused(run(data, outdir, star=garbage), capsys, outdir, garbage)
+    assert not (tmp_path / "new").exists()

@@ -295,14 +295,16 @@ def test_small_memory_figures_are_never_zero():
     assert gigabytes(3e7) == "30 MB" and gigabytes(2.44e9) == "2.4 GB" and gigabytes(1e3) == "1 MB"
 
 
-@pytest.mark.parametrize("delay_s", [0.2, 0.5])
+@pytest.mark.parametrize("delay_s", [0.05, 0.3])
 def test_ctrl_c_while_dsub_loads_ends_in_one_line(small, tmp_path, delay_s):
     """The console command loads its libraries after its own interrupt handling is in place."""
     import signal
     import time
 
-    command = [sys.executable, "-c", "from dsub.command import run; run()", *subtract_args(small, tmp_path / "out")]
+    started = "import sys; print('started', file=sys.stderr, flush=True); from dsub.command import run; run()"
+    command = [sys.executable, "-c", started, *subtract_args(small, tmp_path / "out")]
     run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    assert run.stderr.readline() == "started\n"  # Python is up (its own Ctrl-C handling too); dsub is loading
     time.sleep(delay_s)
     run.send_signal(signal.SIGINT)
     _, err = run.communicate(timeout=120)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
-import socket
-import time
 import hashlib
 import json
 import os
 import shutil
+import socket
+import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -226,6 +228,29 @@ def modified(identity: dict) -> str:
     seconds, nanoseconds = divmod(int(identity["mtime_ns"]), 10**9)
     stamp = datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
     return f"{stamp}.{nanoseconds:09d}+00:00"
+
+
+def check_writable(outdir: Path) -> None:
+    """Refuse, before any long work, an output folder that cannot be made or written (``OptionError``).
+
+    Makes the missing folders and a probe file as the run would, then removes
+    what it made: a run that stops later at a bad input leaves nothing behind.
+    """
+    outdir = Path(outdir)
+    made: list[Path] = []
+    try:
+        for path in reversed([path for path in (outdir, *outdir.parents) if not path.exists()]):
+            path.mkdir()
+            made.append(path)
+        fd, probe = tempfile.mkstemp(dir=outdir, prefix=".dsub-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OptionError(cannot_create(outdir, exc)) from exc
+    finally:
+        for path in reversed(made):
+            with contextlib.suppress(OSError):
+                path.rmdir()
 
 
 def cannot_create(outdir: Path, exc: OSError) -> str:

@@ -47,7 +47,7 @@ from ..physics.projector import projector_kernel
 from ..physics.subtract import SubtractionSettings
 from ..report import REPORT_FOLDER, start_preparation, start_warming_up
 from . import diagnostics, export, metadata, prefetch, rebox, record, region, resources, store, validate
-from .outdir import OutdirLock, explain_os_error, file_identity, prepare_outdir, run_fingerprint
+from .outdir import OutdirLock, check_writable, explain_os_error, file_identity, prepare_outdir, run_fingerprint
 from .tasks import MapFiles, half_map_models, prepare_models, run_chunk
 from .transcript import Transcript
 
@@ -197,6 +197,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
               attempt: record.AttemptRecorder, lock: OutdirLock, cleanup: contextlib.ExitStack) -> dict:
     started = time.monotonic()
     outdir = Path(options.outdir)
+    check_writable(outdir)  # before the long reading and checks
     with setup_step(options.log, f"Reading the particles from {particles_path}"):
         table = read_particles(particles_path, cs_root=options.cs_root, passthrough=options.passthrough)
     start_warming_up()  # the QC report's drawing library, loaded while the inputs are checked
