@@ -1,6 +1,6 @@
 """Throughput of ``dsub subtract --scheduler local`` with 1 and 2 GPU workers.
 
-    python benchmarks/multi_gpu.py [--particles 4096] [--box 256] [--workers 1 2]
+    python benchmarks/multi_gpu.py [--particles 4096] [--box 256] [--workers 1 2] [--referenced 3]
 
 Writes a dataset of noise images with realistic metadata (the cost of the
 physics does not depend on the image content), runs the whole command (cluster
@@ -41,7 +41,10 @@ def noise_metadata(count: int, box: int, rng, pixel_size: float) -> SimulatedPar
     )
 
 
-def write_dataset(folder: Path, count: int, box: int) -> dict:
+def write_dataset(folder: Path, count: int, box: int, referenced: int = 1) -> dict:
+    """``count`` noise images of ``box`` px and a star of ``count * referenced`` rows: each image is
+    referenced by ``referenced`` consecutive rows with their own poses, as after symmetry expansion
+    (more rows, and output, than the input stack holds)."""
     rng = np.random.default_rng(0)
     phantom = two_domain_phantom(box, rng)
     paths = {name: folder / f"{name}.mrc" for name in ("half_a", "half_b", "mask")}
@@ -53,9 +56,10 @@ def write_dataset(folder: Path, count: int, box: int) -> dict:
         for start in range(0, count, 512):
             stop = min(start + 512, count)
             mrc.data[start:stop] = rng.normal(size=(stop - start, box, box)).astype(np.float32)
-    table = to_particle_table(noise_metadata(count, box, rng, 1.0), str(stack))
+    rows = count * referenced
+    table = to_particle_table(noise_metadata(rows, box, rng, 1.0), str(stack))
     paths["star"] = folder / "particles.star"
-    star_format.write_particles(table, paths["star"], [f"{i + 1:06d}@particles.mrcs" for i in range(count)])
+    star_format.write_particles(table, paths["star"], [f"{i // referenced + 1:06d}@particles.mrcs" for i in range(rows)])
     return paths
 
 
@@ -65,6 +69,8 @@ def main():
     parser.add_argument("--box", type=int, default=256)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--chunk-size", type=int, default=256)
+    parser.add_argument("--referenced", type=int, default=1,
+                        help="star rows per image (symmetry expansion): more particles than the stack holds")
     parser.add_argument("--warm-up", action="store_true",
                         help="a small run first, so CuPy's kernel cache is filled before the measured runs")
     args = parser.parse_args()
@@ -72,8 +78,10 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         started = time.perf_counter()
-        paths = write_dataset(folder, args.particles, args.box)
-        print(f"dataset: {args.particles} particles of {args.box} px written in {time.perf_counter() - started:.1f} s")
+        paths = write_dataset(folder, args.particles, args.box, args.referenced)
+        count = args.particles * args.referenced
+        print(f"dataset: {args.particles} images of {args.box} px, {count} particles, written in "
+              f"{time.perf_counter() - started:.1f} s")
         runs = ([("warm-up", max(args.workers))] if args.warm_up else []) + [(None, w) for w in args.workers]
         for warm_up, workers in runs:
             outdir = folder / f"out{workers}{warm_up or ''}"
@@ -95,7 +103,7 @@ def main():
             difference = 0.0 if first is None else float(np.abs(images - first).max() / np.abs(first).max())
             first = np.array(images) if first is None else first
             phases = summary["phase_seconds"]
-            rows.append((workers, wall, phases, args.particles / phases["subtract"], args.particles / wall,
+            rows.append((workers, wall, phases, count / phases["subtract"], count / wall,
                          summary["devices"], difference))
     print("| workers | wall s | start workers s | subtract s | export s | particles/s in subtract | "
           "particles/s whole command | devices | max diff vs 1 worker |")
