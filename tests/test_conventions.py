@@ -37,6 +37,17 @@ def test_euler_matches_relion_formula():  # conventions!
     np.testing.assert_allclose(A, expected, atol=1e-12)
 
 
+def test_euler_matrices_equal_scipys_zyz_rotations_transposed():
+    """An independent construction: SciPy's intrinsic ZYZ rotation, transposed (formats.md, 3.1)."""
+    from scipy.spatial.transform import Rotation
+
+    rng = np.random.default_rng(4)
+    angles = np.vstack([rng.uniform([-180, 0, -180], [180, 180, 180], size=(2000, 3)),
+                        [[10.0, 0.0, 20.0], [-30.0, 180.0, 45.0], [0.0, 90.0, 0.0]]])  # gimbal-lock poses too
+    expected = Rotation.from_euler("ZYZ", angles, degrees=True).as_matrix().transpose(0, 2, 1)
+    np.testing.assert_allclose(relion_euler_to_matrix(*angles.T), expected, atol=1e-14)
+
+
 def test_euler_round_trip_as_matrices():
     A = random_rotations(200, np.random.default_rng(1))
     np.testing.assert_allclose(relion_euler_to_matrix(*matrix_to_relion_euler(A)), A, atol=1e-12)
