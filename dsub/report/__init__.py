@@ -79,8 +79,9 @@ def start_warming_up() -> threading.Thread:
     """``warm_up_drawing`` in a daemon thread, started early in a run.
 
     Importing matplotlib and loading its fonts is about a second of interpreter
-    time; done while the run checks its inputs (the main thread mostly waits on
-    the disk then) it is not taken from the threads that feed the GPU later.
+    time; done while the maps are prepared and the workers start, it is not
+    taken from the threads that feed the GPU later. Join the thread before the
+    run returns: a thread still importing when Python exits can abort it.
     Its failures are left to the report, which draws without the warm-up.
     """
     def warm_up():

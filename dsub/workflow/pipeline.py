@@ -200,7 +200,6 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     check_writable(outdir)  # before the long reading and checks
     with setup_step(options.log, f"Reading the particles from {particles_path}"):
         table = read_particles(particles_path, cs_root=options.cs_root, passthrough=options.passthrough)
-    start_warming_up()  # the QC report's drawing library, loaded while the inputs are checked
     validate.check_metadata(table)
     validate.check_classes(table)
     box = validate.particle_box(table)
@@ -268,6 +267,9 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     if options.skip_bad_particles and not options.overwrite:
         adopt_strict_run(store_path, identity, fingerprint)
     resuming = prepare_outdir(outdir, fingerprint, options.overwrite, identity)
+    # The QC report's drawing library is loaded while the maps are prepared and the workers start, not
+    # while the chunks run; joined before the run returns (a thread still importing at exit can crash).
+    cleanup.callback(start_warming_up().join)
     if resuming:  # the finished chunks' images need no reading
         read_ahead.stop()
     options.log.open_log(outdir, fresh=options.overwrite, command=options.command)
