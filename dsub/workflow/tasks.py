@@ -66,7 +66,7 @@ class MapFiles:
 _models: dict = {}
 _models_lock = threading.Lock()
 _gpu_threads: dict[int, ThreadPoolExecutor] = {}  # per CUDA device of this process: the one thread driving it
-_host_buffers = threading.local()  # each thread's pinned staging buffers
+_host_buffers = threading.local()  # each thread's reused host arrays and its CUDA streams
 #: cuFFT plans each GPU thread keeps (CuPy's default is 16): a few batch sizes × the model's transforms.
 FFT_PLANS_KEPT = 48
 #: A GPU batch is rounded up to a multiple of this many particles, so that its cuFFT plans are few and reused.
@@ -251,14 +251,14 @@ def _subtract_on_gpu(images: np.ndarray, particles, models: dict, settings, stat
     returned = pinned_buffer("out", images.shape)
     figures = pinned_buffer("figures", (3, count))
     sums = pinned_buffer("statistics", (count, 4), np.float64) if statistics else None
-    copies = _task_stream()
+    copies = _thread_stream()
     with copies:
         on_gpu = cupy.empty(images.shape, dtype=cupy.float32)
         on_gpu.set(staged, stream=copies)
         arrived = _event(copies)
 
     def turn():
-        stream = _gpu_stream()
+        stream = _thread_stream()
         with stream:
             stream.wait_event(arrived)
             out = cupy.empty_like(on_gpu)
@@ -321,19 +321,6 @@ def _sum_of_squares(values, axis: int):
 _SUM_OF_SQUARES = None
 
 
-_streams: dict = {}
-
-
-def _gpu_stream():
-    """The non-blocking CUDA stream of the current device, for its GPU thread (``gpu_turn``)."""
-    import cupy
-
-    key = cupy.cuda.Device().id
-    if key not in _streams:
-        _streams[key] = cupy.cuda.Stream(non_blocking=True)
-    return _streams[key]
-
-
 def _event(stream, blocking: bool = False):
     """A CUDA event recorded on ``stream`` now, without timing; ``blocking``: waiting on it sleeps."""
     import cupy
@@ -343,8 +330,9 @@ def _event(stream, blocking: bool = False):
     return event
 
 
-def _task_stream():
-    """This thread's non-blocking CUDA stream on the current device, for its copies to and from the GPU."""
+def _thread_stream():
+    """This thread's non-blocking CUDA stream on the current device: the GPU thread's for its turns
+    (``gpu_turn``), a task thread's for its copies to and from the GPU."""
     import cupy
 
     streams = _host_buffers.__dict__.setdefault("streams", {})
