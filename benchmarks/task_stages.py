@@ -28,7 +28,7 @@ STAGES = (
     ("load_particles", "metadata"),
     ("half_map_models", "prepared maps"),
     ("read_images", "read images"),
-    ("bad_images", "NaN check"),
+    ("nonfinite_images", "NaN check (on the CPU path)"),
     ("subtract_particles", "subtract (turn wait + turn)"),
     ("export.write_pieces", "write stacks"),
     ("export.image_statistics", "image statistics"),

@@ -44,6 +44,24 @@ def test_image_statistics_on_the_gpu_match_numpy():
     np.testing.assert_allclose(got[:, 2:], expected[:, 2:], rtol=1e-10, atol=1e-9)
 
 
+def test_nonfinite_images_are_found_and_zeroed_on_the_gpu_as_on_the_cpu():
+    import cupy
+
+    rng = np.random.default_rng(2)
+    images = rng.normal(size=(300, 40, 40)).astype(np.float32)
+    images[3, 0, 0] = np.nan
+    images[150, 39, 39] = np.inf
+    images[299, 20, 7] = -np.inf
+    expected = tasks.nonfinite_images(images)
+    on_gpu = cupy.asarray(images)
+    bad = tasks.zero_nonfinite_on_gpu(on_gpu).get()
+    np.testing.assert_array_equal(bad, expected)
+    assert np.flatnonzero(bad).tolist() == [3, 150, 299]
+    zeroed = images.copy()
+    zeroed[expected] = 0.0
+    np.testing.assert_array_equal(on_gpu.get(), zeroed)
+
+
 def test_tasks_taking_turns_on_the_gpu_match_the_cpu():
     """Twelve threads subtracting at once through ``subtract_particles``: each gets its own particles back."""
     import cupy
@@ -117,3 +135,26 @@ def test_whole_command_on_the_gpu_matches_the_cpu(tmp_path_factory, scheduler):
         with mrcfile.open(stack) as mrc:
             assert float(mrc.header.dmax) == pytest.approx(float(mrc.data.max()), rel=1e-6)
             assert float(mrc.header.dmean) == pytest.approx(float(mrc.data.astype(np.float64).mean()), abs=1e-5)
+
+
+def test_images_with_nan_are_refused_or_skipped_on_the_gpu_as_on_the_cpu(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nan")
+    paths, _ = make_dataset(root / "data", count=120, box=48)
+    stack = paths["stack"]
+    with mrcfile.mmap(stack, mode="r+") as mrc:
+        mrc.data[9, 3, 5] = np.nan
+        mrc.data[70, 0, 0] = np.inf
+    command = [sys.executable, "-m", "dsub.cli", "subtract", str(paths["star"]), "--half-a", str(paths["half_a"]),
+               "--half-b", str(paths["half_b"]), "--mask", str(paths["mask"]), "--chunk-size", "16", "--quiet",
+               "--device", "gpu"]
+    refused = subprocess.run(command + ["-o", str(root / "refused")], capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "dsub: error:" in refused.stderr and "contains NaN or infinite values" in refused.stderr
+    cpu = root / "cpu"
+    run(paths, cpu, "--device", "cpu", "--skip-bad-particles")
+    gpu = root / "gpu"
+    summary = run(paths, gpu, "--device", "gpu", "--skip-bad-particles")
+    assert [entry["index"] for entry in summary["skipped_particles"]["listed"]] == [9, 70]
+    reference = images_via_star(cpu)
+    assert reference.shape[0] == 118
+    assert np.max(np.abs(images_via_star(gpu) - reference)) <= 1e-4 * np.max(np.abs(reference))

@@ -36,7 +36,6 @@ from ..physics.lowpass import lowpass_map
 from ..physics.optics import fit_map_to_box
 from ..physics.subtract import SubtractionSettings, prepare_half_map, subtract_batch
 from . import export, resources, store
-from .rebox import rebox_images
 from .metadata import load_particles
 
 #: Share of the free memory measured at a task's start that its batches may use (others run alongside).
@@ -203,19 +202,25 @@ def batch_size(box: int, settings: SubtractionSettings, device: str, chunk_size:
 
 
 def subtract_particles(images: np.ndarray, particles, models: dict, settings, device: str,
-                       statistics: bool = False):
+                       statistics: bool = False, nonfinite: bool = False):
     """Subtract every particle with its own half set's model.
 
     Returns (subtracted (n, box, box), ``ContrastResult`` of (n,) arrays), all NumPy float32.
     On a GPU the subtraction is one turn (``gpu_turn``); the subtracted images
     come back in this thread's page-locked buffer (on the CPU its reused
     array), valid until its next call.
-    With ``statistics`` a third item follows: on a GPU the subtracted images'
+    With ``statistics`` an item follows: on a GPU the subtracted images'
     ``export.image_statistics`` (n, 4) float64, computed there in the same turn;
     on the CPU None (the caller computes them from what it writes).
+    With ``nonfinite`` images holding NaN or infinite values are zeroed before
+    the subtraction (on a GPU there, in the turn: the host does not scan the
+    images again) and a last item follows: which they were, (n,) bool.
     """
     if device != "cpu":
-        return _subtract_on_gpu(images, particles, models, settings, statistics)
+        return _subtract_on_gpu(images, particles, models, settings, statistics, nonfinite)
+    if nonfinite:
+        bad = nonfinite_images(images)
+        images[bad] = 0.0
     count = images.shape[0]
     subtracted = thread_buffer("out", images.shape)
     contrast = ContrastResult(*(np.empty(count, dtype=np.float32) for _ in range(3)))
@@ -228,10 +233,11 @@ def subtract_particles(images: np.ndarray, particles, models: dict, settings, de
             subtracted[batch] = result
             for name in ("alpha", "sigma", "correlation"):
                 getattr(contrast, name)[batch] = getattr(fitted, name)
-    return (subtracted, contrast, None) if statistics else (subtracted, contrast)
+    return (subtracted, contrast) + ((None,) if statistics else ()) + ((bad,) if nonfinite else ())
 
 
-def _subtract_on_gpu(images: np.ndarray, particles, models: dict, settings, statistics: bool):
+def _subtract_on_gpu(images: np.ndarray, particles, models: dict, settings, statistics: bool,
+                     nonfinite: bool = False):
     """``subtract_particles`` on this process's GPU: copies on the task's own stream, compute in the GPU's turn.
 
     The task copies its images to its thread's page-locked buffer and on to
@@ -251,6 +257,7 @@ def _subtract_on_gpu(images: np.ndarray, particles, models: dict, settings, stat
     returned = pinned_buffer("out", images.shape)
     figures = pinned_buffer("figures", (3, count))
     sums = pinned_buffer("statistics", (count, 4), np.float64) if statistics else None
+    flags = pinned_buffer("nonfinite", (count,), np.bool_) if nonfinite else None
     copies = _thread_stream()
     with copies:
         on_gpu = cupy.empty(images.shape, dtype=cupy.float32)
@@ -261,6 +268,7 @@ def _subtract_on_gpu(images: np.ndarray, particles, models: dict, settings, stat
         stream = _thread_stream()
         with stream:
             stream.wait_event(arrived)
+            bad_on_gpu = zero_nonfinite_on_gpu(on_gpu) if flags is not None else None
             out = cupy.empty_like(on_gpu)
             fitted_all = cupy.empty((3, count), dtype=cupy.float32)
             step = batch_size(images.shape[-1], settings, "gpu", count)
@@ -278,21 +286,48 @@ def _subtract_on_gpu(images: np.ndarray, particles, models: dict, settings, stat
                     for row, name in enumerate(("alpha", "sigma", "correlation")):
                         fitted_all[row, where] = getattr(fitted, name)[: batch.size]
             statistics_on_gpu = image_statistics_on_gpu(out) if sums is not None else None
-            return out, fitted_all, statistics_on_gpu, _event(stream)
+            return out, fitted_all, statistics_on_gpu, bad_on_gpu, _event(stream)
 
-    out, fitted_all, statistics_on_gpu, computed = gpu_turn(turn)
+    out, fitted_all, statistics_on_gpu, bad_on_gpu, computed = gpu_turn(turn)
     with copies:
         copies.wait_event(computed)
         out.get(stream=copies, out=returned)
         fitted_all.get(stream=copies, out=figures)
         if sums is not None:
             statistics_on_gpu.get(stream=copies, out=sums)
+        if flags is not None:
+            bad_on_gpu.get(stream=copies, out=flags)
         # Then the GPU is done with every array of this task: they go back to CuPy's pool. A blocking
         # event: the thread sleeps instead of spinning on a core the other tasks' copies need.
         _event(copies, blocking=True).synchronize()
-    on_gpu = out = fitted_all = statistics_on_gpu = None  # their memory goes back to CuPy's pool now
+    on_gpu = out = fitted_all = statistics_on_gpu = bad_on_gpu = None  # their memory goes back to CuPy's pool now
     contrast = ContrastResult(*(figures[row].copy() for row in range(3)))
-    return (returned, contrast, sums.copy()) if statistics else (returned, contrast)
+    return ((returned, contrast) + ((sums.copy(),) if statistics else ())
+            + ((flags.copy(),) if nonfinite else ()))
+
+
+def zero_nonfinite_on_gpu(images):
+    """Zero, in place, each CuPy image (n, box, box) float32 holding NaN or infinite values.
+
+    Returns which they were, (n,) bool on the GPU: the twin of
+    ``nonfinite_images`` followed by ``images[bad] = 0``, in two kernels.
+    """
+    import cupy
+
+    global _NONFINITE, _ZERO_FLAGGED
+    if _NONFINITE is None:
+        _NONFINITE = cupy.ReductionKernel("float32 x", "bool y", "!isfinite(x)", "a || b", "y = a", "false",
+                                          "dsub_nonfinite_images")
+        _ZERO_FLAGGED = cupy.ElementwiseKernel("raw bool bad, int64 pixels", "float32 x",
+                                               "if (bad[i / pixels]) x = 0.0f;", "dsub_zero_flagged_images")
+    count = images.shape[0]
+    bad = _NONFINITE(images.reshape(count, -1), axis=1)
+    if count:
+        _ZERO_FLAGGED(bad, images[0].size, images)
+    return bad
+
+
+_NONFINITE = _ZERO_FLAGGED = None
 
 
 def image_statistics_on_gpu(images):
@@ -342,9 +377,21 @@ def _thread_stream():
     return streams[key]
 
 
+def nonfinite_images(images: np.ndarray) -> np.ndarray:
+    """Which images (n, box, box) hold NaN or infinite values: (n,) bool."""
+    return ~np.isfinite(images).all(axis=(1, 2))
+
+
 def bad_images(images: np.ndarray, particles, skip: bool) -> np.ndarray:
     """Which images hold NaN or infinite values: an error naming the first, or a mask to skip them."""
-    bad = ~np.isfinite(images).all(axis=(1, 2))
+    return refuse_nonfinite(nonfinite_images(images), particles, skip)
+
+
+def refuse_nonfinite(bad: np.ndarray, particles, skip: bool) -> np.ndarray:
+    """``bad`` (n,) bool, the images with NaN or infinite values, back when ``skip``; else an error naming the first.
+
+    Raises ``InputFileError`` (the first such image's stack) unless ``skip`` or no image is bad.
+    """
     if bad.any() and not skip:
         first = int(np.flatnonzero(bad)[0])
         raise InputFileError(
@@ -393,12 +440,14 @@ def run_chunk(chunk_index: int, start: int, particles, maps: MapFiles, settings,
     device = resolve_device(device)
     models = half_map_models(maps, settings, device)
     images = read_images(particles.image_paths, particles.image_indices, into=image_buffer(device))
-    bad = bad_images(images, particles, skip_bad)
-    images[bad] = 0.0
     dtype = store.image_dtype(Path(store_path))
     # On a GPU the statistics of what is written come from it, unless re-boxing or float16 changes the images.
     from_gpu = reboxing is None and dtype == np.float32
-    subtracted, contrast, *rest = subtract_particles(images, particles, models, settings, device, statistics=from_gpu)
+    # Images with NaN or infinite values are found (and zeroed) where they are subtracted: on a GPU that
+    # spares the host a scan of the chunk's images; nothing is written before the refusal below.
+    subtracted, contrast, *rest, bad = subtract_particles(images, particles, models, settings, device,
+                                                          statistics=from_gpu, nonfinite=True)
+    refuse_nonfinite(bad, particles, skip_bad)
     statistics = rest[0] if rest else None
     if reboxing is not None:
         subtracted = rebox_images(np, subtracted, particles, reboxing)
