@@ -74,6 +74,7 @@ def threaded(dataset, tmp_path_factory):
 def test_local_cluster_matches_threads(dataset, threaded, tmp_path):
     result = dsub(dataset, tmp_path / "out", "--chunk-size", "16", "--scheduler", "local", "--workers", "2")
     assert result.returncode == 0, result.stderr
+    assert "Starting a local Dask cluster beside the input checks" in result.stdout
     assert "Dask dashboard: http://127.0.0.1:" in result.stdout
     assert "The workers read the maps and prepare them now, beside the sample fit" in result.stdout
     assert same_images(stacks(tmp_path / "out"), threaded) <= 1e-5
@@ -81,6 +82,48 @@ def test_local_cluster_matches_threads(dataset, threaded, tmp_path):
     assert alpha.shape == (96,) and np.all(np.isfinite(alpha)) and np.all(alpha > 0)
     summary = json.loads((tmp_path / "out" / "dsub_run.json").read_text())
     assert summary["scheduler"] == "local" and summary["workers"] == 2 and summary["chunks_total"] == 6
+
+
+def test_local_cluster_started_beside_the_checks_is_stopped_when_they_refuse(dataset, tmp_path, capsys,
+                                                                           monkeypatch):
+    """The cluster starts before the inputs are checked; a refusal stops it before the error leaves the run."""
+    import psutil
+
+    from dsub.cluster import ClusterSpec, early
+    from dsub.errors import DsubError
+    from dsub.physics.subtract import SubtractionSettings
+    from dsub.workflow.pipeline import RunOptions, subtract
+
+    def workers_running() -> list[str]:
+        found = []
+        for child in psutil.Process().children(recursive=True):
+            try:
+                line = " ".join(child.cmdline())
+                if "spawn_main" in line and "resource_tracker" not in line and child.status() != psutil.STATUS_ZOMBIE:
+                    found.append(line)
+            except psutil.Error:  # gone meanwhile
+                pass
+        return found
+
+    stops = []
+    original_stop = early.EarlyCluster.stop
+
+    def stop(self):
+        original_stop(self)  # waits for the start to finish, then stops the cluster
+        stops.append((self._entered is not None, workers_running()))
+
+    monkeypatch.setattr(early.EarlyCluster, "stop", stop)
+    wrong_box = tmp_path / "mask_of_another_box.mrc"
+    with mrcfile.new(wrong_box) as mrc:
+        mrc.set_data(np.ones((40, 40, 40), dtype=np.float32))
+        mrc.voxel_size = 1.0
+    spec = ClusterSpec(scheduler="local", workers=2, dashboard_address="127.0.0.1:0", progress=False)
+    with pytest.raises(DsubError, match="mask_of_another_box"):
+        subtract(dataset["star"], dataset["half_a"], dataset["half_b"], wrong_box, SubtractionSettings(),
+                 RunOptions(outdir=tmp_path / "out", cluster=spec))
+    assert "Starting a local Dask cluster beside the input checks" in capsys.readouterr().out
+    assert stops == [(True, [])]  # the started cluster was stopped, once, and no worker outlived it
+    assert not (tmp_path / "out" / "particles_subtracted.star").exists()
 
 
 def test_killed_run_resumes_only_unfinished_chunks(tmp_path, threaded):

@@ -389,11 +389,21 @@ class WorkersLost(RuntimeError):
 
 
 @contextlib.contextmanager
-def open_runner(spec: ClusterSpec):
-    """Start what ``spec`` asks for, yield a runner, and stop it again (cancelling batch jobs)."""
+def open_runner(spec: ClusterSpec, early=None):
+    """Start what ``spec`` asks for, yield a runner, and stop it again (cancelling batch jobs).
+
+    ``early``: an ``early.EarlyCluster`` started beside the input checks; taken up
+    where it is the cluster ``spec`` asks for, else stopped and a cluster started here.
+    """
     if not spec.distributed:
         yield ThreadRunner(spec)
         return
+    if early is not None:
+        if early.serves(spec):
+            with early.runner(spec) as runner:
+                yield runner
+            return
+        early.stop()
     with cluster_config(spec.cluster_config):
         from .start import start_cluster
 

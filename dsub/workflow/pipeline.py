@@ -32,6 +32,7 @@ import numpy as np
 
 from .. import __version__
 from ..cluster import ClusterSpec, open_runner
+from ..cluster.early import start_early
 from ..cluster.config import cluster_config
 from ..cluster.progress import map_preparation_estimate, setup_step
 from ..errors import DsubError, InputFileError, OptionError, warn
@@ -198,6 +199,10 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     started = time.monotonic()
     outdir = Path(options.outdir)
     check_writable(outdir)  # before the long reading and checks
+    # A local cluster starts beside the checks below (a batch queue's jobs wait for them); stopped on leaving.
+    early = start_early(dataclasses.replace(options.cluster, device=options.device))
+    if early is not None:
+        cleanup.callback(early.stop)
     with setup_step(options.log, f"Reading the particles from {particles_path}"):
         table = read_particles(particles_path, cs_root=options.cs_root, passthrough=options.passthrough)
     validate.check_metadata(table)
@@ -286,7 +291,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     timings = {"check_inputs": time.monotonic() - started}
     with contextlib.ExitStack() as running:
         running.enter_context(resources.failures_explained(plan))
-        runner = running.enter_context(open_runner(spec))
+        runner = running.enter_context(open_runner(spec, early))
         timings["start_workers"] = time.monotonic() - started - sum(timings.values())
         capacities = runner.capacities(device)
         if capacities:

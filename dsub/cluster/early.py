@@ -1,0 +1,95 @@
+"""A local cluster started beside the coordinator's input checks (``--scheduler local``).
+
+A ``LocalCluster`` of GPU workers takes seconds to start (processes spawned,
+Dask, CuPy and CUDA loaded: 4 s on a 2-GPU host), and the coordinator's input
+checks take as long on a cold disk (2 s: the star, the maps, the stacks'
+headers). Neither needs the other, so for ``local`` the cluster starts first, in
+a thread, and the run takes it up once its checks are done
+(``open_runner(spec, early)``). Batch schedulers are not started early: a job
+submitted for a run that its checks then refuse would wait in the queue for
+nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+
+from .config import cluster_config
+from .progress import REPORT_STEP_AFTER_S
+
+#: ClusterSpec fields that decide the cluster itself (not how its progress is shown).
+_CLUSTER_FIELDS = ("scheduler", "workers", "adapt", "cluster_config", "worker_timeout", "dashboard_address",
+                   "interface", "secure", "device")
+
+
+def start_early(spec) -> "EarlyCluster | None":
+    """Start ``spec``'s local cluster in a thread now, saying so; None where ``spec`` is not ``local``."""
+    if spec.scheduler != "local":
+        return None
+    print("Starting a local Dask cluster beside the input checks ...", file=spec.out, flush=True)
+    return EarlyCluster(spec)
+
+
+class EarlyCluster:
+    """A ``start.start_cluster`` entered in a thread; taken up by ``runner()``, or stopped by ``stop()``.
+
+    What the start raises (no worker in time, a port in use) is raised where
+    the run takes the cluster up, as if it had started there.
+    """
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.started = time.monotonic()
+        self.ready_after: float | None = None  # seconds from the start to the first worker
+        self._context = None
+        self._entered = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._start, name="dsub-cluster-start", daemon=True)
+        self._thread.start()
+
+    def _start(self) -> None:
+        from .start import start_cluster
+
+        try:
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(cluster_config(self.spec.cluster_config))
+                self._entered = stack.enter_context(start_cluster(self.spec))
+                self._context = stack.pop_all()
+            self.ready_after = time.monotonic() - self.started
+        except BaseException as exc:  # noqa: BLE001 -- raised again where the run takes the cluster up
+            self._error = exc
+
+    def serves(self, spec) -> bool:
+        """Whether this cluster is the one ``spec`` asks for."""
+        return all(getattr(spec, name) == getattr(self.spec, name) for name in _CLUSTER_FIELDS)
+
+    @contextlib.contextmanager
+    def runner(self, spec):
+        """Wait for the cluster, say when its first worker was ready, yield a ``DistributedRunner``; stop it after."""
+        from .runner import DistributedRunner, say
+
+        waited = time.monotonic()
+        self._thread.join()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        try:
+            client, cluster, description = self._entered
+            if self.ready_after >= REPORT_STEP_AFTER_S:
+                waiting = time.monotonic() - waited
+                say(spec, f"The first worker was ready in {self.ready_after:.1f} s"
+                          f"{f' (the run waited {waiting:.1f} s for it)' if waiting >= 0.05 else ''}")
+            if client.dashboard_link:
+                say(spec, f"Dask dashboard: {client.dashboard_link}")
+            yield DistributedRunner(client, cluster, spec, description)
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        """Stop the cluster (after its start has finished); nothing where it is stopped already or never started."""
+        self._thread.join()
+        context, self._context = self._context, None
+        if context is not None:
+            context.close()
