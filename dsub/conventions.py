@@ -65,9 +65,16 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from scipy.spatial.transform import Rotation
 
 from dsub.particles import HALF_UNKNOWN
+
+
+def _rotation_class():
+    """SciPy's ``Rotation``, imported where it is used: the workers, which only read the
+    closed-form matrices, need not load ``scipy.spatial`` (0.3 s of every worker's start)."""
+    from scipy.spatial.transform import Rotation
+
+    return Rotation
 
 
 def _matrices(A: np.ndarray) -> np.ndarray:
@@ -76,7 +83,7 @@ def _matrices(A: np.ndarray) -> np.ndarray:
     return A.reshape(-1, 3, 3)
 
 
-def _as_euler_zyz(rotation: Rotation) -> np.ndarray:
+def _as_euler_zyz(rotation) -> np.ndarray:
     """ZYZ Euler angles in degrees, (n, 3), without scipy's gimbal-lock warning.
 
     At tilt 0 or 180 only rot+psi (or rot-psi) is defined; scipy then sets the
@@ -114,19 +121,19 @@ def relion_euler_to_matrix(rot, tilt, psi) -> np.ndarray:
 
 def matrix_to_relion_euler(A: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Matrices ``A`` (n, 3, 3) -> RELION (rot, tilt, psi) in degrees, tilt in [0, 180]."""
-    angles = _as_euler_zyz(Rotation.from_matrix(_matrices(A).transpose(0, 2, 1)))
+    angles = _as_euler_zyz(_rotation_class().from_matrix(_matrices(A).transpose(0, 2, 1)))
     return angles[:, 0], angles[:, 1], angles[:, 2]
 
 
 def cryosparc_pose_to_matrix(pose: np.ndarray) -> np.ndarray:
     """cryoSPARC ``alignments3D/pose`` (n, 3) axis-angle radians -> ``A`` (n, 3, 3)."""
     pose = np.asarray(pose, dtype=np.float64).reshape(-1, 3)
-    return Rotation.from_rotvec(pose).as_matrix().transpose(0, 2, 1)
+    return _rotation_class().from_rotvec(pose).as_matrix().transpose(0, 2, 1)
 
 
 def matrix_to_cryosparc_pose(A: np.ndarray) -> np.ndarray:
     """Matrices ``A`` (n, 3, 3) -> cryoSPARC axis-angle vectors (n, 3), length <= pi."""
-    return Rotation.from_matrix(_matrices(A).transpose(0, 2, 1)).as_rotvec().reshape(-1, 3)
+    return _rotation_class().from_matrix(_matrices(A).transpose(0, 2, 1)).as_rotvec().reshape(-1, 3)
 
 
 def cryosparc_shift_to_origin_angstrom(shift_px: np.ndarray, psize_angstrom) -> np.ndarray:

@@ -13,8 +13,6 @@ from pathlib import Path
 import numpy as np
 
 from dsub.errors import InputFileError, MissingInputError, OptionError
-from dsub.formats import cs, star
-from dsub.formats.star_reader import return_free_memory
 from dsub.particles import ParticleTable
 
 _ACCEPTED = (
@@ -36,6 +34,10 @@ def read_particles(
     ``require_ctf=False`` accepts particles without CTF parameters (simulated
     projections) and gives them a CTF of 1.
     """
+    # The readers (pandas, SciPy) are loaded here, not with the package: the workers read stacks only.
+    from dsub.formats import cs, star
+    from dsub.formats.star_reader import return_free_memory
+
     path = Path(path)
     if path.is_dir():
         raise InputFileError(path, "is a folder, not a particle file.", _ACCEPTED)

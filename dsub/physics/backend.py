@@ -5,7 +5,6 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
-import scipy.fft
 
 
 def array_module(array):
@@ -81,5 +80,7 @@ def fft_module(xp):
     transforms alike), with the same pocketfft arithmetic.
     """
     if xp.__name__ == "numpy":
+        import scipy.fft  # here, not with the module: GPU workers need not load SciPy
+
         return scipy.fft
     return xp.fft

@@ -40,8 +40,6 @@ import mrcfile
 import numpy as np
 
 from ..errors import warn
-from ..formats import cs as cs_format
-from ..formats import star as star_format
 from ..formats import select_rows
 from ..formats.mrc import write_stack
 from ..formats.paths import StackRefs, written_paths
@@ -348,6 +346,9 @@ def write_metadata(table, outdir: Path, particles_per_stack: int, contrast: np.n
     ``store.PER_PARTICLE`` besides ``contrast``, written under ``FIT_COLUMNS`` /
     ``FIT_FIELDS``.
     """
+    from ..formats import cs as cs_format  # the writers (pandas) are loaded here: the workers write stacks only
+    from ..formats import star as star_format
+
     exported = table if exported is None else exported
     locations = new_stack_refs(len(table), particles_per_stack, table.pixel_size_angstrom)
     names = locations.with_paths(written_paths(locations.paths, outdir, paths_mode, Path.cwd()))

@@ -450,6 +450,8 @@ def run_chunk(chunk_index: int, start: int, particles, maps: MapFiles, settings,
     refuse_nonfinite(bad, particles, skip_bad)
     statistics = rest[0] if rest else None
     if reboxing is not None:
+        from .rebox import rebox_images  # with the readers it needs (SciPy, pandas): only for re-boxed runs
+
         subtracted = rebox_images(np, subtracted, particles, reboxing)
     subtracted[bad] = 0.0
     if dtype == np.float16:
