@@ -1,17 +1,22 @@
 """Throughput of ``dsub subtract --scheduler local`` with 1 and 2 GPU workers.
 
-    python benchmarks/multi_gpu.py [--particles 4096] [--box 256] [--workers 1 2] [--referenced 3]
+    python benchmarks/multi_gpu.py [--particles 4096] [--box 256] [--workers 1 2 1 2] [--referenced 3]
 
 Writes a dataset of noise images with realistic metadata (the cost of the
 physics does not depend on the image content), runs the whole command (cluster
 start, half-map preparation, subtraction, Zarr, export) for each worker count,
-and prints particles/s and the GPUs the summary says were used.
+and prints particles/s and the GPUs the summary says were used. The runs go in
+the order given (repeat counts to see the spread); each run's output is deleted
+and the disk synced before the next, so that none is throttled by an earlier
+run's output still being written.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -82,9 +87,14 @@ def main():
         count = args.particles * args.referenced
         print(f"dataset: {args.particles} images of {args.box} px, {count} particles, written in "
               f"{time.perf_counter() - started:.1f} s")
+        limits = {name: Path(f"/proc/sys/vm/{name}").read_text().strip() for name in
+                  ("dirty_ratio", "dirty_background_ratio", "dirty_bytes", "dirty_background_bytes")
+                  if Path(f"/proc/sys/vm/{name}").exists()}
+        print(f"the kernel's limits on unwritten output: {limits}")
         runs = ([("warm-up", max(args.workers))] if args.warm_up else []) + [(None, w) for w in args.workers]
-        for warm_up, workers in runs:
-            outdir = folder / f"out{workers}{warm_up or ''}"
+        os.sync()  # the data set on the disk: the runs start from a warm cache with nothing dirty
+        for number, (warm_up, workers) in enumerate(runs):
+            outdir = folder / f"out{number}"
             command = [sys.executable, "-m", "dsub.cli", "subtract", str(paths["star"]),
                        "--half-a", str(paths["half_a"]), "--half-b", str(paths["half_b"]), "--mask", str(paths["mask"]),
                        "-o", str(outdir), "--scheduler", "local", "--workers", str(workers),
@@ -95,22 +105,32 @@ def main():
             if result.returncode != 0:
                 print(result.stdout, result.stderr)
                 raise SystemExit(f"dsub failed with {workers} workers")
+            if not warm_up:
+                summary = json.loads((outdir / "dsub_run.json").read_text())
+                images = mrcfile.mmap(sorted((outdir / "Particles").glob("*.mrcs"))[0], mode="r").data
+                difference = 0.0 if first is None else float(np.abs(images - first).max() / np.abs(first).max())
+                first = np.array(images) if first is None else first
+                del images
+            # Each run starts with no earlier output waiting for the disk: a run's output is left in the
+            # page cache (as dsub leaves it), and a backlog of an earlier run's dirty pages would throttle
+            # the next run's writes (the kernel's dirty limits), whatever the GPUs do.
+            shutil.rmtree(outdir)
+            synced = time.perf_counter()
+            os.sync()
+            synced = time.perf_counter() - synced
             if warm_up:
                 print(f"warm-up run with {workers} workers: {wall:.1f} s")
                 continue
-            summary = json.loads((outdir / "dsub_run.json").read_text())
-            images = mrcfile.mmap(sorted((outdir / "Particles").glob("*.mrcs"))[0], mode="r").data
-            difference = 0.0 if first is None else float(np.abs(images - first).max() / np.abs(first).max())
-            first = np.array(images) if first is None else first
             phases = summary["phase_seconds"]
             rows.append((workers, wall, phases, count / phases["subtract"], count / wall,
-                         summary["devices"], difference))
-    print("| workers | wall s | start workers s | subtract s | export s | particles/s in subtract | "
-          "particles/s whole command | devices | max diff vs 1 worker |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for workers, wall, phases, rate, whole, devices, difference in rows:
-        print(f"| {workers} | {wall:.1f} | {phases['start_workers']:.1f} | {phases['subtract']:.1f} | "
-              f"{phases['export']:.1f} | {rate:,.0f} | {whole:,.0f} | {', '.join(devices)} | {difference:.1e} |")
+                         summary["devices"], difference, synced))
+    print("| workers | wall s | check inputs s | start workers s | subtract s | export s | particles/s in subtract | "
+          "particles/s whole command | devices | max diff vs the first | sync after s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for workers, wall, phases, rate, whole, devices, difference, synced in rows:
+        print(f"| {workers} | {wall:.1f} | {phases['check_inputs']:.1f} | {phases['start_workers']:.1f} | "
+              f"{phases['subtract']:.1f} | {phases['export']:.1f} | {rate:,.0f} | {whole:,.0f} | "
+              f"{', '.join(devices)} | {difference:.1e} | {synced:.1f} |")
 
 
 if __name__ == "__main__":
