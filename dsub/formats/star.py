@@ -558,7 +558,8 @@ def write_particles(
         default_original = particles["rlnImageName"]
     else:
         optics, particles = _blocks_from_table(table)
-        default_original = StackRefs.from_paths(table.image_paths, table.image_indices)
+        codes, uniques = table.image_path_codes()
+        default_original = StackRefs([str(path) for path in uniques], codes, np.asarray(table.image_indices, np.int64))
     if len(image_names) != len(table) or (not isinstance(image_names, StackRefs) and np.ndim(image_names) != 1):
         raise ValueError(f"need {len(table)} image names, got {np.shape(image_names)}")
     columns = {

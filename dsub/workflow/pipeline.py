@@ -38,7 +38,7 @@ from ..cluster.progress import map_preparation_estimate, setup_step
 from ..errors import DsubError, InputFileError, OptionError, warn
 from ..formats import read_particles, select_rows
 from ..formats.mrc import map_header, read_map
-from ..formats.paths import PATH_MODES, path_codes
+from ..formats.paths import PATH_MODES
 from ..particles import HALF_A
 from ..physics.backend import gpu_available, resolve_device
 from ..physics.gridding import grid_size
@@ -593,7 +593,7 @@ def run_identity(particles_path, maps: MapFiles, table, box: int, settings, opti
         "half_a": file_identity(maps.half_a),
         "half_b": file_identity(maps.half_b),
         "mask": file_identity(maps.mask),
-        "stacks": [file_identity(path) for path in sorted({str(path) for path in path_codes(table.image_paths)[1]})],
+        "stacks": [file_identity(path) for path in sorted({str(path) for path in table.image_path_codes()[1]})],
         "cs_root": options.cs_root,
         "passthrough": [file_identity(path) for path in table.extra.get("passthrough", [])],
         # --padding as used: the projector's default when not given (the command line and Python alike)
