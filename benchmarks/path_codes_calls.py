@@ -7,8 +7,8 @@ caller and the calling thread's CPU time (``time.thread_time``: the worker threa
 subtracting meanwhile are not counted). Calls on fewer rows than the table (the
 export's per-stack pieces) are listed too.
 
-    .venv/bin/python benchmarks/scale.py --rows 1000000 --rows-run 0 --write-rows --folder /tmp/scale
-    .venv/bin/python benchmarks/path_codes_calls.py --folder /tmp/scale --rows 1000000
+    .venv/bin/python benchmarks/scale.py --rows 1000000 --rows-run 0 --write-rows --folder scale_data
+    .venv/bin/python benchmarks/path_codes_calls.py --folder scale_data --rows 1000000
 """
 
 from __future__ import annotations
