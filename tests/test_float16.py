@@ -128,16 +128,22 @@ def test_rerun_of_a_finished_run_says_so_and_leaves_it_alone(dataset, runs, tmp_
     outdir = tmp_path / "out"
     shutil.copytree(single, outdir)
     before = {path: (path.stat().st_mtime_ns, path.read_bytes()) for path in stacks_of(outdir)}
+    # The copy's star still names the first folder's stacks (absolute paths): the first rerun names its own.
+    capsys.readouterr()
+    assert run_cli(dataset, outdir) == 0
+    assert "written again" in capsys.readouterr().out
+    table = star_format.read_particles(outdir / STAR_OUT)
+    assert {Path(path).parent for path in table.image_paths} == {outdir / "Particles"}
     star = (outdir / STAR_OUT).read_bytes()
     summary = (outdir / "dsub_run.json").read_text()
-    capsys.readouterr()
     assert run_cli(dataset, outdir) == 0
     out = capsys.readouterr().out
     assert "already holds the finished results of this run" in out and "--overwrite" in out
+    assert "written again" not in out
     assert {path: (path.stat().st_mtime_ns, path.read_bytes()) for path in stacks_of(outdir)} == before
     assert (outdir / STAR_OUT).read_bytes() == star and (outdir / "dsub_run.json").read_text() == summary
     log = (outdir / "dsub.log").read_text()
-    assert log.count("==== ") == 2 and "already holds the finished results" in log
+    assert log.count("==== ") == 3 and "already holds the finished results" in log
 
     # The metadata or a stack lost after the images were deleted: nothing to export from, so computed afresh.
     for lost in (outdir / STAR_OUT, stacks_of(outdir)[-1]):

@@ -132,6 +132,49 @@ def test_paths_option_writes_each_form(dataset, tmp_path, monkeypatch):
     assert residual(open_relion_names(rows["rlnImageName"]), sim) < LIMIT
 
 
+def test_paths_changed_on_a_finished_run_rewrites_its_metadata_only(dataset, tmp_path, monkeypatch, capsys):
+    """--paths is no part of the run's identity: a finished run rerun with another --paths is not
+    computed again, but its star and .cs name the stacks the new way."""
+    paths, sim = dataset
+    project = tmp_path / "p"
+    files = relion_project(dataset, project)
+    monkeypatch.chdir(project)
+    outdir = Path("Subtract/job3")
+    assert run(files["star"], files, outdir, "--paths", "relative") == 0
+    stacks = sorted((outdir / "Particles").glob("*.mrcs"))
+    before = {path: (path.stat().st_mtime_ns, path.read_bytes()) for path in stacks}
+    relative = starfile.read(outdir / "particles_subtracted.star", always_dict=True)["particles"]
+    assert relative["rlnImageName"].iloc[0] == "000001@Subtract/job3/Particles/subtracted_0000.mrcs"
+    capsys.readouterr()
+
+    assert run(files["star"], files, outdir, "--paths", "absolute") == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if "already holds" in line]
+    assert len(said) == 1 and "written again with --paths absolute" in said[0], said
+    first = f"{project}/Subtract/job3/Particles/subtracted_0000.mrcs"
+    rows = starfile.read(outdir / "particles_subtracted.star", always_dict=True)["particles"]
+    assert rows["rlnImageName"].iloc[0] == f"000001@{first}"
+    # Only the stack names changed: every other column as the first run wrote it.
+    pd_testing = pytest.importorskip("pandas").testing
+    pd_testing.assert_frame_equal(rows.drop(columns="rlnImageName"), relative.drop(columns="rlnImageName"))
+    assert [name.split("@")[0] for name in rows["rlnImageName"]] == \
+        [name.split("@")[0] for name in relative["rlnImageName"]]
+    assert all(os.path.isabs(name.split("@", 1)[1]) for name in rows["rlnImageName"])
+    assert np.load(outdir / "particles_subtracted.cs", max_header_size=2**30)["blob/path"][0].decode() == first
+    assert {path: (path.stat().st_mtime_ns, path.read_bytes()) for path in stacks} == before  # no image redone
+    summary = json.loads((outdir / "dsub_run.json").read_text())
+    assert summary["outputs"]["paths"] == "absolute" and summary["outputs"]["stack_names"]["star"] == first
+    monkeypatch.chdir(tmp_path)
+    assert residual(open_relion_names(rows["rlnImageName"]), sim) < LIMIT
+
+    # The same command again: nothing left to do, nothing written.
+    monkeypatch.chdir(project)
+    star = (outdir / "particles_subtracted.star").read_bytes()
+    capsys.readouterr()
+    assert run(files["star"], files, outdir, "--paths", "absolute") == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert (outdir / "particles_subtracted.star").read_bytes() == star
+
+
 def test_written_paths_rules(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     names = np.array(["Particles/a.mrcs", "Particles/b.mrcs", "Particles/a.mrcs"], dtype=object)

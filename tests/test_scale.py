@@ -308,3 +308,59 @@ def test_path_codes_hashed_in_blocks_match_one_factorize(monkeypatch):
     expected_codes, expected_distinct = pd.factorize(given)
     assert codes.dtype == np.int32 and np.array_equal(codes, expected_codes)
     assert distinct == list(expected_distinct)
+
+
+def _count_path_codes(monkeypatch) -> list:
+    """Wrap ``path_codes`` wherever dsub imported it; returns the list of each call's row count."""
+    import sys
+
+    from dsub.formats import paths as paths_module
+
+    original, calls = paths_module.path_codes, []
+
+    def counted(values):
+        calls.append(len(values))
+        return original(values)
+
+    for module in list(sys.modules.values()):
+        if getattr(module, "__name__", "").startswith("dsub") and getattr(module, "path_codes", None) is original:
+            monkeypatch.setattr(module, "path_codes", counted)
+    return calls
+
+
+def test_image_path_codes_are_hashed_once_per_table(relion, monkeypatch):
+    from dsub.formats.paths import path_codes
+
+    expected_codes, expected_paths = path_codes(relion.image_paths)
+    calls = _count_path_codes(monkeypatch)
+    for _ in range(3):
+        codes, distinct = relion.image_path_codes()
+        np.testing.assert_array_equal(codes, expected_codes)
+        assert distinct == expected_paths
+    assert calls == [len(relion)]
+    assert not codes.flags.writeable  # shared by every caller
+    distinct.append("not kept")  # each caller gets its own list
+    assert relion.image_path_codes()[1] == expected_paths and calls == [len(relion)]
+
+    rows = np.arange(len(relion))[::-7]  # a subset hashes its own paths
+    part = relion.subset(rows)
+    part_codes, part_paths = part.image_path_codes()
+    np.testing.assert_array_equal(np.asarray(part_paths, dtype=object)[part_codes], relion.image_paths[rows])
+    assert calls == [len(relion), rows.size]
+
+    relion.image_paths = np.array(["other.mrcs"] * len(relion), dtype=object)  # another array: hashed again
+    assert relion.image_path_codes()[1] == ["other.mrcs"] and len(calls) == 3
+
+
+def test_a_run_hashes_the_image_paths_of_its_table_once(tmp_path, monkeypatch):
+    from dsub.cli import main
+    from dsub.demo import make_dataset
+
+    count = 40
+    paths, _ = make_dataset(tmp_path / "data", count=count, box=32, snr=None)
+    calls = _count_path_codes(monkeypatch)
+    outdir = tmp_path / "out"
+    assert main(["subtract", str(paths["star"]), "--half-a", str(paths["half_a"]), "--half-b", str(paths["half_b"]),
+                 "--mask", str(paths["mask"]), "-o", str(outdir), "--chunk-size", "10", "--quiet"]) == 0
+    assert calls.count(count) == 1, calls  # checks, run identity, the tasks' table, the QC report: one hashing
+    assert (outdir / "report" / "index.html").is_file()

@@ -166,5 +166,48 @@ def test_a_star_cut_short_in_its_last_row_is_refused_naming_the_row(tmp_path):
             "_rlnRandomSubset #5\n1@a.mrcs 1 2 3 1\n2@a.mrcs 1 2 3 2\n3@a.mrcs 1 2\n")
     path = tmp_path / "cut.star"
     path.write_text(text)
-    with pytest.raises(InputFileError, match=r"particle row 3 \(1-based\) has fewer values than the loop's 5 labels"):
+    with pytest.raises(InputFileError, match=r"particle row 3 \(1-based, line 11 of the file\) has fewer values "
+                                             r"than the loop's 5 labels"):
         star.read_particles(path)
+
+
+def _star_with_a_bad_row(bad_row: str) -> tuple[str, int]:
+    """A RELION 3.1 star (header comments, an optics block, blank and comment lines among the rows)
+    with ``bad_row`` as its fifth particle; and the file line (1-based) of that row."""
+    lines = ["", "# version 30001", "", "data_optics", "", "loop_", "_rlnOpticsGroup #1",
+             "_rlnOpticsGroupName #2", "_rlnAmplitudeContrast #3", "_rlnSphericalAberration #4", "_rlnVoltage #5",
+             "_rlnImagePixelSize #6", "_rlnImageSize #7", "_rlnImageDimensionality #8",
+             "1 opticsGroup1 0.1 2.7 300.0 1.5 32 2", "", "", "# version 30001", "", "data_particles", "",
+             "loop_", "_rlnImageName #1", "_rlnDefocusU #2", "_rlnDefocusV #3", "_rlnDefocusAngle #4",
+             "_rlnOpticsGroup #5", "",
+             "000001@a.mrcs 10000 10000 0 1", "000002@a.mrcs 10000 10000 0 1", "",
+             "000003@a.mrcs 10000 10000 0 1", "# a comment among the rows", "000004@a.mrcs 10000 10000 0 1",
+             bad_row, "000006@a.mrcs 10000 10000 0 1", "000007@a.mrcs 10000 10000 0 1", ""]
+    return "\n".join(lines), lines.index(bad_row) + 1
+
+
+@pytest.mark.parametrize("reader", ["starfile", "fast"])
+def test_a_row_with_too_many_values_is_named_by_its_line_in_the_file(tmp_path, monkeypatch, reader):
+    text, line = _star_with_a_bad_row("000005@a.mrcs 10000 10000 0 1 7")
+    assert line == 35
+    if reader == "fast":
+        monkeypatch.setattr(star, "FAST_READ_BYTES", 0)
+        monkeypatch.setattr(star.star_reader, "PIECE_ROWS", 2)  # the bad row in a later piece
+    path = tmp_path / "bad.star"
+    path.write_text(text)
+    with pytest.raises(InputFileError) as raised:
+        star.read_particles(path, require_ctf=False)
+    message = str(raised.value)
+    assert f"Expected 5 fields in line {line} of the file, saw 6" in message, message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("reader", ["starfile", "fast"])
+def test_a_row_with_too_few_values_is_named_by_its_line_in_the_file(tmp_path, monkeypatch, reader):
+    text, line = _star_with_a_bad_row("000005@a.mrcs 10000 10000 0")
+    if reader == "fast":
+        monkeypatch.setattr(star, "FAST_READ_BYTES", 0)
+    path = tmp_path / "short.star"
+    path.write_text(text)
+    with pytest.raises(InputFileError, match=rf"particle row 5 \(1-based, line {line} of the file\) has fewer"):
+        star.read_particles(path, require_ctf=False)

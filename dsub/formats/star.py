@@ -68,7 +68,8 @@ def _read_blocks(path: Path) -> tuple[pd.DataFrame | None, pd.DataFrame, dict]:
         if blocks is None:
             blocks = starfile.read(path, always_dict=True, parse_as_string=NAME_COLUMNS)
     except Exception as exc:  # starfile/pandas raise many types on malformed text
-        raise InputFileError(path, f"could not be parsed as a STAR file ({exc}).", _FIX) from exc
+        detail = star_reader.in_file_lines(path, str(exc)) if isinstance(exc, pd.errors.ParserError) else exc
+        raise InputFileError(path, f"could not be parsed as a STAR file ({detail}).", _FIX) from exc
     tables = {k: v for k, v in blocks.items() if isinstance(v, pd.DataFrame)}
     name = "particles" if "particles" in tables else next(
         (k for k, v in tables.items() if "rlnImageName" in v.columns), None
@@ -338,14 +339,21 @@ def _rotations(df: pd.DataFrame, block: int = 1 << 18) -> np.ndarray:
 def check_complete_rows(particles: pd.DataFrame, path: Path) -> None:
     """Refuse a particle loop whose row lacks values for its last labels (a file cut short while copied).
 
-    The readers fill the missing values of a short row with NaN, which would
-    otherwise surface later as a strange optics group or half set.
+    The readers fill the missing values of a short row with NaN (a text column
+    read by ``star_reader``: with ''), which would otherwise surface later as a
+    strange optics group or half set.
     """
-    short = np.flatnonzero(particles.iloc[:, -1].isna().to_numpy())
+    last = particles.iloc[:, -1]
+    missing = last.isna().to_numpy()
+    if pd.api.types.is_string_dtype(last.dtype) or isinstance(last.dtype, pd.CategoricalDtype):  # text: '' for none
+        missing = missing | (last == "").to_numpy(dtype=bool)  # no star value is empty (values are separated by spaces)
+    short = np.flatnonzero(missing)
     if short.size:
+        line = star_reader.row_line(path, int(short[0]))
         raise InputFileError(
             path,
-            f"particle row {int(short[0]) + 1} (1-based) has fewer values than the loop's {particles.shape[1]} "
+            f"particle row {int(short[0]) + 1} (1-based{f', line {line} of the file' if line else ''}) has fewer "
+            f"values than the loop's {particles.shape[1]} "
             f"labels{f' ({short.size} such rows)' if short.size > 1 else ''}: the file looks cut short.",
             "Copy or write the star file again completely.",
         )
@@ -550,7 +558,8 @@ def write_particles(
         default_original = particles["rlnImageName"]
     else:
         optics, particles = _blocks_from_table(table)
-        default_original = StackRefs.from_paths(table.image_paths, table.image_indices)
+        codes, uniques = table.image_path_codes()
+        default_original = StackRefs([str(path) for path in uniques], codes, np.asarray(table.image_indices, np.int64))
     if len(image_names) != len(table) or (not isinstance(image_names, StackRefs) and np.ndim(image_names) != 1):
         raise ValueError(f"need {len(table)} image names, got {np.shape(image_names)}")
     columns = {

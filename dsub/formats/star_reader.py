@@ -100,6 +100,10 @@ def read_star(path: str | os.PathLike, strings, image_label: str = "rlnImageName
         table = _read_rows(path, rows_at, labels, [label for label in strings if label in labels])
     except _MixedColumn:
         return None
+    except pd.errors.ParserError as exc:  # its line counts from the loop's first row: the file's instead
+        with open(path, "rb") as f:
+            first_row_line = f.read(rows_at).count(b"\n") + 1
+        raise pd.errors.ParserError(in_file_lines(path, str(exc), first_row_line)) from exc
     if table.empty:
         return None
     for label in table.columns:  # starfile's inference: a text column that is all numbers becomes numeric
@@ -144,6 +148,81 @@ def _read_rows(path: Path, rows_at: int, labels: list[str], strings: list[str]) 
         columns[label] = np.concatenate(parts) if len(parts) > 1 else parts[0]  # ints with floats: floats
         del parts
     return pd.DataFrame(columns, copy=False)
+
+
+#: pandas' C parser's words for a row whose number of values differs from the loop's.
+_FIELDS_ERROR = re.compile(r"Expected (\d+) fields in line (\d+), saw (\d+)")
+_IN_THE_FILE = " of the file"
+#: One value of a star row: quoted (with spaces inside) or not.
+_VALUE = re.compile(rb"\"[^\"]*\"|'[^']*'|\S+")
+
+
+def in_file_lines(path: str | os.PathLike, message: str, first_row_line: int | None = None) -> str:
+    """A pandas parser error's ``message`` with its line counted in the file (1-based, as an editor shows it).
+
+    pandas counts the lines of the text it is handed (blank and comment lines
+    too) from 1: a loop's rows. ``first_row_line``: the file line of that loop's
+    first row, when known (``read_star``). Else (``starfile``, which hands pandas
+    each loop's lines from the first non-blank one after its labels) the loop
+    is the first whose line at that count holds as many values as pandas saw.
+    The message comes back stripped, and otherwise unchanged when it names no
+    line or no loop fits.
+    """
+    message = message.strip()
+    match = _FIELDS_ERROR.search(message)
+    if match is None or _IN_THE_FILE in message:
+        return message
+    expected, line, saw = (int(value) for value in match.groups())
+    if first_row_line is None:
+        first_row_line = _loop_first_row_with(path, line, saw)
+        if first_row_line is None:
+            return message
+    return (f"{message[:match.start()]}Expected {expected} fields in line {first_row_line + line - 1}"
+            f"{_IN_THE_FILE}, saw {saw}{message[match.end():]}")
+
+
+def _loop_first_row_with(path, line: int, saw: int) -> int | None:
+    """The file line of the first row of the first loop whose ``line``-th line (from its first row) holds ``saw`` values.
+
+    A loop's rows start, as ``starfile`` starts them, at the first non-blank
+    line after its labels; a ``#`` starts a comment.
+    """
+    targets: dict[int, int] = {}  # file line to look at: the file line of its loop's first row
+    in_labels = False
+    with open(path, "rb") as f:
+        for number, text in enumerate(f, 1):
+            if number in targets and len(_VALUE.findall(text.split(b"#")[0])) == saw:
+                return targets[number]
+            stripped = text.strip()
+            if in_labels and not stripped.startswith(b"_") and stripped:
+                in_labels = False
+                targets[number + line - 1] = number
+                if line == 1 and len(_VALUE.findall(text.split(b"#")[0])) == saw:
+                    return number
+            elif stripped.startswith(b"loop_"):
+                in_labels = True
+    return None
+
+
+def row_line(path: str | os.PathLike, row: int, image_label: str = "rlnImageName") -> int | None:
+    """The file line (1-based) of particle row ``row`` (0-based) of the first loop with ``image_label``; None if none.
+
+    Blank and comment lines between rows are not rows. For error messages: reads up to that row.
+    """
+    with open(path, "rb") as f:
+        found = _particle_loop(f, image_label)
+        if found is None:
+            return None
+        rows_at = found[2]
+        f.seek(0)
+        number = f.read(rows_at).count(b"\n")
+        for number, text in enumerate(f, number + 1):
+            stripped = text.strip()
+            if stripped and not stripped.startswith(b"#"):
+                if row == 0:
+                    return number
+                row -= 1
+    return None
 
 
 class _MixedColumn(ValueError):

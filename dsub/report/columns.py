@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..formats import star as star_format
-from ..formats.paths import cs_roots, path_codes, resolve_stack_names, star_roots
+from ..formats.paths import cs_roots, resolve_stack_names, star_roots
 from ..workflow import export
 
 FOLDER = "report_columns"
@@ -62,7 +62,7 @@ class ReportColumns:
     def from_table(cls, table, outdir, particles_per_stack: int, fingerprint: str | None = None) -> "ReportColumns":
         """From the run's ``ParticleTable``; the exported stacks in ``outdir`` as ``export.new_stack_refs`` lays them out."""
         count = len(table)
-        input_codes, input_paths = path_codes(table.image_paths)
+        input_codes, input_paths = table.image_path_codes()
         first = np.unique(input_codes, return_index=True)[1] if count else np.zeros(0, dtype=np.int64)
         result = export.new_stack_refs(count, particles_per_stack, table.pixel_size_angstrom)
         images = StoredImages(

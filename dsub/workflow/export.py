@@ -330,6 +330,20 @@ def new_stack_refs(count: int, particles_per_stack: int, pixel_sizes=None) -> St
     return StackRefs([relative for relative, _, _ in layout], codes, indices)
 
 
+def written_stack_names(outdir: Path, paths_mode: str, project_folder=None) -> dict:
+    """How the star and the .cs written from here with ``paths_mode`` name the first stack: {"star": ..., "cs": ...}.
+
+    Every stack lies in one folder, so the first one's name stands for all:
+    ``write_metadata`` writes the same (the star's from the current folder, the
+    .cs's from ``project_folder``, ``formats.paths.written_paths``). Recorded in
+    ``dsub_run.json``, it tells whether a rerun with another ``--paths``, from
+    another folder or in a moved OUTDIR would name the stacks differently.
+    """
+    first = [stack_layout(1, 1)[0][0]]
+    return {"star": str(written_paths(first, outdir, paths_mode, Path.cwd())[0]),
+            "cs": str(written_paths(first, outdir, paths_mode, project_folder)[0])}
+
+
 def write_metadata(table, outdir: Path, particles_per_stack: int, contrast: np.ndarray,
                    skipped: np.ndarray | None = None, exported=None, paths_mode: str = "auto",
                    fit: dict | None = None) -> None:

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..formats.paths import path_codes
 from ..particles import ParticleTable, is_same_for_all
 
 FOLDER = "particle_table"
@@ -62,7 +61,8 @@ def write_table(table: ParticleTable, folder: str | os.PathLike) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     arrays = _per_particle(table)
-    codes, uniques = path_codes(arrays.pop("image_paths"))
+    del arrays["image_paths"]
+    codes, uniques = table.image_path_codes()
     (partial / _PATHS).write_text(json.dumps([str(path) for path in uniques]))
     np.save(partial / _PATH_CODES, codes)
     shared = sorted(name for name, values in arrays.items() if is_same_for_all(values))

@@ -10,8 +10,9 @@
    the star and .cs files and ``dsub_run.json``;
 5. mark the store as holding no images (they are in it only with ``--keep-store``).
 
-A rerun of a finished run without ``--keep-store`` does nothing and says so
-(``finished_run``).
+A rerun of a finished run without ``--keep-store`` does nothing and says so;
+only when it would name the stacks otherwise (``--paths``) does it write the
+star and .cs files again (``finished_run``).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from ..cluster.progress import map_preparation_estimate, setup_step
 from ..errors import DsubError, InputFileError, OptionError, warn
 from ..formats import read_particles, select_rows
 from ..formats.mrc import map_header, read_map
-from ..formats.paths import PATH_MODES, path_codes
+from ..formats.paths import PATH_MODES
 from ..particles import HALF_A
 from ..physics.backend import gpu_available, resolve_device
 from ..physics.gridding import grid_size
@@ -282,7 +283,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
         dtype = np.float16 if options.float16 else np.float32
         stacks = {relative: export.stack_bytes(rows.size, out_box, dtype) for relative, rows, _ in
                   layout}
-        finished = finished_run(outdir, stacks, options)
+        finished = finished_run(outdir, stacks, options, table, settings.scale, reboxing)
         if finished is not None:
             return finished
         resuming = False  # the images are gone and the export is not complete: compute afresh
@@ -397,7 +398,9 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             "diagnostics": diagnosed,
             "outputs": {"store": store.STORE_NAME, "star": export.STAR_NAME, "cs": export.CS_NAME,
                         "stacks": export.STACK_FOLDER, "stack_dtype": "float16" if options.float16 else "float32",
-                        "store_images": "kept" if options.keep_store else "deleted"},
+                        "store_images": "kept" if options.keep_store else "deleted", "paths": options.paths,
+                        "stack_names": export.written_stack_names(outdir, options.paths,
+                                                                  table.extra.get("project_folder"))},
         }
         summary = {**record.run_description(options.command, identity),
                    **attempt.finish(summary, phases, workers)}
@@ -540,7 +543,8 @@ def adopt_strict_run(store_path: Path, identity: dict, fingerprint: str) -> None
     group.attrs["run"] = {**identity, "fingerprint": fingerprint}
 
 
-def finished_run(outdir: Path, stacks: dict, options: RunOptions) -> dict | None:
+def finished_run(outdir: Path, stacks: dict, options: RunOptions, table=None, scale: str = "fit",
+                 reboxing=None) -> dict | None:
     """The summary of this very run when it already finished in ``outdir`` (its store holding no images).
 
     Says so and returns the recorded summary when the star, .cs and
@@ -548,17 +552,42 @@ def finished_run(outdir: Path, stacks: dict, options: RunOptions) -> dict | None
     every stack of ``stacks`` ({path relative to ``outdir``: its size in bytes})
     is there at its full size; else None: a stack is lost or cut short, and
     the run must be computed again.
+
+    ``--paths`` is no part of the run's identity: when the star and .cs, as
+    recorded, name the stacks otherwise than this command would (another
+    ``--paths``, another current folder, a moved OUTDIR), they are written
+    again from ``table`` (the input particles), ``scale`` (``--scale``),
+    ``reboxing`` and the store's per-particle figures; no image is computed.
+    If that fails, no metadata is left, so the next run computes afresh.
     """
     if not all((outdir / name).is_file() for name in (export.STAR_NAME, export.CS_NAME, RUN_SUMMARY)):
         return None
     if not all(export.has_size(outdir / relative, size) for relative, size in stacks.items()):
         return None
-    say(options, f"dsub: {outdir} already holds the finished results of this run ({export.STAR_NAME}, "
-                 f"{export.CS_NAME}, {export.STACK_FOLDER}/); nothing to do. Add --overwrite to compute it again"
-                 + (" (that run kept no images in its store)." if options.keep_store else "."))
+    summary = json.loads((outdir / RUN_SUMMARY).read_text())
+    names = None if table is None else export.written_stack_names(outdir, options.paths,
+                                                                  table.extra.get("project_folder"))
+    if names is not None and summary.get("outputs", {}).get("stack_names") != names:
+        store_path = outdir / store.STORE_NAME
+        fit = store.per_particle(store_path)
+        contrast = fit.pop("contrast")
+        skipped = np.asarray(store.open_store(store_path)["skipped"][:], dtype=bool)
+        with all_metadata_or_none(outdir):
+            exported = rebox.reboxed_table(table, reboxing) if reboxing is not None else None
+            export.write_metadata(table, outdir, options.particles_per_stack, None if scale == "none" else contrast,
+                                  skipped, exported, options.paths, fit)
+            summary["outputs"] = {**summary.get("outputs", {}), "paths": options.paths, "stack_names": names}
+            (outdir / RUN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        say(options, f"dsub: {outdir} already holds the finished results of this run; {export.STAR_NAME} and "
+                     f"{export.CS_NAME} written again with --paths {options.paths} (stacks named as "
+                     f"{names['star']}), no image computed again. Add --overwrite to compute it again.")
+    else:
+        say(options, f"dsub: {outdir} already holds the finished results of this run ({export.STAR_NAME}, "
+                     f"{export.CS_NAME}, {export.STACK_FOLDER}/); nothing to do. Add --overwrite to compute it again"
+                     + (" (that run kept no images in its store)." if options.keep_store else "."))
     if not (outdir / REPORT_FOLDER).exists():
         write_qc_report(outdir, options)
-    return json.loads((outdir / RUN_SUMMARY).read_text())
+    return summary
 
 
 def run_identity(particles_path, maps: MapFiles, table, box: int, settings, options: RunOptions) -> dict:
@@ -569,7 +598,7 @@ def run_identity(particles_path, maps: MapFiles, table, box: int, settings, opti
         "half_a": file_identity(maps.half_a),
         "half_b": file_identity(maps.half_b),
         "mask": file_identity(maps.mask),
-        "stacks": [file_identity(path) for path in sorted({str(path) for path in path_codes(table.image_paths)[1]})],
+        "stacks": [file_identity(path) for path in sorted({str(path) for path in table.image_path_codes()[1]})],
         "cs_root": options.cs_root,
         "passthrough": [file_identity(path) for path in table.extra.get("passthrough", [])],
         # --padding as used: the projector's default when not given (the command line and Python alike)

@@ -8,7 +8,6 @@ import numpy as np
 
 from ..errors import InputFileError, MissingInputError, OptionError, warn
 from ..formats.mrc import open_stack, read_map
-from ..formats.paths import path_codes
 from ..particles import HALF_A, HALF_B, is_same_for_all
 from ..physics.optics import crop_or_pad, map_extent_voxels
 
@@ -338,7 +337,7 @@ def check_images(table, box: int) -> None:
     Opening a stack first checks its 1024-byte header against the file's size
     (``formats.mrc.check_mrc_file``): a text file or a truncated stack is refused here.
     """
-    codes, stacks = path_codes(table.image_paths)  # hashing: linear in the particles
+    codes, stacks = table.image_path_codes()  # hashing: linear in the particles, once per table
     highest_index = np.full(len(stacks), -1, dtype=np.int64)
     np.maximum.at(highest_index, codes, np.asarray(table.image_indices, dtype=np.int64))
     for code in sorted(range(len(stacks)), key=lambda code: str(stacks[code])):
