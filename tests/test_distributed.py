@@ -126,6 +126,18 @@ def test_local_cluster_started_beside_the_checks_is_stopped_when_they_refuse(dat
     assert not (tmp_path / "out" / "particles_subtracted.star").exists()
 
 
+def test_local_cluster_with_a_cluster_config_starts_beside_the_checks(dataset, threaded, tmp_path):
+    """A --cluster-config is applied to the cluster started in the background (dask-jobqueue, which it loads,
+    may only be imported in the main thread)."""
+    config = tmp_path / "cluster.yaml"
+    config.write_text("distributed:\n  scheduler:\n    work-stealing: false\n")
+    result = dsub(dataset, tmp_path / "out", "--chunk-size", "16", "--scheduler", "local", "--workers", "1",
+                  "--cluster-config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "Starting a local Dask cluster beside the input checks" in result.stdout
+    assert same_images(stacks(tmp_path / "out"), threaded) <= 1e-5
+
+
 def test_killed_run_resumes_only_unfinished_chunks(tmp_path, threaded):
     paths, _ = make_dataset(tmp_path / "data", count=240, box=48, seed=7)
     outdir = tmp_path / "out"

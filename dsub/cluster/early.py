@@ -16,7 +16,7 @@ import contextlib
 import threading
 import time
 
-from .config import cluster_config
+from .config import cluster_config, load_cluster_config
 from .progress import REPORT_STEP_AFTER_S
 
 #: ClusterSpec fields that decide the cluster itself (not how its progress is shown).
@@ -28,6 +28,11 @@ def start_early(spec) -> "EarlyCluster | None":
     """Start ``spec``'s local cluster in a thread now, saying so; None where ``spec`` is not ``local``."""
     if spec.scheduler != "local":
         return None
+    if spec.cluster_config is not None:
+        load_cluster_config(spec.cluster_config)  # a bad file is refused now, not after the checks
+        # dask-jobqueue (which cluster_config loads for its defaults) sets a signal handler as it is
+        # imported: only the main thread may do that.
+        import dask_jobqueue  # noqa: F401
     print("Starting a local Dask cluster beside the input checks ...", file=spec.out, flush=True)
     return EarlyCluster(spec)
 
