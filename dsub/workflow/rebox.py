@@ -35,7 +35,6 @@ import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
 from ..conventions import relion_round
 from ..errors import InputFileError, OptionError
@@ -117,6 +116,8 @@ def kept_region_centre(density: np.ndarray, kept: np.ndarray, path=None) -> np.n
     Raises ``InputFileError`` (naming ``path``) when nothing is left to weigh.
     """
     region = np.asarray(density, dtype=np.float32) * np.asarray(kept, dtype=np.float32)
+    from scipy import ndimage  # here: every run imports this module, few re-centre
+
     smooth = ndimage.gaussian_filter(region, SMOOTHING_VOXELS, mode="constant")
     median = float(np.median(smooth))
     level = max(median + SOLVENT_SIGMAS * 1.4826 * float(np.median(np.abs(smooth - median))), 0.0)
