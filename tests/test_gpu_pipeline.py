@@ -158,3 +158,16 @@ def test_images_with_nan_are_refused_or_skipped_on_the_gpu_as_on_the_cpu(tmp_pat
     reference = images_via_star(cpu)
     assert reference.shape[0] == 118
     assert np.max(np.abs(images_via_star(gpu) - reference)) <= 1e-4 * np.max(np.abs(reference))
+
+
+def test_gpu_warm_up_loads_cupy_and_makes_the_context_in_the_background():
+    """What a threads run starts beside its input checks: CuPy loaded and its memory pool in use after the join."""
+    code = ("import sys\n"
+            "from dsub.physics.backend import start_gpu_warm_up\n"
+            "thread = start_gpu_warm_up()\n"
+            "thread.join(timeout=120)\n"
+            "assert not thread.is_alive() and 'cupy' in sys.modules\n"
+            "print(sys.modules['cupy'].get_default_memory_pool().total_bytes())\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout.strip()) > 0

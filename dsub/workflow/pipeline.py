@@ -41,7 +41,7 @@ from ..formats import read_particles, select_rows
 from ..formats.mrc import map_header, read_map
 from ..formats.paths import PATH_MODES
 from ..particles import HALF_A
-from ..physics.backend import gpu_available, resolve_device
+from ..physics.backend import gpu_available, resolve_device, start_gpu_warm_up
 from ..physics.gridding import grid_size
 from ..physics.memory import preparation_peak_bytes
 from ..physics.optics import map_extent_voxels
@@ -204,6 +204,8 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     early = start_early(dataclasses.replace(options.cluster, device=options.device))
     if early is not None:
         cleanup.callback(early.stop)
+    if not options.cluster.distributed and options.device != "cpu":  # this process computes on its GPU
+        cleanup.callback(start_gpu_warm_up().join)
     with setup_step(options.log, f"Reading the particles from {particles_path}"):
         table = read_particles(particles_path, cs_root=options.cs_root, passthrough=options.passthrough)
     validate.check_metadata(table)
