@@ -138,6 +138,37 @@ def test_local_cluster_with_a_cluster_config_starts_beside_the_checks(dataset, t
     assert same_images(stacks(tmp_path / "out"), threaded) <= 1e-5
 
 
+def _pinning_and_loading():
+    return (os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("DSUB_WARM_UP_GPU"),
+            "dsub.workflow.tasks" in sys.modules)
+
+
+def test_local_gpu_workers_are_pinned_as_they_are_spawned_and_load_the_task_module(monkeypatch):
+    """Each GPU worker gets its own CUDA_VISIBLE_DEVICES in its environment from the start (workers added
+    later too) and loads dsub's task module before any task, after the preloads of dask's config."""
+    import dask
+
+    from dsub.cluster import ClusterSpec, start
+
+    monkeypatch.setattr(start, "visible_gpus", lambda: ["5", "7"])  # two GPUs, as the coordinator sees them
+    spec = ClusterSpec(scheduler="local", workers=2, dashboard_address="127.0.0.1:0", progress=False, device="cpu")
+    with dask.config.set({"distributed.worker.preload": ["json"]}):
+        with start.start_cluster(spec) as (client, cluster, _):
+            assert cluster.new_spec["options"]["preload"] == ["json", "dsub.cluster.warm_up"]
+            client.wait_for_workers(2, timeout=120)
+            deadline = time.monotonic() + 60
+            while True:
+                seen = sorted(client.run(_pinning_and_loading).values())
+                if all(loaded for *_, loaded in seen) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            assert seen == [("5", "0", True), ("7", "0", True)]  # --device cpu: no GPU warm-up
+            cluster.scale(3)
+            client.wait_for_workers(3, timeout=120)
+            pinned = sorted(device for device, *_ in client.run(_pinning_and_loading).values())
+            assert pinned == ["5", "5", "7"]
+
+
 def test_killed_run_resumes_only_unfinished_chunks(tmp_path, threaded):
     paths, _ = make_dataset(tmp_path / "data", count=240, box=48, seed=7)
     outdir = tmp_path / "out"

@@ -1,10 +1,12 @@
-"""Which GPUs this machine has, and pinning one worker process to each."""
+"""Which GPUs this machine has, and a local cluster that pins one worker process to each."""
 
 from __future__ import annotations
 
 import os
 
-from distributed.diagnostics.plugin import WorkerPlugin
+from distributed import LocalCluster
+
+from .warm_up import WARM_UP_GPU
 
 
 def visible_gpus() -> list[str]:
@@ -22,22 +24,27 @@ def visible_gpus() -> list[str]:
     return [str(index) for index in range(count)]
 
 
-class PinGPU(WorkerPlugin):
-    """Give each local worker process its own GPU before it first touches CUDA.
+class PinnedGPUCluster(LocalCluster):
+    """A LocalCluster whose worker ``i`` sees only GPU ``gpus[i % len(gpus)]``.
 
-    LocalCluster names its workers 0, 1, ...; worker ``i`` sees only GPU
-    ``gpus[i % len(gpus)]`` through CUDA_VISIBLE_DEVICES, so its CuPy work and
-    its cached half-maps live on that GPU.
+    Its ``CUDA_VISIBLE_DEVICES`` is set in the worker process's environment as
+    the nanny spawns it (``Nanny(env=...)``, as dask-cuda's LocalCUDACluster
+    does), so nothing in the worker touches CUDA before it is pinned, and its
+    CuPy work and cached half-maps live on that GPU; workers that ``adapt``
+    adds later are pinned alike. ``warm_up_gpu``: the worker's preload
+    (``warm_up``) also makes its CUDA context as it starts. Start it with
+    ``n_workers=0`` and ``scale``: LocalCluster's first workers share one spec.
     """
 
-    name = "dsub-pin-gpu"
+    def __init__(self, gpus: list[str], warm_up_gpu: bool = True, **kwargs):
+        self._dsub_gpus = list(gpus)
+        self._dsub_warm_up_gpu = warm_up_gpu
+        super().__init__(**kwargs)
 
-    def __init__(self, gpus: list[str]):
-        self.gpus = list(gpus)
-
-    def setup(self, worker):
-        try:
-            index = int(worker.name)
-        except (TypeError, ValueError):
-            index = abs(hash(worker.name))
-        os.environ["CUDA_VISIBLE_DEVICES"] = self.gpus[index % len(self.gpus)]
+    def new_worker_spec(self):
+        (name, worker), = super().new_worker_spec().items()
+        options = dict(worker["options"])
+        options["env"] = {**(options.get("env") or {}),
+                          "CUDA_VISIBLE_DEVICES": self._dsub_gpus[int(name) % len(self._dsub_gpus)],
+                          WARM_UP_GPU: "1" if self._dsub_warm_up_gpu else "0"}
+        return {name: {**worker, "options": options}}

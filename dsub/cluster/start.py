@@ -15,7 +15,7 @@ from pathlib import Path
 import dask
 
 from ..errors import DsubError, warn
-from .gpus import PinGPU, visible_gpus
+from .gpus import PinnedGPUCluster, visible_gpus
 
 
 class NoWorkersError(DsubError, TimeoutError):
@@ -48,9 +48,9 @@ def start_cluster(spec):
 
 def _start_own_cluster(spec, Client):
     if spec.scheduler == "local":
-        cluster, description, plugin = local_cluster(spec)
+        cluster, description = local_cluster(spec)
     else:
-        cluster, description, plugin = batch_cluster(spec), f"{spec.scheduler} jobs", None
+        cluster, description = batch_cluster(spec), f"{spec.scheduler} jobs"
         try:
             preflight(cluster, spec)
         except BaseException:
@@ -59,8 +59,6 @@ def _start_own_cluster(spec, Client):
     try:
         client = Client(cluster)
         try:
-            if plugin is not None:
-                client.register_plugin(plugin)
             if spec.adapt is not None and spec.scheduler == "local":
                 cluster.adapt(minimum=spec.adapt[0], maximum=spec.adapt[1])
             elif spec.adapt is not None:
@@ -160,24 +158,37 @@ def local_layout(spec) -> tuple[int, int, list[str]]:
 
 
 def local_cluster(spec):
-    """A LocalCluster: one worker per visible GPU (pinned), else CPU worker processes."""
+    """A LocalCluster: one worker per visible GPU (pinned as it is spawned), else CPU worker processes.
+
+    Each worker loads what its first task needs as it starts (``warm_up``, after
+    the preloads of dask's config).
+    """
+    import dask
     from distributed import LocalCluster
+    from distributed.worker_memory import parse_memory_limit
 
     workers, threads, gpus = local_layout(spec)
     if gpus:
-        plugin = PinGPU(gpus)
         description = f"local cluster, {workers} GPU worker(s) on GPUs {', '.join(gpus)}"
     else:
-        plugin = None
         description = f"local cluster, {workers} CPU worker(s) x {threads} thread(s)"
+    options = dict(
+        threads_per_worker=threads, processes=True,
+        host=None if spec.interface else "127.0.0.1", interface=spec.interface,
+        dashboard_address=spec.dashboard_address, silence_logs=logging.CRITICAL,
+        # The machine's memory shared by the layout's workers (what LocalCluster does for n_workers).
+        memory_limit=parse_memory_limit("auto", 1, max(1, workers), logger=logging.getLogger("distributed.worker")),
+        preload=[*dask.config.get("distributed.worker.preload", []), "dsub.cluster.warm_up"],
+        **security_options(spec),
+    )
     if spec.adapt is not None:
         workers = spec.adapt[0]
-    cluster = LocalCluster(
-        n_workers=workers, threads_per_worker=threads, processes=True,
-        host=None if spec.interface else "127.0.0.1", interface=spec.interface,
-        dashboard_address=spec.dashboard_address, silence_logs=logging.CRITICAL, **security_options(spec),
-    )
-    return cluster, description, plugin
+    if not gpus:
+        return LocalCluster(n_workers=workers, **options), description
+    cluster = PinnedGPUCluster(gpus, warm_up_gpu=spec.device != "cpu", n_workers=0, **options)
+    if workers:
+        cluster.scale(workers)
+    return cluster, description
 
 
 def security_options(spec) -> dict:

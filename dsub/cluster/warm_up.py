@@ -1,0 +1,46 @@
+"""Worker preload (``distributed.worker.preload``): what a worker's first task needs, loaded as it starts.
+
+A local cluster's worker otherwise imports dsub's task module when its first
+task arrives (1.6 s on a GPU host: NumPy, Zarr, mrcfile, dsub's physics) and
+then loads CuPy and makes its CUDA context (1.1 s), one after the other, while
+the run waits for the sample fit. Here both start in a thread as the worker
+process starts, beside the coordinator's input checks; a task that arrives
+meanwhile waits for the import in progress (Python's import lock), never
+imports twice. The GPU is warmed up only where the worker was started pinned to
+one (``DSUB_WARM_UP_GPU`` beside its ``CUDA_VISIBLE_DEVICES``, set as it is
+spawned: ``start.PinnedGPUCluster``), so CUDA never starts before the pinning.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+WARM_UP_GPU = "DSUB_WARM_UP_GPU"
+
+_thread: threading.Thread | None = None
+
+
+def _warm_up() -> None:
+    try:
+        import dsub.workflow.tasks  # noqa: F401
+
+        if os.environ.get(WARM_UP_GPU) == "1":
+            from dsub.physics.backend import start_gpu_warm_up
+
+            start_gpu_warm_up().join()
+    except Exception:  # noqa: BLE001 -- the first task meets the same failure and reports it
+        pass
+
+
+def dask_setup(worker) -> None:
+    """Start loading in a thread; the worker goes on starting."""
+    global _thread
+    _thread = threading.Thread(target=_warm_up, name="dsub-worker-warm-up", daemon=True)
+    _thread.start()
+
+
+def dask_teardown(worker) -> None:
+    """Wait for the loading before the worker closes (a thread still importing at exit can abort it)."""
+    if _thread is not None:
+        _thread.join()
