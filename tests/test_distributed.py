@@ -311,6 +311,22 @@ def test_worker_killed_mid_run_is_replaced_and_output_is_clean(slow_dataset, tmp
     assert same_images(stacks(outdir), clean) <= 1e-6
 
 
+def test_ctrl_c_on_a_local_cluster_is_one_line_and_the_run_resumes(slow_dataset, tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group: the workers leave it to the coordinator."""
+    paths, clean = slow_dataset
+    outdir = tmp_path / "out"
+    run = dsub(paths, outdir, "--chunk-size", "4", "--scheduler", "local", "--workers", "2", start_new_session=True)
+    wait_for_chunks(run, outdir, 3)
+    os.killpg(run.pid, signal.SIGINT)
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 130
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert err.strip().splitlines()[-1] == "dsub: interrupted; rerun the same command to resume"
+    resumed = dsub(paths, outdir, "--chunk-size", "4", "--scheduler", "local", "--workers", "2")
+    assert resumed.returncode == 0, resumed.stderr
+    assert same_images(stacks(outdir), clean) <= 1e-6
+
+
 @needs_slurm
 def test_slurm_job_cancelled_mid_run_still_completes(slow_dataset, tmp_path):
     import yaml

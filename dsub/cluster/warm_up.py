@@ -1,4 +1,5 @@
-"""Worker preload (``distributed.worker.preload``): what a worker's first task needs, loaded as it starts.
+"""Worker preload (``distributed.worker.preload``) of a local cluster: Ctrl-C left to the coordinator,
+and what a worker's first task needs loaded as it starts.
 
 A local cluster's worker otherwise imports dsub's task module when its first
 task arrives (1.6 s on a GPU host: NumPy, Zarr, mrcfile, dsub's physics) and
@@ -13,7 +14,9 @@ spawned: ``start.PinnedGPUCluster``), so CUDA never starts before the pinning.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import threading
 
 WARM_UP_GPU = "DSUB_WARM_UP_GPU"
@@ -34,8 +37,15 @@ def _warm_up() -> None:
 
 
 def dask_setup(worker) -> None:
-    """Start loading in a thread; the worker goes on starting."""
+    """Ignore Ctrl-C, and start loading in a thread; the worker goes on starting.
+
+    A terminal's Ctrl-C reaches every process of its group: the coordinator
+    stops the run and its cluster, and says so in one line; a local worker
+    that took it too would die printing a KeyboardInterrupt traceback.
+    """
     global _thread
+    with contextlib.suppress(ValueError):  # only a process's main thread may set it (the worker's is)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     _thread = threading.Thread(target=_warm_up, name="dsub-worker-warm-up", daemon=True)
     _thread.start()
 
