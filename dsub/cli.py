@@ -293,9 +293,12 @@ def run_job_script(args) -> int:
         options = RunOptions(outdir=Path("."), chunk_size=args.chunk_size, device=args.device, cluster=spec)
         with cluster_config(args.cluster_config):
             plan = plan_memory(args.box, settings, options)
-        print(f"# Memory: {plan.need.describe()}.")
         memory = plan.request_bytes
-    print(job_script(args.scheduler, args.cluster_config, memory, args.device))
+    script = job_script(args.scheduler, args.cluster_config, memory, args.device)
+    if args.box is not None:  # after the shebang: the printed script stays one a batch system runs
+        shebang, _, rest = script.partition("\n")
+        script = f"{shebang}\n# Memory: {plan.need.describe()}.\n{rest}"
+    print(script)
     return 0
 
 
