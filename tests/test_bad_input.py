@@ -209,6 +209,19 @@ def test_output_folder_that_cannot_be_created(data, tmp_path, capsys, monkeypatc
     assert "cannot create the output folder" in line
 
 
+def test_existing_output_folder_on_a_read_only_file_system(data, tmp_path, capsys, monkeypatch):
+    import dsub.workflow.outdir as outdir_module
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    monkeypatch.setattr(outdir_module.tempfile, "mkstemp", read_only)
+    line = assert_refused(run(data, outdir), capsys, outdir, outdir)
+    assert "cannot write in the output folder (Read-only file system)" in line and "-o" in line
+
+
 def test_output_folder_that_is_not_writable(data, tmp_path, capsys, monkeypatch):
     import dsub.workflow.outdir as outdir_module
 

@@ -259,6 +259,9 @@ def cannot_create(outdir: Path, exc: OSError) -> str:
     if blocking is not None:
         return (f"{outdir}: cannot create the output folder: {blocking} is a file, not a folder. "
                 "Give -o a folder (new or existing).")
+    if outdir.is_dir():  # it exists: writing in it is what fails
+        return (f"{outdir}: cannot write in the output folder ({exc.strerror}). "
+                "Choose a folder you can write to with -o.")
     return f"{outdir}: cannot create the output folder ({exc.strerror}). Choose a folder you can write to with -o."
 
 
