@@ -32,11 +32,11 @@ class InputFileError(DsubError, ValueError):
 
 
 class MissingInputError(DsubError, FileNotFoundError):
-    """An input file named on the command line or inside metadata does not exist."""
+    """An input file named on the command line or inside metadata does not exist (or is a folder)."""
 
     def __init__(self, path, referenced_from=None, given_as=None):
         self.path, self.referenced_from, self.given_as = str(path), referenced_from, given_as
-        message = f"{path}: file not found"
+        message = f"{path}: is a folder, not a file" if os.path.isdir(path) else f"{path}: file not found"
         if referenced_from is not None:
             message += (f" (referenced from {referenced_from}). Check that the stacks are where the file names "
                         "them: relative names start from the current folder (RELION's project folder), then that "

@@ -147,6 +147,13 @@ def test_truncated_map(data, tmp_path, capsys):
     assert f"truncated: its header says a map of {BOX}x{BOX}x{BOX} voxels" in line
 
 
+def test_stack_that_is_a_folder(data, tmp_path, capsys):
+    data["stack"].unlink()
+    data["stack"].mkdir()
+    line = assert_refused(run(data, tmp_path / "out"), capsys, tmp_path / "out", data["stack"])
+    assert "is a folder, not a file" in line and "file not found" not in line
+
+
 def test_stack_that_is_not_mrc(data, tmp_path, capsys):
     data["stack"].write_text("these are not images\n" * 100)
     line = assert_refused(run(data, tmp_path / "out"), capsys, tmp_path / "out", data["stack"])
