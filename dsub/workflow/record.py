@@ -6,8 +6,9 @@ resumed by the same command. Each attempt is kept in the store's attributes
 still knows what the earlier ones did; ``dsub_run.json`` (written only when a
 run completes) lists them all. An attempt's ``status`` is ``running`` while it
 runs, then ``finished``, ``failed`` (with the error), ``interrupted`` (Ctrl-C),
-or ``stopped`` when it ended without a word (killed, preempted, its node lost):
-the next attempt finds it still ``running`` and counts its chunks from the store.
+or ``stopped`` when it ended without a word (killed, preempted, its node lost, or
+an error on a full disk, where its record could not be rewritten): the next
+attempt finds it still ``running`` and counts its chunks from the store.
 """
 
 from __future__ import annotations
