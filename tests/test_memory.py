@@ -25,6 +25,10 @@ TOLERANCE = 0.25  # the estimate must be within 25 % of the measured peak
 
 
 def traced_peak(function, *args) -> tuple[int, object]:
+    """Peak bytes allocated while ``function(*args)`` runs; the modules it loads on first use (SciPy's FFT)
+    are loaded first, so the peak is the arrays', whatever ran before."""
+    import scipy.fft  # noqa: F401 -- loaded where the NumPy path first transforms (physics.backend.fft_module)
+
     tracemalloc.start()
     try:
         result = function(*args)
