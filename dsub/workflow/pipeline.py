@@ -151,7 +151,9 @@ def prepare_maps_where_visible(maps: MapFiles, settings, options: RunOptions, bo
     _, oversampling = projector_kernel(settings.projector, settings.padding)
     size = grid_size(box, oversampling)
     rebox = maps.extent_voxels if maps.box is not None and maps.extent_voxels != maps.box else 0
-    peak = max(preparation_peak_bytes(box, settings), resources.REBOX_BYTES_PER_VOXEL * rebox**3)
+    # Here the device is known; workers may have either (the GPU's figure, the larger, bounds both).
+    here = None if options.cluster.distributed else resolve_device(options.device)
+    peak = max(preparation_peak_bytes(box, settings, here or "gpu"), resources.REBOX_BYTES_PER_VOXEL * rebox**3)
     estimate = map_preparation_estimate(size, peak, rebox).text()
     # Maps of another box are first cropped or padded to the cube their extent needs, then resampled.
     transforms = (f"each map through a {rebox}³ cube to the particles' {box}³, then {size}³ transforms" if rebox
@@ -160,10 +162,9 @@ def prepare_maps_where_visible(maps: MapFiles, settings, options: RunOptions, bo
         say(options, f"The workers read the maps and prepare them now, beside the sample fit; a worker that joins "
                      f"later does so on its first task ({transforms}, {estimate}).")
         return "preparing the maps on the workers"
-    device = resolve_device(options.device)
-    with setup_step(options.log, f"Preparing the maps on {device} ({transforms})",
-                    estimate if device == "cpu" else None, done="Maps prepared"):
-        half_map_models(maps, settings, device)
+    with setup_step(options.log, f"Preparing the maps on {here} ({transforms})",
+                    estimate if here == "cpu" else None, done="Maps prepared"):
+        half_map_models(maps, settings, here)
     return None
 
 
