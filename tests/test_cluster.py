@@ -66,7 +66,7 @@ def test_bad_cluster_config_names_the_file(tmp_path, content, error):
 
 
 def test_missing_cluster_config(tmp_path):
-    with pytest.raises(MissingInputError, match="nothere.yaml"):
+    with pytest.raises(MissingInputError, match="nothere.yaml: file not found \\(given as --cluster-config\\)"):
         load_cluster_config(tmp_path / "nothere.yaml")
 
 

@@ -33,7 +33,7 @@ def load_cluster_config(path) -> dict:
     """Read and check a cluster config file; returns its flattened dask keys."""
     path = Path(path)
     if not path.is_file():
-        raise MissingInputError(path)
+        raise MissingInputError(path, given_as="--cluster-config")
     try:
         tree = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
