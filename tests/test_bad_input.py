@@ -509,3 +509,15 @@ def test_a_run_refused_at_its_inputs_leaves_no_output_folder(data, tmp_path, cap
     outdir = tmp_path / "new" / "out"
     assert_refused(run(data, outdir, star=garbage), capsys, outdir, garbage)
     assert not (tmp_path / "new").exists()
+
+
+def test_a_word_in_a_numeric_column_is_one_line_naming_the_column_and_row(data, tmp_path, capsys):
+    text = data["star"].read_text().splitlines()
+    first_row = next(number for number, line in enumerate(text) if "@" in line)
+    values = text[first_row + 3].split()
+    labels = [line.split()[0] for line in text[:first_row] if line.startswith("_rln")]
+    values[labels[-len(values):].index("_rlnDefocusU")] = "abc"
+    text[first_row + 3] = "\t".join(values)
+    data["star"].write_text("\n".join(text) + "\n")
+    line = assert_refused(run(data, tmp_path / "out"), capsys, tmp_path / "out", data["star"])
+    assert f"particle row 4 (1-based, line {first_row + 4} of the file) has rlnDefocusU = 'abc', not a number" in line

@@ -211,3 +211,33 @@ def test_a_row_with_too_few_values_is_named_by_its_line_in_the_file(tmp_path, mo
     path.write_text(text)
     with pytest.raises(InputFileError, match=rf"particle row 5 \(1-based, line {line} of the file\) has fewer"):
         star.read_particles(path, require_ctf=False)
+
+
+@pytest.mark.parametrize("reader", ["starfile", "fast"])
+def test_a_word_in_a_numeric_particle_column_is_named_by_row_line_and_column(tmp_path, monkeypatch, reader):
+    text, line = _star_with_a_bad_row("000005@a.mrcs abc 10000 0 1")
+    if reader == "fast":
+        monkeypatch.setattr(star, "FAST_READ_BYTES", 0)
+    path = tmp_path / "word.star"
+    path.write_text(text)
+    for read in (star.read_particles, star.read_ctf):
+        with pytest.raises(InputFileError) as raised:
+            read(path, require_ctf=False)
+        message = str(raised.value)
+        assert message.startswith(f"{path}: particle row 5 (1-based, line {line} of the file) has rlnDefocusU = "
+                                  "'abc', not a number"), message
+        assert "\n" not in message
+
+
+@pytest.mark.parametrize("reader", ["starfile", "fast"])
+def test_a_word_in_a_numeric_optics_column_is_named_by_its_optics_row(tmp_path, monkeypatch, reader):
+    text, _ = _star_with_a_bad_row("000005@a.mrcs 10000 10000 0 1")
+    text = text.replace("1 opticsGroup1 0.1 2.7 300.0", "1 opticsGroup1 0.1 2.7 3OO")
+    if reader == "fast":
+        monkeypatch.setattr(star, "FAST_READ_BYTES", 0)
+    path = tmp_path / "word.star"
+    path.write_text(text)
+    with pytest.raises(InputFileError) as raised:
+        star.read_particles(path, require_ctf=False)
+    message = str(raised.value)
+    assert f"{path}: optics row 1 (1-based, line 15 of the file) has rlnVoltage = '3OO', not a number" in message

@@ -31,6 +31,15 @@ NAME_COLUMNS = [
     "rlnReferenceImage",
 ]
 ANGLE_LABELS = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
+#: Columns dsub reads as numbers, in the particles or the optics table (``check_numeric_columns``).
+NUMERIC_LABELS = {
+    *ANGLE_LABELS, "rlnOriginXAngst", "rlnOriginYAngst", "rlnOriginX", "rlnOriginY", "rlnDefocusU",
+    "rlnDefocusV", "rlnDefocusAngle", "rlnPhaseShift", "rlnVoltage", "rlnSphericalAberration",
+    "rlnAmplitudeContrast", "rlnCtfBfactor", "rlnCtfScalefactor", "rlnCtfDataAreCtfPremultiplied",
+    "rlnBeamTiltX", "rlnBeamTiltY", "rlnMagMat00", "rlnMagMat01", "rlnMagMat10", "rlnMagMat11",
+    "rlnImagePixelSize", "rlnMicrographPixelSize", "rlnDetectorPixelSize", "rlnMagnification", "rlnImageSize",
+    "rlnOpticsGroup", "rlnRandomSubset",
+}
 #: RELION's amplitude contrast when a file gives none: 0, as ``CTF::readByGroup`` reads it
 #: (``ctf.cpp: readValue(EMDL_CTF_Q0, Q0, 0, ...)``; see ``dsub.conventions``).
 DEFAULT_AMPLITUDE_CONTRAST = 0.0
@@ -263,6 +272,7 @@ def read_ctf(path: str | os.PathLike, require_ctf: bool = True) -> dict:
     """Only the CTF of each particle (see ``ctf_from_columns``); angles not needed."""
     path = Path(path)
     optics, particles, _ = _read_blocks(path)
+    check_numeric_columns(optics, particles, path)
     return ctf_from_columns(_merge_optics(particles, optics, path), path, require_ctf)
 
 
@@ -359,6 +369,36 @@ def check_complete_rows(particles: pd.DataFrame, path: Path) -> None:
         )
 
 
+def check_numeric_columns(optics: pd.DataFrame | None, particles: pd.DataFrame, path: Path) -> None:
+    """Refuse a value that is not a number in a column dsub reads as numbers (``NUMERIC_LABELS``).
+
+    Both readers leave such a column as text (``starfile``'s inference: a column
+    becomes numeric only when every value is a number); this names the first
+    row that stops it, in the table and line of the file where it is.
+    """
+    for name, table in (("optics", optics), ("particle", particles)):
+        if table is None:
+            continue
+        for label in table.columns:
+            column = table[label]
+            if label not in NUMERIC_LABELS or pd.api.types.is_numeric_dtype(column.dtype):
+                continue
+            values = column.astype(object)
+            words = (pd.to_numeric(values, errors="coerce").isna() & values.notna()).to_numpy()
+            if not words.any():
+                continue
+            row = int(np.argmax(words))
+            line = star_reader.row_line(path, row, block_name="optics" if name == "optics" else None)
+            count = int(words.sum())
+            raise InputFileError(
+                path,
+                f"{name} row {row + 1} (1-based{f', line {line} of the file' if line else ''}) has {label} = "
+                f"{str(values.iloc[row])!r}, not a number{f' ({count} such rows)' if count > 1 else ''}.",
+                f"Write a number there (RELION reads {label} as one) or remove the row; a file edited or "
+                "exported by another program may need exporting again.",
+            )
+
+
 def read_particles(path: str | os.PathLike, *, require_ctf: bool = True) -> ParticleTable:
     """Read a RELION particle star file into a ``ParticleTable``.
 
@@ -371,6 +411,7 @@ def read_particles(path: str | os.PathLike, *, require_ctf: bool = True) -> Part
     if len(particles) == 0:
         raise InputFileError(path, "holds no particles (its particle table is empty).")
     check_complete_rows(particles, path)
+    check_numeric_columns(optics, particles, path)
     df = _merge_optics(particles, optics, path)
     warn_unmodelled_optics(optics, path)
     _require(df, ANGLE_LABELS, path, "the particle poses")

@@ -24,9 +24,10 @@ import pandas as pd
 import starfile
 
 
-def _particle_loop(f, image_label: str) -> tuple[str, int, int, list[str]] | None:
+def _particle_loop(f, image_label: str, block_name: str | None = None) -> tuple[str, int, int, list[str]] | None:
     """(block name, offset of the block's ``data_`` line, offset of its first row, labels) of the first loop
-    of the open file ``f`` that has ``image_label``; None when the file has none."""
+    of the open file ``f`` that has ``image_label`` (or, given ``block_name``, the loop of ``data_<block_name>``);
+    None when the file has none."""
     block, block_at = None, 0
     position = f.tell()
     line = f.readline()
@@ -44,7 +45,7 @@ def _particle_loop(f, image_label: str) -> tuple[str, int, int, list[str]] | Non
                 elif stripped and not stripped.startswith(b"#"):
                     break
                 position, line = f.tell(), f.readline()
-            if image_label in labels:
+            if (block == block_name) if block_name is not None else (image_label in labels):
                 return block, block_at, position, labels
             continue
         position, line = f.tell(), f.readline()
@@ -204,13 +205,15 @@ def _loop_first_row_with(path, line: int, saw: int) -> int | None:
     return None
 
 
-def row_line(path: str | os.PathLike, row: int, image_label: str = "rlnImageName") -> int | None:
+def row_line(path: str | os.PathLike, row: int, image_label: str = "rlnImageName",
+             block_name: str | None = None) -> int | None:
     """The file line (1-based) of particle row ``row`` (0-based) of the first loop with ``image_label``; None if none.
 
-    Blank and comment lines between rows are not rows. For error messages: reads up to that row.
+    ``block_name``: the row of the loop of ``data_<block_name>`` instead (e.g. ``"optics"``). Blank and
+    comment lines between rows are not rows. For error messages: reads up to that row.
     """
     with open(path, "rb") as f:
-        found = _particle_loop(f, image_label)
+        found = _particle_loop(f, image_label, block_name)
         if found is None:
             return None
         rows_at = found[2]
