@@ -19,7 +19,7 @@ from starfile.writer import package_info
 
 from dsub.conventions import matrix_to_relion_euler, relion_euler_to_matrix
 from dsub.errors import InputFileError, MissingInputError, warn
-from dsub.formats import star_reader
+from dsub.formats import atomic, star_reader
 from dsub.formats.mrc import open_stack
 from dsub.formats.paths import StackRefs, resolve_stack_names, star_roots
 from dsub.particles import HALF_UNKNOWN, ParticleTable, same_for_all, shared_if_constant
@@ -712,7 +712,7 @@ def write_star(path: str | os.PathLike, blocks: dict, columns: dict | None = Non
     table = blocks[last]
     columns = columns or {}
     labels = list(table.columns) + [label for label in columns if label not in table.columns]
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = atomic.temporary_name(path)
     try:
         with open(tmp, "w") as f:
             if head:  # the optics table: small, written by starfile itself
