@@ -251,7 +251,8 @@ def test_a_word_in_a_numeric_optics_column_is_named_by_its_optics_row(tmp_path, 
 
 
 @pytest.mark.parametrize("reader", ["starfile", "fast"])
-@pytest.mark.parametrize("original_names, values", [(False, 1), (False, 3), (False, 4), (True, 1), (True, 4), (True, 5)],
+@pytest.mark.parametrize("original_names, values",
+                         [(False, 1), (False, 3), (False, 4), (True, 1), (True, 4), (True, 5)],
                          ids=["numbers-last-1", "numbers-last-3", "numbers-last-4", "text-last-1", "text-last-4",
                               "text-last-5"])
 def test_a_last_row_cut_short_is_refused_as_a_truncated_file(tmp_path, monkeypatch, reader, original_names, values):

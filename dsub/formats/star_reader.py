@@ -248,7 +248,8 @@ def row_texts(path: str | os.PathLike, rows, image_label: str = "rlnImageName",
     return found
 
 
-def first_uneven_row(path: str | os.PathLike, image_label: str = "rlnImageName") -> tuple[int, int, int, int, bool] | None:
+def first_uneven_row(path: str | os.PathLike,
+                     image_label: str = "rlnImageName") -> tuple[int, int, int, int, bool] | None:
     """(row, 0-based; file line, 1-based; its values; the loop's labels; whether it is the loop's last row) of the
     first row of the first loop with ``image_label`` whose number of values differs from its labels'; None if none.
 
