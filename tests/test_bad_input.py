@@ -529,3 +529,27 @@ def test_a_run_refused_at_its_inputs_leaves_no_output_folder(data, tmp_path, cap
     outdir = tmp_path / "new" / "out"
     assert_refused(run(data, outdir, star=garbage), capsys, outdir, garbage)
     assert not (tmp_path / "new").exists()
+
+
+def test_a_word_in_a_numeric_column_is_one_line_naming_the_column_and_row(data, tmp_path, capsys):
+    text = data["star"].read_text().splitlines()
+    first_row = next(number for number, line in enumerate(text) if "@" in line)
+    values = text[first_row + 3].split()
+    labels = [line.split()[0] for line in text[:first_row] if line.startswith("_rln")]
+    values[labels[-len(values):].index("_rlnDefocusU")] = "abc"
+    text[first_row + 3] = "\t".join(values)
+    data["star"].write_text("\n".join(text) + "\n")
+    line = assert_refused(run(data, tmp_path / "out"), capsys, tmp_path / "out", data["star"])
+    assert f"particle row 4 (1-based, line {first_row + 4} of the file) has rlnDefocusU = 'abc', not a number" in line
+
+
+@pytest.mark.parametrize("keep", [13, 7], ids=["all-but-the-last-value", "mid-row"])
+def test_a_star_cut_short_in_its_last_row_is_refused_as_truncated(data, tmp_path, capsys, keep):
+    text = data["star"].read_text().rstrip("\n").splitlines()
+    labels = sum(line.startswith("_rln") for line in text[text.index("data_particles"):])
+    text[-1] = "\t".join(text[-1].split("\t")[:keep])
+    data["star"].write_text("\n".join(text))  # no newline: a copy stopped there
+    line = assert_refused(run(data, tmp_path / "out"), capsys, tmp_path / "out", data["star"])
+    assert (f"particle row {COUNT} (1-based, line {len(text)} of the file) has {keep} values but the loop has "
+            f"{labels} columns: the file looks cut short (truncated") in line
+    assert not (tmp_path / "out").exists()

@@ -342,3 +342,30 @@ def test_exported_paths_do_not_make_the_export_folder_a_project(shared_data, tmp
     assert table.extra["project_folder"] is None  # no project.json: unknown, so absolute paths are written
     (project / "project.json").write_text("{}")
     assert read_particles(group / "P12_J24_particles_exported.cs").extra["project_folder"] == project
+
+
+def test_a_rerun_removes_the_temporary_metadata_files_of_a_killed_export(dataset, tmp_path, monkeypatch, capsys):
+    from dsub.workflow import export
+
+    paths, _ = dataset
+    outdir = tmp_path / "out"
+
+    def killed(*args, **kwargs):  # the export stopped before its files were renamed into place
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(export, "write_metadata", killed)
+        assert run(paths["star"], paths, outdir, "--keep-store") == 130
+    capsys.readouterr()
+    # what kill -9 during the export leaves: the dead writers' temporary files (their pids)
+    stale = [f".{export.STAR_NAME}.23545.tmp", f".{export.STAR_NAME}.23721.tmp", f".{export.CS_NAME}.23545.tmp",
+             f".{export.SKIPPED_NAME}.4242.tmp"]
+    kept = [f".{export.STAR_NAME}.backup.tmp", ".my_particles.star.23545.tmp", "notes.tmp",
+            f"{export.STAR_NAME}.23545.tmp"]
+    for name in stale + kept:
+        (outdir / name).write_text("data_\n")
+    assert run(paths["star"], paths, outdir, "--keep-store") == 0
+    left = {path.name for path in outdir.iterdir()}
+    assert not left & set(stale), left & set(stale)
+    assert set(kept) <= left
+    assert len(starfile.read(outdir / export.STAR_NAME)["particles"]) == COUNT

@@ -166,14 +166,15 @@ def test_a_star_cut_short_in_its_last_row_is_refused_naming_the_row(tmp_path):
             "_rlnRandomSubset #5\n1@a.mrcs 1 2 3 1\n2@a.mrcs 1 2 3 2\n3@a.mrcs 1 2\n")
     path = tmp_path / "cut.star"
     path.write_text(text)
-    with pytest.raises(InputFileError, match=r"particle row 3 \(1-based, line 11 of the file\) has fewer values "
-                                             r"than the loop's 5 labels"):
+    with pytest.raises(InputFileError, match=r"particle row 3 \(1-based, line 11 of the file\) has 3 values "
+                                             r"but the loop has 5 columns: the file looks cut short"):
         star.read_particles(path)
 
 
-def _star_with_a_bad_row(bad_row: str) -> tuple[str, int]:
+def _star_with_a_bad_row(bad_row: str, original_names: bool = False) -> tuple[str, int]:
     """A RELION 3.1 star (header comments, an optics block, blank and comment lines among the rows)
-    with ``bad_row`` as its fifth particle; and the file line (1-based) of that row."""
+    with ``bad_row`` as its fifth particle; and the file line (1-based) of that row. ``original_names``:
+    with a last column of text, rlnImageOriginalName (``bad_row`` gives its value or not)."""
     lines = ["", "# version 30001", "", "data_optics", "", "loop_", "_rlnOpticsGroup #1",
              "_rlnOpticsGroupName #2", "_rlnAmplitudeContrast #3", "_rlnSphericalAberration #4", "_rlnVoltage #5",
              "_rlnImagePixelSize #6", "_rlnImageSize #7", "_rlnImageDimensionality #8",
@@ -183,6 +184,11 @@ def _star_with_a_bad_row(bad_row: str) -> tuple[str, int]:
              "000001@a.mrcs 10000 10000 0 1", "000002@a.mrcs 10000 10000 0 1", "",
              "000003@a.mrcs 10000 10000 0 1", "# a comment among the rows", "000004@a.mrcs 10000 10000 0 1",
              bad_row, "000006@a.mrcs 10000 10000 0 1", "000007@a.mrcs 10000 10000 0 1", ""]
+    if original_names:
+        at = lines.index("_rlnOpticsGroup #5")
+        lines.insert(at + 1, "_rlnImageOriginalName #6")
+        lines = [f"{line} {line[:6]}@b.mrcs" if line.startswith("00000") and line != bad_row else line
+                 for line in lines]
     return "\n".join(lines), lines.index(bad_row) + 1
 
 
@@ -198,7 +204,7 @@ def test_a_row_with_too_many_values_is_named_by_its_line_in_the_file(tmp_path, m
     with pytest.raises(InputFileError) as raised:
         star.read_particles(path, require_ctf=False)
     message = str(raised.value)
-    assert f"Expected 5 fields in line {line} of the file, saw 6" in message, message
+    assert f"particle row 5 (1-based, line {line} of the file) has 6 values but the loop has 5 columns." in message
     assert "\n" not in message
 
 
@@ -209,5 +215,89 @@ def test_a_row_with_too_few_values_is_named_by_its_line_in_the_file(tmp_path, mo
         monkeypatch.setattr(star, "FAST_READ_BYTES", 0)
     path = tmp_path / "short.star"
     path.write_text(text)
-    with pytest.raises(InputFileError, match=rf"particle row 5 \(1-based, line {line} of the file\) has fewer"):
+    with pytest.raises(InputFileError, match=rf"particle row 5 \(1-based, line {line} of the file\) has 4 values "
+                                             r"but the loop has 5 columns\. Fix or remove that row"):
+        star.read_particles(path, require_ctf=False)
+
+
+@pytest.mark.parametrize("reader", ["starfile", "fast"])
+def test_a_word_in_a_numeric_particle_column_is_named_by_row_line_and_column(tmp_path, monkeypatch, reader):
+    text, line = _star_with_a_bad_row("000005@a.mrcs abc 10000 0 1")
+    if reader == "fast":
+        monkeypatch.setattr(star, "FAST_READ_BYTES", 0)
+    path = tmp_path / "word.star"
+    path.write_text(text)
+    for read in (star.read_particles, star.read_ctf):
+        with pytest.raises(InputFileError) as raised:
+            read(path, require_ctf=False)
+        message = str(raised.value)
+        assert message.startswith(f"{path}: particle row 5 (1-based, line {line} of the file) has rlnDefocusU = "
+                                  "'abc', not a number"), message
+        assert "\n" not in message
+
+
+@pytest.mark.parametrize("reader", ["starfile", "fast"])
+def test_a_word_in_a_numeric_optics_column_is_named_by_its_optics_row(tmp_path, monkeypatch, reader):
+    text, _ = _star_with_a_bad_row("000005@a.mrcs 10000 10000 0 1")
+    text = text.replace("1 opticsGroup1 0.1 2.7 300.0", "1 opticsGroup1 0.1 2.7 3OO")
+    if reader == "fast":
+        monkeypatch.setattr(star, "FAST_READ_BYTES", 0)
+    path = tmp_path / "word.star"
+    path.write_text(text)
+    with pytest.raises(InputFileError) as raised:
+        star.read_particles(path, require_ctf=False)
+    message = str(raised.value)
+    assert f"{path}: optics row 1 (1-based, line 15 of the file) has rlnVoltage = '3OO', not a number" in message
+
+
+@pytest.mark.parametrize("reader", ["starfile", "fast"])
+@pytest.mark.parametrize("original_names, values",
+                         [(False, 1), (False, 3), (False, 4), (True, 1), (True, 4), (True, 5)],
+                         ids=["numbers-last-1", "numbers-last-3", "numbers-last-4", "text-last-1", "text-last-4",
+                              "text-last-5"])
+def test_a_last_row_cut_short_is_refused_as_a_truncated_file(tmp_path, monkeypatch, reader, original_names, values):
+    columns = 6 if original_names else 5
+    full = "000005@a.mrcs 10000 10000 0 1 000005@b.mrcs".split()
+    text, line = _star_with_a_bad_row(" ".join(full[:values]), original_names)
+    text = text[: text.index(" ".join(full[:values])) + len(" ".join(full[:values]))]  # cut there, no newline
+    if reader == "fast":
+        monkeypatch.setattr(star, "FAST_READ_BYTES", 0)
+    path = tmp_path / "cut.star"
+    path.write_text(text)
+    with pytest.raises(InputFileError) as raised:
+        star.read_particles(path, require_ctf=False)
+    message = str(raised.value)
+    assert message.startswith(f"{path}: particle row 5 (1-based, line {line} of the file) has {values} values but "
+                              f"the loop has {columns} columns: the file looks cut short (truncated"), message
+    assert "Copy it again" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("reader", ["starfile", "fast"])
+@pytest.mark.parametrize("last_value", ['""', "nan", "<NA>"])
+def test_a_whole_last_row_with_an_empty_or_missing_last_value_is_not_taken_for_a_cut_one(
+        tmp_path, monkeypatch, reader, last_value):
+    text, line = _star_with_a_bad_row(f"000005@a.mrcs 10000 10000 0 1 {last_value}", original_names=True)
+    if reader == "fast":
+        monkeypatch.setattr(star, "FAST_READ_BYTES", 0)
+    path = tmp_path / "whole.star"
+    path.write_text(text)
+    _, particles, _ = star._read_blocks(path)
+    star.check_complete_rows(particles, path)  # what read_particles checks first
+    ctf = star.read_ctf(path, require_ctf=False)
+    np.testing.assert_array_equal(ctf["defocus_u_angstrom"], 10000)
+    assert ctf["defocus_u_angstrom"].shape == (7,)
+
+
+@pytest.mark.parametrize("reader", ["starfile", "fast"])
+@pytest.mark.parametrize("first_row, values", [("1@a.mrcs 1 2 3 1 9", 6), ("1@a.mrcs 1 2 3", 4)])
+def test_a_first_row_of_another_length_is_named_by_both_readers(tmp_path, monkeypatch, reader, first_row, values):
+    # pandas takes a first row of one value too many as an index column, and sizes the table from a short one
+    text = ("data_particles\n\nloop_\n_rlnImageName #1\n_rlnAngleRot #2\n_rlnAngleTilt #3\n_rlnAnglePsi #4\n"
+            f"_rlnRandomSubset #5\n{first_row}\n2@a.mrcs 1 2 3 2\n3@a.mrcs 1 2 3 1\n")
+    if reader == "fast":
+        monkeypatch.setattr(star, "FAST_READ_BYTES", 0)
+    path = tmp_path / "first.star"
+    path.write_text(text)
+    with pytest.raises(InputFileError, match=rf"particle row 1 \(1-based, line 9 of the file\) has {values} values "
+                                             r"but the loop has 5 columns\. Fix or remove that row"):
         star.read_particles(path, require_ctf=False)

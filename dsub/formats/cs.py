@@ -30,6 +30,7 @@ from dsub.conventions import (
 )
 from dsub.errors import InputFileError, MissingInputError, warn
 from dsub.particles import HALF_UNKNOWN, ParticleTable
+from dsub.formats import atomic
 from dsub.formats.paths import StackRefs, cryosparc_project_folder, cs_roots, resolve_stack_names
 
 MAGIC_NUMPY = b"\x93NUMPY"
@@ -466,7 +467,7 @@ def write_particles(
     first = records(0, min(n, WRITE_BLOCK_ROWS))
     dtype = np.dtype([(k, v.dtype, v.shape[1:]) for k, v in first.items()])
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = atomic.temporary_name(path)
     try:
         with open(tmp, "wb") as f:
             header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (n,)}

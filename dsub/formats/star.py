@@ -19,7 +19,7 @@ from starfile.writer import package_info
 
 from dsub.conventions import matrix_to_relion_euler, relion_euler_to_matrix
 from dsub.errors import InputFileError, MissingInputError, warn
-from dsub.formats import star_reader
+from dsub.formats import atomic, star_reader
 from dsub.formats.mrc import open_stack
 from dsub.formats.paths import StackRefs, resolve_stack_names, star_roots
 from dsub.particles import HALF_UNKNOWN, ParticleTable, same_for_all, shared_if_constant
@@ -31,6 +31,15 @@ NAME_COLUMNS = [
     "rlnReferenceImage",
 ]
 ANGLE_LABELS = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
+#: Columns dsub reads as numbers, in the particles or the optics table (``check_numeric_columns``).
+NUMERIC_LABELS = {
+    *ANGLE_LABELS, "rlnOriginXAngst", "rlnOriginYAngst", "rlnOriginX", "rlnOriginY", "rlnDefocusU",
+    "rlnDefocusV", "rlnDefocusAngle", "rlnPhaseShift", "rlnVoltage", "rlnSphericalAberration",
+    "rlnAmplitudeContrast", "rlnCtfBfactor", "rlnCtfScalefactor", "rlnCtfDataAreCtfPremultiplied",
+    "rlnBeamTiltX", "rlnBeamTiltY", "rlnMagMat00", "rlnMagMat01", "rlnMagMat10", "rlnMagMat11",
+    "rlnImagePixelSize", "rlnMicrographPixelSize", "rlnDetectorPixelSize", "rlnMagnification", "rlnImageSize",
+    "rlnOpticsGroup", "rlnRandomSubset",
+}
 #: RELION's amplitude contrast when a file gives none: 0, as ``CTF::readByGroup`` reads it
 #: (``ctf.cpp: readValue(EMDL_CTF_Q0, Q0, 0, ...)``; see ``dsub.conventions``).
 DEFAULT_AMPLITUDE_CONTRAST = 0.0
@@ -68,6 +77,9 @@ def _read_blocks(path: Path) -> tuple[pd.DataFrame | None, pd.DataFrame, dict]:
         if blocks is None:
             blocks = starfile.read(path, always_dict=True, parse_as_string=NAME_COLUMNS)
     except Exception as exc:  # starfile/pandas raise many types on malformed text
+        uneven = star_reader.first_uneven_row(path)
+        if uneven is not None:  # a row with too many values, or a first row too short (later ones read as NaN)
+            raise _uneven_row_error(path, *uneven) from exc
         detail = star_reader.in_file_lines(path, str(exc)) if isinstance(exc, pd.errors.ParserError) else exc
         raise InputFileError(path, f"could not be parsed as a STAR file ({detail}).", _FIX) from exc
     tables = {k: v for k, v in blocks.items() if isinstance(v, pd.DataFrame)}
@@ -263,6 +275,8 @@ def read_ctf(path: str | os.PathLike, require_ctf: bool = True) -> dict:
     """Only the CTF of each particle (see ``ctf_from_columns``); angles not needed."""
     path = Path(path)
     optics, particles, _ = _read_blocks(path)
+    check_complete_rows(particles, path)
+    check_numeric_columns(optics, particles, path)
     return ctf_from_columns(_merge_optics(particles, optics, path), path, require_ctf)
 
 
@@ -336,27 +350,94 @@ def _rotations(df: pd.DataFrame, block: int = 1 << 18) -> np.ndarray:
     return rotations
 
 
-def check_complete_rows(particles: pd.DataFrame, path: Path) -> None:
-    """Refuse a particle loop whose row lacks values for its last labels (a file cut short while copied).
+#: How the readers may hold the value a short row lacks in a text column (a number column: NaN).
+_ABSENT_TEXT = ["", "nan", "NaN", "<NA>"]
 
-    The readers fill the missing values of a short row with NaN (a text column
-    read by ``star_reader``: with ''), which would otherwise surface later as a
-    strange optics group or half set.
+
+def _maybe_absent(column: pd.Series) -> np.ndarray:
+    """(n,) bool: where ``column`` holds what a reader puts in place of a value a row lacks.
+
+    NaN, or in a text column an empty or missing string, whichever the reader
+    and pandas version give; a whole row may hold these too (``nan``, ``""``).
     """
-    last = particles.iloc[:, -1]
-    missing = last.isna().to_numpy()
-    if pd.api.types.is_string_dtype(last.dtype) or isinstance(last.dtype, pd.CategoricalDtype):  # text: '' for none
-        missing = missing | (last == "").to_numpy(dtype=bool)  # no star value is empty (values are separated by spaces)
-    short = np.flatnonzero(missing)
-    if short.size:
-        line = star_reader.row_line(path, int(short[0]))
-        raise InputFileError(
-            path,
-            f"particle row {int(short[0]) + 1} (1-based{f', line {line} of the file' if line else ''}) has fewer "
-            f"values than the loop's {particles.shape[1]} "
-            f"labels{f' ({short.size} such rows)' if short.size > 1 else ''}: the file looks cut short.",
-            "Copy or write the star file again completely.",
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        absent = np.flatnonzero(column.cat.categories.isin(_ABSENT_TEXT))
+        codes = column.cat.codes.to_numpy()
+        return (codes < 0) | np.isin(codes, absent)
+    if isinstance(column.dtype, np.dtype) and column.dtype.kind in "biuf":
+        return column.isna().to_numpy()
+    return (column.isna() | column.isin(_ABSENT_TEXT)).to_numpy(dtype=bool)
+
+
+def check_complete_rows(particles: pd.DataFrame, path: Path) -> None:
+    """Refuse a particle row with fewer values than the loop has columns (a last row cut short: a truncated file).
+
+    The readers fill the values a short row lacks (at its end) with NaN or an
+    empty text, so a short row ends in one of those; each such row's values are
+    counted in the file, so a whole row that holds ``nan`` or ``""`` is taken as
+    it is. Rows with too many values are refused by the parsers themselves.
+    """
+    rows = np.flatnonzero(_maybe_absent(particles.iloc[:, -1]))
+    if not rows.size:
+        return
+    columns = particles.shape[1]
+    texts = star_reader.row_texts(path, rows.tolist())
+    counts = {row: star_reader.count_values(texts[row][1]) if row in texts else None for row in rows.tolist()}
+    short = [row for row, count in counts.items() if count is None or count < columns]
+    if not short:
+        return
+    row = short[0]
+    raise _uneven_row_error(path, row, texts[row][0] if row in texts else None, counts[row], columns,
+                            row == len(particles) - 1, len(short))
+
+
+def _uneven_row_error(path: Path, row: int, line: int | None, count: int | None, columns: int, last: bool,
+                      rows: int = 1) -> InputFileError:
+    """The error for particle ``row`` (0-based) holding ``count`` values where the loop has ``columns`` labels:
+    a truncated file when it is the last row and short of values."""
+    where = f"particle row {row + 1} (1-based{f', line {line} of the file' if line else ''})"
+    values = f"has {count} values" if count is not None else "has fewer values"
+    more = f" ({rows} such rows)" if rows > 1 else ""
+    if last and (count is None or count < columns):
+        return InputFileError(
+            path, f"{where} {values} but the loop has {columns} columns{more}: the file looks cut short "
+            "(truncated, as a copy or a write that did not finish leaves it).",
+            "Copy it again from where it was written, or write it again (rerun the job or export that made it).",
         )
+    return InputFileError(
+        path, f"{where} {values} but the loop has {columns} columns{more}.",
+        "Fix or remove that row: every row needs one value per column.",
+    )
+
+
+def check_numeric_columns(optics: pd.DataFrame | None, particles: pd.DataFrame, path: Path) -> None:
+    """Refuse a value that is not a number in a column dsub reads as numbers (``NUMERIC_LABELS``).
+
+    Both readers leave such a column as text (``starfile``'s inference: a column
+    becomes numeric only when every value is a number); this names the first
+    row that stops it, in the table and line of the file where it is.
+    """
+    for name, table in (("optics", optics), ("particle", particles)):
+        if table is None:
+            continue
+        for label in table.columns:
+            column = table[label]
+            if label not in NUMERIC_LABELS or pd.api.types.is_numeric_dtype(column.dtype):
+                continue
+            values = column.astype(object)
+            words = (pd.to_numeric(values, errors="coerce").isna() & values.notna()).to_numpy()
+            if not words.any():
+                continue
+            row = int(np.argmax(words))
+            line = star_reader.row_line(path, row, block_name="optics" if name == "optics" else None)
+            count = int(words.sum())
+            raise InputFileError(
+                path,
+                f"{name} row {row + 1} (1-based{f', line {line} of the file' if line else ''}) has {label} = "
+                f"{str(values.iloc[row])!r}, not a number{f' ({count} such rows)' if count > 1 else ''}.",
+                f"Write a number there (RELION reads {label} as one) or remove the row; a file edited or "
+                "exported by another program may need exporting again.",
+            )
 
 
 def read_particles(path: str | os.PathLike, *, require_ctf: bool = True) -> ParticleTable:
@@ -371,6 +452,7 @@ def read_particles(path: str | os.PathLike, *, require_ctf: bool = True) -> Part
     if len(particles) == 0:
         raise InputFileError(path, "holds no particles (its particle table is empty).")
     check_complete_rows(particles, path)
+    check_numeric_columns(optics, particles, path)
     df = _merge_optics(particles, optics, path)
     warn_unmodelled_optics(optics, path)
     _require(df, ANGLE_LABELS, path, "the particle poses")
@@ -630,7 +712,7 @@ def write_star(path: str | os.PathLike, blocks: dict, columns: dict | None = Non
     table = blocks[last]
     columns = columns or {}
     labels = list(table.columns) + [label for label in columns if label not in table.columns]
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = atomic.temporary_name(path)
     try:
         with open(tmp, "w") as f:
             if head:  # the optics table: small, written by starfile itself

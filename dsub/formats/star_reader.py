@@ -24,9 +24,10 @@ import pandas as pd
 import starfile
 
 
-def _particle_loop(f, image_label: str) -> tuple[str, int, int, list[str]] | None:
+def _particle_loop(f, image_label: str, block_name: str | None = None) -> tuple[str, int, int, list[str]] | None:
     """(block name, offset of the block's ``data_`` line, offset of its first row, labels) of the first loop
-    of the open file ``f`` that has ``image_label``; None when the file has none."""
+    of the open file ``f`` that has ``image_label`` (or, given ``block_name``, the loop of ``data_<block_name>``);
+    None when the file has none."""
     block, block_at = None, 0
     position = f.tell()
     line = f.readline()
@@ -44,7 +45,7 @@ def _particle_loop(f, image_label: str) -> tuple[str, int, int, list[str]] | Non
                 elif stripped and not stripped.startswith(b"#"):
                     break
                 position, line = f.tell(), f.readline()
-            if image_label in labels:
+            if (block == block_name) if block_name is not None else (image_label in labels):
                 return block, block_at, position, labels
             continue
         position, line = f.tell(), f.readline()
@@ -132,6 +133,8 @@ def _read_rows(path: Path, rows_at: int, labels: list[str], strings: list[str]) 
     with open(path, "rb") as f:
         f.seek(rows_at)
         for piece in pd.read_csv(f, chunksize=PIECE_ROWS, **options):
+            if not isinstance(piece.index, pd.RangeIndex):  # pandas takes a first row of one value too many
+                raise pd.errors.ParserError(f"Expected {len(labels)} fields in line 1, saw {len(labels) + 1}")
             for label in labels:  # copied out, so each piece's memory goes with its columns
                 column = piece[label]
                 pieces[label].append(column.array.copy() if label in strings else column.to_numpy(copy=True))
@@ -204,25 +207,81 @@ def _loop_first_row_with(path, line: int, saw: int) -> int | None:
     return None
 
 
-def row_line(path: str | os.PathLike, row: int, image_label: str = "rlnImageName") -> int | None:
+def row_line(path: str | os.PathLike, row: int, image_label: str = "rlnImageName",
+             block_name: str | None = None) -> int | None:
     """The file line (1-based) of particle row ``row`` (0-based) of the first loop with ``image_label``; None if none.
 
-    Blank and comment lines between rows are not rows. For error messages: reads up to that row.
+    ``block_name``: the row of the loop of ``data_<block_name>`` instead (e.g. ``"optics"``). Blank and
+    comment lines between rows are not rows. For error messages: reads up to that row.
     """
+    found = row_texts(path, [row], image_label, block_name)
+    return found[row][0] if row in found else None
+
+
+def row_texts(path: str | os.PathLike, rows, image_label: str = "rlnImageName",
+              block_name: str | None = None) -> dict[int, tuple[int, bytes]]:
+    """{row: (file line, 1-based; the line's bytes)} of the particle rows ``rows`` (0-based) of the loop ``row_line``
+    finds; rows the file does not hold (or a file without that loop) are left out. Reads up to the last of ``rows``."""
+    wanted = set(int(row) for row in rows)
+    found: dict[int, tuple[int, bytes]] = {}
+    if not wanted:
+        return found
+    last = max(wanted)
     with open(path, "rb") as f:
-        found = _particle_loop(f, image_label)
-        if found is None:
-            return None
-        rows_at = found[2]
+        loop = _particle_loop(f, image_label, block_name)
+        if loop is None:
+            return found
+        rows_at = loop[2]
         f.seek(0)
         number = f.read(rows_at).count(b"\n")
+        row = 0
         for number, text in enumerate(f, number + 1):
             stripped = text.strip()
+            if stripped.startswith((b"data_", b"loop_")):  # the next block: the loop's rows have ended
+                break
             if stripped and not stripped.startswith(b"#"):
-                if row == 0:
-                    return number
-                row -= 1
-    return None
+                if row in wanted:
+                    found[row] = (number, text)
+                if row == last:
+                    break
+                row += 1
+    return found
+
+
+def first_uneven_row(path: str | os.PathLike,
+                     image_label: str = "rlnImageName") -> tuple[int, int, int, int, bool] | None:
+    """(row, 0-based; file line, 1-based; its values; the loop's labels; whether it is the loop's last row) of the
+    first row of the first loop with ``image_label`` whose number of values differs from its labels'; None if none.
+
+    For error messages: reads the whole loop line by line.
+    """
+    with open(path, "rb") as f:
+        loop = _particle_loop(f, image_label)
+        if loop is None:
+            return None
+        rows_at, columns = loop[2], len(loop[3])
+        f.seek(0)
+        number = f.read(rows_at).count(b"\n")
+        row, uneven = 0, None
+        for number, text in enumerate(f, number + 1):
+            stripped = text.strip()
+            if stripped.startswith((b"data_", b"loop_")):
+                break
+            if not stripped or stripped.startswith(b"#"):
+                continue
+            if uneven is not None:  # a row follows the uneven one
+                return (*uneven, False)
+            count = count_values(text)
+            if count != columns:
+                uneven = (row, number, count, columns)
+            row += 1
+    return None if uneven is None else (*uneven, True)
+
+
+def count_values(text: bytes) -> int:
+    """How many values a row's text holds, as the readers split it (a quoted value with spaces counts once;
+    ``#`` starts a comment)."""
+    return len(_VALUE.findall(text.split(b"#")[0]))
 
 
 class _MixedColumn(ValueError):

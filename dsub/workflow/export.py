@@ -40,7 +40,7 @@ import mrcfile
 import numpy as np
 
 from ..errors import warn
-from ..formats import select_rows
+from ..formats import atomic, select_rows
 from ..formats.mrc import write_stack
 from ..formats.paths import StackRefs, written_paths
 from . import store
@@ -358,11 +358,14 @@ def write_metadata(table, outdir: Path, particles_per_stack: int, contrast: np.n
     current folder, the .cs's from ``table.extra["project_folder"]`` (the
     cryoSPARC project folder). ``fit``: {store array name: (n,) values} of
     ``store.PER_PARTICLE`` besides ``contrast``, written under ``FIT_COLUMNS`` /
-    ``FIT_FIELDS``.
+    ``FIT_FIELDS``. The temporary files that earlier attempts killed while
+    writing these files left in ``outdir`` (``formats.atomic``) are removed first.
     """
     from ..formats import cs as cs_format  # the writers (pandas) are loaded here: the workers write stacks only
     from ..formats import star as star_format
 
+    for name in (STAR_NAME, CS_NAME, SKIPPED_NAME):  # left by an attempt killed while writing; this run holds the lock
+        atomic.remove_leftovers(outdir / name)
     exported = table if exported is None else exported
     locations = new_stack_refs(len(table), particles_per_stack, table.pixel_size_angstrom)
     names = locations.with_paths(written_paths(locations.paths, outdir, paths_mode, Path.cwd()))
