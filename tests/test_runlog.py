@@ -151,6 +151,37 @@ def test_rerun_of_a_finished_run_keeps_the_first_attempts_figures(small, tmp_pat
     assert (outdir / "dsub.log").read_text().count("==== ") == 2
 
 
+def test_a_rerun_with_every_chunk_done_starts_nothing_and_keeps_the_sample_fit(small, tmp_path, monkeypatch, capsys):
+    """A finished --keep-store run rerun (or one stopped in its export): no map prepared, no sample fit again."""
+    import dsub.workflow.diagnostics as diagnostics
+    import dsub.workflow.pipeline as pipeline
+
+    outdir = tmp_path / "out"
+    assert main(subtract_args(small, outdir, "--keep-store")) == 0
+    first = json.loads((outdir / "dsub_run.json").read_text())
+    def star_rows():  # the star without its header comment (which has the time it was written)
+        return [line for line in (outdir / "particles_subtracted.star").read_text().splitlines()
+                if not line.startswith("#")]
+
+    star = star_rows()
+    stacks = {path.name: path.read_bytes() for path in (outdir / "Particles").iterdir()}
+    capsys.readouterr()
+
+    def not_again(*args, **kwargs):
+        raise AssertionError("nothing is left to compute")
+
+    monkeypatch.setattr(pipeline, "half_map_models", not_again)
+    monkeypatch.setattr(diagnostics, "sample_task", not_again)
+    assert main(subtract_args(small, outdir, "--keep-store")) == 0
+    out = capsys.readouterr().out
+    assert "all already done: no worker started and no map prepared" in out
+    summary = json.loads((outdir / "dsub_run.json").read_text())
+    assert summary["diagnostics"]["sample"] == first["diagnostics"]["sample"]
+    assert summary["attempts"][1]["status"] == "finished" and summary["attempts"][1]["chunks_done"] == 0
+    assert star_rows() == star
+    assert {path.name: path.read_bytes() for path in (outdir / "Particles").iterdir()} == stacks
+
+
 def test_failed_attempt_is_recorded_with_its_error(small, tmp_path, monkeypatch, capsys):
     import dsub.workflow.export as export
 

@@ -293,81 +293,96 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     remove_metadata(outdir)  # never leave old metadata that looks complete
 
     timings = {"check_inputs": time.monotonic() - started}
-    with contextlib.ExitStack() as running:
-        running.enter_context(resources.failures_explained(plan))
-        runner = running.enter_context(open_runner(spec, early))
-        timings["start_workers"] = time.monotonic() - started - sum(timings.values())
-        capacities = runner.capacities(device)
-        if capacities:
-            resources.check_workers(plan, capacities, box, settings, options.chunk_size)
-        runner.start_on_each_worker(prepare_models, maps, settings, device)  # beside the sample fit
-        waiting = prepare_maps_where_visible(maps, settings, options, box)
-        if waiting is None:  # prepared here (on workers it is part of their first chunk)
-            timings["prepare_maps"] = time.monotonic() - started - sum(timings.values())
-        sample, task = diagnostics.sample_task(table, maps, settings, device)
-        sample_fit = runner.compute([task], "sample fit", [len(sample)], waiting, unit="tasks")[0]
-        checked = diagnostics.check_sample(table, sample, sample_fit, settings.scale, lambda line: say(options, line))
-        sample_check = None
-        if settings.scale == "input":  # for the report: fitted against input contrast
-            fitted = np.asarray(sample_fit[0].alpha)
-            usable = np.isfinite(fitted)
-            sample_check = {"index": sample[usable].tolist(), "fitted_contrast": fitted[usable].tolist()}
-        if resuming and not store_takes_up(store_path, options):
-            resuming = False
-        if not resuming:
-            export.remove_stacks(outdir)  # an earlier run's stacks must not stay beside this run's
-            store.create_store(store_path, len(table), out_box, options.chunk_size,
-                               {**identity, "fingerprint": fingerprint}, float16=options.float16,
-                               keep_images=options.keep_store)
-        pieces = export.chunk_pieces(layout, outdir, bounds)
-        # The chunk marks are read once: a fresh store has none.
-        done = store.finished_chunks(store_path) if resuming else np.zeros(len(bounds), dtype=bool)
-        redo = export.prepare_stacks(outdir, layout, pieces, bounds, out_box, store.image_dtype(store_path), done,
-                                     store_path)
-        store.reset_chunks(store_path, redo)
-        done[redo] = False
-        attempt.begin(store_path, options.cluster.scheduler, device, len(bounds), int(done.sum()))
-        pending = [int(i) for i in run_order if not done[i]]  # running chunks write into different stacks
-        say(options, f"dsub: {len(table)} particles of {box} px in {len(bounds)} chunk{'s' if len(bounds) != 1 else ''} "
-                     f"({len(bounds) - len(pending)} already done) on {runner.description}.")
-        if reboxing is not None:
-            say(options, rebox.describe(reboxing, centre_from, box))
-        # Tasks carry a row range of the table written once beside the store, built as they are submitted.
-        columns = store_path / metadata.FOLDER
-        if pending:
-            metadata.write_table(table, columns)
-        # What the QC report needs from the inputs is gathered while the chunks run (after the table is
-        # written: both take memory in proportion to the particles, 0.2-0.5 GB each at 10 M rows).
+    if resuming and nothing_left_to_compute(store_path, outdir, layout, bounds, out_box, options):
+        # A rerun after a stop in the export (or of a finished --keep-store run): no worker, no map, no sample fit.
+        if early is not None:
+            early.stop()
+        saved = store.saved_sample_check(store_path)
+        checked, sample_check = saved["figures"], saved["input_contrast_check"]
+        attempt.begin(store_path, options.cluster.scheduler, device, len(bounds), len(bounds))
+        pending, devices, workers, phases = [], [], 0, {}
+        say(options, f"dsub: {len(table)} particles of {box} px in {len(bounds)} chunk{'s' if len(bounds) != 1 else ''}, "
+                     "all already done: no worker started and no map prepared; the sample fit of the attempt "
+                     "that computed them is kept.")
         preparation = start_preparation(outdir, table, options.particles_per_stack, show_inputs=reboxing is None)
-        cleanup.callback(preparation.result)  # never left running at exit (a run that fails meanwhile)
-        tasks = (
-            dask.delayed(run_chunk, pure=False)(
-                index, bounds[index][0], metadata.table_rows(columns, *bounds[index]), maps, settings,
-                str(store_path), device, options.skip_bad_particles, reboxing, pieces[index],
-                dask_key_name=f"subtract-chunk-{index:05d}",
+        cleanup.callback(preparation.result)
+    else:
+        with contextlib.ExitStack() as running:
+            running.enter_context(resources.failures_explained(plan))
+            runner = running.enter_context(open_runner(spec, early))
+            timings["start_workers"] = time.monotonic() - started - sum(timings.values())
+            capacities = runner.capacities(device)
+            if capacities:
+                resources.check_workers(plan, capacities, box, settings, options.chunk_size)
+            runner.start_on_each_worker(prepare_models, maps, settings, device)  # beside the sample fit
+            waiting = prepare_maps_where_visible(maps, settings, options, box)
+            if waiting is None:  # prepared here (on workers it is part of their first chunk)
+                timings["prepare_maps"] = time.monotonic() - started - sum(timings.values())
+            sample, task = diagnostics.sample_task(table, maps, settings, device)
+            sample_fit = runner.compute([task], "sample fit", [len(sample)], waiting, unit="tasks")[0]
+            checked = diagnostics.check_sample(table, sample, sample_fit, settings.scale, lambda line: say(options, line))
+            sample_check = None
+            if settings.scale == "input":  # for the report: fitted against input contrast
+                fitted = np.asarray(sample_fit[0].alpha)
+                usable = np.isfinite(fitted)
+                sample_check = {"index": sample[usable].tolist(), "fitted_contrast": fitted[usable].tolist()}
+            if resuming and not store_takes_up(store_path, options):
+                resuming = False
+            if not resuming:
+                export.remove_stacks(outdir)  # an earlier run's stacks must not stay beside this run's
+                store.create_store(store_path, len(table), out_box, options.chunk_size,
+                                   {**identity, "fingerprint": fingerprint}, float16=options.float16,
+                                   keep_images=options.keep_store)
+            pieces = export.chunk_pieces(layout, outdir, bounds)
+            # The chunk marks are read once: a fresh store has none.
+            done = store.finished_chunks(store_path) if resuming else np.zeros(len(bounds), dtype=bool)
+            redo = export.prepare_stacks(outdir, layout, pieces, bounds, out_box, store.image_dtype(store_path), done,
+                                         store_path)
+            store.reset_chunks(store_path, redo)
+            done[redo] = False
+            store.save_sample_check(store_path, json_safe(checked), sample_check)
+            attempt.begin(store_path, options.cluster.scheduler, device, len(bounds), int(done.sum()))
+            pending = [int(i) for i in run_order if not done[i]]  # running chunks write into different stacks
+            say(options, f"dsub: {len(table)} particles of {box} px in {len(bounds)} chunk{'s' if len(bounds) != 1 else ''} "
+                         f"({len(bounds) - len(pending)} already done) on {runner.description}.")
+            if reboxing is not None:
+                say(options, rebox.describe(reboxing, centre_from, box))
+            # Tasks carry a row range of the table written once beside the store, built as they are submitted.
+            columns = store_path / metadata.FOLDER
+            if pending:
+                metadata.write_table(table, columns)
+            # What the QC report needs from the inputs is gathered while the chunks run (after the table is
+            # written: both take memory in proportion to the particles, 0.2-0.5 GB each at 10 M rows).
+            preparation = start_preparation(outdir, table, options.particles_per_stack, show_inputs=reboxing is None)
+            cleanup.callback(preparation.result)  # never left running at exit (a run that fails meanwhile)
+            tasks = (
+                dask.delayed(run_chunk, pure=False)(
+                    index, bounds[index][0], metadata.table_rows(columns, *bounds[index]), maps, settings,
+                    str(store_path), device, options.skip_bad_particles, reboxing, pieces[index],
+                    dask_key_name=f"subtract-chunk-{index:05d}",
+                )
+                for index in pending
             )
-            for index in pending
-        )
-        recorder = store.ChunkRecorder(store_path)
+            recorder = store.ChunkRecorder(store_path)
 
-        def chunk_finished(result: store.ChunkResult) -> str:
-            attempt.chunk_finished(result.device)
-            return recorder.add(result)
+            def chunk_finished(result: store.ChunkResult) -> str:
+                attempt.chunk_finished(result.device)
+                return recorder.add(result)
 
-        try:
-            devices = sorted(set(runner.compute(tasks, "subtract", [bounds[i][1] - bounds[i][0] for i in pending],
-                                                waiting, on_result=chunk_finished)))
-        except BaseException:
-            with contextlib.suppress(BaseException):  # what finished is kept for the rerun; the first error matters
-                recorder.close()
-            raise
-        recorder.close()
-        shutil.rmtree(columns, ignore_errors=True)  # every chunk is stored: no task reads it again
-        read_ahead.stop()
-        timings["subtract"] = time.monotonic() - started - sum(timings.values())
-        workers, phases = runner.workers, runner.phases
-        # The workers stop while the metadata is written (a local cluster takes seconds to close).
-        cleanup.callback(close_in_background(running.pop_all()).join)
+            try:
+                devices = sorted(set(runner.compute(tasks, "subtract", [bounds[i][1] - bounds[i][0] for i in pending],
+                                                    waiting, on_result=chunk_finished)))
+            except BaseException:
+                with contextlib.suppress(BaseException):  # what finished is kept for the rerun; the first error matters
+                    recorder.close()
+                raise
+            recorder.close()
+            shutil.rmtree(columns, ignore_errors=True)  # every chunk is stored: no task reads it again
+            read_ahead.stop()
+            timings["subtract"] = time.monotonic() - started - sum(timings.values())
+            workers, phases = runner.workers, runner.phases
+            # The workers stop while the metadata is written (a local cluster takes seconds to close).
+            cleanup.callback(close_in_background(running.pop_all()).join)
     export.finish_stacks(outdir, layout, store.image_statistics(store_path))  # headers: the tasks wrote the images
     results = store.open_store(store_path)
     fit = store.per_particle(store_path)
@@ -416,6 +431,29 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     report(summary, outdir, options)
     write_qc_report(outdir, options, preparation)
     return summary
+
+
+def nothing_left_to_compute(store_path: Path, outdir: Path, layout, bounds, box: int, options: RunOptions) -> bool:
+    """Whether a resumed run has every chunk done, its stacks in place and its sample fit's figures saved.
+
+    Makes the stacks ready as a run would (``export.prepare_stacks``); chunks
+    whose images are lost with a stack are marked to be computed again, and
+    the run then goes the usual way.
+    """
+    if store.saved_sample_check(store_path) is None or not store_takes_up(store_path, options):
+        return False
+    done = store.finished_chunks(store_path)
+    if not done.all():
+        return False
+    pieces = export.chunk_pieces(layout, outdir, bounds)
+    redo = export.prepare_stacks(outdir, layout, pieces, bounds, box, store.image_dtype(store_path), done, store_path)
+    store.reset_chunks(store_path, redo)
+    return not redo
+
+
+def json_safe(value):
+    """``value`` with NumPy numbers made plain (for the store's JSON attributes)."""
+    return json.loads(json.dumps(value, default=lambda item: item.item() if hasattr(item, "item") else str(item)))
 
 
 def close_in_background(closing: contextlib.ExitStack) -> threading.Thread:

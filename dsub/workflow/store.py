@@ -245,6 +245,25 @@ def delete_images(path: Path) -> None:
         del group["images"]
 
 
+def save_sample_check(path: Path, figures: dict, input_contrast_check: dict | None) -> None:
+    """Keep the run's sample fit figures (``diagnostics.check_sample``) in the store's attributes.
+
+    A rerun that finds every chunk done reads them back (``saved_sample_check``)
+    instead of starting workers and preparing the maps only to fit the sample again.
+    """
+    open_store(path, mode="r+").attrs["sample_check"] = {"figures": figures,
+                                                         "input_contrast_check": input_contrast_check}
+
+
+def saved_sample_check(path: Path) -> dict | None:
+    """``{"figures": ..., "input_contrast_check": ...}`` saved by ``save_sample_check``; None if there are none."""
+    try:
+        saved = open_store(path).attrs.get("sample_check")
+    except Exception:  # an unreadable store: the run decides what to do with it
+        return None
+    return dict(saved) if isinstance(saved, dict) and "figures" in saved else None
+
+
 def finished_chunks(path: Path) -> np.ndarray:
     """Boolean array (n_chunks,): which chunks are complete.
 
