@@ -209,6 +209,23 @@ def refusal(paths, outdir, capsys, *extra) -> str:
     return capsys.readouterr().err.strip()
 
 
+def test_refusal_says_which_values_dsub_chose_itself(small, tmp_path, capsys):
+    """A first run without --chunk-size (dsub cut the set into one chunk per thread), then one with it."""
+    outdir = tmp_path / "out"
+    first = [arg for arg in subtract_args(small, outdir) if arg not in ("--chunk-size", "8")]
+    assert main(first + ["--workers", "2"]) == 0
+    chosen = json.loads((outdir / "dsub_run.json").read_text())["chunks_total"]
+    assert chosen == 2  # one chunk per thread
+    line = refusal(small, outdir, capsys)  # --chunk-size 8 now
+    assert re.search(r"--chunk-size was \d+ \(chosen by dsub for that run\), now 8\.", line), line
+    line = refusal(small, outdir, capsys, "--chunk-size", "12")  # and the stacks' default follows the chunks
+    assert "--particles-per-stack was 4096 (chosen by dsub for that run), now 4092" in line, line
+    given = tmp_path / "given"  # the user's own value is quoted as such
+    assert main(subtract_args(small, given)) == 0
+    line = refusal(small, given, capsys, "--chunk-size", "16")
+    assert "--chunk-size was 8, now 16" in line and "chosen by dsub" not in line
+
+
 def test_refusal_names_the_changed_parameter_and_input_file(small, tmp_path, capsys):
     outdir = tmp_path / "out"
     assert main(subtract_args(small, outdir)) == 0

@@ -45,6 +45,9 @@ PARAMETER_OPTIONS = {
     "settings.fit.weighting": "--fit-weighting", "rebox.center_voxels": "the centre (--recenter, --center)",
     "rebox.new_box": "--new-box", "passthrough": "--passthrough", "particles_per_stack": "--particles-per-stack",
 }
+#: Key of a store's run attributes listing the identity's values dsub chose itself (``--chunk-size`` and the
+#: stacks' size following it, when not given): a refusal says so instead of quoting them as the user's.
+AUTOMATIC_KEY = "chosen_automatically"
 #: Parameters a run's identity leaves out at their default (``pipeline.run_identity``).
 PARAMETER_DEFAULTS = {"float16": False}
 #: How many changed stacks a refusal names before it only counts them.
@@ -174,6 +177,9 @@ def identity_differences(earlier: dict, now: dict) -> list[str]:
                if (change := file_difference(option, earlier.get(name), now.get(name)))]
     changes += stack_differences(earlier.get("stacks") or [], now.get("stacks") or [])
     before, after = flatten(earlier), flatten(now)
+    automatic = set(earlier.get(AUTOMATIC_KEY) or [])  # what that run chose itself: not the user's words
+    if "particles_per_stack" not in before:  # that run's default, which follows its chunks
+        automatic.add("particles_per_stack")
     for values in (before, after):  # left out at the default, which depends on the run's chunks
         chunk = values.get("chunk_size")
         if "particles_per_stack" not in values and isinstance(chunk, int) and chunk >= 1:
@@ -181,8 +187,10 @@ def identity_differences(earlier: dict, now: dict) -> list[str]:
     for key, option in PARAMETER_OPTIONS.items():
         was, now = (values.get(key, PARAMETER_DEFAULTS.get(key)) for values in (before, after))
         if was != now:
-            changes.append(f"{option} was {was!r}, now {now!r}")
-    named = set(PARAMETER_OPTIONS) | set(INPUT_OPTIONS) | {"stacks", "fingerprint", "rebox.map_pixel_size"}
+            changes.append(f"{option} was {was!r}{' (chosen by dsub for that run)' if key in automatic else ''}, "
+                           f"now {now!r}")
+    named = (set(PARAMETER_OPTIONS) | set(INPUT_OPTIONS)
+             | {"stacks", "fingerprint", "rebox.map_pixel_size", AUTOMATIC_KEY})
     for key in sorted(set(before) | set(after)):  # anything else the identity holds, by its own name
         if not any(key == name or key.startswith(name + ".") for name in named):
             was, now = before.get(key, PARAMETER_DEFAULTS.get(key)), after.get(key, PARAMETER_DEFAULTS.get(key))

@@ -49,7 +49,7 @@ from ..physics.projector import projector_kernel
 from ..physics.subtract import SubtractionSettings
 from ..report import REPORT_FOLDER, start_preparation, start_warming_up
 from . import diagnostics, export, metadata, prefetch, rebox, record, region, resources, store, validate
-from .outdir import OutdirLock, check_writable, explain_os_error, file_identity, prepare_outdir, run_fingerprint
+from .outdir import AUTOMATIC_KEY, OutdirLock, check_writable, explain_os_error, file_identity, prepare_outdir, run_fingerprint
 from .tasks import MapFiles, half_map_models, prepare_models, run_chunk
 from .transcript import Transcript
 
@@ -212,6 +212,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     validate.check_metadata(table)
     validate.check_classes(table)
     box = validate.particle_box(table)
+    chosen = [] if options.chunk_size is not None else ["chunk_size"]  # by dsub (resolved_chunk_size), not the user
     options = dataclasses.replace(
         options, chunk_size=resolved_chunk_size(options, len(table), outdir / store.STORE_NAME))
     bounds = store.chunk_bounds(len(table), options.chunk_size)
@@ -331,7 +332,8 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             if not resuming:
                 export.remove_stacks(outdir)  # an earlier run's stacks must not stay beside this run's
                 store.create_store(store_path, len(table), out_box, options.chunk_size,
-                                   {**identity, "fingerprint": fingerprint}, float16=options.float16,
+                                   {**identity, "fingerprint": fingerprint, AUTOMATIC_KEY: chosen},
+                                   float16=options.float16,
                                    keep_images=options.keep_store)
             pieces = export.chunk_pieces(layout, outdir, bounds)
             # The chunk marks are read once: a fresh store has none.
