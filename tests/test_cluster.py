@@ -123,3 +123,74 @@ def test_job_script_without_a_cluster_config_in_a_fresh_process(tmp_path, schedu
     assert directive in result.stdout and "Traceback" not in result.stderr
     lines = result.stdout.splitlines()  # saved as it is, the script runs: the shebang first
     assert lines[0] == "#!/usr/bin/env bash" and lines[1].startswith("# Memory: each worker needs about")
+
+
+def test_an_early_cluster_start_that_hangs_does_not_hang_the_run_that_stops(monkeypatch):
+    """stop() waits a bounded time; a start that finishes later is closed by its own thread."""
+    import contextlib
+    import threading
+    import time
+
+    from dsub.cluster import early, start
+
+    release, closed = threading.Event(), threading.Event()
+
+    @contextlib.contextmanager
+    def slow_start(spec):
+        release.wait(30)  # a start that takes its time (a worker time-out, a stuck import)
+        try:
+            yield "client", "cluster", "description"
+        finally:
+            closed.set()
+
+    monkeypatch.setattr(start, "start_cluster", slow_start)
+    started = early.EarlyCluster(ClusterSpec(scheduler="local", progress=False))
+    began = time.monotonic()
+    started.stop(wait=0.2)
+    assert time.monotonic() - began < 2 and not closed.is_set()
+    release.set()  # the start finishes after the run gave up on it: its thread closes the cluster
+    assert closed.wait(10)
+    started._thread.join(10)
+    assert started._context is None and not started._thread.is_alive()
+
+
+def test_an_early_cluster_stopped_after_its_start_is_closed_by_stop(monkeypatch):
+    import contextlib
+    import threading
+
+    from dsub.cluster import early, start
+
+    closed = threading.Event()
+
+    @contextlib.contextmanager
+    def quick_start(spec):
+        try:
+            yield "client", "cluster", "description"
+        finally:
+            closed.set()
+
+    monkeypatch.setattr(start, "start_cluster", quick_start)
+    started = early.EarlyCluster(ClusterSpec(scheduler="local", progress=False))
+    started._thread.join(10)
+    assert not closed.is_set()
+    started.stop()
+    assert closed.is_set()
+    started.stop()  # a second stop does nothing
+
+
+@pytest.mark.parametrize("configured, expected", [
+    ({}, (["dsub.cluster.warm_up"], [])),
+    ({"preload": "json"}, (["json", "dsub.cluster.warm_up"], [])),  # one name, as Dask takes it too
+    ({"preload": ["json", "string"], "preload-argv": ["--x"]}, (["json", "string", "dsub.cluster.warm_up"], ["--x"])),
+    ({"preload": ["json"], "preload-argv": [["--x"]]}, (["json", "dsub.cluster.warm_up"], [["--x"], []])),
+])
+def test_local_workers_preload_dsub_after_the_configured_preloads(configured, expected):
+    from distributed.preloading import process_preloads
+
+    from dsub.cluster.start import worker_preloads
+
+    with dask.config.set({f"distributed.worker.{key}": value for key, value in configured.items()}):
+        options = worker_preloads()
+    assert (options["preload"], options["preload_argv"]) == expected
+    # what Dask does with them: one preload object per name, no mismatch
+    assert len(process_preloads(None, options["preload"], options["preload_argv"])) == len(options["preload"])

@@ -19,6 +19,9 @@ import time
 from .config import cluster_config, load_cluster_config
 from .progress import REPORT_STEP_AFTER_S
 
+#: Seconds a run that stops waits for a cluster start still under way before it leaves it behind.
+STOP_WAIT_S = 15.0
+
 #: ClusterSpec fields that decide the cluster itself (not how its progress is shown).
 _CLUSTER_FIELDS = ("scheduler", "workers", "adapt", "cluster_config", "worker_timeout", "dashboard_address",
                    "interface", "secure", "device")
@@ -33,6 +36,10 @@ def start_early(spec) -> "EarlyCluster | None":
         # dask-jobqueue (which cluster_config loads for its defaults) sets a signal handler as it is
         # imported: only the main thread may do that.
         import dask_jobqueue  # noqa: F401
+    # Dask's distributed is imported here, before the thread: a Ctrl-C that stops this thread in the middle
+    # of an import can leave that module's import lock held, and the thread, importing the same modules
+    # at the same time, would wait on it for ever.
+    from . import start  # noqa: F401
     print("Starting a local Dask cluster beside the input checks ...", file=spec.out, flush=True)
     return EarlyCluster(spec)
 
@@ -51,6 +58,8 @@ class EarlyCluster:
         self._context = None
         self._entered = None
         self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._abandoned = False  # stop() gave up waiting: the thread closes what it started
         self._thread = threading.Thread(target=self._start, name="dsub-cluster-start", daemon=True)
         self._thread.start()
 
@@ -61,7 +70,9 @@ class EarlyCluster:
             with contextlib.ExitStack() as stack:
                 stack.enter_context(cluster_config(self.spec.cluster_config))
                 self._entered = stack.enter_context(start_cluster(self.spec))
-                self._context = stack.pop_all()
+                with self._lock:
+                    if not self._abandoned:  # else leaving this block closes the cluster, here
+                        self._context = stack.pop_all()
             self.ready_after = time.monotonic() - self.started
         except BaseException as exc:  # noqa: BLE001 -- raised again where the run takes the cluster up
             self._error = exc
@@ -92,9 +103,19 @@ class EarlyCluster:
         finally:
             self.stop()
 
-    def stop(self) -> None:
-        """Stop the cluster (after its start has finished); nothing where it is stopped already or never started."""
-        self._thread.join()
-        context, self._context = self._context, None
+    def stop(self, wait: float = STOP_WAIT_S) -> None:
+        """Stop the cluster; nothing where it is stopped already or never started.
+
+        Waits at most ``wait`` seconds for a start still under way (a run refused
+        or interrupted meanwhile must not hang on it: a worker time-out may be
+        minutes); past that the start is abandoned, and its thread stops the
+        cluster once it has one (or the process's exit ends them both).
+        """
+        self._thread.join(timeout=wait)
+        with self._lock:
+            if self._thread.is_alive():
+                self._abandoned = True
+                return
+            context, self._context = self._context, None
         if context is not None:
             context.close()

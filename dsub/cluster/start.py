@@ -163,7 +163,6 @@ def local_cluster(spec):
     Each worker loads what its first task needs as it starts (``warm_up``, after
     the preloads of dask's config).
     """
-    import dask
     from distributed import LocalCluster
     from distributed.worker_memory import parse_memory_limit
 
@@ -178,7 +177,7 @@ def local_cluster(spec):
         dashboard_address=spec.dashboard_address, silence_logs=logging.CRITICAL,
         # The machine's memory shared by the layout's workers (what LocalCluster does for n_workers).
         memory_limit=parse_memory_limit("auto", 1, max(1, workers), logger=logging.getLogger("distributed.worker")),
-        preload=[*dask.config.get("distributed.worker.preload", []), "dsub.cluster.warm_up"],
+        **worker_preloads(),
         **security_options(spec),
     )
     if spec.adapt is not None:
@@ -189,6 +188,21 @@ def local_cluster(spec):
     if workers:
         cluster.scale(workers)
     return cluster, description
+
+
+def worker_preloads() -> dict:
+    """``preload`` and ``preload_argv`` for a local cluster's workers: dask's configured ones, then ``warm_up``.
+
+    As Dask reads them (``distributed.preloading.process_preloads``): a preload
+    may be one name or a list; its arguments one list for every preload, or one
+    list per preload, which then gets an empty one for dsub's.
+    """
+    preload = dask.config.get("distributed.worker.preload", None) or []
+    preload = [preload] if isinstance(preload, str) else list(preload)
+    argv = dask.config.get("distributed.worker.preload-argv", None) or []
+    if argv and all(isinstance(item, (list, tuple)) for item in argv):
+        argv = [*map(list, argv), []]
+    return {"preload": [*preload, "dsub.cluster.warm_up"], "preload_argv": list(argv)}
 
 
 def security_options(spec) -> dict:
