@@ -72,10 +72,12 @@ def test_missing_cluster_config(tmp_path):
 
 def test_parse_adapt():
     assert parse_adapt("1:8") == (1, 8)
-    assert parse_adapt("0:4") == (0, 4)
+    assert parse_adapt("1:1") == (1, 1)
     for bad in ("8", "4:1", "a:b", "0:0"):
         with pytest.raises(OptionError):
             parse_adapt(bad)
+    with pytest.raises(OptionError, match="waits for a first worker"):
+        parse_adapt("0:4")  # no worker would ever start
 
 
 @pytest.mark.parametrize(

@@ -74,8 +74,11 @@ def parse_adapt(text: str) -> tuple[int, int]:
         low, high = (int(part) for part in text.split(":"))
     except ValueError:
         raise OptionError(f"--adapt takes MIN:MAX (e.g. 1:8), not {text!r}") from None
-    if not 0 <= low <= high or high < 1:
-        raise OptionError(f"--adapt needs 0 <= MIN <= MAX and MAX >= 1, not {text!r}")
+    if not 1 <= low <= high:
+        # MIN 0 would never start a worker: Dask adds workers for tasks waiting, and dsub hands out
+        # the chunks once a first worker has joined (it asks the workers' memory and device first).
+        raise OptionError(f"--adapt needs 1 <= MIN <= MAX (dsub waits for a first worker before it hands out "
+                          f"the chunks), not {text!r}")
     return low, high
 
 
