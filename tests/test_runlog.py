@@ -175,6 +175,7 @@ def test_a_rerun_with_every_chunk_done_starts_nothing_and_keeps_the_sample_fit(s
     assert main(subtract_args(small, outdir, "--keep-store")) == 0
     out = capsys.readouterr().out
     assert "all already done: no worker started and no map prepared" in out
+    assert re.search(r"Subtracted \d+ particles in [\d.]+ s over 2 attempts", out), out
     summary = json.loads((outdir / "dsub_run.json").read_text())
     assert summary["diagnostics"]["sample"] == first["diagnostics"]["sample"]
     assert summary["attempts"][1]["status"] == "finished" and summary["attempts"][1]["chunks_done"] == 0

@@ -676,7 +676,9 @@ def report(summary: dict, outdir: Path, options: RunOptions) -> None:
     skipped = summary["skipped_particles"]["count"]
     subtracted = summary["particles"] - skipped
     counted = f"{subtracted} of {summary['particles']}" if skipped else f"{subtracted}"
+    attempts = len(summary.get("attempts") or [])  # the seconds are all attempts' (record.AttemptRecorder.finish)
     say(options, f"Subtracted {counted} particles in {summary['seconds']:.1f} s"
+                 + (f" over {attempts} attempts" if attempts > 1 else "")
                  + (f" (contrast median {median:.3f})." if median is not None else "."))
     if skipped:
         warn(f"{skipped} particle{'s' if skipped != 1 else ''} with NaN or infinite values "
