@@ -301,3 +301,26 @@ def test_a_first_row_of_another_length_is_named_by_both_readers(tmp_path, monkey
     with pytest.raises(InputFileError, match=rf"particle row 1 \(1-based, line 9 of the file\) has {values} values "
                                              r"but the loop has 5 columns\. Fix or remove that row"):
         star.read_particles(path, require_ctf=False)
+
+
+@pytest.mark.parametrize("reader", ["starfile", "fast"])
+def test_a_star_cut_inside_its_last_value_is_read_with_a_warning(tmp_path, monkeypatch, reader):
+    """A whole row's count of values, the last one cut: only the missing line break at the end tells."""
+    import warnings
+
+    from dsub.errors import DsubWarning
+
+    text, _ = _star_with_a_bad_row("000005@a.mrcs 10000 10000 0 1")
+    if reader == "fast":
+        monkeypatch.setattr(star, "FAST_READ_BYTES", 0)
+    whole, cut = tmp_path / "whole.star", tmp_path / "cut.star"
+    whole.write_text(text)
+    cut.write_text(text.rstrip("\n"))  # cut before its last line break: all values there, the last maybe short
+    # (the file has no poses: reading stops after the rows are checked, which is where the warning comes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DsubWarning)  # a warning would be raised instead of the poses' error
+        with pytest.raises(InputFileError, match="rlnAngleRot"):
+            star.read_particles(whole, require_ctf=False)  # ends with a line break: no warning
+    with pytest.warns(DsubWarning, match="does not end with a line break"), \
+            pytest.raises(InputFileError, match="rlnAngleRot"):
+        star.read_particles(cut, require_ctf=False)

@@ -440,6 +440,24 @@ def check_numeric_columns(optics: pd.DataFrame | None, particles: pd.DataFrame, 
             )
 
 
+def warn_unterminated(path: Path) -> None:
+    """Warn when the star file does not end with a line break (RELION's and dsub's writers end each row with one).
+
+    A file cut inside its last value still has a whole row's count of values
+    (``check_complete_rows`` cannot see it): the value is shorter, and wrong.
+    """
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() == 0:
+            return
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+    if last not in (b"\n", b"\r"):
+        warn(f"{path} does not end with a line break, as the files RELION writes do: if it was cut short (a "
+             "copy that did not finish), the last value of its last row is cut too. Compare it with the file "
+             "it was copied from.")
+
+
 def read_particles(path: str | os.PathLike, *, require_ctf: bool = True) -> ParticleTable:
     """Read a RELION particle star file into a ``ParticleTable``.
 
@@ -453,6 +471,7 @@ def read_particles(path: str | os.PathLike, *, require_ctf: bool = True) -> Part
         raise InputFileError(path, "holds no particles (its particle table is empty).")
     check_complete_rows(particles, path)
     check_numeric_columns(optics, particles, path)
+    warn_unterminated(path)
     df = _merge_optics(particles, optics, path)
     warn_unmodelled_optics(optics, path)
     _require(df, ANGLE_LABELS, path, "the particle poses")
