@@ -267,7 +267,8 @@ def test_a_last_row_cut_short_is_refused_as_a_truncated_file(tmp_path, monkeypat
     with pytest.raises(InputFileError) as raised:
         star.read_particles(path, require_ctf=False)
     message = str(raised.value)
-    assert message.startswith(f"{path}: particle row 5 (1-based, line {line} of the file) has {values} values but "
+    assert message.startswith(f"{path}: particle row 5 (1-based, line {line} of the file) has {values} "
+                              f"value{'s' if values != 1 else ''} but "
                               f"the loop has {columns} columns: the file looks cut short (truncated"), message
     assert "Copy it again" in message and "\n" not in message
 

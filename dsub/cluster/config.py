@@ -40,7 +40,7 @@ def load_cluster_config(path) -> dict:
         raise InputFileError(path, f"is not valid YAML ({exc}).") from exc
     if not isinstance(tree, dict) or not tree:
         raise InputFileError(
-            path, "holds no settings.", "It looks like dask-jobqueue's jobqueue.yaml: 'jobqueue: {slurm: {...}}'."
+            path, "holds no settings.", "Write it as dask-jobqueue's jobqueue.yaml is written: 'jobqueue: {slurm: {...}}'."
         )
     return flatten(tree)
 

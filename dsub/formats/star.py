@@ -396,7 +396,7 @@ def _uneven_row_error(path: Path, row: int, line: int | None, count: int | None,
     """The error for particle ``row`` (0-based) holding ``count`` values where the loop has ``columns`` labels:
     a truncated file when it is the last row and short of values."""
     where = f"particle row {row + 1} (1-based{f', line {line} of the file' if line else ''})"
-    values = f"has {count} values" if count is not None else "has fewer values"
+    values = f"has {count} value{'s' if count != 1 else ''}" if count is not None else "has fewer values"
     more = f" ({rows} such rows)" if rows > 1 else ""
     if last and (count is None or count < columns):
         return InputFileError(
