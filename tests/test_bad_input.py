@@ -364,6 +364,25 @@ def test_broken_particle_metadata(data, tmp_path, capsys, edit, words):
     assert words in line
 
 
+def test_a_missing_angle_names_the_particle_and_its_line_in_the_star(data, tmp_path, capsys):
+    edit_particles(data["star"], nan_angle)  # the third particle's tilt
+    lines = data["star"].read_text().splitlines()
+    third = next(number for number, text in enumerate(lines, 1) if text.split()[:1] == ["000003@particles.mrcs"])
+    line = assert_refused(run(data, tmp_path / "out"), capsys, tmp_path / "out", data["star"])
+    assert f"particle 3 (line {third} of the file) has a missing or non-numeric value in" in line
+
+
+def test_a_half_set_other_than_1_or_2_names_its_first_row_and_line(data, tmp_path, capsys):
+    def third_half_set(blocks):
+        blocks["particles"].loc[3, "rlnRandomSubset"] = 3
+
+    edit_particles(data["star"], third_half_set)
+    lines = data["star"].read_text().splitlines()
+    fourth = next(number for number, text in enumerate(lines, 1) if text.split()[:1] == ["000004@particles.mrcs"])
+    line = assert_refused(run(data, tmp_path / "out"), capsys, tmp_path / "out", data["star"])
+    assert f"rlnRandomSubset holds values other than 1 and 2 ([3]; the first in particle row 4, line {fourth} " in line
+
+
 def test_particles_that_are_a_folder(data, tmp_path, capsys):
     folder = tmp_path / "particles.star"
     folder.mkdir()

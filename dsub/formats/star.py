@@ -486,9 +486,12 @@ def read_particles(path: str | os.PathLike, *, require_ctf: bool = True) -> Part
             origins[:, axis] = _column(df, f"rlnOrigin{xy}") * pixel_size
     half = _column(df, "rlnRandomSubset", HALF_UNKNOWN, np.int64)
     if "rlnRandomSubset" in df.columns and not np.isin(half, (1, 2)).all():
+        first = int(np.flatnonzero(~np.isin(half, (1, 2)))[0])
+        line = star_reader.row_line(path, first)
         raise InputFileError(
             path, "rlnRandomSubset holds values other than 1 and 2 "
-            f"({sorted(set(half.tolist()) - {1, 2})}).",
+            f"({sorted(set(half.tolist()) - {1, 2})}; the first in particle row {first + 1}"
+            f"{f', line {line} of the file' if line is not None else ''}).",
             "RELION accepts only 1 and 2; fix or remove the column.",
         )
     paths, indices = _image_names(df, path)

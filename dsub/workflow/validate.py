@@ -99,6 +99,19 @@ _FINITE = {
 }
 
 
+def particle_named(table, row: int) -> str:
+    """``particle 12`` (1-based), with its line in the file for a star (``star_reader.row_line``): for errors."""
+    line = None
+    if table.source_format == "star" and table.source_path is not None:
+        from ..formats.star_reader import row_line
+
+        try:
+            line = row_line(table.source_path, row)
+        except OSError:  # the message goes without it
+            line = None
+    return f"particle {row + 1}" + (f" (line {line} of the file)" if line is not None else "")
+
+
 def check_metadata(table) -> None:
     """Per-particle numbers must be finite and physical, or the subtraction silently makes NaNs."""
     for name, label in _FINITE.items():
@@ -112,8 +125,9 @@ def check_metadata(table) -> None:
             first = int(np.flatnonzero(bad)[0])
             raise InputFileError(
                 table.source_path,
-                f"particle {first + 1} (and {int(bad.sum()) - 1} more) has a missing or non-numeric value in {label}."
-                if bad.sum() > 1 else f"particle {first + 1} has a missing or non-numeric value in {label}.",
+                f"{particle_named(table, first)} (and {int(bad.sum()) - 1} more) has a missing or non-numeric value "
+                f"in {label}." if bad.sum() > 1
+                else f"{particle_named(table, first)} has a missing or non-numeric value in {label}.",
                 "Fix or remove those rows.",
             )
     for name, label, low, high in (
@@ -126,13 +140,14 @@ def check_metadata(table) -> None:
         if bad.any():
             first = int(np.flatnonzero(bad)[0])
             raise InputFileError(
-                table.source_path, f"particle {first + 1} has {label} = {values[first]:g}, which is not physical.",
+                table.source_path, f"{particle_named(table, first)} has {label} = {values[first]:g}, which is not "
+                "physical.",
                 "Fix the optics table or the particle rows.",
             )
     if table.input_contrast is not None and not np.isfinite(table.input_contrast).all():
         first = int(np.flatnonzero(~np.isfinite(table.input_contrast))[0])
         raise InputFileError(
-            table.source_path, f"particle {first + 1} has a missing or non-numeric contrast "
+            table.source_path, f"{particle_named(table, first)} has a missing or non-numeric contrast "
             "(alignments3D/alpha or rlnCtfScalefactor).", "Fix those rows, or use --scale fit.",
         )
 
