@@ -294,11 +294,11 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     remove_metadata(outdir)  # never leave old metadata that looks complete
 
     timings = {"check_inputs": time.monotonic() - started}
-    if resuming and nothing_left_to_compute(store_path, outdir, layout, bounds, out_box, options):
+    saved = sample_check_if_all_done(store_path, outdir, layout, bounds, out_box, options) if resuming else None
+    if saved is not None:
         # A rerun after a stop in the export (or of a finished --keep-store run): no worker, no map, no sample fit.
         if early is not None:
             early.stop()
-        saved = store.saved_sample_check(store_path)
         checked, sample_check = saved["figures"], saved["input_contrast_check"]
         attempt.begin(store_path, options.cluster.scheduler, device, len(bounds), len(bounds))
         pending, devices, workers, phases = [], [], 0, {}
@@ -335,14 +335,10 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
                                    {**identity, "fingerprint": fingerprint, AUTOMATIC_KEY: chosen},
                                    float16=options.float16,
                                    keep_images=options.keep_store)
-            pieces = export.chunk_pieces(layout, outdir, bounds)
             # The chunk marks are read once: a fresh store has none.
             done = store.finished_chunks(store_path) if resuming else np.zeros(len(bounds), dtype=bool)
-            redo = export.prepare_stacks(outdir, layout, pieces, bounds, out_box, store.image_dtype(store_path), done,
-                                         store_path)
-            store.reset_chunks(store_path, redo)
-            done[redo] = False
-            store.save_sample_check(store_path, json_safe(checked), sample_check)
+            pieces, done = stacks_taken_up(store_path, outdir, layout, bounds, out_box, done)
+            store.save_sample_check(store_path, checked, sample_check)
             attempt.begin(store_path, options.cluster.scheduler, device, len(bounds), int(done.sum()))
             pending = [int(i) for i in run_order if not done[i]]  # running chunks write into different stacks
             say(options, f"dsub: {len(table)} particles of {box} px in {len(bounds)} chunk{'s' if len(bounds) != 1 else ''} "
@@ -435,27 +431,33 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     return summary
 
 
-def nothing_left_to_compute(store_path: Path, outdir: Path, layout, bounds, box: int, options: RunOptions) -> bool:
-    """Whether a resumed run has every chunk done, its stacks in place and its sample fit's figures saved.
+def stacks_taken_up(store_path: Path, outdir: Path, layout, bounds, box: int, done: np.ndarray):
+    """Make the stacks ready for the chunks (``export.prepare_stacks``); returns (pieces, done).
 
-    Makes the stacks ready as a run would (``export.prepare_stacks``); chunks
-    whose images are lost with a stack are marked to be computed again, and
-    the run then goes the usual way.
+    ``done``: the chunks finished before, (n_chunks,) bool; those whose images
+    went with a lost stack (and are not in the store) are marked to be computed
+    again, in the store and in the ``done`` returned.
     """
-    if store.saved_sample_check(store_path) is None or not store_takes_up(store_path, options):
-        return False
-    done = store.finished_chunks(store_path)
-    if not done.all():
-        return False
     pieces = export.chunk_pieces(layout, outdir, bounds)
     redo = export.prepare_stacks(outdir, layout, pieces, bounds, box, store.image_dtype(store_path), done, store_path)
     store.reset_chunks(store_path, redo)
-    return not redo
+    done = done.copy()
+    done[redo] = False
+    return pieces, done
 
 
-def json_safe(value):
-    """``value`` with NumPy numbers made plain (for the store's JSON attributes)."""
-    return json.loads(json.dumps(value, default=lambda item: item.item() if hasattr(item, "item") else str(item)))
+def sample_check_if_all_done(store_path: Path, outdir: Path, layout, bounds, box: int,
+                             options: RunOptions) -> dict | None:
+    """The saved sample fit (``store.saved_sample_check``) of a resumed run with every chunk done and its
+    stacks in place; None where something is left to compute (the run then goes the usual way)."""
+    saved = store.saved_sample_check(store_path)
+    if saved is None or not store_takes_up(store_path, options):
+        return None
+    done = store.finished_chunks(store_path)
+    if not done.all():
+        return None
+    _, done = stacks_taken_up(store_path, outdir, layout, bounds, box, done)
+    return saved if done.all() else None
 
 
 def close_in_background(closing: contextlib.ExitStack) -> threading.Thread:
