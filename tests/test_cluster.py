@@ -127,56 +127,53 @@ def test_job_script_without_a_cluster_config_in_a_fresh_process(tmp_path, schedu
     assert lines[0] == "#!/usr/bin/env bash" and lines[1].startswith("# Memory: each worker needs about")
 
 
-def test_an_early_cluster_start_that_hangs_does_not_hang_the_run_that_stops(monkeypatch):
-    """stop() waits a bounded time; a start that finishes later is closed by its own thread."""
+@pytest.fixture
+def fake_cluster_start(monkeypatch):
+    """``start.start_cluster`` replaced: it starts once ``release`` is set and sets ``closed`` when left."""
     import contextlib
     import threading
-    import time
 
-    from dsub.cluster import early, start
+    from dsub.cluster import start
 
-    release, closed = threading.Event(), threading.Event()
+    events = {"release": threading.Event(), "closed": threading.Event()}
 
     @contextlib.contextmanager
-    def slow_start(spec):
-        release.wait(30)  # a start that takes its time (a worker time-out, a stuck import)
+    def fake_start(spec):
+        events["release"].wait(30)  # a start that takes its time (a worker time-out, a stuck import)
         try:
             yield "client", "cluster", "description"
         finally:
-            closed.set()
+            events["closed"].set()
 
-    monkeypatch.setattr(start, "start_cluster", slow_start)
+    monkeypatch.setattr(start, "start_cluster", fake_start)
+    return events
+
+
+def test_an_early_cluster_start_that_hangs_does_not_hang_the_run_that_stops(fake_cluster_start):
+    """stop() waits a bounded time; a start that finishes later is closed by its own thread."""
+    import time
+
+    from dsub.cluster import early
+
     started = early.EarlyCluster(ClusterSpec(scheduler="local", progress=False))
     began = time.monotonic()
     started.stop(wait=0.2)
-    assert time.monotonic() - began < 2 and not closed.is_set()
-    release.set()  # the start finishes after the run gave up on it: its thread closes the cluster
-    assert closed.wait(10)
+    assert time.monotonic() - began < 2 and not fake_cluster_start["closed"].is_set()
+    fake_cluster_start["release"].set()  # the start finishes after the run gave up on it: its thread closes it
+    assert fake_cluster_start["closed"].wait(10)
     started._thread.join(10)
     assert started._context is None and not started._thread.is_alive()
 
 
-def test_an_early_cluster_stopped_after_its_start_is_closed_by_stop(monkeypatch):
-    import contextlib
-    import threading
+def test_an_early_cluster_stopped_after_its_start_is_closed_by_stop(fake_cluster_start):
+    from dsub.cluster import early
 
-    from dsub.cluster import early, start
-
-    closed = threading.Event()
-
-    @contextlib.contextmanager
-    def quick_start(spec):
-        try:
-            yield "client", "cluster", "description"
-        finally:
-            closed.set()
-
-    monkeypatch.setattr(start, "start_cluster", quick_start)
+    fake_cluster_start["release"].set()  # a quick start
     started = early.EarlyCluster(ClusterSpec(scheduler="local", progress=False))
     started._thread.join(10)
-    assert not closed.is_set()
+    assert not fake_cluster_start["closed"].is_set()
     started.stop()
-    assert closed.is_set()
+    assert fake_cluster_start["closed"].is_set()
     started.stop()  # a second stop does nothing
 
 

@@ -171,6 +171,15 @@ def test_a_star_cut_short_in_its_last_row_is_refused_naming_the_row(tmp_path):
         star.read_particles(path)
 
 
+@pytest.fixture(params=["starfile", "fast"])
+def reader(request, monkeypatch) -> str:
+    """Each test with it runs with both star readers: ``starfile``, and the fast block reader that large files
+    get (``FAST_READ_BYTES`` 0: every file)."""
+    if request.param == "fast":
+        monkeypatch.setattr(star, "FAST_READ_BYTES", 0)
+    return request.param
+
+
 def _star_with_a_bad_row(bad_row: str, original_names: bool = False) -> tuple[str, int]:
     """A RELION 3.1 star (header comments, an optics block, blank and comment lines among the rows)
     with ``bad_row`` as its fifth particle; and the file line (1-based) of that row. ``original_names``:
@@ -192,12 +201,10 @@ def _star_with_a_bad_row(bad_row: str, original_names: bool = False) -> tuple[st
     return "\n".join(lines), lines.index(bad_row) + 1
 
 
-@pytest.mark.parametrize("reader", ["starfile", "fast"])
 def test_a_row_with_too_many_values_is_named_by_its_line_in_the_file(tmp_path, monkeypatch, reader):
     text, line = _star_with_a_bad_row("000005@a.mrcs 10000 10000 0 1 7")
     assert line == 35
     if reader == "fast":
-        monkeypatch.setattr(star, "FAST_READ_BYTES", 0)
         monkeypatch.setattr(star.star_reader, "PIECE_ROWS", 2)  # the bad row in a later piece
     path = tmp_path / "bad.star"
     path.write_text(text)
@@ -208,11 +215,8 @@ def test_a_row_with_too_many_values_is_named_by_its_line_in_the_file(tmp_path, m
     assert "\n" not in message
 
 
-@pytest.mark.parametrize("reader", ["starfile", "fast"])
 def test_a_row_with_too_few_values_is_named_by_its_line_in_the_file(tmp_path, monkeypatch, reader):
     text, line = _star_with_a_bad_row("000005@a.mrcs 10000 10000 0")
-    if reader == "fast":
-        monkeypatch.setattr(star, "FAST_READ_BYTES", 0)
     path = tmp_path / "short.star"
     path.write_text(text)
     with pytest.raises(InputFileError, match=rf"particle row 5 \(1-based, line {line} of the file\) has 4 values "
@@ -220,11 +224,8 @@ def test_a_row_with_too_few_values_is_named_by_its_line_in_the_file(tmp_path, mo
         star.read_particles(path, require_ctf=False)
 
 
-@pytest.mark.parametrize("reader", ["starfile", "fast"])
 def test_a_word_in_a_numeric_particle_column_is_named_by_row_line_and_column(tmp_path, monkeypatch, reader):
     text, line = _star_with_a_bad_row("000005@a.mrcs abc 10000 0 1")
-    if reader == "fast":
-        monkeypatch.setattr(star, "FAST_READ_BYTES", 0)
     path = tmp_path / "word.star"
     path.write_text(text)
     for read in (star.read_particles, star.read_ctf):
@@ -236,12 +237,9 @@ def test_a_word_in_a_numeric_particle_column_is_named_by_row_line_and_column(tmp
         assert "\n" not in message
 
 
-@pytest.mark.parametrize("reader", ["starfile", "fast"])
 def test_a_word_in_a_numeric_optics_column_is_named_by_its_optics_row(tmp_path, monkeypatch, reader):
     text, _ = _star_with_a_bad_row("000005@a.mrcs 10000 10000 0 1")
     text = text.replace("1 opticsGroup1 0.1 2.7 300.0", "1 opticsGroup1 0.1 2.7 3OO")
-    if reader == "fast":
-        monkeypatch.setattr(star, "FAST_READ_BYTES", 0)
     path = tmp_path / "word.star"
     path.write_text(text)
     with pytest.raises(InputFileError) as raised:
@@ -250,7 +248,6 @@ def test_a_word_in_a_numeric_optics_column_is_named_by_its_optics_row(tmp_path, 
     assert f"{path}: optics row 1 (1-based, line 15 of the file) has rlnVoltage = '3OO', not a number" in message
 
 
-@pytest.mark.parametrize("reader", ["starfile", "fast"])
 @pytest.mark.parametrize("original_names, values",
                          [(False, 1), (False, 3), (False, 4), (True, 1), (True, 4), (True, 5)],
                          ids=["numbers-last-1", "numbers-last-3", "numbers-last-4", "text-last-1", "text-last-4",
@@ -260,8 +257,6 @@ def test_a_last_row_cut_short_is_refused_as_a_truncated_file(tmp_path, monkeypat
     full = "000005@a.mrcs 10000 10000 0 1 000005@b.mrcs".split()
     text, line = _star_with_a_bad_row(" ".join(full[:values]), original_names)
     text = text[: text.index(" ".join(full[:values])) + len(" ".join(full[:values]))]  # cut there, no newline
-    if reader == "fast":
-        monkeypatch.setattr(star, "FAST_READ_BYTES", 0)
     path = tmp_path / "cut.star"
     path.write_text(text)
     with pytest.raises(InputFileError) as raised:
@@ -273,13 +268,10 @@ def test_a_last_row_cut_short_is_refused_as_a_truncated_file(tmp_path, monkeypat
     assert "Copy it again" in message and "\n" not in message
 
 
-@pytest.mark.parametrize("reader", ["starfile", "fast"])
 @pytest.mark.parametrize("last_value", ['""', "nan", "<NA>"])
 def test_a_whole_last_row_with_an_empty_or_missing_last_value_is_not_taken_for_a_cut_one(
         tmp_path, monkeypatch, reader, last_value):
     text, line = _star_with_a_bad_row(f"000005@a.mrcs 10000 10000 0 1 {last_value}", original_names=True)
-    if reader == "fast":
-        monkeypatch.setattr(star, "FAST_READ_BYTES", 0)
     path = tmp_path / "whole.star"
     path.write_text(text)
     _, particles, _ = star._read_blocks(path)
@@ -289,14 +281,11 @@ def test_a_whole_last_row_with_an_empty_or_missing_last_value_is_not_taken_for_a
     assert ctf["defocus_u_angstrom"].shape == (7,)
 
 
-@pytest.mark.parametrize("reader", ["starfile", "fast"])
 @pytest.mark.parametrize("first_row, values", [("1@a.mrcs 1 2 3 1 9", 6), ("1@a.mrcs 1 2 3", 4)])
 def test_a_first_row_of_another_length_is_named_by_both_readers(tmp_path, monkeypatch, reader, first_row, values):
     # pandas takes a first row of one value too many as an index column, and sizes the table from a short one
     text = ("data_particles\n\nloop_\n_rlnImageName #1\n_rlnAngleRot #2\n_rlnAngleTilt #3\n_rlnAnglePsi #4\n"
             f"_rlnRandomSubset #5\n{first_row}\n2@a.mrcs 1 2 3 2\n3@a.mrcs 1 2 3 1\n")
-    if reader == "fast":
-        monkeypatch.setattr(star, "FAST_READ_BYTES", 0)
     path = tmp_path / "first.star"
     path.write_text(text)
     with pytest.raises(InputFileError, match=rf"particle row 1 \(1-based, line 9 of the file\) has {values} values "
@@ -304,7 +293,6 @@ def test_a_first_row_of_another_length_is_named_by_both_readers(tmp_path, monkey
         star.read_particles(path, require_ctf=False)
 
 
-@pytest.mark.parametrize("reader", ["starfile", "fast"])
 def test_a_star_cut_inside_its_last_value_is_read_with_a_warning(tmp_path, monkeypatch, reader):
     """A whole row's count of values, the last one cut: only the missing line break at the end tells."""
     import warnings
@@ -312,8 +300,6 @@ def test_a_star_cut_inside_its_last_value_is_read_with_a_warning(tmp_path, monke
     from dsub.errors import DsubWarning
 
     text, _ = _star_with_a_bad_row("000005@a.mrcs 10000 10000 0 1")
-    if reader == "fast":
-        monkeypatch.setattr(star, "FAST_READ_BYTES", 0)
     whole, cut = tmp_path / "whole.star", tmp_path / "cut.star"
     whole.write_text(text)
     cut.write_text(text.rstrip("\n"))  # cut before its last line break: all values there, the last maybe short
