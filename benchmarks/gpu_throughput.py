@@ -3,6 +3,7 @@
 Run on a machine with a GPU (CuPy installed):
     python benchmarks/gpu_throughput.py [--boxes 128 256 384 512] [--batch 256 1024]
     python benchmarks/gpu_throughput.py --boxes 256 --stages 256 1024   # time per stage
+    python benchmarks/gpu_throughput.py --boxes 256 --variants 1024     # the engine's layouts side by side
 Prints one table; the figures go into BENCHMARKS.md. "resident GB" is the memory
 pool's use with both half sets' prepared maps in place (four volumes), beside
 ``memory.prepared_map_bytes``; "pool peak GB" is the pool's total after a batch.
@@ -71,6 +72,8 @@ STAGE_FUNCTIONS = (
     ("dsub.physics.contrast", "band_weights"),
     ("dsub.physics.contrast", "fit_spectra"),
     ("dsub.physics._model_cuda", "extract_slices_cuda"),
+    ("dsub.physics._model_cuda", "extract_slice_pair_cuda"),
+    ("dsub.physics._model_cuda", "_field_plans"),
     ("cupy.fft", "rfft2"),
     ("cupy.fft", "irfft2"),
     ("cupy.fft", "fftshift"),
@@ -162,6 +165,48 @@ def stage_profile(cupy, box, batch, repeats, rng):
         cupy.get_default_memory_pool().free_all_blocks()
 
 
+#: ``--variants``: the engine's layouts compared in one run (maps side by side or each alone; the field's
+#: transforms pruned or whole).
+VARIANTS = ("pair, pruned", "separate, pruned", "pair, whole", "separate, whole")
+
+
+def variant_rates(cupy, box, batch, repeats, rng):
+    """Whole-batch ms of ``subtract_batch`` for each of ``VARIANTS`` and both projectors (printed)."""
+    import functools
+    from dataclasses import replace
+
+    from dsub.physics import _model_cuda, subtract
+    from dsub.physics.projector import PreparedVolume
+
+    pruned_field = _model_cuda.extract_in_field
+    print(f"\nvariants, box {box}, batch {batch}")
+    print("| projector | variant | ms per batch | particles/s |")
+    print("|---|---|---|---|")
+    for projector in ("gridding", "relion"):
+        settings = subtract.SubtractionSettings(projector=projector)
+        volume, mask, images, table = scene(box, batch, rng)
+        paired = subtract.prepare_half_map(cupy, volume, mask, settings)
+        separate = replace(paired, **{name: PreparedVolume(cupy.ascontiguousarray(getattr(paired, name).transform),
+                                                           paired.full.box, paired.full.kernel)
+                                      for name in ("full", "masked")})
+        on_gpu = cupy.asarray(images)
+        reference = None
+        for variant in VARIANTS:
+            model = paired if variant.startswith("pair") else separate
+            _model_cuda.extract_in_field = functools.partial(pruned_field, pruned=variant.endswith("pruned"))
+            try:
+                seconds = timed(cupy, lambda: subtract.subtract_batch(cupy, on_gpu, table, model, settings), repeats)
+                result = subtract.subtract_batch(cupy, on_gpu, table, model, settings)[0].get()
+            finally:
+                _model_cuda.extract_in_field = pruned_field
+            reference = result if reference is None else reference
+            difference = float(np.max(np.abs(result - reference)) / np.max(np.abs(reference)))
+            print(f"| {projector} | {variant} | {1e3 * seconds:.2f} | {batch / seconds:,.0f} (diff {difference:.1e}) |",
+                  flush=True)
+        del paired, separate, on_gpu
+        cupy.get_default_memory_pool().free_all_blocks()
+
+
 def main():
     import cupy
 
@@ -175,9 +220,16 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--stages", type=int, nargs="*", metavar="BATCH",
                         help="time each stage of subtract_batch at these batch sizes (each box of --boxes) and stop")
+    parser.add_argument("--variants", type=int, nargs="*", metavar="BATCH",
+                        help="compare the engine's layouts (VARIANTS) at these batch sizes (each box of --boxes) and stop")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     print(f"GPU: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}, CuPy {cupy.__version__}")
+    if args.variants is not None:
+        for box in args.boxes:
+            for batch in args.variants or args.batch:
+                variant_rates(cupy, box, batch, args.repeats, rng)
+        return
     if args.stages is not None:
         for box in args.boxes:
             for batch in args.stages or args.batch:

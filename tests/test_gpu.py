@@ -48,6 +48,42 @@ def test_slice_kernel_matches_numpy(cupy, box, projector, corners, size):
     assert np.linalg.norm(gpu - cpu) / np.linalg.norm(cpu) < 1e-5
 
 
+@pytest.mark.parametrize("projector, corners, size", [("relion", "zero", None), ("gridding", "map", None),
+                                                      ("gridding", "zero", 100)])
+def test_slice_pair_kernel_matches_numpy(cupy, projector, corners, size):
+    """Two maps prepared side by side on the GPU, sliced in one launch (with the transfer and the
+    checkerboard), against NumPy's slices of each map prepared alone."""
+    from dsub.physics._slice_cuda import extract_slice_pair_cuda, side_by_side
+    from dsub.physics._transfer_cuda import transfer_parameters
+    from dsub.physics.projector import prepare_volumes
+    from dsub.physics.subtract import ParticleTransfer
+
+    rng = np.random.default_rng(3)
+    box = 48
+    volumes = [rng.normal(size=(box, box, box)).astype(np.float32) for _ in range(2)]
+    sim = simulate_particles((two_domain_phantom(box, rng),) * 2, 2, 6, box, 1.5, rng, snr=None)
+    table = to_particle_table(sim)
+    kernel, oversampling = projector_kernel(projector)
+    paired = prepare_volumes(cupy, [cupy.asarray(v) for v in volumes], kernel, oversampling)
+    pair = side_by_side(paired)
+    assert pair is not None and pair.shape[-1] == 2
+    alone = [prepare_volume(np, v, kernel, oversampling) for v in volumes]
+    for volume, reference in zip(paired, alone):
+        np.testing.assert_allclose(volume.transform.get(), reference.transform,
+                                   atol=1e-4 * float(np.abs(reference.transform).max()))
+    grid = size or box
+    transfer = ParticleTransfer(table, grid).values(np)
+    checkerboard = (-1.0) ** np.add.outer(np.arange(grid), np.arange(grid // 2 + 1))
+    got = extract_slice_pair_cuda(paired, table.rotations, corners, grid, checkerboard=True,
+                                  transfer=cupy.asarray(transfer_parameters(table))).get()
+    assert got.shape == (2, len(table), grid, grid // 2 + 1)
+    for index, reference in enumerate(alone):
+        expected = extract_slices(np, reference, table.rotations, corners, size) * transfer * checkerboard
+        assert np.linalg.norm(got[index] - expected) / np.linalg.norm(expected) < 1e-5
+        one = extract_slices(cupy, paired[index], table.rotations, corners, size).get()  # one map of the pair alone
+        assert np.linalg.norm(one * transfer * checkerboard - got[index]) / np.linalg.norm(expected) < 1e-6
+
+
 def test_fsc_and_wiener_filter_on_gpu_match_numpy(cupy):
     from dsub.physics.fsc import fourier_shell_correlation, wiener_filter
 
@@ -199,6 +235,29 @@ def test_transfer_kernel_matches_numpy(cupy, optics, size):
     gpu = extract_in_field(cupy.asarray(impulse), size, parameters, given).get()[0]
     cpu = np.fft.fftshift(np.fft.irfft2(expected, s=(size, size)), axes=(-2, -1))
     assert np.max(np.abs(gpu - cpu)) < 1e-5 * np.max(np.abs(cpu))
+
+
+@pytest.mark.parametrize("optics", [False, True])
+def test_field_extraction_matches_numpy(cupy, optics):
+    """Images extracted from a larger field on the GPU, through the pruned transforms (laid out by rows)
+    and through the whole field's, against the NumPy twin: two maps, a box of 48 in a field of 100."""
+    from dsub.physics._model_cuda import extract_in_field
+    from dsub.physics.subtract import ParticleTransfer, _extract_in_field_numpy
+
+    rng = np.random.default_rng(11 + optics)
+    box, size = 48, 100
+    sim = simulate_particles((two_domain_phantom(box, rng),) * 2, 2, 7, box, 1.3, rng, snr=None)
+    table = to_particle_table(sim)
+    if optics:
+        table = with_optics(table, rng)
+    transfer = ParticleTransfer(table, size, np.arange(len(table)) % 2 == 0)
+    images = rng.normal(size=(2, len(table), box, box)).astype(np.float32)
+    expected = _extract_in_field_numpy(np, images, size, transfer)
+    parameters, given = transfer.for_kernels(cupy)
+    for pruned in (True, False):
+        got = extract_in_field(cupy.asarray(images), size, parameters, given, pruned=pruned).get()
+        assert got.shape == expected.shape
+        assert np.max(np.abs(got - expected)) < 1e-5 * np.max(np.abs(expected)), pruned
 
 
 def test_fit_kernel_matches_numpy(cupy):

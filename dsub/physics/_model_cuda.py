@@ -1,9 +1,10 @@
 """GPU twins of the particle model's steps (``subtract.project_images``, ``subtract.extract_in_field``,
 ``subtract.subtract_scaled``): fused CUDA kernels and batched cuFFT transforms.
 
-* ``project_images``: one launch per map samples its slices, multiplies them by
-  the transfer and by ``(-1)^(kx+ky)`` (which centres the inverse transform, so
-  no ``fftshift`` copy) into one array, then one batched inverse FFT, in place.
+* ``project_images``: one launch samples both maps' slices (one per map where
+  they are not prepared side by side), multiplies them by the transfer and by
+  ``(-1)^(kx+ky)`` (which centres the inverse transform, so no ``fftshift``
+  copy) into one array, then one batched inverse FFT, in place.
 * ``extract_in_field``: one kernel writes the zero field with the images in its
   middle, one batched rfft2, one kernel multiplies both maps' spectra by the
   transfer evaluated once per coefficient, one in-place inverse FFT; the box is a
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._slice_cuda import extract_slices_cuda, pointer
+from ._slice_cuda import extract_slice_pair_cuda, extract_slices_cuda, pointer, side_by_side
 from ._transfer_cuda import SOURCE as TRANSFER_SOURCE
 
 _TRANSFER_KERNEL = r"""
@@ -30,18 +31,78 @@ extern "C" __global__ void apply_transfer(
     const double* __restrict__ transfer,          // (n, TRANSFER_PARAMETERS)
     const complex<float>* __restrict__ given)     // (n, size, size/2 + 1) CTF without the shift, or null
 {
+    // blocks along y take particles, along x a particle's coefficients: 32-bit index arithmetic
     const int half_width = size / 2 + 1;
-    const long long total = (long long)n * size * half_width;
-    for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
-         idx += (long long)blockDim.x * gridDim.x) {
-        const int ix = (int)(idx % half_width);
-        const int iy = (int)((idx / half_width) % size);
-        const int p = (int)(idx / ((long long)half_width * size));
+    const int plane = size * half_width;
+    const long long total = (long long)n * plane;
+    for (int p = blockIdx.y; p < n; p += gridDim.y) {
+        for (int pixel = blockIdx.x * blockDim.x + threadIdx.x; pixel < plane; pixel += blockDim.x * gridDim.x) {
+            const int iy = pixel / half_width;
+            const int ix = pixel - iy * half_width;
+            const long long idx = (long long)p * plane + pixel;
+            const float ky = (float)(iy < (size + 1) / 2 ? iy : iy - size);
+            const complex<float> factor =
+                particle_transfer(transfer + TRANSFER_PARAMETERS * p, (float)ix, ky, size, given, idx);
+            for (int map = 0; map < maps; ++map) {
+                spectra[map * total + idx] *= factor;
+            }
+        }
+    }
+}
+
+extern "C" __global__ void apply_transfer_to_columns(
+    complex<float>* __restrict__ spectra,        // (size, maps * n, size/2 + 1): rows y outermost, in place
+    const int maps, const int n, const int size, const float scale,
+    const double* __restrict__ transfer,          // (n, TRANSFER_PARAMETERS)
+    const complex<float>* __restrict__ given)     // (n, size, size/2 + 1) CTF without the shift, or null
+{
+    // blocks along y take rows of the spectrum, along x the particles' coefficients of that row
+    const int half_width = size / 2 + 1;
+    const int row = n * half_width;
+    for (int iy = blockIdx.y; iy < size; iy += gridDim.y) {
         const float ky = (float)(iy < (size + 1) / 2 ? iy : iy - size);
-        const complex<float> factor =
-            particle_transfer(transfer + TRANSFER_PARAMETERS * p, (float)ix, ky, size, given, idx);
-        for (int map = 0; map < maps; ++map) {
-            spectra[map * total + idx] *= factor;
+        for (int pixel = blockIdx.x * blockDim.x + threadIdx.x; pixel < row; pixel += blockDim.x * gridDim.x) {
+            const int p = pixel / half_width;
+            const int ix = pixel - p * half_width;
+            const long long given_index = ((long long)p * size + iy) * half_width + ix;
+            const complex<float> factor = scale *
+                particle_transfer(transfer + TRANSFER_PARAMETERS * p, (float)ix, ky, size, given, given_index);
+            for (int map = 0; map < maps; ++map) {
+                spectra[((long long)iy * maps * n + (long long)map * n) * half_width + pixel] *= factor;
+            }
+        }
+    }
+}
+
+extern "C" __global__ void pad_rows(
+    const float* __restrict__ images,            // (count, box, box)
+    float* __restrict__ rows,                     // (box, count, size): row y of every image, zero beyond x = box
+    const int count, const int box, const int size)
+{
+    for (int r = blockIdx.y; r < box * count; r += gridDim.y) {
+        const int y = r / count;
+        const int image = r - y * count;
+        const float* source = images + ((long long)image * box + y) * box;
+        float* target = rows + (long long)r * size;
+        for (int x = blockIdx.x * blockDim.x + threadIdx.x; x < size; x += blockDim.x * gridDim.x) {
+            target[x] = x < box ? source[x] : 0.f;
+        }
+    }
+}
+
+extern "C" __global__ void pad_images(
+    const float* __restrict__ images,            // (count, box, box)
+    float* __restrict__ field,                    // (count, size, size): the images in the middle, zero around
+    const int count, const int box, const int size, const int start)
+{
+    const int plane = size * size;
+    for (int image = blockIdx.y; image < count; image += gridDim.y) {
+        const float* source = images + (long long)image * box * box;
+        float* target = field + (long long)image * plane;
+        for (int pixel = blockIdx.x * blockDim.x + threadIdx.x; pixel < plane; pixel += blockDim.x * gridDim.x) {
+            const int y = pixel / size - start;
+            const int x = pixel - (pixel / size) * size - start;
+            target[pixel] = (x >= 0 && x < box && y >= 0 && y < box) ? source[y * box + x] : 0.f;
         }
     }
 }
@@ -54,20 +115,8 @@ def _kernel(name):
     import cupy
 
     if name not in _kernels:
-        if name == "apply_transfer":
+        if name in ("apply_transfer", "pad_images", "apply_transfer_to_columns", "pad_rows"):
             _kernels[name] = cupy.RawKernel(_TRANSFER_KERNEL, name)
-        elif name == "pad":
-            _kernels[name] = cupy.ElementwiseKernel(
-                "raw float32 images, int32 box, int32 size, int32 start", "float32 field",
-                """
-                const long long plane = (long long)size * size;
-                const long long image = i / plane;
-                const int y = (int)((i % plane) / size) - start;
-                const int x = (int)(i % size) - start;
-                field = (x >= 0 && x < box && y >= 0 && y < box) ? images[(image * box + y) * box + x] : 0.f;
-                """,
-                "dsub_pad_images",
-            )
         elif name == "subtract":
             _kernels[name] = cupy.ElementwiseKernel(
                 "float32 image, float32 alpha, float32 model", "float32 out", "out = image - alpha * model",
@@ -76,9 +125,10 @@ def _kernel(name):
     return _kernels[name]
 
 
-def _launch(total):
+def _launch(count, per_particle):
+    """(grid, block) of the kernels above: blocks along y over particles, along x over each one's elements."""
     threads = 256
-    return (int(max(1, min((total + threads - 1) // threads, 65535 * 8))),), (threads,)
+    return (int(max(1, min((per_particle + threads - 1) // threads, 65535))), int(max(1, min(count, 65535)))), (threads,)
 
 
 def project_images(volumes, rotations, corners: str, box: int, size: int, table, given):
@@ -95,9 +145,13 @@ def project_images(volumes, rotations, corners: str, box: int, size: int, table,
     even = size % 2 == 0
     rotations = cupy.asarray(rotations, dtype=cupy.float32)  # one copy to the GPU for every map
     spectra = cupy.empty((len(volumes), len(rotations), size, size // 2 + 1), dtype=cupy.complex64)
-    for index, volume in enumerate(volumes):
-        extract_slices_cuda(volume, rotations, corners, size, checkerboard=even, transfer=table, given=given,
-                            out=spectra[index])
+    if side_by_side(volumes) is not None:
+        extract_slice_pair_cuda(volumes, rotations, corners, size, checkerboard=even, transfer=table, given=given,
+                                out=spectra)
+    else:
+        for index, volume in enumerate(volumes):
+            extract_slices_cuda(volume, rotations, corners, size, checkerboard=even, transfer=table, given=given,
+                                out=spectra[index])
     if not even:  # (-1)^k is not a shift by half an odd grid: the plain path
         return spectra_to_images(cupy, spectra, box)
     images = cufft.irfft2(spectra, s=(size, size), overwrite_x=True)
@@ -105,21 +159,86 @@ def project_images(volumes, rotations, corners: str, box: int, size: int, table,
     return images[..., start : start + box, start : start + box] if size != box else images
 
 
-def extract_in_field(images, size: int, table, given):
-    """``subtract.extract_in_field`` on CuPy for an even ``size``: (m, n, box, box) float32, a view of the field."""
+def extract_in_field(images, size: int, table, given, pruned: bool = True):
+    """``subtract.extract_in_field`` on CuPy for an even ``size``: (m, n, box, box) float32, a view.
+
+    ``pruned`` (the default): the transforms skip the field's zeros, as the NumPy
+    twin (``subtract._extract_in_field_numpy``): the box lies in the field's first
+    rows and columns (a circular shift of the field, undone exactly by reading
+    the box back from the same corner), only its ``box`` rows are transformed
+    along x, every column along y, the transfer multiplies, every column is
+    transformed back along y and only the box's rows along x. The spectra are laid
+    out (y, image, x), so the transforms along y are one strided cuFFT plan
+    over all images (``_field_plans``). ``pruned=False``: the whole field through
+    ``rfft2``/``irfft2``, the box in its middle (kept to compare).
+    """
+    if not pruned:
+        return _extract_in_whole_field(images, size, table, given)
+    import cupy
+    from cupy.cuda import cufft
+
+    maps, count, box = images.shape[0], images.shape[1], images.shape[-1]
+    total = maps * count
+    half = size // 2 + 1
+    if total == 0:
+        return cupy.empty(images.shape, dtype=cupy.float32)
+    rows = cupy.empty((box, total, size), dtype=cupy.float32)
+    grid, block = _launch(box * total, size)
+    _kernel("pad_rows")(grid, block, (cupy.ascontiguousarray(images, dtype=cupy.float32), rows, np.int32(total),
+                                      np.int32(box), np.int32(size)))
+    spectra = cupy.empty((size, total, half), dtype=cupy.complex64)
+    spectra[box:].fill(0)
+    along_x, back_along_x, along_y = _field_plans(size, box, total)
+    along_x.fft(rows, spectra[:box], cufft.CUFFT_FORWARD)
+    along_y.fft(spectra, spectra, cufft.CUFFT_FORWARD)
+    grid, block = _launch(size, count * half)
+    _kernel("apply_transfer_to_columns")(grid, block, (spectra, np.int32(maps), np.int32(count), np.int32(size),
+                                                       np.float32(1.0 / (size * size)), table, pointer(given)))
+    along_y.fft(spectra, spectra, cufft.CUFFT_INVERSE)
+    back_along_x.fft(spectra[:box], rows, cufft.CUFFT_INVERSE)  # C2R: overwrites its input, no longer needed
+    return rows.reshape(box, maps, count, size)[..., :box].transpose(1, 2, 0, 3)
+
+
+_plans = {}
+
+
+def _field_plans(size: int, box: int, total: int):
+    """cuFFT plans of the pruned field (``extract_in_field``), kept per device and shape (a few at once):
+    R2C and C2R along x of ``box`` rows of ``total`` images, and C2C along y of every column of
+    (size, total, size//2 + 1) complex64 in place (stride ``total·(size//2 + 1)``, neighbouring columns
+    adjacent: cuFFT's advanced layout, CuPy's ``PlanNd``)."""
+    import cupy
+    from cupy.cuda import cufft
+
+    key = (cupy.cuda.Device().id, size, box, total)
+    if key not in _plans:
+        while len(_plans) >= 4:
+            _plans.pop(next(iter(_plans)))
+        columns = total * (size // 2 + 1)
+        _plans[key] = (
+            cufft.Plan1d(size, cufft.CUFFT_R2C, box * total),
+            cufft.Plan1d(size, cufft.CUFFT_C2R, box * total),
+            cufft.PlanNd((size,), (size,), columns, 1, (size,), columns, 1, cufft.CUFFT_C2C, columns, "C", 0, None),
+        )
+    return _plans[key]
+
+
+def _extract_in_whole_field(images, size: int, table, given):
+    """``extract_in_field`` through the whole field's ``rfft2``/``irfft2``, the box in its middle."""
     import cupy
     import cupyx.scipy.fft as cufft
 
     maps, count, box = images.shape[0], images.shape[1], images.shape[-1]
     start = size // 2 - box // 2
     field = cupy.empty((maps, count, size, size), dtype=cupy.float32)
-    _kernel("pad")(cupy.ascontiguousarray(images, dtype=cupy.float32), np.int32(box), np.int32(size),
-                   np.int32(start), field)
+    if maps * count:
+        grid, block = _launch(maps * count, size * size)
+        _kernel("pad_images")(grid, block, (cupy.ascontiguousarray(images, dtype=cupy.float32), field,
+                                            np.int32(maps * count), np.int32(box), np.int32(size), np.int32(start)))
     spectra = cufft.rfft2(field, overwrite_x=True)
     del field
-    total = count * size * (size // 2 + 1)
-    if total:
-        grid, block = _launch(total)
+    if count:
+        grid, block = _launch(count, size * (size // 2 + 1))
         _kernel("apply_transfer")(grid, block, (spectra, np.int32(maps), np.int32(count), np.int32(size), table,
                                                pointer(given)))
     extracted = cufft.irfft2(spectra, s=(size, size), overwrite_x=True)

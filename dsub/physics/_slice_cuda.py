@@ -27,6 +27,9 @@ _SOURCE = r"""
 #include <cupy/complex.cuh>
 
 #define MAX_WIDTH 8
+#ifndef MAPS
+#define MAPS 1
+#endif
 """ + TRANSFER_SOURCE + r"""
 __device__ __forceinline__ void axis_taps(float q, int width, int kind, float beta, int* first, float* w)
 {
@@ -43,10 +46,14 @@ __device__ __forceinline__ void axis_taps(float q, int width, int kind, float be
     }
 }
 
+// One thread per output coefficient: blocks along y take particles, along x a particle's coefficients,
+// so the per-coefficient index arithmetic is 32-bit. MAPS 2: ``volume`` holds two maps side by side,
+// (P, P, C, 2) complex64, and each tap is one 16-byte load of both maps' values (same weights).
 extern "C" __global__ void extract_slices(
-    const complex<float>* __restrict__ volume,   // (P, P, C) extended rfft, axes z, y, x
+    const complex<float>* __restrict__ volume,   // (P, P, C) extended rfft, axes z, y, x (see interleave)
+    const int interleave,                         // MAPS 1: complex values between neighbouring grid points
     const float* __restrict__ rotations,         // (n, 9) RELION A, row-major
-    complex<float>* __restrict__ out,            // (n, size, size/2 + 1)
+    complex<float>* __restrict__ out,            // (MAPS, n, size, size/2 + 1)
     const int n, const int size, const int box, const int padded, const int columns, const int reach,
     const float scale, const float step, const int width, const int kind, const float beta,
     const int cube,                               // 1: keep points inside the map's Nyquist cube
@@ -55,59 +62,96 @@ extern "C" __global__ void extract_slices(
     const complex<float>* __restrict__ given)     // (n, size, size/2 + 1) CTF without the shift, or null
 {
     const int half_width = size / 2 + 1;
-    const long long total = (long long)n * size * half_width;
+    const int plane = size * half_width;
+#if MAPS == 2
+    const long long total = (long long)n * plane;  // the second map's slices follow the first's
+#endif
     const float radius2 = 0.25f * size * size;
     const float limit = 0.5f * box;
     float wx[MAX_WIDTH], wy[MAX_WIDTH], wz[MAX_WIDTH];
-    for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
-         idx += (long long)blockDim.x * gridDim.x) {
-        const int ix = (int)(idx % half_width);
-        const int iy = (int)((idx / half_width) % size);
-        const int p = (int)(idx / ((long long)half_width * size));
-        const float kx = (float)ix;
-        const float ky = (float)(iy < (size + 1) / 2 ? iy : iy - size);
+    for (int p = blockIdx.y; p < n; p += gridDim.y) {
         const float* a = rotations + 9 * p;
-        float qx = kx * (scale * a[0]) + ky * (scale * a[3]);
-        float qy = kx * (scale * a[1]) + ky * (scale * a[4]);
-        float qz = kx * (scale * a[2]) + ky * (scale * a[5]);
-        const bool in_band = cube ? (fabsf(qx) <= limit && fabsf(qy) <= limit && fabsf(qz) <= limit)
-                                  : (kx * kx + ky * ky <= radius2);
-        if (!in_band) {
-            out[idx] = complex<float>(0.f, 0.f);
-            continue;
-        }
-        const bool negative = qx < 0.f;
-        const float sign = negative ? -1.f : 1.f;
-        int x0, y0, z0;
-        axis_taps(sign * step * qx, width, kind, beta, &x0, wx);
-        axis_taps(sign * step * qy, width, kind, beta, &y0, wy);
-        axis_taps(sign * step * qz, width, kind, beta, &z0, wz);
-        x0 = min(max(x0 + reach, 0), columns - width);
-        complex<float> v(0.f, 0.f);
-        for (int c = 0; c < width; ++c) {
-            const int z = ((z0 + c) % padded + padded) % padded;
-            for (int b = 0; b < width; ++b) {
-                const int y = ((y0 + b) % padded + padded) % padded;
-                const complex<float>* row = volume + ((long long)z * padded + y) * columns + x0;
-                const float wzy = wz[c] * wy[b];
-                for (int j = 0; j < width; ++j) {
-                    v += row[j] * (wzy * wx[j]);
+        const float a0 = scale * a[0], a1 = scale * a[1], a2 = scale * a[2];
+        const float a3 = scale * a[3], a4 = scale * a[4], a5 = scale * a[5];
+        for (int pixel = blockIdx.x * blockDim.x + threadIdx.x; pixel < plane; pixel += blockDim.x * gridDim.x) {
+            const int iy = pixel / half_width;
+            const int ix = pixel - iy * half_width;
+            const long long idx = (long long)p * plane + pixel;
+            const float kx = (float)ix;
+            const float ky = (float)(iy < (size + 1) / 2 ? iy : iy - size);
+            const float qx = kx * a0 + ky * a3;
+            const float qy = kx * a1 + ky * a4;
+            const float qz = kx * a2 + ky * a5;
+            const bool in_band = cube ? (fabsf(qx) <= limit && fabsf(qy) <= limit && fabsf(qz) <= limit)
+                                      : (kx * kx + ky * ky <= radius2);
+            if (!in_band) {
+                out[idx] = complex<float>(0.f, 0.f);
+#if MAPS == 2
+                out[total + idx] = complex<float>(0.f, 0.f);
+#endif
+                continue;
+            }
+            const bool negative = qx < 0.f;
+            const float sign = negative ? -1.f : 1.f;
+            int x0, y0, z0;
+            axis_taps(sign * step * qx, width, kind, beta, &x0, wx);
+            axis_taps(sign * step * qy, width, kind, beta, &y0, wy);
+            axis_taps(sign * step * qz, width, kind, beta, &z0, wz);
+            x0 = min(max(x0 + reach, 0), columns - width);
+#if MAPS == 2
+            const float4* pairs = reinterpret_cast<const float4*>(volume);
+            float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+#else
+            complex<float> v(0.f, 0.f);
+#endif
+            for (int c = 0; c < width; ++c) {
+                const int z = ((z0 + c) % padded + padded) % padded;
+                for (int b = 0; b < width; ++b) {
+                    const int y = ((y0 + b) % padded + padded) % padded;
+                    const long long first = ((long long)z * padded + y) * columns + x0;
+                    const float wzy = wz[c] * wy[b];
+#if MAPS == 2
+                    const float4* row = pairs + first;
+                    for (int j = 0; j < width; ++j) {
+                        const float4 t = row[j];
+                        const float w = wzy * wx[j];
+                        sum.x += t.x * w;
+                        sum.y += t.y * w;
+                        sum.z += t.z * w;
+                        sum.w += t.w * w;
+                    }
+#else
+                    const complex<float>* row = volume + first * interleave;
+                    for (int j = 0; j < width; ++j) {
+                        v += row[j * interleave] * (wzy * wx[j]);
+                    }
+#endif
                 }
             }
+            complex<float> factor(((ix + iy) & 1) && checkerboard ? -1.f : 1.f, 0.f);
+            if (transfer != nullptr) {
+                factor *= particle_transfer(transfer + TRANSFER_PARAMETERS * p, kx, ky, size, given, idx);
+            }
+#if MAPS == 2
+            complex<float> v(sum.x, sum.y), u(sum.z, sum.w);
+            if (negative) {
+                v = conj(v);
+                u = conj(u);
+            }
+            out[idx] = v * factor;
+            out[total + idx] = u * factor;
+#else
+            if (negative) {
+                v = conj(v);
+            }
+            out[idx] = v * factor;
+#endif
         }
-        if (negative) {
-            v = conj(v);
-        }
-        complex<float> factor(((ix + iy) & 1) && checkerboard ? -1.f : 1.f, 0.f);
-        if (transfer != nullptr) {
-            factor *= particle_transfer(transfer + TRANSFER_PARAMETERS * p, kx, ky, size, given, idx);
-        }
-        out[idx] = v * factor;
     }
 }
 """
 
-_kernel = None
+_kernels = {}
 
 
 def pointer(array):
@@ -115,13 +159,43 @@ def pointer(array):
     return np.uint64(0) if array is None else array
 
 
-def _compiled():
-    global _kernel
-    if _kernel is None:
+def _compiled(maps: int):
+    if maps not in _kernels:
         import cupy
 
-        _kernel = cupy.RawKernel(_SOURCE, "extract_slices")
-    return _kernel
+        _kernels[maps] = cupy.RawKernel(_SOURCE, "extract_slices", options=(f"-DMAPS={maps}",))
+    return _kernels[maps]
+
+
+def side_by_side(volumes):
+    """The (P, P, C, 2) complex64 CuPy array that holds two prepared volumes side by side
+    (``projector.prepare_volumes``), or None when ``volumes`` are not such a pair."""
+    if len(volumes) != 2:
+        return None
+    pair = volumes[0].transform.base
+    if (pair is None or volumes[1].transform.base is not pair or pair.ndim != 4 or pair.shape[3] != 2
+            or pair.dtype != np.complex64 or not pair.flags.c_contiguous):
+        return None
+    if any(v.transform.data.ptr != pair.data.ptr + 8 * i or v.transform.strides != pair.strides[:3]
+           for i, v in enumerate(volumes)):
+        return None
+    return pair
+
+
+def _interleave(transform) -> int:
+    """Complex values between neighbouring grid points of a prepared transform: 1 when contiguous, 2 for
+    one map of a side-by-side pair; 0 for any other layout (then it is copied)."""
+    z, y, x = transform.shape
+    for interleave in (1, 2):
+        if transform.strides == (8 * interleave * y * x, 8 * interleave * x, 8 * interleave):
+            return interleave
+    return 0
+
+
+def _launch(count: int, size: int):
+    threads = 256
+    per_particle = size * (size // 2 + 1)
+    return (int(min((per_particle + threads - 1) // threads, 65535)), int(min(count, 65535))), (threads,)
 
 
 def extract_slices_cuda(prepared, rotations, corners: str, size: int, checkerboard: bool = False,
@@ -133,32 +207,58 @@ def extract_slices_cuda(prepared, rotations, corners: str, size: int, checkerboa
     multiplies by ``(-1)^(kx+ky)``; ``transfer`` (a CuPy (n, 16) float64 array of
     ``_transfer_cuda.transfer_parameters``) by the particle's transfer on this
     grid, with ``given`` (complex64 (n, size, size//2 + 1) or None) its CTF part.
+    A volume that is one of a side-by-side pair is read where it lies.
     """
     import cupy
 
-    transform = cupy.ascontiguousarray(prepared.transform, dtype=cupy.complex64)
+    transform = prepared.transform
+    interleave = _interleave(transform) if transform.dtype == cupy.complex64 else 0
+    if interleave == 0:
+        transform, interleave = cupy.ascontiguousarray(transform, dtype=cupy.complex64), 1
+    return _launch_slices(1, transform, interleave, prepared, rotations, corners, size, checkerboard,
+                          transfer, given, out)
+
+
+def extract_slice_pair_cuda(volumes, rotations, corners: str, size: int, checkerboard: bool = False,
+                            transfer=None, given=None, out=None):
+    """Both maps' slices of a side-by-side pair (``side_by_side``) in one pass: complex64
+    (2, n, size, size//2 + 1), the same values as ``extract_slices_cuda`` of each.
+
+    Each point's kernel weights and transfer are computed once and each tap is one
+    16-byte load holding both maps' values. ``out``: a C-contiguous complex64
+    array of that shape, or None. Raises ValueError when ``volumes`` are not a pair.
+    """
+    pair = side_by_side(volumes)
+    if pair is None:
+        raise ValueError("the volumes are not prepared side by side (projector.prepare_volumes)")
+    return _launch_slices(2, pair, 2, volumes[0], rotations, corners, size, checkerboard, transfer, given, out)
+
+
+def _launch_slices(maps, transform, interleave, prepared, rotations, corners, size, checkerboard, transfer,
+                   given, out):
+    import cupy
+
     rot = cupy.ascontiguousarray(cupy.asarray(rotations, dtype=cupy.float32).reshape(-1, 9))
     count, box = rot.shape[0], prepared.box
-    shape = (count, size, size // 2 + 1)
+    shape = (count, size, size // 2 + 1) if maps == 1 else (maps, count, size, size // 2 + 1)
     if out is None:
         out = cupy.empty(shape, dtype=cupy.complex64)
     elif out.shape != shape or out.dtype != cupy.complex64 or not out.flags.c_contiguous:
         raise ValueError(f"out must be C-contiguous complex64 of shape {shape}")
-    total = count * size * (size // 2 + 1)
-    if total == 0:
+    if count * size * (size // 2 + 1) == 0:
         return out
     if given is not None:
         given = cupy.ascontiguousarray(given, dtype=cupy.complex64)
-        if given.shape != shape:
-            raise ValueError(f"given transfer has shape {given.shape}, expected {shape}")
-    threads = 256
-    blocks = int(min((total + threads - 1) // threads, 65535 * 8))
+        if given.shape != shape[-3:]:
+            raise ValueError(f"given transfer has shape {given.shape}, expected {shape[-3:]}")
     kernel = prepared.kernel
-    _compiled()(
-        (blocks,),
-        (threads,),
+    grid, block = _launch(count, size)
+    _compiled(maps)(
+        grid,
+        block,
         (
             transform,
+            np.int32(interleave),
             rot,
             out,
             np.int32(count),

@@ -102,7 +102,7 @@ def prepare_volume(xp, volume, kernel: GriddingKernel, oversampling: float, out=
     the map, one z plane at a time; along y the box planes; along z the whole
     half spectrum (in place on NumPy). Single precision throughout. ``out``
     (NumPy): a zero-filled complex64 array (or view) of ``prepared_shape`` to
-    fill instead of a new one. Raises ValueError for a map that is not cubic or
+    fill instead of a new one (on CuPy too). Raises ValueError for a map that is not cubic or
     an ``out`` of another shape. Working memory beside the result
     (P²·(P/2 + 2·reach + 1) complex64): one plane's rows on NumPy, on CuPy a
     copy of the result's size for the last two axes' transforms.
@@ -156,17 +156,19 @@ def prepare_volume(xp, volume, kernel: GriddingKernel, oversampling: float, out=
 def prepare_volumes(xp, volumes, kernel: GriddingKernel, oversampling: float) -> tuple:
     """``prepare_volume`` of several maps of one box (z, y, x), in order: a tuple of ``PreparedVolume``.
 
-    On NumPy with numba installed (the compiled gather), two maps are prepared side
-    by side: their transforms are the two halves of one array (P, P, C, 2) complex64
-    (views of ``prepared_shape``), so ``extract_slices_of`` reads both maps' taps of a
-    point from the same cache lines; the values are those of ``prepare_volume``.
-    Elsewhere (CuPy, no numba, another count) each map has its own array. numba is
-    found here, not imported (its import belongs to the first slice).
+    On CuPy, and on NumPy with numba installed (the compiled gather), two maps are
+    prepared side by side: their transforms are the two halves of one array
+    (P, P, C, 2) complex64 (views of ``prepared_shape``), so the slice kernels
+    (``_slice_cuda.extract_slice_pair_cuda``, ``_slice_cpu.extract_slices_of_numba``)
+    read both maps' taps of a point in one load; the values are those of
+    ``prepare_volume``. Elsewhere (no numba, another count) each map has its own
+    array. numba is found here, not imported (its import belongs to the first slice).
     """
-    if len(volumes) != 2 or xp.__name__ != "numpy" or find_spec("numba") is None:
+    paired = xp.__name__ == "cupy" or (xp.__name__ == "numpy" and find_spec("numba") is not None)
+    if len(volumes) != 2 or not paired:
         return tuple(prepare_volume(xp, volume, kernel, oversampling) for volume in volumes)
     box = int(volumes[0].shape[0])
-    pair = np.zeros(prepared_shape(box, kernel, oversampling) + (2,), dtype=np.complex64)
+    pair = xp.zeros(prepared_shape(box, kernel, oversampling) + (2,), dtype=np.complex64)
     return tuple(prepare_volume(xp, volume, kernel, oversampling, out=pair[..., i]) for i, volume in enumerate(volumes))
 
 
