@@ -74,6 +74,8 @@ STAGE_FUNCTIONS = (
     ("dsub.physics._model_cuda", "extract_slices_cuda"),
     ("dsub.physics._model_cuda", "extract_slice_pair_cuda"),
     ("dsub.physics._model_cuda", "_field_plans"),
+    ("dsub.physics._model_cuda", "box_spectra_and_masked"),
+    ("dsub.physics._model_cuda", "_slices"),
     ("cupy.fft", "rfft2"),
     ("cupy.fft", "irfft2"),
     ("cupy.fft", "fftshift"),

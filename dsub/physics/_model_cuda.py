@@ -143,20 +143,44 @@ def project_images(volumes, rotations, corners: str, box: int, size: int, table,
     from .projector import spectra_to_images
 
     even = size % 2 == 0
-    rotations = cupy.asarray(rotations, dtype=cupy.float32)  # one copy to the GPU for every map
-    spectra = cupy.empty((len(volumes), len(rotations), size, size // 2 + 1), dtype=cupy.complex64)
-    if side_by_side(volumes) is not None:
-        extract_slice_pair_cuda(volumes, rotations, corners, size, checkerboard=even, transfer=table, given=given,
-                                out=spectra)
-    else:
-        for index, volume in enumerate(volumes):
-            extract_slices_cuda(volume, rotations, corners, size, checkerboard=even, transfer=table, given=given,
-                                out=spectra[index])
+    spectra = _slices(volumes, rotations, corners, size, even, table, given)
     if not even:  # (-1)^k is not a shift by half an odd grid: the plain path
         return spectra_to_images(cupy, spectra, box)
     images = cufft.irfft2(spectra, s=(size, size), overwrite_x=True)
     start = size // 2 - box // 2
     return images[..., start : start + box, start : start + box] if size != box else images
+
+
+def box_spectra_and_masked(volumes, rotations, corners: str, box: int, table, given):
+    """RELION's model on the box grid for an even ``box`` (``subtract.subtract_batch`` on CuPy): the
+    maps' slices times the transfer and ``(-1)^(kx+ky)``, complex64 (2, n, box, box//2 + 1), and the
+    second (masked) map's centred images, float32 (n, box, box).
+
+    The factor ``(-1)^(kx+ky)`` is what the rfft2 of a centred image carries, so
+    the first map's spectra pair with ``rfft2(images)`` in the contrast fit as
+    they are, and only the masked map is transformed back.
+    """
+    import cupyx.scipy.fft as cufft
+
+    spectra = _slices(volumes, rotations, corners, box, True, table, given)
+    masked = cufft.irfft2(spectra[1], s=(box, box), overwrite_x=True)
+    return spectra, masked
+
+
+def _slices(volumes, rotations, corners, size, checkerboard, table, given):
+    """(len(volumes), n, size, size//2 + 1) complex64: one launch for a side-by-side pair, else one per map."""
+    import cupy
+
+    rotations = cupy.asarray(rotations, dtype=cupy.float32)  # one copy to the GPU for every map
+    spectra = cupy.empty((len(volumes), len(rotations), size, size // 2 + 1), dtype=cupy.complex64)
+    if side_by_side(volumes) is not None:
+        extract_slice_pair_cuda(volumes, rotations, corners, size, checkerboard=checkerboard, transfer=table,
+                                given=given, out=spectra)
+    else:
+        for index, volume in enumerate(volumes):
+            extract_slices_cuda(volume, rotations, corners, size, checkerboard=checkerboard, transfer=table,
+                                given=given, out=spectra[index])
+    return spectra
 
 
 def extract_in_field(images, size: int, table, given, pruned: bool = True):

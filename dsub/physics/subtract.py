@@ -372,13 +372,22 @@ def subtract_batch(xp, images, particles, model: HalfMapModel, settings: Subtrac
     box = images.shape[-1]
     if model.full.box != box:
         raise ValueError(f"map box {model.full.box} differs from particle box {box}")
-    if settings.projector == "relion" and settings.fit.window_inner is None and xp.__name__ == "numpy":
+    if settings.projector == "relion" and settings.fit.window_inner is None and (xp.__name__ == "numpy"
+                                                                                 or box % 2 == 0):
         # RELION's model lives on the box grid: fit against the full map's spectrum itself (what the
         # real-space fit transforms back to), so only the masked model is transformed
-        spectra = relion_model_spectra(xp, model, particles, box)
-        masked = spectra_to_images(xp, spectra[1], box)
-        fitted = fit_spectra(xp, image_spectra(xp, images), spectra[0], box, particles.pixel_size_angstrom,
-                             settings.fit)
+        if xp.__name__ == "cupy":
+            from ._model_cuda import box_spectra_and_masked
+
+            matrices = slice_matrices(particles, model.pixel_size_angstrom, model.full.box)
+            spectra, masked = box_spectra_and_masked((model.full, model.masked), matrices, "zero", box,
+                                                     *_relion_transfer(particles, box).for_kernels(xp))
+            image_ft = fft_module(xp).rfft2(images)  # both carry (-1)^(kx+ky): the fit's products are unchanged
+        else:
+            spectra = relion_model_spectra(xp, model, particles, box)
+            masked = spectra_to_images(xp, spectra[1], box)
+            image_ft = image_spectra(xp, images)
+        fitted = fit_spectra(xp, image_ft, spectra[0], box, particles.pixel_size_angstrom, settings.fit)
     else:
         full, masked = model_images(xp, model, particles, box, settings)
         fitted = fit_contrast(xp, images, full, particles.pixel_size_angstrom, settings.fit)
