@@ -51,8 +51,8 @@ extern "C" __global__ void apply_transfer(
 }
 
 extern "C" __global__ void apply_transfer_to_columns(
-    complex<float>* __restrict__ spectra,        // (size, maps * n, size/2 + 1): rows y outermost, in place
-    const int maps, const int n, const int size, const float scale,
+    complex<float>* __restrict__ spectra,        // (size, capacity, size/2 + 1): rows y outermost, in place;
+    const int maps, const int n, const int capacity, const int size, const float scale,  // map m's at m * n
     const double* __restrict__ transfer,          // (n, TRANSFER_PARAMETERS)
     const complex<float>* __restrict__ given)     // (n, size, size/2 + 1) CTF without the shift, or null
 {
@@ -68,7 +68,7 @@ extern "C" __global__ void apply_transfer_to_columns(
             const complex<float> factor = scale *
                 particle_transfer(transfer + TRANSFER_PARAMETERS * p, (float)ix, ky, size, given, given_index);
             for (int map = 0; map < maps; ++map) {
-                spectra[((long long)iy * maps * n + (long long)map * n) * half_width + pixel] *= factor;
+                spectra[((long long)iy * capacity + (long long)map * n) * half_width + pixel] *= factor;
             }
         }
     }
@@ -76,16 +76,16 @@ extern "C" __global__ void apply_transfer_to_columns(
 
 extern "C" __global__ void pad_rows(
     const float* __restrict__ images,            // (count, box, box)
-    float* __restrict__ rows,                     // (box, count, size): row y of every image, zero beyond x = box
-    const int count, const int box, const int size)
+    float* __restrict__ rows,                     // (box, capacity, size): row y of every image, zero beyond
+    const int count, const int capacity, const int box, const int size)  // x = box and for images >= count
 {
-    for (int r = blockIdx.y; r < box * count; r += gridDim.y) {
-        const int y = r / count;
-        const int image = r - y * count;
+    for (int r = blockIdx.y; r < box * capacity; r += gridDim.y) {
+        const int y = r / capacity;
+        const int image = r - y * capacity;
         const float* source = images + ((long long)image * box + y) * box;
         float* target = rows + (long long)r * size;
         for (int x = blockIdx.x * blockDim.x + threadIdx.x; x < size; x += blockDim.x * gridDim.x) {
-            target[x] = x < box ? source[x] : 0.f;
+            target[x] = x < box && image < count ? source[x] : 0.f;
         }
     }
 }
@@ -206,37 +206,49 @@ def extract_in_field(images, size: int, table, given, pruned: bool = True):
     half = size // 2 + 1
     if total == 0:
         return cupy.empty(images.shape, dtype=cupy.float32)
-    rows = cupy.empty((box, total, size), dtype=cupy.float32)
-    grid, block = _launch(box * total, size)
+    # room for a whole number of FIELD_IMAGES_STEP images, so that batches of nearby sizes share the plans
+    capacity = -(-total // FIELD_IMAGES_STEP) * FIELD_IMAGES_STEP
+    rows = cupy.empty((box, capacity, size), dtype=cupy.float32)
+    grid, block = _launch(box * capacity, size)
     _kernel("pad_rows")(grid, block, (cupy.ascontiguousarray(images, dtype=cupy.float32), rows, np.int32(total),
-                                      np.int32(box), np.int32(size)))
-    spectra = cupy.empty((size, total, half), dtype=cupy.complex64)
+                                      np.int32(capacity), np.int32(box), np.int32(size)))
+    spectra = cupy.empty((size, capacity, half), dtype=cupy.complex64)
     spectra[box:].fill(0)
-    along_x, back_along_x, along_y = _field_plans(size, box, total)
+    along_x, back_along_x, along_y = _field_plans(size, box, capacity)
     along_x.fft(rows, spectra[:box], cufft.CUFFT_FORWARD)
     along_y.fft(spectra, spectra, cufft.CUFFT_FORWARD)
     grid, block = _launch(size, count * half)
-    _kernel("apply_transfer_to_columns")(grid, block, (spectra, np.int32(maps), np.int32(count), np.int32(size),
-                                                       np.float32(1.0 / (size * size)), table, pointer(given)))
+    _kernel("apply_transfer_to_columns")(grid, block, (spectra, np.int32(maps), np.int32(count), np.int32(capacity),
+                                                       np.int32(size), np.float32(1.0 / (size * size)), table,
+                                                       pointer(given)))
     along_y.fft(spectra, spectra, cufft.CUFFT_INVERSE)
     back_along_x.fft(spectra[:box], rows, cufft.CUFFT_INVERSE)  # C2R: overwrites its input, no longer needed
-    return rows.reshape(box, maps, count, size)[..., :box].transpose(1, 2, 0, 3)
+    return rows[:, :total].reshape(box, maps, count, size)[..., :box].transpose(1, 2, 0, 3)
+
+
+#: The pruned field's arrays hold a multiple of this many images (maps × particles): a batch's plans then
+#: serve the batches of nearby sizes that a run's chunks give (each half set's share of a chunk varies).
+FIELD_IMAGES_STEP = 64
+#: cuFFT plans of the pruned field kept at once (per device and shape; each holds a work area).
+FIELD_PLANS_KEPT = 8
 
 
 _plans = {}
 
 
 def _field_plans(size: int, box: int, total: int):
-    """cuFFT plans of the pruned field (``extract_in_field``), kept per device and shape (a few at once):
-    R2C and C2R along x of ``box`` rows of ``total`` images, and C2C along y of every column of
-    (size, total, size//2 + 1) complex64 in place (stride ``total·(size//2 + 1)``, neighbouring columns
-    adjacent: cuFFT's advanced layout, CuPy's ``PlanNd``)."""
+    """cuFFT plans of the pruned field (``extract_in_field``), kept per device and shape (the last
+    ``FIELD_PLANS_KEPT``): R2C and C2R along x of ``box`` rows of ``total`` images, and C2C along y of
+    every column of (size, total, size//2 + 1) complex64 in place (stride ``total·(size//2 + 1)``,
+    neighbouring columns adjacent: cuFFT's advanced layout, CuPy's ``PlanNd``)."""
     import cupy
     from cupy.cuda import cufft
 
     key = (cupy.cuda.Device().id, size, box, total)
-    if key not in _plans:
-        while len(_plans) >= 4:
+    if key in _plans:
+        _plans[key] = _plans.pop(key)  # the most recently used last
+    else:
+        while len(_plans) >= FIELD_PLANS_KEPT:
             _plans.pop(next(iter(_plans)))
         columns = total * (size // 2 + 1)
         _plans[key] = (
