@@ -74,6 +74,8 @@ def main():
     parser.add_argument("--box", type=int, default=256)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--chunk-size", type=int, default=256)
+    parser.add_argument("--particles-per-stack", type=int, nargs="+", default=[4096],
+                        help="output stack sizes to compare (each runs every --workers value)")
     parser.add_argument("--referenced", type=int, default=1,
                         help="star rows per image (symmetry expansion): more particles than the stack holds")
     parser.add_argument("--warm-up", action="store_true",
@@ -91,14 +93,16 @@ def main():
                   ("dirty_ratio", "dirty_background_ratio", "dirty_bytes", "dirty_background_bytes")
                   if Path(f"/proc/sys/vm/{name}").exists()}
         print(f"the kernel's limits on unwritten output: {limits}")
-        runs = ([("warm-up", max(args.workers))] if args.warm_up else []) + [(None, w) for w in args.workers]
+        runs = ([("warm-up", max(args.workers), args.particles_per_stack[0])] if args.warm_up else []) + [
+            (None, w, stack) for stack in args.particles_per_stack for w in args.workers]
         os.sync()  # the data set on the disk: the runs start from a warm cache with nothing dirty
-        for number, (warm_up, workers) in enumerate(runs):
+        for number, (warm_up, workers, per_stack) in enumerate(runs):
             outdir = folder / f"out{number}"
             command = [sys.executable, "-m", "dsub.cli", "subtract", str(paths["star"]),
                        "--half-a", str(paths["half_a"]), "--half-b", str(paths["half_b"]), "--mask", str(paths["mask"]),
                        "-o", str(outdir), "--scheduler", "local", "--workers", str(workers),
-                       "--chunk-size", str(args.chunk_size), "--quiet", "--dashboard-address", "127.0.0.1:0"]
+                       "--chunk-size", str(args.chunk_size), "--particles-per-stack", str(per_stack), "--quiet",
+                       "--dashboard-address", "127.0.0.1:0"]
             started = time.perf_counter()
             result = subprocess.run(command, capture_output=True, text=True)
             wall = time.perf_counter() - started
@@ -107,7 +111,8 @@ def main():
                 raise SystemExit(f"dsub failed with {workers} workers")
             if not warm_up:
                 summary = json.loads((outdir / "dsub_run.json").read_text())
-                images = mrcfile.mmap(sorted((outdir / "Particles").glob("*.mrcs"))[0], mode="r").data
+                stacks = sorted((outdir / "Particles").glob("*.mrcs"))
+                images = mrcfile.mmap(stacks[0], mode="r").data[: min(args.particles_per_stack)]
                 difference = 0.0 if first is None else float(np.abs(images - first).max() / np.abs(first).max())
                 first = np.array(images) if first is None else first
                 del images
@@ -122,13 +127,13 @@ def main():
                 print(f"warm-up run with {workers} workers: {wall:.1f} s")
                 continue
             phases = summary["phase_seconds"]
-            rows.append((workers, wall, phases, count / phases["subtract"], count / wall,
+            rows.append((workers, per_stack, wall, phases, count / phases["subtract"], count / wall,
                          summary["devices"], difference, synced))
-    print("| workers | wall s | check inputs s | start workers s | subtract s | export s | particles/s in subtract | "
+    print("| workers | particles per stack | wall s | check inputs s | start workers s | subtract s | export s | particles/s in subtract | "
           "particles/s whole command | devices | max diff vs the first | sync after s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for workers, wall, phases, rate, whole, devices, difference, synced in rows:
-        print(f"| {workers} | {wall:.1f} | {phases['check_inputs']:.1f} | {phases['start_workers']:.1f} | "
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for workers, per_stack, wall, phases, rate, whole, devices, difference, synced in rows:
+        print(f"| {workers} | {per_stack} | {wall:.1f} | {phases['check_inputs']:.1f} | {phases['start_workers']:.1f} | "
               f"{phases['subtract']:.1f} | {phases['export']:.1f} | {rate:,.0f} | {whole:,.0f} | "
               f"{', '.join(devices)} | {difference:.1e} | {synced:.1f} |")
 
