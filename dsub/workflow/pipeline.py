@@ -181,8 +181,11 @@ def subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings
     try:
         with transcript.capturing_warnings(), record.failure_recorded(attempt, transcript), \
                 contextlib.ExitStack() as cleanup:
+            finished = False
             try:
-                return _subtract(particles_path, half_a, half_b, mask, settings, options, attempt, lock, cleanup)
+                summary = _subtract(particles_path, half_a, half_b, mask, settings, options, attempt, lock, cleanup)
+                finished = True
+                return summary
             except DsubError:
                 raise
             except OSError as exc:  # wherever it happened, on this machine or a worker: one message
@@ -191,6 +194,8 @@ def subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings
                     raise
                 raise explained from exc
             finally:
+                if not finished:  # stopped before writing anything (a scheduler out of reach): OUTDIR as it was
+                    lock.leave_as_found(transcript.log.created)
                 lock.release()
     finally:
         transcript.close()  # OUTDIR/dsub.log complete on disk before the command returns
