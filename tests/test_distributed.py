@@ -429,7 +429,10 @@ def test_ctrl_c_while_local_workers_start_prints_no_traceback(dataset, tmp_path)
     import psutil
 
     python = psutil.Process().exe()
-    run = dsub(dataset, tmp_path / "out", "--scheduler", "local", "--workers", "2", start_new_session=True)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    run = dsub(dataset, tmp_path / "out", "--scheduler", "local", "--workers", "2", start_new_session=True,
+               env={**os.environ, "TMPDIR": str(scratch)})
     coordinator = psutil.Process(run.pid)
     deadline = time.monotonic() + 120
     starting = False
@@ -447,3 +450,4 @@ def test_ctrl_c_while_local_workers_start_prints_no_traceback(dataset, tmp_path)
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert run.returncode == 130, err
     assert err.strip().splitlines()[-1] == "dsub: interrupted; rerun the same command to resume"
+    assert list(scratch.glob("dsub-spawn-*")) == []  # the start-up script's folder goes at exit

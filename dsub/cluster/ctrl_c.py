@@ -23,6 +23,7 @@ mounts) the interpreter is used as before and the preload's handler remains.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shlex
@@ -41,7 +42,7 @@ WRAPPER_NAME = "python-ignoring-ctrl-c"
 
 def _executable_folder() -> Path | None:
     """A new private folder from which a file may be executed, or None."""
-    candidates = [tempfile.gettempdir(), os.environ.get("XDG_RUNTIME_DIR"), Path.home() / ".cache"]
+    candidates = [tempfile.gettempdir(), os.environ.get("XDG_RUNTIME_DIR"), os.path.expanduser("~/.cache")]
     for candidate in candidates:
         if not candidate or not os.path.isdir(candidate):
             continue
@@ -78,6 +79,8 @@ def _start() -> None:
         return
     _previous, _folder = previous, folder
     spawn.set_executable(str(wrapper))
+    # A run that ends without closing its cluster (Ctrl-C while it starts) removes the folder at exit.
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
 
 
 def _stop() -> None:
