@@ -572,3 +572,41 @@ def test_a_star_cut_short_in_its_last_row_is_refused_as_truncated(data, tmp_path
     assert (f"particle row {COUNT} (1-based, line {len(text)} of the file) has {keep} values but the loop has "
             f"{labels} columns: the file looks cut short (truncated") in line
     assert not (tmp_path / "out").exists()
+
+
+def unused_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new-outdir", "existing-outdir"])
+def test_unreachable_scheduler_leaves_outdir_as_it_was(data, tmp_path, capsys, existing):
+    """A run that cannot reach its scheduler leaves no lock file, no log and no new folder."""
+    outdir = tmp_path / "runs" / "out"
+    if existing:
+        outdir.mkdir(parents=True)
+        (outdir / "notes.txt").write_text("the user's own file\n")
+    address = f"tcp://127.0.0.1:{unused_port()}"
+    code = run(data, outdir, "--scheduler", address, "--worker-timeout", "1")
+    line = assert_refused(code, capsys, outdir, address)
+    assert "cannot reach the Dask scheduler" in line and "Check that it is running" in line
+    if existing:
+        assert sorted(path.name for path in outdir.iterdir()) == ["notes.txt"]
+    else:
+        assert not (tmp_path / "runs").exists()
+
+
+def test_failed_run_keeps_what_was_there_before(data, tmp_path, capsys):
+    """An OUTDIR with an earlier attempt's lock file and log keeps both; the log records the new attempt."""
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    (outdir / ".dsub.lock").write_text("pid 1 on elsewhere, started 2026-11-29 10:00:00")
+    (outdir / "dsub.log").write_text("==== an earlier attempt\n")
+    address = f"tcp://127.0.0.1:{unused_port()}"
+    assert_refused(run(data, outdir, "--scheduler", address, "--worker-timeout", "1"), capsys, outdir, address)
+    assert sorted(path.name for path in outdir.iterdir()) == [".dsub.lock", "dsub.log"]
+    log = (outdir / "dsub.log").read_text()
+    assert log.startswith("==== an earlier attempt\n") and f"cannot reach the Dask scheduler at {address}" in log

@@ -193,3 +193,67 @@ def test_local_workers_preload_dsub_after_the_configured_preloads(configured, ex
     assert (options["preload"], options["preload_argv"]) == expected
     # what Dask does with them: one preload object per name, no mismatch
     assert len(process_preloads(None, options["preload"], options["preload_argv"])) == len(options["preload"])
+
+
+def cluster_config_warnings(path, scheduler) -> list[str]:
+    import warnings
+
+    from dsub.cluster.config import warn_unused_settings
+    from dsub.errors import DsubWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_unused_settings(path, scheduler)
+    return [str(item.message) for item in caught if issubclass(item.category, DsubWarning)]
+
+
+@pytest.mark.parametrize("scheduler", ["local", "threads", "tcp://127.0.0.1:8786"])
+def test_jobqueue_only_config_is_named_as_unused_without_batch_jobs(scheduler):
+    path = PROFILES / "slurm-gpu.yaml"
+    (message,) = cluster_config_warnings(path, scheduler)
+    assert message.startswith(f"--cluster-config {path}: its jobqueue settings are not used by ")
+    assert "none of its settings is used" in message and "jobqueue.slurm." in message
+
+
+def test_partly_used_config_names_exactly_what_is_ignored(tmp_path):
+    path = tmp_path / "site.yaml"
+    path.write_text("jobqueue:\n  slurm:\n    queue: gpu\n    memory: 64GB\ndistributed:\n  comm:\n"
+                    "    timeouts:\n      connect: 60s\ndsub:\n  gpus-per-worker: 0\n")
+    (message,) = cluster_config_warnings(path, "local")
+    assert "1 of its 4 settings are used, these are not: jobqueue.slurm.queue, jobqueue.slurm.memory, " \
+           "dsub.gpus-per-worker." in message
+
+
+@pytest.mark.parametrize("scheduler, content", [
+    ("slurm", "jobqueue:\n  slurm:\n    queue: gpu\n  pbs:\n    queue: gpuq\n"),  # a profile for both
+    ("slurm", "distributed:\n  comm:\n    timeouts:\n      connect: 60s\n"),
+    ("local", "distributed:\n  worker:\n    daemon: false\n"),
+])
+def test_settings_the_run_reads_give_no_warning(tmp_path, scheduler, content):
+    path = tmp_path / "site.yaml"
+    path.write_text(content)
+    assert cluster_config_warnings(path, scheduler) == []
+
+
+def test_other_batch_systems_profile_is_named_as_unused():
+    (message,) = cluster_config_warnings(PROFILES / "pbspro-gpu.yaml", "slurm")
+    assert "not used by --scheduler slurm, which reads jobqueue.slurm" in message and "jobqueue.pbs." in message
+
+
+def test_local_run_warns_once_about_a_jobqueue_config(tmp_path, capsys):
+    from dsub.demo import make_dataset
+
+    paths, _ = make_dataset(tmp_path / "data", count=8, box=32, snr=None)
+    config = tmp_path / "site.yaml"
+    config.write_text("jobqueue:\n  slurm:\n    queue: gpu\n")
+    code = main(["subtract", str(paths["star"]), "--half-a", str(paths["half_a"]), "--half-b", str(paths["half_b"]),
+                 "--mask", str(paths["mask"]), "-o", str(tmp_path / "out"), "--quiet", "--scheduler", "sync",
+                 "--cluster-config", str(config)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    warned = [line for line in err.splitlines() if "--cluster-config" in line]
+    assert warned == [f"dsub: warning: --cluster-config {config}: its jobqueue settings are not used by --scheduler "
+                      "sync (tasks in this process, no Dask cluster); none of its settings is used: "
+                      "jobqueue.slurm.queue. jobqueue settings configure SLURM/PBS worker jobs (--scheduler slurm "
+                      "or pbs); leave the file out here, or use it with those."]
+    assert warned[0] in (tmp_path / "out" / "dsub.log").read_text()

@@ -7,6 +7,7 @@ real ``dsub`` process, as a user would start it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -383,3 +384,70 @@ def test_bad_image_on_a_worker_is_one_clear_error(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("dsub: error:") and str(paths["stack"]) in lines[0]
     assert "image 21 (1-based)" in lines[0]
     assert not (tmp_path / "out" / "particles_subtracted.star").exists()
+
+
+def test_local_workers_ignore_ctrl_c_from_the_start_and_still_stop_on_sigterm(tmp_path):
+    """SIGINT is ignored in a worker before any preload runs (set at exec), SIGTERM still ends it."""
+    import multiprocessing.spawn
+
+    import dask
+    import psutil
+
+    from dsub.cluster import ClusterSpec
+    from dsub.cluster.start import start_cluster
+
+    first_preload = tmp_path / "record_sigint.py"  # dask's configured preloads run before dsub's warm_up
+    first_preload.write_text("import signal\nAT_IMPORT = signal.getsignal(signal.SIGINT)\n\n"
+                             "def dask_setup(worker):\n    worker.sigint_at_import = AT_IMPORT is signal.SIG_IGN\n")
+    interpreter = multiprocessing.spawn.get_executable()
+    spec = ClusterSpec(scheduler="local", workers=1, dashboard_address="127.0.0.1:0", worker_timeout=120)
+    with dask.config.set({"distributed.worker.preload": [str(first_preload)]}):
+        with start_cluster(spec) as (client, cluster, _):
+            assert client.run(lambda dask_worker: dask_worker.sigint_at_import) == {
+                address: True for address in client.scheduler_info()["workers"]}
+            (pid,) = client.run(os.getpid).values()
+            assert sigint_bit(pid, "SigIgn")
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the coordinator keeps its own
+            os.kill(pid, signal.SIGTERM)
+            psutil.Process(pid).wait(timeout=30)
+    assert multiprocessing.spawn.get_executable() == interpreter
+
+
+def sigint_bit(pid: int, field: str) -> bool:
+    """Whether /proc/PID/status's signal set ``field`` (SigIgn, SigCgt) holds SIGINT."""
+    line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith(f"{field}:"))
+    return bool(int(line.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+
+
+def test_ctrl_c_while_local_workers_start_prints_no_traceback(dataset, tmp_path):
+    """Ctrl-C to the whole group while a worker's Python is starting: one line from dsub, exit 130.
+
+    The signal goes as soon as a worker process runs Python with its SIGINT set
+    (caught by Python's handler, or ignored): its imports then take a second or
+    more, before any preload runs.
+    """
+    import psutil
+
+    python = psutil.Process().exe()
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    run = dsub(dataset, tmp_path / "out", "--scheduler", "local", "--workers", "2", start_new_session=True,
+               env={**os.environ, "TMPDIR": str(scratch)})
+    coordinator = psutil.Process(run.pid)
+    deadline = time.monotonic() + 120
+    starting = False
+    while not starting and time.monotonic() < deadline and run.poll() is None:
+        for child in coordinator.children():
+            with contextlib.suppress(psutil.Error, OSError, StopIteration):
+                if ("spawn_main" in " ".join(child.cmdline()) and "resource_tracker" not in " ".join(child.cmdline())
+                        and child.exe() == python
+                        and (sigint_bit(child.pid, "SigCgt") or sigint_bit(child.pid, "SigIgn"))):
+                    starting = True
+        time.sleep(0.002)
+    assert starting, "no worker process started"
+    os.killpg(run.pid, signal.SIGINT)
+    out, err = run.communicate(timeout=120)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert run.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "dsub: interrupted; rerun the same command to resume"
+    assert list(scratch.glob("dsub-spawn-*")) == []  # the start-up script's folder goes at exit

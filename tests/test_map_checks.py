@@ -221,3 +221,31 @@ def test_premultiplied_star_warns_that_the_cs_cannot_say_so(dataset, tmp_path, c
     assert "CTF-premultiplied" in capsys.readouterr().err
     written = starfile.read(tmp_path / "o/particles_subtracted.star", always_dict=True)["optics"]
     assert isinstance(written, pd.DataFrame) and (written["rlnCtfDataAreCtfPremultiplied"] == 1).all()
+
+
+def test_maps_smaller_than_the_particles_box_are_warned_with_the_contrast_factor(dataset, tmp_path, capsys):
+    """Maps spanning less than the particles: one warning whose factor is the fitted contrasts' measured ratio."""
+    from dsub.physics.optics import crop_or_pad
+
+    paths, _ = dataset
+    small = 26
+    cropped = {}
+    for key in ("half_a", "half_b", "mask"):
+        volume, voxel = read_map(paths[key])
+        kept = crop_or_pad(volume, small)
+        assert np.abs(kept).sum() > 0.999 * np.abs(volume).sum()  # the whole particle is inside the smaller box
+        cropped[key] = tmp_path / f"{key}_{small}.mrc"
+        write_map(cropped[key], kept, voxel)
+    assert run(paths, tmp_path / "same", "--scheduler", "sync") == 0
+    assert "span" not in capsys.readouterr().err
+    assert run({**paths, **cropped}, tmp_path / "small", "--scheduler", "sync") == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dsub: warning:")]
+    assert len(warned) == 1, warned
+    pixel = read_map(paths["half_a"])[1]
+    assert warned[0].startswith(f"dsub: warning: {cropped['half_a']}: the maps span {small} voxels × {pixel:.4f} Å")
+    assert f"the particles' {BOX} px × {pixel:.4f} Å" in warned[0] and f"--new_box {BOX}" in warned[0]
+    factor = float(warned[0].split("predict the particles ")[1].split("×")[0])
+    contrast = {name: json.loads((tmp_path / name / "dsub_run.json").read_text())["contrast_median"]
+                for name in ("same", "small")}
+    assert contrast["same"] / contrast["small"] == pytest.approx(factor, rel=0.01)
+    assert factor == pytest.approx((BOX / small) ** 2, abs=0.005)

@@ -14,7 +14,14 @@ from pathlib import Path
 import dask
 import yaml
 
-from ..errors import InputFileError, MissingInputError
+from ..errors import InputFileError, MissingInputError, warn
+
+#: Schedulers whose workers dask-jobqueue starts, each configured by ``jobqueue.<scheduler>``.
+BATCH_SCHEDULERS = ("slurm", "pbs")
+#: dsub's own keys that only batch jobs read (``start.gpus_per_job``, ``start.worker_device``).
+BATCH_ONLY_KEYS = ("dsub.gpus-per-worker", "dsub.worker-device")
+#: How many ignored keys a warning names before it only counts them.
+NAMED_KEYS = 6
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -43,6 +50,58 @@ def load_cluster_config(path) -> dict:
             path, "holds no settings.", "Write it as dask-jobqueue's jobqueue.yaml is written: 'jobqueue: {slurm: {...}}'."
         )
     return flatten(tree)
+
+
+def unused_settings(settings: dict, scheduler: str) -> list[str]:
+    """The keys of a flattened cluster config that a run on ``scheduler`` does not read.
+
+    Only dask-jobqueue's batch clusters read ``jobqueue.*`` (and dsub's
+    ``dsub.gpus-per-worker``/``dsub.worker-device``), so a local cluster, the
+    threads and an existing scheduler read none of them. A SLURM or PBS run
+    reads its own ``jobqueue.<scheduler>`` section; the other section is named
+    only when the file has none for this scheduler (a profile may well hold
+    both).
+    """
+    batch_keys = [key for key in settings if key.startswith("jobqueue.") or key in BATCH_ONLY_KEYS]
+    if scheduler not in BATCH_SCHEDULERS:
+        return batch_keys
+    own = f"jobqueue.{scheduler}."
+    jobqueue = [key for key in settings if key.startswith("jobqueue.")]
+    if any(key.startswith(own) for key in jobqueue):
+        return []
+    return jobqueue
+
+
+def scheduler_words(scheduler: str) -> str:
+    if scheduler == "local":
+        return "a local cluster (--scheduler local)"
+    if scheduler.startswith("tcp://"):
+        return f"an existing scheduler's workers (--scheduler {scheduler})"
+    if scheduler in BATCH_SCHEDULERS:
+        return f"--scheduler {scheduler}, which reads jobqueue.{scheduler}"
+    return f"--scheduler {scheduler} (tasks in this process, no Dask cluster)"
+
+
+def warn_unused_settings(path, scheduler: str) -> None:
+    """Warn, in one line naming the file and the keys, when settings of ``path`` do not apply to ``scheduler``."""
+    if path is None:
+        return
+    settings = load_cluster_config(path)
+    unused = unused_settings(settings, scheduler)
+    if not unused:
+        return
+    named = ", ".join(unused[:NAMED_KEYS]) + (f" and {len(unused) - NAMED_KEYS} more" if len(unused) > NAMED_KEYS
+                                              else "")
+    which = ("none of its settings is used" if len(unused) == len(settings)
+             else f"{len(settings) - len(unused)} of its {len(settings)} settings are used, these are not")
+    if scheduler in BATCH_SCHEDULERS:
+        remedy = (f"Give the file a 'jobqueue: {{{scheduler}: ...}}' section (cluster/ holds profiles for "
+                  "SLURM, PBS Pro and Torque), or use the --scheduler it was written for.")
+    else:
+        remedy = ("jobqueue settings configure SLURM/PBS worker jobs (--scheduler slurm or pbs); "
+                  "leave the file out here, or use it with those.")
+    warn(f"--cluster-config {path}: its jobqueue settings are not used by {scheduler_words(scheduler)}; "
+         f"{which}: {named}. {remedy}")
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from pathlib import Path
 import dask
 
 from ..errors import DsubError, warn
+from .ctrl_c import workers_ignore_ctrl_c
 from .gpus import PinnedGPUCluster, visible_gpus
 
 
@@ -42,7 +43,12 @@ def start_cluster(spec):
             client.close()
         return
 
-    with quiet_submission_errors():
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(quiet_submission_errors())
+        if spec.scheduler == "local":
+            # Its workers, spawned now and whenever the cluster adds or restarts one, leave Ctrl-C to the
+            # coordinator from their first instruction on, not only once their preload runs.
+            stack.enter_context(workers_ignore_ctrl_c())
         yield from _start_own_cluster(spec, Client)
 
 

@@ -41,7 +41,10 @@ def dask_setup(worker) -> None:
 
     A terminal's Ctrl-C reaches every process of its group: the coordinator
     stops the run and its cluster, and says so in one line; a local worker
-    that took it too would die printing a KeyboardInterrupt traceback.
+    that took it too would die printing a KeyboardInterrupt traceback. dsub's
+    local clusters spawn their workers with SIGINT ignored from exec on
+    (``ctrl_c``); this covers workers spawned otherwise (a "fork" start method,
+    a system without ``/bin/sh`` or an executable temporary folder).
     """
     global _thread
     with contextlib.suppress(ValueError):  # only a process's main thread may set it (the worker's is)

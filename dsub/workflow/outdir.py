@@ -65,14 +65,23 @@ class OutdirLock:
     requeued job while the first still runs). ``acquire`` creates the folder if
     needed and raises ``OptionError`` naming the other run (pid, host, start)
     when it holds the folder; the lock goes with ``release`` or the process.
+    ``leave_as_found`` takes away what acquiring made, for a run that stopped
+    before writing anything else (a scheduler it cannot reach, a refusal).
     """
 
     def __init__(self, outdir: Path):
         self.outdir, self.fd = Path(outdir), None
+        self.made_folders: list[Path] = []  # the folders acquire made, OUTDIR first
+        self.found: set[str] | None = None  # OUTDIR's entries before the lock file was made
+        self.made_lock_file = False
 
     def acquire(self) -> None:
         try:
+            missing = [path for path in (self.outdir, *self.outdir.parents) if not path.exists()]
             self.outdir.mkdir(parents=True, exist_ok=True)
+            self.made_folders = missing
+            self.found = set(os.listdir(self.outdir))
+            self.made_lock_file = LOCK_NAME not in self.found
             fd = os.open(self.outdir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise OptionError(cannot_create(self.outdir, exc)) from exc
@@ -92,6 +101,35 @@ class OutdirLock:
         if self.fd is not None:
             os.close(self.fd)  # closing the descriptor drops the lock
             self.fd = None
+
+    def leave_as_found(self, made_log: Path | None = None) -> None:
+        """After a run that failed: if it wrote nothing in OUTDIR but the lock file and its log, remove them.
+
+        The lock file and ``made_log`` (``dsub.log`` where this run created it)
+        go where this run made them, and the folders ``acquire`` made go with
+        them: a folder that did not exist is not left behind holding only those,
+        and an existing one keeps no lock file of a run that did nothing there.
+        A run that wrote anything else (its store) keeps its lock file and log,
+        as any run does. Call it before ``release``: the file goes while this
+        run still holds its lock.
+        """
+        if self.fd is None or self.found is None:
+            return
+        ours = ({LOCK_NAME} if self.made_lock_file else set()) | ({made_log.name} if made_log is not None else set())
+        try:
+            now = set(os.listdir(self.outdir))
+        except OSError:
+            return
+        if not now <= self.found | ours:
+            return
+        for name in sorted(ours & now):
+            with contextlib.suppress(OSError):
+                os.unlink(self.outdir / name)
+        for folder in self.made_folders:  # OUTDIR first, then the parents it needed
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (something else was written there meanwhile): it stays
+                break
 
 
 def prepare_outdir(outdir: Path, fingerprint: str, overwrite: bool, identity: dict | None = None) -> bool:

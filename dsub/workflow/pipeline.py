@@ -34,7 +34,7 @@ import numpy as np
 from .. import __version__
 from ..cluster import ClusterSpec, open_runner
 from ..cluster.early import start_early
-from ..cluster.config import cluster_config
+from ..cluster.config import cluster_config, warn_unused_settings
 from ..cluster.progress import map_preparation_estimate, setup_step
 from ..errors import DsubError, InputFileError, OptionError, warn
 from ..formats import read_particles, select_rows
@@ -181,8 +181,11 @@ def subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings
     try:
         with transcript.capturing_warnings(), record.failure_recorded(attempt, transcript), \
                 contextlib.ExitStack() as cleanup:
+            finished = False
             try:
-                return _subtract(particles_path, half_a, half_b, mask, settings, options, attempt, lock, cleanup)
+                summary = _subtract(particles_path, half_a, half_b, mask, settings, options, attempt, lock, cleanup)
+                finished = True
+                return summary
             except DsubError:
                 raise
             except OSError as exc:  # wherever it happened, on this machine or a worker: one message
@@ -191,6 +194,8 @@ def subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings
                     raise
                 raise explained from exc
             finally:
+                if not finished:  # stopped before writing anything (a scheduler out of reach): OUTDIR as it was
+                    lock.leave_as_found(transcript.log.created)
                 lock.release()
     finally:
         transcript.close()  # OUTDIR/dsub.log complete on disk before the command returns
@@ -201,6 +206,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     started = time.monotonic()
     outdir = Path(options.outdir)
     check_writable(outdir)  # before the long reading and checks
+    warn_unused_settings(options.cluster.cluster_config, options.cluster.scheduler)
     # A local cluster starts beside the checks below (a batch queue's jobs wait for them); stopped on leaving.
     early = start_early(dataclasses.replace(options.cluster, device=options.device))
     if early is not None:

@@ -37,10 +37,13 @@ class LogFile:
         self._file = None
         self._pending: list[str] = []
         self._lock = threading.Lock()
+        self.created: Path | None = None  # the file, where opening it created it
 
     def open(self, path: Path, fresh: bool, heading: str) -> None:
+        existed = path.exists()
         # Line-buffered: a run killed outright (kill -9, the kernel's out-of-memory killer) keeps its lines.
         self._file = open(path, "w" if fresh else "a", encoding="utf-8", buffering=1)
+        self.created = None if existed else path
         self.write(f"==== {heading}\n")
         for text in self._pending:
             self.write(text)

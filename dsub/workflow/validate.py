@@ -299,6 +299,9 @@ def check_maps(half_a: str, half_b: str, mask: str, box: int, table, *,
         else:
             check_lowpass(lowpass_angstrom, voxel)
         volumes[label] = volume
+    map_box, map_voxel = int(shape[0][0]), voxels["half map A"][1]
+    if map_box != box:
+        warn_smaller_map_extent(half_a, map_box, map_voxel, box, largest_pixel)
     if not single_map and same_half_maps(half_a, half_b, volumes["half map A"], volumes["half map B"]):
         warn(f"{half_a} is given as both half maps (--half-a and --half-b hold the same map): every particle is "
              "subtracted with a map its own half set helped to make, which breaks gold-standard independence. "
@@ -322,6 +325,34 @@ def check_map_reboxing(path, label: str, volume: np.ndarray, extent: int, table,
     if cut > 0.01:
         warn(f"{path}: {100 * cut:.1f} % of {label}'s density lies outside the {extent}-voxel cube that the "
              f"particles' {box} px box spans and is left out of their projections")
+
+
+def warn_smaller_map_extent(path, map_box: int, map_voxel: float, box: int, largest_pixel: float) -> None:
+    """A warning when the maps span less than the particles' box (``map_box`` · voxel < ``box`` · pixel).
+
+    The workers then zero-pad the maps to the ``E`` voxels the particles' box
+    spans (``physics.optics.fit_map_to_box``) and, as RELION's projector
+    normalises a map of box ``S`` (``normfft``), predict the particles ``(E/S)²``
+    times as strongly as from the same maps padded to ``E`` voxels beforehand:
+    fitted contrasts come out ``(S/E)²`` of what those maps give (measured: 0.5625
+    for a 48-voxel map against 64 px particles at one pixel size), while the
+    subtraction with ``--scale fit`` is the same; ``--scale input`` and ``none``
+    subtract ``(E/S)²`` times the masked signal. Nothing beyond the maps' box can
+    be in the model.
+    """
+    extent = map_extent_voxels(map_box, box, largest_pixel, map_voxel)
+    if extent <= map_box:
+        return
+    factor = (extent / map_box) ** 2
+    padded = extent + extent % 2  # relion_image_handler --new_box takes even boxes
+    warn(f"{path}: the maps span {map_box} voxels × {map_voxel:.4f} Å = {map_box * map_voxel:.1f} Å, less than the "
+         f"particles' {box} px × {largest_pixel:.4f} Å = {box * largest_pixel:.1f} Å; they are zero-padded to "
+         f"{extent} voxels and, with RELION's projector normalisation for a map of box {map_box}, predict the "
+         f"particles {factor:.2f}× as strongly as the same maps given at {extent} voxels: fitted contrasts come out "
+         f"about {1 / factor:.2f}× (the subtraction with --scale fit is the same; --scale input or none subtract "
+         f"{factor:.2f}× the masked signal), and no density beyond the maps' box is in the model. Give the half maps "
+         f"and mask at the particles' extent, e.g. relion_image_handler --i MAP --o MAP_{padded}.mrc "
+         f"--new_box {padded} for each")
 
 
 def same_half_maps(half_a, half_b, volume_a: np.ndarray, volume_b: np.ndarray) -> bool:
