@@ -687,6 +687,15 @@ def _column_block(values, start: int, stop: int):
     return np.asarray(values)[start:stop]
 
 
+def _names_as_text(refs: StackRefs, start: int, stop: int) -> tuple[str, list]:
+    """``N@path`` of rows ``start:stop`` as ``_as_text`` gives them: quoted only where the path holds a space,
+    which is decided once per distinct path (a name is never empty)."""
+    names = refs.names(start, stop).tolist()
+    if any(" " in str(path) for path in refs.paths):
+        names = [f'"{name}"' if " " in name else name for name in names]
+    return "%s", names
+
+
 def _quoted(column: pd.Series) -> pd.Series:
     """``starfile``'s quoting of text values: in double quotes when empty or holding a space."""
     def quote(value):
@@ -755,9 +764,13 @@ def write_star(path: str | os.PathLike, blocks: dict, columns: dict | None = Non
             for start in range(0, len(table), WRITE_BLOCK_ROWS):
                 stop = min(start + WRITE_BLOCK_ROWS, len(table))
                 rows = table.iloc[start:stop].reset_index(drop=True)
+                texts = {}
                 for label, values in columns.items():
-                    rows[label] = _column_block(values, start, stop)
-                formats, values = zip(*(_as_text(rows[label]) for label in labels))
+                    if isinstance(values, StackRefs):  # names built here: no Series of them to quote value by value
+                        texts[label] = _names_as_text(values, start, stop)
+                    else:
+                        rows[label] = _column_block(values, start, stop)
+                formats, values = zip(*(texts[label] if label in texts else _as_text(rows[label]) for label in labels))
                 line = "\t".join(formats)  # one ``%`` a row: a conversion per value costs a third more
                 f.write("\n".join([line % row for row in zip(*values)]) + "\n")
             f.write("\n\n")
