@@ -701,8 +701,8 @@ def _quoted(column: pd.Series) -> pd.Series:
     def quote(value):
         return f'"{value}"' if isinstance(value, str) and (" " in value or not value) else value
 
-    if isinstance(column.dtype, pd.CategoricalDtype):
-        return column.cat.rename_categories([quote(c) for c in column.cat.categories])
+    if isinstance(column.dtype, pd.CategoricalDtype):  # ``tolist``: iterating arrow-backed categories is slow
+        return column.cat.rename_categories([quote(c) for c in column.cat.categories.tolist()])
     if column.dtype == object or pd.api.types.is_string_dtype(column.dtype):
         return column.map(quote)
     return column
@@ -720,6 +720,8 @@ def _as_text(column: pd.Series) -> tuple[str, list]:
     """
     if isinstance(column.dtype, np.dtype) and column.dtype.kind in "biuf":
         values = column.to_numpy()
+        if values.dtype.kind in "iu":  # ``%d`` of an int is its ``str``
+            return "%d", values.tolist()
         if values.dtype.kind != "f":
             return "%s", [str(value) for value in values.tolist()]
         missing = np.flatnonzero(np.isnan(values)).tolist()
@@ -731,7 +733,7 @@ def _as_text(column: pd.Series) -> tuple[str, list]:
         return "%s", text
     column = _quoted(column)
     if isinstance(column.dtype, pd.CategoricalDtype):
-        categories = np.array([str(value) for value in column.cat.categories] + ["<NA>"], dtype=object)
+        categories = np.array([str(value) for value in column.cat.categories.tolist()] + ["<NA>"], dtype=object)
         return "%s", categories[column.cat.codes.to_numpy()].tolist()  # code -1 (missing): the last
     missing = column.isna().to_numpy()
     return "%s", ["<NA>" if absent else str(value) for value, absent in zip(column.tolist(), missing.tolist())]
