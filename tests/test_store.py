@@ -59,6 +59,23 @@ def test_statistics_flags_and_figures_read_chunk_by_chunk_equal_zarrs_reading(tm
     assert figures["fit_correlation"].dtype == np.float32 and np.isnan(figures["fit_correlation"]).all()
 
 
+def test_chunk_marks_decoded_here_equal_zarrs_reading(tmp_path):
+    """The zstd-compressed marks, each file decoded without zarr: the marks zarr reads, a reset mark included."""
+    path = tmp_path / "subtracted.zarr"
+    store.create_store(path, count=20, box=4, chunk_size=2, run_attrs={}, keep_images=False)
+    group = store.open_store(path, mode="r+")
+    for index in (0, 3, 4, 9):
+        group["chunk_done"][index] = 1
+    store.reset_chunks(path, [4])
+    assert store.finished_chunks(path).tolist() == [i in (0, 3, 9) for i in range(10)]
+    np.testing.assert_array_equal(store.finished_chunks(path), np.asarray(group["chunk_done"][:], dtype=bool))
+    (path / "chunk_done" / "c" / "3").write_bytes(b"not a zstd frame")  # not this layout: zarr's reading decides
+    with pytest.raises(Exception):
+        np.asarray(group["chunk_done"][:])
+    with pytest.raises(Exception):
+        store.finished_chunks(path)
+
+
 def chunk_result(index: int, start: int, count: int, skipped=()) -> store.ChunkResult:
     contrast = np.vstack([np.full(count, index + 0.5), np.full(count, 0.1), np.full(count, 0.3)]).astype(np.float32)
     bad = np.zeros(count, dtype=bool)
