@@ -18,7 +18,9 @@ per-row steps run here one by one: reading the star, writing the star and the
 ``.cs``, reading the store's figures.
 
 The data set is box 64 by default: the per-row costs do not depend on the box,
-and 98 304 rows then take 0.5 GB of stacks and 1.6 GB of output.
+and 98 304 rows then take 0.5 GB of stacks and 1.6 GB of output. To compare
+two trees, run it from outside the repository with ``PYTHONPATH=TREE`` (from
+inside, ``python -m dsub.cli`` finds the repository's own ``dsub`` first).
 """
 
 from __future__ import annotations
@@ -84,22 +86,37 @@ def rerun(paths: dict, outdir: Path, scheduler: str, device: str) -> dict:
             "rest": wall - phases["check_inputs"] - phases["export"]}
 
 
-def star_head(star: Path, folder: Path, rows: int = 100) -> Path:
-    """The first ``rows`` particles of ``star`` (header and optics included) as a star file in ``folder``."""
-    lines = star.read_text().splitlines(keepends=True)
-    first_row = next(number for number, line in enumerate(lines) if "@" in line)
-    head = folder / "head.star"
-    head.write_text("".join(lines[:first_row + rows]))
-    return head
+#: Run in a fresh process, as the command reads the star: a small star of the file's first rows first (what
+#: reading imports), then the file; prints its CPU seconds and how much the peak resident memory grew.
+READ_ONCE = """
+import resource, sys, time
+from pathlib import Path
+from dsub.formats import read_particles
+star, head = Path(sys.argv[1]), Path(sys.argv[2])
+lines, rows = [], 0
+with open(star) as f:  # line by line: holding the whole file here would hide the reading's own peak
+    for line in f:
+        lines.append(line)
+        rows += "@" in line
+        if rows == 100:
+            break
+head.write_text("".join(lines))
+read_particles(head)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+started = time.process_time()
+read_particles(star)
+print(time.process_time() - started, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
 
 
-def per_row_steps(paths: dict, outdir: Path) -> dict:
-    """CPU seconds of the coordinator's per-row steps, each run here on its own.
+def per_row_steps(paths: dict, outdir: Path) -> tuple[dict, int]:
+    """CPU seconds of the coordinator's per-row steps, each run on its own; and the bytes reading the star added
+    to the peak.
 
-    Each step is timed on its second call (the first loads what it imports),
-    but the star is read once, after a small star of its first rows: ``starfile``
-    keeps the lines of a file it read (``linecache``), so a second reading of
-    the same file would be faster than the command's one.
+    The star is read once in a fresh process (``READ_ONCE``): ``starfile`` keeps
+    the lines of a file it read (``linecache``), so a second reading in one
+    process is faster than the command's one. The other steps are timed here
+    on their second call (the first loads what they import).
     """
     from dsub.formats import read_particles
     from dsub.workflow import export, store
@@ -107,16 +124,18 @@ def per_row_steps(paths: dict, outdir: Path) -> dict:
     store_path = outdir / store.STORE_NAME
     seconds = {}
 
-    def timed(name, step, first=None):
-        (first or step)()  # the first call loads what the step imports
+    def timed(name, step):
+        step()
         started = time.process_time()
         value = step()
         seconds[name] = time.process_time() - started
         return value
 
     with tempfile.TemporaryDirectory() as folder:
-        head = star_head(paths["star"], Path(folder))
-        table = timed("read the star", lambda: read_particles(paths["star"]), lambda: read_particles(head))
+        read = subprocess.run([sys.executable, "-c", READ_ONCE, str(paths["star"]), str(Path(folder) / "head.star")],
+                              capture_output=True, text=True, check=True).stdout.split()
+    seconds["read the star"], peak_bytes = float(read[0]), int(read[1])
+    table = read_particles(paths["star"])
     timed("read the store's statistics", lambda: store.image_statistics(store_path))
     fit = timed("read the store's per-particle figures", lambda: store.per_particle(store_path))
     contrast = fit.pop("contrast")
@@ -124,7 +143,7 @@ def per_row_steps(paths: dict, outdir: Path) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         timed("write the star and .cs", lambda: export.write_metadata(
             table, Path(folder), export.DEFAULT_PARTICLES_PER_STACK, contrast, skipped, None, "auto", dict(fit)))
-    return seconds
+    return seconds, peak_bytes
 
 
 def main():
@@ -138,8 +157,10 @@ def main():
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     rows = args.particles * args.referenced
-    base = args.folder / f"dsub_fixed_costs_{args.particles}x{args.referenced}_{args.box}"
-    paths = dataset(base / "data", args.particles, args.box, args.referenced)
+    # A short folder name: the star names the stack by its path, and multi_gpu.py's star of 98 304 rows in a
+    # temporary folder (16.0-16.4 MB) is that long too.
+    base = args.folder / f"fc{args.particles}x{args.referenced}_{args.box}"
+    paths = dataset(base / "d", args.particles, args.box, args.referenced)
     outdir = base / "out"
     computed(paths, outdir, rows, args.device)
     print(f"| scheduler | wall s | check inputs s | export s | rest s (imports, QC report, exit) |")
@@ -149,10 +170,11 @@ def main():
             run = rerun(paths, outdir, scheduler, args.device)
             print(f"| {scheduler} | {run['wall']:.2f} | {run['check_inputs']:.2f} | {run['export']:.2f} | "
                   f"{run['rest']:.2f} |", flush=True)
-    steps = per_row_steps(paths, outdir)
+    steps, peak_bytes = per_row_steps(paths, outdir)
     print(f"\nper-row steps at {rows} rows (CPU s, µs a row):")
     for name, seconds in steps.items():
         print(f"  {name}: {seconds:.3f} s, {1e6 * seconds / rows:.1f} µs")
+    print(f"  reading the star added {peak_bytes / 2**20:.0f} MiB to the peak resident memory")
 
 
 if __name__ == "__main__":

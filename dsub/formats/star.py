@@ -59,8 +59,8 @@ KNOWN_OPTICS_LABELS = {
 #: Star files of this size or more are read by ``star_reader`` (``starfile`` reads smaller ones). 1 MiB (about
 #: 6 000 rows): ``starfile`` walks a file line by line in Python, and holding the interpreter that long slows
 #: whatever runs beside the reading (a local cluster starting); at 98 304 rows (16.0 MB, under the 16 MiB this
-#: was before) reading the particles took 0.50-0.59 CPU s with it against 0.37-0.41 s (BENCHMARKS.md, "The
-#: command's fixed part").
+#: was before) reading the particles took 0.59-0.82 CPU s and 149 MB of peak memory with it against 0.47-0.53 s
+#: and 92 MB (BENCHMARKS.md, "The command's fixed part").
 FAST_READ_BYTES = 2**20
 _FIX = "dsub reads RELION 3.0 and 3.1+ particle .star files (e.g. run_data.star of a Refine3D job)."
 
