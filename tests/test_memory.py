@@ -130,3 +130,38 @@ def test_reboxing_a_map_of_another_box_is_in_the_estimate(map_box, extent, box):
     settings = SubtractionSettings()
     plain = worker_memory(box, settings, "cpu", 1, 64, 4).host_bytes
     assert worker_memory(box, settings, "cpu", 1, 64, 4, extent).host_bytes >= plain - 3 * box**3 * 4 + peak
+
+
+# ---------------------------------------------------------------- this machine's memory limit
+def test_memory_limit_is_dasks_rule():
+    """The same figure as ``distributed.system.memory_limit``, which Dask's workers take for theirs."""
+    from distributed.system import memory_limit as dask_memory_limit
+
+    from dsub.workflow import resources
+
+    assert resources.memory_limit() == dask_memory_limit()
+
+
+def test_a_cgroup_limit_caps_the_memory_limit_and_max_does_not(tmp_path, monkeypatch):
+    import psutil
+
+    from dsub.workflow import resources
+
+    capped, unlimited, absent = tmp_path / "memory.max", tmp_path / "memory.high", tmp_path / "nothing"
+    capped.write_text("1073741824\n")
+    unlimited.write_text("max\n")
+    monkeypatch.setattr(resources, "CGROUP_LIMIT_FILES", (str(absent), str(unlimited)))
+    hard = resource.getrlimit(resource.RLIMIT_RSS)[1]
+    total = psutil.virtual_memory().total
+    uncapped = min(total, hard) if 0 < hard else total
+    assert resources.memory_limit() == uncapped  # "max" and a missing file cap nothing
+    monkeypatch.setattr(resources, "CGROUP_LIMIT_FILES", (str(absent), str(unlimited), str(capped)))
+    assert resources.memory_limit() == 2**30
+
+
+def test_a_run_on_threads_does_not_import_distributed(tmp_path):
+    """Checking this machine's memory (``host_memory_available``) needs no Dask distributed."""
+    code = ("import sys; from dsub.workflow import resources; resources.host_memory_available(); "
+            "print('distributed' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

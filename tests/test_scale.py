@@ -238,7 +238,9 @@ def _starfile_text(table, names, extra):
 def test_star_written_in_blocks_is_starfiles_text(name, request, tmp_path, monkeypatch):
     table = request.getfixturevalue(name)
     n = len(table)
-    refs = StackRefs([f"Subtract/stack {k}.mrcs" for k in range(3)], np.arange(n) % 3, np.arange(n) // 3)
+    # Paths with and without a space: only the names with one are quoted.
+    refs = StackRefs(["Subtract/stack 0.mrcs", "Subtract/stack_1.mrcs", "Subtract/stack 2.mrcs"], np.arange(n) % 3,
+                     np.arange(n) // 3)
     extra = {"rlnDsubContrast": np.linspace(-1, 1, n).astype(np.float32),
              "rlnDsubFitCorrelation": np.where(np.arange(n) % 7 == 0, np.nan, 1e-7 * np.arange(n))}
     monkeypatch.setattr(star, "WRITE_BLOCK_ROWS", 13)
@@ -246,7 +248,9 @@ def test_star_written_in_blocks_is_starfiles_text(name, request, tmp_path, monke
     written = (tmp_path / "blocks.star").read_text().split("\n")
     expected = _starfile_text(table, refs.names(), extra).split("\n")
     assert written[1:] == expected[1:]  # the first line is starfile's time stamp
-    assert '"Subtract/stack 1.mrcs"' not in written[-4]  # a name with a space is quoted as a whole
+    rows = [line for line in written if "@Subtract/" in line]
+    assert '"000001@Subtract/stack 0.mrcs"' in rows[0] and '"Subtract/stack 0.mrcs"' not in rows[0]  # quoted whole
+    assert "000001@Subtract/stack_1.mrcs" in rows[1].split("\t")  # no space: not quoted
     back = starfile.read(tmp_path / "blocks.star")["particles"]
     assert back["rlnImageName"].tolist() == refs.names().tolist()
 

@@ -38,6 +38,44 @@ def test_whole_arrays_read_chunk_by_chunk_equal_zarrs_reading(tmp_path):
     assert np.isnan(arrays["contrast"][4:8]).all() and arrays["contrast"][9] == -9.5
 
 
+def test_statistics_flags_and_figures_read_chunk_by_chunk_equal_zarrs_reading(tmp_path):
+    """The (n, 4) statistics (chunk files c/<i>/0), the skipped flags and the per-particle figures as zarr reads them."""
+    path = tmp_path / "subtracted.zarr"
+    store.create_store(path, count=10, box=4, chunk_size=4, run_attrs={}, keep_images=False)
+    group = store.open_store(path, mode="r+")
+    group[store.STATISTICS][0:4] = np.arange(16, dtype=np.float64).reshape(4, 4)  # chunk 1 never written: 0
+    group[store.STATISTICS][8:10] = [[-1.0, 2.0, 3.5, 4.25], [5.0, 6.0, 7.0, 8.0]]  # the short last chunk
+    group["skipped"][8:10] = [1, 0]
+    group["contrast_sigma"][4:8] = [0.5, 0.25, 0.125, 1.0]
+    del group["fit_correlation"]  # a store without it: NaN
+    statistics = store.image_statistics(path)
+    assert statistics.shape == (10, 4) and statistics.dtype == np.float64
+    np.testing.assert_array_equal(statistics, group[store.STATISTICS][:])
+    assert statistics[9].tolist() == [5.0, 6.0, 7.0, 8.0] and not statistics[4:8].any()
+    assert store.skipped_particles(path).tolist() == [False] * 8 + [True, False]
+    figures = store.per_particle(path)
+    assert sorted(figures) == sorted(store.PER_PARTICLE)
+    np.testing.assert_array_equal(figures["contrast_sigma"], group["contrast_sigma"][:])
+    assert figures["fit_correlation"].dtype == np.float32 and np.isnan(figures["fit_correlation"]).all()
+
+
+def test_chunk_marks_decoded_here_equal_zarrs_reading(tmp_path):
+    """The zstd-compressed marks, each file decoded without zarr: the marks zarr reads, a reset mark included."""
+    path = tmp_path / "subtracted.zarr"
+    store.create_store(path, count=20, box=4, chunk_size=2, run_attrs={}, keep_images=False)
+    group = store.open_store(path, mode="r+")
+    for index in (0, 3, 4, 9):
+        group["chunk_done"][index] = 1
+    store.reset_chunks(path, [4])
+    assert store.finished_chunks(path).tolist() == [i in (0, 3, 9) for i in range(10)]
+    np.testing.assert_array_equal(store.finished_chunks(path), np.asarray(group["chunk_done"][:], dtype=bool))
+    (path / "chunk_done" / "c" / "3").write_bytes(b"not a zstd frame")  # not this layout: zarr's reading decides
+    with pytest.raises(Exception):
+        np.asarray(group["chunk_done"][:])
+    with pytest.raises(Exception):
+        store.finished_chunks(path)
+
+
 def chunk_result(index: int, start: int, count: int, skipped=()) -> store.ChunkResult:
     contrast = np.vstack([np.full(count, index + 0.5), np.full(count, 0.1), np.full(count, 0.3)]).astype(np.float32)
     bad = np.zeros(count, dtype=bool)

@@ -56,8 +56,12 @@ KNOWN_OPTICS_LABELS = {
     # (particle_subtractor.cpp: divideByMtf(..., true); obs_model.cpp skips it for a single MTF file)
     "rlnMtfFileName",
 }
-#: Star files of this size or more are read by ``star_reader`` (``starfile`` reads smaller ones).
-FAST_READ_BYTES = 16 * 2**20
+#: Star files of this size or more are read by ``star_reader`` (``starfile`` reads smaller ones). 1 MiB (about
+#: 6 000 rows): ``starfile`` walks a file line by line in Python, and holding the interpreter that long slows
+#: whatever runs beside the reading (a local cluster starting); at 98 304 rows (16.0 MB, under the 16 MiB this
+#: was before) reading the particles took 0.59-0.82 CPU s and 149 MB of peak memory with it against 0.47-0.53 s
+#: and 92 MB (BENCHMARKS.md, "The command's fixed part").
+FAST_READ_BYTES = 2**20
 _FIX = "dsub reads RELION 3.0 and 3.1+ particle .star files (e.g. run_data.star of a Refine3D job)."
 
 
@@ -683,40 +687,56 @@ def _column_block(values, start: int, stop: int):
     return np.asarray(values)[start:stop]
 
 
+def _names_as_text(refs: StackRefs, start: int, stop: int) -> tuple[str, list]:
+    """``N@path`` of rows ``start:stop`` as ``_as_text`` gives them: quoted only where the path holds a space,
+    which is decided once per distinct path (a name is never empty)."""
+    names = refs.names(start, stop).tolist()
+    if any(" " in str(path) for path in refs.paths):
+        names = [f'"{name}"' if " " in name else name for name in names]
+    return "%s", names
+
+
 def _quoted(column: pd.Series) -> pd.Series:
     """``starfile``'s quoting of text values: in double quotes when empty or holding a space."""
     def quote(value):
         return f'"{value}"' if isinstance(value, str) and (" " in value or not value) else value
 
-    if isinstance(column.dtype, pd.CategoricalDtype):
-        return column.cat.rename_categories([quote(c) for c in column.cat.categories])
+    if isinstance(column.dtype, pd.CategoricalDtype):  # ``tolist``: iterating arrow-backed categories is slow
+        return column.cat.rename_categories([quote(c) for c in column.cat.categories.tolist()])
     if column.dtype == object or pd.api.types.is_string_dtype(column.dtype):
         return column.map(quote)
     return column
 
 
-def _as_text(column: pd.Series) -> list[str]:
-    """The column's values as ``starfile.write`` puts them in the text.
+def _as_text(column: pd.Series) -> tuple[str, list]:
+    """The column's values as ``starfile.write`` puts them in the text: (a ``%`` conversion, the values it takes).
 
-    Floats ``FLOAT_FORMAT % value``, text quoted (``_quoted``), everything else
-    ``str(value)``, a missing value ``<NA>``: what pandas' ``to_csv`` writes
-    value by value, without its per-value overhead (most of the time of
-    writing millions of rows).
+    Floats ``FLOAT_FORMAT % value`` (the values themselves: each row is
+    formatted with one ``%`` of all its values, ``write_star``), text quoted
+    (``_quoted``), everything else ``str(value)``, a missing value ``<NA>``
+    (these as text, under ``%s``): what pandas' ``to_csv`` writes value by
+    value, without its per-value overhead (most of the time of writing
+    millions of rows).
     """
     if isinstance(column.dtype, np.dtype) and column.dtype.kind in "biuf":
         values = column.to_numpy()
+        if values.dtype.kind in "iu":  # ``%d`` of an int is its ``str``
+            return "%d", values.tolist()
         if values.dtype.kind != "f":
-            return [str(value) for value in values.tolist()]
+            return "%s", [str(value) for value in values.tolist()]
+        missing = np.flatnonzero(np.isnan(values)).tolist()
+        if not missing:
+            return FLOAT_FORMAT, values.tolist()
         text = [FLOAT_FORMAT % value for value in values.tolist()]
-        for row in np.flatnonzero(np.isnan(values)).tolist():
+        for row in missing:
             text[row] = "<NA>"
-        return text
+        return "%s", text
     column = _quoted(column)
     if isinstance(column.dtype, pd.CategoricalDtype):
-        categories = np.array([str(value) for value in column.cat.categories] + ["<NA>"], dtype=object)
-        return categories[column.cat.codes.to_numpy()].tolist()  # code -1 (missing): the last
+        categories = np.array([str(value) for value in column.cat.categories.tolist()] + ["<NA>"], dtype=object)
+        return "%s", categories[column.cat.codes.to_numpy()].tolist()  # code -1 (missing): the last
     missing = column.isna().to_numpy()
-    return ["<NA>" if absent else str(value) for value, absent in zip(column.tolist(), missing.tolist())]
+    return "%s", ["<NA>" if absent else str(value) for value, absent in zip(column.tolist(), missing.tolist())]
 
 
 def write_star(path: str | os.PathLike, blocks: dict, columns: dict | None = None) -> None:
@@ -746,10 +766,15 @@ def write_star(path: str | os.PathLike, blocks: dict, columns: dict | None = Non
             for start in range(0, len(table), WRITE_BLOCK_ROWS):
                 stop = min(start + WRITE_BLOCK_ROWS, len(table))
                 rows = table.iloc[start:stop].reset_index(drop=True)
+                texts = {}
                 for label, values in columns.items():
-                    rows[label] = _column_block(values, start, stop)
-                texts = [_as_text(rows[label]) for label in labels]
-                f.write("\n".join(map("\t".join, zip(*texts))) + "\n")
+                    if isinstance(values, StackRefs):  # names built here: no Series of them to quote value by value
+                        texts[label] = _names_as_text(values, start, stop)
+                    else:
+                        rows[label] = _column_block(values, start, stop)
+                formats, values = zip(*(texts[label] if label in texts else _as_text(rows[label]) for label in labels))
+                line = "\t".join(formats)  # one ``%`` a row: a conversion per value costs a third more
+                f.write("\n".join([line % row for row in zip(*values)]) + "\n")
             f.write("\n\n")
         os.replace(tmp, path)
     finally:

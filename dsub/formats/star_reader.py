@@ -144,7 +144,9 @@ def _read_rows(path: Path, rows_at: int, labels: list[str], strings: list[str]) 
     for label in labels:
         parts = pieces.pop(label)
         if label in strings:
-            columns[label] = pd.Series(pd.api.types.union_categoricals(parts), copy=False)
+            # One piece (a file of fewer than ``PIECE_ROWS`` rows) is already the column: no union to compute.
+            joined = parts[0] if len(parts) == 1 else pd.api.types.union_categoricals(parts)
+            columns[label] = pd.Series(joined, copy=False)
             continue
         if len({part.dtype for part in parts}) > 1 and not {part.dtype.kind for part in parts} <= set("iuf"):
             raise _MixedColumn(label)  # text in some pieces, numbers in others: one read_csv would differ

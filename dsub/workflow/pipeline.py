@@ -388,10 +388,9 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             # The workers stop while the metadata is written (a local cluster takes seconds to close).
             cleanup.callback(close_in_background(running.pop_all()).join)
     export.finish_stacks(outdir, layout, store.image_statistics(store_path))  # headers: the tasks wrote the images
-    results = store.open_store(store_path)
     fit = store.per_particle(store_path)
     contrast = fit.pop("contrast")
-    skipped = np.asarray(results["skipped"][:], dtype=bool)
+    skipped = store.skipped_particles(store_path)
     diagnosed = {"sample": checked, "all": diagnostics.check_results(
         {"contrast": contrast, **fit}, skipped, settings.scale, checked)}
     with all_metadata_or_none(outdir):
@@ -622,7 +621,7 @@ def finished_run(outdir: Path, stacks: dict, options: RunOptions, table=None, sc
         store_path = outdir / store.STORE_NAME
         fit = store.per_particle(store_path)
         contrast = fit.pop("contrast")
-        skipped = np.asarray(store.open_store(store_path)["skipped"][:], dtype=bool)
+        skipped = store.skipped_particles(store_path)
         with all_metadata_or_none(outdir):
             exported = rebox.reboxed_table(table, reboxing) if reboxing is not None else None
             export.write_metadata(table, outdir, options.particles_per_stack, None if scale == "none" else contrast,

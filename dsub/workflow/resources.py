@@ -150,10 +150,42 @@ def batch_within(budget_bytes: float, box: int, settings, device: str, threads: 
 
 # --- what this machine or a worker has -----------------------------------------------------------
 
+#: Files whose figure caps this process's memory where it is above 0: cgroup v1 hard and soft limits, cgroup v2
+#: max, high and low, the files ``distributed.system.memory_limit`` reads.
+CGROUP_LIMIT_FILES = (
+    "/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.soft_limit_in_bytes",
+    "/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.high", "/sys/fs/cgroup/memory.low",
+)
+
+
+def memory_limit() -> int:
+    """Bytes of memory this machine lets the process hold: the total, capped by its cgroup and ``RLIMIT_RSS``.
+
+    The rule of Dask's ``distributed.system.memory_limit`` (which Dask workers
+    take for their limit), written out here because importing it imports all of
+    ``distributed``: 0.2 s on a 2-core VM and 1.0-1.7 s on the GPU hosts
+    (BENCHMARKS.md) that a run on ``threads`` needs for nothing else.
+    """
+    import psutil
+
+    limit = psutil.virtual_memory().total
+    for path in CGROUP_LIMIT_FILES:
+        try:
+            with open(path) as f:
+                capped = int(f.read())
+        except (OSError, ValueError):  # absent, or "max" (cgroup v2 without a limit)
+            continue
+        if capped > 0:
+            limit = min(limit, capped)
+    hard = resource.getrlimit(resource.RLIMIT_RSS)[1]
+    if 0 < hard < limit:
+        limit = hard
+    return limit
+
+
 def host_memory_available() -> int:
     """Bytes this process may still allocate: free memory, cgroup and rlimit caps (whichever is least)."""
     import psutil
-    from distributed.system import memory_limit  # total, cgroup and RLIMIT_RSS aware
 
     process = psutil.Process().memory_info()
     room = [psutil.virtual_memory().available, memory_limit() - process.rss]

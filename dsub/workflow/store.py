@@ -268,20 +268,11 @@ def finished_chunks(path: Path) -> np.ndarray:
     """Boolean array (n_chunks,): which chunks are complete.
 
     Zarr stores no chunk that holds only the fill value (0), so only the marks
-    whose files exist are read: a fresh store of 40 000 chunks answers at once
-    instead of opening 40 000 keys.
+    whose files exist are read (``read_arrays``: each file decoded here, 384
+    marks in 0.01 s against 0.18 s through zarr): a fresh store of 40 000 chunks
+    answers at once instead of opening 40 000 keys.
     """
-    marks = open_store(path)["chunk_done"]
-    try:
-        written = np.array(sorted(int(name) for name in os.listdir(Path(path) / "chunk_done" / "c")), dtype=np.int64)
-    except FileNotFoundError:
-        written = np.zeros(0, dtype=np.int64)
-    except ValueError:  # not the layout this module writes: read every mark
-        return np.asarray(marks[:], dtype=bool)
-    done = np.zeros(marks.shape[0], dtype=bool)
-    if written.size:
-        done[written] = np.asarray(marks.get_orthogonal_selection(written), dtype=bool)
-    return done
+    return read_arrays(path, ["chunk_done"])["chunk_done"].astype(bool)
 
 
 def reset_chunks(path: Path, chunks) -> None:
@@ -293,7 +284,7 @@ def reset_chunks(path: Path, chunks) -> None:
 
 def image_statistics(path: Path) -> np.ndarray:
     """(n, 4) float64: each image's minimum, maximum, sum and sum of squares, as written by its chunk."""
-    return np.asarray(open_store(path)[STATISTICS][:])
+    return read_arrays(path, [STATISTICS])[STATISTICS]
 
 
 def per_particle(path: Path) -> dict:
@@ -301,23 +292,29 @@ def per_particle(path: Path) -> dict:
 
     A store written before an array existed gives NaN for it.
     """
-    group = open_store(path)
-    count = group["contrast"].shape[0]
-    return {name: np.asarray(group[name][:]) if name in group else np.full(count, np.nan, np.float32)
-            for name in PER_PARTICLE}
+    found = read_arrays(path, PER_PARTICLE)
+    count = found["contrast"].shape[0]
+    return {name: found[name] if name in found else np.full(count, np.nan, np.float32) for name in PER_PARTICLE}
+
+
+def skipped_particles(path: Path) -> np.ndarray:
+    """(n,) bool: the particles left out for NaN or infinite values (``--skip-bad-particles``)."""
+    return read_arrays(path, ["skipped"])["skipped"].astype(bool)
 
 
 def read_arrays(path: Path, names) -> dict:
     """{name: whole NumPy array} for each of ``names`` the store holds (absent ones left out).
 
     For the per-particle arrays, read whole by the end of a run and by the QC
-    report. A 1-D array stored as this module creates it (zarr v3, the default
-    chunk keys ``name/c/<i>``) is read chunk file by chunk file, a chunk never
-    written taking the fill value: at a million particles in chunks of 256,
-    about ten times faster than zarr's own reader (measured 0.07 s against 0.7 s
-    per array: zarr pays its asynchronous machinery per chunk, written or not).
-    Compressed chunks (``skipped``) are decoded by zarr, only those written.
-    Any other layout is read through zarr.
+    report. An array stored as this module creates it (zarr v3, the default
+    chunk keys ``name/c/<i>`` or ``name/c/<i>/0`` for the (n, 4) statistics:
+    chunked along the particles only) is read chunk file by chunk file, a chunk
+    never written taking the fill value: at a million particles in chunks of
+    256, about ten times faster than zarr's own reader (measured 0.07 s against
+    0.7 s per array: zarr pays its asynchronous machinery per chunk, written or
+    not). Chunks compressed with zstd (``skipped``, ``chunk_done``) are
+    decoded here as zarr's codec does (numcodecs' ``Zstd``), others by zarr,
+    only those written. Any other layout is read through zarr.
     """
     group = open_store(path)
     arrays = {}
@@ -331,16 +328,21 @@ def _read_plain(folder: Path, array) -> np.ndarray:
     try:
         meta = json.loads((folder / "zarr.json").read_text())
         codecs = meta["codecs"]
-        default_keys = (meta.get("zarr_format") == 3 and len(meta["shape"]) == 1
+        # Chunked along the first axis only: chunk i is the file c/i (1-D) or c/i/0 (2-D).
+        default_keys = (meta.get("zarr_format") == 3 and len(meta["shape"]) in (1, 2)
                         and meta["chunk_key_encoding"] == {"name": "default", "configuration": {"separator": "/"}}
-                        and meta["chunk_grid"]["name"] == "regular")
+                        and meta["chunk_grid"]["name"] == "regular"
+                        and list(meta["chunk_grid"]["configuration"]["chunk_shape"][1:]) == list(meta["shape"][1:]))
         plain = default_keys and len(codecs) == 1 and codecs[0]["name"] == "bytes"
+        # zstd frames (``skipped``, ``chunk_done``): each decoded here, as numcodecs' Zstd, which zarr uses, does.
+        zstd = default_keys and [codec["name"] for codec in codecs] == ["bytes", "zstd"]
     except (OSError, ValueError, KeyError, TypeError):
-        default_keys = plain = False
+        default_keys = plain = zstd = False
     if not default_keys:
         return np.asarray(array[:])
     count, size = int(meta["shape"][0]), int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
-    out = np.full(count, array.fill_value, dtype=array.dtype)
+    row = tuple(int(n) for n in meta["shape"][1:])  # the shape of one particle's values: () or (4,)
+    out = np.full((count, *row), array.fill_value, dtype=array.dtype)
     chunks = os.path.join(folder, "c")
     try:
         written = [int(key) for key in os.listdir(chunks)]
@@ -348,7 +350,7 @@ def _read_plain(folder: Path, array) -> np.ndarray:
         return out
     except ValueError:  # not this module's layout
         return np.asarray(array[:])
-    if not plain:  # compressed (``skipped``): zarr decodes, but only the chunks written (few, for ``skipped``)
+    if not plain and not zstd:  # otherwise compressed: zarr decodes, but only the chunks written
         if len(written) * 4 > -(-count // size):
             return np.asarray(array[:])
         for index in written:
@@ -356,12 +358,21 @@ def _read_plain(folder: Path, array) -> np.ndarray:
         return out
     endian = "<" if codecs[0].get("configuration", {}).get("endian", "little") == "little" else ">"
     dtype = np.dtype(array.dtype).newbyteorder(endian)
+    decode = None
+    if zstd:
+        from numcodecs import Zstd
+
+        decode = Zstd().decode
     for index in written:
         start = index * size
-        with open(os.path.join(chunks, str(index)), "rb") as file:
-            values = np.frombuffer(file.read(), dtype=dtype)
-        if values.size != size:
+        try:
+            with open(os.path.join(chunks, str(index), *("0" for _ in row)), "rb") as file:
+                data = file.read()
+            values = np.frombuffer(data if decode is None else decode(data), dtype=dtype)
+        except (OSError, RuntimeError, ValueError):  # no such file, or not a zstd frame: not this module's layout
+            return np.asarray(array[:])
+        if values.size != size * int(np.prod(row)):
             return np.asarray(array[:])  # not a plain chunk after all
         stop = min(start + size, count)
-        out[start:stop] = values[:stop - start]
+        out[start:stop] = values.reshape(size, *row)[:stop - start]
     return out
