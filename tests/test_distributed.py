@@ -139,6 +139,19 @@ def test_local_cluster_with_a_cluster_config_starts_beside_the_checks(dataset, t
     assert same_images(stacks(tmp_path / "out"), threaded) <= 1e-5
 
 
+def test_local_cluster_serves_its_dashboard():
+    """The address a local run prints serves Dask's status page (bokeh installed with dsub)."""
+    import urllib.request
+
+    from dsub.cluster import ClusterSpec, start
+
+    spec = ClusterSpec(scheduler="local", workers=1, dashboard_address="127.0.0.1:0", progress=False, device="cpu")
+    with start.start_cluster(spec) as (client, cluster, _):
+        with urllib.request.urlopen(client.dashboard_link, timeout=30) as page:
+            assert page.status == 200 and page.url.endswith("/status")
+            assert b"bokeh" in page.read().lower()
+
+
 def _pinning_and_loading():
     return (os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("DSUB_WARM_UP_GPU"),
             "dsub.workflow.tasks" in sys.modules)
