@@ -413,6 +413,7 @@ def test_local_workers_ignore_ctrl_c_from_the_start_and_still_stop_on_sigterm(tm
     first_preload.write_text("import signal\nAT_IMPORT = signal.getsignal(signal.SIGINT)\n\n"
                              "def dask_setup(worker):\n    worker.sigint_at_import = AT_IMPORT is signal.SIG_IGN\n")
     interpreter = multiprocessing.spawn.get_executable()
+    coordinator_handler = signal.getsignal(signal.SIGINT)
     spec = ClusterSpec(scheduler="local", workers=1, dashboard_address="127.0.0.1:0", worker_timeout=120)
     with dask.config.set({"distributed.worker.preload": [str(first_preload)]}):
         with start_cluster(spec) as (client, cluster, _):
@@ -420,7 +421,7 @@ def test_local_workers_ignore_ctrl_c_from_the_start_and_still_stop_on_sigterm(tm
                 address: True for address in client.scheduler_info()["workers"]}
             (pid,) = client.run(os.getpid).values()
             assert sigint_bit(pid, "SigIgn")
-            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the coordinator keeps its own
+            assert signal.getsignal(signal.SIGINT) is coordinator_handler  # the coordinator keeps its own
             os.kill(pid, signal.SIGTERM)
             psutil.Process(pid).wait(timeout=30)
     assert multiprocessing.spawn.get_executable() == interpreter
