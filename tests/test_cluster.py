@@ -50,6 +50,8 @@ def test_job_script_command_prints_the_script(capsys):
 def test_cluster_config_applies_only_inside_the_block(tmp_path):
     path = tmp_path / "site.yaml"
     path.write_text("jobqueue:\n  slurm:\n    queue: gpu-long\n")
+    import dask_jobqueue  # noqa: F401  (its import adds the jobqueue defaults to dask's config)
+
     before = dask.config.get("jobqueue.slurm.walltime")
     with cluster_config(path):
         assert dask.config.get("jobqueue.slurm.queue") == "gpu-long"
