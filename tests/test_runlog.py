@@ -40,7 +40,7 @@ def subtract_args(paths, outdir, *extra):
 
 
 def test_log_lines_are_plain_paced_and_count_particles_per_second():
-    """Chunks of 100 particles every 5 s after 20 s of set-up: 20 particles/s, whatever the set-up took."""
+    """Chunks of 100 particles every 5 s after 20 s of set-up: the rate counts from the phase's start."""
     clock, out = FakeClock(), io.StringIO()
     shown = Progress("subtract", [100] * 8, out, waiting="preparing the maps on the workers", clock=clock)
     for second in range(1, 60):  # the ticking thread's calls, one a second
@@ -52,13 +52,33 @@ def test_log_lines_are_plain_paced_and_count_particles_per_second():
     lines = out.getvalue().splitlines()
     assert "\r" not in out.getvalue()
     assert lines[0] == "subtract: chunks 0/8, preparing the maps on the workers (10 s so far)"
-    # At 30 s: chunks at 20, 25, 30 s -> (300 - 100) particles in 10 s; 500 left at 20/s.
-    assert lines[2] == "subtract: chunks 3/8, 20 particles/s, about 25 s left"
+    # At 30 s: chunks at 20, 25, 30 s -> 300 particles in 30 s; 500 left at 10/s.
+    assert lines[2] == "subtract: chunks 3/8, 10 particles/s, about 50 s left"
     assert len(lines) == 5  # one line per 10 s over 59 s, not one per update
-    assert lines[4] == "subtract: chunks 7/8, 20 particles/s, about 5 s left"
+    assert lines[4] == "subtract: chunks 7/8, 14 particles/s, about 7 s left"  # 700 in 50 s; 100 left
     final = shown.close()
     assert final.tasks == 8 and final.items == 800 and final.seconds == pytest.approx(59)
     assert out.getvalue().splitlines()[-1] == "subtract: 8 chunks, 800 particles in 59.0 s, 14 particles/s"
+
+
+def test_chunks_finishing_together_do_not_make_the_rate_soar():
+    """Two threads finish their chunks at almost the same moment: the rate is what the phase did in its time.
+
+    As ``--scheduler threads`` with 2 threads ran 4 chunks of 250 particles in 17.2 s: the first two
+    chunks ended 8.6 s in, 10 ms apart. Counting from the first one's end gave 250 particles in 10 ms.
+    """
+    clock, out = FakeClock(), io.StringIO()
+    shown = Progress("subtract", [250] * 4, out, clock=clock)
+    clock.now += 8.6
+    shown.task_done(0)
+    clock.now += 0.01
+    shown.task_done(1)
+    assert shown.items_per_second() == pytest.approx(500 / 8.61)
+    assert shown.status() == "subtract: chunks 2/4, 58 particles/s, about 9 s left"
+    clock.now += 8.59
+    shown.task_done(2)
+    shown.task_done(3)
+    assert shown.close().line() == "subtract: 4 chunks, 1 000 particles in 17.2 s, 58 particles/s"
 
 
 def test_extra_log_gets_lines_once_a_minute():
@@ -271,6 +291,21 @@ def test_terminal_gets_a_bar_and_the_log_plain_lines():
     assert "200/200" in screen.getvalue() and "chunks 4/4" in screen.getvalue()
     assert "\r" not in log.getvalue()
     assert log.getvalue().splitlines()[-1] == "subtract: 4 chunks, 200 particles in 120.0 s, 1.7 particles/s"
+
+
+def test_the_bar_counts_its_rate_from_the_start_too(monkeypatch):
+    """tqdm's own rate and time left are the average since the start, not a smoothed average of update gaps."""
+    import tqdm.std
+
+    clock, screen = FakeClock(), Terminal()
+    monkeypatch.setattr(tqdm.std, "time", clock)  # the bar's clock
+    shown = Progress("subtract", [250] * 4, screen, clock=clock)
+    clock.now += 8.6
+    shown.task_done(0)
+    clock.now += 0.01
+    shown.task_done(1)
+    assert "500/1000 [00:08<00:08, 58.07particle/s, chunks 2/4]" in str(shown.bar)
+    shown.close()
 
 
 def test_a_phase_that_fails_does_not_end_with_a_complete_looking_line():

@@ -99,7 +99,6 @@ class Progress:
         self.clock = clock
         self.started = clock()
         self.done_tasks = self.done_items = 0
-        self.first_done: tuple[float, int] | None = None  # (time, items) when the first task finished
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -108,8 +107,10 @@ class Progress:
         if is_terminal(out):
             from tqdm import tqdm
 
+            # smoothing=0: the bar's rate and time left too are the average since the start, not an
+            # average of the gaps between updates (``items_per_second``).
             self.bar = tqdm(total=sum(self.sizes), desc=label, unit=item_name.removesuffix("s"), file=out,
-                            postfix=waiting)
+                            postfix=waiting, smoothing=0)
         else:
             self.logs.append([out, LOG_INTERVAL_S, self.started])
         self.logs.extend([stream, LOG_FILE_INTERVAL_S, self.started] for stream in extra_logs)
@@ -137,24 +138,25 @@ class Progress:
     def task_done(self, index: int) -> None:
         """Task ``index`` (its position in ``sizes``) has finished."""
         with self._lock:
-            now = self.clock()
             self.done_tasks += 1
             self.done_items += self.sizes[index]
-            if self.first_done is None:
-                self.first_done = (now, self.done_items)
             if self.bar is not None:
                 self._set_note()
                 self.bar.update(self.sizes[index])
         self.tick()
 
     def items_per_second(self) -> float | None:
-        """Items per second: measured from the first finished task on (set-up excluded) once it can be."""
-        now = self.clock()
-        if self.first_done is not None:
-            since, items_then = self.first_done
-            if now - since > 0 and self.done_items > items_then:
-                return (self.done_items - items_then) / (now - since)
-        elapsed = now - self.started
+        """Items per second: the items finished over the time since the phase started (its tasks were submitted).
+
+        Never the gap between two completions: tasks running side by side finish
+        in waves, and two that end a few milliseconds apart (``--scheduler
+        threads``) made a rate counted from the first one's end soar (``about 1 s
+        left`` for a phase with half its 17 s still to run). Counted from the
+        start, the workers' set-up within the phase (maps prepared on their first
+        task) is in the time too, so early estimates err on the long side and
+        draw nearer the truth as the phase goes on.
+        """
+        elapsed = self.clock() - self.started
         return self.done_items / elapsed if elapsed > 0 and self.done_items else None
 
     def status(self) -> str:
