@@ -319,9 +319,12 @@ def main(argv=None) -> int:
         print(error_line(exc), file=sys.stderr)  # always one line
         return 2
     except MemoryError as exc:
+        # Fewer tasks at once only where there were several (not --workers 1, not --scheduler sync).
+        one_task = getattr(args, "workers", None) == 1 or getattr(args, "scheduler", None) == "sync"
+        fewer = "" if one_task else " or run fewer tasks at once (--workers)"
         print(f"dsub: error: out of memory ({' '.join(str(exc).split()) or 'an allocation failed'}). Give dsub more "
-              "memory (a larger batch job, a higher 'ulimit -v': mapped stacks count against it) or run fewer tasks "
-              "at once (--workers); rerun the same command to resume.", file=sys.stderr)
+              f"memory (a larger batch job, a higher 'ulimit -v': mapped stacks count against it){fewer}; rerun the "
+              "same command to resume.", file=sys.stderr)
         return 2
     except BrokenPipeError:  # what dsub printed was cut off by its reader (dsub job-script | head): no error
         return 128 + signal.SIGPIPE

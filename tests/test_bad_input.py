@@ -498,7 +498,10 @@ def test_memory_and_system_errors_reaching_the_command_line_are_one_line(data, t
     assert run(data, tmp_path / "out") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("dsub: error: out of memory (Unable to allocate 32.0 MiB")
-    assert "ulimit -v" in err[0]
+    assert "ulimit -v" in err[0] and "fewer tasks at once (--workers)" in err[0]
+    assert run(data, tmp_path / "one", "--workers", "1") == 2  # one task at a time: no fewer to run
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ulimit -v" in err[0] and "--workers" not in err[0]
 
     def disk_full(outdir):
         raise OSError(errno_codes.ENOSPC, "No space left on device", str(outdir / "report" / "contrast.png"))

@@ -69,10 +69,11 @@ def test_a_profile_with_enough_memory_is_left_alone(capsys):
     assert "#SBATCH --mem=60G" in out and "--gres=gpu:1" in out and err == ""  # 64 GB in dask-jobqueue's GiB
 
 
-def plan(scheduler="slurm", device="cpu", box=128, limit=None):
-    need = resources.worker_memory(box, SubtractionSettings(), device, 1, 256, 8)
+def plan(scheduler="slurm", device="cpu", box=128, limit=None, padding=1.25, threads=1, gpu_possible=False):
+    need = resources.worker_memory(box, SubtractionSettings(), device, threads, 256, 8)
     return resources.MemoryPlan(need=need, minimum=need, scheduler=scheduler,
-                                log_directory="/scratch/dsub-worker-logs", worker_limit=limit)
+                                log_directory="/scratch/dsub-worker-logs", worker_limit=limit, padding=padding,
+                                gpu_possible=gpu_possible)
 
 
 def one_line(error) -> str:
@@ -102,7 +103,54 @@ def test_memory_error_anywhere_becomes_one_line_with_the_estimate():
     text = one_line(caught.value)
     assert "Unable to allocate 6.59 GiB" in text
     assert f"each worker needs about {threads.need.host_bytes / 1e9:.1f} GB of host memory" in text
-    assert "--padding" in text
+    assert "--padding" not in text  # at the leanest padding already
+
+
+ADVICE = ("--padding", "--workers", "--device gpu")
+
+
+def test_memory_advice_names_only_what_applies(monkeypatch):
+    """Lower --padding above 1.25, fewer --workers with more than one task at once, a GPU where there is one."""
+    monkeypatch.setattr(resources, "host_memory_available", lambda: 0)
+    monkeypatch.setattr(resources, "memory_granted", lambda: (2_560_000_000, "the address-space limit (ulimit -v)"))
+    cases = {  # (padding, tasks at once, a GPU to use): the advice expected
+        (1.25, 1, False): (), (2.0, 1, False): ("--padding",), (1.25, 3, False): ("--workers",),
+        (1.25, 1, True): ("--device gpu",), (2.0, 4, True): ADVICE,
+    }
+    for (padding, threads, gpu), expected in cases.items():
+        lean = plan("threads", padding=padding, threads=threads, gpu_possible=gpu)
+        with pytest.raises(resources.NotEnoughMemoryError) as caught:
+            resources.check_this_machine(lean)
+        text = one_line(caught.value)
+        assert [word for word in ADVICE if word in text] == list(expected), (padding, threads, gpu, text)
+        if padding > 1.25:
+            assert "lower --padding (now 2; the default projector's 1.25 is the leanest)" in text.lower()
+        if threads > 1:
+            assert f"tasks at once, now {threads}" in text
+        if not expected:  # nothing to change: what it needs, and what it got
+            assert "Nothing in this run can be made leaner (padding 1.25, 1 task(s) at once" in text
+            assert f"at least {lean.minimum.host_bytes / 1e9:.1f} GB of host memory" in text
+            assert "of 2.6 GB under the address-space limit (ulimit -v)" in text
+        with pytest.raises(resources.NotEnoughMemoryError) as caught, resources.failures_explained(lean):
+            raise MemoryError("Unable to allocate 1.00 GiB")
+        text = one_line(caught.value)
+        assert [word for word in ADVICE if word in text] == list(expected), (padding, threads, gpu, text)
+        if not expected:
+            assert "this one got 2.6 GB, under the address-space limit (ulimit -v)" in text
+
+
+def test_a_run_at_its_leanest_on_a_cpu_is_told_what_it_needs(tmp_path, monkeypatch, capsys):
+    """``ulimit -v 2500000; dsub subtract ... --workers 1`` on a CPU machine: no advice it cannot follow."""
+    paths, _ = make_dataset(tmp_path / "data", count=4, box=32, seed=4, snr=None)
+    monkeypatch.setattr(resources, "host_memory_available", lambda: 0)
+    monkeypatch.setattr(resources, "gpu_possible", lambda scheduler: False)  # as on a machine without a GPU
+    assert main(["subtract", str(paths["star"]), "--half-a", str(paths["half_a"]), "--half-b", str(paths["half_b"]),
+                 "--mask", str(paths["mask"]), "-o", str(tmp_path / "out"), "--workers", "1", "--device", "cpu",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dsub: error: each worker needs about") and err.count("\n") == 1
+    assert not any(word in err for word in ADVICE), err
+    assert "Nothing in this run can be made leaner (padding 1.25, 1 task(s) at once, batches of 1)" in err
 
 
 def test_worker_with_too_small_a_limit_is_refused_before_any_work():

@@ -30,6 +30,7 @@ from ..physics.memory import (
     prepared_map_bytes,
     preparation_peak_bytes,
 )
+from ..physics.projector import GRIDDING_OVERSAMPLING, projector_kernel
 
 #: A batch on a GPU needs this much more per particle than NumPy's count (cuFFT work areas and plans for the
 #: extraction field; CuPy's pool at box 512, batch 256, on an H200: 63 MB against 45 MB, BENCHMARKS.md).
@@ -241,6 +242,8 @@ class MemoryPlan:
     log_directory: str | None = None
     worker_limit: int | None = None  # the smallest memory limit a worker reported
     map_voxels: int = 0  # the cube maps of another box are brought through (``worker_memory``)
+    padding: float | None = None  # the prepared maps' oversampling (None: unknown, so never suggested lower)
+    gpu_possible: bool = False  # a GPU the run could use instead: visible here, or GPU jobs a batch system gives
 
     @property
     def request_bytes(self) -> int:
@@ -306,7 +309,20 @@ def plan_memory(box: int, settings, options, map_voxels: int = 0) -> MemoryPlan:
         need=worker_memory(box, settings, device, threads, chunk, batch, map_voxels),
         minimum=worker_memory(box, settings, device, threads, chunk, 1, map_voxels),
         scheduler=spec.scheduler, log_directory=log_directory, map_voxels=int(map_voxels),
+        padding=projector_kernel(settings.projector, settings.padding)[1],
+        gpu_possible=device != "gpu" and gpu_possible(spec.scheduler),
     )
+
+
+def gpu_possible(scheduler: str) -> bool:
+    """Whether a run on ``scheduler`` could compute on a GPU: one visible here (``threads``, ``sync``,
+    ``local``), or GPU jobs the batch system can give (``slurm``, ``pbs``); unknown (False) for the
+    workers of a running scheduler."""
+    if scheduler in ("threads", "sync", "local"):
+        from ..physics.backend import gpu_available
+
+        return gpu_available()
+    return scheduler in ("slurm", "pbs")
 
 
 def raise_limit(scheduler: str, workers: int) -> str:
@@ -319,14 +335,54 @@ def raise_limit(scheduler: str, workers: int) -> str:
     return "Start the workers with a larger --memory-limit"
 
 
-def remedies(device: str) -> str:
-    """What a user can change to need less memory per worker (a clause, lower case)."""
-    gpu = "" if device == "gpu" else ", or run on a GPU (--device gpu)"
-    return f"lower --padding (the default projector's 1.25 is the leanest), or use fewer --workers (tasks at once){gpu}"
+def remedies(need: WorkerMemory, plan: MemoryPlan) -> list[str]:
+    """What a user can change for a worker to need less memory than ``need`` (clauses, lower case).
+
+    Only what applies: a lower ``--padding`` where the maps are oversampled
+    above the default projector's 1.25 (``GRIDDING_OVERSAMPLING``, the leanest),
+    fewer tasks at once where a worker runs more than one, a GPU where one could
+    be used (``plan.gpu_possible``) and the run is not on one. May be empty.
+    """
+    found = []
+    if plan.padding is not None and plan.padding > GRIDDING_OVERSAMPLING + 1e-9:
+        found.append(f"lower --padding (now {plan.padding:g}; the default projector's {GRIDDING_OVERSAMPLING:g} "
+                     "is the leanest)")
+    if need.threads > 1:
+        if plan.scheduler in ("threads", "sync"):
+            found.append(f"use fewer --workers (tasks at once, now {need.threads})")
+        elif plan.scheduler in ("slurm", "pbs"):
+            found.append(f"run fewer tasks at once on each worker (now {need.threads}: give each worker process "
+                         "fewer 'cores' in the cluster config)")
+    if need.device != "gpu" and plan.gpu_possible:
+        found.append("run on a GPU (--device gpu)")
+    return found
+
+
+def either(clauses: list[str]) -> str:
+    """``a, or b, or c`` (empty for no clause)."""
+    return ", or ".join(clauses)
 
 
 def sentence(clause: str) -> str:
     return clause[:1].upper() + clause[1:]
+
+
+def memory_granted() -> tuple[int, str]:
+    """(bytes, why) of the memory this process may hold: the smallest of the machine's memory, its cgroup and
+    ``RLIMIT_RSS`` caps (``memory_limit``) and its address-space limit (``ulimit -v``, ``RLIMIT_AS``)."""
+    granted, why = memory_limit(), "this machine's memory or its cgroup's limit"
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft not in (resource.RLIM_INFINITY, -1) and soft < granted:
+        granted, why = soft, "the address-space limit (ulimit -v), which counts the libraries mapped too"
+    return int(granted), why
+
+
+def nothing_leaner(need: WorkerMemory, plan: MemoryPlan) -> str:
+    """The sentence for a run with nothing left to make leaner (``need``: its minimum): what it needs, where to run it."""
+    padding = f"padding {plan.padding:g}, " if plan.padding is not None else ""
+    gpu = f" and {gigabytes(need.gpu_bytes)} of GPU memory" if need.device == "gpu" else ""
+    return (f"Nothing in this run can be made leaner ({padding}{need.threads} task(s) at once, batches of "
+            f"{need.batch}): run it where a worker gets at least {gigabytes(need.host_bytes)} of host memory{gpu}")
 
 
 def check_this_machine(plan: MemoryPlan) -> None:
@@ -336,12 +392,15 @@ def check_this_machine(plan: MemoryPlan) -> None:
         free = gpu_memory_free()
         if need.gpu_bytes > free:
             raise NotEnoughMemoryError(
-                f"{need.describe()}, but the GPU has {gigabytes(free)} free. {sentence(remedies('gpu'))}, "
-                "or use a GPU with more memory.")
+                f"{need.describe()}, but the GPU has {gigabytes(free)} free. "
+                f"{sentence(either([*remedies(need, plan), 'use a GPU with more memory']))}.")
     room = host_memory_available() + BASELINE_HOST_BYTES
     if need.host_bytes > room:
+        granted, why = memory_granted()
+        fixes = remedies(need, plan)
         raise NotEnoughMemoryError(
-            f"{need.describe()}, but this machine has {gigabytes(room)} available to dsub. {sentence(remedies(need.device))}.")
+            f"{need.describe()}, but this machine has {gigabytes(room)} available to dsub (of {gigabytes(granted)} "
+            f"under {why}). {sentence(either(fixes)) if fixes else nothing_leaner(need, plan)}.")
 
 
 def check_workers(plan: MemoryPlan, capacities: dict, box: int, settings, chunk_size: int) -> None:
@@ -362,13 +421,13 @@ def check_workers(plan: MemoryPlan, capacities: dict, box: int, settings, chunk_
         if limit and need.host_bytes > limit * fraction:
             raise NotEnoughMemoryError(
                 f"{need.describe()} (even with batches of one particle), but worker {address} has a memory limit of "
-                f"{gigabytes(limit)} (Dask pauses it at {fraction:.0%} of that). {raise_limit(plan.scheduler, len(capacities))}; "
-                f"or {remedies(need.device)}.")
+                f"{gigabytes(limit)} (Dask pauses it at {fraction:.0%} of that). {raise_limit(plan.scheduler, len(capacities))}"
+                + "".join(f"; or {fix}" for fix in remedies(need, plan)) + ".")
         free = capacity.get("gpu_free")
         if capacity["device"] == "gpu" and free is not None and need.gpu_bytes > free:
             raise NotEnoughMemoryError(
                 f"{need.describe()}, but worker {address}'s GPU has {gigabytes(free)} free. "
-                f"{sentence(remedies('gpu'))}, or use GPUs with more memory.")
+                f"{sentence(either([*remedies(need, plan), 'use GPUs with more memory']))}.")
 
 
 # --- failures after the start ------------------------------------------------------------------------
@@ -411,9 +470,20 @@ def workers_lost_error(plan: MemoryPlan, waited: float) -> WorkerLostError:
 
 
 def out_of_memory_error(exc: MemoryError, plan: MemoryPlan) -> NotEnoughMemoryError:
+    """One line for a MemoryError: the estimate, what the run could change, or else what it got against what it needs."""
     said = " ".join(str(exc).split())
+    fixes = remedies(plan.need, plan)
+    if fixes:
+        advice = sentence(either(fixes))
+    else:
+        if plan.scheduler in ("threads", "sync"):
+            granted, why = memory_granted()
+            got = f"; this one got {gigabytes(granted)}, under {why}"
+        else:
+            got = f"; each worker had {gigabytes(plan.worker_limit)}" if plan.worker_limit else ""
+        advice = nothing_leaner(plan.minimum, plan) + got
     return NotEnoughMemoryError(
-        f"out of memory ({said or type(exc).__name__}): {plan.need.describe()}. {sentence(remedies(plan.need.device))}. "
+        f"out of memory ({said or type(exc).__name__}): {plan.need.describe()}. {advice}. "
         "Finished chunks are kept: rerun the same command to resume.")
 
 
