@@ -311,6 +311,76 @@ def test_cs_root_sets_the_project_of_a_star_inputs_cs(dataset, tmp_path, monkeyp
     assert residual(images, sim) < LIMIT
 
 
+def test_an_outdir_inside_a_cryosparc_project_makes_it_the_cs_root(dataset, tmp_path, monkeypatch, capsys):
+    """Star input, ``-o P3/imports/dsub`` with ``P3/project.json``: the .cs names the stacks from P3, unasked."""
+    paths, sim = dataset
+    project = tmp_path / "P3"
+    project.mkdir()
+    (project / "project.json").write_text("{}")
+    monkeypatch.chdir(project)  # from inside the project, as the trial ran it
+    capsys.readouterr()
+    assert run(paths["star"], paths, "imports/dsub") == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if "cryoSPARC project" in line]
+    assert said == [f"The output folder lies in the cryoSPARC project {project}: the .cs's blob/path are written "
+                    "relative to it (--cs-root chooses another folder)."]
+    out = np.load(project / "imports/dsub/particles_subtracted.cs", max_header_size=2**30)
+    assert out["blob/path"][0].decode() == "imports/dsub/Particles/subtracted_0000.mrcs"
+    images = np.stack([mrcfile.open(project / p.decode()).data[i] for p, i in zip(out["blob/path"], out["blob/idx"])])
+    assert residual(images, sim) < LIMIT
+    # The star still names them from the current folder, as RELION opens them.
+    rows = starfile.read(project / "imports/dsub/particles_subtracted.star", always_dict=True)["particles"]
+    assert rows["rlnImageName"].iloc[0] == "000001@imports/dsub/Particles/subtracted_0000.mrcs"
+    # A job folder's parent is the project too; a folder without project.json above it is not one.
+    (tmp_path / "plain").mkdir()
+    monkeypatch.chdir(tmp_path / "plain")
+    capsys.readouterr()
+    assert run(paths["star"], paths, tmp_path / "plain/out") == 0
+    assert "cryoSPARC project" not in capsys.readouterr().out
+    out = np.load(tmp_path / "plain/out/particles_subtracted.cs", max_header_size=2**30)
+    assert out["blob/path"][0].decode() == str(tmp_path / "plain/out/Particles/subtracted_0000.mrcs")
+
+
+def test_cs_root_added_to_a_finished_run_rewrites_its_cs_only(dataset, tmp_path, monkeypatch, capsys):
+    """--cs-root, like --paths, only names the stacks: a finished run is not refused nor computed again."""
+    from dsub.workflow import outdir as outdir_rules
+    from dsub.workflow import store
+
+    paths, sim = dataset
+    project = tmp_path / "P9"  # no project.json: --cs-root alone says it is one
+    project.mkdir()
+    monkeypatch.chdir(tmp_path)
+    outdir = project / "imports/dsub"
+    assert run(paths["star"], paths, outdir) == 0
+    first = str(outdir / "Particles/subtracted_0000.mrcs")
+    assert np.load(outdir / "particles_subtracted.cs", max_header_size=2**30)["blob/path"][0].decode() == first
+    # As a run of the version whose identity held --cs-root recorded it: that run resumes too.
+    group = store.open_store(outdir / store.STORE_NAME, mode="r+")
+    recorded = dict(group.attrs["run"])
+    identity = {key: value for key, value in recorded.items() if key not in ("fingerprint", outdir_rules.AUTOMATIC_KEY)}
+    group.attrs["run"] = {**recorded, "cs_root": None,
+                          "fingerprint": outdir_rules.run_fingerprint({**identity, "cs_root": None})}
+    stacks = sorted((outdir / "Particles").glob("*.mrcs"))
+    before = {path: (path.stat().st_mtime_ns, path.read_bytes()) for path in stacks}
+    star = starfile.read(outdir / "particles_subtracted.star", always_dict=True)["particles"]
+    capsys.readouterr()
+
+    assert run(paths["star"], paths, outdir, "--cs-root", project) == 0
+    out, err = capsys.readouterr()
+    said = [line for line in out.splitlines() if "already holds" in line]
+    assert len(said) == 1 and f"and the .cs's from {project}" in said[0], said
+    assert "imports/dsub/Particles/subtracted_0000.mrcs in the .cs" in said[0] and "holds the results" not in err
+    cs = np.load(outdir / "particles_subtracted.cs", max_header_size=2**30)
+    assert cs["blob/path"][0].decode() == "imports/dsub/Particles/subtracted_0000.mrcs"
+    images = np.stack([mrcfile.open(project / p.decode()).data[i] for p, i in zip(cs["blob/path"], cs["blob/idx"])])
+    assert residual(images, sim) < LIMIT
+    pytest.importorskip("pandas").testing.assert_frame_equal(  # the star names them as before
+        starfile.read(outdir / "particles_subtracted.star", always_dict=True)["particles"], star)
+    assert {path: (path.stat().st_mtime_ns, path.read_bytes()) for path in stacks} == before  # no image redone
+    summary = json.loads((outdir / "dsub_run.json").read_text())
+    assert summary["outputs"]["stack_names"]["cs"] == "imports/dsub/Particles/subtracted_0000.mrcs"
+    assert summary["outputs"]["cs_root"] == str(project)
+
+
 def test_real_cs_blob_paths_stay_project_relative(shared_data, tmp_path):
     """The real P12 .cs names J19/extract/...; in a project folder they resolve there and the project is found."""
     data = np.load(shared_data / P12, allow_pickle=False, max_header_size=2**30)[:3]

@@ -15,7 +15,8 @@ opens from its project folder -- ``rlnImageName`` relative to the current
 folder when OUTDIR lies inside it (as RELION's own jobs write
 ``Subtract/job011/...`` when run from the project folder), else absolute; ``.cs``
 ``blob/path`` relative to the cryoSPARC project folder when there is one and
-OUTDIR lies inside it, else absolute.
+OUTDIR lies inside it, else absolute. That folder is ``--cs-root``, else the
+project above OUTDIR (``pipeline.project_of_outdir``), else the input .cs's.
 """
 
 from __future__ import annotations

@@ -31,6 +31,27 @@ def run_fingerprint(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
+#: Keys that runs of earlier versions put in their identity and that are no part of it now. ``cs_root``
+#: (``--cs-root``): where a .cs's ``blob/path`` start decides which stacks are read, and those stacks are in the
+#: identity; otherwise it only names the stacks in the output .cs, which a rerun writes again (as for ``--paths``).
+RETIRED_KEYS = ("cs_root",)
+
+
+def recorded_fingerprint(identity: dict, earlier: dict) -> str:
+    """The fingerprint ``identity`` had under the rules of the run that recorded ``earlier`` (a store's run
+    attributes): with that run's values of ``RETIRED_KEYS``, so that its store still resumes."""
+    return run_fingerprint({**identity, **{key: earlier[key] for key in RETIRED_KEYS if key in earlier}})
+
+
+def same_run(earlier: dict, fingerprint: str, identity: dict | None = None) -> bool:
+    """Whether a store's run attributes ``earlier`` record the run of ``fingerprint`` (and ``identity``)."""
+    recorded = earlier.get("fingerprint")
+    if recorded == fingerprint:
+        return True
+    return identity is not None and any(key in earlier for key in RETIRED_KEYS) \
+        and recorded == recorded_fingerprint(identity, earlier)
+
+
 #: Where a run's identity (``pipeline.run_identity``) comes from on the command line.
 INPUT_OPTIONS = {"particles": "the particles", "half_a": "--half-a", "half_b": "--half-b", "mask": "--mask"}
 PARAMETER_OPTIONS = {
@@ -38,7 +59,7 @@ PARAMETER_OPTIONS = {
     "settings.mask_keeps": "--mask-keeps", "settings.fit.window_inner": "--window-inner",
     "settings.fit.window_outer": "--window-outer", "settings.fit.low_resolution_angstrom": "--fit-lowres",
     "settings.fit.high_resolution_angstrom": "--fit-highres", "chunk_size": "--chunk-size",
-    "single_map": "--single-map", "skip_bad_particles": "--skip-bad-particles", "cs_root": "--cs-root",
+    "single_map": "--single-map", "skip_bad_particles": "--skip-bad-particles",
     "dsub": "the dsub version", "count": "the number of particles", "box": "the box size",
     "float16": "--float16", "settings.lowpass_angstrom": "--lowpass", "settings.corners": "--corners",
     "settings.extension": "--extension", "settings.field_slice": "--field-slice",
@@ -144,7 +165,7 @@ def prepare_outdir(outdir: Path, fingerprint: str, overwrite: bool, identity: di
             earlier = dict(store.open_store(store_path).attrs.get("run", {}))
         except Exception:  # an unreadable store is as good as none
             earlier = {}
-        if earlier.get("fingerprint") == fingerprint and not overwrite:
+        if same_run(earlier, fingerprint, identity) and not overwrite:
             return True
         if not overwrite:
             changes = identity_differences(earlier, identity) if earlier and identity else []
@@ -228,7 +249,7 @@ def identity_differences(earlier: dict, now: dict) -> list[str]:
             changes.append(f"{option} was {was!r}{' (chosen by dsub for that run)' if key in automatic else ''}, "
                            f"now {now!r}")
     named = (set(PARAMETER_OPTIONS) | set(INPUT_OPTIONS)
-             | {"stacks", "fingerprint", "rebox.map_pixel_size", AUTOMATIC_KEY})
+             | {"stacks", "fingerprint", "rebox.map_pixel_size", AUTOMATIC_KEY, *RETIRED_KEYS})
     for key in sorted(set(before) | set(after)):  # anything else the identity holds, by its own name
         if not any(key == name or key.startswith(name + ".") for name in named):
             was, now = before.get(key, PARAMETER_DEFAULTS.get(key)), after.get(key, PARAMETER_DEFAULTS.get(key))

@@ -11,8 +11,8 @@
 5. mark the store as holding no images (they are in it only with ``--keep-store``).
 
 A rerun of a finished run without ``--keep-store`` does nothing and says so;
-only when it would name the stacks otherwise (``--paths``) does it write the
-star and .cs files again (``finished_run``).
+only when it would name the stacks otherwise (``--paths``, ``--cs-root``) does
+it write the star and .cs files again (``finished_run``).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from ..cluster.progress import map_preparation_estimate, setup_step
 from ..errors import DsubError, InputFileError, OptionError, warn
 from ..formats import read_particles, select_rows
 from ..formats.mrc import map_header, read_map
-from ..formats.paths import PATH_MODES
+from ..formats.paths import PATH_MODES, cryosparc_project_folder
 from ..particles import HALF_A
 from ..physics.backend import gpu_available, resolve_device, start_gpu_warm_up
 from ..physics.gridding import grid_size
@@ -49,7 +49,8 @@ from ..physics.projector import projector_kernel
 from ..physics.subtract import SubtractionSettings
 from ..report import REPORT_FOLDER, start_preparation, start_warming_up
 from . import diagnostics, export, metadata, prefetch, rebox, record, region, resources, store, validate
-from .outdir import AUTOMATIC_KEY, OutdirLock, check_writable, explain_os_error, file_identity, prepare_outdir, run_fingerprint
+from .outdir import (AUTOMATIC_KEY, OutdirLock, check_writable, explain_os_error, file_identity, prepare_outdir,
+                     run_fingerprint, same_run)
 from .tasks import MapFiles, half_map_models, prepare_models, run_chunk
 from .transcript import Transcript
 
@@ -140,6 +141,32 @@ def say(options: RunOptions, message: str) -> None:
     print(message, file=options.log or sys.stdout, flush=True)
 
 
+def project_of_outdir(table, outdir: Path, options: RunOptions) -> None:
+    """Without --cs-root, make the cryoSPARC project folder above OUTDIR the one the output .cs's ``blob/path``
+    start from (``table.extra["project_folder"]``); said in one line where the input did not give it already.
+
+    That is the nearest folder above OUTDIR holding ``project.json`` (or the
+    parent of a ``J<n>`` job folder holding ``job.json``, as
+    ``paths.cryosparc_project_folder`` finds it above a .cs): the project the
+    output .cs will be imported into, whose own ``blob/path`` start there. A .cs
+    input's ``blob/path`` are still read from the project above that .cs.
+    """
+    if options.cs_root is not None:
+        return
+    project = cryosparc_project_folder(outdir / export.CS_NAME)
+    if project is None or project == table.extra.get("project_folder"):
+        return
+    table.extra["project_folder"] = project
+    say(options, f"The output folder lies in the cryoSPARC project {project}: the .cs's blob/path are written "
+                 "relative to it (--cs-root chooses another folder).")
+
+
+def project_folder_text(table) -> str | None:
+    """The folder the output .cs's ``blob/path`` start from, for dsub_run.json (None: none, they are absolute)."""
+    project = table.extra.get("project_folder")
+    return None if project is None else str(project)
+
+
 def prepare_maps_where_visible(maps: MapFiles, settings, options: RunOptions, box: int) -> str | None:
     """Prepare the half-maps in view of the user; returns what the progress shows while workers do it.
 
@@ -215,6 +242,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
         cleanup.callback(start_gpu_warm_up().join)
     with setup_step(options.log, f"Reading the particles from {particles_path}"):
         table = read_particles(particles_path, cs_root=options.cs_root, passthrough=options.passthrough)
+    project_of_outdir(table, outdir, options)
     validate.check_metadata(table)
     validate.check_classes(table)
     box = validate.particle_box(table)
@@ -420,6 +448,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             "outputs": {"store": store.STORE_NAME, "star": export.STAR_NAME, "cs": export.CS_NAME,
                         "stacks": export.STACK_FOLDER, "stack_dtype": "float16" if options.float16 else "float32",
                         "store_images": "kept" if options.keep_store else "deleted", "paths": options.paths,
+                        "cs_root": project_folder_text(table),
                         "stack_names": export.written_stack_names(outdir, options.paths,
                                                                   table.extra.get("project_folder"))},
         }
@@ -583,10 +612,10 @@ def adopt_strict_run(store_path: Path, identity: dict, fingerprint: str) -> None
     """
     if not store_path.exists():
         return
-    strict = run_fingerprint({**identity, "skip_bad_particles": False})
+    strict = {**identity, "skip_bad_particles": False}
     try:
         group = store.open_store(store_path, mode="r+")
-        if group.attrs.get("run", {}).get("fingerprint") != strict:
+        if not same_run(dict(group.attrs.get("run", {})), run_fingerprint(strict), strict):
             return
     except Exception:  # unreadable: prepare_outdir decides
         return
@@ -603,9 +632,10 @@ def finished_run(outdir: Path, stacks: dict, options: RunOptions, table=None, sc
     is there at its full size; else None: a stack is lost or cut short, and
     the run must be computed again.
 
-    ``--paths`` is no part of the run's identity: when the star and .cs, as
-    recorded, name the stacks otherwise than this command would (another
-    ``--paths``, another current folder, a moved OUTDIR), they are written
+    ``--paths`` and ``--cs-root`` are no part of the run's identity: when the
+    star and .cs, as recorded, name the stacks otherwise than this command would
+    (another ``--paths``, another cryoSPARC project folder, another current
+    folder, a moved OUTDIR), they are written
     again from ``table`` (the input particles), ``scale`` (``--scale``),
     ``reboxing`` and the store's per-particle figures; no image is computed.
     If that fails, no metadata is left, so the next run computes afresh.
@@ -626,11 +656,15 @@ def finished_run(outdir: Path, stacks: dict, options: RunOptions, table=None, sc
             exported = rebox.reboxed_table(table, reboxing) if reboxing is not None else None
             export.write_metadata(table, outdir, options.particles_per_stack, None if scale == "none" else contrast,
                                   skipped, exported, options.paths, fit)
-            summary["outputs"] = {**summary.get("outputs", {}), "paths": options.paths, "stack_names": names}
+            summary["outputs"] = {**summary.get("outputs", {}), "paths": options.paths,
+                                  "cs_root": project_folder_text(table), "stack_names": names}
             (outdir / RUN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        project = table.extra.get("project_folder")
+        from_project = f" and the .cs's from {project}" if project is not None else ""
         say(options, f"dsub: {outdir} already holds the finished results of this run; {export.STAR_NAME} and "
-                     f"{export.CS_NAME} written again with --paths {options.paths} (stacks named as "
-                     f"{names['star']}), no image computed again. Add --overwrite to compute it again.")
+                     f"{export.CS_NAME} written again with --paths {options.paths}{from_project} (stacks named as "
+                     f"{names['star']} in the star, {names['cs']} in the .cs), no image computed again. Add "
+                     "--overwrite to compute it again.")
     else:
         say(options, f"dsub: {outdir} already holds the finished results of this run ({export.STAR_NAME}, "
                      f"{export.CS_NAME}, {export.STACK_FOLDER}/); nothing to do. Add --overwrite to compute it again"
@@ -649,7 +683,6 @@ def run_identity(particles_path, maps: MapFiles, table, box: int, settings, opti
         "half_b": file_identity(maps.half_b),
         "mask": file_identity(maps.mask),
         "stacks": [file_identity(path) for path in sorted({str(path) for path in table.image_path_codes()[1]})],
-        "cs_root": options.cs_root,
         "passthrough": [file_identity(path) for path in table.extra.get("passthrough", [])],
         # --padding as used: the projector's default when not given (the command line and Python alike)
         "settings": {**dataclasses.asdict(settings), "padding": projector_kernel(settings.projector, settings.padding)[1]},
