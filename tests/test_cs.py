@@ -63,6 +63,31 @@ def test_cs_star_cs_round_trip(p12, tmp_path):
     _assert_same_particles(again, p12, atol=1e-4)
 
 
+def test_star_from_cs_keeps_ctf_scale_where_the_input_has_it(p12, shared_data, tmp_path):
+    """ctf/scale becomes rlnCtfScalefactor, also where it is 1 (as in every refinement output); none without it."""
+    import starfile
+
+    names = [f"{i + 1:06d}@{p}" for i, p in zip(p12.image_indices, p12.image_paths)]
+    star.write_particles(p12, tmp_path / "p12.star", names)
+    rows = starfile.read(tmp_path / "p12.star", always_dict=True)["particles"]
+    np.testing.assert_array_equal(rows["rlnCtfScalefactor"], p12.source["ctf/scale"])
+    assert (rows["rlnCtfScalefactor"] == 1).all()  # P12's values
+    data = np.load(shared_data / P12, allow_pickle=False, max_header_size=2**30)[:40]
+    data["ctf/scale"] = np.linspace(0.5, 1.5, 40)
+    with open(tmp_path / "scaled.cs", "wb") as f:
+        np.save(f, data, allow_pickle=False)
+    scaled = read_particles(tmp_path / "scaled.cs", cs_root=shared_data / "cryodrgn")
+    star.write_particles(scaled, tmp_path / "scaled.star", names[:40])
+    back = read_particles(tmp_path / "scaled.star", require_ctf=True)
+    np.testing.assert_allclose(back.ctf_scale, np.linspace(0.5, 1.5, 40), rtol=1e-6)
+    without = data[[name for name in data.dtype.names if name != "ctf/scale"]]
+    with open(tmp_path / "unscaled.cs", "wb") as f:
+        np.save(f, without, allow_pickle=False)
+    unscaled = read_particles(tmp_path / "unscaled.cs", cs_root=shared_data / "cryodrgn")
+    star.write_particles(unscaled, tmp_path / "unscaled.star", names[:40])
+    assert "rlnCtfScalefactor" not in starfile.read(tmp_path / "unscaled.star", always_dict=True)["particles"]
+
+
 def test_star_cs_round_trip(shared_data, tmp_path):
     table = read_particles(shared_data / "cryodrgn/relion31.6opticsgroups.star")
     alpha = np.linspace(0.5, 1.5, len(table))

@@ -554,7 +554,7 @@ def _optics_from_table(table: ParticleTable) -> tuple[pd.DataFrame, dict[str, np
                 warn(f"{label} differs between particles of one optics group; the star file gets each "
                      "group's first value (RELION reads it per optics group)")
             optics[label] = values[first]
-    if (table.ctf_scale != 1).any():
+    if (table.ctf_scale != 1).any() or _input_has_ctf_scale(table):
         per_particle["rlnCtfScalefactor"] = table.ctf_scale
     for label, values in (
         ("rlnImagePixelSize", table.pixel_size_angstrom),
@@ -568,6 +568,20 @@ def _optics_from_table(table: ParticleTable) -> tuple[pd.DataFrame, dict[str, np
         if label == "rlnImageSize":
             optics["rlnImageDimensionality"] = 2
     return optics, per_particle
+
+
+def _input_has_ctf_scale(table: ParticleTable) -> bool:
+    """Whether a .cs input holds ``ctf/scale``: then the star gets ``rlnCtfScalefactor``, even where it is 1.
+
+    Both scale the CTF linearly: RELION's label is "Linear scale-factor on the
+    CTF" (``metadata_label.h``; ``CTF::getCTF`` multiplies by it), cryoSPARC's
+    ``ctf/scale`` is the CTF's amplitude scale (1.0 in every refinement output
+    read for the reference notes, formats.md §1.3 and §3.4; pyem's csparc2star
+    drops it). dsub reads either into ``ParticleTable.ctf_scale`` and writes
+    ``ctf/scale`` from ``rlnCtfScalefactor``, so the way back keeps it too.
+    """
+    source = table.source
+    return table.source_format == "cs" and source is not None and "ctf/scale" in (source.dtype.names or ())
 
 
 def _blocks_from_star(table: ParticleTable) -> tuple[pd.DataFrame, pd.DataFrame]:
