@@ -88,6 +88,56 @@ def test_star_from_cs_keeps_ctf_scale_where_the_input_has_it(p12, shared_data, t
     assert "rlnCtfScalefactor" not in starfile.read(tmp_path / "unscaled.star", always_dict=True)["particles"]
 
 
+def _micrograph(path: Path, ny: int, nx: int) -> None:
+    import mrcfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with mrcfile.new(path, overwrite=True) as mrc:
+        mrc.set_data(np.zeros((ny, nx), dtype=np.float32))
+
+
+def test_star_coordinates_become_cryosparc_locations(shared_data, tmp_path, monkeypatch):
+    """rlnMicrographName + rlnCoordinateX/Y -> location/*: pyem's csparc2star gives the coordinates back."""
+    import starfile
+
+    blocks = starfile.read(shared_data / "cryodrgn/relion31.star", always_dict=True)
+    particles = blocks["particles"].iloc[:4].copy()
+    names = ["MotionCorr/job002/mic_a.mrc", "MotionCorr/job002/mic_b.mrc"]
+    particles["rlnMicrographName"] = [names[i % 2] for i in range(4)]
+    particles["rlnCoordinateX"] = [12.0, 2047.0, 3800.0, 0.0]
+    particles["rlnCoordinateY"] = [40.0, 3071.0, 2900.0, 1.0]
+    (tmp_path / "Select/job9").mkdir(parents=True)
+    star_path = tmp_path / "Select/job9/particles.star"
+    starfile.write({**blocks, "particles": particles}, star_path)
+    _micrograph(tmp_path / names[0], 3000, 4000)  # ny, nx: a landscape micrograph
+    _micrograph(tmp_path / names[1], 3072, 2048)
+    monkeypatch.chdir(tmp_path)  # the RELION project folder: the names start here
+    table = star.read_particles(star_path, require_ctf=True)
+    cs.write_particles(table, tmp_path / "out.cs", table.image_paths, table.image_indices)
+    out = np.load(tmp_path / "out.cs", allow_pickle=False)
+    assert [path.decode() for path in out["location/micrograph_path"]] == particles["rlnMicrographName"].tolist()
+    assert out.dtype["location/micrograph_shape"] == np.dtype(("<u4", (2,)))
+    np.testing.assert_array_equal(out["location/micrograph_shape"], [[3000, 4000], [3072, 2048]] * 2)
+    assert out["location/center_x_frac"].dtype == np.float32 and out["location/center_y_frac"].dtype == np.float32
+    # pyem's csparc2star (default swapxy and inverty): X = round(x_frac·nx), Y = round((1 − y_frac)·ny)
+    ny, nx = out["location/micrograph_shape"][:, 0], out["location/micrograph_shape"][:, 1]
+    np.testing.assert_array_equal(np.round(out["location/center_x_frac"] * nx), particles["rlnCoordinateX"])
+    np.testing.assert_array_equal(np.round((1 - out["location/center_y_frac"]) * ny), particles["rlnCoordinateY"])
+    assert out["location/center_y_frac"][0] == pytest.approx(1 - 40 / 3000)  # y counted from the other edge
+
+    # A micrograph that cannot be found: its shape is unknown, so only the paths are written, for all.
+    (tmp_path / names[1]).unlink()
+    cs.write_particles(table, tmp_path / "partial.cs", table.image_paths, table.image_indices)
+    partial = np.load(tmp_path / "partial.cs", allow_pickle=False)
+    located = [name for name in partial.dtype.names if name.startswith("location/")]
+    assert located == ["location/micrograph_path"]
+    np.testing.assert_array_equal(partial["location/micrograph_path"], out["location/micrograph_path"])
+    # No micrograph names at all: no location slot.
+    table.source["particles"] = particles.drop(columns="rlnMicrographName")
+    cs.write_particles(table, tmp_path / "none.cs", table.image_paths, table.image_indices)
+    assert not [name for name in np.load(tmp_path / "none.cs").dtype.names if name.startswith("location/")]
+
+
 def test_star_cs_round_trip(shared_data, tmp_path):
     table = read_particles(shared_data / "cryodrgn/relion31.6opticsgroups.star")
     alpha = np.linspace(0.5, 1.5, len(table))

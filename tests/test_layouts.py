@@ -114,6 +114,29 @@ def test_relion_project_output_opens_from_the_project_folder(dataset, tmp_path, 
     assert residual(open_relion_names(rows["rlnImageName"]), sim) < LIMIT
 
 
+def test_relion_coordinates_reach_the_cs_as_locations(dataset, tmp_path, monkeypatch):
+    """A RELION project's particles with micrographs on disk: the output .cs places them on their micrographs."""
+    paths, _ = dataset
+    project = tmp_path / "relion_project"
+    files = relion_project(dataset, project)
+    blocks = starfile.read(files["star"], always_dict=True)
+    blocks["particles"]["rlnMicrographName"] = [f"MotionCorr/job002/mic_{i % 3}.mrc" for i in range(COUNT)]
+    blocks["particles"]["rlnCoordinateX"] = np.arange(COUNT) * 100.0 + 50
+    blocks["particles"]["rlnCoordinateY"] = np.arange(COUNT) * 60.0 + 7
+    starfile.write(blocks, files["star"])
+    (project / "MotionCorr/job002").mkdir(parents=True)
+    for i in range(3):
+        with mrcfile.new(project / f"MotionCorr/job002/mic_{i}.mrc") as mrc:
+            mrc.set_data(np.zeros((1500, 2500), dtype=np.float32))
+    monkeypatch.chdir(project)
+    assert run(Path("External/job020/select/run_data.star"), files, "Subtract/job011") == 0
+    out = np.load("Subtract/job011/particles_subtracted.cs", max_header_size=2**30)
+    assert out["location/micrograph_path"][4].decode() == "MotionCorr/job002/mic_1.mrc"
+    assert (out["location/micrograph_shape"] == [1500, 2500]).all()
+    np.testing.assert_allclose(out["location/center_x_frac"], (np.arange(COUNT) * 100.0 + 50) / 2500, rtol=1e-6)
+    np.testing.assert_allclose(out["location/center_y_frac"], 1 - (np.arange(COUNT) * 60.0 + 7) / 1500, rtol=1e-6)
+
+
 def test_paths_option_writes_each_form(dataset, tmp_path, monkeypatch):
     paths, sim = dataset
     project = tmp_path / "p"

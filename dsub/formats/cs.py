@@ -31,6 +31,7 @@ from dsub.conventions import (
 from dsub.errors import InputFileError, MissingInputError, warn
 from dsub.particles import HALF_UNKNOWN, ParticleTable
 from dsub.formats import atomic
+from dsub.formats.location import star_locations
 from dsub.formats.paths import StackRefs, cryosparc_project_folder, cs_roots, resolve_stack_names
 
 MAGIC_NUMPY = b"\x93NUMPY"
@@ -426,7 +427,9 @@ def write_particles(
     ``blob/path`` (bytes), ``blob/idx`` (0-based) and ``alignments3D/alpha``
     (``contrast``; None keeps the input's alpha, or 1.0) are replaced; a .cs
     input passes every other field through, a star input gets its fields built
-    from the table (see ``_fields_from_table``, ``star_uids``).
+    from the table (see ``_fields_from_table``, ``star_uids``) and, with
+    ``rlnMicrographName``, the ``location/*`` fields (``location.star_locations``:
+    the fractions and shape only where every micrograph's header can be read).
     ``image_paths`` is (n,) paths with ``image_indices`` (n,), or a
     ``paths.StackRefs`` holding both (``image_indices`` None).
     ``extra_fields`` ({name: (n,) array}) are added or replace the input's.
@@ -445,6 +448,7 @@ def write_particles(
         warn(f"{table.source_path}: rlnOddZernike/rlnEvenZernike have no cryoSPARC field dsub can write "
              "(ctf/trefoil_A and ctf/tetra_A use an unpublished convention); the .cs output leaves them out")
     width = refs.path_width()
+    locations = star_locations(table)  # a star's micrographs and coordinates (location/*), read once
 
     def records(start: int, stop: int) -> dict[str, np.ndarray]:
         rows = slice(start, stop)
@@ -452,6 +456,8 @@ def write_particles(
             fields = {name: table.source[name][rows] for name in table.source.dtype.names}
         else:
             fields = _fields_from_table(table.subset(np.arange(start, stop)), start)
+            if locations is not None:
+                fields.update(locations.fields(start, stop))
         fields["blob/path"] = refs.path_bytes(start, stop).astype(f"S{width}")
         fields["blob/idx"] = refs.indices[rows].astype("<u4")
         if contrast is not None:

@@ -90,6 +90,17 @@ def _plausible_header(raw: bytes) -> np.ndarray | None:
     return None
 
 
+def image_shape(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(ny, nx) of an MRC image (a micrograph) from its 1024-byte header; None where it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(_HEADER_BYTES)
+    except OSError:
+        return None
+    header = _plausible_header(raw) if len(raw) == _HEADER_BYTES else None
+    return None if header is None else (int(header["ny"]), int(header["nx"]))
+
+
 def check_mrc_file(path: str | os.PathLike, kind: str = "stack") -> None:
     """Check an MRC file's header against its size without reading the data.
 
