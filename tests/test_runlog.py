@@ -372,3 +372,48 @@ def test_a_run_from_python_with_default_padding_is_the_same_run_as_the_command_l
     capsys.readouterr()
     assert main(subtract_args(small, outdir)) == 0
     assert "already holds the finished results of this run" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- attempts killed outright
+
+
+def test_an_attempt_killed_outright_keeps_its_time_and_devices(tmp_path):
+    """SIGKILL of the whole process group while the chunks run: the rerun records the killed attempt with
+    its start (the command's), the end of its last recorded chunk and its devices, and counts its time."""
+    import signal
+    import time
+    from datetime import datetime, timezone
+
+    paths, _ = make_dataset(tmp_path / "data", count=2000, box=64, seed=7)
+    outdir = tmp_path / "out"
+    args = [*subtract_args(paths, outdir), "--chunk-size", "4", "--workers", "1", "--quiet"]
+    launched = datetime.now(timezone.utc)
+    run = subprocess.Popen([sys.executable, "-m", "dsub.cli", *args], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, cwd=tmp_path, start_new_session=True)
+    marks = outdir / "subtracted.zarr" / "chunk_done" / "c"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and run.poll() is None:
+        if marks.is_dir() and len(list(marks.iterdir())) >= 3:
+            break
+        time.sleep(0.02)
+    seen = datetime.now(timezone.utc)  # three chunks recorded by now
+    time.sleep(1.2)  # the coordinator records chunks at least once a second
+    assert run.poll() is None, "the run finished before it could be killed"
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+
+    rerun = subprocess.run([sys.executable, "-m", "dsub.cli", *args], capture_output=True, text=True,
+                           timeout=300, cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    summary = json.loads((outdir / "dsub_run.json").read_text())
+    assert len(summary["attempts"]) == 2, (summary["attempts"], rerun.stdout)
+    killed, resumed = summary["attempts"]
+    started, ended = (datetime.fromisoformat(killed[key]) for key in ("started", "ended"))
+    assert killed["status"] == "stopped" and killed["pid"] == run.pid and killed["devices"] == ["cpu"]
+    assert launched <= started < seen <= ended  # from the command's start to its last recorded chunk
+    assert killed["seconds"] == pytest.approx((ended - started).total_seconds(), abs=1e-3)
+    assert killed["seconds"] >= (seen - started).total_seconds()
+    assert killed["chunks_done"] == summary["chunks_skipped"] >= 3
+    assert summary["seconds"] == round(killed["seconds"] + resumed["seconds"], 3)
+    total = re.search(r"Subtracted 2000 particles in ([\d.]+) s over 2 attempts", rerun.stdout)
+    assert total and float(total.group(1)) == pytest.approx(summary["seconds"], abs=0.05), rerun.stdout

@@ -367,7 +367,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
                 )
                 for index in pending
             )
-            recorder = store.ChunkRecorder(store_path)
+            recorder = store.ChunkRecorder(store_path, on_flush=attempt.save_progress)
 
             def chunk_finished(result: store.ChunkResult) -> str:
                 attempt.chunk_finished(result.device)
