@@ -417,3 +417,46 @@ def test_an_attempt_killed_outright_keeps_its_time_and_devices(tmp_path):
     assert summary["seconds"] == round(killed["seconds"] + resumed["seconds"], 3)
     total = re.search(r"Subtracted 2000 particles in ([\d.]+) s over 2 attempts", rerun.stdout)
     assert total and float(total.group(1)) == pytest.approx(summary["seconds"], abs=0.05), rerun.stdout
+
+
+def test_a_stack_lost_from_a_finished_run_is_named_and_the_run_keeps_its_history(small, tmp_path, capsys):
+    """The finished run kept no images in its store: the rerun says which stack is gone before computing
+    everything again, and the run record keeps the first run's attempt beside the new one."""
+    outdir = tmp_path / "out"
+    assert main(subtract_args(small, outdir)) == 0
+    first, = json.loads((outdir / "dsub_run.json").read_text())["attempts"]
+    stack = outdir / "Particles" / "subtracted_0000.mrcs"
+    stack.unlink()
+    capsys.readouterr()
+    assert main(subtract_args(small, outdir)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    why = lines.index(f"dsub: {stack} of the finished run is missing and its images are not kept (--keep-store): "
+                      "computing all 24 particles again.")
+    work = next(i for i, line in enumerate(lines) if line.startswith("dsub: 24 particles of 32 px in 3 chunks"))
+    assert why < work and "(0 already done)" in lines[work]
+    summary = json.loads((outdir / "dsub_run.json").read_text())
+    earlier, again = summary["attempts"]
+    assert earlier == first
+    assert again["attempt"] == 2 and again["status"] == "finished" and again["chunks_done"] == 3
+    assert again["afresh"] == f"{stack} of the finished run is missing and its images are not kept (--keep-store)"
+    assert summary["seconds"] == round(earlier["seconds"] + again["seconds"], 3)
+    assert stack.is_file()
+
+
+def test_a_stack_cut_short_and_lost_metadata_are_named_too(tmp_path):
+    from dsub.workflow.pipeline import lost_from_finished_run
+
+    outdir = tmp_path / "out"
+    (outdir / "Particles").mkdir(parents=True)
+    for name in ("particles_subtracted.star", "particles_subtracted.cs", "dsub_run.json"):
+        (outdir / name).write_text("x")
+    (outdir / "Particles" / "subtracted_0000.mrcs").write_bytes(b"x" * 100)
+    stacks = {"Particles/subtracted_0000.mrcs": 100}
+    assert lost_from_finished_run(outdir, stacks) is None
+    (outdir / "Particles" / "subtracted_0000.mrcs").write_bytes(b"x" * 40)
+    assert lost_from_finished_run(outdir, stacks) == (
+        f"{outdir}/Particles/subtracted_0000.mrcs of the finished run is cut short (40 of 100 bytes) and its "
+        "images are not kept (--keep-store)")
+    (outdir / "Particles" / "subtracted_0000.mrcs").write_bytes(b"x" * 100)
+    (outdir / "particles_subtracted.star").unlink()
+    assert lost_from_finished_run(outdir, stacks) == f"{outdir}/particles_subtracted.star of the finished run is missing"

@@ -35,7 +35,7 @@ from .. import __version__
 from ..cluster import ClusterSpec, open_runner
 from ..cluster.early import start_early
 from ..cluster.config import cluster_config, warn_unused_settings
-from ..cluster.progress import map_preparation_estimate, setup_step
+from ..cluster.progress import map_preparation_estimate, number, setup_step
 from ..errors import DsubError, InputFileError, OptionError, warn
 from ..formats import read_particles, select_rows
 from ..formats.mrc import map_header, read_map
@@ -283,6 +283,8 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     if options.skip_bad_particles and not options.overwrite:
         adopt_strict_run(store_path, identity, fingerprint)
     resuming = prepare_outdir(outdir, fingerprint, options.overwrite, identity)
+    if resuming:  # this run's history, read before anything replaces its store
+        attempt.read_earlier(store_path)
     # The QC report's drawing library is loaded while the maps are prepared and the workers start, not
     # while the chunks run; joined before the run returns (a thread still importing at exit can crash).
     cleanup.callback(start_warming_up().join)
@@ -293,10 +295,14 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
         dtype = np.float16 if options.float16 else np.float32
         stacks = {relative: export.stack_bytes(rows.size, out_box, dtype) for relative, rows, _ in
                   layout}
-        finished = finished_run(outdir, stacks, options, table, settings.scale, reboxing)
-        if finished is not None:
-            return finished
-        resuming = False  # the images are gone and the export is not complete: compute afresh
+        afresh = lost_from_finished_run(outdir, stacks)
+        if afresh is None:
+            return finished_run(outdir, stacks, options, table, settings.scale, reboxing)
+        # The images are gone and the export is not complete: compute afresh, and say why.
+        say(options, f"dsub: {afresh}: computing all {number(len(table))} particles again.")
+        resuming = False
+    else:
+        afresh = None
     remove_metadata(outdir)  # never leave old metadata that looks complete
 
     timings = {"check_inputs": time.monotonic() - started}
@@ -345,7 +351,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             done = store.finished_chunks(store_path) if resuming else np.zeros(len(bounds), dtype=bool)
             pieces, done = stacks_taken_up(store_path, outdir, layout, bounds, out_box, done)
             store.save_sample_check(store_path, checked, sample_check)
-            attempt.begin(store_path, options.cluster.scheduler, device, len(bounds), int(done.sum()))
+            attempt.begin(store_path, options.cluster.scheduler, device, len(bounds), int(done.sum()), note=afresh)
             pending = [int(i) for i in run_order if not done[i]]  # running chunks write into different stacks
             say(options, f"dsub: {len(table)} particles of {box} px in {len(bounds)} chunk{'s' if len(bounds) != 1 else ''} "
                          f"({len(bounds) - len(pending)} already done) on {runner.description}.")
@@ -591,6 +597,38 @@ def adopt_strict_run(store_path: Path, identity: dict, fingerprint: str) -> None
     except Exception:  # unreadable: prepare_outdir decides
         return
     group.attrs["run"] = {**identity, "fingerprint": fingerprint}
+
+
+#: How many lost files of a finished run the line saying so names before it only counts them.
+NAMED_LOST = 3
+
+
+def lost_from_finished_run(outdir: Path, stacks: dict) -> str | None:
+    """What a finished run (its store holding no images) has lost, in one phrase; None if nothing.
+
+    ``stacks``: {path relative to ``outdir``: its size in bytes}. E.g.
+    ``out/Particles/subtracted_0000.mrcs of the finished run is missing and its
+    images are not kept (--keep-store)``: the run must then be computed again.
+    """
+    lost = [(outdir / name, "is missing") for name in (export.STAR_NAME, export.CS_NAME, RUN_SUMMARY)
+            if not (outdir / name).is_file()]
+    for relative, size in stacks.items():
+        path = outdir / relative
+        if not export.has_size(path, size):
+            found = path.stat().st_size if path.is_file() else None
+            lost.append((path, "is missing" if found is None else
+                         f"is {'cut short' if found < size else 'longer than it was written'} "
+                         f"({number(found)} of {number(size)} bytes)"))
+    if not lost:
+        return None
+    (first, what), more = lost[0], len(lost) - 1
+    named = ", ".join(str(path) for path, _ in lost[:NAMED_LOST]) + (
+        f" and {more + 1 - NAMED_LOST} more" if more + 1 > NAMED_LOST else "")
+    line = (f"{first} of the finished run {what}" if not more
+            else f"{named} of the finished run are missing or not of the size written")
+    if any(Path(path).parent.name == export.STACK_FOLDER for path, _ in lost):
+        line += " and its images are not kept (--keep-store)"
+    return line
 
 
 def finished_run(outdir: Path, stacks: dict, options: RunOptions, table=None, scale: str = "fit",
