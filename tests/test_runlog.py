@@ -235,14 +235,19 @@ def test_refusal_names_the_changed_parameter_and_input_file(small, tmp_path, cap
     assert re.search(r"--padding was 1\.25, now 2(\.0)?\b", line) and "--scale was 'fit', now 'none'" in line
     assert line.count("\n") == 0 and "--overwrite" in line
 
-    stat = os.stat(small["half_a"])
+    stat, mask = os.stat(small["half_a"]), os.stat(small["mask"])
     try:
         os.utime(small["half_a"], ns=(stat.st_atime_ns, stat.st_mtime_ns + 3_600 * 10**9))  # touched an hour later
-        line = refusal(small, outdir, capsys)
-        assert f"--half-a {small['half_a'].resolve()} has changed since that run (modified " in line
-        assert "--half-b" not in line and "--padding" not in line
+        os.utime(small["mask"], ns=(mask.st_atime_ns, mask.st_mtime_ns + 3_600 * 10**9))
+        line = refusal(small, outdir, capsys, "--padding", "2")  # the maps' content is the same: not named
+        assert re.search(r"--padding was 1\.25, now 2(\.0)?\.", line) and "--half-a" not in line, line
+        assert main(subtract_args(small, outdir)) == 0
+        out = capsys.readouterr().out
+        assert f"--half-a {small['half_a'].resolve()}: its modification time changed since that run" in out
+        assert "--half-b" not in out
     finally:
         os.utime(small["half_a"], ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        os.utime(small["mask"], ns=(mask.st_atime_ns, mask.st_mtime_ns))
 
     stack = os.stat(small["stack"])
     try:
@@ -460,3 +465,52 @@ def test_a_stack_cut_short_and_lost_metadata_are_named_too(tmp_path):
     (outdir / "Particles" / "subtracted_0000.mrcs").write_bytes(b"x" * 100)
     (outdir / "particles_subtracted.star").unlink()
     assert lost_from_finished_run(outdir, stacks) == f"{outdir}/particles_subtracted.star of the finished run is missing"
+
+
+# ----------------------------------------------------------------------------- maps touched, not changed
+
+
+def test_a_map_whose_time_alone_changed_resumes_and_one_whose_content_changed_is_refused(tmp_path, capsys):
+    """``touch mask.mrc`` (or a copy without -p): same content, the run resumes and says so; other content of
+    the same size is refused as before; a store without content hashes (an earlier dsub) refuses a touch."""
+    import zarr
+
+    paths, _ = make_dataset(tmp_path / "data", count=24, box=32, seed=3)
+    outdir = tmp_path / "out"
+    assert main(subtract_args(paths, outdir)) == 0
+    mask = paths["mask"]
+
+    def touch(path, seconds):
+        stat = os.stat(path)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + seconds * 10**9))
+
+    touch(mask, 3600)
+    capsys.readouterr()
+    assert main(subtract_args(paths, outdir)) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if "its modification time changed" in line)
+    assert re.fullmatch(rf"dsub: --mask {re.escape(str(mask.resolve()))}: its modification time changed since "
+                        r"that run \(\S+ → \S+\), its content did not: resuming\.", line), line
+    assert "already holds the finished results of this run" in out
+    assert main(subtract_args(paths, outdir)) == 0  # the store took the new time: nothing more to say
+    assert "modification time changed" not in capsys.readouterr().out
+
+    with open(mask, "r+b") as file:  # other content, same size: a label in the MRC header
+        file.seek(300)
+        file.write(b"edited")
+    touch(mask, 60)
+    line = refusal(paths, outdir, capsys)
+    assert f"--mask {mask.resolve()} has changed since that run (modified " in line and "--overwrite" in line
+
+    fresh = tmp_path / "fresh"
+    assert main(subtract_args(paths, fresh)) == 0
+    group = zarr.open_group(str(fresh / "subtracted.zarr"), mode="r+")
+    run = dict(group.attrs["run"])
+    assert all(len(run[name]["blake2b"]) == 64 for name in ("half_a", "half_b", "mask"))
+    assert "blake2b" not in str(run["stacks"]) and "blake2b" not in str(run["particles"])
+    group.attrs["run"] = {**run, **{name: {key: value for key, value in run[name].items() if key != "blake2b"}
+                                    for name in ("half_a", "half_b", "mask")}}  # as an earlier dsub wrote it
+    assert main(subtract_args(paths, fresh)) == 0  # the same fingerprint without hashes: still this run
+    touch(paths["half_b"], 5)
+    line = refusal(paths, fresh, capsys)
+    assert f"--half-b {paths['half_b'].resolve()} has changed since that run (modified " in line

@@ -49,7 +49,8 @@ from ..physics.projector import projector_kernel
 from ..physics.subtract import SubtractionSettings
 from ..report import REPORT_FOLDER, start_preparation, start_warming_up
 from . import diagnostics, export, metadata, prefetch, rebox, record, region, resources, store, validate
-from .outdir import AUTOMATIC_KEY, OutdirLock, check_writable, explain_os_error, file_identity, prepare_outdir, run_fingerprint
+from .outdir import (AUTOMATIC_KEY, CONTENT_HASHED, OutdirLock, check_writable, explain_os_error, file_identity, prepare_outdir,
+                     run_fingerprint, with_content_hashes)
 from .tasks import MapFiles, half_map_models, prepare_models, run_chunk
 from .transcript import Transcript
 
@@ -282,9 +283,11 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     lock.acquire()  # from here on this run alone writes in OUTDIR
     if options.skip_bad_particles and not options.overwrite:
         adopt_strict_run(store_path, identity, fingerprint)
-    resuming = prepare_outdir(outdir, fingerprint, options.overwrite, identity)
+    resuming = prepare_outdir(outdir, fingerprint, options.overwrite, identity, lambda line: say(options, line))
     if resuming:  # this run's history, read before anything replaces its store
         attempt.read_earlier(store_path)
+    # The maps' content hashes for a new store, read while the maps are prepared and the sample fitted.
+    hashing = None if resuming else ContentHashes(identity)
     # The QC report's drawing library is loaded while the maps are prepared and the workers start, not
     # while the chunks run; joined before the run returns (a thread still importing at exit can crash).
     cleanup.callback(start_warming_up().join)
@@ -344,7 +347,8 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             if not resuming:
                 export.remove_stacks(outdir)  # an earlier run's stacks must not stay beside this run's
                 store.create_store(store_path, len(table), out_box, options.chunk_size,
-                                   {**identity, "fingerprint": fingerprint, AUTOMATIC_KEY: chosen},
+                                   {**(hashing or ContentHashes(identity)).result(), "fingerprint": fingerprint,
+                                    AUTOMATIC_KEY: chosen},
                                    float16=options.float16,
                                    keep_images=options.keep_store)
             # The chunk marks are read once: a fresh store has none.
@@ -471,6 +475,32 @@ def sample_check_if_all_done(store_path: Path, outdir: Path, layout, bounds, box
     return saved if done.all() else None
 
 
+class ContentHashes:
+    """``outdir.with_content_hashes(identity)`` computed in a thread of its own (``result`` waits for it).
+
+    Hashing reads the maps and mask whole (about 0.7 s of CPU for a 512³ map;
+    ``hashlib`` releases the GIL), so a new run does it beside the maps'
+    preparation and the sample fit. An error while reading is raised by ``result``.
+    """
+
+    def __init__(self, identity: dict):
+        self._identity, self._hashed, self._error = identity, None, None
+        self._thread = threading.Thread(target=self._run, name="dsub-content-hashes", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._hashed = with_content_hashes(self._identity)
+        except BaseException as exc:  # noqa: BLE001 -- handed to the caller by result()
+            self._error = exc
+
+    def result(self) -> dict:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._hashed
+
+
 def close_in_background(closing: contextlib.ExitStack) -> threading.Thread:
     """Close ``closing`` (the runner and its cluster) in a thread; join it before the run returns.
 
@@ -592,11 +622,14 @@ def adopt_strict_run(store_path: Path, identity: dict, fingerprint: str) -> None
     strict = run_fingerprint({**identity, "skip_bad_particles": False})
     try:
         group = store.open_store(store_path, mode="r+")
-        if group.attrs.get("run", {}).get("fingerprint") != strict:
+        earlier = dict(group.attrs.get("run", {}))
+        if earlier.get("fingerprint") != strict:
             return
     except Exception:  # unreadable: prepare_outdir decides
         return
-    group.attrs["run"] = {**identity, "fingerprint": fingerprint}
+    # The same inputs (the fingerprints agree): the maps keep their content hashes, the record what dsub chose.
+    group.attrs["run"] = {**earlier, **{key: value for key, value in identity.items() if key not in CONTENT_HASHED},
+                          "fingerprint": fingerprint}
 
 
 #: How many lost files of a finished run the line saying so names before it only counts them.
