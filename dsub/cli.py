@@ -17,7 +17,7 @@ from pathlib import Path
 from . import __version__
 from .cluster import ClusterSpec, parse_adapt
 from .errors import (
-    INTERRUPTED, TERMINATED, DsubError, DsubWarning, MissingInputError, OptionError, Terminated, error_line,
+    DsubError, DsubWarning, MissingInputError, OptionError, Terminated, error_line, interrupted_line,
 )
 from .formats.paths import PATH_MODES
 from .physics.contrast import SCALE_MODES, WEIGHTINGS, ContrastFit
@@ -328,15 +328,23 @@ def main(argv=None) -> int:
     except OSError as exc:
         print(os_error_line(exc), file=sys.stderr)
         return 2
-    except Terminated:
-        print(TERMINATED, file=sys.stderr)
+    except Terminated as exc:
+        stopped_before_the_run(exc, args.command)
+        print(interrupted_line(exc), file=sys.stderr)
         return 128 + signal.SIGTERM
-    except KeyboardInterrupt:
-        print(INTERRUPTED, file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        stopped_before_the_run(exc, args.command)
+        print(interrupted_line(exc), file=sys.stderr)
         return 130
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def stopped_before_the_run(exc: KeyboardInterrupt, command: str) -> None:
+    """A ``subtract`` stopped before its run began (the run marks its own stops): nothing was written."""
+    if command == "subtract" and not hasattr(exc, "nothing_written"):
+        exc.nothing_written = True
 
 
 #: What to do about an operating-system error that reached the command line, by errno.

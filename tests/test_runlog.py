@@ -363,7 +363,7 @@ def test_ctrl_c_while_dsub_loads_ends_in_one_line(small, tmp_path, delay_s):
     run.send_signal(signal.SIGINT)
     _, err = run.communicate(timeout=120)
     assert run.returncode == 130 and "Traceback" not in err
-    assert err.strip().splitlines() == ["dsub: interrupted; rerun the same command to resume"]
+    assert err.strip().splitlines() == ["dsub: interrupted before anything was written; rerun the command to start"]
 
 
 def test_a_run_from_python_with_default_padding_is_the_same_run_as_the_command_line(small, tmp_path, capsys):
@@ -514,3 +514,27 @@ def test_a_map_whose_time_alone_changed_resumes_and_one_whose_content_changed_is
     touch(paths["half_b"], 5)
     line = refusal(paths, fresh, capsys)
     assert f"--half-b {paths['half_b'].resolve()} has changed since that run (modified " in line
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_a_stop_before_anything_is_written_says_so(small, tmp_path, monkeypatch, capsys, signal_name):
+    """Stopped during the sample fit (OUTDIR made, locked, logged; no store yet): the folder goes again, and the
+    line says that nothing was written rather than to resume."""
+    import signal
+
+    import dsub.workflow.diagnostics as diagnostics
+
+    def stop(*args, **kwargs):
+        assert (tmp_path / "out" / ".dsub.lock").is_file()  # OUTDIR is made and locked by now
+        if signal_name == "SIGINT":
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    outdir = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(diagnostics, "sample_task", stop)
+        assert main(subtract_args(small, outdir)) == (130 if signal_name == "SIGINT" else 143)
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.endswith("before anything was written; rerun the command to start"), line
+    assert line.startswith("dsub: interrupted" if signal_name == "SIGINT" else "dsub: stopped by SIGTERM")
+    assert not outdir.exists()

@@ -180,7 +180,8 @@ def subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings
     attempt = record.AttemptRecorder()
     lock = OutdirLock(Path(options.outdir))
     try:
-        with transcript.capturing_warnings(), record.failure_recorded(attempt, transcript), \
+        kept = (Path(options.outdir) / store.STORE_NAME).exists  # after an interrupt: anything to resume?
+        with transcript.capturing_warnings(), record.failure_recorded(attempt, transcript, kept), \
                 contextlib.ExitStack() as cleanup:
             finished = False
             try:

@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .. import __version__
-from ..errors import INTERRUPTED, TERMINATED, DsubError, Terminated, error_line
+from ..errors import DsubError, error_line, interrupted_line
 from . import store
 from .outdir import modified
 
@@ -247,12 +247,19 @@ def throughput_line(phases: dict) -> str | None:
 
 
 @contextlib.contextmanager
-def failure_recorded(attempt: AttemptRecorder, transcript):
-    """Inside: an error or interrupt closes the attempt with the line the user sees, also put in dsub.log."""
+def failure_recorded(attempt: AttemptRecorder, transcript, kept=None):
+    """Inside: an error or interrupt closes the attempt with the line the user sees, also put in dsub.log.
+
+    ``kept``: a function saying whether OUTDIR holds anything to resume; an
+    interrupt where it does not is marked ``nothing_written`` (``errors.interrupted_line``).
+    """
     try:
         yield
     except KeyboardInterrupt as exc:
-        line = TERMINATED if isinstance(exc, Terminated) else INTERRUPTED
+        with contextlib.suppress(Exception):
+            if kept is not None:
+                exc.nothing_written = not kept()
+        line = interrupted_line(exc)
         transcript.log_only(line)
         attempt.fail("interrupted", line)
         raise
