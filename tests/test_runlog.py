@@ -538,3 +538,22 @@ def test_a_stop_before_anything_is_written_says_so(small, tmp_path, monkeypatch,
     assert line.endswith("before anything was written; rerun the command to start"), line
     assert line.startswith("dsub: interrupted" if signal_name == "SIGINT" else "dsub: stopped by SIGTERM")
     assert not outdir.exists()
+
+
+def test_a_particles_folder_of_the_users_own_is_named_and_kept_by_overwrite(small, tmp_path, capsys):
+    outdir = tmp_path / "out"
+    (outdir / "Particles").mkdir(parents=True)
+    (outdir / "Particles" / "mine.mrcs").write_bytes(b"my own stack")
+    line = refusal(small, outdir, capsys)
+    assert line.startswith(f"dsub: error: {outdir}: holds a Particles/ folder (mine.mrcs) but no dsub store "
+                           "(subtracted.zarr): no run of dsub to resume"), line
+    assert "without --overwrite" in line and "leaves any other in place" in line
+    assert main(subtract_args(small, outdir, "--overwrite")) == 0
+    assert (outdir / "Particles" / "mine.mrcs").read_bytes() == b"my own stack"  # what the line promised
+    assert (outdir / "Particles" / "subtracted_0000.mrcs").is_file()
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "particles_subtracted.star").write_text("results of an earlier run\n")
+    line = refusal(small, other, capsys)
+    assert f"{other}: holds particles_subtracted.star but no dsub store" in line

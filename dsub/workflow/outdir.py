@@ -245,10 +245,13 @@ def prepare_outdir(outdir: Path, fingerprint: str, overwrite: bool, identity: di
             )
         shutil.rmtree(store_path)
     elif not overwrite:
-        if any((outdir / name).exists() for name in (export.STAR_NAME, export.CS_NAME, export.STACK_FOLDER)):
+        found = outputs_without_store(outdir)
+        if found:
             raise OutputExistsError(
-                f"{outdir}: holds dsub outputs without their store. Choose another output folder, "
-                "or add --overwrite to replace them."
+                f"{outdir}: holds {found} but no dsub store ({store.STORE_NAME}): no run of dsub to resume, and "
+                "dsub does not write its results there without --overwrite, which replaces dsub's own files "
+                f"({export.STAR_NAME}, {export.CS_NAME}, {export.STACK_FOLDER}/subtracted_NNNN.mrcs, dsub_run.json, "
+                "dsub.log, report/) and leaves any other in place. Choose another output folder, or add --overwrite."
             )
     try:
         outdir.mkdir(parents=True, exist_ok=True)
@@ -257,6 +260,25 @@ def prepare_outdir(outdir: Path, fingerprint: str, overwrite: bool, identity: di
     if not os.access(outdir, os.W_OK):
         raise OptionError(f"{outdir}: the output folder is not writable. Choose a folder you can write to with -o.")
     return False
+
+
+def outputs_without_store(outdir: Path) -> str | None:
+    """What in OUTDIR (no store) has the names of dsub's outputs, in words; None if nothing.
+
+    E.g. ``particles_subtracted.star`` or ``a Particles/ folder (mine.mrcs and 2 more)``:
+    a run whose store is gone, or files of the user's own in the folder dsub writes its stacks to.
+    """
+    found = [name for name in (export.STAR_NAME, export.CS_NAME) if (outdir / name).exists()]
+    folder = outdir / export.STACK_FOLDER
+    if folder.exists():
+        try:
+            names = sorted(os.listdir(folder))
+        except OSError:  # a file of that name, or a folder it may not list
+            names = None
+        held = ("" if names is None else " (empty)" if not names
+                else f" ({names[0]}{f' and {len(names) - 1} more' if len(names) > 1 else ''})")
+        found.append(f"a {export.STACK_FOLDER}/ folder{held}" if folder.is_dir() else export.STACK_FOLDER)
+    return " and ".join([", ".join(found[:-1]), found[-1]] if len(found) > 1 else found) or None
 
 
 def explain_os_error(exc: OSError, outdir: Path) -> DsubError | None:
