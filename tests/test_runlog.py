@@ -557,3 +557,19 @@ def test_a_particles_folder_of_the_users_own_is_named_and_kept_by_overwrite(smal
     (other / "particles_subtracted.star").write_text("results of an earlier run\n")
     line = refusal(small, other, capsys)
     assert f"{other}: holds particles_subtracted.star but no dsub store" in line
+
+
+def test_the_line_for_maps_of_another_box_says_what_is_done_to_them():
+    from dsub.workflow.pipeline import maps_to_box_line
+
+    head = "Maps of 128 voxels at 1.0000 Å brought to the particles' 256 px box: "
+    assert maps_to_box_line(128, 256, 256, 1.0) == head + (
+        "zero-padded about their centre to the 256 voxels that the particles' box spans, at their own voxel size "
+        "(no resampling).")
+    assert maps_to_box_line(400, 256, 256, 1.0) == head.replace("128", "400") + (
+        "cropped to the 256 voxels about their centre that the particles' box spans, at their own voxel size "
+        "(no resampling).")
+    assert maps_to_box_line(128, 256, 200, 1.0) == head + (
+        "zero-padded about their centre to the 200 voxels that the particles' box spans, then resampled to 256 "
+        "voxels of 0.7812 Å.")
+    assert maps_to_box_line(200, 256, 200, 1.0) == head.replace("128", "200") + "resampled to 256 voxels of 0.7812 Å."

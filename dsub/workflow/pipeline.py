@@ -141,6 +141,28 @@ def say(options: RunOptions, message: str) -> None:
     print(message, file=options.log or sys.stdout, flush=True)
 
 
+def maps_to_box_line(map_box: int, box: int, extent: int, pixel_size: float) -> str:
+    """How maps of another box are brought to the particles' box, in one line (``tasks.MapFiles``).
+
+    The maps are cropped or zero-padded about their centre to the ``extent``
+    voxels the particles' box spans, then Fourier-resampled to ``box`` voxels,
+    which changes the voxel size; where ``extent`` is ``box`` (maps at the
+    particles' pixel size) nothing is resampled.
+    """
+    if map_box > extent:
+        steps = [f"cropped to the {extent} voxels about their centre that the particles' box spans"]
+    elif map_box < extent:
+        steps = [f"zero-padded about their centre to the {extent} voxels that the particles' box spans"]
+    else:
+        steps = []
+    if extent != box:
+        steps.append(f"resampled to {box} voxels of {pixel_size * extent / box:.4f} Å")
+    else:
+        steps[-1] += ", at their own voxel size (no resampling)"
+    return (f"Maps of {map_box} voxels at {pixel_size:.4f} Å brought to the particles' {box} px box: "
+            f"{', then '.join(steps)}.")
+
+
 def prepare_maps_where_visible(maps: MapFiles, settings, options: RunOptions, box: int) -> str | None:
     """Prepare the half-maps in view of the user; returns what the progress shows while workers do it.
 
@@ -266,8 +288,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
                      f"at its own pixel size from maps at {pixel_size * extent / box:.4f} Å, and exported to "
                      "stacks of one pixel size.")
     if map_box != box:
-        say(options, f"Maps of {map_box} voxels at {pixel_size:.4f} Å brought to the particles' {box} px box: "
-                     f"{extent} voxels kept, resampled to {box} (voxel {pixel_size * extent / box:.4f} Å).")
+        say(options, maps_to_box_line(map_box, box, extent, pixel_size))
     check_device(options)
     plan, spec = plan_resources(box, settings, options, extent if map_box != box else 0)
     device = options.device
