@@ -573,3 +573,14 @@ def test_the_line_for_maps_of_another_box_says_what_is_done_to_them():
         "zero-padded about their centre to the 200 voxels that the particles' box spans, then resampled to 256 "
         "voxels of 0.7812 Å.")
     assert maps_to_box_line(200, 256, 200, 1.0) == head.replace("128", "200") + "resampled to 256 voxels of 0.7812 Å."
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("--particles", "0", "dsub: error: --particles must be at least 1, not 0"),
+    ("--box", "16", "dsub: error: --box must be at least 24 pixels for the demo"),
+])
+def test_demo_checks_its_values_before_simulating(tmp_path, capsys, option, value, expected):
+    assert main(["demo", "-o", str(tmp_path / "demo"), option, value]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().startswith(expected) and "Traceback" not in captured.err
+    assert "Simulating" not in captured.out and not (tmp_path / "demo").exists()
