@@ -464,7 +464,8 @@ def test_a_stack_cut_short_and_lost_metadata_are_named_too(tmp_path):
         "images are not kept (--keep-store)")
     (outdir / "Particles" / "subtracted_0000.mrcs").write_bytes(b"x" * 100)
     (outdir / "particles_subtracted.star").unlink()
-    assert lost_from_finished_run(outdir, stacks) == f"{outdir}/particles_subtracted.star of the finished run is missing"
+    assert lost_from_finished_run(outdir, stacks) == (
+        f"{outdir}/particles_subtracted.star of the finished run is missing")
 
 
 # ----------------------------------------------------------------------------- maps touched, not changed

@@ -49,8 +49,8 @@ from ..physics.projector import projector_kernel
 from ..physics.subtract import SubtractionSettings
 from ..report import REPORT_FOLDER, start_preparation, start_warming_up
 from . import diagnostics, export, metadata, prefetch, rebox, record, region, resources, store, validate
-from .outdir import (AUTOMATIC_KEY, CONTENT_HASHED, OutdirLock, check_writable, explain_os_error, file_identity, prepare_outdir,
-                     run_fingerprint, with_content_hashes)
+from .outdir import (AUTOMATIC_KEY, CONTENT_HASHED, OutdirLock, check_writable, explain_os_error, file_identity,
+                     prepare_outdir, run_fingerprint, with_content_hashes)
 from .tasks import MapFiles, half_map_models, prepare_models, run_chunk
 from .transcript import Transcript
 
