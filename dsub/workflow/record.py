@@ -91,8 +91,8 @@ class AttemptRecorder:
         Read before a store is replaced (the run computed afresh: a lost stack of a
         finished run), so its history goes on into the new store. An attempt still
         ``running`` ended without a word: it becomes ``stopped``, ending with its
-        last saved progress (``store.saved_progress``: time, chunks and devices
-        as of the last chunks the coordinator recorded).
+        last saved progress (``store.saved_progress``: time and devices as of the
+        last chunks the coordinator recorded), its chunks counted from the store.
         """
         store_path = Path(store_path)
         try:
@@ -110,9 +110,8 @@ class AttemptRecorder:
                     continue
                 saved = progress if progress.get("attempt") == attempt.get("attempt") else {}
                 last = saved.get("last_update") or attempt.get("last_update") or attempt["started"]
-                chunks = saved.get("chunks_done")
-                if chunks is None and done is not None:
-                    chunks = done - attempt.get("chunks_done_before", 0)
+                # The store's marks, written just before the progress: a kill in between leaves them ahead.
+                chunks = saved.get("chunks_done") if done is None else done - attempt.get("chunks_done_before", 0)
                 attempt.update(
                     status="stopped", ended=last, last_update=last,
                     chunks_done=chunks if chunks is not None else attempt.get("chunks_done", 0),
