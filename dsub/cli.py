@@ -17,7 +17,7 @@ from pathlib import Path
 from . import __version__
 from .cluster import ClusterSpec, parse_adapt
 from .errors import (
-    INTERRUPTED, TERMINATED, DsubError, DsubWarning, MissingInputError, OptionError, Terminated, error_line,
+    DsubError, DsubWarning, MissingInputError, OptionError, Terminated, error_line, interrupted_line,
 )
 from .formats.paths import PATH_MODES
 from .physics.contrast import SCALE_MODES, WEIGHTINGS, ContrastFit
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="simulate a small dataset, subtract it and report the accuracy")
     demo.add_argument("-o", "--outdir", default="demo_out", help="folder for the dataset and results (demo_out)")
     demo.add_argument("--particles", type=int, default=400, help="number of particles (400)")
-    demo.add_argument("--box", type=int, default=64, help="box size in pixels (64)")
+    demo.add_argument("--box", type=int, default=64, help="box size in pixels (64; at least 24)")
     return parser
 
 
@@ -250,10 +250,19 @@ def run_subtract(args) -> int:
     return 0
 
 
+#: The demo's smallest box: below it the simulated domains are too close for a clean mask (``demo.make_dataset``).
+DEMO_SMALLEST_BOX = 24
+
+
 def run_demo(args) -> int:
     from .demo import make_dataset, residual_of_masked_region
     from .workflow.pipeline import RunOptions, subtract
 
+    if args.particles < 1:
+        raise OptionError(f"--particles must be at least 1, not {args.particles}")
+    if args.box < DEMO_SMALLEST_BOX:
+        raise OptionError(f"--box must be at least {DEMO_SMALLEST_BOX} pixels for the demo (its two domains need room "
+                          f"for a clean mask), not {args.box}")
     outdir = Path(args.outdir)
     print(f"Simulating {args.particles} particles of {args.box} px in {outdir / 'data'} ...", flush=True)
     paths, sim = make_dataset(outdir / "data", count=args.particles, box=args.box)
@@ -331,15 +340,23 @@ def main(argv=None) -> int:
     except OSError as exc:
         print(os_error_line(exc), file=sys.stderr)
         return 2
-    except Terminated:
-        print(TERMINATED, file=sys.stderr)
+    except Terminated as exc:
+        stopped_before_the_run(exc, args.command)
+        print(interrupted_line(exc), file=sys.stderr)
         return 128 + signal.SIGTERM
-    except KeyboardInterrupt:
-        print(INTERRUPTED, file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        stopped_before_the_run(exc, args.command)
+        print(interrupted_line(exc), file=sys.stderr)
         return 130
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def stopped_before_the_run(exc: KeyboardInterrupt, command: str) -> None:
+    """A ``subtract`` stopped before its run began (the run marks its own stops): nothing was written."""
+    if command == "subtract" and not hasattr(exc, "nothing_written"):
+        exc.nothing_written = True
 
 
 #: What to do about an operating-system error that reached the command line, by errno.

@@ -16,8 +16,8 @@ def run() -> None:
     try:
         from .cli import entry
     except KeyboardInterrupt:
-        from .errors import INTERRUPTED
+        from .errors import INTERRUPTED_BEFORE_WRITING
 
-        print(INTERRUPTED, file=sys.stderr, flush=True)
+        print(INTERRUPTED_BEFORE_WRITING, file=sys.stderr, flush=True)
         os._exit(130)
     entry()

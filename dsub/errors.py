@@ -75,6 +75,22 @@ def warn(message: str) -> None:
 INTERRUPTED = "dsub: interrupted; rerun the same command to resume"
 TERMINATED = ("dsub: stopped by SIGTERM (a batch system's time limit, a preemption or a cancel); rerun the same "
               "command to resume")
+#: The same, where the run was stopped before it wrote anything to resume (``interrupted_line``).
+INTERRUPTED_BEFORE_WRITING = "dsub: interrupted before anything was written; rerun the command to start"
+TERMINATED_BEFORE_WRITING = ("dsub: stopped by SIGTERM (a batch system's time limit, a preemption or a cancel) "
+                             "before anything was written; rerun the command to start")
+
+
+def interrupted_line(exc: BaseException) -> str:
+    """The line for a Ctrl-C or SIGTERM (``Terminated``): resume, or start where nothing was written.
+
+    The run marks the exception ``nothing_written`` when OUTDIR holds no store after it (its
+    folder, lock and log removed as found): the rerun then starts, with nothing to resume.
+    """
+    before = getattr(exc, "nothing_written", False)
+    if isinstance(exc, Terminated):
+        return TERMINATED_BEFORE_WRITING if before else TERMINATED
+    return INTERRUPTED_BEFORE_WRITING if before else INTERRUPTED
 
 
 class Terminated(KeyboardInterrupt):

@@ -463,5 +463,5 @@ def test_ctrl_c_while_local_workers_start_prints_no_traceback(dataset, tmp_path)
     out, err = run.communicate(timeout=120)
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert run.returncode == 130, err
-    assert err.strip().splitlines()[-1] == "dsub: interrupted; rerun the same command to resume"
+    assert err.strip().splitlines()[-1] == "dsub: interrupted before anything was written; rerun the command to start"
     assert list(scratch.glob("dsub-spawn-*")) == []  # the start-up script's folder goes at exit

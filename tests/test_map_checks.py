@@ -239,9 +239,14 @@ def test_maps_smaller_than_the_particles_box_are_warned_with_the_contrast_factor
     assert run(paths, tmp_path / "same", "--scheduler", "sync") == 0
     assert "span" not in capsys.readouterr().err
     assert run({**paths, **cropped}, tmp_path / "small", "--scheduler", "sync") == 0
-    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dsub: warning:")]
+    captured = capsys.readouterr()
+    warned = [line for line in captured.err.splitlines() if line.startswith("dsub: warning:")]
     assert len(warned) == 1, warned
     pixel = read_map(paths["half_a"])[1]
+    # At the particles' pixel size: padded to their box, nothing resampled (and no line saying it is).
+    assert (f"Maps of {small} voxels at {pixel:.4f} Å brought to the particles' {BOX} px box: zero-padded about "
+            f"their centre to the {BOX} voxels that the particles' box spans, at their own voxel size "
+            "(no resampling).") in captured.out.splitlines()
     assert warned[0].startswith(f"dsub: warning: {cropped['half_a']}: the maps span {small} voxels × {pixel:.4f} Å")
     assert f"the particles' {BOX} px × {pixel:.4f} Å" in warned[0] and f"--new_box {BOX}" in warned[0]
     factor = float(warned[0].split("predict the particles ")[1].split("×")[0])

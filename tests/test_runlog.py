@@ -255,14 +255,19 @@ def test_refusal_names_the_changed_parameter_and_input_file(small, tmp_path, cap
     assert re.search(r"--padding was 1\.25, now 2(\.0)?\b", line) and "--scale was 'fit', now 'none'" in line
     assert line.count("\n") == 0 and "--overwrite" in line
 
-    stat = os.stat(small["half_a"])
+    stat, mask = os.stat(small["half_a"]), os.stat(small["mask"])
     try:
         os.utime(small["half_a"], ns=(stat.st_atime_ns, stat.st_mtime_ns + 3_600 * 10**9))  # touched an hour later
-        line = refusal(small, outdir, capsys)
-        assert f"--half-a {small['half_a'].resolve()} has changed since that run (modified " in line
-        assert "--half-b" not in line and "--padding" not in line
+        os.utime(small["mask"], ns=(mask.st_atime_ns, mask.st_mtime_ns + 3_600 * 10**9))
+        line = refusal(small, outdir, capsys, "--padding", "2")  # the maps' content is the same: not named
+        assert re.search(r"--padding was 1\.25, now 2(\.0)?\.", line) and "--half-a" not in line, line
+        assert main(subtract_args(small, outdir)) == 0
+        out = capsys.readouterr().out
+        assert f"--half-a {small['half_a'].resolve()}: its modification time changed since that run" in out
+        assert "--half-b" not in out
     finally:
         os.utime(small["half_a"], ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        os.utime(small["mask"], ns=(mask.st_atime_ns, mask.st_mtime_ns))
 
     stack = os.stat(small["stack"])
     try:
@@ -393,7 +398,7 @@ def test_ctrl_c_while_dsub_loads_ends_in_one_line(small, tmp_path, delay_s):
     run.send_signal(signal.SIGINT)
     _, err = run.communicate(timeout=120)
     assert run.returncode == 130 and "Traceback" not in err
-    assert err.strip().splitlines() == ["dsub: interrupted; rerun the same command to resume"]
+    assert err.strip().splitlines() == ["dsub: interrupted before anything was written; rerun the command to start"]
 
 
 def test_a_run_from_python_with_default_padding_is_the_same_run_as_the_command_line(small, tmp_path, capsys):
@@ -407,3 +412,211 @@ def test_a_run_from_python_with_default_padding_is_the_same_run_as_the_command_l
     capsys.readouterr()
     assert main(subtract_args(small, outdir)) == 0
     assert "already holds the finished results of this run" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- attempts killed outright
+
+
+def test_an_attempt_killed_outright_keeps_its_time_and_devices(tmp_path):
+    """SIGKILL of the whole process group while the chunks run: the rerun records the killed attempt with
+    its start (the command's), the end of its last recorded chunk and its devices, and counts its time."""
+    import signal
+    import time
+    from datetime import datetime, timezone
+
+    paths, _ = make_dataset(tmp_path / "data", count=2000, box=64, seed=7)
+    outdir = tmp_path / "out"
+    args = [*subtract_args(paths, outdir), "--chunk-size", "4", "--workers", "1", "--quiet"]
+    launched = datetime.now(timezone.utc)
+    run = subprocess.Popen([sys.executable, "-m", "dsub.cli", *args], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, cwd=tmp_path, start_new_session=True)
+    marks = outdir / "subtracted.zarr" / "chunk_done" / "c"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and run.poll() is None:
+        if marks.is_dir() and len(list(marks.iterdir())) >= 3:
+            break
+        time.sleep(0.02)
+    seen = datetime.now(timezone.utc)  # three chunks recorded by now
+    time.sleep(1.2)  # the coordinator records chunks at least once a second
+    assert run.poll() is None, "the run finished before it could be killed"
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+
+    rerun = subprocess.run([sys.executable, "-m", "dsub.cli", *args], capture_output=True, text=True,
+                           timeout=300, cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    summary = json.loads((outdir / "dsub_run.json").read_text())
+    assert len(summary["attempts"]) == 2, (summary["attempts"], rerun.stdout)
+    killed, resumed = summary["attempts"]
+    started, ended = (datetime.fromisoformat(killed[key]) for key in ("started", "ended"))
+    assert killed["status"] == "stopped" and killed["pid"] == run.pid and killed["devices"] == ["cpu"]
+    assert launched <= started < seen <= ended  # from the command's start to its last recorded chunk
+    assert killed["seconds"] == pytest.approx((ended - started).total_seconds(), abs=1e-3)
+    assert killed["seconds"] >= (seen - started).total_seconds()
+    assert killed["chunks_done"] == summary["chunks_skipped"] >= 3
+    assert summary["seconds"] == round(killed["seconds"] + resumed["seconds"], 3)
+    total = re.search(r"Subtracted 2000 particles in ([\d.]+) s over 2 attempts", rerun.stdout)
+    assert total and float(total.group(1)) == pytest.approx(summary["seconds"], abs=0.05), rerun.stdout
+
+
+def test_a_stack_lost_from_a_finished_run_is_named_and_the_run_keeps_its_history(small, tmp_path, capsys):
+    """The finished run kept no images in its store: the rerun says which stack is gone before computing
+    everything again, and the run record keeps the first run's attempt beside the new one."""
+    outdir = tmp_path / "out"
+    assert main(subtract_args(small, outdir)) == 0
+    first, = json.loads((outdir / "dsub_run.json").read_text())["attempts"]
+    stack = outdir / "Particles" / "subtracted_0000.mrcs"
+    stack.unlink()
+    capsys.readouterr()
+    assert main(subtract_args(small, outdir)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    why = lines.index(f"dsub: {stack} of the finished run is missing and its images are not kept (--keep-store): "
+                      "computing all 24 particles again.")
+    work = next(i for i, line in enumerate(lines) if line.startswith("dsub: 24 particles of 32 px in 3 chunks"))
+    assert why < work and "(0 already done)" in lines[work]
+    summary = json.loads((outdir / "dsub_run.json").read_text())
+    earlier, again = summary["attempts"]
+    assert earlier == first
+    assert again["attempt"] == 2 and again["status"] == "finished" and again["chunks_done"] == 3
+    assert again["afresh"] == f"{stack} of the finished run is missing and its images are not kept (--keep-store)"
+    assert summary["seconds"] == round(earlier["seconds"] + again["seconds"], 3)
+    assert stack.is_file()
+
+
+def test_a_stack_cut_short_and_lost_metadata_are_named_too(tmp_path):
+    from dsub.workflow.pipeline import lost_from_finished_run
+
+    outdir = tmp_path / "out"
+    (outdir / "Particles").mkdir(parents=True)
+    for name in ("particles_subtracted.star", "particles_subtracted.cs", "dsub_run.json"):
+        (outdir / name).write_text("x")
+    (outdir / "Particles" / "subtracted_0000.mrcs").write_bytes(b"x" * 100)
+    stacks = {"Particles/subtracted_0000.mrcs": 100}
+    assert lost_from_finished_run(outdir, stacks) is None
+    (outdir / "Particles" / "subtracted_0000.mrcs").write_bytes(b"x" * 40)
+    assert lost_from_finished_run(outdir, stacks) == (
+        f"{outdir}/Particles/subtracted_0000.mrcs of the finished run is cut short (40 of 100 bytes) and its "
+        "images are not kept (--keep-store)")
+    (outdir / "Particles" / "subtracted_0000.mrcs").write_bytes(b"x" * 100)
+    (outdir / "particles_subtracted.star").unlink()
+    assert lost_from_finished_run(outdir, stacks) == (
+        f"{outdir}/particles_subtracted.star of the finished run is missing")
+
+
+# ----------------------------------------------------------------------------- maps touched, not changed
+
+
+def test_a_map_whose_time_alone_changed_resumes_and_one_whose_content_changed_is_refused(tmp_path, capsys):
+    """``touch mask.mrc`` (or a copy without -p): same content, the run resumes and says so; other content of
+    the same size is refused as before; a store without content hashes (an earlier dsub) refuses a touch."""
+    import zarr
+
+    paths, _ = make_dataset(tmp_path / "data", count=24, box=32, seed=3)
+    outdir = tmp_path / "out"
+    assert main(subtract_args(paths, outdir)) == 0
+    mask = paths["mask"]
+
+    def touch(path, seconds):
+        stat = os.stat(path)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + seconds * 10**9))
+
+    touch(mask, 3600)
+    capsys.readouterr()
+    assert main(subtract_args(paths, outdir)) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if "its modification time changed" in line)
+    assert re.fullmatch(rf"dsub: --mask {re.escape(str(mask.resolve()))}: its modification time changed since "
+                        r"that run \(\S+ → \S+\), its content did not: resuming\.", line), line
+    assert "already holds the finished results of this run" in out
+    assert main(subtract_args(paths, outdir)) == 0  # the store took the new time: nothing more to say
+    assert "modification time changed" not in capsys.readouterr().out
+
+    with open(mask, "r+b") as file:  # other content, same size: a label in the MRC header
+        file.seek(300)
+        file.write(b"edited")
+    touch(mask, 60)
+    line = refusal(paths, outdir, capsys)
+    assert f"--mask {mask.resolve()} has changed since that run (modified " in line and "--overwrite" in line
+
+    fresh = tmp_path / "fresh"
+    assert main(subtract_args(paths, fresh)) == 0
+    group = zarr.open_group(str(fresh / "subtracted.zarr"), mode="r+")
+    run = dict(group.attrs["run"])
+    assert all(len(run[name]["blake2b"]) == 64 for name in ("half_a", "half_b", "mask"))
+    assert "blake2b" not in str(run["stacks"]) and "blake2b" not in str(run["particles"])
+    group.attrs["run"] = {**run, **{name: {key: value for key, value in run[name].items() if key != "blake2b"}
+                                    for name in ("half_a", "half_b", "mask")}}  # as an earlier dsub wrote it
+    assert main(subtract_args(paths, fresh)) == 0  # the same fingerprint without hashes: still this run
+    touch(paths["half_b"], 5)
+    line = refusal(paths, fresh, capsys)
+    assert f"--half-b {paths['half_b'].resolve()} has changed since that run (modified " in line
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_a_stop_before_anything_is_written_says_so(small, tmp_path, monkeypatch, capsys, signal_name):
+    """Stopped during the sample fit (OUTDIR made, locked, logged; no store yet): the folder goes again, and the
+    line says that nothing was written rather than to resume."""
+    import signal
+
+    import dsub.workflow.diagnostics as diagnostics
+
+    def stop(*args, **kwargs):
+        assert (tmp_path / "out" / ".dsub.lock").is_file()  # OUTDIR is made and locked by now
+        if signal_name == "SIGINT":
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    outdir = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(diagnostics, "sample_task", stop)
+        assert main(subtract_args(small, outdir)) == (130 if signal_name == "SIGINT" else 143)
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.endswith("before anything was written; rerun the command to start"), line
+    assert line.startswith("dsub: interrupted" if signal_name == "SIGINT" else "dsub: stopped by SIGTERM")
+    assert not outdir.exists()
+
+
+def test_a_particles_folder_of_the_users_own_is_named_and_kept_by_overwrite(small, tmp_path, capsys):
+    outdir = tmp_path / "out"
+    (outdir / "Particles").mkdir(parents=True)
+    (outdir / "Particles" / "mine.mrcs").write_bytes(b"my own stack")
+    line = refusal(small, outdir, capsys)
+    assert line.startswith(f"dsub: error: {outdir}: holds a Particles/ folder (mine.mrcs) but no dsub store "
+                           "(subtracted.zarr): no run of dsub to resume"), line
+    assert "without --overwrite" in line and "leaves any other in place" in line
+    assert main(subtract_args(small, outdir, "--overwrite")) == 0
+    assert (outdir / "Particles" / "mine.mrcs").read_bytes() == b"my own stack"  # what the line promised
+    assert (outdir / "Particles" / "subtracted_0000.mrcs").is_file()
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "particles_subtracted.star").write_text("results of an earlier run\n")
+    line = refusal(small, other, capsys)
+    assert f"{other}: holds particles_subtracted.star but no dsub store" in line
+
+
+def test_the_line_for_maps_of_another_box_says_what_is_done_to_them():
+    from dsub.workflow.pipeline import maps_to_box_line
+
+    head = "Maps of 128 voxels at 1.0000 Å brought to the particles' 256 px box: "
+    assert maps_to_box_line(128, 256, 256, 1.0) == head + (
+        "zero-padded about their centre to the 256 voxels that the particles' box spans, at their own voxel size "
+        "(no resampling).")
+    assert maps_to_box_line(400, 256, 256, 1.0) == head.replace("128", "400") + (
+        "cropped to the 256 voxels about their centre that the particles' box spans, at their own voxel size "
+        "(no resampling).")
+    assert maps_to_box_line(128, 256, 200, 1.0) == head + (
+        "zero-padded about their centre to the 200 voxels that the particles' box spans, then resampled to 256 "
+        "voxels of 0.7812 Å.")
+    assert maps_to_box_line(200, 256, 200, 1.0) == head.replace("128", "200") + "resampled to 256 voxels of 0.7812 Å."
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("--particles", "0", "dsub: error: --particles must be at least 1, not 0"),
+    ("--box", "16", "dsub: error: --box must be at least 24 pixels for the demo"),
+])
+def test_demo_checks_its_values_before_simulating(tmp_path, capsys, option, value, expected):
+    assert main(["demo", "-o", str(tmp_path / "demo"), option, value]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().startswith(expected) and "Traceback" not in captured.err
+    assert "Simulating" not in captured.out and not (tmp_path / "demo").exists()

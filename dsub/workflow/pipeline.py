@@ -35,7 +35,7 @@ from .. import __version__
 from ..cluster import ClusterSpec, open_runner
 from ..cluster.early import start_early
 from ..cluster.config import cluster_config, warn_unused_settings
-from ..cluster.progress import map_preparation_estimate, setup_step
+from ..cluster.progress import map_preparation_estimate, number, setup_step
 from ..errors import DsubError, InputFileError, OptionError, warn
 from ..formats import read_particles, select_rows
 from ..formats.mrc import map_header, read_map
@@ -49,8 +49,8 @@ from ..physics.projector import projector_kernel
 from ..physics.subtract import SubtractionSettings
 from ..report import REPORT_FOLDER, start_preparation, start_warming_up
 from . import diagnostics, export, metadata, prefetch, rebox, record, region, resources, store, validate
-from .outdir import (AUTOMATIC_KEY, OutdirLock, check_writable, explain_os_error, file_identity, prepare_outdir,
-                     run_fingerprint, same_run)
+from .outdir import (AUTOMATIC_KEY, CONTENT_HASHED, OutdirLock, check_writable, explain_os_error, file_identity,
+                     prepare_outdir, run_fingerprint, same_run, with_content_hashes)
 from .tasks import MapFiles, half_map_models, prepare_models, run_chunk
 from .transcript import Transcript
 
@@ -167,6 +167,28 @@ def project_folder_text(table) -> str | None:
     return None if project is None else str(project)
 
 
+def maps_to_box_line(map_box: int, box: int, extent: int, pixel_size: float) -> str:
+    """How maps of another box are brought to the particles' box, in one line (``tasks.MapFiles``).
+
+    The maps are cropped or zero-padded about their centre to the ``extent``
+    voxels the particles' box spans, then Fourier-resampled to ``box`` voxels,
+    which changes the voxel size; where ``extent`` is ``box`` (maps at the
+    particles' pixel size) nothing is resampled.
+    """
+    if map_box > extent:
+        steps = [f"cropped to the {extent} voxels about their centre that the particles' box spans"]
+    elif map_box < extent:
+        steps = [f"zero-padded about their centre to the {extent} voxels that the particles' box spans"]
+    else:
+        steps = []
+    if extent != box:
+        steps.append(f"resampled to {box} voxels of {pixel_size * extent / box:.4f} Å")
+    else:
+        steps[-1] += ", at their own voxel size (no resampling)"
+    return (f"Maps of {map_box} voxels at {pixel_size:.4f} Å brought to the particles' {box} px box: "
+            f"{', then '.join(steps)}.")
+
+
 def prepare_maps_where_visible(maps: MapFiles, settings, options: RunOptions, box: int) -> str | None:
     """Prepare the half-maps in view of the user; returns what the progress shows while workers do it.
 
@@ -206,7 +228,8 @@ def subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings
     attempt = record.AttemptRecorder()
     lock = OutdirLock(Path(options.outdir))
     try:
-        with transcript.capturing_warnings(), record.failure_recorded(attempt, transcript), \
+        kept = (Path(options.outdir) / store.STORE_NAME).exists  # after an interrupt: anything to resume?
+        with transcript.capturing_warnings(), record.failure_recorded(attempt, transcript, kept), \
                 contextlib.ExitStack() as cleanup:
             finished = False
             try:
@@ -292,8 +315,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
                      f"at its own pixel size from maps at {pixel_size * extent / box:.4f} Å, and exported to "
                      "stacks of one pixel size.")
     if map_box != box:
-        say(options, f"Maps of {map_box} voxels at {pixel_size:.4f} Å brought to the particles' {box} px box: "
-                     f"{extent} voxels kept, resampled to {box} (voxel {pixel_size * extent / box:.4f} Å).")
+        say(options, maps_to_box_line(map_box, box, extent, pixel_size))
     check_device(options)
     plan, spec = plan_resources(box, settings, options, extent if map_box != box else 0)
     device = options.device
@@ -310,7 +332,11 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     lock.acquire()  # from here on this run alone writes in OUTDIR
     if options.skip_bad_particles and not options.overwrite:
         adopt_strict_run(store_path, identity, fingerprint)
-    resuming = prepare_outdir(outdir, fingerprint, options.overwrite, identity)
+    resuming = prepare_outdir(outdir, fingerprint, options.overwrite, identity, lambda line: say(options, line))
+    if resuming:  # this run's history, read before anything replaces its store
+        attempt.read_earlier(store_path)
+    # The maps' content hashes for a new store, read while the maps are prepared and the sample fitted.
+    hashing = None if resuming else ContentHashes(identity)
     # The QC report's drawing library is loaded while the maps are prepared and the workers start, not
     # while the chunks run; joined before the run returns (a thread still importing at exit can crash).
     cleanup.callback(start_warming_up().join)
@@ -321,10 +347,14 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
         dtype = np.float16 if options.float16 else np.float32
         stacks = {relative: export.stack_bytes(rows.size, out_box, dtype) for relative, rows, _ in
                   layout}
-        finished = finished_run(outdir, stacks, options, table, settings.scale, reboxing)
-        if finished is not None:
-            return finished
-        resuming = False  # the images are gone and the export is not complete: compute afresh
+        afresh = lost_from_finished_run(outdir, stacks)
+        if afresh is None:
+            return finished_run(outdir, stacks, options, table, settings.scale, reboxing)
+        # The images are gone and the export is not complete: compute afresh, and say why.
+        say(options, f"dsub: {afresh}: computing all {number(len(table))} particles again.")
+        resuming = False
+    else:
+        afresh = None
     remove_metadata(outdir)  # never leave old metadata that looks complete
 
     timings = {"check_inputs": time.monotonic() - started}
@@ -366,14 +396,15 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             if not resuming:
                 export.remove_stacks(outdir)  # an earlier run's stacks must not stay beside this run's
                 store.create_store(store_path, len(table), out_box, options.chunk_size,
-                                   {**identity, "fingerprint": fingerprint, AUTOMATIC_KEY: chosen},
+                                   {**(hashing or ContentHashes(identity)).result(), "fingerprint": fingerprint,
+                                    AUTOMATIC_KEY: chosen},
                                    float16=options.float16,
                                    keep_images=options.keep_store)
             # The chunk marks are read once: a fresh store has none.
             done = store.finished_chunks(store_path) if resuming else np.zeros(len(bounds), dtype=bool)
             pieces, done = stacks_taken_up(store_path, outdir, layout, bounds, out_box, done)
             store.save_sample_check(store_path, checked, sample_check)
-            attempt.begin(store_path, options.cluster.scheduler, device, len(bounds), int(done.sum()))
+            attempt.begin(store_path, options.cluster.scheduler, device, len(bounds), int(done.sum()), note=afresh)
             pending = [int(i) for i in run_order if not done[i]]  # running chunks write into different stacks
             say(options, f"dsub: {len(table)} particles of {box} px in {len(bounds)} chunk{'s' if len(bounds) != 1 else ''} "
                          f"({len(bounds) - len(pending)} already done) on {runner.description}.")
@@ -395,7 +426,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
                 )
                 for index in pending
             )
-            recorder = store.ChunkRecorder(store_path)
+            recorder = store.ChunkRecorder(store_path, on_flush=attempt.save_progress)
 
             def chunk_finished(result: store.ChunkResult) -> str:
                 attempt.chunk_finished(result.device)
@@ -492,6 +523,32 @@ def sample_check_if_all_done(store_path: Path, outdir: Path, layout, bounds, box
         return None
     _, done = stacks_taken_up(store_path, outdir, layout, bounds, box, done)
     return saved if done.all() else None
+
+
+class ContentHashes:
+    """``outdir.with_content_hashes(identity)`` computed in a thread of its own (``result`` waits for it).
+
+    Hashing reads the maps and mask whole (about 0.7 s of CPU for a 512³ map;
+    ``hashlib`` releases the GIL), so a new run does it beside the maps'
+    preparation and the sample fit. An error while reading is raised by ``result``.
+    """
+
+    def __init__(self, identity: dict):
+        self._identity, self._hashed, self._error = identity, None, None
+        self._thread = threading.Thread(target=self._run, name="dsub-content-hashes", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._hashed = with_content_hashes(self._identity)
+        except BaseException as exc:  # noqa: BLE001 -- handed to the caller by result()
+            self._error = exc
+
+    def result(self) -> dict:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._hashed
 
 
 def close_in_background(closing: contextlib.ExitStack) -> threading.Thread:
@@ -615,11 +672,46 @@ def adopt_strict_run(store_path: Path, identity: dict, fingerprint: str) -> None
     strict = {**identity, "skip_bad_particles": False}
     try:
         group = store.open_store(store_path, mode="r+")
-        if not same_run(dict(group.attrs.get("run", {})), run_fingerprint(strict), strict):
+        earlier = dict(group.attrs.get("run", {}))
+        if not same_run(earlier, run_fingerprint(strict), strict):
             return
     except Exception:  # unreadable: prepare_outdir decides
         return
-    group.attrs["run"] = {**identity, "fingerprint": fingerprint}
+    # The same inputs (the fingerprints agree): the maps keep their content hashes, the record what dsub chose.
+    group.attrs["run"] = {**earlier, **{key: value for key, value in identity.items() if key not in CONTENT_HASHED},
+                          "fingerprint": fingerprint}
+
+
+#: How many lost files of a finished run the line saying so names before it only counts them.
+NAMED_LOST = 3
+
+
+def lost_from_finished_run(outdir: Path, stacks: dict) -> str | None:
+    """What a finished run (its store holding no images) has lost, in one phrase; None if nothing.
+
+    ``stacks``: {path relative to ``outdir``: its size in bytes}. E.g.
+    ``out/Particles/subtracted_0000.mrcs of the finished run is missing and its
+    images are not kept (--keep-store)``: the run must then be computed again.
+    """
+    lost = [(outdir / name, "is missing") for name in (export.STAR_NAME, export.CS_NAME, RUN_SUMMARY)
+            if not (outdir / name).is_file()]
+    for relative, size in stacks.items():
+        path = outdir / relative
+        if not export.has_size(path, size):
+            found = path.stat().st_size if path.is_file() else None
+            lost.append((path, "is missing" if found is None else
+                         f"is {'cut short' if found < size else 'longer than it was written'} "
+                         f"({number(found)} of {number(size)} bytes)"))
+    if not lost:
+        return None
+    (first, what), more = lost[0], len(lost) - 1
+    named = ", ".join(str(path) for path, _ in lost[:NAMED_LOST]) + (
+        f" and {more + 1 - NAMED_LOST} more" if more + 1 > NAMED_LOST else "")
+    line = (f"{first} of the finished run {what}" if not more
+            else f"{named} of the finished run are missing or not of the size written")
+    if any(Path(path).parent.name == export.STACK_FOLDER for path, _ in lost):
+        line += " and its images are not kept (--keep-store)"
+    return line
 
 
 def finished_run(outdir: Path, stacks: dict, options: RunOptions, table=None, scale: str = "fit",

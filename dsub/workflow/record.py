@@ -8,7 +8,9 @@ run completes) lists them all. An attempt's ``status`` is ``running`` while it
 runs, then ``finished``, ``failed`` (with the error), ``interrupted`` (Ctrl-C),
 or ``stopped`` when it ended without a word (killed, preempted, its node lost, or
 an error on a full disk, where its record could not be rewritten): the next
-attempt finds it still ``running`` and counts its chunks from the store.
+attempt finds it still ``running`` and closes it with the time, chunks and devices
+of its last saved progress (``store.save_progress``, written each time the
+coordinator records finished chunks).
 """
 
 from __future__ import annotations
@@ -19,21 +21,23 @@ import os
 import platform
 import socket
 import time
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 from .. import __version__
-from ..errors import INTERRUPTED, TERMINATED, DsubError, Terminated, error_line
+from ..errors import DsubError, error_line, interrupted_line
 from . import store
 from .outdir import modified
-from .transcript import utc_now
+
+
+def utc_now() -> str:
+    """The current time as ISO 8601 UTC, to the millisecond (an attempt's start, end and saved progress)."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 #: Libraries whose versions a run records (cupy only where installed).
 LIBRARIES = ("numpy", "scipy", "dask", "distributed", "dask-jobqueue", "zarr", "mrcfile", "starfile", "pandas")
 #: The names CuPy's wheels are published under (https://docs.cupy.dev/en/stable/install.html).
 CUPY_WHEELS = ("cupy-cuda13x", "cupy-cuda12x", "cupy-cuda11x", "cupy-rocm-6-0", "cupy-rocm-5-0", "cupy")
-#: Seconds between updates of a running attempt in the store.
-SAVE_INTERVAL_S = 10.0
 
 
 def versions() -> dict:
@@ -64,41 +68,77 @@ def input_files(identity: dict) -> dict:
 class AttemptRecorder:
     """Records one attempt of a run in the store, from ``begin`` to ``finish`` or ``fail``.
 
-    Before ``begin`` (the store does not exist yet) ``fail`` does nothing: an
-    attempt refused while checking its inputs leaves no trace in the record.
+    The attempt starts when the recorder is made (the command's start: reading
+    and checking the inputs count); it enters the store at ``begin``. Before
+    ``begin`` (the store does not exist yet) ``fail`` does nothing: an attempt
+    refused while checking its inputs leaves no trace in the record.
     """
 
     def __init__(self):
         self.store_path: Path | None = None
         self.attempts: list[dict] = []
+        self.earlier: list[dict] | None = None  # the run's earlier attempts, settled (``read_earlier``)
         self.started = time.monotonic()
-        self._saved = 0.0
+        self.started_utc = utc_now()
 
     @property
     def current(self) -> dict:
         return self.attempts[-1]
 
+    def read_earlier(self, store_path: Path) -> list[dict]:
+        """The earlier attempts of this run, from its store; kept for ``begin``.
+
+        Read before a store is replaced (the run computed afresh: a lost stack of a
+        finished run), so its history goes on into the new store. An attempt still
+        ``running`` ended without a word: it becomes ``stopped``, ending with its
+        last saved progress (``store.saved_progress``: time and devices as of the
+        last chunks the coordinator recorded), its chunks counted from the store.
+        """
+        store_path = Path(store_path)
+        try:
+            attempts = [dict(attempt) for attempt in store.open_store(store_path).attrs.get("attempts", [])]
+        except Exception:  # an unreadable store has no history to keep
+            attempts = []
+        if any(attempt.get("status") == "running" for attempt in attempts):
+            progress = store.saved_progress(store_path) or {}
+            try:
+                done = int(store.finished_chunks(store_path).sum())
+            except Exception:
+                done = None
+            for attempt in attempts:
+                if attempt.get("status") != "running":
+                    continue
+                saved = progress if progress.get("attempt") == attempt.get("attempt") else {}
+                last = saved.get("last_update") or attempt.get("last_update") or attempt["started"]
+                # The store's marks, written just before the progress: a kill in between leaves them ahead.
+                chunks = saved.get("chunks_done") if done is None else done - attempt.get("chunks_done_before", 0)
+                attempt.update(
+                    status="stopped", ended=last, last_update=last,
+                    chunks_done=chunks if chunks is not None else attempt.get("chunks_done", 0),
+                    devices=sorted(set(attempt.get("devices") or []) | set(saved.get("devices") or [])),
+                    seconds=round((datetime.fromisoformat(last) - datetime.fromisoformat(attempt["started"]))
+                                  .total_seconds(), 3),
+                )
+        self.earlier = attempts
+        return attempts
+
     def begin(self, store_path: Path, scheduler: str, device: str, chunks_total: int,
-              done_before: int | None = None) -> dict:
-        """Start an attempt: settle the earlier ones, note what is already done, save.
+              done_before: int | None = None, note: str | None = None) -> dict:
+        """Start an attempt in the store: the earlier ones settled (``read_earlier``), what is already done, save.
 
         ``done_before``: chunks already finished, when the caller has read the store's marks (else read here).
+        ``note``: why this attempt computes the run afresh, when it does (a lost stack).
         """
         self.store_path = Path(store_path)
-        group = store.open_store(self.store_path)
-        self.attempts = [dict(attempt) for attempt in group.attrs.get("attempts", [])]
+        if self.earlier is None:
+            self.read_earlier(self.store_path)
+        self.attempts = [dict(attempt) for attempt in self.earlier]
         if done_before is None:
             done_before = int(store.finished_chunks(self.store_path).sum())
-        for attempt in self.attempts:
-            if attempt.get("status") == "running":  # it ended without a word: killed or preempted
-                last = attempt["last_update"]  # its last chunk saved (at most SAVE_INTERVAL_S apart)
-                attempt.update(status="stopped", ended=last, chunks_done=done_before - attempt["chunks_done_before"],
-                               seconds=(datetime.fromisoformat(last) - datetime.fromisoformat(attempt["started"]))
-                               .total_seconds())
         self.attempts.append({
             "attempt": len(self.attempts) + 1,
             "status": "running",
-            "started": utc_now(),
+            "started": self.started_utc,
             "ended": None,
             "last_update": utc_now(),
             "host": socket.gethostname(),
@@ -109,19 +149,39 @@ class AttemptRecorder:
             "chunks_done_before": done_before,
             "chunks_done": 0,
             "devices": [],
+            **({"afresh": note} if note else {}),
         })
-        self._save(force=True)
+        self._save()
+        self.save_progress()
         return self.current
 
     def chunk_finished(self, device_label) -> None:
-        """A chunk of this attempt finished on ``device_label`` (what ``tasks.run_chunk`` returns)."""
+        """A chunk of this attempt finished on ``device_label`` (what ``tasks.run_chunk`` returns).
+
+        Counted here; saved with the chunk's record (``save_progress``, called when the coordinator records chunks).
+        """
         if self.store_path is None:
             return
         attempt = self.current
         attempt["chunks_done"] += 1
         if device_label is not None and device_label not in attempt["devices"]:
             attempt["devices"] = sorted([*attempt["devices"], str(device_label)])
-        self._save()
+
+    def save_progress(self) -> None:
+        """Save the running attempt's time, chunks and devices in the store (a small file, not its attributes).
+
+        Called each time the coordinator has recorded finished chunks
+        (``store.ChunkRecorder``'s ``on_flush``): an attempt killed outright
+        keeps the time of its last recorded chunk. Never raises: a full disk
+        must not hide the run's own error.
+        """
+        if self.store_path is None or not self.attempts:
+            return
+        attempt = self.current
+        attempt["last_update"] = utc_now()
+        with contextlib.suppress(OSError):
+            store.save_progress(self.store_path, {key: attempt[key] for key in
+                                                  ("attempt", "started", "last_update", "chunks_done", "devices")})
 
     def finish(self, summary: dict, phases: dict, workers) -> dict:
         """Close the attempt as finished; returns ``summary`` with the whole run's record added.
@@ -161,19 +221,10 @@ class AttemptRecorder:
             with contextlib.suppress(Exception):  # count from the store: it knows what was written
                 done = int(store.finished_chunks(self.store_path).sum())
                 attempt["chunks_done"] = done - attempt["chunks_done_before"]
-        self._save(force=True)
+        self._save()
 
-    def _save(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._saved < SAVE_INTERVAL_S:
-            return
-        self._saved = now
-        self.current["last_update"] = self.current["ended"] or utc_now()
-        try:
-            store.open_store(self.store_path, mode="r+").attrs["attempts"] = self.attempts
-        except OSError:
-            if force:
-                raise
+    def _save(self) -> None:
+        store.open_store(self.store_path, mode="r+").attrs["attempts"] = self.attempts
 
 
 def run_description(command: str | None, identity: dict) -> dict:
@@ -195,12 +246,19 @@ def throughput_line(phases: dict) -> str | None:
 
 
 @contextlib.contextmanager
-def failure_recorded(attempt: AttemptRecorder, transcript):
-    """Inside: an error or interrupt closes the attempt with the line the user sees, also put in dsub.log."""
+def failure_recorded(attempt: AttemptRecorder, transcript, kept=None):
+    """Inside: an error or interrupt closes the attempt with the line the user sees, also put in dsub.log.
+
+    ``kept``: a function saying whether OUTDIR holds anything to resume; an
+    interrupt where it does not is marked ``nothing_written`` (``errors.interrupted_line``).
+    """
     try:
         yield
     except KeyboardInterrupt as exc:
-        line = TERMINATED if isinstance(exc, Terminated) else INTERRUPTED
+        with contextlib.suppress(Exception):
+            if kept is not None:
+                exc.nothing_written = not kept()
+        line = interrupted_line(exc)
         transcript.log_only(line)
         attempt.fail("interrupted", line)
         raise

@@ -18,12 +18,14 @@ Layout of ``OUTDIR/subtracted.zarr``:
   store with ``--keep-store``), contrast, statistics and skip marks are written, so a rerun
   knows what is finished (a chunk whose results were not yet recorded is computed again);
 * attributes: the run's parameters and inputs (``run``); ``image_dtype`` (float32 or
-  float16); ``images_deleted`` once the run finished without ``--keep-store`` (no images kept).
+  float16); ``images_deleted`` once the run finished without ``--keep-store`` (no images kept);
+  ``attempts`` (``record.AttemptRecorder``).
 
 Beside the arrays, plain files that are not Zarr arrays: ``particle_table/``
 (``metadata``: the table the tasks read, deleted once every chunk is stored) and
 ``report_columns/`` (``report.columns``: what the QC report reads of the table,
-kept; written while the chunks run).
+kept; written while the chunks run) and ``attempt_progress.json`` (``save_progress``:
+the running attempt's time, chunks and devices, rewritten each time chunks are recorded).
 
 The coordinator creates every array before any task runs. A task writes its
 images into the stacks (and, with ``--keep-store``, into the Zarr chunk of
@@ -152,8 +154,9 @@ class ChunkRecorder:
     once, and is called at the end of the phase and when a run is interrupted.
     """
 
-    def __init__(self, path: Path, interval_s: float = 1.0, most: int = 256):
+    def __init__(self, path: Path, interval_s: float = 1.0, most: int = 256, on_flush=None):
         self.path, self.interval_s, self.most = Path(path), interval_s, most
+        self.on_flush = on_flush  # called after each write (the attempt saves its progress: ``save_progress``)
         self.waiting: list[ChunkResult] = []
         self.written = float("-inf")  # the first result is recorded at once: the run shows it is under way
 
@@ -169,6 +172,8 @@ class ChunkRecorder:
         record_chunks(self.path, self.waiting)
         self.waiting = []
         self.written = time.monotonic()
+        if self.on_flush is not None:
+            self.on_flush()
 
     def close(self) -> None:
         """The last ``flush``, at the end of the phase or when a run stops; a stop signal that arrives
@@ -243,6 +248,32 @@ def delete_images(path: Path) -> None:
     group.attrs["images_deleted"] = True
     if "images" in group:
         del group["images"]
+
+
+#: The running attempt's progress, a plain file in the store (``save_progress``).
+PROGRESS_NAME = "attempt_progress.json"
+
+
+def save_progress(path: Path, progress: dict) -> None:
+    """Save a running attempt's progress (JSON-able dict) beside the arrays, atomically (a rename).
+
+    A small file of its own rather than the store's attributes: rewriting
+    those rewrites the group's metadata, which every process that writes
+    chunks would then open again (``_chunk_arrays``).
+    """
+    target = Path(path) / PROGRESS_NAME
+    temporary = target.with_name(f".{PROGRESS_NAME}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(progress))
+    os.replace(temporary, target)
+
+
+def saved_progress(path: Path) -> dict | None:
+    """What ``save_progress`` saved last; None if nothing (or nothing readable) was saved."""
+    try:
+        saved = json.loads((Path(path) / PROGRESS_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) else None
 
 
 def save_sample_check(path: Path, figures: dict, input_contrast_check: dict | None) -> None:
