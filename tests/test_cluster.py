@@ -259,3 +259,75 @@ def test_local_run_warns_once_about_a_jobqueue_config(tmp_path, capsys):
                       "jobqueue.slurm.queue. jobqueue settings configure SLURM/PBS worker jobs (--scheduler slurm "
                       "or pbs); leave the file out here, or use it with those."]
     assert warned[0] in (tmp_path / "out" / "dsub.log").read_text()
+
+
+def subtract_with(tmp_path, *options) -> list[str]:
+    """A subtract command line on small inputs, with ``options``."""
+    from dsub.demo import make_dataset
+
+    paths, _ = make_dataset(tmp_path / "data", count=8, box=32, snr=None)
+    return ["subtract", str(paths["star"]), "--half-a", str(paths["half_a"]), "--half-b", str(paths["half_b"]),
+            "--mask", str(paths["mask"]), "-o", str(tmp_path / "out"), "--quiet", *options]
+
+
+@pytest.mark.parametrize("scheduler", ["local", "slurm"])
+def test_unknown_interface_is_one_line_before_any_work(tmp_path, capsys, scheduler):
+    import psutil
+
+    code = main(subtract_with(tmp_path, "--scheduler", scheduler, "--interface", "nosuchif"))
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert err.splitlines() == [f"dsub: error: --interface nosuchif: no such network interface on this machine (it "
+                                f"has {', '.join(psutil.net_if_addrs())}). Give one of those (on a cluster, its "
+                                "internal network, e.g. ib0)."]
+    assert out == "" and not (tmp_path / "out").exists()  # refused before the inputs were read
+
+
+@pytest.mark.parametrize("address, words", [
+    ("nonsense", "give HOST:PORT (e.g. 127.0.0.1:8787"),
+    ("127.0.0.1:99999", "the port 99999 is beyond 0-65535"),
+    ("127.0.0.1:http", "the port 'http' is not a number"),
+    ("no-such-host.invalid:8787", "this machine cannot resolve the host no-such-host.invalid"),
+])
+def test_bad_dashboard_address_is_one_line_before_any_work(tmp_path, capsys, address, words):
+    code = main(subtract_with(tmp_path, "--scheduler", "local", "--dashboard-address", address))
+    out, err = capsys.readouterr()
+    assert code == 2
+    (line,) = err.splitlines()
+    assert line.startswith(f"dsub: error: --dashboard-address {address}: ") and words in line
+    assert out == "" and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:8787", ":0", "8787", "localhost:0,127.0.0.1:0"])
+def test_dashboard_addresses_dask_reads_are_accepted(address):
+    assert ClusterSpec(scheduler="local", dashboard_address=address).dashboard_address == address
+
+
+def test_interface_of_the_workers_alone_is_not_checked_here(tmp_path):
+    """A batch cluster's scheduler with its own interface (scheduler-options): --interface is the workers'."""
+    config = tmp_path / "site.yaml"
+    config.write_text("jobqueue:\n  slurm:\n    scheduler-options:\n      interface: lo\n")
+    assert ClusterSpec(scheduler="slurm", interface="ib0-on-the-nodes", cluster_config=str(config)).interface
+    with pytest.raises(OptionError, match="--interface ib0-on-the-nodes: no such network interface"):
+        ClusterSpec(scheduler="slurm", interface="ib0-on-the-nodes")
+
+
+def test_cluster_that_dask_cannot_start_is_one_line_quoting_dask(tmp_path, capsys):
+    """Whatever Dask refuses as the cluster starts (here a dashboard on an address not of this machine)."""
+    code = main(subtract_with(tmp_path, "--scheduler", "local", "--dashboard-address", "192.0.2.1:8787"))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and "Cluster failed to start" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("dsub: error:")]
+    assert line.startswith("dsub: error: the local Dask cluster failed to start; Dask says: [Errno 99] Cannot "
+                           "assign requested address. Check the network settings")
+
+
+def test_interface_in_a_cluster_config_that_dask_refuses_is_one_line(tmp_path, capsys):
+    config = tmp_path / "site.yaml"
+    config.write_text("jobqueue:\n  slurm:\n    interface: nosuchif\n")
+    code = main(["job-script", "--scheduler", "slurm", "--cluster-config", str(config)])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert err.startswith("dsub: error: the slurm Dask cluster failed to start; Dask says: 'nosuchif' is not a valid "
+                          "network interface.") and len(err.splitlines()) == 1

@@ -52,6 +52,18 @@ def load_cluster_config(path) -> dict:
     return flatten(tree)
 
 
+def scheduler_address_configured(path, scheduler: str) -> bool:
+    """Whether dask's config or the file ``path`` gives a batch cluster's scheduler its own host or interface.
+
+    dask-jobqueue's ``interface`` is then the workers' alone
+    (``scheduler-options: {interface: ...}`` or ``{host: ...}``).
+    """
+    settings = {key.replace("_", "-"): value for key, value in (load_cluster_config(path) if path else {}).items()}
+    configured = dask.config.get(f"jobqueue.{scheduler}.scheduler-options", None) or {}
+    return any(configured.get(name) or settings.get(f"jobqueue.{scheduler}.scheduler-options.{name}")
+               for name in ("host", "interface"))
+
+
 def unused_settings(settings: dict, scheduler: str) -> list[str]:
     """The keys of a flattened cluster config that a run on ``scheduler`` does not read.
 

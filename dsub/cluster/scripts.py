@@ -35,7 +35,7 @@ def job_script(scheduler: str, config_path=None, memory_bytes: int | None = None
             with dask.config.set({f"jobqueue.{scheduler}.scheduler-options": {**options,
                                                                                 "dashboard_address": "127.0.0.1:0"}}):
                 spec = ClusterSpec(scheduler=scheduler, device=device, worker_memory_bytes=memory_bytes,
-                                   dashboard_address="127.0.0.1:0")
+                                   dashboard_address="127.0.0.1:0", cluster_config=config_path)
                 cluster = batch_cluster(spec)
             try:
                 return cluster.job_script()

@@ -23,6 +23,31 @@ class NoWorkersError(DsubError, TimeoutError):
     """No worker joined the scheduler in time."""
 
 
+class ClusterStartError(DsubError, RuntimeError):
+    """Dask could not start the cluster's scheduler (an address it cannot listen on, an unknown interface)."""
+
+
+#: How distributed's ``SpecCluster`` words any failure of its scheduler's start.
+DASK_START_FAILURE = "Cluster failed to start:"
+
+
+@contextlib.contextmanager
+def dask_start_errors(spec):
+    """Turn distributed's ``RuntimeError("Cluster failed to start: ...")`` into one line quoting Dask's reason."""
+    try:
+        yield
+    except RuntimeError as exc:
+        said = " ".join(str(exc).split())
+        if not said.startswith(DASK_START_FAILURE):
+            raise
+        reason = said[len(DASK_START_FAILURE):].strip() or type(exc.__cause__).__name__
+        where = "in the cluster config (its interface and scheduler-options) or " if spec.cluster_config else ""
+        raise ClusterStartError(
+            f"the {spec.scheduler} Dask cluster failed to start; Dask says: {reason}. Check the network settings "
+            f"{where}of --interface and --dashboard-address (127.0.0.1:0 takes any free port of this machine)."
+        ) from exc
+
+
 @contextlib.contextmanager
 def start_cluster(spec):
     """Yield (client, cluster or None, description) for ``spec.scheduler``; always clean up."""
@@ -54,7 +79,8 @@ def start_cluster(spec):
 
 def _start_own_cluster(spec, Client):
     if spec.scheduler == "local":
-        cluster, description = local_cluster(spec)
+        with dask_start_errors(spec):
+            cluster, description = local_cluster(spec)
     else:
         cluster, description = batch_cluster(spec), f"{spec.scheduler} jobs"
         try:
@@ -243,7 +269,8 @@ def batch_cluster(spec):
             options.update(shared_temp_directory=os.getcwd())
     errors: list[str] = []
     try:
-        cluster = cls(job_cls=recording_job_class(cls.job_cls, errors), **options)
+        with dask_start_errors(spec):
+            cluster = cls(job_cls=recording_job_class(cls.job_cls, errors), **options)
     except (ValueError, TypeError) as exc:
         raise DsubError(f"cannot set up the {spec.scheduler} cluster: {exc}") from exc
     cluster.dsub_submit_errors = errors
