@@ -341,6 +341,31 @@ def test_ctrl_c_on_a_local_cluster_is_one_line_and_the_run_resumes(slow_dataset,
     assert same_images(stacks(outdir), clean) <= 1e-6
 
 
+@pytest.mark.parametrize("config", [None, "distributed:\n  comm:\n    timeouts:\n      connect: 60s\n"])
+def test_ctrl_c_pressed_again_while_a_local_run_stops_is_still_one_line(slow_dataset, tmp_path, config):
+    """Ctrl-C four times, 0.3 s apart, to the whole group: the later ones do not interrupt the clean-up.
+
+    With a cluster config, dask-jobqueue is loaded too (for its defaults), which sets its own SIGINT handler.
+    """
+    paths, _ = slow_dataset
+    outdir = tmp_path / "out"
+    extra = []
+    if config is not None:
+        (tmp_path / "site.yaml").write_text(config)
+        extra = ["--cluster-config", str(tmp_path / "site.yaml")]
+    run = dsub(paths, outdir, "--chunk-size", "4", "--scheduler", "local", "--workers", "2", *extra,
+               start_new_session=True)
+    wait_for_chunks(run, outdir, 3)
+    for _ in range(4):
+        with contextlib.suppress(ProcessLookupError):  # the run may be gone before the last one
+            os.killpg(run.pid, signal.SIGINT)
+        time.sleep(0.3)
+    out, err = run.communicate(timeout=300)
+    assert "Traceback" not in err and "Exception ignored" not in err and "KeyboardInterrupt" not in err, err
+    assert run.returncode == 130, err
+    assert err.strip().splitlines() == ["dsub: interrupted; rerun the same command to resume"]
+
+
 @needs_slurm
 def test_slurm_job_cancelled_mid_run_still_completes(slow_dataset, tmp_path):
     import yaml

@@ -9,6 +9,9 @@ duration of a run, leaf by leaf, so keys it does not name keep their defaults.
 from __future__ import annotations
 
 import contextlib
+import signal
+import sys
+import threading
 from pathlib import Path
 
 import dask
@@ -22,6 +25,25 @@ BATCH_SCHEDULERS = ("slurm", "pbs")
 BATCH_ONLY_KEYS = ("dsub.gpus-per-worker", "dsub.worker-device")
 #: How many ignored keys a warning names before it only counts them.
 NAMED_KEYS = 6
+
+
+def load_dask_jobqueue():
+    """Import dask-jobqueue (its defaults join dask's config), keeping this process's Ctrl-C handling.
+
+    dask-jobqueue's ``runner`` module sets SIGINT to ``sys.exit()`` as it is
+    imported: a Ctrl-C would then end a run with ``SystemExit``, exit status 0,
+    no line and tracebacks from the clean-up. Setting a signal handler works in
+    the main thread only, so the first import must happen there.
+    """
+    if "dask_jobqueue" in sys.modules:
+        return sys.modules["dask_jobqueue"]
+    keep = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGINT) if keep else None
+    import dask_jobqueue
+
+    if keep and handler is not None:
+        signal.signal(signal.SIGINT, handler)
+    return dask_jobqueue
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -125,7 +147,7 @@ def cluster_config(path=None):
     settings = load_cluster_config(path)
     # Load dask-jobqueue's defaults first: dask.config.set drops, on exit, any
     # top-level key that did not exist on entry, defaults loaded meanwhile included.
-    import dask_jobqueue  # noqa: F401
+    load_dask_jobqueue()
 
     with dask.config.set(settings):
         yield

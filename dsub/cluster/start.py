@@ -248,9 +248,10 @@ def security_options(spec) -> dict:
 
 def batch_cluster(spec):
     """A dask-jobqueue cluster configured by dask's config (jobqueue.slurm / jobqueue.pbs)."""
-    from dask_jobqueue import PBSCluster, SLURMCluster
+    from .config import load_dask_jobqueue
 
-    cls = {"slurm": SLURMCluster, "pbs": PBSCluster}[spec.scheduler]
+    jobqueue = load_dask_jobqueue()
+    cls = {"slurm": jobqueue.SLURMCluster, "pbs": jobqueue.PBSCluster}[spec.scheduler]
     options = {}
     if dask.config.get(f"jobqueue.{spec.scheduler}.cores", None) is None:
         options.update(cores=1)
