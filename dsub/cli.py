@@ -276,11 +276,12 @@ def run_report(args) -> int:
 
 
 def run_job_script(args) -> int:
-    from .cluster.config import cluster_config
+    from .cluster.config import cluster_config, warn_unused_settings
     from .cluster.scripts import job_script
     from .workflow.pipeline import RunOptions
     from .workflow.resources import plan_memory
 
+    warn_unused_settings(args.cluster_config, args.scheduler)  # as subtract warns
     memory = None
     if args.box is not None:
         if args.box < 2:

@@ -331,3 +331,75 @@ def test_interface_in_a_cluster_config_that_dask_refuses_is_one_line(tmp_path, c
     assert code == 2 and out == ""
     assert err.startswith("dsub: error: the slurm Dask cluster failed to start; Dask says: 'nosuchif' is not a valid "
                           "network interface.") and len(err.splitlines()) == 1
+
+
+def test_misspelt_settings_are_named_with_the_nearest_known_one(tmp_path):
+    path = tmp_path / "site.yaml"
+    path.write_text("jobqueue:\n  slurm:\n    queu: gpu\n    memroy: 4GB\n    job_extra_directives: [--exclusive]\n"
+                    "dsub:\n  gpus-per-workers: 0\n")
+    (message,) = cluster_config_warnings(path, "slurm")
+    assert message == (f"--cluster-config {path}: these settings are not known to dask-jobqueue or dsub, which ignore "
+                       "them all: jobqueue.slurm.queu (did you mean jobqueue.slurm.queue?), jobqueue.slurm.memroy (did "
+                       "you mean jobqueue.slurm.memory?), dsub.gpus-per-workers (did you mean dsub.gpus-per-worker?). "
+                       "Correct the names (dask-jobqueue's own jobqueue.yaml lists its settings, the README dsub's).")
+
+
+def test_known_settings_are_dask_jobqueues_own():
+    """What counts as known is read from the installed dask-jobqueue's default config, for every batch system."""
+    import dask_jobqueue  # noqa: F401 -- its defaults join dask's config as it is imported
+
+    from dsub.cluster.config import jobqueue_settings
+
+    known = jobqueue_settings()
+    for system in ("slurm", "pbs", "sge", "lsf"):
+        assert known[system] == set(dask.config.get(f"jobqueue.{system}"))
+
+
+@pytest.mark.parametrize("profile", sorted(p.relative_to(PROFILES) for p in PROFILES.rglob("*.yaml")))
+def test_shipped_profiles_hold_no_unknown_settings(profile):
+    from dsub.cluster.config import unknown_settings
+
+    assert unknown_settings(load_cluster_config(PROFILES / profile)) == []
+
+
+def test_misspelt_batch_system_is_named(tmp_path):
+    path = tmp_path / "site.yaml"
+    path.write_text("jobqueue:\n  slrum:\n    queue: gpu\n    cores: 4\n")
+    (unknown, unused) = cluster_config_warnings(path, "slurm")
+    assert "not known to dask-jobqueue or dsub, which ignore it: jobqueue.slrum (did you mean jobqueue.slurm?)." \
+        in unknown
+    assert "not used by --scheduler slurm" in unused
+
+
+@pytest.mark.parametrize("scheduler, config, words", [
+    ("slurm", "jobqueue:\n  slurm:\n    queu: gpu\n", "jobqueue.slurm.queu (did you mean jobqueue.slurm.queue?)"),
+    ("pbs", str(PROFILES / "slurm-gpu.yaml"), "its jobqueue settings are not used by --scheduler pbs"),
+])
+def test_job_script_warns_about_the_cluster_config_as_a_run_does(tmp_path, capsys, scheduler, config, words):
+    path = Path(config) if config.endswith(".yaml") else tmp_path / "site.yaml"
+    if not config.endswith(".yaml"):
+        path.write_text(config)
+    assert main(["job-script", "--scheduler", scheduler, "--cluster-config", str(path)]) == 0
+    out, err = capsys.readouterr()
+    (line,) = err.splitlines()
+    assert line.startswith(f"dsub: warning: --cluster-config {path}: ") and words in line
+    assert out.startswith("#!")
+
+
+def test_run_warns_about_misspelt_settings(tmp_path, capsys):
+    """The run's warning, before any work (the run is refused at its inputs: no SLURM is asked)."""
+    config = tmp_path / "site.yaml"
+    config.write_text("jobqueue:\n  slurm:\n    memroy: 4GB\n")
+    code = main(subtract_with(tmp_path, "--scheduler", "slurm", "--cluster-config", str(config), "--interface",
+                              "nosuchif"))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.splitlines()[0].startswith("dsub: error: --interface nosuchif")  # options first: nothing read yet
+    code = main(subtract_with(tmp_path, "--scheduler", "slurm", "--cluster-config", str(config), "--half-b",
+                              str(config)))  # refused as it is read, after the warning
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.splitlines()[0] == (f"dsub: warning: --cluster-config {config}: this setting is not known to "
+                                   "dask-jobqueue or dsub, which ignore it: jobqueue.slurm.memroy (did you mean "
+                                   "jobqueue.slurm.memory?). Correct the name (dask-jobqueue's own jobqueue.yaml "
+                                   "lists its settings, the README dsub's).")
