@@ -104,6 +104,23 @@ def test_unreachable_scheduler_is_one_clear_error(tmp_path, capsys):
             pass
 
 
+def test_scheduler_probe_that_only_times_out_leaves_the_wait_to_dask(monkeypatch):
+    """A first connection that times out (packets dropped) proves nothing: Dask's own wait goes on."""
+    import socket
+
+    from dsub.cluster import open_runner
+
+    def dropped(address, timeout=None, **kwargs):
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(socket, "create_connection", dropped)
+    spec = ClusterSpec(scheduler="tcp://127.0.0.1:9", worker_timeout=2, progress=False)
+    with pytest.raises(DsubError, match="cannot reach the Dask scheduler at tcp://127.0.0.1:9: Timed out trying to "
+                                        "connect to tcp://127.0.0.1:9 after 2 s"):
+        with open_runner(spec):
+            pass
+
+
 def test_submission_output_keeps_the_batch_systems_words():
     text = ("Command exited with non-zero exit code.\nExit code: 1\nCommand:\nsbatch /tmp/x.sh\nstdout:\n\n"
             "stderr:\nsbatch: error: Batch job submission failed: Invalid account\n\n")

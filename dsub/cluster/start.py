@@ -56,6 +56,7 @@ def start_cluster(spec):
     quiet_lost_results()
     if spec.scheduler.startswith("tcp://"):
         try:
+            probe_scheduler(spec.scheduler)
             client = Client(spec.scheduler, timeout=min(spec.worker_timeout, 30))
         except OSError as exc:
             raise DsubError(f"cannot reach the Dask scheduler at {spec.scheduler}: {' '.join(str(exc).split())}. "
@@ -103,6 +104,36 @@ def _start_own_cluster(spec, Client):
             client.close()
     finally:
         stop_cluster(cluster)
+
+
+#: Seconds a first plain TCP connection to an existing scheduler may take before Dask's own wait takes over.
+PROBE_TIMEOUT_S = 3.0
+
+
+def probe_scheduler(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Raise ``OSError`` at once where a ``tcp://`` scheduler's port refuses (or its host is unknown).
+
+    Dask's ``Client`` retries such an address until its time-out (30 s), as it
+    would a scheduler still starting; a refused port answers at once. A probe
+    that only times out (a firewall dropping packets, a slow network) proves
+    nothing: Dask's wait goes on.
+    """
+    import socket
+
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    try:
+        host, port = parse_host_port(parse_address(address)[1])
+    except ValueError:  # no port: what Dask makes of it is Dask's to say
+        return
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except TimeoutError:
+        return
+    except ConnectionRefusedError:
+        raise ConnectionRefusedError(f"nothing listens on port {port} of {host} (connection refused)") from None
+    except socket.gaierror as exc:
+        raise OSError(f"the host {host} is not known to this machine ({exc.strerror})") from None
 
 
 @contextlib.contextmanager
