@@ -393,6 +393,37 @@ def test_slurm_job_cancelled_mid_run_still_completes(slow_dataset, tmp_path):
     assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip() == ""
 
 
+@needs_slurm
+def test_ctrl_c_on_a_slurm_run_is_one_line_and_cancels_its_jobs(slow_dataset, tmp_path):
+    """dask-jobqueue sets SIGINT to sys.exit() as it is imported; dsub's own Ctrl-C handling stays."""
+    import yaml
+
+    paths, _ = slow_dataset
+    outdir = tmp_path / "out"
+    job_name = f"dsub-test-{os.getpid()}-ctrl-c"
+    config = yaml.safe_load(LOCAL_SLURM.read_text())
+    config["jobqueue"]["slurm"]["name"] = job_name
+    named = tmp_path / "jobqueue.yaml"
+    named.write_text(yaml.safe_dump(config))
+    run = dsub(paths, outdir, "--chunk-size", "4", "--scheduler", "slurm", "--workers", "1",
+               "--cluster-config", str(named), start_new_session=True)
+    wait_for_chunks(run, outdir, 3)
+    for _ in range(3):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGINT)
+        time.sleep(0.3)
+    out, err = run.communicate(timeout=300)
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert run.returncode == 130, err
+    assert err.strip().splitlines() == ["dsub: interrupted; rerun the same command to resume"]
+    queued = ["squeue", "-h", "-n", job_name]
+    for _ in range(20):
+        if not subprocess.run(queued, capture_output=True, text=True).stdout.strip():
+            break
+        time.sleep(0.5)
+    assert subprocess.run(queued, capture_output=True, text=True).stdout.strip() == ""
+
+
 def test_adaptive_local_cluster_completes(dataset, threaded, tmp_path):
     result = dsub(dataset, tmp_path / "out", "--chunk-size", "16", "--scheduler", "local", "--adapt", "1:2")
     assert result.returncode == 0, result.stderr
