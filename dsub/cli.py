@@ -285,11 +285,12 @@ def run_report(args) -> int:
 
 
 def run_job_script(args) -> int:
-    from .cluster.config import cluster_config
+    from .cluster.config import cluster_config, warn_unused_settings
     from .cluster.scripts import job_script
     from .workflow.pipeline import RunOptions
     from .workflow.resources import plan_memory
 
+    warn_unused_settings(args.cluster_config, args.scheduler)  # as subtract warns
     memory = None
     if args.box is not None:
         if args.box < 2:
@@ -345,6 +346,7 @@ def main(argv=None) -> int:
         print(interrupted_line(exc), file=sys.stderr)
         return 128 + signal.SIGTERM
     except KeyboardInterrupt as exc:
+        ignore_further_ctrl_c()  # the clean-up is done; distributed's exit-time handlers are still to run
         stopped_before_the_run(exc, args.command)
         print(interrupted_line(exc), file=sys.stderr)
         return 130
@@ -390,6 +392,31 @@ def terminate_on_sigterm():
     return signal.signal(signal.SIGTERM, terminated)
 
 
+def _interrupted(signum, frame):
+    """dsub's SIGINT handler (``stop_once_on_ctrl_c``): ignore the next ones, raise ``KeyboardInterrupt``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def stop_once_on_ctrl_c() -> None:
+    """The first SIGINT raises ``KeyboardInterrupt``; later ones are ignored until the process ends.
+
+    A run that stops closes its cluster (dsub's clean-up, then distributed's
+    exit-time ``close_clusters``), which takes a second or more; a Ctrl-C
+    pressed again meanwhile would interrupt that clean-up and print its
+    traceback after dsub's one line. Only for the ``dsub`` process itself
+    (``entry``): ``main`` called from Python leaves the caller's handler alone.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _interrupted)
+
+
+def ignore_further_ctrl_c() -> None:
+    """Where dsub's own handler is in place, ignore SIGINT from now on (a stop raised without a signal)."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is _interrupted:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def entry() -> None:
     """The ``dsub`` command: ``main``, its exit-time handlers, then the process ends at once.
 
@@ -400,6 +427,7 @@ def entry() -> None:
     handlers registered with ``atexit`` (multiprocessing's, which reaps a local
     cluster's processes, among them) still run; then ``os._exit``.
     """
+    stop_once_on_ctrl_c()
     code = main()
     atexit._run_exitfuncs()  # what a normal exit runs first
     for stream in (sys.stdout, sys.stderr):

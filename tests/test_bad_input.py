@@ -613,3 +613,33 @@ def test_failed_run_keeps_what_was_there_before(data, tmp_path, capsys):
     assert sorted(path.name for path in outdir.iterdir()) == [".dsub.lock", "dsub.log"]
     log = (outdir / "dsub.log").read_text()
     assert log.startswith("==== an earlier attempt\n") and f"cannot reach the Dask scheduler at {address}" in log
+
+
+@pytest.mark.parametrize("device, figures", [
+    ("auto", ["of GPU memory if it computes on a GPU (batches of ", "of host memory on its CPU alone (batches of "]),
+    ("cpu", ["of host memory (no GPU, batches of "]),
+    ("gpu", ["of GPU memory (on a GPU, batches of "]),
+])
+def test_refused_scheduler_port_is_one_line_at_once_after_a_true_memory_line(data, tmp_path, capsys, device,
+                                                                             figures):
+    """Nothing listens there: Dask's client would retry for 30 s; the port's refusal is the error at once.
+
+    An existing scheduler's workers are not known before they answer: the memory line does not assume a GPU.
+    """
+    outdir = tmp_path / "out"
+    address = f"tcp://127.0.0.1:{unused_port()}"
+    code = run(data, outdir, "--scheduler", address, "--device", device)  # --worker-timeout: 300 s
+    out, err = capsys.readouterr()
+    assert code == 2, err
+    port = address.rsplit(":", 1)[1]
+    assert err.splitlines() == [f"dsub: error: cannot reach the Dask scheduler at {address}: nothing listens on "
+                                f"port {port} of 127.0.0.1 (connection refused). Check that it is running and that "
+                                "this machine can reach that address and port (dask scheduler prints it as it "
+                                "starts)."]
+    (memory,) = [line for line in out.splitlines() if line.startswith("Memory:")]
+    assert memory.startswith(f"Memory: each worker of the scheduler at {address} needs about ")
+    assert memory.endswith(", with one task at a time; each is checked against its own device, memory limit and "
+                           "threads as it joins.")
+    for words in figures:
+        assert words in memory, memory
+    assert ("GPU memory" in memory) == (device != "cpu")

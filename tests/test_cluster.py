@@ -104,6 +104,23 @@ def test_unreachable_scheduler_is_one_clear_error(tmp_path, capsys):
             pass
 
 
+def test_scheduler_probe_that_only_times_out_leaves_the_wait_to_dask(monkeypatch):
+    """A first connection that times out (packets dropped) proves nothing: Dask's own wait goes on."""
+    import socket
+
+    from dsub.cluster import open_runner
+
+    def dropped(address, timeout=None, **kwargs):
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(socket, "create_connection", dropped)
+    spec = ClusterSpec(scheduler="tcp://127.0.0.1:9", worker_timeout=2, progress=False)
+    with pytest.raises(DsubError, match="cannot reach the Dask scheduler at tcp://127.0.0.1:9: Timed out trying to "
+                                        "connect to tcp://127.0.0.1:9 after 2 s"):
+        with open_runner(spec):
+            pass
+
+
 def test_submission_output_keeps_the_batch_systems_words():
     text = ("Command exited with non-zero exit code.\nExit code: 1\nCommand:\nsbatch /tmp/x.sh\nstdout:\n\n"
             "stderr:\nsbatch: error: Batch job submission failed: Invalid account\n\n")
@@ -259,3 +276,147 @@ def test_local_run_warns_once_about_a_jobqueue_config(tmp_path, capsys):
                       "jobqueue.slurm.queue. jobqueue settings configure SLURM/PBS worker jobs (--scheduler slurm "
                       "or pbs); leave the file out here, or use it with those."]
     assert warned[0] in (tmp_path / "out" / "dsub.log").read_text()
+
+
+def subtract_with(tmp_path, *options) -> list[str]:
+    """A subtract command line on small inputs, with ``options``."""
+    from dsub.demo import make_dataset
+
+    paths, _ = make_dataset(tmp_path / "data", count=8, box=32, snr=None)
+    return ["subtract", str(paths["star"]), "--half-a", str(paths["half_a"]), "--half-b", str(paths["half_b"]),
+            "--mask", str(paths["mask"]), "-o", str(tmp_path / "out"), "--quiet", *options]
+
+
+@pytest.mark.parametrize("scheduler", ["local", "slurm"])
+def test_unknown_interface_is_one_line_before_any_work(tmp_path, capsys, scheduler):
+    import psutil
+
+    code = main(subtract_with(tmp_path, "--scheduler", scheduler, "--interface", "nosuchif"))
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert err.splitlines() == [f"dsub: error: --interface nosuchif: no such network interface on this machine (it "
+                                f"has {', '.join(psutil.net_if_addrs())}). Give one of those (on a cluster, its "
+                                "internal network, e.g. ib0)."]
+    assert out == "" and not (tmp_path / "out").exists()  # refused before the inputs were read
+
+
+@pytest.mark.parametrize("address, words", [
+    ("nonsense", "give HOST:PORT (e.g. 127.0.0.1:8787"),
+    ("127.0.0.1:99999", "the port 99999 is beyond 0-65535"),
+    ("127.0.0.1:http", "the port 'http' is not a number"),
+    ("no-such-host.invalid:8787", "this machine cannot resolve the host no-such-host.invalid"),
+])
+def test_bad_dashboard_address_is_one_line_before_any_work(tmp_path, capsys, address, words):
+    code = main(subtract_with(tmp_path, "--scheduler", "local", "--dashboard-address", address))
+    out, err = capsys.readouterr()
+    assert code == 2
+    (line,) = err.splitlines()
+    assert line.startswith(f"dsub: error: --dashboard-address {address}: ") and words in line
+    assert out == "" and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:8787", ":0", "8787", "localhost:0,127.0.0.1:0"])
+def test_dashboard_addresses_dask_reads_are_accepted(address):
+    assert ClusterSpec(scheduler="local", dashboard_address=address).dashboard_address == address
+
+
+def test_interface_of_the_workers_alone_is_not_checked_here(tmp_path):
+    """A batch cluster's scheduler with its own interface (scheduler-options): --interface is the workers'."""
+    config = tmp_path / "site.yaml"
+    config.write_text("jobqueue:\n  slurm:\n    scheduler-options:\n      interface: lo\n")
+    assert ClusterSpec(scheduler="slurm", interface="ib0-on-the-nodes", cluster_config=str(config)).interface
+    with pytest.raises(OptionError, match="--interface ib0-on-the-nodes: no such network interface"):
+        ClusterSpec(scheduler="slurm", interface="ib0-on-the-nodes")
+
+
+def test_cluster_that_dask_cannot_start_is_one_line_quoting_dask(tmp_path, capsys):
+    """Whatever Dask refuses as the cluster starts (here a dashboard on an address not of this machine)."""
+    code = main(subtract_with(tmp_path, "--scheduler", "local", "--dashboard-address", "192.0.2.1:8787"))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and "Cluster failed to start" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("dsub: error:")]
+    assert line.startswith("dsub: error: the local Dask cluster failed to start; Dask says: [Errno 99] Cannot "
+                           "assign requested address. Check the network settings")
+
+
+def test_interface_in_a_cluster_config_that_dask_refuses_is_one_line(tmp_path, capsys):
+    config = tmp_path / "site.yaml"
+    config.write_text("jobqueue:\n  slurm:\n    interface: nosuchif\n")
+    code = main(["job-script", "--scheduler", "slurm", "--cluster-config", str(config)])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert err.startswith("dsub: error: the slurm Dask cluster failed to start; Dask says: 'nosuchif' is not a valid "
+                          "network interface.") and len(err.splitlines()) == 1
+
+
+def test_misspelt_settings_are_named_with_the_nearest_known_one(tmp_path):
+    path = tmp_path / "site.yaml"
+    path.write_text("jobqueue:\n  slurm:\n    queu: gpu\n    memroy: 4GB\n    job_extra_directives: [--exclusive]\n"
+                    "dsub:\n  gpus-per-workers: 0\n")
+    (message,) = cluster_config_warnings(path, "slurm")
+    assert message == (f"--cluster-config {path}: these settings are not known to dask-jobqueue or dsub, which ignore "
+                       "them all: jobqueue.slurm.queu (did you mean jobqueue.slurm.queue?), jobqueue.slurm.memroy (did "
+                       "you mean jobqueue.slurm.memory?), dsub.gpus-per-workers (did you mean dsub.gpus-per-worker?). "
+                       "Correct the names (dask-jobqueue's own jobqueue.yaml lists its settings, the README dsub's).")
+
+
+def test_known_settings_are_dask_jobqueues_own():
+    """What counts as known is read from the installed dask-jobqueue's default config, for every batch system."""
+    import dask_jobqueue  # noqa: F401 -- its defaults join dask's config as it is imported
+
+    from dsub.cluster.config import jobqueue_settings
+
+    known = jobqueue_settings()
+    for system in ("slurm", "pbs", "sge", "lsf"):
+        assert known[system] == set(dask.config.get(f"jobqueue.{system}"))
+
+
+@pytest.mark.parametrize("profile", sorted(p.relative_to(PROFILES) for p in PROFILES.rglob("*.yaml")))
+def test_shipped_profiles_hold_no_unknown_settings(profile):
+    from dsub.cluster.config import unknown_settings
+
+    assert unknown_settings(load_cluster_config(PROFILES / profile)) == []
+
+
+def test_misspelt_batch_system_is_named(tmp_path):
+    path = tmp_path / "site.yaml"
+    path.write_text("jobqueue:\n  slrum:\n    queue: gpu\n    cores: 4\n")
+    (unknown, unused) = cluster_config_warnings(path, "slurm")
+    assert "not known to dask-jobqueue or dsub, which ignore it: jobqueue.slrum (did you mean jobqueue.slurm?)." \
+        in unknown
+    assert "not used by --scheduler slurm" in unused
+
+
+@pytest.mark.parametrize("scheduler, config, words", [
+    ("slurm", "jobqueue:\n  slurm:\n    queu: gpu\n", "jobqueue.slurm.queu (did you mean jobqueue.slurm.queue?)"),
+    ("pbs", str(PROFILES / "slurm-gpu.yaml"), "its jobqueue settings are not used by --scheduler pbs"),
+])
+def test_job_script_warns_about_the_cluster_config_as_a_run_does(tmp_path, capsys, scheduler, config, words):
+    path = Path(config) if config.endswith(".yaml") else tmp_path / "site.yaml"
+    if not config.endswith(".yaml"):
+        path.write_text(config)
+    assert main(["job-script", "--scheduler", scheduler, "--cluster-config", str(path)]) == 0
+    out, err = capsys.readouterr()
+    (line,) = err.splitlines()
+    assert line.startswith(f"dsub: warning: --cluster-config {path}: ") and words in line
+    assert out.startswith("#!")
+
+
+def test_run_warns_about_misspelt_settings(tmp_path, capsys):
+    """The run's warning, before any work (the run is refused at its inputs: no SLURM is asked)."""
+    config = tmp_path / "site.yaml"
+    config.write_text("jobqueue:\n  slurm:\n    memroy: 4GB\n")
+    code = main(subtract_with(tmp_path, "--scheduler", "slurm", "--cluster-config", str(config), "--interface",
+                              "nosuchif"))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.splitlines()[0].startswith("dsub: error: --interface nosuchif")  # options first: nothing read yet
+    code = main(subtract_with(tmp_path, "--scheduler", "slurm", "--cluster-config", str(config), "--half-b",
+                              str(config)))  # refused as it is read, after the warning
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.splitlines()[0] == (f"dsub: warning: --cluster-config {config}: this setting is not known to "
+                                   "dask-jobqueue or dsub, which ignore it: jobqueue.slurm.memroy (did you mean "
+                                   "jobqueue.slurm.memory?). Correct the name (dask-jobqueue's own jobqueue.yaml "
+                                   "lists its settings, the README dsub's).")

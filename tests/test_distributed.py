@@ -341,6 +341,31 @@ def test_ctrl_c_on_a_local_cluster_is_one_line_and_the_run_resumes(slow_dataset,
     assert same_images(stacks(outdir), clean) <= 1e-6
 
 
+@pytest.mark.parametrize("config", [None, "distributed:\n  comm:\n    timeouts:\n      connect: 60s\n"])
+def test_ctrl_c_pressed_again_while_a_local_run_stops_is_still_one_line(slow_dataset, tmp_path, config):
+    """Ctrl-C four times, 0.3 s apart, to the whole group: the later ones do not interrupt the clean-up.
+
+    With a cluster config, dask-jobqueue is loaded too (for its defaults), which sets its own SIGINT handler.
+    """
+    paths, _ = slow_dataset
+    outdir = tmp_path / "out"
+    extra = []
+    if config is not None:
+        (tmp_path / "site.yaml").write_text(config)
+        extra = ["--cluster-config", str(tmp_path / "site.yaml")]
+    run = dsub(paths, outdir, "--chunk-size", "4", "--scheduler", "local", "--workers", "2", *extra,
+               start_new_session=True)
+    wait_for_chunks(run, outdir, 3)
+    for _ in range(4):
+        with contextlib.suppress(ProcessLookupError):  # the run may be gone before the last one
+            os.killpg(run.pid, signal.SIGINT)
+        time.sleep(0.3)
+    out, err = run.communicate(timeout=300)
+    assert "Traceback" not in err and "Exception ignored" not in err and "KeyboardInterrupt" not in err, err
+    assert run.returncode == 130, err
+    assert err.strip().splitlines() == ["dsub: interrupted; rerun the same command to resume"]
+
+
 @needs_slurm
 def test_slurm_job_cancelled_mid_run_still_completes(slow_dataset, tmp_path):
     import yaml
@@ -366,6 +391,37 @@ def test_slurm_job_cancelled_mid_run_still_completes(slow_dataset, tmp_path):
             break
         time.sleep(0.5)
     assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip() == ""
+
+
+@needs_slurm
+def test_ctrl_c_on_a_slurm_run_is_one_line_and_cancels_its_jobs(slow_dataset, tmp_path):
+    """dask-jobqueue sets SIGINT to sys.exit() as it is imported; dsub's own Ctrl-C handling stays."""
+    import yaml
+
+    paths, _ = slow_dataset
+    outdir = tmp_path / "out"
+    job_name = f"dsub-test-{os.getpid()}-ctrl-c"
+    config = yaml.safe_load(LOCAL_SLURM.read_text())
+    config["jobqueue"]["slurm"]["name"] = job_name
+    named = tmp_path / "jobqueue.yaml"
+    named.write_text(yaml.safe_dump(config))
+    run = dsub(paths, outdir, "--chunk-size", "4", "--scheduler", "slurm", "--workers", "1",
+               "--cluster-config", str(named), start_new_session=True)
+    wait_for_chunks(run, outdir, 3)
+    for _ in range(3):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGINT)
+        time.sleep(0.3)
+    out, err = run.communicate(timeout=300)
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert run.returncode == 130, err
+    assert err.strip().splitlines() == ["dsub: interrupted; rerun the same command to resume"]
+    queued = ["squeue", "-h", "-n", job_name]
+    for _ in range(20):
+        if not subprocess.run(queued, capture_output=True, text=True).stdout.strip():
+            break
+        time.sleep(0.5)
+    assert subprocess.run(queued, capture_output=True, text=True).stdout.strip() == ""
 
 
 def test_adaptive_local_cluster_completes(dataset, threaded, tmp_path):

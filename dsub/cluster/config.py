@@ -9,6 +9,11 @@ duration of a run, leaf by leaf, so keys it does not name keep their defaults.
 from __future__ import annotations
 
 import contextlib
+import difflib
+import importlib.util
+import signal
+import sys
+import threading
 from pathlib import Path
 
 import dask
@@ -20,8 +25,29 @@ from ..errors import InputFileError, MissingInputError, warn
 BATCH_SCHEDULERS = ("slurm", "pbs")
 #: dsub's own keys that only batch jobs read (``start.gpus_per_job``, ``start.worker_device``).
 BATCH_ONLY_KEYS = ("dsub.gpus-per-worker", "dsub.worker-device")
+#: The settings of a cluster config's ``dsub:`` section (all of them read by batch jobs only).
+DSUB_SETTINGS = tuple(key.split(".", 1)[1] for key in BATCH_ONLY_KEYS)
 #: How many ignored keys a warning names before it only counts them.
 NAMED_KEYS = 6
+
+
+def load_dask_jobqueue():
+    """Import dask-jobqueue (its defaults join dask's config), keeping this process's Ctrl-C handling.
+
+    dask-jobqueue's ``runner`` module sets SIGINT to ``sys.exit()`` as it is
+    imported: a Ctrl-C would then end a run with ``SystemExit``, exit status 0,
+    no line and tracebacks from the clean-up. Setting a signal handler works in
+    the main thread only, so the first import must happen there.
+    """
+    if "dask_jobqueue" in sys.modules:
+        return sys.modules["dask_jobqueue"]
+    keep = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGINT) if keep else None
+    import dask_jobqueue
+
+    if keep and handler is not None:
+        signal.signal(signal.SIGINT, handler)
+    return dask_jobqueue
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -50,6 +76,73 @@ def load_cluster_config(path) -> dict:
             path, "holds no settings.", "Write it as dask-jobqueue's jobqueue.yaml is written: 'jobqueue: {slurm: {...}}'."
         )
     return flatten(tree)
+
+
+def scheduler_address_configured(path, scheduler: str) -> bool:
+    """Whether dask's config or the file ``path`` gives a batch cluster's scheduler its own host or interface.
+
+    dask-jobqueue's ``interface`` is then the workers' alone
+    (``scheduler-options: {interface: ...}`` or ``{host: ...}``).
+    """
+    settings = {key.replace("_", "-"): value for key, value in (load_cluster_config(path) if path else {}).items()}
+    configured = dask.config.get(f"jobqueue.{scheduler}.scheduler-options", None) or {}
+    return any(configured.get(name) or settings.get(f"jobqueue.{scheduler}.scheduler-options.{name}")
+               for name in ("host", "interface"))
+
+
+def jobqueue_settings() -> dict[str, set[str]]:
+    """{batch system: the names of its settings} as dask-jobqueue's own default config (its jobqueue.yaml) has them.
+
+    Read from the installed package's file, without importing it.
+    """
+    spec = importlib.util.find_spec("dask_jobqueue")
+    tree = yaml.safe_load((Path(spec.origin).parent / "jobqueue.yaml").read_text())
+    return {system: set(settings or {}) for system, settings in tree["jobqueue"].items()}
+
+
+def nearest(name: str, known) -> str | None:
+    """The known name most like ``name`` (a misspelling's likely intent), or None (``difflib``)."""
+    match = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def unknown_settings(settings: dict) -> list[tuple[str, str | None]]:
+    """(key, the nearest known key or None) for each key of a flattened cluster config that nobody reads.
+
+    Under ``jobqueue.<system>`` what dask-jobqueue's own config does not name
+    (dask-jobqueue reads only those, and ignores the rest without a word), a
+    ``jobqueue.<system>`` that is no batch system of dask-jobqueue, and under
+    ``dsub`` what is not one of ``DSUB_SETTINGS``. dask treats ``_`` and ``-``
+    in names alike; other top-level keys (``distributed``...) are not checked.
+    """
+    systems = jobqueue_settings()
+    unknown = []
+    for key in settings:
+        parts = key.split(".")
+        if parts[0] == "jobqueue" and len(parts) >= 2:
+            system = parts[1].replace("_", "-")
+            if system not in systems:
+                guess = nearest(system, systems)
+                unknown.append((f"jobqueue.{parts[1]}", guess and f"jobqueue.{guess}"))
+            elif len(parts) >= 3 and parts[2].replace("_", "-") not in systems[system]:
+                guess = nearest(parts[2].replace("_", "-"), systems[system])
+                unknown.append((".".join(parts[:3]), guess and f"jobqueue.{parts[1]}.{guess}"))
+        elif parts[0] == "dsub" and len(parts) >= 2 and parts[1].replace("_", "-") not in DSUB_SETTINGS:
+            guess = nearest(parts[1].replace("_", "-"), DSUB_SETTINGS)
+            unknown.append((".".join(parts[:2]), guess and f"dsub.{guess}"))
+    return list(dict.fromkeys(unknown))  # a misspelt system's settings: its name once
+
+
+def warn_unknown_settings(path, settings: dict) -> None:
+    """One warning naming the keys of ``path`` that neither dask-jobqueue nor dsub knows, each with its likely intent."""
+    unknown = unknown_settings(settings)
+    if not unknown:
+        return
+    named = ", ".join(f"{key} (did you mean {guess}?)" if guess else key for key, guess in unknown)
+    warn(f"--cluster-config {path}: {'this setting is' if len(unknown) == 1 else 'these settings are'} not known to "
+         f"dask-jobqueue or dsub, which ignore {'it' if len(unknown) == 1 else 'them all'}: {named}. Correct the "
+         f"name{'s' if len(unknown) > 1 else ''} (dask-jobqueue's own jobqueue.yaml lists its settings, the README "
+         "dsub's).")
 
 
 def unused_settings(settings: dict, scheduler: str) -> list[str]:
@@ -83,10 +176,15 @@ def scheduler_words(scheduler: str) -> str:
 
 
 def warn_unused_settings(path, scheduler: str) -> None:
-    """Warn, in one line naming the file and the keys, when settings of ``path`` do not apply to ``scheduler``."""
+    """Warn, in one line each, naming the file and the keys, about settings of ``path`` that ``scheduler`` does
+    not read: names nobody knows (``unknown_settings``), then settings for other schedulers (``unused_settings``).
+
+    For ``subtract`` and ``job-script`` alike.
+    """
     if path is None:
         return
     settings = load_cluster_config(path)
+    warn_unknown_settings(path, settings)
     unused = unused_settings(settings, scheduler)
     if not unused:
         return
@@ -113,7 +211,7 @@ def cluster_config(path=None):
     settings = load_cluster_config(path)
     # Load dask-jobqueue's defaults first: dask.config.set drops, on exit, any
     # top-level key that did not exist on entry, defaults loaded meanwhile included.
-    import dask_jobqueue  # noqa: F401
+    load_dask_jobqueue()
 
     with dask.config.set(settings):
         yield

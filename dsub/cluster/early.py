@@ -16,7 +16,7 @@ import contextlib
 import threading
 import time
 
-from .config import cluster_config, load_cluster_config
+from .config import cluster_config, load_cluster_config, load_dask_jobqueue
 from .progress import REPORT_STEP_AFTER_S
 
 #: Seconds a run that stops waits for a cluster start still under way before it leaves it behind.
@@ -35,7 +35,7 @@ def start_early(spec) -> "EarlyCluster | None":
         load_cluster_config(spec.cluster_config)  # a bad file is refused now, not after the checks
         # dask-jobqueue (which cluster_config loads for its defaults) sets a signal handler as it is
         # imported: only the main thread may do that.
-        import dask_jobqueue  # noqa: F401
+        load_dask_jobqueue()
     # Dask's distributed is imported here, before the thread: a Ctrl-C that stops this thread in the middle
     # of an import can leave that module's import lock held, and the thread, importing the same modules
     # at the same time, would wait on it for ever.

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import dask
 
 from ..errors import OptionError
-from .config import cluster_config
+from .addresses import check_dashboard_address, check_interface
+from .config import cluster_config, scheduler_address_configured
 from .progress import PhaseRate, Progress, setup_step
 
 SCHEDULERS = ("threads", "sync", "local", "slurm", "pbs")
@@ -62,6 +63,12 @@ class ClusterSpec:
             )
         if self.worker_timeout <= 0:
             raise OptionError(f"--worker-timeout must be positive, not {self.worker_timeout}")
+        if self.scheduler in ("local", "slurm", "pbs"):  # they start a scheduler (and its dashboard) here
+            check_dashboard_address(self.dashboard_address)
+            # A batch cluster's scheduler listens on --interface too, unless its config gives it its own.
+            if self.interface is not None and not (self.scheduler != "local" and scheduler_address_configured(
+                    self.cluster_config, self.scheduler)):
+                check_interface(self.interface)
 
     @property
     def distributed(self) -> bool:

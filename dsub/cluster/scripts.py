@@ -7,7 +7,7 @@ import tempfile
 
 import dask
 
-from .config import cluster_config
+from .config import cluster_config, load_dask_jobqueue
 from .runner import ClusterSpec
 from .start import batch_cluster
 
@@ -23,7 +23,7 @@ def job_script(scheduler: str, config_path=None, memory_bytes: int | None = None
     """
     # dask-jobqueue's defaults are loaded before dask.config.set below: on exit it drops the top-level
     # keys added meanwhile, and the cluster's close then found no ``jobqueue`` settings.
-    import dask_jobqueue  # noqa: F401
+    load_dask_jobqueue()
 
     config_path = None if config_path is None else os.path.abspath(config_path)
     here = os.getcwd()
@@ -35,7 +35,7 @@ def job_script(scheduler: str, config_path=None, memory_bytes: int | None = None
             with dask.config.set({f"jobqueue.{scheduler}.scheduler-options": {**options,
                                                                                 "dashboard_address": "127.0.0.1:0"}}):
                 spec = ClusterSpec(scheduler=scheduler, device=device, worker_memory_bytes=memory_bytes,
-                                   dashboard_address="127.0.0.1:0")
+                                   dashboard_address="127.0.0.1:0", cluster_config=config_path)
                 cluster = batch_cluster(spec)
             try:
                 return cluster.job_script()

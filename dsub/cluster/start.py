@@ -23,6 +23,31 @@ class NoWorkersError(DsubError, TimeoutError):
     """No worker joined the scheduler in time."""
 
 
+class ClusterStartError(DsubError, RuntimeError):
+    """Dask could not start the cluster's scheduler (an address it cannot listen on, an unknown interface)."""
+
+
+#: How distributed's ``SpecCluster`` words any failure of its scheduler's start.
+DASK_START_FAILURE = "Cluster failed to start:"
+
+
+@contextlib.contextmanager
+def dask_start_errors(spec):
+    """Turn distributed's ``RuntimeError("Cluster failed to start: ...")`` into one line quoting Dask's reason."""
+    try:
+        yield
+    except RuntimeError as exc:
+        said = " ".join(str(exc).split())
+        if not said.startswith(DASK_START_FAILURE):
+            raise
+        reason = said[len(DASK_START_FAILURE):].strip() or type(exc.__cause__).__name__
+        where = "in the cluster config (its interface and scheduler-options) or " if spec.cluster_config else ""
+        raise ClusterStartError(
+            f"the {spec.scheduler} Dask cluster failed to start; Dask says: {reason}. Check the network settings "
+            f"{where}of --interface and --dashboard-address (127.0.0.1:0 takes any free port of this machine)."
+        ) from exc
+
+
 @contextlib.contextmanager
 def start_cluster(spec):
     """Yield (client, cluster or None, description) for ``spec.scheduler``; always clean up."""
@@ -31,6 +56,7 @@ def start_cluster(spec):
     quiet_lost_results()
     if spec.scheduler.startswith("tcp://"):
         try:
+            probe_scheduler(spec.scheduler)
             client = Client(spec.scheduler, timeout=min(spec.worker_timeout, 30))
         except OSError as exc:
             raise DsubError(f"cannot reach the Dask scheduler at {spec.scheduler}: {' '.join(str(exc).split())}. "
@@ -54,7 +80,8 @@ def start_cluster(spec):
 
 def _start_own_cluster(spec, Client):
     if spec.scheduler == "local":
-        cluster, description = local_cluster(spec)
+        with dask_start_errors(spec):
+            cluster, description = local_cluster(spec)
     else:
         cluster, description = batch_cluster(spec), f"{spec.scheduler} jobs"
         try:
@@ -77,6 +104,36 @@ def _start_own_cluster(spec, Client):
             client.close()
     finally:
         stop_cluster(cluster)
+
+
+#: Seconds a first plain TCP connection to an existing scheduler may take before Dask's own wait takes over.
+PROBE_TIMEOUT_S = 3.0
+
+
+def probe_scheduler(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Raise ``OSError`` at once where a ``tcp://`` scheduler's port refuses (or its host is unknown).
+
+    Dask's ``Client`` retries such an address until its time-out (30 s), as it
+    would a scheduler still starting; a refused port answers at once. A probe
+    that only times out (a firewall dropping packets, a slow network) proves
+    nothing: Dask's wait goes on.
+    """
+    import socket
+
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    try:
+        host, port = parse_host_port(parse_address(address)[1])
+    except ValueError:  # no port: what Dask makes of it is Dask's to say
+        return
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except TimeoutError:
+        return
+    except ConnectionRefusedError:
+        raise ConnectionRefusedError(f"nothing listens on port {port} of {host} (connection refused)") from None
+    except socket.gaierror as exc:
+        raise OSError(f"the host {host} is not known to this machine ({exc.strerror})") from None
 
 
 @contextlib.contextmanager
@@ -222,9 +279,10 @@ def security_options(spec) -> dict:
 
 def batch_cluster(spec):
     """A dask-jobqueue cluster configured by dask's config (jobqueue.slurm / jobqueue.pbs)."""
-    from dask_jobqueue import PBSCluster, SLURMCluster
+    from .config import load_dask_jobqueue
 
-    cls = {"slurm": SLURMCluster, "pbs": PBSCluster}[spec.scheduler]
+    jobqueue = load_dask_jobqueue()
+    cls = {"slurm": jobqueue.SLURMCluster, "pbs": jobqueue.PBSCluster}[spec.scheduler]
     options = {}
     if dask.config.get(f"jobqueue.{spec.scheduler}.cores", None) is None:
         options.update(cores=1)
@@ -243,7 +301,8 @@ def batch_cluster(spec):
             options.update(shared_temp_directory=os.getcwd())
     errors: list[str] = []
     try:
-        cluster = cls(job_cls=recording_job_class(cls.job_cls, errors), **options)
+        with dask_start_errors(spec):
+            cluster = cls(job_cls=recording_job_class(cls.job_cls, errors), **options)
     except (ValueError, TypeError) as exc:
         raise DsubError(f"cannot set up the {spec.scheduler} cluster: {exc}") from exc
     cluster.dsub_submit_errors = errors

@@ -585,7 +585,7 @@ def plan_resources(box: int, settings, options: RunOptions, map_voxels: int = 0)
     """
     with cluster_config(options.cluster.cluster_config):
         plan = resources.plan_memory(box, settings, options, map_voxels)
-    say(options, f"Memory: {plan.need.describe()}.")
+    say(options, f"Memory: {plan.describe()}.")
     if not options.cluster.distributed:
         resources.check_this_machine(plan)
     request = plan.request_bytes if options.cluster.scheduler in ("slurm", "pbs") else None

@@ -244,6 +244,31 @@ class MemoryPlan:
     map_voxels: int = 0  # the cube maps of another box are brought through (``worker_memory``)
     padding: float | None = None  # the prepared maps' oversampling (None: unknown, so never suggested lower)
     gpu_possible: bool = False  # a GPU the run could use instead: visible here, or GPU jobs a batch system gives
+    cpu_need: WorkerMemory | None = None  # an existing scheduler's workers with --device auto: if on the CPU
+
+    def describe(self) -> str:
+        """The estimate as the run prints it.
+
+        An existing scheduler's (``tcp://``) workers are not known before they
+        answer: neither their threads (the estimate is for one task at a time)
+        nor, with ``--device auto``, whether they have a GPU, so the line gives
+        a GPU worker's and a CPU worker's figures. Each worker is checked against
+        its own device, memory limit and threads as it joins (``check_workers``).
+        """
+        if not self.scheduler.startswith("tcp://"):
+            return self.need.describe()
+        on = [self.need] if self.cpu_need is None else [self.need, self.cpu_need]
+        figures = ", or ".join(
+            f"{gigabytes(need.host_bytes)} of host memory"
+            + (f" and {gigabytes(need.gpu_bytes)} of GPU memory" if need.device == "gpu" else "")
+            + (f" {'if it computes on a GPU' if need.device == 'gpu' else 'on its CPU alone'} (batches of {need.batch})"
+               if self.cpu_need is not None else f" ({'on a GPU' if need.device == 'gpu' else 'no GPU'}, batches of "
+                                                 f"{need.batch})")
+            for need in on)
+        return (f"each worker of the scheduler at {self.scheduler} needs about {figures}"
+                f"{',' if self.cpu_need is not None else ''} for box {self.need.box}, "
+                "with one task at a time; each is checked against its own device, memory limit and threads as "
+                "it joins")
 
     @property
     def request_bytes(self) -> int:
@@ -305,10 +330,14 @@ def plan_memory(box: int, settings, options, map_voxels: int = 0) -> MemoryPlan:
     log_directory = None
     if spec.scheduler in ("slurm", "pbs"):
         log_directory = os.path.abspath(dask.config.get(f"jobqueue.{spec.scheduler}.log-directory", None) or ".")
+    cpu_need = None
+    if spec.scheduler.startswith("tcp://") and options.device == "auto":  # a GPU or not: known as workers join
+        cpu_need = worker_memory(box, settings, "cpu", threads, chunk, batch_cap(box, settings, "cpu", threads, chunk),
+                                 map_voxels)
     return MemoryPlan(
         need=worker_memory(box, settings, device, threads, chunk, batch, map_voxels),
         minimum=worker_memory(box, settings, device, threads, chunk, 1, map_voxels),
-        scheduler=spec.scheduler, log_directory=log_directory, map_voxels=int(map_voxels),
+        scheduler=spec.scheduler, log_directory=log_directory, map_voxels=int(map_voxels), cpu_need=cpu_need,
         padding=projector_kernel(settings.projector, settings.padding)[1],
         gpu_possible=device != "gpu" and gpu_possible(spec.scheduler),
     )
