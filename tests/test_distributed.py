@@ -366,17 +366,23 @@ def test_ctrl_c_pressed_again_while_a_local_run_stops_is_still_one_line(slow_dat
     assert err.strip().splitlines() == ["dsub: interrupted; rerun the same command to resume"]
 
 
-@needs_slurm
-def test_slurm_job_cancelled_mid_run_still_completes(slow_dataset, tmp_path):
+def slurm_config_naming_jobs(folder: Path, job_name: str) -> Path:
+    """The local SLURM profile with its worker jobs named ``job_name``, written in ``folder``."""
     import yaml
 
+    config = yaml.safe_load(LOCAL_SLURM.read_text())
+    config["jobqueue"]["slurm"]["name"] = job_name
+    named = folder / "jobqueue.yaml"
+    named.write_text(yaml.safe_dump(config))
+    return named
+
+
+@needs_slurm
+def test_slurm_job_cancelled_mid_run_still_completes(slow_dataset, tmp_path):
     paths, clean = slow_dataset
     outdir = tmp_path / "out"
     job_name = f"dsub-test-{os.getpid()}"  # cancel one of this run's jobs only, whatever else the queue holds
-    config = yaml.safe_load(LOCAL_SLURM.read_text())
-    config["jobqueue"]["slurm"]["name"] = job_name
-    named = tmp_path / "jobqueue.yaml"
-    named.write_text(yaml.safe_dump(config))
+    named = slurm_config_naming_jobs(tmp_path, job_name)
     run = dsub(paths, outdir, "--chunk-size", "4", "--scheduler", "slurm", "--workers", "2",
                "--cluster-config", str(named), start_new_session=True)
     wait_for_chunks(run, outdir, 3)
@@ -396,15 +402,10 @@ def test_slurm_job_cancelled_mid_run_still_completes(slow_dataset, tmp_path):
 @needs_slurm
 def test_ctrl_c_on_a_slurm_run_is_one_line_and_cancels_its_jobs(slow_dataset, tmp_path):
     """dask-jobqueue sets SIGINT to sys.exit() as it is imported; dsub's own Ctrl-C handling stays."""
-    import yaml
-
     paths, _ = slow_dataset
     outdir = tmp_path / "out"
     job_name = f"dsub-test-{os.getpid()}-ctrl-c"
-    config = yaml.safe_load(LOCAL_SLURM.read_text())
-    config["jobqueue"]["slurm"]["name"] = job_name
-    named = tmp_path / "jobqueue.yaml"
-    named.write_text(yaml.safe_dump(config))
+    named = slurm_config_naming_jobs(tmp_path, job_name)
     run = dsub(paths, outdir, "--chunk-size", "4", "--scheduler", "slurm", "--workers", "1",
                "--cluster-config", str(named), start_new_session=True)
     wait_for_chunks(run, outdir, 3)
