@@ -244,3 +244,22 @@ def _assert_same_particles(a, b, atol=1e-6):
     np.testing.assert_array_equal(a.box_size, b.box_size)
     np.testing.assert_array_equal(a.image_indices, b.image_indices)
     assert [Path(p) for p in a.image_paths] == [Path(p) for p in b.image_paths]
+
+
+def test_micrograph_codes_of_a_categorical_column_match_the_plain_coding():
+    """The star reader's categorical name column is coded from its own codes (no string per row), giving
+    every row the same micrograph as coding the text; a missing name takes the plain coding."""
+    import pandas as pd
+
+    from dsub.formats.location import micrograph_codes
+
+    rng = np.random.default_rng(4)
+    names = np.array([f"MotionCorr/job002/Movies/mic_{i:05d}.mrc" for i in range(50)], dtype=object)[
+        rng.integers(0, 50, 2000)]
+    for column in (pd.Series(names, dtype="category"), pd.Series(names)):
+        codes, distinct = micrograph_codes(column)
+        assert codes.dtype == np.int32 and np.array_equal(np.asarray(distinct, dtype=object)[codes], names)
+    with_missing = pd.Series([names[0], None, names[1]], dtype="category")
+    codes, distinct = micrograph_codes(with_missing)
+    assert distinct[codes[0]] == names[0] and distinct[codes[2]] == names[1]
+    assert len(set(codes.tolist())) == 3  # the missing name is a name of its own, as path_codes counts it
