@@ -336,6 +336,23 @@ def main(argv=None) -> int:
               f"memory (a larger batch job, a higher 'ulimit -v': mapped stacks count against it){fewer}; rerun the "
               "same command to resume.", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        if not str(exc).startswith(THREAD_LIMIT_MESSAGE):
+            raise
+        # threading.Thread.start when the system refuses a thread: each reserves its stack in the address space.
+        print("dsub: error: the system refused another thread (can't start new thread): an address-space limit "
+              "('ulimit -v': each thread reserves its stack, mapped stacks count too) or a limit on processes "
+              "('ulimit -u') is reached. Raise it or run where it is higher; rerun the same command to resume.",
+              file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        if MAP_FAILURE_MESSAGE not in str(exc):
+            raise
+        # A module loaded late (its first use) whose library the address-space limit left no room to map.
+        print(f"dsub: error: out of address space while loading a library ({' '.join(str(exc).split())}). Give dsub "
+              "more memory (a higher 'ulimit -v': mapped stacks and libraries count against it, or a larger batch "
+              "job); rerun the same command to resume.", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # what dsub printed was cut off by its reader (dsub job-script | head): no error
         return 128 + signal.SIGPIPE
     except OSError as exc:
@@ -353,6 +370,12 @@ def main(argv=None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+#: How ``threading.Thread.start`` words the system's refusal of a thread (CPython's ``RuntimeError``).
+THREAD_LIMIT_MESSAGE = "can't start new thread"
+#: What the dynamic loader says (in an ``ImportError``) when a library finds no room in the address space.
+MAP_FAILURE_MESSAGE = "failed to map segment from shared object"
 
 
 def stopped_before_the_run(exc: KeyboardInterrupt, command: str) -> None:

@@ -503,6 +503,23 @@ def test_memory_and_system_errors_reaching_the_command_line_are_one_line(data, t
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "ulimit -v" in err[0] and "--workers" not in err[0]
 
+    def no_thread(*args, **kwargs):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(region, "density_share", no_thread)
+    assert run(data, tmp_path / "threads") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dsub: error: the system refused another thread")
+    assert "ulimit -v" in err[0] and "ulimit -u" in err[0]
+
+    def no_room(*args, **kwargs):
+        raise ImportError("/venv/scipy/spatial/_rotation.so: failed to map segment from shared object")
+
+    monkeypatch.setattr(region, "density_share", no_room)
+    assert run(data, tmp_path / "room") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dsub: error: out of address space while loading a library")
+
     def disk_full(outdir):
         raise OSError(errno_codes.ENOSPC, "No space left on device", str(outdir / "report" / "contrast.png"))
 
