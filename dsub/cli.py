@@ -17,7 +17,7 @@ from pathlib import Path
 from . import __version__
 from .cluster import ClusterSpec, parse_adapt
 from .errors import (
-    DsubError, DsubWarning, MissingInputError, OptionError, Terminated, error_line, interrupted_line,
+    DsubError, DsubWarning, MissingInputError, OptionError, Terminated, error_line, interrupted_line, warn,
 )
 from .formats.paths import PATH_MODES
 from .physics.contrast import SCALE_MODES, WEIGHTINGS, ContrastFit
@@ -31,6 +31,10 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message):
         sys.stderr.write(f"dsub: error: {message} (see '{self.prog} --help').\n")
         sys.exit(2)
+
+
+#: ``--dashboard-address``'s default.
+DEFAULT_DASHBOARD_ADDRESS = "127.0.0.1:8787"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,7 +187,7 @@ def add_cluster_arguments(parser) -> None:
                             "~/.config/dask/jobqueue.yaml; see cluster/ for GPU profiles")
     group.add_argument("--worker-timeout", type=float, default=300.0,
                        help="seconds to wait for the first worker before giving up (300)")
-    group.add_argument("--dashboard-address", default="127.0.0.1:8787",
+    group.add_argument("--dashboard-address", default=DEFAULT_DASHBOARD_ADDRESS,
                        help="where the Dask dashboard listens (127.0.0.1:8787: this machine only; reach it from "
                             "elsewhere through an SSH tunnel)")
     group.add_argument("--interface", default=None,
@@ -194,6 +198,16 @@ def add_cluster_arguments(parser) -> None:
 
 
 def cluster_from_args(args) -> ClusterSpec:
+    """The ``ClusterSpec`` of the command line; options the scheduler does not use are named in one warning
+    (a run with ``threads``/``sync`` starts no scheduler, ``tcp://`` joins one that has its own address and dashboard).
+    """
+    if args.scheduler in ("threads", "sync") or args.scheduler.startswith("tcp://"):
+        unused = ([f"--interface {args.interface}"] if args.interface else []) + (
+            [f"--dashboard-address {args.dashboard_address}"]
+            if args.dashboard_address != DEFAULT_DASHBOARD_ADDRESS else [])
+        if unused:
+            warn(f"{' and '.join(unused)}: not used by --scheduler {args.scheduler}, which starts no Dask scheduler "
+                 "here; they set where a local or SLURM/PBS cluster's scheduler listens.")
     return ClusterSpec(
         scheduler=args.scheduler, workers=args.workers,
         adapt=parse_adapt(args.adapt) if args.adapt else None, cluster_config=args.cluster_config,

@@ -660,3 +660,10 @@ def test_refused_scheduler_port_is_one_line_at_once_after_a_true_memory_line(dat
     for words in figures:
         assert words in memory, memory
     assert ("GPU memory" in memory) == (device != "cpu")
+
+
+def test_cluster_options_a_threaded_run_does_not_use_are_named_in_a_warning(data, tmp_path, capsys):
+    assert run(data, tmp_path / "out", "--interface", "nosuchif", "--dashboard-address", "nonsense") == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dsub: warning:")]
+    assert len(warnings) == 1
+    assert "--interface nosuchif and --dashboard-address nonsense: not used by --scheduler threads" in warnings[0]

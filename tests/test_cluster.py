@@ -59,6 +59,31 @@ def test_cluster_config_applies_only_inside_the_block(tmp_path):
     assert dask.config.get("jobqueue.slurm.queue") != "gpu-long"
 
 
+@pytest.mark.parametrize("content, named", [
+    ("jobqueue: 5\n", "jobqueue is 5: a mapping of settings"),
+    ("jobqueue:\n  slurm: 7\n", "jobqueue.slurm is 7: a mapping of settings"),
+    ("jobqueue:\n  slurm:\n    cores: abc\n", "jobqueue.slurm.cores is 'abc': a whole number of at least 1"),
+    ("jobqueue:\n  pbs:\n    memory: lots\n", "jobqueue.pbs.memory is 'lots': a size such as 16GB"),
+    ("jobqueue:\n  slurm:\n    job-extra-directives: --gres=gpu:1\n", "a list of text lines"),
+    ("dsub:\n  gpus-per-worker: -1\n", "dsub.gpus-per-worker is -1"),
+    ("dsub:\n  worker-device: tpu\n", "dsub.worker-device is 'tpu': one of auto, cpu, gpu"),
+])
+def test_cluster_config_values_of_the_wrong_kind_are_refused_naming_the_setting(tmp_path, capsys, content, named):
+    path = tmp_path / "site.yaml"
+    path.write_text(content)
+    with pytest.raises(InputFileError, match="site.yaml") as caught:
+        load_cluster_config(path)
+    assert named in str(caught.value)
+    assert main(["job-script", "--scheduler", "slurm", "--cluster-config", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"dsub: error: {path}: ") and named in err[0]
+
+
+def test_good_profiles_pass_the_type_checks():
+    for profile in sorted((Path(__file__).parent.parent / "cluster").rglob("*.yaml")):
+        load_cluster_config(profile)
+
+
 @pytest.mark.parametrize("content, error", [("jobqueue: [unclosed", InputFileError), ("", InputFileError)])
 def test_bad_cluster_config_names_the_file(tmp_path, content, error):
     path = tmp_path / "site.yaml"

@@ -75,7 +75,70 @@ def load_cluster_config(path) -> dict:
         raise InputFileError(
             path, "holds no settings.", "Write it as dask-jobqueue's jobqueue.yaml is written: 'jobqueue: {slurm: {...}}'."
         )
+    check_setting_types(path, tree)
     return flatten(tree)
+
+
+#: Settings of a batch system (``jobqueue.<system>.<name>``) by the kind of value dask-jobqueue takes.
+WHOLE_NUMBER_SETTINGS = ("cores", "processes", "job-cpu")
+NUMBER_SETTINGS = ("death-timeout",)
+BYTES_SETTINGS = ("memory", "job-mem")
+TEXT_SETTINGS = ("name", "queue", "account", "walltime", "python", "interface", "shebang", "log-directory",
+                 "local-directory", "shared-temp-directory", "worker-command", "project", "resource-spec")
+LIST_SETTINGS = ("job-extra-directives", "job-directives-skip", "worker-extra-args", "job-script-prologue")
+MAPPING_SETTINGS = ("scheduler-options",)
+WORKER_DEVICES = ("auto", "cpu", "gpu")
+
+
+def check_setting_types(path, tree: dict) -> None:
+    """Refuse, naming the file and the setting, a cluster config whose values dask-jobqueue or dsub cannot take.
+
+    The sections (``jobqueue``, each batch system under it, ``distributed``,
+    ``dsub``) must be mappings; a batch system's settings of the kinds above must
+    hold that kind of value (``memory`` as dask reads byte sizes, e.g. ``16GB``);
+    ``dsub.gpus-per-worker`` a whole number ≥ 0, ``dsub.worker-device`` one of
+    ``WORKER_DEVICES``. Settings not named here are left to dask-jobqueue. Raises
+    ``InputFileError``.
+    """
+    from dask.utils import parse_bytes
+
+    def refuse(name: str, value, needed: str):
+        raise InputFileError(path, f"{name} is {value!r}: {needed} is needed.",
+                             "Correct it (dask-jobqueue's own jobqueue.yaml shows each setting), or leave it out.")
+
+    for section in ("jobqueue", "distributed", "dsub"):
+        if section in tree and tree[section] is not None and not isinstance(tree[section], dict):
+            refuse(section, tree[section], "a mapping of settings")
+    for system, settings in (tree.get("jobqueue") or {}).items():
+        if settings is not None and not isinstance(settings, dict):
+            refuse(f"jobqueue.{system}", settings, "a mapping of settings")
+        for key, value in (settings or {}).items():
+            name, kind = f"jobqueue.{system}.{key}", str(key).replace("_", "-")
+            if value is None:
+                continue
+            whole = isinstance(value, int) and not isinstance(value, bool)
+            if kind in WHOLE_NUMBER_SETTINGS and not (whole and value >= 1):
+                refuse(name, value, "a whole number of at least 1")
+            if kind in NUMBER_SETTINGS and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                refuse(name, value, "a number (seconds)")
+            if kind in BYTES_SETTINGS:
+                try:
+                    parse_bytes(value)
+                except (ValueError, TypeError):
+                    refuse(name, value, "a size such as 16GB")
+            if kind in TEXT_SETTINGS and not isinstance(value, str):
+                refuse(name, value, "text")
+            if kind in LIST_SETTINGS and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                refuse(name, value, "a list of text lines")
+            if kind in MAPPING_SETTINGS and not isinstance(value, dict):
+                refuse(name, value, "a mapping of settings")
+    own = tree.get("dsub") or {}
+    gpus = own.get("gpus-per-worker", own.get("gpus_per_worker"))
+    if gpus is not None and not (isinstance(gpus, int) and not isinstance(gpus, bool) and gpus >= 0):
+        refuse("dsub.gpus-per-worker", gpus, "a whole number of at least 0")
+    device = own.get("worker-device", own.get("worker_device"))
+    if device is not None and device not in WORKER_DEVICES:
+        refuse("dsub.worker-device", device, f"one of {', '.join(WORKER_DEVICES)}")
 
 
 def scheduler_address_configured(path, scheduler: str) -> bool:
