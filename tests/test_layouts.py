@@ -403,6 +403,15 @@ def test_cs_root_added_to_a_finished_run_rewrites_its_cs_only(dataset, tmp_path,
     assert summary["outputs"]["stack_names"]["cs"] == "imports/dsub/Particles/subtracted_0000.mrcs"
     assert summary["outputs"]["cs_root"] == str(project)
 
+    elsewhere = tmp_path / "other"  # OUTDIR not inside it: the paths stay absolute, and the record says none
+    elsewhere.mkdir()
+    assert run(paths["star"], paths, outdir, "--cs-root", elsewhere) == 0
+    said = [line for line in capsys.readouterr()[0].splitlines() if "already holds" in line]
+    assert len(said) == 1 and "the .cs's from" not in said[0]
+    cs = np.load(outdir / "particles_subtracted.cs", max_header_size=2**30)
+    assert cs["blob/path"][0].decode() == first
+    assert json.loads((outdir / "dsub_run.json").read_text())["outputs"]["cs_root"] is None
+
 
 def test_real_cs_blob_paths_stay_project_relative(shared_data, tmp_path):
     """The real P12 .cs names J19/extract/...; in a project folder they resolve there and the project is found."""

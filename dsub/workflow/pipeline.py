@@ -39,7 +39,7 @@ from ..cluster.progress import map_preparation_estimate, number, setup_step
 from ..errors import DsubError, InputFileError, OptionError, warn
 from ..formats import read_particles, select_rows
 from ..formats.mrc import map_header, read_map
-from ..formats.paths import PATH_MODES, cryosparc_project_folder
+from ..formats.paths import PATH_MODES, cryosparc_project_folder, is_inside
 from ..particles import HALF_A
 from ..physics.backend import gpu_available, resolve_device, start_gpu_warm_up
 from ..physics.gridding import grid_size
@@ -161,10 +161,15 @@ def project_of_outdir(table, outdir: Path, options: RunOptions) -> None:
                  "relative to it (--cs-root chooses another folder).")
 
 
-def project_folder_text(table) -> str | None:
-    """The folder the output .cs's ``blob/path`` start from, for dsub_run.json (None: none, they are absolute)."""
+def project_folder_text(table, outdir: Path, paths_mode: str) -> str | None:
+    """The folder the output .cs's ``blob/path`` start from, for dsub_run.json (None: none, they are absolute,
+    or relative to OUTDIR with ``--paths outdir``); as ``paths.written_paths`` decides for ``paths_mode``."""
     project = table.extra.get("project_folder")
-    return None if project is None else str(project)
+    if paths_mode in ("outdir", "absolute"):
+        return None
+    if paths_mode == "relative":
+        return str(project) if project is not None else os.getcwd()
+    return str(project) if project is not None and is_inside(os.path.abspath(outdir), project) else None
 
 
 def maps_to_box_line(map_box: int, box: int, extent: int, pixel_size: float) -> str:
@@ -479,7 +484,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             "outputs": {"store": store.STORE_NAME, "star": export.STAR_NAME, "cs": export.CS_NAME,
                         "stacks": export.STACK_FOLDER, "stack_dtype": "float16" if options.float16 else "float32",
                         "store_images": "kept" if options.keep_store else "deleted", "paths": options.paths,
-                        "cs_root": project_folder_text(table),
+                        "cs_root": project_folder_text(table, outdir, options.paths),
                         "stack_names": export.written_stack_names(outdir, options.paths,
                                                                   table.extra.get("project_folder"))},
         }
@@ -749,9 +754,9 @@ def finished_run(outdir: Path, stacks: dict, options: RunOptions, table=None, sc
             export.write_metadata(table, outdir, options.particles_per_stack, None if scale == "none" else contrast,
                                   skipped, exported, options.paths, fit)
             summary["outputs"] = {**summary.get("outputs", {}), "paths": options.paths,
-                                  "cs_root": project_folder_text(table), "stack_names": names}
+                                  "cs_root": project_folder_text(table, outdir, options.paths), "stack_names": names}
             (outdir / RUN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
-        project = table.extra.get("project_folder")
+        project = project_folder_text(table, outdir, options.paths)
         from_project = f" and the .cs's from {project}" if project is not None else ""
         say(options, f"dsub: {outdir} already holds the finished results of this run; {export.STAR_NAME} and "
                      f"{export.CS_NAME} written again with --paths {options.paths}{from_project} (stacks named as "
