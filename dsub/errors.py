@@ -82,11 +82,17 @@ TERMINATED_BEFORE_WRITING = ("dsub: stopped by SIGTERM (a batch system's time li
 
 
 def interrupted_line(exc: BaseException) -> str:
-    """The line for a Ctrl-C or SIGTERM (``Terminated``): resume, or start where nothing was written.
+    """The line for a Ctrl-C or SIGTERM (``Terminated``): resume, or start where nothing was written, or
+    draw the report where only the report was cut short (``results_complete``: OUTDIR).
 
     The run marks the exception ``nothing_written`` when OUTDIR holds no store after it (its
     folder, lock and log removed as found): the rerun then starts, with nothing to resume.
     """
+    complete = getattr(exc, "results_complete", None)
+    if complete is not None:  # stopped while the QC report was drawn (``pipeline.write_qc_report``)
+        how = "stopped by SIGTERM" if isinstance(exc, Terminated) else "interrupted"
+        return (f"dsub: {how} while the QC report was drawn; the results in {complete} are complete (star, .cs, "
+                f"stacks). Draw the report with: dsub report {complete}")
     before = getattr(exc, "nothing_written", False)
     if isinstance(exc, Terminated):
         return TERMINATED_BEFORE_WRITING if before else TERMINATED

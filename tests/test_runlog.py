@@ -576,6 +576,25 @@ def test_a_stop_before_anything_is_written_says_so(small, tmp_path, monkeypatch,
     assert not outdir.exists()
 
 
+def test_a_stop_while_the_report_is_drawn_says_the_results_are_complete(small, tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the QC report is drawn: the star, .cs and stacks are complete and the record says finished;
+    the line says so and how to draw the report, not to resume."""
+    import dsub.report as report_module
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    outdir = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(report_module, "write_report", stop)
+        assert main(subtract_args(small, outdir)) == 130
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == (f"dsub: interrupted while the QC report was drawn; the results in {outdir} are complete (star, "
+                    f".cs, stacks). Draw the report with: dsub report {outdir}")
+    assert (outdir / "particles_subtracted.star").is_file() and (outdir / "particles_subtracted.cs").is_file()
+    assert json.loads((outdir / "dsub_run.json").read_text())["attempts"][-1]["status"] == "finished"
+
+
 def test_a_particles_folder_of_the_users_own_is_named_and_kept_by_overwrite(small, tmp_path, capsys):
     outdir = tmp_path / "out"
     (outdir / "Particles").mkdir(parents=True)

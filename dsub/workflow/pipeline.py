@@ -606,6 +606,9 @@ def write_qc_report(outdir: Path, options: RunOptions, preparation=None) -> None
 
     try:
         say(options, f"Report: {write_report(outdir, preparation)}")
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (Terminated): the results are complete already
+        exc.results_complete = str(outdir)
+        raise
     except Exception as exc:  # noqa: BLE001 -- any failure here must not fail a finished run
         warn(f"the QC report could not be written ({type(exc).__name__}: {exc}); the subtraction is complete. "
              f"Try again with: dsub report {outdir}")
