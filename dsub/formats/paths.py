@@ -134,14 +134,19 @@ def written_paths(relative_to_outdir, outdir, mode: str, base) -> np.ndarray:
     outdir = os.path.abspath(outdir)
     uniques, inverse = np.unique(names.astype(str), return_inverse=True)
     absolute = [os.path.normpath(os.path.join(outdir, u)) for u in uniques]
-    if mode == "relative":
-        start = os.path.abspath(base if base is not None else os.getcwd())
-        written = [os.path.relpath(p, start) for p in absolute]
-    elif mode == "auto" and base is not None and is_inside(outdir, base):
-        written = [os.path.relpath(p, os.path.abspath(base)) for p in absolute]
-    else:
-        written = absolute
+    start = written_base(outdir, mode, base)
+    written = absolute if start is None else [os.path.relpath(p, start) for p in absolute]
     return np.array(written, dtype=object)[inverse.reshape(-1)]
+
+
+def written_base(outdir, mode: str, base) -> str | None:
+    """The folder ``written_paths`` writes paths relative to, absolute; None where they are absolute (or,
+    with ``mode`` "outdir", relative to OUTDIR itself)."""
+    if mode == "relative":
+        return os.path.abspath(base if base is not None else os.getcwd())
+    if mode == "auto" and base is not None and is_inside(os.path.abspath(outdir), base):
+        return os.path.abspath(base)
+    return None
 
 
 class StackRefs:

@@ -39,7 +39,7 @@ from ..cluster.progress import map_preparation_estimate, number, setup_step
 from ..errors import DsubError, InputFileError, OptionError, warn
 from ..formats import read_particles, select_rows
 from ..formats.mrc import map_header, read_map
-from ..formats.paths import PATH_MODES, cryosparc_project_folder, is_inside
+from ..formats.paths import PATH_MODES, cryosparc_project_folder, written_base
 from ..particles import HALF_A
 from ..physics.backend import gpu_available, resolve_device, start_gpu_warm_up
 from ..physics.gridding import grid_size
@@ -164,12 +164,7 @@ def project_of_outdir(table, outdir: Path, options: RunOptions) -> None:
 def project_folder_text(table, outdir: Path, paths_mode: str) -> str | None:
     """The folder the output .cs's ``blob/path`` start from, for dsub_run.json (None: none, they are absolute,
     or relative to OUTDIR with ``--paths outdir``); as ``paths.written_paths`` decides for ``paths_mode``."""
-    project = table.extra.get("project_folder")
-    if paths_mode in ("outdir", "absolute"):
-        return None
-    if paths_mode == "relative":
-        return str(project) if project is not None else os.getcwd()
-    return str(project) if project is not None and is_inside(os.path.abspath(outdir), project) else None
+    return written_base(outdir, paths_mode, table.extra.get("project_folder"))
 
 
 def maps_to_box_line(map_box: int, box: int, extent: int, pixel_size: float) -> str:
