@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._slice_cuda import extract_slice_pair_cuda, extract_slices_cuda, pointer, side_by_side
+from ._slice_cuda import extract_slice_pair_cuda, extract_slices_cuda, launch_grid, pointer, side_by_side
 from ._transfer_cuda import SOURCE as TRANSFER_SOURCE
 
 _TRANSFER_KERNEL = r"""
@@ -125,12 +125,6 @@ def _kernel(name):
     return _kernels[name]
 
 
-def _launch(count, per_particle):
-    """(grid, block) of the kernels above: blocks along y over particles, along x over each one's elements."""
-    threads = 256
-    return (int(max(1, min((per_particle + threads - 1) // threads, 65535))), int(max(1, min(count, 65535)))), (threads,)
-
-
 def project_images(volumes, rotations, corners: str, box: int, size: int, table, given):
     """(len(volumes), n, box, box) float32 centred images (``subtract.project_images`` on CuPy).
 
@@ -209,7 +203,7 @@ def extract_in_field(images, size: int, table, given, pruned: bool = True):
     # room for a whole number of FIELD_IMAGES_STEP images, so that batches of nearby sizes share the plans
     capacity = -(-total // FIELD_IMAGES_STEP) * FIELD_IMAGES_STEP
     rows = cupy.empty((box, capacity, size), dtype=cupy.float32)
-    grid, block = _launch(box * capacity, size)
+    grid, block = launch_grid(box * capacity, size)
     _kernel("pad_rows")(grid, block, (cupy.ascontiguousarray(images, dtype=cupy.float32), rows, np.int32(total),
                                       np.int32(capacity), np.int32(box), np.int32(size)))
     spectra = cupy.empty((size, capacity, half), dtype=cupy.complex64)
@@ -217,7 +211,7 @@ def extract_in_field(images, size: int, table, given, pruned: bool = True):
     along_x, back_along_x, along_y = _field_plans(size, box, capacity)
     along_x.fft(rows, spectra[:box], cufft.CUFFT_FORWARD)
     along_y.fft(spectra, spectra, cufft.CUFFT_FORWARD)
-    grid, block = _launch(size, count * half)
+    grid, block = launch_grid(size, count * half)
     _kernel("apply_transfer_to_columns")(grid, block, (spectra, np.int32(maps), np.int32(count), np.int32(capacity),
                                                        np.int32(size), np.float32(1.0 / (size * size)), table,
                                                        pointer(given)))
@@ -268,13 +262,13 @@ def _extract_in_whole_field(images, size: int, table, given):
     start = size // 2 - box // 2
     field = cupy.empty((maps, count, size, size), dtype=cupy.float32)
     if maps * count:
-        grid, block = _launch(maps * count, size * size)
+        grid, block = launch_grid(maps * count, size * size)
         _kernel("pad_images")(grid, block, (cupy.ascontiguousarray(images, dtype=cupy.float32), field,
                                             np.int32(maps * count), np.int32(box), np.int32(size), np.int32(start)))
     spectra = cufft.rfft2(field, overwrite_x=True)
     del field
     if count:
-        grid, block = _launch(count, size * (size // 2 + 1))
+        grid, block = launch_grid(count, size * (size // 2 + 1))
         _kernel("apply_transfer")(grid, block, (spectra, np.int32(maps), np.int32(count), np.int32(size), table,
                                                pointer(given)))
     extracted = cufft.irfft2(spectra, s=(size, size), overwrite_x=True)

@@ -197,10 +197,11 @@ def _interleave(transform) -> int:
     return 0
 
 
-def _launch(count: int, size: int):
+def launch_grid(count: int, per_particle: int):
+    """(grid, block) of dsub's per-particle kernels: blocks along y over ``count`` particles (or rows), along x
+    over each one's ``per_particle`` elements; the kernels loop where either exceeds the grid's 65 535."""
     threads = 256
-    per_particle = size * (size // 2 + 1)
-    return (int(min((per_particle + threads - 1) // threads, 65535)), int(min(count, 65535))), (threads,)
+    return (int(max(1, min((per_particle + threads - 1) // threads, 65535))), int(max(1, min(count, 65535)))), (threads,)
 
 
 def extract_slices_cuda(prepared, rotations, corners: str, size: int, checkerboard: bool = False,
@@ -257,7 +258,7 @@ def _launch_slices(maps, transform, interleave, prepared, rotations, corners, si
         if given.shape != shape[-3:]:
             raise ValueError(f"given transfer has shape {given.shape}, expected {shape[-3:]}")
     kernel = prepared.kernel
-    grid, block = _launch(count, size)
+    grid, block = launch_grid(count, size * (size // 2 + 1))
     _compiled(maps)(
         grid,
         block,
