@@ -466,6 +466,7 @@ def entry() -> None:
     """
     stop_once_on_ctrl_c()
     code = main()
+    ignore_further_ctrl_c()  # every output is closed; a Ctrl-C now would only interrupt the exit-time handlers
     atexit._run_exitfuncs()  # what a normal exit runs first
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a closed pipe (dsub ... | head)

@@ -401,6 +401,18 @@ def test_ctrl_c_while_dsub_loads_ends_in_one_line(small, tmp_path, delay_s):
     assert err.strip().splitlines() == ["dsub: interrupted before anything was written; rerun the command to start"]
 
 
+def test_ctrl_c_while_the_arguments_are_read_ends_in_one_line(small, tmp_path):
+    """A Ctrl-C after dsub has loaded but before ``main``'s own handling (building the parser) is one line too."""
+
+    interrupted = ("import dsub.cli; dsub.cli.build_parser = lambda: (_ for _ in ()).throw(KeyboardInterrupt); "
+                   "from dsub.command import run; run()")
+    command = [sys.executable, "-c", interrupted, *subtract_args(small, tmp_path / "out")]
+    run = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert run.returncode == 130 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines() == ["dsub: interrupted before anything was written; rerun the command to start"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_run_from_python_with_default_padding_is_the_same_run_as_the_command_line(small, tmp_path, capsys):
     """``dsub demo`` runs the pipeline with ``padding=None``; the command line says 1.25: the same run."""
     from dsub.physics.subtract import SubtractionSettings
