@@ -254,3 +254,25 @@ def test_maps_smaller_than_the_particles_box_are_warned_with_the_contrast_factor
                 for name in ("same", "small")}
     assert contrast["same"] / contrast["small"] == pytest.approx(factor, rel=0.01)
     assert factor == pytest.approx((BOX / small) ** 2, abs=0.005)
+
+
+def test_maps_smaller_than_the_particles_box_are_refused_where_the_contrast_is_not_fitted(dataset, tmp_path,
+                                                                                           capsys):
+    """``--scale none``/``input`` with maps spanning less than the box would over-subtract: one error, nothing written."""
+    from dsub.physics.optics import crop_or_pad
+
+    paths, _ = dataset
+    small = 26
+    cropped = {}
+    for key in ("half_a", "half_b", "mask"):
+        volume, voxel = read_map(paths[key])
+        cropped[key] = tmp_path / f"{key}_{small}.mrc"
+        write_map(cropped[key], crop_or_pad(volume, small), voxel)
+    assert run({**paths, **cropped}, tmp_path / "none", "--scheduler", "sync", "--scale", "none") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"dsub: error: {cropped['half_a']}: the maps span {small} voxels")
+    assert f"--scale none would subtract {(BOX / small) ** 2:.2f}× the masked signal" in err[0]
+    assert f"--new_box {BOX}" in err[0] and err[0].endswith("or use --scale fit.")
+    assert not (tmp_path / "none").exists()
+    # The same maps at the particles' box are subtracted with --scale none.
+    assert run(paths, tmp_path / "whole", "--scheduler", "sync", "--scale", "none") == 0

@@ -295,7 +295,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     with setup_step(options.log, "Checking the maps and the particle stacks"):
         pixel_size, map_box, volumes = validate.check_maps(
             half_a, half_b, mask, box, table, resolution_angstrom=options.resolution_angstrom,
-            lowpass_angstrom=settings.lowpass_angstrom, single_map=options.single_map)
+            lowpass_angstrom=settings.lowpass_angstrom, single_map=options.single_map, scale=settings.scale)
         # The disk reads the stacks ahead, in the chunks' order, while the rest is checked, the maps
         # prepared and the workers started; after the maps, which would otherwise queue behind it.
         read_ahead = prefetch.start(table, options.cluster.scheduler, order=np.concatenate(

@@ -254,7 +254,7 @@ def check_lowpass(lowpass_angstrom: float | None, voxel_size: float) -> None:
 
 def check_maps(half_a: str, half_b: str, mask: str, box: int, table, *,
                resolution_angstrom: float | None = None, lowpass_angstrom: float | None = None,
-               single_map: bool = False) -> tuple[float, int, dict]:
+               single_map: bool = False, scale: str = "fit") -> tuple[float, int, dict]:
     """Half maps and mask: readable, one cubic shape and voxel size, mask in [0, 1].
 
     Returns (the maps' voxel size in Å, their box, the volumes read keyed
@@ -265,7 +265,9 @@ def check_maps(half_a: str, half_b: str, mask: str, box: int, table, *,
     Errors (``InputFileError``) for a voxel size of 0, maps of different shapes
     or voxel sizes, NaN or infinite values, an all-zero half map, a mask outside
     [0, 1] or empty; warnings for one file (or identical maps) given as both half
-    maps and a soft edge narrower than ``minimum_edge_pixels``.
+    maps and a soft edge narrower than ``minimum_edge_pixels``. Maps spanning
+    less than the particles' box: a warning with ``scale`` "fit", an error with
+    "input" or "none" (``check_smaller_map_extent``).
     """
     voxels, shape, volumes = {}, None, {}
     largest_pixel = float(np.max(table.pixel_size_angstrom))
@@ -301,7 +303,7 @@ def check_maps(half_a: str, half_b: str, mask: str, box: int, table, *,
         volumes[label] = volume
     map_box, map_voxel = int(shape[0][0]), voxels["half map A"][1]
     if map_box != box:
-        warn_smaller_map_extent(half_a, map_box, map_voxel, box, largest_pixel)
+        check_smaller_map_extent(half_a, map_box, map_voxel, box, largest_pixel, scale)
     if not single_map and same_half_maps(half_a, half_b, volumes["half map A"], volumes["half map B"]):
         warn(f"{half_a} is given as both half maps (--half-a and --half-b hold the same map): every particle is "
              "subtracted with a map its own half set helped to make, which breaks gold-standard independence. "
@@ -327,8 +329,10 @@ def check_map_reboxing(path, label: str, volume: np.ndarray, extent: int, table,
              f"particles' {box} px box spans and is left out of their projections")
 
 
-def warn_smaller_map_extent(path, map_box: int, map_voxel: float, box: int, largest_pixel: float) -> None:
-    """A warning when the maps span less than the particles' box (``map_box`` · voxel < ``box`` · pixel).
+def check_smaller_map_extent(path, map_box: int, map_voxel: float, box: int, largest_pixel: float,
+                             scale: str = "fit") -> None:
+    """A warning when the maps span less than the particles' box (``map_box`` · voxel < ``box`` · pixel);
+    with ``scale`` "input" or "none" an ``InputFileError`` naming ``path`` instead.
 
     The workers then zero-pad the maps to the ``E`` voxels the particles' box
     spans (``physics.optics.fit_map_to_box``) and, as RELION's projector
@@ -338,13 +342,24 @@ def warn_smaller_map_extent(path, map_box: int, map_voxel: float, box: int, larg
     for a 48-voxel map against 64 px particles at one pixel size), while the
     subtraction with ``--scale fit`` is the same; ``--scale input`` and ``none``
     subtract ``(E/S)²`` times the masked signal. Nothing beyond the maps' box can
-    be in the model.
+    be in the model. Those two modes would write over-subtracted particles, so
+    they are refused: the maps padded beforehand, or ``--scale fit``, give the
+    right subtraction.
     """
     extent = map_extent_voxels(map_box, box, largest_pixel, map_voxel)
     if extent <= map_box:
         return
     factor = (extent / map_box) ** 2
     padded = extent + extent % 2  # relion_image_handler --new_box takes even boxes
+    if scale != "fit":
+        raise InputFileError(
+            path, f"the maps span {map_box} voxels × {map_voxel:.4f} Å = {map_box * map_voxel:.1f} Å, less than "
+            f"the particles' {box} px × {largest_pixel:.4f} Å = {box * largest_pixel:.1f} Å; with RELION's "
+            f"projector normalisation for a map of box {map_box}, --scale {scale} would subtract {factor:.2f}× "
+            "the masked signal.",
+            f"Give the half maps and mask at the particles' extent (e.g. relion_image_handler --i MAP "
+            f"--o MAP_{padded}.mrc --new_box {padded} for each), or use --scale fit.",
+        )
     warn(f"{path}: the maps span {map_box} voxels × {map_voxel:.4f} Å = {map_box * map_voxel:.1f} Å, less than the "
          f"particles' {box} px × {largest_pixel:.4f} Å = {box * largest_pixel:.1f} Å; they are zero-padded to "
          f"{extent} voxels and, with RELION's projector normalisation for a map of box {map_box}, predict the "
