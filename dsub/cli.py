@@ -10,7 +10,6 @@ import os
 import shlex
 import signal
 import sys
-import threading
 import warnings
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from .errors import (
     DsubError, DsubWarning, MissingInputError, OptionError, Terminated, error_line, interrupted_line, warn,
 )
 from .formats.paths import PATH_MODES
+from .interrupts import ignore_further_ctrl_c, stop_once_on_ctrl_c, terminate_on_sigterm
 from .physics.contrast import SCALE_MODES, WEIGHTINGS, ContrastFit
 from .physics.projector import CORNERS, PROJECTORS, projector_kernel
 from .physics.subtract import EXTENSION, SubtractionSettings
@@ -413,45 +413,6 @@ def os_error_line(exc: OSError) -> str:
     where = f"{exc.filename}: " if exc.filename else ""
     fix = _OS_ERROR_FIXES.get(exc.errno, "check that path and rerun the same command (finished work is kept)")
     return f"dsub: error: {where}{exc.strerror or exc}. {fix[0].upper()}{fix[1:]}."
-
-
-def terminate_on_sigterm():
-    """Turn SIGTERM (a batch system's time limit or preemption) into ``Terminated``; returns the old handler.
-
-    Only the main thread can install it; elsewhere nothing changes (None).
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def terminated(signum, frame):
-        raise Terminated()
-
-    return signal.signal(signal.SIGTERM, terminated)
-
-
-def _interrupted(signum, frame):
-    """dsub's SIGINT handler (``stop_once_on_ctrl_c``): ignore the next ones, raise ``KeyboardInterrupt``."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise KeyboardInterrupt
-
-
-def stop_once_on_ctrl_c() -> None:
-    """The first SIGINT raises ``KeyboardInterrupt``; later ones are ignored until the process ends.
-
-    A run that stops closes its cluster (dsub's clean-up, then distributed's
-    exit-time ``close_clusters``), which takes a second or more; a Ctrl-C
-    pressed again meanwhile would interrupt that clean-up and print its
-    traceback after dsub's one line. Only for the ``dsub`` process itself
-    (``entry``): ``main`` called from Python leaves the caller's handler alone.
-    """
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, _interrupted)
-
-
-def ignore_further_ctrl_c() -> None:
-    """Where dsub's own handler is in place, ignore SIGINT from now on (a stop raised without a signal)."""
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is _interrupted:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def entry() -> None:

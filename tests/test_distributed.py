@@ -51,6 +51,8 @@ def dsub(paths, outdir, *extra, timeout=300, **popen):
     cwd = Path(outdir).parent  # batch systems may drop job output files in the working directory
     cwd.mkdir(parents=True, exist_ok=True)
     if popen:
+        # As from a terminal: SIGINT not ignored (a shell without job control starts `cmd &` with it ignored).
+        popen.setdefault("preexec_fn", lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, **popen)
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=cwd)
 

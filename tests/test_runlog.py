@@ -392,13 +392,32 @@ def test_ctrl_c_while_dsub_loads_ends_in_one_line(small, tmp_path, delay_s):
 
     started = "import sys; print('started', file=sys.stderr, flush=True); from dsub.command import run; run()"
     command = [sys.executable, "-c", started, *subtract_args(small, tmp_path / "out")]
-    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    # As from a terminal: SIGINT not ignored (a shell without job control starts `cmd &` with it ignored).
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert run.stderr.readline() == "started\n"  # Python is up (its own Ctrl-C handling too); dsub is loading
     time.sleep(delay_s)
     run.send_signal(signal.SIGINT)
     _, err = run.communicate(timeout=120)
     assert run.returncode == 130 and "Traceback" not in err
     assert err.strip().splitlines() == ["dsub: interrupted before anything was written; rerun the command to start"]
+
+
+def test_a_sigint_ignored_from_the_start_stays_ignored(small, tmp_path):
+    """A shell without job control starts `dsub ... &` with SIGINT ignored; dsub keeps it so (POSIX), as Python does."""
+    import signal
+    import time
+
+    started = "import sys; print('started', file=sys.stderr, flush=True); from dsub.command import run; run()"
+    command = [sys.executable, "-c", started, *subtract_args(small, tmp_path / "out")]
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert run.stderr.readline() == "started\n"
+    time.sleep(0.3)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 0, err
+    assert (tmp_path / "out" / "particles_subtracted.star").is_file()
 
 
 def test_ctrl_c_while_the_arguments_are_read_ends_in_one_line(small, tmp_path):
@@ -411,6 +430,34 @@ def test_ctrl_c_while_the_arguments_are_read_ends_in_one_line(small, tmp_path):
     assert run.returncode == 130 and "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines() == ["dsub: interrupted before anything was written; rerun the command to start"]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("signal_name, raised", [("SIGINT", "KeyboardInterrupt"), ("SIGTERM", "Terminated")])
+def test_a_signal_inside_the_import_machinery_is_raised_once_the_import_is_left(signal_name, raised):
+    """An exception raised in importlib's own frames can leave the import lock held (a run that stopped then hung
+    joining a thread that was importing): dsub's handlers raise the signal again a moment later instead."""
+    script = f"""
+import signal, sys, time, types
+from dsub import interrupts
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal, however the tests were started
+interrupts.stop_once_on_ctrl_c(); interrupts.terminate_on_sigterm()
+handler = signal.getsignal(signal.{signal_name})
+importing = types.SimpleNamespace(f_code=types.SimpleNamespace(co_filename="<frozen importlib._bootstrap>"))
+handler(signal.{signal_name}, importing)  # returns: nothing raised inside the import machinery
+print("put off", flush=True)
+started = time.monotonic()
+try:
+    time.sleep(10)
+except BaseException as exc:
+    print(type(exc).__name__, round(time.monotonic() - started, 2) < 5, flush=True)
+try:
+    handler(signal.{signal_name}, sys._getframe())  # ordinary code: raised at once
+except BaseException as exc:
+    print(type(exc).__name__, flush=True)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:3] == ["put off", f"{raised} True", raised]
 
 
 def test_a_run_from_python_with_default_padding_is_the_same_run_as_the_command_line(small, tmp_path, capsys):
