@@ -7,6 +7,7 @@ stand-in GPUs) and are skipped without it.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import re
 import subprocess
@@ -104,6 +105,40 @@ def test_memory_error_anywhere_becomes_one_line_with_the_estimate():
     assert "Unable to allocate 6.59 GiB" in text
     assert f"each worker needs about {threads.need.host_bytes / 1e9:.1f} GB of host memory" in text
     assert "--padding" not in text  # at the leanest padding already
+
+
+@pytest.mark.parametrize("failure", [
+    MemoryError("Unable to allocate 1.00 GiB"),
+    OSError(errno.ENOMEM, "Cannot allocate memory", "/data/stack.mrcs"),
+    RuntimeError("can't start new thread"),
+    ImportError("/venv/scipy/linalg/_fblas.so: failed to map segment from shared object"),
+])
+def test_out_of_memory_on_a_worker_names_it(failure):
+    """Every way a worker's task runs out of memory or address space, raised on a known worker: the line names it
+    and its task; raised where no worker was recorded for it (``runner.failed_on``), the line says so."""
+    from dsub.cluster.runner import FailedOn
+
+    failure.failed_on = FailedOn("subtract-chunk-00007", "tcp://10.0.0.7:4242")
+    with pytest.raises(resources.NotEnoughMemoryError) as caught, resources.failures_explained(plan()):
+        raise failure
+    text = one_line(caught.value)
+    assert text.startswith("worker tcp://10.0.0.7:4242 ran out of memory while computing subtract-chunk-00007 (")
+    assert " ".join(str(failure).split()) in text and text.endswith("rerun the same command to resume.")
+    failure.failed_on = FailedOn("sample-fit", None)
+    with pytest.raises(resources.NotEnoughMemoryError) as caught, resources.failures_explained(plan()):
+        raise failure
+    assert one_line(caught.value).startswith("a worker ran out of memory while computing sample-fit (")
+
+
+def test_other_failures_on_a_worker_pass_through():
+    """Only running out of memory is turned into the memory line; any other OSError keeps its own handling."""
+    from dsub.cluster.runner import FailedOn
+
+    failure = OSError(errno.ENOSPC, "No space left on device", "/data/out/Particles/subtracted_0000.mrcs")
+    failure.failed_on = FailedOn("subtract-chunk-00007", "tcp://10.0.0.7:4242")
+    with pytest.raises(OSError) as caught, resources.failures_explained(plan()):
+        raise failure
+    assert caught.value is failure
 
 
 ADVICE = ("--padding", "--workers", "--device gpu")
