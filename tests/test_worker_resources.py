@@ -397,3 +397,34 @@ def test_a_local_worker_out_of_memory_is_named_in_one_line(tmp_path, failure):
     assert result.returncode == 0, result.stderr
     done = int(re.search(r"in 10 chunks \((\d+) already done\)", result.stdout).group(1))
     assert done >= 1 and (outdir / "particles_subtracted.star").exists()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="address-space limits as Linux enforces them")
+def test_a_local_worker_under_a_real_address_space_limit_is_named(tmp_path):
+    """``ulimit -v`` of about 4 GB on the command, a run whose workers need far more (``--padding 24``: one
+    transform of 3.4 GiB) while the coordinator fits: the worker's ``MemoryError`` names it and its task."""
+    import psutil
+    import resource
+
+    need = resources.worker_memory(32, SubtractionSettings(padding=24), "cpu", 2, 6, 1).host_bytes
+    if need > 0.7 * psutil.virtual_memory().total:
+        pytest.skip("the local worker's memory limit (this machine's memory) would refuse the run before any work")
+    paths, _ = make_dataset(tmp_path / "data", count=12, box=32, seed=4, snr=None)
+    limit = 4_000_000 * 1024  # ulimit -v 4000000
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    command = [sys.executable, "-m", "dsub.cli", "subtract", str(paths["star"]), "--half-a", str(paths["half_a"]),
+               "--half-b", str(paths["half_b"]), "--mask", str(paths["mask"]), "-o", str(tmp_path / "out"), "--quiet",
+               "--dashboard-address", "127.0.0.1:0", "--scheduler", "local", "--workers", "1", "--device", "cpu",
+               "--padding", "24"]
+    environment = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}  # fewer thread stacks mapped
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=environment,
+                            preexec_fn=limited)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert re.match(r"dsub: error: worker tcp://127\.0\.0\.1:\d+ ran out of memory while computing sample-fit "
+                    r"\(Unable to allocate", lines[0]), lines[0]
+    assert not (tmp_path / "out" / "particles_subtracted.star").exists()
