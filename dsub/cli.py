@@ -16,7 +16,8 @@ from pathlib import Path
 from . import __version__
 from .cluster import ClusterSpec, parse_adapt
 from .errors import (
-    DsubError, DsubWarning, MissingInputError, OptionError, Terminated, error_line, interrupted_line, warn,
+    MAP_FAILURE_MESSAGE, THREAD_LIMIT_MESSAGE, DsubError, DsubWarning, MissingInputError, OptionError, Terminated,
+    error_line, interrupted_line, warn,
 )
 from .formats.paths import PATH_MODES
 from .interrupts import ignore_further_ctrl_c, stop_once_on_ctrl_c, terminate_on_sigterm
@@ -385,11 +386,6 @@ def main(argv=None) -> int:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
-
-#: How ``threading.Thread.start`` words the system's refusal of a thread (CPython's ``RuntimeError``).
-THREAD_LIMIT_MESSAGE = "can't start new thread"
-#: What the dynamic loader says (in an ``ImportError``) when a library finds no room in the address space.
-MAP_FAILURE_MESSAGE = "failed to map segment from shared object"
 
 
 def stopped_before_the_run(exc: KeyboardInterrupt, command: str) -> None:

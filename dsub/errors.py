@@ -8,6 +8,7 @@ other exception is a bug in dsub.
 
 from __future__ import annotations
 
+import errno
 import os
 
 import warnings
@@ -60,6 +61,26 @@ class OutputExistsError(DsubError, FileExistsError):
 
 class DiskFullError(DsubError, OSError):
     """The output disk filled up while dsub was writing."""
+
+
+#: How ``threading.Thread.start`` words the system's refusal of a thread (CPython's ``RuntimeError``).
+THREAD_LIMIT_MESSAGE = "can't start new thread"
+#: What the dynamic loader says (in an ``ImportError``) when a library finds no room in the address space.
+MAP_FAILURE_MESSAGE = "failed to map segment from shared object"
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says the process ran out of memory or address space.
+
+    A ``MemoryError`` (NumPy, CuPy), an ``OSError`` with ``ENOMEM`` (``mmap`` of
+    a stack), a thread the system refuses (each reserves its stack in the
+    address space) or a library the loader finds no room to map, as a low
+    ``ulimit -v`` gives them.
+    """
+    return (isinstance(exc, MemoryError)
+            or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM)
+            or (isinstance(exc, RuntimeError) and str(exc).startswith(THREAD_LIMIT_MESSAGE))
+            or (isinstance(exc, ImportError) and MAP_FAILURE_MESSAGE in str(exc)))
 
 
 class DsubWarning(UserWarning):

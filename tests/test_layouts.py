@@ -137,6 +137,102 @@ def test_relion_coordinates_reach_the_cs_as_locations(dataset, tmp_path, monkeyp
     np.testing.assert_allclose(out["location/center_y_frac"], 1 - (np.arange(COUNT) * 60.0 + 7) / 1500, rtol=1e-6)
 
 
+def add_locations(files: dict, shapes: np.ndarray, seed: int = 3) -> dict:
+    """cryoSPARC ``location/*`` fields for each particle of ``cryosparc_project``'s files, in its passthrough file.
+
+    Each particle on one of ``len(shapes)`` micrographs ``J3/motioncorrected/..._mic_k.mrc`` of shape
+    ``shapes[k]`` ([ny, nx]), its centre at random fractions kept away from half a pixel (where rounding
+    would turn on the last bit). Returns the fields in the order of ``files["data"]`` (the main file's).
+    """
+    rng = np.random.default_rng(seed)
+    micrograph = np.arange(COUNT) % len(shapes)
+    shape = shapes[micrograph].astype("<u4")
+    pixel = np.stack([rng.integers(10, shape[:, axis] - 10) for axis in (1, 0)], axis=1)  # (x, y)
+    pixel = pixel + rng.uniform(0.1, 0.4, size=(COUNT, 2))  # never near x.5
+    fields = {
+        "location/micrograph_uid": (np.uint64(7_000_000_000_000_000_000) + micrograph.astype(np.uint64)),
+        "location/micrograph_path": np.array(
+            [f"J3/motioncorrected/00012345678901234567_mic_{k}_patch_aligned_doseweighted.mrc".encode()
+             for k in micrograph]),
+        "location/micrograph_shape": shape,
+        "location/center_x_frac": (pixel[:, 0] / shape[:, 1]).astype("<f4"),
+        "location/center_y_frac": (pixel[:, 1] / shape[:, 0]).astype("<f4"),
+    }
+    passthrough = files["cs"].parent / "J5_passthrough_particles_class_0.cs"
+    rows = np.load(passthrough, max_header_size=2**30)
+    order = {uid: row for row, uid in enumerate(files["data"]["uid"].tolist())}
+    back = np.array([order[uid] for uid in rows["uid"].tolist()])  # the passthrough's own row order
+    dtype = [(name, rows.dtype.fields[name][0]) for name in rows.dtype.names]
+    dtype += [(name, np.dtype((values.dtype, values.shape[1:]))) for name, values in fields.items()]
+    located = np.empty(len(rows), dtype=dtype)
+    for name in rows.dtype.names:
+        located[name] = rows[name]
+    for name, values in fields.items():
+        located[name] = values[back]
+    _save(passthrough, located)
+    return fields
+
+
+def test_cryosparc_locations_reach_the_star(dataset, tmp_path, monkeypatch):
+    """A .cs with location/* (in its passthrough file) through the command: the star places each particle on its
+    micrograph as pyem's csparc2star does, the micrograph named from the folder RELION runs in."""
+    paths, _ = dataset
+    files = cryosparc_project(dataset, tmp_path / "P3", classes=False)
+    shapes = np.array([[4092, 5760], [5760, 4092], [3838, 3710]])  # [ny, nx]: landscape, portrait, nearly square
+    fields = add_locations(files, shapes)
+    monkeypatch.chdir(tmp_path)  # RELION's project folder holds the cryoSPARC project P3
+    assert run(files["cs"], paths, tmp_path / "P3/J30/dsub") == 0
+    rows = starfile.read(tmp_path / "P3/J30/dsub/particles_subtracted.star", always_dict=True)["particles"]
+    # pyem's csparc2star with its defaults (swapxy, inverty): COORDS = round([x_frac, 1 - y_frac] * shape[:, ::-1])
+    shape = fields["location/micrograph_shape"].astype(np.float64)
+    expected_x = np.round(fields["location/center_x_frac"].astype(np.float64) * shape[:, 1])
+    expected_y = np.round((1 - fields["location/center_y_frac"].astype(np.float64)) * shape[:, 0])
+    np.testing.assert_array_equal(rows["rlnCoordinateX"], expected_x)
+    np.testing.assert_array_equal(rows["rlnCoordinateY"], expected_y)
+    assert rows["rlnCoordinateX"].max() > 4092 and rows["rlnCoordinateY"].max() > 4092  # both axes' long sides used
+    # The micrographs are not on this machine: their names start from the project folder above the .cs,
+    # written from the current folder as RELION opens them.
+    stored = [path.decode() for path in fields["location/micrograph_path"]]
+    assert rows["rlnMicrographName"].tolist() == [os.path.join("P3", path) for path in stored]
+
+    # Run from elsewhere: the names are absolute.
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert run(files["cs"], paths, tmp_path / "P3/J31/dsub") == 0
+    rows = starfile.read(tmp_path / "P3/J31/dsub/particles_subtracted.star", always_dict=True)["particles"]
+    assert rows["rlnMicrographName"].tolist() == [str(tmp_path / "P3" / path) for path in stored]
+
+    # Without location/*, no location columns.
+    plain = cryosparc_project(dataset, tmp_path / "P4", classes=False)
+    assert run(plain["cs"], paths, tmp_path / "P4/J30/dsub") == 0
+    rows = starfile.read(tmp_path / "P4/J30/dsub/particles_subtracted.star", always_dict=True)["particles"]
+    assert not {"rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY"} & set(rows.columns)
+
+
+def test_relion_locations_come_back_through_a_cs(dataset, tmp_path, monkeypatch):
+    """star -> .cs -> star: micrograph names and (whole-pixel) coordinates come back unchanged."""
+    paths, _ = dataset
+    project = tmp_path / "relion_project"
+    files = relion_project(dataset, project)
+    blocks = starfile.read(files["star"], always_dict=True)
+    names = [f"MotionCorr/job002/mic_{i % 3}.mrc" for i in range(COUNT)]
+    blocks["particles"]["rlnMicrographName"] = names
+    blocks["particles"]["rlnCoordinateX"] = np.arange(COUNT) * 211.0 + 13  # up to 4866: the long side is x
+    blocks["particles"]["rlnCoordinateY"] = np.arange(COUNT) * 97.0 + 4
+    starfile.write(blocks, files["star"])
+    (project / "MotionCorr/job002").mkdir(parents=True)
+    for i in range(3):
+        with mrcfile.new(project / f"MotionCorr/job002/mic_{i}.mrc") as mrc:
+            mrc.set_data(np.zeros((4092, 5760), dtype=np.float32))  # [ny, nx]
+    monkeypatch.chdir(project)
+    assert run(Path("External/job020/select/run_data.star"), files, "Subtract/job011") == 0
+    assert run(Path("Subtract/job011/particles_subtracted.cs"), files, "Subtract/job012") == 0
+    rows = starfile.read("Subtract/job012/particles_subtracted.star", always_dict=True)["particles"]
+    assert rows["rlnMicrographName"].tolist() == names
+    np.testing.assert_array_equal(rows["rlnCoordinateX"], blocks["particles"]["rlnCoordinateX"])
+    np.testing.assert_array_equal(rows["rlnCoordinateY"], blocks["particles"]["rlnCoordinateY"])
+
+
 def test_paths_option_writes_each_form(dataset, tmp_path, monkeypatch):
     paths, sim = dataset
     project = tmp_path / "p"

@@ -7,6 +7,7 @@ stand-in GPUs) and are skipped without it.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import re
 import subprocess
@@ -104,6 +105,40 @@ def test_memory_error_anywhere_becomes_one_line_with_the_estimate():
     assert "Unable to allocate 6.59 GiB" in text
     assert f"each worker needs about {threads.need.host_bytes / 1e9:.1f} GB of host memory" in text
     assert "--padding" not in text  # at the leanest padding already
+
+
+@pytest.mark.parametrize("failure", [
+    MemoryError("Unable to allocate 1.00 GiB"),
+    OSError(errno.ENOMEM, "Cannot allocate memory", "/data/stack.mrcs"),
+    RuntimeError("can't start new thread"),
+    ImportError("/venv/scipy/linalg/_fblas.so: failed to map segment from shared object"),
+])
+def test_out_of_memory_on_a_worker_names_it(failure):
+    """Every way a worker's task runs out of memory or address space, raised on a known worker: the line names it
+    and its task; raised where no worker was recorded for it (``runner.failed_on``), the line says so."""
+    from dsub.cluster.runner import FailedOn
+
+    failure.failed_on = FailedOn("subtract-chunk-00007", "tcp://10.0.0.7:4242")
+    with pytest.raises(resources.NotEnoughMemoryError) as caught, resources.failures_explained(plan()):
+        raise failure
+    text = one_line(caught.value)
+    assert text.startswith("worker tcp://10.0.0.7:4242 ran out of memory while computing subtract-chunk-00007 (")
+    assert " ".join(str(failure).split()) in text and text.endswith("rerun the same command to resume.")
+    failure.failed_on = FailedOn("sample-fit", None)
+    with pytest.raises(resources.NotEnoughMemoryError) as caught, resources.failures_explained(plan()):
+        raise failure
+    assert one_line(caught.value).startswith("a worker ran out of memory while computing sample-fit (")
+
+
+def test_other_failures_on_a_worker_pass_through():
+    """Only running out of memory is turned into the memory line; any other OSError keeps its own handling."""
+    from dsub.cluster.runner import FailedOn
+
+    failure = OSError(errno.ENOSPC, "No space left on device", "/data/out/Particles/subtracted_0000.mrcs")
+    failure.failed_on = FailedOn("subtract-chunk-00007", "tcp://10.0.0.7:4242")
+    with pytest.raises(OSError) as caught, resources.failures_explained(plan()):
+        raise failure
+    assert caught.value is failure
 
 
 ADVICE = ("--padding", "--workers", "--device gpu")
@@ -292,4 +327,104 @@ def test_local_workers_too_small_for_the_job_are_refused_as_they_join(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("dsub: error:") and "Traceback" not in result.stderr
     assert re.search(r"but worker tcp://127\.0\.0\.1:\d+ has a memory limit of [\d.]+ GB", lines[0])
     assert "for box 48" in lines[0]
+    assert not (tmp_path / "out" / "particles_subtracted.star").exists()
+
+
+#: Loaded by each local worker at its start (``distributed.worker.preload``): chunk ``FAILING_CHUNK`` runs out of
+#: memory on its worker once another chunk is recorded, as a worker under a low ``ulimit -v`` does.
+OUT_OF_MEMORY_PRELOAD = '''
+import errno, os, time
+from pathlib import Path
+
+
+def dask_setup(worker):
+    from dsub.workflow import tasks
+
+    failing, run_chunk = int(os.environ["FAILING_CHUNK"]), tasks.run_chunk
+
+    def run_chunk_or_fail(chunk_index, start, particles, maps, settings, store_path, *rest, **options):
+        if chunk_index != failing:
+            return run_chunk(chunk_index, start, particles, maps, settings, store_path, *rest, **options)
+        recorded = Path(store_path) / "chunk_done" / "c"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (recorded.is_dir() and any(recorded.iterdir())):
+            time.sleep(0.05)
+        if os.environ["FAILURE"] == "MemoryError":
+            raise MemoryError("Unable to allocate 1.00 GiB for an array with shape (1024, 1024, 128) and data type "
+                              "float64")
+        raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM), str(Path(store_path).parent / "particles.mrcs"))
+
+    tasks.run_chunk = run_chunk_or_fail
+'''
+
+
+@pytest.mark.parametrize("failure", ["MemoryError", "ENOMEM"])
+def test_a_local_worker_out_of_memory_is_named_in_one_line(tmp_path, failure):
+    """``ulimit -v`` low enough that a worker's task fails: one line names the worker and its chunk; a rerun resumes.
+
+    A real limit hits the workers and the coordinator alike, wherever each
+    allocates, so the worker's failure is made where it arrives: a
+    ``MemoryError`` or an ``OSError`` with ``ENOMEM`` (``mmap`` of a stack)
+    raised by one chunk's task on its worker, after another chunk finished.
+    """
+    from test_distributed import finished_chunks
+
+    paths, _ = make_dataset(tmp_path / "data", count=60, box=32, seed=4)
+    outdir = tmp_path / "out"
+    preload = tmp_path / "out_of_memory_preload.py"
+    preload.write_text(OUT_OF_MEMORY_PRELOAD)
+    command = [sys.executable, "-m", "dsub.cli", "subtract", str(paths["star"]), "--half-a", str(paths["half_a"]),
+               "--half-b", str(paths["half_b"]), "--mask", str(paths["mask"]), "-o", str(outdir), "--quiet",
+               "--dashboard-address", "127.0.0.1:0", "--scheduler", "local", "--workers", "2", "--chunk-size", "6",
+               "--device", "cpu"]
+    environment = {**os.environ, "DASK_DISTRIBUTED__WORKER__PRELOAD": f'["{preload}"]', "FAILING_CHUNK": "3",
+                   "FAILURE": failure}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=environment)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dsub: error:") and "Traceback" not in result.stderr, result.stderr
+    assert re.match(r"dsub: error: worker tcp://127\.0\.0\.1:\d+ ran out of memory while computing "
+                    r"subtract-chunk-00003 \(", lines[0]), lines[0]
+    said = "Unable to allocate 1.00 GiB" if failure == "MemoryError" else "[Errno 12] Cannot allocate memory"
+    assert said in lines[0] and "each worker needs about" in lines[0]
+    assert lines[0].endswith("Finished chunks are kept: rerun the same command to resume.")
+    kept = finished_chunks(outdir)
+    assert kept >= 1 and not (outdir / "particles_subtracted.star").exists()
+
+    # The same command without the failure resumes from the finished chunks.
+    del environment["DASK_DISTRIBUTED__WORKER__PRELOAD"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=environment)
+    assert result.returncode == 0, result.stderr
+    done = int(re.search(r"in 10 chunks \((\d+) already done\)", result.stdout).group(1))
+    assert done >= 1 and (outdir / "particles_subtracted.star").exists()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="address-space limits as Linux enforces them")
+def test_a_local_worker_under_a_real_address_space_limit_is_named(tmp_path):
+    """``ulimit -v`` of about 4 GB on the command, a run whose workers need far more (``--padding 24``: one
+    transform of 3.4 GiB) while the coordinator fits: the worker's ``MemoryError`` names it and its task."""
+    import psutil
+    import resource
+
+    need = resources.worker_memory(32, SubtractionSettings(padding=24), "cpu", 2, 6, 1).host_bytes
+    if need > 0.7 * psutil.virtual_memory().total:
+        pytest.skip("the local worker's memory limit (this machine's memory) would refuse the run before any work")
+    paths, _ = make_dataset(tmp_path / "data", count=12, box=32, seed=4, snr=None)
+    limit = 4_000_000 * 1024  # ulimit -v 4000000
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    command = [sys.executable, "-m", "dsub.cli", "subtract", str(paths["star"]), "--half-a", str(paths["half_a"]),
+               "--half-b", str(paths["half_b"]), "--mask", str(paths["mask"]), "-o", str(tmp_path / "out"), "--quiet",
+               "--dashboard-address", "127.0.0.1:0", "--scheduler", "local", "--workers", "1", "--device", "cpu",
+               "--padding", "24"]
+    environment = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}  # fewer thread stacks mapped
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=environment,
+                            preexec_fn=limited)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert re.match(r"dsub: error: worker tcp://127\.0\.0\.1:\d+ ran out of memory while computing sample-fit "
+                    r"\(Unable to allocate", lines[0]), lines[0]
     assert not (tmp_path / "out" / "particles_subtracted.star").exists()

@@ -348,6 +348,9 @@ class DistributedRunner(_Runner):
                 return future.result(timeout=poll)
             except TimeoutError:
                 alone.check()
+            except Exception as exc:
+                exc.failed_on = failed_on(self.client, future.key)  # named in the error line (resources)
+                raise
 
     def _result_of(self, handle):
         return self._fetched.pop(handle)
@@ -370,6 +373,40 @@ class DistributedRunner(_Runner):
         workers = sorted(self.client.scheduler_info().get("workers", {}))
         self._started = [self.client.submit(function, *args, workers=[address], allow_other_workers=False,
                                             pure=False) for address in workers]  # held: released futures are cancelled
+
+
+@dataclass(frozen=True)
+class FailedOn:
+    """Where a task's exception was raised: the task that raised it (its Dask key) and the worker it ran on."""
+
+    task: str
+    worker: str | None
+
+    def happened(self, what: str) -> str:
+        """``worker tcp://10.0.0.7:4242 {what} while computing subtract-chunk-00012`` ("a worker" where unknown)."""
+        return f"{'worker ' + self.worker if self.worker else 'a worker'} {what} while computing {self.task}"
+
+
+def failed_on(client, key) -> FailedOn:
+    """Which task raised the exception of the future ``key``, and on which worker, as the scheduler recorded it.
+
+    The scheduler keeps, for an erred task, the task that raised first
+    (``TaskState.exception_blame``: the future's own task, or the one it waits
+    on) and the workers it erred on (``erred_on``). Asked of the scheduler
+    after the failure; where that fails (the scheduler gone), only the key is known.
+    """
+    def erred_on(dask_scheduler, key=key):
+        task = dask_scheduler.tasks.get(key)
+        blamed = (getattr(task, "exception_blame", None) or task) if task is not None else None
+        if blamed is None:
+            return str(key), []
+        return str(blamed.key), sorted(getattr(blamed, "erred_on", None) or ())
+
+    try:
+        task, workers = client.run_on_scheduler(erred_on)
+    except Exception:  # noqa: BLE001 -- the error being reported matters, not this question
+        return FailedOn(str(key), None)
+    return FailedOn(task, ", ".join(workers) or None)
 
 
 class _Alone:

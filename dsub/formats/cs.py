@@ -291,8 +291,9 @@ def read_particles(
 
     ``passthrough``: further files joined on ``uid`` (see ``load_joined``).
     ``extra["project_folder"]`` is the folder relative ``blob/path`` values were
-    resolved against (the cryoSPARC project folder, or ``cs_root``), and
-    ``extra["passthrough"]`` the files joined.
+    resolved against (the cryoSPARC project folder, or ``cs_root``),
+    ``extra["passthrough"]`` the files joined, and ``extra["location_roots"]``
+    where ``location/micrograph_path`` may start (``location.micrograph_base``).
     """
     path = Path(path)
     data, joined, looked_for = load_joined(path, passthrough)
@@ -334,7 +335,11 @@ def read_particles(
         source_path=path,
         source=data,
         extra={"ctf_absent": ctf_absent, "exp_group_ids": groups, "project_folder": project_folder,
-               "passthrough": joined},
+               "passthrough": joined,
+               # where location/micrograph_path starts (location.micrograph_base): as blob/path does
+               "location_roots": (cs_roots(path, cs_root),
+                                  Path(os.path.abspath(cs_root)) if cs_root is not None
+                                  else cryosparc_project_folder(path))},
         **ctf,
     )
 

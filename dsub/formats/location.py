@@ -1,4 +1,4 @@
-"""Where each particle lies on its micrograph: RELION's columns as cryoSPARC's ``location/*`` fields.
+"""Where each particle lies on its micrograph: RELION's columns as cryoSPARC's ``location/*`` fields, and back.
 
 RELION writes a particle's micrograph as ``rlnMicrographName`` and its centre as
 ``rlnCoordinateX/Y``, in pixels of that micrograph. cryoSPARC keeps the same in
@@ -25,6 +25,10 @@ hold a value in every row, and a made-up shape would place particles wrongly),
 and ``micrograph_path`` is written alone. ``location/micrograph_uid``, the
 cryoSPARC exposure's uid, is not written: a star input comes from no cryoSPARC
 exposure, and the reference notes give no rule for making one up.
+
+The way back (a .cs input's star, ``cs_star_columns``) is pyem's conversion
+itself, with ``micrograph_path`` rebased from the cryoSPARC project folder to
+the folder RELION runs in, as the stacks' names are.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from dsub.formats.mrc import image_shape
-from dsub.formats.paths import path_codes, star_roots
+from dsub.formats.paths import is_inside, path_codes, star_roots
 
 NAME_LABEL = "rlnMicrographName"
 COORDINATE_LABELS = ("rlnCoordinateX", "rlnCoordinateY")
@@ -138,3 +142,95 @@ def star_locations(table) -> StarLocations | None:
             shapes = micrograph_shapes(names, star_roots(table.source_path))
             coordinates = tuple(numbers) if shapes is not None else None
     return StarLocations(codes=codes, paths=paths, shapes=shapes, coordinates=coordinates)
+
+
+# --- the way back: a .cs's location/* as RELION's columns ------------------------------------------
+
+#: The ``location/*`` fields the star's coordinates are computed from.
+FRACTION_FIELDS = ("location/center_x_frac", "location/center_y_frac", "location/micrograph_shape")
+
+
+def micrograph_base(names, roots: list[Path], project: Path | None) -> Path | None:
+    """The folder a .cs's relative ``location/micrograph_path`` values start from, or None where unknown.
+
+    cryoSPARC stores them relative to its project folder (``J3/motioncorrected/...``,
+    formats.md §1.2), as ``blob/path``: the first of ``roots`` (``paths.cs_roots``:
+    ``--cs-root``, else the project folder above the .cs, the .cs folder and its
+    parents) holding the first relative micrograph; where none does (the
+    micrographs are not on this machine), ``project`` (``--cs-root``, or the
+    project folder above the .cs) when known; else None.
+    """
+    relative = next((name for name in names if not os.path.isabs(name)), None)
+    if relative is None:
+        return None
+    return next((root for root in roots if (root / relative).is_file()), project)
+
+
+def relion_micrograph_names(names, base: Path | None) -> list[str]:
+    """``rlnMicrographName`` for each of ``names`` (a .cs's ``location/micrograph_path``, one leading ``>`` of an
+    exported group already stripped) starting from ``base`` (``micrograph_base``).
+
+    As RELION opens names from the folder it runs in (its project folder, the
+    current folder), as the star's ``rlnImageName`` are written by default
+    (``paths.written_paths``, ``auto``): relative to the current folder where
+    the micrograph lies inside it, else absolute. Without a ``base`` the names
+    are written as stored, as pyem's ``csparc2star`` writes them.
+    """
+    if base is None:
+        return [str(name) for name in names]
+    here = os.getcwd()
+    written = []
+    for name in names:
+        absolute = os.path.normpath(os.path.join(base, name))
+        written.append(os.path.relpath(absolute, here) if is_inside(absolute, here) else absolute)
+    return written
+
+
+def cs_star_columns(table) -> dict:
+    """RELION's location columns for a .cs input's particles ({label: (n,) values}); empty without ``location/*``.
+
+    ``table``: a ``ParticleTable`` read from a .cs (its ``source`` row for row
+    with its particles; ``extra["location_roots"]``: (``paths.cs_roots``, the
+    project folder or None), set by the reader). As pyem's ``csparc2star``
+    converts them with its defaults (``--swapxy`` and ``--inverty``:
+    ``pyem/metadata/cryosparc2.py``, ``cryosparc_2_cs_particle_locations``, and
+    ``pyem/cli/csparc2star.py`` at commit de18347)::
+
+        rlnMicrographName = location/micrograph_path
+        rlnCoordinateX = round(center_x_frac · nx)
+        rlnCoordinateY = round((1 − center_y_frac) · ny)     ([ny, nx] = location/micrograph_shape)
+
+    in pixels of the micrograph, y counted from the other edge (cryoSPARC's
+    origin is the bottom left, RELION's the top left), rounded to whole pixels
+    as pyem does; the name rebased from the cryoSPARC project folder to RELION's
+    (``micrograph_base``, ``relion_micrograph_names``). The inverse of
+    ``StarLocations``, so a star's integer coordinates and names come back
+    through a .cs unchanged. ``rlnMicrographName`` is a categorical (each
+    micrograph's name once); the coordinates are float64 and written only where
+    the .cs holds all of ``FRACTION_FIELDS``. ``location/micrograph_uid`` (a
+    cryoSPARC exposure's uid) has no RELION label and is left out, as pyem does.
+    """
+    import pandas as pd
+
+    source = table.source
+    if table.source_format != "cs" or source is None:
+        return {}
+    names = source.dtype.names
+    columns = {}
+    if "location/micrograph_path" in names:
+        raw = np.asarray(source["location/micrograph_path"])
+        stored, codes = np.unique(raw, return_inverse=True)  # decoded once per micrograph, not per row
+        texts = [value.decode() if isinstance(value, bytes) else str(value) for value in stored]
+        texts = [text[1:] if text.startswith(">") else text for text in texts]  # an exported group's (pyem does too)
+        roots, project = table.extra.get("location_roots", ([], None))
+        written = relion_micrograph_names(texts, micrograph_base(texts, roots, project))
+        categories, renumber = np.unique(np.asarray(written, dtype=object), return_inverse=True)
+        columns[NAME_LABEL] = pd.Categorical.from_codes(
+            renumber.reshape(-1)[codes.reshape(-1)].astype(np.int32), categories=list(categories))
+    if all(field in names for field in FRACTION_FIELDS):
+        shape = np.asarray(source["location/micrograph_shape"]).reshape(len(source), 2).astype(np.float64)  # [ny, nx]
+        x = np.asarray(source["location/center_x_frac"], dtype=np.float64)
+        y = np.asarray(source["location/center_y_frac"], dtype=np.float64)
+        columns[COORDINATE_LABELS[0]] = np.round(x * shape[:, 1])
+        columns[COORDINATE_LABELS[1]] = np.round((1.0 - y) * shape[:, 0])
+    return columns

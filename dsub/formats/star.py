@@ -20,6 +20,7 @@ from starfile.writer import package_info
 from dsub.conventions import matrix_to_relion_euler, relion_euler_to_matrix
 from dsub.errors import InputFileError, MissingInputError, warn
 from dsub.formats import atomic, star_reader
+from dsub.formats.location import cs_star_columns
 from dsub.formats.mrc import open_stack
 from dsub.formats.paths import StackRefs, resolve_stack_names, star_roots
 from dsub.particles import HALF_UNKNOWN, ParticleTable, same_for_all, shared_if_constant
@@ -629,11 +630,13 @@ def with_origins_and_box(source: dict, origins_angstrom: np.ndarray, box: int, d
 
 
 def _blocks_from_table(table: ParticleTable) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Optics and particles tables built from the particle table (a .cs input)."""
+    """Optics and particles tables built from the particle table (a .cs input), with the particles' micrographs
+    and coordinates where the .cs has ``location/*`` (``location.cs_star_columns``)."""
     optics, per_particle = _optics_from_table(table)
     rot, tilt, psi = matrix_to_relion_euler(table.rotations)
     columns = {
         "rlnImageName": np.full(len(table), "", dtype=object),
+        **cs_star_columns(table),  # rlnMicrographName, rlnCoordinateX/Y from location/* where the .cs has them
         "rlnAngleRot": rot, "rlnAngleTilt": tilt, "rlnAnglePsi": psi,
         "rlnOriginXAngst": table.origins_angstrom[:, 0],
         "rlnOriginYAngst": table.origins_angstrom[:, 1],

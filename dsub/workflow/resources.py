@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import dask
 
 from ..cluster.runner import WorkersLost, threaded_scheduler_threads
-from ..errors import DsubError
+from ..errors import DsubError, out_of_memory
 from ..physics.memory import (
     COMPILED_GATHER_HOST_BYTES,
     batch_bytes_per_particle,
@@ -498,8 +498,15 @@ def workers_lost_error(plan: MemoryPlan, waited: float) -> WorkerLostError:
         f"{where_logs_are(plan)} Finished chunks are kept: rerun the same command to resume.")
 
 
-def out_of_memory_error(exc: MemoryError, plan: MemoryPlan) -> NotEnoughMemoryError:
-    """One line for a MemoryError: the estimate, what the run could change, or else what it got against what it needs."""
+def out_of_memory_error(exc: BaseException, plan: MemoryPlan, where=None) -> NotEnoughMemoryError:
+    """One line for running out of memory: the estimate, what the run could change, or else what it got against
+    what it needs.
+
+    ``where``: the worker and task it happened on (``runner.FailedOn``), named
+    first where known; ``exc`` a ``MemoryError``, or any failure
+    ``errors.out_of_memory`` counts (an ``ENOMEM``, a refused thread, a library
+    with no room) raised on a worker.
+    """
     said = " ".join(str(exc).split())
     fixes = remedies(plan.need, plan)
     if fixes:
@@ -511,23 +518,33 @@ def out_of_memory_error(exc: MemoryError, plan: MemoryPlan) -> NotEnoughMemoryEr
         else:
             got = f"; each worker had {gigabytes(plan.worker_limit)}" if plan.worker_limit else ""
         advice = nothing_leaner(plan.minimum, plan) + got
+    happened = where.happened("ran out of memory") if where is not None else "out of memory"
     return NotEnoughMemoryError(
-        f"out of memory ({said or type(exc).__name__}): {plan.need.describe()}. {advice}. "
+        f"{happened} ({said or type(exc).__name__}): {plan.need.describe()}. {advice}. "
         "Finished chunks are kept: rerun the same command to resume.")
 
 
 @contextlib.contextmanager
 def failures_explained(plan: MemoryPlan):
-    """Turn MemoryError and distributed's KilledWorker, wherever raised, into one-line dsub errors."""
+    """Turn MemoryError and distributed's KilledWorker, wherever raised, into one-line dsub errors.
+
+    A worker's task that ran out of memory (any failure ``errors.out_of_memory``
+    counts, a ``MemoryError`` or an ``ENOMEM`` alike) is named in the line: the
+    worker's address and the task (``subtract-chunk-00012``), as ``runner.failed_on``
+    found them.
+    """
     try:
         yield
     except DsubError:
         raise
     except MemoryError as exc:  # NumPy, and CuPy's OutOfMemoryError
-        raise out_of_memory_error(exc, plan) from exc
+        raise out_of_memory_error(exc, plan, getattr(exc, "failed_on", None)) from exc
     except WorkersLost as exc:
         raise workers_lost_error(plan, exc.waited) from exc
     except Exception as exc:
+        where = getattr(exc, "failed_on", None)  # set where a worker's task raised it (``runner.failed_on``)
+        if where is not None and out_of_memory(exc):
+            raise out_of_memory_error(exc, plan, where) from exc
         if type(exc).__name__ == "KilledWorker":  # distributed.scheduler.KilledWorker, without importing it
             raise killed_worker_error(exc, plan) from exc
         raise
