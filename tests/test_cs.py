@@ -115,7 +115,16 @@ def test_star_coordinates_become_cryosparc_locations(shared_data, tmp_path, monk
     table = star.read_particles(star_path, require_ctf=True)
     cs.write_particles(table, tmp_path / "out.cs", table.image_paths, table.image_indices)
     out = np.load(tmp_path / "out.cs", allow_pickle=False)
-    assert [path.decode() for path in out["location/micrograph_path"]] == particles["rlnMicrographName"].tolist()
+    # No cryoSPARC project known: the micrographs found are written absolute, as blob/path would be.
+    assert [path.decode() for path in out["location/micrograph_path"]] == [
+        str(tmp_path / name) for name in particles["rlnMicrographName"]]
+    # A project folder holding them (--cs-root, or the project above OUTDIR): relative to it, as cryoSPARC reads them.
+    table.extra["project_folder"] = tmp_path / "MotionCorr"
+    cs.write_particles(table, tmp_path / "in_project.cs", table.image_paths, table.image_indices)
+    in_project = np.load(tmp_path / "in_project.cs", allow_pickle=False)
+    assert [path.decode() for path in in_project["location/micrograph_path"]] == [
+        f"job002/mic_{'ab'[i % 2]}.mrc" for i in range(4)]
+    table.extra["project_folder"] = None
     assert out.dtype["location/micrograph_shape"] == np.dtype(("<u4", (2,)))
     np.testing.assert_array_equal(out["location/micrograph_shape"], [[3000, 4000], [3072, 2048]] * 2)
     assert out["location/center_x_frac"].dtype == np.float32 and out["location/center_y_frac"].dtype == np.float32

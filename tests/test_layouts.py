@@ -131,7 +131,13 @@ def test_relion_coordinates_reach_the_cs_as_locations(dataset, tmp_path, monkeyp
     monkeypatch.chdir(project)
     assert run(Path("External/job020/select/run_data.star"), files, "Subtract/job011") == 0
     out = np.load("Subtract/job011/particles_subtracted.cs", max_header_size=2**30)
-    assert out["location/micrograph_path"][4].decode() == "MotionCorr/job002/mic_1.mrc"
+    # No cryoSPARC project known: absolute, as the stacks' blob/path.
+    assert out["location/micrograph_path"][4].decode() == f"{project}/MotionCorr/job002/mic_1.mrc"
+    assert out["blob/path"][0].decode().startswith(f"{project}/Subtract/job011/")
+    # A cryoSPARC project folder holding the micrographs (--cs-root): relative to it, as cryoSPARC opens them.
+    assert run(Path("External/job020/select/run_data.star"), files, "Subtract/job013", "--cs-root", "MotionCorr") == 0
+    in_project = np.load("Subtract/job013/particles_subtracted.cs", max_header_size=2**30)
+    assert in_project["location/micrograph_path"][4].decode() == "job002/mic_1.mrc"
     assert (out["location/micrograph_shape"] == [1500, 2500]).all()
     np.testing.assert_allclose(out["location/center_x_frac"], (np.arange(COUNT) * 100.0 + 50) / 2500, rtol=1e-6)
     np.testing.assert_allclose(out["location/center_y_frac"], 1 - (np.arange(COUNT) * 60.0 + 7) / 1500, rtol=1e-6)

@@ -15,7 +15,9 @@ the other edge. The conversion is the inverse of pyem's ``csparc2star`` default
 
 which is also how cryoSPARC's own Import Particles reads RELION coordinates
 (it inverts y: pyem issue #101, the maintainer). ``micrograph_path`` is
-``rlnMicrographName`` as the star writes it, as pyem maps it.
+``rlnMicrographName`` (as pyem maps it) rebased from the folder RELION runs in
+to the cryoSPARC project folder, as the stacks' ``blob/path`` are
+(``cryosparc_micrograph_paths``).
 
 A star holds no micrograph shape, so dsub reads it from each micrograph's MRC
 header, looked up as the stacks are (the current folder, then the star's folder
@@ -78,29 +80,51 @@ class StarLocations:
 HEADER_READERS = 16
 
 
-def micrograph_shapes(names, roots: list[Path]) -> np.ndarray | None:
-    """``[ny, nx]`` of each micrograph of ``names`` (k,) from its MRC header, (k, 2) int64; None if any is
-    missing or unreadable.
+def star_micrograph_base(names, roots: list[Path]) -> Path | None:
+    """The folder a star's relative ``rlnMicrographName`` values start from: the first of ``roots``
+    (``paths.star_roots``) that holds the first relative one, as ``paths.resolve_stack_names`` does for
+    stacks; the current folder where every name is absolute; None where no root holds it (not on this machine)."""
+    relative = next((str(name) for name in names if not os.path.isabs(str(name))), None)
+    if relative is None:
+        return Path(os.getcwd())
+    return next((root for root in roots if (root / relative).is_file()), None)
 
-    Relative names start from the first of ``roots`` that holds the first
-    relative one (as ``paths.resolve_stack_names`` does for stacks); when none
-    does, the shapes are unknown at once, without looking for the others.
+
+def micrograph_shapes(names, base: Path | None) -> np.ndarray | None:
+    """``[ny, nx]`` of each micrograph of ``names`` (k,) from its MRC header, (k, 2) int64; None if any is
+    missing or unreadable, or ``base`` (where relative names start, ``star_micrograph_base``) is None.
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    names = [str(name) for name in names]
-    relative = next((name for name in names if not os.path.isabs(name)), None)
-    root = None
-    if relative is not None:
-        root = next((root for root in roots if (root / relative).is_file()), None)
-        if root is None:
-            return None
-    paths = [name if os.path.isabs(name) else os.path.join(root, name) for name in names]
+    if base is None:
+        return None
+    paths = [os.path.join(base, str(name)) for name in names]  # an absolute name stays itself
     with ThreadPoolExecutor(max_workers=min(HEADER_READERS, max(1, len(paths)))) as readers:
         shapes = list(readers.map(image_shape, paths))
     if any(shape is None for shape in shapes):
         return None
     return np.asarray(shapes, dtype=np.int64).reshape(-1, 2)
+
+
+def cryosparc_micrograph_paths(names, base: Path | None, project) -> list[str]:
+    """``location/micrograph_path`` for each of a star's ``rlnMicrographName`` values (k,).
+
+    cryoSPARC opens them from its project folder (formats.md §1.2), as
+    ``blob/path``: each micrograph found from ``base`` (``star_micrograph_base``)
+    is written relative to ``project`` (the .cs's project folder,
+    ``table.extra["project_folder"]``) where it lies inside it, else absolute
+    (the rule of ``paths.written_paths``' ``auto``); without a ``base`` (the
+    micrographs are not on this machine) the names are written as the star
+    gives them, as pyem's ``star2cs`` writes them.
+    """
+    if base is None:
+        return [str(name) for name in names]
+    written = []
+    for name in names:
+        absolute = os.path.normpath(os.path.join(base, str(name)))
+        inside = project is not None and is_inside(absolute, project)
+        written.append(os.path.relpath(absolute, os.path.abspath(project)) if inside else absolute)
+    return written
 
 
 def micrograph_codes(column) -> tuple[np.ndarray, list[str]]:
@@ -132,14 +156,15 @@ def star_locations(table) -> StarLocations | None:
         return None
     particles = source["particles"]
     codes, names = micrograph_codes(particles[NAME_LABEL])
-    width = max([len(name.encode()) for name in names] + [1])
-    paths = np.array([name.encode() for name in names], dtype=f"S{width}")
+    base = star_micrograph_base(names, star_roots(table.source_path))
+    written = [name.encode() for name in cryosparc_micrograph_paths(names, base, table.extra.get("project_folder"))]
+    paths = np.array(written, dtype=f"S{max([len(name) for name in written] + [1])}")
     coordinates = None
     shapes = None
     if all(label in particles.columns for label in COORDINATE_LABELS):
         numbers = [particles[label] for label in COORDINATE_LABELS]
         if all(column.dtype.kind in "iuf" and np.isfinite(column.to_numpy()).all() for column in numbers):
-            shapes = micrograph_shapes(names, star_roots(table.source_path))
+            shapes = micrograph_shapes(names, base)
             coordinates = tuple(numbers) if shapes is not None else None
     return StarLocations(codes=codes, paths=paths, shapes=shapes, coordinates=coordinates)
 
@@ -158,11 +183,12 @@ def micrograph_base(names, roots: list[Path], project: Path | None) -> Path | No
     ``--cs-root``, else the project folder above the .cs, the .cs folder and its
     parents) holding the first relative micrograph; where none does (the
     micrographs are not on this machine), ``project`` (``--cs-root``, or the
-    project folder above the .cs) when known; else None.
+    project folder above the .cs) when known; else None. Where every name is
+    absolute, the current folder (any would do).
     """
     relative = next((name for name in names if not os.path.isabs(name)), None)
-    if relative is None:
-        return None
+    if relative is None:  # all absolute (a .cs dsub wrote outside any cryoSPARC project): any folder serves
+        return Path(os.getcwd())
     return next((root for root in roots if (root / relative).is_file()), project)
 
 
