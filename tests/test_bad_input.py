@@ -446,7 +446,7 @@ def test_input_contrast_with_the_wrong_polarity_is_refused_before_the_run(data, 
     edit_particles(data["star"], unit_contrast)
     outdir = tmp_path / "out"
     assert run(data, outdir, "--scale", "input") == 0  # right polarity: accepted
-    assert "Polarity check: input contrast agrees" in capsys.readouterr().out
+    assert "Polarity check: input contrast has the sign of a fit" in capsys.readouterr().out
     invert_stack(data["stack"])
     line = assert_refused(run(data, tmp_path / "inverted", "--scale", "input"), capsys, tmp_path / "inverted",
                           data["star"])

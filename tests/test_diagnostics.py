@@ -139,6 +139,26 @@ def test_input_contrast_on_another_scale_is_reported(dataset, tmp_path, capsys):
     assert figures["sample"]["median_ratio_fitted_to_input"] == pytest.approx(1 / 3, rel=0.1)
 
 
+def test_scale_none_with_maps_on_another_scale_is_reported(dataset, tmp_path, capsys):
+    """--scale none subtracts with α = 1: maps four times the images' scale would subtract 4× the signal."""
+    paths, sim, _ = dataset
+    maps = []
+    for key in ("half_a", "half_b"):
+        maps.append(tmp_path / f"{key}_x4.mrc")
+        write_map(maps[-1], 4 * mrcfile.read(paths[key]).astype(np.float32), PIXEL_SIZE)
+    outdir = tmp_path / "out"
+    assert run(paths, outdir, None, *maps, "--scale", "none") == 0
+    lines, figures = warnings_and_figures(capsys, outdir)
+    assert len(lines) == 1 and "--scale none subtracts every particle with 1" in lines[0], lines
+    expected = float(np.median(sim.contrast)) / 4
+    assert figures["sample"]["median_ratio_fitted_to_input"] == pytest.approx(expected, rel=0.15)
+    assert f"{1 / figures['sample']['median_ratio_fitted_to_input']:.2f}× the masked signal" in lines[0]
+    # On the images' own scale (the simulated contrasts lie about 1): nothing to say.
+    assert run(paths, tmp_path / "same", None, None, None, "--scale", "none") == 0
+    lines, _ = warnings_and_figures(capsys, tmp_path / "same")
+    assert not [line for line in lines if "--scale none" in line], lines
+
+
 def test_many_outlying_contrasts_are_reported(dataset, tmp_path, capsys):
     paths, _, _ = dataset
     data = tmp_path / "data"

@@ -89,6 +89,16 @@ def test_lowpass_beyond_nyquist_is_refused(dataset, tmp_path, capsys):
     assert not (tmp_path / "o/particles_subtracted.star").exists()
 
 
+def test_lowpass_at_nyquist_of_a_voxel_size_read_as_float32_is_refused():
+    """An MRC header holds 1.05 Å as 1.0499999523: --lowpass 2.1 is Nyquist, not beyond it."""
+    from dsub.errors import OptionError
+    from dsub.workflow.validate import check_lowpass
+
+    with pytest.raises(OptionError, match="at or beyond the maps' Nyquist"):
+        check_lowpass(2.1, np.float32(1.05))
+    check_lowpass(2.11, np.float32(1.05))  # just coarser: accepted
+
+
 # ----------------------------------------------------------------------------- the mask's soft edge
 
 

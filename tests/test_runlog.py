@@ -239,8 +239,11 @@ def test_refusal_says_which_values_dsub_chose_itself(small, tmp_path, capsys):
     assert chosen == 2  # one chunk per thread
     line = refusal(small, outdir, capsys)  # --chunk-size 8 now
     assert re.search(r"--chunk-size was \d+ \(chosen by dsub for that run\), now 8\.", line), line
-    line = refusal(small, outdir, capsys, "--chunk-size", "12")  # and the stacks' default follows the chunks
-    assert "--particles-per-stack was 4096 (chosen by dsub for that run), now 4092" in line, line
+    line = refusal(small, outdir, capsys, "--chunk-size", "12")  # the stacks' default follows: not named again
+    assert re.search(r"--chunk-size was \d+ \(chosen by dsub for that run\), now 12\.", line), line
+    assert "--particles-per-stack" not in line, line
+    line = refusal(small, outdir, capsys, "--chunk-size", "12", "--particles-per-stack", "100")  # given: named (rounded to chunks)
+    assert "--particles-per-stack was 4096 (chosen by dsub for that run), now 96" in line, line
     given = tmp_path / "given"  # the user's own value is quoted as such
     assert main(subtract_args(small, given)) == 0
     line = refusal(small, given, capsys, "--chunk-size", "16")
@@ -273,7 +276,8 @@ def test_refusal_names_the_changed_parameter_and_input_file(small, tmp_path, cap
     try:
         os.utime(small["stack"], ns=(stack.st_atime_ns, stack.st_mtime_ns + 10**9))
         line = refusal(small, outdir, capsys)
-        assert f"particle stack changed since that run: {small['stack'].resolve()}" in line
+        assert f"particle stack changed since that run: {small['stack'].resolve()} (modified " in line
+        assert " → " in line.split("(modified ")[1]  # before and after
     finally:
         os.utime(small["stack"], ns=(stack.st_atime_ns, stack.st_mtime_ns))
     assert main(subtract_args(small, outdir)) == 0  # all back as it was: the same run, resumed

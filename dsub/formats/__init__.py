@@ -49,7 +49,8 @@ def read_particles(
         return cs.read_particles(path, cs_root, require_ctf=require_ctf, passthrough=passthrough)
     if path.suffix.lower() == ".star" or b"data_" in head:
         if passthrough:
-            raise OptionError(f"--passthrough joins cryoSPARC .cs files, but {path} is a RELION star file")
+            raise OptionError(f"--passthrough joins cryoSPARC .cs files, but {path} is a RELION star file, which holds "
+                              "every column already: leave --passthrough out")
         table = star.read_particles(path, require_ctf=require_ctf)
         return_free_memory()  # what parsing millions of rows freed: back to the system
         if cs_root is not None:

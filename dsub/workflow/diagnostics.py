@@ -142,6 +142,8 @@ def check_sample(table, sample: np.ndarray, result, scale: str, say) -> dict:
     if scale == "input":
         figures.update(check_input_contrast(table, sample[usable], fit.alpha[usable], fit.sigma[usable], say,
                                             check_sign=explained))
+    elif scale == "none" and explained:
+        figures.update(check_unit_contrast(fit.alpha[usable], fit.sigma[usable]))
     if explained:  # otherwise the spread of α only repeats that warning
         warn_spread(figures, "of the sample", scale)
     if usable.any():
@@ -184,9 +186,28 @@ def check_input_contrast(table, rows: np.ndarray, fitted: np.ndarray, sigma: np.
              f"sample particles, ± {noise:.2f}): the input contrast does not match these maps and images. "
              "Check that the metadata and maps come from the same refinement, or use --scale fit.")
     if check_sign:
-        say(f"Polarity check: input contrast agrees with a fit on {rows.size} particles "
+        say(f"Polarity check: input contrast has the sign of a fit on {rows.size} particles "
             f"(median fitted {np.median(fitted):.3f}, median input {np.median(given):.3f}).")
     return {"median_ratio_fitted_to_input": median_ratio, "median_ratio_noise": noise}
+
+
+def check_unit_contrast(fitted: np.ndarray, sigma: np.ndarray) -> dict:
+    """With --scale none (every particle subtracted with α = 1): warn when the sample's fitted contrast
+    leaves ``RATIO_BAND`` by more than its noise, as ``check_input_contrast`` does for input contrasts."""
+    fitted, sigma = np.asarray(fitted, np.float64), np.asarray(sigma, np.float64)
+    finite = np.isfinite(fitted) & np.isfinite(sigma)
+    if not finite.any():
+        return {}
+    median = float(np.median(fitted[finite]))
+    # Standard error of a median: sqrt(pi/2) times that of a mean.
+    noise = math.sqrt(math.pi / 2) * float(np.sqrt(np.mean(sigma[finite] ** 2) / finite.sum()))
+    low, high = RATIO_BAND
+    if median > 0 and not low <= median <= high and abs(median - 1.0) > 3 * noise:  # negative: warned as such
+        warn(f"the fitted contrast is {median:.2f} (median of {finite.sum()} sample particles, ± {noise:.2f}), but "
+             f"--scale none subtracts every particle with 1: {1 / median:.2f}× the masked signal these images "
+             "hold. Use "
+             "--scale fit, or check that the maps are on the images' scale.")
+    return {"median_ratio_fitted_to_input": median, "median_ratio_noise": noise}
 
 
 def check_results(per_particle: dict, skipped: np.ndarray, scale: str, sample: dict | None) -> dict:

@@ -351,6 +351,7 @@ def identity_differences(earlier: dict, now: dict) -> list[str]:
     automatic = set(earlier.get(AUTOMATIC_KEY) or [])  # what that run chose itself: not the user's words
     if "particles_per_stack" not in before:  # that run's default, which follows its chunks
         automatic.add("particles_per_stack")
+    derived_now = "particles_per_stack" not in after  # this run's default too
     for values in (before, after):  # left out at the default, which depends on the run's chunks
         chunk = values.get("chunk_size")
         if "particles_per_stack" not in values and isinstance(chunk, int) and chunk >= 1:
@@ -358,6 +359,9 @@ def identity_differences(earlier: dict, now: dict) -> list[str]:
     for key, option in PARAMETER_OPTIONS.items():
         was, now = (values.get(key, PARAMETER_DEFAULTS.get(key)) for values in (before, after))
         if was != now:
+            if key == "particles_per_stack" and key in automatic and derived_now \
+                    and before.get("chunk_size") != after.get("chunk_size"):
+                continue  # both runs' default, which follows --chunk-size: that line says it
             changes.append(f"{option} was {was!r}{' (chosen by dsub for that run)' if key in automatic else ''}, "
                            f"now {now!r}")
     named = (set(PARAMETER_OPTIONS) | set(INPUT_OPTIONS)
@@ -379,16 +383,22 @@ def file_difference(option: str, earlier: dict | None, now: dict | None) -> str 
         return None
     if earlier["path"] != now["path"]:
         return f"{option} was {earlier['path']}, now {now['path']}"
+    return f"{option} {now['path']} has changed since that run ({file_change_details(earlier, now)})"
+
+
+def file_change_details(earlier: dict, now: dict) -> str:
+    """What changed in one file's identity (same path): its size and modification time, before → after."""
     details = []
     if earlier["bytes"] != now["bytes"]:
         details.append(f"{number(earlier['bytes'])} → {number(now['bytes'])} bytes")
     if earlier["mtime_ns"] != now["mtime_ns"]:
         details.append(f"modified {modified(earlier)} → {modified(now)}")
-    return f"{option} {now['path']} has changed since that run ({'; '.join(details)})"
+    return "; ".join(details) or "its identity differs"
 
 
 def stack_differences(earlier: list[dict], now: list[dict]) -> list[str]:
-    """Particle stacks changed, added or no longer used, the first few by name."""
+    """Particle stacks changed, added or no longer used, the first few by name; the first changed one with its
+    size and modification time before and after (``file_change_details``)."""
     before = {stack["path"]: stack for stack in earlier}
     after = {stack["path"]: stack for stack in now}
     groups = (
@@ -401,7 +411,10 @@ def stack_differences(earlier: list[dict], now: list[dict]) -> list[str]:
         if paths:
             named = ", ".join(paths[:NAMED_STACKS]) + (f" and {len(paths) - NAMED_STACKS} more"
                                                        if len(paths) > NAMED_STACKS else "")
-            changes.append(f"particle stack{'s' if len(paths) > 1 else ''} {what}: {named}")
+            line = f"particle stack{'s' if len(paths) > 1 else ''} {what}: {named}"
+            if what == "changed since that run":
+                line += f" ({'first ' if len(paths) > 1 else ''}{file_change_details(before[paths[0]], after[paths[0]])})"
+            changes.append(line)
     return changes
 
 

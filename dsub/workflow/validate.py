@@ -243,8 +243,12 @@ def check_mask(path, volume: np.ndarray, pixel_size: float, resolution_angstrom:
 
 
 def check_lowpass(lowpass_angstrom: float | None, voxel_size: float) -> None:
-    """--lowpass must be coarser than the maps' Nyquist resolution, or it would change nothing."""
-    if lowpass_angstrom and lowpass_angstrom <= 2 * voxel_size:
+    """--lowpass must be coarser than the maps' Nyquist resolution, or it would change nothing.
+
+    ``voxel_size`` comes from an MRC header (float32: 1.05 is 1.0499999523): a
+    ``lowpass_angstrom`` within a millionth of Nyquist counts as at it.
+    """
+    if lowpass_angstrom and lowpass_angstrom <= 2 * float(voxel_size) * (1 + 1e-6):
         raise OptionError(
             f"--lowpass {lowpass_angstrom:g} Å is at or beyond the maps' Nyquist resolution "
             f"({2 * voxel_size:.4g} Å at {voxel_size:.4g} Å per voxel), so it would change nothing; "
