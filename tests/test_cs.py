@@ -63,6 +63,20 @@ def test_cs_star_cs_round_trip(p12, tmp_path):
     _assert_same_particles(again, p12, atol=1e-4)
 
 
+def test_star_from_cs_writes_optics_values_as_their_float32_decimals(p12, tmp_path):
+    """The .cs holds 2.95 Å as float32 (2.9500000477): the optics table says 2.95, as typed in cryoSPARC."""
+    names = [f"{i + 1:06d}@{p}" for i, p in zip(p12.image_indices, p12.image_paths)]
+    star.write_particles(p12, tmp_path / "p12.star", names)
+    text = (tmp_path / "p12.star").read_text()
+    optics = text[text.index("data_optics"):text.index("data_particles")]
+    psize = float(np.float32(p12.source["blob/psize_A"][0]))
+    assert psize != 2.95 and f"{psize:.10g}" != "2.95"  # what %.10g of the float64 would write
+    rows = [line.split() for line in optics.splitlines() if line.strip() and line.split()[0].isdigit()]
+    header = [line.split()[0] for line in optics.splitlines() if line.startswith("_rln")]
+    assert rows and rows[0][header.index("_rlnImagePixelSize")] == "2.95"
+    assert rows[0][header.index("_rlnVoltage")] == f"{float(np.float32(p12.source['ctf/accel_kv'][0])):g}"
+
+
 def test_star_from_cs_keeps_ctf_scale_where_the_input_has_it(p12, shared_data, tmp_path):
     """ctf/scale becomes rlnCtfScalefactor, also where it is 1 (as in every refinement output); none without it."""
     import starfile

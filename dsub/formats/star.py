@@ -568,7 +568,16 @@ def _optics_from_table(table: ParticleTable) -> tuple[pd.DataFrame, dict[str, np
             optics[label] = values[first]
         if label == "rlnImageSize":
             optics["rlnImageDimensionality"] = 2
+    if table.source_format == "cs":  # a .cs holds these as float32: 1.05 Å, not 1.049999952
+        for label in optics.columns:
+            if optics[label].dtype.kind == "f":
+                optics[label] = float32_decimals(optics[label].to_numpy())
     return optics, per_particle
+
+
+def float32_decimals(values: np.ndarray) -> np.ndarray:
+    """float32 values (n,) as the float64 of their shortest decimal (NumPy's float32 repr), float64 (n,)."""
+    return np.asarray(values, dtype=np.float32).astype(str).astype(np.float64)
 
 
 def _input_has_ctf_scale(table: ParticleTable) -> bool:
