@@ -445,16 +445,21 @@ def test_an_outdir_inside_a_cryosparc_project_makes_it_the_cs_root(dataset, tmp_
     monkeypatch.chdir(project)  # from inside the project, as the trial ran it
     capsys.readouterr()
     assert run(paths["star"], paths, "imports/dsub") == 0
-    said = [line for line in capsys.readouterr().out.splitlines() if "cryoSPARC project" in line]
+    out = capsys.readouterr().out.splitlines()
+    said = [line for line in out if "cryoSPARC project" in line]
     assert said == [f"The output folder lies in the cryoSPARC project {project}: the .cs's blob/path are written "
                     "relative to it (--cs-root chooses another folder)."]
+    assert [line for line in out if "image names start" in line] == [
+        f"The input star's image names start from {paths['star'].parent} (RELION's project folder), which does "
+        "not hold the output folder: the output star's names are absolute."]
     out = np.load(project / "imports/dsub/particles_subtracted.cs", max_header_size=2**30)
     assert out["blob/path"][0].decode() == "imports/dsub/Particles/subtracted_0000.mrcs"
     images = np.stack([mrcfile.open(project / p.decode()).data[i] for p, i in zip(out["blob/path"], out["blob/idx"])])
     assert residual(images, sim) < LIMIT
-    # The star still names them from the current folder, as RELION opens them.
+    # The star names them from where the input star's names start (the dataset's folder, which does not
+    # hold OUTDIR): absolute.
     rows = starfile.read(project / "imports/dsub/particles_subtracted.star", always_dict=True)["particles"]
-    assert rows["rlnImageName"].iloc[0] == "000001@imports/dsub/Particles/subtracted_0000.mrcs"
+    assert rows["rlnImageName"].iloc[0] == f"000001@{project}/imports/dsub/Particles/subtracted_0000.mrcs"
     # A job folder's parent is the project too; a folder without project.json above it is not one.
     (tmp_path / "plain").mkdir()
     monkeypatch.chdir(tmp_path / "plain")
