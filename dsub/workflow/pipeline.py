@@ -763,7 +763,8 @@ def finished_run(outdir: Path, stacks: dict, options: RunOptions, table=None, sc
     ``--paths`` and ``--cs-root`` are no part of the run's identity: when the
     star and .cs, as recorded, name the stacks otherwise than this command would
     (another ``--paths``, another cryoSPARC project folder, another current
-    folder, a moved OUTDIR), they are written
+    folder where the star's names start there (``export.star_names_base``: a
+    .cs input, or a star of absolute names), a moved OUTDIR), they are written
     again from ``table`` (the input particles), ``scale`` (``--scale``),
     ``reboxing`` and the store's per-particle figures; no image is computed.
     If that fails, no metadata is left, so the next run computes afresh.
