@@ -296,9 +296,9 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     with setup_step(options.log, f"Reading the particles from {particles_path}"):
         table = read_particles(particles_path, cs_root=options.cs_root, passthrough=options.passthrough)
     project_of_outdir(table, outdir, options)
-    star_base = star_base_line(table, outdir, options.paths)
-    if star_base is not None:
-        say(options, star_base)
+    where_names_start = star_base_line(table, outdir, options.paths)
+    if where_names_start is not None:
+        say(options, where_names_start)
     validate.check_metadata(table)
     validate.check_classes(table)
     box = validate.particle_box(table)
