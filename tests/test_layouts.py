@@ -53,8 +53,9 @@ def expected_images(sim) -> np.ndarray:
     return sim.images - sim.subtracted_signal
 
 
-def residual(images, sim) -> float:
-    return float(np.linalg.norm(images - expected_images(sim)) / np.linalg.norm(sim.subtracted_signal))
+def residual(images, sim, rows=slice(None)) -> float:
+    """What is left of the masked region in ``images``, the subtracted images of particles ``rows``."""
+    return float(np.linalg.norm(images - expected_images(sim)[rows]) / np.linalg.norm(sim.subtracted_signal[rows]))
 
 
 def open_relion_names(names) -> np.ndarray:
@@ -112,6 +113,129 @@ def test_relion_project_output_opens_from_the_project_folder(dataset, tmp_path, 
     assert all(os.path.isabs(n.split("@", 1)[1]) for n in rows["rlnImageName"])
     monkeypatch.chdir(tmp_path)
     assert residual(open_relion_names(rows["rlnImageName"]), sim) < LIMIT
+
+
+def refine_star(files: dict, project: Path) -> Path:
+    """The project's star copied to ``Refine3D/job025/run_data.star``: two folders down, as RELION's own jobs."""
+    star = project / "Refine3D/job025/run_data.star"
+    star.parent.mkdir(parents=True)
+    shutil.copy2(files["star"], star)
+    return star
+
+
+def star_base_line(project: Path) -> str:
+    return (f"The input star's image names start from {project} (RELION's project folder): the output star's "
+            "names are written from there too.")
+
+
+def test_star_input_run_from_above_its_project_names_the_outputs_from_the_project(dataset, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """``cd above && dsub subtract relproj/Refine3D/job025/run_data.star -o relproj/Subtract/job051``: the input's
+    names start from relproj (found above the star), and so do the new names and the skipped particles' names."""
+    from dsub.formats.mrc import read_images as read_stack_images
+
+    paths, sim = dataset
+    project = tmp_path / "relproj"
+    files = relion_project(dataset, project)
+    refine_star(files, project)
+    with mrcfile.mmap(project / "Extract/job007/particles.mrcs", mode="r+") as mrc:
+        mrc.data[5, 3, 5] = np.nan  # left out with --skip-bad-particles
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert run(Path("relproj/Refine3D/job025/run_data.star"), files, "relproj/Subtract/job051",
+               "--skip-bad-particles") == 0
+    assert [line for line in capsys.readouterr().out.splitlines() if "image names start" in line] == \
+        [star_base_line(project)]
+    outdir = project / "Subtract/job051"
+    rows = starfile.read(outdir / "particles_subtracted.star", always_dict=True)["particles"]
+    kept = np.arange(COUNT) != 5
+    names = rows["rlnImageName"].tolist()
+    assert names[0] == "000001@Subtract/job051/Particles/subtracted_0000.mrcs"
+    assert rows["rlnImageOriginalName"].tolist()[0] == "000001@Extract/job007/particles.mrcs"
+    skipped = starfile.read(outdir / "skipped_particles.star", always_dict=True)["particles"]
+    assert skipped["rlnImageName"].tolist() == ["000006@Extract/job007/particles.mrcs"]
+    summary = json.loads((outdir / "dsub_run.json").read_text())["outputs"]
+    assert summary["star_root"] == str(project)
+    assert summary["stack_names"]["star"] == "Subtract/job051/Particles/subtracted_0000.mrcs"
+
+    monkeypatch.chdir(project)  # where RELION runs: every name of the three columns opens from here
+    assert residual(open_relion_names(names), sim, kept) < LIMIT
+    np.testing.assert_array_equal(open_relion_names(rows["rlnImageOriginalName"]), sim.images[kept])
+    poisoned = sim.images[5].copy()
+    poisoned[3, 5] = np.nan
+    np.testing.assert_array_equal(open_relion_names(skipped["rlnImageName"])[0], poisoned)
+    # And dsub reads the output star back from anywhere, as any star.
+    monkeypatch.chdir(tmp_path)
+    again = read_particles(outdir / "particles_subtracted.star")
+    assert again.extra["star_base"] == project
+    assert residual(read_stack_images(again.image_paths, again.image_indices), sim, kept) < LIMIT
+
+
+def test_star_input_run_from_inside_its_project_and_rerun_from_elsewhere(dataset, tmp_path, monkeypatch, capsys):
+    """Run from ``relproj/Refine3D``, then the finished run rerun with another --paths and from above the project:
+    the star's names start from the project each time, and a rerun that would name them alike writes nothing."""
+    paths, sim = dataset
+    project = tmp_path / "relproj"
+    files = relion_project(dataset, project)
+    refine_star(files, project)
+    outdir = project / "Subtract/job052"
+    monkeypatch.chdir(project / "Refine3D")
+    capsys.readouterr()
+    assert run(Path("job025/run_data.star"), files, "../Subtract/job052", "--paths", "absolute") == 0
+    assert "image names start" not in capsys.readouterr().out  # --paths absolute: no folder to name
+    rows = starfile.read(outdir / "particles_subtracted.star", always_dict=True)["particles"]
+    assert rows["rlnImageName"].iloc[0] == f"000001@{outdir}/Particles/subtracted_0000.mrcs"
+    assert json.loads((outdir / "dsub_run.json").read_text())["outputs"]["star_root"] is None
+
+    # The finished run rerun with --paths auto from the same subfolder: written again, from the project.
+    assert run(Path("job025/run_data.star"), files, "../Subtract/job052") == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line for line in out if "image names start" in line] == [star_base_line(project)]
+    said = [line for line in out if "already holds" in line]
+    assert len(said) == 1 and f"written again with --paths auto, the star's names from {project} " in said[0], said
+    rows = starfile.read(outdir / "particles_subtracted.star", always_dict=True)["particles"]
+    names = rows["rlnImageName"].tolist()
+    assert names[0] == "000001@Subtract/job052/Particles/subtracted_0000.mrcs"
+    summary = json.loads((outdir / "dsub_run.json").read_text())["outputs"]
+    assert summary["star_root"] == str(project)
+    assert summary["stack_names"]["star"] == "Subtract/job052/Particles/subtracted_0000.mrcs"
+    monkeypatch.chdir(project)
+    assert residual(open_relion_names(names), sim) < LIMIT
+    np.testing.assert_array_equal(open_relion_names(rows["rlnImageOriginalName"]), sim.images)
+
+    # From above the project (the command the user gave): the names would be the same, so nothing is written.
+    star = (outdir / "particles_subtracted.star").read_bytes()
+    monkeypatch.chdir(tmp_path)
+    assert run(Path("relproj/Refine3D/job025/run_data.star"), files, "relproj/Subtract/job052") == 0
+    out = capsys.readouterr().out
+    assert "nothing to do" in out and star_base_line(project) in out
+    assert (outdir / "particles_subtracted.star").read_bytes() == star
+
+    # --paths relative with OUTDIR outside the project: from the project still, with ../
+    assert run(Path("relproj/Refine3D/job025/run_data.star"), files, tmp_path / "side", "--paths", "relative") == 0
+    rows = starfile.read(tmp_path / "side/particles_subtracted.star", always_dict=True)["particles"]
+    assert rows["rlnImageName"].iloc[0] == "000001@../side/Particles/subtracted_0000.mrcs"
+    monkeypatch.chdir(project)
+    assert residual(open_relion_names(rows["rlnImageName"]), sim) < LIMIT
+
+
+def test_star_with_absolute_image_names_is_written_from_the_current_folder(dataset, tmp_path, monkeypatch, capsys):
+    """No name of the input starts anywhere: the current folder is RELION's, as before, and nothing is said."""
+    paths, sim = dataset
+    blocks = starfile.read(paths["star"], always_dict=True)
+    blocks["particles"]["rlnImageName"] = [f"{i + 1:06d}@{paths['stack']}" for i in range(COUNT)]
+    (tmp_path / "input").mkdir()
+    starfile.write(blocks, tmp_path / "input/run_data.star")
+    assert read_particles(tmp_path / "input/run_data.star").extra["star_base"] is None
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    capsys.readouterr()
+    assert run(tmp_path / "input/run_data.star", paths, "Subtract/job1") == 0
+    assert "image names start" not in capsys.readouterr().out
+    rows = starfile.read("Subtract/job1/particles_subtracted.star", always_dict=True)["particles"]
+    assert rows["rlnImageName"].iloc[0] == "000001@Subtract/job1/Particles/subtracted_0000.mrcs"
+    assert residual(open_relion_names(rows["rlnImageName"]), sim) < LIMIT
+    assert json.loads(Path("Subtract/job1/dsub_run.json").read_text())["outputs"]["star_root"] == str(tmp_path / "work")
 
 
 def test_relion_coordinates_reach_the_cs_as_locations(dataset, tmp_path, monkeypatch):
@@ -416,6 +540,8 @@ def test_cryosparc_project_output_loads_with_cryosparc_tools(dataset, tmp_path, 
     np.testing.assert_array_equal(out["uid"], files["data"]["uid"])
     np.testing.assert_allclose(out["ctf/df1_A"], files["data"]["ctf/df1_A"])  # passthrough fields kept
     rows = starfile.read(tmp_path / "P3/J30/dsub/particles_subtracted.star", always_dict=True)["particles"]
+    # A .cs input: the star's names start from the current folder, where RELION would run.
+    assert rows["rlnImageName"].iloc[0] == "000001@P3/J30/dsub/Particles/subtracted_0000.mrcs"
     assert residual(open_relion_names(rows["rlnImageName"]), sim) < LIMIT
     # Outside the project: absolute blob/path.
     assert run(files["cs"], paths, tmp_path / "out") == 0
@@ -445,16 +571,21 @@ def test_an_outdir_inside_a_cryosparc_project_makes_it_the_cs_root(dataset, tmp_
     monkeypatch.chdir(project)  # from inside the project, as the trial ran it
     capsys.readouterr()
     assert run(paths["star"], paths, "imports/dsub") == 0
-    said = [line for line in capsys.readouterr().out.splitlines() if "cryoSPARC project" in line]
+    out = capsys.readouterr().out.splitlines()
+    said = [line for line in out if "cryoSPARC project" in line]
     assert said == [f"The output folder lies in the cryoSPARC project {project}: the .cs's blob/path are written "
                     "relative to it (--cs-root chooses another folder)."]
+    assert [line for line in out if "image names start" in line] == [
+        f"The input star's image names start from {paths['star'].parent} (RELION's project folder), which does "
+        "not hold the output folder: the output star's names are absolute."]
     out = np.load(project / "imports/dsub/particles_subtracted.cs", max_header_size=2**30)
     assert out["blob/path"][0].decode() == "imports/dsub/Particles/subtracted_0000.mrcs"
     images = np.stack([mrcfile.open(project / p.decode()).data[i] for p, i in zip(out["blob/path"], out["blob/idx"])])
     assert residual(images, sim) < LIMIT
-    # The star still names them from the current folder, as RELION opens them.
+    # The star names them from where the input star's names start (the dataset's folder, which does not
+    # hold OUTDIR): absolute.
     rows = starfile.read(project / "imports/dsub/particles_subtracted.star", always_dict=True)["particles"]
-    assert rows["rlnImageName"].iloc[0] == "000001@imports/dsub/Particles/subtracted_0000.mrcs"
+    assert rows["rlnImageName"].iloc[0] == f"000001@{project}/imports/dsub/Particles/subtracted_0000.mrcs"
     # A job folder's parent is the project too; a folder without project.json above it is not one.
     (tmp_path / "plain").mkdir()
     monkeypatch.chdir(tmp_path / "plain")

@@ -11,9 +11,12 @@ project folder above the ``.cs`` when there is one, else the ``.cs`` folder, its
 parent and grandparent. The first folder in which a referenced stack exists wins.
 
 Writing (``--paths``, see ``written_paths``): ``auto`` writes what each program
-opens from its project folder -- ``rlnImageName`` relative to the current
+opens from its project folder -- ``rlnImageName`` relative to RELION's project
 folder when OUTDIR lies inside it (as RELION's own jobs write
-``Subtract/job011/...`` when run from the project folder), else absolute; ``.cs``
+``Subtract/job011/...``), else absolute; that folder is the one a star input's
+relative names were found from (``resolve_stack_names``), so that the new and
+the original names start from one folder, else the current folder
+(``workflow.export.star_names_base``); ``.cs``
 ``blob/path`` relative to the cryoSPARC project folder when there is one and
 OUTDIR lies inside it, else absolute. That folder is ``--cs-root``, else the
 project above OUTDIR (``pipeline.project_of_outdir``), else the input .cs's.
@@ -119,8 +122,9 @@ def written_paths(relative_to_outdir, outdir, mode: str, base) -> np.ndarray:
     """Stack paths as they go into the output metadata.
 
     ``relative_to_outdir``: paths relative to OUTDIR (str). ``base``: the folder
-    the reading program starts from (the current folder for RELION, the
-    cryoSPARC project folder for a ``.cs``; None when unknown). ``mode``:
+    the reading program starts from (RELION's project folder for a star,
+    ``workflow.export.star_names_base``; the cryoSPARC project folder for a
+    ``.cs``; None when unknown). ``mode``:
     ``auto`` (relative to ``base`` when OUTDIR lies inside it, else absolute),
     ``relative`` (relative to ``base``, with ``..`` where needed; the current
     folder when ``base`` is None), ``absolute``, or ``outdir`` (relative to

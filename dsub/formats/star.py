@@ -285,11 +285,13 @@ def read_ctf(path: str | os.PathLike, require_ctf: bool = True) -> dict:
     return ctf_from_columns(_merge_optics(particles, optics, path), path, require_ctf)
 
 
-def _image_names(df: pd.DataFrame, star_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """``N@stack`` -> (resolved stack paths, 0-based indices). A name without ``@`` is image 1.
+def _image_names(df: pd.DataFrame, star_path: Path) -> tuple[np.ndarray, np.ndarray, Path | None]:
+    """``N@stack`` -> (resolved stack paths, 0-based indices, the folder relative names start from).
+    A name without ``@`` is image 1.
 
     Stacks are looked up from the current folder (RELION's rule), then the star
-    file's folder and its parents (see ``paths``).
+    file's folder and its parents (see ``paths``); the folder is the one chosen,
+    None where every name is absolute.
     """
     column = df["rlnImageName"]
     if isinstance(column.dtype, pd.CategoricalDtype):  # each distinct name split once
@@ -315,11 +317,13 @@ def _image_names(df: pd.DataFrame, star_path: Path) -> tuple[np.ndarray, np.ndar
         )
     first = 0 if codes is None else int(codes[0])  # the first row's stack is probed first, as for plain names
     order = np.concatenate([[first], np.arange(len(stacks))])
-    resolved, _ = resolve_stack_names(stacks[order], star_roots(star_path), Path(os.path.abspath(star_path)).parent)
+    resolved, base = resolve_stack_names(stacks[order], star_roots(star_path), Path(os.path.abspath(star_path)).parent)
+    if all(os.path.isabs(str(stack)) for stack in pd.unique(stacks)):
+        base = None  # no name starts anywhere
     resolved, indices = resolved[1:], numbers.to_numpy(dtype=np.int64) - 1
     if codes is None:
-        return resolved, indices
-    return resolved[codes], indices[codes]
+        return resolved, indices, base
+    return resolved[codes], indices[codes], base
 
 
 def _box_sizes(df: pd.DataFrame, groups: np.ndarray, paths: np.ndarray, star_path: Path):
@@ -467,8 +471,12 @@ def read_particles(path: str | os.PathLike, *, require_ctf: bool = True) -> Part
     """Read a RELION particle star file into a ``ParticleTable``.
 
     Stack paths in ``rlnImageName`` are resolved against the current folder,
-    then the star file's folder and its parents (``paths.star_roots``). ``require_ctf=False`` accepts files without defocus (simulated
-    projections): their CTF is exactly 1 (see ``ctf_from_columns``).
+    then the star file's folder and its parents (``paths.star_roots``); the
+    folder chosen, where relative names start (RELION's project folder), is
+    ``extra["star_base"]`` (None where every name is absolute), and the output
+    star's names start there too (``export.star_names_base``).
+    ``require_ctf=False`` accepts files without defocus (simulated projections):
+    their CTF is exactly 1 (see ``ctf_from_columns``).
     """
     path = Path(path)
     optics, particles, other = _read_blocks(path)
@@ -499,7 +507,7 @@ def read_particles(path: str | os.PathLike, *, require_ctf: bool = True) -> Part
             f"{f', line {line} of the file' if line is not None else ''}).",
             "RELION accepts only 1 and 2; fix or remove the column.",
         )
-    paths, indices = _image_names(df, path)
+    paths, indices, base = _image_names(df, path)
     groups = _optics_groups(df, pixel_size, ctf)
     for name in ("voltage_kv", "spherical_aberration_mm", "amplitude_contrast", "ctf_bfactor", "phase_shift_degrees",
                  "ctf_scale", "mag_matrix", "beam_tilt_mrad"):  # one optics group's values: one row of memory
@@ -518,7 +526,7 @@ def read_particles(path: str | os.PathLike, *, require_ctf: bool = True) -> Part
         source_format="star",
         source_path=path,
         source={"optics": optics, "particles": particles, "other": other},
-        extra={"ctf_absent": ctf_absent},
+        extra={"ctf_absent": ctf_absent, "star_base": base},
         **ctf,
     )
 

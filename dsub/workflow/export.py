@@ -4,10 +4,11 @@
   when the store is float16 (``--float16``), each holding particles of one
   pixel size (in input order), with that pixel size in the header;
 * ``OUTDIR/particles_subtracted.star``: every input row, in input order, with
-  ``rlnImageName`` pointing at the new stacks (by default relative to the
-  current folder, RELION's project folder, when OUTDIR is inside it, else
-  absolute: ``formats.paths.written_paths``) and the old name in
-  ``rlnImageOriginalName``;
+  ``rlnImageName`` pointing at the new stacks and the old name in
+  ``rlnImageOriginalName``, both starting from one folder, RELION's project
+  folder (``star_names_base``: the folder the input star's relative names
+  start from, else the current folder); by default the new names are relative
+  to it when OUTDIR is inside it, else absolute (``formats.paths.written_paths``);
 * ``OUTDIR/particles_subtracted.cs``: every input field passed through, with
   ``blob/path`` / ``blob/idx`` pointing at the new stacks (by default relative
   to the cryoSPARC project folder when there is one and OUTDIR is inside it,
@@ -330,17 +331,33 @@ def new_stack_refs(count: int, particles_per_stack: int, pixel_sizes=None) -> St
     return StackRefs([relative for relative, _, _ in layout], codes, indices)
 
 
-def written_stack_names(outdir: Path, paths_mode: str, project_folder=None) -> dict:
+def star_names_base(table) -> Path:
+    """The folder the output star's image names start from, absolute: RELION's project folder.
+
+    For a star input, the folder its relative image names were found from
+    (``extra["star_base"]``: the current folder, else the star's folder or a
+    parent, ``formats.paths.star_roots``), so that ``rlnImageName`` and
+    ``rlnImageOriginalName`` start from one folder; the current folder for a
+    star whose names are all absolute and for a .cs (RELION opens names from
+    the folder it runs in).
+    """
+    base = table.extra.get("star_base") if table.source_format == "star" else None
+    return Path(os.path.abspath(base if base is not None else os.getcwd()))
+
+
+def written_stack_names(outdir: Path, paths_mode: str, project_folder=None, star_base=None) -> dict:
     """How the star and the .cs written from here with ``paths_mode`` name the first stack: {"star": ..., "cs": ...}.
 
     Every stack lies in one folder, so the first one's name stands for all:
-    ``write_metadata`` writes the same (the star's from the current folder, the
-    .cs's from ``project_folder``, ``formats.paths.written_paths``). Recorded in
+    ``write_metadata`` writes the same (the star's from ``star_base``,
+    ``star_names_base``, None: the current folder; the .cs's from
+    ``project_folder``, ``formats.paths.written_paths``). Recorded in
     ``dsub_run.json``, it tells whether a rerun with another ``--paths``, from
     another folder or in a moved OUTDIR would name the stacks differently.
     """
     first = [stack_layout(1, 1)[0][0]]
-    return {"star": str(written_paths(first, outdir, paths_mode, Path.cwd())[0]),
+    star_base = Path.cwd() if star_base is None else star_base
+    return {"star": str(written_paths(first, outdir, paths_mode, star_base)[0]),
             "cs": str(written_paths(first, outdir, paths_mode, project_folder)[0])}
 
 
@@ -354,9 +371,12 @@ def write_metadata(table, outdir: Path, particles_per_stack: int, contrast: np.n
     from the input ``table`` (re-centred or re-boxed particles: new origins and
     box); the skipped particles' rows, which point at their input images, always
     come from ``table``. ``paths_mode`` (``--paths``): how stack paths are
-    written, see ``formats.paths.written_paths``; the star's start from the
-    current folder, the .cs's from ``table.extra["project_folder"]`` (the
-    cryoSPARC project folder). ``fit``: {store array name: (n,) values} of
+    written, see ``formats.paths.written_paths``; the star's start from
+    ``star_names_base`` (where the input star's names start, RELION's project
+    folder; else the current folder), the .cs's from
+    ``table.extra["project_folder"]`` (the cryoSPARC project folder). The
+    skipped particles' star keeps their input names, which start from the same
+    folder. ``fit``: {store array name: (n,) values} of
     ``store.PER_PARTICLE`` besides ``contrast``, written under ``FIT_COLUMNS`` /
     ``FIT_FIELDS``. The temporary files that earlier attempts killed while
     writing these files left in ``outdir`` (``formats.atomic``) are removed first.
@@ -368,7 +388,7 @@ def write_metadata(table, outdir: Path, particles_per_stack: int, contrast: np.n
         atomic.remove_leftovers(outdir / name)
     exported = table if exported is None else exported
     locations = new_stack_refs(len(table), particles_per_stack, table.pixel_size_angstrom)
-    names = locations.with_paths(written_paths(locations.paths, outdir, paths_mode, Path.cwd()))
+    names = locations.with_paths(written_paths(locations.paths, outdir, paths_mode, star_names_base(table)))
     paths = locations.with_paths(written_paths(locations.paths, outdir, paths_mode, table.extra.get("project_folder")))
     keep = np.ones(len(table), dtype=bool) if skipped is None else ~np.asarray(skipped, dtype=bool)
     (outdir / SKIPPED_NAME).unlink(missing_ok=True)

@@ -161,6 +161,36 @@ def project_of_outdir(table, outdir: Path, options: RunOptions) -> None:
                  "relative to it (--cs-root chooses another folder).")
 
 
+def star_base_line(table, outdir: Path, paths_mode: str) -> str | None:
+    """The line saying where the output star's names start, where that is not the current folder; else None.
+
+    That folder is the one the input star's relative image names start from
+    (``export.star_names_base``), found from above or below it: RELION's project
+    folder. Said where the names are written relative to it, or (``--paths
+    auto``) where OUTDIR lies outside it and they are absolute for that reason;
+    not where ``--paths absolute`` or ``outdir`` chose the form.
+    """
+    base = export.star_names_base(table)
+    if base == Path(os.path.abspath(os.getcwd())) or paths_mode in ("absolute", "outdir"):
+        return None
+    said = f"The input star's image names start from {base} (RELION's project folder)"
+    if written_base(outdir, paths_mode, base) is None:
+        return f"{said}, which does not hold the output folder: the output star's names are absolute."
+    return f"{said}: the output star's names are written from there too."
+
+
+def star_folder_text(table, outdir: Path, paths_mode: str) -> str | None:
+    """The folder the output star's ``rlnImageName`` start from, for dsub_run.json (None: they are absolute,
+    or relative to OUTDIR with ``--paths outdir``); as ``paths.written_paths`` decides for ``paths_mode``."""
+    return written_base(outdir, paths_mode, export.star_names_base(table))
+
+
+def stack_names(table, outdir: Path, paths_mode: str) -> dict:
+    """``export.written_stack_names`` of the run's star and .cs, from the folders they start from."""
+    return export.written_stack_names(outdir, paths_mode, table.extra.get("project_folder"),
+                                      export.star_names_base(table))
+
+
 def project_folder_text(table, outdir: Path, paths_mode: str) -> str | None:
     """The folder the output .cs's ``blob/path`` start from, for dsub_run.json (None: none, they are absolute,
     or relative to OUTDIR with ``--paths outdir``); as ``paths.written_paths`` decides for ``paths_mode``."""
@@ -266,6 +296,9 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     with setup_step(options.log, f"Reading the particles from {particles_path}"):
         table = read_particles(particles_path, cs_root=options.cs_root, passthrough=options.passthrough)
     project_of_outdir(table, outdir, options)
+    where_names_start = star_base_line(table, outdir, options.paths)
+    if where_names_start is not None:
+        say(options, where_names_start)
     validate.check_metadata(table)
     validate.check_classes(table)
     box = validate.particle_box(table)
@@ -479,9 +512,9 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             "outputs": {"store": store.STORE_NAME, "star": export.STAR_NAME, "cs": export.CS_NAME,
                         "stacks": export.STACK_FOLDER, "stack_dtype": "float16" if options.float16 else "float32",
                         "store_images": "kept" if options.keep_store else "deleted", "paths": options.paths,
+                        "star_root": star_folder_text(table, outdir, options.paths),
                         "cs_root": project_folder_text(table, outdir, options.paths),
-                        "stack_names": export.written_stack_names(outdir, options.paths,
-                                                                  table.extra.get("project_folder"))},
+                        "stack_names": stack_names(table, outdir, options.paths)},
         }
         summary = {**record.run_description(options.command, identity),
                    **attempt.finish(summary, phases, workers)}
@@ -730,7 +763,8 @@ def finished_run(outdir: Path, stacks: dict, options: RunOptions, table=None, sc
     ``--paths`` and ``--cs-root`` are no part of the run's identity: when the
     star and .cs, as recorded, name the stacks otherwise than this command would
     (another ``--paths``, another cryoSPARC project folder, another current
-    folder, a moved OUTDIR), they are written
+    folder where the star's names start there (``export.star_names_base``: a
+    .cs input, or a star of absolute names), a moved OUTDIR), they are written
     again from ``table`` (the input particles), ``scale`` (``--scale``),
     ``reboxing`` and the store's per-particle figures; no image is computed.
     If that fails, no metadata is left, so the next run computes afresh.
@@ -740,8 +774,7 @@ def finished_run(outdir: Path, stacks: dict, options: RunOptions, table=None, sc
     if not all(export.has_size(outdir / relative, size) for relative, size in stacks.items()):
         return None
     summary = json.loads((outdir / RUN_SUMMARY).read_text())
-    names = None if table is None else export.written_stack_names(outdir, options.paths,
-                                                                  table.extra.get("project_folder"))
+    names = None if table is None else stack_names(table, outdir, options.paths)
     if names is not None and summary.get("outputs", {}).get("stack_names") != names:
         store_path = outdir / store.STORE_NAME
         fit = store.per_particle(store_path)
@@ -752,13 +785,17 @@ def finished_run(outdir: Path, stacks: dict, options: RunOptions, table=None, sc
             export.write_metadata(table, outdir, options.particles_per_stack, None if scale == "none" else contrast,
                                   skipped, exported, options.paths, fit)
             summary["outputs"] = {**summary.get("outputs", {}), "paths": options.paths,
+                                  "star_root": star_folder_text(table, outdir, options.paths),
                                   "cs_root": project_folder_text(table, outdir, options.paths), "stack_names": names}
             (outdir / RUN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
         project = project_folder_text(table, outdir, options.paths)
+        star_root = star_folder_text(table, outdir, options.paths)
+        from_star = f", the star's names from {star_root}" if star_root not in (None, os.getcwd()) else ""
         from_project = f" and the .cs's from {project}" if project is not None else ""
         say(options, f"dsub: {outdir} already holds the finished results of this run; {export.STAR_NAME} and "
-                     f"{export.CS_NAME} written again with --paths {options.paths}{from_project} (stacks named as "
-                     f"{names['star']} in the star, {names['cs']} in the .cs), no image computed again. Add "
+                     f"{export.CS_NAME} written again with --paths {options.paths}{from_star}{from_project} "
+                     f"(stacks named as {names['star']} in the star, {names['cs']} in the .cs), no image computed "
+                     "again. Add "
                      "--overwrite to compute it again.")
     else:
         say(options, f"dsub: {outdir} already holds the finished results of this run ({export.STAR_NAME}, "
