@@ -48,7 +48,7 @@ from ..physics.optics import map_extent_voxels
 from ..physics.projector import projector_kernel
 from ..physics.subtract import SubtractionSettings
 from ..report import REPORT_FOLDER, start_preparation, start_warming_up
-from . import diagnostics, export, metadata, prefetch, rebox, record, region, resources, store, validate
+from . import diagnostics, disk, export, metadata, prefetch, rebox, record, region, resources, store, validate
 from .outdir import (AUTOMATIC_KEY, CONTENT_HASHED, OutdirLock, check_writable, explain_os_error, file_identity,
                      prepare_outdir, run_fingerprint, same_run, with_content_hashes)
 from .tasks import MapFiles, half_map_models, prepare_models, run_chunk
@@ -317,7 +317,10 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     if map_box != box:
         say(options, maps_to_box_line(map_box, box, extent, pixel_size))
     check_device(options)
-    plan, spec = plan_resources(box, settings, options, extent if map_box != box else 0)
+    particle_files = [particles_path, *table.extra.get("passthrough", [])]  # the metadata's size follows theirs
+    outputs = disk.plan_disk(outdir, layout, len(table), options.new_box or box, options.chunk_size, options.float16,
+                             options.keep_store, particle_files, count_freed=False)
+    plan, spec = plan_resources(box, settings, options, extent if map_box != box else 0, outputs)
     device = options.device
     maps = MapFiles(str(Path(half_a).resolve()), str(Path(half_b).resolve()), str(Path(mask).resolve()),
                     pixel_size, box, extent)
@@ -332,7 +335,9 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     lock.acquire()  # from here on this run alone writes in OUTDIR
     if options.skip_bad_particles and not options.overwrite:
         adopt_strict_run(store_path, identity, fingerprint)
-    resuming = prepare_outdir(outdir, fingerprint, options.overwrite, identity, lambda line: say(options, line))
+    resuming = prepare_outdir(outdir, fingerprint, options.overwrite, identity, lambda line: say(options, line),
+                              before_changes=lambda resumes: check_disk_room(outdir, layout, len(table), out_box,
+                                                                             options, particle_files, resumes))
     if resuming:  # this run's history, read before anything replaces its store
         attempt.read_earlier(store_path)
     # The maps' content hashes for a new store, read while the maps are prepared and the sample fitted.
@@ -577,19 +582,51 @@ def store_takes_up(store_path: Path, options: RunOptions) -> bool:
     return store.has_images(store_path) or not options.keep_store
 
 
-def plan_resources(box: int, settings, options: RunOptions, map_voxels: int = 0):
+#: From this size on the line stating the memory a run needs also states the disk its outputs take.
+DISK_STATED_BYTES = 10**9
+
+
+def plan_resources(box: int, settings, options: RunOptions, map_voxels: int = 0, outputs: disk.DiskNeed | None = None):
     """Estimate and print the memory each worker needs; refuse here when this machine cannot hold it.
 
-    Returns the plan and the cluster spec to start, which asks batch jobs for
-    that memory and, unless the run is on the CPU, one GPU each.
+    ``outputs``: what the run writes (``disk.plan_disk``), stated in the same
+    line from ``DISK_STATED_BYTES`` on. Returns the plan and the cluster spec to
+    start, which asks batch jobs for that memory and, unless the run is on the
+    CPU, one GPU each.
     """
     with cluster_config(options.cluster.cluster_config):
         plan = resources.plan_memory(box, settings, options, map_voxels)
-    say(options, f"Memory: {plan.describe()}.")
+    written = (f"; the outputs take about {outputs.describe()} of disk"
+               if outputs is not None and outputs.total >= DISK_STATED_BYTES else "")
+    say(options, f"Memory: {plan.describe()}{written}.")
     if not options.cluster.distributed:
         resources.check_this_machine(plan)
     request = plan.request_bytes if options.cluster.scheduler in ("slurm", "pbs") else None
     return plan, dataclasses.replace(options.cluster, device=options.device, worker_memory_bytes=request)
+
+
+def check_disk_room(outdir: Path, layout, count: int, box: int, options: RunOptions, particle_files,
+                    resumes: bool) -> None:
+    """Refuse, before anything in OUTDIR changes, a run whose outputs its file system cannot hold (``disk``).
+
+    ``resumes``: the run takes up an identical earlier run's store
+    (``prepare_outdir``): then only what that run left is counted, unless it
+    finished (nothing to compute, unless it lost a stack: then all of it again)
+    or its store cannot be taken up (``store_takes_up``). ``box``: the output box.
+    """
+    store_path = outdir / store.STORE_NAME
+    takes_up = resumes
+    if resumes and store.images_deleted(store_path):
+        dtype = np.float16 if options.float16 else np.float32
+        if lost_from_finished_run(outdir, {relative: export.stack_bytes(rows.size, box, dtype)
+                                           for relative, rows, _ in layout}) is None:
+            return  # finished: at most the star and .cs are written again
+        takes_up = False
+    elif resumes and not store_takes_up(store_path, options):
+        takes_up = False
+    need = disk.plan_disk(outdir, layout, count, box, options.chunk_size, options.float16, options.keep_store,
+                          particle_files, takes_up)
+    disk.check_room(outdir, need, takes_up, options.float16, options.keep_store)
 
 
 def write_qc_report(outdir: Path, options: RunOptions, preparation=None) -> None:
