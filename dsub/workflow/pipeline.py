@@ -36,7 +36,7 @@ from ..cluster import ClusterSpec, open_runner
 from ..cluster.early import start_early
 from ..cluster.config import cluster_config, warn_unused_settings
 from ..cluster.progress import map_preparation_estimate, number, setup_step
-from ..errors import DsubError, InputFileError, OptionError, warn
+from ..errors import DsubError, InputFileError, OptionError, add_overwrite_note, warn
 from ..formats import read_particles, select_rows
 from ..formats.mrc import map_header, read_map
 from ..formats.paths import PATH_MODES, cryosparc_project_folder, written_base
@@ -228,27 +228,50 @@ def subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings
     attempt = record.AttemptRecorder()
     lock = OutdirLock(Path(options.outdir))
     try:
-        kept = (Path(options.outdir) / store.STORE_NAME).exists  # after an interrupt: anything to resume?
-        with transcript.capturing_warnings(), record.failure_recorded(attempt, transcript, kept), \
+        with transcript.capturing_warnings(), \
+                record.failure_recorded(attempt, transcript, lambda: left_to_resume(options, attempt)), \
                 contextlib.ExitStack() as cleanup:
             finished = False
             try:
                 summary = _subtract(particles_path, half_a, half_b, mask, settings, options, attempt, lock, cleanup)
                 finished = True
                 return summary
-            except DsubError:
-                raise
+            except DsubError as exc:
+                raise overwrite_noted(exc, options, attempt)
             except OSError as exc:  # wherever it happened, on this machine or a worker: one message
                 explained = explain_os_error(exc, Path(options.outdir))
                 if explained is None:
                     raise
-                raise explained from exc
+                raise overwrite_noted(explained, options, attempt) from exc
             finally:
                 if not finished:  # stopped before writing anything (a scheduler out of reach): OUTDIR as it was
                     lock.leave_as_found(transcript.log.created)
                 lock.release()
     finally:
         transcript.close()  # OUTDIR/dsub.log complete on disk before the command returns
+
+
+def left_to_resume(options: RunOptions, attempt: record.AttemptRecorder) -> dict:
+    """What a stopped run leaves to its rerun, as marks for the stop line (``errors.interrupted_line``).
+
+    ``nothing_written``: OUTDIR holds no store of this run. With ``--overwrite``
+    a store there is this run's only once its attempt began in it (the earlier
+    one is deleted first); rerun with ``--overwrite`` it would be deleted again,
+    so ``overwrite_given`` asks for the rerun without it.
+    """
+    there = (Path(options.outdir) / store.STORE_NAME).exists()
+    if not options.overwrite:
+        return {"nothing_written": not there}
+    ours = there and attempt.store_path is not None
+    return {"nothing_written": not ours, "overwrite_given": ours}
+
+
+def overwrite_noted(error: DsubError, options: RunOptions, attempt: record.AttemptRecorder) -> DsubError:
+    """``error``, telling a run with ``--overwrite`` whose store is there (``left_to_resume``) that only a rerun
+    without ``--overwrite`` resumes, where it says to rerun the same command (``errors.add_overwrite_note``)."""
+    if left_to_resume(options, attempt).get("overwrite_given"):
+        add_overwrite_note(error)
+    return error
 
 
 def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings, options: RunOptions,

@@ -246,18 +246,21 @@ def throughput_line(phases: dict) -> str | None:
 
 
 @contextlib.contextmanager
-def failure_recorded(attempt: AttemptRecorder, transcript, kept=None):
+def failure_recorded(attempt: AttemptRecorder, transcript, left=None):
     """Inside: an error or interrupt closes the attempt with the line the user sees, also put in dsub.log.
 
-    ``kept``: a function saying whether OUTDIR holds anything to resume; an
-    interrupt where it does not is marked ``nothing_written`` (``errors.interrupted_line``).
+    ``left``: a function giving what an interrupt leaves in OUTDIR for the rerun,
+    as attributes to mark it with (``errors.interrupted_line``): ``nothing_written``
+    where there is nothing to resume, ``overwrite_given`` where only a rerun
+    without ``--overwrite`` resumes.
     """
     try:
         yield
     except KeyboardInterrupt as exc:
         with contextlib.suppress(Exception):
-            if kept is not None:
-                exc.nothing_written = not kept()
+            if left is not None:
+                for name, value in left().items():
+                    setattr(exc, name, value)
         line = interrupted_line(exc)
         transcript.log_only(line)
         attempt.fail("interrupted", line)
