@@ -418,6 +418,36 @@ def test_an_error_of_a_run_with_overwrite_says_to_resume_without_it(small, tmp_p
     assert line.endswith("This command has --overwrite: rerun it without --overwrite to resume; with it, it starts over.")
 
 
+def test_a_requeued_batch_job_with_overwrite_resumes_the_run_it_began(small, tmp_path, monkeypatch, capsys):
+    """A job script's command with --overwrite, run again by SLURM after a requeue (the same SLURM_JOB_ID,
+    SLURM_RESTART_COUNT 1), resumes the job's own run; run again in the same job without a requeue (an
+    interactive allocation), --overwrite starts over as it says."""
+    import dsub.workflow.export as export
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    outdir = tmp_path / "out"
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(export, "write_metadata", interrupt)
+        assert main(subtract_args(small, outdir, "--overwrite")) == 130
+    capsys.readouterr()
+    with monkeypatch.context() as patch:
+        patch.setenv("SLURM_RESTART_COUNT", "1")
+        assert main(subtract_args(small, outdir, "--overwrite")) == 0
+    assert (f"dsub: this batch job (slurm:4242) was requeued and {outdir} holds the run it began: resuming it"
+            in capsys.readouterr().out)
+    summary = json.loads((outdir / "dsub_run.json").read_text())
+    assert summary["chunks_skipped"] == 3
+    assert [attempt["batch_job"] for attempt in summary["attempts"]] == ["slurm:4242"] * 2
+
+    assert main(subtract_args(small, outdir, "--overwrite")) == 0  # no requeue: computed afresh
+    summary = json.loads((outdir / "dsub_run.json").read_text())
+    assert summary["chunks_skipped"] == 0 and len(summary["attempts"]) == 1
+
+
 def test_sigterm_is_recorded_as_an_interrupted_attempt(small, tmp_path, monkeypatch, capsys):
     """A batch system's time limit or preemption sends SIGTERM: one line, exit 143, the attempt recorded."""
     import os

@@ -293,8 +293,10 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     validate.check_classes(table)
     box = validate.particle_box(table)
     chosen = [] if options.chunk_size is not None else ["chunk_size"]  # by dsub (resolved_chunk_size), not the user
-    options = dataclasses.replace(
-        options, chunk_size=resolved_chunk_size(options, len(table), outdir / store.STORE_NAME))
+    # A requeued batch job whose command has --overwrite takes up the run it began (``take_up_requeued_run``).
+    requeued = record.requeued_job_began(outdir / store.STORE_NAME) if options.overwrite else None
+    options = dataclasses.replace(options, chunk_size=resolved_chunk_size(
+        dataclasses.replace(options, overwrite=False) if requeued else options, len(table), outdir / store.STORE_NAME))
     bounds = store.chunk_bounds(len(table), options.chunk_size)
     layout = export.stack_layout(len(table), options.particles_per_stack, table.pixel_size_angstrom)
     run_order = export.chunk_run_order(bounds, layout)
@@ -356,6 +358,8 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     fingerprint = run_fingerprint(identity)
     store_path = outdir / store.STORE_NAME
     lock.acquire()  # from here on this run alone writes in OUTDIR
+    if requeued and take_up_requeued_run(store_path, identity, fingerprint, requeued, options):
+        options = dataclasses.replace(options, overwrite=False)
     if options.skip_bad_particles and not options.overwrite:
         adopt_strict_run(store_path, identity, fingerprint)
     resuming = prepare_outdir(outdir, fingerprint, options.overwrite, identity, lambda line: say(options, line),
@@ -721,6 +725,25 @@ def all_metadata_or_none(outdir: Path):
         with contextlib.suppress(OSError):
             remove_metadata(outdir)
         raise
+
+
+def take_up_requeued_run(store_path: Path, identity: dict, fingerprint: str, job: str, options: RunOptions) -> bool:
+    """Whether a requeued batch job (``record.requeued_job_began``: ``job`` began the store) resumes this run
+    instead of replacing it, as its ``--overwrite`` would: where the store holds this very run; says so.
+
+    The job script runs the same command again after a preemption or a node
+    failure; with ``--overwrite`` that would delete the chunks the job's first run
+    finished. A store of another run is replaced, as ``--overwrite`` asks.
+    """
+    try:
+        earlier = dict(store.open_store(store_path).attrs.get("run", {}))
+    except Exception:
+        return False
+    if not same_run(earlier, fingerprint, identity):
+        return False
+    say(options, f"dsub: this batch job ({job}) was requeued and {store_path.parent} holds the run it began: "
+                 "resuming it rather than starting over, as --overwrite would.")
+    return True
 
 
 def adopt_strict_run(store_path: Path, identity: dict, fingerprint: str) -> None:
