@@ -1,7 +1,8 @@
 """One subtraction run, from input files to exported outputs.
 
 1. read the particle table and check every input (``validate``);
-2. create the Zarr store, or reopen the store of an identical earlier run and
+2. refuse a run whose outputs OUTDIR's file system cannot hold (``disk``; before
+   anything there changes); create the Zarr store, or reopen the store of an identical earlier run and
    keep its finished chunks; create the output stacks at full size under
    temporary names, or take up those of that run (``export.prepare_stacks``);
 3. run one task per unfinished chunk of particles on the Dask scheduler: each
