@@ -9,8 +9,8 @@ What a run writes (``export``, ``store``):
 * with ``--keep-store`` a copy of every image in the store (``store.create_store``:
   uncompressed, whole Zarr chunks of ``chunk_size`` images, the last one too),
   kept after the run; without it the store holds no images at all;
-* the metadata: the star and the .cs (each about as large as the particle file
-  and its passthrough files), the store's per-particle arrays, the particle table
+* the metadata: the star and the .cs (together at most about three times the
+  particle file and its passthrough files), the store's per-particle arrays, the particle table
   in columns and the report's columns (``METADATA_BYTES_PER_PARTICLE``), the QC
   report and the log (``FIXED_METADATA_BYTES``): an estimate, small beside the
   stacks of any real run.
@@ -33,9 +33,12 @@ from ..errors import DsubError
 from . import export, store
 
 #: Bytes per particle of the store's bookkeeping (per-particle arrays, image statistics, chunk marks), the
-#: particle table in columns (``metadata``) and the report's columns (``report.columns``): measured about
-#: 150, rounded up.
+#: particle table in columns (``metadata``, while the chunks run) and the report's columns
+#: (``report.columns``): measured 200 (127 the table, 72 the rest) at 4 000 particles, rounded up.
 METADATA_BYTES_PER_PARTICLE = 256
+#: The star and .cs written against the particle file (and passthrough files) read: measured 1.41 and 1.24
+#: times a RELION star's size (4 000 particles), so three times it bounds both.
+METADATA_INPUT_FACTOR = 3
 #: The QC report's figures, dsub.log and dsub_run.json (a report measured 0.3 MB).
 FIXED_METADATA_BYTES = 4 * 10**6
 
@@ -78,10 +81,11 @@ def allocated_bytes(path: Path) -> int:
 
 
 def metadata_bytes(count: int, particle_files) -> int:
-    """Estimated bytes of a run's metadata for ``count`` particles: the star and the .cs (each about the size
-    of ``particle_files``, the particle file and its passthrough files), store bookkeeping, report and log."""
+    """Estimated bytes of a run's metadata for ``count`` particles: the star and the .cs (together
+    ``METADATA_INPUT_FACTOR`` times ``particle_files``, the particle file and its passthrough files), store
+    bookkeeping, report and log."""
     inputs = sum(os.path.getsize(path) for path in particle_files if os.path.isfile(path))
-    return 2 * inputs + METADATA_BYTES_PER_PARTICLE * count + FIXED_METADATA_BYTES
+    return METADATA_INPUT_FACTOR * inputs + METADATA_BYTES_PER_PARTICLE * count + FIXED_METADATA_BYTES
 
 
 def size_text(count: float) -> str:
