@@ -129,7 +129,8 @@ def interrupted_line(exc: BaseException) -> str:
     return line
 
 
-#: Added to an error that says to rerun the same command, where that command has ``--overwrite`` (``add_overwrite_note``).
+#: Added to an error that says to rerun the same command where that command has ``--overwrite``
+#: (``add_overwrite_note``).
 OVERWRITE_NOTE = "This command has --overwrite: rerun it without --overwrite to resume; with it, it starts over."
 
 

@@ -397,7 +397,8 @@ def test_a_run_with_overwrite_stopped_before_its_store_says_to_start(small, tmp_
     with monkeypatch.context() as patch:
         patch.setattr(validate, "check_images", interrupt)
         assert main(subtract_args(small, outdir, "--overwrite", "--padding", "2")) == 130
-    assert capsys.readouterr().err.strip() == "dsub: interrupted before anything was written; rerun the command to start"
+    line = capsys.readouterr().err.strip()
+    assert line == "dsub: interrupted before anything was written; rerun the command to start"
     assert (outdir / "particles_subtracted.star").is_file()
 
 
@@ -415,7 +416,8 @@ def test_an_error_of_a_run_with_overwrite_says_to_resume_without_it(small, tmp_p
         assert main(subtract_args(small, outdir, "--overwrite")) == 2
     line = capsys.readouterr().err.strip()
     assert line.count("\n") == 0 and "no space left on device" in line
-    assert line.endswith("This command has --overwrite: rerun it without --overwrite to resume; with it, it starts over.")
+    assert line.endswith("This command has --overwrite: rerun it without --overwrite to resume; with it, it starts "
+                         "over.")
 
 
 def test_a_requeued_batch_job_with_overwrite_resumes_the_run_it_began(small, tmp_path, monkeypatch, capsys):
