@@ -39,8 +39,8 @@ METADATA_BYTES_PER_PARTICLE = 256
 #: The star and .cs written against the particle file (and passthrough files) read: measured 1.41 and 1.24
 #: times a RELION star's size (4 000 particles), so three times it bounds both.
 METADATA_INPUT_FACTOR = 3
-#: The QC report's figures, dsub.log and dsub_run.json (a report measured 0.3 MB).
-FIXED_METADATA_BYTES = 4 * 10**6
+#: The QC report's figures, dsub.log and dsub_run.json (a report measured 0.2-0.3 MB, the others a few kB).
+FIXED_METADATA_BYTES = 10**6
 
 
 class NotEnoughDiskError(DsubError, OSError):
