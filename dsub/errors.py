@@ -100,14 +100,19 @@ TERMINATED = ("dsub: stopped by SIGTERM (a batch system's time limit, a preempti
 INTERRUPTED_BEFORE_WRITING = "dsub: interrupted before anything was written; rerun the command to start"
 TERMINATED_BEFORE_WRITING = ("dsub: stopped by SIGTERM (a batch system's time limit, a preemption or a cancel) "
                              "before anything was written; rerun the command to start")
+#: How to resume a run whose command had ``--overwrite`` (``interrupted_line``): that command again starts over.
+RESUME_WITHOUT_OVERWRITE = ("rerun the command without --overwrite to resume (the same command with --overwrite "
+                            "starts over)")
 
 
 def interrupted_line(exc: BaseException) -> str:
     """The line for a Ctrl-C or SIGTERM (``Terminated``): resume, or start where nothing was written, or
     draw the report where only the report was cut short (``results_complete``: OUTDIR).
 
-    The run marks the exception ``nothing_written`` when OUTDIR holds no store after it (its
-    folder, lock and log removed as found): the rerun then starts, with nothing to resume.
+    The run marks the exception ``nothing_written`` when OUTDIR holds no store of it after
+    it (its folder, lock and log removed as found): the rerun then starts, with nothing to
+    resume; and ``overwrite_given`` when its command had ``--overwrite`` and its store is
+    there: the same command would replace that store, so the line says to rerun without it.
     """
     complete = getattr(exc, "results_complete", None)
     if complete is not None:  # stopped while the QC report was drawn (``pipeline.write_qc_report``)
@@ -116,8 +121,25 @@ def interrupted_line(exc: BaseException) -> str:
                 f"stacks). Draw the report with: dsub report {complete}")
     before = getattr(exc, "nothing_written", False)
     if isinstance(exc, Terminated):
-        return TERMINATED_BEFORE_WRITING if before else TERMINATED
-    return INTERRUPTED_BEFORE_WRITING if before else INTERRUPTED
+        line = TERMINATED_BEFORE_WRITING if before else TERMINATED
+    else:
+        line = INTERRUPTED_BEFORE_WRITING if before else INTERRUPTED
+    if not before and getattr(exc, "overwrite_given", False):
+        line = line.replace("rerun the same command to resume", RESUME_WITHOUT_OVERWRITE)
+    return line
+
+
+#: Added to an error that says to rerun the same command where that command has ``--overwrite``
+#: (``add_overwrite_note``).
+OVERWRITE_NOTE = "This command has --overwrite: rerun it without --overwrite to resume; with it, it starts over."
+
+
+def add_overwrite_note(error: DsubError) -> DsubError:
+    """``error`` (a run's, whose command has ``--overwrite`` and whose store is there) with ``OVERWRITE_NOTE``
+    added where its message says to rerun the same command; returns it."""
+    if "rerun the same command" in str(error) and OVERWRITE_NOTE not in str(error):
+        error.args = (f"{str(error).rstrip()} {OVERWRITE_NOTE}", *error.args[1:])
+    return error
 
 
 class Terminated(KeyboardInterrupt):

@@ -345,6 +345,115 @@ def test_interrupted_attempt_is_recorded(small, tmp_path, monkeypatch, capsys):
     assert finished["chunks_done_before"] == 3
 
 
+OVERWRITE_STOP = ("dsub: interrupted; rerun the command without --overwrite to resume (the same command with "
+                  "--overwrite starts over)")
+
+
+def test_a_run_with_overwrite_that_is_stopped_says_to_resume_without_it(small, tmp_path, monkeypatch, capsys):
+    """The same command with --overwrite would delete the finished chunks again: the line says to leave it out,
+    and the rerun without it resumes them."""
+    import dsub.workflow.export as export
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    outdir = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(export, "write_metadata", interrupt)
+        assert main(subtract_args(small, outdir, "--overwrite")) == 130
+    assert capsys.readouterr().err.strip() == OVERWRITE_STOP
+    assert (outdir / "dsub.log").read_text().splitlines()[-1] == OVERWRITE_STOP
+    assert main(subtract_args(small, outdir)) == 0
+    summary = json.loads((outdir / "dsub_run.json").read_text())
+    assert summary["chunks_skipped"] == 3
+    assert [attempt["status"] for attempt in summary["attempts"]] == ["interrupted", "finished"]
+    assert summary["attempts"][0]["error"] == OVERWRITE_STOP
+
+
+def test_a_run_with_overwrite_stopped_by_sigterm_says_the_same(small, tmp_path, monkeypatch, capsys):
+    import signal
+
+    import dsub.workflow.export as export
+
+    def preempted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    outdir = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(export, "write_metadata", preempted)
+        assert main(subtract_args(small, outdir, "--overwrite")) == 143
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("dsub: stopped by SIGTERM") and line.endswith(
+        "rerun the command without --overwrite to resume (the same command with --overwrite starts over)"), line
+
+
+def test_a_run_with_overwrite_stopped_before_its_store_says_to_start(small, tmp_path, monkeypatch, capsys):
+    """Stopped while its inputs are checked, an --overwrite run over an earlier run's results has written nothing:
+    the same command starts it, and the earlier results are still there."""
+    import dsub.workflow.validate as validate
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    outdir = tmp_path / "out"
+    assert main(subtract_args(small, outdir)) == 0
+    capsys.readouterr()
+    with monkeypatch.context() as patch:
+        patch.setattr(validate, "check_images", interrupt)
+        assert main(subtract_args(small, outdir, "--overwrite", "--padding", "2")) == 130
+    line = capsys.readouterr().err.strip()
+    assert line == "dsub: interrupted before anything was written; rerun the command to start"
+    assert (outdir / "particles_subtracted.star").is_file()
+
+
+def test_an_error_of_a_run_with_overwrite_says_to_resume_without_it(small, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import dsub.workflow.export as export
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "out" / "particles_subtracted.star"))
+
+    outdir = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(export, "write_metadata", full)
+        assert main(subtract_args(small, outdir, "--overwrite")) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.count("\n") == 0 and "no space left on device" in line
+    assert line.endswith("This command has --overwrite: rerun it without --overwrite to resume; with it, it starts "
+                         "over.")
+
+
+def test_a_requeued_batch_job_with_overwrite_resumes_the_run_it_began(small, tmp_path, monkeypatch, capsys):
+    """A job script's command with --overwrite, run again by SLURM after a requeue (the same SLURM_JOB_ID,
+    SLURM_RESTART_COUNT 1), resumes the job's own run; run again in the same job without a requeue (an
+    interactive allocation), --overwrite starts over as it says."""
+    import dsub.workflow.export as export
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    outdir = tmp_path / "out"
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(export, "write_metadata", interrupt)
+        assert main(subtract_args(small, outdir, "--overwrite")) == 130
+    capsys.readouterr()
+    with monkeypatch.context() as patch:
+        patch.setenv("SLURM_RESTART_COUNT", "1")
+        assert main(subtract_args(small, outdir, "--overwrite")) == 0
+    assert (f"dsub: this batch job (slurm:4242) was requeued and {outdir} holds the run it began: resuming it"
+            in capsys.readouterr().out)
+    summary = json.loads((outdir / "dsub_run.json").read_text())
+    assert summary["chunks_skipped"] == 3
+    assert [attempt["batch_job"] for attempt in summary["attempts"]] == ["slurm:4242"] * 2
+
+    assert main(subtract_args(small, outdir, "--overwrite")) == 0  # no requeue: computed afresh
+    summary = json.loads((outdir / "dsub_run.json").read_text())
+    assert summary["chunks_skipped"] == 0 and len(summary["attempts"]) == 1
+
+
 def test_sigterm_is_recorded_as_an_interrupted_attempt(small, tmp_path, monkeypatch, capsys):
     """A batch system's time limit or preemption sends SIGTERM: one line, exit 143, the attempt recorded."""
     import os

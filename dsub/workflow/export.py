@@ -298,8 +298,13 @@ def remove_stacks(outdir: Path) -> None:
     if not folder.is_dir():
         return
     for path in folder.iterdir():
-        if re.fullmatch(r"subtracted_\d{4,}\.mrcs(\.partial)?", path.name):
+        if is_stack_name(path.name):
             path.unlink(missing_ok=True)
+
+
+def is_stack_name(name: str) -> bool:
+    """Whether ``name`` is one dsub gives its stacks: ``subtracted_NNNN.mrcs``, or with ``.partial``."""
+    return re.fullmatch(r"subtracted_\d{4,}\.mrcs(\.partial)?", name) is not None
 
 
 def has_size(path: Path, expected: int) -> bool:

@@ -224,7 +224,7 @@ class OutdirLock:
 
 
 def prepare_outdir(outdir: Path, fingerprint: str, overwrite: bool, identity: dict | None = None,
-                   tell=None) -> bool:
+                   tell=None, before_changes=None) -> bool:
     """Make the output folder ready; True if an identical earlier run's store can be resumed.
 
     A folder that holds a different run is refused (``OutputExistsError``) unless
@@ -232,7 +232,14 @@ def prepare_outdir(outdir: Path, fingerprint: str, overwrite: bool, identity: di
     A map or mask whose modification time alone changed, its content hashing as
     the earlier run's did (``same_content_touched``), does not make a different
     run: the store takes the new times and ``tell`` (a function of one line) says so.
+    ``before_changes`` (a function of whether the store is resumed) is called once
+    that is decided and before anything in OUTDIR changes: a last check that may
+    refuse the run (the disk's room) and leave OUTDIR as it was.
     """
+    def deciding(resumes: bool) -> None:
+        if before_changes is not None:
+            before_changes(resumes)
+
     store_path = outdir / store.STORE_NAME
     if store_path.exists():
         try:
@@ -240,6 +247,7 @@ def prepare_outdir(outdir: Path, fingerprint: str, overwrite: bool, identity: di
         except Exception:  # an unreadable store is as good as none
             earlier = {}
         if same_run(earlier, fingerprint, identity) and not overwrite:
+            deciding(True)
             return True
         if not overwrite and earlier and identity:
             touched = same_content_touched(earlier, identity)
@@ -247,6 +255,7 @@ def prepare_outdir(outdir: Path, fingerprint: str, overwrite: bool, identity: di
             as_before = {**identity, **{name: {**identity[name], "mtime_ns": earlier[name]["mtime_ns"]}
                                         for name in touched}}
             if touched and run_fingerprint(as_before) == earlier.get("fingerprint"):
+                deciding(True)
                 store.open_store(store_path, mode="r+").attrs["run"] = {
                     **earlier, **{name: {**identity[name], HASH_KEY: earlier[name][HASH_KEY]} for name in touched},
                     "fingerprint": fingerprint}
@@ -264,9 +273,10 @@ def prepare_outdir(outdir: Path, fingerprint: str, overwrite: bool, identity: di
                 f"{outdir}: holds the results of a different run: {what}. "
                 "Choose another output folder, or add --overwrite to replace them."
             )
+        deciding(False)
         shutil.rmtree(store_path)
-    elif not overwrite:
-        found = outputs_without_store(outdir)
+    else:
+        found = None if overwrite else outputs_without_store(outdir)
         if found:
             raise OutputExistsError(
                 f"{outdir}: holds {found} but no dsub store ({store.STORE_NAME}): no run of dsub to resume, and "
@@ -274,6 +284,7 @@ def prepare_outdir(outdir: Path, fingerprint: str, overwrite: bool, identity: di
                 f"({export.STAR_NAME}, {export.CS_NAME}, {export.STACK_FOLDER}/subtracted_NNNN.mrcs, dsub_run.json, "
                 "dsub.log, report/) and leaves any other in place. Choose another output folder, or add --overwrite."
             )
+        deciding(False)
     try:
         outdir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

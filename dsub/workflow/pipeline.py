@@ -1,7 +1,8 @@
 """One subtraction run, from input files to exported outputs.
 
 1. read the particle table and check every input (``validate``);
-2. create the Zarr store, or reopen the store of an identical earlier run and
+2. refuse a run whose outputs OUTDIR's file system cannot hold (``disk``; before
+   anything there changes); create the Zarr store, or reopen the store of an identical earlier run and
    keep its finished chunks; create the output stacks at full size under
    temporary names, or take up those of that run (``export.prepare_stacks``);
 3. run one task per unfinished chunk of particles on the Dask scheduler: each
@@ -36,7 +37,7 @@ from ..cluster import ClusterSpec, open_runner
 from ..cluster.early import start_early
 from ..cluster.config import cluster_config, warn_unused_settings
 from ..cluster.progress import map_preparation_estimate, number, setup_step
-from ..errors import DsubError, InputFileError, OptionError, warn
+from ..errors import DsubError, InputFileError, OptionError, add_overwrite_note, warn
 from ..formats import read_particles, select_rows
 from ..formats.mrc import map_header, read_map
 from ..formats.paths import PATH_MODES, cryosparc_project_folder, written_base
@@ -48,7 +49,7 @@ from ..physics.optics import map_extent_voxels
 from ..physics.projector import projector_kernel
 from ..physics.subtract import SubtractionSettings
 from ..report import REPORT_FOLDER, start_preparation, start_warming_up
-from . import diagnostics, export, metadata, prefetch, rebox, record, region, resources, store, validate
+from . import diagnostics, disk, export, metadata, prefetch, rebox, record, region, resources, store, validate
 from .outdir import (AUTOMATIC_KEY, CONTENT_HASHED, OutdirLock, check_writable, explain_os_error, file_identity,
                      prepare_outdir, run_fingerprint, same_run, with_content_hashes)
 from .tasks import MapFiles, half_map_models, prepare_models, run_chunk
@@ -258,27 +259,50 @@ def subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings
     attempt = record.AttemptRecorder()
     lock = OutdirLock(Path(options.outdir))
     try:
-        kept = (Path(options.outdir) / store.STORE_NAME).exists  # after an interrupt: anything to resume?
-        with transcript.capturing_warnings(), record.failure_recorded(attempt, transcript, kept), \
+        with transcript.capturing_warnings(), \
+                record.failure_recorded(attempt, transcript, lambda: left_to_resume(options, attempt)), \
                 contextlib.ExitStack() as cleanup:
             finished = False
             try:
                 summary = _subtract(particles_path, half_a, half_b, mask, settings, options, attempt, lock, cleanup)
                 finished = True
                 return summary
-            except DsubError:
-                raise
+            except DsubError as exc:
+                raise overwrite_noted(exc, options, attempt)
             except OSError as exc:  # wherever it happened, on this machine or a worker: one message
                 explained = explain_os_error(exc, Path(options.outdir))
                 if explained is None:
                     raise
-                raise explained from exc
+                raise overwrite_noted(explained, options, attempt) from exc
             finally:
                 if not finished:  # stopped before writing anything (a scheduler out of reach): OUTDIR as it was
                     lock.leave_as_found(transcript.log.created)
                 lock.release()
     finally:
         transcript.close()  # OUTDIR/dsub.log complete on disk before the command returns
+
+
+def left_to_resume(options: RunOptions, attempt: record.AttemptRecorder) -> dict:
+    """What a stopped run leaves to its rerun, as marks for the stop line (``errors.interrupted_line``).
+
+    ``nothing_written``: OUTDIR holds no store of this run. With ``--overwrite``
+    a store there is this run's only once its attempt began in it (the earlier
+    one is deleted first); rerun with ``--overwrite`` it would be deleted again,
+    so ``overwrite_given`` asks for the rerun without it.
+    """
+    there = (Path(options.outdir) / store.STORE_NAME).exists()
+    if not options.overwrite:
+        return {"nothing_written": not there}
+    ours = there and attempt.store_path is not None
+    return {"nothing_written": not ours, "overwrite_given": ours}
+
+
+def overwrite_noted(error: DsubError, options: RunOptions, attempt: record.AttemptRecorder) -> DsubError:
+    """``error``, telling a run with ``--overwrite`` whose store is there (``left_to_resume``) that only a rerun
+    without ``--overwrite`` resumes, where it says to rerun the same command (``errors.add_overwrite_note``)."""
+    if left_to_resume(options, attempt).get("overwrite_given"):
+        add_overwrite_note(error)
+    return error
 
 
 def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings, options: RunOptions,
@@ -303,8 +327,10 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     validate.check_classes(table)
     box = validate.particle_box(table)
     chosen = [] if options.chunk_size is not None else ["chunk_size"]  # by dsub (resolved_chunk_size), not the user
-    options = dataclasses.replace(
-        options, chunk_size=resolved_chunk_size(options, len(table), outdir / store.STORE_NAME))
+    # A requeued batch job whose command has --overwrite takes up the run it began (``take_up_requeued_run``).
+    requeued = record.requeued_job_began(outdir / store.STORE_NAME) if options.overwrite else None
+    options = dataclasses.replace(options, chunk_size=resolved_chunk_size(
+        dataclasses.replace(options, overwrite=False) if requeued else options, len(table), outdir / store.STORE_NAME))
     bounds = store.chunk_bounds(len(table), options.chunk_size)
     layout = export.stack_layout(len(table), options.particles_per_stack, table.pixel_size_angstrom)
     run_order = export.chunk_run_order(bounds, layout)
@@ -350,7 +376,10 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     if map_box != box:
         say(options, maps_to_box_line(map_box, box, extent, pixel_size))
     check_device(options)
-    plan, spec = plan_resources(box, settings, options, extent if map_box != box else 0)
+    particle_files = [particles_path, *table.extra.get("passthrough", [])]  # the metadata's size follows theirs
+    outputs = disk.plan_disk(outdir, layout, len(table), options.new_box or box, options.chunk_size, options.float16,
+                             options.keep_store, particle_files, count_freed=False)
+    plan, spec = plan_resources(box, settings, options, extent if map_box != box else 0, outputs)
     device = options.device
     maps = MapFiles(str(Path(half_a).resolve()), str(Path(half_b).resolve()), str(Path(mask).resolve()),
                     pixel_size, box, extent)
@@ -363,9 +392,13 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     fingerprint = run_fingerprint(identity)
     store_path = outdir / store.STORE_NAME
     lock.acquire()  # from here on this run alone writes in OUTDIR
+    if requeued and take_up_requeued_run(store_path, identity, fingerprint, requeued, options):
+        options = dataclasses.replace(options, overwrite=False)
     if options.skip_bad_particles and not options.overwrite:
         adopt_strict_run(store_path, identity, fingerprint)
-    resuming = prepare_outdir(outdir, fingerprint, options.overwrite, identity, lambda line: say(options, line))
+    resuming = prepare_outdir(outdir, fingerprint, options.overwrite, identity, lambda line: say(options, line),
+                              before_changes=lambda resumes: check_disk_room(outdir, layout, len(table), out_box,
+                                                                             options, particle_files, resumes))
     if resuming:  # this run's history, read before anything replaces its store
         attempt.read_earlier(store_path)
     # The maps' content hashes for a new store, read while the maps are prepared and the sample fitted.
@@ -610,19 +643,51 @@ def store_takes_up(store_path: Path, options: RunOptions) -> bool:
     return store.has_images(store_path) or not options.keep_store
 
 
-def plan_resources(box: int, settings, options: RunOptions, map_voxels: int = 0):
+#: From this size on the line stating the memory a run needs also states the disk its outputs take.
+DISK_STATED_BYTES = 10**9
+
+
+def plan_resources(box: int, settings, options: RunOptions, map_voxels: int = 0, outputs: disk.DiskNeed | None = None):
     """Estimate and print the memory each worker needs; refuse here when this machine cannot hold it.
 
-    Returns the plan and the cluster spec to start, which asks batch jobs for
-    that memory and, unless the run is on the CPU, one GPU each.
+    ``outputs``: what the run writes (``disk.plan_disk``), stated in the same
+    line from ``DISK_STATED_BYTES`` on. Returns the plan and the cluster spec to
+    start, which asks batch jobs for that memory and, unless the run is on the
+    CPU, one GPU each.
     """
     with cluster_config(options.cluster.cluster_config):
         plan = resources.plan_memory(box, settings, options, map_voxels)
-    say(options, f"Memory: {plan.describe()}.")
+    written = (f"; the outputs take about {outputs.describe()} of disk"
+               if outputs is not None and outputs.total >= DISK_STATED_BYTES else "")
+    say(options, f"Memory: {plan.describe()}{written}.")
     if not options.cluster.distributed:
         resources.check_this_machine(plan)
     request = plan.request_bytes if options.cluster.scheduler in ("slurm", "pbs") else None
     return plan, dataclasses.replace(options.cluster, device=options.device, worker_memory_bytes=request)
+
+
+def check_disk_room(outdir: Path, layout, count: int, box: int, options: RunOptions, particle_files,
+                    resumes: bool) -> None:
+    """Refuse, before anything in OUTDIR changes, a run whose outputs its file system cannot hold (``disk``).
+
+    ``resumes``: the run takes up an identical earlier run's store
+    (``prepare_outdir``): then only what that run left is counted, unless it
+    finished (nothing to compute, unless it lost a stack: then all of it again)
+    or its store cannot be taken up (``store_takes_up``). ``box``: the output box.
+    """
+    store_path = outdir / store.STORE_NAME
+    takes_up = resumes
+    if resumes and store.images_deleted(store_path):
+        dtype = np.float16 if options.float16 else np.float32
+        if lost_from_finished_run(outdir, {relative: export.stack_bytes(rows.size, box, dtype)
+                                           for relative, rows, _ in layout}) is None:
+            return  # finished: at most the star and .cs are written again
+        takes_up = False
+    elif resumes and not store_takes_up(store_path, options):
+        takes_up = False
+    need = disk.plan_disk(outdir, layout, count, box, options.chunk_size, options.float16, options.keep_store,
+                          particle_files, takes_up)
+    disk.check_room(outdir, need, takes_up, options.float16, options.keep_store)
 
 
 def write_qc_report(outdir: Path, options: RunOptions, preparation=None) -> None:
@@ -694,6 +759,25 @@ def all_metadata_or_none(outdir: Path):
         with contextlib.suppress(OSError):
             remove_metadata(outdir)
         raise
+
+
+def take_up_requeued_run(store_path: Path, identity: dict, fingerprint: str, job: str, options: RunOptions) -> bool:
+    """Whether a requeued batch job (``record.requeued_job_began``: ``job`` began the store) resumes this run
+    instead of replacing it, as its ``--overwrite`` would: where the store holds this very run; says so.
+
+    The job script runs the same command again after a preemption or a node
+    failure; with ``--overwrite`` that would delete the chunks the job's first run
+    finished. A store of another run is replaced, as ``--overwrite`` asks.
+    """
+    try:
+        earlier = dict(store.open_store(store_path).attrs.get("run", {}))
+    except Exception:
+        return False
+    if not same_run(earlier, fingerprint, identity):
+        return False
+    say(options, f"dsub: this batch job ({job}) was requeued and {store_path.parent} holds the run it began: "
+                 "resuming it rather than starting over, as --overwrite would.")
+    return True
 
 
 def adopt_strict_run(store_path: Path, identity: dict, fingerprint: str) -> None:

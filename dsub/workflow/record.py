@@ -65,6 +65,35 @@ def input_files(identity: dict) -> dict:
     return inputs
 
 
+def batch_job() -> str | None:
+    """The batch job this process runs in, ``slurm:<SLURM_JOB_ID>`` or ``pbs:<PBS_JOBID>``; None outside one.
+
+    A requeued job keeps its id, so the attempts record it (``begin``) and a
+    requeued run of the same job can tell that it began the store (``requeued_job_began``).
+    """
+    for system, variable in (("slurm", "SLURM_JOB_ID"), ("pbs", "PBS_JOBID")):
+        if os.environ.get(variable):
+            return f"{system}:{os.environ[variable]}"
+    return None
+
+
+def requeued_job_began(store_path: Path) -> str | None:
+    """This SLURM job's id where it runs again after a requeue (``SLURM_RESTART_COUNT`` at least 1, as SLURM
+    sets it in a restarted or requeued job) and an attempt of it is in the store at ``store_path``; else None."""
+    job = batch_job()
+    try:
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    except ValueError:
+        restarts = 0
+    if job is None or not job.startswith("slurm:") or restarts < 1 or not Path(store_path).exists():
+        return None
+    try:
+        attempts = store.open_store(store_path).attrs.get("attempts", [])
+    except Exception:  # an unreadable store: prepare_outdir decides what to do with it
+        return None
+    return job if any(attempt.get("batch_job") == job for attempt in attempts) else None
+
+
 class AttemptRecorder:
     """Records one attempt of a run in the store, from ``begin`` to ``finish`` or ``fail``.
 
@@ -143,6 +172,7 @@ class AttemptRecorder:
             "last_update": utc_now(),
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            **({"batch_job": job} if (job := batch_job()) else {}),
             "scheduler": scheduler,
             "device": device,
             "chunks_total": chunks_total,
@@ -246,18 +276,21 @@ def throughput_line(phases: dict) -> str | None:
 
 
 @contextlib.contextmanager
-def failure_recorded(attempt: AttemptRecorder, transcript, kept=None):
+def failure_recorded(attempt: AttemptRecorder, transcript, left=None):
     """Inside: an error or interrupt closes the attempt with the line the user sees, also put in dsub.log.
 
-    ``kept``: a function saying whether OUTDIR holds anything to resume; an
-    interrupt where it does not is marked ``nothing_written`` (``errors.interrupted_line``).
+    ``left``: a function giving what an interrupt leaves in OUTDIR for the rerun,
+    as attributes to mark it with (``errors.interrupted_line``): ``nothing_written``
+    where there is nothing to resume, ``overwrite_given`` where only a rerun
+    without ``--overwrite`` resumes.
     """
     try:
         yield
     except KeyboardInterrupt as exc:
         with contextlib.suppress(Exception):
-            if kept is not None:
-                exc.nothing_written = not kept()
+            if left is not None:
+                for name, value in left().items():
+                    setattr(exc, name, value)
         line = interrupted_line(exc)
         transcript.log_only(line)
         attempt.fail("interrupted", line)
