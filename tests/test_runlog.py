@@ -103,6 +103,24 @@ def test_words_for_people():
 # ----------------------------------------------------------------------------- the CLI in a log
 
 
+def progress_line(line: str) -> bool:
+    """Whether ``line`` says where a phase is (``Progress.status``: ``subtract: chunks 12/80, ...``), as a log
+    gets it at its own pace while the phase runs, rather than a message or a phase's final line."""
+    return re.fullmatch(r"[a-z ]+: [a-z]+ \d+/\d+(, .+)?", line) is not None
+
+
+def test_progress_lines_are_told_from_messages_and_final_lines():
+    clock, out = FakeClock(), io.StringIO()
+    shown = Progress("sample fit", [24], out, unit="tasks", clock=clock)
+    clock.now += 10
+    shown.tick()
+    assert progress_line(shown.status()) and progress_line(out.getvalue().splitlines()[0])
+    shown.task_done(0)
+    assert not progress_line(shown.close().line())
+    assert not progress_line("dsub: 24 particles of 32 px in 3 chunks (0 already done) on threads scheduler, 2 "
+                             "thread(s).")
+
+
 def test_cli_output_to_a_file_is_plain_lines_and_goes_to_dsub_log(small, tmp_path):
     outdir = tmp_path / "out"
     with open(tmp_path / "job.log", "w") as job_log:  # as a batch system's job log
@@ -111,7 +129,10 @@ def test_cli_output_to_a_file_is_plain_lines_and_goes_to_dsub_log(small, tmp_pat
     assert done.returncode == 0, done.stderr
     printed = (tmp_path / "job.log").read_text()
     assert "\r" not in printed and "|" not in printed  # no bar redrawn on one endless line
-    lines = printed.splitlines()
+    # A phase that lasts 10 s or more (the sample fit on a loaded machine) prints where it is every 10 s in
+    # between, and into dsub.log once a minute: those lines apart, the screen and the log hold the same.
+    printed_paced = [line for line in printed.splitlines() if progress_line(line)]
+    lines = [line for line in printed.splitlines() if not progress_line(line)]
     preparing = next(i for i, line in enumerate(lines) if line.startswith("Preparing the maps on cpu ("))
     chunks = next(i for i, line in enumerate(lines) if line.startswith("dsub: 24 particles"))
     assert preparing < chunks  # the maps are prepared, in view, before the chunks run
@@ -121,7 +142,10 @@ def test_cli_output_to_a_file_is_plain_lines_and_goes_to_dsub_log(small, tmp_pat
     log = (outdir / "dsub.log").read_text().splitlines()
     assert log[0].startswith("==== ") and log[0].endswith(" ".join(["dsub", *subtract_args(small, outdir,
                                                                                              "--single-map")]))
-    assert sorted(log[1:]) == sorted([*lines, *done.stderr.splitlines()])  # what was printed, warning included
+    log_paced = [line for line in log[1:] if progress_line(line)]
+    # What was printed, warning included; progress lines at most as often as on the screen.
+    assert sorted(line for line in log[1:] if not progress_line(line)) == sorted([*lines, *done.stderr.splitlines()])
+    assert len(log_paced) <= len(printed_paced)
     assert done.stderr.startswith("dsub: warning: --single-map")
 
 
