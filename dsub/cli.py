@@ -20,6 +20,7 @@ from .errors import (
     DsubError, DsubWarning, MissingInputError, OptionError, Terminated, error_line, interrupted_line, warn,
 )
 from .formats.paths import PATH_MODES
+from .interrupts import ignore_further_ctrl_c, put_off_in_import_code, stop_once_on_ctrl_c
 from .physics.contrast import SCALE_MODES, WEIGHTINGS, ContrastFit
 from .physics.projector import CORNERS, PROJECTORS, projector_kernel
 from .physics.subtract import EXTENSION, SubtractionSettings
@@ -424,34 +425,10 @@ def terminate_on_sigterm():
         return None
 
     def terminated(signum, frame):
-        raise Terminated()
+        if not put_off_in_import_code(signum, frame):  # raised there, it could leave the import lock held
+            raise Terminated()
 
     return signal.signal(signal.SIGTERM, terminated)
-
-
-def _interrupted(signum, frame):
-    """dsub's SIGINT handler (``stop_once_on_ctrl_c``): ignore the next ones, raise ``KeyboardInterrupt``."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise KeyboardInterrupt
-
-
-def stop_once_on_ctrl_c() -> None:
-    """The first SIGINT raises ``KeyboardInterrupt``; later ones are ignored until the process ends.
-
-    A run that stops closes its cluster (dsub's clean-up, then distributed's
-    exit-time ``close_clusters``), which takes a second or more; a Ctrl-C
-    pressed again meanwhile would interrupt that clean-up and print its
-    traceback after dsub's one line. Only for the ``dsub`` process itself
-    (``entry``): ``main`` called from Python leaves the caller's handler alone.
-    """
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, _interrupted)
-
-
-def ignore_further_ctrl_c() -> None:
-    """Where dsub's own handler is in place, ignore SIGINT from now on (a stop raised without a signal)."""
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is _interrupted:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def entry() -> None:

@@ -1,8 +1,8 @@
 """The ``dsub`` command's entry point, light enough that an interrupt while Python loads dsub ends in one line.
 
 Loading dsub's libraries (NumPy, pandas, Dask, Zarr) takes about a second; a
-Ctrl-C then would print the import's traceback. ``dsub.errors`` imports only
-the standard library.
+Ctrl-C then would print the import's traceback. ``dsub.interrupts`` and
+``dsub.errors`` import only the standard library.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ def run() -> None:
     and ``entry``'s handler, or while the arguments are read): nothing was written.
     """
     try:
+        from .interrupts import stop_once_on_ctrl_c
+
+        stop_once_on_ctrl_c()  # before the libraries load: no Ctrl-C is raised inside importlib's own code
         from .cli import entry
 
         entry()

@@ -390,6 +390,41 @@ def test_sigterm_is_recorded_as_an_interrupted_attempt(small, tmp_path, monkeypa
     assert finished["chunks_done_before"] == 3
 
 
+def test_sigterm_in_importlibs_own_code_is_raised_once_out_of_it():
+    """Raised where importlib holds the interpreter's import lock, ``Terminated`` could leave the lock held:
+    dsub's handler puts it off, and it is raised a few milliseconds later, elsewhere."""
+    import importlib.abc
+    import signal
+    import time
+
+    from dsub.cli import terminate_on_sigterm
+    from dsub.errors import Terminated
+
+    frames = []
+
+    class Finder(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "dsub_no_such_module":
+                frames.append(sys._getframe(1))  # importlib's code, looking for the module
+            return None
+
+    sys.meta_path.insert(0, finder := Finder())
+    try:
+        with pytest.raises(ImportError):
+            import dsub_no_such_module  # noqa: F401
+    finally:
+        sys.meta_path.remove(finder)
+    assert frames[0].f_code.co_filename == "<frozen importlib._bootstrap>"
+    previous = terminate_on_sigterm()
+    try:
+        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, frames[0])  # as Python calls it there: put off
+        with pytest.raises(Terminated):
+            for _ in range(200):
+                time.sleep(0.01)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_modification_times_that_differ_below_a_second_print_differently():
     from dsub.workflow.outdir import identity_differences
 
@@ -433,6 +468,57 @@ def test_ctrl_c_while_the_arguments_are_read_ends_in_one_line(small, tmp_path):
     command = [sys.executable, "-c", interrupted, *subtract_args(small, tmp_path / "out")]
     run = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert run.returncode == 130 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines() == ["dsub: interrupted before anything was written; rerun the command to start"]
+    assert not (tmp_path / "out").exists()
+
+
+#: A ``python -c`` prelude: the first time importlib's weak-reference callback that drops a module's lock has
+#: taken the global import lock (``_imp.acquire_lock()``, the line before its ``try``), the SIGINT handler in
+#: place (once it is dsub's) is called there, as Python calls it when a Ctrl-C is pending as that call returns.
+CTRL_C_AS_IMPORTLIB_TAKES_ITS_LOCK = """
+import importlib._bootstrap as bootstrap, signal, sys, types
+real = bootstrap._imp
+proxy = types.SimpleNamespace(**{name: getattr(real, name) for name in dir(real) if not name.startswith("__")})
+pending = [True]
+def acquire_lock():
+    real.acquire_lock()
+    caller, handler = sys._getframe(1), signal.getsignal(signal.SIGINT)
+    if pending and caller.f_code.co_name == "cb" and handler is not signal.default_int_handler:
+        pending.clear()
+        handler(signal.SIGINT, caller)
+proxy.acquire_lock = acquire_lock
+bootstrap._imp = proxy
+"""
+
+
+def test_ctrl_c_as_importlib_takes_the_import_lock_ends_in_one_line(small, tmp_path):
+    """Raised there, the ``KeyboardInterrupt`` left the interpreter's import lock with the main thread and was
+    dropped (a weak-reference callback): the run went on, deaf to Ctrl-C, and hung once a task thread imported."""
+    code = CTRL_C_AS_IMPORTLIB_TAKES_ITS_LOCK + "from dsub.command import run; run()"
+    command = [sys.executable, "-c", code, *subtract_args(small, tmp_path / "out")]
+    run = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert run.returncode == 130, run.stderr
+    assert run.stderr.strip().splitlines() == ["dsub: interrupted before anything was written; rerun the command to start"]
+
+
+def test_ctrl_c_dropped_in_a_finalizer_is_taken_again(small, tmp_path):
+    """A Ctrl-C whose ``KeyboardInterrupt`` is raised in a weak-reference callback (or a ``__del__``), which
+    Python drops ("Exception ignored in ..."): the run stops all the same, in one line."""
+    code = ("import os, signal, time, weakref, dsub.cli\n"
+            "build_parser, references = dsub.cli.build_parser, []\n"
+            "def parser_after_a_finalizer():\n"
+            "    class Finalized: pass\n"
+            "    finalized = Finalized()\n"
+            "    references.append(weakref.ref(finalized, lambda ref: os.kill(os.getpid(), signal.SIGINT)))\n"
+            "    del finalized  # the callback runs here, and the Ctrl-C's handler inside it\n"
+            "    for _ in range(200):  # the stop is asked again within milliseconds: it ends this wait\n"
+            "        time.sleep(0.01)\n"
+            "    return build_parser()\n"
+            "dsub.cli.build_parser = parser_after_a_finalizer\n"
+            "from dsub.command import run; run()")
+    command = [sys.executable, "-c", code, *subtract_args(small, tmp_path / "out")]
+    run = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert run.returncode == 130, run.stderr
     assert run.stderr.strip().splitlines() == ["dsub: interrupted before anything was written; rerun the command to start"]
     assert not (tmp_path / "out").exists()
 
