@@ -20,7 +20,7 @@ from .errors import (
     DsubError, DsubWarning, MissingInputError, OptionError, Terminated, error_line, interrupted_line, warn,
 )
 from .formats.paths import PATH_MODES
-from .interrupts import ignore_further_ctrl_c, put_off_in_import_code, stop_once_on_ctrl_c
+from .interrupts import ignore_further_ctrl_c, put_off_in_import_code, stop_for, stop_once_on_ctrl_c
 from .physics.contrast import SCALE_MODES, WEIGHTINGS, ContrastFit
 from .physics.projector import CORNERS, PROJECTORS, projector_kernel
 from .physics.subtract import EXTENSION, SubtractionSettings
@@ -426,7 +426,7 @@ def terminate_on_sigterm():
 
     def terminated(signum, frame):
         if not put_off_in_import_code(signum, frame):  # raised there, it could leave the import lock held
-            raise Terminated()
+            raise stop_for(signum, Terminated())
 
     return signal.signal(signal.SIGTERM, terminated)
 

@@ -20,7 +20,7 @@ instructions, wherever it is. The exception the handler raises
 So dsub's handlers put a stop off while importlib's code runs (``put_off_in_import_code``:
 the signal is asked again ``RETRY_S`` later, until it lands elsewhere), and a
 stop dropped in a finalizer is asked again (``sys.unraisablehook``). Only the
-standard library is imported here (``dsub.errors`` too): the console command
+standard library is imported here: the console command
 sets this up before it loads the rest of dsub (``dsub.command``).
 """
 
@@ -31,8 +31,6 @@ import signal
 import sys
 import threading
 import time
-
-from .errors import Terminated
 
 #: Seconds after which a signal put off in importlib's code is asked again.
 RETRY_S = 0.005
@@ -78,6 +76,12 @@ def put_off_in_import_code(signum: int, frame) -> bool:
     return True
 
 
+def stop_for(signum: int, stop: KeyboardInterrupt) -> KeyboardInterrupt:
+    """``stop`` (to raise from ``signum``'s handler), marked so that Python dropping it is noticed."""
+    stop.dsub_signal = signum
+    return stop
+
+
 def _interrupted(signum, frame):
     """dsub's SIGINT handler (``stop_once_on_ctrl_c``): the first Ctrl-C raises ``KeyboardInterrupt``
     (not inside importlib's code), later ones are ignored."""
@@ -85,23 +89,19 @@ def _interrupted(signum, frame):
     if _stopping or put_off_in_import_code(signum, frame):
         return
     _stopping = True
-    raise KeyboardInterrupt
+    raise stop_for(signum, KeyboardInterrupt())
 
 
 def _redeliver_dropped_stops(unraisable) -> None:
-    """``sys.unraisablehook``: a stop that Python dropped (raised in a finalizer) is asked again; anything
-    else goes to the hook that was there before."""
+    """``sys.unraisablehook``: a stop of dsub's handlers that Python dropped (raised in a finalizer) is
+    asked again; anything else goes to the hook that was there before."""
     global _stopping
-    exc = unraisable.exc_value
-    if isinstance(exc, KeyboardInterrupt) and threading.current_thread() is threading.main_thread():
-        if isinstance(exc, Terminated):
-            signum = signal.SIGTERM
-        else:
-            _stopping = False  # this stop was never taken: the next one is
-            signum = signal.SIGINT
-        if callable(signal.getsignal(signum)):  # a Python handler, to raise it again
-            ask_again_soon(signum)
-            return
+    signum = getattr(unraisable.exc_value, "dsub_signal", None)
+    if signum is not None and callable(signal.getsignal(signum)):  # a Python handler, to raise it again
+        if signum == signal.SIGINT:
+            _stopping = False  # that stop was never taken: the next one is
+        ask_again_soon(signum)
+        return
     _previous_unraisablehook(unraisable)
 
 
