@@ -19,17 +19,18 @@ instructions, wherever it is. The exception the handler raises
 
 So dsub's handlers put a stop off while importlib's code runs (``put_off_in_import_code``:
 the signal is asked again ``RETRY_S`` later, until it lands elsewhere), and a
-stop dropped in a finalizer is asked again (``sys.unraisablehook``). Only the
-standard library is imported here: the console command
-sets this up before it loads the rest of dsub (``dsub.command``).
+stop dropped in a finalizer is asked again (``sys.unraisablehook``). Only
+modules that a starting interpreter has loaded already (and ``signal``) are
+imported here: the console command sets this up before it loads the rest of
+dsub (``dsub.command``), so few imports run under Python's own handler.
 """
 
 from __future__ import annotations
 
 import _thread
+import contextlib
 import signal
 import sys
-import threading
 import time
 
 #: Seconds after which a signal put off in importlib's code is asked again.
@@ -117,15 +118,17 @@ def stop_once_on_ctrl_c() -> None:
     ``cli.entry``): ``main`` called from Python leaves the caller's handling alone.
     """
     global _previous_unraisablehook
-    if threading.current_thread() is not threading.main_thread():
+    try:
+        signal.signal(signal.SIGINT, _interrupted)
+    except ValueError:  # not the main thread: only it may set a handler
         return
     if sys.unraisablehook is not _redeliver_dropped_stops:
         _previous_unraisablehook = sys.unraisablehook
         sys.unraisablehook = _redeliver_dropped_stops
-    signal.signal(signal.SIGINT, _interrupted)
 
 
 def ignore_further_ctrl_c() -> None:
     """Where dsub's own handler is in place, ignore SIGINT from now on (a stop raised without a signal)."""
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is _interrupted:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if signal.getsignal(signal.SIGINT) is _interrupted:
+        with contextlib.suppress(ValueError):  # not the main thread: only it may set a handler
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
