@@ -42,6 +42,7 @@ IMPORT_CODE = ("<frozen importlib._bootstrap>", "<frozen importlib._bootstrap_ex
 _stopping = False  # a Ctrl-C has raised dsub's stop; later ones are ignored (``stop_once_on_ctrl_c``)
 _retrying: set[int] = set()  # signals to be asked again, each by one thread at a time
 _previous_unraisablehook = None
+_main_thread: int | None = None  # its ident, where dsub's SIGINT handler is in place
 
 
 def in_import_code(frame) -> bool:
@@ -53,8 +54,10 @@ def ask_again_soon(signum: int) -> None:
     """Have ``signum``'s Python handler called again in ``RETRY_S``, as for a new signal.
 
     From a plain thread of ``_thread``: a handler must not take ``threading``'s
-    own locks, which the code it interrupted may hold; and a signal tripped from
-    here would be handled at once, here (``_thread.interrupt_main`` in this thread).
+    own locks, which the code it interrupted may hold; and a signal asked for
+    from here would be handled at once, here (by this handler, or in a
+    finalizer that Python drops it from). SIGINT is sent to the main thread as a
+    signal (``signal.pthread_kill``), which also ends a wait it is blocked in.
     """
     if signum in _retrying:
         return
@@ -63,7 +66,13 @@ def ask_again_soon(signum: int) -> None:
     def again():
         time.sleep(RETRY_S)
         _retrying.discard(signum)
-        _thread.interrupt_main(signum)
+        if signum == signal.SIGINT and signal.getsignal(signum) is _interrupted and _main_thread is not None:
+            # A signal itself: it also ends a wait the main thread has gone into meanwhile (a lock, a
+            # sleep), where a tripped flag alone waits with it. Safe: dsub's handler only ever gives way to
+            # SIG_IGN, never to the default that would end the process.
+            signal.pthread_kill(_main_thread, signum)
+        else:
+            _thread.interrupt_main(signum)  # does nothing once the signal is no longer Python's to handle
 
     _thread.start_new_thread(again, ())
 
@@ -117,11 +126,13 @@ def stop_once_on_ctrl_c() -> None:
     docstring). Only for the ``dsub`` process itself (``command.run``,
     ``cli.entry``): ``main`` called from Python leaves the caller's handling alone.
     """
-    global _previous_unraisablehook
+    global _previous_unraisablehook, _main_thread
     try:
         signal.signal(signal.SIGINT, _interrupted)
     except ValueError:  # not the main thread: only it may set a handler
         return
+    if hasattr(signal, "pthread_kill"):
+        _main_thread = _thread.get_ident()
     if sys.unraisablehook is not _redeliver_dropped_stops:
         _previous_unraisablehook = sys.unraisablehook
         sys.unraisablehook = _redeliver_dropped_stops

@@ -523,6 +523,32 @@ def test_ctrl_c_dropped_in_a_finalizer_is_taken_again(small, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_ctrl_c_put_off_in_importlibs_code_ends_a_wait_the_run_went_into_meanwhile(tmp_path):
+    """Asked again as a signal, not as a flag that a thread blocked on a lock (waiting for a task) would
+    only see once the lock is released."""
+    code = ("import importlib.abc, signal, sys, threading\n"
+            "from dsub.interrupts import stop_once_on_ctrl_c\n"
+            "frames = []\n"
+            "class Finder(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            "        frames.append(sys._getframe(1))  # importlib's code, looking for the module\n"
+            "sys.meta_path.insert(0, Finder())\n"
+            "try:\n"
+            "    import dsub_no_such_module\n"
+            "except ImportError:\n"
+            "    pass\n"
+            "stop_once_on_ctrl_c()\n"
+            "signal.getsignal(signal.SIGINT)(signal.SIGINT, frames[0])  # a Ctrl-C there: put off\n"
+            "held = threading.Lock()\n"
+            "held.acquire()\n"
+            "try:\n"
+            "    held.acquire()  # a wait that nothing but the stop ends\n"
+            "except KeyboardInterrupt:\n"
+            "    print('stopped')\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert run.returncode == 0 and run.stdout == "stopped\n", run.stderr
+
+
 def test_a_run_from_python_with_default_padding_is_the_same_run_as_the_command_line(small, tmp_path, capsys):
     """``dsub demo`` runs the pipeline with ``padding=None``; the command line says 1.25: the same run."""
     from dsub.physics.subtract import SubtractionSettings
