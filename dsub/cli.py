@@ -374,12 +374,12 @@ def main(argv=None) -> int:
         print(os_error_line(exc), file=sys.stderr)
         return 2
     except Terminated as exc:
-        stopped_before_the_run(exc, args.command)
+        stopped_before_the_run(exc, args)
         print(interrupted_line(exc), file=sys.stderr)
         return 128 + signal.SIGTERM
     except KeyboardInterrupt as exc:
         ignore_further_ctrl_c()  # the clean-up is done; distributed's exit-time handlers are still to run
-        stopped_before_the_run(exc, args.command)
+        stopped_before_the_run(exc, args)
         print(interrupted_line(exc), file=sys.stderr)
         return 130
     finally:
@@ -393,10 +393,13 @@ THREAD_LIMIT_MESSAGE = "can't start new thread"
 MAP_FAILURE_MESSAGE = "failed to map segment from shared object"
 
 
-def stopped_before_the_run(exc: KeyboardInterrupt, command: str) -> None:
-    """A ``subtract`` stopped before its run began (the run marks its own stops): nothing was written."""
-    if command == "subtract" and not hasattr(exc, "nothing_written"):
-        exc.nothing_written = True
+def stopped_before_the_run(exc: KeyboardInterrupt, args) -> None:
+    """A ``subtract`` stopped outside its run (the run marks its own stops): nothing was written, unless the
+    run got under way and OUTDIR holds its store, as the run itself decides (a stop that lands as the run
+    returns comes after its results)."""
+    if args.command == "subtract" and not hasattr(exc, "nothing_written"):
+        store = sys.modules.get(f"{__package__}.workflow.store")  # loaded (1.5 s) only once the run is under way
+        exc.nothing_written = store is None or not (Path(args.outdir) / store.STORE_NAME).exists()
 
 
 #: What to do about an operating-system error that reached the command line, by errno.

@@ -15,6 +15,7 @@ import pytest
 from dsub.cli import main
 from dsub.cluster.progress import Progress, duration, map_preparation_estimate, number, rate
 from dsub.demo import make_dataset
+from dsub.errors import INTERRUPTED
 
 
 class FakeClock:
@@ -547,6 +548,22 @@ def test_ctrl_c_put_off_in_importlibs_code_ends_a_wait_the_run_went_into_meanwhi
             "    print('stopped')\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert run.returncode == 0 and run.stdout == "stopped\n", run.stderr
+
+
+def test_ctrl_c_as_the_run_returns_does_not_say_that_nothing_was_written(small, tmp_path):
+    """The results are written: the line says to rerun (which finds them finished), not to start again."""
+    code = ("import dsub.cli\n"
+            "run_subtract = dsub.cli.run_subtract\n"
+            "def run_then_ctrl_c(args):\n"
+            "    run_subtract(args)\n"
+            "    raise KeyboardInterrupt  # as a Ctrl-C lands the moment the run returns\n"
+            "dsub.cli.run_subtract = run_then_ctrl_c\n"
+            "from dsub.command import run; run()")
+    outdir = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-c", code, *subtract_args(small, outdir)], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=300)
+    assert run.returncode == 130 and run.stderr.strip().splitlines() == [INTERRUPTED], run.stderr
+    assert json.loads((outdir / "dsub_run.json").read_text())["attempts"][-1]["status"] == "finished"
 
 
 def test_a_run_from_python_with_default_padding_is_the_same_run_as_the_command_line(small, tmp_path, capsys):
