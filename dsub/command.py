@@ -2,8 +2,7 @@
 
 Loading dsub's libraries (NumPy, pandas, Dask, Zarr) takes about a second; a
 Ctrl-C then would print the import's traceback. ``dsub.interrupts`` and
-``dsub.errors`` import only the standard library: a Ctrl-C while the rest
-loads is noted and raised once it has loaded (``interrupts``).
+``dsub.errors`` import only the standard library.
 """
 
 from __future__ import annotations
@@ -12,18 +11,18 @@ import os
 import signal
 import sys
 
-from .interrupts import note_ctrl_c_while_loading
-
 
 def run() -> None:
     """Load the command line and run it (``cli.entry``); Ctrl-C while loading: one line, exit status 130.
 
     ``entry`` never returns (it ends the process); a ``KeyboardInterrupt`` that
-    leaves it came before ``main``'s own handling took over (while dsub loads,
-    or while the arguments are read): nothing was written.
+    leaves it came before ``main``'s own handling took over (between the import
+    and ``entry``'s handler, or while the arguments are read): nothing was written.
     """
     try:
-        note_ctrl_c_while_loading()  # raised by entry once dsub is loaded
+        from .interrupts import stop_once_on_ctrl_c
+
+        stop_once_on_ctrl_c()  # before the libraries load: no Ctrl-C is raised inside importlib's own code
         from .cli import entry
 
         entry()

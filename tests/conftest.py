@@ -1,8 +1,14 @@
 """Shared fixtures. Real third-party test data lives in ``../shared/data`` beside the checkout."""
 
+import signal
 from pathlib import Path
 
 import pytest
+
+# A shell without job control starts `make test &` with SIGINT ignored, and every process the tests start
+# would inherit that (dsub keeps an inherited ignored SIGINT ignored): the tests' Ctrl-Cs act as a terminal's.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

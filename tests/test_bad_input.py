@@ -595,11 +595,24 @@ def test_a_star_cut_short_in_its_last_row_is_refused_as_truncated(data, tmp_path
 
 
 def unused_port() -> int:
+    """A port of 127.0.0.1 that nothing listens on, below the range the system draws connections' own ports
+    from: a connection to a free port in that range can get that very port as its own and connect to itself
+    (TCP's simultaneous open), which looks like a scheduler that answers."""
+    import random
     import socket
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default
+    for port in random.sample(range(1024, low), 200):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no free port of 127.0.0.1 below {low}")
 
 
 @pytest.mark.parametrize("existing", [False, True], ids=["new-outdir", "existing-outdir"])
