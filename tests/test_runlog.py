@@ -802,8 +802,35 @@ def test_a_stack_cut_short_and_lost_metadata_are_named_too(tmp_path):
         "images are not kept (--keep-store)")
     (outdir / "Particles" / "subtracted_0000.mrcs").write_bytes(b"x" * 100)
     (outdir / "particles_subtracted.star").unlink()
+    assert lost_from_finished_run(outdir, stacks) is None  # written again from the store: dsub_run.json is there
+    (outdir / "dsub_run.json").unlink()  # the export's completion is not recorded: nothing can be trusted
     assert lost_from_finished_run(outdir, stacks) == (
-        f"{outdir}/particles_subtracted.star of the finished run is missing")
+        f"{outdir}/particles_subtracted.star, {outdir}/dsub_run.json of the finished run are missing or not of the "
+        "size written")
+
+
+def test_a_finished_runs_lost_star_and_cs_are_written_again_without_computing(small, tmp_path, capsys):
+    """The stacks and dsub_run.json are there: the star and .cs come back from the store, no image computed."""
+    outdir = tmp_path / "out"
+    assert main(subtract_args(small, outdir)) == 0
+    star, cs = outdir / "particles_subtracted.star", outdir / "particles_subtracted.cs"
+    def contents():  # the star less its "# Created by ... at" line
+        return {path: b"".join(line for line in path.read_bytes().splitlines(keepends=True)
+                                if not line.startswith(b"# ")) for path in (star, cs)}
+
+    before = contents()
+    stacks = {path: path.stat().st_mtime_ns for path in (outdir / "Particles").glob("*.mrcs")}
+    for path in (star, cs):
+        path.unlink()
+    capsys.readouterr()
+    assert main(subtract_args(small, outdir)) == 0
+    out = capsys.readouterr().out
+    assert (f"dsub: {outdir} already holds the finished results of this run (particles_subtracted.star and "
+            "particles_subtracted.cs were missing); particles_subtracted.star and particles_subtracted.cs written "
+            "again") in out, out
+    assert "no image computed again" in out
+    assert contents() == before  # the same files
+    assert {path: path.stat().st_mtime_ns for path in stacks} == stacks  # the stacks untouched
 
 
 # ----------------------------------------------------------------------------- maps touched, not changed

@@ -813,8 +813,10 @@ def lost_from_finished_run(outdir: Path, stacks: dict) -> str | None:
     ``out/Particles/subtracted_0000.mrcs of the finished run is missing and its
     images are not kept (--keep-store)``: the run must then be computed again.
     """
-    lost = [(outdir / name, "is missing") for name in (export.STAR_NAME, export.CS_NAME, RUN_SUMMARY)
-            if not (outdir / name).is_file()]
+    # The star and .cs alone are written again from the store (``finished_run``) while the record that the
+    # export completed (dsub_run.json, written last) is there.
+    metadata = (export.STAR_NAME, export.CS_NAME, RUN_SUMMARY) if not (outdir / RUN_SUMMARY).is_file() else ()
+    lost = [(outdir / name, "is missing") for name in metadata if not (outdir / name).is_file()]
     for relative, size in stacks.items():
         path = outdir / relative
         if not export.has_size(path, size):
@@ -851,15 +853,19 @@ def finished_run(outdir: Path, stacks: dict, options: RunOptions, table=None, sc
     .cs input, or a star of absolute names), a moved OUTDIR), they are written
     again from ``table`` (the input particles), ``scale`` (``--scale``),
     ``reboxing`` and the store's per-particle figures; no image is computed.
-    If that fails, no metadata is left, so the next run computes afresh.
+    If that fails, no metadata is left, so the next run computes afresh. A star
+    or .cs lost since (``dsub_run.json`` still there) is written again the same way.
     """
-    if not all((outdir / name).is_file() for name in (export.STAR_NAME, export.CS_NAME, RUN_SUMMARY)):
+    if not (outdir / RUN_SUMMARY).is_file():
         return None
     if not all(export.has_size(outdir / relative, size) for relative, size in stacks.items()):
         return None
     summary = json.loads((outdir / RUN_SUMMARY).read_text())
     names = None if table is None else stack_names(table, outdir, options.paths)
-    if names is not None and summary.get("outputs", {}).get("stack_names") != names:
+    missing = [name for name in (export.STAR_NAME, export.CS_NAME) if not (outdir / name).is_file()]
+    if missing and table is None:
+        return None
+    if missing or (names is not None and summary.get("outputs", {}).get("stack_names") != names):
         store_path = outdir / store.STORE_NAME
         fit = store.per_particle(store_path)
         contrast = fit.pop("contrast")
@@ -876,7 +882,8 @@ def finished_run(outdir: Path, stacks: dict, options: RunOptions, table=None, sc
         star_root = star_folder_text(table, outdir, options.paths)
         from_star = f", the star's names from {star_root}" if star_root not in (None, os.getcwd()) else ""
         from_project = f" and the .cs's from {project}" if project is not None else ""
-        say(options, f"dsub: {outdir} already holds the finished results of this run; {export.STAR_NAME} and "
+        why = f" ({' and '.join(missing)} {'was' if len(missing) == 1 else 'were'} missing)" if missing else ""
+        say(options, f"dsub: {outdir} already holds the finished results of this run{why}; {export.STAR_NAME} and "
                      f"{export.CS_NAME} written again with --paths {options.paths}{from_star}{from_project} "
                      f"(stacks named as {names['star']} in the star, {names['cs']} in the .cs), no image computed "
                      "again. Add "
