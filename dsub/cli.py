@@ -10,7 +10,6 @@ import os
 import shlex
 import signal
 import sys
-import threading
 import warnings
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from .errors import (
     error_line, interrupted_line, warn,
 )
 from .formats.paths import PATH_MODES
-from .interrupts import ignore_further_ctrl_c, put_off_in_import_code, stop_for, stop_once_on_ctrl_c
+from .interrupts import ignore_further_ctrl_c, stop_once_on_ctrl_c, terminate_on_sigterm
 from .physics.contrast import SCALE_MODES, WEIGHTINGS, ContrastFit
 from .physics.projector import CORNERS, PROJECTORS, projector_kernel
 from .physics.subtract import EXTENSION, SubtractionSettings
@@ -388,7 +387,6 @@ def main(argv=None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
-
 def stopped_before_the_run(exc: KeyboardInterrupt, args) -> None:
     """A ``subtract`` stopped outside its run (the run marks its own stops): nothing was written, unless the
     run got under way and OUTDIR holds its store, as the run itself decides (a stop that lands as the run
@@ -413,21 +411,6 @@ def os_error_line(exc: OSError) -> str:
     where = f"{exc.filename}: " if exc.filename else ""
     fix = _OS_ERROR_FIXES.get(exc.errno, "check that path and rerun the same command (finished work is kept)")
     return f"dsub: error: {where}{exc.strerror or exc}. {fix[0].upper()}{fix[1:]}."
-
-
-def terminate_on_sigterm():
-    """Turn SIGTERM (a batch system's time limit or preemption) into ``Terminated``; returns the old handler.
-
-    Only the main thread can install it; elsewhere nothing changes (None).
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def terminated(signum, frame):
-        if not put_off_in_import_code(signum, frame):  # raised there, it could leave the import lock held
-            raise stop_for(signum, Terminated())
-
-    return signal.signal(signal.SIGTERM, terminated)
 
 
 def entry() -> None:

@@ -33,6 +33,8 @@ import signal
 import sys
 import time
 
+from .errors import Terminated
+
 #: Seconds after which a signal put off in importlib's code is asked again.
 RETRY_S = 0.005
 
@@ -147,3 +149,19 @@ def ignore_further_ctrl_c() -> None:
     if signal.getsignal(signal.SIGINT) is _interrupted:
         with contextlib.suppress(ValueError):  # not the main thread: only it may set a handler
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def terminate_on_sigterm():
+    """Turn SIGTERM (a batch system's time limit or preemption) into ``errors.Terminated``, put off like a
+    Ctrl-C inside importlib's code; returns the old handler.
+
+    Only the main thread can install it; elsewhere nothing changes (None).
+    """
+    def terminated(signum, frame):
+        if not put_off_in_import_code(signum, frame):  # raised there, it could leave the import lock held
+            raise stop_for(signum, Terminated())
+
+    try:
+        return signal.signal(signal.SIGTERM, terminated)
+    except ValueError:  # not the main thread: only it may set a handler
+        return None
