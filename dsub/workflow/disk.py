@@ -102,7 +102,7 @@ class DiskNeed:
     """Bytes a run writes into OUTDIR.
 
     ``stacks``, ``store_images`` (``--keep-store``) and ``metadata``: what is
-    still to be written; ``stacks_total``: the stacks' full size; ``freed``: the
+    still to be written; ``freed``: the
     blocks of an earlier run's stacks and store that this run deletes before it
     writes (``--overwrite``, or a store it cannot take up).
     """
@@ -110,7 +110,6 @@ class DiskNeed:
     stacks: int
     store_images: int
     metadata: int
-    stacks_total: int
     freed: int = 0
 
     @property
@@ -145,7 +144,6 @@ def plan_disk(outdir: Path, layout, count: int, box: int, chunk_size: int, float
         stacks=stacks,
         store_images=store_images_need(store_path, count, box, chunk_size, dtype, takes_up) if keep_store else 0,
         metadata=metadata_bytes(count, particle_files),
-        stacks_total=sum(export.stack_bytes(rows.size, box, dtype) for _, rows, _ in layout),
         freed=freed,
     )
 
@@ -166,9 +164,8 @@ def stack_need(outdir: Path, layout, box: int, dtype, takes_up: bool, count_free
             for path in folder.iterdir():
                 if export.is_stack_name(path.name):
                     freed += allocated_bytes(path)
-        return sum(export.stack_bytes(rows.size, box, dtype) for _, rows, _ in layout), freed
-    for relative, rows, _ in layout:
-        size = export.stack_bytes(rows.size, box, dtype)
+        return sum(export.stack_sizes(layout, box, dtype).values()), freed
+    for relative, size in export.stack_sizes(layout, box, dtype).items():
         partial, target = export.partial_name(outdir, relative), Path(outdir) / relative
         if export.has_size(partial, size):
             kept, replaced = partial, [target]

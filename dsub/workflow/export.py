@@ -155,6 +155,12 @@ def stack_bytes(count: int, box: int, dtype) -> int:
     return DATA_OFFSET + count * box * box * np.dtype(dtype).itemsize
 
 
+def stack_sizes(layout, box: int, dtype) -> dict:
+    """{stack path relative to OUTDIR: its size in bytes} of every stack of ``layout`` (``stack_layout``:
+    (relative path, rows, ...) per stack) with images of ``box``² pixels in ``dtype``."""
+    return {relative: stack_bytes(rows.size, box, dtype) for relative, rows, _ in layout}
+
+
 def create_partial_stack(outdir: Path, relative: str, count: int, box: int, pixel_size: float, dtype) -> None:
     """Create a stack's file under its temporary name at its full size (sparse: nothing is filled).
 
@@ -259,7 +265,7 @@ def prepare_stacks(outdir: Path, layout, pieces, bounds, box: int, dtype, done: 
     keeps them (``--keep-store``), else returned to be computed again.
     ``pieces``: ``chunk_pieces`` of ``layout`` and ``bounds`` (``store.chunk_bounds``).
     """
-    size = {relative: stack_bytes(rows.size, box, dtype) for relative, rows, _ in layout}
+    size = stack_sizes(layout, box, dtype)
     redo: set[int] = set()
     fresh = []
     for relative, rows, pixel_size in layout:

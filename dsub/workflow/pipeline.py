@@ -410,7 +410,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
         read_ahead.stop()
     options.log.open_log(outdir, fresh=options.overwrite, command=options.command)
     if resuming and store.images_deleted(store_path):
-        stacks = finished_stack_bytes(layout, out_box, options.float16)
+        stacks = export.stack_sizes(layout, out_box, np.float16 if options.float16 else np.float32)
         afresh = lost_from_finished_run(outdir, stacks)
         if afresh is None:
             return finished_run(outdir, stacks, options, table, settings.scale, reboxing)
@@ -676,7 +676,8 @@ def check_disk_room(outdir: Path, layout, count: int, box: int, options: RunOpti
     store_path = outdir / store.STORE_NAME
     takes_up = resumes
     if resumes and store.images_deleted(store_path):
-        if lost_from_finished_run(outdir, finished_stack_bytes(layout, box, options.float16)) is None:
+        written = export.stack_sizes(layout, box, np.float16 if options.float16 else np.float32)
+        if lost_from_finished_run(outdir, written) is None:
             return  # finished: at most the star and .cs are written again
         takes_up = False
     elif resumes and not store_takes_up(store_path, options):
@@ -800,13 +801,6 @@ def adopt_strict_run(store_path: Path, identity: dict, fingerprint: str) -> None
 
 #: How many lost files of a finished run the line saying so names before it only counts them.
 NAMED_LOST = 3
-
-
-def finished_stack_bytes(layout, box: int, float16: bool) -> dict:
-    """{stack path relative to OUTDIR: its size in bytes} of the run's stacks as written (``layout``: the
-    export's (relative path, rows, ...) per stack; ``box``: the output box)."""
-    dtype = np.float16 if float16 else np.float32
-    return {relative: export.stack_bytes(rows.size, box, dtype) for relative, rows, _ in layout}
 
 
 def lost_from_finished_run(outdir: Path, stacks: dict) -> str | None:
