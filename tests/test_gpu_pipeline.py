@@ -6,6 +6,8 @@ sees a GPU; CI has none, so these are skipped there and run on a GPU machine
 """
 
 import json
+import os
+import re
 import subprocess
 import sys
 import threading
@@ -171,3 +173,51 @@ def test_gpu_warm_up_loads_cupy_and_makes_the_context_in_the_background():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr
     assert int(result.stdout.strip()) > 0
+
+
+#: Loaded by each local GPU worker at its start: chunk 3 runs with CuPy's memory pool limited to 1 MiB once
+#: another chunk is recorded, so the engine's own allocation raises CuPy's real ``OutOfMemoryError``.
+GPU_OUT_OF_MEMORY_PRELOAD = '''
+import time
+from pathlib import Path
+
+
+def dask_setup(worker):
+    from dsub.workflow import tasks
+
+    run_chunk = tasks.run_chunk
+
+    def run_chunk_short_of_gpu_memory(chunk_index, start, particles, maps, settings, store_path, *rest, **options):
+        if chunk_index != 3:
+            return run_chunk(chunk_index, start, particles, maps, settings, store_path, *rest, **options)
+        recorded = Path(store_path) / "chunk_done" / "c"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (recorded.is_dir() and any(recorded.iterdir())):
+            time.sleep(0.05)
+        import cupy
+        cupy.get_default_memory_pool().free_all_blocks()
+        cupy.get_default_memory_pool().set_limit(size=2**20)
+        return run_chunk(chunk_index, start, particles, maps, settings, store_path, *rest, **options)
+
+    tasks.run_chunk = run_chunk_short_of_gpu_memory
+'''
+
+
+def test_a_local_gpu_worker_out_of_gpu_memory_is_named_in_one_line(tmp_path):
+    """CuPy's own ``OutOfMemoryError`` in a local GPU worker's task: one line names the worker and its chunk."""
+    paths, _ = make_dataset(tmp_path / "data", count=120, box=48)
+    preload = tmp_path / "gpu_out_of_memory_preload.py"
+    preload.write_text(GPU_OUT_OF_MEMORY_PRELOAD)
+    command = [sys.executable, "-m", "dsub.cli", "subtract", str(paths["star"]), "--half-a", str(paths["half_a"]),
+               "--half-b", str(paths["half_b"]), "--mask", str(paths["mask"]), "-o", str(tmp_path / "out"), "--quiet",
+               "--dashboard-address", "127.0.0.1:0", "--scheduler", "local", "--workers", "1", "--chunk-size", "16",
+               "--device", "gpu"]
+    environment = {**os.environ, "DASK_DISTRIBUTED__WORKER__PRELOAD": f'["{preload}"]'}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=environment)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert re.match(r"dsub: error: worker tcp://127\.0\.0\.1:\d+ ran out of memory while computing "
+                    r"subtract-chunk-00003 \(", lines[0]), lines[0]
+    assert lines[0].endswith("Finished chunks are kept: rerun the same command to resume.")
+    assert not (tmp_path / "out" / "particles_subtracted.star").exists()
