@@ -31,15 +31,24 @@ from ._transfer_cuda import SOURCE as TRANSFER_SOURCE
 _SOURCE = r"""
 #include <cupy/complex.cuh>
 
-#define MAX_WIDTH 8
 #ifndef MAPS
 #define MAPS 1
 #endif
+#ifndef WIDTH
+#define WIDTH 2
+#endif
+#ifndef KIND
+#define KIND 0
+#endif
 """ + TRANSFER_SOURCE + r"""
-__device__ __forceinline__ void axis_taps(float q, int width, int kind, float beta, int* first, float* w)
+// WIDTH and KIND are given at compilation (one kernel per interpolation kernel), so the weights stay in
+// registers and the tap loops unroll.
+__device__ __forceinline__ void axis_taps(float q, float beta, int* first, float* w)
 {
+    const int width = WIDTH, kind = KIND;
     const float start = ceilf(q - 0.5f * width);
     *first = (int)start;
+#pragma unroll
     for (int j = 0; j < width; ++j) {
         const float d = q - (start + j);
         if (kind == 0) {
@@ -60,7 +69,7 @@ extern "C" __global__ void extract_slices(
     const float* __restrict__ rotations,         // (n, 9) RELION A, row-major
     complex<float>* __restrict__ out,            // (MAPS, n, size, size/2 + 1)
     const int n, const int size, const int box, const int padded, const int columns, const int reach,
-    const float scale, const float step, const int width, const int kind, const float beta,
+    const float scale, const float step, const float beta,  // the kernel's width and kind: WIDTH, KIND
     const int cube,                               // 1: keep points inside the map's Nyquist cube
     const int checkerboard,                       // 1: multiply by (-1)^(kx + ky)
     const double* __restrict__ transfer,          // (n, TRANSFER_PARAMETERS), or null: no transfer
@@ -73,7 +82,8 @@ extern "C" __global__ void extract_slices(
 #endif
     const float radius2 = 0.25f * size * size;
     const float limit = 0.5f * box;
-    float wx[MAX_WIDTH], wy[MAX_WIDTH], wz[MAX_WIDTH];
+    const int width = WIDTH;
+    float wx[WIDTH], wy[WIDTH], wz[WIDTH];
     for (int p = blockIdx.y; p < n; p += gridDim.y) {
         const float* a = rotations + 9 * p;
         const float a0 = scale * a[0], a1 = scale * a[1], a2 = scale * a[2];
@@ -99,9 +109,9 @@ extern "C" __global__ void extract_slices(
             const bool negative = qx < 0.f;
             const float sign = negative ? -1.f : 1.f;
             int x0, y0, z0;
-            axis_taps(sign * step * qx, width, kind, beta, &x0, wx);
-            axis_taps(sign * step * qy, width, kind, beta, &y0, wy);
-            axis_taps(sign * step * qz, width, kind, beta, &z0, wz);
+            axis_taps(sign * step * qx, beta, &x0, wx);
+            axis_taps(sign * step * qy, beta, &y0, wy);
+            axis_taps(sign * step * qz, beta, &z0, wz);
             x0 = min(max(x0 + reach, 0), columns - width);
 #if MAPS == 2
             const float4* pairs = reinterpret_cast<const float4*>(volume);
@@ -109,14 +119,20 @@ extern "C" __global__ void extract_slices(
 #else
             complex<float> v(0.f, 0.f);
 #endif
+            // the taps wrap around the grid (z0, y0 lie within a width of it: the points are in the band)
+            z0 = z0 < 0 ? z0 + padded : z0;
+            y0 = y0 < 0 ? y0 + padded : y0;
+#pragma unroll
             for (int c = 0; c < width; ++c) {
-                const int z = ((z0 + c) % padded + padded) % padded;
+                const int z = z0 + c >= padded ? z0 + c - padded : z0 + c;
+#pragma unroll
                 for (int b = 0; b < width; ++b) {
-                    const int y = ((y0 + b) % padded + padded) % padded;
+                    const int y = y0 + b >= padded ? y0 + b - padded : y0 + b;
                     const long long first = ((long long)z * padded + y) * columns + x0;
                     const float wzy = wz[c] * wy[b];
 #if MAPS == 2
                     const float4* row = pairs + first;
+#pragma unroll
                     for (int j = 0; j < width; ++j) {
                         const float4 t = row[j];
                         const float w = wzy * wx[j];
@@ -127,6 +143,7 @@ extern "C" __global__ void extract_slices(
                     }
 #else
                     const complex<float>* row = volume + first * interleave;
+#pragma unroll
                     for (int j = 0; j < width; ++j) {
                         v += row[j * interleave] * (wzy * wx[j]);
                     }
@@ -164,12 +181,16 @@ def pointer(array):
     return np.uint64(0) if array is None else array
 
 
-def _compiled(maps: int):
-    if maps not in _kernels:
+def _compiled(maps: int, width: int, kind: int):
+    """The slice kernel for ``maps`` maps and an interpolation kernel of ``width`` taps per axis, ``kind`` 0
+    (trilinear) or 1 (Kaiser-Bessel), compiled once each."""
+    key = (maps, width, kind)
+    if key not in _kernels:
         import cupy
 
-        _kernels[maps] = cupy.RawKernel(_SOURCE, "extract_slices", options=(f"-DMAPS={maps}",))
-    return _kernels[maps]
+        _kernels[key] = cupy.RawKernel(_SOURCE, "extract_slices",
+                                       options=(f"-DMAPS={maps}", f"-DWIDTH={width}", f"-DKIND={kind}"))
+    return _kernels[key]
 
 
 def side_by_side(volumes):
@@ -259,7 +280,7 @@ def _launch_slices(maps, transform, interleave, prepared, rotations, corners, si
             raise ValueError(f"given transfer has shape {given.shape}, expected {shape[-3:]}")
     kernel = prepared.kernel
     grid, block = launch_grid(count, size * (size // 2 + 1))
-    _compiled(maps)(
+    _compiled(maps, int(kernel.width), 0 if kernel.kind == "trilinear" else 1)(
         grid,
         block,
         (
@@ -275,8 +296,6 @@ def _launch_slices(maps, transform, interleave, prepared, rotations, corners, si
             np.int32(kernel.reach),
             np.float32(box / float(size)),
             np.float32(prepared.grid_size / float(box)),
-            np.int32(kernel.width),
-            np.int32(0 if kernel.kind == "trilinear" else 1),
             np.float32(kernel.beta),
             np.int32(corners == "map"),
             np.int32(bool(checkerboard)),
