@@ -209,6 +209,59 @@ def variant_rates(cupy, box, batch, repeats, rng):
         cupy.get_default_memory_pool().free_all_blocks()
 
 
+def back_to_back(cupy, function, batches, repeats):
+    """Median seconds a batch when ``batches`` calls of ``function`` are queued one after another (no
+    synchronisation between them, as a worker's consecutive batches run), timed with CUDA events."""
+    function()
+    cupy.cuda.Device().synchronize()
+    samples = []
+    for _ in range(repeats):
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        for _ in range(batches):
+            function()
+        stop.record()
+        stop.synchronize()
+        samples.append(cupy.cuda.get_elapsed_time(start, stop) / 1e3 / batches)
+    return float(np.median(samples))
+
+
+def tile_rates(cupy, box, batch, repeats, rng, tiles):
+    """Whole-batch ms (alone and back to back) and the slice kernel's ms for each ``_slice_cuda.TILE_X`` in
+    ``tiles``, both projectors; the images of every tiling against the first (printed)."""
+    from dsub.physics import _slice_cuda, subtract
+
+    print(f"\nslice tiles, box {box}, batch {batch}")
+    print("| projector | TILE_X | slices ms | batch ms alone | batch ms back to back (8) | particles/s back to back "
+          "| max diff vs first |")
+    print("|---|---|---|---|---|---|---|")
+    kept = _slice_cuda.TILE_X
+    for projector in ("gridding", "relion"):
+        settings = subtract.SubtractionSettings(projector=projector)
+        volume, mask, images, table = scene(box, batch, rng)
+        model = subtract.prepare_half_map(cupy, volume, mask, settings)
+        on_gpu = cupy.asarray(images)
+        rotations = cupy.asarray(subtract.slice_matrices(table, model.pixel_size_angstrom, box), dtype=cupy.float32)
+        reference = None
+        try:
+            for tile in tiles:
+                _slice_cuda.TILE_X = tile
+                slices = timed(cupy, lambda: _slice_cuda.extract_slice_pair_cuda(
+                    (model.full, model.masked), rotations, "zero", box), repeats)
+                alone = timed(cupy, lambda: subtract.subtract_batch(cupy, on_gpu, table, model, settings), repeats)
+                queued = back_to_back(cupy, lambda: subtract.subtract_batch(cupy, on_gpu, table, model, settings), 8,
+                                      repeats)
+                result = subtract.subtract_batch(cupy, on_gpu, table, model, settings)[0].get()
+                reference = result if reference is None else reference
+                difference = float(np.max(np.abs(result - reference)) / np.max(np.abs(reference)))
+                print(f"| {projector} | {tile} | {1e3 * slices:.2f} | {1e3 * alone:.2f} | {1e3 * queued:.2f} "
+                      f"| {batch / queued:,.0f} | {difference:.1e} |", flush=True)
+        finally:
+            _slice_cuda.TILE_X = kept
+        del model, on_gpu
+        cupy.get_default_memory_pool().free_all_blocks()
+
+
 def main():
     import cupy
 
@@ -224,9 +277,16 @@ def main():
                         help="time each stage of subtract_batch at these batch sizes (each box of --boxes) and stop")
     parser.add_argument("--variants", type=int, nargs="*", metavar="BATCH",
                         help="compare the engine's layouts (VARIANTS) at these batch sizes (each box of --boxes) and stop")
+    parser.add_argument("--tiles", type=int, nargs="*", metavar="TILE_X",
+                        help="time the slice kernel's tilings (_slice_cuda.TILE_X; 0: rows) at --batch's first size "
+                             "and each box of --boxes, alone and back to back, and stop")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     print(f"GPU: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}, CuPy {cupy.__version__}")
+    if args.tiles is not None:
+        for box in args.boxes:
+            tile_rates(cupy, box, args.batch[0], args.repeats, rng, args.tiles or [0])
+        return
     if args.variants is not None:
         for box in args.boxes:
             for batch in args.variants or args.batch:
@@ -267,13 +327,17 @@ def main():
                 compute_s = timed(cupy, lambda: subtract_batch(cupy, on_gpu, subset, model, settings), args.repeats)
                 rates.append(batch / compute_s)
                 del on_gpu
+            on_gpu = cupy.asarray(images[:largest])
+            queued = largest / back_to_back(cupy, lambda: subtract_batch(cupy, on_gpu, table, model, settings), 8,
+                                            args.repeats)
+            del on_gpu
             first = args.batch[0]
             subset = table.subset(np.arange(first))
             transfer_s = timed(
                 cupy, lambda: subtract_batch(cupy, cupy.asarray(images[:first]), subset, model, settings)[0].get(),
                 args.repeats,
             )
-            rows.append((box, projector, difference, alpha_difference, prepare_s, rates,
+            rows.append((box, projector, difference, alpha_difference, prepare_s, rates, queued,
                          first / transfer_s, resident / 1e9, prepared_map_bytes(box, settings) / 1e9,
                          pool.total_bytes() / 1e9))
             print(f"box {box} {projector}: particles/s {[round(rate) for rate in rates]} at batches {args.batch}",
@@ -282,12 +346,12 @@ def main():
             pool.free_all_blocks()
     batches = " / ".join(str(batch) for batch in args.batch)
     print(f"| box | projector | max rel diff vs NumPy | α rel diff | prepare one half-map (s) "
-          f"| particles/s, data on GPU, batch {batches} | particles/s, host→GPU→host, batch {args.batch[0]} "
-          "| resident GB (formula) | pool peak GB |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for box, projector, diff, adiff, prep, rates, rate_io, resident, formula, peak in rows:
+          f"| particles/s, data on GPU, batch {batches} | batches of {max(args.batch)} back to back "
+          f"| particles/s, host→GPU→host, batch {args.batch[0]} | resident GB (formula) | pool peak GB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for box, projector, diff, adiff, prep, rates, queued, rate_io, resident, formula, peak in rows:
         rate = " / ".join(f"{value:,.0f}" for value in rates)
-        print(f"| {box} | {projector} | {diff:.1e} | {adiff:.1e} | {prep:.2f} | {rate} | {rate_io:,.0f} "
+        print(f"| {box} | {projector} | {diff:.1e} | {adiff:.1e} | {prep:.2f} | {rate} | {queued:,.0f} | {rate_io:,.0f} "
               f"| {resident:.2f} ({formula:.2f}) | {peak:.2f} |")
 
 if __name__ == "__main__":

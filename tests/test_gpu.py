@@ -48,12 +48,17 @@ def test_slice_kernel_matches_numpy(cupy, box, projector, corners, size):
     assert np.linalg.norm(gpu - cpu) / np.linalg.norm(cpu) < 1e-5
 
 
+@pytest.mark.parametrize("tile_x", [None, 16, 8])
 @pytest.mark.parametrize("projector, corners, size", [("relion", "zero", None), ("gridding", "map", None),
                                                       ("gridding", "zero", 100)])
-def test_slice_pair_kernel_matches_numpy(cupy, projector, corners, size):
+def test_slice_pair_kernel_matches_numpy(cupy, projector, corners, size, tile_x, monkeypatch):
     """Two maps prepared side by side on the GPU, sliced in one launch (with the transfer and the
-    checkerboard), against NumPy's slices of each map prepared alone."""
+    checkerboard), against NumPy's slices of each map prepared alone; threads over rows (the choice for
+    maps this small) and over tiles of 16 and 8 columns (a plane of 51 columns: partial tiles)."""
+    from dsub.physics import _slice_cuda
     from dsub.physics._slice_cuda import extract_slice_pair_cuda, side_by_side
+
+    monkeypatch.setattr(_slice_cuda, "TILE_X", tile_x)
     from dsub.physics._transfer_cuda import transfer_parameters
     from dsub.physics.projector import prepare_volumes
     from dsub.physics.subtract import ParticleTransfer
