@@ -17,18 +17,23 @@ import time
 import numpy as np
 
 
-def timed(cupy, function, repeats):
-    """Median seconds of ``function()`` on the GPU, timed with CUDA events after one warm-up."""
+def timed(cupy, function, repeats, queued=1):
+    """Median seconds of ``function()`` on the GPU, timed with CUDA events after one warm-up.
+
+    ``queued`` > 1: that many calls queued one after another with no synchronisation
+    between them (as a worker's consecutive batches run), seconds per call.
+    """
     function()
     cupy.cuda.Device().synchronize()
     samples = []
     for _ in range(repeats):
         start, stop = cupy.cuda.Event(), cupy.cuda.Event()
         start.record()
-        function()
+        for _ in range(queued):
+            function()
         stop.record()
         stop.synchronize()
-        samples.append(cupy.cuda.get_elapsed_time(start, stop) / 1e3)
+        samples.append(cupy.cuda.get_elapsed_time(start, stop) / 1e3 / queued)
     return float(np.median(samples))
 
 
@@ -209,23 +214,6 @@ def variant_rates(cupy, box, batch, repeats, rng):
         cupy.get_default_memory_pool().free_all_blocks()
 
 
-def back_to_back(cupy, function, batches, repeats):
-    """Median seconds a batch when ``batches`` calls of ``function`` are queued one after another (no
-    synchronisation between them, as a worker's consecutive batches run), timed with CUDA events."""
-    function()
-    cupy.cuda.Device().synchronize()
-    samples = []
-    for _ in range(repeats):
-        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record()
-        for _ in range(batches):
-            function()
-        stop.record()
-        stop.synchronize()
-        samples.append(cupy.cuda.get_elapsed_time(start, stop) / 1e3 / batches)
-    return float(np.median(samples))
-
-
 def tile_rates(cupy, box, batch, repeats, rng, tiles):
     """Whole-batch ms (alone and back to back) and the slice kernel's ms for each ``_slice_cuda.TILE_X`` in
     ``tiles``, both projectors; the images of every tiling against the first (printed)."""
@@ -249,8 +237,8 @@ def tile_rates(cupy, box, batch, repeats, rng, tiles):
                 slices = timed(cupy, lambda: _slice_cuda.extract_slice_pair_cuda(
                     (model.full, model.masked), rotations, "zero", box), repeats)
                 alone = timed(cupy, lambda: subtract.subtract_batch(cupy, on_gpu, table, model, settings), repeats)
-                queued = back_to_back(cupy, lambda: subtract.subtract_batch(cupy, on_gpu, table, model, settings), 8,
-                                      repeats)
+                queued = timed(cupy, lambda: subtract.subtract_batch(cupy, on_gpu, table, model, settings), repeats,
+                               queued=8)
                 result = subtract.subtract_batch(cupy, on_gpu, table, model, settings)[0].get()
                 reference = result if reference is None else reference
                 difference = float(np.max(np.abs(result - reference)) / np.max(np.abs(reference)))
@@ -328,8 +316,8 @@ def main():
                 rates.append(batch / compute_s)
                 del on_gpu
             on_gpu = cupy.asarray(images[:largest])
-            queued = largest / back_to_back(cupy, lambda: subtract_batch(cupy, on_gpu, table, model, settings), 8,
-                                            args.repeats)
+            queued = largest / timed(cupy, lambda: subtract_batch(cupy, on_gpu, table, model, settings),
+                                     args.repeats, queued=8)
             del on_gpu
             first = args.batch[0]
             subset = table.subset(np.arange(first))
