@@ -274,6 +274,7 @@ def test_fit_kernel_matches_numpy(cupy):
     models = (rng.normal(size=shape) + 1j * rng.normal(size=shape)).astype(np.complex64)
     images = (0.7 * models + rng.normal(size=shape) + 1j * rng.normal(size=shape)).astype(np.complex64)
     models[3] = 0  # no power in the band: α 0, σ NaN
+    images[5] = 0.7 * models[5]  # explained exactly: σ of float32 rounding's order on both
     pixel = rng.uniform(1.0, 2.0, count)
     for fit in (ContrastFit(), ContrastFit(low_resolution_angstrom=20.0, high_resolution_angstrom=4.0),
                 ContrastFit(low_resolution_angstrom=None)):
@@ -282,3 +283,24 @@ def test_fit_kernel_matches_numpy(cupy):
         for name in ("alpha", "sigma", "correlation"):
             np.testing.assert_allclose(getattr(gpu, name).get(), getattr(cpu, name), rtol=1e-4, atol=1e-6)
         assert gpu.alpha.get()[3] == 0 and np.isnan(gpu.sigma.get()[3])
+
+
+def test_scaled_subtraction_reads_models_where_they_lie(cupy):
+    """``images - α · models`` on the GPU against NumPy: contiguous models, the field's (y, image, x) rows seen
+    as (image, y, x), and a view whose x pixels are not adjacent (the elementwise fallback)."""
+    from dsub.physics._model_cuda import subtract_scaled
+
+    rng = np.random.default_rng(11)
+    count, box = 5, 24
+    images = rng.normal(size=(count, box, box)).astype(np.float32)
+    alpha = rng.uniform(0.5, 1.5, count).astype(np.float32)
+    rows = rng.normal(size=(box, count + 3, 2 * box)).astype(np.float32)  # (y, image, x), wider than the box
+    views = {
+        "contiguous": cupy.asarray(rows[:, :count, :box].transpose(1, 0, 2).copy()),
+        "field rows": cupy.asarray(rows)[:, :count, :box].transpose(1, 0, 2),
+        "x not adjacent": cupy.asarray(rows)[:, :count, : 2 * box : 2].transpose(1, 0, 2),
+    }
+    for name, models in views.items():
+        expected = images - alpha[:, None, None] * models.get()
+        got = subtract_scaled(cupy.asarray(images), cupy.asarray(alpha), models).get()
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6, err_msg=name)

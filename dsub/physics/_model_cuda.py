@@ -4,7 +4,8 @@
 * ``project_images``: one launch samples both maps' slices (one per map where
   they are not prepared side by side), multiplies them by the transfer and by
   ``(-1)^(kx+ky)`` (which centres the inverse transform, so no ``fftshift``
-  copy) into one array, then one batched inverse FFT, in place.
+  copy) and by the inverse FFT's 1/N into one array, then one batched inverse
+  FFT without a normalising pass of its own.
 * ``extract_in_field``: one kernel writes the zero field with the images in its
   middle, one batched rfft2, one kernel multiplies both maps' spectra by the
   transfer evaluated once per coefficient, one in-place inverse FFT; the box is a
@@ -90,6 +91,27 @@ extern "C" __global__ void pad_rows(
     }
 }
 
+extern "C" __global__ void subtract_scaled(
+    const float* __restrict__ images,            // (n, box, box), contiguous
+    const float* __restrict__ alpha,             // (n,)
+    const float* __restrict__ models,            // (n, box, box) at strides (particle, row) in floats, x adjacent
+    float* __restrict__ out,                      // (n, box, box), contiguous
+    const int n, const int box, const long long particle_stride, const long long row_stride)
+{
+    // blocks along y take particles, along x a particle's pixels: each α read once a block
+    const int plane = box * box;
+    for (int p = blockIdx.y; p < n; p += gridDim.y) {
+        const float a = alpha[p];
+        const float* image = images + (long long)p * plane;
+        const float* model = models + p * particle_stride;
+        float* target = out + (long long)p * plane;
+        for (int pixel = blockIdx.x * blockDim.x + threadIdx.x; pixel < plane; pixel += blockDim.x * gridDim.x) {
+            const int y = pixel / box;
+            target[pixel] = image[pixel] - a * model[y * row_stride + (pixel - y * box)];
+        }
+    }
+}
+
 extern "C" __global__ void pad_images(
     const float* __restrict__ images,            // (count, box, box)
     float* __restrict__ field,                    // (count, size, size): the images in the middle, zero around
@@ -115,7 +137,7 @@ def _kernel(name):
     import cupy
 
     if name not in _kernels:
-        if name in ("apply_transfer", "pad_images", "apply_transfer_to_columns", "pad_rows"):
+        if name in ("apply_transfer", "pad_images", "apply_transfer_to_columns", "pad_rows", "subtract_scaled"):
             _kernels[name] = cupy.RawKernel(_TRANSFER_KERNEL, name)
         elif name == "subtract":
             _kernels[name] = cupy.ElementwiseKernel(
@@ -137,10 +159,12 @@ def project_images(volumes, rotations, corners: str, box: int, size: int, table,
     from .projector import spectra_to_images
 
     even = size % 2 == 0
-    spectra = _slices(volumes, rotations, corners, size, even, table, given)
     if not even:  # (-1)^k is not a shift by half an odd grid: the plain path
-        return spectra_to_images(cupy, spectra, box)
-    images = cufft.irfft2(spectra, s=(size, size), overwrite_x=True)
+        return spectra_to_images(cupy, _slices(volumes, rotations, corners, size, False, table, given), box)
+    # the inverse FFT's 1/size² in the slices' launch, not in a pass of its own over the images
+    inverse = 1.0 / (size * size)
+    spectra = _slices(volumes, rotations, corners, size, True, table, given, (inverse, inverse))
+    images = cufft.irfft2(spectra, s=(size, size), overwrite_x=True, norm="forward")
     start = size // 2 - box // 2
     return images[..., start : start + box, start : start + box] if size != box else images
 
@@ -156,24 +180,26 @@ def box_spectra_and_masked(volumes, rotations, corners: str, box: int, table, gi
     """
     import cupyx.scipy.fft as cufft
 
-    spectra = _slices(volumes, rotations, corners, box, True, table, given)
-    masked = cufft.irfft2(spectra[1], s=(box, box), overwrite_x=True)
+    # the masked map's inverse FFT's 1/box² in the slices' launch, not in a pass of its own over the images
+    spectra = _slices(volumes, rotations, corners, box, True, table, given, (1.0, 1.0 / (box * box)))
+    masked = cufft.irfft2(spectra[1], s=(box, box), overwrite_x=True, norm="forward")
     return spectra, masked
 
 
-def _slices(volumes, rotations, corners, size, checkerboard, table, given):
-    """(len(volumes), n, size, size//2 + 1) complex64: one launch for a side-by-side pair, else one per map."""
+def _slices(volumes, rotations, corners, size, checkerboard, table, given, scales=(1.0, 1.0)):
+    """(len(volumes), n, size, size//2 + 1) complex64: one launch for a side-by-side pair, else one per map;
+    map ``i``'s values times ``scales[i]``."""
     import cupy
 
     rotations = cupy.asarray(rotations, dtype=cupy.float32)  # one copy to the GPU for every map
     spectra = cupy.empty((len(volumes), len(rotations), size, size // 2 + 1), dtype=cupy.complex64)
     if side_by_side(volumes) is not None:
         extract_slice_pair_cuda(volumes, rotations, corners, size, checkerboard=checkerboard, transfer=table,
-                                given=given, out=spectra)
+                                given=given, out=spectra, scales=scales)
     else:
         for index, volume in enumerate(volumes):
             extract_slices_cuda(volume, rotations, corners, size, checkerboard=checkerboard, transfer=table,
-                                given=given, out=spectra[index])
+                                given=given, out=spectra[index], scale=scales[index])
     return spectra
 
 
@@ -276,7 +302,23 @@ def _extract_in_whole_field(images, size: int, table, given):
 
 
 def subtract_scaled(images, alpha, models):
-    """``images - alpha[:, None, None] * models`` in one pass (``models`` may be a strided view)."""
+    """``images - alpha[:, None, None] * models`` in one pass: float32 (n, box, box).
+
+    ``models`` may be a strided view (the field's (image, y, x) view of its
+    (y, image, x) rows): one kernel whose blocks take a particle each reads it
+    where it lies, with each α read once a block (0.32 → about 0.2 ms for 1 024
+    images of 256 px on an H200, against a broadcasting elementwise kernel, which
+    still serves views whose pixels along x are not adjacent).
+    """
     import cupy
 
-    return _kernel("subtract")(images, cupy.asarray(alpha, dtype=cupy.float32)[:, None, None], models)
+    alpha = cupy.ascontiguousarray(cupy.asarray(alpha, dtype=cupy.float32))
+    images = cupy.ascontiguousarray(images, dtype=cupy.float32)
+    count, box = images.shape[0], images.shape[-1]
+    if models.dtype != cupy.float32 or models.shape != images.shape or models.strides[-1] != 4 or count == 0:
+        return _kernel("subtract")(images, alpha[:, None, None], models)
+    out = cupy.empty_like(images)
+    grid, block = launch_grid(count, box * box)
+    _kernel("subtract_scaled")(grid, block, (images, alpha, models, out, np.int32(count), np.int32(box),
+                                             np.int64(models.strides[0] // 4), np.int64(models.strides[1] // 4)))
+    return out

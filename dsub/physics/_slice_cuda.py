@@ -75,6 +75,7 @@ extern "C" __global__ void extract_slices(
     const float scale, const float step, const float beta,  // the kernel's width and kind: WIDTH, KIND
     const int cube,                               // 1: keep points inside the map's Nyquist cube
     const int checkerboard,                       // 1: multiply by (-1)^(kx + ky)
+    const float first_scale, const float second_scale,  // each map's values times these (an inverse FFT's 1/N)
     const double* __restrict__ transfer,          // (n, TRANSFER_PARAMETERS), or null: no transfer
     const complex<float>* __restrict__ given)     // (n, size, size/2 + 1) CTF without the shift, or null
 {
@@ -176,13 +177,13 @@ extern "C" __global__ void extract_slices(
                 v = conj(v);
                 u = conj(u);
             }
-            out[idx] = v * factor;
-            out[total + idx] = u * factor;
+            out[idx] = v * (factor * first_scale);
+            out[total + idx] = u * (factor * second_scale);
 #else
             if (negative) {
                 v = conj(v);
             }
-            out[idx] = v * factor;
+            out[idx] = v * (factor * first_scale);
 #endif
         }
     }
@@ -265,15 +266,17 @@ def launch_grid(count: int, per_particle: int):
 
 
 def extract_slices_cuda(prepared, rotations, corners: str, size: int, checkerboard: bool = False,
-                        transfer=None, given=None, out=None):
+                        transfer=None, given=None, out=None, scale: float = 1.0):
     """Central slices on the GPU; same contract as ``projector.extract_slices``.
 
     ``out``: a C-contiguous complex64 (n, size, size//2 + 1) CuPy array to write
     into (returned), or None for a new one. ``checkerboard``
     multiplies by ``(-1)^(kx+ky)``; ``transfer`` (a CuPy (n, 16) float64 array of
     ``_transfer_cuda.transfer_parameters``) by the particle's transfer on this
-    grid, with ``given`` (complex64 (n, size, size//2 + 1) or None) its CTF part.
-    A volume that is one of a side-by-side pair is read where it lies.
+    grid, with ``given`` (complex64 (n, size, size//2 + 1) or None) its CTF part;
+    ``scale`` multiplies every value (an unnormalised inverse FFT's 1/N, which then
+    costs no pass of its own). A volume that is one of a side-by-side pair is read
+    where it lies.
     """
     import cupy
 
@@ -282,26 +285,28 @@ def extract_slices_cuda(prepared, rotations, corners: str, size: int, checkerboa
     if interleave == 0:
         transform, interleave = cupy.ascontiguousarray(transform, dtype=cupy.complex64), 1
     return _launch_slices(1, transform, interleave, prepared, rotations, corners, size, checkerboard,
-                          transfer, given, out)
+                          transfer, given, out, (scale, scale))
 
 
 def extract_slice_pair_cuda(volumes, rotations, corners: str, size: int, checkerboard: bool = False,
-                            transfer=None, given=None, out=None):
+                            transfer=None, given=None, out=None, scales=(1.0, 1.0)):
     """Both maps' slices of a side-by-side pair (``side_by_side``) in one pass: complex64
     (2, n, size, size//2 + 1), the same values as ``extract_slices_cuda`` of each.
 
     Each point's kernel weights and transfer are computed once and each tap is one
     16-byte load holding both maps' values. ``out``: a C-contiguous complex64
-    array of that shape, or None. Raises ValueError when ``volumes`` are not a pair.
+    array of that shape, or None; ``scales``: each map's values times its own
+    (``extract_slices_cuda``'s ``scale``). Raises ValueError when ``volumes`` are not a pair.
     """
     pair = side_by_side(volumes)
     if pair is None:
         raise ValueError("the volumes are not prepared side by side (projector.prepare_volumes)")
-    return _launch_slices(2, pair, 2, volumes[0], rotations, corners, size, checkerboard, transfer, given, out)
+    return _launch_slices(2, pair, 2, volumes[0], rotations, corners, size, checkerboard, transfer, given, out,
+                          scales)
 
 
 def _launch_slices(maps, transform, interleave, prepared, rotations, corners, size, checkerboard, transfer,
-                   given, out):
+                   given, out, scales):
     import cupy
 
     rot = cupy.ascontiguousarray(cupy.asarray(rotations, dtype=cupy.float32).reshape(-1, 9))
@@ -343,6 +348,8 @@ def _launch_slices(maps, transform, interleave, prepared, rotations, corners, si
             np.float32(kernel.beta),
             np.int32(corners == "map"),
             np.int32(bool(checkerboard)),
+            np.float32(scales[0]),
+            np.float32(scales[1]),
             pointer(transfer),
             pointer(given),
         ),
