@@ -136,9 +136,9 @@ extern "C" __global__ void extract_slices(
 #else
             complex<float> v(0.f, 0.f);
 #endif
-            // the taps wrap around the grid (z0, y0 lie within a width of it: the points are in the band)
-            z0 = z0 < 0 ? z0 + padded : z0;
-            y0 = y0 < 0 ? y0 + padded : y0;
+            // the taps wrap around the grid: the first tap brought into it once a point, the others by a compare
+            z0 = (z0 % padded + padded) % padded;
+            y0 = (y0 % padded + padded) % padded;
 #pragma unroll
             for (int c = 0; c < width; ++c) {
                 const int z = z0 + c >= padded ? z0 + c - padded : z0 + c;
