@@ -187,17 +187,21 @@ def batch_size(box: int, settings: SubtractionSettings, device: str, chunk_size:
     one task whose turn it is (``gpu_turn``). On the CPU: the room left under
     the Dask worker's memory limit (below the point where distributed pauses
     it), or this machine's available memory, shared by the tasks running at
-    once. At most ``resources.BATCH_CAP_BYTES`` each.
+    once, and never more than the room under an address-space limit
+    (``resources.host_memory_available``). At most ``resources.BATCH_CAP_BYTES`` each.
     """
     import psutil
 
     threads, limit = worker_threads_and_limit()
+    # Under an address-space limit (``ulimit -v``, which a local cluster's workers inherit) the room left under
+    # it, less the threads yet to start; without one the machine's available memory. A Dask worker's memory
+    # limit (its share of the machine, whatever ``ulimit -v`` allows) caps it further.
     if device == "gpu":  # one task at a time (gpu_turn): batch_within counts one
         free = resources.gpu_memory_free()
-    elif limit:
-        free = limit * resources.usable_fraction() - psutil.Process().memory_info().rss
     else:
-        free = resources.host_memory_available()
+        free = resources.host_memory_available(resources.run_threads(threads))
+        if limit:
+            free = min(free, limit * resources.usable_fraction() - psutil.Process().memory_info().rss)
     return resources.batch_within(BATCH_SHARE_OF_FREE * free, box, settings, device, threads, chunk_size)
 
 
