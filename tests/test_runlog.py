@@ -196,6 +196,34 @@ def test_rerun_of_a_finished_run_keeps_the_first_attempts_figures(small, tmp_pat
     assert (outdir / "dsub.log").read_text().count("==== ") == 2
 
 
+def test_a_rerun_with_nothing_to_compute_states_no_memory(small, tmp_path, monkeypatch, capsys):
+    """The ``Memory:`` line is for a run that will start workers: a finished run rerun (and one with every chunk
+    done, --keep-store) says it is finished and neither states nor checks memory; one with chunks left does both."""
+    from dsub.workflow import resources, store
+
+    outdir, kept = tmp_path / "out", tmp_path / "kept"
+    assert main(subtract_args(small, outdir)) == 0
+    assert main(subtract_args(small, kept, "--keep-store")) == 0
+    assert capsys.readouterr().out.count("Memory: each worker needs about") == 2
+
+    def refused(plan):
+        raise resources.NotEnoughMemoryError("no memory left (this run has nothing to compute: never asked)")
+
+    monkeypatch.setattr(resources, "check_this_machine", refused)
+    assert main(subtract_args(small, outdir)) == 0
+    out = capsys.readouterr().out
+    assert "nothing to do" in out and "Memory:" not in out, out
+    assert main(subtract_args(small, kept, "--keep-store")) == 0
+    out = capsys.readouterr().out
+    assert "all already done: no worker started" in out and "Memory:" not in out, out
+    # With chunks left (the store's record of one chunk removed) the memory is stated and checked again.
+    store.reset_chunks(kept / store.STORE_NAME, [0])
+    assert main(subtract_args(small, kept, "--keep-store")) == 2
+    captured = capsys.readouterr()
+    assert "Memory: each worker needs about" in captured.out
+    assert "no memory left" in captured.err
+
+
 def test_a_rerun_with_every_chunk_done_starts_nothing_and_keeps_the_sample_fit(small, tmp_path, monkeypatch, capsys):
     """A finished --keep-store run rerun (or one stopped in its export): no map prepared, no sample fit again."""
     import dsub.workflow.diagnostics as diagnostics
