@@ -196,6 +196,41 @@ def test_rerun_of_a_finished_run_keeps_the_first_attempts_figures(small, tmp_pat
     assert (outdir / "dsub.log").read_text().count("==== ") == 2
 
 
+def test_the_maps_preparation_states_the_memory_of_the_device_that_prepares_them(small, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """The same maps and box on threads and on a local cluster of CPU workers: the same CPU preparation, so the
+    same figure, NumPy's peak (``preparation_peak_bytes(..., "cpu")``, checked against tracemalloc in
+    tests/test_memory.py), not the GPU's bound; a cluster of GPU workers states the GPU's, as GPU memory."""
+    from dsub.cluster.progress import binary_size
+    from dsub.physics.memory import preparation_peak_bytes
+    from dsub.physics.subtract import SubtractionSettings
+
+    cpu = binary_size(preparation_peak_bytes(32, SubtractionSettings(), "cpu"))
+    gpu = binary_size(preparation_peak_bytes(32, SubtractionSettings(), "gpu"))
+    assert cpu != gpu
+    stated = {}
+    for scheduler in ("threads", "local"):
+        assert main(subtract_args(small, tmp_path / scheduler, "--scheduler", scheduler, "--workers", "1",
+                                  "--device", "cpu", "--dashboard-address", "127.0.0.1:0")) == 0
+        out = capsys.readouterr().out
+        found = re.findall(r"(?:Preparing the maps on cpu|prepare them now).*?about ([\d.]+ [MG]iB)((?: of GPU memory[^.)]*)?)", out)
+        assert len(found) == 1, out
+        stated[scheduler] = found[0]
+    assert stated == {"threads": (cpu, ""), "local": (cpu, "")}, stated
+
+    from dsub.workflow.pipeline import RunOptions, prepare_maps_where_visible
+    from dsub.cluster.runner import ClusterSpec
+    from dsub.workflow.tasks import MapFiles
+
+    said = []
+    monkeypatch.setattr("dsub.workflow.pipeline.say", lambda options, line: said.append(line))
+    maps = MapFiles(str(small["half_a"]), str(small["half_b"]), str(small["mask"]), 1.0, 32, 32)
+    options = RunOptions(outdir=tmp_path, cluster=ClusterSpec(scheduler="slurm"))
+    for device, tail in (("gpu", " of GPU memory"), ("auto", " of GPU memory on a GPU worker, less on a CPU one")):
+        prepare_maps_where_visible(maps, SubtractionSettings(), options, 32, device)
+        assert said.pop().endswith(f"(40³ transforms, about {gpu}{tail}).")
+
+
 def test_a_rerun_with_nothing_to_compute_states_no_memory(small, tmp_path, monkeypatch, capsys):
     """The ``Memory:`` line is for a run that will start workers: a finished run rerun (and one with every chunk
     done, --keep-store) says it is finished and neither states nor checks memory; one with chunks left does both."""

@@ -222,21 +222,37 @@ def maps_to_box_line(map_box: int, box: int, extent: int, pixel_size: float) -> 
             f"{', then '.join(steps)}.")
 
 
-def prepare_maps_where_visible(maps: MapFiles, settings, options: RunOptions, box: int) -> str | None:
+def prepare_maps_where_visible(maps: MapFiles, settings, options: RunOptions, box: int,
+                               workers_device: str = "gpu") -> str | None:
     """Prepare the half-maps in view of the user; returns what the progress shows while workers do it.
 
     On threads the maps are prepared here, before any task, with a line that says
     so; the tasks then find them ready. Workers of a cluster prepare their own
     (those connected at the start all at once, ``prepare_models``; later ones on
     their first task): the progress says so until a chunk finishes.
+
+    The memory stated is the preparation's peak on the device that does it
+    (``memory.preparation_peak_bytes``): NumPy's (four prepared volumes and the
+    masked map) where it runs on a CPU, here or on a cluster's CPU workers
+    (``workers_device``, the device the memory plan was made for: a local
+    cluster without a visible GPU, ``--device cpu``, CPU batch jobs); the GPU's
+    (three volumes and cuFFT's scratch, the larger) on GPU workers, and as the
+    bound for workers whose device is known only as they join (``auto``: an
+    existing scheduler with ``--device auto``). On a GPU the time is not stated
+    (the model is one CPU's).
     """
     _, oversampling = projector_kernel(settings.projector, settings.padding)
     size = grid_size(box, oversampling)
     rebox = maps.extent_voxels if maps.box is not None and maps.extent_voxels != maps.box else 0
-    # Here the device is known; workers may have either (the GPU's figure, the larger, bounds both).
     here = None if options.cluster.distributed else resolve_device(options.device)
-    peak = max(preparation_peak_bytes(box, settings, here or "gpu"), resources.REBOX_BYTES_PER_VOXEL * rebox**3)
-    estimate = map_preparation_estimate(size, peak, rebox).text()
+    device = here or workers_device
+    peak = max(preparation_peak_bytes(box, settings, "cpu" if device == "cpu" else "gpu"),
+               resources.REBOX_BYTES_PER_VOXEL * rebox**3)
+    estimate = map_preparation_estimate(size, peak, rebox)
+    if device != "cpu":  # the time model is one CPU's
+        estimate = dataclasses.replace(estimate, seconds=None)
+    estimate = estimate.text() + {"cpu": "", "gpu": " of GPU memory",
+                                  "auto": " of GPU memory on a GPU worker, less on a CPU one"}[device]
     # Maps of another box are first cropped or padded to the cube their extent needs, then resampled.
     transforms = (f"each map through a {rebox}³ cube to the particles' {box}³, then {size}³ transforms" if rebox
                   else f"{size}³ transforms")
@@ -244,8 +260,7 @@ def prepare_maps_where_visible(maps: MapFiles, settings, options: RunOptions, bo
         say(options, f"The workers read the maps and prepare them now, beside the sample fit; a worker that joins "
                      f"later does so on its first task ({transforms}, {estimate}).")
         return "preparing the maps on the workers"
-    with setup_step(options.log, f"Preparing the maps on {here} ({transforms})",
-                    estimate if here == "cpu" else None, done="Maps prepared"):
+    with setup_step(options.log, f"Preparing the maps on {here} ({transforms})", estimate, done="Maps prepared"):
         half_map_models(maps, settings, here)
     return None
 
@@ -451,7 +466,8 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             if capacities:
                 resources.check_workers(plan, capacities, box, settings, options.chunk_size)
             runner.start_on_each_worker(prepare_models, maps, settings, device)  # beside the sample fit
-            waiting = prepare_maps_where_visible(maps, settings, options, box)
+            waiting = prepare_maps_where_visible(maps, settings, options, box,
+                                                 "auto" if plan.cpu_need is not None else plan.need.device)
             if waiting is None:  # prepared here (on workers it is part of their first chunk)
                 timings["prepare_maps"] = time.monotonic() - started - sum(timings.values())
             sample, task = diagnostics.sample_task(table, maps, settings, device)
