@@ -122,6 +122,50 @@ def test_progress_lines_are_told_from_messages_and_final_lines():
                              "thread(s).")
 
 
+def test_the_sample_fits_rate_leaves_out_its_set_up():
+    """The sample fit's one task reports the seconds it spent on the maps and its kernels' compilation: its
+    particles/s counts only the rest, in the final line and in the phase's figures for the record."""
+    clock, out = FakeClock(), io.StringIO()
+    shown = Progress("sample fit", [64], out, unit="tasks", clock=clock)
+    clock.now += 8.0  # of which 6.0 compiling (numba, cold cache)
+    shown.task_done(0, set_up_seconds=6.0)
+    finished = shown.close()
+    assert finished.items_per_second == pytest.approx(64 / 2.0)
+    assert finished.line() == ("sample fit: 1 task, 64 particles in 8.0 s (6.0 s of it setting up: maps and "
+                               "compiled kernels), 32 particles/s")
+    assert out.getvalue().splitlines()[-1] == finished.line()
+
+
+def test_the_sample_fit_compiles_before_it_is_timed(small, tmp_path, monkeypatch, capsys):
+    """A real run: the first call of the subtraction in the sample task (where numba compiles its kernels on a
+    cold cache, here made to take 1.5 s) is set-up, and the rate printed and recorded leaves it out."""
+    import time as time_module
+
+    from dsub.workflow import tasks
+
+    real, calls = tasks.subtract_particles, []
+
+    def compiling_first(images, *args, **kwargs):
+        calls.append(len(images))
+        if len(calls) == 1:
+            time_module.sleep(1.5)  # as a cold cache's compilation
+        return real(images, *args, **kwargs)
+
+    monkeypatch.setattr(tasks, "subtract_particles", compiling_first)
+    assert main(subtract_args(small, tmp_path / "out", "--scheduler", "sync")) == 0
+    assert calls[0] == 1  # one particle first, to compile, before the timed fit of the whole sample
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("sample fit: 1 task"))
+    found = re.fullmatch(r"sample fit: 1 task, (\d+) particles in ([\d.]+) s \(([\d.]+) s of it setting up: maps "
+                         r"and compiled kernels\), ([\d.]+) particles/s", line)
+    assert found, line
+    count, seconds, set_up, per_second = int(found[1]), float(found[2]), float(found[3]), float(found[4])
+    assert set_up >= 1.5
+    # the rate of the time after the set-up (both printed to 0.1 s), not one counting the set-up in
+    assert per_second >= 0.9 * count / (seconds - set_up + 0.1) > count / seconds
+    recorded = json.loads((tmp_path / "out" / "dsub_run.json").read_text())
+    assert recorded["attempts"][-1]["particles_per_second"]["sample fit"] == pytest.approx(per_second, rel=0.1)
+
+
 def test_cli_output_to_a_file_is_plain_lines_and_goes_to_dsub_log(small, tmp_path):
     outdir = tmp_path / "out"
     with open(tmp_path / "job.log", "w") as job_log:  # as a batch system's job log
