@@ -495,7 +495,7 @@ def memory_granted() -> tuple[int, str]:
     granted, why = memory_limit(), "this machine's memory or its cgroup's limit"
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     if soft not in (resource.RLIM_INFINITY, -1) and soft < granted:
-        granted, why = soft, "the address-space limit (ulimit -v), which counts the libraries mapped too"
+        granted, why = soft, "the address-space limit (ulimit -v), which counts the libraries mapped too, and the stacks and malloc arenas of the threads the run will start"
     return int(granted), why
 
 
