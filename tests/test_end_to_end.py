@@ -262,6 +262,70 @@ def test_cs_input_with_input_scale(cs_dataset, tmp_path):
     ]
 
 
+def relion_reads_as_a_stack(name: str) -> bool:
+    """RELION's rule for ``N@file`` outside ``--revert``'s box-size read (``Image::_read`` in src/image.h, the format
+    from the text after the last dot): ``.mrcs`` is a stack, ``N@...mrc`` is refused as a map."""
+    number, stack = name.split("@", 1)
+    return int(number) >= 1 and stack.rsplit(".", 1)[-1].lower() == "mrcs"
+
+
+def test_cs_mrc_stacks_are_named_for_relion_through_mrcs_links(dataset, tmp_path, monkeypatch):
+    """cryoSPARC names its stacks ``.mrc``, which RELION refuses as particle stacks: rlnImageOriginalName names
+    ``.mrcs`` links beside the output, one per input stack (two of one name in two jobs stay apart), so the star
+    that ``relion_particle_subtract --revert`` makes from the output names images a refinement reads."""
+    paths, sim = dataset
+    project = tmp_path / "P3"
+    table = star_format.read_particles(paths["star"])
+    halves = {"J5/extract/batch_0_particles.mrc": slice(0, 30), "J6/extract/batch_0_particles.mrc": slice(30, COUNT)}
+    blob_paths, indices = [], []
+    for relative, rows in halves.items():
+        (project / relative).parent.mkdir(parents=True)
+        with write_stack(project / relative, sim.images[rows], PIXEL_SIZE):
+            pass
+        blob_paths += [relative] * (rows.stop - rows.start)
+        indices += list(range(rows.stop - rows.start))
+    cs_path = project / "J7" / "J7_particles.cs"
+    cs_path.parent.mkdir()
+    cs_format.write_particles(table, cs_path, blob_paths, np.array(indices), contrast=sim.contrast)
+    monkeypatch.chdir(tmp_path)  # RELION runs in its project folder; the names start from the current folder
+    outdir = tmp_path / "out"
+    assert run_cli(paths, outdir, "--scale", "input", particles=cs_path) == 0
+
+    rows = starfile.read(outdir / STAR_OUT, always_dict=True)["particles"]
+    originals = rows["rlnImageOriginalName"].tolist()
+    assert all(relion_reads_as_a_stack(name) for name in originals), originals[:2]
+    assert all(relion_reads_as_a_stack(name) for name in rows["rlnImageName"])
+    links = {name.split("@", 1)[1] for name in originals}
+    assert links == {"out/Originals/J5/extract/batch_0_particles.mrcs",
+                     "out/Originals/J6/extract/batch_0_particles.mrcs"}
+    for link in links:
+        assert Path(link).is_symlink()
+        assert Path(os.readlink(link)) == project / link.replace("out/Originals/", "")[:-1]
+    # --revert swaps the names: the images it names are the input's, in input order.
+    opened = []
+    for name in originals:
+        number, stack = name.split("@", 1)
+        with mrcfile.open(stack, permissive=False) as mrc:
+            opened.append(np.asarray(mrc.data[int(number) - 1]))
+    np.testing.assert_array_equal(np.stack(opened), sim.images)
+    # the QC report, drawn later from another folder, finds the input images through the links in OUTDIR
+    from dsub.report.columns import linked_originals
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    relative = np.array(sorted(links), dtype=object)
+    assert [Path(p).resolve() for p in linked_originals(outdir, relative)] == [
+        project / "J5/extract/batch_0_particles.mrc", project / "J6/extract/batch_0_particles.mrc"]
+    monkeypatch.chdir(tmp_path)
+    # a rerun that writes the metadata again keeps the links as they are
+    before = {link: os.lstat(link).st_ino for link in links}
+    assert run_cli(paths, outdir, "--scale", "input", "--paths", "absolute", particles=cs_path) == 0
+    assert {link: os.lstat(link).st_ino for link in links} == before
+    rows = starfile.read(outdir / STAR_OUT, always_dict=True)["particles"]
+    assert rows["rlnImageOriginalName"].iloc[0] == f"000001@{tmp_path / 'out/Originals/J5/extract/batch_0_particles.mrcs'}"
+
+
 def test_cs_blob_paths_outside_the_job_tree_need_cs_root(cs_dataset, tmp_path, capsys):
     """blob/path is looked up beside the .cs and two folders up; elsewhere --cs-root says where."""
     paths, sim = cs_dataset

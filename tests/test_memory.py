@@ -165,3 +165,69 @@ def test_a_run_on_threads_does_not_import_distributed(tmp_path):
             "print('distributed' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------- under an address-space limit (ulimit -v)
+THREADS_STARTED_BETWEEN = """
+import resource, sys, threading
+import numpy as np
+limit = 16 * 2**30
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+from dsub.workflow import resources
+import psutil
+
+peak = resources.run_threads(1)
+before, mapped_before = resources.address_space_room(peak), psutil.Process().memory_info().vms
+release, ready = threading.Event(), threading.Barrier(4)
+
+def helper():  # as Zarr's I/O loop and its pool, which a rerun's look at its store starts
+    kept = np.ones(4096)  # malloc in this thread: it takes its own arena
+    ready.wait()
+    release.wait()
+
+helpers = [threading.Thread(target=helper) for _ in range(3)]
+for thread in helpers:
+    thread.start()
+ready.wait()
+after, mapped_after = resources.address_space_room(peak), psutil.Process().memory_info().vms
+release.set()
+print(before, after, mapped_before, mapped_after)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="address-space limits as Linux enforces them")
+def test_room_under_an_address_space_limit_does_not_depend_on_when_helper_threads_start():
+    """The same command must get the same answer: three helper threads that start before the check (a rerun
+    opens its store, and Zarr starts its I/O threads) map ~200 MiB of stacks and arenas, which the check
+    counts ahead when they have not started yet, so the room it finds is the same either way."""
+    result = subprocess.run([sys.executable, "-c", THREADS_STARTED_BETWEEN], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    before, after, mapped_before, mapped_after = (int(word) for word in result.stdout.split())
+    assert mapped_after - mapped_before >= 3 * 8 * 2**20  # the threads did map their stacks (and arenas)
+    assert abs(before - after) <= 8 * 2**20, (before, after, mapped_after - mapped_before)
+
+
+def test_the_check_is_made_on_the_figure_the_batches_were_planned_on(monkeypatch):
+    """``plan_memory`` sizes the batches from the room it reads; ``check_this_machine`` must judge the run on that
+    same figure, not on a second reading that a thread started in between has made smaller (a run let through
+    whose batches do not fit, or a rerun refused that the first run let through)."""
+    from pathlib import Path
+
+    from dsub.cluster.runner import ClusterSpec
+    from dsub.workflow import resources
+    from dsub.workflow.pipeline import RunOptions
+
+    settings = SubtractionSettings()
+    minimum = resources.worker_memory(64, settings, "cpu", 1, 48, 1).host_bytes
+    # The room beside the baseline (already resident) is exactly the leanest run's; the second reading comes after
+    # a helper thread took its arena.
+    room = minimum - resources.BASELINE_HOST_BYTES
+    readings = iter([room, room - resources.ARENA_ADDRESS_BYTES])
+    monkeypatch.setattr(resources, "host_memory_available", lambda threads_at_peak=0: next(readings))
+    monkeypatch.setattr(resources, "planned_device", lambda options: "cpu")
+    options = RunOptions(outdir=Path("out"), chunk_size=48, device="cpu",
+                         cluster=ClusterSpec(scheduler="threads", workers=1))
+    plan = resources.plan_memory(64, settings, options)
+    assert plan.need.batch == 1 and plan.need.host_bytes == minimum
+    resources.check_this_machine(plan)  # let through: the batches were planned within this room

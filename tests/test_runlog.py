@@ -122,6 +122,50 @@ def test_progress_lines_are_told_from_messages_and_final_lines():
                              "thread(s).")
 
 
+def test_the_sample_fits_rate_leaves_out_its_set_up():
+    """The sample fit's one task reports the seconds it spent on the maps and its kernels' compilation: its
+    particles/s counts only the rest, in the final line and in the phase's figures for the record."""
+    clock, out = FakeClock(), io.StringIO()
+    shown = Progress("sample fit", [64], out, unit="tasks", clock=clock)
+    clock.now += 8.0  # of which 6.0 compiling (numba, cold cache)
+    shown.task_done(0, set_up_seconds=6.0)
+    finished = shown.close()
+    assert finished.items_per_second == pytest.approx(64 / 2.0)
+    assert finished.line() == ("sample fit: 1 task, 64 particles in 8.0 s (6.0 s of it setting up: maps and "
+                               "compiled kernels), 32 particles/s")
+    assert out.getvalue().splitlines()[-1] == finished.line()
+
+
+def test_the_sample_fit_compiles_before_it_is_timed(small, tmp_path, monkeypatch, capsys):
+    """A real run: the first call of the subtraction in the sample task (where numba compiles its kernels on a
+    cold cache, here made to take 1.5 s) is set-up, and the rate printed and recorded leaves it out."""
+    import time as time_module
+
+    from dsub.workflow import tasks
+
+    real, calls = tasks.subtract_particles, []
+
+    def compiling_first(images, *args, **kwargs):
+        calls.append(len(images))
+        if len(calls) == 1:
+            time_module.sleep(1.5)  # as a cold cache's compilation
+        return real(images, *args, **kwargs)
+
+    monkeypatch.setattr(tasks, "subtract_particles", compiling_first)
+    assert main(subtract_args(small, tmp_path / "out", "--scheduler", "sync")) == 0
+    assert calls[0] == 1  # one particle first, to compile, before the timed fit of the whole sample
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("sample fit: 1 task"))
+    found = re.fullmatch(r"sample fit: 1 task, (\d+) particles in ([\d.]+) s \(([\d.]+) s of it setting up: maps "
+                         r"and compiled kernels\), ([\d.]+) particles/s", line)
+    assert found, line
+    count, seconds, set_up, per_second = int(found[1]), float(found[2]), float(found[3]), float(found[4])
+    assert set_up >= 1.5
+    # the rate of the time after the set-up (both printed to 0.1 s), not one counting the set-up in
+    assert per_second >= 0.9 * count / (seconds - set_up + 0.1) > count / seconds
+    recorded = json.loads((tmp_path / "out" / "dsub_run.json").read_text())
+    assert recorded["attempts"][-1]["particles_per_second"]["sample fit"] == pytest.approx(per_second, rel=0.1)
+
+
 def test_cli_output_to_a_file_is_plain_lines_and_goes_to_dsub_log(small, tmp_path):
     outdir = tmp_path / "out"
     with open(tmp_path / "job.log", "w") as job_log:  # as a batch system's job log
@@ -194,6 +238,69 @@ def test_rerun_of_a_finished_run_keeps_the_first_attempts_figures(small, tmp_pat
     assert summary["devices"] == ["cpu"]  # the run's devices, though the rerun computed nothing
     assert summary["seconds"] >= first["seconds"]
     assert (outdir / "dsub.log").read_text().count("==== ") == 2
+
+
+def test_the_maps_preparation_states_the_memory_of_the_device_that_prepares_them(small, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """The same maps and box on threads and on a local cluster of CPU workers: the same CPU preparation, so the
+    same figure, NumPy's peak (``preparation_peak_bytes(..., "cpu")``, checked against tracemalloc in
+    tests/test_memory.py), not the GPU's bound; a cluster of GPU workers states the GPU's, as GPU memory."""
+    from dsub.cluster.progress import binary_size
+    from dsub.physics.memory import preparation_peak_bytes
+    from dsub.physics.subtract import SubtractionSettings
+
+    cpu = binary_size(preparation_peak_bytes(32, SubtractionSettings(), "cpu"))
+    gpu = binary_size(preparation_peak_bytes(32, SubtractionSettings(), "gpu"))
+    assert cpu != gpu
+    stated = {}
+    for scheduler in ("threads", "local"):
+        assert main(subtract_args(small, tmp_path / scheduler, "--scheduler", scheduler, "--workers", "1",
+                                  "--device", "cpu", "--dashboard-address", "127.0.0.1:0")) == 0
+        out = capsys.readouterr().out
+        found = re.findall(r"(?:Preparing the maps on cpu|prepare them now).*?about ([\d.]+ [MG]iB)((?: of GPU memory[^.)]*)?)", out)
+        assert len(found) == 1, out
+        stated[scheduler] = found[0]
+    assert stated == {"threads": (cpu, ""), "local": (cpu, "")}, stated
+
+    from dsub.workflow.pipeline import RunOptions, prepare_maps_where_visible
+    from dsub.cluster.runner import ClusterSpec
+    from dsub.workflow.tasks import MapFiles
+
+    said = []
+    monkeypatch.setattr("dsub.workflow.pipeline.say", lambda options, line: said.append(line))
+    maps = MapFiles(str(small["half_a"]), str(small["half_b"]), str(small["mask"]), 1.0, 32, 32)
+    options = RunOptions(outdir=tmp_path, cluster=ClusterSpec(scheduler="slurm"))
+    for device, tail in (("gpu", " of GPU memory"), ("auto", " of GPU memory on a GPU worker, less on a CPU one")):
+        prepare_maps_where_visible(maps, SubtractionSettings(), options, 32, device)
+        assert said.pop().endswith(f"(40³ transforms, about {gpu}{tail}).")
+
+
+def test_a_rerun_with_nothing_to_compute_states_no_memory(small, tmp_path, monkeypatch, capsys):
+    """The ``Memory:`` line is for a run that will start workers: a finished run rerun (and one with every chunk
+    done, --keep-store) says it is finished and neither states nor checks memory; one with chunks left does both."""
+    from dsub.workflow import resources, store
+
+    outdir, kept = tmp_path / "out", tmp_path / "kept"
+    assert main(subtract_args(small, outdir)) == 0
+    assert main(subtract_args(small, kept, "--keep-store")) == 0
+    assert capsys.readouterr().out.count("Memory: each worker needs about") == 2
+
+    def refused(plan):
+        raise resources.NotEnoughMemoryError("no memory left (this run has nothing to compute: never asked)")
+
+    monkeypatch.setattr(resources, "check_this_machine", refused)
+    assert main(subtract_args(small, outdir)) == 0
+    out = capsys.readouterr().out
+    assert "nothing to do" in out and "Memory:" not in out, out
+    assert main(subtract_args(small, kept, "--keep-store")) == 0
+    out = capsys.readouterr().out
+    assert "all already done: no worker started" in out and "Memory:" not in out, out
+    # With chunks left (the store's record of one chunk removed) the memory is stated and checked again.
+    store.reset_chunks(kept / store.STORE_NAME, [0])
+    assert main(subtract_args(small, kept, "--keep-store")) == 2
+    captured = capsys.readouterr()
+    assert "Memory: each worker needs about" in captured.out
+    assert "no memory left" in captured.err
 
 
 def test_a_rerun_with_every_chunk_done_starts_nothing_and_keeps_the_sample_fit(small, tmp_path, monkeypatch, capsys):

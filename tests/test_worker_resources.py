@@ -146,7 +146,7 @@ ADVICE = ("--padding", "--workers", "--device gpu")
 
 def test_memory_advice_names_only_what_applies(monkeypatch):
     """Lower --padding above 1.25, fewer --workers with more than one task at once, a GPU where there is one."""
-    monkeypatch.setattr(resources, "host_memory_available", lambda: 0)
+    monkeypatch.setattr(resources, "host_memory_available", lambda threads_at_peak=0: 0)
     monkeypatch.setattr(resources, "memory_granted", lambda: (2_560_000_000, "the address-space limit (ulimit -v)"))
     cases = {  # (padding, tasks at once, a GPU to use): the advice expected
         (1.25, 1, False): (), (2.0, 1, False): ("--padding",), (1.25, 3, False): ("--workers",),
@@ -177,7 +177,7 @@ def test_memory_advice_names_only_what_applies(monkeypatch):
 def test_a_run_at_its_leanest_on_a_cpu_is_told_what_it_needs(tmp_path, monkeypatch, capsys):
     """``ulimit -v 2500000; dsub subtract ... --workers 1`` on a CPU machine: no advice it cannot follow."""
     paths, _ = make_dataset(tmp_path / "data", count=4, box=32, seed=4, snr=None)
-    monkeypatch.setattr(resources, "host_memory_available", lambda: 0)
+    monkeypatch.setattr(resources, "host_memory_available", lambda threads_at_peak=0: 0)
     monkeypatch.setattr(resources, "gpu_possible", lambda scheduler: False)  # as on a machine without a GPU
     assert main(["subtract", str(paths["star"]), "--half-a", str(paths["half_a"]), "--half-b", str(paths["half_b"]),
                  "--mask", str(paths["mask"]), "-o", str(tmp_path / "out"), "--workers", "1", "--device", "cpu",
@@ -399,10 +399,31 @@ def test_a_local_worker_out_of_memory_is_named_in_one_line(tmp_path, failure):
     assert done >= 1 and (outdir / "particles_subtracted.star").exists()
 
 
+def test_a_workers_batches_stay_under_its_address_space_limit(monkeypatch):
+    """A local worker's Dask memory limit is its share of the machine whatever ``ulimit -v`` allows (with
+    ``--workers 1`` the whole machine): its batches must still fit the room under the address-space limit."""
+    from dsub.workflow import tasks
+
+    settings = SubtractionSettings()
+    per_particle = resources.particle_bytes(64, settings, "cpu")
+    room = 10 * per_particle  # left under ulimit -v, the threads still to start counted (host_memory_available)
+    asked = []
+
+    def available(threads_at_peak=0):
+        asked.append(threads_at_peak)
+        return room
+
+    monkeypatch.setattr(tasks, "worker_threads_and_limit", lambda: (1, 100 * 10**9))  # 100 GB: the machine's share
+    monkeypatch.setattr(resources, "host_memory_available", available)
+    assert tasks.batch_size(64, settings, "cpu", 256) == int(tasks.BATCH_SHARE_OF_FREE * room // per_particle)
+    assert asked == [resources.run_threads(1)]  # the worker's threads to come are counted
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="address-space limits as Linux enforces them")
-def test_a_local_worker_under_a_real_address_space_limit_is_named(tmp_path):
+def test_a_local_worker_under_a_real_address_space_limit_is_refused_before_any_work(tmp_path):
     """``ulimit -v`` of about 4 GB on the command, a run whose workers need far more (``--padding 24``: one
-    transform of 3.4 GiB) while the coordinator fits: the worker's ``MemoryError`` names it and its task."""
+    transform of 3.4 GiB) while the coordinator fits: the worker's room under the limit (which its Dask memory
+    limit, the machine's memory, does not see) refuses the run in one line naming the worker, before any work."""
     import psutil
     import resource
 
@@ -425,6 +446,9 @@ def test_a_local_worker_under_a_real_address_space_limit_is_named(tmp_path):
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert re.match(r"dsub: error: worker tcp://127\.0\.0\.1:\d+ ran out of memory while computing sample-fit "
-                    r"\(Unable to allocate", lines[0]), lines[0]
+    assert re.match(r"dsub: error: each worker needs about [\d.]+ GB of host memory .* but worker "
+                    r"tcp://127\.0\.0\.1:\d+ has [\d.]+ GB of address space left under its address-space limit "
+                    r"\(ulimit -v, 4\.1 GB", lines[0]), lines[0]
+    assert "--padding" in lines[0]  # what would make it leaner
+    assert not (tmp_path / "out" / "subtracted.zarr").exists()
     assert not (tmp_path / "out" / "particles_subtracted.star").exists()

@@ -71,16 +71,21 @@ class PhaseRate:
     items: int
     seconds: float
     unit: str = "tasks"
+    set_up_seconds: float = 0.0  # within ``seconds``, spent setting up (``Progress.task_done``): not in the rate
 
     @property
     def items_per_second(self) -> float | None:
-        return self.items / self.seconds if self.seconds > 0 and self.items else None
+        working = self.seconds - self.set_up_seconds
+        return self.items / working if working > 0 and self.items else None
 
     def line(self, item_name: str = "particles") -> str:
         per_second = self.items_per_second
         speed = f", {rate(per_second)} {item_name}/s" if per_second else ""
         unit = self.unit[:-1] if self.tasks == 1 and self.unit.endswith("s") else self.unit
-        return f"{self.label}: {self.tasks} {unit}, {number(self.items)} {item_name} in {self.seconds:.1f} s{speed}"
+        set_up = (f" ({self.set_up_seconds:.1f} s of it setting up: maps and compiled kernels)"
+                  if self.set_up_seconds >= 0.05 else "")
+        return (f"{self.label}: {self.tasks} {unit}, {number(self.items)} {item_name} in {self.seconds:.1f} s"
+                f"{set_up}{speed}")
 
 
 class Progress:
@@ -99,6 +104,7 @@ class Progress:
         self.clock = clock
         self.started = clock()
         self.done_tasks = self.done_items = 0
+        self.set_up_seconds = 0.0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -135,11 +141,19 @@ class Progress:
         while not self._stop.wait(period):
             self.tick()
 
-    def task_done(self, index: int) -> None:
-        """Task ``index`` (its position in ``sizes``) has finished."""
+    def task_done(self, index: int, set_up_seconds: float = 0.0) -> None:
+        """Task ``index`` (its position in ``sizes``) has finished.
+
+        ``set_up_seconds``: what the task spent setting up before its timed work
+        (the sample fit's maps and its compiled kernels' first call: numba's
+        compilation on a cold cache, CuPy's on a GPU), left out of the rate. For
+        a phase of one task (the sample fit) that is wall time not spent on its
+        particles; tasks running side by side would overlap theirs.
+        """
         with self._lock:
             self.done_tasks += 1
             self.done_items += self.sizes[index]
+            self.set_up_seconds += set_up_seconds
             if self.bar is not None:
                 self._set_note()
                 self.bar.update(self.sizes[index])
@@ -154,9 +168,10 @@ class Progress:
         left`` for a phase with half its 17 s still to run). Counted from the
         start, the workers' set-up within the phase (maps prepared on their first
         task) is in the time too, so early estimates err on the long side and
-        draw nearer the truth as the phase goes on.
+        draw nearer the truth as the phase goes on; only what a task reports as
+        its set-up (``task_done``) is left out.
         """
-        elapsed = self.clock() - self.started
+        elapsed = self.clock() - self.started - self.set_up_seconds
         return self.done_items / elapsed if elapsed > 0 and self.done_items else None
 
     def status(self) -> str:
@@ -199,7 +214,8 @@ class Progress:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        finished = PhaseRate(self.label, self.done_tasks, self.done_items, self.clock() - self.started, self.unit)
+        finished = PhaseRate(self.label, self.done_tasks, self.done_items, self.clock() - self.started, self.unit,
+                             self.set_up_seconds)
         if self.bar is not None:
             self.bar.close()
         last = finished.line(self.item_name) if completed else f"{self.status()}: stopped"

@@ -132,7 +132,8 @@ class _Runner:
     ``waiting``: what happens before the first task finishes; ``on_result(result)``
     is called as each task finishes, in the order they finish, and what it
     returns is kept in the result's place; ``unit``: what a
-    task is, for the progress lines. The first task that fails stops the phase:
+    task is, for the progress lines. A result with ``set_up_seconds`` (the
+    sample fit's ``SampleFit``) has that time left out of the phase's rate. The first task that fails stops the phase:
     tasks not yet started are cancelled and its exception is raised.
     """
 
@@ -141,9 +142,11 @@ class _Runner:
         self.phases: dict[str, PhaseRate] = {}
         self.in_flight_peak = 0  # the most tasks submitted and unfinished at once, over all phases
 
-    def _finish(self, progress: Progress | None, label: str, sizes, started: float, unit: str) -> None:
+    def _finish(self, progress: Progress | None, label: str, sizes, started: float, unit: str,
+                set_up: float = 0.0) -> None:
         rate = progress.close(completed=sys.exc_info()[0] is None) if progress is not None else None
-        self.phases[label] = rate or PhaseRate(label, len(sizes), sum(sizes), time.monotonic() - started, unit)
+        self.phases[label] = rate or PhaseRate(label, len(sizes), sum(sizes), time.monotonic() - started, unit,
+                                               set_up)
 
     def _result_of(self, handle):
         """A finished handle's result (its task's exception raised here)."""
@@ -164,6 +167,7 @@ class _Runner:
         pending: set = set()
         order: dict = {}
         started = time.monotonic()
+        set_up = [0.0]  # what the tasks reported as their set-up (``set_up_seconds`` of a result)
         progress = start_progress(self.spec, label, sizes, waiting, unit)
 
         def top_up():
@@ -184,8 +188,10 @@ class _Runner:
             for handle in next_done(pending):
                 index = order.pop(handle)
                 results[index] = self._result_of(handle)  # re-raises a task's exception here
+                spent = float(getattr(results[index], "set_up_seconds", 0.0))
+                set_up[0] += spent
                 if progress is not None:
-                    progress.task_done(index)
+                    progress.task_done(index, spent)
                 if on_result is not None:
                     results[index] = on_result(results[index])
                 top_up()
@@ -193,7 +199,7 @@ class _Runner:
             cancel(pending)
             raise
         finally:
-            self._finish(progress, label, sizes, started, unit)
+            self._finish(progress, label, sizes, started, unit, set_up[0])
         return results
 
 

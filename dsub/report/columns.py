@@ -238,7 +238,7 @@ class StarImages:
         anchor = Path(self.particles_path) if self.particles_path else self.outdir / export.STAR_NAME
         roots = cs_roots(anchor) if anchor.suffix == ".cs" else star_roots(anchor)
         paths, _ = resolve_stack_names(parts[1].to_numpy(dtype=object), roots, anchor.parent)
-        return paths, indices
+        return linked_originals(self.outdir, paths), indices
 
     def results(self, rows):
         star_rows = self._star_rows(rows)
@@ -246,6 +246,19 @@ class StarImages:
 
     def names(self, rows) -> list[str]:
         return list(self._original(rows))
+
+
+def linked_originals(outdir: Path, paths) -> np.ndarray:
+    """Input stacks named through ``OUTDIR/Originals`` (``export.original_stack_links``), as they lie in
+    ``outdir`` now: a name written relative to the folder the run ran in is looked for there when it is not
+    found from here."""
+    paths = np.asarray(paths, dtype=object)
+    marker = f"{export.ORIGINALS_FOLDER}/"
+    found = {}
+    for path in np.unique(paths.astype(str)):
+        local = outdir / export.ORIGINALS_FOLDER / path.rsplit(marker, 1)[-1] if marker in path else None
+        found[path] = str(local) if local is not None and not Path(path).exists() and local.exists() else path
+    return np.array([found[str(path)] for path in paths], dtype=object)
 
 
 def exported_stacks(outdir: Path, paths) -> np.ndarray:

@@ -108,7 +108,7 @@ def warn_spread(figures: dict, where: str, scale: str) -> None:
 
 
 def check_sample(table, sample: np.ndarray, result, scale: str, say) -> dict:
-    """Check the sample fit ``result = (ContrastResult, control correlation)`` of rows ``sample``.
+    """Check the sample fit ``result = (ContrastResult, control correlation, ...)`` (``tasks.SampleFit``) of rows ``sample``.
 
     Raises ``InputFileError`` when, with ``scale == "input"``, the input
     contrast has the opposite sign to the fit (unless the maps explain nothing
@@ -116,7 +116,7 @@ def check_sample(table, sample: np.ndarray, result, scale: str, say) -> dict:
     calls ``say(line)`` with one line of figures. Returns the figures for
     ``dsub_run.json``.
     """
-    fit, control = result
+    fit, control = result[:2]
     usable = np.isfinite(fit.alpha) & np.isfinite(control)
     figures = {"particles": int(usable.sum()),
                "median_contrast": _median(fit.alpha),

@@ -20,7 +20,11 @@
   ``FIT_FIELDS``): dsub's own labels, since neither program defines one;
 * ``OUTDIR/skipped_particles.star``: with ``--skip-bad-particles``, the input
   rows of the particles left out (their slots in the stacks hold zeros, and no
-  metadata row points at them).
+  metadata row points at them);
+* ``OUTDIR/Originals/…/NAME.mrcs``: for a cryoSPARC input, whose stacks are
+  named ``.mrc``, a symbolic link to each, which the star's
+  ``rlnImageOriginalName`` names (RELION reads ``N@NAME.mrc`` as a map, not a
+  stack: ``original_stack_links``).
 
 Each stack is created at its full size under a temporary name before the tasks
 run (``prepare_stacks``); each task writes its chunk's images straight into
@@ -50,6 +54,8 @@ STACK_FOLDER = "Particles"
 STAR_NAME = "particles_subtracted.star"
 CS_NAME = "particles_subtracted.cs"
 SKIPPED_NAME = "skipped_particles.star"
+#: Folder in OUTDIR of ``.mrcs`` links to a cryoSPARC input's ``.mrc`` stacks (``original_stack_links``).
+ORIGINALS_FOLDER = "Originals"
 #: A stack's name ends in this until the run's end (``finish_stacks``).
 PARTIAL_SUFFIX = ".partial"
 #: Bytes before a stack's first image: the MRC header (the stacks carry no extended header).
@@ -402,10 +408,13 @@ def write_metadata(table, outdir: Path, particles_per_stack: int, contrast: np.n
     names = locations.with_paths(written_paths(locations.paths, outdir, paths_mode, star_names_base(table)))
     paths = locations.with_paths(written_paths(locations.paths, outdir, paths_mode, table.extra.get("project_folder")))
     keep = np.ones(len(table), dtype=bool) if skipped is None else ~np.asarray(skipped, dtype=bool)
+    linked = original_stack_links(table, outdir)  # a .cs input's .mrc stacks, as RELION reads them
+    if linked is not None:
+        linked = linked.with_paths(written_paths(linked.paths, outdir, paths_mode, star_names_base(table)))
     (outdir / SKIPPED_NAME).unlink(missing_ok=True)
     if not keep.all():
         left_out = select_rows(table, ~keep)
-        originals = original_image_names(left_out)
+        originals = original_image_names(left_out) if linked is None else linked.select(~keep)
         star_format.write_particles(left_out, outdir / SKIPPED_NAME, originals, original_names=originals)
     kept = select_rows(exported, keep)
     if np.any(kept.ctf_premultiplied):
@@ -417,9 +426,77 @@ def write_metadata(table, outdir: Path, particles_per_stack: int, contrast: np.n
     columns = {FIT_COLUMNS[name]: np.asarray(values, np.float32)[rows] for name, values in measured.items()}
     fields = {FIT_FIELDS[name]: np.asarray(values, "<f4")[rows] for name, values in measured.items()
               if name in FIT_FIELDS}
-    star_format.write_particles(kept, outdir / STAR_NAME, names.select(rows), extra_columns=columns)
+    star_format.write_particles(kept, outdir / STAR_NAME, names.select(rows),
+                                None if linked is None else linked.select(rows), extra_columns=columns)
     cs_format.write_particles(kept, outdir / CS_NAME, paths.select(rows), None,
                               None if contrast is None else contrast[rows], extra_fields=fields)
+
+
+def original_stack_links(table, outdir: Path) -> StackRefs | None:
+    """For a cryoSPARC input: a ``.mrcs`` link in ``OUTDIR/Originals`` to each of its stacks, made here; returns
+    each particle's input image under its link's name (paths relative to OUTDIR), for ``rlnImageOriginalName``.
+
+    None for a star input (its own names are kept, as RELION wrote them) and
+    for a .cs whose stacks are all named ``.mrcs`` already.
+
+    cryoSPARC names its particle stacks ``.mrc``. RELION reads ``N@NAME.mrc``
+    as a stack only where the caller says the file holds 2D images
+    (``Image::read(..., is_2D=true)``), as ``relion_particle_subtract --revert``
+    does when it reads one image's header for the box size; everywhere else,
+    among them the particle reads of a refinement or classification
+    (``MlOptimiser``: ``readFromOpenFile(fn_img, hFile, -1, false)``), it stops
+    with "stacks of images in MRC-format should have extension .mrcs; .mrc
+    extensions are reserved for 3D maps" (3dem/relion ``src/image.h``,
+    ``Image::_read``; ``src/particle_subtractor.cpp``, ``revert``;
+    ``src/ml_optimiser.cpp``; commit 73f0a3c0). So the star that ``--revert``
+    writes from ours would name images no refinement opens. pyem's
+    ``csparc2star`` keeps the ``.mrc`` names (``star.simplify_star_ucsf``), and
+    its author's advice for RELION is links named ``.mrcs``
+    (asarnow/pyem#48: "the files are really called .mrc by cryoSPARC.
+    Unfortunately, Relion insists on .mrcs"), which is what is made here.
+
+    Each link (to the stack's absolute path) is named after the stack's path
+    below the folder all the input stacks share, its ``.mrc`` ending made
+    ``.mrcs`` (``J19/extract/x_particles.mrc`` → ``Originals/J19/extract/
+    x_particles.mrcs``), so two stacks of one name in different jobs get
+    different links. A link that is there already is kept if it points to the
+    same stack, else replaced. Where this file system makes no symbolic links
+    the names stay the ``.mrc`` paths, with a warning.
+    """
+    if table.source_format == "star":
+        return None
+    codes, uniques = table.image_path_codes()
+    stacks = [os.path.abspath(str(path)) for path in uniques]
+    if not stacks or all(stack.lower().endswith(".mrcs") for stack in stacks):
+        return None
+    shared = os.path.commonpath(stacks) if len(stacks) > 1 else os.path.dirname(stacks[0])
+    links = []
+    for stack in stacks:
+        below = os.path.relpath(stack, shared)
+        links.append(f"{ORIGINALS_FOLDER}/{below}s" if below.lower().endswith(".mrc") else
+                     f"{ORIGINALS_FOLDER}/{below}" if below.lower().endswith(".mrcs") else
+                     f"{ORIGINALS_FOLDER}/{below}.mrcs")
+    try:
+        for stack, link in zip(stacks, links):
+            make_link(Path(outdir) / link, stack)
+    except OSError as exc:
+        warn(f"{Path(outdir) / ORIGINALS_FOLDER}: the .mrcs links to the input's .mrc stacks could not be made "
+             f"({exc.strerror or exc}); rlnImageOriginalName names the .mrc stacks, which RELION reads as maps, "
+             "not stacks (link them as NAME.mrcs by hand for relion_particle_subtract --revert)")
+        return StackRefs(stacks, codes, np.asarray(table.image_indices, np.int64)).with_paths(
+            [os.path.relpath(stack, os.path.abspath(outdir)) for stack in stacks])
+    return StackRefs(links, codes, np.asarray(table.image_indices, np.int64))
+
+
+def make_link(link: Path, target: str) -> None:
+    """A symbolic link ``link`` → ``target``, replacing one that points elsewhere (made beside it, then renamed)."""
+    if link.is_symlink() and os.readlink(link) == target:
+        return
+    link.parent.mkdir(parents=True, exist_ok=True)
+    fresh = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+    fresh.unlink(missing_ok=True)
+    os.symlink(target, fresh)
+    os.replace(fresh, link)
 
 
 def original_image_names(table) -> np.ndarray:

@@ -1,7 +1,9 @@
 """One subtraction run, from input files to exported outputs.
 
 1. read the particle table and check every input (``validate``);
-2. refuse a run whose outputs OUTDIR's file system cannot hold (``disk``; before
+2. examine OUTDIR; for a run with work to do, state the memory each worker needs and
+   refuse here one that this machine cannot hold (``announce_resources``); refuse a run
+   whose outputs OUTDIR's file system cannot hold (``disk``; before
    anything there changes); create the Zarr store, or reopen the store of an identical earlier run and
    keep its finished chunks; create the output stacks at full size under
    temporary names, or take up those of that run (``export.prepare_stacks``);
@@ -220,21 +222,37 @@ def maps_to_box_line(map_box: int, box: int, extent: int, pixel_size: float) -> 
             f"{', then '.join(steps)}.")
 
 
-def prepare_maps_where_visible(maps: MapFiles, settings, options: RunOptions, box: int) -> str | None:
+def prepare_maps_where_visible(maps: MapFiles, settings, options: RunOptions, box: int,
+                               workers_device: str = "gpu") -> str | None:
     """Prepare the half-maps in view of the user; returns what the progress shows while workers do it.
 
     On threads the maps are prepared here, before any task, with a line that says
     so; the tasks then find them ready. Workers of a cluster prepare their own
     (those connected at the start all at once, ``prepare_models``; later ones on
     their first task): the progress says so until a chunk finishes.
+
+    The memory stated is the preparation's peak on the device that does it
+    (``memory.preparation_peak_bytes``): NumPy's (four prepared volumes and the
+    masked map) where it runs on a CPU, here or on a cluster's CPU workers
+    (``workers_device``, the device the memory plan was made for: a local
+    cluster without a visible GPU, ``--device cpu``, CPU batch jobs); the GPU's
+    (three volumes and cuFFT's scratch, the larger) on GPU workers, and as the
+    bound for workers whose device is known only as they join (``auto``: an
+    existing scheduler with ``--device auto``). On a GPU the time is not stated
+    (the model is one CPU's).
     """
     _, oversampling = projector_kernel(settings.projector, settings.padding)
     size = grid_size(box, oversampling)
     rebox = maps.extent_voxels if maps.box is not None and maps.extent_voxels != maps.box else 0
-    # Here the device is known; workers may have either (the GPU's figure, the larger, bounds both).
     here = None if options.cluster.distributed else resolve_device(options.device)
-    peak = max(preparation_peak_bytes(box, settings, here or "gpu"), resources.REBOX_BYTES_PER_VOXEL * rebox**3)
-    estimate = map_preparation_estimate(size, peak, rebox).text()
+    device = here or workers_device
+    peak = max(preparation_peak_bytes(box, settings, "cpu" if device == "cpu" else "gpu"),
+               resources.REBOX_BYTES_PER_VOXEL * rebox**3)
+    estimate = map_preparation_estimate(size, peak, rebox)
+    if device != "cpu":  # the time model is one CPU's
+        estimate = dataclasses.replace(estimate, seconds=None)
+    estimate = estimate.text() + {"cpu": "", "gpu": " of GPU memory",
+                                  "auto": " of GPU memory on a GPU worker, less on a CPU one"}[device]
     # Maps of another box are first cropped or padded to the cube their extent needs, then resampled.
     transforms = (f"each map through a {rebox}³ cube to the particles' {box}³, then {size}³ transforms" if rebox
                   else f"{size}³ transforms")
@@ -242,8 +260,7 @@ def prepare_maps_where_visible(maps: MapFiles, settings, options: RunOptions, bo
         say(options, f"The workers read the maps and prepare them now, beside the sample fit; a worker that joins "
                      f"later does so on its first task ({transforms}, {estimate}).")
         return "preparing the maps on the workers"
-    with setup_step(options.log, f"Preparing the maps on {here} ({transforms})",
-                    estimate if here == "cpu" else None, done="Maps prepared"):
+    with setup_step(options.log, f"Preparing the maps on {here} ({transforms})", estimate, done="Maps prepared"):
         half_map_models(maps, settings, here)
     return None
 
@@ -379,7 +396,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     particle_files = [particles_path, *table.extra.get("passthrough", [])]  # the metadata's size follows theirs
     outputs = disk.plan_disk(outdir, layout, len(table), options.new_box or box, options.chunk_size, options.float16,
                              options.keep_store, particle_files, count_freed=False)
-    plan, spec = plan_resources(box, settings, options, extent if map_box != box else 0, outputs)
+    plan, spec = plan_resources(box, settings, options, extent if map_box != box else 0)
     device = options.device
     maps = MapFiles(str(Path(half_a).resolve()), str(Path(half_b).resolve()), str(Path(mask).resolve()),
                     pixel_size, box, extent)
@@ -396,9 +413,14 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
         options = dataclasses.replace(options, overwrite=False)
     if options.skip_bad_particles and not options.overwrite:
         adopt_strict_run(store_path, identity, fingerprint)
+    def before_changes(resumes: bool) -> None:
+        # Once OUTDIR is examined: a rerun with nothing to compute needs no worker, so states no memory.
+        if not nothing_to_compute(store_path, outdir, layout, bounds, out_box, options, resumes):
+            announce_resources(plan, options, outputs)
+        check_disk_room(outdir, layout, len(table), out_box, options, particle_files, resumes)
+
     resuming = prepare_outdir(outdir, fingerprint, options.overwrite, identity, lambda line: say(options, line),
-                              before_changes=lambda resumes: check_disk_room(outdir, layout, len(table), out_box,
-                                                                             options, particle_files, resumes))
+                              before_changes=before_changes)
     if resuming:  # this run's history, read before anything replaces its store
         attempt.read_earlier(store_path)
     # The maps' content hashes for a new store, read while the maps are prepared and the sample fitted.
@@ -444,7 +466,8 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             if capacities:
                 resources.check_workers(plan, capacities, box, settings, options.chunk_size)
             runner.start_on_each_worker(prepare_models, maps, settings, device)  # beside the sample fit
-            waiting = prepare_maps_where_visible(maps, settings, options, box)
+            waiting = prepare_maps_where_visible(maps, settings, options, box,
+                                                 "auto" if plan.cpu_need is not None else plan.need.device)
             if waiting is None:  # prepared here (on workers it is part of their first chunk)
                 timings["prepare_maps"] = time.monotonic() - started - sum(timings.values())
             sample, task = diagnostics.sample_task(table, maps, settings, device)
@@ -645,23 +668,45 @@ def store_takes_up(store_path: Path, options: RunOptions) -> bool:
 DISK_STATED_BYTES = 10**9
 
 
-def plan_resources(box: int, settings, options: RunOptions, map_voxels: int = 0, outputs: disk.DiskNeed | None = None):
-    """Estimate and print the memory each worker needs; refuse here when this machine cannot hold it.
+def plan_resources(box: int, settings, options: RunOptions, map_voxels: int = 0):
+    """Estimate the memory each worker needs (``resources.plan_memory``; stated and checked by
+    ``announce_resources`` once the run is known to have work to do).
 
-    ``outputs``: what the run writes (``disk.plan_disk``), stated in the same
-    line from ``DISK_STATED_BYTES`` on. Returns the plan and the cluster spec to
-    start, which asks batch jobs for that memory and, unless the run is on the
-    CPU, one GPU each.
+    Returns the plan and the cluster spec to start, which asks batch jobs for
+    that memory and, unless the run is on the CPU, one GPU each.
     """
     with cluster_config(options.cluster.cluster_config):
         plan = resources.plan_memory(box, settings, options, map_voxels)
+    request = plan.request_bytes if options.cluster.scheduler in ("slurm", "pbs") else None
+    return plan, dataclasses.replace(options.cluster, device=options.device, worker_memory_bytes=request)
+
+
+def announce_resources(plan, options: RunOptions, outputs: disk.DiskNeed | None = None) -> None:
+    """Print the memory each worker needs (the ``Memory:`` line); refuse here when this machine cannot hold it.
+
+    Called once OUTDIR is examined and before anything there changes, for a run
+    with work to do (``nothing_to_compute``): a rerun of a finished run starts
+    no worker and says only that it is finished. ``outputs``: what the run
+    writes (``disk.plan_disk``), stated in the same line from ``DISK_STATED_BYTES`` on.
+    """
     written = (f"; the outputs take about {outputs.describe()} of disk"
                if outputs is not None and outputs.total >= DISK_STATED_BYTES else "")
     say(options, f"Memory: {plan.describe()}{written}.")
     if not options.cluster.distributed:
         resources.check_this_machine(plan)
-    request = plan.request_bytes if options.cluster.scheduler in ("slurm", "pbs") else None
-    return plan, dataclasses.replace(options.cluster, device=options.device, worker_memory_bytes=request)
+
+
+def nothing_to_compute(store_path: Path, outdir: Path, layout, bounds, box: int, options: RunOptions,
+                       resumes: bool) -> bool:
+    """Whether a run that takes up an earlier identical run (``resumes``) has no chunk to compute: that run
+    finished (its store holds no images and no stack is lost: ``finished_run``), or every chunk is done and
+    only the export is left (``sample_check_if_all_done``). ``box``: the output box."""
+    if not resumes:
+        return False
+    if store.images_deleted(store_path):
+        stacks = export.stack_sizes(layout, box, np.float16 if options.float16 else np.float32)
+        return lost_from_finished_run(outdir, stacks) is None
+    return sample_check_if_all_done(store_path, outdir, layout, bounds, box, options) is not None
 
 
 def check_disk_room(outdir: Path, layout, count: int, box: int, options: RunOptions, particle_files,

@@ -186,16 +186,98 @@ def memory_limit() -> int:
     return limit
 
 
-def host_memory_available() -> int:
-    """Bytes this process may still allocate: free memory, cgroup and rlimit caps (whichever is least)."""
+#: Address space a malloc arena reserves (glibc's ``HEAP_MAX_SIZE`` on 64-bit: 2 x 32 MiB), which a thread
+#: that allocates takes on its first ``malloc``, up to ``ARENAS_PER_CORE`` arenas per core (glibc's
+#: ``M_ARENA_MAX`` default). The reservation counts against ``ulimit -v`` although it is not resident.
+ARENA_ADDRESS_BYTES = 64 * 2**20
+ARENAS_PER_CORE = 8
+#: Threads a run on this machine starts beside its tasks and its main thread: dsub's own (read-ahead, content
+#: hashes, report preparation and warm-up, progress display), and Zarr's I/O loop (``zarr_io``) with its
+#: asyncio pool (``asyncio_N``, ``zarr_asyncio_threads``). Measured on a box-256 run on ``threads``:
+#: at most 8 beside the tasks at once, 13 names in all.
+DSUB_HELPER_THREADS = 4
+
+
+def address_space_limit() -> int | None:
+    """The soft ``RLIMIT_AS`` (``ulimit -v``) in bytes, or None without one."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    return None if soft in (resource.RLIM_INFINITY, -1) else int(soft)
+
+
+def thread_stack_bytes() -> int:
+    """Address space of one new thread's stack: Python's ``threading.stack_size()`` where set, else the
+    ``RLIMIT_STACK`` soft limit that glibc takes for a thread's stack (8 MiB where unlimited)."""
+    import threading
+
+    chosen = threading.stack_size()
+    if chosen:
+        return int(chosen)
+    soft, _ = resource.getrlimit(resource.RLIMIT_STACK)
+    return 8 * 2**20 if soft in (resource.RLIM_INFINITY, -1) else int(soft)
+
+
+def zarr_asyncio_threads() -> int:
+    """Zarr's I/O loop thread and its asyncio pool's (``threading.max_workers``, else asyncio's default
+    ``min(32, cores + 4)``)."""
+    try:
+        import zarr
+
+        chosen = zarr.config.get("threading.max_workers", None)
+    except ImportError:
+        chosen = None
+    return 1 + int(chosen or min(32, (os.cpu_count() or 1) + 4))
+
+
+def run_threads(tasks: int) -> int:
+    """Threads of a process running ``tasks`` tasks at once at its busiest: its main thread, the tasks,
+    dsub's helpers and Zarr's (``DSUB_HELPER_THREADS``, ``zarr_asyncio_threads``)."""
+    return 1 + max(1, int(tasks)) + DSUB_HELPER_THREADS + zarr_asyncio_threads()
+
+
+def threads_address_bytes(threads_at_peak: int, threads_now: int) -> int:
+    """Address space the threads still to start will map: a stack each, and an arena each up to glibc's
+    arena limit (``ARENAS_PER_CORE`` per core, the main thread's heap included)."""
+    new = max(0, threads_at_peak - threads_now)
+    arena_limit = ARENAS_PER_CORE * (os.cpu_count() or 1)
+    arenas = max(0, min(threads_at_peak, arena_limit) - min(threads_now, arena_limit))
+    return new * thread_stack_bytes() + arenas * ARENA_ADDRESS_BYTES
+
+
+def host_memory_available(threads_at_peak: int = 0) -> int:
+    """Bytes this process may still allocate: free memory, cgroup and rlimit caps (whichever is least).
+
+    Under an address-space limit (``ulimit -v``) what counts is the address space
+    mapped now (``vms``: libraries, thread stacks, malloc arenas, mapped files,
+    far above the resident memory), less what the threads the run has not
+    started yet will map (``threads_address_bytes``) when ``threads_at_peak``
+    (``run_threads``) says how many it will have. Counting the threads to come
+    rather than those running makes the answer the same whether a helper
+    thread (Zarr's I/O loop, opened by a rerun's look at its store) started
+    before it was asked or after.
+    """
     import psutil
 
     process = psutil.Process().memory_info()
     room = [psutil.virtual_memory().available, memory_limit() - process.rss]
-    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    if soft not in (resource.RLIM_INFINITY, -1):
-        room.append(soft - process.vms)
+    under_limit = address_space_room(threads_at_peak)
+    if under_limit is not None:
+        room.append(under_limit)
     return max(0, int(min(room)))
+
+
+def address_space_room(threads_at_peak: int = 0) -> int | None:
+    """Bytes left under this process's address-space limit (None without one): the limit less what is
+    mapped now, less what the threads still to start will map (``threads_address_bytes``, where
+    ``threads_at_peak`` is given)."""
+    import threading
+
+    import psutil
+
+    soft = address_space_limit()
+    if soft is None:
+        return None
+    ahead = threads_address_bytes(threads_at_peak, threading.active_count()) if threads_at_peak else 0
+    return int(soft - psutil.Process().memory_info().vms - ahead)
 
 
 def gpu_memory_free() -> int:
@@ -224,11 +306,15 @@ def worker_capacity(device: str, dask_worker=None) -> dict:
     except RuntimeError:
         resolved = "none"
     limit = dask_worker.memory_manager.memory_limit if dask_worker is not None else None
+    threads = dask_worker.state.nthreads if dask_worker is not None else 1
     return {
         "device": resolved,
         "host_limit": int(limit) if limit else None,
         "gpu_free": gpu_memory_free() if resolved == "gpu" else None,
-        "threads": dask_worker.state.nthreads if dask_worker is not None else 1,
+        "threads": threads,
+        # Under ``ulimit -v`` (a local cluster's workers inherit it): what the worker's tasks may still map.
+        "address_room": address_space_room(run_threads(threads)),
+        "address_limit": address_space_limit(),
     }
 
 
@@ -247,6 +333,7 @@ class MemoryPlan:
     padding: float | None = None  # the prepared maps' oversampling (None: unknown, so never suggested lower)
     gpu_possible: bool = False  # a GPU the run could use instead: visible here, or GPU jobs a batch system gives
     cpu_need: WorkerMemory | None = None  # an existing scheduler's workers with --device auto: if on the CPU
+    room: int | None = None  # threads/sync: host bytes this process had left when planned (``host_memory_available``)
 
     def describe(self) -> str:
         """The estimate as the run prints it.
@@ -325,9 +412,12 @@ def plan_memory(box: int, settings, options, map_voxels: int = 0) -> MemoryPlan:
     threads = tasks_per_worker(spec, device)
     chunk = options.chunk_size or 256  # unresolved (a script for any run): the default chunk
     batch = batch_cap(box, settings, device, threads, chunk)
+    room = None
     if spec.scheduler in ("threads", "sync"):  # the limit is known now: plan batches within it
+        # Read once: the batches and the check (``check_this_machine``) are planned on the same figure.
+        room = host_memory_available(run_threads(threads))
         budget = (gpu_memory_free() - prepared_map_bytes(box, settings) if device == "gpu" else
-                  host_memory_available() + BASELINE_HOST_BYTES - worker_memory(box, settings, "cpu", threads, chunk, 0, map_voxels).host_bytes)
+                  room + BASELINE_HOST_BYTES - worker_memory(box, settings, "cpu", threads, chunk, 0, map_voxels).host_bytes)
         batch = batch_within(budget, box, settings, device, threads, chunk)
     log_directory = None
     if spec.scheduler in ("slurm", "pbs"):
@@ -342,6 +432,7 @@ def plan_memory(box: int, settings, options, map_voxels: int = 0) -> MemoryPlan:
         scheduler=spec.scheduler, log_directory=log_directory, map_voxels=int(map_voxels), cpu_need=cpu_need,
         padding=projector_kernel(settings.projector, settings.padding)[1],
         gpu_possible=device != "gpu" and gpu_possible(spec.scheduler),
+        room=room,
     )
 
 
@@ -404,7 +495,7 @@ def memory_granted() -> tuple[int, str]:
     granted, why = memory_limit(), "this machine's memory or its cgroup's limit"
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     if soft not in (resource.RLIM_INFINITY, -1) and soft < granted:
-        granted, why = soft, "the address-space limit (ulimit -v), which counts the libraries mapped too"
+        granted, why = soft, "the address-space limit (ulimit -v), which counts the libraries mapped too, and the stacks and malloc arenas of the threads the run will start"
     return int(granted), why
 
 
@@ -425,7 +516,8 @@ def check_this_machine(plan: MemoryPlan) -> None:
             raise NotEnoughMemoryError(
                 f"{need.describe()}, but the GPU has {gigabytes(free)} free. "
                 f"{sentence(either([*remedies(need, plan), 'use a GPU with more memory']))}.")
-    room = host_memory_available() + BASELINE_HOST_BYTES
+    # The figure the batches were planned on (``plan_memory``), so a run let through has batches that fit it.
+    room = (plan.room if plan.room is not None else host_memory_available(run_threads(need.threads))) + BASELINE_HOST_BYTES
     if need.host_bytes > room:
         granted, why = memory_granted()
         fixes = remedies(need, plan)
@@ -439,6 +531,10 @@ def check_workers(plan: MemoryPlan, capacities: dict, box: int, settings, chunk_
 
     The minimum is one particle per batch, with the maps' preparation (through
     ``plan.map_voxels``³ when the maps have another box) as the run will do it.
+    A worker under an address-space limit (``ulimit -v``, which a local
+    cluster's workers inherit while their Dask memory limit is the machine's
+    share) must also have room for it beside what it has mapped already
+    (``worker_capacity``'s ``address_room``).
     """
     fraction = usable_fraction()
     limits = [c["host_limit"] for c in capacities.values() if c.get("host_limit")]
@@ -453,6 +549,14 @@ def check_workers(plan: MemoryPlan, capacities: dict, box: int, settings, chunk_
             raise NotEnoughMemoryError(
                 f"{need.describe()} (even with batches of one particle), but worker {address} has a memory limit of "
                 f"{gigabytes(limit)} (Dask pauses it at {fraction:.0%} of that). {raise_limit(plan.scheduler, len(capacities))}"
+                + "".join(f"; or {fix}" for fix in remedies(need, plan)) + ".")
+        room = capacity.get("address_room")
+        if room is not None and need.host_bytes - BASELINE_HOST_BYTES > room:  # its libraries are mapped already
+            raise NotEnoughMemoryError(
+                f"{need.describe()} (even with batches of one particle), but worker {address} has "
+                f"{gigabytes(max(0, room))} of address space left under its address-space limit (ulimit -v, "
+                f"{gigabytes(capacity['address_limit'])}, which counts the libraries and thread stacks mapped too). "
+                "Raise the limit ('ulimit -v') for the command that starts the workers"
                 + "".join(f"; or {fix}" for fix in remedies(need, plan)) + ".")
         free = capacity.get("gpu_free")
         if capacity["device"] == "gpu" and free is not None and need.gpu_bytes > free:

@@ -20,9 +20,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -187,17 +189,21 @@ def batch_size(box: int, settings: SubtractionSettings, device: str, chunk_size:
     one task whose turn it is (``gpu_turn``). On the CPU: the room left under
     the Dask worker's memory limit (below the point where distributed pauses
     it), or this machine's available memory, shared by the tasks running at
-    once. At most ``resources.BATCH_CAP_BYTES`` each.
+    once, and never more than the room under an address-space limit
+    (``resources.host_memory_available``). At most ``resources.BATCH_CAP_BYTES`` each.
     """
     import psutil
 
     threads, limit = worker_threads_and_limit()
+    # Under an address-space limit (``ulimit -v``, which a local cluster's workers inherit) the room left under
+    # it, less the threads yet to start; without one the machine's available memory. A Dask worker's memory
+    # limit (its share of the machine, whatever ``ulimit -v`` allows) caps it further.
     if device == "gpu":  # one task at a time (gpu_turn): batch_within counts one
         free = resources.gpu_memory_free()
-    elif limit:
-        free = limit * resources.usable_fraction() - psutil.Process().memory_info().rss
     else:
-        free = resources.host_memory_available()
+        free = resources.host_memory_available(resources.run_threads(threads))
+        if limit:
+            free = min(free, limit * resources.usable_fraction() - psutil.Process().memory_info().rss)
     return resources.batch_within(BATCH_SHARE_OF_FREE * free, box, settings, device, threads, chunk_size)
 
 
@@ -470,21 +476,40 @@ def run_chunk(chunk_index: int, start: int, particles, maps: MapFiles, settings,
                              np.stack([contrast.alpha, contrast.sigma, contrast.correlation]), bad, statistics)
 
 
-def fit_sample(particles, maps: MapFiles, settings, device: str):
+class SampleFit(NamedTuple):
+    """What ``fit_sample`` returns: the fit, the control correlations, and the seconds it spent setting up."""
+
+    fit: ContrastResult
+    control: np.ndarray
+    set_up_seconds: float = 0.0
+
+
+def fit_sample(particles, maps: MapFiles, settings, device: str) -> SampleFit:
     """Task body: contrast fit of a sample of particles, for the checks before the long run.
 
-    Returns (fit, control): the ``ContrastResult`` of the sample with its own
-    poses, and the fit correlation of each image with the model in another
-    sample particle's pose and origin (its own CTF and half set), a baseline of
-    what a model that does not belong to the image explains. Images with NaN or
-    infinite values get NaN throughout. ``settings.scale`` should be "fit".
+    Returns ``SampleFit(fit, control, set_up_seconds)``: the ``ContrastResult`` of
+    the sample with its own poses, and the fit correlation of each image with
+    the model in another sample particle's pose and origin (its own CTF and half
+    set), a baseline of what a model that does not belong to the image explains.
+    Images with NaN or infinite values get NaN throughout. ``settings.scale``
+    should be "fit".
+
+    Before the timed fit the task gets the prepared maps (made here where the
+    worker has none yet) and subtracts one particle, so that the compiled
+    kernels are built (numba's compilation of the CPU kernels on a cold cache,
+    several seconds; CuPy's on a GPU): ``set_up_seconds`` is that time, which the
+    progress leaves out of the sample fit's particles/s (``Progress.task_done``).
     """
     particles = load_particles(particles)
     device = resolve_device(device)
     images = read_images(particles.image_paths, particles.image_indices)
     good = np.flatnonzero(~bad_images(images, particles, skip=True))
+    setting_up = time.perf_counter()
     models = half_map_models(maps, settings, device)
     chosen = particles.subset(good)
+    if good.size:  # compile before timing: one particle through every kernel the fit uses
+        subtract_particles(images[good[:1]], chosen.subset(np.arange(1)), models, settings, device)
+    set_up = time.perf_counter() - setting_up
     others = dataclasses.replace(
         chosen, rotations=np.roll(chosen.rotations, 1, axis=0),
         origins_angstrom=np.roll(chosen.origins_angstrom, 1, axis=0),
@@ -496,4 +521,4 @@ def fit_sample(particles, maps: MapFiles, settings, device: str):
         for name in ("alpha", "sigma", "correlation"):
             getattr(fit, name)[good] = getattr(own, name)
         control[good] = subtract_particles(images[good], others, models, settings, device)[1].correlation
-    return fit, control
+    return SampleFit(fit, control, set_up)
