@@ -298,9 +298,9 @@ def test_cs_mrc_stacks_are_named_for_relion_through_mrcs_links(dataset, tmp_path
     links = {name.split("@", 1)[1] for name in originals}
     assert links == {"out/Originals/J5/extract/batch_0_particles.mrcs",
                      "out/Originals/J6/extract/batch_0_particles.mrcs"}
-    for link in links:
-        assert Path(link).is_symlink()
-        assert Path(os.readlink(link)) == project / link.replace("out/Originals/", "")[:-1]
+    for link in links:  # relative links: the project folder can move as a whole
+        assert Path(link).is_symlink() and not os.path.isabs(os.readlink(link))
+        assert Path(link).resolve() == project / link.replace("out/Originals/", "")[:-1]
     # --revert swaps the names: the images it names are the input's, in input order.
     opened = []
     for name in originals:
@@ -324,6 +324,23 @@ def test_cs_mrc_stacks_are_named_for_relion_through_mrcs_links(dataset, tmp_path
     assert {link: os.lstat(link).st_ino for link in links} == before
     rows = starfile.read(outdir / STAR_OUT, always_dict=True)["particles"]
     assert rows["rlnImageOriginalName"].iloc[0] == f"000001@{tmp_path / 'out/Originals/J5/extract/batch_0_particles.mrcs'}"
+    # moved as a whole, the project's links still reach the stacks
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.move(str(project), moved / "P3")
+    shutil.move(str(outdir), moved / "out")
+    for link in links:
+        assert (moved / link).exists(), link
+    # the same output folder for another input (--overwrite): the links to the earlier input's stacks go
+    shutil.move(str(moved / "P3"), project)
+    shutil.move(str(moved / "out"), outdir)
+    one_job = project / "J8" / "J8_particles.cs"
+    one_job.parent.mkdir()
+    cs_format.write_particles(table.subset(np.arange(30)), one_job, blob_paths[:30], np.array(indices[:30]),
+                              contrast=sim.contrast[:30])
+    assert run_cli(paths, outdir, "--scale", "input", "--overwrite", particles=one_job) == 0
+    left = sorted(str(p.relative_to(tmp_path)) for p in (outdir / "Originals").rglob("*") if p.is_symlink())
+    assert left == ["out/Originals/batch_0_particles.mrcs"], left
 
 
 def test_cs_blob_paths_outside_the_job_tree_need_cs_root(cs_dataset, tmp_path, capsys):

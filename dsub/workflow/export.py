@@ -455,13 +455,16 @@ def original_stack_links(table, outdir: Path) -> StackRefs | None:
     (asarnow/pyem#48: "the files are really called .mrc by cryoSPARC.
     Unfortunately, Relion insists on .mrcs"), which is what is made here.
 
-    Each link (to the stack's absolute path) is named after the stack's path
-    below the folder all the input stacks share, its ``.mrc`` ending made
-    ``.mrcs`` (``J19/extract/x_particles.mrc`` → ``Originals/J19/extract/
-    x_particles.mrcs``), so two stacks of one name in different jobs get
-    different links. A link that is there already is kept if it points to the
-    same stack, else replaced. Where this file system makes no symbolic links
-    the names stay the ``.mrc`` paths, with a warning.
+    Each link is named after the stack's path below the folder all the input
+    stacks share, its ``.mrc`` ending made ``.mrcs`` (``J19/extract/x_particles.mrc``
+    → ``Originals/J19/extract/x_particles.mrcs``), so two stacks of one name in
+    different jobs get different links. A link points to its stack by a
+    relative path (as RELION's own links do), so a project folder moved or
+    mounted elsewhere as a whole keeps them working. A link that is there
+    already is kept if it points to the same stack, else replaced; links in
+    ``Originals`` to stacks this input does not name (an earlier input's,
+    before ``--overwrite``) are removed. Where this file system makes no
+    symbolic links the names stay the ``.mrc`` paths, with a warning.
     """
     if table.source_format == "star":
         return None
@@ -478,7 +481,9 @@ def original_stack_links(table, outdir: Path) -> StackRefs | None:
                      f"{ORIGINALS_FOLDER}/{below}.mrcs")
     try:
         for stack, link in zip(stacks, links):
-            make_link(Path(outdir) / link, stack)
+            where = Path(outdir) / link
+            make_link(where, os.path.relpath(stack, os.path.abspath(where.parent)))
+        remove_other_links(Path(outdir) / ORIGINALS_FOLDER, {Path(outdir) / link for link in links})
     except OSError as exc:
         warn(f"{Path(outdir) / ORIGINALS_FOLDER}: the .mrcs links to the input's .mrc stacks could not be made "
              f"({exc.strerror or exc}); rlnImageOriginalName names the .mrc stacks, which RELION reads as maps, "
@@ -497,6 +502,13 @@ def make_link(link: Path, target: str) -> None:
     fresh.unlink(missing_ok=True)
     os.symlink(target, fresh)
     os.replace(fresh, link)
+
+
+def remove_other_links(folder: Path, kept: set) -> None:
+    """Remove the symbolic links under ``folder`` that are not in ``kept`` (never a file or a folder itself)."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink() and path not in kept:
+            path.unlink()
 
 
 def original_image_names(table) -> np.ndarray:
