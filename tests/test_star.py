@@ -131,6 +131,18 @@ def test_missing_angle_column(shared_data, tmp_path):
         read_particles(tmp_path / "no_rot.star")
 
 
+def test_a_star_without_image_names_is_refused_naming_the_column(tmp_path):
+    from dsub.demo import make_dataset
+
+    paths, _ = make_dataset(tmp_path / "data", count=8, box=24)
+    blocks = starfile.read(paths["star"], always_dict=True)
+    blocks["particles"] = blocks["particles"].drop(columns="rlnImageName")
+    starfile.write(blocks, tmp_path / "no_names.star")
+    with pytest.raises(InputFileError, match=r"no_names.star.*lacks the column\(s\) rlnImageName, needed for the "
+                                             r"particle images"):
+        read_particles(tmp_path / "no_names.star")
+
+
 def test_no_pixel_size(shared_data):
     with pytest.raises(InputFileError, match="rln_proj_64.star.*pixel size"):
         read_particles(shared_data / "relion_projections/rln_proj_64.star", require_ctf=False)
