@@ -3,7 +3,9 @@
 It computes what ``contrast.fit_spectra`` computes from NumPy arrays, in two
 passes over each particle's rfft2 half plane instead of a dozen temporaries the
 size of the batch: the sums ``Σ h Re(X conj M)``, ``Σ h |M|²`` and ``Σ h |X|²``
-over the band, then with α the sandwich sum ``Σ h |M|² |X - α M|²``. The band
+over the band, then with α the sandwich sum ``Σ h |M|² |X - α M|²`` (the GPU
+kernel sums that one expanded in α in its single pass; here a particle's half
+plane is still in the core's cache for the second pass). The band
 weight ``h`` is evaluated in place in float32, as ``contrast.band_weights``;
 the sums are accumulated in float64, as on the GPU. Results agree with the
 NumPy arrays to float32 rounding (tests/test_contrast_cpu.py). Runs without
