@@ -54,6 +54,45 @@ KNOWN_CTF_FIELDS = set(CTF_FIELDS) | {
 STAR_IMPORT_BLOB_SIGN = -1.0
 
 
+#: What to do with a .cs that is cut short or unreadable past its magic bytes.
+_TRUNCATED_FIX = ("The file is cut short (an interrupted copy or download): copy it again, or export the job's "
+                  "particles again from the cryoSPARC project.")
+
+
+def _truncation(path: Path) -> str | None:
+    """How a numpy-format .cs is shorter than its header promises, in words; None if it is not.
+
+    Reads only the header (numpy's ``.npy`` format: magic, version, header
+    length, a dict of dtype, order and shape). A header that is itself cut
+    short says so without a promised size.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        start = f.read(12)
+    if len(start) < 10 or start[6:8] not in (b"\x01\x00", b"\x02\x00"):
+        return None  # too short to say, or a later format: np.load judges it
+    header_end = (10 + int.from_bytes(start[8:10], "little") if start[6] == 1
+                  else 12 + int.from_bytes(start[8:12], "little"))
+    if size < header_end:
+        return f"{size} bytes, which end inside its header ({header_end} bytes)"
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read_header(f, max_header_size=2**30)
+            data_start = f.tell()
+    except (ValueError, OSError, EOFError, SyntaxError):
+        return None  # a header numpy cannot read: np.load says why
+    rows = int(np.prod(shape))
+    expected = data_start + rows * dtype.itemsize
+    if size >= expected or dtype.hasobject:
+        return None
+    whole = max(0, size - data_start) // dtype.itemsize if dtype.itemsize else 0
+    return (f"its header says {rows} particles of {dtype.itemsize} bytes, {expected} bytes, but the file "
+            f"holds only {size} bytes ({whole} whole particles)")
+
+
 def _load_one(path: Path) -> np.ndarray:
     """One numpy-format .cs file, after checking its magic bytes."""
     if not path.is_file():
@@ -72,10 +111,13 @@ def _load_one(path: Path) -> np.ndarray:
             path, "is not a cryoSPARC .cs file (no numpy header).",
             "Give a particles .cs from a cryoSPARC job folder, e.g. J24_005_particles.cs.",
         )
+    truncated = _truncation(path)
+    if truncated is not None:
+        raise InputFileError(path, f"is truncated: {truncated}.", _TRUNCATED_FIX)
     try:
         data = np.load(path, allow_pickle=False, max_header_size=2**30)
-    except (ValueError, OSError) as exc:
-        raise InputFileError(path, f"could not be read as a .cs file ({exc}).") from exc
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputFileError(path, f"could not be read as a .cs file ({exc}).", _TRUNCATED_FIX) from exc
     if data.dtype.names is None or data.ndim != 1:
         raise InputFileError(path, "is a numpy array but not a cryoSPARC dataset (no fields).")
     return data
