@@ -401,7 +401,10 @@ def check_images(table, box: int) -> None:
 
     Opening a stack first checks its 1024-byte header against the file's size
     (``formats.mrc.check_mrc_file``): a text file or a truncated stack is refused here.
+    A star's image name without ``N@`` (``table.extra["named_whole"]``) is the
+    whole file, as RELION reads it: refused for a stack of more than one image.
     """
+    named_whole = table.extra.get("named_whole") or {}
     codes, stacks = table.image_path_codes()  # hashing: linear in the particles, once per table
     highest_index = np.full(len(stacks), -1, dtype=np.int64)
     np.maximum.at(highest_index, codes, np.asarray(table.image_indices, dtype=np.int64))
@@ -414,6 +417,15 @@ def check_images(table, box: int) -> None:
             raise InputFileError(
                 path, f"images are {stack.shape[-1]}x{stack.shape[-2]} px but the metadata says {box} px.",
                 "Check rlnImageSize / blob/shape against the stacks.",
+            )
+        row = named_whole.get(str(path))
+        if row is not None and stack.shape[0] > 1:
+            name = table.source["particles"]["rlnImageName"].iloc[row]
+            raise InputFileError(
+                table.source_path,
+                f"{particle_named(table, row)} has the image name {str(name)!r}, without N@, which RELION reads as "
+                f"the whole file, but the stack {path} holds {stack.shape[0]} images.",
+                f"Name each particle's image as N@stack, e.g. 000001@{name} for its first image.",
             )
         highest = int(highest_index[code])
         if highest >= stack.shape[0]:
