@@ -333,8 +333,8 @@ def disk_full(exc: OSError, outdir: Path) -> DiskFullError:
     where = exc.filename or outdir
     what = "no space left on device" if exc.errno == errno.ENOSPC else "disk quota exceeded"
     return DiskFullError(
-        f"{where}: {what} while writing the results. Free space and rerun the same command: finished "
-        "chunks are kept (or choose another -o and start afresh)."
+        f"{where}: {what} while writing the results. Free space and rerun the same command: finished chunks are "
+        f"kept and the run resumes. A new output folder (-o) starts over: the finished chunks stay in {outdir}."
     )
 
 
