@@ -306,5 +306,6 @@ def test_truncated_cs_names_its_size_against_its_header_and_what_to_do(tmp_path)
     assert "\n" not in message and "Failed to read" not in message
 
     path.write_bytes(whole.read_bytes()[:30])  # cut inside its header
-    with pytest.raises(InputFileError, match=r"is truncated: 30 bytes, which end inside its header \(\d+ bytes\)\. .*copy it again"):
+    with pytest.raises(InputFileError,
+                       match=r"is truncated: 30 bytes, which end inside its header \(\d+ bytes\)\. .*copy it again"):
         read_particles(path)
