@@ -187,26 +187,47 @@ def _join(main: np.ndarray, extra: np.ndarray, path: Path, extra_path: Path) -> 
     return joined
 
 
-def load_joined(path: str | os.PathLike, passthrough=()) -> tuple[np.ndarray, list[Path], list[Path]]:
+def load_joined(path: str | os.PathLike, passthrough=()) -> tuple[np.ndarray, list[Path], list[Path], list[dict]]:
     """The particles of ``path`` joined on ``uid`` with the job's passthrough file and ``passthrough``.
 
     Returns (dataset, the files joined, the passthrough names looked for beside
-    ``path``). Fields of ``path`` win over a passthrough's, an earlier
-    passthrough's over a later one's (as cryoSPARC's newer slots replace
-    inherited ones).
+    ``path``, one dict per file joined: ``path``, ``rows`` (its row count),
+    ``groups`` (the field groups, ``slot`` of ``slot/field``, it added, in its
+    order) and ``beside`` (True where found beside ``path``, not given)). Fields
+    of ``path`` win over a passthrough's, an earlier passthrough's over a later
+    one's (as cryoSPARC's newer slots replace inherited ones).
     """
     path = Path(path)
     data = _load_one(path)
     looked_for = passthrough_candidates(path)
     found = passthrough_path(path)
     files = ([found] if found is not None else []) + [Path(p) for p in passthrough]
-    joined = []
+    joined, joins = [], []
     for extra_path in files:
         if any(os.path.abspath(extra_path) == os.path.abspath(done) for done in joined):
             continue
-        data = _join(data, _load_one(extra_path), path, extra_path)
+        extra, before = _load_one(extra_path), set(data.dtype.names)
+        data = _join(data, extra, path, extra_path)
+        added = [name for name in data.dtype.names if name not in before]
+        joins.append({"path": extra_path, "rows": len(extra), "beside": extra_path is found,
+                      "groups": list(dict.fromkeys(name.split("/", 1)[0] for name in added))})
         joined.append(extra_path)
-    return data, joined, looked_for
+    return data, joined, looked_for, joins
+
+
+def joined_line(join: dict, path) -> str:
+    """The line saying one passthrough file was joined with the particles file ``path`` (``load_joined``'s dict).
+
+    E.g. ``Joined /p/J15_passthrough_particles.cs (found beside J15_particles.cs) on uid: 12 000 rows, adding
+    the field groups ctf, location and pick_stats.``
+    """
+    how = f"found beside {Path(path).name}" if join["beside"] else "--passthrough"
+    groups = join["groups"]
+    listed = ", ".join(groups[:-1]) + " and " + groups[-1] if len(groups) > 1 else "".join(groups)
+    adds = (f"adding the field group{'s' if len(groups) > 1 else ''} {listed}" if groups
+            else "adding no field that the files before it lack")
+    rows = f"{join['rows']:,}".replace(",", " ")  # a space between thousands, as dsub's other lines count
+    return f"Joined {join['path']} ({how}) on uid: {rows} row{'s' if join['rows'] != 1 else ''}, {adds}."
 
 
 def load_dataset(path: str | os.PathLike, passthrough=()) -> np.ndarray:
@@ -300,7 +321,7 @@ def _optics_from_fields(data: np.ndarray, path: Path) -> dict:
 
 def read_ctf(path: str | os.PathLike, require_ctf: bool = True, passthrough=()) -> dict:
     """Only the CTF of each particle (see ``ctf_from_fields``); poses not needed."""
-    data, joined, looked_for = load_joined(path, passthrough)
+    data, joined, looked_for, _ = load_joined(path, passthrough)
     return ctf_from_fields(data, Path(path), require_ctf, joined, looked_for)
 
 
@@ -334,11 +355,12 @@ def read_particles(
     ``passthrough``: further files joined on ``uid`` (see ``load_joined``).
     ``extra["project_folder"]`` is the folder relative ``blob/path`` values were
     resolved against (the cryoSPARC project folder, or ``cs_root``),
-    ``extra["passthrough"]`` the files joined, and ``extra["location_roots"]``
+    ``extra["passthrough"]`` the files joined (``extra["passthrough_joins"]``: what each
+    added, see ``load_joined``), and ``extra["location_roots"]``
     where ``location/micrograph_path`` may start (``location.micrograph_base``).
     """
     path = Path(path)
-    data, joined, looked_for = load_joined(path, passthrough)
+    data, joined, looked_for, joins = load_joined(path, passthrough)
     if len(data) == 0:
         raise InputFileError(path, "holds no particles (the dataset is empty).")
     _missing(data, BLOB_FIELDS + POSE_FIELDS, path, "the particle images and poses", joined, looked_for)
@@ -377,7 +399,7 @@ def read_particles(
         source_path=path,
         source=data,
         extra={"ctf_absent": ctf_absent, "exp_group_ids": groups, "project_folder": project_folder,
-               "passthrough": joined,
+               "passthrough": joined, "passthrough_joins": joins,
                # where location/micrograph_path starts (location.micrograph_base): as blob/path does
                "location_roots": (cs_roots(path, cs_root),
                                   Path(os.path.abspath(cs_root)) if cs_root is not None

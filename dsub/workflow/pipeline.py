@@ -41,6 +41,7 @@ from ..cluster.config import cluster_config, warn_unused_settings
 from ..cluster.progress import map_preparation_estimate, number, setup_step
 from ..errors import DsubError, InputFileError, OptionError, add_overwrite_note, warn
 from ..formats import read_particles, select_rows
+from ..formats.cs import joined_line
 from ..formats.mrc import map_header, read_map
 from ..formats.paths import PATH_MODES, cryosparc_project_folder, written_base
 from ..particles import HALF_A
@@ -336,6 +337,8 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
         cleanup.callback(start_gpu_warm_up().join)
     with setup_step(options.log, f"Reading the particles from {particles_path}"):
         table = read_particles(particles_path, cs_root=options.cs_root, passthrough=options.passthrough)
+    for join in table.extra.get("passthrough_joins", []):
+        say(options, joined_line(join, particles_path))
     project_of_outdir(table, outdir, options)
     where_names_start = star_base_line(table, outdir, options.paths)
     if where_names_start is not None:
