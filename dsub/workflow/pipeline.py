@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import dask
@@ -475,7 +476,11 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
                 timings["prepare_maps"] = time.monotonic() - started - sum(timings.values())
             sample, task = diagnostics.sample_task(table, maps, settings, device)
             sample_fit = runner.compute([task], "sample fit", [len(sample)], waiting, unit="tasks")[0]
-            checked = diagnostics.check_sample(table, sample, sample_fit, settings.scale, lambda line: say(options, line))
+            # Maps off every optics group's pixel size that explain almost nothing: their header is likely wrong.
+            refuse = (partial(validate.wrong_voxel_size, half_a, pixel_size, table)
+                      if validate.far_from_every_group(table, pixel_size * extent / box) else None)
+            checked = diagnostics.check_sample(table, sample, sample_fit, settings.scale,
+                                               lambda line: say(options, line), refuse_unexplained=refuse)
             sample_check = None
             if settings.scale == "input":  # for the report: fitted against input contrast
                 fitted = np.asarray(sample_fit[0].alpha)
