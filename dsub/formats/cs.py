@@ -54,7 +54,7 @@ KNOWN_CTF_FIELDS = set(CTF_FIELDS) | {
 STAR_IMPORT_BLOB_SIGN = -1.0
 
 
-#: What to do with a .cs that is cut short or unreadable past its magic bytes.
+#: What to do with a .cs shorter than its header promises.
 _TRUNCATED_FIX = ("The file is cut short (an interrupted copy or download): copy it again, or export the job's "
                   "particles again from the cryoSPARC project.")
 
@@ -117,7 +117,9 @@ def _load_one(path: Path) -> np.ndarray:
     try:
         data = np.load(path, allow_pickle=False, max_header_size=2**30)
     except (ValueError, OSError, EOFError) as exc:
-        raise InputFileError(path, f"could not be read as a .cs file ({exc}).", _TRUNCATED_FIX) from exc
+        raise InputFileError(path, f"could not be read as a .cs file ({exc}).",
+                             "A copy cut short or damaged reads so: copy it again, or export the job's particles "
+                             "again from the cryoSPARC project.") from exc
     if data.dtype.names is None or data.ndim != 1:
         raise InputFileError(path, "is a numpy array but not a cryoSPARC dataset (no fields).")
     return data
