@@ -680,3 +680,41 @@ def test_cluster_options_a_threaded_run_does_not_use_are_named_in_a_warning(data
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dsub: warning:")]
     assert len(warnings) == 1
     assert "--interface nosuchif and --dashboard-address nonsense: not used by --scheduler threads" in warnings[0]
+
+
+def name_image(star_path, row, name):
+    def edit(blocks):
+        blocks["particles"]["rlnImageName"] = blocks["particles"]["rlnImageName"].astype(object)
+        blocks["particles"].loc[row, "rlnImageName"] = name
+    edit_particles(star_path, edit)
+
+
+def test_an_image_name_without_its_number_for_a_stack_of_several_images_is_refused(data, tmp_path, capsys):
+    """RELION reads a name without N@ as the whole file: right for a particle only where the file holds one image."""
+    name_image(data["star"], 3, "particles.mrcs")
+    lines = data["star"].read_text().splitlines()
+    fourth = next(number for number, text in enumerate(lines, 1) if text.split()[:1] == ["particles.mrcs"])
+    line = assert_refused(run(data, tmp_path / "out"), capsys, tmp_path / "out", data["star"], data["stack"])
+    assert f"particle 4 (line {fourth} of the file) has the image name 'particles.mrcs', without N@" in line
+    assert f"holds {COUNT} images" in line and "000001@particles.mrcs" in line
+    assert not (tmp_path / "out" / "subtracted.zarr").exists()  # refused before any chunk
+
+
+def test_an_image_name_without_its_number_for_a_file_of_one_image_is_that_image(data, tmp_path, capsys):
+    from dsub.formats import read_particles
+    from dsub.formats.mrc import read_images
+
+    def subtracted(outdir):
+        table = read_particles(outdir / "particles_subtracted.star")
+        return read_images(table.image_paths, table.image_indices)
+
+    assert run(data, tmp_path / "reference") == 0
+    with mrcfile.open(data["stack"]) as mrc:
+        fourth = np.array(mrc.data[3])
+    with write_stack(data["stack"].parent / "single.mrcs", fourth[None], PIXEL_SIZE):
+        pass
+    name_image(data["star"], 3, "single.mrcs")
+    outdir = tmp_path / "out"
+    assert run(data, outdir) == 0, capsys.readouterr().err
+    reference = subtracted(tmp_path / "reference")  # the same images, in another order of reading: to rounding
+    np.testing.assert_allclose(subtracted(outdir), reference, rtol=0, atol=1e-4 * np.abs(reference).max())

@@ -286,3 +286,26 @@ def test_micrograph_codes_of_a_categorical_column_match_the_plain_coding():
     codes, distinct = micrograph_codes(with_missing)
     assert distinct[codes[0]] == names[0] and distinct[codes[2]] == names[1]
     assert len(set(codes.tolist())) == 3  # the missing name is a name of its own, as path_codes counts it
+
+
+def test_truncated_cs_names_its_size_against_its_header_and_what_to_do(tmp_path):
+    """A .cs cut short (an interrupted copy): its size against what its header promises, and to copy it again."""
+    rows = np.zeros(1000, dtype=[("uid", "<u8"), ("blob/idx", "<u4"), ("blob/psize_A", "<f4")])
+    rows["uid"] = np.arange(1000)
+    whole = tmp_path / "whole.cs"
+    _save(whole, rows)
+    size = whole.stat().st_size
+    path = tmp_path / "J15_particles.cs"
+    path.write_bytes(whole.read_bytes()[: size - 1000])
+    with pytest.raises(InputFileError) as caught:
+        read_particles(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: is truncated: its header says 1000 particles of 16 bytes, {size} bytes, "
+                              f"but the file holds only {size - 1000} bytes (937 whole particles)."), message
+    assert "copy it again, or export the job's particles again from the cryoSPARC project" in message
+    assert "\n" not in message and "Failed to read" not in message
+
+    path.write_bytes(whole.read_bytes()[:30])  # cut inside its header
+    with pytest.raises(InputFileError,
+                       match=r"is truncated: 30 bytes, which end inside its header \(\d+ bytes\)\. .*copy it again"):
+        read_particles(path)

@@ -200,3 +200,68 @@ def test_sample_figures_are_strict_json_and_few_particles_skip_the_pose_check(re
                        lines.append)
     assert "maps_explain_images" not in few  # too few particles to judge
     assert not [w for w in recwarn.list if "dsub" in type(w.message).__module__]
+
+
+def with_header_voxel_size(paths, folder: Path, voxel: float) -> dict:
+    """Copies of the half maps and mask whose header says ``voxel`` Å; the data unchanged (a wrong header)."""
+    copies = {}
+    for key in ("half_a", "half_b", "mask"):
+        copies[key] = Path(shutil.copy2(paths[key], folder / paths[key].name))
+        with mrcfile.open(copies[key], mode="r+") as mrc:
+            mrc.voxel_size = voxel
+    return copies
+
+
+def test_maps_whose_header_voxel_size_is_wrong_are_refused_before_the_run(dataset, tmp_path, capsys):
+    """Off every optics group by more than 1 % and explaining almost nothing: the header is likely wrong.
+
+    The fit is limited to 8–3.5 Å, where real maps hold their detail (the demo's smooth blobs still correlate
+    at low resolution when stretched by 20 %); there the right header explains the images and the wrong one not.
+    """
+    paths, _, _ = dataset
+    band = ("--fit-lowres", "8", "--fit-highres", "3.5")
+    assert run(paths, tmp_path / "right", None, None, None, *band) == 0
+    _, figures = warnings_and_figures(capsys, tmp_path / "right")
+    assert figures["sample"]["maps_explain_images"], figures["sample"]
+
+    wrong = with_header_voxel_size(paths, tmp_path, 1.2 * PIXEL_SIZE)
+    outdir = tmp_path / "out"
+    code = main(["subtract", str(paths["star"]), "--half-a", str(wrong["half_a"]), "--half-b", str(wrong["half_b"]),
+                 "--mask", str(wrong["mask"]), "-o", str(outdir), "--padding", "2", "--chunk-size", "32", "--quiet",
+                 *band])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    errors = [line for line in err if not line.startswith("dsub: warning: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"dsub: error: {wrong['half_a']}: "), err
+    line = errors[0]
+    assert f"header voxel size {1.2 * PIXEL_SIZE:.4f} Å is more than 1 % from the particles' pixel size " \
+           f"({PIXEL_SIZE:g} Å)" in line and "the maps explain almost nothing of the images" in line, line
+    assert "likely wrong" in line and f"--angpix {PIXEL_SIZE:g} --force_header_angpix {PIXEL_SIZE:g}" in line
+    assert not any(EXPLAINS_NOTHING in warning for warning in err if warning.startswith("dsub: warning: "))
+    assert not (outdir / "subtracted.zarr").exists() and not (outdir / "particles_subtracted.star").exists()
+
+
+def test_maps_at_another_voxel_size_that_explain_the_images_are_accepted(dataset, tmp_path, capsys):
+    """The same phantom sampled at 1.2× the particles' pixel size, with that voxel size in the header: rescaled."""
+    from dsub.simulate import perturbed, soft_sphere_mask, two_domain_phantom
+
+    paths, _, _ = dataset
+    rng = np.random.default_rng(2026)  # make_dataset's draws: its phantom and half maps
+    phantom = two_domain_phantom(BOX, rng)
+    halves = (perturbed(phantom, rng), perturbed(phantom, rng))
+    voxel = 1.2 * PIXEL_SIZE
+
+    def coarser(half):  # positions and widths in voxels of ``voxel`` Å
+        return GaussianPhantom(half.centres / 1.2, half.sigmas / 1.2, half.amplitudes, half.domains)
+
+    maps = {"half_a": tmp_path / "coarse_A.mrc", "half_b": tmp_path / "coarse_B.mrc", "mask": tmp_path / "mask.mrc"}
+    for key, half in zip(("half_a", "half_b"), halves):
+        write_map(maps[key], coarser(half).voxelize(BOX), voxel)
+    write_map(maps["mask"], soft_sphere_mask(coarser(phantom), 2, BOX), voxel)
+    outdir = tmp_path / "out"
+    code = main(["subtract", str(paths["star"]), "--half-a", str(maps["half_a"]), "--half-b", str(maps["half_b"]),
+                 "--mask", str(maps["mask"]), "-o", str(outdir), "--padding", "2", "--chunk-size", "32", "--quiet"])
+    lines, figures = warnings_and_figures(capsys, outdir)
+    assert code == 0, lines
+    assert figures["sample"]["maps_explain_images"], figures["sample"]
+    assert any("more than 1 % from every optics group's pixel size" in line for line in lines), lines

@@ -48,6 +48,7 @@ def test_stacks_that_do_not_fit_are_refused_before_any_work(small, tmp_path, mon
     assert f"about {disk.size_text(need)} (stacks {disk.size_text(3 * STACK_BYTES)}, metadata " in err[0]
     assert "its file system has 60.0 kB free" in err[0]
     assert "write elsewhere with -o" in err[0] and "--float16, which halves the stacks" in err[0]
+    assert "starts over" not in err[0]  # nothing finished to leave behind
     assert not outdir.exists()  # nothing made, no lock file or log left
 
 
@@ -83,7 +84,18 @@ def test_a_resume_needs_room_only_for_what_is_left(small, tmp_path, monkeypatch,
     with monkeypatch.context() as patch:
         patch.setattr(export, "write_pieces", full_after_first_chunk)
         assert main(subtract_args(small, outdir, "--quiet")) == 2
-    assert "no space left on device while writing the results" in capsys.readouterr().err
+    line = capsys.readouterr().err.strip()
+    assert "no space left on device while writing the results" in line and line.count("\n") == 0
+    # Freeing space and rerunning resumes; another folder would start over, the finished chunk left here.
+    assert "rerun the same command: finished chunks are kept and the run resumes" in line
+    assert f"A new output folder (-o) starts over: the finished chunks stay in {outdir}." in line
+
+    free_space(monkeypatch, 1000)  # the rerun finds too little room for the two chunks left
+    assert main(subtract_args(small, outdir, "--quiet")) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(f"dsub: error: {outdir}: this run still has to write about ") and line.count("\n") == 0
+    assert ("write elsewhere with -o (a new output folder starts over: the finished chunks stay in this one, where "
+            "freeing space resumes the run)") in line
 
     free = metadata_estimate(small) + 2 * STACK_BYTES + 1  # the whole run needs one stack more
     free_space(monkeypatch, free)

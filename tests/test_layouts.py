@@ -495,6 +495,22 @@ def test_class_output_joined_with_its_passthrough(dataset, tmp_path):
     assert cryosparc_project_folder(files["cs"]) == tmp_path / "P3"
 
 
+def test_a_joined_passthrough_file_is_said_with_its_rows_and_the_field_groups_it_adds(dataset, tmp_path, capsys):
+    paths, _ = dataset
+    files = cryosparc_project(dataset, tmp_path / "P3")
+    assert run(files["cs"], paths, tmp_path / "P3/J30") == 0, capsys.readouterr().err
+    joined = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Joined ")]
+    assert joined == [f"Joined {tmp_path / 'P3/J5/J5_passthrough_particles_class_0.cs'} (found beside "
+                      f"J5_class_00_00262_particles.cs) on uid: {COUNT} rows, adding the field groups blob and ctf."]
+
+    # A file given with --passthrough that adds nothing the others have not (a copy of the same file).
+    copy = tmp_path / "copy_pt.cs"
+    shutil.copy2(tmp_path / "P3/J5/J5_passthrough_particles_class_0.cs", copy)
+    table = read_particles(files["cs"], passthrough=[copy])
+    assert [cs_format.joined_line(join, files["cs"]) for join in table.extra["passthrough_joins"]][1] == \
+        f"Joined {copy} (--passthrough) on uid: {COUNT} rows, adding no field that the files before it lack."
+
+
 def test_missing_passthrough_names_the_files_looked_for(dataset, tmp_path, capsys):
     paths, _ = dataset
     files = cryosparc_project(dataset, tmp_path / "P3", classes=False)

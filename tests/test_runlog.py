@@ -1076,3 +1076,19 @@ def test_demo_checks_its_values_before_simulating(tmp_path, capsys, option, valu
     captured = capsys.readouterr()
     assert captured.err.strip().startswith(expected) and "Traceback" not in captured.err
     assert "Simulating" not in captured.out and not (tmp_path / "demo").exists()
+
+
+def test_changed_passthrough_file_is_named_with_its_size_and_time_before_and_after():
+    """As for a changed particle stack: the file, then its size and time before → after; no Python repr."""
+    from dsub.workflow.outdir import identity_differences
+
+    earlier = {"path": "/data/J15_passthrough_particles.cs", "bytes": 344_332, "mtime_ns": 1_796_032_665_915_993_812}
+    now = {**earlier, "bytes": 344_400, "mtime_ns": earlier["mtime_ns"] + 10**9}
+    change, = identity_differences({"passthrough": [earlier]}, {"passthrough": [now]})
+    assert change.startswith("passthrough file changed since that run: /data/J15_passthrough_particles.cs (")
+    assert "344 332 → 344 400 bytes" in change and change.count(" → ") == 2, change
+    assert "{" not in change and "mtime_ns" not in change
+    other = {**earlier, "path": "/data/J16_passthrough_particles.cs"}
+    added, gone = identity_differences({"passthrough": [earlier]}, {"passthrough": [other]})
+    assert added == "passthrough file new: /data/J16_passthrough_particles.cs"
+    assert gone == "passthrough file no longer used: /data/J15_passthrough_particles.cs"

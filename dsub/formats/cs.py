@@ -54,6 +54,45 @@ KNOWN_CTF_FIELDS = set(CTF_FIELDS) | {
 STAR_IMPORT_BLOB_SIGN = -1.0
 
 
+#: What to do with a .cs shorter than its header promises.
+_TRUNCATED_FIX = ("The file is cut short (an interrupted copy or download): copy it again, or export the job's "
+                  "particles again from the cryoSPARC project.")
+
+
+def _truncation(path: Path) -> str | None:
+    """How a numpy-format .cs is shorter than its header promises, in words; None if it is not.
+
+    Reads only the header (numpy's ``.npy`` format: magic, version, header
+    length, a dict of dtype, order and shape). A header that is itself cut
+    short says so without a promised size.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        start = f.read(12)
+    if len(start) < 10 or start[6:8] not in (b"\x01\x00", b"\x02\x00"):
+        return None  # too short to say, or a later format: np.load judges it
+    header_end = (10 + int.from_bytes(start[8:10], "little") if start[6] == 1
+                  else 12 + int.from_bytes(start[8:12], "little"))
+    if size < header_end:
+        return f"{size} bytes, which end inside its header ({header_end} bytes)"
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read_header(f, max_header_size=2**30)
+            data_start = f.tell()
+    except (ValueError, OSError, EOFError, SyntaxError):
+        return None  # a header numpy cannot read: np.load says why
+    rows = int(np.prod(shape))
+    expected = data_start + rows * dtype.itemsize
+    if size >= expected or dtype.hasobject:
+        return None
+    whole = max(0, size - data_start) // dtype.itemsize if dtype.itemsize else 0
+    return (f"its header says {rows} particles of {dtype.itemsize} bytes, {expected} bytes, but the file "
+            f"holds only {size} bytes ({whole} whole particles)")
+
+
 def _load_one(path: Path) -> np.ndarray:
     """One numpy-format .cs file, after checking its magic bytes."""
     if not path.is_file():
@@ -72,10 +111,15 @@ def _load_one(path: Path) -> np.ndarray:
             path, "is not a cryoSPARC .cs file (no numpy header).",
             "Give a particles .cs from a cryoSPARC job folder, e.g. J24_005_particles.cs.",
         )
+    truncated = _truncation(path)
+    if truncated is not None:
+        raise InputFileError(path, f"is truncated: {truncated}.", _TRUNCATED_FIX)
     try:
         data = np.load(path, allow_pickle=False, max_header_size=2**30)
-    except (ValueError, OSError) as exc:
-        raise InputFileError(path, f"could not be read as a .cs file ({exc}).") from exc
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputFileError(path, f"could not be read as a .cs file ({exc}).",
+                             "A copy cut short or damaged reads so: copy it again, or export the job's particles "
+                             "again from the cryoSPARC project.") from exc
     if data.dtype.names is None or data.ndim != 1:
         raise InputFileError(path, "is a numpy array but not a cryoSPARC dataset (no fields).")
     return data
@@ -145,26 +189,47 @@ def _join(main: np.ndarray, extra: np.ndarray, path: Path, extra_path: Path) -> 
     return joined
 
 
-def load_joined(path: str | os.PathLike, passthrough=()) -> tuple[np.ndarray, list[Path], list[Path]]:
+def load_joined(path: str | os.PathLike, passthrough=()) -> tuple[np.ndarray, list[Path], list[Path], list[dict]]:
     """The particles of ``path`` joined on ``uid`` with the job's passthrough file and ``passthrough``.
 
     Returns (dataset, the files joined, the passthrough names looked for beside
-    ``path``). Fields of ``path`` win over a passthrough's, an earlier
-    passthrough's over a later one's (as cryoSPARC's newer slots replace
-    inherited ones).
+    ``path``, one dict per file joined: ``path``, ``rows`` (its row count),
+    ``groups`` (the field groups, ``slot`` of ``slot/field``, it added, in its
+    order) and ``beside`` (True where found beside ``path``, not given)). Fields
+    of ``path`` win over a passthrough's, an earlier passthrough's over a later
+    one's (as cryoSPARC's newer slots replace inherited ones).
     """
     path = Path(path)
     data = _load_one(path)
     looked_for = passthrough_candidates(path)
     found = passthrough_path(path)
     files = ([found] if found is not None else []) + [Path(p) for p in passthrough]
-    joined = []
+    joined, joins = [], []
     for extra_path in files:
         if any(os.path.abspath(extra_path) == os.path.abspath(done) for done in joined):
             continue
-        data = _join(data, _load_one(extra_path), path, extra_path)
+        extra, before = _load_one(extra_path), set(data.dtype.names)
+        data = _join(data, extra, path, extra_path)
+        added = [name for name in data.dtype.names if name not in before]
+        joins.append({"path": extra_path, "rows": len(extra), "beside": extra_path is found,
+                      "groups": list(dict.fromkeys(name.split("/", 1)[0] for name in added))})
         joined.append(extra_path)
-    return data, joined, looked_for
+    return data, joined, looked_for, joins
+
+
+def joined_line(join: dict, path) -> str:
+    """The line saying one passthrough file was joined with the particles file ``path`` (``load_joined``'s dict).
+
+    E.g. ``Joined /p/J15_passthrough_particles.cs (found beside J15_particles.cs) on uid: 12 000 rows, adding
+    the field groups ctf, location and pick_stats.``
+    """
+    how = f"found beside {Path(path).name}" if join["beside"] else "--passthrough"
+    groups = join["groups"]
+    listed = ", ".join(groups[:-1]) + " and " + groups[-1] if len(groups) > 1 else "".join(groups)
+    adds = (f"adding the field group{'s' if len(groups) > 1 else ''} {listed}" if groups
+            else "adding no field that the files before it lack")
+    rows = f"{join['rows']:,}".replace(",", " ")  # a space between thousands, as dsub's other lines count
+    return f"Joined {join['path']} ({how}) on uid: {rows} row{'s' if join['rows'] != 1 else ''}, {adds}."
 
 
 def load_dataset(path: str | os.PathLike, passthrough=()) -> np.ndarray:
@@ -258,7 +323,7 @@ def _optics_from_fields(data: np.ndarray, path: Path) -> dict:
 
 def read_ctf(path: str | os.PathLike, require_ctf: bool = True, passthrough=()) -> dict:
     """Only the CTF of each particle (see ``ctf_from_fields``); poses not needed."""
-    data, joined, looked_for = load_joined(path, passthrough)
+    data, joined, looked_for, _ = load_joined(path, passthrough)
     return ctf_from_fields(data, Path(path), require_ctf, joined, looked_for)
 
 
@@ -292,11 +357,12 @@ def read_particles(
     ``passthrough``: further files joined on ``uid`` (see ``load_joined``).
     ``extra["project_folder"]`` is the folder relative ``blob/path`` values were
     resolved against (the cryoSPARC project folder, or ``cs_root``),
-    ``extra["passthrough"]`` the files joined, and ``extra["location_roots"]``
+    ``extra["passthrough"]`` the files joined (``extra["passthrough_joins"]``: what each
+    added, see ``load_joined``), and ``extra["location_roots"]``
     where ``location/micrograph_path`` may start (``location.micrograph_base``).
     """
     path = Path(path)
-    data, joined, looked_for = load_joined(path, passthrough)
+    data, joined, looked_for, joins = load_joined(path, passthrough)
     if len(data) == 0:
         raise InputFileError(path, "holds no particles (the dataset is empty).")
     _missing(data, BLOB_FIELDS + POSE_FIELDS, path, "the particle images and poses", joined, looked_for)
@@ -335,7 +401,7 @@ def read_particles(
         source_path=path,
         source=data,
         extra={"ctf_absent": ctf_absent, "exp_group_ids": groups, "project_folder": project_folder,
-               "passthrough": joined,
+               "passthrough": joined, "passthrough_joins": joins,
                # where location/micrograph_path starts (location.micrograph_base): as blob/path does
                "location_roots": (cs_roots(path, cs_root),
                                   Path(os.path.abspath(cs_root)) if cs_root is not None

@@ -285,9 +285,14 @@ def read_ctf(path: str | os.PathLike, require_ctf: bool = True) -> dict:
     return ctf_from_columns(_merge_optics(particles, optics, path), path, require_ctf)
 
 
-def _image_names(df: pd.DataFrame, star_path: Path) -> tuple[np.ndarray, np.ndarray, Path | None]:
-    """``N@stack`` -> (resolved stack paths, 0-based indices, the folder relative names start from).
-    A name without ``@`` is image 1.
+def _image_names(df: pd.DataFrame, star_path: Path) -> tuple[np.ndarray, np.ndarray, Path | None, dict]:
+    """``N@stack`` -> (resolved stack paths, 0-based indices, the folder relative names start from, the stacks
+    named without ``N@``).
+
+    A name without ``@`` is the whole file, as RELION reads it: image 1 here, and
+    right only for a file of one image, which ``validate.check_images`` checks
+    once it has the stack's header. The last item maps each such stack (its
+    resolved path, str) to the first row naming it so, 0-based.
 
     Stacks are looked up from the current folder (RELION's rule), then the star
     file's folder and its parents (see ``paths``); the folder is the one chosen,
@@ -321,9 +326,11 @@ def _image_names(df: pd.DataFrame, star_path: Path) -> tuple[np.ndarray, np.ndar
     if all(os.path.isabs(str(stack)) for stack in pd.unique(stacks)):
         base = None  # no name starts anywhere
     resolved, indices = resolved[1:], numbers.to_numpy(dtype=np.int64) - 1
-    if codes is None:
-        return resolved, indices, base
-    return resolved[codes], indices[codes], base
+    if codes is not None:
+        resolved, indices, has_at = resolved[codes], indices[codes], has_at[codes]
+    without_index = np.flatnonzero(~has_at)  # usually none
+    named_whole = pd.Series(resolved[without_index].astype(str), index=without_index).drop_duplicates()
+    return resolved, indices, base, {stack: int(row) for row, stack in named_whole.items()}
 
 
 def _box_sizes(df: pd.DataFrame, groups: np.ndarray, paths: np.ndarray, star_path: Path):
@@ -508,7 +515,7 @@ def read_particles(path: str | os.PathLike, *, require_ctf: bool = True) -> Part
             "RELION accepts only 1 and 2; fix or remove the column.",
         )
     _require(df, ["rlnImageName"], path, "the particle images (N@stack)")
-    paths, indices, base = _image_names(df, path)
+    paths, indices, base, named_whole = _image_names(df, path)
     groups = _optics_groups(df, pixel_size, ctf)
     for name in ("voltage_kv", "spherical_aberration_mm", "amplitude_contrast", "ctf_bfactor", "phase_shift_degrees",
                  "ctf_scale", "mag_matrix", "beam_tilt_mrad"):  # one optics group's values: one row of memory
@@ -527,7 +534,7 @@ def read_particles(path: str | os.PathLike, *, require_ctf: bool = True) -> Part
         source_format="star",
         source_path=path,
         source={"optics": optics, "particles": particles, "other": other},
-        extra={"ctf_absent": ctf_absent, "star_base": base},
+        extra={"ctf_absent": ctf_absent, "star_base": base, "named_whole": named_whole},
         **ctf,
     )
 

@@ -107,14 +107,18 @@ def warn_spread(figures: dict, where: str, scale: str) -> None:
              "standard deviations from the median): check those particles' poses, CTF and images.")
 
 
-def check_sample(table, sample: np.ndarray, result, scale: str, say) -> dict:
+def check_sample(table, sample: np.ndarray, result, scale: str, say, refuse_unexplained=None) -> dict:
     """Check the sample fit ``result = (ContrastResult, control correlation, ...)`` (``tasks.SampleFit``) of rows ``sample``.
 
     Raises ``InputFileError`` when, with ``scale == "input"``, the input
     contrast has the opposite sign to the fit (unless the maps explain nothing
     of the images, when the fit's sign means nothing). Warns as the module says;
     calls ``say(line)`` with one line of figures. Returns the figures for
-    ``dsub_run.json``.
+    ``dsub_run.json``. ``refuse_unexplained``: where given, a function of the
+    evidence in words (``on 64 sample particles the maps explain almost
+    nothing ...``) returning the error raised instead of the warning that the
+    maps explain almost nothing (``validate.wrong_voxel_size``, for maps whose
+    voxel size is off every optics group's).
     """
     fit, control = result[:2]
     usable = np.isfinite(fit.alpha) & np.isfinite(control)
@@ -133,6 +137,10 @@ def check_sample(table, sample: np.ndarray, result, scale: str, say) -> dict:
             math.inf, float(np.mean(gain)))
         figures["own_pose_t"] = t
         figures["maps_explain_images"] = bool(t >= BELONGS_T and own >= BELONGS_GAIN * max(other, 0.0))
+        if not figures["maps_explain_images"] and refuse_unexplained is not None:
+            raise refuse_unexplained(
+                f"on {gain.size} sample particles the maps explain almost nothing of the images (fit correlation "
+                f"magnitude with their own poses {own:.3f}, with other particles' poses {other:.3f})")
         if not figures["maps_explain_images"]:
             warn(f"the maps explain almost nothing of the images: on {gain.size} sample particles the fit "
                  f"correlation with their own poses (median magnitude {own:.3f}) is no better than with other "

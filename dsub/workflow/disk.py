@@ -189,7 +189,9 @@ def store_images_need(store_path: Path, count: int, box: int, chunk_size: int, d
 
 def room_line(outdir: Path, need: DiskNeed, free: int, resuming: bool, float16: bool, keep_store: bool) -> str:
     """The refusal: OUTDIR, what is still to be written and what is free, and what to do."""
-    fixes = ["free space there", "write elsewhere with -o"]
+    fixes = ["free space there", "write elsewhere with -o" + (
+        " (a new output folder starts over: the finished chunks stay in this one, where freeing space resumes "
+        "the run)" if resuming else "")]
     if keep_store:
         fixes.append("leave out --keep-store (the store's copy of the images)")
     if not float16:

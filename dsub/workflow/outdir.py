@@ -134,8 +134,10 @@ PARAMETER_OPTIONS = {
     "float16": "--float16", "settings.lowpass_angstrom": "--lowpass", "settings.corners": "--corners",
     "settings.extension": "--extension", "settings.field_slice": "--field-slice",
     "settings.fit.weighting": "--fit-weighting", "rebox.center_voxels": "the centre (--recenter, --center)",
-    "rebox.new_box": "--new-box", "passthrough": "--passthrough", "particles_per_stack": "--particles-per-stack",
+    "rebox.new_box": "--new-box", "particles_per_stack": "--particles-per-stack",
 }
+#: Lists of input files in a run's identity, and what one of them is called in a refusal (``file_list_differences``).
+FILE_LISTS = {"stacks": "particle stack", "passthrough": "passthrough file"}
 #: Key of a store's run attributes listing the identity's values dsub chose itself (``--chunk-size`` and the
 #: stacks' size following it, when not given): a refusal says so instead of quoting them as the user's.
 AUTOMATIC_KEY = "chosen_automatically"
@@ -331,8 +333,8 @@ def disk_full(exc: OSError, outdir: Path) -> DiskFullError:
     where = exc.filename or outdir
     what = "no space left on device" if exc.errno == errno.ENOSPC else "disk quota exceeded"
     return DiskFullError(
-        f"{where}: {what} while writing the results. Free space and rerun the same command: finished "
-        "chunks are kept (or choose another -o and start afresh)."
+        f"{where}: {what} while writing the results. Free space and rerun the same command: finished chunks are "
+        f"kept and the run resumes. A new output folder (-o) starts over: the finished chunks stay in {outdir}."
     )
 
 
@@ -357,7 +359,8 @@ def identity_differences(earlier: dict, now: dict) -> list[str]:
     """
     changes = [change for name, option in INPUT_OPTIONS.items()
                if (change := file_difference(option, earlier.get(name), now.get(name)))]
-    changes += stack_differences(earlier.get("stacks") or [], now.get("stacks") or [])
+    for key, noun in FILE_LISTS.items():
+        changes += file_list_differences(earlier.get(key) or [], now.get(key) or [], noun)
     before, after = flatten(earlier), flatten(now)
     automatic = set(earlier.get(AUTOMATIC_KEY) or [])  # what that run chose itself: not the user's words
     if "particles_per_stack" not in before:  # that run's default, which follows its chunks
@@ -376,7 +379,7 @@ def identity_differences(earlier: dict, now: dict) -> list[str]:
             changes.append(f"{option} was {was!r}{' (chosen by dsub for that run)' if key in automatic else ''}, "
                            f"now {now!r}")
     named = (set(PARAMETER_OPTIONS) | set(INPUT_OPTIONS)
-             | {"stacks", "fingerprint", "rebox.map_pixel_size", AUTOMATIC_KEY, *RETIRED_KEYS})
+             | set(FILE_LISTS) | {"fingerprint", "rebox.map_pixel_size", AUTOMATIC_KEY, *RETIRED_KEYS})
     for key in sorted(set(before) | set(after)):  # anything else the identity holds, by its own name
         if not any(key == name or key.startswith(name + ".") for name in named):
             was, now = before.get(key, PARAMETER_DEFAULTS.get(key)), after.get(key, PARAMETER_DEFAULTS.get(key))
@@ -407,9 +410,10 @@ def file_change_details(earlier: dict, now: dict) -> str:
     return "; ".join(details) or "its identity differs"
 
 
-def stack_differences(earlier: list[dict], now: list[dict]) -> list[str]:
-    """Particle stacks changed, added or no longer used, the first few by name; the first changed one with its
-    size and modification time before and after (``file_change_details``)."""
+def file_list_differences(earlier: list[dict], now: list[dict], noun: str = "particle stack") -> list[str]:
+    """Files of one list (particle stacks, ``--passthrough`` files) changed, added or no longer used, the first
+    few by name; the first changed one with its size and modification time before and after
+    (``file_change_details``). ``noun``: what one file is called, e.g. ``particle stack``."""
     before = {stack["path"]: stack for stack in earlier}
     after = {stack["path"]: stack for stack in now}
     groups = (
@@ -422,7 +426,7 @@ def stack_differences(earlier: list[dict], now: list[dict]) -> list[str]:
         if paths:
             named = ", ".join(paths[:NAMED_STACKS]) + (f" and {len(paths) - NAMED_STACKS} more"
                                                        if len(paths) > NAMED_STACKS else "")
-            line = f"particle stack{'s' if len(paths) > 1 else ''} {what}: {named}"
+            line = f"{noun}{'s' if len(paths) > 1 else ''} {what}: {named}"
             if what == "changed since that run":
                 line += f" ({'first ' if len(paths) > 1 else ''}{file_change_details(before[paths[0]], after[paths[0]])})"
             changes.append(line)

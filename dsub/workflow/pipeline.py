@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import dask
@@ -41,6 +42,7 @@ from ..cluster.config import cluster_config, warn_unused_settings
 from ..cluster.progress import map_preparation_estimate, number, setup_step
 from ..errors import DsubError, InputFileError, OptionError, add_overwrite_note, warn
 from ..formats import read_particles, select_rows
+from ..formats.cs import joined_line
 from ..formats.mrc import map_header, read_map
 from ..formats.paths import PATH_MODES, cryosparc_project_folder, written_base
 from ..particles import HALF_A
@@ -336,6 +338,8 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
         cleanup.callback(start_gpu_warm_up().join)
     with setup_step(options.log, f"Reading the particles from {particles_path}"):
         table = read_particles(particles_path, cs_root=options.cs_root, passthrough=options.passthrough)
+    for join in table.extra.get("passthrough_joins", []):
+        say(options, joined_line(join, particles_path))
     project_of_outdir(table, outdir, options)
     where_names_start = star_base_line(table, outdir, options.paths)
     if where_names_start is not None:
@@ -472,7 +476,11 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
                 timings["prepare_maps"] = time.monotonic() - started - sum(timings.values())
             sample, task = diagnostics.sample_task(table, maps, settings, device)
             sample_fit = runner.compute([task], "sample fit", [len(sample)], waiting, unit="tasks")[0]
-            checked = diagnostics.check_sample(table, sample, sample_fit, settings.scale, lambda line: say(options, line))
+            # Maps off every optics group's pixel size that explain almost nothing: their header is likely wrong.
+            refuse = (partial(validate.wrong_voxel_size, half_a, pixel_size, table)
+                      if validate.far_from_every_group(table, pixel_size * extent / box) else None)
+            checked = diagnostics.check_sample(table, sample, sample_fit, settings.scale,
+                                               lambda line: say(options, line), refuse_unexplained=refuse)
             sample_check = None
             if settings.scale == "input":  # for the report: fitted against input contrast
                 fitted = np.asarray(sample_fit[0].alpha)

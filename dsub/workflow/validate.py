@@ -70,14 +70,45 @@ def map_pixel_size(table, maps: dict) -> float:
     return float(np.median(list(known.values()))) if known else float(groups[0])
 
 
+def far_from_every_group(table, pixel: float) -> bool:
+    """Whether the maps' (possibly re-boxed) voxel size ``pixel`` (Å) is within 1 % of no optics group's pixel size."""
+    groups = np.unique(np.round(np.asarray(table.pixel_size_angstrom, dtype=np.float64), 4))
+    return not np.any(np.abs(groups - pixel) <= PIXEL_SIZE_TOLERANCE * pixel)
+
+
 def warn_far_pixel_size(table, pixel: float) -> None:
     """A warning when the maps' (possibly re-boxed) voxel size is within 1 % of no optics group's pixel size."""
-    groups = np.unique(np.round(np.asarray(table.pixel_size_angstrom, dtype=np.float64), 4))
-    if not np.any(np.abs(groups - pixel) <= PIXEL_SIZE_TOLERANCE * pixel):
+    if far_from_every_group(table, pixel):
+        groups = np.unique(np.round(np.asarray(table.pixel_size_angstrom, dtype=np.float64), 4))
         warn(f"the maps' voxel size {pixel:.4f} Å is more than 1 % from every optics group's pixel size "
              f"({', '.join(f'{g:g}' for g in groups)} Å); each particle's projection is rescaled to its own "
              "pixel size, which is right only if the map header's voxel size is right: check it (e.g. against the "
              "refinement's rlnImagePixelSize), and fix it with relion_image_handler --angpix if it is wrong")
+
+
+def wrong_voxel_size(path, voxel: float, table, evidence: str) -> InputFileError:
+    """The refusal of maps whose header's voxel size is far from every optics group's and that explain almost
+    nothing of the images (``evidence``: the sample fit's figures, in words): the header is likely wrong.
+
+    Either alone is allowed: maps at another voxel size are rescaled, and maps that
+    explain little of low-SNR images with a small masked region only get a warning
+    (``diagnostics.check_sample``). dsub has no option to set a map's voxel size;
+    the fix rewrites the header (RELION's ``relion_image_handler --force_header_angpix``).
+    """
+    groups = np.unique(np.round(np.asarray(table.pixel_size_angstrom, dtype=np.float64), 4))
+    sizes = ", ".join(f"{g:g}" for g in groups)
+    name = Path(path).name
+    fixed = f"{Path(name).stem}_fixed{Path(name).suffix or '.mrc'}"
+    angpix = f"{groups[0]:g}" if groups.size == 1 else "X"
+    which = "" if groups.size == 1 else " (X: the pixel size the maps were refined at)"
+    return InputFileError(
+        path, f"the maps' header voxel size {voxel:.4f} Å is more than 1 % from the particles' pixel "
+        f"size{'s' if groups.size > 1 else ''} ({sizes} Å), and {evidence}: the map header's voxel size is "
+        "likely wrong.",
+        f"Set it in the half maps and the mask to the pixel size they were refined at, e.g. relion_image_handler "
+        f"--i {name} --o {fixed} --angpix {angpix} --force_header_angpix {angpix}{which} for each, and give "
+        "the fixed files.",
+    )
 
 
 #: Per-particle values that must be finite, with the names users know them by.
@@ -401,7 +432,10 @@ def check_images(table, box: int) -> None:
 
     Opening a stack first checks its 1024-byte header against the file's size
     (``formats.mrc.check_mrc_file``): a text file or a truncated stack is refused here.
+    A star's image name without ``N@`` (``table.extra["named_whole"]``) is the
+    whole file, as RELION reads it: refused for a stack of more than one image.
     """
+    named_whole = table.extra.get("named_whole") or {}
     codes, stacks = table.image_path_codes()  # hashing: linear in the particles, once per table
     highest_index = np.full(len(stacks), -1, dtype=np.int64)
     np.maximum.at(highest_index, codes, np.asarray(table.image_indices, dtype=np.int64))
@@ -414,6 +448,15 @@ def check_images(table, box: int) -> None:
             raise InputFileError(
                 path, f"images are {stack.shape[-1]}x{stack.shape[-2]} px but the metadata says {box} px.",
                 "Check rlnImageSize / blob/shape against the stacks.",
+            )
+        row = named_whole.get(str(path))
+        if row is not None and stack.shape[0] > 1:
+            name = table.source["particles"]["rlnImageName"].iloc[row]
+            raise InputFileError(
+                table.source_path,
+                f"{particle_named(table, row)} has the image name {str(name)!r}, without N@, which RELION reads as "
+                f"the whole file, but the stack {path} holds {stack.shape[0]} images.",
+                f"Name each particle's image as N@stack, e.g. 000001@{name} for its first image.",
             )
         highest = int(highest_index[code])
         if highest >= stack.shape[0]:
