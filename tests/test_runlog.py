@@ -570,6 +570,9 @@ def test_ctrl_c_of_an_overwrite_run_as_it_starts_leaves_the_earlier_results_whol
     assert run.returncode == 130 and err.strip().splitlines() == [
         "dsub: interrupted before anything was written; rerun the command to start"], err
     assert outputs_of(outdir) == before
+    log = (outdir / "dsub.log").read_text()  # the earlier run's, this attempt's lines appended
+    assert log.count("==== ") == 2 and "Subtracted 24 particles" in log.split("==== ")[1], log
+    assert log.splitlines()[-1] == "dsub: interrupted before anything was written; rerun the command to start"
     assert main(subtract_args(small, outdir)) == 0
     assert "already holds" in capsys.readouterr().out
     assert outputs_of(outdir) == before
@@ -591,6 +594,9 @@ def test_an_overwrite_run_stopped_after_it_began_to_write_says_the_earlier_resul
     assert line == ("dsub: interrupted; the earlier results in the output folder were replaced by this run's: rerun "
                     "the command without --overwrite to resume (the same command with --overwrite starts over)")
     assert not (outdir / "particles_subtracted.star").exists() and not (outdir / "report").exists()
+    log = (outdir / "dsub.log").read_text()  # this run's lines alone: the earlier run's went with its results
+    assert log.startswith("==== ") and log.count("==== ") == 1 and "--padding 2" in log.splitlines()[0], log
+    assert "Subtracted 24 particles" not in log and log.splitlines()[-1] == line
     assert main(subtract_args(small, outdir, "--padding", "2")) == 0
     assert json.loads((outdir / "dsub_run.json").read_text())["chunks_skipped"] == 3
 

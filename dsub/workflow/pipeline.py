@@ -432,7 +432,8 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     cleanup.callback(start_warming_up().join)
     if resuming:  # the finished chunks' images need no reading
         read_ahead.stop()
-    options.log.open_log(outdir, fresh=options.overwrite, command=options.command)
+    # With --overwrite the earlier run's log goes with its results (``replace_earlier_outputs``), not before.
+    options.log.open_log(outdir, fresh=False, command=options.command)
     if resuming and store.images_deleted(store_path):
         stacks = export.stack_sizes(layout, out_box, np.float16 if options.float16 else np.float32)
         afresh = lost_from_finished_run(outdir, stacks)
@@ -485,7 +486,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
                 resuming = False
             if not resuming:
                 if options.overwrite:  # this run writes from here: the earlier one's outputs go now
-                    replace_earlier_outputs(outdir, attempt)
+                    replace_earlier_outputs(outdir, attempt, options.log)
                 export.remove_stacks(outdir)  # an earlier run's stacks must not stay beside this run's
                 store.create_store(store_path, len(table), out_box, options.chunk_size,
                                    {**(hashing or ContentHashes(identity)).result(), "fingerprint": fingerprint,
@@ -797,15 +798,16 @@ def remove_metadata(outdir: Path) -> None:
     shutil.rmtree(outdir / REPORT_FOLDER, ignore_errors=True)  # an old run's report must not outlive it
 
 
-def replace_earlier_outputs(outdir: Path, attempt: record.AttemptRecorder) -> None:
+def replace_earlier_outputs(outdir: Path, attempt: record.AttemptRecorder, log: Transcript) -> None:
     """Remove an earlier run's outputs from OUTDIR (``--overwrite``), where the new run starts to write.
 
     The metadata and report go first, then the stacks, then the store (``remove_store``):
     a stop on the way leaves the earlier store, which a rerun recognises (the same run
     resumes, computing what is missing; another is refused without ``--overwrite``),
     and never a star or stacks without it. ``attempt`` is marked first, for the stop line,
-    where there is anything to remove.
+    where there is anything to remove. ``log`` then holds only this run's lines.
     """
+    log.drop_earlier()
     stacks = outdir / export.STACK_FOLDER
     if not any((outdir / name).exists() for name in (store.STORE_NAME, *METADATA, REPORT_FOLDER)) and not (
             stacks.is_dir() and any(export.is_stack_name(path.name) for path in stacks.iterdir())):
