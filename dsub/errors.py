@@ -104,6 +104,12 @@ TERMINATED_BEFORE_WRITING = ("dsub: stopped by SIGTERM (a batch system's time li
 RESUME_WITHOUT_OVERWRITE = ("rerun the command without --overwrite to resume (the same command with --overwrite "
                             "starts over)")
 
+#: What the line says where ``--overwrite`` removed the earlier run's outputs (``interrupted_line``): before this
+#: run's store was there (the removal itself was stopped, or came just before), and after it.
+EARLIER_BEING_REMOVED = (" while the earlier results in the output folder were removed (--overwrite), before this run "
+                         "wrote anything;")
+EARLIER_REPLACED = "; the earlier results in the output folder were replaced by this run's: rerun the command without --overwrite"
+
 
 def interrupted_line(exc: BaseException) -> str:
     """The line for a Ctrl-C or SIGTERM (``Terminated``): resume, or start where nothing was written, or
@@ -112,7 +118,9 @@ def interrupted_line(exc: BaseException) -> str:
     The run marks the exception ``nothing_written`` when OUTDIR holds no store of it after
     it (its folder, lock and log removed as found): the rerun then starts, with nothing to
     resume; and ``overwrite_given`` when its command had ``--overwrite`` and its store is
-    there: the same command would replace that store, so the line says to rerun without it.
+    there: the same command would replace that store, so the line says to rerun without it;
+    ``earlier_replaced`` when that command had begun to remove the earlier run's outputs
+    (until then they are whole, and "nothing was written" is the whole truth).
     """
     complete = getattr(exc, "results_complete", None)
     if complete is not None:  # stopped while the QC report was drawn (``pipeline.write_qc_report``)
@@ -126,6 +134,9 @@ def interrupted_line(exc: BaseException) -> str:
         line = INTERRUPTED_BEFORE_WRITING if before else INTERRUPTED
     if not before and getattr(exc, "overwrite_given", False):
         line = line.replace("rerun the same command to resume", RESUME_WITHOUT_OVERWRITE)
+    if getattr(exc, "earlier_replaced", False):  # --overwrite: the earlier run's outputs were (being) removed
+        line = (line.replace(" before anything was written;", EARLIER_BEING_REMOVED) if before
+                else line.replace("; rerun the command without --overwrite", EARLIER_REPLACED))
     return line
 
 

@@ -1,5 +1,6 @@
 """Cluster set-up without a scheduler: job scripts, profiles, options, config files."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -445,3 +446,60 @@ def test_run_warns_about_misspelt_settings(tmp_path, capsys):
                                    "dask-jobqueue or dsub, which ignore it: jobqueue.slurm.memroy (did you mean "
                                    "jobqueue.slurm.memory?). Correct the name (dask-jobqueue's own jobqueue.yaml "
                                    "lists its settings, the README dsub's).")
+
+
+def stop_a_local_run(tmp_path, at: str, delay_s: float, prelude: str = "") -> tuple[int, str, str]:
+    """``dsub subtract --scheduler local`` in a process group of its own, SIGTERM to the group (as a batch
+    system or ``kill -TERM -PGID`` sends it) ``delay_s`` after the line that starts with ``at``.
+
+    Returns the exit status, stderr, and the processes of the group still there once it ended (``ps``).
+    """
+    import signal
+    import time
+
+    if not (tmp_path / "data").exists():
+        subtract_with(tmp_path)  # makes the inputs
+    command = [sys.executable, "-c", f"{prelude}\nfrom dsub.command import run; run()",
+               *[arg for arg in subtract_with(tmp_path, "--scheduler", "local") if arg != "--quiet"],
+               "--workers", "2"]
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                           env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    assert any(line.startswith(at) for line in iter(run.stdout.readline, "")), f"no line {at!r}"
+    time.sleep(delay_s)
+    os.killpg(run.pid, signal.SIGTERM)
+    _, err = run.communicate(timeout=120)
+    left = ""
+    for _ in range(20):  # processes a parent's exit ends go within moments
+        left = subprocess.run(["ps", "-o", "pid=,args=", "-g", str(run.pid)], capture_output=True, text=True).stdout
+        if not left.strip():
+            break
+        time.sleep(0.25)
+    for pid in [int(line.split()[0]) for line in left.splitlines() if line.strip()]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)  # none should be: the test fails below
+    return run.returncode, err, left.strip()
+
+
+def test_sigterm_while_a_local_cluster_starts_ends_in_one_line_and_no_worker_left(tmp_path):
+    """SIGTERM to the run's process group as the local cluster starts beside the input checks, at several
+    points of its start: the one stop line, exit status 143, and none of its processes left."""
+    from dsub.errors import TERMINATED_BEFORE_WRITING
+
+    for at, delay_s in [("Starting a local Dask cluster", 0.3), ("Starting a local Dask cluster", 1.0),
+                        ("Memory:", 0.0)]:
+        code, err, left = stop_a_local_run(tmp_path, at, delay_s)
+        assert (code, err.strip().splitlines(), left) == (143, [TERMINATED_BEFORE_WRITING], ""), (at, delay_s)
+
+
+def test_a_cluster_whose_close_is_cut_short_leaves_no_traceback_at_exit(tmp_path):
+    """distributed's exit-time ``close_clusters`` closes a cluster still open; where that close ends in a
+    ``CancelledError`` (a worker's start cancelled as SIGTERM killed its process) distributed's ``sync``
+    raised ``UnboundLocalError``, printed after dsub's line. Here every close of a cluster is cut short so."""
+    from dsub.errors import TERMINATED_BEFORE_WRITING
+
+    cut_short = ("import asyncio\nfrom distributed.deploy.spec import SpecCluster\n"
+                 "async def cancelled(self):\n    raise asyncio.CancelledError\n"
+                 "SpecCluster._close = cancelled")
+    code, err, left = stop_a_local_run(tmp_path, "Memory:", 0.5, prelude=cut_short)
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert (code, err.strip().splitlines(), left) == (143, [TERMINATED_BEFORE_WRITING], "")

@@ -539,6 +539,107 @@ def test_a_run_with_overwrite_stopped_before_its_store_says_to_start(small, tmp_
     assert (outdir / "particles_subtracted.star").is_file()
 
 
+def outputs_of(outdir) -> dict:
+    """Every file in OUTDIR but the lock and log, by path relative to it: its bytes."""
+    return {str(path.relative_to(outdir)): path.read_bytes() for path in sorted(outdir.rglob("*"))
+            if path.is_file() and path.name not in (".dsub.lock", "dsub.log")}
+
+
+def test_ctrl_c_of_an_overwrite_run_as_it_starts_leaves_the_earlier_results_whole(small, tmp_path, capsys):
+    """Ctrl-C at the ``Memory:`` line of a run with --overwrite over a finished run (as the map preparation
+    begins, the line after it): the earlier results are all there, unchanged, as the line says, and the
+    command without --overwrite finds them finished. (The earlier run's store and metadata were deleted as
+    OUTDIR was examined, leaving its stacks alone, and the line said nothing was written.)"""
+    import signal
+
+    outdir = tmp_path / "out"
+    assert main(subtract_args(small, outdir)) == 0
+    capsys.readouterr()
+    before = outputs_of(outdir)
+    assert {"particles_subtracted.star", "particles_subtracted.cs", "dsub_run.json", "report/index.html",
+            "Particles/subtracted_0000.mrcs", "subtracted.zarr/zarr.json"} <= set(before)
+    command = [sys.executable, "-c", "from dsub.command import run; run()",
+               *subtract_args(small, outdir, "--overwrite")]
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                           env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    lines = iter(run.stdout.readline, "")
+    assert any(line.startswith("Memory:") for line in lines)
+    assert next(lines).startswith("Preparing the maps")
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130 and err.strip().splitlines() == [
+        "dsub: interrupted before anything was written; rerun the command to start"], err
+    assert outputs_of(outdir) == before
+    log = (outdir / "dsub.log").read_text()  # the earlier run's, this attempt's lines appended
+    assert log.count("==== ") == 2 and "Subtracted 24 particles" in log.split("==== ")[1], log
+    assert log.splitlines()[-1] == "dsub: interrupted before anything was written; rerun the command to start"
+    assert main(subtract_args(small, outdir)) == 0
+    assert "already holds" in capsys.readouterr().out
+    assert outputs_of(outdir) == before
+
+
+def test_an_overwrite_run_stopped_after_it_began_to_write_says_the_earlier_results_were_replaced(
+        small, tmp_path, monkeypatch, capsys):
+    import dsub.workflow.export as export
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    outdir = tmp_path / "out"
+    assert main(subtract_args(small, outdir)) == 0
+    with monkeypatch.context() as patch:
+        patch.setattr(export, "write_metadata", interrupt)
+        assert main(subtract_args(small, outdir, "--overwrite", "--padding", "2")) == 130
+    line = capsys.readouterr().err.strip()
+    assert line == ("dsub: interrupted; the earlier results in the output folder were replaced by this run's: rerun "
+                    "the command without --overwrite to resume (the same command with --overwrite starts over)")
+    assert not (outdir / "particles_subtracted.star").exists() and not (outdir / "report").exists()
+    log = (outdir / "dsub.log").read_text()  # this run's lines alone: the earlier run's went with its results
+    assert log.startswith("==== ") and log.count("==== ") == 1 and "--padding 2" in log.splitlines()[0], log
+    assert "Subtracted 24 particles" not in log and log.splitlines()[-1] == line
+    assert main(subtract_args(small, outdir, "--padding", "2")) == 0
+    assert json.loads((outdir / "dsub_run.json").read_text())["chunks_skipped"] == 3
+
+
+def test_an_overwrite_run_stopped_while_it_removes_the_earlier_results_leaves_their_store(
+        small, tmp_path, monkeypatch, capsys):
+    """The metadata go first and the store last: stopped in between, OUTDIR holds the earlier run's store and
+    stacks, no star; the line says what happened; the earlier command finishes that run again, the new one
+    without --overwrite is refused as a different run."""
+    import dsub.workflow.export as export
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    outdir = tmp_path / "out"
+    assert main(subtract_args(small, outdir)) == 0
+    with monkeypatch.context() as patch:
+        patch.setattr(export, "remove_stacks", interrupt)
+        assert main(subtract_args(small, outdir, "--overwrite", "--padding", "2")) == 130
+    line = capsys.readouterr().err.strip()
+    assert line == ("dsub: interrupted while the earlier results in the output folder were removed (--overwrite), "
+                    "before this run wrote anything; rerun the command to start")
+    assert (outdir / "subtracted.zarr").is_dir() and (outdir / "Particles" / "subtracted_0000.mrcs").is_file()
+    assert not (outdir / "particles_subtracted.star").exists() and not (outdir / "dsub_run.json").exists()
+    assert main(subtract_args(small, outdir, "--padding", "2")) == 2
+    assert "holds the results of a different run: --padding was" in capsys.readouterr().err
+    assert main(subtract_args(small, outdir)) == 0
+    assert (outdir / "particles_subtracted.star").is_file()
+
+
+def test_remove_store_takes_a_store_away_whole_and_what_an_earlier_stop_left(tmp_path):
+    from dsub.workflow.outdir import REMOVED_STORE_NAME, remove_store
+
+    store_path = tmp_path / "subtracted.zarr"
+    (store_path / "chunk_done").mkdir(parents=True)
+    (store_path / "zarr.json").write_text("{}")
+    (tmp_path / REMOVED_STORE_NAME / "contrast").mkdir(parents=True)  # renamed, then stopped while deleted
+    remove_store(store_path)
+    assert os.listdir(tmp_path) == []
+    remove_store(store_path)  # none there: nothing to do
+
+
 def test_an_error_of_a_run_with_overwrite_says_to_resume_without_it(small, tmp_path, monkeypatch, capsys):
     import errno
 

@@ -39,7 +39,9 @@ def start_early(spec) -> "EarlyCluster | None":
     # Dask's distributed is imported here, before the thread: a Ctrl-C that stops this thread in the middle
     # of an import can leave that module's import lock held, and the thread, importing the same modules
     # at the same time, would wait on it for ever.
-    from . import start  # noqa: F401
+    from . import start
+    # In the main thread, before the cluster exists: a run stopped while it starts leaves it to the exit.
+    start.close_clusters_quietly_at_exit()
     print("Starting a local Dask cluster beside the input checks ...", file=spec.out, flush=True)
     return EarlyCluster(spec)
 

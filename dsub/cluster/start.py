@@ -54,6 +54,7 @@ def start_cluster(spec):
     from distributed import Client
 
     quiet_lost_results()
+    close_clusters_quietly_at_exit()
     if spec.scheduler.startswith("tcp://"):
         try:
             probe_scheduler(spec.scheduler)
@@ -108,6 +109,62 @@ def _start_own_cluster(spec, Client):
 
 #: Seconds a first plain TCP connection to an existing scheduler may take before Dask's own wait takes over.
 PROBE_TIMEOUT_S = 3.0
+
+#: Seconds the exit-time close of a cluster still open may take (distributed's ``close_clusters`` gives 10).
+CLOSE_AT_EXIT_S = 10.0
+#: Seconds a worker process left at exit is given to end after SIGTERM, before SIGKILL.
+WORKER_EXIT_S = 3.0
+
+
+def close_clusters_at_exit() -> None:
+    """distributed's exit-time ``close_clusters``, never raising; then no local worker process is left.
+
+    distributed closes every cluster still open as the interpreter exits
+    (``distributed.deploy.spec.close_clusters``, an ``atexit`` handler). A run
+    stopped while a local cluster starts (SIGTERM to its process group, which also
+    kills the workers being spawned) can leave one whose close ends in
+    ``asyncio.CancelledError``, which distributed's ``sync`` does not catch: it
+    raised ``UnboundLocalError`` there, and Python printed that traceback after
+    dsub's stop line. Here any error of a close is dropped, and the worker
+    processes still running are ended, SIGTERM then SIGKILL: multiprocessing's
+    daemonic children (a local cluster's nannies spawn their workers so), which
+    multiprocessing's own exit-time handler would terminate but not kill.
+    """
+    import asyncio
+    import multiprocessing
+
+    from distributed.core import Status
+    from distributed.deploy.spec import SpecCluster
+
+    for cluster in list(SpecCluster._instances):
+        if getattr(cluster, "shutdown_on_close", False) and getattr(cluster, "status", Status.closed) != Status.closed:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                cluster.close(timeout=CLOSE_AT_EXIT_S)
+    children = [child for child in multiprocessing.active_children() if child.daemon]  # as multiprocessing ends
+    for child in children:
+        with contextlib.suppress(Exception):
+            child.terminate()
+    for child in children:
+        with contextlib.suppress(Exception):
+            child.join(WORKER_EXIT_S)
+            if child.is_alive():
+                child.kill()
+                child.join(WORKER_EXIT_S)
+
+
+def close_clusters_quietly_at_exit() -> None:
+    """Put ``close_clusters_at_exit`` in place of distributed's own exit-time handler (once distributed is loaded).
+
+    Registered again on each call, it runs before the handlers registered
+    earlier: multiprocessing's, which reaps the processes it leaves, among them.
+    """
+    import atexit
+
+    from distributed.deploy import spec
+
+    atexit.unregister(spec.close_clusters)
+    atexit.unregister(close_clusters_at_exit)
+    atexit.register(close_clusters_at_exit)
 
 
 def probe_scheduler(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:

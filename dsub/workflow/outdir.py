@@ -237,6 +237,9 @@ def prepare_outdir(outdir: Path, fingerprint: str, overwrite: bool, identity: di
     ``before_changes`` (a function of whether the store is resumed) is called once
     that is decided and before anything in OUTDIR changes: a last check that may
     refuse the run (the disk's room) and leave OUTDIR as it was.
+    With ``overwrite`` nothing of an earlier run is removed here: the run removes
+    it where it starts to write (``remove_store``, last of its outputs), so that
+    a run stopped while it starts its workers leaves the earlier results whole.
     """
     def deciding(resumes: bool) -> None:
         if before_changes is not None:
@@ -275,8 +278,7 @@ def prepare_outdir(outdir: Path, fingerprint: str, overwrite: bool, identity: di
                 f"{outdir}: holds the results of a different run: {what}. "
                 "Choose another output folder, or add --overwrite to replace them."
             )
-        deciding(False)
-        shutil.rmtree(store_path)
+        deciding(False)  # --overwrite: the store stays until the run starts to write (``remove_store``)
     else:
         found = None if overwrite else outputs_without_store(outdir)
         if found:
@@ -294,6 +296,26 @@ def prepare_outdir(outdir: Path, fingerprint: str, overwrite: bool, identity: di
     if not os.access(outdir, os.W_OK):
         raise OptionError(f"{outdir}: the output folder is not writable. Choose a folder you can write to with -o.")
     return False
+
+
+#: What an earlier run's store is renamed to before it is deleted (``remove_store``), in its folder.
+REMOVED_STORE_NAME = f".{store.STORE_NAME}.removed"
+
+
+def remove_store(store_path: Path) -> None:
+    """Delete the store at ``store_path`` (an earlier run's, replaced with ``--overwrite``), if there.
+
+    It is first renamed (``REMOVED_STORE_NAME``, one atomic step) and then
+    deleted: a stop in between leaves either the whole store or none, never
+    a part that could be taken for a store. A renamed one an earlier stop left
+    is deleted too.
+    """
+    store_path = Path(store_path)
+    removed = store_path.with_name(REMOVED_STORE_NAME)
+    shutil.rmtree(removed, ignore_errors=True)
+    if store_path.exists():
+        os.replace(store_path, removed)
+        shutil.rmtree(removed, ignore_errors=True)
 
 
 def outputs_without_store(outdir: Path) -> str | None:

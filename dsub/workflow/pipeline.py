@@ -55,7 +55,7 @@ from ..physics.subtract import SubtractionSettings
 from ..report import REPORT_FOLDER, start_preparation, start_warming_up
 from . import diagnostics, disk, export, metadata, prefetch, rebox, record, region, resources, store, validate
 from .outdir import (AUTOMATIC_KEY, CONTENT_HASHED, OutdirLock, check_writable, explain_os_error, file_identity,
-                     prepare_outdir, run_fingerprint, same_run, with_content_hashes)
+                     prepare_outdir, remove_store, run_fingerprint, same_run, with_content_hashes)
 from .tasks import MapFiles, half_map_models, prepare_models, run_chunk
 from .transcript import Transcript
 
@@ -306,14 +306,16 @@ def left_to_resume(options: RunOptions, attempt: record.AttemptRecorder) -> dict
 
     ``nothing_written``: OUTDIR holds no store of this run. With ``--overwrite``
     a store there is this run's only once its attempt began in it (the earlier
-    one is deleted first); rerun with ``--overwrite`` it would be deleted again,
-    so ``overwrite_given`` asks for the rerun without it.
+    one is deleted first, ``replace_earlier_outputs``); rerun with ``--overwrite``
+    it would be deleted again, so ``overwrite_given`` asks for the rerun without it.
+    ``earlier_replaced``: the earlier run's outputs were removed (or are partly: the
+    stop came while they were), which the line says; before that they are whole.
     """
     there = (Path(options.outdir) / store.STORE_NAME).exists()
     if not options.overwrite:
         return {"nothing_written": not there}
     ours = there and attempt.store_path is not None
-    return {"nothing_written": not ours, "overwrite_given": ours}
+    return {"nothing_written": not ours, "overwrite_given": ours, "earlier_replaced": attempt.replaced_earlier}
 
 
 def overwrite_noted(error: DsubError, options: RunOptions, attempt: record.AttemptRecorder) -> DsubError:
@@ -434,7 +436,8 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     cleanup.callback(start_warming_up().join)
     if resuming:  # the finished chunks' images need no reading
         read_ahead.stop()
-    options.log.open_log(outdir, fresh=options.overwrite, command=options.command)
+    # With --overwrite the earlier run's log goes with its results (``replace_earlier_outputs``), not before.
+    options.log.open_log(outdir, fresh=False, command=options.command)
     if resuming and store.images_deleted(store_path):
         stacks = export.stack_sizes(layout, out_box, np.float16 if options.float16 else np.float32)
         afresh = lost_from_finished_run(outdir, stacks)
@@ -445,7 +448,8 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
         resuming = False
     else:
         afresh = None
-    remove_metadata(outdir)  # never leave old metadata that looks complete
+    if not options.overwrite:  # with it, the earlier results stay until this run writes its own
+        remove_metadata(outdir)  # never leave old metadata that looks complete
 
     timings = {"check_inputs": time.monotonic() - started}
     saved = sample_check_if_all_done(store_path, outdir, layout, bounds, out_box, options) if resuming else None
@@ -489,6 +493,8 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             if resuming and not store_takes_up(store_path, options):
                 resuming = False
             if not resuming:
+                if options.overwrite:  # this run writes from here: the earlier one's outputs go now
+                    replace_earlier_outputs(outdir, attempt, options.log)
                 export.remove_stacks(outdir)  # an earlier run's stacks must not stay beside this run's
                 store.create_store(store_path, len(table), out_box, options.chunk_size,
                                    {**(hashing or ContentHashes(identity)).result(), "fingerprint": fingerprint,
@@ -798,6 +804,26 @@ def remove_metadata(outdir: Path) -> None:
     for name in METADATA:
         (outdir / name).unlink(missing_ok=True)
     shutil.rmtree(outdir / REPORT_FOLDER, ignore_errors=True)  # an old run's report must not outlive it
+
+
+def replace_earlier_outputs(outdir: Path, attempt: record.AttemptRecorder, log: Transcript) -> None:
+    """Remove an earlier run's outputs from OUTDIR (``--overwrite``), where the new run starts to write.
+
+    The metadata and report go first, then the stacks, then the store (``remove_store``):
+    a stop on the way leaves the earlier store, which a rerun recognises (the same run
+    resumes, computing what is missing; another is refused without ``--overwrite``),
+    and never a star or stacks without it. ``attempt`` is marked first, for the stop line,
+    where there is anything to remove. ``log`` then holds only this run's lines.
+    """
+    log.drop_earlier()
+    stacks = outdir / export.STACK_FOLDER
+    if not any((outdir / name).exists() for name in (store.STORE_NAME, *METADATA, REPORT_FOLDER)) and not (
+            stacks.is_dir() and any(export.is_stack_name(path.name) for path in stacks.iterdir())):
+        return
+    attempt.replaced_earlier = True
+    remove_metadata(outdir)
+    export.remove_stacks(outdir)
+    remove_store(outdir / store.STORE_NAME)
 
 
 @contextlib.contextmanager

@@ -105,6 +105,8 @@ class AttemptRecorder:
 
     def __init__(self):
         self.store_path: Path | None = None
+        #: Whether this run (``--overwrite``) began to remove OUTDIR's earlier outputs, to write its own.
+        self.replaced_earlier = False
         self.attempts: list[dict] = []
         self.earlier: list[dict] | None = None  # the run's earlier attempts, settled (``read_earlier``)
         self.started = time.monotonic()

@@ -38,17 +38,35 @@ class LogFile:
         self._pending: list[str] = []
         self._lock = threading.Lock()
         self.created: Path | None = None  # the file, where opening it created it
+        self._path: Path | None = None
+        self._start = 0  # the byte where this run's lines begin in the file
 
     def open(self, path: Path, fresh: bool, heading: str) -> None:
         existed = path.exists()
         # Line-buffered: a run killed outright (kill -9, the kernel's out-of-memory killer) keeps its lines.
         self._file = open(path, "w" if fresh else "a", encoding="utf-8", buffering=1)
         self.created = None if existed else path
+        self._path, self._start = path, self._file.tell()
         self.write(f"==== {heading}\n")
         for text in self._pending:
             self.write(text)
         self._pending = []
         self.flush()
+
+    def drop_earlier(self) -> None:
+        """Leave in the file only what this run wrote (an earlier run's log, replaced with --overwrite)."""
+        with self._lock:
+            if self._file is None or not self._start:
+                return
+            with contextlib.suppress(OSError, ValueError):
+                self._file.flush()
+                with open(self._path, "r+b") as file:  # this run's lines moved to the start; then appended to
+                    file.seek(self._start)
+                    ours = file.read()
+                    file.seek(0)
+                    file.write(ours)
+                    file.truncate()
+                self._start = 0
 
     def write(self, text: str) -> None:
         with self._lock:
@@ -108,12 +126,16 @@ class Transcript:
             return False
 
     def open_log(self, outdir: Path, fresh: bool, command: str | None) -> None:
-        """Start appending to OUTDIR/dsub.log (``fresh``: replace it, as for --overwrite)."""
+        """Start appending to OUTDIR/dsub.log (``fresh``: replace it; ``drop_earlier`` does so later)."""
         heading = f"{utc_now()} dsub {__version__} on {socket.gethostname()}: {command or '(called from Python)'}"
         try:
             self.log.open(Path(outdir) / LOG_NAME, fresh, heading)
         except OSError:  # no log is better than no run; writing the results will say what is wrong
             pass
+
+    def drop_earlier(self) -> None:
+        """Leave in OUTDIR/dsub.log only this run's lines (``--overwrite``, as it replaces the earlier results)."""
+        self.log.drop_earlier()
 
     def log_only(self, line: str) -> None:
         """A line for the log alone (the screen has it from elsewhere, e.g. the error line)."""
