@@ -136,9 +136,12 @@ extern "C" __global__ void extract_slices(
 #else
             complex<float> v(0.f, 0.f);
 #endif
-            // the taps wrap around the grid: the first tap brought into it once a point, the others by a compare
-            z0 = (z0 % padded + padded) % padded;
-            y0 = (y0 % padded + padded) % padded;
+            // the taps wrap around the grid: the first tap brought into it once a point (by one add for a point
+            // in the band; a modulo only for one beyond it), the others by a compare
+            z0 = z0 < 0 ? z0 + padded : z0;
+            y0 = y0 < 0 ? y0 + padded : y0;
+            if (z0 < 0 || z0 >= padded) z0 = (z0 % padded + padded) % padded;
+            if (y0 < 0 || y0 >= padded) y0 = (y0 % padded + padded) % padded;
 #pragma unroll
             for (int c = 0; c < width; ++c) {
                 const int z = z0 + c >= padded ? z0 + c - padded : z0 + c;
