@@ -579,19 +579,25 @@ def test_ctrl_c_of_an_overwrite_run_as_it_starts_leaves_the_earlier_results_whol
     assert outputs_of(outdir) == before
 
 
-def test_an_overwrite_run_stopped_after_it_began_to_write_says_the_earlier_results_were_replaced(
-        small, tmp_path, monkeypatch, capsys):
+def overwrite_stopped_in(step: str, small, outdir, monkeypatch, capsys) -> str:
+    """A finished run in ``outdir``, then a different one with ``--overwrite`` stopped by Ctrl-C in
+    ``dsub.workflow.export``'s ``step``: its one stop line."""
     import dsub.workflow.export as export
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    outdir = tmp_path / "out"
     assert main(subtract_args(small, outdir)) == 0
     with monkeypatch.context() as patch:
-        patch.setattr(export, "write_metadata", interrupt)
+        patch.setattr(export, step, interrupt)
         assert main(subtract_args(small, outdir, "--overwrite", "--padding", "2")) == 130
-    line = capsys.readouterr().err.strip()
+    return capsys.readouterr().err.strip()
+
+
+def test_an_overwrite_run_stopped_after_it_began_to_write_says_the_earlier_results_were_replaced(
+        small, tmp_path, monkeypatch, capsys):
+    outdir = tmp_path / "out"
+    line = overwrite_stopped_in("write_metadata", small, outdir, monkeypatch, capsys)
     assert line == ("dsub: interrupted; the earlier results in the output folder were replaced by this run's: rerun "
                     "the command without --overwrite to resume (the same command with --overwrite starts over)")
     assert not (outdir / "particles_subtracted.star").exists() and not (outdir / "report").exists()
@@ -607,17 +613,8 @@ def test_an_overwrite_run_stopped_while_it_removes_the_earlier_results_leaves_th
     """The metadata go first and the store last: stopped in between, OUTDIR holds the earlier run's store and
     stacks, no star; the line says what happened; the earlier command finishes that run again, the new one
     without --overwrite is refused as a different run."""
-    import dsub.workflow.export as export
-
-    def interrupt(*args, **kwargs):
-        raise KeyboardInterrupt
-
     outdir = tmp_path / "out"
-    assert main(subtract_args(small, outdir)) == 0
-    with monkeypatch.context() as patch:
-        patch.setattr(export, "remove_stacks", interrupt)
-        assert main(subtract_args(small, outdir, "--overwrite", "--padding", "2")) == 130
-    line = capsys.readouterr().err.strip()
+    line = overwrite_stopped_in("remove_stacks", small, outdir, monkeypatch, capsys)
     assert line == ("dsub: interrupted while the earlier results in the output folder were removed (--overwrite), "
                     "before this run wrote anything; rerun the command to start")
     assert (outdir / "subtracted.zarr").is_dir() and (outdir / "Particles" / "subtracted_0000.mrcs").is_file()
