@@ -19,6 +19,7 @@ def run() -> None:
     leaves it came before ``main``'s own handling took over (between the import
     and ``entry``'s handler, or while the arguments are read): nothing was written.
     """
+    one_blas_thread_under_an_address_space_limit()
     try:
         from .interrupts import stop_once_on_ctrl_c
 
@@ -32,3 +33,21 @@ def run() -> None:
 
         print(INTERRUPTED_BEFORE_WRITING, file=sys.stderr, flush=True)
         os._exit(130)
+
+
+def one_blas_thread_under_an_address_space_limit() -> None:
+    """Under ``ulimit -v``, set ``OPENBLAS_NUM_THREADS=1`` (where not set) before NumPy loads OpenBLAS.
+
+    OpenBLAS maps a work buffer for each of its threads (one per core) and, where
+    the address space runs out, prints "Memory allocation still failed after 10
+    retries, giving up" and ends the process with status 1 (OpenBLAS
+    ``driver/others/memory.c``, ``blas_memory_alloc``): no line of dsub's, no
+    cleanup. dsub's work is FFTs and compiled kernels, not BLAS, so one thread
+    costs nothing; the variable is inherited by a local cluster's workers.
+    Without a limit nothing is changed.
+    """
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft not in (resource.RLIM_INFINITY, -1):
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")

@@ -8,6 +8,7 @@ sees every NumPy buffer, and the kernel's peak resident size of a real
 from __future__ import annotations
 
 import json
+import os
 import re
 import resource
 import subprocess
@@ -231,3 +232,26 @@ def test_the_check_is_made_on_the_figure_the_batches_were_planned_on(monkeypatch
     plan = resources.plan_memory(64, settings, options)
     assert plan.need.batch == 1 and plan.need.host_bytes == minimum
     resources.check_this_machine(plan)  # let through: the batches were planned within this room
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="address-space limits as Linux enforces them")
+@pytest.mark.parametrize("limited, preset, expected", [(True, None, "1"), (True, "4", "4"), (False, None, "None")])
+def test_openblas_gets_one_thread_under_an_address_space_limit(limited, preset, expected):
+    """Under ``ulimit -v`` OpenBLAS's per-thread buffers can fail to map, and OpenBLAS then ends the process with
+    status 1 and no dsub line: the command sets ``OPENBLAS_NUM_THREADS=1`` before NumPy loads, where not set."""
+    def limit():
+        if limited:
+            resource.setrlimit(resource.RLIMIT_AS, (8 * 2**30, 8 * 2**30))
+
+    environment = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    if preset is not None:
+        environment["OPENBLAS_NUM_THREADS"] = preset
+    code = ("import os, sys\n"
+            "from dsub.command import one_blas_thread_under_an_address_space_limit\n"
+            "one_blas_thread_under_an_address_space_limit()\n"
+            "assert 'numpy' not in sys.modules\n"
+            "print(os.environ.get('OPENBLAS_NUM_THREADS'))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment,
+                          preexec_fn=limit, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == expected

@@ -514,7 +514,9 @@ def read_particles(path: str | os.PathLike, *, require_ctf: bool = True) -> Part
             f"{f', line {line} of the file' if line is not None else ''}).",
             "RELION accepts only 1 and 2; fix or remove the column.",
         )
-    _require(df, ["rlnImageName"], path, "the particle images (N@stack)")
+    _require(df, ["rlnImageName"], path, "the particle images (N@stack)",
+             "Give the particles' star of a Refine3D or Extract job (run_data.star, particles.star), whose rows "
+             "name each particle's image; a star of poses without images cannot be subtracted.")
     paths, indices, base, named_whole = _image_names(df, path)
     groups = _optics_groups(df, pixel_size, ctf)
     for name in ("voltage_kv", "spherical_aberration_mm", "amplitude_contrast", "ctf_bfactor", "phase_shift_degrees",
