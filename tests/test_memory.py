@@ -255,3 +255,16 @@ def test_openblas_gets_one_thread_under_an_address_space_limit(limited, preset, 
                           preexec_fn=limit, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == expected
+
+
+def test_a_refusal_under_an_address_space_limit_says_what_limit_would_do(monkeypatch):
+    from dsub.workflow import resources
+
+    monkeypatch.setattr(resources, "memory_limit", lambda: 64 * 10**9)
+    monkeypatch.setattr(resources, "address_space_limit", lambda: 2_560_000 * 1024)  # ulimit -v 2560000
+    said = resources.address_limit_that_would_do(230 * 10**6)
+    assert said == " Under the address-space limit, about 2.9 GB would do ('ulimit -v 2832031')."
+    monkeypatch.setattr(resources, "address_space_limit", lambda: None)
+    assert resources.address_limit_that_would_do(230 * 10**6) == ""
+    monkeypatch.setattr(resources, "address_space_limit", lambda: 80 * 10**9)  # above the memory: not the cause
+    assert resources.address_limit_that_would_do(230 * 10**6) == ""

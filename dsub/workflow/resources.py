@@ -521,9 +521,21 @@ def check_this_machine(plan: MemoryPlan) -> None:
     if need.host_bytes > room:
         granted, why = memory_granted()
         fixes = remedies(need, plan)
+        available = gigabytes(room) if gigabytes(room) != gigabytes(need.host_bytes) else f"{room / GB:.2f} GB"
         raise NotEnoughMemoryError(
-            f"{need.describe()}, but this machine has {gigabytes(room)} available to dsub (of {gigabytes(granted)} "
-            f"under {why}). {sentence(either(fixes)) if fixes else nothing_leaner(need, plan)}.")
+            f"{need.describe()}, but this machine has {available} available to dsub (of {gigabytes(granted)} "
+            f"under {why}). {sentence(either(fixes)) if fixes else nothing_leaner(need, plan)}."
+            + address_limit_that_would_do(need.host_bytes - room))
+
+
+def address_limit_that_would_do(short: int) -> str:
+    """Where the address-space limit (``ulimit -v``) is what leaves ``short`` bytes too few: the limit that
+    would do, rounded up to 0.1 GB, as a sentence (else "")."""
+    limit = address_space_limit()
+    if limit is None or limit >= memory_limit():
+        return ""
+    enough = math.ceil((limit + short) / (GB / 10)) * (GB / 10)
+    return f" Under the address-space limit, about {gigabytes(int(enough))} would do ('ulimit -v {int(enough) // 1024}')."
 
 
 def check_workers(plan: MemoryPlan, capacities: dict, box: int, settings, chunk_size: int) -> None:
