@@ -16,8 +16,8 @@ from pathlib import Path
 from . import __version__
 from .cluster import ClusterSpec, parse_adapt
 from .errors import (
-    MAP_FAILURE_MESSAGE, THREAD_LIMIT_MESSAGE, DsubError, DsubWarning, MissingInputError, OptionError, Terminated,
-    error_line, interrupted_line, warn,
+    DsubError, DsubWarning, MissingInputError, OptionError, Terminated,
+    error_line, interrupted_line, resource_failure_line, warn,
 )
 from .formats.paths import PATH_MODES
 from .interrupts import ignore_further_ctrl_c, stop_once_on_ctrl_c, terminate_on_sigterm
@@ -343,30 +343,12 @@ def main(argv=None) -> int:
     except DsubError as exc:
         print(error_line(exc), file=sys.stderr)  # always one line
         return 2
-    except MemoryError as exc:
+    except (MemoryError, RuntimeError, ImportError) as exc:
         # Fewer tasks at once only where there were several (not --workers 1, not --scheduler sync).
-        one_task = getattr(args, "workers", None) == 1 or getattr(args, "scheduler", None) == "sync"
-        fewer = "" if one_task else " or run fewer tasks at once (--workers)"
-        print(f"dsub: error: out of memory ({' '.join(str(exc).split()) or 'an allocation failed'}). Give dsub more "
-              f"memory (a larger batch job, a higher 'ulimit -v': mapped stacks count against it){fewer}; rerun the "
-              "same command to resume.", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:
-        if not str(exc).startswith(THREAD_LIMIT_MESSAGE):
+        line = resource_failure_line(exc, one_task(args))
+        if line is None:
             raise
-        # threading.Thread.start when the system refuses a thread: each reserves its stack in the address space.
-        print("dsub: error: the system refused another thread (can't start new thread): an address-space limit "
-              "('ulimit -v': each thread reserves its stack, mapped stacks count too) or a limit on processes "
-              "('ulimit -u') is reached. Raise it or run where it is higher; rerun the same command to resume.",
-              file=sys.stderr)
-        return 2
-    except ImportError as exc:
-        if MAP_FAILURE_MESSAGE not in str(exc):
-            raise
-        # A module loaded late (its first use) whose library the address-space limit left no room to map.
-        print(f"dsub: error: out of address space while loading a library ({' '.join(str(exc).split())}). Give dsub "
-              "more memory (a higher 'ulimit -v': mapped stacks and libraries count against it, or a larger batch "
-              "job); rerun the same command to resume.", file=sys.stderr)
+        print(line, file=sys.stderr)
         return 2
     except BrokenPipeError:  # what dsub printed was cut off by its reader (dsub job-script | head): no error
         return 128 + signal.SIGPIPE
@@ -385,6 +367,11 @@ def main(argv=None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def one_task(args) -> bool:
+    """Whether the command ran one task at a time (``--workers 1`` or ``--scheduler sync``)."""
+    return getattr(args, "workers", None) == 1 or getattr(args, "scheduler", None) == "sync"
 
 
 def stopped_before_the_run(exc: KeyboardInterrupt, args) -> None:

@@ -83,6 +83,29 @@ def out_of_memory(exc: BaseException) -> bool:
             or (isinstance(exc, ImportError) and MAP_FAILURE_MESSAGE in str(exc)))
 
 
+def resource_failure_line(exc: BaseException, one_task: bool = False) -> str | None:
+    """The one line for running out of memory, threads or address space (``MemoryError``, a thread the system
+    refuses, a library the loader cannot map), as the command prints it and the run records it; None for any
+    other failure. ``one_task``: the run had one task at a time (then fewer tasks is no advice)."""
+    said = " ".join(str(exc).split())
+    if isinstance(exc, MemoryError):
+        fewer = "" if one_task else " or run fewer tasks at once (--workers)"
+        return (f"dsub: error: out of memory ({said or 'an allocation failed'}). Give dsub more memory (a larger "
+                f"batch job, a higher 'ulimit -v': mapped stacks count against it){fewer}; rerun the same command "
+                "to resume.")
+    if isinstance(exc, RuntimeError) and said.startswith(THREAD_LIMIT_MESSAGE):
+        # threading.Thread.start when the system refuses a thread: each reserves its stack in the address space.
+        return ("dsub: error: the system refused another thread (can't start new thread): an address-space limit "
+                "('ulimit -v': each thread reserves its stack, mapped stacks count too) or a limit on processes "
+                "('ulimit -u') is reached. Raise it or run where it is higher; rerun the same command to resume.")
+    if isinstance(exc, ImportError) and MAP_FAILURE_MESSAGE in said:
+        # A module loaded late (its first use) whose library the address-space limit left no room to map.
+        return (f"dsub: error: out of address space while loading a library ({said}). Give dsub more memory (a "
+                "higher 'ulimit -v': mapped stacks and libraries count against it, or a larger batch job); rerun "
+                "the same command to resume.")
+    return None
+
+
 class DsubWarning(UserWarning):
     """Something the user should know that does not stop the run (shown by the CLI)."""
 

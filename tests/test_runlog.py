@@ -336,17 +336,24 @@ def test_a_rerun_with_every_chunk_done_starts_nothing_and_keeps_the_sample_fit(s
     assert {path.name: path.read_bytes() for path in (outdir / "Particles").iterdir()} == stacks
 
 
-def test_failed_attempt_is_recorded_with_its_error(small, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("failure", ["disk full", "memory", "thread", "library"])
+def test_failed_attempt_is_recorded_with_its_error(small, tmp_path, monkeypatch, capsys, failure):
+    """The attempt in dsub_run.json and dsub.log hold the very line the command printed, also for running out of
+    memory, threads or address space (a library the loader cannot map)."""
     import dsub.workflow.export as export
 
     def broken(*args, **kwargs):
-        raise OSError(28, "No space left on device", str(tmp_path / "out" / "x"))
+        raise {"disk full": OSError(28, "No space left on device", str(tmp_path / "out" / "x")),
+               "memory": MemoryError("Unable to allocate 8.00 MiB for an array"),
+               "thread": RuntimeError("can't start new thread"),
+               "library": ImportError("/x/_qhull.so: failed to map segment from shared object")}[failure]
 
     outdir = tmp_path / "out"
     with monkeypatch.context() as patch:
         patch.setattr(export, "write_metadata", broken)
         assert main(subtract_args(small, outdir)) == 2
     error = capsys.readouterr().err.strip()
+    assert error.startswith("dsub: error:") and "\n" not in error and "Error:" not in error, error
     assert error in (outdir / "dsub.log").read_text()
     assert main(subtract_args(small, outdir)) == 0
     failed, finished = json.loads((outdir / "dsub_run.json").read_text())["attempts"]

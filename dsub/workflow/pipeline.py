@@ -279,7 +279,8 @@ def subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings
     lock = OutdirLock(Path(options.outdir))
     try:
         with transcript.capturing_warnings(), \
-                record.failure_recorded(attempt, transcript, lambda: left_to_resume(options, attempt)), \
+                record.failure_recorded(attempt, transcript, lambda: left_to_resume(options, attempt),
+                                        options.cluster.workers == 1 or options.cluster.scheduler == "sync"), \
                 contextlib.ExitStack() as cleanup:
             finished = False
             try:

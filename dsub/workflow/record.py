@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .. import __version__
-from ..errors import DsubError, error_line, interrupted_line
+from ..errors import DsubError, error_line, interrupted_line, resource_failure_line
 from . import store
 from .outdir import modified
 
@@ -278,9 +278,11 @@ def throughput_line(phases: dict) -> str | None:
 
 
 @contextlib.contextmanager
-def failure_recorded(attempt: AttemptRecorder, transcript, left=None):
+def failure_recorded(attempt: AttemptRecorder, transcript, left=None, one_task: bool = False):
     """Inside: an error or interrupt closes the attempt with the line the user sees, also put in dsub.log.
 
+    Running out of memory, threads or address space is recorded as the command
+    prints it (``errors.resource_failure_line``; ``one_task``: one task at a time).
     ``left``: a function giving what an interrupt leaves in OUTDIR for the rerun,
     as attributes to mark it with (``errors.interrupted_line``): ``nothing_written``
     where there is nothing to resume, ``overwrite_given`` where only a rerun
@@ -298,7 +300,8 @@ def failure_recorded(attempt: AttemptRecorder, transcript, left=None):
         attempt.fail("interrupted", line)
         raise
     except BaseException as exc:
-        line = error_line(exc if isinstance(exc, DsubError) else f"{type(exc).__name__}: {exc}")
+        line = (error_line(exc) if isinstance(exc, DsubError) else resource_failure_line(exc, one_task)
+                or error_line(f"{type(exc).__name__}: {exc}"))
         transcript.log_only(line)
         attempt.fail("failed", line)
         raise
