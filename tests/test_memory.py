@@ -236,9 +236,10 @@ def test_the_check_is_made_on_the_figure_the_batches_were_planned_on(monkeypatch
 
 @pytest.mark.skipif(sys.platform != "linux", reason="address-space limits as Linux enforces them")
 @pytest.mark.parametrize("limited, preset, expected", [(True, None, "1"), (True, "4", "4"), (False, None, "None")])
-def test_openblas_gets_one_thread_under_an_address_space_limit(limited, preset, expected):
+def test_openblas_gets_one_thread_and_malloc_two_arenas_under_an_address_space_limit(limited, preset, expected):
     """Under ``ulimit -v`` OpenBLAS's per-thread buffers can fail to map, and OpenBLAS then ends the process with
-    status 1 and no dsub line: the command sets ``OPENBLAS_NUM_THREADS=1`` before NumPy loads, where not set."""
+    status 1 and no dsub line; each thread's malloc arena reserves 64 MiB: the command sets
+    ``OPENBLAS_NUM_THREADS=1`` before NumPy loads, where not set, and two arenas, which the memory plan counts."""
     def limit():
         if limited:
             resource.setrlimit(resource.RLIMIT_AS, (8 * 2**30, 8 * 2**30))
@@ -246,15 +247,19 @@ def test_openblas_gets_one_thread_under_an_address_space_limit(limited, preset, 
     environment = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
     if preset is not None:
         environment["OPENBLAS_NUM_THREADS"] = preset
+    environment.pop("MALLOC_ARENA_MAX", None)
     code = ("import os, sys\n"
-            "from dsub.command import one_blas_thread_under_an_address_space_limit\n"
-            "one_blas_thread_under_an_address_space_limit()\n"
+            "from dsub.command import lean_threads_under_an_address_space_limit\n"
+            "lean_threads_under_an_address_space_limit()\n"
             "assert 'numpy' not in sys.modules\n"
-            "print(os.environ.get('OPENBLAS_NUM_THREADS'))\n")
+            "from dsub.workflow.resources import arena_cap\n"
+            "print(os.environ.get('OPENBLAS_NUM_THREADS'), os.environ.get('MALLOC_ARENA_MAX'), arena_cap())\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment,
                           preexec_fn=limit, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == expected
+    blas, arenas, cap = done.stdout.split()
+    assert blas == expected
+    assert (arenas, cap) == (("2", "2") if limited else ("None", str(8 * (os.cpu_count() or 1))))
 
 
 def test_a_refusal_under_an_address_space_limit_says_what_limit_would_do(monkeypatch):

@@ -235,12 +235,21 @@ def run_threads(tasks: int) -> int:
 
 
 def threads_address_bytes(threads_at_peak: int, threads_now: int) -> int:
-    """Address space the threads still to start will map: a stack each, and an arena each up to glibc's
-    arena limit (``ARENAS_PER_CORE`` per core, the main thread's heap included)."""
+    """Address space the threads still to start will map: a stack each, and an arena each up to the arena
+    limit (``arena_cap``, the main thread's heap included)."""
     new = max(0, threads_at_peak - threads_now)
-    arena_limit = ARENAS_PER_CORE * (os.cpu_count() or 1)
+    arena_limit = arena_cap()
     arenas = max(0, min(threads_at_peak, arena_limit) - min(threads_now, arena_limit))
     return new * thread_stack_bytes() + arenas * ARENA_ADDRESS_BYTES
+
+
+def arena_cap() -> int:
+    """malloc arenas a process may have: ``MALLOC_ARENA_MAX`` where set (the command sets it under an
+    address-space limit, ``command.lean_threads_under_an_address_space_limit``), else glibc's default."""
+    with contextlib.suppress(ValueError):
+        if int(os.environ.get("MALLOC_ARENA_MAX", "0")) > 0:
+            return int(os.environ["MALLOC_ARENA_MAX"])
+    return ARENAS_PER_CORE * (os.cpu_count() or 1)
 
 
 def host_memory_available(threads_at_peak: int = 0) -> int:
