@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "absolute, or outdir (relative to OUTDIR)")
     run.add_argument("--lowpass", type=float, default=None, metavar="Å",
                      help="low-pass filter both half maps to this resolution (soft edge) before subtracting")
+    run.add_argument("--rescale-maps", action="store_true",
+                     help="project maps whose voxel size is more than 1 %% from every optics group's pixel size at "
+                          "their own voxel size, rescaled to each particle's (refused without it: the header may "
+                          "be wrong)")
     run.add_argument("--resolution", type=float, default=None, metavar="Å",
                      help="the maps' resolution: the mask's soft edge is checked against 5 x resolution / pixel size")
     run.add_argument("--overwrite", action="store_true", help="replace the results of a different run in OUTDIR")
@@ -259,7 +263,8 @@ def run_subtract(args) -> int:
         paths=args.paths, resolution_angstrom=args.resolution, single_map=args.single_map,
         skip_bad_particles=args.skip_bad_particles, recenter=args.recenter,
         center_voxels=tuple(args.center) if args.center is not None else None, new_box=args.new_box,
-        float16=args.float16, keep_store=args.keep_store, cluster=cluster_from_args(args), command=shlex.join(args.command_line),
+        float16=args.float16, keep_store=args.keep_store, rescale_maps=args.rescale_maps,
+        cluster=cluster_from_args(args), command=shlex.join(args.command_line),
     )
     subtract(args.particles, args.half_a, args.half_b, args.mask, settings, options)
     return 0

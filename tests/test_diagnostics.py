@@ -212,8 +212,44 @@ def with_header_voxel_size(paths, folder: Path, voxel: float) -> dict:
     return copies
 
 
+def test_maps_off_every_pixel_size_are_refused_before_any_work_unless_rescale_maps(dataset, tmp_path, capsys):
+    """The demo's maps with a header saying 1.2 × their voxel size: refused at once, naming the map, its voxel
+    size and the particles' pixel size, with both ways out; with --rescale-maps the run goes on and warns.
+
+    At the default fit band the stretched maps still explain something of the images (the smooth blobs
+    correlate at low resolution), so the sample fit alone would let this wrong header through.
+    """
+    paths, _, _ = dataset
+    wrong = with_header_voxel_size(paths, tmp_path, 1.2 * PIXEL_SIZE)
+    command = ["subtract", str(paths["star"]), "--half-a", str(wrong["half_a"]), "--half-b", str(wrong["half_b"]),
+               "--mask", str(wrong["mask"]), "--padding", "2", "--chunk-size", "32", "--quiet"]
+    refused = tmp_path / "refused"
+    code = main([*command, "-o", str(refused)])
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    line = err[0]
+    assert line.startswith(f"dsub: error: {wrong['half_a']}: the maps' voxel size {1.2 * PIXEL_SIZE:.4f} Å is more "
+                           f"than 1 % from every optics group's pixel size ({PIXEL_SIZE:g} Å)."), line
+    assert "add --rescale-maps to project the maps at their own voxel size" in line, line
+    assert (f"relion_image_handler --i {wrong['half_a'].name} --o {wrong['half_a'].stem}_fixed.mrc "
+            f"--angpix {PIXEL_SIZE:g} --force_header_angpix {PIXEL_SIZE:g} for each") in line, line
+    assert "chunk" not in captured.out  # before the sample fit and any chunk
+    assert not refused.exists() or not any(refused.iterdir()), list(refused.iterdir())
+
+    outdir = tmp_path / "rescaled"
+    assert main([*command, "-o", str(outdir), "--rescale-maps"]) == 0
+    lines, figures = warnings_and_figures(capsys, outdir)
+    assert figures["sample"]["maps_explain_images"], figures["sample"]  # why the sample fit alone does not refuse
+    assert any(f"the maps' voxel size {1.2 * PIXEL_SIZE:.4f} Å is more than 1 % from every optics group's pixel size"
+               in line for line in lines), lines
+    assert (outdir / "particles_subtracted.star").exists()
+
+
 def test_maps_whose_header_voxel_size_is_wrong_are_refused_before_the_run(dataset, tmp_path, capsys):
     """Off every optics group by more than 1 % and explaining almost nothing: the header is likely wrong.
+
+    With --rescale-maps (without it such maps are refused before the sample fit).
 
     The fit is limited to 8–3.5 Å, where real maps hold their detail (the demo's smooth blobs still correlate
     at low resolution when stretched by 20 %); there the right header explains the images and the wrong one not.
@@ -228,7 +264,7 @@ def test_maps_whose_header_voxel_size_is_wrong_are_refused_before_the_run(datase
     outdir = tmp_path / "out"
     code = main(["subtract", str(paths["star"]), "--half-a", str(wrong["half_a"]), "--half-b", str(wrong["half_b"]),
                  "--mask", str(wrong["mask"]), "-o", str(outdir), "--padding", "2", "--chunk-size", "32", "--quiet",
-                 *band])
+                 "--rescale-maps", *band])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2, err
     errors = [line for line in err if not line.startswith("dsub: warning: ")]
@@ -242,7 +278,8 @@ def test_maps_whose_header_voxel_size_is_wrong_are_refused_before_the_run(datase
 
 
 def test_maps_at_another_voxel_size_that_explain_the_images_are_accepted(dataset, tmp_path, capsys):
-    """The same phantom sampled at 1.2× the particles' pixel size, with that voxel size in the header: rescaled."""
+    """The same phantom sampled at 1.2× the particles' pixel size, with that voxel size in the header: rescaled
+    with --rescale-maps."""
     from dsub.simulate import perturbed, soft_sphere_mask, two_domain_phantom
 
     paths, _, _ = dataset
@@ -260,7 +297,8 @@ def test_maps_at_another_voxel_size_that_explain_the_images_are_accepted(dataset
     write_map(maps["mask"], soft_sphere_mask(coarser(phantom), 2, BOX), voxel)
     outdir = tmp_path / "out"
     code = main(["subtract", str(paths["star"]), "--half-a", str(maps["half_a"]), "--half-b", str(maps["half_b"]),
-                 "--mask", str(maps["mask"]), "-o", str(outdir), "--padding", "2", "--chunk-size", "32", "--quiet"])
+                 "--mask", str(maps["mask"]), "-o", str(outdir), "--padding", "2", "--chunk-size", "32", "--quiet",
+                 "--rescale-maps"])
     lines, figures = warnings_and_figures(capsys, outdir)
     assert code == 0, lines
     assert figures["sample"]["maps_explain_images"], figures["sample"]

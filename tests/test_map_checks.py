@@ -183,6 +183,29 @@ def test_voxel_size_zero_is_refused(dataset, tmp_path, capsys):
     assert not (tmp_path / "o/particles_subtracted.star").exists()
 
 
+def test_voxel_size_off_every_optics_group_is_refused_unless_rescale_maps():
+    """Two optics groups (1.24, 1.5 Å): maps within 1 % of either pass; maps at 1.8 Å are refused naming both sizes
+    and the two ways out, or warned about with rescale_maps; a re-boxed voxel size is named beside the header's."""
+    from types import SimpleNamespace
+
+    from dsub.errors import DsubWarning, InputFileError
+
+    table = SimpleNamespace(pixel_size_angstrom=np.array([1.24, 1.5, 1.5, 1.24]))
+    for voxel in (1.24, 1.2525, 1.49, 1.5):
+        validate.check_voxel_size("half_A.mrc", voxel, voxel, table, rescale_maps=False)
+    with pytest.raises(InputFileError) as refused:
+        validate.check_voxel_size("maps/half_A.mrc", 1.8, 1.8, table, rescale_maps=False)
+    line = str(refused.value)
+    assert line.startswith("maps/half_A.mrc: the maps' voxel size 1.8000 Å is more than 1 % from every optics "
+                           "group's pixel size (1.24, 1.5 Å)."), line
+    assert "add --rescale-maps" in line and "relion_image_handler --i half_A.mrc --o half_A_fixed.mrc --angpix X " \
+        "--force_header_angpix X (X: the pixel size the maps were refined at) for each" in line, line
+    with pytest.raises(InputFileError, match=r"voxel size 1\.8000 Å \(1\.7500 Å once brought to the particles' box\)"):
+        validate.check_voxel_size("half_A.mrc", 1.8, 1.75, table, rescale_maps=False)
+    with pytest.warns(DsubWarning, match=r"voxel size 1\.8000 Å is more than 1 % from every optics group"):
+        validate.check_voxel_size("half_A.mrc", 1.8, 1.8, table, rescale_maps=True)
+
+
 def test_one_file_as_both_half_maps_is_warned(dataset, tmp_path, capsys):
     paths, _ = dataset
     assert run(paths, tmp_path / "o", half_b=paths["half_a"]) == 0

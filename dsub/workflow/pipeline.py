@@ -84,6 +84,7 @@ class RunOptions:
     new_box: int | None = None  # output box in pixels
     float16: bool = False  # float16 store and MRC mode 12 stacks
     keep_store: bool = False  # keep the store's images after the export
+    rescale_maps: bool = False  # project maps within 1 % of no optics group's pixel size (``validate.check_voxel_size``)
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
     command: str | None = None  # the command line, for the run record
 
@@ -379,6 +380,8 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
         pixel_size, map_box, volumes = validate.check_maps(
             half_a, half_b, mask, box, table, resolution_angstrom=options.resolution_angstrom,
             lowpass_angstrom=settings.lowpass_angstrom, single_map=options.single_map, scale=settings.scale)
+        extent = map_extent_voxels(map_box, box, float(np.max(table.pixel_size_angstrom)), pixel_size)
+        validate.check_voxel_size(half_a, pixel_size, pixel_size * extent / box, table, options.rescale_maps)
         # The disk reads the stacks ahead, in the chunks' order, while the rest is checked, the maps
         # prepared and the workers started; after the maps, which would otherwise queue behind it.
         read_ahead = prefetch.start(table, options.cluster.scheduler, order=np.concatenate(
@@ -390,8 +393,6 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
         del volumes
         validate.check_images(table, box)
     say(options, region.report_region(share, mask, settings.mask_keeps))
-    extent = map_extent_voxels(map_box, box, float(np.max(table.pixel_size_angstrom)), pixel_size)
-    validate.warn_far_pixel_size(table, pixel_size * extent / box)
     sizes = np.unique(np.round(table.pixel_size_angstrom, 4))
     if sizes.size > 1:
         say(options, f"Optics groups at {', '.join(f'{size:g}' for size in sizes)} Å: each particle is projected "

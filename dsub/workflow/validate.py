@@ -40,7 +40,7 @@ def map_pixel_size(table, maps: dict) -> float:
     ``maps`` is {label: (path, voxel size from the header)}. Particles of any pixel
     size are subtracted at their own scale (``physics.optics.slice_matrices``), as
     RELION does for merged data sets; a map whose voxel size is within 1 % of no
-    optics group's pixel size gets a warning from ``warn_far_pixel_size``.
+    optics group's pixel size is refused unless asked for (``check_voxel_size``).
     A header without a voxel size is taken to be at the particles' pixel size when
     they all share one, and refused otherwise.
     """
@@ -76,6 +76,43 @@ def far_from_every_group(table, pixel: float) -> bool:
     return not np.any(np.abs(groups - pixel) <= PIXEL_SIZE_TOLERANCE * pixel)
 
 
+def _fix_header_text(path, table) -> str:
+    """The ``relion_image_handler`` command that sets the voxel size of ``path``'s header (for each map and the mask)."""
+    groups = np.unique(np.round(np.asarray(table.pixel_size_angstrom, dtype=np.float64), 4))
+    name = Path(path).name
+    fixed = f"{Path(name).stem}_fixed{Path(name).suffix or '.mrc'}"
+    angpix = f"{groups[0]:g}" if groups.size == 1 else "X"
+    which = "" if groups.size == 1 else " (X: the pixel size the maps were refined at)"
+    return f"relion_image_handler --i {name} --o {fixed} --angpix {angpix} --force_header_angpix {angpix}{which}"
+
+
+def check_voxel_size(path, voxel: float, pixel: float, table, rescale_maps: bool) -> None:
+    """Maps whose voxel size is within 1 % of no optics group's pixel size: refused, or with ``rescale_maps`` a warning.
+
+    ``voxel``: the maps' header voxel size (Å), named in the refusal with ``path``
+    (half map A); ``pixel``: the voxel size they are projected at, ``voxel`` or,
+    for maps of another box, the re-boxed one (``physics.optics.map_extent_voxels``).
+    Such maps are rescaled to each particle's pixel size (``physics.optics.slice_matrices``),
+    which is right only when the header is: a header off by 20 % subtracts most of
+    the region wrongly and may still explain something of the images, so only
+    ``--rescale-maps`` (``rescale_maps``) lets them through. Raises ``InputFileError``.
+    """
+    if not far_from_every_group(table, pixel):
+        return
+    if rescale_maps:
+        warn_far_pixel_size(table, pixel)
+        return
+    groups = np.unique(np.round(np.asarray(table.pixel_size_angstrom, dtype=np.float64), 4))
+    reboxed = f" ({pixel:.4f} Å once brought to the particles' box)" if abs(pixel - voxel) > 1e-6 * voxel else ""
+    raise InputFileError(
+        path, f"the maps' voxel size {voxel:.4f} Å{reboxed} is more than 1 % from every optics group's pixel size "
+        f"({', '.join(f'{g:g}' for g in groups)} Å).",
+        "If the map header is right, add --rescale-maps to project the maps at their own voxel size, rescaled to "
+        "each particle's pixel size; if it is wrong, fix it in the half maps and the mask, e.g. "
+        f"{_fix_header_text(path, table)} for each, and give the fixed files.",
+    )
+
+
 def warn_far_pixel_size(table, pixel: float) -> None:
     """A warning when the maps' (possibly re-boxed) voxel size is within 1 % of no optics group's pixel size."""
     if far_from_every_group(table, pixel):
@@ -90,24 +127,20 @@ def wrong_voxel_size(path, voxel: float, table, evidence: str) -> InputFileError
     """The refusal of maps whose header's voxel size is far from every optics group's and that explain almost
     nothing of the images (``evidence``: the sample fit's figures, in words): the header is likely wrong.
 
-    Either alone is allowed: maps at another voxel size are rescaled, and maps that
-    explain little of low-SNR images with a small masked region only get a warning
-    (``diagnostics.check_sample``). dsub has no option to set a map's voxel size;
-    the fix rewrites the header (RELION's ``relion_image_handler --force_header_angpix``).
+    Only reached with ``--rescale-maps`` (``check_voxel_size`` refuses such maps
+    without it); maps that explain little of low-SNR images with a small masked
+    region only get a warning (``diagnostics.check_sample``). dsub has no option to
+    set a map's voxel size; the fix rewrites the header (RELION's
+    ``relion_image_handler --force_header_angpix``).
     """
     groups = np.unique(np.round(np.asarray(table.pixel_size_angstrom, dtype=np.float64), 4))
     sizes = ", ".join(f"{g:g}" for g in groups)
-    name = Path(path).name
-    fixed = f"{Path(name).stem}_fixed{Path(name).suffix or '.mrc'}"
-    angpix = f"{groups[0]:g}" if groups.size == 1 else "X"
-    which = "" if groups.size == 1 else " (X: the pixel size the maps were refined at)"
     return InputFileError(
         path, f"the maps' header voxel size {voxel:.4f} Å is more than 1 % from the particles' pixel "
         f"size{'s' if groups.size > 1 else ''} ({sizes} Å), and {evidence}: the map header's voxel size is "
         "likely wrong.",
-        f"Set it in the half maps and the mask to the pixel size they were refined at, e.g. relion_image_handler "
-        f"--i {name} --o {fixed} --angpix {angpix} --force_header_angpix {angpix}{which} for each, and give "
-        "the fixed files.",
+        f"Set it in the half maps and the mask to the pixel size they were refined at, e.g. "
+        f"{_fix_header_text(path, table)} for each, and give the fixed files.",
     )
 
 
