@@ -503,3 +503,25 @@ def test_a_cluster_whose_close_is_cut_short_leaves_no_traceback_at_exit(tmp_path
     code, err, left = stop_a_local_run(tmp_path, "Memory:", 0.5, prelude=cut_short)
     assert "Traceback" not in err and "Exception ignored" not in err, err
     assert (code, err.strip().splitlines(), left) == (143, [TERMINATED_BEFORE_WRITING], "")
+
+
+@pytest.mark.parametrize("cause, said", [
+    (RuntimeError("can't start new thread"), "a local Dask worker failed to start (can't start new thread): it ran "
+                                             "out of memory, threads or address space"),
+    (ValueError("bad preload"), "a local Dask worker failed to start: ValueError: bad preload. Rerun"),
+    (None, "a local Dask worker failed to start (Nanny failed to start.): it ran out of memory"),
+])
+def test_a_local_worker_that_fails_to_start_is_one_line_with_its_own_error(cause, said):
+    """distributed raises ``RuntimeError("Nanny failed to start.")`` from the worker's own error (under a low
+    ``ulimit -v``: a thread the system refuses): one line naming that error, not a traceback."""
+    from dsub.cluster.start import ClusterStartError, dask_start_errors
+
+    def fail():
+        with dask_start_errors(ClusterSpec(scheduler="local")):
+            if cause is None:
+                raise RuntimeError("Nanny failed to start.")
+            raise RuntimeError("Nanny failed to start.") from cause
+
+    with pytest.raises(ClusterStartError) as caught:
+        fail()
+    assert str(caught.value).startswith(said), str(caught.value)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import dask
 
-from ..errors import DsubError, warn
+from ..errors import DsubError, out_of_memory, warn
 from .ctrl_c import workers_ignore_ctrl_c
 from .gpus import PinnedGPUCluster, visible_gpus
 
@@ -31,13 +31,33 @@ class ClusterStartError(DsubError, RuntimeError):
 DASK_START_FAILURE = "Cluster failed to start:"
 
 
+#: How distributed words a local worker's failed start (``Server.start``: ``f"{type(self).__name__} failed to
+#: start."``), the worker's own error chained as the cause.
+WORKER_START_FAILURES = ("Nanny failed to start", "Worker failed to start")
+
+
 @contextlib.contextmanager
 def dask_start_errors(spec):
-    """Turn distributed's ``RuntimeError("Cluster failed to start: ...")`` into one line quoting Dask's reason."""
+    """Turn distributed's ``RuntimeError("Cluster failed to start: ...")`` into one line quoting Dask's reason,
+    and a local worker's failed start (``WORKER_START_FAILURES``) into one line naming the worker's own error:
+    running out of memory, threads or address space (``ulimit -v``) says what to raise."""
     try:
         yield
     except RuntimeError as exc:
         said = " ".join(str(exc).split())
+        if said.startswith(WORKER_START_FAILURES):
+            root = exc
+            while root.__cause__ is not None or (root.__context__ is not None and not root.__suppress_context__):
+                root = root.__cause__ or root.__context__
+            why = " ".join(str(root).split()) or type(root).__name__
+            if out_of_memory(root) or root is exc:
+                raise ClusterStartError(
+                    f"a local Dask worker failed to start ({why}): it ran out of memory, threads or address space "
+                    "as it started, or was stopped. Raise 'ulimit -v' (mapped libraries and thread stacks count "
+                    "against it) or 'ulimit -u', or give the command more memory, and rerun the same command."
+                ) from exc
+            raise ClusterStartError(f"a local Dask worker failed to start: {type(root).__name__}: {why}. "
+                                    "Rerun the same command; if it happens again, run with --scheduler threads.") from exc
         if not said.startswith(DASK_START_FAILURE):
             raise
         reason = said[len(DASK_START_FAILURE):].strip() or type(exc.__cause__).__name__
