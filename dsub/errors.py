@@ -127,10 +127,16 @@ TERMINATED_BEFORE_WRITING = ("dsub: stopped by SIGTERM (a batch system's time li
 RESUME_WITHOUT_OVERWRITE = ("rerun the command without --overwrite to resume (the same command with --overwrite "
                             "starts over)")
 
-#: What the line says where ``--overwrite`` removed the earlier run's outputs (``interrupted_line``): before this
-#: run's store was there (the removal itself was stopped, or came just before), and after it.
-EARLIER_BEING_REMOVED = (" while the earlier results in the output folder were removed (--overwrite), before this run "
-                         "wrote anything;")
+#: What the line says where ``--overwrite`` removed the earlier run's outputs (``interrupted_line``): stopped
+#: before their store was renamed aside (it is whole); after that, before this run's store had its identity
+#: (nothing of either run to resume); and once it had.
+STARTS_AFRESH = " before anything was written; rerun the command to start"
+EARLIER_STORE_WHOLE = (" while the earlier results in the output folder were removed (--overwrite), before their store "
+                       "was: it is whole, and the command that made it finishes that run again; rerun this command "
+                       "(with --overwrite) to start this run")
+EARLIER_REMOVED = (" after the earlier results in the output folder were removed (--overwrite), before this run's "
+                   "store was written: nothing of either run is left to resume; rerun the command (with --overwrite) "
+                   "to start")
 EARLIER_REPLACED = "; the earlier results in the output folder were replaced by this run's: rerun the command without --overwrite"
 
 
@@ -143,7 +149,9 @@ def interrupted_line(exc: BaseException) -> str:
     resume; and ``overwrite_given`` when its command had ``--overwrite`` and its store is
     there: the same command would replace that store, so the line says to rerun without it;
     ``earlier_replaced`` when that command had begun to remove the earlier run's outputs
-    (until then they are whole, and "nothing was written" is the whole truth).
+    (until then they are whole, and "nothing was written" is the whole truth), with
+    ``earlier_store_whole`` where their store was not yet renamed aside: the line
+    then says that store is whole, else that nothing of either run is left.
     """
     complete = getattr(exc, "results_complete", None)
     if complete is not None:  # stopped while the QC report was drawn (``pipeline.write_qc_report``)
@@ -158,8 +166,11 @@ def interrupted_line(exc: BaseException) -> str:
     if not before and getattr(exc, "overwrite_given", False):
         line = line.replace("rerun the same command to resume", RESUME_WITHOUT_OVERWRITE)
     if getattr(exc, "earlier_replaced", False):  # --overwrite: the earlier run's outputs were (being) removed
-        line = (line.replace(" before anything was written;", EARLIER_BEING_REMOVED) if before
-                else line.replace("; rerun the command without --overwrite", EARLIER_REPLACED))
+        if before:
+            whole = getattr(exc, "earlier_store_whole", False)
+            line = line.replace(STARTS_AFRESH, EARLIER_STORE_WHOLE if whole else EARLIER_REMOVED)
+        else:
+            line = line.replace("; rerun the command without --overwrite", EARLIER_REPLACED)
     return line
 
 

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -586,9 +587,10 @@ def test_ctrl_c_of_an_overwrite_run_as_it_starts_leaves_the_earlier_results_whol
     assert outputs_of(outdir) == before
 
 
-def overwrite_stopped_in(step: str, small, outdir, monkeypatch, capsys) -> str:
+def overwrite_stopped_in(step: str, small, outdir, monkeypatch, capsys, module=None, stop=None) -> str:
     """A finished run in ``outdir``, then a different one with ``--overwrite`` stopped by Ctrl-C in
-    ``dsub.workflow.export``'s ``step``: its one stop line."""
+    ``module``'s (``dsub.workflow.export`` unless given) ``step`` (replaced by ``stop`` where given,
+    else by a function that raises at once): its one stop line."""
     import dsub.workflow.export as export
 
     def interrupt(*args, **kwargs):
@@ -596,9 +598,16 @@ def overwrite_stopped_in(step: str, small, outdir, monkeypatch, capsys) -> str:
 
     assert main(subtract_args(small, outdir)) == 0
     with monkeypatch.context() as patch:
-        patch.setattr(export, step, interrupt)
+        patch.setattr(module or export, step, stop or interrupt)
         assert main(subtract_args(small, outdir, "--overwrite", "--padding", "2")) == 130
     return capsys.readouterr().err.strip()
+
+
+#: The stop line of an --overwrite run stopped after the earlier store was renamed aside, before its own had
+#: its identity (``errors.EARLIER_REMOVED``).
+NOTHING_LEFT = ("dsub: interrupted after the earlier results in the output folder were removed (--overwrite), before "
+                "this run's store was written: nothing of either run is left to resume; rerun the command (with "
+                "--overwrite) to start")
 
 
 def test_an_overwrite_run_stopped_after_it_began_to_write_says_the_earlier_results_were_replaced(
@@ -618,18 +627,105 @@ def test_an_overwrite_run_stopped_after_it_began_to_write_says_the_earlier_resul
 def test_an_overwrite_run_stopped_while_it_removes_the_earlier_results_leaves_their_store(
         small, tmp_path, monkeypatch, capsys):
     """The metadata go first and the store last: stopped in between, OUTDIR holds the earlier run's store and
-    stacks, no star; the line says what happened; the earlier command finishes that run again, the new one
-    without --overwrite is refused as a different run."""
+    stacks, no star; the line says so; the earlier command finishes that run again, the new one
+    without --overwrite is refused as a different run, named."""
     outdir = tmp_path / "out"
     line = overwrite_stopped_in("remove_stacks", small, outdir, monkeypatch, capsys)
     assert line == ("dsub: interrupted while the earlier results in the output folder were removed (--overwrite), "
-                    "before this run wrote anything; rerun the command to start")
+                    "before their store was: it is whole, and the command that made it finishes that run again; "
+                    "rerun this command (with --overwrite) to start this run")
     assert (outdir / "subtracted.zarr").is_dir() and (outdir / "Particles" / "subtracted_0000.mrcs").is_file()
     assert not (outdir / "particles_subtracted.star").exists() and not (outdir / "dsub_run.json").exists()
     assert main(subtract_args(small, outdir, "--padding", "2")) == 2
     assert "holds the results of a different run: --padding was" in capsys.readouterr().err
     assert main(subtract_args(small, outdir)) == 0
     assert (outdir / "particles_subtracted.star").is_file()
+
+
+def test_an_overwrite_run_stopped_just_before_it_renames_the_earlier_store_says_it_is_whole(
+        small, tmp_path, monkeypatch, capsys):
+    """The last moment of (a): the metadata and stacks removed, the store not yet renamed aside."""
+    import dsub.workflow.pipeline as pipeline
+
+    outdir = tmp_path / "out"
+    line = overwrite_stopped_in("remove_store", small, outdir, monkeypatch, capsys, module=pipeline)
+    assert "before their store was: it is whole" in line, line
+    assert (outdir / "subtracted.zarr" / "zarr.json").is_file()
+    assert not (outdir / "Particles" / "subtracted_0000.mrcs").exists()
+    assert main(subtract_args(small, outdir)) == 0  # the earlier command computes the stacks again
+    assert (outdir / "Particles" / "subtracted_0000.mrcs").is_file()
+
+
+def test_an_overwrite_run_stopped_once_the_earlier_store_is_renamed_aside_says_nothing_is_left(
+        small, tmp_path, monkeypatch, capsys):
+    """(b): the earlier store renamed aside (not yet deleted), the new one not begun: nothing of either run."""
+    import dsub.workflow.outdir as outdir_module
+    import dsub.workflow.pipeline as pipeline
+
+    def rename_then_stop(store_path):
+        os.replace(store_path, Path(store_path).with_name(outdir_module.REMOVED_STORE_NAME))
+        raise KeyboardInterrupt
+
+    outdir = tmp_path / "out"
+    line = overwrite_stopped_in("remove_store", small, outdir, monkeypatch, capsys, module=pipeline,
+                                stop=rename_then_stop)
+    assert line == NOTHING_LEFT
+    assert not (outdir / "subtracted.zarr").exists() and not (outdir / "particles_subtracted.star").exists()
+    assert main(subtract_args(small, outdir, "--overwrite", "--padding", "2")) == 0
+    assert json.loads((outdir / "dsub_run.json").read_text())["chunks_skipped"] == 0
+    assert not (outdir / outdir_module.REMOVED_STORE_NAME).exists()
+
+
+def test_an_overwrite_run_stopped_while_it_creates_its_store_leaves_nothing_a_rerun_takes_for_a_run(
+        small, tmp_path, monkeypatch, capsys):
+    """(b) too: the new store has its group and some arrays but no identity yet (stopped in ``create_store``).
+    The line says nothing is left; a rerun removes that store and says so: the earlier command is refused for
+    what OUTDIR holds (named), the new one with --overwrite starts."""
+    import zarr
+
+    real = zarr.Group.create_array
+    calls = []
+
+    def stop_at_third_array(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    outdir = tmp_path / "out"
+    line = overwrite_stopped_in("create_array", small, outdir, monkeypatch, capsys, module=zarr.Group,
+                                stop=stop_at_third_array)
+    assert line == NOTHING_LEFT
+    store_path = outdir / "subtracted.zarr"
+    assert (store_path / "zarr.json").is_file() and not (store_path / "chunk_done").exists()
+    assert main(subtract_args(small, outdir)) == 2  # the earlier command: not "a different run"
+    err = "".join(capsys.readouterr())
+    assert f"dsub: {store_path}: a store whose creation was stopped (it records no run): nothing to resume, " \
+           "removed." in err, err
+    assert "holds a Particles/ folder (empty) but no dsub store" in err and "different run" not in err
+    assert not store_path.exists()
+    assert main(subtract_args(small, outdir, "--overwrite", "--padding", "2")) == 0
+    assert json.loads((outdir / "dsub_run.json").read_text())["chunks_skipped"] == 0
+
+
+def test_an_overwrite_run_stopped_once_its_store_has_its_identity_says_to_resume_without_overwrite(
+        small, tmp_path, monkeypatch, capsys):
+    """(c): stopped right after ``create_store`` wrote the new run's identity, before its attempt began: the
+    store is this run's, which the rerun without --overwrite resumes; the earlier command is refused, named."""
+    import dsub.workflow.pipeline as pipeline
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    outdir = tmp_path / "out"
+    line = overwrite_stopped_in("stacks_taken_up", small, outdir, monkeypatch, capsys, module=pipeline,
+                                stop=interrupt)
+    assert line == ("dsub: interrupted; the earlier results in the output folder were replaced by this run's: rerun "
+                    "the command without --overwrite to resume (the same command with --overwrite starts over)")
+    assert main(subtract_args(small, outdir)) == 2
+    assert "holds the results of a different run: --padding" in capsys.readouterr().err
+    assert main(subtract_args(small, outdir, "--padding", "2")) == 0
+    assert "--padding 2" in (outdir / "dsub.log").read_text()
 
 
 def test_remove_store_takes_a_store_away_whole_and_what_an_earlier_stop_left(tmp_path):
@@ -642,6 +738,18 @@ def test_remove_store_takes_a_store_away_whole_and_what_an_earlier_stop_left(tmp
     remove_store(store_path)
     assert os.listdir(tmp_path) == []
     remove_store(store_path)  # none there: nothing to do
+
+
+def test_a_store_that_cannot_be_read_is_named_not_taken_for_a_different_run(tmp_path):
+    from dsub.errors import OutputExistsError
+    from dsub.workflow.outdir import prepare_outdir
+
+    store_path = tmp_path / "subtracted.zarr"
+    store_path.mkdir()
+    (store_path / "zarr.json").write_text("{damaged")
+    with pytest.raises(OutputExistsError, match=r"subtracted.zarr: this store cannot be read \(") as refused:
+        prepare_outdir(tmp_path, "fingerprint", overwrite=False, identity={})
+    assert "different run" not in str(refused.value) and store_path.is_dir()
 
 
 def test_an_error_of_a_run_with_overwrite_says_to_resume_without_it(small, tmp_path, monkeypatch, capsys):

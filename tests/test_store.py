@@ -119,3 +119,23 @@ def test_a_stop_while_recording_records_the_chunks_before_it_goes_on(tmp_path, m
     with pytest.raises(KeyboardInterrupt):  # the stop goes on once the chunks are recorded
         recorder.close()
     assert store.finished_chunks(path).tolist() == [True, True] and len(calls) == 2
+
+
+def test_a_store_is_taken_for_one_whose_creation_was_stopped_only_until_its_run_is_recorded(tmp_path):
+    import zarr
+
+    from dsub.workflow.store import create_store, creation_stopped, identity_written
+
+    path = tmp_path / "subtracted.zarr"
+    assert not creation_stopped(path)  # none there
+    path.mkdir()
+    (path / "zarr.0123abcd.partial").write_bytes(b"{")  # Zarr's metadata, stopped while written
+    assert creation_stopped(path) and not identity_written(path)
+    zarr.open_group(str(path), mode="w").create_array("contrast", shape=(4,), dtype="float32")
+    assert creation_stopped(path) and not identity_written(path)
+    create_store(path, 4, 8, 2, {"fingerprint": "f"}, keep_images=False)
+    assert not creation_stopped(path) and identity_written(path)
+    other = tmp_path / "other.zarr"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")  # not what Zarr writes: not taken for a stopped store
+    assert not creation_stopped(other)

@@ -237,6 +237,10 @@ def prepare_outdir(outdir: Path, fingerprint: str, overwrite: bool, identity: di
     ``before_changes`` (a function of whether the store is resumed) is called once
     that is decided and before anything in OUTDIR changes: a last check that may
     refuse the run (the disk's room) and leave OUTDIR as it was.
+    A store whose creation was stopped (``store.creation_stopped``: a run stopped
+    before its identity was written) is nothing to resume: it is removed first,
+    and ``tell`` says so, as is a store an earlier stop left renamed aside
+    (``remove_store``); one that cannot be read is refused, named, without ``overwrite``.
     With ``overwrite`` nothing of an earlier run is removed here: the run removes
     it where it starts to write (``remove_store``, last of its outputs), so that
     a run stopped while it starts its workers leaves the earlier results whole.
@@ -246,10 +250,21 @@ def prepare_outdir(outdir: Path, fingerprint: str, overwrite: bool, identity: di
             before_changes(resumes)
 
     store_path = outdir / store.STORE_NAME
+    # What a stopped --overwrite run left of the store it was deleting (``remove_store``) is no store.
+    shutil.rmtree(store_path.with_name(REMOVED_STORE_NAME), ignore_errors=True)
+    if store.creation_stopped(store_path):  # no run identity yet: nothing to resume, and no run to name
+        remove_store(store_path)
+        if tell is not None:
+            tell(f"dsub: {store_path}: a store whose creation was stopped (it records no run): nothing to resume, "
+                 "removed.")
     if store_path.exists():
         try:
             earlier = dict(store.open_store(store_path).attrs.get("run", {}))
-        except Exception:  # an unreadable store is as good as none
+        except Exception as exc:
+            if not overwrite:  # nothing to compare this run with: say what is wrong, not "a different run"
+                raise OutputExistsError(
+                    f"{store_path}: this store cannot be read ({type(exc).__name__}: {exc}), so it is no run dsub "
+                    "can resume. Choose another output folder, or add --overwrite to replace it.") from exc
             earlier = {}
         if same_run(earlier, fingerprint, identity) and not overwrite:
             deciding(True)

@@ -307,17 +307,23 @@ def left_to_resume(options: RunOptions, attempt: record.AttemptRecorder) -> dict
     """What a stopped run leaves to its rerun, as marks for the stop line (``errors.interrupted_line``).
 
     ``nothing_written``: OUTDIR holds no store of this run. With ``--overwrite``
-    a store there is this run's only once its attempt began in it (the earlier
-    one is deleted first, ``replace_earlier_outputs``); rerun with ``--overwrite``
-    it would be deleted again, so ``overwrite_given`` asks for the rerun without it.
-    ``earlier_replaced``: the earlier run's outputs were removed (or are partly: the
-    stop came while they were), which the line says; before that they are whole.
+    a store there is this run's once it was created with its identity (the earlier
+    one is deleted first, ``replace_earlier_outputs``; a store stopped while it was
+    created is none, ``store.creation_stopped``), or once its attempt began in it (a
+    requeued job's); rerun with ``--overwrite`` it would be deleted again, so
+    ``overwrite_given`` asks for the rerun without it. ``earlier_replaced``: the
+    earlier run's outputs were removed, or are being: ``earlier_store_whole`` where
+    the stop came before their store was renamed aside (``outdir.remove_store``),
+    so that it is still there, whole; after that nothing of it is left to resume.
     """
-    there = (Path(options.outdir) / store.STORE_NAME).exists()
+    store_path = Path(options.outdir) / store.STORE_NAME
+    there = store_path.exists()
     if not options.overwrite:
         return {"nothing_written": not there}
-    ours = there and attempt.store_path is not None
-    return {"nothing_written": not ours, "overwrite_given": ours, "earlier_replaced": attempt.replaced_earlier}
+    ours = there and (attempt.store_path is not None
+                      or (attempt.creating_store and store.identity_written(store_path)))
+    return {"nothing_written": not ours, "overwrite_given": ours, "earlier_replaced": attempt.replaced_earlier,
+            "earlier_store_whole": attempt.replaced_earlier and not attempt.creating_store and there}
 
 
 def overwrite_noted(error: DsubError, options: RunOptions, attempt: record.AttemptRecorder) -> DsubError:
@@ -498,6 +504,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
                 if options.overwrite:  # this run writes from here: the earlier one's outputs go now
                     replace_earlier_outputs(outdir, attempt, options.log)
                 export.remove_stacks(outdir)  # an earlier run's stacks must not stay beside this run's
+                attempt.creating_store = True  # from here a store there is this run's once it has its identity
                 store.create_store(store_path, len(table), out_box, options.chunk_size,
                                    {**(hashing or ContentHashes(identity)).result(), "fingerprint": fingerprint,
                                     AUTOMATIC_KEY: chosen},
@@ -814,8 +821,9 @@ def replace_earlier_outputs(outdir: Path, attempt: record.AttemptRecorder, log: 
     The metadata and report go first, then the stacks, then the store (``remove_store``):
     a stop on the way leaves the earlier store, which a rerun recognises (the same run
     resumes, computing what is missing; another is refused without ``--overwrite``),
-    and never a star or stacks without it. ``attempt`` is marked first, for the stop line,
-    where there is anything to remove. ``log`` then holds only this run's lines.
+    and never a star or stacks without it; a stop once it is renamed aside leaves
+    nothing to resume. ``attempt`` is marked first, for the stop line, where there
+    is anything to remove (``left_to_resume``). ``log`` then holds only this run's lines.
     """
     log.drop_earlier()
     stacks = outdir / export.STACK_FOLDER

@@ -107,6 +107,8 @@ class AttemptRecorder:
         self.store_path: Path | None = None
         #: Whether this run (``--overwrite``) began to remove OUTDIR's earlier outputs, to write its own.
         self.replaced_earlier = False
+        #: Whether this run (``--overwrite``) began to create its own store, the earlier one gone.
+        self.creating_store = False
         self.attempts: list[dict] = []
         self.earlier: list[dict] | None = None  # the run's earlier attempts, settled (``read_earlier``)
         self.started = time.monotonic()

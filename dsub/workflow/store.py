@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -86,9 +87,35 @@ def create_store(path: Path, count: int, box: int, chunk_size: int, run_attrs: d
         )
     group.create_array("skipped", shape=(count,), chunks=(chunk_size,), dtype="uint8", fill_value=0)
     group.create_array("chunk_done", shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0)
-    group.attrs["run"] = run_attrs
-    group.attrs["image_dtype"] = dtype
+    group.attrs.update({"image_dtype": dtype, "run": run_attrs})
     return group
+
+
+def identity_written(path: Path) -> bool:
+    """Whether the store at ``path`` holds its run's identity (``create_store`` got that far)."""
+    try:
+        return bool(open_store(path).attrs.get("run"))
+    except Exception:
+        return False
+
+
+def creation_stopped(path: Path) -> bool:
+    """Whether the folder ``path`` is a store whose creation was stopped before its run's identity was
+    written (``create_store``): a group without ``run``, or a folder with no group metadata
+    (``zarr.json``) yet, only what Zarr writes it through (``zarr.<hex>.partial``), if anything.
+
+    Such a store holds nothing to resume. False for a store that cannot be read
+    for another reason (a damaged ``zarr.json``, other files): that is not taken for one.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    if not (path / "zarr.json").exists():
+        return all(re.fullmatch(r"zarr\.[0-9a-f]+\.partial", name) for name in os.listdir(path))
+    try:
+        return "run" not in open_store(path).attrs
+    except Exception:
+        return False
 
 
 def open_store(path: Path, mode: str = "r") -> zarr.Group:
