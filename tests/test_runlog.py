@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -1306,3 +1307,40 @@ def test_changed_passthrough_file_is_named_with_its_size_and_time_before_and_aft
     added, gone = identity_differences({"passthrough": [earlier]}, {"passthrough": [other]})
     assert added == "passthrough file new: /data/J16_passthrough_particles.cs"
     assert gone == "passthrough file no longer used: /data/J15_passthrough_particles.cs"
+
+
+def test_a_project_moved_as_a_whole_resumes_as_the_same_run(tmp_path, capsys):
+    """Inputs and OUTDIR moved together (``mv`` of the project folder): the same files under another folder are
+    the same run; the store takes the new paths. A stack changed on the way makes it a different run."""
+    import dsub.workflow.export as export
+
+    project = tmp_path / "P3"
+    paths, _ = make_dataset(project / "data", count=24, box=32, seed=3)
+    outdir = project / "out"
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    original = export.write_metadata
+    export.write_metadata = interrupt  # the chunks are done, the metadata not: a resume is left
+    try:
+        assert main(subtract_args(paths, outdir)) == 130
+    finally:
+        export.write_metadata = original
+    capsys.readouterr()
+    moved = tmp_path / "elsewhere" / "PX"
+    moved.parent.mkdir()
+    shutil.move(str(project), moved)
+    moved_paths = {name: moved / Path(path).relative_to(project) for name, path in paths.items()}
+    assert main(subtract_args(moved_paths, moved / "out")) == 0
+    out = capsys.readouterr().out
+    assert f"dsub: the inputs moved from {project} to {moved} since that run" in out, out
+    summary = json.loads((moved / "out" / "dsub_run.json").read_text())
+    assert summary["chunks_skipped"] == 3  # every chunk resumed, none computed again
+    assert (moved / "out" / "particles_subtracted.star").is_file()
+    # moved back with one stack touched on the way: not the same files, so a different run
+    shutil.move(str(moved), project)
+    stack = Path(paths["stack"])
+    os.utime(stack, ns=(stack.stat().st_atime_ns, stack.stat().st_mtime_ns + 10**9))
+    assert main(subtract_args(paths, outdir)) == 2
+    assert "holds the results of a different run" in capsys.readouterr().err

@@ -101,6 +101,53 @@ def same_content_touched(earlier: dict, now: dict) -> list[str]:
     return touched
 
 
+def relocated(earlier: dict, now: dict) -> tuple[dict, str, str] | None:
+    """Whether the earlier run's inputs are this run's moved as a whole (``mv`` of the project folder):
+    (``earlier`` with its paths moved, the old folder, the new folder), else None.
+
+    The folder is what the input files' paths (the particles, maps and mask) have
+    before the part they share with this run's, the same for every input that
+    moved. With the earlier paths under it moved, nothing else may differ: every
+    file's size and modification time (which ``mv`` and ``cp -p`` keep), the
+    particle stacks and passthrough files, the parameters (``identity_differences``).
+    """
+    roots = set()
+    for name in INPUT_OPTIONS:
+        before, after = earlier.get(name), now.get(name)
+        if not (isinstance(before, dict) and isinstance(after, dict)):
+            continue
+        old, new = Path(before["path"]).parts, Path(after["path"]).parts
+        if old == new:
+            continue
+        shared = 0
+        while shared < min(len(old), len(new)) and old[-1 - shared] == new[-1 - shared]:
+            shared += 1
+        if shared == 0 or shared == len(old):
+            return None
+        roots.add((str(Path(*old[:-shared])), str(Path(*new[:-shared]))))
+    if len(roots) != 1:
+        return None
+    old_root, new_root = roots.pop()
+
+    def moved(identity):
+        path = Path(identity["path"])
+        if path.is_relative_to(old_root):
+            return {**identity, "path": str(Path(new_root) / path.relative_to(old_root))}
+        return identity
+
+    translated = dict(earlier)
+    for name in INPUT_OPTIONS:
+        if isinstance(earlier.get(name), dict):
+            translated[name] = moved(earlier[name])
+    for key in FILE_LISTS:
+        if isinstance(earlier.get(key), list):
+            translated[key] = sorted((moved(entry) for entry in earlier[key]), key=lambda entry: entry["path"]) \
+                if key == "stacks" else [moved(entry) for entry in earlier[key]]
+    if identity_differences(translated, now):
+        return None
+    return translated, old_root, new_root
+
+
 #: Keys that runs of earlier versions put in their identity and that are no part of it now. ``cs_root``
 #: (``--cs-root``): where a .cs's ``blob/path`` start decides which stacks are read, and those stacks are in the
 #: identity; otherwise it only names the stacks in the output .cs, which a rerun writes again (as for ``--paths``).
@@ -286,6 +333,15 @@ def prepare_outdir(outdir: Path, fingerprint: str, overwrite: bool, identity: di
                              "content did not: resuming.")
                 return True
             identity = as_before  # the files whose content is unchanged are not named as changed
+            move = relocated(earlier, identity)
+            if move is not None:  # the same files, moved as a whole: the store takes the new paths
+                translated, old_root, new_root = move
+                deciding(True)
+                store.open_store(store_path, mode="r+").attrs["run"] = {**translated, "fingerprint": fingerprint}
+                if tell is not None:
+                    tell(f"dsub: the inputs moved from {old_root} to {new_root} since that run (the same files: "
+                         "sizes and modification times): resuming.")
+                return True
         if not overwrite:
             changes = identity_differences(earlier, identity) if earlier and identity else []
             what = "; ".join(changes) if changes else "other inputs or parameters"
