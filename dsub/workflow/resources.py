@@ -502,8 +502,8 @@ def memory_granted() -> tuple[int, str]:
     """(bytes, why) of the memory this process may hold: the smallest of the machine's memory, its cgroup and
     ``RLIMIT_RSS`` caps (``memory_limit``) and its address-space limit (``ulimit -v``, ``RLIMIT_AS``)."""
     granted, why = memory_limit(), "this machine's memory or its cgroup's limit"
-    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    if soft not in (resource.RLIM_INFINITY, -1) and soft < granted:
+    soft = address_space_limit()
+    if soft is not None and soft < granted:
         granted, why = soft, "the address-space limit (ulimit -v), which counts the libraries mapped too, and the stacks and malloc arenas of the threads the run will start"
     return int(granted), why
 
@@ -541,7 +541,7 @@ def address_limit_that_would_do(short: int) -> str:
     """Where the address-space limit (``ulimit -v``) is what leaves ``short`` bytes too few: the limit that
     would do, rounded up to 0.1 GB, as a sentence (else "")."""
     limit = address_space_limit()
-    if limit is None or limit >= memory_limit():
+    if limit is None or memory_granted()[0] != limit:  # not the limit that binds
         return ""
     enough = math.ceil((limit + short) / (GB / 10)) * (GB / 10)
     return f" Under the address-space limit, about {gigabytes(int(enough))} would do ('ulimit -v {int(enough) // 1024}')."
