@@ -70,15 +70,20 @@ def map_pixel_size(table, maps: dict) -> float:
     return float(np.median(list(known.values()))) if known else float(groups[0])
 
 
+def group_pixel_sizes(table) -> np.ndarray:
+    """The particles' distinct pixel sizes (Å, float64, rounded to 0.1 mÅ): one per optics group, as a refusal names them."""
+    return np.unique(np.round(np.asarray(table.pixel_size_angstrom, dtype=np.float64), 4))
+
+
 def far_from_every_group(table, pixel: float) -> bool:
     """Whether the maps' (possibly re-boxed) voxel size ``pixel`` (Å) is within 1 % of no optics group's pixel size."""
-    groups = np.unique(np.round(np.asarray(table.pixel_size_angstrom, dtype=np.float64), 4))
+    groups = group_pixel_sizes(table)
     return not np.any(np.abs(groups - pixel) <= PIXEL_SIZE_TOLERANCE * pixel)
 
 
 def _fix_header_text(path, table) -> str:
     """The ``relion_image_handler`` command that sets the voxel size of ``path``'s header (for each map and the mask)."""
-    groups = np.unique(np.round(np.asarray(table.pixel_size_angstrom, dtype=np.float64), 4))
+    groups = group_pixel_sizes(table)
     name = Path(path).name
     fixed = f"{Path(name).stem}_fixed{Path(name).suffix or '.mrc'}"
     angpix = f"{groups[0]:g}" if groups.size == 1 else "X"
@@ -102,7 +107,7 @@ def check_voxel_size(path, voxel: float, pixel: float, table, rescale_maps: bool
     if rescale_maps:
         warn_far_pixel_size(table, pixel)
         return
-    groups = np.unique(np.round(np.asarray(table.pixel_size_angstrom, dtype=np.float64), 4))
+    groups = group_pixel_sizes(table)
     reboxed = f" ({pixel:.4f} Å once brought to the particles' box)" if abs(pixel - voxel) > 1e-6 * voxel else ""
     raise InputFileError(
         path, f"the maps' voxel size {voxel:.4f} Å{reboxed} is more than 1 % from every optics group's pixel size "
@@ -116,7 +121,7 @@ def check_voxel_size(path, voxel: float, pixel: float, table, rescale_maps: bool
 def warn_far_pixel_size(table, pixel: float) -> None:
     """A warning when the maps' (possibly re-boxed) voxel size is within 1 % of no optics group's pixel size."""
     if far_from_every_group(table, pixel):
-        groups = np.unique(np.round(np.asarray(table.pixel_size_angstrom, dtype=np.float64), 4))
+        groups = group_pixel_sizes(table)
         warn(f"the maps' voxel size {pixel:.4f} Å is more than 1 % from every optics group's pixel size "
              f"({', '.join(f'{g:g}' for g in groups)} Å); each particle's projection is rescaled to its own "
              "pixel size, which is right only if the map header's voxel size is right: check it (e.g. against the "
@@ -133,7 +138,7 @@ def wrong_voxel_size(path, voxel: float, table, evidence: str) -> InputFileError
     set a map's voxel size; the fix rewrites the header (RELION's
     ``relion_image_handler --force_header_angpix``).
     """
-    groups = np.unique(np.round(np.asarray(table.pixel_size_angstrom, dtype=np.float64), 4))
+    groups = group_pixel_sizes(table)
     sizes = ", ".join(f"{g:g}" for g in groups)
     return InputFileError(
         path, f"the maps' header voxel size {voxel:.4f} Å is more than 1 % from the particles' pixel "
