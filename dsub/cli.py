@@ -17,7 +17,7 @@ from . import __version__
 from .cluster import ClusterSpec, parse_adapt
 from .errors import (
     DsubError, DsubWarning, MissingInputError, OptionError, Terminated,
-    error_line, interrupted_line, resource_failure_line, warn,
+    error_line, interrupted_line, one_task_at_a_time, resource_failure_line, warn,
 )
 from .formats.paths import PATH_MODES
 from .interrupts import ignore_further_ctrl_c, stop_once_on_ctrl_c, terminate_on_sigterm
@@ -350,7 +350,7 @@ def main(argv=None) -> int:
         return 2
     except (MemoryError, RuntimeError, ImportError) as exc:
         # Fewer tasks at once only where there were several (not --workers 1, not --scheduler sync).
-        line = resource_failure_line(exc, one_task(args))
+        line = resource_failure_line(exc, one_task_at_a_time(args))
         if line is None:
             raise
         print(line, file=sys.stderr)
@@ -372,11 +372,6 @@ def main(argv=None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-
-
-def one_task(args) -> bool:
-    """Whether the command ran one task at a time (``--workers 1`` or ``--scheduler sync``)."""
-    return getattr(args, "workers", None) == 1 or getattr(args, "scheduler", None) == "sync"
 
 
 def stopped_before_the_run(exc: KeyboardInterrupt, args) -> None:

@@ -83,6 +83,12 @@ def out_of_memory(exc: BaseException) -> bool:
             or (isinstance(exc, ImportError) and MAP_FAILURE_MESSAGE in str(exc)))
 
 
+def one_task_at_a_time(run) -> bool:
+    """Whether a run (its command-line arguments or its ``ClusterSpec``) has one task at a time: ``--workers 1``
+    or ``--scheduler sync`` (then running fewer tasks at once is no advice)."""
+    return getattr(run, "workers", None) == 1 or getattr(run, "scheduler", None) == "sync"
+
+
 def resource_failure_line(exc: BaseException, one_task: bool = False) -> str | None:
     """The one line for running out of memory, threads or address space (``MemoryError``, a thread the system
     refuses, a library the loader cannot map), as the command prints it and the run records it; None for any

@@ -40,7 +40,7 @@ from ..cluster import ClusterSpec, open_runner
 from ..cluster.early import start_early
 from ..cluster.config import cluster_config, warn_unused_settings
 from ..cluster.progress import map_preparation_estimate, number, setup_step
-from ..errors import DsubError, InputFileError, OptionError, add_overwrite_note, warn
+from ..errors import DsubError, InputFileError, OptionError, add_overwrite_note, one_task_at_a_time, warn
 from ..formats import read_particles, select_rows
 from ..formats.cs import joined_line
 from ..formats.mrc import map_header, read_map
@@ -281,7 +281,7 @@ def subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings
     try:
         with transcript.capturing_warnings(), \
                 record.failure_recorded(attempt, transcript, lambda: left_to_resume(options, attempt),
-                                        options.cluster.workers == 1 or options.cluster.scheduler == "sync"), \
+                                        one_task_at_a_time(options.cluster)), \
                 contextlib.ExitStack() as cleanup:
             finished = False
             try:
@@ -387,7 +387,8 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             half_a, half_b, mask, box, table, resolution_angstrom=options.resolution_angstrom,
             lowpass_angstrom=settings.lowpass_angstrom, single_map=options.single_map, scale=settings.scale)
         extent = map_extent_voxels(map_box, box, float(np.max(table.pixel_size_angstrom)), pixel_size)
-        validate.check_voxel_size(half_a, pixel_size, pixel_size * extent / box, table, options.rescale_maps)
+        projected_voxel = pixel_size * extent / box  # Å: the maps' voxel once brought to the particles' box
+        validate.check_voxel_size(half_a, pixel_size, projected_voxel, table, options.rescale_maps)
         # The disk reads the stacks ahead, in the chunks' order, while the rest is checked, the maps
         # prepared and the workers started; after the maps, which would otherwise queue behind it.
         read_ahead = prefetch.start(table, options.cluster.scheduler, order=np.concatenate(
@@ -399,10 +400,10 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
         del volumes
         validate.check_images(table, box)
     say(options, region.report_region(share, mask, settings.mask_keeps))
-    sizes = np.unique(np.round(table.pixel_size_angstrom, 4))
+    sizes = validate.group_pixel_sizes(table)
     if sizes.size > 1:
         say(options, f"Optics groups at {', '.join(f'{size:g}' for size in sizes)} Å: each particle is projected "
-                     f"at its own pixel size from maps at {pixel_size * extent / box:.4f} Å, and exported to "
+                     f"at its own pixel size from maps at {projected_voxel:.4f} Å, and exported to "
                      "stacks of one pixel size.")
     if map_box != box:
         say(options, maps_to_box_line(map_box, box, extent, pixel_size))
@@ -490,7 +491,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             sample_fit = runner.compute([task], "sample fit", [len(sample)], waiting, unit="tasks")[0]
             # Maps off every optics group's pixel size that explain almost nothing: their header is likely wrong.
             refuse = (partial(validate.wrong_voxel_size, half_a, pixel_size, table)
-                      if validate.far_from_every_group(table, pixel_size * extent / box) else None)
+                      if validate.far_from_every_group(table, projected_voxel) else None)
             checked = diagnostics.check_sample(table, sample, sample_fit, settings.scale,
                                                lambda line: say(options, line), refuse_unexplained=refuse)
             sample_check = None
