@@ -405,12 +405,13 @@ def write_metadata(table, outdir: Path, particles_per_stack: int, contrast: np.n
         atomic.remove_leftovers(outdir / name)
     exported = table if exported is None else exported
     locations = new_stack_refs(len(table), particles_per_stack, table.pixel_size_angstrom)
-    names = locations.with_paths(written_paths(locations.paths, outdir, paths_mode, star_names_base(table)))
+    star_base = star_names_base(table)
+    names = locations.with_paths(written_paths(locations.paths, outdir, paths_mode, star_base))
     paths = locations.with_paths(written_paths(locations.paths, outdir, paths_mode, table.extra.get("project_folder")))
     keep = np.ones(len(table), dtype=bool) if skipped is None else ~np.asarray(skipped, dtype=bool)
     linked = original_stack_links(table, outdir)  # a .cs input's .mrc stacks, as RELION reads them
     if linked is not None:
-        linked = linked.with_paths(written_paths(linked.paths, outdir, paths_mode, star_names_base(table)))
+        linked = linked.with_paths(written_paths(linked.paths, outdir, paths_mode, star_base))
     (outdir / SKIPPED_NAME).unlink(missing_ok=True)
     if not keep.all():
         left_out = select_rows(table, ~keep)
@@ -488,8 +489,7 @@ def original_stack_links(table, outdir: Path) -> StackRefs | None:
         warn(f"{Path(outdir) / ORIGINALS_FOLDER}: the .mrcs links to the input's .mrc stacks could not be made "
              f"({exc.strerror or exc}); rlnImageOriginalName names the .mrc stacks, which RELION reads as maps, "
              "not stacks (link them as NAME.mrcs by hand for relion_particle_subtract --revert)")
-        return StackRefs(stacks, codes, np.asarray(table.image_indices, np.int64)).with_paths(
-            [os.path.relpath(stack, os.path.abspath(outdir)) for stack in stacks])
+        links = [os.path.relpath(stack, os.path.abspath(outdir)) for stack in stacks]
     return StackRefs(links, codes, np.asarray(table.image_indices, np.int64))
 
 
