@@ -250,39 +250,6 @@ def tile_rates(cupy, box, batch, repeats, rng, tiles):
         cupy.get_default_memory_pool().free_all_blocks()
 
 
-def fused_fit_rates(cupy, box, batch, repeats, rng):
-    """RELION's model with the contrast fit in the slice kernel (``_model_cuda.FUSED_FIT``) and without, whole
-    batch alone and back to back, alternating three times; the images and α of the two against each other (printed)."""
-    from dsub.physics import _model_cuda, subtract
-
-    print(f"\nfit in the slice kernel, relion, box {box}, batch {batch}")
-    print("| FUSED_FIT | batch ms alone | back to back (8) | particles/s back to back | max diff images | max diff α |")
-    print("|---|---|---|---|---|---|")
-    settings = subtract.SubtractionSettings(projector="relion")
-    volume, mask, images, table = scene(box, batch, rng)
-    model = subtract.prepare_half_map(cupy, volume, mask, settings)
-    on_gpu = cupy.asarray(images)
-    kept = _model_cuda.FUSED_FIT
-    reference = None
-    try:
-        for fused in (False, True) * 3:
-            _model_cuda.FUSED_FIT = fused
-            alone = timed(cupy, lambda: subtract.subtract_batch(cupy, on_gpu, table, model, settings), repeats)
-            queued = timed(cupy, lambda: subtract.subtract_batch(cupy, on_gpu, table, model, settings), repeats,
-                           queued=8)
-            result, contrast = subtract.subtract_batch(cupy, on_gpu, table, model, settings)
-            result, alpha = result.get(), contrast.alpha.get()
-            reference = (result, alpha) if reference is None else reference
-            image_diff = float(np.max(np.abs(result - reference[0])) / np.max(np.abs(reference[0])))
-            alpha_diff = float(np.max(np.abs(alpha - reference[1])))
-            print(f"| {fused} | {1e3 * alone:.2f} | {1e3 * queued:.2f} | {batch / queued:,.0f} | {image_diff:.1e} "
-                  f"| {alpha_diff:.1e} |", flush=True)
-    finally:
-        _model_cuda.FUSED_FIT = kept
-    del model, on_gpu
-    cupy.get_default_memory_pool().free_all_blocks()
-
-
 def main():
     import cupy
 
@@ -301,16 +268,9 @@ def main():
     parser.add_argument("--tiles", type=int, nargs="*", metavar="TILE_X",
                         help="time the slice kernel's tilings (_slice_cuda.TILE_X; 0: rows) at --batch's first size "
                              "and each box of --boxes, alone and back to back, and stop")
-    parser.add_argument("--fused-fit", action="store_true",
-                        help="time RELION's model with and without the fit in the slice kernel at --batch's first "
-                             "size and each box of --boxes, and stop")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     print(f"GPU: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}, CuPy {cupy.__version__}")
-    if args.fused_fit:
-        for box in args.boxes:
-            fused_fit_rates(cupy, box, args.batch[0], args.repeats, rng)
-        return
     if args.tiles is not None:
         for box in args.boxes:
             tile_rates(cupy, box, args.batch[0], args.repeats, rng, args.tiles or [0])

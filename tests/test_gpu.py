@@ -285,47 +285,6 @@ def test_fit_kernel_matches_numpy(cupy):
         assert gpu.alpha.get()[3] == 0 and np.isnan(gpu.sigma.get()[3])
 
 
-@pytest.mark.parametrize("tile_x", [None, 16, 8])
-def test_fit_in_the_slice_kernel_matches_the_two_steps(cupy, tile_x, monkeypatch):
-    """RELION's model fitted where the slice kernel computes the full map's values (``box_fit_and_masked``)
-    against the slices written out and fitted by the fit's own kernel (``box_spectra_and_masked`` then
-    ``fit_spectra``): the same α, σ and correlation to float rounding, with and without band limits, over rows
-    and over tiles of 16 and 8 columns (partial tiles); the masked images the same; and a particle whose image
-    the model explains exactly."""
-    from dsub.physics import _slice_cuda
-    from dsub.physics._model_cuda import box_fit_and_masked, box_spectra_and_masked
-    from dsub.physics._transfer_cuda import transfer_parameters
-    from dsub.physics.contrast import ContrastFit, fit_spectra
-    from dsub.physics.projector import prepare_volumes
-
-    monkeypatch.setattr(_slice_cuda, "TILE_X", tile_x)
-    rng = np.random.default_rng(21)
-    box = 48
-    volumes = [cupy.asarray(rng.normal(size=(box, box, box)).astype(np.float32)) for _ in range(2)]
-    sim = simulate_particles((two_domain_phantom(box, rng),) * 2, 2, 9, box, 1.5, rng, snr=None)
-    table = to_particle_table(sim)
-    pixel = rng.uniform(1.0, 2.0, len(table))
-    kernel, oversampling = projector_kernel("relion")
-    paired = prepare_volumes(cupy, volumes, kernel, oversampling)
-    transfer = cupy.asarray(transfer_parameters(table))
-    spectra, masked = box_spectra_and_masked(paired, table.rotations, "zero", box, transfer, None)
-    images = cupy.asarray(rng.normal(size=(len(table), box, box)).astype(np.float32))
-    image_ft = cupy.fft.rfft2(images)
-    image_ft[4] = 0.8 * spectra[0, 4]  # explained exactly
-    for fit in (ContrastFit(), ContrastFit(low_resolution_angstrom=20.0, high_resolution_angstrom=4.0),
-                ContrastFit(low_resolution_angstrom=None)):
-        low, high = fit.low_resolution_angstrom, fit.high_resolution_angstrom
-        expected = fit_spectra(cupy, image_ft, spectra[0], box, pixel, fit)
-        (alpha, sigma, correlation), fused_masked = box_fit_and_masked(
-            paired, table.rotations, "zero", box, transfer, None, image_ft, pixel,
-            None if low is None else 1.0 / low, None if high is None else 1.0 / high)
-        np.testing.assert_allclose(alpha.get(), expected.alpha.get(), rtol=1e-5, atol=1e-7)
-        np.testing.assert_allclose(correlation.get(), expected.correlation.get(), rtol=1e-5, atol=1e-7)
-        np.testing.assert_allclose(np.delete(sigma.get(), 4), np.delete(expected.sigma.get(), 4), rtol=1e-4)
-        assert abs(float(alpha[4]) - 0.8) < 1e-5 and float(sigma[4]) < 1e-4 * float(sigma.max())
-        np.testing.assert_allclose(fused_masked.get(), masked.get(), rtol=0, atol=1e-6 * float(abs(masked).max()))
-
-
 def test_scaled_subtraction_reads_models_where_they_lie(cupy):
     """``images - α · models`` on the GPU against NumPy: contiguous models, the field's (y, image, x) rows seen
     as (image, y, x), and a view whose x pixels are not adjacent (the elementwise fallback)."""

@@ -19,12 +19,15 @@ import numpy as np
 
 _THREADS = 256
 
-#: Device code shared with the slice kernel's fused fit (``_slice_cuda``, FIT 1): the band weight of a
-#: coefficient and the fit's results from its six sums.
-FIT_SOURCE = r"""
-__device__ __forceinline__ float band_weight_at(int ix, int iy, int box, int half_width, float extent, float low,
-                                                float high)
+_SOURCE = r"""
+#include <cupy/complex.cuh>
+
+#define THREADS 256
+
+__device__ __forceinline__ float band_weight(int k, int box, int half_width, float extent, float low, float high)
 {
+    const int ix = k % half_width;
+    const int iy = k / half_width;
     const float kx = (float)ix;
     const float ky = (float)(iy < (box + 1) / 2 ? iy : iy - box);
     const float radius = sqrtf(kx * kx + ky * ky);
@@ -34,31 +37,6 @@ __device__ __forceinline__ float band_weight_at(int ix, int iy, int box, int hal
     if (high >= 0.f) keep = keep && inverse <= high;
     if (!keep) return 0.f;
     return (ix == 0 || (box % 2 == 0 && ix == half_width - 1)) ? 1.f : 2.f;
-}
-
-// sums: Σ h Re(X conj M), Σ h |M|², Σ h |X|², Σ h |M|²|X|², Σ h |M|² Re(X conj M), Σ h |M|⁴
-__device__ __forceinline__ void fit_results(const double* sums, float* alpha, float* sigma, float* correlation)
-{
-    const double cross = sums[0], model_power = sums[1], image_power = sums[2];
-    const bool fitted = model_power > 0.0;
-    const double scale = fitted ? cross / model_power : 0.0;
-    // Σ h |M|² |X - α M|², expanded; never below 0 (rounding, where the model explains the image exactly)
-    const double spread = fmax(sums[3] - scale * (2.0 * sums[4] - scale * sums[5]), 0.0);
-    *alpha = (float)scale;
-    *sigma = fitted ? (float)(sqrt(spread) / model_power) : nanf("");
-    const double norm = sqrt(model_power * image_power);
-    *correlation = norm > 0.0 ? (float)(cross / norm) : 0.f;
-}
-"""
-
-_SOURCE = r"""
-#include <cupy/complex.cuh>
-
-#define THREADS 256
-""" + FIT_SOURCE + r"""
-__device__ __forceinline__ float band_weight(int k, int box, int half_width, float extent, float low, float high)
-{
-    return band_weight_at(k % half_width, k / half_width, box, half_width, extent, low, high);
 }
 
 __device__ double block_sum(double value, double* shared)
@@ -110,51 +88,29 @@ extern "C" __global__ void fit_contrast(
     weighted_image = block_sum(weighted_image, shared);
     weighted_cross = block_sum(weighted_cross, shared);
     weighted_model = block_sum(weighted_model, shared);
+    const bool fitted = model_power > 0.0;
+    const double scale = fitted ? cross / model_power : 0.0;
+    // Σ h |M|² |X - α M|², expanded; never below 0 (rounding, where the model explains the image exactly)
+    const double spread = fmax(weighted_image - scale * (2.0 * weighted_cross - scale * weighted_model), 0.0);
     if (threadIdx.x == 0) {
-        const double sums[6] = {cross, model_power, image_power, weighted_image, weighted_cross, weighted_model};
-        fit_results(sums, alpha + p, sigma + p, correlation + p);
+        alpha[p] = (float)scale;
+        sigma[p] = fitted ? (float)(sqrt(spread) / model_power) : nanf("");
+        const double norm = sqrt(model_power * image_power);
+        correlation[p] = norm > 0.0 ? (float)(cross / norm) : 0.f;
     }
-}
-
-// The fit's results from the slice kernel's partial sums (FIT 1): (n, blocks, 6) float64, summed in block order.
-extern "C" __global__ void finish_fit(const double* __restrict__ partial, const int n, const int blocks,
-                                      float* __restrict__ alpha, float* __restrict__ sigma,
-                                      float* __restrict__ correlation)
-{
-    const int p = blockIdx.x * blockDim.x + threadIdx.x;
-    if (p >= n) return;
-    double sums[6] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
-    const double* own = partial + (long long)p * blocks * 6;
-    for (int b = 0; b < blocks; ++b) {
-#pragma unroll
-        for (int j = 0; j < 6; ++j) sums[j] += own[6 * b + j];
-    }
-    fit_results(sums, alpha + p, sigma + p, correlation + p);
 }
 """
 
-_kernels = {}
+_kernel = None
 
 
-def _compiled(name: str = "fit_contrast"):
-    if name not in _kernels:
+def _compiled():
+    global _kernel
+    if _kernel is None:
         import cupy
 
-        _kernels[name] = cupy.RawKernel(_SOURCE, name)
-    return _kernels[name]
-
-
-def finish_partial_fit(partial):
-    """(alpha, sigma, correlation), each CuPy float32 (n,), from the slice kernel's partial sums of the fit
-    (``_slice_cuda`` with ``fit``): float64 (n, blocks, 6) of ``fit_contrast``'s six sums, added in block order."""
-    import cupy
-
-    count, blocks = partial.shape[:2]
-    out = [cupy.empty(count, dtype=cupy.float32) for _ in range(3)]
-    if count:
-        _compiled("finish_fit")(((count + _THREADS - 1) // _THREADS,), (_THREADS,),
-                                (partial, np.int32(count), np.int32(blocks), *out))
-    return tuple(out)
+        _kernel = cupy.RawKernel(_SOURCE, "fit_contrast")
+    return _kernel
 
 
 def fit_spectra_cuda(image_ft, model_ft, box: int, pixel_size_angstrom, low_inverse, high_inverse):

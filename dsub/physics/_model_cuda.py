@@ -6,9 +6,6 @@
   ``(-1)^(kx+ky)`` (which centres the inverse transform, so no ``fftshift``
   copy) and by the inverse FFT's 1/N into one array, then one batched inverse
   FFT without a normalising pass of its own.
-* ``box_fit_and_masked`` (RELION's box-grid model): the same launch fits the
-  contrast against the full map's values where it computes them, so only the
-  masked map's slices are written (``FUSED_FIT``).
 * ``extract_in_field``: one kernel writes the zero field with the images in its
   middle, one batched rfft2, one kernel multiplies both maps' spectra by the
   transfer evaluated once per coefficient, one in-place inverse FFT; the box is a
@@ -23,8 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._slice_cuda import (extract_slice_pair_cuda, extract_slices_cuda, fit_first_of_pair_cuda, launch_grid, pointer,
-                          side_by_side)
+from ._slice_cuda import extract_slice_pair_cuda, extract_slices_cuda, launch_grid, pointer, side_by_side
 from ._transfer_cuda import SOURCE as TRANSFER_SOURCE
 
 _TRANSFER_KERNEL = r"""
@@ -188,33 +184,6 @@ def box_spectra_and_masked(volumes, rotations, corners: str, box: int, table, gi
     spectra = _slices(volumes, rotations, corners, box, True, table, given, (1.0, 1.0 / (box * box)))
     masked = cufft.irfft2(spectra[1], s=(box, box), overwrite_x=True, norm="forward")
     return spectra, masked
-
-
-#: Whether ``subtract.subtract_batch`` fits RELION's model in the slice kernel (``box_fit_and_masked``) where the
-#: maps are prepared side by side; False keeps the two steps (``box_spectra_and_masked``, then the fit's kernel).
-FUSED_FIT = True
-
-
-def box_fit_and_masked(volumes, rotations, corners: str, box: int, table, given, image_ft, pixel_size_angstrom,
-                       low_inverse=None, high_inverse=None):
-    """``box_spectra_and_masked`` and the contrast fit against its first map's spectra in one slice launch:
-    ((alpha, sigma, correlation), each float32 (n,)), and the masked map's centred images, float32 (n, box, box).
-
-    ``volumes`` must be prepared side by side (``_slice_cuda.side_by_side``);
-    ``image_ft``: the images' rfft2, complex64 (n, box, box//2 + 1), which carries
-    the same ``(-1)^(kx+ky)`` as the slices; band limits in 1/Å (None: none).
-    The full map's slices are never written (at box 256, 270 MB a batch of 1 024
-    that the fit's kernel then read back with the images' spectra).
-    """
-    import cupy
-    import cupyx.scipy.fft as cufft
-
-    rotations = cupy.asarray(rotations, dtype=cupy.float32)
-    fitted, spectra = fit_first_of_pair_cuda(volumes, rotations, corners, box, image_ft, pixel_size_angstrom,
-                                             low_inverse, high_inverse, checkerboard=True, transfer=table,
-                                             given=given, scale=1.0 / (box * box))
-    masked = cufft.irfft2(spectra, s=(box, box), overwrite_x=True, norm="forward")
-    return fitted, masked
 
 
 def _slices(volumes, rotations, corners, size, checkerboard, table, given, scales=(1.0, 1.0)):

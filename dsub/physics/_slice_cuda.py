@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._contrast_cuda import FIT_SOURCE, finish_partial_fit
 from ._transfer_cuda import SOURCE as TRANSFER_SOURCE
 
 _SOURCE = r"""
@@ -44,10 +43,7 @@ _SOURCE = r"""
 #ifndef TILE_X
 #define TILE_X 0
 #endif
-#ifndef FIT
-#define FIT 0
-#endif
-""" + TRANSFER_SOURCE + FIT_SOURCE + r"""
+""" + TRANSFER_SOURCE + r"""
 // WIDTH and KIND are given at compilation (one kernel per interpolation kernel), so the weights stay in
 // registers and the tap loops unroll.
 __device__ __forceinline__ void axis_taps(float q, float beta, int* first, float* w)
@@ -81,13 +77,7 @@ extern "C" __global__ void extract_slices(
     const int checkerboard,                       // 1: multiply by (-1)^(kx + ky)
     const float first_scale, const float second_scale,  // each map's values times these (an inverse FFT's 1/N)
     const double* __restrict__ transfer,          // (n, TRANSFER_PARAMETERS), or null: no transfer
-    const complex<float>* __restrict__ given,     // (n, size, size/2 + 1) CTF without the shift, or null
-    // FIT 1 (MAPS 2): the first map's values are not written but fitted against these spectra, each block's sums
-    // of fit_contrast's six going to partial (n, gridDim.x, 6); ``out`` then holds the second map's only
-    const complex<float>* __restrict__ fit_images,  // (n, size, size/2 + 1) rfft2 of the images
-    const float* __restrict__ pixel_size,           // (n,) Å
-    const float low, const float high,              // the fit's band in 1/Å, < 0: no limit
-    double* __restrict__ partial)
+    const complex<float>* __restrict__ given)     // (n, size, size/2 + 1) CTF without the shift, or null
 {
     const int half_width = size / 2 + 1;
     const int plane = size * half_width;
@@ -98,14 +88,7 @@ extern "C" __global__ void extract_slices(
     const float limit = 0.5f * box;
     const int width = WIDTH;
     float wx[WIDTH], wy[WIDTH], wz[WIDTH];
-#if FIT
-    __shared__ double fit_shared[6][256];  // blockDim.x is 256
-#endif
     for (int p = blockIdx.y; p < n; p += gridDim.y) {
-#if FIT
-        double sums[6] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
-        const float extent = (float)size * pixel_size[p];
-#endif
         const float* a = rotations + 9 * p;
         const float a0 = scale * a[0], a1 = scale * a[1], a2 = scale * a[2];
         const float a3 = scale * a[3], a4 = scale * a[4], a5 = scale * a[5];
@@ -134,19 +117,9 @@ extern "C" __global__ void extract_slices(
             const bool in_band = cube ? (fabsf(qx) <= limit && fabsf(qy) <= limit && fabsf(qz) <= limit)
                                       : (kx * kx + ky * ky <= radius2);
             if (!in_band) {
-#if FIT
-                // the model is 0 here; the image's power counts where the band weight does not vanish
-                const float h = band_weight_at(ix, iy, size, half_width, extent, low, high);
-                if (h != 0.f) {
-                    const complex<float> x = fit_images[idx];
-                    sums[2] += h * ((double)x.real() * x.real() + (double)x.imag() * x.imag());
-                }
-                out[idx] = complex<float>(0.f, 0.f);
-#else
                 out[idx] = complex<float>(0.f, 0.f);
 #if MAPS == 2
                 out[total + idx] = complex<float>(0.f, 0.f);
-#endif
 #endif
                 continue;
             }
@@ -207,26 +180,8 @@ extern "C" __global__ void extract_slices(
                 v = conj(v);
                 u = conj(u);
             }
-#if FIT
-            const complex<float> m = v * (factor * first_scale);
-            const float h = band_weight_at(ix, iy, size, half_width, extent, low, high);
-            if (h != 0.f) {
-                const complex<float> x = fit_images[idx];
-                const double c = (double)x.real() * m.real() + (double)x.imag() * m.imag();
-                const double mm = (double)m.real() * m.real() + (double)m.imag() * m.imag();
-                const double xx = (double)x.real() * x.real() + (double)x.imag() * x.imag();
-                sums[0] += h * c;
-                sums[1] += h * mm;
-                sums[2] += h * xx;
-                sums[3] += h * mm * xx;
-                sums[4] += h * mm * c;
-                sums[5] += h * mm * mm;
-            }
-            out[idx] = u * (factor * second_scale);
-#else
             out[idx] = v * (factor * first_scale);
             out[total + idx] = u * (factor * second_scale);
-#endif
 #else
             if (negative) {
                 v = conj(v);
@@ -234,23 +189,6 @@ extern "C" __global__ void extract_slices(
             out[idx] = v * (factor * first_scale);
 #endif
         }
-#if FIT
-        // the block's sums, in a fixed order (no atomics: the same inputs give the same bits)
-#pragma unroll
-        for (int j = 0; j < 6; ++j) fit_shared[j][threadIdx.x] = sums[j];
-        __syncthreads();
-        for (int stride = 128; stride > 0; stride >>= 1) {
-            if (threadIdx.x < stride) {
-#pragma unroll
-                for (int j = 0; j < 6; ++j) fit_shared[j][threadIdx.x] += fit_shared[j][threadIdx.x + stride];
-            }
-            __syncthreads();
-        }
-        if (threadIdx.x < 6) {
-            partial[((long long)p * gridDim.x + blockIdx.x) * 6 + threadIdx.x] = fit_shared[threadIdx.x][0];
-        }
-        __syncthreads();
-#endif
     }
 }
 """
@@ -286,16 +224,15 @@ def tile_columns(transform) -> int:
     return 16 if transform.nbytes > TILED_ABOVE_BYTES else 0
 
 
-def _compiled(maps: int, width: int, kind: int, tile_x: int, fit: int = 0):
+def _compiled(maps: int, width: int, kind: int, tile_x: int):
     """The slice kernel for ``maps`` maps and an interpolation kernel of ``width`` taps per axis, ``kind`` 0
-    (trilinear) or 1 (Kaiser-Bessel), threads over tiles of ``tile_x`` columns (``TILE_X``), with the first map's
-    values fitted instead of written where ``fit`` is 1, compiled once each."""
-    key = (maps, width, kind, tile_x, fit)
+    (trilinear) or 1 (Kaiser-Bessel), threads over tiles of ``tile_x`` columns (``TILE_X``), compiled once each."""
+    key = (maps, width, kind, tile_x)
     if key not in _kernels:
         import cupy
 
         _kernels[key] = cupy.RawKernel(_SOURCE, "extract_slices", options=(
-            f"-DMAPS={maps}", f"-DWIDTH={width}", f"-DKIND={kind}", f"-DTILE_X={tile_x}", f"-DFIT={fit}"))
+            f"-DMAPS={maps}", f"-DWIDTH={width}", f"-DKIND={kind}", f"-DTILE_X={tile_x}"))
     return _kernels[key]
 
 
@@ -371,56 +308,19 @@ def extract_slice_pair_cuda(volumes, rotations, corners: str, size: int, checker
                           scales)
 
 
-def fit_first_of_pair_cuda(volumes, rotations, corners: str, size: int, image_ft, pixel_size_angstrom,
-                           low_inverse=None, high_inverse=None, checkerboard: bool = False, transfer=None,
-                           given=None, scale: float = 1.0):
-    """The contrast fit against the first map of a side-by-side pair and the second map's slices, in one pass.
-
-    The same as ``extract_slice_pair_cuda`` (first map's scale 1) followed by
-    ``_contrast_cuda.fit_spectra_cuda(image_ft, slices[0], ...)``, without
-    writing the first map's slices: each block sums the fit's six sums over its
-    coefficients (float64) and a second kernel adds the blocks' sums in order.
-    ``image_ft``: complex64 (n, size, size//2 + 1), the images' rfft2;
-    ``pixel_size_angstrom``: (n,) or one value, Å; band limits in 1/Å (None: no
-    limit). Returns (alpha, sigma, correlation), each float32 (n,), and the
-    second map's slices times ``scale``, complex64 (n, size, size//2 + 1). The
-    results agree with the two-step path to float rounding (the sums' order
-    differs). Raises ValueError when ``volumes`` are not a pair or ``image_ft``
-    has another shape.
-    """
-    import cupy
-
-    pair = side_by_side(volumes)
-    if pair is None:
-        raise ValueError("the volumes are not prepared side by side (projector.prepare_volumes)")
-    image_ft = cupy.ascontiguousarray(image_ft, dtype=cupy.complex64)
-    count = image_ft.shape[0]
-    if image_ft.shape != (count, size, size // 2 + 1):
-        raise ValueError(f"image spectra of shape {image_ft.shape} do not fit size {size}")
-    pixel = cupy.asarray(pixel_size_angstrom, dtype=cupy.float32).reshape(-1)
-    pixel = cupy.ascontiguousarray(cupy.broadcast_to(pixel, (count,)))
-    fit = (image_ft, pixel, -1.0 if low_inverse is None else low_inverse,
-           -1.0 if high_inverse is None else high_inverse)
-    masked, partial = _launch_slices(2, pair, 2, volumes[0], rotations, corners, size, checkerboard, transfer,
-                                     given, None, (1.0, scale), fit=fit)
-    return finish_partial_fit(partial), masked
-
-
 def _launch_slices(maps, transform, interleave, prepared, rotations, corners, size, checkerboard, transfer,
-                   given, out, scales, fit=None):
-    """One launch of the slice kernel; with ``fit`` (image spectra, pixel sizes, low, high: ``maps`` 2 only)
-    returns (the second map's slices, the blocks' partial sums of the fit)."""
+                   given, out, scales):
     import cupy
 
     rot = cupy.ascontiguousarray(cupy.asarray(rotations, dtype=cupy.float32).reshape(-1, 9))
     count, box = rot.shape[0], prepared.box
-    shape = (count, size, size // 2 + 1) if maps == 1 or fit is not None else (maps, count, size, size // 2 + 1)
+    shape = (count, size, size // 2 + 1) if maps == 1 else (maps, count, size, size // 2 + 1)
     if out is None:
         out = cupy.empty(shape, dtype=cupy.complex64)
     elif out.shape != shape or out.dtype != cupy.complex64 or not out.flags.c_contiguous:
         raise ValueError(f"out must be C-contiguous complex64 of shape {shape}")
     if count * size * (size // 2 + 1) == 0:
-        return out if fit is None else (out, cupy.zeros((count, 1, 6), dtype=cupy.float64))
+        return out
     if given is not None:
         given = cupy.ascontiguousarray(given, dtype=cupy.complex64)
         if given.shape != shape[-3:]:
@@ -432,8 +332,7 @@ def _launch_slices(maps, transform, interleave, prepared, rotations, corners, si
         grid, block = launch_grid(count, 256 * -(-half_width // tile_x) * -(-size // rows))
     else:
         grid, block = launch_grid(count, size * half_width)
-    partial = None if fit is None else cupy.empty((count, grid[0], 6), dtype=cupy.float64)
-    _compiled(maps, int(kernel.width), 0 if kernel.kind == "trilinear" else 1, tile_x, int(fit is not None))(
+    _compiled(maps, int(kernel.width), 0 if kernel.kind == "trilinear" else 1, tile_x)(
         grid,
         block,
         (
@@ -456,11 +355,6 @@ def _launch_slices(maps, transform, interleave, prepared, rotations, corners, si
             np.float32(scales[1]),
             pointer(transfer),
             pointer(given),
-            pointer(None if fit is None else fit[0]),
-            pointer(None if fit is None else fit[1]),
-            np.float32(-1.0 if fit is None else fit[2]),
-            np.float32(-1.0 if fit is None else fit[3]),
-            pointer(partial),
         ),
     )
-    return out if fit is None else (out, partial)
+    return out

@@ -376,30 +376,18 @@ def subtract_batch(xp, images, particles, model: HalfMapModel, settings: Subtrac
                                                                                  or box % 2 == 0):
         # RELION's model lives on the box grid: fit against the full map's spectrum itself (what the
         # real-space fit transforms back to), so only the masked model is transformed
-        fitted = None
         if xp.__name__ == "cupy":
-            from . import _model_cuda
-            from ._slice_cuda import side_by_side
+            from ._model_cuda import box_spectra_and_masked
 
             matrices = slice_matrices(particles, model.pixel_size_angstrom, model.full.box)
-            transfer = _relion_transfer(particles, box).for_kernels(xp)
+            spectra, masked = box_spectra_and_masked((model.full, model.masked), matrices, "zero", box,
+                                                     *_relion_transfer(particles, box).for_kernels(xp))
             image_ft = fft_module(xp).rfft2(images)  # both carry (-1)^(kx+ky): the fit's products are unchanged
-            if _model_cuda.FUSED_FIT and side_by_side((model.full, model.masked)) is not None:
-                low, high = settings.fit.low_resolution_angstrom, settings.fit.high_resolution_angstrom
-                parts, masked = _model_cuda.box_fit_and_masked(
-                    (model.full, model.masked), matrices, "zero", box, *transfer, image_ft,
-                    particles.pixel_size_angstrom, None if low is None else 1.0 / low,
-                    None if high is None else 1.0 / high)
-                fitted = ContrastResult(*parts)
-            else:
-                spectra, masked = _model_cuda.box_spectra_and_masked((model.full, model.masked), matrices, "zero",
-                                                                     box, *transfer)
         else:
             spectra = relion_model_spectra(xp, model, particles, box)
             masked = spectra_to_images(xp, spectra[1], box)
             image_ft = image_spectra(xp, images)
-        if fitted is None:
-            fitted = fit_spectra(xp, image_ft, spectra[0], box, particles.pixel_size_angstrom, settings.fit)
+        fitted = fit_spectra(xp, image_ft, spectra[0], box, particles.pixel_size_angstrom, settings.fit)
     else:
         full, masked = model_images(xp, model, particles, box, settings)
         fitted = fit_contrast(xp, images, full, particles.pixel_size_angstrom, settings.fit)
