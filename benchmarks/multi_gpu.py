@@ -80,6 +80,7 @@ def main():
                         help="star rows per image (symmetry expansion): more particles than the stack holds")
     parser.add_argument("--warm-up", action="store_true",
                         help="a small run first, so CuPy's kernel cache is filled before the measured runs")
+    parser.add_argument("--float16", action="store_true", help="runs with --float16 (half the bytes written)")
     args = parser.parse_args()
     rows, first = [], None
     with tempfile.TemporaryDirectory() as folder:
@@ -102,7 +103,7 @@ def main():
                        "--half-a", str(paths["half_a"]), "--half-b", str(paths["half_b"]), "--mask", str(paths["mask"]),
                        "-o", str(outdir), "--scheduler", "local", "--workers", str(workers),
                        "--chunk-size", str(args.chunk_size), "--particles-per-stack", str(per_stack), "--quiet",
-                       "--dashboard-address", "127.0.0.1:0"]
+                       "--dashboard-address", "127.0.0.1:0"] + (["--float16"] if args.float16 else [])
             started = time.perf_counter()
             result = subprocess.run(command, capture_output=True, text=True)
             wall = time.perf_counter() - started
@@ -113,8 +114,9 @@ def main():
                 summary = json.loads((outdir / "dsub_run.json").read_text())
                 stacks = sorted((outdir / "Particles").glob("*.mrcs"))
                 images = mrcfile.mmap(stacks[0], mode="r").data[: min(args.particles_per_stack)]
-                difference = 0.0 if first is None else float(np.abs(images - first).max() / np.abs(first).max())
-                first = np.array(images) if first is None else first
+                difference = 0.0 if first is None else float(np.abs(images.astype(np.float32) - first).max()
+                                                             / np.abs(first).max())
+                first = np.array(images, dtype=np.float32) if first is None else first
                 del images
             # Each run starts with no earlier output waiting for the disk: a run's output is left in the
             # page cache (as dsub leaves it), and a backlog of an earlier run's dirty pages would throttle
