@@ -5,7 +5,8 @@
 Each run moves the same total of bytes: with P processes, each writes its own
 file of total/P bytes in pieces of ``--piece-mb`` MB (one ``pwrite`` a piece from
 one buffer, as dsub's tasks write their stacks), then every file is read back
-from the cache the same way (``preadv`` into one buffer). Files are deleted and
+from the cache the same way (``preadv`` into one buffer), then copied piece by
+piece into a new file each (read a piece, write it: a task's I/O). Files are deleted and
 the disk synced before each run, so no run meets an earlier run's dirty pages.
 Prints the aggregate rates and each one's ratio to one process: what a second
 GPU worker on the same host can gain in the parts of a run that read images
@@ -50,6 +51,24 @@ def _read(path: str, size: int, piece: int, start, done):
     done.put(time.perf_counter() - began)
 
 
+def _copy(path: str, size: int, piece: int, start, done):
+    """Read a piece of ``path`` (cached) and write it to ``path + '.out'``, piece after piece: a task's I/O."""
+    buffer = bytearray(piece)
+    start.wait()
+    began = time.perf_counter()
+    source = os.open(path, os.O_RDONLY)
+    target = os.open(path + ".out", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for offset in range(0, size, piece):
+            view = memoryview(buffer)[: min(piece, size - offset)]
+            os.preadv(source, [view], offset)
+            os.pwrite(target, view, offset)
+    finally:
+        os.close(source)
+        os.close(target)
+    done.put(time.perf_counter() - began)
+
+
 def timed_run(function, paths, size: int, piece: int) -> float:
     """Wall seconds from a common start until every process has moved its ``size`` bytes."""
     context = multiprocessing.get_context("fork")
@@ -77,8 +96,8 @@ def main():
     args = parser.parse_args()
     total, piece = int(args.gigabytes * 2**30), args.piece_mb * 2**20
     print(f"{args.gigabytes:g} GiB a run in pieces of {args.piece_mb} MiB; {os.cpu_count()} cores")
-    print("| processes | write GB/s | × one | read GB/s (cache) | × one |")
-    print("|---|---|---|---|---|")
+    print("| processes | write GB/s | × one | read GB/s (cache) | × one | read + write GB/s (each way) | × one |")
+    print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(dir=args.folder, prefix="page-cache-") as folder:
         first = None
         for _ in range(args.repeats):
@@ -90,12 +109,15 @@ def main():
                 os.sync()
                 write = timed_run(_write, paths, size, piece)
                 read = timed_run(_read, paths, size, piece)
-                rates = (size * count / write / 1e9, size * count / read / 1e9)
+                os.sync()
+                copy = timed_run(_copy, paths, size, piece)
+                rates = (size * count / write / 1e9, size * count / read / 1e9, size * count / copy / 1e9)
                 first = rates if first is None else first
                 print(f"| {count} | {rates[0]:.2f} | {rates[0] / first[0]:.2f} | {rates[1]:.2f} | "
-                      f"{rates[1] / first[1]:.2f} |", flush=True)
+                      f"{rates[1] / first[1]:.2f} | {rates[2]:.2f} | {rates[2] / first[2]:.2f} |", flush=True)
                 for path in paths:
                     path.unlink()
+                    Path(str(path) + ".out").unlink()
                 os.sync()
 
 
