@@ -525,35 +525,3 @@ def test_a_local_worker_that_fails_to_start_is_one_line_with_its_own_error(cause
     with pytest.raises(ClusterStartError) as caught:
         fail()
     assert str(caught.value).startswith(said), str(caught.value)
-
-
-def test_a_local_clusters_dashboard_link_answers_and_the_dashboard_loads_when_first_opened(monkeypatch):
-    """The local scheduler starts without the dashboard (importing it took the interpreter from the input checks
-    beside which the cluster starts): its HTTP server listens at --dashboard-address, and the link printed for it
-    answers with the dashboard's page, loaded by that first request. A dashboard that cannot be loaded answers
-    503 with the reason, and the next request tries again."""
-    import urllib.error
-    import urllib.request
-
-    from dsub.cluster import dashboard
-    from dsub.cluster.start import start_cluster
-
-    spec = ClusterSpec(scheduler="local", workers=1, dashboard_address="127.0.0.1:0", device="cpu")
-    with start_cluster(spec) as (client, cluster, _):
-        link = client.dashboard_link  # what the run prints
-        base = link.rsplit("/", 1)[0]
-        assert link.startswith("http://127.0.0.1:") and link.endswith("/status")
-        with urllib.request.urlopen(f"{base}/health", timeout=30) as answer:  # Dask's plain routes, without it
-            assert answer.read() == b"ok"
-        assert not cluster.dsub_dashboard.attached
-        monkeypatch.setattr(dashboard, "DASHBOARD_MODULE", "distributed.dashboard.no_such_module")
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(link, timeout=60)
-        assert refused.value.code == 503 and b"no_such_module" in refused.value.read()
-        monkeypatch.undo()
-        with urllib.request.urlopen(link, timeout=120) as page:
-            assert (page.status, page.url) == (200, link)
-            assert b"bokeh" in page.read().lower()
-        assert cluster.dsub_dashboard.attached
-        with urllib.request.urlopen(f"{base}/", timeout=60) as page:  # the dashboard's own routes, attached
-            assert page.url == link
