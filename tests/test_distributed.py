@@ -141,17 +141,35 @@ def test_local_cluster_with_a_cluster_config_starts_beside_the_checks(dataset, t
     assert same_images(stacks(tmp_path / "out"), threaded) <= 1e-5
 
 
-def test_local_cluster_serves_its_dashboard():
-    """The address a local run prints serves Dask's status page (bokeh installed with dsub)."""
+def test_local_cluster_serves_its_dashboard_loaded_when_first_opened(monkeypatch):
+    """The local scheduler starts without the dashboard (importing it took the interpreter from the input checks
+    beside which the cluster starts): its HTTP server listens at --dashboard-address, and the link printed for it
+    answers with the dashboard's page (bokeh is installed with dsub), loaded by that first request. A dashboard
+    that cannot be loaded answers 503 with the reason, and the next request tries again."""
+    import urllib.error
     import urllib.request
 
-    from dsub.cluster import ClusterSpec, start
+    from dsub.cluster import ClusterSpec, dashboard, start
 
     spec = ClusterSpec(scheduler="local", workers=1, dashboard_address="127.0.0.1:0", progress=False, device="cpu")
     with start.start_cluster(spec) as (client, cluster, _):
-        with urllib.request.urlopen(client.dashboard_link, timeout=30) as page:
-            assert page.status == 200 and page.url.endswith("/status")
+        link = client.dashboard_link  # what the run prints
+        base = link.rsplit("/", 1)[0]
+        assert link.startswith("http://127.0.0.1:") and link.endswith("/status")
+        with urllib.request.urlopen(f"{base}/health", timeout=30) as answer:  # Dask's plain routes, without it
+            assert answer.read() == b"ok"
+        assert not cluster.dsub_dashboard.attached
+        monkeypatch.setattr(dashboard, "DASHBOARD_MODULE", "distributed.dashboard.no_such_module")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(link, timeout=60)
+        assert refused.value.code == 503 and b"no_such_module" in refused.value.read()
+        monkeypatch.undo()
+        with urllib.request.urlopen(link, timeout=120) as page:
+            assert (page.status, page.url) == (200, link)
             assert b"bokeh" in page.read().lower()
+        assert cluster.dsub_dashboard.attached
+        with urllib.request.urlopen(f"{base}/", timeout=60) as page:  # the dashboard's own routes, attached
+            assert page.url == link
 
 
 def _pinning_and_loading():

@@ -16,6 +16,7 @@ import dask
 
 from ..errors import DsubError, out_of_memory, warn
 from .ctrl_c import workers_ignore_ctrl_c
+from .dashboard import dashboard_on_request
 from .gpus import PinnedGPUCluster, visible_gpus
 
 
@@ -111,6 +112,8 @@ def _start_own_cluster(spec, Client):
             stop_cluster(cluster)
             raise
     try:
+        if spec.scheduler == "local":
+            cluster.dsub_dashboard = dashboard_on_request(cluster)
         client = Client(cluster)
         try:
             if spec.adapt is not None and spec.scheduler == "local":
@@ -301,7 +304,8 @@ def local_cluster(spec):
     """A LocalCluster: one worker per visible GPU (pinned as it is spawned), else CPU worker processes.
 
     Each worker loads what its first task needs as it starts (``warm_up``, after
-    the preloads of dask's config).
+    the preloads of dask's config). Its scheduler starts without the dashboard,
+    which ``dashboard.dashboard_on_request`` loads when it is first opened.
     """
     from distributed import LocalCluster
     from distributed.worker_memory import parse_memory_limit
@@ -315,6 +319,8 @@ def local_cluster(spec):
         threads_per_worker=threads, processes=True,
         host=None if spec.interface else "127.0.0.1", interface=spec.interface,
         dashboard_address=spec.dashboard_address, silence_logs=logging.CRITICAL,
+        # Its HTTP server listens at the address now; the dashboard is loaded when first opened (``dashboard``).
+        scheduler_kwargs={"dashboard": False},
         # The machine's memory shared by the layout's workers (what LocalCluster does for n_workers).
         memory_limit=parse_memory_limit("auto", 1, max(1, workers), logger=logging.getLogger("distributed.worker")),
         **worker_preloads(),
