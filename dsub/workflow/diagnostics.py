@@ -153,7 +153,8 @@ def check_sample(table, sample: np.ndarray, result, scale: str, say, refuse_unex
                  f"particles' poses ({other:.3f}). The poses, CTF or maps probably do not belong to these "
                  "particles: check that the metadata comes from a refinement against these maps and images.")
     explained = figures.get("maps_explain_images", True)
-    earlier = table.extra.get("dsub_output") if table.input_contrast is not None else None
+    earlier = (table.extra.get("dsub_output") if table is not None and table.input_contrast is not None
+               else None)
     if scale == "input":
         figures.update(check_input_contrast(table, sample[usable], fit.alpha[usable], fit.sigma[usable], say,
                                             check_sign=explained, check_ratio=earlier is None))
@@ -242,15 +243,15 @@ def check_earlier_contrast(table, rows: np.ndarray, fitted: np.ndarray, sigma: n
               f"of {source}; median of {finite.sum()} sample particles, ± {noise:.2f})")
     if scale == "fit" and lacking:
         warn(f"the contrast fitted against the full half maps is {versus}: the maps still hold the region that run "
-             f"removed, so this fit is too low and would leave about {1 - median_ratio:.0%} of this mask's region "
+             f"removed (as its own maps do), so this fit is too low and would leave about {1 - median_ratio:.0%} of this mask's region "
              "in the images. Use --scale input, which reuses the earlier run's contrast (the same particles); "
              "--scale fit is right only with maps refined from the subtracted particles.")
     elif scale == "input" and median_ratio > RATIO_BAND[1] and median_ratio - 1.0 > 3 * noise:
         warn(f"the fitted contrast is {versus}: more than these images hold. Check that the maps are the ones "
              "the earlier run subtracted with, or use --scale fit.")
     elif scale == "input" and lacking:
-        say(f"The fitted contrast is {versus}, as expected where the maps still hold the region that run removed "
-            f"(about {1 - median_ratio:.0%} of the fitted signal): --scale input reuses the earlier contrast.")
+        say(f"The fitted contrast is {versus}, as expected where the maps still hold the region that run removed: "
+            "--scale input reuses the earlier contrast.")
     else:
         say(f"The fitted contrast is {versus}: the maps hold what the images hold.")
     return {"median_ratio_fitted_to_earlier": median_ratio, "median_ratio_earlier_noise": noise}
