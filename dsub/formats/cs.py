@@ -361,7 +361,9 @@ def read_particles(
     resolved against (the cryoSPARC project folder, or ``cs_root``),
     ``extra["passthrough"]`` the files joined (``extra["passthrough_joins"]``: what each
     added, see ``load_joined``), and ``extra["location_roots"]``
-    where ``location/micrograph_path`` may start (``location.micrograph_base``).
+    where ``location/micrograph_path`` may start (``location.micrograph_base``),
+    ``extra["dsub_output"]`` a ``dsub/...`` field where an earlier dsub run wrote
+    the .cs (its ``alignments3D/alpha``: the contrast it subtracted with), else None.
     """
     path = Path(path)
     data, joined, looked_for, joins = load_joined(path, passthrough)

@@ -483,7 +483,9 @@ def read_particles(path: str | os.PathLike, *, require_ctf: bool = True) -> Part
     ``extra["star_base"]`` (None where every name is absolute), and the output
     star's names start there too (``export.star_names_base``).
     ``require_ctf=False`` accepts files without defocus (simulated projections):
-    their CTF is exactly 1 (see ``ctf_from_columns``).
+    their CTF is exactly 1 (see ``ctf_from_columns``). ``extra["dsub_output"]``:
+    a label only dsub writes (``dsub_output_mark``) where an earlier dsub run
+    wrote the star, else None; ``input_contrast`` is ``input_contrast``'s.
     """
     path = Path(path)
     optics, particles, other = _read_blocks(path)
@@ -548,8 +550,12 @@ DSUB_CONTRAST_LABEL = "rlnDsubContrast"
 
 
 def dsub_output_mark(labels) -> str | None:
-    """The first of ``labels`` that only dsub writes (``rlnDsub...``): a star of an earlier dsub run; else None."""
-    return next((str(label) for label in labels if str(label).startswith(DSUB_LABEL_PREFIX)), None)
+    """A label of ``labels`` that only dsub writes (``rlnDsub...``; ``rlnDsubContrast`` where there): a star of an
+    earlier dsub run; else None."""
+    labels = [str(label) for label in labels]
+    if DSUB_CONTRAST_LABEL in labels:
+        return DSUB_CONTRAST_LABEL
+    return next((label for label in labels if label.startswith(DSUB_LABEL_PREFIX)), None)
 
 
 def input_contrast(df: pd.DataFrame) -> np.ndarray | None:

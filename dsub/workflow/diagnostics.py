@@ -155,6 +155,8 @@ def check_sample(table, sample: np.ndarray, result, scale: str, say, refuse_unex
     explained = figures.get("maps_explain_images", True)
     earlier = (table.extra.get("dsub_output") if table is not None and table.input_contrast is not None
                else None)
+    if table is not None and table.source_format == "star" and earlier != "rlnDsubContrast":
+        earlier = None  # an earlier --scale none run wrote no contrast: nothing to compare with
     if scale == "input":
         figures.update(check_input_contrast(table, sample[usable], fit.alpha[usable], fit.sigma[usable], say,
                                             check_sign=explained, check_ratio=earlier is None))
