@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="RELION's convention: the mask covers the region to KEEP; subtract map*(1-mask)")
     run.add_argument("--scale", choices=SCALE_MODES, default="fit",
                      help="contrast scale per particle: fit it (default), take it from the input "
-                          "(alignments3D/alpha, rlnCtfScalefactor), or none (1)")
+                          "(alignments3D/alpha; rlnDsubContrast, else rlnCtfScalefactor), or none (1)")
     run.add_argument("--window-inner", type=float, default=None,
                      help="fit the contrast inside a soft circular window: inner radius as a fraction of the box "
                           "half-width (cryoSPARC's default is 0.85; default here: no window, see README)")

@@ -483,7 +483,9 @@ def read_particles(path: str | os.PathLike, *, require_ctf: bool = True) -> Part
     ``extra["star_base"]`` (None where every name is absolute), and the output
     star's names start there too (``export.star_names_base``).
     ``require_ctf=False`` accepts files without defocus (simulated projections):
-    their CTF is exactly 1 (see ``ctf_from_columns``).
+    their CTF is exactly 1 (see ``ctf_from_columns``). ``extra["dsub_output"]``:
+    a label only dsub writes (``dsub_output_mark``) where an earlier dsub run
+    wrote the star, else None; ``input_contrast`` is ``input_contrast``'s.
     """
     path = Path(path)
     optics, particles, other = _read_blocks(path)
@@ -531,14 +533,44 @@ def read_particles(path: str | os.PathLike, *, require_ctf: bool = True) -> Part
         pixel_size_angstrom=shared_if_constant(pixel_size),
         box_size=shared_if_constant(_box_sizes(df, groups, paths, path)),
         optics_group=groups,
-        # rlnCtfScalefactor is in the CTF (ctf_scale): RELION has no further per-particle contrast
-        input_contrast=same_for_all(1.0, len(df)) if "rlnCtfScalefactor" in df.columns else None,
+        input_contrast=input_contrast(df),
         source_format="star",
         source_path=path,
         source={"optics": optics, "particles": particles, "other": other},
-        extra={"ctf_absent": ctf_absent, "star_base": base, "named_whole": named_whole},
+        extra={"ctf_absent": ctf_absent, "star_base": base, "named_whole": named_whole,
+               "dsub_output": dsub_output_mark(df.columns)},
         **ctf,
     )
+
+
+#: The labels dsub adds to the stars it writes (``workflow.export.FIT_COLUMNS``) start so.
+DSUB_LABEL_PREFIX = "rlnDsub"
+#: The contrast dsub subtracted each particle with (``workflow.export.FIT_COLUMNS["contrast"]``).
+DSUB_CONTRAST_LABEL = "rlnDsubContrast"
+
+
+def dsub_output_mark(labels) -> str | None:
+    """A label of ``labels`` that only dsub writes (``rlnDsub...``; ``rlnDsubContrast`` where there): a star of an
+    earlier dsub run; else None."""
+    labels = [str(label) for label in labels]
+    if DSUB_CONTRAST_LABEL in labels:
+        return DSUB_CONTRAST_LABEL
+    return next((label for label in labels if label.startswith(DSUB_LABEL_PREFIX)), None)
+
+
+def input_contrast(df: pd.DataFrame) -> np.ndarray | None:
+    """Each particle's contrast on top of its CTF for ``--scale input``, (n,) float64; None: the star has none.
+
+    ``rlnDsubContrast`` first: the contrast an earlier dsub run subtracted these
+    particles with (fitted, or taken from its own input), measured on top of the
+    CTF that already carries ``rlnCtfScalefactor``, so using it with that CTF
+    counts nothing twice; it is what ``--scale input`` reuses on dsub's own
+    output. Else 1 where the star has ``rlnCtfScalefactor``: that factor is in
+    the CTF (``ctf_scale``) and RELION has no further per-particle contrast.
+    """
+    if DSUB_CONTRAST_LABEL in df.columns:
+        return _column(df, DSUB_CONTRAST_LABEL)
+    return same_for_all(1.0, len(df)) if "rlnCtfScalefactor" in df.columns else None
 
 
 def _optics_from_table(table: ParticleTable) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
@@ -699,7 +731,9 @@ def write_particles(
     ``image_names`` (``N@stack``: (n,) str, or a ``paths.StackRefs``) become
     ``rlnImageName``; ``rlnImageOriginalName`` gets ``original_names`` (the same
     kinds), by default the input's image names (as ``relion_particle_subtract``
-    does, so ``--revert`` works). A star input passes every column through; a
+    does, so ``--revert`` works), or for a star an earlier dsub run wrote
+    (``extra["dsub_output"]``) its ``rlnImageOriginalName``, so that a second
+    subtraction still names the extracted images. A star input passes every column through; a
     .cs input gets columns built from the table. ``extra_columns`` ({label: (n,)
     values}) are added or replace the input's. The text is ``starfile.write``'s,
     written a block of rows at a time (``write_star``), to a temporary file
@@ -707,7 +741,9 @@ def write_particles(
     """
     if table.source_format == "star":
         optics, particles = _blocks_from_star(table)
-        default_original = particles["rlnImageName"]
+        # An earlier dsub run's star: its rlnImageOriginalName names the extraction's images, which stay the originals.
+        chained = table.extra.get("dsub_output") is not None and "rlnImageOriginalName" in particles
+        default_original = particles["rlnImageOriginalName" if chained else "rlnImageName"]
     else:
         optics, particles = _blocks_from_table(table)
         codes, uniques = table.image_path_codes()

@@ -378,7 +378,8 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     if settings.scale == "input" and table.input_contrast is None:
         raise InputFileError(
             particles_path,
-            "has no per-particle contrast (alignments3D/alpha in a .cs, rlnCtfScalefactor in a star), "
+            "has no per-particle contrast (alignments3D/alpha in a .cs, rlnDsubContrast or rlnCtfScalefactor in a "
+            "star), "
             "which --scale input needs.",
             "Use --scale fit to fit each particle's contrast instead.",
         )
