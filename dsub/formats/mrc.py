@@ -15,6 +15,7 @@ import mrcfile
 import mrcfile.utils
 import numpy as np
 
+from dsub import __version__ as dsub_version
 from dsub.errors import InputFileError, MissingInputError
 
 #: MRC modes dsub reads as real images: int8, int16, float32, uint16, float16.
@@ -30,6 +31,10 @@ _NOT_MRC_FIX = {
 }
 _TRUNCATED_FIX = "Copy the file again or re-extract it: an interrupted transfer or a full disk leaves such files."
 _STACK_CACHE_SIZE = 128  # each cached stack holds one file descriptor
+#: The one text label of every MRC file dsub writes. mrcfile's own first label holds the time the file was
+#: created, so two runs of one command (or a run and its resumption) would write stacks equal in their images
+#: but not byte for byte; this one has no time. RELION and cryoSPARC do not read labels.
+CREATED_BY = f"Created by dsub (version {dsub_version})"
 
 
 def read_map(path: str | os.PathLike) -> tuple[np.ndarray, float]:
@@ -288,7 +293,8 @@ def write_stack(
     shape to allocate and fill afterwards through ``mrc.data``. ``mrc_mode`` is
     2 (float32) or 12 (float16, read by RELION >= 4.0 and cryoSPARC >= 4.4).
     Use as ``with write_stack(...) as mrc:``; call ``mrc.update_header_stats()``
-    after filling if the statistics matter.
+    after filling if the statistics matter. The header holds no time
+    (``CREATED_BY``): the same images and voxel size give the same bytes.
     """
     if mrc_mode not in (2, 12):
         raise ValueError(f"mrc_mode must be 2 (float32) or 12 (float16), not {mrc_mode}")
@@ -304,6 +310,7 @@ def write_stack(
     # set_image_stack() first: voxel size is cella / m{x,y,z}, and a stack has mz = 1.
     mrc.set_image_stack()
     mrc.voxel_size = float(voxel_size)
+    _label_as_dsub(mrc)
     if data is not None:
         mrc.data[...] = data
         mrc.update_header_stats()
@@ -318,3 +325,11 @@ def write_map(path: str | os.PathLike, volume: np.ndarray, voxel_size: float) ->
     with mrcfile.new(path, data=volume, overwrite=True) as mrc:
         mrc.voxel_size = float(voxel_size)
         mrc.update_header_stats()
+        _label_as_dsub(mrc)
+
+
+def _label_as_dsub(mrc) -> None:
+    """Make ``CREATED_BY`` the header's only text label, in place of mrcfile's time-stamped one."""
+    mrc.header.label[:] = b""
+    mrc.header.label[0] = CREATED_BY.encode("ascii")
+    mrc.header.nlabl = 1
