@@ -239,7 +239,10 @@ def test_the_check_is_made_on_the_figure_the_batches_were_planned_on(monkeypatch
 def test_openblas_gets_one_thread_and_malloc_two_arenas_under_an_address_space_limit(limited, preset, expected):
     """Under ``ulimit -v`` OpenBLAS's per-thread buffers can fail to map, and OpenBLAS then ends the process with
     status 1 and no dsub line; each thread's malloc arena reserves 64 MiB: the command sets
-    ``OPENBLAS_NUM_THREADS=1`` before NumPy loads, where not set, and two arenas, which the memory plan counts."""
+    ``OPENBLAS_NUM_THREADS=1`` before NumPy loads, where not set, and two arenas, which the memory plan counts.
+    pyarrow's mimalloc pool reserves 1 GiB at its first allocation where the limit leaves that much (a run under
+    1.6 GB then found no room for a thread, while one under 1.3 GB, where the reservation failed, finished):
+    there it takes the system's malloc."""
     def limit():
         if limited:
             resource.setrlimit(resource.RLIMIT_AS, (8 * 2**30, 8 * 2**30))
@@ -248,18 +251,26 @@ def test_openblas_gets_one_thread_and_malloc_two_arenas_under_an_address_space_l
     if preset is not None:
         environment["OPENBLAS_NUM_THREADS"] = preset
     environment.pop("MALLOC_ARENA_MAX", None)
+    environment.pop("ARROW_DEFAULT_MEMORY_POOL", None)
     code = ("import os, sys\n"
             "from dsub.command import lean_threads_under_an_address_space_limit\n"
             "lean_threads_under_an_address_space_limit()\n"
-            "assert 'numpy' not in sys.modules\n"
+            "assert 'numpy' not in sys.modules and 'pyarrow' not in sys.modules\n"
             "from dsub.workflow.resources import arena_cap\n"
-            "print(os.environ.get('OPENBLAS_NUM_THREADS'), os.environ.get('MALLOC_ARENA_MAX'), arena_cap())\n")
+            "import psutil, pyarrow\n"
+            "before = psutil.Process().memory_info().vms\n"
+            "pyarrow.array(range(1000))\n"
+            "grew = psutil.Process().memory_info().vms - before\n"
+            "print(os.environ.get('OPENBLAS_NUM_THREADS'), os.environ.get('MALLOC_ARENA_MAX'), arena_cap(), "
+            "pyarrow.default_memory_pool().backend_name, grew)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment,
                           preexec_fn=limit, timeout=60)
     assert done.returncode == 0, done.stderr
-    blas, arenas, cap = done.stdout.split()
+    blas, arenas, cap, pool, grew = done.stdout.split()
     assert blas == expected
     assert (arenas, cap) == (("2", "2") if limited else ("None", str(8 * (os.cpu_count() or 1))))
+    if limited:  # mimalloc's first allocation reserves 1 GiB
+        assert pool == "system" and int(grew) < 256 * 2**20, (pool, grew)
 
 
 def test_a_refusal_under_an_address_space_limit_says_what_limit_would_do(monkeypatch):
