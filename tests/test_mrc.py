@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dsub.errors import InputFileError, MissingInputError
-from dsub.formats.mrc import open_stack, read_images, read_map, write_map, write_stack
+from dsub.formats.mrc import read_images, stack_layout, read_map, write_map, write_stack
 
 
 def test_write_stack_is_a_valid_stack(tmp_path, capsys):
@@ -47,7 +47,7 @@ def test_other_modes_read_as_float32(tmp_path, dtype, mode):
 def test_single_image_file_is_a_stack_of_one(tmp_path):
     path = tmp_path / "one.mrc"
     mrcfile.write(path, np.ones((5, 5), dtype=np.float32))
-    assert open_stack(path).shape == (1, 5, 5)
+    assert stack_layout(path).shape == (1, 5, 5)
 
 
 def test_mixed_stacks_keep_particle_order(tmp_path):
@@ -99,7 +99,7 @@ def test_not_an_mrc_stack(tmp_path):
     path = tmp_path / "text.mrcs"
     path.write_text("not a stack " * 200)
     with pytest.raises(InputFileError, match="text.mrcs.*not a readable MRC image stack"):
-        open_stack(path)
+        stack_layout(path)
 
 
 def test_real_map_reads(shared_data):

@@ -21,7 +21,7 @@ from dsub.conventions import matrix_to_relion_euler, relion_euler_to_matrix
 from dsub.errors import InputFileError, MissingInputError, warn
 from dsub.formats import atomic, star_reader
 from dsub.formats.location import cs_star_columns
-from dsub.formats.mrc import open_stack
+from dsub.formats.mrc import stack_layout
 from dsub.formats.paths import StackRefs, resolve_stack_names, star_roots
 from dsub.particles import HALF_UNKNOWN, ParticleTable, same_for_all, shared_if_constant
 
@@ -343,7 +343,7 @@ def _box_sizes(df: pd.DataFrame, groups: np.ndarray, paths: np.ndarray, star_pat
         stack = paths[np.argmax(rows)]
         if not os.path.isfile(stack):
             raise MissingInputError(stack, referenced_from=star_path)
-        box[rows] = open_stack(stack).shape[-1]
+        box[rows] = stack_layout(stack).shape[-1]
     return box
 
 
