@@ -284,3 +284,45 @@ def test_a_refusal_under_an_address_space_limit_says_what_limit_would_do(monkeyp
     assert resources.address_limit_that_would_do(230 * 10**6) == ""
     monkeypatch.setattr(resources, "address_space_limit", lambda: 80 * 10**9)  # above the memory: not the cause
     assert resources.address_limit_that_would_do(230 * 10**6) == ""
+
+
+def run_local_under(paths, outdir, limit_bytes):
+    """``dsub subtract`` on a local cluster of CPU workers under ``ulimit -v``; returns the finished process."""
+    command = [sys.executable, "-c", "from dsub.command import run; run()",  # as the console script does
+               "subtract", str(paths["star"]), "--half-a", str(paths["half_a"]),
+               "--half-b", str(paths["half_b"]), "--mask", str(paths["mask"]), "-o", str(outdir), "--quiet",
+               "--scheduler", "local", "--dashboard-address", "127.0.0.1:0", "--device", "cpu"]
+    environment = {k: v for k, v in os.environ.items()
+                   if k not in ("OPENBLAS_NUM_THREADS", "MALLOC_ARENA_MAX", "ARROW_DEFAULT_MEMORY_POOL")}
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, env=environment,
+                          preexec_fn=limited, cwd=outdir.parent)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="address-space limits as Linux enforces them")
+def test_a_local_run_under_any_address_space_limit_finishes_or_is_refused_with_the_limit_that_would_do(box64,
+                                                                                                      tmp_path):
+    """Under 1.6 GB a local run found no room for a thread after the sample fit while 1.3 and 1.9 GB finished
+    (pyarrow's mimalloc reserved 1 GiB wherever the limit left that much); a limit too low for the coordinator,
+    which draws the QC report at the end, is refused before any work in one line giving the limit that would
+    do, and that limit does."""
+    finished = run_local_under(box64, tmp_path / "at_1.6", 1_600_000 * 1024)
+    assert finished.returncode == 0, finished.stderr
+    assert (tmp_path / "at_1.6" / "report" / "index.html").is_file()
+
+    refused = run_local_under(box64, tmp_path / "at_0.6", 600_000 * 1024)
+    assert refused.returncode == 2, refused.stderr
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in refused.stderr, refused.stderr
+    said = re.match(r"dsub: error: this process \(the coordinator\) needs about [\d.]+ GB of address space: .* for "
+                    r"the QC report of 48 particles of box 64 drawn at the end, but the address-space limit "
+                    r"\(ulimit -v\) is 0\.6 GB\. Under the address-space limit, about [\d.]+ GB would do "
+                    r"\('ulimit -v (\d+)'\)\.$", lines[0])
+    assert said, lines[0]
+    assert not (tmp_path / "at_0.6" / "subtracted.zarr").exists()  # refused before any work
+
+    advised = run_local_under(box64, tmp_path / "advised", int(said.group(1)) * 1024)
+    assert advised.returncode == 0, advised.stderr
