@@ -345,6 +345,24 @@ REPORT_BYTES_PER_PARTICLE = 100
 REPORT_FIXED_BYTES = 64 * 2**20
 
 
+#: Copies of the report's sample images that its preparation (``report.start_preparation``, in a thread while
+#: the chunks run) holds at its peak: the images read and their transforms, 202 MB traced at box 256 against
+#: 69 MB of images (2026-11-30); then it keeps the transforms and six example images.
+REPORT_PREPARATION_COPIES = 3
+
+
+def report_sample_bytes(box: int) -> int:
+    """Bytes of the report's largest sample of images of ``box``² float32 pixels."""
+    from ..report.gather import EXAMPLES_PER_HALF, SPECTRUM_SAMPLE
+
+    return (SPECTRUM_SAMPLE + 2 * EXAMPLES_PER_HALF) * box * box * 4
+
+
+def report_preparation_bytes(box: int) -> int:
+    """Peak bytes of the QC report's preparation, which runs beside the chunks on the coordinator."""
+    return REPORT_PREPARATION_COPIES * report_sample_bytes(box)
+
+
 def report_bytes(particles: int, box: int) -> int:
     """Bytes the QC report needs at its peak for ``particles`` of ``box``² pixels (an upper bound of what was
     measured: ``REPORT_IMAGE_COPIES``, ``REPORT_BYTES_PER_PARTICLE``, ``REPORT_FIXED_BYTES``)."""
@@ -495,8 +513,12 @@ def plan_memory(box: int, settings, options, map_voxels: int = 0) -> MemoryPlan:
     if spec.scheduler in ("threads", "sync"):  # the limit is known now: plan batches within it
         # Read once: the batches and the check (``check_this_machine``) are planned on the same figure.
         room = host_memory_available(run_threads(threads))
-        if address_space_limit() is not None:  # the QC report's drawing library loads beside the maps' preparation
-            room = max(0, room - drawing_library_bytes())
+        # The QC report's preparation reads its sample beside the chunks; under an address-space limit its
+        # drawing library, loaded beside the maps' preparation, counts too.
+        room -= report_preparation_bytes(box)
+        if address_space_limit() is not None:
+            room -= drawing_library_bytes()
+        room = max(0, room)
         budget = (gpu_memory_free() - prepared_map_bytes(box, settings) if device == "gpu" else
                   room + BASELINE_HOST_BYTES - worker_memory(box, settings, "cpu", threads, chunk, 0, map_voxels).host_bytes)
         batch = batch_within(budget, box, settings, device, threads, chunk)
