@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import starfile
-from starfile.writer import package_info
 
+from dsub import __version__ as dsub_version
 from dsub.conventions import matrix_to_relion_euler, relion_euler_to_matrix
 from dsub.errors import InputFileError, MissingInputError, warn
 from dsub.formats import atomic, star_reader
 from dsub.formats.location import cs_star_columns
-from dsub.formats.mrc import open_stack
+from dsub.formats.mrc import stack_layout
 from dsub.formats.paths import StackRefs, resolve_stack_names, star_roots
 from dsub.particles import HALF_UNKNOWN, ParticleTable, same_for_all, shared_if_constant
 
@@ -343,7 +343,7 @@ def _box_sizes(df: pd.DataFrame, groups: np.ndarray, paths: np.ndarray, star_pat
         stack = paths[np.argmax(rows)]
         if not os.path.isfile(stack):
             raise MissingInputError(stack, referenced_from=star_path)
-        box[rows] = open_stack(stack).shape[-1]
+        box[rows] = stack_layout(stack).shape[-1]
     return box
 
 
@@ -819,6 +819,11 @@ def _as_text(column: pd.Series) -> tuple[str, list]:
     return "%s", ["<NA>" if absent else str(value) for value, absent in zip(column.tolist(), missing.tolist())]
 
 
+#: The star's first line. starfile's own (``starfile.writer.package_info``) carries the time of writing, so two
+#: runs of the same command (or a run and its resumption) would not write the same bytes; this one does.
+CREATED_BY = f"# Created by dsub (version {dsub_version})"
+
+
 def write_star(path: str | os.PathLike, blocks: dict, columns: dict | None = None) -> None:
     """Write ``blocks`` ({name: DataFrame}) as ``starfile.write(blocks, path, float_format=FLOAT_FORMAT)`` does.
 
@@ -826,7 +831,8 @@ def write_star(path: str | os.PathLike, blocks: dict, columns: dict | None = Non
     set in the last block (replacing a column of that label in place, else
     added at the end); they and that block's rows are formatted
     ``WRITE_BLOCK_ROWS`` at a time. Written to a temporary file beside ``path``,
-    then renamed: never a half-written file.
+    then renamed: never a half-written file. The first line names dsub
+    (``CREATED_BY``), without a time: the same blocks give the same bytes.
     """
     path = Path(path)
     names = list(blocks)
@@ -837,10 +843,10 @@ def write_star(path: str | os.PathLike, blocks: dict, columns: dict | None = Non
     tmp = atomic.temporary_name(path)
     try:
         with open(tmp, "w") as f:
-            if head:  # the optics table: small, written by starfile itself
-                f.write(starfile.to_string({name: blocks[name] for name in head}, float_format=FLOAT_FORMAT))
-            else:
-                f.write(package_info() + "\n\n\n")
+            f.write(CREATED_BY + "\n\n\n")
+            if head:  # the optics table: small, written by starfile itself (less its time-stamped first line)
+                text = starfile.to_string({name: blocks[name] for name in head}, float_format=FLOAT_FORMAT)
+                f.write(text[text.index("data_"):])
             f.write(f"data_{last}\n\nloop_\n")
             f.write("".join(f"_{label} #{number}\n" for number, label in enumerate(labels, 1)))
             for start in range(0, len(table), WRITE_BLOCK_ROWS):
