@@ -13,7 +13,12 @@ import sys
 import warnings
 from pathlib import Path
 
-from . import __version__
+if __name__ == "__main__":  # ``python -m dsub.cli``: what the ``dsub`` command sets before its libraries load
+    from .command import lean_threads_under_an_address_space_limit
+
+    lean_threads_under_an_address_space_limit()
+
+from . import __version__  # noqa: E402 -- after the settings above
 from .cluster import ClusterSpec, parse_adapt
 from .errors import (
     DsubError, DsubWarning, MissingInputError, OptionError, Terminated,
