@@ -392,3 +392,14 @@ def test_one_original_image_field_without_the_other_is_refused(p12, shared_data,
     _save(tmp_path / "lone.cs", lone)
     with pytest.raises(InputFileError, match="dsub/original_idx but not dsub/original_path"):
         cs.read_particles(tmp_path / "lone.cs")
+
+
+def test_an_earlier_runs_original_name_that_is_not_n_at_stack_is_refused(tmp_path):
+    from dsub.workflow import export
+
+    refs = export.star_original_images(["000002@a.mrcs", "000001@/b.mrcs"], tmp_path, tmp_path / "Originals")
+    assert refs.paths[refs.codes].tolist() == [str(tmp_path / "a.mrcs"), "/b.mrcs"]
+    assert refs.indices.tolist() == [1, 0]
+    for bad in ("a.mrcs", "000000@a.mrcs", "x@a.mrcs"):
+        with pytest.raises(InputFileError, match=f"sub.star: names the original image '{bad}'"):
+            export.star_original_images(["000001@a.mrcs", bad], tmp_path, tmp_path / "Originals", "sub.star")

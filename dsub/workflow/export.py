@@ -490,18 +490,27 @@ def star_original_images(names, base: Path, links: Path, star_path=None) -> Stac
 
     Raises ``InputFileError`` (naming ``star_path``) for a name that is not ``N@path`` with N >= 1.
     """
-    from ..formats.paths import path_codes
+    from ..formats.paths import PATH_CODE_ROWS, path_codes
 
-    parts = np.char.partition(np.asarray(names, dtype=object).astype(str), "@")
-    numbers, stacks = parts[:, 0], parts[:, 2]
-    valid = (parts[:, 1] == "@") & (stacks != "") & np.char.isdigit(numbers)
-    indices = np.where(valid, numbers, "0").astype(np.int64) - 1
-    if not valid.all() or np.any(indices < 0):
-        bad = str(np.asarray(names, dtype=object)[np.flatnonzero(~valid | (indices < 0))[0]])
-        raise InputFileError(star_path, f"names the original image {bad!r} in rlnImageOriginalName, which is "
-                             "not N@stack (N from 1).",
-                             "Give the star the earlier dsub run wrote as it is, or drop its rlnImageOriginalName.")
-    codes, uniques = path_codes(stacks)
+    names = np.asarray(names, dtype=object)
+    codes = np.empty(names.size, dtype=np.int32)
+    indices = np.empty(names.size, dtype=np.int64)
+    position: dict = {}
+    for start in range(0, names.size, PATH_CODE_ROWS):  # a block at a time: no fixed-width text of every row
+        parts = np.char.partition(names[start : start + PATH_CODE_ROWS].astype(str), "@")
+        numbers, stacks = parts[:, 0], parts[:, 2]
+        valid = (parts[:, 1] == "@") & (stacks != "") & np.char.isdigit(numbers)
+        block = np.where(valid, numbers, "0").astype(np.int64) - 1
+        if not valid.all() or np.any(block < 0):
+            bad = str(names[start + np.flatnonzero(~valid | (block < 0))[0]])
+            raise InputFileError(star_path, f"names the original image {bad!r} in rlnImageOriginalName, which "
+                                 "is not N@stack (N from 1).",
+                                 "Give the star the earlier dsub run wrote as it is, or drop its rlnImageOriginalName.")
+        block_codes, block_stacks = path_codes(stacks)
+        mapping = np.asarray([position.setdefault(stack, len(position)) for stack in block_stacks], dtype=np.int32)
+        codes[start : start + PATH_CODE_ROWS] = mapping[block_codes]
+        indices[start : start + PATH_CODE_ROWS] = block
+    uniques = list(position)
     resolved = []
     for path in uniques:
         absolute = os.path.normpath(os.path.join(base, str(path)))
