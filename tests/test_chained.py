@@ -9,6 +9,7 @@ leave as little of region 2 as a single run on the original particles leaves.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import mrcfile
@@ -22,7 +23,7 @@ from dsub.formats import cs as cs_format
 from dsub.formats import star as star_format
 from dsub.formats.mrc import read_images, write_map
 from dsub.simulate import soft_sphere_mask, two_domain_phantom
-from dsub.workflow.export import FIT_COLUMNS, FIT_FIELDS
+from dsub.workflow.export import FIT_COLUMNS, FIT_FIELDS, original_images
 
 COUNT, BOX, SEED = 96, 48, 2026
 STAR_OUT, CS_OUT = "particles_subtracted.star", "particles_subtracted.cs"
@@ -152,6 +153,19 @@ def test_second_run_from_the_cs_with_scale_input_matches_the_star_chain(chain, s
     written = np.load(outdir / CS_OUT, max_header_size=2**30)
     earlier = np.load(first / CS_OUT, max_header_size=2**30)
     np.testing.assert_array_equal(written["alignments3D/alpha"], earlier["alignments3D/alpha"])
+    # The originals are still the extracted particles, in the star and in the .cs alike, as in the star chain.
+    extracted = star_format.read_particles(paths["star"])
+    wanted = [(os.path.normpath(path), int(index)) for path, index in zip(extracted.image_paths,
+                                                                           extracted.image_indices)]
+    for cs_out in (first / CS_OUT, outdir / CS_OUT):
+        refs = original_images(cs_format.read_particles(cs_out))
+        assert list(zip(refs.paths[refs.codes], refs.indices.tolist())) == wanted, cs_out
+    np.testing.assert_array_equal(written[cs_format.ORIGINAL_PATH_FIELD], earlier[cs_format.ORIGINAL_PATH_FIELD])
+    np.testing.assert_array_equal(written[cs_format.ORIGINAL_IDX_FIELD], extracted.image_indices)
+    names = starfile.read(outdir / STAR_OUT, always_dict=True)["particles"]["rlnImageOriginalName"]
+    named = [(os.path.normpath(stack), int(number) - 1) for number, stack in names.str.split("@", n=1)]
+    assert named == wanted
+    assert not any(stack.startswith(str(first)) for stack, _ in named)  # not the first run's stacks
 
 
 def test_maps_of_the_subtracted_particles_fit_without_a_warning(chain, capsys):

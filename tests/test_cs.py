@@ -1,5 +1,6 @@
 """cryoSPARC .cs reading and writing, against cryoDRGN's parse and the worked values."""
 
+import os
 import pickle
 from pathlib import Path
 
@@ -309,3 +310,96 @@ def test_truncated_cs_names_its_size_against_its_header_and_what_to_do(tmp_path)
     with pytest.raises(InputFileError,
                        match=r"is truncated: 30 bytes, which end inside its header \(\d+ bytes\)\. .*copy it again"):
         read_particles(path)
+
+
+def _touch(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()
+
+
+def test_original_image_fields_round_trip_and_keep_the_extracted_mrc_through_a_chain(p12, shared_data, tmp_path,
+                                                                                     monkeypatch):
+    """dsub/original_path / dsub/original_idx name the extracted .mrc stacks, from the project folder as blob/path
+    does; a .cs or star dsub wrote gives them on to the next run's .cs and star (through Originals/ links)."""
+    import starfile
+
+    from dsub.formats.paths import StackRefs
+    from dsub.workflow import export
+
+    project = tmp_path / "P3"
+    _touch(project / "project.json")
+    source = np.load(shared_data / P12)
+    for stack in np.unique(source["blob/path"]):
+        _touch(project / stack.decode())
+    (project / "J24").mkdir()
+    _save(project / "J24" / "J24_001_particles.cs", source)
+    monkeypatch.chdir(project)  # RELION's project folder: the star's names start here
+    extracted = [os.path.normpath(project / p.decode()) for p in source["blob/path"]]
+
+    def subtract(table, job, paths_mode="auto"):
+        (project / job).mkdir()
+        for relative, _, _ in export.stack_layout(len(table), 4096, table.pixel_size_angstrom):
+            _touch(project / job / relative)
+        export.write_metadata(table, project / job, 4096, np.full(len(table), 0.9), paths_mode=paths_mode)
+        return np.load(project / job / export.CS_NAME), starfile.read(project / job / export.STAR_NAME)["particles"]
+
+    def originals_in_star(rows, job):
+        names = rows["rlnImageOriginalName"].str.split("@", n=1, expand=True)
+        assert names[1].str.startswith(f"{job}/Originals/").all()  # below the folder the stacks share
+        assert names[1].str.endswith("_particles.mrcs").all()
+        return [os.path.realpath(n) for n in names[1]], names[0].astype(int).to_numpy() - 1
+
+    # First run, from cryoSPARC's own .cs: the fields name its blob/path and blob/idx, as written there.
+    first = cs.read_particles(project / "J24" / "J24_001_particles.cs")
+    assert first.extra["dsub_output"] is None
+    raw, rows = subtract(first, "J40")
+    assert raw.dtype[cs.ORIGINAL_PATH_FIELD].kind == "S" and raw.dtype[cs.ORIGINAL_IDX_FIELD] == np.dtype("<u4")
+    np.testing.assert_array_equal(raw[cs.ORIGINAL_PATH_FIELD], source["blob/path"])
+    np.testing.assert_array_equal(raw[cs.ORIGINAL_IDX_FIELD], source["blob/idx"])
+    assert raw["blob/path"][0] == b"J40/Particles/subtracted_0000.mrcs"
+    assert originals_in_star(rows, "J40")[0] == [os.path.realpath(p) for p in extracted]
+
+    # Read back: the originals resolve from the folder blob/path does, and a second run keeps them.
+    again = cs.read_particles(project / "J40" / export.CS_NAME)
+    assert again.extra["original_root"] == project and again.extra["dsub_output"] is not None
+    refs = export.original_images(again)
+    assert isinstance(refs, StackRefs) and len(refs) == len(source)
+    np.testing.assert_array_equal(refs.paths[refs.codes], extracted)
+    np.testing.assert_array_equal(refs.indices, source["blob/idx"])
+    raw_2, rows_2 = subtract(again, "J41")
+    np.testing.assert_array_equal(raw_2[cs.ORIGINAL_PATH_FIELD], source["blob/path"])
+    np.testing.assert_array_equal(raw_2[cs.ORIGINAL_IDX_FIELD], source["blob/idx"])
+    paths_2, indices_2 = originals_in_star(rows_2, "J41")  # this run's own links to the .mrc stacks
+    assert paths_2 == [os.path.realpath(p) for p in extracted]
+    np.testing.assert_array_equal(indices_2, source["blob/idx"])
+    assert rows_2["rlnImageName"].str.contains("@J41/Particles/").all()
+
+    # From the second run's star: its links are followed back to the .mrc stacks themselves.
+    from_star = star.read_particles(project / "J41" / export.STAR_NAME)
+    raw_3, _ = subtract(from_star, "J42", paths_mode="absolute")
+    np.testing.assert_array_equal(raw_3[cs.ORIGINAL_PATH_FIELD].astype(str), extracted)  # --paths absolute
+    np.testing.assert_array_equal(raw_3[cs.ORIGINAL_IDX_FIELD], source["blob/idx"])
+    back = export.original_images(cs.read_particles(project / "J42" / export.CS_NAME))
+    np.testing.assert_array_equal(back.paths[back.codes], extracted)
+
+
+def test_one_original_image_field_without_the_other_is_refused(p12, shared_data, tmp_path):
+    source = np.load(shared_data / P12)
+    lone = np.empty(len(source), dtype=source.dtype.descr + [(cs.ORIGINAL_IDX_FIELD, "<u4")])
+    for name in source.dtype.names:
+        lone[name] = source[name]
+    lone[cs.ORIGINAL_IDX_FIELD] = 0
+    _save(tmp_path / "lone.cs", lone)
+    with pytest.raises(InputFileError, match="dsub/original_idx but not dsub/original_path"):
+        cs.read_particles(tmp_path / "lone.cs")
+
+
+def test_an_earlier_runs_original_name_that_is_not_n_at_stack_is_refused(tmp_path):
+    from dsub.workflow import export
+
+    refs = export.star_original_images(["000002@a.mrcs", "000001@/b.mrcs"], tmp_path, tmp_path / "Originals")
+    assert refs.paths[refs.codes].tolist() == [str(tmp_path / "a.mrcs"), "/b.mrcs"]
+    assert refs.indices.tolist() == [1, 0]
+    for bad in ("a.mrcs", "000000@a.mrcs", "x@a.mrcs"):
+        with pytest.raises(InputFileError, match=f"sub.star: names the original image '{bad}'"):
+            export.star_original_images(["000001@a.mrcs", bad], tmp_path, tmp_path / "Originals", "sub.star")

@@ -232,7 +232,11 @@ def test_cs_input_with_input_scale(cs_dataset, tmp_path):
 
     # The .cs passes every field through; blob/* point at the new stacks; alpha is the input's.
     written = np.load(outdir / CS_OUT, max_header_size=2**30)
-    assert written.dtype.names == given.dtype.names + ("dsub/contrast_sigma", "dsub/fit_correlation")
+    assert written.dtype.names == given.dtype.names + ("dsub/original_path", "dsub/original_idx",
+                                                       "dsub/contrast_sigma", "dsub/fit_correlation")
+    # the images subtracted from: the input's stack (absolute, OUTDIR being outside its folder) and index
+    assert set(written["dsub/original_path"]) == {os.fsencode(paths["cs"].parent / "particles.mrcs")}
+    np.testing.assert_array_equal(written["dsub/original_idx"], given["blob/idx"])
     np.testing.assert_array_equal(written["alignments3D/alpha"], given["alignments3D/alpha"])
     for name in given.dtype.names:
         if name not in ("blob/path", "blob/idx", "alignments3D/alpha"):

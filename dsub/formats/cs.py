@@ -50,6 +50,11 @@ KNOWN_CTF_FIELDS = set(CTF_FIELDS) | {
 }
 #: The fields dsub adds to the .cs files it writes (``workflow.export.FIT_FIELDS``) start so.
 DSUB_FIELD_PREFIX = "dsub/"
+#: dsub's fields naming the image each particle was subtracted from: the stack (bytes, written as
+#: ``blob/path`` is and read from the folder ``blob/path`` is read from) and the 0-based index in it,
+#: as ``rlnImageOriginalName`` does in the star. cryoSPARC has no field for it.
+ORIGINAL_PATH_FIELD = "dsub/original_path"
+ORIGINAL_IDX_FIELD = "dsub/original_idx"
 #: ``blob/sign`` written for stacks that came from RELION. cryoSPARC's own import of
 #: RELION stacks (``empiar_10076_7.cs``, ``cryosparc_J2_particles_exported.cs``) records -1,
 #: as do its extracted stacks; the flag's exact meaning is unpublished.
@@ -338,6 +343,14 @@ def resolve_blob_paths(raw, cs_path: Path, cs_root=None) -> tuple[np.ndarray, Pa
     grandparent in which the first relative stack exists, else to the .cs
     folder (see ``paths.cs_roots``).
     """
+    resolved, root, exported = _resolve_blob(raw, cs_path, cs_root)
+    if cs_root is None and exported:
+        root = cryosparc_project_folder(cs_path)  # ">" paths start from an export folder, not the project
+    return resolved, root
+
+
+def _resolve_blob(raw, cs_path: Path, cs_root=None) -> tuple[np.ndarray, Path, bool]:
+    """``resolve_blob_paths``'s paths, the folder relative ones were joined to, and whether any began with ``>``."""
     raw = np.asarray(raw).reshape(-1)
     uniques, inverse = np.unique(raw, return_inverse=True)  # decode each stack name once
     texts = [u.decode() if isinstance(u, bytes) else str(u) for u in uniques]
@@ -346,9 +359,25 @@ def resolve_blob_paths(raw, cs_path: Path, cs_root=None) -> tuple[np.ndarray, Pa
     roots = cs_roots(cs_path, cs_root)
     fallback = roots[0] if cs_root is not None else Path(os.path.abspath(cs_path)).parent
     resolved, root = resolve_stack_names(texts[inverse.reshape(-1)], roots, fallback)
-    if cs_root is None and exported:
-        root = cryosparc_project_folder(cs_path)  # ">" paths start from an export folder, not the project
-    return resolved, root
+    return resolved, root, exported
+
+
+def original_images(table: ParticleTable) -> StackRefs | None:
+    """The image each particle of a .cs dsub wrote was subtracted from, or None where the .cs has no
+    ``dsub/original_path`` / ``dsub/original_idx``.
+
+    Paths absolute and normalised: a relative one joined to ``extra["original_root"]``
+    (the folder ``blob/path`` starts from, as dsub writes both); indices 0-based.
+    ``table.source`` holds the rows of ``table`` (``formats.select_rows``).
+    """
+    source = table.source
+    if table.source_format != "cs" or source is None or ORIGINAL_PATH_FIELD not in source.dtype.names:
+        return None
+    uniques, inverse = np.unique(source[ORIGINAL_PATH_FIELD], return_inverse=True)
+    root = table.extra.get("original_root") or Path(os.path.abspath(table.source_path)).parent
+    paths = [os.path.normpath(os.path.join(root, (u.decode() if isinstance(u, bytes) else str(u))))
+             for u in uniques]
+    return StackRefs(paths, inverse.reshape(-1).astype(np.int32), source[ORIGINAL_IDX_FIELD].astype(np.int64))
 
 
 def read_particles(
@@ -363,7 +392,9 @@ def read_particles(
     added, see ``load_joined``), and ``extra["location_roots"]``
     where ``location/micrograph_path`` may start (``location.micrograph_base``),
     ``extra["dsub_output"]`` a ``dsub/...`` field where an earlier dsub run wrote
-    the .cs (its ``alignments3D/alpha``: the contrast it subtracted with), else None.
+    the .cs (its ``alignments3D/alpha``: the contrast it subtracted with), else None,
+    and ``extra["original_root"]`` the folder its relative ``dsub/original_path``
+    values start from (that of ``blob/path``; see ``original_images``).
     """
     path = Path(path)
     data, joined, looked_for, joins = load_joined(path, passthrough)
@@ -386,7 +417,15 @@ def read_particles(
         split_to_half_set(data["alignments3D/split"]) if "alignments3D/split" in names
         else np.full(len(data), HALF_UNKNOWN, dtype=np.int8)
     )
-    image_paths, project_folder = resolve_blob_paths(data["blob/path"], path, cs_root)
+    image_paths, blob_root, exported = _resolve_blob(data["blob/path"], path, cs_root)
+    # ">" paths start from an export folder, not the project
+    project_folder = cryosparc_project_folder(path) if cs_root is None and exported else blob_root
+    if (ORIGINAL_PATH_FIELD in names) != (ORIGINAL_IDX_FIELD in names):
+        have, lack = ((ORIGINAL_PATH_FIELD, ORIGINAL_IDX_FIELD) if ORIGINAL_PATH_FIELD in names
+                      else (ORIGINAL_IDX_FIELD, ORIGINAL_PATH_FIELD))
+        raise InputFileError(path, f"has the field {have} but not {lack}: together they name the image each "
+                             "particle was subtracted from.",
+                             "Give the .cs dsub wrote as it is, or remove the field to start the trail here.")
     return ParticleTable(
         rotations=cryosparc_pose_to_matrix(data["alignments3D/pose"]),
         origins_angstrom=cryosparc_shift_to_origin_angstrom(
@@ -405,6 +444,8 @@ def read_particles(
         source_path=path,
         source=data,
         extra={"ctf_absent": ctf_absent, "exp_group_ids": groups, "project_folder": project_folder,
+               # relative dsub/original_path values start where blob/path's do (written so by dsub)
+               "original_root": blob_root,
                # a .cs an earlier dsub run wrote (its alignments3D/alpha: the contrast it subtracted with)
                "dsub_output": next((name for name in names if name.startswith(DSUB_FIELD_PREFIX)), None),
                "passthrough": joined, "passthrough_joins": joins,
@@ -498,6 +539,7 @@ def write_particles(
     image_indices=None,
     contrast=None,
     extra_fields: dict | None = None,
+    originals: StackRefs | None = None,
 ) -> None:
     """Write a numpy-format .cs with every input row in input order.
 
@@ -510,6 +552,8 @@ def write_particles(
     ``image_paths`` is (n,) paths with ``image_indices`` (n,), or a
     ``paths.StackRefs`` holding both (``image_indices`` None).
     ``extra_fields`` ({name: (n,) array}) are added or replace the input's.
+    ``originals`` (a ``paths.StackRefs``, paths as they are to be written) become
+    ``dsub/original_path`` (bytes) and ``dsub/original_idx`` (0-based, ``<u4``).
     The records are built and written ``WRITE_BLOCK_ROWS`` at a time after the
     ``.npy`` header (as ``np.save`` writes it), into a temporary file beside
     ``path`` that is renamed into place.
@@ -521,6 +565,8 @@ def write_particles(
         [os.fspath(p) for p in image_paths], np.asarray(image_indices).reshape(-1))
     if len(refs) != n or (image_indices is not None and np.shape(image_indices) != (n,)):
         raise ValueError(f"need {n} image paths and indices")
+    if originals is not None and len(originals) != n:
+        raise ValueError(f"need {n} original images, got {len(originals)}")
     if table.source_format != "cs" and (table.odd_zernike.any() or table.even_zernike.any()):
         warn(f"{table.source_path}: rlnOddZernike/rlnEvenZernike have no cryoSPARC field dsub can write "
              "(ctf/trefoil_A and ctf/tetra_A use an unpublished convention); the .cs output leaves them out")
@@ -543,6 +589,9 @@ def write_particles(
             fields["alignments3D/alpha"] = np.ones(stop - start, dtype="<f4")
         else:
             fields["alignments3D/alpha"] = fields["alignments3D/alpha"].astype("<f4")
+        if originals is not None:
+            fields[ORIGINAL_PATH_FIELD] = originals.path_bytes(start, stop).astype(f"S{originals.path_width()}")
+            fields[ORIGINAL_IDX_FIELD] = originals.indices[rows].astype("<u4")
         for name, values in (extra_fields or {}).items():
             fields[name] = np.asarray(values).reshape(n)[rows]
         return fields

@@ -14,7 +14,12 @@
   ``blob/path`` / ``blob/idx`` pointing at the new stacks (by default relative
   to the cryoSPARC project folder when there is one and OUTDIR is inside it,
   else absolute) and ``alignments3D/alpha`` holding the contrast each particle
-  was subtracted with (with ``--scale none``, the input's alpha, or 1);
+  was subtracted with (with ``--scale none``, the input's alpha, or 1), and
+  ``dsub/original_path`` / ``dsub/original_idx`` naming the image each particle
+  was subtracted from (``original_images``: for dsub's own output, its
+  originals; for ``.mrc`` stacks, the stack itself rather than its link in
+  ``Originals``), written from the folder ``blob/path`` starts from
+  (``written_original_paths``);
 * re-centred or re-boxed particles (``rebox``): the star and .cs carry their
   new origins and box (``rlnImageSize``, ``blob/shape``);
 * both carry the contrast fit's uncertainty and quality (``FIT_COLUMNS``,
@@ -45,10 +50,10 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 
-from ..errors import warn
+from ..errors import InputFileError, warn
 from ..formats import atomic, select_rows
 from ..formats.mrc import write_stack
-from ..formats.paths import StackRefs, written_paths
+from ..formats.paths import StackRefs, is_inside, written_base, written_paths
 from . import store
 
 STACK_FOLDER = "Particles"
@@ -408,18 +413,24 @@ def write_metadata(table, outdir: Path, particles_per_stack: int, contrast: np.n
     locations = new_stack_refs(len(table), particles_per_stack, table.pixel_size_angstrom)
     star_base = star_names_base(table)
     names = locations.with_paths(written_paths(locations.paths, outdir, paths_mode, star_base))
-    paths = locations.with_paths(written_paths(locations.paths, outdir, paths_mode, table.extra.get("project_folder")))
+    project_folder = table.extra.get("project_folder")
+    paths = locations.with_paths(written_paths(locations.paths, outdir, paths_mode, project_folder))
     keep = np.ones(len(table), dtype=bool) if skipped is None else ~np.asarray(skipped, dtype=bool)
-    linked = original_stack_links(table, outdir)  # a .cs input's .mrc stacks, as RELION reads them
-    if linked is not None:
-        linked = linked.with_paths(written_paths(linked.paths, outdir, paths_mode, star_base))
+    originals = original_images(table)  # absolute: the images the particles were subtracted from
+    cs_originals = originals.with_paths(written_original_paths(originals.paths, outdir, paths_mode, project_folder))
+    star_originals = None  # a star input: the writer's own (its rlnImageName, or dsub's rlnImageOriginalName)
+    if table.source_format != "star":
+        linked = original_stack_links(originals, outdir)  # .mrc stacks, as RELION reads them
+        star_originals = originals if linked is None else linked.with_paths(
+            written_paths(linked.paths, outdir, paths_mode, star_base))
     (outdir / SKIPPED_NAME).unlink(missing_ok=True)
     if not keep.all():
         left_out = select_rows(table, ~keep)
-        originals = original_image_names(left_out) if linked is None else linked.select(~keep)
-        # None: the writer's own (the input's names, or an earlier dsub run's rlnImageOriginalName)
-        star_format.write_particles(left_out, outdir / SKIPPED_NAME, originals,
-                                    original_names=None if linked is None else originals)
+        # the input's own images, as RELION reads them: the links, unless they are an earlier run's stacks
+        inputs = (star_originals.select(~keep) if star_originals is not None and not chained_cs(table)
+                  else original_image_names(left_out))
+        star_format.write_particles(left_out, outdir / SKIPPED_NAME, inputs,
+                                    original_names=None if star_originals is None else star_originals.select(~keep))
     kept = select_rows(exported, keep)
     if np.any(kept.ctf_premultiplied):
         warn(f"{CS_NAME}: the images are CTF-premultiplied (rlnCtfDataAreCtfPremultiplied), and a cryoSPARC "
@@ -431,17 +442,104 @@ def write_metadata(table, outdir: Path, particles_per_stack: int, contrast: np.n
     fields = {FIT_FIELDS[name]: np.asarray(values, "<f4")[rows] for name, values in measured.items()
               if name in FIT_FIELDS}
     star_format.write_particles(kept, outdir / STAR_NAME, names.select(rows),
-                                None if linked is None else linked.select(rows), extra_columns=columns)
+                                None if star_originals is None else star_originals.select(rows),
+                                extra_columns=columns)
     cs_format.write_particles(kept, outdir / CS_NAME, paths.select(rows), None,
-                              None if contrast is None else contrast[rows], extra_fields=fields)
+                              None if contrast is None else contrast[rows], extra_fields=fields,
+                              originals=cs_originals.select(rows))
 
 
-def original_stack_links(table, outdir: Path) -> StackRefs | None:
-    """For a cryoSPARC input: a ``.mrcs`` link in ``OUTDIR/Originals`` to each of its stacks, made here; returns
-    each particle's input image under its link's name (paths relative to OUTDIR), for ``rlnImageOriginalName``.
+def chained_cs(table) -> bool:
+    """Whether ``table`` was read from a .cs an earlier dsub run wrote with ``dsub/original_*`` fields."""
+    from ..formats import cs as cs_format
 
-    None for a star input (its own names are kept, as RELION wrote them) and
-    for a .cs whose stacks are all named ``.mrcs`` already.
+    return (table.source_format == "cs" and table.source is not None
+            and cs_format.ORIGINAL_PATH_FIELD in table.source.dtype.names)
+
+
+def original_images(table) -> StackRefs:
+    """The image each particle was subtracted from, absolute paths and 0-based indices: what the star's
+    ``rlnImageOriginalName`` and the .cs's ``dsub/original_path`` / ``dsub/original_idx`` name.
+
+    For dsub's own output, the earlier run's originals (the extracted images,
+    however many runs back): a .cs's ``dsub/original_*`` (``formats.cs.original_images``),
+    a star's ``rlnImageOriginalName`` (read from the folder its image names
+    were found from, ``star_names_base``; a name through the earlier run's
+    ``Originals`` links is followed to the stack itself, which cryoSPARC names
+    ``.mrc``). Else the input's own images (``table.image_paths``, ``image_indices``).
+    """
+    from ..formats import cs as cs_format
+
+    from_cs = cs_format.original_images(table)
+    if from_cs is not None:
+        return from_cs
+    source = table.source
+    if (table.source_format == "star" and table.extra.get("dsub_output") is not None and source is not None
+            and "rlnImageOriginalName" in source["particles"]):
+        return star_original_images(source["particles"]["rlnImageOriginalName"], star_names_base(table),
+                                    Path(os.path.abspath(table.source_path)).parent / ORIGINALS_FOLDER,
+                                    table.source_path)
+    codes, uniques = table.image_path_codes()
+    return StackRefs([os.path.normpath(os.path.abspath(str(path))) for path in uniques], codes,
+                     np.asarray(table.image_indices, np.int64))
+
+
+def star_original_images(names, base: Path, links: Path, star_path=None) -> StackRefs:
+    """``N@path`` names ((n,) str, a Series) as ``StackRefs``: paths absolute (relative ones from ``base``),
+    those through the symbolic links under ``links`` (``original_stack_links``) followed to their stacks.
+
+    Raises ``InputFileError`` (naming ``star_path``) for a name that is not ``N@path`` with N >= 1.
+    """
+    from ..formats.paths import PATH_CODE_ROWS, path_codes
+
+    names = np.asarray(names, dtype=object)
+    codes = np.empty(names.size, dtype=np.int32)
+    indices = np.empty(names.size, dtype=np.int64)
+    position: dict = {}
+    for start in range(0, names.size, PATH_CODE_ROWS):  # a block at a time: no fixed-width text of every row
+        parts = np.char.partition(names[start : start + PATH_CODE_ROWS].astype(str), "@")
+        numbers, stacks = parts[:, 0], parts[:, 2]
+        valid = (parts[:, 1] == "@") & (stacks != "") & np.char.isdigit(numbers)
+        block = np.where(valid, numbers, "0").astype(np.int64) - 1
+        if not valid.all() or np.any(block < 0):
+            bad = str(names[start + np.flatnonzero(~valid | (block < 0))[0]])
+            raise InputFileError(star_path, f"names the original image {bad!r} in rlnImageOriginalName, which "
+                                 "is not N@stack (N from 1).",
+                                 "Give the star the earlier dsub run wrote as it is, or drop its rlnImageOriginalName.")
+        block_codes, block_stacks = path_codes(stacks)
+        mapping = np.asarray([position.setdefault(stack, len(position)) for stack in block_stacks], dtype=np.int32)
+        codes[start : start + PATH_CODE_ROWS] = mapping[block_codes]
+        indices[start : start + PATH_CODE_ROWS] = block
+    uniques = list(position)
+    resolved = []
+    for path in uniques:
+        absolute = os.path.normpath(os.path.join(base, str(path)))
+        if os.path.islink(absolute) and is_inside(absolute, links):
+            absolute = os.path.realpath(absolute)
+        resolved.append(absolute)
+    return StackRefs(resolved, codes, indices)
+
+
+def written_original_paths(absolute, outdir: Path, paths_mode: str, base) -> np.ndarray:
+    """How the .cs names original stacks (``absolute``: (k,) absolute paths): from the folder its ``blob/path``
+    start from (``formats.paths.written_base``), as ``written_paths`` writes the new stacks; with ``--paths
+    auto`` a stack outside that folder stays absolute, as with ``--paths outdir`` (the originals lie outside
+    OUTDIR, so names from it would break when OUTDIR moves)."""
+    start = None if paths_mode == "outdir" else written_base(outdir, paths_mode, base)
+    written = []
+    for path in np.asarray(absolute, dtype=object).astype(str):
+        inside = start is not None and (paths_mode == "relative" or is_inside(path, start))
+        written.append(os.path.relpath(path, start) if inside else path)
+    return np.array(written, dtype=object)
+
+
+def original_stack_links(originals: StackRefs, outdir: Path) -> StackRefs | None:
+    """For a cryoSPARC input: a ``.mrcs`` link in ``OUTDIR/Originals`` to each stack of ``originals`` (absolute
+    paths: ``original_images``), made here; returns each particle's original image under its link's name
+    (paths relative to OUTDIR), for ``rlnImageOriginalName``.
+
+    None where the stacks are all named ``.mrcs`` already. Not for a star input,
+    whose own names are kept, as RELION wrote them.
 
     cryoSPARC names its particle stacks ``.mrc``. RELION reads ``N@NAME.mrc``
     as a stack only where the caller says the file holds 2D images
@@ -470,10 +568,8 @@ def original_stack_links(table, outdir: Path) -> StackRefs | None:
     before ``--overwrite``) are removed. Where this file system makes no
     symbolic links the names stay the ``.mrc`` paths, with a warning.
     """
-    if table.source_format == "star":
-        return None
-    codes, uniques = table.image_path_codes()
-    stacks = [os.path.abspath(str(path)) for path in uniques]
+    codes = originals.codes
+    stacks = [os.path.abspath(str(path)) for path in originals.paths]
     if not stacks or all(stack.lower().endswith(".mrcs") for stack in stacks):
         return None
     shared = os.path.commonpath(stacks) if len(stacks) > 1 else os.path.dirname(stacks[0])
@@ -493,7 +589,7 @@ def original_stack_links(table, outdir: Path) -> StackRefs | None:
              f"({exc.strerror or exc}); rlnImageOriginalName names the .mrc stacks, which RELION reads as maps, "
              "not stacks (link them as NAME.mrcs by hand for relion_particle_subtract --revert)")
         links = [os.path.relpath(stack, os.path.abspath(outdir)) for stack in stacks]
-    return StackRefs(links, codes, np.asarray(table.image_indices, np.int64))
+    return StackRefs(links, codes, originals.indices)
 
 
 def make_link(link: Path, target: str) -> None:
