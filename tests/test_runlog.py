@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dsub.cli import main
@@ -136,6 +137,34 @@ def test_the_sample_fits_rate_leaves_out_its_set_up():
     assert finished.line() == ("sample fit: 1 task, 64 particles in 8.0 s (6.0 s of it setting up: maps and "
                                "compiled kernels), 32 particles/s")
     assert out.getvalue().splitlines()[-1] == finished.line()
+
+
+def test_the_sample_fits_rate_leaves_out_what_a_worker_did_before_the_task():
+    """On a cluster the worker starts and prepares its maps before the sample task runs (or beside it), where
+    the task cannot time it: the phase counts all but the task's timed fit as set-up, so its particles/s is the
+    particles' own rate, as the README says."""
+    import time as time_module
+
+    import dask
+
+    from dsub.cluster.runner import ClusterSpec, ThreadRunner
+    from dsub.physics.contrast import ContrastResult
+    from dsub.workflow.tasks import SampleFit
+
+    def worker_then_fit():
+        time_module.sleep(1.0)  # the worker's start and map preparation, outside the task's own clock
+        fit_started = time_module.perf_counter()
+        time_module.sleep(0.25)  # the timed fit of 64 particles
+        nothing = np.zeros(64, np.float32)
+        return SampleFit(ContrastResult(nothing, nothing, nothing), nothing, 0.0,
+                         time_module.perf_counter() - fit_started)
+
+    runner = ThreadRunner(ClusterSpec(scheduler="sync", progress=False))
+    runner.compute([dask.delayed(worker_then_fit)()], "sample fit", [64], unit="tasks")
+    phase = runner.phases["sample fit"]
+    assert phase.set_up_seconds >= 1.0
+    assert phase.seconds - phase.set_up_seconds == pytest.approx(0.25, abs=0.1)
+    assert phase.items_per_second > 64 / 0.4  # not 64 / 1.25: the worker's set-up is not in the rate
 
 
 def test_the_sample_fit_compiles_before_it_is_timed(small, tmp_path, monkeypatch, capsys):

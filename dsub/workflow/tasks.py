@@ -477,11 +477,14 @@ def run_chunk(chunk_index: int, start: int, particles, maps: MapFiles, settings,
 
 
 class SampleFit(NamedTuple):
-    """What ``fit_sample`` returns: the fit, the control correlations, and the seconds it spent setting up."""
+    """What ``fit_sample`` returns: the fit, the control correlations, the seconds it spent setting up in the
+    task, and the seconds of its timed fit (``work_seconds``: the progress counts the rest of the phase, a
+    worker's start and map preparation included, as set-up, ``runner.set_up_of``)."""
 
     fit: ContrastResult
     control: np.ndarray
     set_up_seconds: float = 0.0
+    work_seconds: float | None = None
 
 
 def fit_sample(particles, maps: MapFiles, settings, device: str) -> SampleFit:
@@ -497,8 +500,11 @@ def fit_sample(particles, maps: MapFiles, settings, device: str) -> SampleFit:
     Before the timed fit the task gets the prepared maps (made here where the
     worker has none yet) and subtracts one particle, so that the compiled
     kernels are built (numba's compilation of the CPU kernels on a cold cache,
-    several seconds; CuPy's on a GPU): ``set_up_seconds`` is that time, which the
-    progress leaves out of the sample fit's particles/s (``Progress.task_done``).
+    several seconds; CuPy's on a GPU): ``set_up_seconds`` is that time.
+    ``work_seconds`` is the timed fit alone: the progress leaves everything else
+    of the phase out of the sample fit's particles/s (``runner.set_up_of``), so
+    that on a cluster the worker's start and its map preparation, which happen
+    before the task or beside it on the worker, are not counted as work either.
     """
     particles = load_particles(particles)
     device = resolve_device(device)
@@ -516,9 +522,10 @@ def fit_sample(particles, maps: MapFiles, settings, device: str) -> SampleFit:
     )
     fit = ContrastResult(*(np.full(len(particles), np.nan, dtype=np.float32) for _ in range(3)))
     control = np.full(len(particles), np.nan, dtype=np.float32)
+    working = time.perf_counter()
     if good.size:
         own = subtract_particles(images[good], chosen, models, settings, device)[1]
         for name in ("alpha", "sigma", "correlation"):
             getattr(fit, name)[good] = getattr(own, name)
         control[good] = subtract_particles(images[good], others, models, settings, device)[1].correlation
-    return SampleFit(fit, control, set_up)
+    return SampleFit(fit, control, set_up, time.perf_counter() - working)
