@@ -53,7 +53,7 @@ from ..physics.optics import map_extent_voxels
 from ..physics.projector import projector_kernel
 from ..physics.subtract import SubtractionSettings
 from ..report import REPORT_FOLDER, start_preparation, start_warming_up
-from . import diagnostics, disk, export, metadata, prefetch, rebox, record, region, resources, store, validate
+from . import blank, diagnostics, disk, export, metadata, prefetch, rebox, record, region, resources, store, validate
 from .outdir import (AUTOMATIC_KEY, CONTENT_HASHED, OutdirLock, check_writable, explain_os_error, file_identity,
                      prepare_outdir, remove_store, run_fingerprint, same_run, with_content_hashes)
 from .tasks import MapFiles, half_map_models, prepare_models, run_chunk
@@ -489,6 +489,9 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
                 timings["prepare_maps"] = time.monotonic() - started - sum(timings.values())
             sample, task = diagnostics.sample_task(table, maps, settings, device)
             sample_fit = runner.compute([task], "sample fit", [len(sample)], waiting, unit="tasks")[0]
+            if sample_fit.blank is not None:  # a blank sample passes the checks below: 0 is no worse than 0
+                blank.refuse_blank_sample(table, sample, sample_fit.blank,
+                                          ~np.isfinite(sample_fit.fit.alpha) & ~sample_fit.blank)
             # Maps off every optics group's pixel size that explain almost nothing: their header is likely wrong.
             refuse = (partial(validate.wrong_voxel_size, half_a, pixel_size, table)
                       if validate.far_from_every_group(table, projected_voxel) else None)
@@ -563,6 +566,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     skipped = store.skipped_particles(store_path)
     diagnosed = {"sample": checked, "all": diagnostics.check_results(
         {"contrast": contrast, **fit}, skipped, settings.scale, checked)}
+    diagnosed["all"].update(blank.warn_blank_particles(table, fit["fit_correlation"], skipped))
     with all_metadata_or_none(outdir):
         exported = rebox.reboxed_table(table, reboxing) if reboxing is not None else None
         export.write_metadata(table, outdir, options.particles_per_stack,

@@ -38,6 +38,7 @@ from ..physics.lowpass import lowpass_map
 from ..physics.optics import fit_map_to_box
 from ..physics.subtract import SubtractionSettings, prepare_half_map, subtract_batch
 from . import export, resources, store
+from .blank import blank_images
 from .metadata import load_particles
 
 #: Share of the free memory measured at a task's start that its batches may use (others run alongside).
@@ -485,6 +486,7 @@ class SampleFit(NamedTuple):
     control: np.ndarray
     set_up_seconds: float = 0.0
     work_seconds: float | None = None
+    blank: np.ndarray | None = None  # (n,) bool: blank images (``blank.blank_images``), fitted as NaN
 
 
 def fit_sample(particles, maps: MapFiles, settings, device: str) -> SampleFit:
@@ -494,8 +496,9 @@ def fit_sample(particles, maps: MapFiles, settings, device: str) -> SampleFit:
     the sample with its own poses, and the fit correlation of each image with
     the model in another sample particle's pose and origin (its own CTF and half
     set), a baseline of what a model that does not belong to the image explains.
-    Images with NaN or infinite values get NaN throughout. ``settings.scale``
-    should be "fit".
+    Images with NaN or infinite values, and blank ones (every pixel the same,
+    ``blank.blank_images``, returned as ``blank``), get NaN throughout.
+    ``settings.scale`` should be "fit".
 
     Before the timed fit the task gets the prepared maps (made here where the
     worker has none yet) and subtracts one particle, so that the compiled
@@ -509,7 +512,8 @@ def fit_sample(particles, maps: MapFiles, settings, device: str) -> SampleFit:
     particles = load_particles(particles)
     device = resolve_device(device)
     images = read_images(particles.image_paths, particles.image_indices)
-    good = np.flatnonzero(~bad_images(images, particles, skip=True))
+    blank = blank_images(images)
+    good = np.flatnonzero(~bad_images(images, particles, skip=True) & ~blank)
     setting_up = time.perf_counter()
     models = half_map_models(maps, settings, device)
     chosen = particles.subset(good)
@@ -528,4 +532,4 @@ def fit_sample(particles, maps: MapFiles, settings, device: str) -> SampleFit:
         for name in ("alpha", "sigma", "correlation"):
             getattr(fit, name)[good] = getattr(own, name)
         control[good] = subtract_particles(images[good], others, models, settings, device)[1].correlation
-    return SampleFit(fit, control, set_up, time.perf_counter() - working)
+    return SampleFit(fit, control, set_up, time.perf_counter() - working, blank)
