@@ -154,6 +154,36 @@ def test_stack_that_is_a_folder(data, tmp_path, capsys):
     assert "is a folder, not a file" in line and "file not found" not in line
 
 
+def test_missing_stacks_are_counted_in_one_line(data, tmp_path, capsys):
+    """Rows naming two missing stacks: the line names the first, then the next, and says how many stacks and
+    how many particles are missing, what to check and how to go on without them (it named only the first)."""
+    star = starfile.read(data["star"], always_dict=True)
+    names = list(star["particles"]["rlnImageName"])
+    names[3] = names[3].replace("particles.mrcs", "mic002_particles.mrcs")
+    names[4] = names[4].replace("particles.mrcs", "mic003_particles.mrcs")
+    names[9] = names[9].replace("particles.mrcs", "mic002_particles.mrcs")
+    star["particles"]["rlnImageName"] = names
+    starfile.write(star, data["star"], overwrite=True)
+    folder = data["star"].parent
+    line = assert_refused(run(data, tmp_path / "out"), capsys, tmp_path / "out", data["star"])
+    assert line.startswith(f"dsub: error: {folder / 'mic002_particles.mrcs'}: file not found, nor is "
+                           f"{folder / 'mic003_particles.mrcs'} (2 stack files missing, named by 3 of the {COUNT} "
+                           f"particles of {data['star']}). Check that the stacks are where"), line
+    assert "leave them out of the particle file" in line
+
+
+def test_many_missing_stacks_name_two_and_count_the_rest():
+    from dsub.errors import MissingInputError
+
+    error = MissingInputError("a.mrcs", referenced_from="p.star", others=["b.mrcs", "c.mrcs", "d.mrcs"],
+                              rows=(40, 1000))
+    assert str(error).startswith("a.mrcs: file not found, nor are b.mrcs, c.mrcs and 1 more (4 stack files "
+                                 "missing, named by 40 of the 1000 particles of p.star). ")
+    import pickle
+
+    assert str(pickle.loads(pickle.dumps(error))) == str(error)  # intact from a worker
+
+
 def test_stack_that_is_not_mrc(data, tmp_path, capsys):
     data["stack"].write_text("these are not images\n" * 100)
     line = assert_refused(run(data, tmp_path / "out"), capsys, tmp_path / "out", data["stack"])
