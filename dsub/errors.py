@@ -189,6 +189,9 @@ def interrupted_line(exc: BaseException) -> str:
     complete = getattr(exc, "results_complete", None)
     if complete is not None:  # stopped while the QC report was drawn (``pipeline.write_qc_report``)
         how = "stopped by SIGTERM" if isinstance(exc, Terminated) else "interrupted"
+        if getattr(exc, "report_complete", False):
+            return (f"dsub: {how} as the run ended; the results in {complete} are complete (star, .cs, stacks), "
+                    "and so is its QC report.")
         return (f"dsub: {how} while the QC report was drawn; the results in {complete} are complete (star, .cs, "
                 f"stacks). Draw the report with: dsub report {complete}")
     before = getattr(exc, "nothing_written", False)
