@@ -320,8 +320,8 @@ def few_cores_note(spec) -> str | None:
         return None
     workers, _, _ = local_layout(spec)
     return (f"Note: on {cores} cores a local cluster of CPU workers costs more than it gains: each of its "
-            f"{workers} worker process(es) starts Python and prepares its own maps, which --scheduler threads "
-            "does once in this process, with the same tasks on every core.")
+            f"{workers} worker process(es) starts Python and prepares its own maps; --scheduler threads runs "
+            "the same tasks on every core and prepares the maps once, in this process.")
 
 
 def local_cluster(spec):

@@ -81,8 +81,10 @@ def warn_blank_particles(table, correlation: np.ndarray, skipped: np.ndarray) ->
     """Warn, naming the stacks, when some particles' images were blank; figures for ``dsub_run.json``.
 
     ``correlation``: every particle's stored fit correlation (n,), exactly 0 for
-    a blank image; ``skipped``: (n,) bool, particles left out. Returns
-    ``{"blank_particles": count}``.
+    an image with no power in the fit band (``contrast.fit_spectra`` on the CPU
+    and the GPU alike): an all-zero image always, a constant one unless a
+    ``--window-inner`` window shapes it; ``skipped``: (n,) bool, particles left
+    out. Returns ``{"blank_particles": count}``.
     """
     blank = (np.asarray(correlation) == 0) & ~np.asarray(skipped, dtype=bool)
     count = int(blank.sum())
