@@ -18,15 +18,30 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import queue
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 
+#: Page-locked (CUDA pinned) buffers instead of ordinary memory, as dsub's GPU tasks use (``--pinned``).
+PINNED = False
+
+
+def _buffer(piece: int) -> np.ndarray:
+    if PINNED:
+        import cupyx
+
+        return cupyx.empty_pinned((piece,), dtype=np.uint8)
+    return np.empty(piece, dtype=np.uint8)
+
+
 def _write(path: str, size: int, piece: int, start, done):
-    buffer = np.random.default_rng(0).integers(0, 255, piece, dtype=np.uint8)
+    buffer = _buffer(piece)
+    buffer[:] = np.random.default_rng(0).integers(0, 255, piece, dtype=np.uint8)
     start.wait()
     began = time.perf_counter()
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -39,7 +54,7 @@ def _write(path: str, size: int, piece: int, start, done):
 
 
 def _read(path: str, size: int, piece: int, start, done):
-    buffer = bytearray(piece)
+    buffer = _buffer(piece)
     start.wait()
     began = time.perf_counter()
     descriptor = os.open(path, os.O_RDONLY)
@@ -53,7 +68,7 @@ def _read(path: str, size: int, piece: int, start, done):
 
 def _copy(path: str, size: int, piece: int, start, done):
     """Read a piece of ``path`` (cached) and write it to ``path + '.out'``, piece after piece: a task's I/O."""
-    buffer = bytearray(piece)
+    buffer = _buffer(piece)
     start.wait()
     began = time.perf_counter()
     source = os.open(path, os.O_RDONLY)
@@ -69,11 +84,16 @@ def _copy(path: str, size: int, piece: int, start, done):
     done.put(time.perf_counter() - began)
 
 
-def timed_run(function, paths, size: int, piece: int) -> float:
-    """Wall seconds from a common start until every process has moved its ``size`` bytes."""
-    context = multiprocessing.get_context("fork")
-    start, done = context.Barrier(len(paths) + 1), context.Queue()
-    workers = [context.Process(target=function, args=(str(path), size, piece, start, done)) for path in paths]
+def timed_run(function, paths, size: int, piece: int, threads: bool = False) -> float:
+    """Wall seconds from a common start until every process (or thread of this process) has moved its
+    ``size`` bytes."""
+    if threads:
+        start, done = threading.Barrier(len(paths) + 1), queue.Queue()
+        workers = [threading.Thread(target=function, args=(str(path), size, piece, start, done)) for path in paths]
+    else:
+        context = multiprocessing.get_context("fork")
+        start, done = context.Barrier(len(paths) + 1), context.Queue()
+        workers = [context.Process(target=function, args=(str(path), size, piece, start, done)) for path in paths]
     for worker in workers:
         worker.start()
     start.wait()
@@ -81,7 +101,7 @@ def timed_run(function, paths, size: int, piece: int) -> float:
     for worker in workers:
         worker.join()
     wall = time.perf_counter() - began
-    if any(worker.exitcode for worker in workers):
+    if done.qsize() != len(paths):
         raise SystemExit("a writer or reader failed")
     return wall
 
@@ -93,10 +113,16 @@ def main():
     parser.add_argument("--piece-mb", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--folder", default=None)
+    parser.add_argument("--pinned", action="store_true", help="CUDA page-locked buffers (needs CuPy), as dsub's GPU tasks")
+    parser.add_argument("--threads", action="store_true",
+                        help="threads of one process instead of processes (as a worker's task threads)")
     args = parser.parse_args()
+    global PINNED
+    PINNED = args.pinned
     total, piece = int(args.gigabytes * 2**30), args.piece_mb * 2**20
-    print(f"{args.gigabytes:g} GiB a run in pieces of {args.piece_mb} MiB; {os.cpu_count()} cores")
-    print("| processes | write GB/s | × one | read GB/s (cache) | × one | read + write GB/s (each way) | × one |")
+    print(f"{args.gigabytes:g} GiB a run in pieces of {args.piece_mb} MiB; {os.cpu_count()} cores; "
+          f"{'threads of one process' if args.threads else 'processes'}{', pinned buffers' if args.pinned else ''}")
+    print("| writers | write GB/s | × one | read GB/s (cache) | × one | read + write GB/s (each way) | × one |")
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(dir=args.folder, prefix="page-cache-") as folder:
         first = None
@@ -107,10 +133,10 @@ def main():
                 for path in paths:
                     path.unlink(missing_ok=True)
                 os.sync()
-                write = timed_run(_write, paths, size, piece)
-                read = timed_run(_read, paths, size, piece)
+                write = timed_run(_write, paths, size, piece, args.threads)
+                read = timed_run(_read, paths, size, piece, args.threads)
                 os.sync()
-                copy = timed_run(_copy, paths, size, piece)
+                copy = timed_run(_copy, paths, size, piece, args.threads)
                 rates = (size * count / write / 1e9, size * count / read / 1e9, size * count / copy / 1e9)
                 first = rates if first is None else first
                 print(f"| {count} | {rates[0]:.2f} | {rates[0] / first[0]:.2f} | {rates[1]:.2f} | "

@@ -13,7 +13,12 @@ import sys
 import warnings
 from pathlib import Path
 
-from . import __version__
+if __name__ == "__main__":  # ``python -m dsub.cli``: what the ``dsub`` command sets before its libraries load
+    from .command import lean_threads_under_an_address_space_limit
+
+    lean_threads_under_an_address_space_limit()
+
+from . import __version__  # noqa: E402 -- after the settings above
 from .cluster import ClusterSpec, parse_adapt
 from .errors import (
     DsubError, DsubWarning, MissingInputError, OptionError, Terminated,
@@ -60,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="RELION's convention: the mask covers the region to KEEP; subtract map*(1-mask)")
     run.add_argument("--scale", choices=SCALE_MODES, default="fit",
                      help="contrast scale per particle: fit it (default), take it from the input "
-                          "(alignments3D/alpha, rlnCtfScalefactor), or none (1)")
+                          "(alignments3D/alpha; rlnDsubContrast, else rlnCtfScalefactor), or none (1)")
     run.add_argument("--window-inner", type=float, default=None,
                      help="fit the contrast inside a soft circular window: inner radius as a fraction of the box "
                           "half-width (cryoSPARC's default is 0.85; default here: no window, see README)")

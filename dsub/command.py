@@ -41,8 +41,9 @@ ARENAS_UNDER_A_LIMIT = 2
 
 
 def lean_threads_under_an_address_space_limit() -> None:
-    """Under ``ulimit -v``: ``OPENBLAS_NUM_THREADS=1`` and at most ``ARENAS_UNDER_A_LIMIT`` malloc arenas, for this
-    process and (through the environment) the workers it starts, where the user has not set them.
+    """Under ``ulimit -v``: ``OPENBLAS_NUM_THREADS=1``, at most ``ARENAS_UNDER_A_LIMIT`` malloc arenas and pyarrow
+    on the system's malloc (``ARROW_DEFAULT_MEMORY_POOL=system``), for this process and (through the environment)
+    the workers it starts, where the user has not set them.
 
     OpenBLAS maps a work buffer for each of its threads (one per core) and, where
     the address space runs out, prints "Memory allocation still failed after 10
@@ -51,9 +52,15 @@ def lean_threads_under_an_address_space_limit() -> None:
     cleanup. glibc gives each thread that allocates an arena of its own, each
     reserving 64 MiB of address space (``HEAP_MAX_SIZE``), which the limit
     counts though little of it is used: a coordinator of 17 threads mapped
-    2.7 GB for 0.3 GB resident. dsub's work is FFTs and compiled kernels, not
-    BLAS, and its large arrays are mapped by themselves, not from an arena, so
-    neither costs speed. Set before any thread starts (``mallopt`` here; the
+    2.7 GB for 0.3 GB resident. pyarrow (which holds pandas' text columns) allocates from
+    mimalloc, whose first allocation reserves 1 GiB of address space where the
+    limit leaves that much, and less where it does not: a box-96 run on a local
+    cluster finished under 1.3 GB and 1.9 GB but found no room for a thread or a
+    library under 1.45-1.75 GB (measured 2026-11-30); with the system's malloc
+    the coordinator maps 0.83 GB at its peak whatever the limit. dsub's work is
+    FFTs and compiled kernels, not BLAS, its large arrays are mapped by
+    themselves, not from an arena, and pyarrow holds only the tables' names, so
+    none of this costs speed. Set before any thread starts (``mallopt`` here; the
     variable ``MALLOC_ARENA_MAX`` for processes started later). Without a
     limit nothing is changed.
     """
@@ -63,6 +70,7 @@ def lean_threads_under_an_address_space_limit() -> None:
     if soft in (resource.RLIM_INFINITY, -1):
         return
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")  # read as pyarrow loads its first pool
     if "MALLOC_ARENA_MAX" not in os.environ:
         os.environ["MALLOC_ARENA_MAX"] = str(ARENAS_UNDER_A_LIMIT)
         try:

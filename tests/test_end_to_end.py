@@ -25,6 +25,7 @@ import pytest
 import starfile
 import zarr
 
+import dsub
 from dsub.cli import main
 from dsub.demo import PIXEL_SIZE, make_dataset
 from dsub.formats import cs as cs_format
@@ -720,3 +721,43 @@ def test_overwrite_removes_the_earlier_runs_stacks_and_a_cut_stack_is_not_finish
     assert run_cli(paths, outdir, "--particles-per-stack", "64") == 0
     assert "already holds the finished results" not in capsys.readouterr().out
     np.testing.assert_array_equal(images_via_star(outdir), first)
+
+
+def test_a_resumed_run_writes_the_same_bytes_as_an_uninterrupted_one(dataset, tmp_path, monkeypatch, capsys):
+    """Stacks, star and .cs of a run stopped after two chunks and resumed equal an uninterrupted run's, byte for
+    byte: no time of writing in the MRC headers' label or the star's first line."""
+    from dsub.workflow import store
+
+    paths, _ = dataset
+    outdir = tmp_path / "out"  # both runs write here: the star's and .cs's stack names are the same
+
+    def outputs() -> dict:
+        files = [outdir / STAR_OUT, outdir / CS_OUT, *sorted((outdir / "Particles").iterdir())]
+        return {path.relative_to(outdir): path.read_bytes() for path in files}
+
+    assert run_cli(paths, outdir) == 0
+    uninterrupted = outputs()
+    shutil.rmtree(outdir)
+
+    original, added = store.ChunkRecorder.add, []
+
+    def stopped_after_two(self, result):
+        if len(added) == 2:
+            raise KeyboardInterrupt  # Ctrl-C once two chunks are finished
+        added.append(result)
+        return original(self, result)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store.ChunkRecorder, "add", stopped_after_two)
+        assert run_cli(paths, outdir) == 130
+    assert not (outdir / STAR_OUT).exists() and sorted(store.finished_chunks(outdir / "subtracted.zarr")) == [0, 0, 1, 1]
+    capsys.readouterr()
+    assert run_cli(paths, outdir) == 0
+    assert run_summary(outdir)["chunks_skipped"] == 2
+    resumed = outputs()
+    assert list(resumed) == list(uninterrupted)
+    for name, content in uninterrupted.items():
+        assert resumed[name] == content, name
+    with mrcfile.open(outdir / "Particles" / "subtracted_0000.mrcs", header_only=True) as mrc:
+        assert mrc.get_labels() == [f"Created by dsub (version {dsub.__version__})"]
+    assert (outdir / STAR_OUT).read_text().startswith(f"# Created by dsub (version {dsub.__version__})\n")

@@ -223,7 +223,7 @@ def test_the_check_is_made_on_the_figure_the_batches_were_planned_on(monkeypatch
     minimum = resources.worker_memory(64, settings, "cpu", 1, 48, 1).host_bytes
     # The room beside the baseline (already resident) is exactly the leanest run's; the second reading comes after
     # a helper thread took its arena.
-    room = minimum - resources.BASELINE_HOST_BYTES
+    room = minimum - resources.BASELINE_HOST_BYTES + resources.report_preparation_bytes(64)  # the report's beside
     readings = iter([room, room - resources.ARENA_ADDRESS_BYTES])
     monkeypatch.setattr(resources, "host_memory_available", lambda threads_at_peak=0: next(readings))
     monkeypatch.setattr(resources, "planned_device", lambda options: "cpu")
@@ -239,7 +239,10 @@ def test_the_check_is_made_on_the_figure_the_batches_were_planned_on(monkeypatch
 def test_openblas_gets_one_thread_and_malloc_two_arenas_under_an_address_space_limit(limited, preset, expected):
     """Under ``ulimit -v`` OpenBLAS's per-thread buffers can fail to map, and OpenBLAS then ends the process with
     status 1 and no dsub line; each thread's malloc arena reserves 64 MiB: the command sets
-    ``OPENBLAS_NUM_THREADS=1`` before NumPy loads, where not set, and two arenas, which the memory plan counts."""
+    ``OPENBLAS_NUM_THREADS=1`` before NumPy loads, where not set, and two arenas, which the memory plan counts.
+    pyarrow's mimalloc pool reserves 1 GiB at its first allocation where the limit leaves that much (a run under
+    1.6 GB then found no room for a thread, while one under 1.3 GB, where the reservation failed, finished):
+    there it takes the system's malloc."""
     def limit():
         if limited:
             resource.setrlimit(resource.RLIMIT_AS, (8 * 2**30, 8 * 2**30))
@@ -248,18 +251,26 @@ def test_openblas_gets_one_thread_and_malloc_two_arenas_under_an_address_space_l
     if preset is not None:
         environment["OPENBLAS_NUM_THREADS"] = preset
     environment.pop("MALLOC_ARENA_MAX", None)
+    environment.pop("ARROW_DEFAULT_MEMORY_POOL", None)
     code = ("import os, sys\n"
             "from dsub.command import lean_threads_under_an_address_space_limit\n"
             "lean_threads_under_an_address_space_limit()\n"
-            "assert 'numpy' not in sys.modules\n"
+            "assert 'numpy' not in sys.modules and 'pyarrow' not in sys.modules\n"
             "from dsub.workflow.resources import arena_cap\n"
-            "print(os.environ.get('OPENBLAS_NUM_THREADS'), os.environ.get('MALLOC_ARENA_MAX'), arena_cap())\n")
+            "import psutil, pyarrow\n"
+            "before = psutil.Process().memory_info().vms\n"
+            "pyarrow.array(range(1000))\n"
+            "grew = psutil.Process().memory_info().vms - before\n"
+            "print(os.environ.get('OPENBLAS_NUM_THREADS'), os.environ.get('MALLOC_ARENA_MAX'), arena_cap(), "
+            "pyarrow.default_memory_pool().backend_name, grew)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment,
                           preexec_fn=limit, timeout=60)
     assert done.returncode == 0, done.stderr
-    blas, arenas, cap = done.stdout.split()
+    blas, arenas, cap, pool, grew = done.stdout.split()
     assert blas == expected
     assert (arenas, cap) == (("2", "2") if limited else ("None", str(8 * (os.cpu_count() or 1))))
+    if limited:  # mimalloc's first allocation reserves 1 GiB
+        assert pool == "system" and int(grew) < 256 * 2**20, (pool, grew)
 
 
 def test_a_refusal_under_an_address_space_limit_says_what_limit_would_do(monkeypatch):
@@ -273,3 +284,45 @@ def test_a_refusal_under_an_address_space_limit_says_what_limit_would_do(monkeyp
     assert resources.address_limit_that_would_do(230 * 10**6) == ""
     monkeypatch.setattr(resources, "address_space_limit", lambda: 80 * 10**9)  # above the memory: not the cause
     assert resources.address_limit_that_would_do(230 * 10**6) == ""
+
+
+def run_local_under(paths, outdir, limit_bytes):
+    """``dsub subtract`` on a local cluster of CPU workers under ``ulimit -v``; returns the finished process."""
+    command = [sys.executable, "-c", "from dsub.command import run; run()",  # as the console script does
+               "subtract", str(paths["star"]), "--half-a", str(paths["half_a"]),
+               "--half-b", str(paths["half_b"]), "--mask", str(paths["mask"]), "-o", str(outdir), "--quiet",
+               "--scheduler", "local", "--dashboard-address", "127.0.0.1:0", "--device", "cpu"]
+    environment = {k: v for k, v in os.environ.items()
+                   if k not in ("OPENBLAS_NUM_THREADS", "MALLOC_ARENA_MAX", "ARROW_DEFAULT_MEMORY_POOL")}
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, env=environment,
+                          preexec_fn=limited, cwd=outdir.parent)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="address-space limits as Linux enforces them")
+def test_a_local_run_under_any_address_space_limit_finishes_or_is_refused_with_the_limit_that_would_do(box64,
+                                                                                                      tmp_path):
+    """Under 1.6 GB a local run found no room for a thread after the sample fit while 1.3 and 1.9 GB finished
+    (pyarrow's mimalloc reserved 1 GiB wherever the limit left that much); a limit too low for the coordinator,
+    which draws the QC report at the end, is refused before any work in one line giving the limit that would
+    do, and that limit does."""
+    finished = run_local_under(box64, tmp_path / "at_1.6", 1_600_000 * 1024)
+    assert finished.returncode == 0, finished.stderr
+    assert (tmp_path / "at_1.6" / "report" / "index.html").is_file()
+
+    refused = run_local_under(box64, tmp_path / "at_0.6", 600_000 * 1024)
+    assert refused.returncode == 2, refused.stderr
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in refused.stderr, refused.stderr
+    said = re.match(r"dsub: error: this process \(the coordinator\) needs about [\d.]+ GB of address space: .* for "
+                    r"the QC report of 48 particles of box 64 drawn at the end, but the address-space limit "
+                    r"\(ulimit -v\) is 0\.6 GB\. Under the address-space limit, about [\d.]+ GB would do "
+                    r"\('ulimit -v (\d+)'\)\.$", lines[0])
+    assert said, lines[0]
+    assert not (tmp_path / "at_0.6" / "subtracted.zarr").exists()  # refused before any work
+
+    advised = run_local_under(box64, tmp_path / "advised", int(said.group(1)) * 1024)
+    assert advised.returncode == 0, advised.stderr

@@ -1,13 +1,14 @@
 """MRC maps and stacks: written files are valid, every stack mode reads as float32."""
 
 import os
+import sys
 
 import mrcfile
 import numpy as np
 import pytest
 
 from dsub.errors import InputFileError, MissingInputError
-from dsub.formats.mrc import open_stack, read_images, read_map, write_map, write_stack
+from dsub.formats.mrc import read_images, read_map, stack_layout, write_map, write_stack
 
 
 def test_write_stack_is_a_valid_stack(tmp_path, capsys):
@@ -47,7 +48,7 @@ def test_other_modes_read_as_float32(tmp_path, dtype, mode):
 def test_single_image_file_is_a_stack_of_one(tmp_path):
     path = tmp_path / "one.mrc"
     mrcfile.write(path, np.ones((5, 5), dtype=np.float32))
-    assert open_stack(path).shape == (1, 5, 5)
+    assert stack_layout(path).shape == (1, 5, 5)
 
 
 def test_mixed_stacks_keep_particle_order(tmp_path):
@@ -99,10 +100,30 @@ def test_not_an_mrc_stack(tmp_path):
     path = tmp_path / "text.mrcs"
     path.write_text("not a stack " * 200)
     with pytest.raises(InputFileError, match="text.mrcs.*not a readable MRC image stack"):
-        open_stack(path)
+        stack_layout(path)
 
 
 def test_real_map_reads(shared_data):
     data, voxel = read_map(shared_data / "emd3488/emd_3488.mrc")
     assert data.shape == (100, 100, 100) and data.dtype == np.float32
     assert voxel == pytest.approx(1.05, abs=1e-3)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc's address-space figures")
+def test_reading_a_few_images_from_many_stacks_maps_none_of_them(tmp_path):
+    """What a process maps counts against ``ulimit -v`` in full: the QC report's sample (a few images spread over
+    every output stack) once had every stack mapped whole. The images are read, not mapped."""
+    import psutil
+
+    paths = []
+    for k in range(24):  # 24 stacks of 16 MB
+        path = tmp_path / f"s{k}.mrcs"
+        with write_stack(path, (256, 128, 128), 1.0) as mrc:
+            mrc.data[5] = k
+        paths.append(str(path))
+    before = psutil.Process().memory_info().vms
+    images = read_images(np.array(paths, dtype=object), np.full(len(paths), 5))
+    grew = psutil.Process().memory_info().vms - before
+    np.testing.assert_array_equal(images[:, 0, 0], np.arange(24))
+    assert grew < 64 * 2**20, grew  # mapped whole, the stacks would take 384 MiB
+    assert stack_layout(paths[0]).shape == (256, 128, 128) and stack_layout(paths[0]).offset == 1024

@@ -457,3 +457,61 @@ def test_report_columns_take_a_few_bytes_per_particle(clean_dataset, tmp_path):
                        ("half_set", "optics_group", "defocus_angstrom", "input_codes", "input_indices",
                         "result_codes", "result_indices"))
     assert per_particle < COUNT * 26 + 7 * 128  # 25 bytes a particle, and each .npy's header
+
+
+REPORT_PEAK = """
+import sys, threading, time
+import psutil
+from dsub.report import warm_up_drawing, write_report
+from dsub.workflow import store
+outdir = sys.argv[1]
+warm_up_drawing()  # a run loads the drawing library early; resources.DRAWING_LIBRARY_BYTES counts it apart
+store.read_arrays(outdir + "/subtracted.zarr", ("skipped",))  # Zarr's threads: a run has them running already
+process = psutil.Process()
+start = process.memory_info()
+peak, stop = [start.vms, start.rss], threading.Event()
+
+def watch():
+    while not stop.is_set():
+        now = process.memory_info()
+        peak[0], peak[1] = max(peak[0], now.vms), max(peak[1], now.rss)
+        time.sleep(0.002)
+
+watcher = threading.Thread(target=watch)
+watcher.start()
+time.sleep(0.05)
+start = process.memory_info()  # the watcher's own stack counted out
+write_report(outdir)
+stop.set()
+watcher.join()
+print(peak[0] - start.vms, peak[1] - start.rss)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="psutil's address-space figures on Linux")
+def test_the_reports_memory_is_within_what_the_run_plans_for_it(tmp_path):
+    """``resources.report_bytes``, which a run under ``ulimit -v`` counts before any work, covers what drawing the
+    report adds, mapped and resident, as the run draws it (two malloc arenas: ``MALLOC_ARENA_MAX=2``), for a
+    sample of box-128 images spread over 18 output stacks."""
+    import os
+    import subprocess
+    import sys
+
+    from dsub.workflow import resources
+
+    count, box = 280, 128
+    paths, _ = make_dataset(tmp_path / "data", count=count, box=box, seed=11)
+    outdir = tmp_path / "out"
+    assert main(["subtract", str(paths["star"]), "--half-a", str(paths["half_a"]), "--half-b", str(paths["half_b"]),
+                 "--mask", str(paths["mask"]), "-o", str(outdir), "--chunk-size", "16", "--particles-per-stack", "16",
+                 "--quiet", "--keep-store"]) == 0
+    environment = {**os.environ, "MALLOC_ARENA_MAX": "2", "ARROW_DEFAULT_MEMORY_POOL": "system",
+                   "OPENBLAS_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", REPORT_PEAK, str(outdir)], capture_output=True, text=True,
+                          env=environment, timeout=300)
+    assert done.returncode == 0, done.stderr
+    mapped, resident = (int(word) for word in done.stdout.split())
+    planned = resources.report_bytes(count, box)
+    images = 262 * box * box * 4  # the sample's images, once
+    assert resident > 3 * images  # the measure sees the report's arrays
+    assert mapped <= planned and resident <= planned, (mapped, resident, planned)

@@ -48,6 +48,8 @@ KNOWN_CTF_FIELDS = set(CTF_FIELDS) | {
     "ctf/tilt_A", "ctf/anisomag", "ctf/cross_corr_ctffind4", "ctf/ctf_fit_to_A",
     "ctf/path", "ctf/fig_of_merit_gctf",
 }
+#: The fields dsub adds to the .cs files it writes (``workflow.export.FIT_FIELDS``) start so.
+DSUB_FIELD_PREFIX = "dsub/"
 #: ``blob/sign`` written for stacks that came from RELION. cryoSPARC's own import of
 #: RELION stacks (``empiar_10076_7.cs``, ``cryosparc_J2_particles_exported.cs``) records -1,
 #: as do its extracted stacks; the flag's exact meaning is unpublished.
@@ -359,7 +361,9 @@ def read_particles(
     resolved against (the cryoSPARC project folder, or ``cs_root``),
     ``extra["passthrough"]`` the files joined (``extra["passthrough_joins"]``: what each
     added, see ``load_joined``), and ``extra["location_roots"]``
-    where ``location/micrograph_path`` may start (``location.micrograph_base``).
+    where ``location/micrograph_path`` may start (``location.micrograph_base``),
+    ``extra["dsub_output"]`` a ``dsub/...`` field where an earlier dsub run wrote
+    the .cs (its ``alignments3D/alpha``: the contrast it subtracted with), else None.
     """
     path = Path(path)
     data, joined, looked_for, joins = load_joined(path, passthrough)
@@ -401,6 +405,8 @@ def read_particles(
         source_path=path,
         source=data,
         extra={"ctf_absent": ctf_absent, "exp_group_ids": groups, "project_folder": project_folder,
+               # a .cs an earlier dsub run wrote (its alignments3D/alpha: the contrast it subtracted with)
+               "dsub_output": next((name for name in names if name.startswith(DSUB_FIELD_PREFIX)), None),
                "passthrough": joined, "passthrough_joins": joins,
                # where location/micrograph_path starts (location.micrograph_base): as blob/path does
                "location_roots": (cs_roots(path, cs_root),

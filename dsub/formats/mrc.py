@@ -1,7 +1,9 @@
 """MRC maps and image stacks, through ``mrcfile``.
 
-Stacks are opened as read-only memory maps and cached per process, so the many
-small chunk reads of a run never reopen a file. Images come back as float32
+A stack's header is read once per process (``stack_layout``, cached), and its
+images with ``os.preadv`` into the caller's array: no stack is memory-mapped, so
+what a process maps does not grow with the stacks it reads (an address-space
+limit, ``ulimit -v``, counts a map's full size). Images come back as float32
 whatever the file's mode (0 int8, 1 int16, 2 float32, 6 uint16, 12 float16).
 """
 
@@ -9,12 +11,14 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import mrcfile
 import mrcfile.utils
 import numpy as np
 
+from dsub import __version__ as dsub_version
 from dsub.errors import InputFileError, MissingInputError
 
 #: MRC modes dsub reads as real images: int8, int16, float32, uint16, float16.
@@ -29,7 +33,11 @@ _NOT_MRC_FIX = {
     "map": "Give a map in MRC format (.mrc).",
 }
 _TRUNCATED_FIX = "Copy the file again or re-extract it: an interrupted transfer or a full disk leaves such files."
-_STACK_CACHE_SIZE = 128  # each cached stack holds one file descriptor
+_STACK_CACHE_SIZE = 4096  # stack layouts kept per process (a few hundred bytes each)
+#: The one text label of every MRC file dsub writes. mrcfile's own first label holds the time the file was
+#: created, so two runs of one command (or a run and its resumption) would write stacks equal in their images
+#: but not byte for byte; this one has no time. RELION and cryoSPARC do not read labels.
+CREATED_BY = f"Created by dsub (version {dsub_version})"
 
 
 def read_map(path: str | os.PathLike) -> tuple[np.ndarray, float]:
@@ -136,26 +144,46 @@ def check_mrc_file(path: str | os.PathLike, kind: str = "stack") -> None:
                              f"holds only {holds}.", _TRUNCATED_FIX)
 
 
-def open_stack(path: str | os.PathLike) -> np.ndarray:
-    """A read-only memory map of an image stack, shape (n, ny, nx), in the file's dtype.
+@dataclass(frozen=True)
+class StackLayout:
+    """Where an image stack's images lie in its file, from its header: nothing of the file is mapped.
 
-    A 2D file counts as a stack of one image. Cached per process by path, file
-    size and modification time, so a rewritten file is opened afresh.
+    ``shape``: (n, ny, nx) (a 2D file is a stack of one); ``dtype``: the images'
+    as stored (byte order included); ``offset``: bytes before the first image.
+    """
+
+    filename: str
+    shape: tuple
+    dtype: np.dtype
+    offset: int
+
+    @property
+    def image_bytes(self) -> int:
+        return int(np.prod(self.shape[1:])) * self.dtype.itemsize
+
+
+def stack_layout(path: str | os.PathLike) -> StackLayout:
+    """The ``StackLayout`` of an image stack, from its header (checked: ``check_mrc_file``).
+
+    Cached per process by path, file size and modification time, so a
+    rewritten file is read afresh. Nothing is memory-mapped: a map of a whole
+    stack counts against an address-space limit (``ulimit -v``) for its full
+    size, and the QC report's sample, a few images spread over every output
+    stack, had them all mapped at once (49 stacks, 0.8 GB for 37 MB read).
     """
     path = os.fspath(path)
     try:
         stat = os.stat(path)
     except FileNotFoundError:
         raise MissingInputError(path) from None
-    return _open_stack_cached(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    return _stack_layout_cached(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=_STACK_CACHE_SIZE)
-def _open_stack_cached(path: str, size: int, mtime_ns: int) -> np.ndarray:
-    """A read-only numpy memmap of ``path``'s data, from its header (checked first: ``check_mrc_file``).
+def _stack_layout_cached(path: str, size: int, mtime_ns: int) -> StackLayout:
+    """``path``'s ``StackLayout`` from its header; dtype and shape by mrcfile's own rules (``mrcfile.utils``).
 
-    The dtype and shape come from mrcfile's own rules (``mrcfile.utils``); the
-    file is not opened through ``mrcfile.mmap``, whose permissive mode reports
+    The file is not opened through ``mrcfile``, whose permissive mode reports
     through ``warnings``: catching them is process-wide and not thread-safe, and
     stacks are opened from background threads (the read-ahead, the QC report's
     preparation) while the run's own warnings are being captured.
@@ -172,16 +200,15 @@ def _open_stack_cached(path: str, size: int, mtime_ns: int) -> np.ndarray:
             "Convert the stack to float32 (mode 2).",
         )
     try:
-        dtype = mrcfile.utils.data_dtype_from_header(header)
-        shape = mrcfile.utils.data_shape_from_header(header)
-        data = np.memmap(path, dtype=dtype, mode="r", offset=_HEADER_BYTES + int(header["nsymbt"]), shape=shape)
+        dtype = np.dtype(mrcfile.utils.data_dtype_from_header(header))
+        shape = tuple(int(n) for n in mrcfile.utils.data_shape_from_header(header))
     except (ValueError, OSError) as exc:
         raise InputFileError(path, f"is not a readable MRC image stack ({exc}).", "Give .mrcs/.mrc stacks.") from exc
-    if data.ndim == 2:
-        data = data[np.newaxis]
-    if data.ndim != 3:
-        raise InputFileError(path, f"has {data.ndim}-dimensional data, not an image stack.")
-    return data
+    if len(shape) == 2:
+        shape = (1,) + shape
+    if len(shape) != 3:
+        raise InputFileError(path, f"has {len(shape)}-dimensional data, not an image stack.")
+    return StackLayout(path, shape, dtype, _HEADER_BYTES + int(header["nsymbt"]))
 
 
 def read_images(paths, indices, into=None) -> np.ndarray:
@@ -202,7 +229,7 @@ def read_images(paths, indices, into=None) -> np.ndarray:
     out: np.ndarray | None = None
     for path in dict.fromkeys(paths.tolist()):
         rows = np.flatnonzero(paths == path)
-        stack = open_stack(path)
+        stack = stack_layout(path)
         wanted = indices[rows]
         bad = wanted[(wanted < 0) | (wanted >= stack.shape[0])]
         if bad.size:
@@ -236,29 +263,26 @@ def _runs(sorted_indices: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
 
 
-def _copy_images(stack: np.ndarray, indices: np.ndarray, out: np.ndarray, rows: np.ndarray) -> None:
-    """``out[rows] = stack[indices]`` as float32, ``indices`` ascending; runs of images read with ``os.preadv``.
+def _copy_images(stack: StackLayout, indices: np.ndarray, out: np.ndarray, rows: np.ndarray) -> None:
+    """``out[rows] = stack[indices]`` as float32, ``indices`` ascending; each run of consecutive images one
+    ``os.preadv``.
 
     A memory map faults its pages in 4 kB at a time; one ``preadv`` per run of
     consecutive images asks the kernel for the whole run at once, several
-    times faster from the page cache and from a disk alike. Images of another
-    dtype than native float32, and a stack that is not a plain file map, take
-    the memory map.
+    times faster from the page cache and from a disk alike. Native float32
+    images are read straight into ``out`` where their rows follow each other
+    there; others through a buffer in the file's dtype, converted as copied.
     """
-    offset, name = getattr(stack, "offset", None), getattr(stack, "filename", None)
-    if not isinstance(stack, np.memmap) or name is None or offset is None or not stack.flags.c_contiguous:
-        out[rows] = stack[indices]
-        return
-    image_bytes = stack[0].nbytes
     direct = stack.dtype == np.dtype(np.float32) and out.flags.c_contiguous
-    fd = os.open(name, os.O_RDONLY)
+    fd = os.open(stack.filename, os.O_RDONLY)
     try:
         for first, stop in _runs(indices):
             targets = rows[first:stop]
             into_place = direct and targets[-1] - targets[0] == stop - first - 1
             buffer = (out[targets[0] : targets[-1] + 1] if into_place
                       else np.empty((stop - first,) + stack.shape[1:], dtype=stack.dtype))
-            _read_exactly(fd, memoryview(buffer).cast("B"), offset + int(indices[first]) * image_bytes, name)
+            _read_exactly(fd, memoryview(buffer).cast("B"), stack.offset + int(indices[first]) * stack.image_bytes,
+                          stack.filename)
             if not into_place:
                 out[targets] = buffer
     finally:
@@ -288,7 +312,8 @@ def write_stack(
     shape to allocate and fill afterwards through ``mrc.data``. ``mrc_mode`` is
     2 (float32) or 12 (float16, read by RELION >= 4.0 and cryoSPARC >= 4.4).
     Use as ``with write_stack(...) as mrc:``; call ``mrc.update_header_stats()``
-    after filling if the statistics matter.
+    after filling if the statistics matter. The header holds no time
+    (``CREATED_BY``): the same images and voxel size give the same bytes.
     """
     if mrc_mode not in (2, 12):
         raise ValueError(f"mrc_mode must be 2 (float32) or 12 (float16), not {mrc_mode}")
@@ -304,6 +329,7 @@ def write_stack(
     # set_image_stack() first: voxel size is cella / m{x,y,z}, and a stack has mz = 1.
     mrc.set_image_stack()
     mrc.voxel_size = float(voxel_size)
+    _label_as_dsub(mrc)
     if data is not None:
         mrc.data[...] = data
         mrc.update_header_stats()
@@ -318,3 +344,11 @@ def write_map(path: str | os.PathLike, volume: np.ndarray, voxel_size: float) ->
     with mrcfile.new(path, data=volume, overwrite=True) as mrc:
         mrc.voxel_size = float(voxel_size)
         mrc.update_header_stats()
+        _label_as_dsub(mrc)
+
+
+def _label_as_dsub(mrc) -> None:
+    """Make ``CREATED_BY`` the header's only text label, in place of mrcfile's time-stamped one."""
+    mrc.header.label[:] = b""
+    mrc.header.label[0] = CREATED_BY.encode("ascii")
+    mrc.header.nlabl = 1

@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import starfile
-from starfile.writer import package_info
 
+from dsub import __version__ as dsub_version
 from dsub.conventions import matrix_to_relion_euler, relion_euler_to_matrix
 from dsub.errors import InputFileError, MissingInputError, warn
 from dsub.formats import atomic, star_reader
 from dsub.formats.location import cs_star_columns
-from dsub.formats.mrc import open_stack
+from dsub.formats.mrc import stack_layout
 from dsub.formats.paths import StackRefs, resolve_stack_names, star_roots
 from dsub.particles import HALF_UNKNOWN, ParticleTable, same_for_all, shared_if_constant
 
@@ -343,7 +343,7 @@ def _box_sizes(df: pd.DataFrame, groups: np.ndarray, paths: np.ndarray, star_pat
         stack = paths[np.argmax(rows)]
         if not os.path.isfile(stack):
             raise MissingInputError(stack, referenced_from=star_path)
-        box[rows] = open_stack(stack).shape[-1]
+        box[rows] = stack_layout(stack).shape[-1]
     return box
 
 
@@ -483,7 +483,9 @@ def read_particles(path: str | os.PathLike, *, require_ctf: bool = True) -> Part
     ``extra["star_base"]`` (None where every name is absolute), and the output
     star's names start there too (``export.star_names_base``).
     ``require_ctf=False`` accepts files without defocus (simulated projections):
-    their CTF is exactly 1 (see ``ctf_from_columns``).
+    their CTF is exactly 1 (see ``ctf_from_columns``). ``extra["dsub_output"]``:
+    a label only dsub writes (``dsub_output_mark``) where an earlier dsub run
+    wrote the star, else None; ``input_contrast`` is ``input_contrast``'s.
     """
     path = Path(path)
     optics, particles, other = _read_blocks(path)
@@ -531,14 +533,44 @@ def read_particles(path: str | os.PathLike, *, require_ctf: bool = True) -> Part
         pixel_size_angstrom=shared_if_constant(pixel_size),
         box_size=shared_if_constant(_box_sizes(df, groups, paths, path)),
         optics_group=groups,
-        # rlnCtfScalefactor is in the CTF (ctf_scale): RELION has no further per-particle contrast
-        input_contrast=same_for_all(1.0, len(df)) if "rlnCtfScalefactor" in df.columns else None,
+        input_contrast=input_contrast(df),
         source_format="star",
         source_path=path,
         source={"optics": optics, "particles": particles, "other": other},
-        extra={"ctf_absent": ctf_absent, "star_base": base, "named_whole": named_whole},
+        extra={"ctf_absent": ctf_absent, "star_base": base, "named_whole": named_whole,
+               "dsub_output": dsub_output_mark(df.columns)},
         **ctf,
     )
+
+
+#: The labels dsub adds to the stars it writes (``workflow.export.FIT_COLUMNS``) start so.
+DSUB_LABEL_PREFIX = "rlnDsub"
+#: The contrast dsub subtracted each particle with (``workflow.export.FIT_COLUMNS["contrast"]``).
+DSUB_CONTRAST_LABEL = "rlnDsubContrast"
+
+
+def dsub_output_mark(labels) -> str | None:
+    """A label of ``labels`` that only dsub writes (``rlnDsub...``; ``rlnDsubContrast`` where there): a star of an
+    earlier dsub run; else None."""
+    labels = [str(label) for label in labels]
+    if DSUB_CONTRAST_LABEL in labels:
+        return DSUB_CONTRAST_LABEL
+    return next((label for label in labels if label.startswith(DSUB_LABEL_PREFIX)), None)
+
+
+def input_contrast(df: pd.DataFrame) -> np.ndarray | None:
+    """Each particle's contrast on top of its CTF for ``--scale input``, (n,) float64; None: the star has none.
+
+    ``rlnDsubContrast`` first: the contrast an earlier dsub run subtracted these
+    particles with (fitted, or taken from its own input), measured on top of the
+    CTF that already carries ``rlnCtfScalefactor``, so using it with that CTF
+    counts nothing twice; it is what ``--scale input`` reuses on dsub's own
+    output. Else 1 where the star has ``rlnCtfScalefactor``: that factor is in
+    the CTF (``ctf_scale``) and RELION has no further per-particle contrast.
+    """
+    if DSUB_CONTRAST_LABEL in df.columns:
+        return _column(df, DSUB_CONTRAST_LABEL)
+    return same_for_all(1.0, len(df)) if "rlnCtfScalefactor" in df.columns else None
 
 
 def _optics_from_table(table: ParticleTable) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
@@ -699,7 +731,9 @@ def write_particles(
     ``image_names`` (``N@stack``: (n,) str, or a ``paths.StackRefs``) become
     ``rlnImageName``; ``rlnImageOriginalName`` gets ``original_names`` (the same
     kinds), by default the input's image names (as ``relion_particle_subtract``
-    does, so ``--revert`` works). A star input passes every column through; a
+    does, so ``--revert`` works), or for a star an earlier dsub run wrote
+    (``extra["dsub_output"]``) its ``rlnImageOriginalName``, so that a second
+    subtraction still names the extracted images. A star input passes every column through; a
     .cs input gets columns built from the table. ``extra_columns`` ({label: (n,)
     values}) are added or replace the input's. The text is ``starfile.write``'s,
     written a block of rows at a time (``write_star``), to a temporary file
@@ -707,7 +741,9 @@ def write_particles(
     """
     if table.source_format == "star":
         optics, particles = _blocks_from_star(table)
-        default_original = particles["rlnImageName"]
+        # An earlier dsub run's star: its rlnImageOriginalName names the extraction's images, which stay the originals.
+        chained = table.extra.get("dsub_output") is not None and "rlnImageOriginalName" in particles
+        default_original = particles["rlnImageOriginalName" if chained else "rlnImageName"]
     else:
         optics, particles = _blocks_from_table(table)
         codes, uniques = table.image_path_codes()
@@ -783,6 +819,11 @@ def _as_text(column: pd.Series) -> tuple[str, list]:
     return "%s", ["<NA>" if absent else str(value) for value, absent in zip(column.tolist(), missing.tolist())]
 
 
+#: The star's first line. starfile's own (``starfile.writer.package_info``) carries the time of writing, so two
+#: runs of the same command (or a run and its resumption) would not write the same bytes; this one does.
+CREATED_BY = f"# Created by dsub (version {dsub_version})"
+
+
 def write_star(path: str | os.PathLike, blocks: dict, columns: dict | None = None) -> None:
     """Write ``blocks`` ({name: DataFrame}) as ``starfile.write(blocks, path, float_format=FLOAT_FORMAT)`` does.
 
@@ -790,7 +831,8 @@ def write_star(path: str | os.PathLike, blocks: dict, columns: dict | None = Non
     set in the last block (replacing a column of that label in place, else
     added at the end); they and that block's rows are formatted
     ``WRITE_BLOCK_ROWS`` at a time. Written to a temporary file beside ``path``,
-    then renamed: never a half-written file.
+    then renamed: never a half-written file. The first line names dsub
+    (``CREATED_BY``), without a time: the same blocks give the same bytes.
     """
     path = Path(path)
     names = list(blocks)
@@ -801,10 +843,10 @@ def write_star(path: str | os.PathLike, blocks: dict, columns: dict | None = Non
     tmp = atomic.temporary_name(path)
     try:
         with open(tmp, "w") as f:
-            if head:  # the optics table: small, written by starfile itself
-                f.write(starfile.to_string({name: blocks[name] for name in head}, float_format=FLOAT_FORMAT))
-            else:
-                f.write(package_info() + "\n\n\n")
+            f.write(CREATED_BY + "\n\n\n")
+            if head:  # the optics table: small, written by starfile itself (less its time-stamped first line)
+                text = starfile.to_string({name: blocks[name] for name in head}, float_format=FLOAT_FORMAT)
+                f.write(text[text.index("data_"):])
             f.write(f"data_{last}\n\nloop_\n")
             f.write("".join(f"_{label} #{number}\n" for number, label in enumerate(labels, 1)))
             for start in range(0, len(table), WRITE_BLOCK_ROWS):

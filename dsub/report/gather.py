@@ -193,7 +193,10 @@ def prepared_sample(columns: ReportColumns, skipped: np.ndarray | None, show_inp
         images, prepared.input_note = read_inputs(columns, rows)
         if images is not None:
             prepared.spectrum_inputs = image_spectra(images[np.isin(rows, spectrum_rows)])
-            prepared.example_inputs = {int(row): images[k] for k, row in enumerate(rows) if row in example_rows}
+            # Copies: a view would keep every sample image alive while the chunks run.
+            prepared.example_inputs = {int(row): images[k].copy() for k, row in enumerate(rows)
+                                       if row in example_rows}
+            del images
     return prepared
 
 

@@ -13,6 +13,10 @@ Before the run, one task fits the contrast of a sample of particles
   own pose must beat that control clearly (a paired t statistic over the
   sample, and a median gain), else a warning that the poses, CTF or maps
   probably do not belong to these particles;
+* on an earlier dsub run's output (``check_earlier_contrast``) the fit is
+  compared with the contrast that run used: maps that still hold the region it
+  removed fit too low, and ``--scale fit`` would under-subtract (a warning
+  naming ``--scale input``);
 * few particles should fit a negative contrast (beyond what each fit's
   uncertainty explains) or an outlying one.
 
@@ -42,6 +46,8 @@ BELONGS_T, BELONGS_GAIN = 4.0, 1.5
 OUTLIER_SIGMAS = 4.0
 #: Warn when more than this fraction is outlying, or negative beyond the noise.
 OUTLIER_FRACTION, NEGATIVE_EXCESS = 0.05, 0.10
+#: On an earlier dsub run's output, a fitted / earlier contrast below this (beyond its noise) with --scale fit: a warning.
+EARLIER_RATIO_FLOOR = 0.97
 #: Fewer usable sample particles than this: the sample checks are not made.
 MIN_SAMPLE = 8
 
@@ -147,9 +153,15 @@ def check_sample(table, sample: np.ndarray, result, scale: str, say, refuse_unex
                  f"particles' poses ({other:.3f}). The poses, CTF or maps probably do not belong to these "
                  "particles: check that the metadata comes from a refinement against these maps and images.")
     explained = figures.get("maps_explain_images", True)
+    earlier = (table.extra.get("dsub_output") if table is not None and table.input_contrast is not None
+               else None)
+    if table is not None and table.source_format == "star" and earlier != "rlnDsubContrast":
+        earlier = None  # an earlier --scale none run wrote no contrast: nothing to compare with
     if scale == "input":
         figures.update(check_input_contrast(table, sample[usable], fit.alpha[usable], fit.sigma[usable], say,
-                                            check_sign=explained))
+                                            check_sign=explained, check_ratio=earlier is None))
+    if earlier is not None and scale in ("fit", "input") and explained:
+        figures.update(check_earlier_contrast(table, sample[usable], fit.alpha[usable], fit.sigma[usable], scale, say))
     elif scale == "none" and explained:
         figures.update(check_unit_contrast(fit.alpha[usable], fit.sigma[usable]))
     if explained:  # otherwise the spread of α only repeats that warning
@@ -167,8 +179,9 @@ def _json_safe(figures: dict) -> dict:
 
 
 def check_input_contrast(table, rows: np.ndarray, fitted: np.ndarray, sigma: np.ndarray, say,
-                         check_sign: bool = True) -> dict:
-    """With --scale input: refuse the opposite polarity; warn when fitted / input leaves ``RATIO_BAND``."""
+                         check_sign: bool = True, check_ratio: bool = True) -> dict:
+    """With --scale input: refuse the opposite polarity; warn when fitted / input leaves ``RATIO_BAND``
+    (unless ``check_ratio`` is false: an earlier dsub run's output, judged by ``check_earlier_contrast``)."""
     given = np.asarray(table.input_contrast[rows], dtype=np.float64)
     if not rows.size:
         return {}
@@ -189,7 +202,7 @@ def check_input_contrast(table, rows: np.ndarray, fitted: np.ndarray, sigma: np.
     # Standard error of a median: sqrt(pi/2) times that of a mean.
     noise = math.sqrt(math.pi / 2) * float(np.sqrt(np.nanmean(ratio_sigma[finite] ** 2) / max(finite.sum(), 1)))
     low, high = RATIO_BAND
-    if not low <= median_ratio <= high and abs(median_ratio - 1.0) > 3 * noise:
+    if check_ratio and not low <= median_ratio <= high and abs(median_ratio - 1.0) > 3 * noise:
         warn(f"the fitted contrast is {median_ratio:.2f} times the input contrast (median of {finite.sum()} "
              f"sample particles, ± {noise:.2f}): the input contrast does not match these maps and images. "
              "Check that the metadata and maps come from the same refinement, or use --scale fit.")
@@ -197,6 +210,53 @@ def check_input_contrast(table, rows: np.ndarray, fitted: np.ndarray, sigma: np.
         say(f"Polarity check: input contrast has the sign of a fit on {rows.size} particles "
             f"(median fitted {np.median(fitted):.3f}, median input {np.median(given):.3f}).")
     return {"median_ratio_fitted_to_input": median_ratio, "median_ratio_noise": noise}
+
+
+def check_earlier_contrast(table, rows: np.ndarray, fitted: np.ndarray, sigma: np.ndarray, scale: str, say) -> dict:
+    """On the output of an earlier dsub run (``extra["dsub_output"]``): the sample's fitted contrast against the
+    contrast that run subtracted with (``input_contrast``: ``rlnDsubContrast`` / ``alignments3D/alpha``).
+
+    Those images lack the region the earlier run removed. Maps that still hold
+    it (the earlier run's) predict more than the images hold, so the fit against
+    the full half map comes out that region's share of the fitted signal too
+    low, and ``--scale fit`` leaves as large a share of this run's region in the
+    images: a warning naming ``--scale input``, which reuses the earlier
+    contrast (the same particles, the same contrast). Maps refined from the
+    subtracted particles fit about 1 times it, and ``--scale fit`` is right
+    with them. With ``--scale input`` a ratio below 1 is what these maps give:
+    one line saying so, not the warning ``check_input_contrast`` gives.
+    """
+    given = np.asarray(table.input_contrast[rows], dtype=np.float64)
+    if not rows.size:
+        return {}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.asarray(fitted, np.float64) / given
+        ratio_sigma = np.abs(np.asarray(sigma, np.float64) / given)
+    finite = np.isfinite(ratio)
+    if not finite.any():
+        return {}
+    median_ratio = float(np.median(ratio[finite]))
+    # Standard error of a median: sqrt(pi/2) times that of a mean.
+    noise = math.sqrt(math.pi / 2) * float(np.sqrt(np.nanmean(ratio_sigma[finite] ** 2) / finite.sum()))
+    label = "alignments3D/alpha" if table.source_format == "cs" else "rlnDsubContrast"
+    source = getattr(table.source_path, "name", table.source_path)
+    lacking = median_ratio < EARLIER_RATIO_FLOOR and 1.0 - median_ratio > 3 * noise
+    versus = (f"{median_ratio:.2f} times the contrast an earlier dsub run subtracted these particles with ({label} "
+              f"of {source}; median of {finite.sum()} sample particles, ± {noise:.2f})")
+    if scale == "fit" and lacking:
+        warn(f"the contrast fitted against the full half maps is {versus}: the maps still hold the region that run "
+             f"removed (as its own maps do), so this fit is too low and would leave about {1 - median_ratio:.0%} of this mask's region "
+             "in the images. Use --scale input, which reuses the earlier run's contrast (the same particles); "
+             "--scale fit is right only with maps refined from the subtracted particles.")
+    elif scale == "input" and median_ratio > RATIO_BAND[1] and median_ratio - 1.0 > 3 * noise:
+        warn(f"the fitted contrast is {versus}: more than these images hold. Check that the maps are the ones "
+             "the earlier run subtracted with, or use --scale fit.")
+    elif scale == "input" and lacking:
+        say(f"The fitted contrast is {versus}, as expected where the maps still hold the region that run removed: "
+            "--scale input reuses the earlier contrast.")
+    else:
+        say(f"The fitted contrast is {versus}: the maps hold what the images hold.")
+    return {"median_ratio_fitted_to_earlier": median_ratio, "median_ratio_earlier_noise": noise}
 
 
 def check_unit_contrast(fitted: np.ndarray, sigma: np.ndarray) -> dict:

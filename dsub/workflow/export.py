@@ -5,7 +5,8 @@
   pixel size (in input order), with that pixel size in the header;
 * ``OUTDIR/particles_subtracted.star``: every input row, in input order, with
   ``rlnImageName`` pointing at the new stacks and the old name in
-  ``rlnImageOriginalName``, both starting from one folder, RELION's project
+  ``rlnImageOriginalName`` (for a star an earlier dsub run wrote, that star's
+  ``rlnImageOriginalName``: the extracted images stay the originals), both starting from one folder, RELION's project
   folder (``star_names_base``: the folder the input star's relative names
   start from, else the current folder); by default the new names are relative
   to it when OUTDIR is inside it, else absolute (``formats.paths.written_paths``);
@@ -431,7 +432,9 @@ def write_metadata(table, outdir: Path, particles_per_stack: int, contrast: np.n
         left_out = select_rows(table, ~keep)
         originals = original_image_names(left_out) if linked is None else linked.select(~keep)
         with named_in_outdir(into, outdir):
-            star_format.write_particles(left_out, into / SKIPPED_NAME, originals, original_names=originals)
+            # None: the writer's own (the input's names, or an earlier dsub run's rlnImageOriginalName)
+            star_format.write_particles(left_out, into / SKIPPED_NAME, originals,
+                                        original_names=None if linked is None else originals)
     kept = select_rows(exported, keep)
     if np.any(kept.ctf_premultiplied):
         warn(f"{CS_NAME}: the images are CTF-premultiplied (rlnCtfDataAreCtfPremultiplied), and a cryoSPARC "

@@ -378,7 +378,8 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     if settings.scale == "input" and table.input_contrast is None:
         raise InputFileError(
             particles_path,
-            "has no per-particle contrast (alignments3D/alpha in a .cs, rlnCtfScalefactor in a star), "
+            "has no per-particle contrast (alignments3D/alpha in a .cs, rlnDsubContrast or rlnCtfScalefactor in a "
+            "star), "
             "which --scale input needs.",
             "Use --scale fit to fit each particle's contrast instead.",
         )
@@ -431,7 +432,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     def before_changes(resumes: bool) -> None:
         # Once OUTDIR is examined: a rerun with nothing to compute needs no worker, so states no memory.
         if not nothing_to_compute(store_path, outdir, layout, bounds, out_box, options, resumes):
-            announce_resources(plan, options, outputs)
+            announce_resources(plan, options, outputs, particles=len(table), report_box=out_box)
         check_disk_room(outdir, layout, len(table), out_box, options, particle_files, resumes)
 
     resuming = prepare_outdir(outdir, fingerprint, options.overwrite, identity, lambda line: say(options, line),
@@ -712,8 +713,11 @@ def plan_resources(box: int, settings, options: RunOptions, map_voxels: int = 0)
     return plan, dataclasses.replace(options.cluster, device=options.device, worker_memory_bytes=request)
 
 
-def announce_resources(plan, options: RunOptions, outputs: disk.DiskNeed | None = None) -> None:
-    """Print the memory each worker needs (the ``Memory:`` line); refuse here when this machine cannot hold it.
+def announce_resources(plan, options: RunOptions, outputs: disk.DiskNeed | None = None, particles: int = 0,
+                       report_box: int = 0) -> None:
+    """Print the memory each worker needs (the ``Memory:`` line); refuse here when this machine cannot hold it,
+    or when under an address-space limit this process cannot hold its own share and the QC report of
+    ``particles`` images of ``report_box`` px (``resources.check_coordinator``).
 
     Called once OUTDIR is examined and before anything there changes, for a run
     with work to do (``nothing_to_compute``): a rerun of a finished run starts
@@ -725,6 +729,7 @@ def announce_resources(plan, options: RunOptions, outputs: disk.DiskNeed | None 
     say(options, f"Memory: {plan.describe()}{written}.")
     if not options.cluster.distributed:
         resources.check_this_machine(plan)
+    resources.check_coordinator(plan, particles, report_box or plan.need.box)
 
 
 def nothing_to_compute(store_path: Path, outdir: Path, layout, bounds, box: int, options: RunOptions,

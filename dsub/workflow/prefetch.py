@@ -22,7 +22,7 @@ import threading
 import numpy as np
 import pandas as pd
 
-from ..formats.mrc import open_stack
+from ..formats.mrc import stack_layout
 
 #: Schedulers whose tasks read the stacks on this machine.
 SAME_MACHINE = ("threads", "sync", "local")
@@ -49,7 +49,7 @@ def byte_ranges(paths, indices, order=None):
     paths = np.asarray(paths, dtype=object)
     indices = np.asarray(indices, dtype=np.int64)
     order = np.arange(paths.size) if order is None else np.asarray(order, dtype=np.int64)
-    layout: dict = {}  # stack path -> (data offset, bytes per image), or None where it has no file map
+    layout: dict = {}  # stack path -> (data offset, bytes per image)
     previous = None
     for block in range(0, order.size, BLOCK_ROWS):
         rows = order[block : block + BLOCK_ROWS]
@@ -60,11 +60,8 @@ def byte_ranges(paths, indices, order=None):
         for first, last in zip(np.r_[0, breaks].tolist(), np.r_[breaks - 1, rows.size - 1].tolist()):
             path = str(stacks[codes[first]])
             if path not in layout:
-                stack = open_stack(path)
-                offset = getattr(stack, "offset", None)
-                layout[path] = None if offset is None else (offset, stack[0].nbytes)
-            if layout[path] is None:
-                continue
+                stack = stack_layout(path)
+                layout[path] = (stack.offset, stack.image_bytes)
             offset, image_bytes = layout[path]
             start, stop = offset + int(wanted[first]) * image_bytes, offset + (int(wanted[last]) + 1) * image_bytes
             if (path, start, stop) == previous:

@@ -327,6 +327,93 @@ def worker_capacity(device: str, dask_worker=None) -> dict:
     }
 
 
+# --- the coordinator's own address space ---------------------------------------------------------
+
+#: Address space the QC report's drawing library maps as it loads and draws its first figure (matplotlib, its
+#: fonts): 153 MB measured with two malloc arenas (2026-11-30). The run loads it while the maps are prepared.
+DRAWING_LIBRARY_BYTES = 160 * 2**20
+#: Threads a Dask client adds to the coordinator beside ``run_threads`` (its event loop, offload and
+#: communication threads): a box-96 run on ``local`` peaked at 19-20 threads on 2 cores (2026-11-30).
+DASK_CLIENT_THREADS = 6
+#: The QC report's own memory (``dsub.report``), measured 2026-11-30 with ``dsub report`` on finished runs
+#: under two malloc arenas: about 6.6 copies of its sample's images (input and result, their transforms, the
+#: model's, the powers: 442 MB resident, 499 MB mapped at box 256 against 67 MB of images), 60-70 bytes a
+#: particle (its per-particle arrays: 12 MB more at 200 000 particles than at 20 000), and 80-90 MB beside, of
+#: which Zarr's threads (counted by ``run_threads`` in a run) mapped about 56 MB.
+REPORT_IMAGE_COPIES = 7
+REPORT_BYTES_PER_PARTICLE = 100
+REPORT_FIXED_BYTES = 64 * 2**20
+
+
+#: Copies of the report's sample images that its preparation (``report.start_preparation``, in a thread while
+#: the chunks run) holds at its peak: the images read and their transforms, 202 MB traced at box 256 against
+#: 69 MB of images (2026-11-30); then it keeps the transforms and six example images.
+REPORT_PREPARATION_COPIES = 3
+
+
+def report_sample_bytes(box: int) -> int:
+    """Bytes of the report's largest sample of images of ``box``² float32 pixels."""
+    from ..report.gather import EXAMPLES_PER_HALF, SPECTRUM_SAMPLE
+
+    return (SPECTRUM_SAMPLE + 2 * EXAMPLES_PER_HALF) * box * box * 4
+
+
+def report_preparation_bytes(box: int) -> int:
+    """Peak bytes of the QC report's preparation, which runs beside the chunks on the coordinator."""
+    return REPORT_PREPARATION_COPIES * report_sample_bytes(box)
+
+
+def report_bytes(particles: int, box: int) -> int:
+    """Bytes the QC report needs at its peak for ``particles`` of ``box``² pixels (an upper bound of what was
+    measured: ``REPORT_IMAGE_COPIES``, ``REPORT_BYTES_PER_PARTICLE``, ``REPORT_FIXED_BYTES``)."""
+    from ..report.gather import EXAMPLES_PER_HALF, SPECTRUM_SAMPLE
+
+    sample = min(int(particles), SPECTRUM_SAMPLE + 2 * EXAMPLES_PER_HALF)
+    return int(REPORT_FIXED_BYTES + REPORT_IMAGE_COPIES * sample * box * box * 4
+               + REPORT_BYTES_PER_PARTICLE * int(particles))
+
+
+def said(count: int, other: int) -> str:
+    """``gigabytes(count)``, with two decimals where one would read as ``other`` does."""
+    return gigabytes(count) if gigabytes(count) != gigabytes(other) else f"{count / GB:.2f} GB"
+
+
+def drawing_library_bytes() -> int:
+    """``DRAWING_LIBRARY_BYTES`` where matplotlib is not loaded yet, else 0."""
+    import sys
+
+    return 0 if "matplotlib" in sys.modules else DRAWING_LIBRARY_BYTES
+
+
+def check_coordinator(plan: "MemoryPlan", particles: int, box: int) -> None:
+    """Under an address-space limit (``ulimit -v``), refuse a run whose coordinator, this process, would not find
+    room for its own peak: what it maps now, the threads it will start (a Dask client's too), the QC report's
+    drawing library and the report itself (``report_bytes``), drawn after the last chunk.
+
+    On ``threads``/``sync`` the tasks run here too and the prepared maps are still held while the report is
+    drawn; the subtraction's own need is checked by ``check_this_machine``, with the drawing library counted.
+    """
+    limit = address_space_limit()
+    if limit is None:
+        return
+    local = plan.scheduler in ("threads", "sync")
+    tasks = plan.need.threads if local else 0
+    threads_at_peak = run_threads(tasks) + (0 if local else DASK_CLIENT_THREADS)
+    room = address_space_room(threads_at_peak)
+    held = plan.prepared_bytes if local else 0
+    report = report_bytes(particles, box)
+    mapped = limit - room  # now, and the stacks and arenas of the threads to come
+    need = mapped + held + drawing_library_bytes() + report
+    if need > limit:
+        raise NotEnoughMemoryError(
+            f"this process (the coordinator{', which runs the tasks too' if local else ''}) needs about "
+            f"{said(need, limit)} of address space: {gigabytes(mapped)} for its libraries and threads, "
+            + (f"{gigabytes(held)} for the prepared maps, " if held else "")
+            + f"{gigabytes(report + drawing_library_bytes())} for the QC report of {particles} particles of box "
+            f"{box} drawn at the end, but the address-space limit (ulimit -v) is {said(limit, need)}."
+            + limit_that_would_do(limit, need - limit))
+
+
 # --- the plan made on the coordinator --------------------------------------------------------------
 
 @dataclass
@@ -343,6 +430,7 @@ class MemoryPlan:
     gpu_possible: bool = False  # a GPU the run could use instead: visible here, or GPU jobs a batch system gives
     cpu_need: WorkerMemory | None = None  # an existing scheduler's workers with --device auto: if on the CPU
     room: int | None = None  # threads/sync: host bytes this process had left when planned (``host_memory_available``)
+    prepared_bytes: int = 0  # threads/sync on the CPU: the prepared maps, held here while the QC report is drawn
 
     def describe(self) -> str:
         """The estimate as the run prints it.
@@ -425,6 +513,12 @@ def plan_memory(box: int, settings, options, map_voxels: int = 0) -> MemoryPlan:
     if spec.scheduler in ("threads", "sync"):  # the limit is known now: plan batches within it
         # Read once: the batches and the check (``check_this_machine``) are planned on the same figure.
         room = host_memory_available(run_threads(threads))
+        # The QC report's preparation reads its sample beside the chunks; under an address-space limit its
+        # drawing library, loaded beside the maps' preparation, counts too.
+        room -= report_preparation_bytes(box)
+        if address_space_limit() is not None:
+            room -= drawing_library_bytes()
+        room = max(0, room)
         budget = (gpu_memory_free() - prepared_map_bytes(box, settings) if device == "gpu" else
                   room + BASELINE_HOST_BYTES - worker_memory(box, settings, "cpu", threads, chunk, 0, map_voxels).host_bytes)
         batch = batch_within(budget, box, settings, device, threads, chunk)
@@ -442,6 +536,7 @@ def plan_memory(box: int, settings, options, map_voxels: int = 0) -> MemoryPlan:
         padding=projector_kernel(settings.projector, settings.padding)[1],
         gpu_possible=device != "gpu" and gpu_possible(spec.scheduler),
         room=room,
+        prepared_bytes=prepared_map_bytes(box, settings) if device == "cpu" and room is not None else 0,
     )
 
 
@@ -537,14 +632,23 @@ def check_this_machine(plan: MemoryPlan) -> None:
             + address_limit_that_would_do(need.host_bytes - room))
 
 
-def address_limit_that_would_do(short: int) -> str:
-    """Where the address-space limit (``ulimit -v``) is what leaves ``short`` bytes too few: the limit that
-    would do, rounded up to 0.1 GB, as a sentence (else "")."""
-    limit = address_space_limit()
-    if limit is None or memory_granted()[0] != limit:  # not the limit that binds
+def limit_that_would_do(limit: int | None, short: int) -> str:
+    """The address-space limit that would leave ``short`` bytes more than ``limit``, rounded up to 0.1 GB, as a
+    sentence ("" without a limit)."""
+    if not limit:
         return ""
     enough = math.ceil((limit + short) / (GB / 10)) * (GB / 10)
     return f" Under the address-space limit, about {gigabytes(int(enough))} would do ('ulimit -v {int(enough) // 1024}')."
+
+
+def address_limit_that_would_do(short: int, binding_only: bool = True) -> str:
+    """Where the address-space limit (``ulimit -v``) is what leaves ``short`` bytes too few: the limit that
+    would do, rounded up to 0.1 GB, as a sentence (else ""). ``binding_only``: say it only where that limit is
+    below this machine's memory (what ``memory_granted`` gives); False: wherever there is one."""
+    limit = address_space_limit()
+    if limit is None or (binding_only and memory_granted()[0] != limit):  # not the limit that binds
+        return ""
+    return limit_that_would_do(limit, short)
 
 
 def check_workers(plan: MemoryPlan, capacities: dict, box: int, settings, chunk_size: int) -> None:
@@ -578,7 +682,8 @@ def check_workers(plan: MemoryPlan, capacities: dict, box: int, settings, chunk_
                 f"{gigabytes(max(0, room))} of address space left under its address-space limit (ulimit -v, "
                 f"{gigabytes(capacity['address_limit'])}, which counts the libraries and thread stacks mapped too). "
                 "Raise the limit ('ulimit -v') for the command that starts the workers"
-                + "".join(f"; or {fix}" for fix in remedies(need, plan)) + ".")
+                + "".join(f"; or {fix}" for fix in remedies(need, plan)) + "."
+                + limit_that_would_do(capacity["address_limit"], need.host_bytes - BASELINE_HOST_BYTES - room))
         free = capacity.get("gpu_free")
         if capacity["device"] == "gpu" and free is not None and need.gpu_bytes > free:
             raise NotEnoughMemoryError(

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputFileError, MissingInputError, OptionError, warn
-from ..formats.mrc import open_stack, read_map
+from ..formats.mrc import read_map, stack_layout
 from ..particles import HALF_A, HALF_B, is_same_for_all
 from ..physics.optics import crop_or_pad, map_extent_voxels
 
@@ -485,7 +485,7 @@ def check_images(table, box: int) -> None:
                                 others=[stacks[code] for code in missing[1:]], rows=(rows, len(table)))
     for code in in_order:
         path = stacks[code]
-        stack = open_stack(path)
+        stack = stack_layout(path)
         if stack.shape[-1] != box or stack.shape[-2] != box:
             raise InputFileError(
                 path, f"images are {stack.shape[-1]}x{stack.shape[-2]} px but the metadata says {box} px.",

@@ -1,0 +1,174 @@
+"""A second subtraction on dsub's own output: region 1 removed first, then region 2 from what is left.
+
+Data from ``dsub.demo.make_dataset`` (independent simulator, noise-free, box 48):
+region 1 is the demo's masked domain (52 % of the phantom's density), region 2
+the other domain. Judged against the simulation's truth: the second run must
+leave as little of region 2 as a single run on the original particles leaves.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pytest
+import starfile
+
+from dsub.cli import main
+from dsub.demo import PIXEL_SIZE, make_dataset
+from dsub.formats import cs as cs_format
+from dsub.formats import star as star_format
+from dsub.formats.mrc import read_images, write_map
+from dsub.simulate import soft_sphere_mask, two_domain_phantom
+from dsub.workflow.export import FIT_COLUMNS, FIT_FIELDS
+
+COUNT, BOX, SEED = 96, 48, 2026
+STAR_OUT, CS_OUT = "particles_subtracted.star", "particles_subtracted.cs"
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """The dataset, the mask of region 2, and the first run (region 1, --scale fit) on the star."""
+    folder = tmp_path_factory.mktemp("chain")
+    paths, sim = make_dataset(folder / "data", count=COUNT, box=BOX, seed=SEED, snr=None)
+    phantom = two_domain_phantom(BOX, np.random.default_rng(SEED))  # make_dataset's first draw: the same phantom
+    paths["mask_2"] = folder / "data" / "mask_2.mrc"
+    write_map(paths["mask_2"], soft_sphere_mask(phantom, 1, BOX), PIXEL_SIZE)
+    first = folder / "job030"
+    assert run(paths, paths["star"], paths["mask"], first) == 0
+    return paths, sim, first
+
+
+def run(paths, particles, mask, outdir, *extra):
+    # Noise-free particles made each from its own half map: no FSC weighting (as tests/test_end_to_end.py).
+    return main(["subtract", str(particles), "--half-a", str(paths["half_a"]), "--half-b", str(paths["half_b"]),
+                 "--mask", str(mask), "-o", str(outdir), "--chunk-size", "32", "--quiet",
+                 "--fit-weighting", "none", *map(str, extra)])
+
+
+def images_of(star) -> np.ndarray:
+    table = star_format.read_particles(star)
+    return read_images(table.image_paths, table.image_indices)
+
+
+def left_of_region_2(after: np.ndarray, before: np.ndarray, sim) -> float:
+    """What is left of region 2 (the simulation's kept domain) after removing it from ``before``, relative to it."""
+    return float(np.linalg.norm(after - (before - sim.kept_signal)) / np.linalg.norm(sim.kept_signal))
+
+
+def expected_ratio(sim) -> float:
+    """Median over particles of what a least-squares fit against both regions finds on images holding region 2
+    alone, relative to the true contrast: <region 2, both> / |both|², from the simulator's own images."""
+    both = sim.images.reshape(COUNT, -1).astype(np.float64)  # noise-free: the signal of both regions
+    region_2 = sim.kept_signal.reshape(COUNT, -1)
+    return float(np.median(np.einsum("ij,ij->i", region_2, both) / np.einsum("ij,ij->i", both, both)))
+
+
+def diagnostics(outdir) -> dict:
+    return json.loads((Path(outdir) / "dsub_run.json").read_text())["diagnostics"]["sample"]
+
+
+@pytest.fixture(scope="module")
+def single_stage(chain):
+    """Region 2 removed from the original particles in one run: the level a chained run must reach."""
+    paths, sim, first = chain
+    outdir = first.parent / "single"
+    assert run(paths, paths["star"], paths["mask_2"], outdir) == 0
+    left = left_of_region_2(images_of(outdir / STAR_OUT), sim.images, sim)
+    assert left < 0.02  # the projector's and the fit's error on noise-free data
+    return left
+
+
+def test_dsub_output_is_recognised_and_its_contrast_read_before_rlnCtfScalefactor(chain):
+    paths, sim, first = chain
+    assert FIT_COLUMNS["contrast"] == star_format.DSUB_CONTRAST_LABEL
+    assert all(label.startswith(star_format.DSUB_LABEL_PREFIX) for label in FIT_COLUMNS.values())
+    assert all(name.startswith(cs_format.DSUB_FIELD_PREFIX) for name in FIT_FIELDS.values())
+    blocks = starfile.read(first / STAR_OUT, always_dict=True)
+    rows = blocks["particles"]
+    table = star_format.read_particles(first / STAR_OUT)
+    assert table.extra["dsub_output"] is not None
+    np.testing.assert_array_equal(table.input_contrast, rows["rlnDsubContrast"].to_numpy())
+    np.testing.assert_allclose(table.input_contrast, sim.contrast, rtol=0.03)  # the first run's fit
+    # With rlnCtfScalefactor too (in the CTF, so RELION's further contrast is 1): rlnDsubContrast wins.
+    blocks["particles"]["rlnCtfScalefactor"] = 0.8
+    starfile.write(blocks, first / "with_scalefactor.star")
+    both = star_format.read_particles(first / "with_scalefactor.star")
+    np.testing.assert_allclose(both.input_contrast, rows["rlnDsubContrast"].to_numpy(), rtol=1e-5)  # %.6f
+    np.testing.assert_allclose(both.ctf_scale, 0.8)
+    del blocks["particles"]["rlnDsubContrast"]
+    starfile.write(blocks, first / "scalefactor_only.star")
+    np.testing.assert_array_equal(star_format.read_particles(first / "scalefactor_only.star").input_contrast, 1.0)
+    assert cs_format.read_particles(first / CS_OUT).extra["dsub_output"] is not None
+    assert star_format.read_particles(paths["star"]).extra["dsub_output"] is None  # not dsub's
+
+
+def test_second_run_with_scale_input_removes_region_2_as_a_single_run_does(chain, single_stage, capsys):
+    paths, sim, first = chain
+    second = first.parent / "job031"
+    capsys.readouterr()
+    assert run(paths, first / STAR_OUT, paths["mask_2"], second, "--scale", "input") == 0
+    assert capsys.readouterr().err == ""  # no "does not match these maps" advice to use --scale fit
+    before = images_of(first / STAR_OUT)
+    left = left_of_region_2(images_of(second / STAR_OUT), before, sim)
+    assert left < 1.25 * single_stage + 0.003, (left, single_stage)
+    # The sample fit against the full maps finds the share of region 1 missing: recorded, not warned about.
+    ratio = diagnostics(second)["median_ratio_fitted_to_earlier"]
+    assert ratio == pytest.approx(expected_ratio(sim), abs=0.05), (ratio, expected_ratio(sim))
+    # The contrast reused is the first run's; the originals are still the extracted particles.
+    written = starfile.read(second / STAR_OUT, always_dict=True)["particles"]
+    earlier = starfile.read(first / STAR_OUT, always_dict=True)["particles"]
+    np.testing.assert_array_equal(written["rlnDsubContrast"], earlier["rlnDsubContrast"])
+    extracted = starfile.read(paths["star"], always_dict=True)["particles"]["rlnImageName"]
+    assert written["rlnImageOriginalName"].tolist() == extracted.tolist()
+    assert written["rlnImageName"].str.contains("job031").all()
+
+
+def test_second_run_with_scale_fit_on_the_first_runs_maps_is_warned_with_the_fix(chain, single_stage, capsys):
+    """The fit against the full half maps, which still hold region 1, is biased low by its share: said before the
+    run, with --scale input as the fix and the share of region 2 that would stay."""
+    paths, sim, first = chain
+    outdir = first.parent / "fit"
+    capsys.readouterr()
+    assert run(paths, first / STAR_OUT, paths["mask_2"], outdir) == 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    left = left_of_region_2(images_of(outdir / STAR_OUT), images_of(first / STAR_OUT), sim)
+    ratio = diagnostics(outdir)["median_ratio_fitted_to_earlier"]
+    assert left > 0.3 and left == pytest.approx(1 - ratio, abs=0.1), (left, ratio)  # the bias the warning names
+    assert len(lines) == 1 and "dsub: warning:" in lines[0] and "Use --scale input" in lines[0], lines
+    assert f"{1 - ratio:.0%} of this mask's region" in lines[0]
+
+
+def test_second_run_from_the_cs_with_scale_input_matches_the_star_chain(chain, single_stage, capsys):
+    paths, sim, first = chain
+    outdir = first.parent / "from_cs"
+    capsys.readouterr()
+    assert run(paths, first / CS_OUT, paths["mask_2"], outdir, "--scale", "input") == 0
+    assert capsys.readouterr().err == ""  # no "times the input contrast ... use --scale fit" warning
+    left = left_of_region_2(images_of(outdir / STAR_OUT), images_of(first / STAR_OUT), sim)
+    assert left < 1.25 * single_stage + 0.003, (left, single_stage)
+    written = np.load(outdir / CS_OUT, max_header_size=2**30)
+    earlier = np.load(first / CS_OUT, max_header_size=2**30)
+    np.testing.assert_array_equal(written["alignments3D/alpha"], earlier["alignments3D/alpha"])
+
+
+def test_maps_of_the_subtracted_particles_fit_without_a_warning(chain, capsys):
+    """Maps that lack region 1 as the images do (refined from the subtracted particles): --scale fit is right."""
+    paths, sim, first = chain
+    phantom_maps = {}
+    mask_1 = mrcfile.read(paths["mask"]).astype(np.float32)
+    for key in ("half_a", "half_b"):
+        volume = mrcfile.read(paths[key]).astype(np.float32) * (1 - mask_1)
+        phantom_maps[key] = first.parent / f"without_region_1_{key}.mrc"
+        write_map(phantom_maps[key], volume, PIXEL_SIZE)
+    outdir = first.parent / "refined_maps"
+    capsys.readouterr()
+    assert run({**paths, **phantom_maps}, first / STAR_OUT, paths["mask_2"], outdir) == 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    # Only that the mask holds all these maps' density (they hold region 2 alone): nothing about the contrast.
+    assert all("the subtracted region holds 100.0% of the map's density" in line for line in lines), lines
+    assert diagnostics(outdir)["median_ratio_fitted_to_earlier"] == pytest.approx(1.0, abs=0.05)
+    left = left_of_region_2(images_of(outdir / STAR_OUT), images_of(first / STAR_OUT), sim)
+    assert left < 0.03
