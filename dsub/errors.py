@@ -33,12 +33,35 @@ class InputFileError(DsubError, ValueError):
 
 
 class MissingInputError(DsubError, FileNotFoundError):
-    """An input file named on the command line or inside metadata does not exist (or is a folder)."""
+    """An input file named on the command line or inside metadata does not exist (or is a folder).
 
-    def __init__(self, path, referenced_from=None, given_as=None):
+    For stacks named by a particle file (``referenced_from``), ``others`` are
+    the further missing stacks (the first ``NAMED_MISSING`` are named, the rest
+    counted) and ``rows`` is (rows naming a missing stack, rows in all), so
+    that one line says how much is missing, not only the first file.
+    """
+
+    def __init__(self, path, referenced_from=None, given_as=None, others=(), rows=None):
         self.path, self.referenced_from, self.given_as = str(path), referenced_from, given_as
+        self.others, self.rows = tuple(str(other) for other in others), rows
         message = f"{path}: is a folder, not a file" if os.path.isdir(path) else f"{path}: file not found"
-        if referenced_from is not None:
+        if referenced_from is not None and (self.others or rows is not None):
+            named = ", ".join(self.others[:NAMED_MISSING])
+            if len(self.others) > NAMED_MISSING:
+                named += f" and {len(self.others) - NAMED_MISSING} more"
+            stacks = 1 + len(self.others)
+            if self.others:
+                message += f", nor {'is' if len(self.others) == 1 else 'are'} {named}"
+            if rows is not None:
+                message += (f" ({stacks} stack file{'s' if stacks > 1 else ''} missing, named by {rows[0]} of the "
+                            f"{rows[1]} particles of {referenced_from})")
+            else:
+                message += f" (referenced from {referenced_from})"
+            message += (". Check that the stacks are where the file names them: relative names start from the "
+                        "current folder (RELION's project folder), then that file's folder and its parents; "
+                        "--cs-root gives cryoSPARC's project folder. To go on without those particles, leave them "
+                        "out of the particle file (a selection without their micrographs) and run on that")
+        elif referenced_from is not None:
             message += (f" (referenced from {referenced_from}). Check that the stacks are where the file names "
                         "them: relative names start from the current folder (RELION's project folder), then that "
                         "file's folder and its parents; --cs-root gives cryoSPARC's project folder")
@@ -48,7 +71,11 @@ class MissingInputError(DsubError, FileNotFoundError):
         super().__init__(message)
 
     def __reduce__(self):
-        return type(self), (self.path, self.referenced_from, self.given_as)
+        return type(self), (self.path, self.referenced_from, self.given_as, self.others, self.rows)
+
+
+#: Further missing stacks named in a ``MissingInputError``; the rest are counted.
+NAMED_MISSING = 2
 
 
 class OptionError(DsubError, ValueError):
@@ -162,6 +189,9 @@ def interrupted_line(exc: BaseException) -> str:
     complete = getattr(exc, "results_complete", None)
     if complete is not None:  # stopped while the QC report was drawn (``pipeline.write_qc_report``)
         how = "stopped by SIGTERM" if isinstance(exc, Terminated) else "interrupted"
+        if getattr(exc, "report_complete", False):
+            return (f"dsub: {how} as the run ended; the results in {complete} are complete (star, .cs, stacks), "
+                    "and so is its QC report.")
         return (f"dsub: {how} while the QC report was drawn; the results in {complete} are complete (star, .cs, "
                 f"stacks). Draw the report with: dsub report {complete}")
     before = getattr(exc, "nothing_written", False)

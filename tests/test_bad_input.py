@@ -154,6 +154,36 @@ def test_stack_that_is_a_folder(data, tmp_path, capsys):
     assert "is a folder, not a file" in line and "file not found" not in line
 
 
+def test_missing_stacks_are_counted_in_one_line(data, tmp_path, capsys):
+    """Rows naming two missing stacks: the line names the first, then the next, and says how many stacks and
+    how many particles are missing, what to check and how to go on without them (it named only the first)."""
+    star = starfile.read(data["star"], always_dict=True)
+    names = list(star["particles"]["rlnImageName"])
+    names[3] = names[3].replace("particles.mrcs", "mic002_particles.mrcs")
+    names[4] = names[4].replace("particles.mrcs", "mic003_particles.mrcs")
+    names[9] = names[9].replace("particles.mrcs", "mic002_particles.mrcs")
+    star["particles"]["rlnImageName"] = names
+    starfile.write(star, data["star"], overwrite=True)
+    folder = data["star"].parent
+    line = assert_refused(run(data, tmp_path / "out"), capsys, tmp_path / "out", data["star"])
+    assert line.startswith(f"dsub: error: {folder / 'mic002_particles.mrcs'}: file not found, nor is "
+                           f"{folder / 'mic003_particles.mrcs'} (2 stack files missing, named by 3 of the {COUNT} "
+                           f"particles of {data['star']}). Check that the stacks are where"), line
+    assert "leave them out of the particle file" in line
+
+
+def test_many_missing_stacks_name_two_and_count_the_rest():
+    from dsub.errors import MissingInputError
+
+    error = MissingInputError("a.mrcs", referenced_from="p.star", others=["b.mrcs", "c.mrcs", "d.mrcs"],
+                              rows=(40, 1000))
+    assert str(error).startswith("a.mrcs: file not found, nor are b.mrcs, c.mrcs and 1 more (4 stack files "
+                                 "missing, named by 40 of the 1000 particles of p.star). ")
+    import pickle
+
+    assert str(pickle.loads(pickle.dumps(error))) == str(error)  # intact from a worker
+
+
 def test_stack_that_is_not_mrc(data, tmp_path, capsys):
     data["stack"].write_text("these are not images\n" * 100)
     line = assert_refused(run(data, tmp_path / "out"), capsys, tmp_path / "out", data["stack"])
@@ -205,6 +235,60 @@ def test_skip_bad_particles_leaves_them_out_and_lists_them(data, tmp_path, capsy
     out, err = capsys.readouterr()
     assert f"Subtracted {COUNT - 2} of {COUNT} particles" in out
     assert "dsub: warning: 2 particles with NaN or infinite values were left out" in err
+
+
+def blank_stack(stack_path, rows=None):
+    """Zero the images ``rows`` (all by default) of a stack, as a failed extraction leaves them."""
+    with mrcfile.mmap(stack_path, mode="r+") as mrc:
+        mrc.data[slice(None) if rows is None else rows] = 0
+
+
+def test_a_blank_sample_is_refused_before_the_run(data, tmp_path, capsys):
+    """A stack of zeros with good poses: every fit is 0 and so is the control, so the checks comparing them
+    saw nothing wrong and the run subtracted nothing from every image, exit 0. It is refused after the sample
+    fit, before any output, naming the particle file and the stack."""
+    blank_stack(data["stack"])
+    outdir = tmp_path / "out"
+    line = assert_refused(run(data, outdir), capsys, outdir, data["star"], data["stack"])
+    assert f"all {COUNT} sample particle images" in line and "are blank" in line and "re-extract" in line
+    assert not (outdir / "subtracted.zarr").exists()
+
+
+def test_one_blank_stack_of_several_is_named_in_a_warning(data, tmp_path, capsys):
+    """One stack of two all zero: the run goes on (the sample's other images are fine), and one warning names
+    that stack and how many of its particles are blank; the record counts them."""
+    second = data["stack"].with_name("particles_b.mrcs")
+    shutil.copy2(data["stack"], second)
+    blank_stack(second)
+    star = starfile.read(data["star"], always_dict=True)
+    moved = np.arange(COUNT) >= COUNT - 6  # the last 6 particles' images are in the blank stack
+    star["particles"].loc[moved, "rlnImageName"] = [name.replace("particles.mrcs", "particles_b.mrcs")
+                                                    for name in star["particles"].loc[moved, "rlnImageName"]]
+    starfile.write(star, data["star"], overwrite=True)
+    outdir = tmp_path / "out"
+    assert run(data, outdir, "--scheduler", "sync") == 0
+    err = capsys.readouterr().err
+    warned = [line for line in err.splitlines() if "blank" in line]
+    assert len(warned) == 1 and warned[0].startswith("dsub: warning: 6 of 24 particle images are blank"), err
+    assert f"{second} (all its 6)" in warned[0] and str(data["stack"]) + " " not in warned[0]
+    assert "the maps explain almost nothing" not in err  # the blank ones are kept out of the sample's checks
+    record = json.loads((outdir / "dsub_run.json").read_text())
+    assert record["diagnostics"]["all"]["blank_particles"] == 6
+
+
+def test_a_few_blank_images_in_a_stack_are_counted(data, tmp_path, capsys):
+    blank_stack(data["stack"], [2, 5])
+    outdir = tmp_path / "out"
+    assert run(data, outdir) == 0
+    err = capsys.readouterr().err
+    assert f"2 of {COUNT} particle images are blank" in err and f"{data['stack']} (2 of its {COUNT})" in err
+
+
+def test_good_images_give_no_blank_warning(data, tmp_path, capsys):
+    assert run(data, tmp_path / "out") == 0
+    assert "blank" not in capsys.readouterr().err
+    record = json.loads((tmp_path / "out" / "dsub_run.json").read_text())
+    assert record["diagnostics"]["all"]["blank_particles"] == 0
 
 
 def test_output_folder_that_cannot_be_created(data, tmp_path, capsys, monkeypatch):

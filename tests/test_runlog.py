@@ -12,7 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import starfile
 
 from dsub.cli import main
 from dsub.cluster.progress import Progress, duration, map_preparation_estimate, number, rate
@@ -136,6 +138,34 @@ def test_the_sample_fits_rate_leaves_out_its_set_up():
     assert finished.line() == ("sample fit: 1 task, 64 particles in 8.0 s (6.0 s of it setting up: maps and "
                                "compiled kernels), 32 particles/s")
     assert out.getvalue().splitlines()[-1] == finished.line()
+
+
+def test_the_sample_fits_rate_leaves_out_what_a_worker_did_before_the_task():
+    """On a cluster the worker starts and prepares its maps before the sample task runs (or beside it), where
+    the task cannot time it: the phase counts all but the task's timed fit as set-up, so its particles/s is the
+    particles' own rate, as the README says."""
+    import time as time_module
+
+    import dask
+
+    from dsub.cluster.runner import ClusterSpec, ThreadRunner
+    from dsub.physics.contrast import ContrastResult
+    from dsub.workflow.tasks import SampleFit
+
+    def worker_then_fit():
+        time_module.sleep(1.0)  # the worker's start and map preparation, outside the task's own clock
+        fit_started = time_module.perf_counter()
+        time_module.sleep(0.25)  # the timed fit of 64 particles
+        nothing = np.zeros(64, np.float32)
+        return SampleFit(ContrastResult(nothing, nothing, nothing), nothing, 0.0,
+                         time_module.perf_counter() - fit_started)
+
+    runner = ThreadRunner(ClusterSpec(scheduler="sync", progress=False))
+    runner.compute([dask.delayed(worker_then_fit)()], "sample fit", [64], unit="tasks")
+    phase = runner.phases["sample fit"]
+    assert phase.set_up_seconds >= 1.0
+    assert phase.seconds - phase.set_up_seconds == pytest.approx(0.25, abs=0.1)
+    assert phase.items_per_second > 64 / 0.4  # not 64 / 1.25: the worker's set-up is not in the rate
 
 
 def test_the_sample_fit_compiles_before_it_is_timed(small, tmp_path, monkeypatch, capsys):
@@ -1245,6 +1275,89 @@ def test_a_stop_while_the_report_is_drawn_says_the_results_are_complete(small, t
                     f".cs, stacks). Draw the report with: dsub report {outdir}")
     assert (outdir / "particles_subtracted.star").is_file() and (outdir / "particles_subtracted.cs").is_file()
     assert json.loads((outdir / "dsub_run.json").read_text())["attempts"][-1]["status"] == "finished"
+
+
+def test_a_stop_that_lands_after_the_report_is_in_place_says_the_report_is_complete(small, tmp_path, monkeypatch,
+                                                                                      capsys):
+    """A Ctrl-C put off until the report was moved into place (never inside an import) said "interrupted while
+    the QC report was drawn" beside a whole report/index.html: the line now says the report is complete."""
+    import dsub.report as report_module
+
+    real = report_module.write_report
+
+    def drawn_then_stopped(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    outdir = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(report_module, "write_report", drawn_then_stopped)
+        assert main(subtract_args(small, outdir)) == 130
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == (f"dsub: interrupted as the run ended; the results in {outdir} are complete (star, .cs, "
+                    "stacks), and so is its QC report.")
+    assert (outdir / "report" / "index.html").is_file()
+
+
+def test_a_rerun_draws_a_report_that_a_stop_left_undrawn(small, tmp_path, monkeypatch, capsys):
+    import dsub.report as report_module
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    outdir = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(report_module, "write_report", stop)
+        assert main(subtract_args(small, outdir)) == 130
+    assert not (outdir / "report" / "index.html").exists()
+    (outdir / "report").mkdir(exist_ok=True)  # a folder without its page is no report
+    capsys.readouterr()
+    assert main(subtract_args(small, outdir)) == 0
+    assert "already holds the finished results" in capsys.readouterr().out
+    assert (outdir / "report" / "index.html").is_file()
+
+
+#: Runs dsub with a kill -9 of itself (``os._exit``: nothing after it runs, no cleanup) right after ``TARGET``.
+KILLED_IN_EXPORT = """
+import os, sys
+from dsub.formats import star
+from dsub.workflow import export
+
+def killed_after(module, name, when=lambda *args: True):
+    real = getattr(module, name)
+    def then_killed(*args, **kwargs):
+        real(*args, **kwargs)
+        if when(*args):
+            os._exit(9)
+    setattr(module, name, then_killed)
+
+TARGET
+from dsub.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("after", ["star", "publish"])
+def test_kill_9_in_the_export_leaves_no_record_and_the_rerun_finishes(small, tmp_path, after):
+    """kill -9 once the star was written left a complete particles_subtracted.star (and final-named stacks)
+    without .cs or dsub_run.json. The star and .cs are now written aside and moved in with the record last:
+    killed before that, OUTDIR holds neither star nor record; the rerun finishes the export."""
+    outdir = tmp_path / "out"
+    target = {"star": 'killed_after(star, "write_particles", lambda table, path, *rest: path.name == "particles_subtracted.star")',
+              "publish": 'killed_after(export, "publish_metadata")'}[after]
+    script = KILLED_IN_EXPORT.replace("TARGET", target)
+    done = subprocess.run([sys.executable, "-c", script, *subtract_args(small, outdir, "--quiet")],
+                          capture_output=True, text=True)
+    assert done.returncode == 9, done.stderr
+    if after == "star":
+        assert not (outdir / "particles_subtracted.star").exists()
+        assert not (outdir / "particles_subtracted.cs").exists() and not (outdir / "dsub_run.json").exists()
+    else:
+        assert (outdir / "particles_subtracted.star").is_file() and (outdir / "dsub_run.json").is_file()
+    assert main(subtract_args(small, outdir, "--quiet")) == 0
+    assert len(starfile.read(outdir / "particles_subtracted.star")["particles"]) == 24
+    assert (outdir / "particles_subtracted.cs").is_file() and (outdir / "dsub_run.json").is_file()
+    assert not (outdir / ".metadata.partial").exists()
 
 
 def test_a_particles_folder_of_the_users_own_is_named_and_kept_by_overwrite(small, tmp_path, capsys):

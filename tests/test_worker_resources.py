@@ -59,6 +59,11 @@ def test_memory_request_is_raised_to_the_estimate_with_a_notice(tmp_path, capsys
     asked = int(re.search(r"#PBS -l select=1:ncpus=8:ngpus=1:mem=(\d+)GB", out).group(1))
     assert asked >= needed / 0.8 > 64  # below the share where Dask pauses a worker, above the profile's 64GB
     assert "gives each worker 64GB" in err and f"asks for {asked}GB instead" in err
+    # The warning's figure is the Memory: line's, with the headroom said, not a second estimate.
+    request = float(re.search(r"less than the ([\d.]+) GB this run asks of each worker job: the estimate of the "
+                              r"Memory: line divided by 0.8, since Dask pauses a worker at 80% of its memory limit",
+                              err).group(1))
+    assert request == pytest.approx(needed / 0.8, abs=0.15)
     assert f"--memory-limit {asked}" not in out  # dask-jobqueue writes the limit in GiB
     assert re.search(r"--memory-limit [\d.]+GiB", out)
 

@@ -42,6 +42,9 @@ def start_early(spec) -> "EarlyCluster | None":
     from . import start
     # In the main thread, before the cluster exists: a run stopped while it starts leaves it to the exit.
     start.close_clusters_quietly_at_exit()
+    note = start.few_cores_note(spec)
+    if note is not None:
+        print(note, file=spec.out, flush=True)
     print("Starting a local Dask cluster beside the input checks ...", file=spec.out, flush=True)
     return EarlyCluster(spec)
 

@@ -106,6 +106,21 @@ def start_progress(spec: ClusterSpec, label: str, sizes, waiting: str | None, un
                     extra_logs=getattr(out, "files", ())).start()
 
 
+def set_up_of(result, elapsed: float) -> float:
+    """Seconds of a finished task's phase (``elapsed`` so far) that its rate leaves out.
+
+    A result that reports ``work_seconds`` (the timed part of a phase of one
+    task, the sample fit) was setting up for all the rest: on a cluster that is
+    where the worker starts, imports dsub and prepares its maps before (or
+    beside) the task, none of which the task itself can time. Otherwise its own
+    ``set_up_seconds``, or 0.
+    """
+    work = getattr(result, "work_seconds", None)
+    if work is not None:
+        return max(0.0, elapsed - float(work))
+    return float(getattr(result, "set_up_seconds", 0.0))
+
+
 #: Tasks submitted and not yet finished, per thread of the workers (at least ``MIN_IN_FLIGHT``):
 #: enough to keep every thread busy, while the graph in flight stays small whatever the run's size.
 IN_FLIGHT_PER_THREAD = 4
@@ -132,8 +147,10 @@ class _Runner:
     ``waiting``: what happens before the first task finishes; ``on_result(result)``
     is called as each task finishes, in the order they finish, and what it
     returns is kept in the result's place; ``unit``: what a
-    task is, for the progress lines. A result with ``set_up_seconds`` (the
-    sample fit's ``SampleFit``) has that time left out of the phase's rate. The first task that fails stops the phase:
+    task is, for the progress lines. A result with ``set_up_seconds`` has that
+    time left out of the phase's rate; one with ``work_seconds`` (the sample
+    fit's ``SampleFit``, a phase of one task) has all the rest of the phase's
+    time until it finished left out (``set_up_of``). The first task that fails stops the phase:
     tasks not yet started are cancelled and its exception is raised.
     """
 
@@ -188,7 +205,7 @@ class _Runner:
             for handle in next_done(pending):
                 index = order.pop(handle)
                 results[index] = self._result_of(handle)  # re-raises a task's exception here
-                spent = float(getattr(results[index], "set_up_seconds", 0.0))
+                spent = set_up_of(results[index], time.monotonic() - started)
                 set_up[0] += spent
                 if progress is not None:
                     progress.task_done(index, spent)

@@ -36,14 +36,20 @@ Each stack is created at its full size under a temporary name before the tasks
 run (``prepare_stacks``); each task writes its chunk's images straight into
 their slots (``write_pieces``) and the store records the chunk as finished;
 when every chunk is, the header statistics are written from the store's
-per-image figures and the stacks get their names (``finish_stacks``). The two
-metadata files are written last, so their presence means the export finished.
+per-image figures and the stacks get their names (``finish_stacks``). The
+metadata files are written last, into a hidden folder (``STAGING_FOLDER``, the
+``into`` of ``write_metadata``) with the run's record, and moved into OUTDIR
+together by ``publish_metadata``: the star and .cs, then ``dsub_run.json``
+last, so a ``dsub_run.json`` in OUTDIR means the export finished (the star and
+.cs beside it are whole and of the same export).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +66,8 @@ STACK_FOLDER = "Particles"
 STAR_NAME = "particles_subtracted.star"
 CS_NAME = "particles_subtracted.cs"
 SKIPPED_NAME = "skipped_particles.star"
+#: Hidden folder in OUTDIR where the export's metadata is written before ``publish_metadata`` moves it out.
+STAGING_FOLDER = ".metadata.partial"
 #: Folder in OUTDIR of ``.mrcs`` links to a cryoSPARC input's ``.mrc`` stacks (``original_stack_links``).
 ORIGINALS_FOLDER = "Originals"
 #: A stack's name ends in this until the run's end (``finish_stacks``).
@@ -386,7 +394,7 @@ def written_stack_names(outdir: Path, paths_mode: str, project_folder=None, star
 
 def write_metadata(table, outdir: Path, particles_per_stack: int, contrast: np.ndarray,
                    skipped: np.ndarray | None = None, exported=None, paths_mode: str = "auto",
-                   fit: dict | None = None) -> None:
+                   fit: dict | None = None, into: Path | None = None) -> None:
     """Write the star and .cs files that point at the exported stacks (skipped particles left out).
 
     ``contrast`` None (``--scale none``) keeps the input's ``alignments3D/alpha`` (or 1).
@@ -403,12 +411,18 @@ def write_metadata(table, outdir: Path, particles_per_stack: int, contrast: np.n
     ``store.PER_PARTICLE`` besides ``contrast``, written under ``FIT_COLUMNS`` /
     ``FIT_FIELDS``. The temporary files that earlier attempts killed while
     writing these files left in ``outdir`` (``formats.atomic``) are removed first.
+    ``into``: the folder the files are written to (``STAGING_FOLDER``, for
+    ``publish_metadata``; default ``outdir``); their names for the stacks are
+    those of ``outdir`` either way. Without skipped particles no skipped star is
+    written (``publish_metadata`` then removes an earlier one).
     """
     from ..formats import cs as cs_format  # the writers (pandas) are loaded here: the workers write stacks only
     from ..formats import star as star_format
 
+    into = outdir if into is None else Path(into)
     for name in (STAR_NAME, CS_NAME, SKIPPED_NAME):  # left by an attempt killed while writing; this run holds the lock
         atomic.remove_leftovers(outdir / name)
+        atomic.remove_leftovers(into / name)
     exported = table if exported is None else exported
     locations = new_stack_refs(len(table), particles_per_stack, table.pixel_size_angstrom)
     star_base = star_names_base(table)
@@ -423,14 +437,15 @@ def write_metadata(table, outdir: Path, particles_per_stack: int, contrast: np.n
         linked = original_stack_links(originals, outdir)  # .mrc stacks, as RELION reads them
         star_originals = originals if linked is None else linked.with_paths(
             written_paths(linked.paths, outdir, paths_mode, star_base))
-    (outdir / SKIPPED_NAME).unlink(missing_ok=True)
+    (into / SKIPPED_NAME).unlink(missing_ok=True)
     if not keep.all():
         left_out = select_rows(table, ~keep)
         # the input's own images, as RELION reads them: the links, unless they are an earlier run's stacks
         inputs = (star_originals.select(~keep) if star_originals is not None and not chained_cs(table)
                   else original_image_names(left_out))
-        star_format.write_particles(left_out, outdir / SKIPPED_NAME, inputs,
-                                    original_names=None if star_originals is None else star_originals.select(~keep))
+        with named_in_outdir(into, outdir):
+            star_format.write_particles(left_out, into / SKIPPED_NAME, inputs,
+                                        original_names=None if star_originals is None else star_originals.select(~keep))
     kept = select_rows(exported, keep)
     if np.any(kept.ctf_premultiplied):
         warn(f"{CS_NAME}: the images are CTF-premultiplied (rlnCtfDataAreCtfPremultiplied), and a cryoSPARC "
@@ -441,12 +456,51 @@ def write_metadata(table, outdir: Path, particles_per_stack: int, contrast: np.n
     columns = {FIT_COLUMNS[name]: np.asarray(values, np.float32)[rows] for name, values in measured.items()}
     fields = {FIT_FIELDS[name]: np.asarray(values, "<f4")[rows] for name, values in measured.items()
               if name in FIT_FIELDS}
-    star_format.write_particles(kept, outdir / STAR_NAME, names.select(rows),
-                                None if star_originals is None else star_originals.select(rows),
-                                extra_columns=columns)
-    cs_format.write_particles(kept, outdir / CS_NAME, paths.select(rows), None,
-                              None if contrast is None else contrast[rows], extra_fields=fields,
-                              originals=cs_originals.select(rows))
+    with named_in_outdir(into, outdir):
+        star_format.write_particles(kept, into / STAR_NAME, names.select(rows),
+                                    None if star_originals is None else star_originals.select(rows),
+                                    extra_columns=columns)
+        cs_format.write_particles(kept, into / CS_NAME, paths.select(rows), None,
+                                  None if contrast is None else contrast[rows], extra_fields=fields,
+                                  originals=cs_originals.select(rows))
+
+
+@contextlib.contextmanager
+def named_in_outdir(into: Path, outdir: Path):
+    """An ``OSError`` (a full disk) about a file written in ``into`` names the file OUTDIR would hold instead."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None and Path(exc.filename).parent == into != outdir:
+            exc.filename = str(outdir / Path(exc.filename).name)
+        raise
+
+
+def staging_folder(outdir: Path) -> Path:
+    """A new, empty ``STAGING_FOLDER`` in ``outdir`` (one a stopped export left is removed first)."""
+    staging = Path(outdir) / STAGING_FOLDER
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    return staging
+
+
+def publish_metadata(staging: Path, outdir: Path, record_name: str) -> None:
+    """Move the export's files from ``staging`` into ``outdir``: the skipped star, the star and the .cs, then
+    the run's record ``record_name`` (``dsub_run.json``) last, each by a rename; then remove ``staging``.
+
+    A stop before the last rename leaves no record in ``outdir``, which the
+    README gives as the mark of an export cut short (the rerun exports again).
+    A skipped star that this export did not write is removed from ``outdir``.
+    """
+    staging, outdir = Path(staging), Path(outdir)
+    (outdir / record_name).unlink(missing_ok=True)  # from here until the end, no record: not finished
+    for name in (SKIPPED_NAME, STAR_NAME, CS_NAME):
+        if (staging / name).is_file():
+            os.replace(staging / name, outdir / name)
+        elif name == SKIPPED_NAME:
+            (outdir / name).unlink(missing_ok=True)
+    os.replace(staging / record_name, outdir / record_name)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def chained_cs(table) -> bool:

@@ -53,7 +53,7 @@ from ..physics.optics import map_extent_voxels
 from ..physics.projector import projector_kernel
 from ..physics.subtract import SubtractionSettings
 from ..report import REPORT_FOLDER, start_preparation, start_warming_up
-from . import diagnostics, disk, export, metadata, prefetch, rebox, record, region, resources, store, validate
+from . import blank, diagnostics, disk, export, metadata, prefetch, rebox, record, region, resources, store, validate
 from .outdir import (AUTOMATIC_KEY, CONTENT_HASHED, OutdirLock, check_writable, explain_os_error, file_identity,
                      prepare_outdir, remove_store, run_fingerprint, same_run, with_content_hashes)
 from .tasks import MapFiles, half_map_models, prepare_models, run_chunk
@@ -490,6 +490,9 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
                 timings["prepare_maps"] = time.monotonic() - started - sum(timings.values())
             sample, task = diagnostics.sample_task(table, maps, settings, device)
             sample_fit = runner.compute([task], "sample fit", [len(sample)], waiting, unit="tasks")[0]
+            if sample_fit.blank is not None:  # a blank sample passes the checks below: 0 is no worse than 0
+                blank.refuse_blank_sample(table, sample, sample_fit.blank,
+                                          ~np.isfinite(sample_fit.fit.alpha) & ~sample_fit.blank)
             # Maps off every optics group's pixel size that explain almost nothing: their header is likely wrong.
             refuse = (partial(validate.wrong_voxel_size, half_a, pixel_size, table)
                       if validate.far_from_every_group(table, projected_voxel) else None)
@@ -564,10 +567,13 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     skipped = store.skipped_particles(store_path)
     diagnosed = {"sample": checked, "all": diagnostics.check_results(
         {"contrast": contrast, **fit}, skipped, settings.scale, checked)}
+    diagnosed["all"].update(blank.warn_blank_particles(table, fit["fit_correlation"], skipped))
     with all_metadata_or_none(outdir):
         exported = rebox.reboxed_table(table, reboxing) if reboxing is not None else None
+        staging = export.staging_folder(outdir)  # moved into OUTDIR together at the end, the record last
         export.write_metadata(table, outdir, options.particles_per_stack,
-                              None if settings.scale == "none" else contrast, skipped, exported, options.paths, fit)
+                              None if settings.scale == "none" else contrast, skipped, exported, options.paths, fit,
+                              into=staging)
         timings["export"] = time.monotonic() - started - sum(timings.values())
         kept = contrast[~skipped]
         summary = {
@@ -597,7 +603,8 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
         }
         summary = {**record.run_description(options.command, identity),
                    **attempt.finish(summary, phases, workers)}
-        (outdir / RUN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        (staging / RUN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        export.publish_metadata(staging, outdir, RUN_SUMMARY)
     if not options.keep_store:  # only now: a rerun of a run cut short takes up its store and stacks
         store.delete_images(store_path)
     throughput = record.throughput_line(phases)
@@ -772,10 +779,21 @@ def write_qc_report(outdir: Path, options: RunOptions, preparation=None) -> None
         say(options, f"Report: {write_report(outdir, preparation)}")
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (Terminated): the results are complete already
         exc.results_complete = str(outdir)
+        # The report is moved into place whole (``report.write_report``): a stop put off until after that
+        # (``interrupts``: never inside an import) finds it complete, and the line must not say otherwise.
+        exc.report_complete = report_drawn(outdir)
         raise
     except Exception as exc:  # noqa: BLE001 -- any failure here must not fail a finished run
         warn(f"the QC report could not be written ({type(exc).__name__}: {exc}); the subtraction is complete. "
              f"Try again with: dsub report {outdir}")
+def report_drawn(outdir: Path) -> bool:
+    """Whether OUTDIR holds a whole QC report: its page, which ``report.write_report`` moves into place with the
+    rest of the folder once all of it is drawn."""
+    from ..report import PAGE_NAME
+
+    return (outdir / REPORT_FOLDER / PAGE_NAME).is_file()
+
+
 def reboxing_of_run(maps: MapFiles, settings, options: RunOptions, pixel_size: float):
     """The run's ``rebox.Reboxing`` and where its centre came from; (None, None) without those options.
 
@@ -818,6 +836,7 @@ def remove_metadata(outdir: Path) -> None:
     """Remove the star, .cs and summary files and the QC report of an earlier export."""
     for name in METADATA:
         (outdir / name).unlink(missing_ok=True)
+    shutil.rmtree(outdir / export.STAGING_FOLDER, ignore_errors=True)  # an export stopped before it moved out
     shutil.rmtree(outdir / REPORT_FOLDER, ignore_errors=True)  # an old run's report must not outlive it
 
 
@@ -964,12 +983,14 @@ def finished_run(outdir: Path, stacks: dict, options: RunOptions, table=None, sc
         skipped = store.skipped_particles(store_path)
         with all_metadata_or_none(outdir):
             exported = rebox.reboxed_table(table, reboxing) if reboxing is not None else None
+            staging = export.staging_folder(outdir)
             export.write_metadata(table, outdir, options.particles_per_stack, None if scale == "none" else contrast,
-                                  skipped, exported, options.paths, fit)
+                                  skipped, exported, options.paths, fit, into=staging)
             summary["outputs"] = {**summary.get("outputs", {}), "paths": options.paths,
                                   "star_root": star_folder_text(table, outdir, options.paths),
                                   "cs_root": project_folder_text(table, outdir, options.paths), "stack_names": names}
-            (outdir / RUN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+            (staging / RUN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+            export.publish_metadata(staging, outdir, RUN_SUMMARY)
         project = project_folder_text(table, outdir, options.paths)
         star_root = star_folder_text(table, outdir, options.paths)
         from_star = f", the star's names from {star_root}" if star_root not in (None, os.getcwd()) else ""
@@ -984,7 +1005,7 @@ def finished_run(outdir: Path, stacks: dict, options: RunOptions, table=None, sc
         say(options, f"dsub: {outdir} already holds the finished results of this run ({export.STAR_NAME}, "
                      f"{export.CS_NAME}, {export.STACK_FOLDER}/); nothing to do. Add --overwrite to compute it again"
                      + (" (that run kept no images in its store)." if options.keep_store else "."))
-    if not (outdir / REPORT_FOLDER).exists():
+    if not report_drawn(outdir):  # a stop while it was drawn left none: draw it now
         write_qc_report(outdir, options)
     return summary
 

@@ -38,6 +38,7 @@ from ..physics.lowpass import lowpass_map
 from ..physics.optics import fit_map_to_box
 from ..physics.subtract import SubtractionSettings, prepare_half_map, subtract_batch
 from . import export, resources, store
+from .blank import blank_images
 from .metadata import load_particles
 
 #: Share of the free memory measured at a task's start that its batches may use (others run alongside).
@@ -477,11 +478,15 @@ def run_chunk(chunk_index: int, start: int, particles, maps: MapFiles, settings,
 
 
 class SampleFit(NamedTuple):
-    """What ``fit_sample`` returns: the fit, the control correlations, and the seconds it spent setting up."""
+    """What ``fit_sample`` returns: the fit, the control correlations, the seconds it spent setting up in the
+    task, and the seconds of its timed fit (``work_seconds``: the progress counts the rest of the phase, a
+    worker's start and map preparation included, as set-up, ``runner.set_up_of``)."""
 
     fit: ContrastResult
     control: np.ndarray
     set_up_seconds: float = 0.0
+    work_seconds: float | None = None
+    blank: np.ndarray | None = None  # (n,) bool: blank images (``blank.blank_images``), fitted as NaN
 
 
 def fit_sample(particles, maps: MapFiles, settings, device: str) -> SampleFit:
@@ -491,19 +496,24 @@ def fit_sample(particles, maps: MapFiles, settings, device: str) -> SampleFit:
     the sample with its own poses, and the fit correlation of each image with
     the model in another sample particle's pose and origin (its own CTF and half
     set), a baseline of what a model that does not belong to the image explains.
-    Images with NaN or infinite values get NaN throughout. ``settings.scale``
-    should be "fit".
+    Images with NaN or infinite values, and blank ones (every pixel the same,
+    ``blank.blank_images``, returned as ``blank``), get NaN throughout.
+    ``settings.scale`` should be "fit".
 
     Before the timed fit the task gets the prepared maps (made here where the
     worker has none yet) and subtracts one particle, so that the compiled
     kernels are built (numba's compilation of the CPU kernels on a cold cache,
-    several seconds; CuPy's on a GPU): ``set_up_seconds`` is that time, which the
-    progress leaves out of the sample fit's particles/s (``Progress.task_done``).
+    several seconds; CuPy's on a GPU): ``set_up_seconds`` is that time.
+    ``work_seconds`` is the timed fit alone: the progress leaves everything else
+    of the phase out of the sample fit's particles/s (``runner.set_up_of``), so
+    that on a cluster the worker's start and its map preparation, which happen
+    before the task or beside it on the worker, are not counted as work either.
     """
     particles = load_particles(particles)
     device = resolve_device(device)
     images = read_images(particles.image_paths, particles.image_indices)
-    good = np.flatnonzero(~bad_images(images, particles, skip=True))
+    blank = blank_images(images)
+    good = np.flatnonzero(~bad_images(images, particles, skip=True) & ~blank)
     setting_up = time.perf_counter()
     models = half_map_models(maps, settings, device)
     chosen = particles.subset(good)
@@ -516,9 +526,10 @@ def fit_sample(particles, maps: MapFiles, settings, device: str) -> SampleFit:
     )
     fit = ContrastResult(*(np.full(len(particles), np.nan, dtype=np.float32) for _ in range(3)))
     control = np.full(len(particles), np.nan, dtype=np.float32)
+    working = time.perf_counter()
     if good.size:
         own = subtract_particles(images[good], chosen, models, settings, device)[1]
         for name in ("alpha", "sigma", "correlation"):
             getattr(fit, name)[good] = getattr(own, name)
         control[good] = subtract_particles(images[good], others, models, settings, device)[1].correlation
-    return SampleFit(fit, control, set_up)
+    return SampleFit(fit, control, set_up, time.perf_counter() - working, blank)

@@ -477,10 +477,14 @@ def check_images(table, box: int) -> None:
     codes, stacks = table.image_path_codes()  # hashing: linear in the particles, once per table
     highest_index = np.full(len(stacks), -1, dtype=np.int64)
     np.maximum.at(highest_index, codes, np.asarray(table.image_indices, dtype=np.int64))
-    for code in sorted(range(len(stacks)), key=lambda code: str(stacks[code])):
+    in_order = sorted(range(len(stacks)), key=lambda code: str(stacks[code]))
+    missing = [code for code in in_order if not Path(stacks[code]).is_file()]
+    if missing:  # all of them in one line: how many stacks and particles, not only the first file
+        rows = int(np.isin(codes, missing).sum())
+        raise MissingInputError(stacks[missing[0]], referenced_from=table.source_path,
+                                others=[stacks[code] for code in missing[1:]], rows=(rows, len(table)))
+    for code in in_order:
         path = stacks[code]
-        if not Path(path).is_file():
-            raise MissingInputError(path, referenced_from=table.source_path)
         stack = stack_layout(path)
         if stack.shape[-1] != box or stack.shape[-2] != box:
             raise InputFileError(
