@@ -186,3 +186,45 @@ def test_maps_of_the_subtracted_particles_fit_without_a_warning(chain, capsys):
     assert diagnostics(outdir)["median_ratio_fitted_to_earlier"] == pytest.approx(1.0, abs=0.05)
     left = left_of_region_2(images_of(outdir / STAR_OUT), images_of(first / STAR_OUT), sim)
     assert left < 0.03
+
+
+def outputs_of(outdir) -> dict:
+    """Every file of a run's OUTDIR: {relative path: (size, modification time)}."""
+    return {str(path.relative_to(outdir)): (path.stat().st_size, path.stat().st_mtime_ns)
+            for path in sorted(Path(outdir).rglob("*")) if path.is_file()}
+
+
+@pytest.mark.parametrize("output", [STAR_OUT, CS_OUT])
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_a_run_on_an_earlier_runs_results_into_its_outdir_is_refused_before_removing_them(chain, capsys, output,
+                                                                                          overwrite):
+    """--overwrite would delete the first run's star/.cs and stacks, this run's own input, before reading them."""
+    paths, _, first = chain
+    kept = outputs_of(first)
+    capsys.readouterr()
+    code = run(paths, first / output, paths["mask_2"], first, "--scale", "input",
+               *(["--overwrite"] if overwrite else []))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0
+    assert len(err) == 1 and err[0].startswith("dsub: error:"), err
+    assert f"the particles ({first / output})" in err[0]
+    assert f"the stacks {output} names ({first / 'Particles' / 'subtracted_0000.mrcs'}" in err[0]
+    assert "another output folder with -o" in err[0] and "Nothing was removed" in err[0]
+    assert ("--overwrite removes" in err[0]) == overwrite
+    assert outputs_of(first) == kept  # the first run whole: nothing removed, nothing written
+    assert (first / STAR_OUT).is_file() and (first / "Particles" / "subtracted_0000.mrcs").is_file()
+
+
+def test_a_mask_among_the_results_that_overwrite_removes_is_refused(chain, capsys):
+    paths, _, first = chain
+    mask = first / "report" / "mask_2.mrc"
+    mask.write_bytes(Path(paths["mask_2"]).read_bytes())
+    try:
+        kept = outputs_of(first)
+        capsys.readouterr()
+        assert run(paths, paths["star"], mask, first, "--overwrite") != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--mask ({mask})" in err[0] and "the particles" not in err[0], err
+        assert outputs_of(first) == kept
+    finally:
+        mask.unlink()

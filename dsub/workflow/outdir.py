@@ -577,3 +577,56 @@ def flatten(tree: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+#: How many of an input's files inside OUTDIR's results a refusal names before it only counts them.
+NAMED_INSIDE = 2
+
+
+def replaced_by_overwrite(path, outdir: Path, files: tuple[str, ...], folders: tuple[str, ...]) -> bool:
+    """Whether ``path`` is among what ``--overwrite`` removes of an earlier run in ``outdir``.
+
+    ``files``: the names in OUTDIR that go (the star, .cs, ``dsub_run.json``, ``dsub.log``, …);
+    ``folders``: the folders in OUTDIR that go whole (the store, the report); and the stacks
+    ``Particles/subtracted_NNNN.mrcs`` (``export.is_stack_name``). ``path`` counts both as
+    written and with its links followed, as does ``outdir``: a link elsewhere to a file there is lost too.
+    """
+    bases = {Path(os.path.abspath(outdir)), Path(os.path.realpath(outdir))}
+    for candidate in {Path(os.path.abspath(path)), Path(os.path.realpath(path))}:
+        for base in bases:
+            if not candidate.is_relative_to(base):
+                continue
+            parts = candidate.relative_to(base).parts
+            if not parts:
+                continue
+            if (len(parts) == 1 and parts[0] in files) or parts[0] in folders or (
+                    len(parts) == 2 and parts[0] == export.STACK_FOLDER and export.is_stack_name(parts[1])):
+                return True
+    return False
+
+
+def refuse_inputs_in_replaced_outputs(outdir: Path, inputs: dict, overwrite: bool, files: tuple[str, ...],
+                                      folders: tuple[str, ...]) -> None:
+    """Refuse (``OutputExistsError``), before anything in OUTDIR changes, a run reading what it would remove.
+
+    ``inputs``: {what the input is called (``the particles``, ``--mask``, ``the stacks that
+    particles_subtracted.star names``): its paths}. A run on an earlier run's results written to
+    the same OUTDIR (a chained run with the first run's ``-o``) would, with ``--overwrite``, delete
+    its own input before reading it (``replaced_by_overwrite``: ``files``, ``folders``); without
+    it, it is a different run, refused, whose message would otherwise advise ``--overwrite``.
+    """
+    found = []
+    for what, paths in inputs.items():
+        inside = sorted({str(path) for path in paths if path is not None
+                         and replaced_by_overwrite(path, outdir, files, folders)})
+        if inside:
+            named = ", ".join(inside[:NAMED_INSIDE]) + (f" and {len(inside) - NAMED_INSIDE} more"
+                                                       if len(inside) > NAMED_INSIDE else "")
+            found.append(f"{what} ({named})")
+    if not found:
+        return
+    why = ("which --overwrite removes as this run starts to write" if overwrite else
+           "which only --overwrite would replace, deleting them before this run read them")
+    raise OutputExistsError(
+        f"{outdir}: holds this run's input{'s' if len(found) > 1 else ''} among the results of an earlier run "
+        f"there, {why}: {'; '.join(found)}. Nothing was removed. Write this run to another output folder with -o.")

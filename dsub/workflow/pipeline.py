@@ -54,10 +54,11 @@ from ..physics.projector import projector_kernel
 from ..physics.subtract import SubtractionSettings
 from ..report import REPORT_FOLDER, start_preparation, start_warming_up
 from . import blank, diagnostics, disk, export, metadata, prefetch, rebox, record, region, resources, store, validate
-from .outdir import (AUTOMATIC_KEY, CONTENT_HASHED, OutdirLock, check_writable, explain_os_error, file_identity,
-                     prepare_outdir, remove_store, run_fingerprint, same_run, with_content_hashes)
+from .outdir import (AUTOMATIC_KEY, CONTENT_HASHED, REMOVED_STORE_NAME, OutdirLock, check_writable, explain_os_error,
+                     file_identity, prepare_outdir, refuse_inputs_in_replaced_outputs, remove_store, run_fingerprint,
+                     same_run, with_content_hashes)
 from .tasks import MapFiles, half_map_models, prepare_models, run_chunk
-from .transcript import Transcript
+from .transcript import LOG_NAME, Transcript
 
 RUN_SUMMARY = "dsub_run.json"
 #: What a finished export leaves beside the stacks; none of it may outlive a failed run.
@@ -348,6 +349,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
         cleanup.callback(start_gpu_warm_up().join)
     with setup_step(options.log, f"Reading the particles from {particles_path}"):
         table = read_particles(particles_path, cs_root=options.cs_root, passthrough=options.passthrough)
+    refuse_reading_what_is_replaced(outdir, particles_path, table, half_a, half_b, mask, options.overwrite)
     for join in table.extra.get("passthrough_joins", []):
         say(options, joined_line(join, particles_path))
     project_of_outdir(table, outdir, options)
@@ -838,6 +840,20 @@ def remove_metadata(outdir: Path) -> None:
         (outdir / name).unlink(missing_ok=True)
     shutil.rmtree(outdir / export.STAGING_FOLDER, ignore_errors=True)  # an export stopped before it moved out
     shutil.rmtree(outdir / REPORT_FOLDER, ignore_errors=True)  # an old run's report must not outlive it
+
+
+def refuse_reading_what_is_replaced(outdir: Path, particles_path, table, half_a, half_b, mask,
+                                    overwrite: bool) -> None:
+    """Refuse a run whose inputs lie among OUTDIR's results that ``replace_earlier_outputs`` removes
+    (``outdir.refuse_inputs_in_replaced_outputs``): the particle file, the stacks it names, its passthrough
+    files, the maps and the mask. Checked before anything in OUTDIR changes."""
+    refuse_inputs_in_replaced_outputs(outdir, {
+        "the particles": [particles_path],
+        f"the stacks {Path(particles_path).name} names": table.image_path_codes()[1],
+        "the passthrough files": table.extra.get("passthrough", []),
+        "--half-a": [half_a], "--half-b": [half_b], "--mask": [mask],
+    }, overwrite, files=(*METADATA, LOG_NAME),
+        folders=(REPORT_FOLDER, store.STORE_NAME, REMOVED_STORE_NAME, export.STAGING_FOLDER))
 
 
 def replace_earlier_outputs(outdir: Path, attempt: record.AttemptRecorder, log: Transcript) -> None:
