@@ -32,12 +32,23 @@ class InputFileError(DsubError, ValueError):
         return type(self), (self.path, self.problem, self.fix)
 
 
+def where_stack_names_start(metadata_path) -> str:
+    """Where a particle file's relative stack names are looked for, as the reading does (``formats.paths``):
+    a .cs's ``blob/path`` from the cryoSPARC project folder, a star's image names from the current folder."""
+    if str(metadata_path).lower().endswith(".cs"):
+        return ("Check that the stacks are where the file names them: relative names (blob/path) start from the "
+                "cryoSPARC project folder (the one holding project.json above the .cs, else the parent of its job "
+                "folder J<n>), then the .cs's folder and its parents; --cs-root gives that project folder.")
+    return ("Check that the stacks are where the file names them: relative names start from the current folder "
+            "(RELION's project folder), then that file's folder and its parents.")
+
+
 class MissingInputError(DsubError, FileNotFoundError):
     """An input file named on the command line or inside metadata does not exist (or is a folder).
 
     For stacks named by a particle file (``referenced_from``), ``others`` are
-    the further missing stacks (the first ``NAMED_MISSING`` are named, the rest
-    counted) and ``rows`` is (rows naming a missing stack, rows in all), so
+    the further missing stacks (``NAMED_MISSING`` stacks are named in all, the
+    first included; the rest counted) and ``rows`` is (rows naming a missing stack, rows in all), so
     that one line says how much is missing, not only the first file.
     """
 
@@ -46,9 +57,9 @@ class MissingInputError(DsubError, FileNotFoundError):
         self.others, self.rows = tuple(str(other) for other in others), rows
         message = f"{path}: is a folder, not a file" if os.path.isdir(path) else f"{path}: file not found"
         if referenced_from is not None and (self.others or rows is not None):
-            named = ", ".join(self.others[:NAMED_MISSING])
-            if len(self.others) > NAMED_MISSING:
-                named += f" and {len(self.others) - NAMED_MISSING} more"
+            named = ", ".join(self.others[:NAMED_MISSING - 1])
+            if len(self.others) > NAMED_MISSING - 1:
+                named += f" and {len(self.others) - (NAMED_MISSING - 1)} more"
             stacks = 1 + len(self.others)
             if self.others:
                 message += f", nor {'is' if len(self.others) == 1 else 'are'} {named}"
@@ -57,14 +68,10 @@ class MissingInputError(DsubError, FileNotFoundError):
                             f"{rows[1]} particles of {referenced_from})")
             else:
                 message += f" (referenced from {referenced_from})"
-            message += (". Check that the stacks are where the file names them: relative names start from the "
-                        "current folder (RELION's project folder), then that file's folder and its parents; "
-                        "--cs-root gives cryoSPARC's project folder. To go on without those particles, leave them "
-                        "out of the particle file (a selection without their micrographs) and run on that")
+            message += (f". {where_stack_names_start(referenced_from)} To go on without those particles, leave them "
+                        "out of the particle file (a selection without their micrographs) and run on that.")
         elif referenced_from is not None:
-            message += (f" (referenced from {referenced_from}). Check that the stacks are where the file names "
-                        "them: relative names start from the current folder (RELION's project folder), then that "
-                        "file's folder and its parents; --cs-root gives cryoSPARC's project folder")
+            message += f" (referenced from {referenced_from}). {where_stack_names_start(referenced_from)}"
         if given_as is not None:
             message += (f" (given as {given_as}). Check the path: a relative one starts from the current folder, "
                         f"{os.getcwd()}")
@@ -74,7 +81,7 @@ class MissingInputError(DsubError, FileNotFoundError):
         return type(self), (self.path, self.referenced_from, self.given_as, self.others, self.rows)
 
 
-#: Further missing stacks named in a ``MissingInputError``; the rest are counted.
+#: Missing stacks a ``MissingInputError`` names (the first included); the rest are counted.
 NAMED_MISSING = 2
 
 

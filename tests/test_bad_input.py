@@ -177,11 +177,25 @@ def test_many_missing_stacks_name_two_and_count_the_rest():
 
     error = MissingInputError("a.mrcs", referenced_from="p.star", others=["b.mrcs", "c.mrcs", "d.mrcs"],
                               rows=(40, 1000))
-    assert str(error).startswith("a.mrcs: file not found, nor are b.mrcs, c.mrcs and 1 more (4 stack files "
+    assert str(error).startswith("a.mrcs: file not found, nor are b.mrcs and 2 more (4 stack files "
                                  "missing, named by 40 of the 1000 particles of p.star). ")
+    assert str(error).endswith("and run on that."), str(error)  # a whole sentence
+    assert "current folder (RELION's project folder)" in str(error) and "--cs-root" not in str(error)
     import pickle
 
     assert str(pickle.loads(pickle.dumps(error))) == str(error)  # intact from a worker
+
+
+def test_missing_stacks_of_a_cs_say_where_cryosparc_names_start():
+    """A .cs's relative blob/path start from the cryoSPARC project folder, not the current folder."""
+    from dsub.errors import MissingInputError
+
+    for error in (MissingInputError("a.mrc", referenced_from="P1/J5/particles.cs", others=["b.mrc"], rows=(4, 9)),
+                  MissingInputError("a.mrc", referenced_from="P1/J5/particles.cs")):
+        text = str(error)
+        assert "cryoSPARC project folder" in text and "--cs-root" in text, text
+        assert "current folder" not in text and "RELION" not in text, text
+        assert text.endswith("."), text
 
 
 def test_stack_that_is_not_mrc(data, tmp_path, capsys):
