@@ -1457,3 +1457,22 @@ def test_a_project_moved_as_a_whole_resumes_as_the_same_run(tmp_path, capsys):
     os.utime(stack, ns=(stack.stat().st_atime_ns, stack.stat().st_mtime_ns + 10**9))
     assert main(subtract_args(paths, outdir)) == 2
     assert "holds the results of a different run" in capsys.readouterr().err
+
+
+def test_a_rerun_that_draws_the_missing_report_says_so(small, tmp_path, capsys):
+    """A run stopped while its QC report was drawn left none (it is moved into place whole): the rerun draws it and
+    says so, not that there is nothing to do."""
+    import shutil
+
+    outdir = tmp_path / "out"
+    assert main(subtract_args(small, outdir)) == 0
+    shutil.rmtree(outdir / "report")
+    capsys.readouterr()
+    assert main(subtract_args(small, outdir)) == 0
+    out = capsys.readouterr().out
+    assert "nothing to do" not in out, out
+    assert "its QC report was missing: drawing it" in out, out
+    assert (outdir / "report" / "index.html").is_file()
+    assert main(subtract_args(small, outdir)) == 0  # with the report there: nothing to do
+    out = capsys.readouterr().out
+    assert "nothing to do" in out and "QC report" not in out, out

@@ -987,6 +987,8 @@ def finished_run(outdir: Path, stacks: dict, options: RunOptions, table=None, sc
         return None
     if not all(export.has_size(outdir / relative, size) for relative, size in stacks.items()):
         return None
+    # A stop while the report was drawn left none (it is moved into place whole): drawn below, and said.
+    drawing = "" if report_drawn(outdir) else "its QC report was missing: drawing it now"
     summary = json.loads((outdir / RUN_SUMMARY).read_text())
     names = None if table is None else stack_names(table, outdir, options.paths)
     missing = [name for name in (export.STAR_NAME, export.CS_NAME) if not (outdir / name).is_file()]
@@ -1015,13 +1017,12 @@ def finished_run(outdir: Path, stacks: dict, options: RunOptions, table=None, sc
         say(options, f"dsub: {outdir} already holds the finished results of this run{why}; {export.STAR_NAME} and "
                      f"{export.CS_NAME} written again with --paths {options.paths}{from_star}{from_project} "
                      f"(stacks named as {names['star']} in the star, {names['cs']} in the .cs), no image computed "
-                     "again. Add "
-                     "--overwrite to compute it again.")
+                     f"again{'; ' + drawing if drawing else ''}. Add --overwrite to compute it again.")
     else:
         say(options, f"dsub: {outdir} already holds the finished results of this run ({export.STAR_NAME}, "
-                     f"{export.CS_NAME}, {export.STACK_FOLDER}/); nothing to do. Add --overwrite to compute it again"
-                     + (" (that run kept no images in its store)." if options.keep_store else "."))
-    if not report_drawn(outdir):  # a stop while it was drawn left none: draw it now
+                     f"{export.CS_NAME}, {export.STACK_FOLDER}/); {drawing or 'nothing to do'}. Add --overwrite to "
+                     "compute it again" + (" (that run kept no images in its store)." if options.keep_store else "."))
+    if drawing:
         write_qc_report(outdir, options)
     return summary
 
