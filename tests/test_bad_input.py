@@ -816,3 +816,18 @@ def test_an_image_name_without_its_number_for_a_file_of_one_image_is_that_image(
     assert run(data, outdir) == 0, capsys.readouterr().err
     reference = subtracted(tmp_path / "reference")  # the same images, in another order of reading: to rounding
     np.testing.assert_allclose(subtracted(outdir), reference, rtol=0, atol=1e-4 * np.abs(reference).max())
+
+
+def test_a_different_particle_file_is_named_in_a_grammatical_line(data, tmp_path, capsys):
+    """Another particle file in a finished run's OUTDIR: refused naming both files ('the particles was' before)."""
+    import shutil
+
+    outdir = tmp_path / "out"
+    assert run(data, outdir) == 0
+    other = data["star"].with_name("other.star")
+    shutil.copy2(data["star"], other)
+    capsys.readouterr()
+    assert run(data, outdir, star=other) == 2
+    err = capsys.readouterr().err
+    assert f"the particle file was {data['star'].resolve()}, now {other.resolve()}" in err, err
+    assert "the particles was" not in err

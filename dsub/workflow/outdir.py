@@ -170,7 +170,7 @@ def same_run(earlier: dict, fingerprint: str, identity: dict | None = None) -> b
 
 
 #: Where a run's identity (``pipeline.run_identity``) comes from on the command line.
-INPUT_OPTIONS = {"particles": "the particles", "half_a": "--half-a", "half_b": "--half-b", "mask": "--mask"}
+INPUT_OPTIONS = {"particles": "the particle file", "half_a": "--half-a", "half_b": "--half-b", "mask": "--mask"}
 PARAMETER_OPTIONS = {
     "settings.projector": "--projector", "settings.padding": "--padding", "settings.scale": "--scale",
     "settings.mask_keeps": "--mask-keeps", "settings.fit.window_inner": "--window-inner",
