@@ -255,12 +255,17 @@ def settings_from_args(args) -> SubtractionSettings:
 
 
 def run_subtract(args) -> int:
-    from .workflow.pipeline import RunOptions, subtract
+    from .workflow.pipeline import RunOptions, finished_without_input, subtract
 
     settings = settings_from_args(args)
     for path, option in ((args.particles, "the particles"), (args.half_a, "--half-a"), (args.half_b, "--half-b"),
                          (args.mask, "--mask")):
         if path is not None and not Path(path).exists():
+            if not args.overwrite:
+                finished = finished_without_input(Path(args.outdir), shlex.join(args.command_line))
+                if finished is not None:
+                    print(f"dsub: {path} ({option}) is gone, but {finished}", flush=True)
+                    return 0
             raise MissingInputError(path, given_as=option)
     options = RunOptions(
         outdir=Path(args.outdir), chunk_size=args.chunk_size, particles_per_stack=args.particles_per_stack,

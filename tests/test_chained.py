@@ -228,3 +228,25 @@ def test_a_mask_among_the_results_that_overwrite_removes_is_refused(chain, capsy
         assert outputs_of(first) == kept
     finally:
         mask.unlink()
+
+
+def test_a_rerun_of_a_finished_chained_run_whose_input_is_gone_says_it_is_finished(chain, capsys):
+    """The first run's folder deleted after the second run finished: the same command again is told that OUTDIR
+    holds its finished results, not only that its input is not found."""
+    import shutil
+
+    paths, _, first = chain
+    earlier, second = first.parent / "gone" / "job030", first.parent / "after_gone"
+    assert run(paths, paths["star"], paths["mask"], earlier) == 0
+    assert run(paths, earlier / STAR_OUT, paths["mask_2"], second, "--scale", "input") == 0
+    kept = outputs_of(second)
+    shutil.rmtree(earlier.parent)
+    capsys.readouterr()
+    assert run(paths, earlier / STAR_OUT, paths["mask_2"], second, "--scale", "input") == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and f"{earlier / STAR_OUT} (the particles) is gone" in out[0], out
+    assert f"{second} holds the finished results of this same command" in out[0] and "nothing to do" in out[0]
+    assert outputs_of(second) == kept
+    # Another command (another --scale) on the missing file: the missing input, as before.
+    assert run(paths, earlier / STAR_OUT, paths["mask_2"], second) == 2
+    assert "file not found (given as the particles)" in capsys.readouterr().err

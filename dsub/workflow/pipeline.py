@@ -1027,6 +1027,31 @@ def finished_run(outdir: Path, stacks: dict, options: RunOptions, table=None, sc
     return summary
 
 
+def finished_without_input(outdir: Path, command: str) -> str | None:
+    """What to say when an input of ``command`` is gone but OUTDIR holds that very command's finished run; else None.
+
+    That run is recognised without its inputs (a chained run whose input folder was
+    deleted since): ``dsub_run.json`` (written last, once the export completed)
+    records ``command`` run in this working directory, and the star, the .cs and
+    stacks in ``Particles/`` are there. Their sizes are not checked against the run's
+    layout, which needs the particles: the rerun with its inputs does that.
+    """
+    try:
+        summary = json.loads((outdir / RUN_SUMMARY).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or summary.get("command") != command \
+            or summary.get("working_directory") != os.getcwd():
+        return None
+    folder = outdir / export.STACK_FOLDER
+    if not all((outdir / name).is_file() for name in (export.STAR_NAME, export.CS_NAME)) or not (
+            folder.is_dir() and any(export.is_stack_name(path.name) for path in folder.iterdir())):
+        return None
+    return (f"{outdir} holds the finished results of this same command ({export.STAR_NAME}, {export.CS_NAME}, "
+            f"{export.STACK_FOLDER}/, {RUN_SUMMARY}); nothing to do. The inputs are needed only to compute it again "
+            "(--overwrite) or to check the results against them.")
+
+
 def run_identity(particles_path, maps: MapFiles, table, box: int, settings, options: RunOptions) -> dict:
     """Everything the results depend on; stored in the store so an identical rerun can resume."""
     return {
