@@ -238,7 +238,8 @@ def test_skip_bad_particles_leaves_them_out_and_lists_them(data, tmp_path, capsy
     assert run(data, outdir, "--skip-bad-particles") == 0
     star = starfile.read(outdir / "particles_subtracted.star")["particles"]
     assert len(star) == COUNT - 2
-    originals = set(star["rlnImageOriginalName"])
+    originals = {f"{number}@{os.path.basename(stack)}" for number, stack in star["rlnImageOriginalName"].str.split("@", n=1)}
+    assert len(originals) == COUNT - 2
     assert "000010@particles.mrcs" not in originals and "000018@particles.mrcs" not in originals
     skipped = starfile.read(outdir / "skipped_particles.star")["particles"]
     assert list(skipped["rlnImageName"]) == ["000010@particles.mrcs", "000018@particles.mrcs"]

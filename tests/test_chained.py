@@ -122,8 +122,11 @@ def test_second_run_with_scale_input_removes_region_2_as_a_single_run_does(chain
     written = starfile.read(second / STAR_OUT, always_dict=True)["particles"]
     earlier = starfile.read(first / STAR_OUT, always_dict=True)["particles"]
     np.testing.assert_array_equal(written["rlnDsubContrast"], earlier["rlnDsubContrast"])
-    extracted = starfile.read(paths["star"], always_dict=True)["particles"]["rlnImageName"]
-    assert written["rlnImageOriginalName"].tolist() == extracted.tolist()
+    # OUTDIR lies outside the folder the input's names start from: both columns absolute, the originals found.
+    extracted = star_format.read_particles(paths["star"])
+    wanted = [f"{index + 1:06d}@{os.path.normpath(path)}" for path, index in zip(extracted.image_paths,
+                                                                                 extracted.image_indices)]
+    assert written["rlnImageOriginalName"].tolist() == wanted
     assert written["rlnImageName"].str.contains("job031").all()
 
 
@@ -250,3 +253,87 @@ def test_a_rerun_of_a_finished_chained_run_whose_input_is_gone_says_it_is_finish
     # Another command (another --scale) on the missing file: the missing input, as before.
     assert run(paths, earlier / STAR_OUT, paths["mask_2"], second) == 2
     assert "file not found (given as the particles)" in capsys.readouterr().err
+
+
+# Chains whose first star names its stacks from another folder than the input's project folder.
+
+EXTRACTED = "Extract/job1/particles.mrcs"
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A RELION project folder P: the extraction's stack in Extract/job1, P/particles.star naming it from P."""
+    root = tmp_path_factory.mktemp("layouts")
+    data = root / "P" / "Extract" / "job1"
+    paths, _ = make_dataset(data, count=32, box=BOX, seed=SEED, snr=None)
+    phantom = two_domain_phantom(BOX, np.random.default_rng(SEED))  # make_dataset's first draw: the same phantom
+    paths["mask_2"] = data / "mask_2.mrc"
+    write_map(paths["mask_2"], soft_sphere_mask(phantom, 1, BOX), PIXEL_SIZE)
+    blocks = starfile.read(paths["star"], always_dict=True)
+    rows = blocks["particles"].drop(columns=["rlnImageOriginalName"])
+    rows["rlnImageName"] = [f"{i + 1:06d}@{EXTRACTED}" for i in range(len(rows))]
+    blocks["particles"] = rows
+    starfile.write(blocks, root / "P" / "particles.star")
+    return root, paths
+
+
+def star_originals_resolved(star, cwd: Path) -> list:
+    """Each row's rlnImageOriginalName as (absolute stack, 0-based index), relative names read from the folder
+    the star's rlnImageName are found from (as a run on it reads them; the current folder where all absolute)."""
+    base = star_format.read_particles(star).extra["star_base"] or cwd
+    names = starfile.read(star, always_dict=True)["particles"]["rlnImageOriginalName"]
+    return [(os.path.normpath(os.path.join(base, stack)), int(number) - 1)
+            for number, stack in names.str.split("@", n=1)]
+
+
+@pytest.mark.parametrize("paths_mode, from_project", [("auto", False), ("absolute", True), ("absolute", False),
+                                                      ("outdir", True), ("outdir", False), ("auto", True)])
+def test_chained_originals_name_the_extracted_stack_whatever_the_paths(project, paths_mode, from_project,
+                                                                        monkeypatch, capsys):
+    root, paths = project
+    folder = root / "P" if from_project else root
+    monkeypatch.chdir(folder)
+    # From elsewhere, OUTDIR outside the project (the --paths auto case that writes absolute names).
+    outdirs = [Path(f"{'Subtract' if from_project else 'X'}/{paths_mode}{n}") for n in (1, 2, 3)]
+    star = Path("particles.star") if from_project else Path("P/particles.star")
+    extracted = str(root / "P" / EXTRACTED)
+    wanted = [(extracted, i) for i in range(32)]
+    for number, outdir in enumerate(outdirs):
+        capsys.readouterr()
+        # Region 1, then region 2 with the first run's contrast, then nothing new (--scale none: no fit).
+        mask, scale = [(paths["mask"], "fit"), (paths["mask_2"], "input"), (paths["mask"], "none")][number]
+        assert run(paths, star, mask, outdir, "--paths", paths_mode, "--scale", scale) == 0
+        captured = capsys.readouterr()
+        assert "rlnImageOriginalName" not in captured.err, captured.err  # (the third run: images now blank)
+        assert "Subtract/" + outdirs[0].name + " (RELION's project folder)" not in captured.out
+        assert star_originals_resolved(outdir / STAR_OUT, folder) == wanted, (outdir, number)
+        refs = original_images(cs_format.read_particles(outdir / CS_OUT))
+        assert [(os.path.normpath(p), int(i)) for p, i in zip(refs.paths[refs.codes], refs.indices)] == wanted
+        assert os.path.isfile(refs.paths[0])
+        star = outdir / STAR_OUT
+    if paths_mode == "auto" and from_project:  # the plain RELION layout: the extraction's own names, relative
+        names = starfile.read(star, always_dict=True)["particles"]
+        assert names["rlnImageOriginalName"].tolist() == [f"{i + 1:06d}@{EXTRACTED}" for i in range(32)]
+        assert names["rlnImageName"].str.contains(f"@Subtract/{outdirs[-1].name}/Particles/").all()
+    if paths_mode == "outdir" and from_project:  # not job7's folder as RELION's project folder: names from P
+        names = starfile.read(star, always_dict=True)["particles"]["rlnImageName"]
+        assert names.str.contains("@Particles/").all()  # --paths outdir: relative to the OUTDIR
+
+
+def test_chained_originals_not_found_are_warned_about_and_written_as_given(project, monkeypatch, capsys):
+    root, paths = project
+    monkeypatch.chdir(root / "P")
+    assert run(paths, "particles.star", paths["mask"], "Subtract/lost1") == 0
+    first = root / "P" / "Subtract" / "lost1" / STAR_OUT
+    blocks = starfile.read(first, always_dict=True)
+    blocks["particles"]["rlnImageOriginalName"] = blocks["particles"]["rlnImageOriginalName"].str.replace(
+        "Extract/job1", "Gone/job1")
+    starfile.write(blocks, first)
+    capsys.readouterr()
+    assert run(paths, first, paths["mask"], "Subtract/lost2", "--scale", "input") == 0
+    err = capsys.readouterr().err
+    assert "dsub: warning" in err and "Gone/job1/particles.mrcs" in err and "trail" in err, err
+    written = starfile.read(root / "P" / "Subtract" / "lost2" / STAR_OUT, always_dict=True)["particles"]
+    assert written["rlnImageOriginalName"].tolist() == [f"{i + 1:06d}@Gone/job1/particles.mrcs" for i in range(32)]
+    cs_paths = np.load(root / "P" / "Subtract" / "lost2" / CS_OUT, max_header_size=2**30)
+    assert set(cs_paths[cs_format.ORIGINAL_PATH_FIELD].tolist()) == {b"Gone/job1/particles.mrcs"}

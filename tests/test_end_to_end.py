@@ -143,7 +143,9 @@ def test_star_input_fit_writes_complete_consistent_outputs(dataset, base_run):
     pd.testing.assert_frame_equal(written["optics"], given["optics"])
     rows, source = written["particles"], given["particles"]
     assert len(rows) == COUNT
-    assert rows["rlnImageOriginalName"].tolist() == source["rlnImageName"].tolist()
+    # The originals from the same folder as the new names: absolute here, as OUTDIR lies outside the star's.
+    assert rows["rlnImageOriginalName"].tolist() == [
+        f"{number}@{paths['star'].parent / stack}" for number, stack in source["rlnImageName"].str.split("@", n=1)]
     for column in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst",
                    "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnRandomSubset", "rlnOpticsGroup"):
         np.testing.assert_array_equal(rows[column].to_numpy(), source[column].to_numpy(), err_msg=column)

@@ -402,9 +402,13 @@ def test_paths_changed_on_a_finished_run_rewrites_its_metadata_only(dataset, tmp
     first = f"{project}/Subtract/job3/Particles/subtracted_0000.mrcs"
     rows = starfile.read(outdir / "particles_subtracted.star", always_dict=True)["particles"]
     assert rows["rlnImageName"].iloc[0] == f"000001@{first}"
-    # Only the stack names changed: every other column as the first run wrote it.
+    # Only the stack names changed: every other column as the first run wrote it; the originals absolute
+    # too (both columns start from one folder), naming the same images.
     pd_testing = pytest.importorskip("pandas").testing
-    pd_testing.assert_frame_equal(rows.drop(columns="rlnImageName"), relative.drop(columns="rlnImageName"))
+    names = ["rlnImageName", "rlnImageOriginalName"]
+    pd_testing.assert_frame_equal(rows.drop(columns=names), relative.drop(columns=names))
+    assert rows["rlnImageOriginalName"].tolist() == [
+        f"{number}@{project / stack}" for number, stack in relative["rlnImageOriginalName"].str.split("@", n=1)]
     assert [name.split("@")[0] for name in rows["rlnImageName"]] == \
         [name.split("@")[0] for name in relative["rlnImageName"]]
     assert all(os.path.isabs(name.split("@", 1)[1]) for name in rows["rlnImageName"])

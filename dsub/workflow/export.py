@@ -6,10 +6,12 @@
 * ``OUTDIR/particles_subtracted.star``: every input row, in input order, with
   ``rlnImageName`` pointing at the new stacks and the old name in
   ``rlnImageOriginalName`` (for a star an earlier dsub run wrote, that star's
-  ``rlnImageOriginalName``: the extracted images stay the originals), both starting from one folder, RELION's project
+  ``rlnImageOriginalName``: the extracted images stay the originals), both written from one folder, RELION's project
   folder (``star_names_base``: the folder the input star's relative names
   start from, else the current folder); by default the new names are relative
-  to it when OUTDIR is inside it, else absolute (``formats.paths.written_paths``);
+  to it when OUTDIR is inside it, else absolute (``formats.paths.written_paths``),
+  and the originals likewise, absolute where outside it (``written_original_paths``),
+  so that a run on this star finds both from the folder it finds the first from;
 * ``OUTDIR/particles_subtracted.cs``: every input field passed through, with
   ``blob/path`` / ``blob/idx`` pointing at the new stacks (by default relative
   to the cryoSPARC project folder when there is one and OUTDIR is inside it,
@@ -373,7 +375,19 @@ def star_names_base(table) -> Path:
     the folder it runs in).
     """
     base = table.extra.get("star_base") if table.source_format == "star" else None
+    if base is not None and names_start_from_own_outdir(table):
+        base = None
     return Path(os.path.abspath(base if base is not None else os.getcwd()))
+
+
+def names_start_from_own_outdir(table) -> bool:
+    """Whether ``table`` is an earlier dsub run's star whose image names were found from the star's own folder:
+    that run's OUTDIR (written with ``--paths outdir``), not RELION's project folder, so the names this run
+    writes start from the current folder instead (``star_names_base``)."""
+    base = table.extra.get("star_base")
+    return (table.source_format == "star" and base is not None and table.extra.get("dsub_output") is not None
+            and table.source_path is not None
+            and os.path.abspath(base) == os.path.dirname(os.path.abspath(table.source_path)))
 
 
 def written_stack_names(outdir: Path, paths_mode: str, project_folder=None, star_base=None) -> dict:
@@ -432,20 +446,21 @@ def write_metadata(table, outdir: Path, particles_per_stack: int, contrast: np.n
     keep = np.ones(len(table), dtype=bool) if skipped is None else ~np.asarray(skipped, dtype=bool)
     originals = original_images(table)  # absolute: the images the particles were subtracted from
     cs_originals = originals.with_paths(written_original_paths(originals.paths, outdir, paths_mode, project_folder))
-    star_originals = None  # a star input: the writer's own (its rlnImageName, or dsub's rlnImageOriginalName)
-    if table.source_format != "star":
-        linked = original_stack_links(originals, outdir)  # .mrc stacks, as RELION reads them
-        star_originals = originals if linked is None else linked.with_paths(
-            written_paths(linked.paths, outdir, paths_mode, star_base))
+    # The star's originals start from the folder its rlnImageName do (star_base), so that the next run, which
+    # resolves both from one folder, finds them; a plain star's own .mrc names are kept, unlinked.
+    linked = None if table.source_format == "star" and table.extra.get("dsub_output") is None else (
+        original_stack_links(originals, outdir))  # .mrc stacks, as RELION reads them
+    star_originals = (originals.with_paths(written_original_paths(originals.paths, outdir, paths_mode, star_base))
+                      if linked is None else linked.with_paths(written_paths(linked.paths, outdir, paths_mode, star_base)))
     (into / SKIPPED_NAME).unlink(missing_ok=True)
     if not keep.all():
         left_out = select_rows(table, ~keep)
         # the input's own images, as RELION reads them: the links, unless they are an earlier run's stacks
-        inputs = (star_originals.select(~keep) if star_originals is not None and not chained_cs(table)
+        inputs = (star_originals.select(~keep) if table.source_format != "star" and not chained_cs(table)
                   else original_image_names(left_out))
         with named_in_outdir(into, outdir):
             star_format.write_particles(left_out, into / SKIPPED_NAME, inputs,
-                                        original_names=None if star_originals is None else star_originals.select(~keep))
+                                        original_names=star_originals.select(~keep))
     kept = select_rows(exported, keep)
     if np.any(kept.ctf_premultiplied):
         warn(f"{CS_NAME}: the images are CTF-premultiplied (rlnCtfDataAreCtfPremultiplied), and a cryoSPARC "
@@ -457,8 +472,7 @@ def write_metadata(table, outdir: Path, particles_per_stack: int, contrast: np.n
     fields = {FIT_FIELDS[name]: np.asarray(values, "<f4")[rows] for name, values in measured.items()
               if name in FIT_FIELDS}
     with named_in_outdir(into, outdir):
-        star_format.write_particles(kept, into / STAR_NAME, names.select(rows),
-                                    None if star_originals is None else star_originals.select(rows),
+        star_format.write_particles(kept, into / STAR_NAME, names.select(rows), star_originals.select(rows),
                                     extra_columns=columns)
         cs_format.write_particles(kept, into / CS_NAME, paths.select(rows), None,
                                   None if contrast is None else contrast[rows], extra_fields=fields,
@@ -530,17 +544,46 @@ def original_images(table) -> StackRefs:
     source = table.source
     if (table.source_format == "star" and table.extra.get("dsub_output") is not None and source is not None
             and "rlnImageOriginalName" in source["particles"]):
-        return star_original_images(source["particles"]["rlnImageOriginalName"], star_names_base(table),
-                                    Path(os.path.abspath(table.source_path)).parent / ORIGINALS_FOLDER,
-                                    table.source_path)
+        return chained_star_originals(table)
     codes, uniques = table.image_path_codes()
     return StackRefs([os.path.normpath(os.path.abspath(str(path))) for path in uniques], codes,
                      np.asarray(table.image_indices, np.int64))
 
 
-def star_original_images(names, base: Path, links: Path, star_path=None) -> StackRefs:
-    """``N@path`` names ((n,) str, a Series) as ``StackRefs``: paths absolute (relative ones from ``base``),
-    those through the symbolic links under ``links`` (``original_stack_links``) followed to their stacks.
+def chained_star_originals(table) -> StackRefs:
+    """An earlier dsub run's star's ``rlnImageOriginalName`` as ``StackRefs`` (``star_original_images``),
+    relative names read from the folder its image names start from (``table.extra["star_base"]``, where that
+    run wrote both from), else the first of the current folder, the star's folder and its parents
+    (``formats.paths.star_roots``: a star written before both started from one folder) where every original
+    exists. Where none holds them all: a warning naming one, that the trail to the extracted images is lost,
+    and the names as given (relative ones left relative: ``written_original_paths`` writes them unchanged).
+    """
+    from ..formats.paths import star_roots
+
+    names = table.source["particles"]["rlnImageOriginalName"]
+    star_path = table.source_path
+    links = Path(os.path.abspath(star_path)).parent / ORIGINALS_FOLDER
+    roots = [Path(os.path.abspath(table.extra.get("star_base") or os.getcwd())), *star_roots(star_path)]
+    first = None
+    for root in dict.fromkeys(roots):
+        refs = star_original_images(names, root, links, star_path)
+        missing = [path for path in refs.paths if not os.path.isfile(path)]
+        if not missing:
+            return refs
+        first = missing[0] if first is None else first
+    given = star_original_images(names, None, links, star_path)
+    warn(f"{star_path}: its rlnImageOriginalName names images that are not there (such as {first}, looked for "
+         "from where its image names start, the current folder and the star's folder and parents): the trail "
+         "back to the extracted images is lost. The output's rlnImageOriginalName and dsub/original_path name "
+         "them as given; run from RELION's project folder, or fix the earlier star's rlnImageOriginalName, to "
+         "keep it.")
+    return given
+
+
+def star_original_images(names, base: Path | None, links: Path, star_path=None) -> StackRefs:
+    """``N@path`` names ((n,) str, a Series) as ``StackRefs``: paths absolute (relative ones from ``base``; as
+    given where ``base`` is None), those through the symbolic links under ``links`` (``original_stack_links``)
+    followed to their stacks.
 
     Raises ``InputFileError`` (naming ``star_path``) for a name that is not ``N@path`` with N >= 1.
     """
@@ -567,6 +610,9 @@ def star_original_images(names, base: Path, links: Path, star_path=None) -> Stac
     uniques = list(position)
     resolved = []
     for path in uniques:
+        if base is None:
+            resolved.append(str(path))
+            continue
         absolute = os.path.normpath(os.path.join(base, str(path)))
         if os.path.islink(absolute) and is_inside(absolute, links):
             absolute = os.path.realpath(absolute)
@@ -578,10 +624,14 @@ def written_original_paths(absolute, outdir: Path, paths_mode: str, base) -> np.
     """How the .cs names original stacks (``absolute``: (k,) absolute paths): from the folder its ``blob/path``
     start from (``formats.paths.written_base``), as ``written_paths`` writes the new stacks; with ``--paths
     auto`` a stack outside that folder stays absolute, as with ``--paths outdir`` (the originals lie outside
-    OUTDIR, so names from it would break when OUTDIR moves)."""
+    OUTDIR, so names from it would break when OUTDIR moves). A relative path (an original not found,
+    ``chained_star_originals``) is written as given."""
     start = None if paths_mode == "outdir" else written_base(outdir, paths_mode, base)
     written = []
     for path in np.asarray(absolute, dtype=object).astype(str):
+        if not os.path.isabs(path):
+            written.append(path)
+            continue
         inside = start is not None and (paths_mode == "relative" or is_inside(path, start))
         written.append(os.path.relpath(path, start) if inside else path)
     return np.array(written, dtype=object)
@@ -592,8 +642,9 @@ def original_stack_links(originals: StackRefs, outdir: Path) -> StackRefs | None
     paths: ``original_images``), made here; returns each particle's original image under its link's name
     (paths relative to OUTDIR), for ``rlnImageOriginalName``.
 
-    None where the stacks are all named ``.mrcs`` already. Not for a star input,
-    whose own names are kept, as RELION wrote them.
+    None where the stacks are all named ``.mrcs`` already, or some are not found
+    (``chained_star_originals``). Not for a plain star input, whose own stacks
+    are kept, as RELION named them.
 
     cryoSPARC names its particle stacks ``.mrc``. RELION reads ``N@NAME.mrc``
     as a stack only where the caller says the file holds 2D images
@@ -623,6 +674,8 @@ def original_stack_links(originals: StackRefs, outdir: Path) -> StackRefs | None
     symbolic links the names stay the ``.mrc`` paths, with a warning.
     """
     codes = originals.codes
+    if not all(os.path.isabs(str(path)) for path in originals.paths):  # not found: named as given
+        return None
     stacks = [os.path.abspath(str(path)) for path in originals.paths]
     if not stacks or all(stack.lower().endswith(".mrcs") for stack in stacks):
         return None
