@@ -212,7 +212,7 @@ def test_a_local_workers_limit_is_raised_with_local_remedies():
         resources.check_workers(plan("local", box=400), capacities, 400, SubtractionSettings(), 256)
     text = one_line(caught.value)
     assert "fewer --workers" in text and "--scheduler threads" in text and "Raise 'memory'" not in text
-    assert "even with batches of one particle" in text
+    assert "even with batches of one particle" not in text and "batches of 1)" in text  # said once
 
 
 def test_worker_limit_is_checked_against_the_preparation_of_maps_of_another_box():
