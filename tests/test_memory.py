@@ -286,12 +286,13 @@ def test_a_refusal_under_an_address_space_limit_says_what_limit_would_do(monkeyp
     assert resources.address_limit_that_would_do(230 * 10**6) == ""
 
 
-def run_local_under(paths, outdir, limit_bytes):
-    """``dsub subtract`` on a local cluster of CPU workers under ``ulimit -v``; returns the finished process."""
+def run_local_under(paths, outdir, limit_bytes, scheduler=("local", "--dashboard-address", "127.0.0.1:0")):
+    """``dsub subtract`` on a local cluster of CPU workers (or ``scheduler``'s options) under ``ulimit -v``;
+    returns the finished process."""
     command = [sys.executable, "-c", "from dsub.command import run; run()",  # as the console script does
                "subtract", str(paths["star"]), "--half-a", str(paths["half_a"]),
                "--half-b", str(paths["half_b"]), "--mask", str(paths["mask"]), "-o", str(outdir), "--quiet",
-               "--scheduler", "local", "--dashboard-address", "127.0.0.1:0", "--device", "cpu"]
+               "--scheduler", *scheduler, "--device", "cpu"]
     environment = {k: v for k, v in os.environ.items()
                    if k not in ("OPENBLAS_NUM_THREADS", "MALLOC_ARENA_MAX", "ARROW_DEFAULT_MEMORY_POOL")}
 
@@ -320,9 +321,27 @@ def test_a_local_run_under_any_address_space_limit_finishes_or_is_refused_with_t
     said = re.match(r"dsub: error: this process \(the coordinator\) needs about [\d.]+ GB of address space: .* for "
                     r"the QC report of 48 particles of box 64 drawn at the end, but the address-space limit "
                     r"\(ulimit -v\) is 0\.6 GB\. Under the address-space limit, about [\d.]+ GB would do "
-                    r"\('ulimit -v (\d+)'\)\.$", lines[0])
+                    r"\('ulimit -v (\d+)'\)( for it and for a local worker, which inherits the limit)?\.$", lines[0])
     assert said, lines[0]
     assert not (tmp_path / "at_0.6" / "subtracted.zarr").exists()  # refused before any work
 
     advised = run_local_under(box64, tmp_path / "advised", int(said.group(1)) * 1024)
+    assert advised.returncode == 0, advised.stderr
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="address-space limits as Linux enforces them")
+def test_following_a_threads_refusal_once_lets_the_run_start(box64, tmp_path):
+    """Two tasks at once on ``threads`` under too low an address-space limit: fewer --workers is advised only
+    where that alone fits, and the first limit the line gives (which covers the coordinator's own check too)
+    lets the same command start and finish."""
+    refused = run_local_under(box64, tmp_path / "low", 700_000 * 1024, scheduler=("threads", "--workers", "2"))
+    assert refused.returncode == 2, refused.stderr
+    line = refused.stderr.strip()
+    assert line.count("\n") == 0 and line.startswith("dsub: error:") and "Traceback" not in line, line
+    figures = re.findall(r"'ulimit -v (\d+)'", line)
+    assert figures, line
+    if "use --workers 1" in line.lower():
+        assert len(figures) == 1  # one task at a time fits: no second figure needed
+    advised = run_local_under(box64, tmp_path / "advised", int(figures[0]) * 1024,
+                              scheduler=("threads", "--workers", "2"))
     assert advised.returncode == 0, advised.stderr

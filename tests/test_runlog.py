@@ -318,7 +318,7 @@ def test_a_rerun_with_nothing_to_compute_states_no_memory(small, tmp_path, monke
     assert main(subtract_args(small, kept, "--keep-store")) == 0
     assert capsys.readouterr().out.count("Memory: each worker needs about") == 2
 
-    def refused(plan):
+    def refused(plan, *report):
         raise resources.NotEnoughMemoryError("no memory left (this run has nothing to compute: never asked)")
 
     monkeypatch.setattr(resources, "check_this_machine", refused)

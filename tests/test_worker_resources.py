@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import math
 import os
 import re
 import subprocess
@@ -212,7 +213,7 @@ def test_a_local_workers_limit_is_raised_with_local_remedies():
         resources.check_workers(plan("local", box=400), capacities, 400, SubtractionSettings(), 256)
     text = one_line(caught.value)
     assert "fewer --workers" in text and "--scheduler threads" in text and "Raise 'memory'" not in text
-    assert "even with batches of one particle" in text
+    assert "even with batches of one particle" not in text and "batches of 1)" in text  # said once
 
 
 def test_worker_limit_is_checked_against_the_preparation_of_maps_of_another_box():
@@ -457,3 +458,72 @@ def test_a_local_worker_under_a_real_address_space_limit_is_refused_before_any_w
     assert "--padding" in lines[0]  # what would make it leaner
     assert not (tmp_path / "out" / "subtracted.zarr").exists()
     assert not (tmp_path / "out" / "particles_subtracted.star").exists()
+
+
+def refusal_with_rooms(monkeypatch, room_for: dict) -> str:
+    """The refusal of a two-task run on ``threads`` under ``ulimit -v`` 2 GB, where ``room_for[tasks]`` is the host
+    memory available to that many tasks at once (what ``host_memory_available`` reads)."""
+    from pathlib import Path
+
+    from dsub.cluster.runner import ClusterSpec
+    from dsub.workflow.pipeline import RunOptions
+
+    monkeypatch.setattr(resources, "address_space_limit", lambda: 2 * 10**9)
+    monkeypatch.setattr(resources, "memory_limit", lambda: 64 * 10**9)
+    monkeypatch.setattr(resources, "planned_device", lambda options: "cpu")
+    monkeypatch.setattr(resources, "drawing_library_bytes", lambda: 0)
+    monkeypatch.setattr(resources, "host_memory_available",
+                        lambda threads_at_peak=0: room_for[threads_at_peak - resources.run_threads(0) + 1])
+    options = RunOptions(outdir=Path("out"), chunk_size=48, device="cpu",
+                         cluster=ClusterSpec(scheduler="threads", workers=2))
+    lean = resources.plan_memory(128, SubtractionSettings(), options)
+    assert lean.need.threads == 2 and [tasks for tasks, _, _ in lean.fewer_tasks] == [1]
+    with pytest.raises(resources.NotEnoughMemoryError) as caught:
+        resources.check_this_machine(lean)
+    return one_line(caught.value)
+
+
+def leanest(tasks: int) -> int:
+    return resources.worker_memory(128, SubtractionSettings(), "cpu", tasks, 48, 1).host_bytes
+
+
+def ulimit_for(room: int, need: int) -> int:
+    """The ulimit -v figure (KiB) that leaves ``need`` where 2 GB left ``room`` (the report's preparation aside)."""
+    short = need - resources.BASELINE_HOST_BYTES - (room - resources.report_preparation_bytes(128))
+    return int(math.ceil((2 * 10**9 + short) / 1e8) * 1e8) // 1024
+
+
+def test_fewer_workers_are_advised_only_where_that_alone_fits(monkeypatch):
+    """Two tasks do not fit, one does: '--workers 1', and one limit (for the run as asked)."""
+    extra = resources.report_preparation_bytes(128) - resources.BASELINE_HOST_BYTES
+    room_for = {1: leanest(1) + extra, 2: leanest(1) + extra - 10 * 2**20}
+    assert leanest(2) > room_for[2] - extra  # two tasks do not fit
+    text = refusal_with_rooms(monkeypatch, room_for)
+    assert "Use --workers 1 (tasks at once, now 2)" in text, text
+    assert re.findall(r"'ulimit -v (\d+)'", text) == [str(ulimit_for(room_for[2], leanest(2)))], text
+
+
+def test_where_fewer_workers_alone_do_not_fit_the_limits_for_both_are_given(monkeypatch):
+    """Neither two tasks nor one fit: no advice of fewer --workers on its own; the limit that would do as asked
+    and the one with --workers 1, each computed for its own tasks."""
+    barely = leanest(1) + resources.report_preparation_bytes(128) - resources.BASELINE_HOST_BYTES - 2**20
+    room_for = {1: barely, 2: barely - 200 * 10**6}  # one task falls 1 MiB short
+    text = refusal_with_rooms(monkeypatch, room_for)
+    assert "Use --workers" not in text and "use fewer --workers" not in text.lower(), text
+    assert "Fewer --workers alone would not make it fit: with --workers 1 it needs about" in text, text
+    assert "Nothing in this run can be made leaner" not in text, text
+    expected = [ulimit_for(room_for[2], leanest(2)), ulimit_for(room_for[1], leanest(1))]
+    figures = [int(figure) for figure in re.findall(r"'ulimit -v (\d+)'", text)]
+    assert figures == expected and figures[1] < figures[0], (text, expected)
+
+
+def test_a_local_clusters_memory_line_says_its_workers_take_smaller_batches_where_they_have_less_room():
+    """The figure is for the batches a worker takes where memory is plentiful; under a lower limit (``ulimit -v``)
+    each worker sizes its own smaller batches, so the line gives the leanest figure too."""
+    roomy = resources.worker_memory(256, SubtractionSettings(), "cpu", 1, 256, 163)
+    leanest_worker = resources.worker_memory(256, SubtractionSettings(), "cpu", 1, 256, 1)
+    local = resources.MemoryPlan(need=roomy, minimum=leanest_worker, scheduler="local")
+    said = local.describe()
+    assert said.startswith(roomy.describe()) and roomy.host_bytes > leanest_worker.host_bytes
+    assert said.endswith(f"down to about {leanest_worker.host_bytes / 1e9:.1f} GB with batches of one particle")
+    assert resources.MemoryPlan(need=roomy, minimum=leanest_worker, scheduler="slurm").describe() == roomy.describe()

@@ -730,7 +730,7 @@ def announce_resources(plan, options: RunOptions, outputs: disk.DiskNeed | None 
                if outputs is not None and outputs.total >= DISK_STATED_BYTES else "")
     say(options, f"Memory: {plan.describe()}{written}.")
     if not options.cluster.distributed:
-        resources.check_this_machine(plan)
+        resources.check_this_machine(plan, particles, report_box or plan.need.box)
     resources.check_coordinator(plan, particles, report_box or plan.need.box)
 
 

@@ -397,21 +397,57 @@ def check_coordinator(plan: "MemoryPlan", particles: int, box: int) -> None:
     if limit is None:
         return
     local = plan.scheduler in ("threads", "sync")
-    tasks = plan.need.threads if local else 0
-    threads_at_peak = run_threads(tasks) + (0 if local else DASK_CLIENT_THREADS)
-    room = address_space_room(threads_at_peak)
-    held = plan.prepared_bytes if local else 0
-    report = report_bytes(particles, box)
-    mapped = limit - room  # now, and the stacks and arenas of the threads to come
-    need = mapped + held + drawing_library_bytes() + report
+    mapped, held, report = coordinator_address_bytes(plan, particles, box)
+    need = mapped + held + report
     if need > limit:
+        # A local cluster's workers inherit the limit: the figure given must let them start too (``check_workers``).
+        enough = max(need, local_worker_address_bytes(plan))
         raise NotEnoughMemoryError(
             f"this process (the coordinator{', which runs the tasks too' if local else ''}) needs about "
             f"{said(need, limit)} of address space: {gigabytes(mapped)} for its libraries and threads, "
             + (f"{gigabytes(held)} for the prepared maps, " if held else "")
-            + f"{gigabytes(report + drawing_library_bytes())} for the QC report of {particles} particles of box "
+            + f"{gigabytes(report)} for the QC report of {particles} particles of box "
             f"{box} drawn at the end, but the address-space limit (ulimit -v) is {said(limit, need)}."
-            + limit_that_would_do(limit, need - limit))
+            + limit_that_would_do(limit, enough - limit, "for it and for a local worker, which inherits the limit"
+                                  if enough > need else ""))
+
+
+def coordinator_address_bytes(plan: "MemoryPlan", particles: int, box: int, tasks: int | None = None,
+                              ) -> tuple[int, int, int]:
+    """(mapped, held, report): the address space this process, the coordinator, needs at its peak under an
+    address-space limit (call only under one): what it maps now with the stacks and arenas of the threads still
+    to start (a Dask client's too), the prepared maps it still holds on ``threads``/``sync`` on the CPU, and
+    the QC report of ``particles`` images of ``box`` px with its drawing library. ``tasks``: tasks at once on
+    ``threads``/``sync`` (default: the plan's)."""
+    local = plan.scheduler in ("threads", "sync")
+    tasks = (plan.need.threads if tasks is None else tasks) if local else 0
+    threads_at_peak = run_threads(tasks) + (0 if local else DASK_CLIENT_THREADS)
+    mapped = address_space_limit() - address_space_room(threads_at_peak)
+    held = plan.prepared_bytes if local else 0
+    return int(mapped), int(held), int(report_bytes(particles, box) + drawing_library_bytes())
+
+
+def local_worker_address_bytes(plan: "MemoryPlan") -> int:
+    """The address-space limit a worker of a local cluster needs to pass ``check_workers`` (0 on other
+    schedulers), estimated before it starts: this process's mapped address space now (the same libraries and
+    more: 0.46 GB against a worker's 0.34 GB at box 256 on 2 cores, 2026-11-30), with the stacks and arenas of
+    a worker's threads, and the leanest worker's need beside its libraries (``plan.minimum``)."""
+    if plan.scheduler != "local" or address_space_limit() is None:
+        return 0
+    mapped = address_space_limit() - address_space_room(run_threads(plan.minimum.threads))
+    return int(mapped + plan.minimum.host_bytes - BASELINE_HOST_BYTES + worker_thread_allowance())
+
+
+#: Threads a Dask worker may start after it has joined beside ``run_threads`` (its offload, communication and
+#: profiling threads), whose stacks its address room at joining may not count yet: at box 256 on 2 cores a local
+#: worker's room under the same limit varied by 40-50 MB between runs (2026-11-30), so a limit given with no
+#: allowance (1.6 GB) was refused in turn, asking for 1.7 GB.
+DASK_WORKER_THREADS = 6
+
+
+def worker_thread_allowance() -> int:
+    """Address space kept in a limit given to a Dask worker for ``DASK_WORKER_THREADS`` more threads' stacks."""
+    return DASK_WORKER_THREADS * thread_stack_bytes()
 
 
 # --- the plan made on the coordinator --------------------------------------------------------------
@@ -431,6 +467,9 @@ class MemoryPlan:
     cpu_need: WorkerMemory | None = None  # an existing scheduler's workers with --device auto: if on the CPU
     room: int | None = None  # threads/sync: host bytes this process had left when planned (``host_memory_available``)
     prepared_bytes: int = 0  # threads/sync on the CPU: the prepared maps, held here while the QC report is drawn
+    # threads/sync with more than one task at once: (tasks, host bytes at batches of one, room) for each fewer
+    # number of tasks, the room read as ``room`` is (``room_for_tasks``); empty: not known
+    fewer_tasks: tuple = ()
 
     def describe(self) -> str:
         """The estimate as the run prints it.
@@ -441,6 +480,11 @@ class MemoryPlan:
         a GPU worker's and a CPU worker's figures. Each worker is checked against
         its own device, memory limit and threads as it joins (``check_workers``).
         """
+        if self.scheduler == "local" and self.need.batch > self.minimum.batch:
+            # Its workers size their batches from their own room (``tasks.batch_size``), which the plan does not
+            # know: under ``ulimit -v`` a run needing 2.1 GB here at box 256 finished under 1.7 GB of address space.
+            return (f"{self.need.describe()}, or less where a worker has less room: it then takes smaller batches, "
+                    f"down to about {gigabytes(self.minimum.host_bytes)} with batches of one particle")
         if not self.scheduler.startswith("tcp://"):
             return self.need.describe()
         on = [self.need] if self.cpu_need is None else [self.need, self.cpu_need]
@@ -509,16 +553,12 @@ def plan_memory(box: int, settings, options, map_voxels: int = 0) -> MemoryPlan:
     threads = tasks_per_worker(spec, device)
     chunk = options.chunk_size or 256  # unresolved (a script for any run): the default chunk
     batch = batch_cap(box, settings, device, threads, chunk)
-    room = None
+    room, fewer_tasks = None, ()
     if spec.scheduler in ("threads", "sync"):  # the limit is known now: plan batches within it
         # Read once: the batches and the check (``check_this_machine``) are planned on the same figure.
-        room = host_memory_available(run_threads(threads))
-        # The QC report's preparation reads its sample beside the chunks; under an address-space limit its
-        # drawing library, loaded beside the maps' preparation, counts too.
-        room -= report_preparation_bytes(box)
-        if address_space_limit() is not None:
-            room -= drawing_library_bytes()
-        room = max(0, room)
+        room = room_for_tasks(threads, box)
+        fewer_tasks = tuple((tasks, worker_memory(box, settings, device, tasks, chunk, 1, map_voxels).host_bytes,
+                             room_for_tasks(tasks, box)) for tasks in range(1, threads))
         budget = (gpu_memory_free() - prepared_map_bytes(box, settings) if device == "gpu" else
                   room + BASELINE_HOST_BYTES - worker_memory(box, settings, "cpu", threads, chunk, 0, map_voxels).host_bytes)
         batch = batch_within(budget, box, settings, device, threads, chunk)
@@ -537,7 +577,18 @@ def plan_memory(box: int, settings, options, map_voxels: int = 0) -> MemoryPlan:
         gpu_possible=device != "gpu" and gpu_possible(spec.scheduler),
         room=room,
         prepared_bytes=prepared_map_bytes(box, settings) if device == "cpu" and room is not None else 0,
+        fewer_tasks=fewer_tasks,
     )
+
+
+def room_for_tasks(tasks: int, box: int) -> int:
+    """threads/sync: host bytes this process has left for ``tasks`` tasks at once (``host_memory_available``
+    with their threads counted ahead), less the QC report's preparation, which reads its sample beside the
+    chunks, and under an address-space limit its drawing library, loaded beside the maps' preparation."""
+    room = host_memory_available(run_threads(tasks)) - report_preparation_bytes(box)
+    if address_space_limit() is not None:
+        room -= drawing_library_bytes()
+    return max(0, room)
 
 
 def gpu_possible(scheduler: str) -> bool:
@@ -561,21 +612,25 @@ def raise_limit(scheduler: str, workers: int) -> str:
     return "Start the workers with a larger --memory-limit"
 
 
-def remedies(need: WorkerMemory, plan: MemoryPlan) -> list[str]:
+def remedies(need: WorkerMemory, plan: MemoryPlan, fewer_fits: int | None = None) -> list[str]:
     """What a user can change for a worker to need less memory than ``need`` (clauses, lower case).
 
     Only what applies: a lower ``--padding`` where the maps are oversampled
     above the default projector's 1.25 (``GRIDDING_OVERSAMPLING``, the leanest),
     fewer tasks at once where a worker runs more than one, a GPU where one could
     be used (``plan.gpu_possible``) and the run is not on one. May be empty.
+    ``fewer_fits``: on threads/sync, the most tasks at once that would fit (0: none, so fewer tasks are not
+    suggested; None: not known).
     """
     found = []
     if plan.padding is not None and plan.padding > GRIDDING_OVERSAMPLING + 1e-9:
         found.append(f"lower --padding (now {plan.padding:g}; the default projector's {GRIDDING_OVERSAMPLING:g} "
                      "is the leanest)")
     if need.threads > 1:
-        if plan.scheduler in ("threads", "sync"):
+        if plan.scheduler in ("threads", "sync") and fewer_fits is None:
             found.append(f"use fewer --workers (tasks at once, now {need.threads})")
+        elif plan.scheduler in ("threads", "sync") and fewer_fits:
+            found.append(f"use --workers {fewer_fits} (tasks at once, now {need.threads})")
         elif plan.scheduler in ("slurm", "pbs"):
             found.append(f"run fewer tasks at once on each worker (now {need.threads}: give each worker process "
                          "fewer 'cores' in the cluster config)")
@@ -611,8 +666,16 @@ def nothing_leaner(need: WorkerMemory, plan: MemoryPlan) -> str:
             f"{need.batch}): run it where a worker gets at least {gigabytes(need.host_bytes)} of host memory{gpu}")
 
 
-def check_this_machine(plan: MemoryPlan) -> None:
-    """threads/sync: refuse when this machine's free memory (or free GPU memory) cannot hold the minimum."""
+def check_this_machine(plan: MemoryPlan, particles: int = 0, report_box: int = 0) -> None:
+    """threads/sync: refuse when this machine's free memory (or free GPU memory) cannot hold the minimum.
+
+    Fewer tasks at once are suggested only where that alone makes the run fit
+    (``plan.fewer_tasks``). Where the address-space limit (``ulimit -v``) binds,
+    the line gives the limit that would do, for the run as asked and (where fewer
+    tasks alone would not do) for one task at a time; with ``particles`` (the QC
+    report's, of ``report_box`` px) each figure covers the coordinator's own
+    check too (``check_coordinator``), so that following it once lets the run start.
+    """
     need = plan.minimum
     if need.device == "gpu":
         free = gpu_memory_free()
@@ -624,21 +687,57 @@ def check_this_machine(plan: MemoryPlan) -> None:
     room = (plan.room if plan.room is not None else host_memory_available(run_threads(need.threads))) + BASELINE_HOST_BYTES
     if need.host_bytes > room:
         granted, why = memory_granted()
-        fixes = remedies(need, plan)
+        fitting = [tasks for tasks, host, left in plan.fewer_tasks if host <= left + BASELINE_HOST_BYTES]
+        fixes = remedies(need, plan, max(fitting, default=0) if plan.fewer_tasks else None)
         available = gigabytes(room) if gigabytes(room) != gigabytes(need.host_bytes) else f"{room / GB:.2f} GB"
+        if fixes:
+            advice = sentence(either(fixes))
+        elif plan.fewer_tasks:  # more than one task at once, and one alone would not fit either
+            _, one_task, _ = plan.fewer_tasks[0]
+            advice = (f"Fewer --workers alone would not make it fit: with --workers 1 it needs about "
+                      f"{gigabytes(one_task)} of host memory")
+        else:
+            advice = nothing_leaner(need, plan)
         raise NotEnoughMemoryError(
             f"{need.describe()}, but this machine has {available} available to dsub (of {gigabytes(granted)} "
-            f"under {why}). {sentence(either(fixes)) if fixes else nothing_leaner(need, plan)}."
-            + address_limit_that_would_do(need.host_bytes - room))
+            f"under {why}). {advice}." + limits_that_would_do_here(plan, need.host_bytes - room, fitting,
+                                                                    particles, report_box or need.box))
 
 
-def limit_that_would_do(limit: int | None, short: int) -> str:
+def limits_that_would_do_here(plan: MemoryPlan, short: int, fitting: list[int], particles: int, box: int) -> str:
+    """threads/sync, where the address-space limit binds: the limit that would do for the run as asked (``short``
+    bytes more, and at least the coordinator's own need, ``coordinator_address_bytes``) and, where fewer tasks
+    alone would not do, for one task at a time; else ""."""
+    limit = address_space_limit()
+    if limit is None or memory_granted()[0] != limit:
+        return ""
+
+    def needed(tasks: int, short: int) -> int:
+        coordinator = sum(coordinator_address_bytes(plan, particles, box, tasks)) if particles else 0
+        return max(limit + short, coordinator)
+
+    as_asked = enough_limit(needed(plan.minimum.threads, short))
+    said_now = f" Under the address-space limit, {as_asked}"
+    if plan.fewer_tasks and not fitting:
+        tasks, host, left = plan.fewer_tasks[0]
+        leaner = enough_limit(needed(tasks, host - BASELINE_HOST_BYTES - left))
+        if leaner != as_asked:
+            said_now += f"; with --workers 1, {leaner}"
+    return said_now + "."
+
+
+def limit_that_would_do(limit: int | None, short: int, why: str = "") -> str:
     """The address-space limit that would leave ``short`` bytes more than ``limit``, rounded up to 0.1 GB, as a
-    sentence ("" without a limit)."""
+    sentence ("" without a limit); ``why``: a clause saying what it covers."""
     if not limit:
         return ""
-    enough = math.ceil((limit + short) / (GB / 10)) * (GB / 10)
-    return f" Under the address-space limit, about {gigabytes(int(enough))} would do ('ulimit -v {int(enough) // 1024}')."
+    return f" Under the address-space limit, {enough_limit(limit + short)}{' ' + why if why else ''}."
+
+
+def enough_limit(needed: int) -> str:
+    """``about 1.7 GB would do ('ulimit -v 1660156')``: ``needed`` bytes rounded up to 0.1 GB, in KiB for ulimit."""
+    enough = int(math.ceil(needed / (GB / 10)) * (GB / 10))
+    return f"about {gigabytes(enough)} would do ('ulimit -v {enough // 1024}')"
 
 
 def address_limit_that_would_do(short: int, binding_only: bool = True) -> str:
@@ -672,18 +771,19 @@ def check_workers(plan: MemoryPlan, capacities: dict, box: int, settings, chunk_
         limit = capacity.get("host_limit")
         if limit and need.host_bytes > limit * fraction:
             raise NotEnoughMemoryError(
-                f"{need.describe()} (even with batches of one particle), but worker {address} has a memory limit of "
+                f"{need.describe()}, but worker {address} has a memory limit of "
                 f"{gigabytes(limit)} (Dask pauses it at {fraction:.0%} of that). {raise_limit(plan.scheduler, len(capacities))}"
                 + "".join(f"; or {fix}" for fix in remedies(need, plan)) + ".")
         room = capacity.get("address_room")
         if room is not None and need.host_bytes - BASELINE_HOST_BYTES > room:  # its libraries are mapped already
             raise NotEnoughMemoryError(
-                f"{need.describe()} (even with batches of one particle), but worker {address} has "
+                f"{need.describe()}, but worker {address} has "
                 f"{gigabytes(max(0, room))} of address space left under its address-space limit (ulimit -v, "
                 f"{gigabytes(capacity['address_limit'])}, which counts the libraries and thread stacks mapped too). "
                 "Raise the limit ('ulimit -v') for the command that starts the workers"
                 + "".join(f"; or {fix}" for fix in remedies(need, plan)) + "."
-                + limit_that_would_do(capacity["address_limit"], need.host_bytes - BASELINE_HOST_BYTES - room))
+                + limit_that_would_do(capacity["address_limit"],
+                                      need.host_bytes - BASELINE_HOST_BYTES - room + worker_thread_allowance()))
         free = capacity.get("gpu_free")
         if capacity["device"] == "gpu" and free is not None and need.gpu_bytes > free:
             raise NotEnoughMemoryError(
