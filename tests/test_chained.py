@@ -337,3 +337,99 @@ def test_chained_originals_not_found_are_warned_about_and_written_as_given(proje
     assert written["rlnImageOriginalName"].tolist() == [f"{i + 1:06d}@Gone/job1/particles.mrcs" for i in range(32)]
     cs_paths = np.load(root / "P" / "Subtract" / "lost2" / CS_OUT, max_header_size=2**30)
     assert set(cs_paths[cs_format.ORIGINAL_PATH_FIELD].tolist()) == {b"Gone/job1/particles.mrcs"}
+
+
+# What the earlier run's record (dsub_run.json beside its star and .cs) tells a run on its output.
+
+FITTED_LOW = "the contrast --scale input would reuse was fitted low"
+
+
+@pytest.fixture(scope="module")
+def region_2_again(chain):
+    """Region 2's mask with a wider soft edge: another mask's content, for a third run on region 2's remains."""
+    paths, _, first = chain
+    phantom = two_domain_phantom(BOX, np.random.default_rng(SEED))
+    mask = first.parent / "data" / "mask_2_wide.mrc"
+    write_map(mask, soft_sphere_mask(phantom, 1, BOX, edge=5.0), PIXEL_SIZE)
+    return mask
+
+
+@pytest.fixture(scope="module")
+def warned_second(chain):
+    """Run 2 from run 1's .cs with --scale fit against the full maps: warned, and its contrast fitted low."""
+    paths, _, first = chain
+    outdir = first.parent / "warned_fit"
+    assert run(paths, first / CS_OUT, paths["mask_2"], outdir) == 0
+    assert diagnostics(outdir)["fit_below_earlier"] is True  # what the warning with --scale input's advice says
+    return outdir
+
+
+def warnings_of(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("dsub: warning:")]
+
+
+def test_a_scale_input_run_on_a_warned_fit_is_told_its_contrast_was_fitted_low(chain, warned_second,
+                                                                               region_2_again, capsys):
+    paths, _, first = chain
+    ratio = diagnostics(warned_second)["median_ratio_fitted_to_earlier"]
+    assert ratio < 0.8
+    third, fourth = first.parent / "third_on_warned", first.parent / "fourth_on_warned"
+    capsys.readouterr()
+    assert run(paths, warned_second / STAR_OUT, region_2_again, third, "--scale", "input") == 0
+    said = [line for line in warnings_of(capsys) if FITTED_LOW in line]
+    record = warned_second.resolve() / "dsub_run.json"
+    assert len(said) == 1 and str(record) in said[0] and f"at {ratio:.2f} times" in said[0], said
+    assert f"about {1 - ratio:.0%} of this mask's region" in said[0] and "Rerun that step with --scale input" in said[0]
+    written = json.loads((third / "dsub_run.json").read_text())["chain"]
+    assert written == {"earlier_record": str(record), "contrast_fitted_low": {"record": str(record), "ratio": ratio}}
+    # A further --scale input run reuses the same contrast again: told too, of the run that fitted it.
+    assert run(paths, third / STAR_OUT, paths["mask_2"], fourth, "--scale", "input") == 0
+    said = [line for line in warnings_of(capsys) if FITTED_LOW in line]
+    assert len(said) == 1 and str(record) in said[0] and f"at {ratio:.2f} times" in said[0], said
+
+
+def test_a_clean_chain_gives_no_fitted_low_warning(chain, region_2_again, capsys):
+    paths, _, first = chain
+    second, third = first.parent / "clean_second", first.parent / "clean_third"
+    assert run(paths, first / CS_OUT, paths["mask_2"], second, "--scale", "input") == 0
+    assert diagnostics(second)["fit_below_earlier"] is True  # the full maps fit low: no matter with --scale input
+    capsys.readouterr()
+    assert run(paths, second / STAR_OUT, region_2_again, third, "--scale", "input") == 0
+    assert not [line for line in warnings_of(capsys) if FITTED_LOW in line or "already subtracted" in line]
+    assert "contrast_fitted_low" not in json.loads((third / "dsub_run.json").read_text())["chain"]
+
+
+def test_the_same_mask_as_the_earlier_run_is_named_as_already_subtracted(chain, capsys):
+    """Run 1's mask again on run 1's output, copied elsewhere (the same content): that region was subtracted."""
+    paths, _, first = chain
+    copy = first.parent / "data" / "mask_1_copy.mrc"
+    copy.write_bytes(Path(paths["mask"]).read_bytes())
+    capsys.readouterr()
+    assert run(paths, first / STAR_OUT, copy, first.parent / "same_mask", "--scale", "input") == 0
+    said = [line for line in warnings_of(capsys) if "already subtracted by that run" in line]
+    assert len(said) == 1, said
+    assert f"this mask ({copy})" in said[0] and str(Path(paths["mask"]).resolve()) in said[0]
+    assert str(first.resolve() / "dsub_run.json") in said[0]
+    # Region 2's mask on the same output: not said.
+    assert run(paths, first / STAR_OUT, paths["mask_2"], first.parent / "other_mask", "--scale", "input") == 0
+    assert not [line for line in warnings_of(capsys) if "already subtracted by that run" in line]
+
+
+@pytest.mark.parametrize("damage", ["removed", "unreadable"])
+def test_a_missing_or_unreadable_record_gives_no_warning_and_no_error(chain, warned_second, region_2_again, capsys,
+                                                                      damage):
+    paths, _, first = chain
+    record = warned_second / "dsub_run.json"
+    kept = record.read_bytes()
+    try:
+        if damage == "removed":
+            record.unlink()
+        else:
+            record.write_text('{"scale": "fit", "outputs": ')
+        capsys.readouterr()
+        assert run(paths, warned_second / STAR_OUT, region_2_again, first.parent / f"no_record_{damage}",
+                   "--scale", "input") == 0
+        said = warnings_of(capsys)
+        assert not [line for line in said if FITTED_LOW in line or "already subtracted by that run" in line], said
+    finally:
+        record.write_bytes(kept)

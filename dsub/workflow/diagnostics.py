@@ -256,7 +256,9 @@ def check_earlier_contrast(table, rows: np.ndarray, fitted: np.ndarray, sigma: n
             "--scale input reuses the earlier contrast.")
     else:
         say(f"The fitted contrast is {versus}: the maps hold what the images hold.")
-    return {"median_ratio_fitted_to_earlier": median_ratio, "median_ratio_earlier_noise": noise}
+    # Recorded so that a --scale input run on this run's output can tell its contrast was fitted low (``chain``).
+    return {"median_ratio_fitted_to_earlier": median_ratio, "median_ratio_earlier_noise": noise,
+            "fit_below_earlier": bool(lacking)}
 
 
 def check_unit_contrast(fitted: np.ndarray, sigma: np.ndarray) -> dict:

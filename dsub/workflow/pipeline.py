@@ -53,10 +53,10 @@ from ..physics.optics import map_extent_voxels
 from ..physics.projector import projector_kernel
 from ..physics.subtract import SubtractionSettings
 from ..report import REPORT_FOLDER, start_preparation, start_warming_up
-from . import blank, diagnostics, disk, export, metadata, prefetch, rebox, record, region, resources, store, validate
-from .outdir import (AUTOMATIC_KEY, CONTENT_HASHED, REMOVED_STORE_NAME, OutdirLock, check_writable, explain_os_error,
-                     file_identity, prepare_outdir, refuse_inputs_in_replaced_outputs, remove_store, run_fingerprint,
-                     same_run, with_content_hashes)
+from . import blank, chain, diagnostics, disk, export, metadata, prefetch, rebox, record, region, resources, store, validate
+from .outdir import (AUTOMATIC_KEY, CONTENT_HASHED, HASH_KEY, REMOVED_STORE_NAME, OutdirLock, check_writable,
+                     explain_os_error, file_identity, prepare_outdir, refuse_inputs_in_replaced_outputs, remove_store,
+                     run_fingerprint, same_run, with_content_hashes)
 from .tasks import MapFiles, half_map_models, prepare_models, run_chunk
 from .transcript import LOG_NAME, Transcript
 
@@ -403,6 +403,8 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
         del volumes
         validate.check_images(table, box)
     say(options, region.report_region(share, mask, settings.mask_keeps))
+    # On an earlier run's output, what its record says (a contrast fitted low, this mask already subtracted).
+    chained = chain.check_earlier_record(table, particles_path, mask, settings.scale, settings.mask_keeps)
     sizes = validate.group_pixel_sizes(table)
     if sizes.size > 1:
         say(options, f"Optics groups at {', '.join(f'{size:g}' for size in sizes)} Å: each particle is projected "
@@ -596,6 +598,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             "skipped_particles": skipped_report(table, skipped),
             "input_contrast_check": sample_check,
             "diagnostics": diagnosed,
+            **({"chain": chained} if chained else {}),
             "outputs": {"store": store.STORE_NAME, "star": export.STAR_NAME, "cs": export.CS_NAME,
                         "stacks": export.STACK_FOLDER, "stack_dtype": "float16" if options.float16 else "float32",
                         "store_images": "kept" if options.keep_store else "deleted", "paths": options.paths,
@@ -603,7 +606,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
                         "cs_root": project_folder_text(table, outdir, options.paths),
                         "stack_names": stack_names(table, outdir, options.paths)},
         }
-        summary = {**record.run_description(options.command, identity),
+        summary = {**record.run_description(options.command, stored_hashes(store_path, identity)),
                    **attempt.finish(summary, phases, workers)}
         (staging / RUN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
         export.publish_metadata(staging, outdir, RUN_SUMMARY)
@@ -615,6 +618,18 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     report(summary, outdir, options)
     write_qc_report(outdir, options, preparation)
     return summary
+
+
+def stored_hashes(store_path: Path, identity: dict) -> dict:
+    """``identity`` with the maps' and mask's content hashes the store holds (a store of an earlier version may
+    hold none: then without), for the record's inputs."""
+    try:
+        stored = dict(store.open_store(store_path).attrs.get("run", {}))
+    except Exception:  # the record is written all the same, without hashes
+        return identity
+    return {**identity, **{name: {**identity[name], HASH_KEY: stored[name][HASH_KEY]} for name in CONTENT_HASHED
+                           if isinstance(stored.get(name), dict) and stored[name].get(HASH_KEY)
+                           and stored[name].get("path") == identity[name]["path"]}}
 
 
 def stacks_taken_up(store_path: Path, outdir: Path, layout, bounds, box: int, done: np.ndarray):

@@ -27,7 +27,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import DsubError, error_line, interrupted_line, resource_failure_line
 from . import store
-from .outdir import modified
+from .outdir import HASH_KEY, modified
 
 
 def utc_now() -> str:
@@ -54,8 +54,10 @@ def versions() -> dict:
 
 
 def describe_file(identity: dict) -> dict:
-    """An input file for people: path, size in bytes and modification time (UTC)."""
-    return {"path": identity["path"], "bytes": identity["bytes"], "modified": modified(identity)}
+    """An input file for people: path, size in bytes and modification time (UTC); its content hash
+    (``outdir.HASH_KEY``) where the identity holds one (the maps and mask: a later run compares its mask)."""
+    return {"path": identity["path"], "bytes": identity["bytes"], "modified": modified(identity),
+            **({HASH_KEY: identity[HASH_KEY]} if identity.get(HASH_KEY) else {})}
 
 
 def input_files(identity: dict) -> dict:
