@@ -38,7 +38,7 @@ import numpy as np
 
 from dsub.formats import read_particles
 from dsub.formats import star as star_format
-from dsub.formats.mrc import open_stack, write_stack
+from dsub.formats.mrc import read_images, write_stack
 from dsub.simulate import to_particle_table
 from dsub.workflow import export, store
 from dsub.workflow.pipeline import RUN_SUMMARY
@@ -71,7 +71,9 @@ def finished_run(star: Path, outdir: Path) -> None:
     """OUTDIR as a finished run without ``--keep-store`` leaves it."""
     table = read_particles(star)
     count, box = len(table), int(table.box_size[0])
-    source = np.asarray(open_stack(star.parent / "particles.mrcs")[:])
+    stack = str(star.parent / "particles.mrcs")
+    unique = int(table.image_indices.max()) + 1
+    source = read_images([stack] * unique, np.arange(unique))
     for relative, rows, _ in export.stack_layout(count, PER_STACK):
         (outdir / relative).parent.mkdir(parents=True, exist_ok=True)
         with write_stack(outdir / relative, (rows.size, box, box), PIXEL_SIZE) as mrc:
