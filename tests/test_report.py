@@ -26,7 +26,8 @@ from dsub.formats import cs as cs_format
 from dsub.formats import star as star_format
 from dsub.report import start_preparation, write_report
 from dsub.report.columns import FOLDER, ReportColumns
-from dsub.report.gather import gather, prepare
+from dsub.report import gather as gather_module
+from dsub.report.gather import gather, prepare, sample_spectra
 from dsub.report.imaging import bin_images, image_spectra, low_pass, radial_power_spectrum
 
 BOX = 48
@@ -449,6 +450,43 @@ def test_preparation_in_the_background_and_its_failure(clean_dataset, tmp_path):
     assert sorted(parse(page_path).links) == sorted(FIGURES)
 
 
+def test_spectra_read_in_blocks_equal_the_whole_samples_and_hold_a_block_at_a_time(clean_dataset, tmp_path,
+                                                                                    monkeypatch):
+    """``sample_spectra`` reduces the sample a block at a time: the same spectra as the whole sample's images
+    read at once (the model's from input - result in real space), while it holds less than one copy of them."""
+    import tracemalloc
+
+    from dsub.formats.mrc import read_images
+
+    paths, _ = clean_dataset
+    outdir = tmp_path / "out"
+    assert subtract(paths, outdir) == 0
+    columns = ReportColumns.read(outdir / "subtracted.zarr" / FOLDER, outdir)
+    rows, pixel = np.arange(COUNT), columns.pixel_size_angstrom
+    results, inputs = read_images(*columns.images.results(rows)), read_images(*columns.images.inputs(rows))
+    whole = {"result": radial_power_spectrum(image_spectra(results), pixel),
+             "input": radial_power_spectrum(image_spectra(inputs), pixel),
+             "model": radial_power_spectrum(image_spectra(inputs - results), pixel)}
+    sample_bytes = results.nbytes
+    del results, inputs
+    monkeypatch.setattr(gather_module, "SPECTRUM_BLOCK_BYTES", 3 * BOX * BOX * 4)  # 14 blocks, the last of 1
+    tracemalloc.start()
+    try:
+        spectra, note = sample_spectra(columns, rows, BOX, pixel, with_inputs=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert note is None and spectra.sample_size == COUNT
+    for key, (frequency, power) in whole.items():
+        np.testing.assert_allclose(spectra.frequency_per_angstrom, frequency, rtol=1e-12)
+        np.testing.assert_allclose(getattr(spectra, key), power, rtol=1e-5)
+    assert peak < sample_bytes, (peak, sample_bytes)
+
+    results_only, _ = sample_spectra(columns, rows, BOX, pixel, with_inputs=False)
+    assert results_only.input is None and results_only.model is None
+    np.testing.assert_allclose(results_only.result, whole["result"][1], rtol=1e-5)
+
+
 def test_report_columns_take_a_few_bytes_per_particle(clean_dataset, tmp_path):
     paths, _ = clean_dataset
     table = star_format.read_particles(paths["star"])
@@ -500,7 +538,8 @@ print(peak[0] - start.vms, peak[1] - start.rss)
 def test_the_reports_memory_is_within_what_the_run_plans_for_it(tmp_path):
     """``resources.report_bytes``, which a run under ``ulimit -v`` counts before any work, covers what drawing the
     report adds, mapped and resident, as the run draws it (two malloc arenas: ``MALLOC_ARENA_MAX=2``), for a
-    sample of box-128 images spread over 18 output stacks."""
+    sample of box-128 images spread over 18 output stacks. ``benchmarks/report_memory.py`` measures it against
+    the box."""
     import os
     import subprocess
     import sys
@@ -520,6 +559,5 @@ def test_the_reports_memory_is_within_what_the_run_plans_for_it(tmp_path):
     assert done.returncode == 0, done.stderr
     mapped, resident = (int(word) for word in done.stdout.split())
     planned = resources.report_bytes(count, box)
-    images = 262 * box * box * 4  # the sample's images, once
-    assert resident > 3 * images  # the measure sees the report's arrays
+    assert resident > gather_module.SPECTRUM_BLOCK_BYTES  # the measure sees the report's arrays
     assert mapped <= planned and resident <= planned, (mapped, resident, planned)

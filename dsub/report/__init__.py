@@ -11,9 +11,10 @@ for after the last chunk:
 1. once the store exists, ``start_preparation(outdir, table, particles_per_stack)``
    runs ``gather.prepare`` in a background thread (what the particle table
    decides: the report's per-particle columns, written into the store, the
-   sample and its input images) and loads matplotlib;
+   sample and its examples' input images) and loads matplotlib;
 2. after the export, ``write_report(outdir, preparation)`` reads the store's
-   per-particle arrays and the sample's exported images, and draws.
+   per-particle arrays and the sample's exported and input images (a block of
+   them at a time, so its memory does not grow with the box), and draws.
 
 ``dsub report OUTDIR`` calls ``write_report(outdir)`` alone: the columns then come
 from the store (or, for a run of an earlier version, from the exported star).

@@ -6,19 +6,21 @@
   images of every particle), also written into the store for ``dsub report``;
 * the sample: ``SPECTRUM_SAMPLE`` particles spread over the run for the power
   spectra and ``EXAMPLES_PER_HALF`` examples per half set;
-* their input images, read in one pass per stack sorted by index (each
-  image's bytes only: ``read_images(...)``), and the input
-  spectra.
+* the input images of the examples, read in one pass per stack sorted by
+  index (each image's bytes only: ``read_images(...)``).
 
-``gather`` (after the run; it reads results only):
+``gather`` (after the run; it reads results, and the sample's inputs again):
 
 * from ``subtracted.zarr``: ``skipped``, the contrast ``contrast`` each particle
   was subtracted with and, when the run recorded them, ``fit_correlation`` and
   ``contrast_sigma``; the run's identity (attribute ``run``); never ``images``;
 * ``dsub_run.json``: the run summary (timings, scheduler, devices, ...), and
   the warnings of ``dsub.log``;
-* the exported images of the sample, and the input images of an example that
-  was skipped and replaced by its neighbour.
+* the exported images of the sample and, for the power spectra, their input
+  images again, in blocks of ``SPECTRUM_BLOCK_BYTES`` reduced to shell powers
+  one block at a time, so that the report's memory does not grow with the
+  sample times the box²; the input images of an example that was skipped and
+  replaced by its neighbour.
 
 Without a ``Prepared`` (``dsub report OUTDIR``), ``prepare_from_store`` takes its
 place: the columns from the store, or from ``particles_subtracted.star`` for a
@@ -41,10 +43,13 @@ from ..particles import HALF_A, HALF_B
 from ..workflow import export, store
 from ..workflow.pipeline import RUN_SUMMARY
 from .columns import FOLDER, ReportColumns
-from .imaging import bin_images, image_spectra, low_pass, radial_power_spectrum
+from .imaging import bin_images, image_spectra, low_pass, shell_frequencies, shell_powers
 
 #: Particles whose images are read for the power spectra.
 SPECTRUM_SAMPLE = 256
+#: Images of the sample read and reduced to power spectra at once (float32 bytes of each of input and
+#: result): the report holds a few copies of one block, never the whole sample.
+SPECTRUM_BLOCK_BYTES = 8 * 2**20
 #: Example particles shown per half set.
 EXAMPLES_PER_HALF = 3
 #: Display low-pass: at least this resolution, and never finer than this many pixels.
@@ -52,6 +57,10 @@ DISPLAY_RESOLUTION_ANGSTROM = 10.0
 DISPLAY_RESOLUTION_PIXELS = 3.0
 #: Example images larger than this are shown binned (figures draw them at about this many pixels).
 DISPLAY_PIXELS = 128
+#: ... and never larger than this, whatever the low-pass: the figure draws each at 190 pixels (1.9 in at 100 dpi),
+#: and its drawing library takes about 70 bytes for every pixel given (65 MB more for examples of 256 px than of
+#: 128 px, measured 2026-11-30).
+DISPLAY_PIXELS_MOST = 256
 #: A contrast farther than this many robust standard deviations (1.4826 MAD) from the median is flagged.
 OUTLIER_SIGMAS = 4.0
 #: Per-particle fit-quality arrays that a run may record in the store.
@@ -120,17 +129,17 @@ class Prepared:
     """What the report needs that the run's results do not change (``prepare``).
 
     ``spectrum_rows``, ``example_rows``: input rows of the sample, ascending;
-    ``spectrum_inputs``: complex64 ``rfft2`` of their input images, (k, box,
-    box//2+1); ``example_inputs``: {input row: float32 (box, box) input image}.
-    Both are None when the input images are not shown (``input_note`` says why,
-    or ``show_inputs`` is false: re-centred or re-boxed particles).
+    ``example_inputs``: {input row: float32 (box, box) input image} of the
+    examples, None when the input images are not shown (``input_note`` says
+    why, or ``show_inputs`` is false: re-centred or re-boxed particles). The
+    inputs of the spectrum sample are read after the run with the results
+    (``sample_spectra``): held here, they would grow with the box².
     """
 
     columns: ReportColumns
     spectrum_rows: np.ndarray
     example_rows: np.ndarray
     show_inputs: bool = True
-    spectrum_inputs: np.ndarray | None = None
     example_inputs: dict | None = None
     input_note: str | None = None
 
@@ -141,7 +150,7 @@ def prepare(outdir, table, particles_per_stack: int, show_inputs: bool = True) -
     Made to run in a background thread while the chunks run (``report.start_preparation``):
     it builds ``ReportColumns`` from ``table`` (the run's ``ParticleTable``, not
     modified) and writes them into ``outdir``'s store, chooses the sample and
-    reads its input images. ``particles_per_stack``: the run's
+    reads its examples' input images. ``particles_per_stack``: the run's
     ``--particles-per-stack`` (where each particle lies in the exported stacks).
     ``show_inputs`` false (re-centred or re-boxed particles, whose input is not
     on the results' grid): no input image is read. A stack that cannot be read
@@ -180,7 +189,7 @@ def prepare_from_store(outdir: Path, identity: dict, skipped: np.ndarray, show_i
 
 
 def prepared_sample(columns: ReportColumns, skipped: np.ndarray | None, show_inputs: bool) -> Prepared:
-    """Choose the sample among the particles not ``skipped`` (None: all) and read its input images."""
+    """Choose the sample among the particles not ``skipped`` (None: all) and read its examples' input images."""
     candidates = np.arange(len(columns)) if skipped is None else np.flatnonzero(~skipped)
     half_set = np.asarray(columns.half_set)
     spectrum_rows = evenly_spaced(candidates, SPECTRUM_SAMPLE)
@@ -189,14 +198,10 @@ def prepared_sample(columns: ReportColumns, skipped: np.ndarray | None, show_inp
     ]).astype(np.int64)
     prepared = Prepared(columns, spectrum_rows, np.sort(example_rows), show_inputs)
     if show_inputs and candidates.size:
-        rows = np.union1d(spectrum_rows, example_rows)
+        rows = np.unique(example_rows)
         images, prepared.input_note = read_inputs(columns, rows)
         if images is not None:
-            prepared.spectrum_inputs = image_spectra(images[np.isin(rows, spectrum_rows)])
-            # Copies: a view would keep every sample image alive while the chunks run.
-            prepared.example_inputs = {int(row): images[k].copy() for k, row in enumerate(rows)
-                                       if row in example_rows}
-            del images
+            prepared.example_inputs = {int(row): image for row, image in zip(rows.tolist(), images)}
     return prepared
 
 
@@ -366,68 +371,92 @@ def replace_skipped(rows: np.ndarray, half_set: np.ndarray, skipped: np.ndarray)
 
 
 def read_sample_images(data: ReportData, prepared: Prepared, skipped: np.ndarray) -> None:
-    """Example images and power spectra of the sample (input, model, result): the exported images read here."""
+    """Example images and power spectra of the sample (input, model, result): the exported images read here.
+
+    Holds the examples' images (input, result, model: ``2 * EXAMPLES_PER_HALF``
+    each) and a block of the spectrum sample at a time (``sample_spectra``).
+    """
     columns = prepared.columns
     if data.exported_rows.size == 0:
         data.notes.append("No particle was exported, so there are no images to show.")
         return
     half_set = np.asarray(columns.half_set)
-    in_spectrum = ~skipped[prepared.spectrum_rows]
-    spectrum_rows = prepared.spectrum_rows[in_spectrum]
+    spectrum_rows = prepared.spectrum_rows[~skipped[prepared.spectrum_rows]]
     example_rows = replace_skipped(prepared.example_rows, half_set, skipped)
-    rows = np.union1d(spectrum_rows, example_rows)
-    result = read_images(*columns.images.results(rows))
+    result = read_images(*columns.images.results(example_rows))
     data.box = int(result.shape[-1])
     show_inputs = prepared.show_inputs and not data.summary.get("rebox")
-    input_spectra, example_inputs, note = None, None, None
+    example_inputs, note = None, None
     if show_inputs:
         note = prepared.input_note
-        if prepared.spectrum_inputs is not None:
-            input_spectra = prepared.spectrum_inputs[in_spectrum]
-            example_inputs = dict(prepared.example_inputs)
+        if note is None:
+            example_inputs = dict(prepared.example_inputs or {})
             missing = np.array([row for row in example_rows if row not in example_inputs], dtype=np.int64)
-            if missing.size:  # an example that was skipped, replaced by its neighbour
+            if missing.size:  # an example that was skipped and replaced by its neighbour, or not prepared
                 images, note = read_inputs(columns, missing)
-                if images is None:
-                    input_spectra, example_inputs = None, None
-                else:
-                    example_inputs.update(zip(missing.tolist(), images))
-        elif note is None:  # not prepared with input images (a run prepared before it finished)
-            images, note = read_inputs(columns, rows)
-            if images is not None:
-                input_spectra = image_spectra(images[np.isin(rows, spectrum_rows)])
-                example_inputs = {int(row): images[k] for k, row in enumerate(rows) if row in example_rows}
-    if note:
-        data.notes.append(note)
+                example_inputs = None if images is None else {**example_inputs, **dict(zip(missing.tolist(), images))}
     pixel = data.pixel_size_angstrom
-    result_spectra = image_spectra(result[np.isin(rows, spectrum_rows)])
-    frequency, power_result = radial_power_spectrum(result_spectra, pixel)
-    data.spectra = Spectra(
-        frequency_per_angstrom=frequency, result=power_result,
-        input=None if input_spectra is None else radial_power_spectrum(input_spectra, pixel)[1],
-        model=None if input_spectra is None else radial_power_spectrum(input_spectra - result_spectra, pixel)[1],
-        sample_size=int(spectrum_rows.size),
-    )
-    del result_spectra, input_spectra
+    data.spectra, spectra_note = sample_spectra(columns, spectrum_rows, data.box, pixel,
+                                                with_inputs=example_inputs is not None)
+    if data.spectra.input is None:
+        example_inputs = None  # input and model shown for all or none
+    for text in dict.fromkeys(filter(None, (note, spectra_note))):
+        data.notes.append(text)
     resolution = data.display_resolution_angstrom
-    # Shown smaller than the box: average pixel blocks, as far as the low-pass leaves nothing to alias.
-    factor = max(1, min(-(-data.box // DISPLAY_PIXELS), int(resolution / (2 * pixel))))
+    # Shown smaller than the box: average pixel blocks, as far as the low-pass leaves nothing to alias, and at
+    # least as far as DISPLAY_PIXELS_MOST (the figure shows fewer pixels than that anyway).
+    factor = max(1, min(-(-data.box // DISPLAY_PIXELS), int(resolution / (2 * pixel))),
+                 -(-data.box // DISPLAY_PIXELS_MOST))
     data.display_pixel_size_angstrom = pixel * factor
 
-    def filtered(images):
-        return None if images is None else bin_images(low_pass(images, pixel, resolution), factor)
+    def filtered(image):
+        return bin_images(low_pass(image[None], pixel, resolution), factor)[0]
 
-    shown = result[np.isin(rows, example_rows)]
-    original = None if example_inputs is None else np.stack([example_inputs[int(row)] for row in example_rows])
-    result_f, input_f = filtered(shown), filtered(original)
-    model_f = None if original is None else filtered(original - shown)
     names = columns.images.names(example_rows)
     positions = np.searchsorted(data.exported_rows, example_rows)
     for k, row in enumerate(example_rows):
+        original = None if example_inputs is None else example_inputs.pop(int(row))
         data.examples.append(Example(
             row=int(positions[k]), image_name=names[k], half_set=int(half_set[row]),
             defocus_angstrom=float(columns.defocus_angstrom[row]), contrast=float(data.contrast[positions[k]]),
-            result=result_f[k], input=None if input_f is None else input_f[k],
-            model=None if model_f is None else model_f[k],
+            result=filtered(result[k]), input=None if original is None else filtered(original),
+            model=None if original is None else filtered(original - result[k]),
         ))
     data.examples.sort(key=lambda example: (example.half_set, example.row))
+
+
+def sample_spectra(columns: ReportColumns, rows: np.ndarray, box: int, pixel_size_angstrom: float,
+                   with_inputs: bool) -> tuple[Spectra, str | None]:
+    """Rotationally averaged power of the results of ``rows`` and, ``with_inputs``, of their inputs and models.
+
+    The model is input - result, its transform ``rfft2(input) - rfft2(result)``.
+    ``box``: the results' box. Reads and reduces ``SPECTRUM_BLOCK_BYTES`` of images at a time
+    (``imaging.shell_powers``); the spectra are the means of the per-image
+    shell powers, as ``imaging.radial_power_spectrum`` of the whole sample. An
+    input that cannot be read leaves input and model out (None) and returns
+    why as the note.
+    """
+    powers = {"result": [], "input": [], "model": []}
+    note = None
+    per_block = max(1, SPECTRUM_BLOCK_BYTES // (box * box * 4))
+    for start in range(0, rows.size, per_block):
+        block = rows[start:start + per_block]
+        result = image_spectra(read_images(*columns.images.results(block)))
+        powers["result"].append(shell_powers(result))
+        if with_inputs:
+            images, note = read_inputs(columns, block)
+            if images is None:
+                with_inputs = False
+            else:
+                inputs = image_spectra(images)
+                del images
+                powers["input"].append(shell_powers(inputs))
+                inputs -= result
+                powers["model"].append(shell_powers(inputs))
+                del inputs
+        del result
+    mean = {key: np.concatenate(values).mean(axis=0) if values else None for key, values in powers.items()}
+    if not with_inputs:
+        mean["input"] = mean["model"] = None
+    return Spectra(frequency_per_angstrom=shell_frequencies(box, pixel_size_angstrom), result=mean["result"],
+                   input=mean["input"], model=mean["model"], sample_size=int(rows.size)), note

@@ -51,17 +51,34 @@ def radial_power_spectrum(spectra: np.ndarray, pixel_size_angstrom: float) -> tu
     ``box//2`` (Nyquist). Power is ``|F|²/box²``, i.e. per pixel (Parseval: white
     noise of variance σ² has power σ² in every shell), so images of any box
     compare. Returns (spatial frequency in 1/Å of each shell, mean power per
-    shell), both float64 of length ``box//2``.
+    shell), both float64 of length ``box//2``. The mean of ``shell_powers``:
+    a sample may be reduced in blocks of images and the rows averaged after.
+    """
+    return shell_frequencies(spectra.shape[-2], pixel_size_angstrom), shell_powers(spectra).mean(axis=0)
+
+
+def shell_frequencies(box: int, pixel_size_angstrom: float) -> np.ndarray:
+    """Spatial frequency (1/Å) of the shells 1 .. ``box//2`` of ``shell_powers``, float64."""
+    return np.arange(1, box // 2 + 1) / (box * pixel_size_angstrom)
+
+
+def shell_powers(spectra: np.ndarray) -> np.ndarray:
+    """Power per pixel of each image in each shell: float64 (n, box//2); ``radial_power_spectrum`` per image.
+
+    ``spectra``: ``rfft2`` of (n, box, box) square images. Works one image at a
+    time: beside ``spectra`` it holds two float64 planes of one image.
     """
     box = spectra.shape[-2]
-    power = (np.abs(spectra) ** 2).mean(axis=0, dtype=np.float64) / box**2
     ky = np.fft.fftfreq(box, 1.0 / box)[:, None]
     kx = np.fft.rfftfreq(box, 1.0 / box)[None, :]
     shell = np.rint(np.hypot(kx, ky)).astype(np.int64)
     # rfft2 holds the kx > 0 half once; each such coefficient stands for itself and its mirror.
     weight = np.broadcast_to(np.where((kx > 0) & (kx < box / 2), 2.0, 1.0), shell.shape)
     inside = (shell >= 1) & (shell <= box // 2)
-    sums = np.bincount(shell[inside], weights=(power * weight)[inside], minlength=box // 2 + 1)
-    counts = np.bincount(shell[inside], weights=weight[inside], minlength=box // 2 + 1)
-    shells = np.arange(1, box // 2 + 1)
-    return shells / (box * pixel_size_angstrom), sums[1:] / counts[1:]
+    shell, weight = shell[inside], weight[inside]
+    counts = np.bincount(shell, weights=weight, minlength=box // 2 + 1)[1:]
+    out = np.empty((spectra.shape[0], box // 2), dtype=np.float64)
+    for k, image in enumerate(spectra):
+        power = np.abs(image[inside]).astype(np.float64) ** 2 / box**2
+        out[k] = np.bincount(shell, weights=power * weight, minlength=box // 2 + 1)[1:] / counts
+    return out

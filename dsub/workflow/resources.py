@@ -335,42 +335,49 @@ DRAWING_LIBRARY_BYTES = 160 * 2**20
 #: Threads a Dask client adds to the coordinator beside ``run_threads`` (its event loop, offload and
 #: communication threads): a box-96 run on ``local`` peaked at 19-20 threads on 2 cores (2026-11-30).
 DASK_CLIENT_THREADS = 6
-#: The QC report's own memory (``dsub.report``), measured 2026-11-30 with ``dsub report`` on finished runs
-#: under two malloc arenas: about 6.6 copies of its sample's images (input and result, their transforms, the
-#: model's, the powers: 442 MB resident, 499 MB mapped at box 256 against 67 MB of images), 60-70 bytes a
-#: particle (its per-particle arrays: 12 MB more at 200 000 particles than at 20 000), and 80-90 MB beside, of
-#: which Zarr's threads (counted by ``run_threads`` in a run) mapped about 56 MB.
-REPORT_IMAGE_COPIES = 7
+#: The QC report's own memory (``dsub.report``), measured 2026-11-30 (``benchmarks/report_memory.py``: 300
+#: particles, two malloc arenas, preparation and drawing as a run does them): 95-104 MB mapped, 72-75 MB
+#: resident at box 128, 256 and 384 with 1 Å pixels (examples binned to 128 px), and up to 161 MB mapped,
+#: 134 MB resident with 3 Å pixels at box 256 and 512 (examples shown at 256 px). It reads the spectrum sample in
+#: blocks (``report.gather.SPECTRUM_BLOCK_BYTES`` of input and of result images, with their transforms), holds
+#: the examples' images at full size, and draws them in one mosaic whose pixels the drawing library copies in
+#: float64 RGBA (about 70 bytes a pixel measured). Each part below is an upper bound of what was measured;
+#: ``REPORT_FIXED_BYTES``: what does not depend on the box (the figures' canvases, the store's arrays).
+REPORT_FIXED_BYTES = 96 * 2**20
+REPORT_BLOCK_COPIES = 5
+REPORT_EXAMPLE_COPIES = 4
+REPORT_DISPLAY_BYTES_PER_PIXEL = 80
 REPORT_BYTES_PER_PARTICLE = 100
-REPORT_FIXED_BYTES = 64 * 2**20
 
 
-#: Copies of the report's sample images that its preparation (``report.start_preparation``, in a thread while
-#: the chunks run) holds at its peak: the images read and their transforms, 202 MB traced at box 256 against
-#: 69 MB of images (2026-11-30); then it keeps the transforms and six example images.
-REPORT_PREPARATION_COPIES = 3
+#: Copies of the examples' input images that the report's preparation (``report.start_preparation``, in a
+#: thread while the chunks run) holds: the images read, kept until the report is drawn.
+REPORT_PREPARATION_COPIES = 2
 
 
-def report_sample_bytes(box: int) -> int:
-    """Bytes of the report's largest sample of images of ``box``² float32 pixels."""
-    from ..report.gather import EXAMPLES_PER_HALF, SPECTRUM_SAMPLE
+def report_example_bytes(box: int) -> int:
+    """Bytes of the report's example images of ``box``² float32 pixels, one of input, model or result."""
+    from ..report.gather import EXAMPLES_PER_HALF
 
-    return (SPECTRUM_SAMPLE + 2 * EXAMPLES_PER_HALF) * box * box * 4
+    return 2 * EXAMPLES_PER_HALF * box * box * 4
 
 
 def report_preparation_bytes(box: int) -> int:
     """Peak bytes of the QC report's preparation, which runs beside the chunks on the coordinator."""
-    return REPORT_PREPARATION_COPIES * report_sample_bytes(box)
+    return REPORT_PREPARATION_COPIES * report_example_bytes(box)
 
 
 def report_bytes(particles: int, box: int) -> int:
-    """Bytes the QC report needs at its peak for ``particles`` of ``box``² pixels (an upper bound of what was
-    measured: ``REPORT_IMAGE_COPIES``, ``REPORT_BYTES_PER_PARTICLE``, ``REPORT_FIXED_BYTES``)."""
-    from ..report.gather import EXAMPLES_PER_HALF, SPECTRUM_SAMPLE
+    """Bytes the QC report needs at its peak for ``particles`` of ``box``² pixels: an upper bound of what was
+    measured, which does not grow with the box beyond the examples' few images (see ``REPORT_FIXED_BYTES``)."""
+    from ..report.gather import DISPLAY_PIXELS_MOST, EXAMPLES_PER_HALF, SPECTRUM_BLOCK_BYTES, SPECTRUM_SAMPLE
 
-    sample = min(int(particles), SPECTRUM_SAMPLE + 2 * EXAMPLES_PER_HALF)
-    return int(REPORT_FIXED_BYTES + REPORT_IMAGE_COPIES * sample * box * box * 4
-               + REPORT_BYTES_PER_PARTICLE * int(particles))
+    image = box * box * 4
+    block = min(int(particles), SPECTRUM_SAMPLE, max(1, SPECTRUM_BLOCK_BYTES // image)) * image
+    shown = min(box, DISPLAY_PIXELS_MOST)
+    mosaic = 3 * 2 * EXAMPLES_PER_HALF * shown * shown  # input, model and result of each example
+    return int(REPORT_FIXED_BYTES + REPORT_BLOCK_COPIES * block + REPORT_EXAMPLE_COPIES * report_example_bytes(box)
+               + REPORT_DISPLAY_BYTES_PER_PIXEL * mosaic + REPORT_BYTES_PER_PARTICLE * int(particles))
 
 
 def said(count: int, other: int) -> str:
