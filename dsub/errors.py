@@ -32,6 +32,12 @@ class InputFileError(DsubError, ValueError):
         return type(self), (self.path, self.problem, self.fix)
 
 
+
+def first_and_more(names, most: int) -> str:
+    """``a, b and 3 more``: the first ``most`` of ``names`` (str), then a count of the rest."""
+    names = list(names)
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
 def where_stack_names_start(metadata_path) -> str:
     """Where a particle file's relative stack names are looked for, as the reading does (``formats.paths``):
     a .cs's ``blob/path`` from the cryoSPARC project folder, a star's image names from the current folder."""

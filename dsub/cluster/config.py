@@ -19,7 +19,7 @@ from pathlib import Path
 import dask
 import yaml
 
-from ..errors import InputFileError, MissingInputError, warn
+from ..errors import InputFileError, MissingInputError, first_and_more, warn
 
 #: Schedulers whose workers dask-jobqueue starts, each configured by ``jobqueue.<scheduler>``.
 BATCH_SCHEDULERS = ("slurm", "pbs")
@@ -251,8 +251,7 @@ def warn_unused_settings(path, scheduler: str) -> None:
     unused = unused_settings(settings, scheduler)
     if not unused:
         return
-    named = ", ".join(unused[:NAMED_KEYS]) + (f" and {len(unused) - NAMED_KEYS} more" if len(unused) > NAMED_KEYS
-                                              else "")
+    named = first_and_more(unused, NAMED_KEYS)
     which = ("none of its settings is used" if len(unused) == len(settings)
              else f"{len(settings) - len(unused)} of its {len(settings)} settings are used, these are not")
     if scheduler in BATCH_SCHEDULERS:

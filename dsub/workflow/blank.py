@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import InputFileError, warn
+from ..errors import InputFileError, first_and_more, warn
 
 #: Stacks named in a line; the rest are counted.
 NAMED_STACKS = 3
@@ -66,7 +66,7 @@ def refuse_blank_sample(table, sample: np.ndarray, blank: np.ndarray, nonfinite:
     rows = np.asarray(sample)[blank]
     paths = np.asarray(table.image_paths, dtype=object)
     stacks = sorted(set(paths[rows].astype(str)))
-    named = ", ".join(stacks[:NAMED_STACKS]) + (f" and {len(stacks) - NAMED_STACKS} more" if len(stacks) > NAMED_STACKS else "")
+    named = first_and_more(stacks, NAMED_STACKS)
     raise InputFileError(
         table.source_path or paths[rows[0]],
         f"all {rows.size} sample particle images (spread over its {len(table)} particles, from "

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..cluster.progress import number
-from ..errors import DiskFullError, DsubError, InputFileError, OptionError, OutputExistsError
+from ..errors import DiskFullError, DsubError, InputFileError, OptionError, OutputExistsError, first_and_more
 from . import export, store
 
 
@@ -517,8 +517,7 @@ def file_list_differences(earlier: list[dict], now: list[dict], noun: str = "par
     changes = []
     for what, paths in groups:
         if paths:
-            named = ", ".join(paths[:NAMED_STACKS]) + (f" and {len(paths) - NAMED_STACKS} more"
-                                                       if len(paths) > NAMED_STACKS else "")
+            named = first_and_more(paths, NAMED_STACKS)
             line = f"{noun}{'s' if len(paths) > 1 else ''} {what}: {named}"
             if what == "changed since that run":
                 line += f" ({'first ' if len(paths) > 1 else ''}{file_change_details(before[paths[0]], after[paths[0]])})"
@@ -620,8 +619,7 @@ def refuse_inputs_in_replaced_outputs(outdir: Path, inputs: dict, overwrite: boo
         inside = sorted({str(path) for path in paths if path is not None
                          and replaced_by_overwrite(path, outdir, files, folders)})
         if inside:
-            named = ", ".join(inside[:NAMED_INSIDE]) + (f" and {len(inside) - NAMED_INSIDE} more"
-                                                       if len(inside) > NAMED_INSIDE else "")
+            named = first_and_more(inside, NAMED_INSIDE)
             found.append(f"{what} ({named})")
     if not found:
         return
