@@ -1,6 +1,7 @@
 """Throughput of ``dsub subtract --scheduler local`` with 1 and 2 GPU workers.
 
     python benchmarks/multi_gpu.py [--particles 4096] [--box 256] [--workers 1 2 1 2] [--referenced 3]
+                                   [--cpu-affinity on off]
 
 Writes a dataset of noise images with realistic metadata (the cost of the
 physics does not depend on the image content), runs the whole command (cluster
@@ -8,7 +9,10 @@ start, half-map preparation, subtraction, Zarr, export) for each worker count,
 and prints particles/s and the GPUs the summary says were used. The runs go in
 the order given (repeat counts to see the spread); each run's output is deleted
 and the disk synced before the next, so that none is throttled by an earlier
-run's output still being written.
+run's output still being written. ``--cpu-affinity on off`` runs every worker
+count with each worker kept on its GPU's CPUs (dsub's default where the machine
+has several NUMA nodes: ``dsub.cluster.affinity``) and with no pinning
+(``DSUB_GPU_CPU_AFFINITY=0``).
 """
 
 from __future__ import annotations
@@ -68,6 +72,22 @@ def write_dataset(folder: Path, count: int, box: int, referenced: int = 1) -> di
     return paths
 
 
+def print_topology() -> None:
+    """The machine's NUMA nodes and, per visible GPU, its PCI bus id and the CPUs beside it (sysfs)."""
+    nodes = sorted(Path("/sys/devices/system/node").glob("node[0-9]*"))
+    print(f"NUMA nodes: " + "; ".join(f"{node.name} CPUs {(node / 'cpulist').read_text().strip()}" for node in nodes))
+    try:
+        import cupy
+
+        for ordinal in range(cupy.cuda.runtime.getDeviceCount()):
+            bus = cupy.cuda.runtime.deviceGetPCIBusId(ordinal).lower()
+            device = Path("/sys/bus/pci/devices") / bus
+            read = lambda name: (device / name).read_text().strip() if (device / name).exists() else "?"
+            print(f"GPU {ordinal}: {bus}, NUMA node {read('numa_node')}, CPUs beside it {read('local_cpulist')}")
+    except Exception as error:  # noqa: BLE001 -- only a report
+        print(f"(no GPU topology: {error})")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--particles", type=int, default=4096)
@@ -81,7 +101,10 @@ def main():
     parser.add_argument("--warm-up", action="store_true",
                         help="a small run first, so CuPy's kernel cache is filled before the measured runs")
     parser.add_argument("--float16", action="store_true", help="runs with --float16 (half the bytes written)")
+    parser.add_argument("--cpu-affinity", nargs="+", choices=("on", "off"), default=["on"],
+                        help="workers kept on their GPU's CPUs (on, the default) or not (off); several: each in turn")
     args = parser.parse_args()
+    print_topology()
     rows, first = [], None
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
@@ -94,10 +117,11 @@ def main():
                   ("dirty_ratio", "dirty_background_ratio", "dirty_bytes", "dirty_background_bytes")
                   if Path(f"/proc/sys/vm/{name}").exists()}
         print(f"the kernel's limits on unwritten output: {limits}")
-        runs = ([("warm-up", max(args.workers), args.particles_per_stack[0])] if args.warm_up else []) + [
-            (None, w, stack) for stack in args.particles_per_stack for w in args.workers]
+        runs = ([("warm-up", max(args.workers), args.particles_per_stack[0], "on")] if args.warm_up else []) + [
+            (None, w, stack, affinity) for stack in args.particles_per_stack for affinity in args.cpu_affinity
+            for w in args.workers]
         os.sync()  # the data set on the disk: the runs start from a warm cache with nothing dirty
-        for number, (warm_up, workers, per_stack) in enumerate(runs):
+        for number, (warm_up, workers, per_stack, affinity) in enumerate(runs):
             outdir = folder / f"out{number}"
             command = [sys.executable, "-m", "dsub.cli", "subtract", str(paths["star"]),
                        "--half-a", str(paths["half_a"]), "--half-b", str(paths["half_b"]), "--mask", str(paths["mask"]),
@@ -105,7 +129,8 @@ def main():
                        "--chunk-size", str(args.chunk_size), "--particles-per-stack", str(per_stack), "--quiet",
                        "--dashboard-address", "127.0.0.1:0"] + (["--float16"] if args.float16 else [])
             started = time.perf_counter()
-            result = subprocess.run(command, capture_output=True, text=True)
+            environment = {**os.environ, "DSUB_GPU_CPU_AFFINITY": "1" if affinity == "on" else "0"}
+            result = subprocess.run(command, capture_output=True, text=True, env=environment)
             wall = time.perf_counter() - started
             if result.returncode != 0:
                 print(result.stdout, result.stderr)
@@ -129,13 +154,13 @@ def main():
                 print(f"warm-up run with {workers} workers: {wall:.1f} s")
                 continue
             phases = summary["phase_seconds"]
-            rows.append((workers, per_stack, wall, phases, count / phases["subtract"], count / wall,
+            rows.append((workers, per_stack, affinity, wall, phases, count / phases["subtract"], count / wall,
                          summary["devices"], difference, synced))
-    print("| workers | particles per stack | wall s | check inputs s | start workers s | subtract s | export s | particles/s in subtract | "
+    print("| workers | particles per stack | kept on the GPU's CPUs | wall s | check inputs s | start workers s | subtract s | export s | particles/s in subtract | "
           "particles/s whole command | devices | max diff vs the first | sync after s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for workers, per_stack, wall, phases, rate, whole, devices, difference, synced in rows:
-        print(f"| {workers} | {per_stack} | {wall:.1f} | {phases['check_inputs']:.1f} | {phases['start_workers']:.1f} | "
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for workers, per_stack, affinity, wall, phases, rate, whole, devices, difference, synced in rows:
+        print(f"| {workers} | {per_stack} | {affinity} | {wall:.1f} | {phases['check_inputs']:.1f} | {phases['start_workers']:.1f} | "
               f"{phases['subtract']:.1f} | {phases['export']:.1f} | {rate:,.0f} | {whole:,.0f} | "
               f"{', '.join(devices)} | {difference:.1e} | {synced:.1f} |")
 

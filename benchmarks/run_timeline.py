@@ -198,6 +198,8 @@ def main():
     parser.add_argument("--folder", type=Path, default=None)
     parser.add_argument("--cold", action="store_true")
     parser.add_argument("--extra", default="", help="relion | float16 (comma separated)")
+    parser.add_argument("--cpu-affinity", nargs="+", choices=("on", "off"), default=["on"],
+                        help="local GPU workers kept on their GPU's CPUs (on, the default) or not; several: each in turn")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.folder) as folder:
         folder = Path(folder)
@@ -214,7 +216,9 @@ def main():
                                                   cluster=ClusterSpec(progress=False)))
         instrument(args.scheduler)
         counts = args.threads if args.scheduler == "threads" else args.workers
-        for count in counts:
+        for count, affinity in [(count, affinity) for affinity in args.cpu_affinity for count in counts]:
+            os.environ["DSUB_GPU_CPU_AFFINITY"] = "1" if affinity == "on" else "0"
+            print(f"\n#### workers kept on their GPU's CPUs: {affinity}")
             for task_threads in args.task_threads:
                 for interval in args.switch_interval:
                     one_run(paths, folder, args, args.scheduler, count or None, interval or None, task_threads or None)

@@ -8,7 +8,12 @@ JSON into the folder named by ``DSUB_TIMELINE_DIR``; ``DSUB_TIMELINE_SWITCH_INTE
 sets the worker's ``sys.setswitchinterval``).
 
 A record is (stage, start, stop, process id, thread name), times in seconds
-since the epoch (``time.time``), so records of several processes line up.
+since the epoch (``time.time``), so records of several processes line up. Each
+stage also gets a record "<stage>: CPU" whose length is the CPU time its thread
+spent in it (``time.thread_time``): a stage whose wall time is well above its
+CPU time waited (a lock, the interpreter, the kernel's I/O), one whose CPU time
+grows with a second process ran slower (the memory, the sockets' link). Each
+worker adds one record naming the CPUs it may run on.
 """
 
 from __future__ import annotations
@@ -57,6 +62,22 @@ def timed(owner, name: str, on_call) -> None:
     setattr(owner, name, wrapper)
 
 
+def timed_with_cpu(owner, name: str, stage: str) -> None:
+    """Wrap ``owner.name``: each call records ``stage`` (wall) and ``stage: CPU`` (its thread's CPU time)."""
+    original = getattr(owner, name)
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        start, cpu = time.time(), time.thread_time()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            record(stage, start, time.time())
+            record(f"{stage}: CPU", start, start + time.thread_time() - cpu)
+
+    setattr(owner, name, wrapper)
+
+
 def tasks_module():
     from dsub.workflow import tasks
 
@@ -76,7 +97,7 @@ def instrument() -> None:
         *parents, name = path.split(".")
         for parent in parents:
             owner = getattr(owner, parent)
-        timed(owner, name, functools.partial(record, stage))
+        timed_with_cpu(owner, name, stage)
     original_turn = tasks.gpu_turn
 
     def turn(work):
@@ -108,6 +129,9 @@ def dask_setup(worker) -> None:
 
 def dask_teardown(worker) -> None:
     folder = os.environ.get("DSUB_TIMELINE_DIR")
+    now = time.time()
+    cpus = sorted(os.sched_getaffinity(0))  # after dsub's preload pinned the worker (``affinity``)
+    record(f"ran on {len(cpus)} CPUs {cpus[0]}..{cpus[-1]}", now, now)
     if folder:
         with _lock, open(os.path.join(folder, f"worker-{os.getpid()}.json"), "w") as out:
             json.dump(records, out)

@@ -173,30 +173,37 @@ def test_local_cluster_serves_its_dashboard_loaded_when_first_opened(monkeypatch
 
 
 def _pinning_and_loading():
+    threads_cpus = {tuple(sorted(os.sched_getaffinity(int(task)))) for task in os.listdir("/proc/self/task")}
     return (os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("DSUB_WARM_UP_GPU"),
-            "dsub.workflow.tasks" in sys.modules)
+            "dsub.workflow.tasks" in sys.modules, sorted(threads_cpus))
 
 
 def test_local_gpu_workers_are_pinned_as_they_are_spawned_and_load_the_task_module(monkeypatch):
     """Each GPU worker gets its own CUDA_VISIBLE_DEVICES in its environment from the start (workers added
-    later too) and loads dsub's task module before any task, after the preloads of dask's config."""
+    later too), all its threads on its GPU's CPUs where that GPU has some of its own, and loads dsub's
+    task module before any task, after the preloads of dask's config."""
     import dask
 
     from dsub.cluster import ClusterSpec, start
 
+    allowed = sorted(os.sched_getaffinity(0))
     monkeypatch.setattr(start, "visible_gpus", lambda: ["5", "7"])  # two GPUs, as the coordinator sees them
+    # GPU 5 beside the first allowed CPU (a NUMA node of its own); GPU 7's CPUs unknown: not pinned.
+    monkeypatch.setattr(start, "gpu_cpus", lambda count: [{allowed[0]}, None])
     spec = ClusterSpec(scheduler="local", workers=2, dashboard_address="127.0.0.1:0", progress=False, device="cpu")
     with dask.config.set({"distributed.worker.preload": ["json"]}):
-        with start.start_cluster(spec) as (client, cluster, _):
+        with start.start_cluster(spec) as (client, cluster, description):
             assert cluster.new_spec["options"]["preload"] == ["json", "dsub.cluster.warm_up"]
+            assert f"kept on its GPU's CPUs: GPU 5 {allowed[0]}; GPU 7 any" in description
             client.wait_for_workers(2, timeout=120)
             deadline = time.monotonic() + 60
             while True:
                 seen = sorted(client.run(_pinning_and_loading).values())
-                if all(loaded for *_, loaded in seen) or time.monotonic() > deadline:
+                if all(loaded for _, _, loaded, _ in seen) or time.monotonic() > deadline:
                     break
                 time.sleep(0.2)
-            assert seen == [("5", "0", True), ("7", "0", True)]  # --device cpu: no GPU warm-up
+            # --device cpu: no GPU warm-up; every thread of GPU 5's worker (its task threads too) on its CPU
+            assert seen == [("5", "0", True, [(allowed[0],)]), ("7", "0", True, [tuple(allowed)])]
             cluster.scale(3)
             client.wait_for_workers(3, timeout=120)
             pinned = sorted(device for device, *_ in client.run(_pinning_and_loading).values())

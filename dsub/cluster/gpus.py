@@ -6,6 +6,7 @@ import os
 
 from distributed import LocalCluster
 
+from .affinity import WORKER_CPUS, format_cpu_list
 from .warm_up import WARM_UP_GPU
 
 
@@ -34,17 +35,24 @@ class PinnedGPUCluster(LocalCluster):
     adds later are pinned alike. ``warm_up_gpu``: the worker's preload
     (``warm_up``) also makes its CUDA context as it starts. Start it with
     ``n_workers=0`` and ``scale``: LocalCluster's first workers share one spec.
+    ``gpu_cpus``: per GPU, the CPUs its worker is kept on (``affinity.gpu_cpus``;
+    None: not pinned), handed to it in ``DSUB_WORKER_CPUS``.
     """
 
-    def __init__(self, gpus: list[str], warm_up_gpu: bool = True, **kwargs):
+    def __init__(self, gpus: list[str], warm_up_gpu: bool = True,
+                 gpu_cpus: list[set[int] | None] | None = None, **kwargs):
         self._dsub_gpus = list(gpus)
         self._dsub_warm_up_gpu = warm_up_gpu
+        self._dsub_gpu_cpus = list(gpu_cpus) if gpu_cpus else [None] * len(self._dsub_gpus)
         super().__init__(**kwargs)
 
     def new_worker_spec(self):
         (name, worker), = super().new_worker_spec().items()
         options = dict(worker["options"])
+        index = int(name) % len(self._dsub_gpus)
         options["env"] = {**(options.get("env") or {}),
-                          "CUDA_VISIBLE_DEVICES": self._dsub_gpus[int(name) % len(self._dsub_gpus)],
+                          "CUDA_VISIBLE_DEVICES": self._dsub_gpus[index],
                           WARM_UP_GPU: "1" if self._dsub_warm_up_gpu else "0"}
+        if self._dsub_gpu_cpus[index]:
+            options["env"][WORKER_CPUS] = format_cpu_list(self._dsub_gpu_cpus[index])
         return {name: {**worker, "options": options}}

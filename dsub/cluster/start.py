@@ -17,6 +17,7 @@ import dask
 from ..errors import DsubError, out_of_memory, warn
 from .ctrl_c import workers_ignore_ctrl_c
 from .dashboard import dashboard_on_request
+from .affinity import format_cpu_list, gpu_cpus
 from .gpus import PinnedGPUCluster, visible_gpus
 
 
@@ -354,7 +355,11 @@ def local_cluster(spec):
         workers = spec.adapt[0]
     if not gpus:
         return LocalCluster(n_workers=workers, **options), description
-    cluster = PinnedGPUCluster(gpus, warm_up_gpu=spec.device != "cpu", n_workers=0, **options)
+    cpus = gpu_cpus(len(gpus))
+    if any(cpus):
+        description += " (each kept on its GPU's CPUs: " + "; ".join(
+            f"GPU {gpu} {format_cpu_list(c) if c else 'any'}" for gpu, c in zip(gpus, cpus)) + ")"
+    cluster = PinnedGPUCluster(gpus, warm_up_gpu=spec.device != "cpu", gpu_cpus=cpus, n_workers=0, **options)
     if workers:
         cluster.scale(workers)
     return cluster, description

@@ -19,6 +19,8 @@ import os
 import signal
 import threading
 
+from .affinity import pin_from_environment
+
 WARM_UP_GPU = "DSUB_WARM_UP_GPU"
 
 _thread: threading.Thread | None = None
@@ -37,7 +39,7 @@ def _warm_up() -> None:
 
 
 def dask_setup(worker) -> None:
-    """Ignore Ctrl-C, and start loading in a thread; the worker goes on starting.
+    """Keep to the GPU's CPUs, ignore Ctrl-C, and start loading in a thread; the worker goes on starting.
 
     A terminal's Ctrl-C reaches every process of its group: the coordinator
     stops the run and its cluster, and says so in one line; a local worker
@@ -47,6 +49,7 @@ def dask_setup(worker) -> None:
     a system without ``/bin/sh`` or an executable temporary folder).
     """
     global _thread
+    pin_from_environment()  # first: the threads started below inherit the GPU's CPUs (``affinity``)
     with contextlib.suppress(ValueError):  # only a process's main thread may set it (the worker's is)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     _thread = threading.Thread(target=_warm_up, name="dsub-worker-warm-up", daemon=True)
