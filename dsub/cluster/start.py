@@ -337,7 +337,9 @@ def local_cluster(spec):
 
     workers, threads, gpus = local_layout(spec)
     if gpus:
-        description = f"local cluster, {workers} GPU worker(s) on GPUs {', '.join(gpus)}"
+        used = gpus[:max(1, workers)]  # worker i on GPU i modulo their count (``PinnedGPUCluster``)
+        description = (f"local cluster, {workers} GPU worker(s) on GPU{'s' if len(used) > 1 else ''} {', '.join(used)}"
+                       + (f", {threads} task thread(s) each" if workers else ""))
     else:
         description = f"local cluster, {workers} CPU worker(s) x {threads} thread(s)"
     options = dict(
