@@ -191,7 +191,9 @@ def test_local_gpu_workers_are_pinned_as_they_are_spawned_and_load_the_task_modu
     # GPU 5 beside the first allowed CPU (a NUMA node of its own); GPU 7's CPUs unknown: not pinned.
     monkeypatch.setattr(start, "gpu_cpus", lambda count: [{allowed[0]}, None])
     spec = ClusterSpec(scheduler="local", workers=2, dashboard_address="127.0.0.1:0", progress=False, device="cpu")
-    with dask.config.set({"distributed.worker.preload": ["json"]}):
+    # GPUs 5 and 7 need not exist: where NVML is installed, Dask's GPU monitoring would fail the workers
+    # on them (NVMLError_InvalidArgument), so it is off here.
+    with dask.config.set({"distributed.worker.preload": ["json"], "distributed.diagnostics.nvml": False}):
         with start.start_cluster(spec) as (client, cluster, description):
             assert cluster.new_spec["options"]["preload"] == ["json", "dsub.cluster.warm_up"]
             assert f"kept on its GPU's CPUs: GPU 5 {allowed[0]}; GPU 7 any" in description
