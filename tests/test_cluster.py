@@ -543,3 +543,28 @@ def test_a_local_cluster_of_cpu_workers_on_few_cores_says_threads_is_faster(monk
     assert start.few_cores_note(ClusterSpec(scheduler="local", device="cpu")) is not None
     monkeypatch.setattr(start.os, "cpu_count", lambda: 16)
     assert start.few_cores_note(ClusterSpec(scheduler="local", device="cpu")) is None
+
+
+@pytest.mark.parametrize("device, kept", [("auto", True), ("gpu", True), ("cpu", False)])
+def test_gpu_workers_are_kept_on_their_gpus_cpus_and_cpu_work_keeps_every_core(monkeypatch, device, kept):
+    """A local cluster on a machine with GPUs: GPU workers get their GPU's CPUs (``affinity.gpu_cpus``) and
+    its warm-up; with --device cpu the workers are neither kept to a NUMA node nor warmed up."""
+    from dsub.cluster import start
+
+    made = {}
+
+    class Recorded:  # what the cluster would be started with, without starting processes
+        def __init__(self, gpus, warm_up_gpu=True, gpu_cpus=None, **options):
+            made.update(gpus=gpus, warm_up_gpu=warm_up_gpu, gpu_cpus=gpu_cpus)
+
+        def scale(self, count):
+            made["scaled"] = count
+
+    monkeypatch.setattr(start, "visible_gpus", lambda: ["0", "1"])
+    monkeypatch.setattr(start, "gpu_cpus", lambda count: [{0, 1}, {2, 3}][:count])
+    monkeypatch.setattr(start, "PinnedGPUCluster", Recorded)
+    _, description = start.local_cluster(ClusterSpec(scheduler="local", device=device))
+    assert made["gpus"] == ["0", "1"] and made["scaled"] == 2 and made["warm_up_gpu"] is kept
+    assert made["gpu_cpus"] == ([{0, 1}, {2, 3}] if kept else [None, None])
+    assert description.startswith("local cluster, 2 GPU worker(s) on GPUs 0, 1")
+    assert ("each kept on its GPU's CPUs: GPU 0 0-1; GPU 1 2-3" in description) is kept

@@ -190,7 +190,7 @@ def test_local_gpu_workers_are_pinned_as_they_are_spawned_and_load_the_task_modu
     monkeypatch.setattr(start, "visible_gpus", lambda: ["5", "7"])  # two GPUs, as the coordinator sees them
     # GPU 5 beside the first allowed CPU (a NUMA node of its own); GPU 7's CPUs unknown: not pinned.
     monkeypatch.setattr(start, "gpu_cpus", lambda count: [{allowed[0]}, None])
-    spec = ClusterSpec(scheduler="local", workers=2, dashboard_address="127.0.0.1:0", progress=False, device="cpu")
+    spec = ClusterSpec(scheduler="local", workers=2, dashboard_address="127.0.0.1:0", progress=False, device="auto")
     # GPUs 5 and 7 need not exist: where NVML is installed, Dask's GPU monitoring would fail the workers
     # on them (NVMLError_InvalidArgument), so it is off here.
     with dask.config.set({"distributed.worker.preload": ["json"], "distributed.diagnostics.nvml": False}):
@@ -204,8 +204,9 @@ def test_local_gpu_workers_are_pinned_as_they_are_spawned_and_load_the_task_modu
                 if all(loaded for _, _, loaded, _ in seen) or time.monotonic() > deadline:
                     break
                 time.sleep(0.2)
-            # --device cpu: no GPU warm-up; every thread of GPU 5's worker (its task threads too) on its CPU
-            assert seen == [("5", "0", True, [(allowed[0],)]), ("7", "0", True, [tuple(allowed)])]
+            # Every thread of GPU 5's worker on its CPU; the GPU warm-up asked for (where CuPy or the
+            # GPU is missing it gives up quietly, and the first task would report it).
+            assert seen == [("5", "1", True, [(allowed[0],)]), ("7", "1", True, [tuple(allowed)])]
             cluster.scale(3)
             client.wait_for_workers(3, timeout=120)
             pinned = sorted(device for device, *_ in client.run(_pinning_and_loading).values())

@@ -357,7 +357,8 @@ def local_cluster(spec):
         workers = spec.adapt[0]
     if not gpus:
         return LocalCluster(n_workers=workers, **options), description
-    cpus = gpu_cpus(len(gpus))
+    # CPU work on a GPU machine keeps every core: only GPU workers are kept beside their GPU.
+    cpus = gpu_cpus(len(gpus)) if spec.device != "cpu" else [None] * len(gpus)
     if any(cpus):
         description += " (each kept on its GPU's CPUs: " + "; ".join(
             f"GPU {gpu} {format_cpu_list(c) if c else 'any'}" for gpu, c in zip(gpus, cpus)) + ")"
