@@ -832,3 +832,26 @@ def test_a_different_particle_file_is_named_in_a_grammatical_line(data, tmp_path
     err = capsys.readouterr().err
     assert f"the particle file was {data['star'].resolve()}, now {other.resolve()}" in err, err
     assert "the particles was" not in err
+
+
+def test_nan_images_shared_by_symmetry_expanded_rows_are_counted_as_images_and_particles():
+    """Three rows of one image (symmetry expansion) are one bad image used by three particles."""
+    from types import SimpleNamespace
+
+    from dsub.errors import InputFileError
+    from dsub.workflow.tasks import refuse_nonfinite
+
+    def refused(bad, paths, indices):
+        particles = SimpleNamespace(image_paths=np.array(paths), image_indices=np.array(indices))
+        with pytest.raises(InputFileError) as error:
+            refuse_nonfinite(np.array(bad), particles, skip=False)
+        return str(error.value)
+
+    one_image = refused([False, True, True, True], ["a.mrcs"] * 4, [0, 4, 4, 4])
+    assert "image 5 (1-based) contains NaN or infinite values (3 particles of this chunk use it)." in one_image
+    two = refused([True, True, True], ["a.mrcs", "a.mrcs", "b.mrcs"], [1, 1, 1])
+    assert "(3 particles of this chunk use 2 such images)" in two
+    assert "(2 such images in this chunk)" in refused([True, True], ["a.mrcs", "a.mrcs"], [1, 2])
+    assert "contains NaN or infinite values." in refused([True, False], ["a.mrcs", "a.mrcs"], [1, 2])
+    particles = SimpleNamespace(image_paths=np.array(["a.mrcs"]), image_indices=np.array([0]))
+    assert refuse_nonfinite(np.array([True]), particles, skip=True).tolist() == [True]

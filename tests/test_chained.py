@@ -381,7 +381,11 @@ def test_a_scale_input_run_on_a_warned_fit_is_told_its_contrast_was_fitted_low(c
     assert len(said) == 1 and str(record) in said[0] and f"at {ratio:.2f} times" in said[0], said
     assert f"about {1 - ratio:.0%} of this mask's region" in said[0] and "Rerun that step with --scale input" in said[0]
     written = json.loads((third / "dsub_run.json").read_text())["chain"]
-    assert written == {"earlier_record": str(record), "contrast_fitted_low": {"record": str(record), "ratio": ratio}}
+    assert written["earlier_record"] == str(record)
+    assert written["contrast_fitted_low"] == {"record": str(record), "ratio": ratio}
+    # Region 2 again, on particles that run 2 removed it from: its whole density was subtracted there.
+    assert written["region_already_subtracted_share"] > 0.99
+    assert written["region_already_subtracted_record"] == str(record)
     # A further --scale input run reuses the same contrast again: told too, of the run that fitted it.
     assert run(paths, third / STAR_OUT, paths["mask_2"], fourth, "--scale", "input") == 0
     said = [line for line in warnings_of(capsys) if FITTED_LOW in line]
@@ -395,8 +399,13 @@ def test_a_clean_chain_gives_no_fitted_low_warning(chain, region_2_again, capsys
     assert diagnostics(second)["fit_below_earlier"] is True  # the full maps fit low: no matter with --scale input
     capsys.readouterr()
     assert run(paths, second / STAR_OUT, region_2_again, third, "--scale", "input") == 0
-    assert not [line for line in warnings_of(capsys) if FITTED_LOW in line or "already subtracted" in line]
+    said = warnings_of(capsys)
+    assert not [line for line in said if FITTED_LOW in line or "already subtracted by that run" in line], said
     assert "contrast_fitted_low" not in json.loads((third / "dsub_run.json").read_text())["chain"]
+    # Region 2's wider mask on what run 2 left of region 2: another file, the same region, said as an overlap.
+    overlap = [line for line in said if "lies in the region an earlier run already subtracted" in line]
+    assert len(overlap) == 1 and overlap[0].startswith("dsub: warning: 100% of the density"), said
+    assert f"({paths['mask_2']}, per {second.resolve() / 'dsub_run.json'})" in overlap[0]
 
 
 def test_the_same_mask_as_the_earlier_run_is_named_as_already_subtracted(chain, capsys):
@@ -433,3 +442,43 @@ def test_a_missing_or_unreadable_record_gives_no_warning_and_no_error(chain, war
         assert not [line for line in said if FITTED_LOW in line or "already subtracted by that run" in line], said
     finally:
         record.write_bytes(kept)
+
+
+def test_overlap_with_every_earlier_region_is_measured_and_only_a_real_overlap_is_warned(chain, capsys):
+    """Run 1 removed region 1; run 2 (on run 1's output) region 2. A third run on run 2's output with a mask
+    of both regions is told that the region run 1 removed (two records back) is in it, in the share of the
+    density that region holds; region 2's own mask on run 1's output is neighbouring, not overlapping."""
+    paths, _, first = chain
+    second, third = first.parent / "overlap_second", first.parent / "overlap_third"
+    capsys.readouterr()
+    assert run(paths, first / STAR_OUT, paths["mask_2"], second, "--scale", "input") == 0
+    assert not [line for line in warnings_of(capsys) if "already subtracted" in line]
+    neighbours = json.loads((second / "dsub_run.json").read_text())["chain"]["region_already_subtracted_share"]
+    assert neighbours < 0.05  # the two domains' masks share only their soft edges
+    with mrcfile.open(paths["mask"]) as one, mrcfile.open(paths["mask_2"]) as two:
+        union = np.maximum(one.data, two.data)
+    both = first.parent / "data" / "mask_both.mrc"
+    write_map(both, union, PIXEL_SIZE)
+    assert run(paths, second / STAR_OUT, both, third, "--scale", "input") == 0
+    said = [line for line in warnings_of(capsys) if "lies in the region an earlier run already subtracted" in line]
+    assert len(said) == 1, said
+    record = json.loads((third / "dsub_run.json").read_text())
+    share = record["chain"]["region_already_subtracted_share"]
+    # Both regions were removed by the two runs before; the larger share is named: every run compared.
+    assert share > 0.45 and f"{share:.0%} of the density in this mask's region ({both})" in said[0]
+    assert record["chain"]["region_already_subtracted_record"] in (str(first.resolve() / "dsub_run.json"),
+                                                                   str(second.resolve() / "dsub_run.json"))
+
+
+def test_the_mask_of_a_run_two_steps_back_is_named_as_already_subtracted(chain, capsys):
+    """Run 1's mask (a copy) on the output of run 2, which ran on run 1's output: the records are followed back."""
+    paths, _, first = chain
+    second, third = first.parent / "back_second", first.parent / "back_third"
+    assert run(paths, first / STAR_OUT, paths["mask_2"], second, "--scale", "input") == 0
+    copy = first.parent / "data" / "mask_1_again.mrc"
+    copy.write_bytes(Path(paths["mask"]).read_bytes())
+    capsys.readouterr()
+    assert run(paths, second / STAR_OUT, copy, third, "--scale", "input") == 0
+    said = [line for line in warnings_of(capsys) if "already subtracted by that run" in line]
+    assert len(said) == 1 and "is the one an earlier run subtracted with" in said[0], said
+    assert str(first.resolve() / "dsub_run.json") in said[0]

@@ -724,3 +724,23 @@ def test_a_rerun_removes_the_temporary_metadata_files_of_a_killed_export(dataset
     assert not left & set(stale), left & set(stale)
     assert set(kept) <= left
     assert len(starfile.read(outdir / export.STAR_NAME)["particles"]) == COUNT
+
+
+def test_a_run_from_the_project_into_a_folder_outside_it_says_the_star_names_are_absolute(dataset, tmp_path,
+                                                                                          monkeypatch, capsys):
+    """From RELION's project folder, OUTDIR elsewhere: the star's names cannot start from the project, so they are
+    absolute, and the run says so (as it does from any other folder); into the project it says nothing."""
+    project = tmp_path / "relproj"
+    files = relion_project(dataset, project)
+    refine_star(files, project)
+    monkeypatch.chdir(project)
+    capsys.readouterr()
+    outside = tmp_path / "elsewhere"
+    assert run(Path("Refine3D/job025/run_data.star"), files, outside) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if "image names start" in line]
+    assert said == [f"The input star's image names start from this folder, {project} (RELION's project folder), "
+                    "which does not hold the output folder: the output star's names are absolute."]
+    rows = starfile.read(outside / "particles_subtracted.star", always_dict=True)["particles"]
+    assert rows["rlnImageName"].iloc[0] == f"000001@{outside}/Particles/subtracted_0000.mrcs"
+    assert run(Path("Refine3D/job025/run_data.star"), files, "Subtract/job053") == 0
+    assert "image names start" not in capsys.readouterr().out

@@ -1476,3 +1476,19 @@ def test_a_rerun_that_draws_the_missing_report_says_so(small, tmp_path, capsys):
     assert main(subtract_args(small, outdir)) == 0  # with the report there: nothing to do
     out = capsys.readouterr().out
     assert "nothing to do" in out and "QC report" not in out, out
+
+
+def test_a_stack_lost_from_a_finished_keep_store_run_is_said_and_written_again_from_the_store(small, tmp_path,
+                                                                                             capsys):
+    """--keep-store: the rerun writes the lost stack's images again from the store, the same bytes, and says so."""
+    outdir = tmp_path / "out"
+    assert main(subtract_args(small, outdir, "--keep-store")) == 0
+    stack = outdir / "Particles" / "subtracted_0000.mrcs"
+    before = stack.read_bytes()
+    stack.unlink()
+    capsys.readouterr()
+    assert main(subtract_args(small, outdir, "--keep-store")) == 0
+    out = capsys.readouterr().out
+    assert ("Output stack Particles/subtracted_0000.mrcs was missing or not of full size: the 3 finished chunks "
+            "with images in it are written again from the store (--keep-store).") in out, out
+    assert stack.read_bytes() == before

@@ -2,7 +2,9 @@
 
 A run on dsub's own output (``table.extra["dsub_output"]``) reads that run's
 ``dsub_run.json`` when it lies beside the input star or .cs and its outputs name
-that file. Two findings come from it, each one ``dsub: warning:`` line:
+that file, and from there the records of the runs before it (each record names
+its own input, ``inputs.particles``; up to ``MAX_CHAIN`` runs back). What comes
+from them, each one ``dsub: warning:`` line:
 
 * the contrast ``--scale input`` would reuse was fitted low: the earlier run
   fitted it (``--scale fit``) on an even earlier run's output with maps that
@@ -11,8 +13,13 @@ that file. Two findings come from it, each one ``dsub: warning:`` line:
   ``fit_below_earlier``). The contrast column cannot tell this: only the record
   can. A ``--scale input`` run that reused such a contrast records where it
   came from (``contrast_fitted_low``), so a run on its output is told too;
-* this run's mask is the one the earlier run subtracted with (same content,
-  same side kept): that region was already subtracted.
+* this run's mask is the one an earlier run subtracted with (same content,
+  same side kept): that region was already subtracted;
+* else, much of the density in this run's region lies in a region an earlier
+  run subtracted (``region_overlaps``: the share of the half maps' positive
+  density inside this run's region that is also inside the earlier one, at
+  least ``OVERLAP_WARNING``): that part would be subtracted twice, leaving
+  negative density. Masks of neighbouring domains share only their soft edges.
 
 A record that is missing, unreadable or written for other files gives nothing:
 no warning, no error.
@@ -21,16 +28,28 @@ no warning, no error.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import os
 from pathlib import Path
 
+import mrcfile
+import numpy as np
+
 from ..errors import warn
+from ..physics.subtract import subtraction_region
 from .outdir import HASH_KEY, content_hash, file_identity, modified
 
 #: The run record's file name (``pipeline.RUN_SUMMARY``).
 RECORD_NAME = "dsub_run.json"
 #: Output keys of a record that name the metadata files a later run may read.
 OUTPUT_KEYS = ("star", "cs")
+#: How many runs back the records are followed.
+MAX_CHAIN = 16
+#: Share of this region's density inside an earlier run's region from which the overlap is warned about.
+OVERLAP_WARNING = 0.10
+#: Planes of an earlier mask read at once (memory: this many planes, not the whole map).
+PLANES_AT_ONCE = 16
 
 
 def earlier_record(table, particles_path) -> tuple[Path, dict] | None:
@@ -38,10 +57,27 @@ def earlier_record(table, particles_path) -> tuple[Path, dict] | None:
 
     Only for dsub's output (``table.extra["dsub_output"]``), only a
     ``dsub_run.json`` in the input's own folder whose ``outputs`` name the
-    input's file name; a missing or unreadable record is None.
+    input's file name (``record_of``); a missing or unreadable record is None.
     """
     if table.extra.get("dsub_output") is None:
         return None
+    return record_of(particles_path)
+
+
+def hash_of(path: Path) -> str:
+    """``outdir.content_hash`` of ``path``, once per file content (path, size, modification time): the
+    records of a chain compare the same masks again."""
+    status = os.stat(path)
+    return _hash_of_version(str(Path(path).resolve()), status.st_size, status.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _hash_of_version(path: str, size: int, modified_ns: int) -> str:
+    return content_hash(path)
+
+
+def record_of(particles_path) -> tuple[Path, dict] | None:
+    """(path, contents) of the ``dsub_run.json`` beside ``particles_path`` whose outputs name it; else None."""
     particles = Path(particles_path)
     path = particles.parent / RECORD_NAME
     try:
@@ -52,6 +88,85 @@ def earlier_record(table, particles_path) -> tuple[Path, dict] | None:
     if not isinstance(outputs, dict) or particles.name not in {outputs.get(key) for key in OUTPUT_KEYS}:
         return None
     return path.resolve(), contents
+
+
+def earlier_records(table, particles_path, limit: int = MAX_CHAIN) -> list[tuple[Path, dict]]:
+    """The records of the runs that led to ``particles_path``, the nearest first (``earlier_record``, then
+    each record's own input, ``inputs.particles.path``); at most ``limit``, a record never twice."""
+    found = earlier_record(table, particles_path)
+    records: list[tuple[Path, dict]] = []
+    while found is not None and len(records) < limit and found[0] not in {path for path, _ in records}:
+        records.append(found)
+        earlier_input = ((found[1].get("inputs") or {}).get("particles") or {})
+        path = earlier_input.get("path") if isinstance(earlier_input, dict) else None
+        found = record_of(path) if isinstance(path, str) else None
+    return records
+
+
+def earlier_mask(contents: dict) -> tuple[Path, bool] | None:
+    """(path, mask_keeps) of the mask an earlier run subtracted with, where that file is still the one it
+    read (content hash, else size and modification time, as the record holds them); else None."""
+    earlier = (contents.get("inputs") or {}).get("mask")
+    keeps = (contents.get("subtracted_region") or {}).get("mask_keeps", False)
+    if not isinstance(earlier, dict) or not isinstance(earlier.get("path"), str):
+        return None
+    path = Path(earlier["path"])
+    try:
+        if earlier.get("bytes") != path.stat().st_size:
+            return None
+        if earlier.get(HASH_KEY):
+            unchanged = hash_of(path) == earlier[HASH_KEY]
+        else:
+            unchanged = earlier.get("modified") == modified(file_identity(path))
+    except OSError:
+        return None
+    return (path, bool(keeps)) if unchanged else None
+
+
+def region_overlaps(records, half_map_a, half_map_b, mask, mask_keeps: bool) -> dict[Path, float]:
+    """Per earlier record: the share of the positive density of (half_map_a + half_map_b) inside this run's
+    region that also lies inside the region that run subtracted, in [0, 1].
+
+    ``half_map_a``, ``half_map_b``, ``mask``: this run's maps, (N, N, N) float
+    arrays as read (``validate.check_maps``); the region is ``mask``, or
+    ``1 − mask`` with ``mask_keeps`` (``physics.subtract.subtraction_region``),
+    as for the earlier run with its own ``mask_keeps``. An earlier mask that is
+    gone, changed since (``earlier_mask``), unreadable or of another shape is
+    left out. The earlier mask is read ``PLANES_AT_ONCE`` planes at a time.
+    """
+    shares: dict[Path, float] = {}
+    for record_path, contents in records:
+        with contextlib.suppress(Exception):  # an earlier mask that cannot be compared: nothing to say
+            found = earlier_mask(contents)
+            if found is None:
+                continue
+            path, earlier_keeps = found
+            with mrcfile.open(path, mode="r", header_only=True, permissive=True) as mrc:
+                header = mrc.header
+                shape = (int(header.nz), int(header.ny), int(header.nx))
+                dtype = mrcfile.utils.data_dtype_from_header(header)
+                offset = 1024 + int(header.nsymbt)
+            if shape != tuple(mask.shape):
+                continue
+            plane = shape[1] * shape[2]
+            inside = both = 0.0
+            with open(path, "rb") as stream:
+                for first in range(0, shape[0], PLANES_AT_ONCE):
+                    planes = slice(first, min(first + PLANES_AT_ONCE, shape[0]))
+                    count = (planes.stop - planes.start) * plane
+                    stream.seek(offset + first * plane * dtype.itemsize)
+                    earlier = np.fromfile(stream, dtype=dtype, count=count)
+                    if earlier.size != count:
+                        raise ValueError(f"{path} is shorter than its header says")
+                    earlier = earlier.astype(np.float32).reshape(-1, *shape[1:])
+                    density = np.maximum(np.asarray(half_map_a[planes], dtype=np.float32)
+                                         + np.asarray(half_map_b[planes], dtype=np.float32), 0.0)
+                    density *= subtraction_region(np, np.asarray(mask[planes], dtype=np.float32), mask_keeps)
+                    inside += float(density.sum(dtype=np.float64))
+                    both += float((density * subtraction_region(np, earlier, earlier_keeps)).sum(dtype=np.float64))
+            if inside > 0:
+                shares[record_path] = both / inside
+    return shares
 
 
 def fitted_low(record_path: Path, contents: dict) -> dict | None:
@@ -92,31 +207,46 @@ def same_mask(record_path: Path, contents: dict, mask, mask_keeps: bool) -> bool
         if earlier.get("bytes") != size:
             return False
         if earlier.get(HASH_KEY):
-            return content_hash(mask) == earlier[HASH_KEY]
+            return hash_of(mask) == earlier[HASH_KEY]
         return earlier.get("path") == str(mask.resolve()) and earlier.get("modified") == modified(file_identity(mask))
     except OSError:
         return False
 
 
-def check_earlier_record(table, particles_path, mask, scale: str, mask_keeps: bool) -> dict:
-    """Warn, from the earlier run's record (``earlier_record``), as the module says; returns what goes under
-    "chain" in this run's ``dsub_run.json`` (empty where there is no record). Never raises on a bad record."""
-    found = earlier_record(table, particles_path)
-    if found is None:
+def check_earlier_records(records, mask, scale: str, mask_keeps: bool, overlaps: dict | None = None) -> dict:
+    """Warn, from the earlier runs' records (``earlier_records``, the nearest first), as the module says;
+    ``overlaps``: ``region_overlaps`` of them. Returns what goes under "chain" in this run's
+    ``dsub_run.json`` (empty where there is no record). Never raises on a bad record."""
+    if not records:
         return {}
-    record_path, contents = found
+    overlaps = overlaps or {}
+    record_path, contents = records[0]
     figures: dict = {"earlier_record": str(record_path)}
     repeated = low = None
-    with contextlib.suppress(Exception):  # a record of another shape: nothing to say (the warnings come after)
-        repeated = same_mask(record_path, contents, mask, mask_keeps)
-        earlier_mask = (contents.get("inputs") or {}).get("mask", {}).get("path", mask)
+    for earlier_path, earlier_contents in records:
+        with contextlib.suppress(Exception):  # a record of another shape: nothing to say (the warnings come after)
+            if same_mask(earlier_path, earlier_contents, mask, mask_keeps):
+                repeated = (earlier_path, (earlier_contents.get("inputs") or {}).get("mask", {}).get("path", mask))
+                break
     with contextlib.suppress(Exception):
         low = fitted_low(record_path, contents) if scale == "input" else None
     if repeated:
         figures["mask_already_subtracted"] = True
-        warn(f"this mask ({mask}) is the one the run that wrote these particles subtracted with ({earlier_mask}, "
-             f"per {record_path}): its region was already subtracted by that run, and subtracting it again removes "
+        which = "the run that wrote these particles" if repeated[0] == record_path else "an earlier run"
+        warn(f"this mask ({mask}) is the one {which} subtracted with ({repeated[1]}, "
+             f"per {repeated[0]}): its region was already subtracted by that run, and subtracting it again removes "
              "only what that run left of it. Give the mask of the region still to be removed.")
+    elif overlaps:
+        earlier_path, share = max(overlaps.items(), key=lambda item: item[1])
+        figures["region_already_subtracted_share"] = round(share, 4)
+        if share >= OVERLAP_WARNING:
+            earlier = dict(records).get(earlier_path, {})
+            earlier_mask_path = ((earlier.get("inputs") or {}).get("mask") or {}).get("path")
+            figures["region_already_subtracted_record"] = str(earlier_path)
+            warn(f"{share:.0%} of the density in this mask's region ({mask}) lies in the region an earlier run "
+                 f"already subtracted from these particles ({earlier_mask_path}, per {earlier_path}): that part "
+                 "would be subtracted a second time, leaving negative density there. Give a mask of the region "
+                 "still to be removed, without the part already subtracted.")
     if low is not None:
         figures["contrast_fitted_low"] = low
         ratio = low["ratio"]

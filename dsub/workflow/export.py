@@ -275,7 +275,7 @@ def write_stack_statistics(outdir: Path, relative: str, statistics: np.ndarray) 
 
 
 def prepare_stacks(outdir: Path, layout, pieces, bounds, box: int, dtype, done: np.ndarray,
-                   store_path: Path) -> list[int]:
+                   store_path: Path, on_lost=None) -> list[int]:
     """Make every stack of ``layout`` ready for the tasks under its temporary name; returns chunks to redo.
 
     A stack already there at its full size, under its temporary name or (a run
@@ -286,6 +286,9 @@ def prepare_stacks(outdir: Path, layout, pieces, bounds, box: int, dtype, done: 
     (``done``, per chunk) with images in it are copied from the store when it
     keeps them (``--keep-store``), else returned to be computed again.
     ``pieces``: ``chunk_pieces`` of ``layout`` and ``bounds`` (``store.chunk_bounds``).
+    ``on_lost(stacks, chunks, from_store)``: called once where stacks made afresh
+    held finished chunks' images (their names relative to ``outdir``, how many
+    chunks, whether the store gave them back).
     """
     size = stack_sizes(layout, box, dtype)
     redo: set[int] = set()
@@ -303,15 +306,22 @@ def prepare_stacks(outdir: Path, layout, pieces, bounds, box: int, dtype, done: 
     if not fresh:
         return []
     images = store.open_store(store_path)["images"] if store.has_images(store_path) else None
+    affected: set[int] = set()
+    lost_stacks: set[str] = set()
     for chunk, chunk_pieces_ in enumerate(pieces):
         lost = [piece for piece in chunk_pieces_ if piece.path in fresh]
         if not (lost and done[chunk]):
             continue
+        affected.add(chunk)
+        lost_stacks.update(piece.path for piece in lost)
         if images is None:
             redo.add(chunk)
             continue
         start, stop = bounds[chunk]
         write_pieces(np.asarray(images[start:stop]), lost)
+    if affected and on_lost is not None:
+        names = sorted(os.path.relpath(path, outdir).removesuffix(PARTIAL_SUFFIX) for path in lost_stacks)
+        on_lost(names, len(affected), images is not None)
     return sorted(redo)
 
 

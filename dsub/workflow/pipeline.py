@@ -40,7 +40,8 @@ from ..cluster import ClusterSpec, open_runner
 from ..cluster.early import start_early
 from ..cluster.config import cluster_config, warn_unused_settings
 from ..cluster.progress import map_preparation_estimate, number, setup_step
-from ..errors import DsubError, InputFileError, OptionError, add_overwrite_note, one_task_at_a_time, warn
+from ..errors import (DsubError, InputFileError, OptionError, add_overwrite_note, first_and_more, one_task_at_a_time,
+                      warn)
 from ..formats import read_particles, select_rows
 from ..formats.cs import joined_line
 from ..formats.mrc import map_header, read_map
@@ -169,21 +170,23 @@ def project_of_outdir(table, outdir: Path, options: RunOptions) -> None:
 
 
 def star_base_line(table, outdir: Path, paths_mode: str) -> str | None:
-    """The line saying where the output star's names start, where that is not the current folder; else None.
+    """The line saying where the output star's names start; else None.
 
     That folder is the one the input star's relative image names start from
     (``export.star_names_base``), found from above or below it: RELION's project
-    folder. Said where the names are written relative to it, or (``--paths
-    auto``) where OUTDIR lies outside it and they are absolute for that reason;
-    not where ``--paths absolute`` or ``outdir`` chose the form.
+    folder. Said where the names are written relative to it and it is not the
+    current folder, or (``--paths auto``) where OUTDIR lies outside it and they
+    are absolute for that reason, also when run from that folder; not where
+    ``--paths absolute`` or ``outdir`` chose the form.
     """
     base = export.star_names_base(table)
-    if base == Path(os.path.abspath(os.getcwd())) or paths_mode in ("absolute", "outdir"):
+    if paths_mode in ("absolute", "outdir"):
         return None
-    said = f"The input star's image names start from {base} (RELION's project folder)"
-    if written_base(outdir, paths_mode, base) is None:
+    here = base == Path(os.path.abspath(os.getcwd()))
+    said = f"The input star's image names start from {'this folder, ' if here else ''}{base} (RELION's project folder)"
+    if written_base(outdir, paths_mode, base) is None:  # said also from the project itself: a change of form
         return f"{said}, which does not hold the output folder: the output star's names are absolute."
-    return f"{said}: the output star's names are written from there too."
+    return None if here else f"{said}: the output star's names are written from there too."
 
 
 def star_folder_text(table, outdir: Path, paths_mode: str) -> str | None:
@@ -400,11 +403,15 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
         cleanup.callback(read_ahead.stop)
         share = region.density_share((volumes["half map A"], volumes["half map B"]), volumes["mask"],
                                      settings.mask_keeps)
+        # On an earlier run's output: the records of the runs before, and how much of this region they removed.
+        earlier_runs = chain.earlier_records(table, particles_path)
+        overlaps = chain.region_overlaps(earlier_runs, volumes["half map A"], volumes["half map B"],
+                                         volumes["mask"], settings.mask_keeps)
         del volumes
         validate.check_images(table, box)
     say(options, region.report_region(share, mask, settings.mask_keeps))
-    # On an earlier run's output, what its record says (a contrast fitted low, this mask already subtracted).
-    chained = chain.check_earlier_record(table, particles_path, mask, settings.scale, settings.mask_keeps)
+    # On an earlier run's output, what the records say (a contrast fitted low, this region already subtracted).
+    chained = chain.check_earlier_records(earlier_runs, mask, settings.scale, settings.mask_keeps, overlaps)
     sizes = validate.group_pixel_sizes(table)
     if sizes.size > 1:
         say(options, f"Optics groups at {', '.join(f'{size:g}' for size in sizes)} Å: each particle is projected "
@@ -521,7 +528,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
                                    keep_images=options.keep_store)
             # The chunk marks are read once: a fresh store has none.
             done = store.finished_chunks(store_path) if resuming else np.zeros(len(bounds), dtype=bool)
-            pieces, done = stacks_taken_up(store_path, outdir, layout, bounds, out_box, done)
+            pieces, done = stacks_taken_up(store_path, outdir, layout, bounds, out_box, done, options)
             store.save_sample_check(store_path, checked, sample_check)
             attempt.begin(store_path, options.cluster.scheduler, device, len(bounds), int(done.sum()), note=afresh)
             pending = [int(i) for i in run_order if not done[i]]  # running chunks write into different stacks
@@ -632,19 +639,34 @@ def stored_hashes(store_path: Path, identity: dict) -> dict:
                            and stored[name].get("path") == identity[name]["path"]}}
 
 
-def stacks_taken_up(store_path: Path, outdir: Path, layout, bounds, box: int, done: np.ndarray):
+def stacks_taken_up(store_path: Path, outdir: Path, layout, bounds, box: int, done: np.ndarray,
+                    options: RunOptions | None = None):
     """Make the stacks ready for the chunks (``export.prepare_stacks``); returns (pieces, done).
 
     ``done``: the chunks finished before, (n_chunks,) bool; those whose images
     went with a lost stack (and are not in the store) are marked to be computed
-    again, in the store and in the ``done`` returned.
+    again, in the store and in the ``done`` returned. With ``options``, a lost
+    stack that held finished chunks is said (``lost_stacks_line``).
     """
     pieces = export.chunk_pieces(layout, outdir, bounds)
-    redo = export.prepare_stacks(outdir, layout, pieces, bounds, box, store.image_dtype(store_path), done, store_path)
+    on_lost = (lambda *lost: say(options, lost_stacks_line(*lost))) if options is not None else None
+    redo = export.prepare_stacks(outdir, layout, pieces, bounds, box, store.image_dtype(store_path), done, store_path,
+                                 on_lost=on_lost)
     store.reset_chunks(store_path, redo)
     done = done.copy()
     done[redo] = False
     return pieces, done
+
+
+def lost_stacks_line(stacks: list[str], chunks: int, from_store: bool) -> str:
+    """The line for finished chunks whose output stack was missing or cut short (``export.prepare_stacks``)."""
+    named = first_and_more(stacks, 3)
+    what = "was" if len(stacks) == 1 else "were"
+    done = ("written again from the store (--keep-store)" if from_store
+            else "computed again (the store keeps no images without --keep-store)")
+    return (f"Output stack{'s' if len(stacks) != 1 else ''} {named} {what} missing or not of full size: "
+            f"the {chunks} finished chunk{'s' if chunks != 1 else ''} with images in "
+            f"{'it' if len(stacks) == 1 else 'them'} {'is' if chunks == 1 else 'are'} {done}.")
 
 
 def sample_check_if_all_done(store_path: Path, outdir: Path, layout, bounds, box: int,
@@ -657,7 +679,7 @@ def sample_check_if_all_done(store_path: Path, outdir: Path, layout, bounds, box
     done = store.finished_chunks(store_path)
     if not done.all():
         return None
-    _, done = stacks_taken_up(store_path, outdir, layout, bounds, box, done)
+    _, done = stacks_taken_up(store_path, outdir, layout, bounds, box, done, options)
     return saved if done.all() else None
 
 

@@ -400,11 +400,19 @@ def refuse_nonfinite(bad: np.ndarray, particles, skip: bool) -> np.ndarray:
     Raises ``InputFileError`` (the first such image's stack) unless ``skip`` or no image is bad.
     """
     if bad.any() and not skip:
-        first = int(np.flatnonzero(bad)[0])
+        rows = np.flatnonzero(bad)
+        first = int(rows[0])
+        # Symmetry-expanded particles share images: count both where they differ.
+        images = len({(str(particles.image_paths[row]), int(particles.image_indices[row])) for row in rows})
+        if rows.size == 1:
+            extra = ""
+        elif images == rows.size:
+            extra = f" ({images} such images in this chunk)"
+        else:
+            extra = f" ({rows.size} particles of this chunk use {'it' if images == 1 else f'{images} such images'})"
         raise InputFileError(
             particles.image_paths[first],
-            f"image {particles.image_indices[first] + 1} (1-based) contains NaN or infinite values"
-            f"{f' ({int(bad.sum())} such images in this chunk)' if bad.sum() > 1 else ''}.",
+            f"image {particles.image_indices[first] + 1} (1-based) contains NaN or infinite values{extra}.",
             "Re-extract the particles, or add --skip-bad-particles to leave such particles out.",
         )
     return bad
