@@ -215,19 +215,38 @@ def test_nan_image_stops_with_file_and_index(data, tmp_path, capsys):
     assert "image 10 (1-based)" in line and "--skip-bad-particles" in line
 
 
-def test_skip_bad_particles_resumes_the_run_a_bad_image_stopped(data, tmp_path, capsys):
-    from dsub.workflow.store import finished_chunks
-
+def test_a_bad_image_in_the_sample_stops_the_run_before_any_chunk(data, tmp_path, capsys):
+    """The sample fit meets it (24 particles: all in the sample): refused before the store and the stacks."""
     poison(data["stack"], 1, np.nan)
     outdir = tmp_path / "out"
-    assert_refused(run(data, outdir, "--scheduler", "sync"), capsys, outdir, data["stack"])
-    finished = int(finished_chunks(outdir / "subtracted.zarr").sum())
+    line = assert_refused(run(data, outdir, "--scheduler", "sync"), capsys, outdir, data["stack"])
+    assert "image 2 (1-based) contains NaN or infinite values" in line and "--skip-bad-particles" in line
+    assert not (outdir / "subtracted.zarr").exists() and not (outdir / "Particles").exists()
     assert run(data, outdir, "--scheduler", "sync", "--skip-bad-particles") == 0  # as the message says
+    assert json.loads((outdir / "dsub_run.json").read_text())["skipped_particles"]["count"] == 1
+    assert len(starfile.read(outdir / "particles_subtracted.star")["particles"]) == COUNT - 1
+
+
+def test_skip_bad_particles_resumes_the_run_a_bad_image_stopped(tmp_path, capsys):
+    """A bad image outside the sample stops the run at its chunk; --skip-bad-particles resumes the chunks done."""
+    from dsub.workflow.diagnostics import SAMPLE_SIZE
+    from dsub.workflow.store import finished_chunks
+
+    count = 2 * SAMPLE_SIZE + 2
+    paths, _ = make_dataset(tmp_path / "data", count=count, box=32, snr=None)
+    sampled = set(np.unique(np.linspace(0, count - 1, SAMPLE_SIZE).astype(int)).tolist())
+    bad = max(set(range(count)) - sampled)
+    poison(paths["stack"], bad, np.nan)
+    outdir = tmp_path / "out"
+    assert_refused(run(paths, outdir, "--scheduler", "sync", "--chunk-size", "16"), capsys, outdir, paths["stack"])
+    finished = int(finished_chunks(outdir / "subtracted.zarr").sum())
+    assert finished >= 1  # chunks before the bad one's
+    assert run(paths, outdir, "--scheduler", "sync", "--chunk-size", "16", "--skip-bad-particles") == 0
     summary = json.loads((outdir / "dsub_run.json").read_text())
     assert summary["skipped_particles"]["count"] == 1 and summary["chunks_skipped"] == finished
-    assert len(starfile.read(outdir / "particles_subtracted.star")["particles"]) == COUNT - 1
+    assert len(starfile.read(outdir / "particles_subtracted.star")["particles"]) == count - 1
     capsys.readouterr()
-    assert run(data, outdir, "--scheduler", "sync") == 2  # without the flag: a different run, not silently
+    assert run(paths, outdir, "--scheduler", "sync", "--chunk-size", "16") == 2  # without the flag: another run
     assert "holds the results of a different run" in capsys.readouterr().err
 
 

@@ -475,14 +475,20 @@ def test_adaptive_slurm_cluster_completes_and_leaves_queue_empty(dataset, thread
 
 
 def test_bad_image_on_a_worker_is_one_clear_error(tmp_path):
-    paths, _ = make_dataset(tmp_path / "data", count=32, box=48, seed=3)
+    """An image outside the sample (which the coordinator refuses before any chunk) is met by a worker's chunk."""
+    from dsub.workflow.diagnostics import SAMPLE_SIZE
+
+    count = 2 * SAMPLE_SIZE + 2
+    paths, _ = make_dataset(tmp_path / "data", count=count, box=32, seed=3)
+    sampled = set(np.unique(np.linspace(0, count - 1, SAMPLE_SIZE).astype(int)).tolist())
+    bad = sorted(set(range(count)) - sampled)[len(sampled) // 3]
     with mrcfile.mmap(paths["stack"], mode="r+") as mrc:
-        mrc.data[20, 1, 1] = np.nan
+        mrc.data[bad, 1, 1] = np.nan
     result = dsub(paths, tmp_path / "out", "--chunk-size", "8", "--scheduler", "local", "--workers", "2")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("dsub: error:") and str(paths["stack"]) in lines[0]
-    assert "image 21 (1-based)" in lines[0]
+    assert f"image {bad + 1} (1-based)" in lines[0]
     assert not (tmp_path / "out" / "particles_subtracted.star").exists()
 
 

@@ -58,7 +58,7 @@ from . import blank, chain, diagnostics, disk, export, metadata, prefetch, rebox
 from .outdir import (AUTOMATIC_KEY, CONTENT_HASHED, HASH_KEY, REMOVED_STORE_NAME, OutdirLock, check_writable,
                      explain_os_error, file_identity, prepare_outdir, refuse_inputs_in_replaced_outputs, remove_store,
                      run_fingerprint, same_run, with_content_hashes)
-from .tasks import MapFiles, half_map_models, prepare_models, run_chunk
+from .tasks import MapFiles, half_map_models, prepare_models, refuse_nonfinite, run_chunk
 from .transcript import LOG_NAME, Transcript
 
 RUN_SUMMARY = "dsub_run.json"
@@ -501,6 +501,8 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
                 timings["prepare_maps"] = time.monotonic() - started - sum(timings.values())
             sample, task = diagnostics.sample_task(table, maps, settings, device)
             sample_fit = runner.compute([task], "sample fit", [len(sample)], waiting, unit="tasks")[0]
+            if sample_fit.nonfinite is not None and not options.skip_bad_particles:  # refused now, not in a chunk
+                refuse_nonfinite(sample_fit.nonfinite, table.subset(sample), skip=False)
             if sample_fit.blank is not None:  # a blank sample passes the checks below: 0 is no worse than 0
                 blank.refuse_blank_sample(table, sample, sample_fit.blank,
                                           ~np.isfinite(sample_fit.fit.alpha) & ~sample_fit.blank)

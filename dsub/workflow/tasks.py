@@ -495,6 +495,7 @@ class SampleFit(NamedTuple):
     set_up_seconds: float = 0.0
     work_seconds: float | None = None
     blank: np.ndarray | None = None  # (n,) bool: blank images (``blank.blank_images``), fitted as NaN
+    nonfinite: np.ndarray | None = None  # (n,) bool: images with NaN or infinite values, fitted as NaN
 
 
 def fit_sample(particles, maps: MapFiles, settings, device: str) -> SampleFit:
@@ -504,8 +505,9 @@ def fit_sample(particles, maps: MapFiles, settings, device: str) -> SampleFit:
     the sample with its own poses, and the fit correlation of each image with
     the model in another sample particle's pose and origin (its own CTF and half
     set), a baseline of what a model that does not belong to the image explains.
-    Images with NaN or infinite values, and blank ones (every pixel the same,
-    ``blank.blank_images``, returned as ``blank``), get NaN throughout.
+    Images with NaN or infinite values (returned as ``nonfinite``), and blank
+    ones (every pixel the same, ``blank.blank_images``, returned as ``blank``),
+    get NaN throughout.
     ``settings.scale`` should be "fit".
 
     Before the timed fit the task gets the prepared maps (made here where the
@@ -521,7 +523,8 @@ def fit_sample(particles, maps: MapFiles, settings, device: str) -> SampleFit:
     device = resolve_device(device)
     images = read_images(particles.image_paths, particles.image_indices)
     blank = blank_images(images)
-    good = np.flatnonzero(~bad_images(images, particles, skip=True) & ~blank)
+    nonfinite = bad_images(images, particles, skip=True)
+    good = np.flatnonzero(~nonfinite & ~blank)
     setting_up = time.perf_counter()
     models = half_map_models(maps, settings, device)
     chosen = particles.subset(good)
@@ -540,4 +543,4 @@ def fit_sample(particles, maps: MapFiles, settings, device: str) -> SampleFit:
         for name in ("alpha", "sigma", "correlation"):
             getattr(fit, name)[good] = getattr(own, name)
         control[good] = subtract_particles(images[good], others, models, settings, device)[1].correlation
-    return SampleFit(fit, control, set_up, time.perf_counter() - working, blank)
+    return SampleFit(fit, control, set_up, time.perf_counter() - working, blank, nonfinite)
