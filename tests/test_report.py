@@ -293,20 +293,32 @@ def test_binning_for_display_averages_pixel_blocks():
     np.testing.assert_array_equal(bin_images(small, 1), small)
 
 
-def test_a_rerun_that_fails_leaves_no_report_of_the_old_run(clean_dataset, tmp_path, capsys):
-    paths, _ = clean_dataset
+def test_a_rerun_that_fails_leaves_no_report_of_the_old_run(tmp_path, capsys):
+    """--overwrite with a bad image: met by the sample fit, the run is refused before the old run's outputs
+    are touched (its report stays, whole); met by a chunk, after they were cleared: no old report is left."""
+    from dsub.workflow.diagnostics import SAMPLE_SIZE
+
+    count = 2 * SAMPLE_SIZE + 2
+    paths, _ = make_dataset(tmp_path / "data", count=count, box=32, snr=None)
     outdir = tmp_path / "out"
     assert subtract(paths, outdir) == 0
-    assert (outdir / "report" / "index.html").is_file()
-    data_copy = tmp_path / "data"
-    data_copy.mkdir()
-    copied = {key: Path(shutil.copy2(path, data_copy / Path(path).name)) for key, path in paths.items()}
+    kept = {name: (outdir / name).read_bytes() for name in ("report/index.html", "dsub_run.json")}
+    copied_folder = tmp_path / "copy"
+    copied_folder.mkdir()
+    copied = {key: Path(shutil.copy2(path, copied_folder / Path(path).name)) for key, path in paths.items()}
+    sampled = set(np.unique(np.linspace(0, count - 1, SAMPLE_SIZE).astype(int)).tolist())
     with mrcfile.open(copied["stack"], mode="r+") as mrc:
-        mrc.data[5] = np.nan  # this run stops at the bad image, after the old outputs were cleared
+        mrc.data[min(sampled)] = np.nan  # in the sample: refused before any change
+    capsys.readouterr()
+    assert subtract(copied, outdir, "--overwrite") == 2
+    assert "NaN" in capsys.readouterr().err
+    assert {name: (outdir / name).read_bytes() for name in kept} == kept
+    with mrcfile.open(paths["stack"]) as original, mrcfile.open(copied["stack"], mode="r+") as mrc:
+        mrc.data[min(sampled)] = original.data[min(sampled)]
+        mrc.data[max(set(range(count)) - sampled)] = np.nan  # met by its chunk, after the old outputs were cleared
     assert subtract(copied, outdir, "--overwrite") == 2
     assert "NaN" in capsys.readouterr().err
     assert not (outdir / "report").exists()
-
 
 
 def test_skipped_particles_are_counted_and_left_out_of_the_figures(clean_dataset, tmp_path):
