@@ -229,12 +229,12 @@ def test_a_bad_image_in_the_sample_stops_the_run_before_any_chunk(data, tmp_path
 
 def test_skip_bad_particles_resumes_the_run_a_bad_image_stopped(tmp_path, capsys):
     """A bad image outside the sample stops the run at its chunk; --skip-bad-particles resumes the chunks done."""
-    from dsub.workflow.diagnostics import SAMPLE_SIZE
+    from dsub.workflow.diagnostics import SAMPLE_SIZE, sample_rows
     from dsub.workflow.store import finished_chunks
 
     count = 2 * SAMPLE_SIZE + 2
     paths, _ = make_dataset(tmp_path / "data", count=count, box=32, snr=None)
-    sampled = set(np.unique(np.linspace(0, count - 1, SAMPLE_SIZE).astype(int)).tolist())
+    sampled = set(sample_rows(count).tolist())
     bad = max(set(range(count)) - sampled)
     poison(paths["stack"], bad, np.nan)
     outdir = tmp_path / "out"

@@ -476,11 +476,11 @@ def test_adaptive_slurm_cluster_completes_and_leaves_queue_empty(dataset, thread
 
 def test_bad_image_on_a_worker_is_one_clear_error(tmp_path):
     """An image outside the sample (which the coordinator refuses before any chunk) is met by a worker's chunk."""
-    from dsub.workflow.diagnostics import SAMPLE_SIZE
+    from dsub.workflow.diagnostics import SAMPLE_SIZE, sample_rows
 
     count = 2 * SAMPLE_SIZE + 2
     paths, _ = make_dataset(tmp_path / "data", count=count, box=32, seed=3)
-    sampled = set(np.unique(np.linspace(0, count - 1, SAMPLE_SIZE).astype(int)).tolist())
+    sampled = set(sample_rows(count).tolist())
     bad = sorted(set(range(count)) - sampled)[len(sampled) // 3]
     with mrcfile.mmap(paths["stack"], mode="r+") as mrc:
         mrc.data[bad, 1, 1] = np.nan

@@ -296,7 +296,7 @@ def test_binning_for_display_averages_pixel_blocks():
 def test_a_rerun_that_fails_leaves_no_report_of_the_old_run(tmp_path, capsys):
     """--overwrite with a bad image: met by the sample fit, the run is refused before the old run's outputs
     are touched (its report stays, whole); met by a chunk, after they were cleared: no old report is left."""
-    from dsub.workflow.diagnostics import SAMPLE_SIZE
+    from dsub.workflow.diagnostics import SAMPLE_SIZE, sample_rows
 
     count = 2 * SAMPLE_SIZE + 2
     paths, _ = make_dataset(tmp_path / "data", count=count, box=32, snr=None)
@@ -306,7 +306,7 @@ def test_a_rerun_that_fails_leaves_no_report_of_the_old_run(tmp_path, capsys):
     copied_folder = tmp_path / "copy"
     copied_folder.mkdir()
     copied = {key: Path(shutil.copy2(path, copied_folder / Path(path).name)) for key, path in paths.items()}
-    sampled = set(np.unique(np.linspace(0, count - 1, SAMPLE_SIZE).astype(int)).tolist())
+    sampled = set(sample_rows(count).tolist())
     with mrcfile.open(copied["stack"], mode="r+") as mrc:
         mrc.data[min(sampled)] = np.nan  # in the sample: refused before any change
     capsys.readouterr()

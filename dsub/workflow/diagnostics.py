@@ -52,9 +52,14 @@ EARLIER_RATIO_FLOOR = 0.97
 MIN_SAMPLE = 8
 
 
+def sample_rows(count: int) -> np.ndarray:
+    """The rows of a table of ``count`` that the sample fit takes: up to ``SAMPLE_SIZE``, spread evenly, (m,) int."""
+    return np.unique(np.linspace(0, count - 1, min(SAMPLE_SIZE, count)).astype(int))
+
+
 def sample_task(table, maps, settings, device: str):
-    """(sample row indices, a Dask task fitting α on them): up to ``SAMPLE_SIZE`` rows spread over the table."""
-    sample = np.unique(np.linspace(0, len(table) - 1, min(SAMPLE_SIZE, len(table))).astype(int))
+    """(sample row indices, a Dask task fitting α on them): ``sample_rows`` of the table."""
+    sample = sample_rows(len(table))
     particles = dataclasses.replace(table.subset(sample), source=None)
     return sample, dask.delayed(fit_sample, pure=False)(
         particles, maps, dataclasses.replace(settings, scale="fit"), device, dask_key_name="sample-fit"
