@@ -568,3 +568,87 @@ def test_gpu_workers_are_kept_on_their_gpus_cpus_and_cpu_work_keeps_every_core(m
     assert made["gpu_cpus"] == ([{0, 1}, {2, 3}] if kept else [None, None])
     assert description.startswith("local cluster, 2 GPU worker(s) on GPUs 0, 1")
     assert ("each kept on its GPU's CPUs: GPU 0 0-1; GPU 1 2-3" in description) is kept
+
+
+class _FakeBatchCluster:
+    """What ``start.preflight`` and ``start.diagnose`` read of a dask-jobqueue cluster."""
+
+    def __init__(self, memory="64GB", job_ids=()):
+        from types import SimpleNamespace
+
+        self.dsub_memory = memory
+        self.dsub_submit_errors = []
+        self.workers = {str(i): SimpleNamespace(job_id=job_id) for i, job_id in enumerate(job_ids)}
+
+    def job_script(self):
+        return "#!/bin/sh\n"
+
+
+def test_missing_batch_commands_are_refused_at_once(tmp_path, monkeypatch):
+    """No sbatch where dsub runs: one line before the cluster starts, not a wait for workers that can never be
+    submitted (``start.start_cluster`` asks this first for a batch scheduler)."""
+    monkeypatch.setenv("PATH", str(tmp_path))  # a folder without SLURM's commands (nor PBS's)
+    from dsub.cluster import start
+
+    with pytest.raises(DsubError) as refused:
+        start.require_batch_commands("slurm")
+    assert str(refused.value).startswith("--scheduler slurm: sbatch, scancel and squeue are not on PATH")
+    assert "add their folder to PATH" in str(refused.value)
+    with pytest.raises(DsubError, match="qsub, qdel and qstat are not on PATH"):
+        start.require_batch_commands("pbs")
+    with pytest.raises(DsubError, match="sbatch, scancel and squeue are not on PATH"):
+        with start.start_cluster(ClusterSpec(scheduler="slurm", progress=False)):
+            pass
+
+
+def test_slurm_refusal_tells_an_unreachable_controller_from_a_refused_job(monkeypatch):
+    from dsub.cluster import start
+
+    monkeypatch.setattr(start.shutil, "which", lambda command: f"/usr/bin/{command}")
+    spec = ClusterSpec(scheduler="slurm", worker_memory_bytes=int(0.7e9))
+    said = {"words": "Unable to contact slurm controller (connect failure)"}
+    monkeypatch.setattr(start, "sbatch_test_only", lambda script: said["words"])
+    with pytest.raises(DsubError) as unreachable:
+        start.preflight(_FakeBatchCluster(), spec)
+    assert str(unreachable.value).startswith("SLURM's controller did not answer sbatch --test-only: Unable to contact "
+                                             "slurm controller (connect failure). Check that SLURM is up")
+    said["words"] = "allocation failure: Requested node configuration is not available"
+    with pytest.raises(DsubError) as refused:
+        start.preflight(_FakeBatchCluster("64GB"), spec)
+    assert str(refused.value).startswith(
+        "SLURM refuses the worker job: allocation failure: Requested node configuration is not available. Each job "
+        "asks for 64GB of memory (the cluster config's memory), more than the 0.7 GB this run needs")
+    with pytest.raises(DsubError) as fitting:
+        start.preflight(_FakeBatchCluster("1GB"), spec)
+    assert "Each job asks for 1GB of memory, what this run needs of each worker job" in str(fitting.value)
+    said["words"] = None
+    start.preflight(_FakeBatchCluster(), spec)  # accepted: nothing said
+
+
+def test_a_failed_submission_ends_the_wait_for_workers_and_the_queue_shown_is_the_runs_own(monkeypatch):
+    import time as clock
+
+    from dsub.cluster import start
+
+    class NoWorkers:
+        def wait_for_workers(self, count, timeout):
+            clock.sleep(min(timeout, 0.05))
+            raise TimeoutError
+
+    cluster = _FakeBatchCluster(job_ids=["101", "102"])
+    cluster.dsub_submit_errors.append("qsub: Job exceeds queue resource limits MSG=cannot satisfy")
+    spec = ClusterSpec(scheduler="pbs", worker_timeout=300)
+    started = clock.monotonic()
+    with pytest.raises(start.NoWorkersError) as failed:
+        start.wait_for_workers(NoWorkers(), cluster, spec, "pbs jobs")
+    assert clock.monotonic() - started < 5
+    assert str(failed.value).startswith("the pbs jobs could not be submitted: qsub: Job exceeds queue resource "
+                                        "limits MSG=cannot satisfy. Check the cluster config")
+    asked = []
+    monkeypatch.setattr(start.shutil, "which", lambda command: f"/usr/bin/{command}")
+    monkeypatch.setattr(start, "sbatch_test_only", lambda script: None)
+    monkeypatch.setattr(start.subprocess, "run", lambda command, **options: asked.append(command) or
+                        __import__("types").SimpleNamespace(stdout="101 PENDING Priority\n", returncode=0))
+    said = start.diagnose(_FakeBatchCluster(job_ids=["101", "102"]), ClusterSpec(scheduler="slurm"))
+    assert asked == [["squeue", "-h", "-o", "%i %T %r", "-j", "101,102"]]
+    assert said == " squeue (this run's jobs): 101 PENDING Priority"

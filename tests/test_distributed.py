@@ -278,16 +278,20 @@ def test_impossible_slurm_request_fails_fast_with_sbatch_words(dataset, tmp_path
 
 
 @needs_slurm
-def test_pbs_submission_failure_is_reported_after_timeout(dataset, tmp_path):
+def test_pbs_submission_failure_is_reported_at_once(dataset, tmp_path):
+    """qsub refuses the job: no worker can come, so the run stops without waiting out --worker-timeout."""
     if not shutil.which("qsub"):
         pytest.skip("no qsub (slurm-wlm-torque)")
     config = tmp_path / "greedy.yaml"
     config.write_text(LOCAL_SLURM.read_text().replace("gpus=1", "gpus=9"))
+    started = time.monotonic()
     result = dsub(dataset, tmp_path / "out", "--scheduler", "pbs", "--cluster-config", str(config),
-                  "--worker-timeout", "5")
+                  "--worker-timeout", "120")
     assert result.returncode == 2
-    assert "no Dask worker started within 5 s" in result.stderr
+    assert "dsub: error: the pbs jobs could not be submitted:" in result.stderr
     assert "Requested node configuration is not available" in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert time.monotonic() - started < 60
 
 
 def test_secure_cluster_refuses_clients_without_its_credentials():

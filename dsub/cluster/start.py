@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import dask
@@ -106,6 +107,7 @@ def _start_own_cluster(spec, Client):
         with dask_start_errors(spec):
             cluster, description = local_cluster(spec)
     else:
+        require_batch_commands(spec.scheduler)
         cluster, description = batch_cluster(spec), f"{spec.scheduler} jobs"
         try:
             preflight(cluster, spec)
@@ -247,10 +249,37 @@ def stop_cluster(cluster) -> None:
         cluster.close()
     except Exception:  # distributed asserts on workers that never started; jobs must still go
         cancel = getattr(getattr(cluster, "job_cls", None), "cancel_command", None)
-        job_ids = [getattr(job, "job_id", None) for job in getattr(cluster, "workers", {}).values()]
-        job_ids = [job_id for job_id in job_ids if job_id]
-        if cancel and job_ids:
-            subprocess.run([cancel, *job_ids], capture_output=True, timeout=60)
+        submitted = job_ids(cluster)
+        if cancel and submitted:
+            subprocess.run([cancel, *submitted], capture_output=True, timeout=60)
+
+
+#: The batch system's commands dsub runs: submitting and cancelling worker jobs, and reading the queue.
+BATCH_COMMANDS = {"slurm": ("sbatch", "scancel", "squeue"), "pbs": ("qsub", "qdel", "qstat")}
+#: What SLURM's commands say when its controller cannot be reached (not a refusal of the job).
+UNREACHABLE = ("unable to contact slurm controller", "socket timed out", "connection refused",
+               "zero bytes were transmitted", "communications connection failure")
+
+
+def require_batch_commands(scheduler: str) -> None:
+    """Refuse at once where the batch system's client commands are not on PATH (its jobs could never start).
+
+    Raises ``DsubError`` naming the missing commands.
+    """
+    missing = [command for command in BATCH_COMMANDS.get(scheduler, ()) if shutil.which(command) is None]
+    if missing:
+        named = missing[0] if len(missing) == 1 else f"{', '.join(missing[:-1])} and {missing[-1]}"
+        raise DsubError(
+            f"--scheduler {scheduler}: {named} {'is' if len(missing) == 1 else 'are'} not on PATH, "
+            f"and dsub submits and watches its worker jobs with {'it' if len(missing) == 1 else 'them'}. Run dsub "
+            f"where {scheduler.upper() if scheduler == 'slurm' else 'PBS'}'s client commands work (a login node, "
+            "or a batch job of the cluster), or add their folder to PATH.")
+
+
+def sentence(text: str) -> str:
+    """``text`` ending with a full stop (a batch system's words, then dsub's)."""
+    text = text.strip()
+    return text if not text or text[-1] in ".!?" else f"{text}."
 
 
 def preflight(cluster, spec) -> None:
@@ -258,15 +287,32 @@ def preflight(cluster, spec) -> None:
     if spec.scheduler != "slurm" or not shutil.which("sbatch"):
         return
     said = sbatch_test_only(cluster.job_script())
-    if said is not None:
-        asked = ""
-        if spec.worker_memory_bytes:
-            asked = (f" Each job asks for {getattr(cluster, 'dsub_memory', '?')} of memory, what this run needs "
-                     "per worker (see the estimate above).")
+    if said is None:
+        return
+    if any(words in said.lower() for words in UNREACHABLE):
         raise DsubError(
-            f"SLURM refuses the worker job: {said}{asked} Check the partition and resources in your cluster "
-            "config (dsub job-script --scheduler slurm shows the job script)."
-        )
+            f"SLURM's controller did not answer sbatch --test-only: {sentence(said)} Check that SLURM is up "
+            "and reachable from this machine (sinfo), then rerun; nothing was submitted.")
+    raise DsubError(f"SLURM refuses the worker job: {sentence(said)}{memory_asked(cluster, spec)} Check the "
+                    "partition and resources in your cluster config (dsub job-script --scheduler slurm shows the "
+                    "job script).")
+
+
+def memory_asked(cluster, spec) -> str:
+    """A sentence on the memory each worker job asks for against the run's estimate, for a refusal; '' if unknown."""
+    from dask.utils import parse_bytes
+
+    asked, needed = getattr(cluster, "dsub_memory", None), spec.worker_memory_bytes
+    if not asked or not needed:
+        return ""
+    try:
+        more = parse_bytes(asked) > 1.5 * needed
+    except (ValueError, TypeError):
+        return ""
+    if more:
+        return (f" Each job asks for {asked} of memory (the cluster config's memory), more than the "
+                f"{needed / 1e9:.1f} GB this run needs of each worker job: a smaller memory fits more nodes.")
+    return f" Each job asks for {asked} of memory, what this run needs of each worker job (see the estimate above)."
 
 
 def sbatch_test_only(script: str) -> str | None:
@@ -528,17 +574,49 @@ def recording_job_class(job_cls, errors: list):
     return RecordingJob
 
 
+#: Seconds between looks at whether a batch job's submission failed while the first worker is awaited.
+SUBMISSION_LOOK_S = 2.0
+
+
 def wait_for_workers(client, cluster, spec, description: str) -> None:
-    """Wait for the first worker; on time-out, say why, with the batch system's own words."""
-    try:
-        client.wait_for_workers(1, timeout=spec.worker_timeout)
-    except (TimeoutError, OSError) as exc:
-        detail = diagnose(cluster, spec) if cluster is not None else ""
-        raise NoWorkersError(
-            f"no Dask worker started within {spec.worker_timeout:.0f} s ({description}).{detail} "
-            "Check the queue, the resources the job asks for (dsub job-script shows the script) "
-            "or raise --worker-timeout."
-        ) from exc
+    """Wait for the first worker; on time-out, say why, with the batch system's own words.
+
+    A batch job whose submission failed (sbatch or qsub said so) ends the wait
+    at once: no worker can come from it.
+    """
+    deadline = time.monotonic() + spec.worker_timeout
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            client.wait_for_workers(1, timeout=max(0.01, min(left, SUBMISSION_LOOK_S)) if own_jobs(cluster, spec)
+                                    else spec.worker_timeout)
+            return
+        except (TimeoutError, OSError) as exc:
+            submitted = getattr(cluster, "dsub_submit_errors", None) or []
+            if submitted:
+                raise NoWorkersError(
+                    f"the {description} could not be submitted: {sentence(submitted[-1])} Check the cluster "
+                    "config (dsub job-script shows the job script) and that the batch system takes jobs from here."
+                ) from exc
+            if time.monotonic() < deadline and own_jobs(cluster, spec):
+                continue
+            detail = diagnose(cluster, spec) if cluster is not None else ""
+            raise NoWorkersError(
+                f"no Dask worker started within {spec.worker_timeout:.0f} s ({description}).{detail} "
+                "Check the queue, the resources the job asks for (dsub job-script shows the script) "
+                "or raise --worker-timeout."
+            ) from exc
+
+
+def own_jobs(cluster, spec) -> bool:
+    """Whether ``cluster`` submits batch jobs of its own (dask-jobqueue), whose submission can fail."""
+    return spec.scheduler in BATCH_COMMANDS and cluster is not None and hasattr(cluster, "dsub_submit_errors")
+
+
+def job_ids(cluster) -> list[str]:
+    """The batch job ids of ``cluster``'s worker jobs (dask-jobqueue's ``Job.job_id``) that were submitted."""
+    found = [getattr(job, "job_id", None) for job in getattr(cluster, "workers", {}).values()]
+    return [str(job_id) for job_id in found if job_id]
 
 
 def diagnose(cluster, spec) -> str:
@@ -553,9 +631,10 @@ def diagnose(cluster, spec) -> str:
         said = sbatch_test_only(cluster.job_script())
         if said:
             lines.append(f"sbatch --test-only says: {said}")
-    queue = {"slurm": ["squeue", "-h", "-o", "%i %T %r"], "pbs": ["qstat"]}[spec.scheduler]
-    if shutil.which(queue[0]):
+    mine = job_ids(cluster)  # this run's jobs only: a cluster's queue holds everyone's
+    queue = {"slurm": ["squeue", "-h", "-o", "%i %T %r", "-j", ",".join(mine)], "pbs": ["qstat", *mine]}[spec.scheduler]
+    if mine and shutil.which(queue[0]):
         result = subprocess.run(queue, capture_output=True, text=True, timeout=30)
         if result.stdout.strip():
-            lines.append(f"{queue[0]}: " + " | ".join(result.stdout.strip().splitlines()[:5]))
+            lines.append(f"{queue[0]} (this run's jobs): " + " | ".join(result.stdout.strip().splitlines()[:5]))
     return (" " + "; ".join(lines)) if lines else ""
