@@ -652,3 +652,26 @@ def test_a_failed_submission_ends_the_wait_for_workers_and_the_queue_shown_is_th
     said = start.diagnose(_FakeBatchCluster(job_ids=["101", "102"]), ClusterSpec(scheduler="slurm"))
     assert asked == [["squeue", "-h", "-o", "%i %T %r", "-j", "101,102"]]
     assert said == " squeue (this run's jobs): 101 PENDING Priority"
+
+
+@pytest.mark.parametrize("section, intent", [("jobque", "jobqueue"), ("dsubb", "dsub"), ("distributd", "distributed")])
+def test_a_misspelt_section_of_a_cluster_config_is_refused_naming_its_intent(tmp_path, capsys, section, intent):
+    """Every setting below a misspelt section would be ignored, and the jobs go out with the defaults: refused."""
+    config = tmp_path / "site.yaml"
+    config.write_text(f"{section}:\n  slurm:\n    queue: gpu\n")
+    assert main(["job-script", "--scheduler", "slurm", "--cluster-config", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"dsub: error: {config}: has a section '{section}:', which nothing reads (did you mean "
+                   f"'{intent}:'?): its settings would all be ignored and the worker jobs use the defaults. "
+                   f"Name the section '{intent}:'.")
+
+
+def test_a_section_nobody_reads_is_warned_about(tmp_path, capsys):
+    """A section that is no near miss (another library's, here dask-cuda's) is named, not refused."""
+    config = tmp_path / "site.yaml"
+    config.write_text("cuda:\n  rmm-pool-size: 1GB\njobqueue:\n  slurm:\n    queue: gpu\n")
+    assert main(["job-script", "--scheduler", "slurm", "--cluster-config", str(config)]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dsub: warning:")]
+    assert len(warnings) == 1 and "not known to dask-jobqueue or dsub" in warnings[0], warnings
+    assert warnings[0].endswith("ignore it: cuda. Correct the name (dask-jobqueue's own jobqueue.yaml lists its "
+                                "settings, the README dsub's).")

@@ -75,8 +75,36 @@ def load_cluster_config(path) -> dict:
         raise InputFileError(
             path, "holds no settings.", "Write it as dask-jobqueue's jobqueue.yaml is written: 'jobqueue: {slurm: {...}}'."
         )
+    refuse_misspelt_sections(path, tree)
     check_setting_types(path, tree)
     return flatten(tree)
+
+
+#: Top-level sections a cluster config is written for: a near miss of one of these is a misspelling.
+CLUSTER_SECTIONS = ("jobqueue", "dsub", "distributed")
+
+
+def known_sections() -> set[str]:
+    """The top-level config sections that dask, distributed, dask-jobqueue or dsub read (dask's defaults)."""
+    import distributed  # noqa: F401 -- registers its defaults
+
+    known = {str(key).replace("_", "-") for defaults in dask.config.defaults for key in defaults}
+    return known | set(CLUSTER_SECTIONS)
+
+
+def refuse_misspelt_sections(path, tree: dict) -> None:
+    """Refuse a cluster config with a top-level section named almost like ``jobqueue``, ``dsub`` or
+    ``distributed`` (``jobque:``, ``dsubb:``): nothing would read any of its settings, and the worker
+    jobs would go out with the defaults. Raises ``InputFileError`` naming the section and its likely intent.
+    """
+    known = known_sections()
+    for key in tree:
+        name = str(key).replace("_", "-")
+        guess = None if name in known else nearest(name, CLUSTER_SECTIONS)
+        if guess:
+            raise InputFileError(
+                path, f"has a section '{key}:', which nothing reads (did you mean '{guess}:'?): its settings would "
+                      "all be ignored and the worker jobs use the defaults.", f"Name the section '{guess}:'.")
 
 
 #: Settings of a batch system (``jobqueue.<system>.<name>``) by the kind of value dask-jobqueue takes.
@@ -175,14 +203,19 @@ def unknown_settings(settings: dict) -> list[tuple[str, str | None]]:
     Under ``jobqueue.<system>`` what dask-jobqueue's own config does not name
     (dask-jobqueue reads only those, and ignores the rest without a word), a
     ``jobqueue.<system>`` that is no batch system of dask-jobqueue, and under
-    ``dsub`` what is not one of ``DSUB_SETTINGS``. dask treats ``_`` and ``-``
-    in names alike; other top-level keys (``distributed``...) are not checked.
+    ``dsub`` what is not one of ``DSUB_SETTINGS``, and a top-level section that
+    dask, distributed, dask-jobqueue and dsub do not read (``known_sections``).
+    dask treats ``_`` and ``-`` in names alike; inside ``distributed`` and the
+    other sections of dask itself nothing is checked.
     """
     systems = jobqueue_settings()
+    sections = known_sections()
     unknown = []
     for key in settings:
         parts = key.split(".")
-        if parts[0] == "jobqueue" and len(parts) >= 2:
+        if parts[0].replace("_", "-") not in sections:  # a section nobody reads (near misses are refused on loading)
+            unknown.append((parts[0], None))
+        elif parts[0] == "jobqueue" and len(parts) >= 2:
             system = parts[1].replace("_", "-")
             if system not in systems:
                 guess = nearest(system, systems)
