@@ -675,3 +675,16 @@ def test_a_section_nobody_reads_is_warned_about(tmp_path, capsys):
     assert len(warnings) == 1 and "not known to dask-jobqueue or dsub" in warnings[0], warnings
     assert warnings[0].endswith("ignore it: cuda. Correct the name (dask-jobqueue's own jobqueue.yaml lists its "
                                 "settings, the README dsub's).")
+
+
+def test_the_line_for_workers_that_leave_says_what_happens_next():
+    from dsub.cluster.runner import workers_left_line
+
+    local = workers_left_line(2, 3, ClusterSpec(scheduler="local"))
+    assert local == ("dsub: 2 Dask workers left the run (3 remain): their unfinished chunks run again, and the local "
+                     "cluster starts new worker processes.")
+    existing = workers_left_line(1, 1, ClusterSpec(scheduler="tcp://127.0.0.1:8786"))
+    assert existing.startswith("dsub: 1 Dask worker left the run (1 remains)") and "other workers take" in existing
+    alone = workers_left_line(1, 0, ClusterSpec(scheduler="pbs", worker_timeout=60))
+    assert alone.endswith("a new worker job is asked for in place of each; with none left the run waits up to 60 s "
+                          "(--worker-timeout) for one.")

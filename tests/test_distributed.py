@@ -562,3 +562,46 @@ def test_ctrl_c_while_local_workers_start_prints_no_traceback(dataset, tmp_path)
     assert run.returncode == 130, err
     assert err.strip().splitlines()[-1] == "dsub: interrupted before anything was written; rerun the command to start"
     assert list(scratch.glob("dsub-spawn-*")) == []  # the start-up script's folder goes at exit
+
+
+@needs_slurm
+def test_a_cancelled_worker_job_is_replaced_and_said(tmp_path):
+    """--workers 1 through SLURM, its worker job cancelled mid-run (as preemption does): the run says so at once,
+    a new worker job takes over, and the run finishes with every chunk."""
+    paths, _ = make_dataset(tmp_path / "data", count=240, box=48, seed=5)
+    outdir = tmp_path / "out"
+    slow = tmp_path / "slow_chunks.py"  # a worker preload: each chunk takes 0.1 s more, so the run lasts
+    slow.write_text("import functools, time\n\ndef dask_setup(worker):\n"
+                    "    from dsub.workflow import tasks\n    original = tasks.run_chunk\n\n"
+                    "    @functools.wraps(original)\n    def run_chunk(*args, **kwargs):\n"
+                    "        time.sleep(0.1)\n        return original(*args, **kwargs)\n\n"
+                    "    tasks.run_chunk = run_chunk\n")
+    config = tmp_path / "slow.yaml"
+    config.write_text(LOCAL_SLURM.read_text().replace(
+        "    log-directory: /tmp/dsub-slurm/worker-logs\n  pbs:",
+        f"    log-directory: /tmp/dsub-slurm/worker-logs\n    worker-extra-args: [--preload, {slow}]\n  pbs:"))
+    command = [sys.executable, "-m", "dsub.cli", "subtract", str(paths["star"]), "--half-a", str(paths["half_a"]),
+               "--half-b", str(paths["half_b"]), "--mask", str(paths["mask"]), "-o", str(outdir),
+               "--dashboard-address", "127.0.0.1:0", "--chunk-size", "4", "--scheduler", "slurm", "--workers", "1",
+               "--cluster-config", str(config), "--worker-timeout", "120"]
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    done_folder = outdir / "subtracted.zarr" / "chunk_done" / "c"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and run.poll() is None:
+        if done_folder.is_dir() and len(list(done_folder.iterdir())) >= 3:
+            break
+        time.sleep(0.02)
+    jobs = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+    assert run.poll() is None and jobs, "the run ended before its worker job could be cancelled"
+    subprocess.run(["scancel", *jobs], check=True)
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err
+    assert "dsub: 1 Dask worker left the run (0 remain): their unfinished chunks run again, and a new worker job " \
+           "is asked for in place of each; with none left the run waits up to 120 s (--worker-timeout) for one." in out
+    summary = json.loads((outdir / "dsub_run.json").read_text())
+    assert summary["chunks_total"] == 60 and summary["particles"] == 240
+    for _ in range(20):
+        if not subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip():
+            break
+        time.sleep(0.5)
+    assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip() == ""

@@ -339,17 +339,24 @@ class DistributedRunner(_Runner):
         """Yield futures of ``pending`` as they finish (removing them; the caller may add more meanwhile);
         stop with ``WorkersLost`` when no worker is left for too long.
 
-        A batch job that dies (preemption, walltime, a failed node) is not
-        replaced without --adapt, so without this check the run would wait forever.
+        A batch job that dies (preemption, walltime, a failed node) is replaced
+        (``start``: the jobs are held at their number), but where none comes
+        back (a queue that no longer runs the job) the run would otherwise wait
+        forever. Workers that leave are said at once (``workers_left_line``).
         """
         from distributed import wait
 
         alone = _Alone(self.client, self.spec.worker_timeout)
+        known = self._worker_count()
         while pending:
             try:
                 done, _ = wait(list(pending), timeout=poll, return_when="FIRST_COMPLETED")
             except TimeoutError:
                 done = set()
+            now = self._worker_count()
+            if now < known:
+                say(self.spec, workers_left_line(known - now, now, self.spec))
+            known = now
             for future in done:
                 pending.discard(future)  # one at a time: a slot frees when its result is handed over
                 self._fetched[future] = self._fetch(future, poll, alone)
@@ -358,6 +365,9 @@ class DistributedRunner(_Runner):
                 alone.reset()
             else:
                 alone.check()
+
+    def _worker_count(self) -> int:
+        return len(self.client.scheduler_info().get("workers", {}))
 
     def _fetch(self, future, poll: float, alone: "_Alone"):
         """The result of a finished future, waiting while it is recomputed; ``WorkersLost`` if no worker is left.
@@ -430,6 +440,20 @@ def failed_on(client, key) -> FailedOn:
     except Exception:  # noqa: BLE001 -- the error being reported matters, not this question
         return FailedOn(str(key), None)
     return FailedOn(task, ", ".join(workers) or None)
+
+
+def workers_left_line(lost: int, left: int, spec: ClusterSpec) -> str:
+    """The line said as soon as ``lost`` Dask workers leave a run (``left`` remain): what happens next."""
+    if spec.scheduler in ("slurm", "pbs"):
+        then = "a new worker job is asked for in place of each"
+    elif spec.scheduler == "local":
+        then = "the local cluster starts new worker processes"
+    else:
+        then = "the scheduler's other workers take their chunks"
+    wait = (f"; with none left the run waits up to {spec.worker_timeout:.0f} s (--worker-timeout) for one"
+            if not left else "")
+    return (f"dsub: {lost} Dask worker{'s' if lost != 1 else ''} left the run ({left} remain{'s' if left == 1 else ''}): "
+            f"their unfinished chunks run again, and {then}{wait}.")
 
 
 class _Alone:

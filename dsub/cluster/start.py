@@ -124,7 +124,10 @@ def _start_own_cluster(spec, Client):
             elif spec.adapt is not None:
                 cluster.adapt(minimum_jobs=spec.adapt[0], maximum_jobs=spec.adapt[1])
             elif spec.scheduler != "local":
-                cluster.scale(jobs=spec.workers or 1)
+                # Held at that many jobs: one that is preempted, hits its walltime or loses its node is
+                # replaced (a plain scale() would leave the run a worker short for good).
+                jobs = spec.workers or 1
+                cluster.adapt(minimum_jobs=jobs, maximum_jobs=jobs)
             wait_for_workers(client, cluster, spec, description)
             yield client, cluster, description
         finally:
