@@ -214,6 +214,8 @@ def interrupted_line(exc: BaseException) -> str:
         line = INTERRUPTED_BEFORE_WRITING if before else INTERRUPTED
     if not before and getattr(exc, "overwrite_given", False):
         line = line.replace("rerun the same command to resume", RESUME_WITHOUT_OVERWRITE)
+        if isinstance(exc, Terminated) and os.environ.get("SLURM_JOB_ID"):
+            line += "; a job that SLURM requeues (--requeue, a preemption) resumes by itself, --overwrite and all"
     if getattr(exc, "earlier_replaced", False):  # --overwrite: the earlier run's outputs were (being) removed
         if before:
             whole = getattr(exc, "earlier_store_whole", False)

@@ -1492,3 +1492,17 @@ def test_a_stack_lost_from_a_finished_keep_store_run_is_said_and_written_again_f
     assert ("Output stack Particles/subtracted_0000.mrcs was missing or not of full size: the 3 finished chunks "
             "with images in it are written again from the store (--keep-store).") in out, out
     assert stack.read_bytes() == before
+
+
+def test_a_sigterm_in_a_slurm_job_with_overwrite_says_that_a_requeue_resumes(monkeypatch):
+    """SLURM's requeue reruns the job's own command, --overwrite included, and that resumes the run it began."""
+    from dsub.errors import Terminated, interrupted_line
+
+    stopped = Terminated()
+    stopped.overwrite_given = True
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    outside = interrupted_line(stopped)
+    assert "rerun the command without --overwrite to resume" in outside and "requeue" not in outside
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    assert interrupted_line(stopped) == (f"{outside}; a job that SLURM requeues (--requeue, a preemption) resumes by "
+                                         "itself, --overwrite and all")

@@ -266,7 +266,7 @@ def prepare_maps_where_visible(maps: MapFiles, settings, options: RunOptions, bo
     if options.cluster.distributed:
         say(options, f"The workers read the maps and prepare them now, beside the sample fit; a worker that joins "
                      f"later does so on its first task ({transforms}, {estimate}).")
-        return "preparing the maps on the workers"
+        return "the workers preparing their maps, then the first task"
     with setup_step(options.log, f"Preparing the maps on {here} ({transforms})", estimate, done="Maps prepared"):
         half_map_models(maps, settings, here)
     return None
