@@ -36,6 +36,15 @@ def test_pbspro_profile_uses_select_with_ngpus():
 def test_torque_profile_uses_nodes_ppn_gpus():
     script = job_script("pbs", PROFILES / "torque-gpu.yaml")
     assert "#PBS -l nodes=1:ppn=8:gpus=1" in script
+    assert "#PBS -l mem=64GB" in script  # Torque's nodes= spec holds no memory: asked for in a line of its own
+
+
+def test_torque_jobs_ask_for_the_memory_the_run_needs():
+    """A run that needs more than the profile gives: the raised figure is what the job asks of Torque."""
+    with pytest.warns(Warning, match="Each worker job asks for 80GB instead"):
+        script = job_script("pbs", PROFILES / "torque-gpu.yaml", memory_bytes=int(80e9))
+    assert "#PBS -l mem=80GB" in script and "#PBS -l mem=64GB" not in script
+    assert "--memory-limit 74.51GiB" in script  # the same figure as Dask's limit (80e9 bytes)
 
 
 def test_local_slurm_config_advertises_loopback():

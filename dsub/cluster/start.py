@@ -542,6 +542,12 @@ def job_resources(spec) -> dict:
     if scheduler == "pbs" and resource_spec and "mem=" in resource_spec and memory != configured:
         resource_spec = re.sub(r"mem=[^:,+\s]+", f"mem={memory}", resource_spec)
         options.update(resource_spec=resource_spec)
+    elif scheduler == "pbs" and resource_spec and resource_spec.startswith("nodes=") and "mem=" not in resource_spec:
+        # Torque's nodes= spec holds no memory: the job asks for it in a -l line of its own (as --mem in SLURM),
+        # else it gets the queue's default whatever the worker's limit says.
+        directives = list(dask.config.get("jobqueue.pbs.job-extra-directives", None) or [])
+        if not any("mem=" in directive for directive in directives):
+            options.update(job_extra_directives=[*directives, f"-l mem={memory}"])
     if gpus and not profile_asks_for_gpus(scheduler):
         if scheduler == "slurm":
             directives = list(dask.config.get("jobqueue.slurm.job-extra-directives", None) or [])
