@@ -314,6 +314,11 @@ def run_report(args) -> int:
     return 0
 
 
+#: What ``dsub job-script`` says of the worker command's scheduler address and name (dask-jobqueue's stand-ins).
+PLACEHOLDER_NOTE = ("# In the worker command, the scheduler address and --name dummy-name stand in for what a run "
+                    "fills in: its scheduler's address and each worker's name.")
+
+
 def run_job_script(args) -> int:
     from .cluster.config import cluster_config, warn_unused_settings
     from .cluster.scripts import job_script
@@ -335,9 +340,10 @@ def run_job_script(args) -> int:
             plan = plan_memory(args.box, settings, options)
         memory = plan.request_bytes
     script = job_script(args.scheduler, args.cluster_config, memory, args.device)
-    if args.box is not None:  # after the shebang: the printed script stays one a batch system runs
-        shebang, _, rest = script.partition("\n")
-        script = f"{shebang}\n# Memory: {plan.need.describe()}.\n{rest}"
+    # After the shebang: the printed script stays one a batch system runs.
+    shebang, _, rest = script.partition("\n")
+    notes = [PLACEHOLDER_NOTE] + ([f"# Memory: {plan.need.describe()}."] if args.box is not None else [])
+    script = "\n".join([shebang, *notes, rest])
     print(script)
     return 0
 

@@ -178,7 +178,8 @@ def test_job_script_without_a_cluster_config_in_a_fresh_process(tmp_path, schedu
     assert result.returncode == 0, result.stderr
     assert directive in result.stdout and "Traceback" not in result.stderr
     lines = result.stdout.splitlines()  # saved as it is, the script runs: the shebang first
-    assert lines[0] == "#!/usr/bin/env bash" and lines[1].startswith("# Memory: each worker needs about")
+    assert lines[0] == "#!/usr/bin/env bash" and lines[2].startswith("# Memory: each worker needs about")
+    assert lines[1].startswith("# In the worker command, the scheduler address and --name dummy-name stand in")
 
 
 @pytest.fixture
