@@ -698,3 +698,19 @@ def test_the_line_for_workers_that_leave_says_what_happens_next():
     alone = workers_left_line(1, 0, ClusterSpec(scheduler="pbs", worker_timeout=60))
     assert alone.endswith("a new worker job is asked for in place of each; with none left the run waits up to 60 s "
                           "(--worker-timeout) for one.")
+
+
+def test_a_refused_job_is_told_the_largest_node_of_its_partition(monkeypatch):
+    import dask
+
+    from dsub.cluster import start
+
+    asked = []
+    monkeypatch.setattr(start.subprocess, "run", lambda command, **options: asked.append(command) or
+                        __import__("types").SimpleNamespace(stdout="16000\n257000+\n", returncode=0))
+    with dask.config.set({"jobqueue.slurm.queue": "gpu"}):
+        assert start.largest_node_memory() == " The largest node of partition gpu has 251 GB of memory (sinfo)."
+    assert asked == [["sinfo", "-h", "-o", "%m", "-p", "gpu"]]
+    monkeypatch.setattr(start.subprocess, "run", lambda command, **options: __import__("types").SimpleNamespace(
+        stdout="", returncode=1))
+    assert start.largest_node_memory() == ""

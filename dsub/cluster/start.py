@@ -296,9 +296,24 @@ def preflight(cluster, spec) -> None:
         raise DsubError(
             f"SLURM's controller did not answer sbatch --test-only: {sentence(said)} Check that SLURM is up "
             "and reachable from this machine (sinfo), then rerun; nothing was submitted.")
-    raise DsubError(f"SLURM refuses the worker job: {sentence(said)}{memory_asked(cluster, spec)} Check the "
-                    "partition and resources in your cluster config (dsub job-script --scheduler slurm shows the "
-                    "job script).")
+    raise DsubError(f"SLURM refuses the worker job: {sentence(said)}{memory_asked(cluster, spec)}"
+                    f"{largest_node_memory()} Check the partition and resources in your cluster config (dsub "
+                    "job-script --scheduler slurm shows the job script).")
+
+
+def largest_node_memory() -> str:
+    """A sentence on the most memory a node of the configured partition has (``sinfo``), or '' where unknown."""
+    partition = dask.config.get("jobqueue.slurm.queue", None)
+    command = ["sinfo", "-h", "-o", "%m", *(["-p", str(partition)] if partition else [])]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+        sizes = [int(word.rstrip("+")) for word in result.stdout.split() if word.rstrip("+").isdigit()]
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return ""
+    if result.returncode != 0 or not sizes:
+        return ""
+    where = f"partition {partition}" if partition else "this cluster"
+    return f" The largest node of {where} has {max(sizes) / 1024:.0f} GB of memory (sinfo)."
 
 
 def memory_asked(cluster, spec) -> str:
