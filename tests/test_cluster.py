@@ -714,3 +714,13 @@ def test_a_refused_job_is_told_the_largest_node_of_its_partition(monkeypatch):
     monkeypatch.setattr(start.subprocess, "run", lambda command, **options: __import__("types").SimpleNamespace(
         stdout="", returncode=1))
     assert start.largest_node_memory() == ""
+
+
+def test_workers_retired_by_adapt_are_no_loss_but_a_drop_below_its_minimum_is():
+    from dsub.cluster.runner import workers_lost
+
+    fixed = ClusterSpec(scheduler="slurm", workers=4)
+    assert workers_lost(4, 3, fixed) and not workers_lost(3, 4, fixed) and not workers_lost(4, 4, fixed)
+    adaptive = ClusterSpec(scheduler="slurm", adapt=(2, 16))
+    assert not workers_lost(16, 2, adaptive)  # the work runs out: Dask retires idle workers down to the minimum
+    assert workers_lost(2, 1, adaptive) and workers_lost(9, 0, adaptive)

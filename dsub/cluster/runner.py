@@ -354,7 +354,7 @@ class DistributedRunner(_Runner):
             except TimeoutError:
                 done = set()
             now = self._worker_count()
-            if now < known:
+            if workers_lost(known, now, self.spec):
                 say(self.spec, workers_left_line(known - now, now, self.spec))
             known = now
             for future in done:
@@ -440,6 +440,12 @@ def failed_on(client, key) -> FailedOn:
     except Exception:  # noqa: BLE001 -- the error being reported matters, not this question
         return FailedOn(str(key), None)
     return FailedOn(task, ", ".join(workers) or None)
+
+
+def workers_lost(before: int, now: int, spec: ClusterSpec) -> bool:
+    """Whether the drop from ``before`` to ``now`` workers is a loss to say: any drop with a fixed number of
+    workers; with ``--adapt``, only below its minimum (above it, workers retired as the work runs out)."""
+    return now < before and (spec.adapt is None or now < spec.adapt[0])
 
 
 def workers_left_line(lost: int, left: int, spec: ClusterSpec) -> str:
