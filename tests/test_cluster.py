@@ -594,7 +594,7 @@ class _FakeBatchCluster:
         return "#!/bin/sh\n"
 
 
-def test_missing_batch_commands_are_refused_at_once(tmp_path, monkeypatch):
+def test_missing_batch_commands_are_refused_at_once(tmp_path, monkeypatch, capsys):
     """No sbatch where dsub runs: one line before the cluster starts, not a wait for workers that can never be
     submitted (``start.start_cluster`` asks this first for a batch scheduler)."""
     monkeypatch.setenv("PATH", str(tmp_path))  # a folder without SLURM's commands (nor PBS's)
@@ -609,6 +609,14 @@ def test_missing_batch_commands_are_refused_at_once(tmp_path, monkeypatch):
     with pytest.raises(DsubError, match="sbatch, scancel and squeue are not on PATH"):
         with start.start_cluster(ClusterSpec(scheduler="slurm", progress=False)):
             pass
+    # The command says so before it reads the particles (here empty files, which it would refuse).
+    inputs = [tmp_path / name for name in ("particles.star", "a.mrc", "b.mrc", "m.mrc")]
+    for path in inputs:
+        path.write_bytes(b"")
+    assert main(["subtract", str(inputs[0]), "--half-a", str(inputs[1]), "--half-b", str(inputs[2]), "--mask",
+                 str(inputs[3]), "-o", str(tmp_path / "out"), "--scheduler", "slurm", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dsub: error: --scheduler slurm: sbatch, scancel and squeue are not on PATH"), err
 
 
 def test_slurm_refusal_tells_an_unreachable_controller_from_a_refused_job(monkeypatch):
@@ -664,7 +672,8 @@ def test_a_failed_submission_ends_the_wait_for_workers_and_the_queue_shown_is_th
     assert said == " squeue (this run's jobs): 101 PENDING Priority"
 
 
-@pytest.mark.parametrize("section, intent", [("jobque", "jobqueue"), ("dsubb", "dsub"), ("distributd", "distributed")])
+@pytest.mark.parametrize("section, intent", [("jobque", "jobqueue"), ("dsubb", "dsub"), ("distributd", "distributed"),
+                                             ("DSUB", "dsub")])
 def test_a_misspelt_section_of_a_cluster_config_is_refused_naming_its_intent(tmp_path, capsys, section, intent):
     """Every setting below a misspelt section would be ignored, and the jobs go out with the defaults: refused."""
     config = tmp_path / "site.yaml"
@@ -682,9 +691,8 @@ def test_a_section_nobody_reads_is_warned_about(tmp_path, capsys):
     config.write_text("cuda:\n  rmm-pool-size: 1GB\njobqueue:\n  slurm:\n    queue: gpu\n")
     assert main(["job-script", "--scheduler", "slurm", "--cluster-config", str(config)]) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dsub: warning:")]
-    assert len(warnings) == 1 and "not known to dask-jobqueue or dsub" in warnings[0], warnings
-    assert warnings[0].endswith("ignore it: cuda. Correct the name (dask-jobqueue's own jobqueue.yaml lists its "
-                                "settings, the README dsub's).")
+    assert warnings == [f"dsub: warning: --cluster-config {config}: section cuda is read by neither dask, "
+                        "dask-jobqueue nor dsub, and left as it is (another program may read this file)."], warnings
 
 
 def test_the_line_for_workers_that_leave_says_what_happens_next():

@@ -100,7 +100,7 @@ def refuse_misspelt_sections(path, tree: dict) -> None:
     known = known_sections()
     for key in tree:
         name = str(key).replace("_", "-")
-        guess = None if name in known else nearest(name, CLUSTER_SECTIONS)
+        guess = None if name in known else nearest(name.lower(), CLUSTER_SECTIONS)  # DSUB: too
         if guess:
             raise InputFileError(
                 path, f"has a section '{key}:', which nothing reads (did you mean '{guess}:'?): its settings would "
@@ -232,6 +232,13 @@ def unknown_settings(settings: dict) -> list[tuple[str, str | None]]:
 def warn_unknown_settings(path, settings: dict) -> None:
     """One warning naming the keys of ``path`` that neither dask-jobqueue nor dsub knows, each with its likely intent."""
     unknown = unknown_settings(settings)
+    sections = [key for key, _ in unknown if "." not in key]
+    if sections:  # another library's section (dask-cuda's cuda:...): nothing for dsub to correct
+        unknown = [(key, guess) for key, guess in unknown if "." in key]
+        warn(f"--cluster-config {path}: {'section' if len(sections) == 1 else 'sections'} "
+             f"{', '.join(sections)} {'is' if len(sections) == 1 else 'are'} read by neither dask, dask-jobqueue "
+             f"nor dsub, and left as {'it is' if len(sections) == 1 else 'they are'} (another program may read "
+             "this file).")
     if not unknown:
         return
     named = ", ".join(f"{key} (did you mean {guess}?)" if guess else key for key, guess in unknown)

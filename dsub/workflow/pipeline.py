@@ -343,6 +343,10 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     started = time.monotonic()
     outdir = Path(options.outdir)
     check_writable(outdir)  # before the long reading and checks
+    if options.cluster.scheduler in ("slurm", "pbs"):  # no sbatch/qsub here: said before the particles are read
+        from ..cluster.start import require_batch_commands
+
+        require_batch_commands(options.cluster.scheduler)
     warn_unused_settings(options.cluster.cluster_config, options.cluster.scheduler)
     # A local cluster starts beside the checks below (a batch queue's jobs wait for them); stopped on leaving.
     early = start_early(dataclasses.replace(options.cluster, device=options.device))
