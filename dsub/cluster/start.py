@@ -609,11 +609,11 @@ def wait_for_workers(client, cluster, spec, description: str) -> None:
     at once: no worker can come from it.
     """
     deadline = time.monotonic() + spec.worker_timeout
+    batch = own_jobs(cluster, spec)  # looked at every SUBMISSION_LOOK_S; others wait once
+    step = SUBMISSION_LOOK_S if batch else spec.worker_timeout
     while True:
-        left = deadline - time.monotonic()
         try:
-            client.wait_for_workers(1, timeout=max(0.01, min(left, SUBMISSION_LOOK_S)) if own_jobs(cluster, spec)
-                                    else spec.worker_timeout)
+            client.wait_for_workers(1, timeout=max(0.01, min(deadline - time.monotonic(), step)))
             return
         except (TimeoutError, OSError) as exc:
             submitted = getattr(cluster, "dsub_submit_errors", None) or []
@@ -622,7 +622,7 @@ def wait_for_workers(client, cluster, spec, description: str) -> None:
                     f"the {description} could not be submitted: {sentence(submitted[-1])} Check the cluster "
                     "config (dsub job-script shows the job script) and that the batch system takes jobs from here."
                 ) from exc
-            if time.monotonic() < deadline and own_jobs(cluster, spec):
+            if batch and time.monotonic() < deadline:
                 continue
             detail = diagnose(cluster, spec) if cluster is not None else ""
             raise NoWorkersError(

@@ -103,24 +103,30 @@ def earlier_records(table, particles_path, limit: int = MAX_CHAIN) -> list[tuple
     return records
 
 
+def holds_recorded_content(path, entry: dict) -> bool:
+    """Whether the file at ``path`` has the content a record's file entry (``record.describe_file``) describes:
+    its size and content hash (``outdir.content_hash``) where the entry holds one, else its path, size and
+    modification time."""
+    path = Path(path)
+    try:
+        if entry.get("bytes") != path.stat().st_size:
+            return False
+        if entry.get(HASH_KEY):
+            return hash_of(path) == entry[HASH_KEY]
+        return entry.get("path") == str(path.resolve()) and entry.get("modified") == modified(file_identity(path))
+    except OSError:
+        return False
+
+
 def earlier_mask(contents: dict) -> tuple[Path, bool] | None:
     """(path, mask_keeps) of the mask an earlier run subtracted with, where that file is still the one it
-    read (content hash, else size and modification time, as the record holds them); else None."""
+    read (``holds_recorded_content``); else None."""
     earlier = (contents.get("inputs") or {}).get("mask")
     keeps = (contents.get("subtracted_region") or {}).get("mask_keeps", False)
     if not isinstance(earlier, dict) or not isinstance(earlier.get("path"), str):
         return None
     path = Path(earlier["path"])
-    try:
-        if earlier.get("bytes") != path.stat().st_size:
-            return None
-        if earlier.get(HASH_KEY):
-            unchanged = hash_of(path) == earlier[HASH_KEY]
-        else:
-            unchanged = earlier.get("modified") == modified(file_identity(path))
-    except OSError:
-        return None
-    return (path, bool(keeps)) if unchanged else None
+    return (path, bool(keeps)) if holds_recorded_content(path, earlier) else None
 
 
 def region_overlaps(records, half_map_a, half_map_b, mask, mask_keeps: bool) -> dict[Path, float]:
@@ -192,25 +198,13 @@ def fitted_low(record_path: Path, contents: dict) -> dict | None:
 
 
 def same_mask(record_path: Path, contents: dict, mask, mask_keeps: bool) -> bool:
-    """Whether ``mask`` has the content of the mask the earlier run subtracted with, the same side kept.
-
-    Compared by content hash (``outdir.content_hash``) where the record holds
-    one, else by path, size and modification time.
-    """
+    """Whether ``mask`` has the content of the mask the earlier run subtracted with, the same side kept
+    (``holds_recorded_content``)."""
     earlier = ((contents.get("inputs") or {}).get("mask") or {})
     region = contents.get("subtracted_region") or {}
     if not isinstance(earlier, dict) or region.get("mask_keeps", False) != mask_keeps:
         return False
-    mask = Path(mask)
-    try:
-        size = mask.stat().st_size
-        if earlier.get("bytes") != size:
-            return False
-        if earlier.get(HASH_KEY):
-            return hash_of(mask) == earlier[HASH_KEY]
-        return earlier.get("path") == str(mask.resolve()) and earlier.get("modified") == modified(file_identity(mask))
-    except OSError:
-        return False
+    return holds_recorded_content(mask, earlier)
 
 
 def check_earlier_records(records, mask, scale: str, mask_keeps: bool, overlaps: dict | None = None) -> dict:
