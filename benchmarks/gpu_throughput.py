@@ -4,6 +4,7 @@ Run on a machine with a GPU (CuPy installed):
     python benchmarks/gpu_throughput.py [--boxes 128 256 384 512] [--batch 256 1024]
     python benchmarks/gpu_throughput.py --boxes 256 --stages 256 1024   # time per stage
     python benchmarks/gpu_throughput.py --boxes 256 --variants 1024     # the engine's layouts side by side
+    python benchmarks/gpu_throughput.py --boxes 256 --field-kernel 1024 # the field's column kernel, its parts
 Prints one table; the figures go into BENCHMARKS.md. "resident GB" is the memory
 pool's use with both half sets' prepared maps in place (four volumes), beside
 ``memory.prepared_map_bytes``; "pool peak GB" is the pool's total after a batch.
@@ -79,6 +80,7 @@ STAGE_FUNCTIONS = (
     ("dsub.physics._model_cuda", "extract_slices_cuda"),
     ("dsub.physics._model_cuda", "extract_slice_pair_cuda"),
     ("dsub.physics._model_cuda", "_field_plans"),
+    ("dsub.physics._field_cuda", "transform_columns"),
     ("dsub.physics._model_cuda", "box_spectra_and_masked"),
     ("dsub.physics._model_cuda", "_slices"),
     ("cupy.fft", "rfft2"),
@@ -173,8 +175,8 @@ def stage_profile(cupy, box, batch, repeats, rng):
 
 
 #: ``--variants``: the engine's layouts compared in one run (maps side by side or each alone; the field's
-#: transforms pruned or whole).
-VARIANTS = ("pair, pruned", "separate, pruned", "pair, whole", "separate, whole")
+#: transforms pruned or whole; its columns in one kernel or through cuFFT and a transfer pass).
+VARIANTS = ("pair, pruned", "pair, pruned, cuFFT columns", "separate, pruned", "pair, whole", "separate, whole")
 
 
 def variant_rates(cupy, box, batch, repeats, rng):
@@ -200,7 +202,8 @@ def variant_rates(cupy, box, batch, repeats, rng):
         reference = None
         for variant in VARIANTS:
             model = paired if variant.startswith("pair") else separate
-            _model_cuda.extract_in_field = functools.partial(pruned_field, pruned=variant.endswith("pruned"))
+            _model_cuda.extract_in_field = functools.partial(
+                pruned_field, pruned="pruned" in variant, columns="cufft" if "cuFFT" in variant else "fused")
             try:
                 seconds = timed(cupy, lambda: subtract.subtract_batch(cupy, on_gpu, table, model, settings), repeats)
                 result = subtract.subtract_batch(cupy, on_gpu, table, model, settings)[0].get()
@@ -250,6 +253,75 @@ def tile_rates(cupy, box, batch, repeats, rng, tiles):
         cupy.get_default_memory_pool().free_all_blocks()
 
 
+def field_kernel_parts(cupy, box, batch, repeats, rng):
+    """The field's columns at box ``box`` (field of 2 boxes, ``batch`` particles, both maps): the kernel
+    (``_field_cuda.transform_columns``) against cuFFT's passes (zero rows, C2C along y, transfer, back),
+    and the kernel without its transforms, without its transfer, and with neither (loads and stores);
+    the last three are compiled from the kernel's source with those parts left out (printed)."""
+    from dsub.physics import _field_cuda, _model_cuda
+    from dsub.physics.subtract import ParticleTransfer
+
+    size, maps = 2 * box, 2
+    _, _, _, table = scene(box, batch, rng)
+    parameters, given = ParticleTransfer(table, size).for_kernels(cupy)
+    half, capacity = size // 2 + 1, maps * batch
+    shape = (box, capacity, half)
+    rows = cupy.asarray(rng.normal(size=shape) + 1j * rng.normal(size=shape), dtype=cupy.complex64)
+    columns, threads = _field_cuda.device_block_shape(size, maps)
+    scale = 1.0 / size**2
+
+    def kernel():
+        _field_cuda.transform_columns(rows, size, maps, batch, scale, parameters, given, columns=columns,
+                                      threads=threads)
+
+    whole = cupy.empty((size, capacity, half), dtype=cupy.complex64)
+
+    def through_cufft():
+        from cupy.cuda import cufft
+
+        whole[box:].fill(0)
+        plan = _model_cuda._column_plan(size, capacity)
+        plan.fft(whole, whole, cufft.CUFFT_FORWARD)
+        grid, block = _model_cuda.launch_grid(size, batch * half)
+        _model_cuda._kernel("apply_transfer_to_columns")(grid, block, (
+            whole, np.int32(maps), np.int32(batch), np.int32(capacity), np.int32(size), np.float32(scale),
+            parameters, _model_cuda.pointer(given)))
+        plan.fft(whole, whole, cufft.CUFFT_INVERSE)
+
+    print(f"\nfield columns, box {box}, field {size}, batch {batch}, both maps ({columns} columns a block)")
+    print("| step | GPU ms per batch |")
+    print("|---|---|")
+    print(f"| kernel | {1e3 * timed(cupy, kernel, repeats):.3f} |")
+    print(f"| cuFFT: zero rows, C2C along y, transfer, C2C back | {1e3 * timed(cupy, through_cufft, repeats):.3f} |")
+    real_transform, real_source = _field_cuda._transform, _field_cuda.source
+    for label, no_transforms, no_transfer in (("kernel without its transforms", True, False),
+                                              ("kernel without its transfer", False, True),
+                                              ("kernel: loads and stores only", True, True)):
+        def source(*args, no_transforms=no_transforms, no_transfer=no_transfer):
+            if no_transforms:
+                _field_cuda._transform = lambda size, sign, source, **_: ("", source)
+            try:
+                text = real_source(*args)
+            finally:
+                _field_cuda._transform = real_transform
+            if no_transfer:
+                text = text.replace("scale * particle_transfer(", "scale * unit_transfer(").replace(
+                    'extern "C"', "__device__ __forceinline__ complex<float> unit_transfer(const double*, float, "
+                    "float, int, const complex<float>*, long long) { return complex<float>(1.f, 0.f); }\n"
+                    'extern "C"', 1)
+            return text
+
+        _field_cuda._kernels.clear()
+        _field_cuda.source = source
+        try:
+            print(f"| {label} | {1e3 * timed(cupy, kernel, repeats):.3f} |", flush=True)
+        finally:
+            _field_cuda.source = real_source
+            _field_cuda._kernels.clear()
+    del rows, whole
+    cupy.get_default_memory_pool().free_all_blocks()
+
+
 def main():
     import cupy
 
@@ -268,12 +340,20 @@ def main():
     parser.add_argument("--tiles", type=int, nargs="*", metavar="TILE_X",
                         help="time the slice kernel's tilings (_slice_cuda.TILE_X; 0: rows) at --batch's first size "
                              "and each box of --boxes, alone and back to back, and stop")
+    parser.add_argument("--field-kernel", type=int, nargs="*", metavar="BATCH",
+                        help="time the field's column kernel and its parts against cuFFT's passes at these batch "
+                             "sizes (each box of --boxes) and stop")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     print(f"GPU: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}, CuPy {cupy.__version__}")
     if args.tiles is not None:
         for box in args.boxes:
             tile_rates(cupy, box, args.batch[0], args.repeats, rng, args.tiles or [0])
+        return
+    if args.field_kernel is not None:
+        for box in args.boxes:
+            for batch in args.field_kernel or args.batch:
+                field_kernel_parts(cupy, box, batch, args.repeats, rng)
         return
     if args.variants is not None:
         for box in args.boxes:

@@ -242,15 +242,18 @@ def test_transfer_kernel_matches_numpy(cupy, optics, size):
     assert np.max(np.abs(gpu - cpu)) < 1e-5 * np.max(np.abs(cpu))
 
 
-@pytest.mark.parametrize("optics", [False, True])
-def test_field_extraction_matches_numpy(cupy, optics):
-    """Images extracted from a larger field on the GPU, through the pruned transforms (laid out by rows)
-    and through the whole field's, against the NumPy twin: two maps, a box of 48 in a field of 100."""
+@pytest.mark.parametrize("optics, box, size", [(False, 48, 100), (True, 48, 100), (False, 48, 96), (True, 40, 90),
+                                               (False, 64, 144), (False, 36, 98), (True, 128, 256)])
+def test_field_extraction_matches_numpy(cupy, optics, box, size):
+    """Images extracted from a larger field on the GPU, through the pruned transforms (laid out by rows) with
+    the columns in one kernel (sizes of radices 4·5·5, 8·4·3, 2·3·3·5, 8·2·3·3, 8·8·4; 98 has a factor 7 and
+    goes through cuFFT) and through cuFFT, and through the whole field's transforms, against the NumPy twin."""
+    from dsub.physics._field_cuda import radices
     from dsub.physics._model_cuda import extract_in_field
     from dsub.physics.subtract import ParticleTransfer, _extract_in_field_numpy
 
-    rng = np.random.default_rng(11 + optics)
-    box, size = 48, 100
+    rng = np.random.default_rng(11 + optics + size)
+    assert (radices(size) is None) == (size == 98)
     sim = simulate_particles((two_domain_phantom(box, rng),) * 2, 2, 7, box, 1.3, rng, snr=None)
     table = to_particle_table(sim)
     if optics:
@@ -259,10 +262,29 @@ def test_field_extraction_matches_numpy(cupy, optics):
     images = rng.normal(size=(2, len(table), box, box)).astype(np.float32)
     expected = _extract_in_field_numpy(np, images, size, transfer)
     parameters, given = transfer.for_kernels(cupy)
-    for pruned in (True, False):
-        got = extract_in_field(cupy.asarray(images), size, parameters, given, pruned=pruned).get()
+    for pruned, columns in ((True, "fused"), (True, "cufft"), (False, "fused")):
+        got = extract_in_field(cupy.asarray(images), size, parameters, given, pruned=pruned, columns=columns).get()
         assert got.shape == expected.shape
-        assert np.max(np.abs(got - expected)) < 1e-5 * np.max(np.abs(expected)), pruned
+        assert np.max(np.abs(got - expected)) < 1e-5 * np.max(np.abs(expected)), (pruned, columns)
+
+
+@pytest.mark.parametrize("block", [(4, 128), (2, 64)])
+def test_field_columns_with_fewer_columns_a_block(cupy, monkeypatch, block):
+    """The field kernel with the blocks a device of less shared memory gets (``_field_cuda.block_shape``)."""
+    from dsub.physics import _field_cuda
+    from dsub.physics._model_cuda import extract_in_field
+    from dsub.physics.subtract import ParticleTransfer, _extract_in_field_numpy
+
+    rng = np.random.default_rng(5)
+    box, size = 48, 96
+    sim = simulate_particles((two_domain_phantom(box, rng),) * 2, 2, 9, box, 1.3, rng, snr=None)
+    table = with_optics(to_particle_table(sim), rng)
+    transfer = ParticleTransfer(table, size)
+    images = rng.normal(size=(2, len(table), box, box)).astype(np.float32)
+    expected = _extract_in_field_numpy(np, images, size, transfer)
+    monkeypatch.setattr(_field_cuda, "device_block_shape", lambda size, maps: block)
+    got = extract_in_field(cupy.asarray(images), size, *transfer.for_kernels(cupy)).get()
+    assert np.max(np.abs(got - expected)) < 1e-5 * np.max(np.abs(expected))
 
 
 def test_fit_kernel_matches_numpy(cupy):

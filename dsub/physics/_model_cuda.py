@@ -6,20 +6,21 @@
   ``(-1)^(kx+ky)`` (which centres the inverse transform, so no ``fftshift``
   copy) and by the inverse FFT's 1/N into one array, then one batched inverse
   FFT without a normalising pass of its own.
-* ``extract_in_field``: one kernel writes the zero field with the images in its
-  middle, one batched rfft2, one kernel multiplies both maps' spectra by the
-  transfer evaluated once per coefficient, one in-place inverse FFT; the box is a
-  view of the field. The ``ifftshift`` before and the ``fftshift`` after the
-  field's transforms cancel (each is ``(-1)^(kx+ky)`` on an even grid, and the
-  transfer is a multiplication), so neither is done.
+* ``extract_in_field``: the box's rows, zero-padded to the field, transformed
+  along x (cuFFT); one kernel (``_field_cuda.py``) takes every column through
+  the field's transform along y, the transfer and back, reading and writing only
+  the box's rows; the box's rows transformed back along x (cuFFT); the box is a
+  view of those rows. The box lies in the field's corner, not its middle: that
+  shift is undone exactly by reading it back from the same corner.
 
-cuFFT plans are kept by CuPy's plan cache, so a batch of the same shape reuses them.
+cuFFT plans are kept per shape (``_kept_plans``), so a batch of the same shape reuses them.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from . import _field_cuda
 from ._slice_cuda import extract_slice_pair_cuda, extract_slices_cuda, launch_grid, pointer, side_by_side
 from ._transfer_cuda import SOURCE as TRANSFER_SOURCE
 
@@ -139,6 +140,9 @@ def _kernel(name):
     if name not in _kernels:
         if name in ("apply_transfer", "pad_images", "apply_transfer_to_columns", "pad_rows", "subtract_scaled"):
             _kernels[name] = cupy.RawKernel(_TRANSFER_KERNEL, name)
+        elif name == "keep_real":
+            _kernels[name] = cupy.ElementwiseKernel("complex64 value", "complex64 out",
+                                                    "out = complex<float>(value.real(), 0.f)", "dsub_keep_real")
         elif name == "subtract":
             _kernels[name] = cupy.ElementwiseKernel(
                 "float32 image, float32 alpha, float32 model", "float32 out", "out = image - alpha * model",
@@ -203,7 +207,7 @@ def _slices(volumes, rotations, corners, size, checkerboard, table, given, scale
     return spectra
 
 
-def extract_in_field(images, size: int, table, given, pruned: bool = True):
+def extract_in_field(images, size: int, table, given, pruned: bool = True, columns: str = "fused"):
     """``subtract.extract_in_field`` on CuPy for an even ``size``: (m, n, box, box) float32, a view.
 
     ``pruned`` (the default): the transforms skip the field's zeros, as the NumPy
@@ -213,8 +217,13 @@ def extract_in_field(images, size: int, table, given, pruned: bool = True):
     along x, every column along y, the transfer multiplies, every column is
     transformed back along y and only the box's rows along x. The spectra are laid
     out (y, image, x), so the transforms along y are one strided cuFFT plan
-    over all images (``_field_plans``). ``pruned=False``: the whole field through
-    ``rfft2``/``irfft2``, the box in its middle (kept to compare).
+    over all images (``_field_plans``). ``columns="fused"`` (the default, for a
+    2-3-5 smooth ``size`` whose columns fit the device's shared memory,
+    ``_field_cuda.device_block_shape``): the steps along y and the transfer are
+    one kernel (``_field_cuda.transform_columns``) that reads and writes only the
+    box's rows; ``columns="cufft"``: cuFFT along y over the whole field's rows, the
+    transfer a pass of its own (kept to compare, and for other sizes). ``pruned=False``: the
+    whole field through ``rfft2``/``irfft2``, the box in its middle (kept to compare).
     """
     if not pruned:
         return _extract_in_whole_field(images, size, table, given)
@@ -232,16 +241,25 @@ def extract_in_field(images, size: int, table, given, pruned: bool = True):
     grid, block = launch_grid(box * capacity, size)
     _kernel("pad_rows")(grid, block, (cupy.ascontiguousarray(images, dtype=cupy.float32), rows, np.int32(total),
                                       np.int32(capacity), np.int32(box), np.int32(size)))
-    spectra = cupy.empty((size, capacity, half), dtype=cupy.complex64)
-    spectra[box:].fill(0)
-    along_x, back_along_x, along_y = _field_plans(size, box, capacity)
+    block = _field_cuda.device_block_shape(size, maps) if columns == "fused" else None
+    fused = block is not None
+    spectra = cupy.empty((box if fused else size, capacity, half), dtype=cupy.complex64)
+    along_x, back_along_x = _field_plans(size, box, capacity)
     along_x.fft(rows, spectra[:box], cufft.CUFFT_FORWARD)
-    along_y.fft(spectra, spectra, cufft.CUFFT_FORWARD)
-    grid, block = launch_grid(size, count * half)
-    _kernel("apply_transfer_to_columns")(grid, block, (spectra, np.int32(maps), np.int32(count), np.int32(capacity),
-                                                       np.int32(size), np.float32(1.0 / (size * size)), table,
-                                                       pointer(given)))
-    along_y.fft(spectra, spectra, cufft.CUFFT_INVERSE)
+    if fused:
+        _field_cuda.transform_columns(spectra, size, maps, count, 1.0 / (size * size), table, given,
+                                      columns=block[0], threads=block[1])
+    else:
+        spectra[box:].fill(0)
+        along_y = _column_plan(size, capacity)
+        along_y.fft(spectra, spectra, cufft.CUFFT_FORWARD)
+        grid, block = launch_grid(size, count * half)
+        _kernel("apply_transfer_to_columns")(grid, block, (spectra, np.int32(maps), np.int32(count),
+                                                           np.int32(capacity), np.int32(size),
+                                                           np.float32(1.0 / (size * size)), table, pointer(given)))
+        along_y.fft(spectra, spectra, cufft.CUFFT_INVERSE)
+        edges = spectra[:box, :, :: half - 1]  # kx = 0 and size/2 keep their real part, as in _field_cuda
+        _kernel("keep_real")(edges, edges)
     back_along_x.fft(spectra[:box], rows, cufft.CUFFT_INVERSE)  # C2R: overwrites its input, no longer needed
     return rows[:, :total].reshape(box, maps, count, size)[..., :box].transpose(1, 2, 0, 3)
 
@@ -257,25 +275,35 @@ _plans = {}
 
 
 def _field_plans(size: int, box: int, total: int):
-    """cuFFT plans of the pruned field (``extract_in_field``), kept per device and shape (the last
-    ``FIELD_PLANS_KEPT``): R2C and C2R along x of ``box`` rows of ``total`` images, and C2C along y of
-    every column of (size, total, size//2 + 1) complex64 in place (stride ``total·(size//2 + 1)``,
-    neighbouring columns adjacent: cuFFT's advanced layout, CuPy's ``PlanNd``)."""
-    import cupy
+    """cuFFT plans of the pruned field (``extract_in_field``): R2C and C2R along x of ``box`` rows of
+    ``total`` images."""
     from cupy.cuda import cufft
 
-    key = (cupy.cuda.Device().id, size, box, total)
+    return _kept_plans(("rows", size, box, total), lambda: (cufft.Plan1d(size, cufft.CUFFT_R2C, box * total),
+                                                            cufft.Plan1d(size, cufft.CUFFT_C2R, box * total)))
+
+
+def _column_plan(size: int, total: int):
+    """cuFFT's C2C along y of every column of (size, total, size//2 + 1) complex64 in place (stride
+    ``total·(size//2 + 1)``, neighbouring columns adjacent: cuFFT's advanced layout, CuPy's ``PlanNd``)."""
+    from cupy.cuda import cufft
+
+    columns = total * (size // 2 + 1)
+    return _kept_plans(("columns", size, total), lambda: cufft.PlanNd(
+        (size,), (size,), columns, 1, (size,), columns, 1, cufft.CUFFT_C2C, columns, "C", 0, None))
+
+
+def _kept_plans(key, make):
+    """``make()``'s plans, kept per device and ``key`` (the last ``FIELD_PLANS_KEPT``)."""
+    import cupy
+
+    key = (cupy.cuda.Device().id,) + key
     if key in _plans:
         _plans[key] = _plans.pop(key)  # the most recently used last
     else:
         while len(_plans) >= FIELD_PLANS_KEPT:
             _plans.pop(next(iter(_plans)))
-        columns = total * (size // 2 + 1)
-        _plans[key] = (
-            cufft.Plan1d(size, cufft.CUFFT_R2C, box * total),
-            cufft.Plan1d(size, cufft.CUFFT_C2R, box * total),
-            cufft.PlanNd((size,), (size,), columns, 1, (size,), columns, 1, cufft.CUFFT_C2C, columns, "C", 0, None),
-        )
+        _plans[key] = make()
     return _plans[key]
 
 

@@ -1,0 +1,57 @@
+"""The field kernel's plan (``_field_cuda``), on any machine: its radices cover every field size a run can
+choose, its small DFTs are exact, and a block falls back to fewer columns, then to cuFFT, where shared
+memory is short. The kernel itself is checked against NumPy on a GPU (tests/test_gpu.py)."""
+
+import numpy as np
+import pytest
+
+from dsub.physics import _field_cuda
+from dsub.physics.subtract import SubtractionSettings
+
+
+@pytest.mark.parametrize("size, stages", [(512, (8, 8, 8)), (100, (4, 5, 5)), (96, (8, 4, 3)), (90, (2, 3, 3, 5)),
+                                          (540, (4, 3, 3, 3, 5)), (98, None), (1, None)])
+def test_radices(size, stages):
+    assert _field_cuda.radices(size) == stages
+
+
+def test_every_field_size_has_radices():
+    settings = SubtractionSettings()
+    for box in range(16, 1025, 2):
+        for delocalisation in (0.0, 0.7 * box, 1.9 * box):
+            size = settings.field_size(box, delocalisation)
+            assert _field_cuda.radices(size) is not None, (box, delocalisation, size)
+
+
+def test_stockham_plan_is_a_dft():
+    """The stages as the kernel runs them (twiddle, R-point DFT, write Ns apart), in NumPy, against np.fft."""
+    rng = np.random.default_rng(0)
+    for size in (512, 540, 90, 144):
+        x = rng.normal(size=size) + 1j * rng.normal(size=size)
+        for sign in (-1, 1):
+            data, span = x.copy(), 1
+            twiddles = np.exp(sign * 2j * np.pi * np.arange(size) / size)
+            for radix in _field_cuda.radices(size):
+                out = np.empty_like(data)
+                butterflies, step = size // radix, size // (span * radix)
+                for j in range(butterflies):
+                    k = j % span
+                    v = np.array([data[j + r * butterflies] * twiddles[k * r * step] for r in range(radix)])
+                    v = np.exp(sign * 2j * np.pi * np.outer(np.arange(radix), np.arange(radix)) / radix) @ v
+                    first = (j // span) * span * radix + k
+                    out[first + np.arange(radix) * span] = v
+                data, span = out, span * radix
+            expected = np.fft.fft(x) if sign < 0 else np.fft.ifft(x) * size
+            np.testing.assert_allclose(data, expected, atol=1e-9 * size)
+
+
+def test_block_shape_falls_back_where_shared_memory_is_short():
+    h200 = 227 * 2**10
+    assert _field_cuda.block_shape(512, 2, h200) == (8, 256)
+    assert _field_cuda.block_shape(2048, 2, h200) == (4, 128)  # 8 columns of 2 048 points: 278 KB
+    assert _field_cuda.block_shape(2048, 2, 48 * 2**10) is None  # 2 columns need 82 KB: cuFFT instead
+    assert _field_cuda.block_shape(1024, 1, 48 * 2**10) == (2, 64)
+    assert _field_cuda.block_shape(98, 2, h200) is None
+    for size in (512, 2048):
+        columns, threads = _field_cuda.block_shape(size, 2, h200)
+        assert _field_cuda.shared_bytes(size, columns) <= h200 and threads == _field_cuda.LANES * columns
