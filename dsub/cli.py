@@ -95,9 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--chunk-size", type=int, default=None,
                      help="particles per task and Zarr chunk (256; on --scheduler threads a smaller set is cut "
                           "into one chunk per thread, at least 16 particles each; a resumed run keeps its chunks)")
-    run.add_argument("--particles-per-stack", type=int, default=4096,
-                     help="particles per exported .mrcs stack (4096, rounded down to whole chunks); stacks are "
-                          "written in parallel")
+    run.add_argument("--particles-per-stack", type=int, default=None,
+                     help="particles per exported .mrcs stack (4096, rounded down to whole chunks; a resumed run "
+                          "keeps its stacks); stacks are written in parallel")
     run.add_argument("--float16", action="store_true",
                      help="write float16 stacks (MRC mode 12, read by RELION >= 4.0 and cryoSPARC >= 4.4) and a "
                           "float16 store: half the bytes; values beyond ±65504 stop the run")

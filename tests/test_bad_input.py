@@ -653,17 +653,41 @@ def test_a_rerun_with_other_stacks_is_refused_naming_the_option(data, tmp_path, 
     assert run(data, outdir, "--particles-per-stack", "16") == 0
     star = (outdir / "particles_subtracted.star").read_bytes()
     capsys.readouterr()
-    for other, said in (("24", "24"), (None, "4096")):  # another value, and the default (4096 in chunks of 8)
-        code = run(data, outdir, *(("--particles-per-stack", other) if other else ()))
+    for other in ("24", "4096"):  # another value, and the default given (4096 in chunks of 8)
+        code = run(data, outdir, "--particles-per-stack", other)
         err = capsys.readouterr().err.strip()
         assert code == 2 and err.startswith("dsub: error:") and len(err.splitlines()) == 1, err
-        assert f"--particles-per-stack was 16, now {said}" in err and "--overwrite" in err
+        assert f"--particles-per-stack was 16, now {other}" in err and "--overwrite" in err
         assert (outdir / "particles_subtracted.star").read_bytes() == star
     assert sorted(p.name for p in (outdir / "Particles").iterdir()) == [
         f"subtracted_{k:04d}.mrcs" for k in range(-(-COUNT // 16))]
-    assert run(data, outdir, "--particles-per-stack", "16") == 0  # the same run: nothing to do
-    assert "nothing to do" in capsys.readouterr().out
+    for same in (("--particles-per-stack", "16"), ()):  # the same run, and the option left out (kept, as chunks)
+        assert run(data, outdir, *same) == 0
+        assert "nothing to do" in capsys.readouterr().out
 
+
+def test_a_resumed_run_keeps_its_stacks_without_the_option(data, tmp_path, capsys, monkeypatch):
+    """A run with --particles-per-stack stopped after its first chunks, resumed by the command without it: the
+    stacks of the first command, as a resume keeps its chunks."""
+    from dsub.workflow import store
+
+    outdir = tmp_path / "out"
+    original, added = store.ChunkRecorder.add, []
+
+    def stopped_after_two(self, result):
+        if len(added) == 2:
+            raise KeyboardInterrupt  # Ctrl-C once two chunks are finished
+        added.append(result)
+        return original(self, result)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store.ChunkRecorder, "add", stopped_after_two)
+        assert run(data, outdir, "--particles-per-stack", "16", "--scheduler", "sync") == 130
+    capsys.readouterr()
+    assert run(data, outdir, "--scheduler", "sync") == 0
+    assert json.loads((outdir / "dsub_run.json").read_text())["chunks_skipped"] == 2
+    assert sorted(p.name for p in (outdir / "Particles").iterdir()) == [
+        f"subtracted_{k:04d}.mrcs" for k in range(-(-COUNT // 16))]
 
 def test_an_output_folder_that_cannot_be_made_is_refused_before_the_inputs_are_read(data, tmp_path, capsys,
                                                                                       monkeypatch):

@@ -732,3 +732,20 @@ def test_workers_retired_by_adapt_are_no_loss_but_a_drop_below_its_minimum_is():
     adaptive = ClusterSpec(scheduler="slurm", adapt=(2, 16))
     assert not workers_lost(16, 2, adaptive)  # the work runs out: Dask retires idle workers down to the minimum
     assert workers_lost(2, 1, adaptive) and workers_lost(9, 0, adaptive)
+
+
+@pytest.mark.parametrize("scheduler, profile", [("slurm", "slurm-gpu.yaml"), ("pbs", "pbspro-gpu.yaml"),
+                                                ("pbs", "torque-gpu.yaml")])
+def test_an_example_profiles_placeholder_path_is_said(capsys, scheduler, profile):
+    """The shipped profiles' /path/to/dsub stands where the site's path belongs: job-script (and a run) say so."""
+    path = PROFILES / profile
+    assert main(["job-script", "--scheduler", scheduler, "--cluster-config", str(path)]) == 0
+    out, err = capsys.readouterr()
+    (line,) = err.splitlines()
+    assert line.startswith(f"dsub: warning: --cluster-config {path}: still the example profile's placeholder")
+    assert f"jobqueue.{scheduler}.job-script-prologue: 'source /path/to/dsub/.venv/bin/activate'" in line
+    assert "source /path/to/dsub/.venv/bin/activate" in out  # the script as it would be submitted
+
+
+def test_a_site_profile_without_placeholders_is_not_warned_about():
+    assert cluster_config_warnings(PROFILES / "local-slurm" / "jobqueue.yaml", "slurm") == []

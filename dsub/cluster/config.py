@@ -248,6 +248,31 @@ def warn_unknown_settings(path, settings: dict) -> None:
          "dsub's).")
 
 
+#: What the example profiles in cluster/ hold where a site's own path belongs (marked EDIT there).
+PLACEHOLDER = "/path/to/"
+
+
+def placeholders(settings: dict, scheduler: str) -> list[tuple[str, str]]:
+    """(key, value) of the ``jobqueue.<scheduler>`` settings whose value, or an item of it, still holds the
+    example profiles' ``PLACEHOLDER``."""
+    found = []
+    for key, value in settings.items():
+        if key.startswith(f"jobqueue.{scheduler}."):
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, str) and PLACEHOLDER in item:
+                    found.append((key, item))
+    return found
+
+
+def warn_placeholders(path, settings: dict, scheduler: str) -> None:
+    """One warning naming the settings of ``path`` that still hold an example profile's placeholder path."""
+    found = placeholders(settings, scheduler)
+    if found:
+        named = "; ".join(f"{key}: {value!r}" for key, value in found)
+        warn(f"--cluster-config {path}: still the example profile's placeholder where a path of this site belongs "
+             f"({named}); each worker job runs it as it is. Edit the lines marked EDIT (cluster/README.md).")
+
+
 def unused_settings(settings: dict, scheduler: str) -> list[str]:
     """The keys of a flattened cluster config that a run on ``scheduler`` does not read.
 
@@ -288,6 +313,7 @@ def warn_unused_settings(path, scheduler: str) -> None:
         return
     settings = load_cluster_config(path)
     warn_unknown_settings(path, settings)
+    warn_placeholders(path, settings, scheduler)
     unused = unused_settings(settings, scheduler)
     if not unused:
         return

@@ -72,7 +72,7 @@ class RunOptions:
 
     outdir: Path
     chunk_size: int | None = None  # None: ``resolved_chunk_size`` decides
-    particles_per_stack: int = export.DEFAULT_PARTICLES_PER_STACK
+    particles_per_stack: int | None = None  # None: ``resolved_particles_per_stack`` decides
     device: str = "auto"
     overwrite: bool = False
     cs_root: str | None = None
@@ -93,7 +93,7 @@ class RunOptions:
     def __post_init__(self):
         if self.chunk_size is not None and self.chunk_size < 1:
             raise OptionError(f"--chunk-size must be at least 1, not {self.chunk_size}")
-        if self.particles_per_stack < 1:
+        if self.particles_per_stack is not None and self.particles_per_stack < 1:
             raise OptionError(f"--particles-per-stack must be at least 1, not {self.particles_per_stack}")
         if self.paths not in PATH_MODES:
             raise OptionError(f"--paths must be one of {', '.join(PATH_MODES)}, not {self.paths!r}")
@@ -105,7 +105,7 @@ class RunOptions:
             raise OptionError("--recenter and --center both choose the new centre: give only one")
         rebox.check_new_box(self.new_box)
         # Stacks hold whole chunks, so an export task never reads half a chunk.
-        if self.chunk_size is not None:
+        if self.chunk_size is not None and self.particles_per_stack is not None:
             self.particles_per_stack = export.whole_chunks(self.particles_per_stack, self.chunk_size)
 
     @property
@@ -137,6 +137,20 @@ def resolved_chunk_size(options: RunOptions, count: int, store_path: Path) -> in
         return DEFAULT_CHUNK_SIZE
     threads = options.cluster.workers or os.cpu_count() or 1
     return int(min(DEFAULT_CHUNK_SIZE, max(SMALLEST_AUTOMATIC_CHUNK, -(-count // threads))))
+
+
+def resolved_particles_per_stack(options: RunOptions, store_path: Path) -> int:
+    """Particles per output stack once ``options.chunk_size`` is known: --particles-per-stack (rounded down to
+    whole chunks); else the earlier attempt's (a resume keeps its stacks, as its chunks); else
+    ``export.DEFAULT_PARTICLES_PER_STACK`` rounded down to whole chunks."""
+    if options.particles_per_stack is not None:
+        return export.whole_chunks(options.particles_per_stack, options.chunk_size)
+    if not options.overwrite and store_path.exists():
+        with contextlib.suppress(Exception):  # unreadable: prepare_outdir decides what to do with it
+            earlier = store.open_store(store_path).attrs.get("run", {}).get("particles_per_stack")
+            if isinstance(earlier, int) and earlier >= 1:
+                return earlier
+    return export.default_stack_size(options.chunk_size)
 
 
 def check_device(options: RunOptions) -> None:
@@ -369,8 +383,10 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     chosen = [] if options.chunk_size is not None else ["chunk_size"]  # by dsub (resolved_chunk_size), not the user
     # A requeued batch job whose command has --overwrite takes up the run it began (``take_up_requeued_run``).
     requeued = record.requeued_job_began(outdir / store.STORE_NAME) if options.overwrite else None
-    options = dataclasses.replace(options, chunk_size=resolved_chunk_size(
-        dataclasses.replace(options, overwrite=False) if requeued else options, len(table), outdir / store.STORE_NAME))
+    resumed = dataclasses.replace(options, overwrite=False) if requeued else options
+    options = dataclasses.replace(options, chunk_size=resolved_chunk_size(resumed, len(table), outdir / store.STORE_NAME))
+    options = dataclasses.replace(options, particles_per_stack=resolved_particles_per_stack(
+        dataclasses.replace(resumed, chunk_size=options.chunk_size), outdir / store.STORE_NAME))
     bounds = store.chunk_bounds(len(table), options.chunk_size)
     layout = export.stack_layout(len(table), options.particles_per_stack, table.pixel_size_angstrom)
     run_order = export.chunk_run_order(bounds, layout)
