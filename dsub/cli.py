@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import dataclasses
 import errno
 import os
 import shlex
@@ -255,18 +256,40 @@ def settings_from_args(args) -> SubtractionSettings:
 
 
 def run_subtract(args) -> int:
-    from .workflow.pipeline import RunOptions, finished_without_input, subtract
-
     settings = settings_from_args(args)
     for path, option in ((args.particles, "the particles"), (args.half_a, "--half-a"), (args.half_b, "--half-b"),
                          (args.mask, "--mask")):
         if path is not None and not Path(path).exists():
             if not args.overwrite:
+                from .workflow.pipeline import finished_without_input
+
                 finished = finished_without_input(Path(args.outdir), shlex.join(args.command_line))
                 if finished is not None:
                     print(f"dsub: {path} ({option}) is gone, but {finished}", flush=True)
                     return 0
             raise MissingInputError(path, given_as=option)
+    cluster = cluster_from_args(args)
+    # A local cluster's workers start now, while this process imports the run's modules (pandas, Zarr, ...);
+    # the run says so where its output is recorded, and takes the cluster up after its checks.
+    early = None
+    if cluster.scheduler == "local":
+        from .cluster.early import start_early
+
+        early = start_early(dataclasses.replace(cluster, device=args.device), announce=False)
+    try:
+        code = _run_subtract(args, settings, cluster, early)
+    except BaseException:
+        if early is not None:  # refused before the run took the cluster up (an option): not waited for
+            early.stop(wait=0)
+        raise
+    if early is not None:
+        early.stop()  # the run stopped it already
+    return code
+
+
+def _run_subtract(args, settings, cluster, early) -> int:
+    from .workflow.pipeline import RunOptions, subtract
+
     options = RunOptions(
         outdir=Path(args.outdir), chunk_size=args.chunk_size, particles_per_stack=args.particles_per_stack,
         device=args.device, overwrite=args.overwrite, cs_root=args.cs_root, passthrough=tuple(args.passthrough),
@@ -274,7 +297,7 @@ def run_subtract(args) -> int:
         skip_bad_particles=args.skip_bad_particles, recenter=args.recenter,
         center_voxels=tuple(args.center) if args.center is not None else None, new_box=args.new_box,
         float16=args.float16, keep_store=args.keep_store, rescale_maps=args.rescale_maps,
-        cluster=cluster_from_args(args), command=shlex.join(args.command_line),
+        cluster=cluster, command=shlex.join(args.command_line), early=early,
     )
     subtract(args.particles, args.half_a, args.half_b, args.mask, settings, options)
     return 0

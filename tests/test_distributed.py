@@ -87,26 +87,28 @@ def test_local_cluster_matches_threads(dataset, threaded, tmp_path):
     assert summary["scheduler"] == "local" and summary["workers"] == 2 and summary["chunks_total"] == 6
 
 
+def workers_running() -> list[str]:
+    """Command lines of this process's spawned worker processes still running."""
+    import psutil
+
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            line = " ".join(child.cmdline())
+            if "spawn_main" in line and "resource_tracker" not in line and child.status() != psutil.STATUS_ZOMBIE:
+                found.append(line)
+        except psutil.Error:  # gone meanwhile
+            pass
+    return found
+
+
 def test_local_cluster_started_beside_the_checks_is_stopped_when_they_refuse(dataset, tmp_path, capsys,
                                                                            monkeypatch):
     """The cluster starts before the inputs are checked; a refusal stops it before the error leaves the run."""
-    import psutil
-
     from dsub.cluster import ClusterSpec, early
     from dsub.errors import DsubError
     from dsub.physics.subtract import SubtractionSettings
     from dsub.workflow.pipeline import RunOptions, subtract
-
-    def workers_running() -> list[str]:
-        found = []
-        for child in psutil.Process().children(recursive=True):
-            try:
-                line = " ".join(child.cmdline())
-                if "spawn_main" in line and "resource_tracker" not in line and child.status() != psutil.STATUS_ZOMBIE:
-                    found.append(line)
-            except psutil.Error:  # gone meanwhile
-                pass
-        return found
 
     stops = []
     original_stop = early.EarlyCluster.stop
@@ -126,6 +128,30 @@ def test_local_cluster_started_beside_the_checks_is_stopped_when_they_refuse(dat
                  RunOptions(outdir=tmp_path / "out", cluster=spec))
     assert "Starting a local Dask cluster beside the input checks" in capsys.readouterr().out
     assert stops == [(True, [])]  # the started cluster was stopped, once, and no worker outlived it
+    assert not (tmp_path / "out" / "particles_subtracted.star").exists()
+
+
+@pytest.mark.parametrize("refusal", ["option", "input"])
+def test_local_cluster_the_command_line_starts_is_stopped_when_the_run_is_refused(dataset, tmp_path, capsys,
+                                                                                 refusal):
+    """The command line starts a local cluster before it imports the run's modules; a run refused for an option
+    (before the run takes the cluster up: not waited for) or by its input checks leaves no worker behind, and
+    the start is said once, in the run's output."""
+    from dsub.cli import main
+
+    extra = ["--chunk-size", "0"] if refusal == "option" else ["--mask", str(dataset["star"])]
+    args = ["subtract", str(dataset["star"]), "--half-a", str(dataset["half_a"]), "--half-b", str(dataset["half_b"]),
+            "--mask", str(dataset["mask"]), "-o", str(tmp_path / "out"), "--scheduler", "local", "--workers", "1",
+            "--dashboard-address", "127.0.0.1:0", *extra]
+    assert main(args) == 2
+    out, err = capsys.readouterr()
+    (line,) = err.strip().splitlines()
+    assert line.startswith("dsub: error:"), err
+    assert out.count("Starting a local Dask cluster beside the input checks") == (refusal == "input")
+    deadline = time.monotonic() + 60
+    while workers_running() and time.monotonic() < deadline:  # an abandoned start closes its cluster when done
+        time.sleep(0.5)
+    assert workers_running() == []
     assert not (tmp_path / "out" / "particles_subtracted.star").exists()
 
 

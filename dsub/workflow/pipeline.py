@@ -37,7 +37,7 @@ import numpy as np
 
 from .. import __version__
 from ..cluster import ClusterSpec, open_runner
-from ..cluster.early import start_early
+from ..cluster.early import announce_start, start_early
 from ..cluster.config import cluster_config, warn_unused_settings
 from ..cluster.progress import map_preparation_estimate, number, setup_step
 from ..errors import (DsubError, InputFileError, OptionError, add_overwrite_note, first_and_more, one_task_at_a_time,
@@ -89,6 +89,7 @@ class RunOptions:
     rescale_maps: bool = False  # project maps within 1 % of no optics group's pixel size (``validate.check_voxel_size``)
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
     command: str | None = None  # the command line, for the run record
+    early: object = None  # an ``early.EarlyCluster`` the command line started before importing the run's modules
 
     def __post_init__(self):
         if self.chunk_size is not None and self.chunk_size < 1:
@@ -363,7 +364,10 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
         require_batch_commands(options.cluster.scheduler)
     warn_unused_settings(options.cluster.cluster_config, options.cluster.scheduler)
     # A local cluster starts beside the checks below (a batch queue's jobs wait for them); stopped on leaving.
-    early = start_early(dataclasses.replace(options.cluster, device=options.device))
+    spec = dataclasses.replace(options.cluster, device=options.device)
+    early = options.early if options.early is not None else start_early(spec)
+    if options.early is not None:
+        announce_start(spec)  # said here, where the run's output is recorded
     if early is not None:
         cleanup.callback(early.stop)
     if not options.cluster.distributed and options.device != "cpu":  # this process computes on its GPU
