@@ -269,22 +269,23 @@ def run_subtract(args) -> int:
                     return 0
             raise MissingInputError(path, given_as=option)
     cluster = cluster_from_args(args)
-    # A local cluster's workers start now, while this process imports the run's modules (pandas, Zarr, ...);
-    # the run says so where its output is recorded, and takes the cluster up after its checks.
     early = None
     if cluster.scheduler == "local":
+        # A local cluster's workers start now, while this process imports the run's modules (pandas, Zarr,
+        # ...); the run says so where its output is recorded, and takes the cluster up after its checks.
+        # Options no run can use and an output folder that cannot be written are refused first.
         from .cluster.early import start_early
+        from .workflow.options import check_run_options, check_writable
 
+        check_run_options(args.chunk_size, args.particles_per_stack, args.paths, args.resolution, args.device,
+                          args.recenter, tuple(args.center) if args.center is not None else None, args.new_box)
+        check_writable(Path(args.outdir))
         early = start_early(dataclasses.replace(cluster, device=args.device), announce=False)
     try:
-        code = _run_subtract(args, settings, cluster, early)
-    except BaseException:
-        if early is not None:  # refused before the run took the cluster up (an option): not waited for
+        return _run_subtract(args, settings, cluster, early)
+    finally:
+        if early is not None:  # the run stopped it, or it was refused before taking it up: not waited for
             early.stop(wait=0)
-        raise
-    if early is not None:
-        early.stop()  # the run stopped it already
-    return code
 
 
 def _run_subtract(args, settings, cluster, early) -> int:

@@ -335,14 +335,14 @@ def test_output_folder_that_cannot_be_created(data, tmp_path, capsys, monkeypatc
 
 
 def test_existing_output_folder_on_a_read_only_file_system(data, tmp_path, capsys, monkeypatch):
-    import dsub.workflow.outdir as outdir_module
+    import dsub.workflow.options as options_module
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
 
     outdir = tmp_path / "out"
     outdir.mkdir()
-    monkeypatch.setattr(outdir_module.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(options_module.tempfile, "mkstemp", read_only)
     line = assert_refused(run(data, outdir), capsys, outdir, outdir)
     assert "cannot write in the output folder (Read-only file system)" in line and "-o" in line
 
@@ -664,6 +664,10 @@ def test_a_rerun_with_other_stacks_is_refused_naming_the_option(data, tmp_path, 
     for same in (("--particles-per-stack", "16"), ()):  # the same run, and the option left out (kept, as chunks)
         assert run(data, outdir, *same) == 0
         assert "nothing to do" in capsys.readouterr().out
+    # other chunks make another run: the stacks left out are the default again, and said as changed too
+    assert run(data, outdir, "--chunk-size", "4") == 2
+    err = capsys.readouterr().err
+    assert "--chunk-size was 8, now 4" in err and "--particles-per-stack was 16, now 4096" in err, err
 
 
 def test_a_resumed_run_keeps_its_stacks_without_the_option(data, tmp_path, capsys, monkeypatch):
@@ -688,6 +692,7 @@ def test_a_resumed_run_keeps_its_stacks_without_the_option(data, tmp_path, capsy
     assert json.loads((outdir / "dsub_run.json").read_text())["chunks_skipped"] == 2
     assert sorted(p.name for p in (outdir / "Particles").iterdir()) == [
         f"subtracted_{k:04d}.mrcs" for k in range(-(-COUNT // 16))]
+
 
 def test_an_output_folder_that_cannot_be_made_is_refused_before_the_inputs_are_read(data, tmp_path, capsys,
                                                                                       monkeypatch):

@@ -134,12 +134,12 @@ def test_local_cluster_started_beside_the_checks_is_stopped_when_they_refuse(dat
 @pytest.mark.parametrize("refusal", ["option", "input"])
 def test_local_cluster_the_command_line_starts_is_stopped_when_the_run_is_refused(dataset, tmp_path, capsys,
                                                                                  refusal):
-    """The command line starts a local cluster before it imports the run's modules; a run refused for an option
-    (before the run takes the cluster up: not waited for) or by its input checks leaves no worker behind, and
-    the start is said once, in the run's output."""
+    """The command line starts a local cluster before it imports the run's modules: an option no run can use is
+    refused before it starts any worker; a run its input checks refuse leaves no worker behind; the start is
+    said once, in the run's output."""
     from dsub.cli import main
 
-    extra = ["--chunk-size", "0"] if refusal == "option" else ["--mask", str(dataset["star"])]
+    extra = ["--resolution", "0"] if refusal == "option" else ["--mask", str(dataset["star"])]
     args = ["subtract", str(dataset["star"]), "--half-a", str(dataset["half_a"]), "--half-b", str(dataset["half_b"]),
             "--mask", str(dataset["mask"]), "-o", str(tmp_path / "out"), "--scheduler", "local", "--workers", "1",
             "--dashboard-address", "127.0.0.1:0", *extra]
@@ -148,9 +148,14 @@ def test_local_cluster_the_command_line_starts_is_stopped_when_the_run_is_refuse
     (line,) = err.strip().splitlines()
     assert line.startswith("dsub: error:"), err
     assert out.count("Starting a local Dask cluster beside the input checks") == (refusal == "input")
-    deadline = time.monotonic() + 60
-    while workers_running() and time.monotonic() < deadline:  # an abandoned start closes its cluster when done
-        time.sleep(0.5)
+    import threading
+
+    starts = [thread for thread in threading.enumerate() if thread.name == "dsub-cluster-start"]
+    if refusal == "option":
+        assert starts == [] and workers_running() == []  # no start at all
+    for thread in starts:  # a start left to its thread closes its cluster once it has one
+        thread.join(timeout=60)
+        assert not thread.is_alive()
     assert workers_running() == []
     assert not (tmp_path / "out" / "particles_subtracted.star").exists()
 

@@ -252,8 +252,11 @@ def test_field_extraction_matches_numpy(cupy, optics, box, size):
     from dsub.physics._model_cuda import extract_in_field
     from dsub.physics.subtract import ParticleTransfer, _extract_in_field_numpy
 
+    from dsub.physics._field_cuda import device_block_shape
+
     rng = np.random.default_rng(11 + optics + size)
     assert (radices(size) is None) == (size == 98)
+    assert (device_block_shape(size, 2) is None) == (size == 98)  # the kernel takes all other sizes
     sim = simulate_particles((two_domain_phantom(box, rng),) * 2, 2, 7, box, 1.3, rng, snr=None)
     table = to_particle_table(sim)
     if optics:
@@ -285,6 +288,27 @@ def test_field_columns_with_fewer_columns_a_block(cupy, monkeypatch, block):
     monkeypatch.setattr(_field_cuda, "device_block_shape", lambda size, maps: block)
     got = extract_in_field(cupy.asarray(images), size, *transfer.for_kernels(cupy)).get()
     assert np.max(np.abs(got - expected)) < 1e-5 * np.max(np.abs(expected))
+
+
+def test_field_columns_with_blocks_that_take_several_turns(cupy):
+    """Three blocks for all the columns of 40 particles: each block takes its columns in turns (the grid-stride
+    loop, its shared memory reused), against one block for every group of columns."""
+    from dsub.physics import _field_cuda
+    from dsub.physics.subtract import ParticleTransfer
+
+    rng = np.random.default_rng(9)
+    box, size, count = 48, 96, 40
+    sim = simulate_particles((two_domain_phantom(box, rng),) * 2, 2, count, box, 1.3, rng, snr=None)
+    parameters, given = ParticleTransfer(to_particle_table(sim), size).for_kernels(cupy)
+    shape = (box, 2 * count, size // 2 + 1)
+    rows = cupy.asarray(rng.normal(size=shape) + 1j * rng.normal(size=shape), dtype=cupy.complex64)
+    results = []
+    for max_blocks in (None, 3):
+        spectra = rows.copy()
+        _field_cuda.transform_columns(spectra, size, 2, count, 1.0, parameters, given, max_blocks=max_blocks)
+        results.append(spectra.get())
+    assert -(-count * (size // 2 + 1) // 4) > 3 * 100  # many turns a block
+    np.testing.assert_array_equal(results[1], results[0])
 
 
 def test_fit_kernel_matches_numpy(cupy):

@@ -127,6 +127,9 @@ class EarlyCluster:
         minutes); past that the start is abandoned, and its thread stops the
         cluster once it has one (or the process's exit ends them both).
         """
+        with self._lock:
+            if self._abandoned:  # an earlier stop left the start to its thread: nothing to wait for again
+                return
         self._thread.join(timeout=wait)
         with self._lock:
             if self._thread.is_alive():

@@ -21,8 +21,9 @@ their R-point DFT and writes them ``Ns`` apart from ``(j div Ns) Ns R + j mod
 Ns``. Each block keeps ``COLUMNS`` neighbouring columns in shared memory twice
 (each stage reads one copy and writes the other, so no thread holds values
 across a barrier; neighbouring columns adjacent, so a warp's loads and stores
-are coalesced and its shared-memory accesses free of bank conflicts) with a
-table of the size's twiddles. The first stage reads only the box's rows (the
+are coalesced and its shared-memory reads free of bank conflicts; a first
+stage's writes, ``radix`` rows apart, are not) with a table of the size's
+twiddles. The first stage reads only the box's rows (the
 others are zeros) and the last writes only the box's rows. A particle's maps
 (the whole and the masked map) are columns of the same block, so the transfer
 is evaluated once for both. Inverse transforms are unnormalised, as cuFFT's;
@@ -271,7 +272,7 @@ def _compiled(size: int, box: int, maps: int, columns: int, threads: int):
     """``field_columns`` for these constants, compiled once each (per process), with the shared memory it needs."""
     import cupy
 
-    key = (size, box, maps, columns, threads)
+    key = (cupy.cuda.Device().id, size, box, maps, columns, threads)  # the shared-memory opt-in is per device
     if key not in _kernels:
         kernel = cupy.RawKernel(source(size, box, maps, columns, threads), "field_columns")
         kernel.max_dynamic_shared_size_bytes = shared_bytes(size, columns)
@@ -315,7 +316,8 @@ def _device_block_shape(device: int, size: int, maps: int) -> tuple[int, int] | 
 
 
 def transform_columns(spectra, size: int, maps: int, count: int, scale: float, table, given,
-                      images_outermost: bool = False, columns: int = COLUMNS, threads: int = THREADS) -> None:
+                      images_outermost: bool = False, columns: int = COLUMNS, threads: int = THREADS,
+                      max_blocks: int | None = None) -> None:
     """Every column of the field along y, the transfer, and back, in place.
 
     ``spectra``: complex64, the box's rows of ``maps · count`` images transformed along
@@ -324,7 +326,9 @@ def transform_columns(spectra, size: int, maps: int, count: int, scale: float, t
     ``images_outermost``; the field's other ``size - box`` rows are zero. ``table``:
     CuPy (count, 16) float64 transfer parameters; ``given``: complex64 (count, size,
     size//2 + 1) or None. The transfer is evaluated once per particle and coefficient
-    for all its maps. ``columns``, ``threads``: a block's columns and threads.
+    for all its maps. ``columns``, ``threads``: a block's columns and threads;
+    ``max_blocks``: at most this many blocks, each taking its share of the columns
+    in turn (default: 16 an SM).
     Raises ValueError for a ``size`` with a prime factor above 5 (``radices``),
     ``maps`` not a divisor of ``columns``, or ``spectra`` of another layout.
     """
@@ -345,7 +349,7 @@ def transform_columns(spectra, size: int, maps: int, count: int, scale: float, t
     groups = -(-count * half // (columns // maps))
     if groups == 0:
         return
-    blocks = min(groups, 16 * cupy.cuda.Device().attributes["MultiProcessorCount"])
+    blocks = min(groups, max_blocks or 16 * cupy.cuda.Device().attributes["MultiProcessorCount"])
     _compiled(size, box, maps, columns, threads)(
         (blocks,), (threads,), (spectra, np.int32(count), np.int64(row_stride), np.int64(image_stride),
                                 np.float32(scale), table, pointer(given)),

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import socket
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 from ..cluster.progress import number
 from ..errors import DiskFullError, DsubError, InputFileError, OptionError, OutputExistsError, first_and_more
 from . import export, store
+from .options import cannot_create
 
 
 def file_identity(path) -> dict:
@@ -530,41 +530,6 @@ def modified(identity: dict) -> str:
     seconds, nanoseconds = divmod(int(identity["mtime_ns"]), 10**9)
     stamp = datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
     return f"{stamp}.{nanoseconds:09d}+00:00"
-
-
-def check_writable(outdir: Path) -> None:
-    """Refuse, before any long work, an output folder that cannot be made or written (``OptionError``).
-
-    Makes the missing folders and a probe file as the run would, then removes
-    what it made: a run that stops later at a bad input leaves nothing behind.
-    """
-    outdir = Path(outdir)
-    made: list[Path] = []
-    try:
-        for path in reversed([path for path in (outdir, *outdir.parents) if not path.exists()]):
-            path.mkdir()
-            made.append(path)
-        fd, probe = tempfile.mkstemp(dir=outdir, prefix=".dsub-probe-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise OptionError(cannot_create(outdir, exc)) from exc
-    finally:
-        for path in reversed(made):
-            with contextlib.suppress(OSError):
-                path.rmdir()
-
-
-def cannot_create(outdir: Path, exc: OSError) -> str:
-    """Why the output folder cannot be made: a file in its place, or the system's reason."""
-    blocking = next((path for path in (outdir, *outdir.parents) if path.exists() and not path.is_dir()), None)
-    if blocking is not None:
-        return (f"{outdir}: cannot create the output folder: {blocking} is a file, not a folder. "
-                "Give -o a folder (new or existing).")
-    if outdir.is_dir():  # it exists: writing in it is what fails
-        return (f"{outdir}: cannot write in the output folder ({exc.strerror}). "
-                "Choose a folder you can write to with -o.")
-    return f"{outdir}: cannot create the output folder ({exc.strerror}). Choose a folder you can write to with -o."
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

@@ -45,7 +45,7 @@ from ..errors import (DsubError, InputFileError, OptionError, add_overwrite_note
 from ..formats import read_particles, select_rows
 from ..formats.cs import joined_line
 from ..formats.mrc import map_header, read_map
-from ..formats.paths import PATH_MODES, cryosparc_project_folder, written_base
+from ..formats.paths import cryosparc_project_folder, written_base
 from ..particles import HALF_A
 from ..physics.backend import gpu_available, resolve_device, start_gpu_warm_up
 from ..physics.gridding import grid_size
@@ -55,7 +55,8 @@ from ..physics.projector import projector_kernel
 from ..physics.subtract import SubtractionSettings
 from ..report import REPORT_FOLDER, start_preparation, start_warming_up
 from . import blank, chain, diagnostics, disk, export, metadata, prefetch, rebox, record, region, resources, store, validate
-from .outdir import (AUTOMATIC_KEY, CONTENT_HASHED, HASH_KEY, REMOVED_STORE_NAME, OutdirLock, check_writable,
+from .options import check_run_options, check_writable
+from .outdir import (AUTOMATIC_KEY, CONTENT_HASHED, HASH_KEY, REMOVED_STORE_NAME, OutdirLock,
                      explain_os_error, file_identity, prepare_outdir, refuse_inputs_in_replaced_outputs, remove_store,
                      run_fingerprint, same_run, with_content_hashes)
 from .tasks import MapFiles, half_map_models, prepare_models, refuse_nonfinite, run_chunk
@@ -92,19 +93,8 @@ class RunOptions:
     early: object = None  # an ``early.EarlyCluster`` the command line started before importing the run's modules
 
     def __post_init__(self):
-        if self.chunk_size is not None and self.chunk_size < 1:
-            raise OptionError(f"--chunk-size must be at least 1, not {self.chunk_size}")
-        if self.particles_per_stack is not None and self.particles_per_stack < 1:
-            raise OptionError(f"--particles-per-stack must be at least 1, not {self.particles_per_stack}")
-        if self.paths not in PATH_MODES:
-            raise OptionError(f"--paths must be one of {', '.join(PATH_MODES)}, not {self.paths!r}")
-        if self.resolution_angstrom is not None and not self.resolution_angstrom > 0:
-            raise OptionError(f"--resolution must be a resolution in Å above 0, not {self.resolution_angstrom:g}")
-        if self.device not in ("auto", "cpu", "gpu"):
-            raise OptionError(f"--device must be auto, cpu or gpu, not {self.device!r}")
-        if self.recenter and self.center_voxels is not None:
-            raise OptionError("--recenter and --center both choose the new centre: give only one")
-        rebox.check_new_box(self.new_box)
+        check_run_options(self.chunk_size, self.particles_per_stack, self.paths, self.resolution_angstrom,
+                          self.device, self.recenter, self.center_voxels, self.new_box)
         # Stacks hold whole chunks, so an export task never reads half a chunk.
         if self.chunk_size is not None and self.particles_per_stack is not None:
             self.particles_per_stack = export.whole_chunks(self.particles_per_stack, self.chunk_size)
@@ -142,15 +132,17 @@ def resolved_chunk_size(options: RunOptions, count: int, store_path: Path) -> in
 
 def resolved_particles_per_stack(options: RunOptions, store_path: Path) -> int:
     """Particles per output stack once ``options.chunk_size`` is known: --particles-per-stack (rounded down to
-    whole chunks); else the earlier attempt's (a resume keeps its stacks, as its chunks); else
+    whole chunks); else the earlier attempt's where it had the same chunks (a resume keeps its stacks, as
+    its chunks; a run with other chunks is another run, refused naming both); else
     ``export.DEFAULT_PARTICLES_PER_STACK`` rounded down to whole chunks."""
     if options.particles_per_stack is not None:
         return export.whole_chunks(options.particles_per_stack, options.chunk_size)
     if not options.overwrite and store_path.exists():
         with contextlib.suppress(Exception):  # unreadable: prepare_outdir decides what to do with it
-            earlier = store.open_store(store_path).attrs.get("run", {}).get("particles_per_stack")
-            if isinstance(earlier, int) and earlier >= 1:
-                return earlier
+            earlier = store.open_store(store_path).attrs.get("run", {})
+            stacks = earlier.get("particles_per_stack")
+            if earlier.get("chunk_size") == options.chunk_size and isinstance(stacks, int) and stacks >= 1:
+                return export.whole_chunks(stacks, options.chunk_size)
     return export.default_stack_size(options.chunk_size)
 
 

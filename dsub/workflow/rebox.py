@@ -65,23 +65,6 @@ class Reboxing:
         return int(self.new_box) if self.new_box else int(box)
 
 
-def check_new_box(new_box: int | None) -> None:
-    """``--new-box``: a positive even number of pixels, else ``OptionError``.
-
-    ``relion_particle_subtract`` silently makes an odd ``--new_box`` even
-    (``boxsize -= boxsize % 2``); dsub says so instead of changing the box.
-    """
-    if new_box is None:
-        return
-    if new_box < 2:
-        raise OptionError(f"--new-box must be a positive even number of pixels, not {new_box}")
-    if new_box % 2:
-        raise OptionError(
-            f"--new-box {new_box} is odd; RELION and cryoSPARC work with even boxes: use {new_box - 1} "
-            f"or {new_box + 1}"
-        )
-
-
 def check_center(center_voxels, map_box: int) -> None:
     """``--center X Y Z`` must be finite and inside the ``map_box``-voxel map, else ``OptionError``."""
     center = np.asarray(center_voxels, dtype=np.float64)
