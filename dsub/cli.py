@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
-import dataclasses
 import errno
 import os
 import shlex
@@ -261,34 +260,13 @@ def run_subtract(args) -> int:
                          (args.mask, "--mask")):
         if path is not None and not Path(path).exists():
             if not args.overwrite:
-                from .workflow.pipeline import finished_without_input
+                from .workflow.outputs import finished_without_input
 
                 finished = finished_without_input(Path(args.outdir), shlex.join(args.command_line))
                 if finished is not None:
                     print(f"dsub: {path} ({option}) is gone, but {finished}", flush=True)
                     return 0
             raise MissingInputError(path, given_as=option)
-    cluster = cluster_from_args(args)
-    early = None
-    if cluster.scheduler == "local":
-        # A local cluster's workers start now, while this process imports the run's modules (pandas, Zarr,
-        # ...); the run says so where its output is recorded, and takes the cluster up after its checks.
-        # Options no run can use and an output folder that cannot be written are refused first.
-        from .cluster.early import start_early
-        from .workflow.options import check_run_options, check_writable
-
-        check_run_options(args.chunk_size, args.particles_per_stack, args.paths, args.resolution, args.device,
-                          args.recenter, tuple(args.center) if args.center is not None else None, args.new_box)
-        check_writable(Path(args.outdir))
-        early = start_early(dataclasses.replace(cluster, device=args.device), announce=False)
-    try:
-        return _run_subtract(args, settings, cluster, early)
-    finally:
-        if early is not None:  # the run stopped it, or it was refused before taking it up: not waited for
-            early.stop(wait=0)
-
-
-def _run_subtract(args, settings, cluster, early) -> int:
     from .workflow.pipeline import RunOptions, subtract
 
     options = RunOptions(
@@ -298,7 +276,7 @@ def _run_subtract(args, settings, cluster, early) -> int:
         skip_bad_particles=args.skip_bad_particles, recenter=args.recenter,
         center_voxels=tuple(args.center) if args.center is not None else None, new_box=args.new_box,
         float16=args.float16, keep_store=args.keep_store, rescale_maps=args.rescale_maps,
-        cluster=cluster, command=shlex.join(args.command_line), early=early,
+        cluster=cluster_from_args(args), command=shlex.join(args.command_line),
     )
     subtract(args.particles, args.half_a, args.half_b, args.mask, settings, options)
     return 0
@@ -317,6 +295,9 @@ def run_demo(args) -> int:
     if args.box < DEMO_SMALLEST_BOX:
         raise OptionError(f"--box must be at least {DEMO_SMALLEST_BOX} pixels for the demo (its two domains need room "
                           f"for a clean mask), not {args.box}")
+    if args.box % 2:
+        raise OptionError(f"--box {args.box} is odd; RELION and cryoSPARC work with even boxes: use {args.box - 1} or "
+                          f"{args.box + 1}")
     outdir = Path(args.outdir)
     print(f"Simulating {args.particles} particles of {args.box} px in {outdir / 'data'} ...", flush=True)
     paths, sim = make_dataset(outdir / "data", count=args.particles, box=args.box)

@@ -667,7 +667,11 @@ def test_a_rerun_with_other_stacks_is_refused_naming_the_option(data, tmp_path, 
     # other chunks make another run: the stacks left out are the default again, and said as changed too
     assert run(data, outdir, "--chunk-size", "4") == 2
     err = capsys.readouterr().err
-    assert "--chunk-size was 8, now 4" in err and "--particles-per-stack was 16, now 4096" in err, err
+    assert "--chunk-size was 8, now 4" in err, err
+    assert "--particles-per-stack was 16, now 4096 (the default for these chunks)" in err, err
+    # a value that is not whole chunks is said as rounded
+    assert run(data, tmp_path / "rounded", "--particles-per-stack", "20") == 0
+    assert "--particles-per-stack 20: stacks of 16 particles, whole chunks of 8." in capsys.readouterr().out
 
 
 def test_a_resumed_run_keeps_its_stacks_without_the_option(data, tmp_path, capsys, monkeypatch):

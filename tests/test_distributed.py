@@ -132,11 +132,9 @@ def test_local_cluster_started_beside_the_checks_is_stopped_when_they_refuse(dat
 
 
 @pytest.mark.parametrize("refusal", ["option", "input"])
-def test_local_cluster_the_command_line_starts_is_stopped_when_the_run_is_refused(dataset, tmp_path, capsys,
-                                                                                 refusal):
-    """The command line starts a local cluster before it imports the run's modules: an option no run can use is
-    refused before it starts any worker; a run its input checks refuse leaves no worker behind; the start is
-    said once, in the run's output."""
+def test_local_cluster_is_not_started_or_left_behind_when_the_run_is_refused(dataset, tmp_path, capsys, refusal):
+    """An option no run can use is refused before any worker starts; a run its input checks refuse leaves no
+    worker behind; the start is said once."""
     from dsub.cli import main
 
     extra = ["--resolution", "0"] if refusal == "option" else ["--mask", str(dataset["star"])]
@@ -151,13 +149,33 @@ def test_local_cluster_the_command_line_starts_is_stopped_when_the_run_is_refuse
     import threading
 
     starts = [thread for thread in threading.enumerate() if thread.name == "dsub-cluster-start"]
-    if refusal == "option":
-        assert starts == [] and workers_running() == []  # no start at all
-    for thread in starts:  # a start left to its thread closes its cluster once it has one
-        thread.join(timeout=60)
-        assert not thread.is_alive()
-    assert workers_running() == []
+    assert starts == [] and workers_running() == []  # none started, or stopped before the error left the run
     assert not (tmp_path / "out" / "particles_subtracted.star").exists()
+
+
+def test_rerun_of_a_finished_local_run_starts_no_worker(dataset, tmp_path, capsys, monkeypatch):
+    """README: the rerun of a finished command starts no worker; with a stack lost, the rerun computes it again
+    on a cluster it starts then."""
+    import threading
+
+    from dsub.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    args = ["subtract", str(dataset["star"]), "--half-a", str(dataset["half_a"]), "--half-b", str(dataset["half_b"]),
+            "--mask", str(dataset["mask"]), "-o", "out", "--scheduler", "local", "--workers", "1",
+            "--dashboard-address", "127.0.0.1:0", "--chunk-size", "48"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "nothing to do" in out and "Starting a local Dask cluster" not in out
+    assert not [thread for thread in threading.enumerate() if thread.name == "dsub-cluster-start"]
+    assert workers_running() == []
+    stack = next((tmp_path / "out" / "Particles").glob("*.mrcs"))
+    kept = stack.read_bytes()
+    stack.unlink()
+    assert main(args) == 0
+    assert stack.read_bytes() == kept
 
 
 def test_local_cluster_with_a_cluster_config_starts_beside_the_checks(dataset, threaded, tmp_path):

@@ -1398,6 +1398,7 @@ def test_the_line_for_maps_of_another_box_says_what_is_done_to_them():
 @pytest.mark.parametrize("option, value, expected", [
     ("--particles", "0", "dsub: error: --particles must be at least 1, not 0"),
     ("--box", "16", "dsub: error: --box must be at least 24 pixels for the demo"),
+    ("--box", "33", "dsub: error: --box 33 is odd; RELION and cryoSPARC work with even boxes: use 32 or 34"),
 ])
 def test_demo_checks_its_values_before_simulating(tmp_path, capsys, option, value, expected):
     assert main(["demo", "-o", str(tmp_path / "demo"), option, value]) == 2

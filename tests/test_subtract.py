@@ -154,7 +154,7 @@ def test_fit_band_excludes_frequencies_outside_it(scene):
     banded = SubtractionSettings(fit=ContrastFit(low_resolution_angstrom=20.0, high_resolution_angstrom=8.0))
     _, alpha = run(maps, mask, sim, banded)
     np.testing.assert_allclose(alpha, sim.contrast, rtol=0.01)
-    with pytest.raises(ValueError, match="fit band is empty"):
+    with pytest.raises(ValueError, match="band is empty: --fit-highres"):
         ContrastFit(low_resolution_angstrom=8.0, high_resolution_angstrom=20.0)
 
 

@@ -5,9 +5,7 @@ Dask, CuPy and CUDA loaded: 4 s on a 2-GPU host), and the coordinator's input
 checks take as long on a cold disk (2 s: the star, the maps, the stacks'
 headers). Neither needs the other, so for ``local`` the cluster starts first, in
 a thread, and the run takes it up once its checks are done
-(``open_runner(spec, early)``). The command line starts it before it imports
-the run's own modules (``cli.run_subtract``), so the workers' processes start
-while the coordinator imports them too. Batch schedulers are not started early: a job
+(``open_runner(spec, early)``). Batch schedulers are not started early: a job
 submitted for a run that its checks then refuse would wait in the queue for
 nothing.
 """
@@ -29,9 +27,8 @@ _CLUSTER_FIELDS = ("scheduler", "workers", "adapt", "cluster_config", "worker_ti
                    "interface", "secure", "device")
 
 
-def start_early(spec, announce: bool = True) -> "EarlyCluster | None":
-    """Start ``spec``'s local cluster in a thread now, saying so (``announce``: else ``announce_start``
-    says it later, where the run's output is recorded); None where ``spec`` is not ``local``."""
+def start_early(spec) -> "EarlyCluster | None":
+    """Start ``spec``'s local cluster in a thread now, saying so; None where ``spec`` is not ``local``."""
     if spec.scheduler != "local":
         return None
     if spec.cluster_config is not None:
@@ -45,19 +42,11 @@ def start_early(spec, announce: bool = True) -> "EarlyCluster | None":
     from . import start
     # In the main thread, before the cluster exists: a run stopped while it starts leaves it to the exit.
     start.close_clusters_quietly_at_exit()
-    if announce:
-        announce_start(spec)
-    return EarlyCluster(spec)
-
-
-def announce_start(spec) -> None:
-    """Say that ``spec``'s local cluster starts beside the input checks (and the few-cores note, if any)."""
-    from . import start
-
     note = start.few_cores_note(spec)
     if note is not None:
         print(note, file=spec.out, flush=True)
     print("Starting a local Dask cluster beside the input checks ...", file=spec.out, flush=True)
+    return EarlyCluster(spec)
 
 
 class EarlyCluster:

@@ -62,7 +62,7 @@ class ClusterSpec:
                 "give that scheduler's TLS settings in dask's config (distributed.comm.tls) instead"
             )
         if self.worker_timeout <= 0:
-            raise OptionError(f"--worker-timeout must be positive, not {self.worker_timeout}")
+            raise OptionError(f"--worker-timeout must be positive (seconds), not {self.worker_timeout:g}")
         if self.scheduler in ("local", "slurm", "pbs"):  # they start a scheduler (and its dashboard) here
             check_dashboard_address(self.dashboard_address)
             # A batch cluster's scheduler listens on --interface too, unless its config gives it its own.

@@ -78,19 +78,20 @@ class ContrastFit:
 
     def __post_init__(self):
         if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"fit weighting must be one of {WEIGHTINGS}, not {self.weighting!r}")
+            raise ValueError(f"--fit-weighting must be one of {', '.join(WEIGHTINGS)}, not {self.weighting!r}")
         inner, outer = self.window_inner, self.window_outer
         if (inner is None) != (outer is None):
-            raise ValueError("give both window radii, or neither to fit without a window")
+            raise ValueError("give both --window-inner and --window-outer, or neither to fit without a window")
         if inner is not None and not 0 < inner <= outer <= 1.5:
             raise ValueError(
-                f"window radii must satisfy 0 < inner <= outer, got inner={inner}, outer={outer}"
+                f"--window-inner and --window-outer (fractions of half the box) must satisfy 0 < inner <= outer "
+                f"<= 1.5, not {inner:g} and {outer:g}"
             )
         low, high = self.low_resolution_angstrom, self.high_resolution_angstrom
         if low is not None and high is not None and high >= low:
             raise ValueError(
-                f"fit band is empty: high-resolution limit {high} Å must be finer (smaller) "
-                f"than the low-resolution limit {low} Å"
+                f"the fit's band is empty: --fit-highres {high:g} Å must be finer (smaller) "
+                f"than --fit-lowres {low:g} Å"
             )
 
 

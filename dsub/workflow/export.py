@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,10 +63,7 @@ from ..formats.mrc import write_stack
 from ..formats.paths import StackRefs, is_inside, written_base, written_paths
 from . import store
 
-STACK_FOLDER = "Particles"
-STAR_NAME = "particles_subtracted.star"
-CS_NAME = "particles_subtracted.cs"
-SKIPPED_NAME = "skipped_particles.star"
+from .outputs import CS_NAME, SKIPPED_NAME, STACK_FOLDER, STAR_NAME, is_stack_name  # noqa: F401 -- export's names
 #: Hidden folder in OUTDIR where the export's metadata is written before ``publish_metadata`` moves it out.
 STAGING_FOLDER = ".metadata.partial"
 #: Folder in OUTDIR of ``.mrcs`` links to a cryoSPARC input's ``.mrc`` stacks (``original_stack_links``).
@@ -338,11 +334,6 @@ def remove_stacks(outdir: Path) -> None:
     for path in folder.iterdir():
         if is_stack_name(path.name):
             path.unlink(missing_ok=True)
-
-
-def is_stack_name(name: str) -> bool:
-    """Whether ``name`` is one dsub gives its stacks: ``subtracted_NNNN.mrcs``, or with ``.partial``."""
-    return re.fullmatch(r"subtracted_\d{4,}\.mrcs(\.partial)?", name) is not None
 
 
 def has_size(path: Path, expected: int) -> bool:

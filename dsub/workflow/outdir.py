@@ -469,8 +469,9 @@ def identity_differences(earlier: dict, now: dict) -> list[str]:
             if key == "particles_per_stack" and key in automatic and derived_now \
                     and before.get("chunk_size") != after.get("chunk_size"):
                 continue  # both runs' default, which follows --chunk-size: that line says it
+            default_now = key == "particles_per_stack" and derived_now  # left out: the default for these chunks
             changes.append(f"{option} was {was!r}{' (chosen by dsub for that run)' if key in automatic else ''}, "
-                           f"now {now!r}")
+                           f"now {now!r}{' (the default for these chunks)' if default_now else ''}")
     named = (set(PARAMETER_OPTIONS) | set(INPUT_OPTIONS)
              | set(FILE_LISTS) | {"fingerprint", "rebox.map_pixel_size", AUTOMATIC_KEY, *RETIRED_KEYS})
     for key in sorted(set(before) | set(after)):  # anything else the identity holds, by its own name

@@ -37,7 +37,7 @@ import numpy as np
 
 from .. import __version__
 from ..cluster import ClusterSpec, open_runner
-from ..cluster.early import announce_start, start_early
+from ..cluster.early import start_early
 from ..cluster.config import cluster_config, warn_unused_settings
 from ..cluster.progress import map_preparation_estimate, number, setup_step
 from ..errors import (DsubError, InputFileError, OptionError, add_overwrite_note, first_and_more, one_task_at_a_time,
@@ -56,13 +56,13 @@ from ..physics.subtract import SubtractionSettings
 from ..report import REPORT_FOLDER, start_preparation, start_warming_up
 from . import blank, chain, diagnostics, disk, export, metadata, prefetch, rebox, record, region, resources, store, validate
 from .options import check_run_options, check_writable
+from .outputs import RUN_SUMMARY, holds_finished_run
 from .outdir import (AUTOMATIC_KEY, CONTENT_HASHED, HASH_KEY, REMOVED_STORE_NAME, OutdirLock,
                      explain_os_error, file_identity, prepare_outdir, refuse_inputs_in_replaced_outputs, remove_store,
                      run_fingerprint, same_run, with_content_hashes)
 from .tasks import MapFiles, half_map_models, prepare_models, refuse_nonfinite, run_chunk
 from .transcript import LOG_NAME, Transcript
 
-RUN_SUMMARY = "dsub_run.json"
 #: What a finished export leaves beside the stacks; none of it may outlive a failed run.
 METADATA = (export.STAR_NAME, export.CS_NAME, export.SKIPPED_NAME, RUN_SUMMARY)
 
@@ -90,14 +90,10 @@ class RunOptions:
     rescale_maps: bool = False  # project maps within 1 % of no optics group's pixel size (``validate.check_voxel_size``)
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
     command: str | None = None  # the command line, for the run record
-    early: object = None  # an ``early.EarlyCluster`` the command line started before importing the run's modules
 
     def __post_init__(self):
         check_run_options(self.chunk_size, self.particles_per_stack, self.paths, self.resolution_angstrom,
                           self.device, self.recenter, self.center_voxels, self.new_box)
-        # Stacks hold whole chunks, so an export task never reads half a chunk.
-        if self.chunk_size is not None and self.particles_per_stack is not None:
-            self.particles_per_stack = export.whole_chunks(self.particles_per_stack, self.chunk_size)
 
     @property
     def log(self):
@@ -357,9 +353,10 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     warn_unused_settings(options.cluster.cluster_config, options.cluster.scheduler)
     # A local cluster starts beside the checks below (a batch queue's jobs wait for them); stopped on leaving.
     spec = dataclasses.replace(options.cluster, device=options.device)
-    early = options.early if options.early is not None else start_early(spec)
-    if options.early is not None:
-        announce_start(spec)  # said here, where the run's output is recorded
+    # The rerun of a finished command starts no worker (a lost stack to compute again starts the cluster later)
+    finished = not options.overwrite and not options.keep_store and options.command is not None \
+        and holds_finished_run(outdir, options.command)
+    early = None if finished else start_early(spec)
     if early is not None:
         cleanup.callback(early.stop)
     if not options.cluster.distributed and options.device != "cpu":  # this process computes on its GPU
@@ -381,8 +378,13 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     requeued = record.requeued_job_began(outdir / store.STORE_NAME) if options.overwrite else None
     resumed = dataclasses.replace(options, overwrite=False) if requeued else options
     options = dataclasses.replace(options, chunk_size=resolved_chunk_size(resumed, len(table), outdir / store.STORE_NAME))
+    given_stacks = options.particles_per_stack
+    # Stacks hold whole chunks, so an export task never reads half a chunk.
     options = dataclasses.replace(options, particles_per_stack=resolved_particles_per_stack(
         dataclasses.replace(resumed, chunk_size=options.chunk_size), outdir / store.STORE_NAME))
+    if given_stacks is not None and given_stacks != options.particles_per_stack:
+        say(options, f"--particles-per-stack {given_stacks}: stacks of {options.particles_per_stack} particles, "
+                     f"whole chunks of {options.chunk_size}.")
     bounds = store.chunk_bounds(len(table), options.chunk_size)
     layout = export.stack_layout(len(table), options.particles_per_stack, table.pixel_size_angstrom)
     run_order = export.chunk_run_order(bounds, layout)
@@ -1080,31 +1082,6 @@ def finished_run(outdir: Path, stacks: dict, options: RunOptions, table=None, sc
     if drawing:
         write_qc_report(outdir, options)
     return summary
-
-
-def finished_without_input(outdir: Path, command: str) -> str | None:
-    """What to say when an input of ``command`` is gone but OUTDIR holds that very command's finished run; else None.
-
-    That run is recognised without its inputs (a chained run whose input folder was
-    deleted since): ``dsub_run.json`` (written last, once the export completed)
-    records ``command`` run in this working directory, and the star, the .cs and
-    stacks in ``Particles/`` are there. Their sizes are not checked against the run's
-    layout, which needs the particles: the rerun with its inputs does that.
-    """
-    try:
-        summary = json.loads((outdir / RUN_SUMMARY).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(summary, dict) or summary.get("command") != command \
-            or summary.get("working_directory") != os.getcwd():
-        return None
-    folder = outdir / export.STACK_FOLDER
-    if not all((outdir / name).is_file() for name in (export.STAR_NAME, export.CS_NAME)) or not (
-            folder.is_dir() and any(export.is_stack_name(path.name) for path in folder.iterdir())):
-        return None
-    return (f"{outdir} holds the finished results of this same command ({export.STAR_NAME}, {export.CS_NAME}, "
-            f"{export.STACK_FOLDER}/, {RUN_SUMMARY}); nothing to do. The inputs are needed only to compute it again "
-            "(--overwrite) or to check the results against them.")
 
 
 def run_identity(particles_path, maps: MapFiles, table, box: int, settings, options: RunOptions) -> dict:
