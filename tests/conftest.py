@@ -19,3 +19,27 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared test data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture
+def ctrl_c_after_chunks(monkeypatch):
+    """``with ctrl_c_after_chunks(n):`` a run in the block is stopped by Ctrl-C once ``n`` chunks are recorded."""
+    import contextlib
+
+    from dsub.workflow import store
+
+    @contextlib.contextmanager
+    def stopped_after(count: int):
+        original, added = store.ChunkRecorder.add, []
+
+        def add(self, result):
+            if len(added) == count:
+                raise KeyboardInterrupt  # Ctrl-C once ``count`` chunks are finished
+            added.append(result)
+            return original(self, result)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(store.ChunkRecorder, "add", add)
+            yield
+
+    return stopped_after

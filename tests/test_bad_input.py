@@ -674,22 +674,11 @@ def test_a_rerun_with_other_stacks_is_refused_naming_the_option(data, tmp_path, 
     assert "--particles-per-stack 20: stacks of 16 particles, whole chunks of 8." in capsys.readouterr().out
 
 
-def test_a_resumed_run_keeps_its_stacks_without_the_option(data, tmp_path, capsys, monkeypatch):
+def test_a_resumed_run_keeps_its_stacks_without_the_option(data, tmp_path, capsys, ctrl_c_after_chunks):
     """A run with --particles-per-stack stopped after its first chunks, resumed by the command without it: the
     stacks of the first command, as a resume keeps its chunks."""
-    from dsub.workflow import store
-
     outdir = tmp_path / "out"
-    original, added = store.ChunkRecorder.add, []
-
-    def stopped_after_two(self, result):
-        if len(added) == 2:
-            raise KeyboardInterrupt  # Ctrl-C once two chunks are finished
-        added.append(result)
-        return original(self, result)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(store.ChunkRecorder, "add", stopped_after_two)
+    with ctrl_c_after_chunks(2):
         assert run(data, outdir, "--particles-per-stack", "16", "--scheduler", "sync") == 130
     capsys.readouterr()
     assert run(data, outdir, "--scheduler", "sync") == 0

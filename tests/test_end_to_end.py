@@ -729,7 +729,7 @@ def test_overwrite_removes_the_earlier_runs_stacks_and_a_cut_stack_is_not_finish
     np.testing.assert_array_equal(images_via_star(outdir), first)
 
 
-def test_a_resumed_run_writes_the_same_bytes_as_an_uninterrupted_one(dataset, tmp_path, monkeypatch, capsys):
+def test_a_resumed_run_writes_the_same_bytes_as_an_uninterrupted_one(dataset, tmp_path, capsys, ctrl_c_after_chunks):
     """Stacks, star and .cs of a run stopped after two chunks and resumed equal an uninterrupted run's, byte for
     byte: no time of writing in the MRC headers' label or the star's first line."""
     from dsub.workflow import store
@@ -745,16 +745,7 @@ def test_a_resumed_run_writes_the_same_bytes_as_an_uninterrupted_one(dataset, tm
     uninterrupted = outputs()
     shutil.rmtree(outdir)
 
-    original, added = store.ChunkRecorder.add, []
-
-    def stopped_after_two(self, result):
-        if len(added) == 2:
-            raise KeyboardInterrupt  # Ctrl-C once two chunks are finished
-        added.append(result)
-        return original(self, result)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(store.ChunkRecorder, "add", stopped_after_two)
+    with ctrl_c_after_chunks(2):
         assert run_cli(paths, outdir) == 130
     assert not (outdir / STAR_OUT).exists() and sorted(store.finished_chunks(outdir / "subtracted.zarr")) == [0, 0, 1, 1]
     capsys.readouterr()
