@@ -31,6 +31,17 @@ from .physics.projector import CORNERS, PROJECTORS, projector_kernel
 from .physics.subtract import EXTENSION, SubtractionSettings
 
 
+def refuse_unknown(parser: argparse.ArgumentParser, unknown: list[str]) -> None:
+    """One ``dsub: error:`` line for arguments ``parser`` does not know, naming its nearest option for each."""
+    import difflib
+
+    known = [option for action in parser._actions for option in action.option_strings]
+    guesses = [close[0] for word in unknown if word.startswith("--")
+               and (close := difflib.get_close_matches(word.split("=")[0], known, n=1, cutoff=0.7))]
+    parser.error(f"unrecognized arguments: {' '.join(unknown)}"
+                 + (f" (did you mean {' or '.join(guesses)}?)" if guesses else ""))
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse with dsub's error form: one ``dsub: error:`` line and a pointer to --help, exit status 2."""
 
@@ -164,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-o", "--outdir", default="demo_out", help="folder for the dataset and results (demo_out)")
     demo.add_argument("--particles", type=int, default=400, help="number of particles (400)")
     demo.add_argument("--box", type=int, default=64, help="box size in pixels (64; at least 24)")
+    parser.command_parsers = commands.choices  # each command's own parser, for its unknown arguments
     return parser
 
 
@@ -355,7 +367,9 @@ def run_job_script(args) -> int:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the command's own parser, with the option it is nearest to
+        refuse_unknown(parser.command_parsers[args.command], unknown)
     args.command_line = ["dsub", *map(str, sys.argv[1:] if argv is None else argv)]
     handlers = {"subtract": run_subtract, "demo": run_demo, "job-script": run_job_script, "report": run_report}
     previous = terminate_on_sigterm()

@@ -1507,3 +1507,15 @@ def test_a_sigterm_in_a_slurm_job_with_overwrite_says_that_a_requeue_resumes(mon
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     assert interrupted_line(stopped) == (f"{outside}; a job that SLURM requeues (--requeue, a preemption) resumes by "
                                          "itself, --overwrite and all")
+
+
+def test_a_mistyped_option_is_named_with_the_nearest_one(capsys):
+    """An option the command does not know: one line, the command's own help, and the option it is nearest to."""
+    with pytest.raises(SystemExit) as stopped:
+        main(["subtract", "p.star", "--half-a", "a.mrc", "--mask", "m.mrc", "-o", "out", "--chunksize", "5"])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == ("dsub: error: unrecognized arguments: --chunksize 5 (did you mean "
+                                       "--chunk-size?) (see 'dsub subtract --help').\n")
+    with pytest.raises(SystemExit):
+        main(["demo", "surplus"])
+    assert capsys.readouterr().err == "dsub: error: unrecognized arguments: surplus (see 'dsub demo --help').\n"
