@@ -28,6 +28,7 @@ import contextlib
 import os
 import shlex
 import shutil
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -38,6 +39,8 @@ _previous: str | bytes | None = None
 _folder: Path | None = None
 
 WRAPPER_NAME = "python-ignoring-ctrl-c"
+#: A ``-W`` option: the resource tracker's "leaked semaphore objects to clean up at shutdown" warnings.
+RESOURCE_TRACKER_QUIET = "ignore::UserWarning:multiprocessing.resource_tracker"
 
 
 def _executable_folder() -> Path | None:
@@ -63,52 +66,39 @@ def write_wrapper(folder: Path, python: str) -> Path:
     return path
 
 
-#: The process's wrapper folder, made once and kept until the interpreter exits: a cluster whose close was cut
-#: short (SIGTERM as a worker starts) may still spawn through the wrapper after the last block ended, and
-#: ``/bin/sh`` would say "cannot open" on the terminal had the file gone.
-_kept: Path | None = None
-
-
-def _remove_kept() -> None:
-    if _kept is not None:
-        shutil.rmtree(_kept, ignore_errors=True)
-
-
-# Registered as this module is imported (with dsub's cluster start, before distributed's exit-time handlers and
-# dsub's, which close the clusters): exit-time handlers run last-registered first, so this one runs after them.
-atexit.register(_remove_kept)
-
-
 def _start() -> None:
-    global _previous, _folder, _kept
+    global _previous, _folder
     from multiprocessing import resource_tracker, spawn
 
+    # multiprocessing's resource tracker cleans up the semaphores of worker processes a stopped run leaves
+    # (SIGTERM to the group) and warns about each on the terminal after dsub's own line: it takes this
+    # process's -W options (``util._args_from_interpreter_flags``), so that warning is left out.
+    if RESOURCE_TRACKER_QUIET not in sys.warnoptions:
+        sys.warnoptions.append(RESOURCE_TRACKER_QUIET)
     resource_tracker.ensure_running()  # with the interpreter itself, before the executable changes
+    folder = _executable_folder()
+    if folder is None:
+        return
     previous = spawn.get_executable()
-    wrapper = _kept / WRAPPER_NAME if _kept is not None else None
-    if wrapper is None or not wrapper.is_file():
-        folder = _executable_folder()
-        if folder is None:
-            return
-        try:
-            wrapper = write_wrapper(folder, os.fsdecode(previous))
-        except OSError:
-            shutil.rmtree(folder, ignore_errors=True)
-            return
-        _remove_kept()
-        _kept = folder
-    _previous, _folder = previous, _kept
+    try:
+        wrapper = write_wrapper(folder, os.fsdecode(previous))
+    except OSError:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    _previous, _folder = previous, folder
     spawn.set_executable(str(wrapper))
+    # A run that ends without closing its cluster (Ctrl-C while it starts) removes the folder at exit.
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
 
 
 def _stop() -> None:
-    """The interpreter restored for later spawns; the wrapper's folder stays until exit (``_kept``)."""
     global _previous, _folder
     from multiprocessing import spawn
 
     if _folder is None:
         return
     spawn.set_executable(_previous)
+    shutil.rmtree(_folder, ignore_errors=True)
     _previous = _folder = None
 
 

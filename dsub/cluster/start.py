@@ -400,6 +400,10 @@ def local_cluster(spec):
     from distributed.worker_memory import parse_memory_limit
 
     workers, threads, gpus = local_layout(spec)
+    # LocalCluster's silence_logs quiets distributed's handlers only while it is open and restores them as it
+    # closes; a worker's comm closing after that (a SIGTERM as the run stops) then logged an INFO line with a
+    # traceback on the terminal. This process says what happens itself: distributed's records stay below it.
+    logging.getLogger("distributed").setLevel(logging.CRITICAL)
     if gpus:
         used = gpus[:max(1, workers)]  # worker i on GPU i modulo their count (``PinnedGPUCluster``)
         description = (f"local cluster, {workers} GPU worker(s) on GPU{'s' if len(used) > 1 else ''} {', '.join(used)}"
