@@ -95,7 +95,7 @@ def workers_running() -> list[str]:
     for child in psutil.Process().children(recursive=True):
         try:
             line = " ".join(child.cmdline())
-            if "spawn_main" in line and "resource_tracker" not in line and child.status() != psutil.STATUS_ZOMBIE:
+            if "spawn_main" in line and child.status() != psutil.STATUS_ZOMBIE:
                 found.append(line)
         except psutil.Error:  # gone meanwhile
             pass
@@ -397,8 +397,7 @@ def test_worker_killed_mid_run_is_replaced_and_output_is_clean(slow_dataset, tmp
     outdir = tmp_path / "out"
     run = dsub(paths, outdir, "--chunk-size", "4", "--scheduler", "local", "--workers", "2", start_new_session=True)
     wait_for_chunks(run, outdir, 3)
-    workers = [p for p in psutil.Process(run.pid).children() if "spawn_main" in " ".join(p.cmdline())
-               and "resource_tracker" not in " ".join(p.cmdline())]
+    workers = [p for p in psutil.Process(run.pid).children() if "spawn_main" in " ".join(p.cmdline())]
     assert workers, "no worker process found"
     workers[0].kill()  # SIGKILL, mid-task: the nanny restarts it and the scheduler reruns its task
     out, err = run.communicate(timeout=300)
@@ -599,7 +598,7 @@ def test_ctrl_c_while_local_workers_start_prints_no_traceback(dataset, tmp_path)
     while not starting and time.monotonic() < deadline and run.poll() is None:
         for child in coordinator.children():
             with contextlib.suppress(psutil.Error, OSError, StopIteration):
-                if ("spawn_main" in " ".join(child.cmdline()) and "resource_tracker" not in " ".join(child.cmdline())
+                if ("spawn_main" in " ".join(child.cmdline())
                         and child.exe() == python
                         and (sigint_bit(child.pid, "SigCgt") or sigint_bit(child.pid, "SigIgn"))):
                     starting = True
