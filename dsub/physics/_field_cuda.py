@@ -316,14 +316,13 @@ def _device_block_shape(device: int, size: int, maps: int) -> tuple[int, int] | 
 
 
 def transform_columns(spectra, size: int, maps: int, count: int, scale: float, table, given,
-                      images_outermost: bool = False, columns: int = COLUMNS, threads: int = THREADS,
-                      max_blocks: int | None = None) -> None:
+                      columns: int = COLUMNS, threads: int = THREADS, max_blocks: int | None = None) -> None:
     """Every column of the field along y, the transfer, and back, in place.
 
     ``spectra``: complex64, the box's rows of ``maps · count`` images transformed along
     x (image ``m · count + p`` is map ``m`` of particle ``p``; images beyond are left
-    alone), laid out (box, images, size//2 + 1), or (images, box, size//2 + 1) with
-    ``images_outermost``; the field's other ``size - box`` rows are zero. ``table``:
+    alone), laid out (box, images, size//2 + 1); the field's other ``size - box`` rows
+    are zero. ``table``:
     CuPy (count, 16) float64 transfer parameters; ``given``: complex64 (count, size,
     size//2 + 1) or None. The transfer is evaluated once per particle and coefficient
     for all its maps. ``columns``, ``threads``: a block's columns and threads;
@@ -341,11 +340,11 @@ def transform_columns(spectra, size: int, maps: int, count: int, scale: float, t
     if columns % maps or threads % columns:
         raise ValueError(f"{maps} maps, {columns} columns and {threads} threads a block do not divide")
     half = size // 2 + 1
-    box, images = (spectra.shape[1], spectra.shape[0]) if images_outermost else spectra.shape[:2]
+    box, images = spectra.shape[:2]
     if (spectra.dtype != cupy.complex64 or not spectra.flags.c_contiguous or spectra.ndim != 3
             or spectra.shape[2] != half or images < maps * count):
-        raise ValueError("spectra must be contiguous complex64 (box, images, size//2 + 1) or (images, box, ...)")
-    row_stride, image_stride = (half, box * half) if images_outermost else (images * half, half)
+        raise ValueError("spectra must be contiguous complex64 (box, images, size//2 + 1)")
+    row_stride, image_stride = images * half, half
     groups = -(-count * half // (columns // maps))
     if groups == 0:
         return

@@ -215,14 +215,14 @@ def extract_in_field(images, size: int, table, given, pruned: bool = True, colum
     rows and columns (a circular shift of the field, undone exactly by reading
     the box back from the same corner), only its ``box`` rows are transformed
     along x, every column along y, the transfer multiplies, every column is
-    transformed back along y and only the box's rows along x. The spectra are laid
-    out (y, image, x), so the transforms along y are one strided cuFFT plan
-    over all images (``_field_plans``). ``columns="fused"`` (the default, for a
+    transformed back along y and only the box's rows along x (``_field_plans``). The
+    spectra are laid out (y, image, x). ``columns="fused"`` (the default, for a
     2-3-5 smooth ``size`` whose columns fit the device's shared memory,
     ``_field_cuda.device_block_shape``): the steps along y and the transfer are
     one kernel (``_field_cuda.transform_columns``) that reads and writes only the
-    box's rows; ``columns="cufft"``: cuFFT along y over the whole field's rows, the
-    transfer a pass of its own (kept to compare, and for other sizes). ``pruned=False``: the
+    box's rows; ``columns="cufft"``: cuFFT along y over the whole field's rows (one
+    strided plan over all images, ``_column_plan``), the transfer a pass of its own
+    (kept to compare, and for other sizes). ``pruned=False``: the
     whole field through ``rfft2``/``irfft2``, the box in its middle (kept to compare).
     """
     if not pruned:

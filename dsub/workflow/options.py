@@ -1,9 +1,9 @@
-"""Checks of a run's options that read no input: made before a local cluster starts or any file is read.
+"""Checks of a run's options that read no input: made before any file is read or a local cluster starts.
 
-Light on purpose (no NumPy-heavy or Zarr imports): the command line calls
-``check_run_options`` and ``check_writable`` before it starts a local cluster's
-workers, so a mistyped option or an output folder that cannot be written is
-refused in a moment, without worker processes started for nothing.
+``RunOptions`` checks its values with ``check_run_options`` as it is made, and
+the run checks its output folder with ``check_writable`` before it reads
+anything or starts a local cluster. Light on purpose (the standard library only),
+so that either can be called before the run's own modules are imported.
 """
 
 from __future__ import annotations

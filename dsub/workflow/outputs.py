@@ -1,8 +1,9 @@
 """The names of what a run writes in OUTDIR, and whether OUTDIR holds a command's finished run.
 
-Light on purpose (the standard library only): the command line asks it before it
-imports the run's modules or starts a local cluster, so the rerun of a finished
-command starts no worker (README: "they start no worker").
+Light on purpose (the standard library only): the command line asks it, where an
+input is gone, without importing the run's modules; the run asks it before it
+starts a local cluster, so the rerun of a finished command starts no worker
+(README: "they start no worker").
 """
 
 from __future__ import annotations

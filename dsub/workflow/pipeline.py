@@ -115,11 +115,9 @@ def resolved_chunk_size(options: RunOptions, count: int, store_path: Path) -> in
     """
     if options.chunk_size is not None:
         return options.chunk_size
-    if not options.overwrite and store_path.exists():
-        with contextlib.suppress(Exception):  # unreadable: prepare_outdir decides what to do with it
-            earlier = store.open_store(store_path).attrs.get("run", {}).get("chunk_size")
-            if isinstance(earlier, int) and earlier >= 1:
-                return earlier
+    earlier = earlier_run(options, store_path).get("chunk_size")
+    if isinstance(earlier, int) and earlier >= 1:
+        return earlier
     if options.cluster.scheduler != "threads":
         return DEFAULT_CHUNK_SIZE
     threads = options.cluster.workers or os.cpu_count() or 1
@@ -133,13 +131,22 @@ def resolved_particles_per_stack(options: RunOptions, store_path: Path) -> int:
     ``export.DEFAULT_PARTICLES_PER_STACK`` rounded down to whole chunks."""
     if options.particles_per_stack is not None:
         return export.whole_chunks(options.particles_per_stack, options.chunk_size)
-    if not options.overwrite and store_path.exists():
-        with contextlib.suppress(Exception):  # unreadable: prepare_outdir decides what to do with it
-            earlier = store.open_store(store_path).attrs.get("run", {})
-            stacks = earlier.get("particles_per_stack")
-            if earlier.get("chunk_size") == options.chunk_size and isinstance(stacks, int) and stacks >= 1:
-                return export.whole_chunks(stacks, options.chunk_size)
+    earlier = earlier_run(options, store_path)
+    stacks = earlier.get("particles_per_stack")
+    if earlier.get("chunk_size") == options.chunk_size and isinstance(stacks, int) and stacks >= 1:
+        return export.whole_chunks(stacks, options.chunk_size)
     return export.default_stack_size(options.chunk_size)
+
+
+def earlier_run(options: RunOptions, store_path: Path) -> dict:
+    """The identity an earlier attempt recorded in the store (``run_identity``), which a resume keeps; {} with
+    --overwrite, without a store, or where it cannot be read (``prepare_outdir`` decides what to do then)."""
+    if options.overwrite or not store_path.exists():
+        return {}
+    with contextlib.suppress(Exception):
+        run = store.open_store(store_path).attrs.get("run", {})
+        return run if isinstance(run, dict) else {}
+    return {}
 
 
 def check_device(options: RunOptions) -> None:
