@@ -49,12 +49,15 @@ def test_slice_kernel_matches_numpy(cupy, box, projector, corners, size):
 
 
 @pytest.mark.parametrize("tile_x", [None, 16, 8])
-@pytest.mark.parametrize("projector, corners, size", [("relion", "zero", None), ("gridding", "map", None),
-                                                      ("gridding", "zero", 100)])
-def test_slice_pair_kernel_matches_numpy(cupy, projector, corners, size, tile_x, monkeypatch):
+@pytest.mark.parametrize("projector, corners, size, float16", [
+    ("relion", "zero", None, False), ("gridding", "map", None, False), ("gridding", "zero", 100, False),
+    ("gridding", "map", None, True), ("gridding", "zero", 100, True)])
+def test_slice_pair_kernel_matches_numpy(cupy, projector, corners, size, float16, tile_x, monkeypatch):
     """Two maps prepared side by side on the GPU, sliced in one launch (with the transfer and the
     checkerboard), against NumPy's slices of each map prepared alone; threads over rows (the choice for
-    maps this small) and over tiles of 16 and 8 columns (a plane of 51 columns: partial tiles)."""
+    maps this small) and over tiles of 16 and 8 columns (a plane of 51 columns: partial tiles). ``float16``:
+    the pair stored in float16 (half the bytes), against NumPy's maps rounded the same way; the masked map
+    ten times weaker than the whole, so that each map's own scaling shows."""
     from dsub.physics import _slice_cuda
     from dsub.physics._slice_cuda import extract_slice_pair_cuda, side_by_side
 
@@ -63,19 +66,27 @@ def test_slice_pair_kernel_matches_numpy(cupy, projector, corners, size, tile_x,
     from dsub.physics.projector import prepare_volumes
     from dsub.physics.subtract import ParticleTransfer
 
+    from dsub.physics.projector import rounded_to_float16
+
     rng = np.random.default_rng(3)
     box = 48
-    volumes = [rng.normal(size=(box, box, box)).astype(np.float32) for _ in range(2)]
+    volumes = [rng.normal(size=(box, box, box)).astype(np.float32) * weight for weight in (1.0, 0.1)]
     sim = simulate_particles((two_domain_phantom(box, rng),) * 2, 2, 6, box, 1.5, rng, snr=None)
     table = to_particle_table(sim)
     kernel, oversampling = projector_kernel(projector)
-    paired = prepare_volumes(cupy, [cupy.asarray(v) for v in volumes], kernel, oversampling)
+    paired = prepare_volumes(cupy, [cupy.asarray(v) for v in volumes], kernel, oversampling, float16=float16)
     pair = side_by_side(paired)
-    assert pair is not None and pair.shape[-1] == 2
+    assert pair is not None and pair.shape[-1] == (4 if float16 else 2)
+    assert pair.dtype == (np.float16 if float16 else np.complex64)
     alone = [prepare_volume(np, v, kernel, oversampling) for v in volumes]
+    if float16:
+        alone = [rounded_to_float16(np, reference) for reference in alone]
+        assert pair.nbytes == alone[0].transform.nbytes  # both maps in the bytes of one complex64 map
     for volume, reference in zip(paired, alone):
-        np.testing.assert_allclose(volume.transform.get(), reference.transform,
-                                   atol=1e-4 * float(np.abs(reference.transform).max()))
+        stored = volume.transform.get()
+        values = (stored[..., 0] + 1j * stored[..., 1].astype(np.float32)) * volume.scale if float16 else stored
+        np.testing.assert_allclose(values, reference.transform,
+                                   atol=(1e-3 if float16 else 1e-4) * float(np.abs(reference.transform).max()))
     grid = size or box
     transfer = ParticleTransfer(table, grid).values(np)
     checkerboard = (-1.0) ** np.add.outer(np.arange(grid), np.arange(grid // 2 + 1))
@@ -84,7 +95,8 @@ def test_slice_pair_kernel_matches_numpy(cupy, projector, corners, size, tile_x,
     assert got.shape == (2, len(table), grid, grid // 2 + 1)
     for index, reference in enumerate(alone):
         expected = extract_slices(np, reference, table.rotations, corners, size) * transfer * checkerboard
-        assert np.linalg.norm(got[index] - expected) / np.linalg.norm(expected) < 1e-5
+        # float16: a value GPU and NumPy prepare a float32 rounding apart may round to neighbouring float16s
+        assert np.linalg.norm(got[index] - expected) / np.linalg.norm(expected) < (3e-5 if float16 else 1e-5)
         one = extract_slices(cupy, paired[index], table.rotations, corners, size).get()  # one map of the pair alone
         assert np.linalg.norm(one * transfer * checkerboard - got[index]) / np.linalg.norm(expected) < 1e-6
 
@@ -177,7 +189,8 @@ def test_local_cluster_uses_every_gpu(tmp_path):
 @pytest.mark.parametrize("box", [64, 128])
 def test_memory_estimate_bounds_the_gpu_pool_peak(cupy, box):
     """The prepared-map estimate (counted for NumPy) is an upper bound on the GPU, and not a wasteful one."""
-    from dsub.physics.memory import preparation_peak_bytes
+    from dsub.physics._slice_cuda import side_by_side
+    from dsub.physics.memory import prepared_map_bytes, preparation_peak_bytes
 
     settings = SubtractionSettings()
     rng = np.random.default_rng(box)
@@ -191,6 +204,9 @@ def test_memory_estimate_bounds_the_gpu_pool_peak(cupy, box):
     cupy.cuda.Device().synchronize()
     peak = pool.total_bytes() - before
     assert models and peak <= preparation_peak_bytes(box, settings) <= 1.6 * peak
+    # the default's maps stay in float16 on the GPU: the resident figure the plan counts
+    resident = sum(side_by_side((model.full, model.masked)).nbytes for model in models)
+    assert resident == prepared_map_bytes(box, settings, "gpu") == prepared_map_bytes(box, settings) // 2
 
 
 @pytest.mark.parametrize("box, new_box", [(64, 48), (64, 96)])

@@ -11,10 +11,14 @@ from dsub.formats.mrc import read_images, read_map
 from dsub.formats.star import read_particles
 from dsub.physics.gridding import GriddingKernel, grid_size, kaiser_bessel
 from dsub.physics.projector import (
+    FLOAT16_TOP,
     extract_slices,
+    float16_exponent,
     image_spectra,
     prepare_volume,
+    prepare_volumes,
     projector_kernel,
+    rounded_to_float16,
     shift_phases,
     spectra_to_images,
 )
@@ -108,6 +112,41 @@ def oracle_error(real_map_scene, kernel, oversampling):
 
 def test_default_projector_within_0_2_percent_of_nufft_on_real_map(real_map_scene):
     assert oracle_error(real_map_scene, *projector_kernel("gridding")) <= 0.002
+
+
+def test_default_projector_with_float16_maps_within_0_2_percent_of_nufft_on_real_map(real_map_scene):
+    """The half-map models' float16 rounding (``prepare_volumes``) adds about 1e-4 of the slices' norm."""
+    masked, rotations, oracle = real_map_scene
+    kernel, oversampling = projector_kernel("gridding")
+    exact = prepare_volume(np, masked, kernel, oversampling)
+    rounded = rounded_to_float16(np, prepare_volume(np, masked, kernel, oversampling))
+    assert not np.array_equal(rounded.transform, exact.transform)
+    slices = [extract_slices(np, prepared, rotations, "zero") for prepared in (exact, rounded)]
+    assert 1e-5 < np.linalg.norm(slices[1] - slices[0]) / np.linalg.norm(slices[0]) < 3e-4
+    ky, kx = np.fft.fftfreq(BOX) * BOX, np.fft.rfftfreq(BOX) * BOX
+    inside = (ky[:, None] ** 2 + kx[None, :] ** 2) <= (BOX / 2) ** 2  # as oracle_error
+    errors = [np.linalg.norm((s - oracle)[:, inside]) / np.linalg.norm(oracle[:, inside]) for s in slices]
+    assert errors[1] <= 0.002 and errors[1] == pytest.approx(errors[0], rel=0.02)
+
+
+def test_float16_rounding_scales_each_map_by_its_own_power_of_two():
+    rng = np.random.default_rng(4)
+    kernel, oversampling = projector_kernel("gridding")
+    volumes = [rng.normal(size=(16,) * 3).astype(np.float32) * weight for weight in (300.0, 0.003)]
+    rounded = prepare_volumes(np, volumes, kernel, oversampling, float16=True)
+    for volume, prepared in zip(volumes, rounded):
+        exact = prepare_volume(np, volume, kernel, oversampling).transform
+        parts = np.ascontiguousarray(prepared.transform).view(np.float32)
+        exponent = float16_exponent(np, parts)
+        scaled = parts * 2.0**exponent
+        assert FLOAT16_TOP / 2 < np.abs(scaled).max() <= FLOAT16_TOP
+        np.testing.assert_array_equal(scaled.astype(np.float16).astype(np.float32), scaled)  # float16 values
+        largest = np.abs(exact.view(np.float32)).max()
+        assert np.abs(prepared.transform - exact).max() <= 2.0**-10 * largest  # half an ulp a part
+    assert float16_exponent(np, np.zeros(4, np.float32)) == 0
+    assert float16_exponent(np, np.array([FLOAT16_TOP], np.float32)) == 0
+    assert float16_exponent(np, np.array([FLOAT16_TOP * 1.0001], np.float32)) == -1
+    assert float16_exponent(np, np.array([FLOAT16_TOP / 2], np.float32)) == 1
 
 
 def test_relion_projector_error_against_nufft_is_trilinear_sized(real_map_scene):

@@ -265,3 +265,21 @@ def test_field_grows_with_ctf_delocalisation():
 def test_settings_refuse_values_outside_their_range(change, message):
     with pytest.raises(ValueError, match=message):
         SubtractionSettings(**change)
+
+
+@pytest.mark.parametrize("projector, rounded", [("gridding", True), ("relion", False)])
+def test_half_map_model_rounds_the_default_maps_to_float16(projector, rounded):
+    """The default's prepared maps hold float16 values on NumPy too (the GPU stores them so); RELION's
+    projector keeps single precision."""
+    from dsub.physics.projector import prepare_volume, projector_kernel, rounded_to_float16
+
+    rng = np.random.default_rng(6)
+    volume = rng.normal(size=(16,) * 3).astype(np.float32)
+    mask = np.ones_like(volume)
+    settings = SubtractionSettings(projector=projector, fit=ContrastFit(weighting="none"))
+    model = prepare_half_map(np, volume, mask, settings)
+    kernel, oversampling = projector_kernel(projector)
+    exact = prepare_volume(np, volume, kernel, oversampling)
+    expected = rounded_to_float16(np, prepare_volume(np, volume, kernel, oversampling)) if rounded else exact
+    np.testing.assert_array_equal(model.full.transform, expected.transform)
+    assert rounded == (not np.array_equal(model.full.transform, exact.transform))

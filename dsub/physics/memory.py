@@ -3,7 +3,8 @@
 Prepared maps: each half set keeps two prepared volumes (the whole half-map and
 its masked region), each the oversampled rfft of ``projector.prepare_volume``:
 complex64 of shape (P, P, P//2 + 1 + 2·reach), P = ``grid_size(box,
-oversampling)``. Both half sets are resident, so four volumes.
+oversampling)``; on a GPU the default projector's are stored in float16, half
+that (``projector.prepare_volumes``). Both half sets are resident, so four volumes.
 
 Batch: the peak of ``subtract_batch`` per particle, measured with tracemalloc
 on NumPy (tests/test_subtract.py checks it within 25 %): the larger of the
@@ -29,7 +30,7 @@ from __future__ import annotations
 from importlib.util import find_spec
 
 from .gridding import grid_size
-from .projector import prepared_shape, projector_kernel
+from .projector import FLOAT16_PROJECTORS, prepared_shape, projector_kernel
 
 #: Bytes per element of an rfft2 half plane (measured): the slices' (plus per kernel width without numba),
 #: the field's (with the compiled transfer, and with NumPy's arrays), the box's (with the compiled contrast fit,
@@ -49,16 +50,18 @@ COMPILED_GATHER_HOST_BYTES = 240 * 2**20
 PREPARED_VOLUMES = 4
 
 
-def prepared_volume_bytes(box: int, settings) -> int:
-    """Bytes of one prepared volume (complex64)."""
+def prepared_volume_bytes(box: int, settings, device: str = "cpu") -> int:
+    """Bytes of one prepared volume: complex64, or half that on a GPU for a projector whose maps are stored
+    in float16 there (``projector.FLOAT16_PROJECTORS``)."""
     kernel, oversampling = projector_kernel(settings.projector, settings.padding)
     z, y, x = prepared_shape(box, kernel, oversampling)
-    return 8 * z * y * x
+    stored = 4 if device == "gpu" and settings.projector in FLOAT16_PROJECTORS else 8
+    return stored * z * y * x
 
 
-def prepared_map_bytes(box: int, settings) -> int:
-    """Resident bytes of the prepared maps of both half sets (four volumes)."""
-    return PREPARED_VOLUMES * prepared_volume_bytes(box, settings)
+def prepared_map_bytes(box: int, settings, device: str = "cpu") -> int:
+    """Resident bytes of the prepared maps of both half sets (four volumes) on ``device`` ("cpu" or "gpu")."""
+    return PREPARED_VOLUMES * prepared_volume_bytes(box, settings, device)
 
 
 #: Peak of preparing one volume beyond the three already resident, on a GPU, in units of its plain
@@ -78,6 +81,7 @@ def preparation_peak_bytes(box: int, settings, device: str = "gpu") -> int:
     """
     if device == "cpu":
         return int(4 * prepared_volume_bytes(box, settings) + 4 * box**3)
+    # the GPU's figure counts complex64 volumes: a pair is stored in float16 only once it is prepared
     _, oversampling = projector_kernel(settings.projector, settings.padding)
     size = grid_size(box, oversampling)
     plain_rfft = 8 * size * size * (size // 2 + 1)

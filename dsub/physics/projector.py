@@ -56,6 +56,9 @@ RELION_PADDING = 2
 GRIDDING_WIDTH = 4
 GRIDDING_OVERSAMPLING = 1.25
 GRIDDING_BETA_SCALE = 1.3
+#: Projectors whose half-map models keep their prepared maps in float16 on a GPU (``prepare_volumes``;
+#: ``subtract.prepare_half_map``): the default; ``relion`` keeps RELION's single precision.
+FLOAT16_PROJECTORS = ("gridding",)
 
 
 def projector_kernel(projector: str, oversampling: float | None = None, width: int | None = None):
@@ -76,11 +79,15 @@ class PreparedVolume:
     ``transform`` is complex64 of shape (P, P, P//2 + 1 + 2·reach): the rfft
     along x extended by ``reach`` columns on both sides from Hermitian symmetry,
     so column ``reach + x`` holds frequency x for x in [-reach, P/2 + reach].
+    Where a map is stored in float16 (``prepare_volumes``, on CuPy) it is
+    float16 of shape (P, P, P//2 + 1 + 2·reach, 2), real and imaginary parts,
+    and ``scale`` (a power of two) times its values is the transform.
     """
 
     transform: object
     box: int
     kernel: GriddingKernel
+    scale: float = 1.0
 
     @property
     def grid_size(self) -> int:
@@ -153,7 +160,7 @@ def prepare_volume(xp, volume, kernel: GriddingKernel, oversampling: float, out=
     return PreparedVolume(transform=transform, box=box, kernel=kernel)
 
 
-def prepare_volumes(xp, volumes, kernel: GriddingKernel, oversampling: float) -> tuple:
+def prepare_volumes(xp, volumes, kernel: GriddingKernel, oversampling: float, float16: bool = False) -> tuple:
     """``prepare_volume`` of several maps of one box (z, y, x), in order: a tuple of ``PreparedVolume``.
 
     On CuPy, and on NumPy with numba installed (the compiled gather), two maps are
@@ -163,13 +170,83 @@ def prepare_volumes(xp, volumes, kernel: GriddingKernel, oversampling: float) ->
     read both maps' taps of a point in one load; the values are those of
     ``prepare_volume``. Elsewhere (no numba, another count) each map has its own
     array. numba is found here, not imported (its import belongs to the first slice).
+
+    ``float16``: every value rounded to float16 after scaling each map by the power
+    of two that puts its largest part in (2¹⁴, 2¹⁵] (``rounded_to_float16``): on CuPy
+    the two maps side by side are then stored so, one float16 array (P, P, C, 4) of
+    half the bytes (each map a (P, P, C, 2) view, ``PreparedVolume.scale`` undoing the
+    scaling), which halves the slice kernel's memory traffic; on NumPy the rounded
+    values are kept in complex64, so both give the same values. The rounding's
+    relative error is 2⁻¹² at most a value; over a slice's taps it averages to about
+    1e-4 of the slice's norm in every frequency shell (real map, box 256 and 512,
+    BENCHMARKS.md), beside the default projector's 6.8e-4 (module docstring).
     """
     paired = xp.__name__ == "cupy" or (xp.__name__ == "numpy" and find_spec("numba") is not None)
     if len(volumes) != 2 or not paired:
-        return tuple(prepare_volume(xp, volume, kernel, oversampling) for volume in volumes)
+        prepared = tuple(prepare_volume(xp, volume, kernel, oversampling) for volume in volumes)
+        return tuple(rounded_to_float16(xp, p) for p in prepared) if float16 else prepared
     box = int(volumes[0].shape[0])
     pair = xp.zeros(prepared_shape(box, kernel, oversampling) + (2,), dtype=np.complex64)
-    return tuple(prepare_volume(xp, volume, kernel, oversampling, out=pair[..., i]) for i, volume in enumerate(volumes))
+    prepared = tuple(prepare_volume(xp, volume, kernel, oversampling, out=pair[..., i])
+                     for i, volume in enumerate(volumes))
+    if not float16:
+        return prepared
+    if xp.__name__ == "numpy":
+        return tuple(rounded_to_float16(xp, p) for p in prepared)
+    parts = pair.view(np.float32)  # (P, P, C, 4): each map's real and imaginary parts
+    exponents = [float16_exponent(xp, parts[..., 2 * i : 2 * i + 2]) for i in range(2)]
+    stored = xp.empty(parts.shape, dtype=np.float16)
+    for start in range(0, len(parts), _PLANES):  # a few planes at a time: no copy of the whole pair
+        for i, exponent in enumerate(exponents):
+            stored[start : start + _PLANES, ..., 2 * i : 2 * i + 2] = (
+                parts[start : start + _PLANES, ..., 2 * i : 2 * i + 2] * np.float32(2.0**exponent))
+    del pair, parts, prepared
+    return tuple(PreparedVolume(transform=stored[..., 2 * i : 2 * i + 2], box=box, kernel=kernel,
+                                scale=2.0**-exponent) for i, exponent in enumerate(exponents))
+
+
+#: ``float16_exponent`` scales a map's largest part into (FLOAT16_TOP / 2, FLOAT16_TOP]: float16's normal
+#: numbers reach 65 504, and below 2⁻¹⁴ they lose precision, so the largest values sit near the top.
+FLOAT16_TOP = 2.0**15
+
+
+def float16_exponent(xp, values) -> int:
+    """The integer e for which ``2**e · max|values|`` lies in (FLOAT16_TOP / 2, FLOAT16_TOP] (0 for zeros)."""
+    if not values.size:
+        return 0
+    largest = max(float(xp.abs(values[start : start + _PLANES]).max()) for start in range(0, len(values), _PLANES))
+    if not largest > 0 or not np.isfinite(largest):
+        return 0
+    exponent = int(np.floor(np.log2(FLOAT16_TOP / largest)))
+    return exponent - 1 if largest * 2.0**exponent > FLOAT16_TOP else exponent
+
+
+def rounded_to_float16(xp, prepared: PreparedVolume) -> PreparedVolume:
+    """``prepared`` with each value rounded as float16 storage rounds it (``prepare_volumes``), in place.
+
+    The complex64 transform's parts are scaled by ``2**float16_exponent``, rounded to
+    float16 (round to nearest even, as CuPy's cast) and scaled back: exact in float32.
+    """
+    transform = prepared.transform
+    parts = transform.view(np.float32) if transform.flags.c_contiguous else None
+    if parts is None:  # one map of a side-by-side pair: its parts are every other pair of the pair's floats
+        parts = transform.base.view(np.float32)[..., _pair_index(transform)]
+    scale = np.float32(2.0 ** float16_exponent(xp, parts))
+    for start in range(0, len(parts), _PLANES):  # a few planes at a time: no copy of the whole map
+        planes = parts[start : start + _PLANES]
+        planes[...] = (planes * scale).astype(np.float16).astype(np.float32) / scale
+    return prepared
+
+
+#: Planes of a prepared map that ``rounded_to_float16`` and ``float16_exponent`` take at a time.
+_PLANES = 8
+
+
+def _pair_index(transform):
+    """The slice of a side-by-side pair's float32 parts (P, P, C, 4) that holds ``transform``'s."""
+    pair = transform.base
+    offset = transform.__array_interface__["data"][0] - pair.__array_interface__["data"][0]
+    return slice(offset // 4, offset // 4 + 2)
 
 
 def _same_memory(xp, result, target) -> bool:

@@ -122,7 +122,7 @@ def worker_memory(box: int, settings, device: str, threads: int, chunk_size: int
     working = (1 if device == "gpu" else threads) * batch * particle_bytes(box, settings, device) + on_gpu
     io = threads * task_io_bytes(box, chunk_size)
     # The maps' preparation peaks before any batch runs; then the prepared maps stay beside the batches.
-    physics = max(preparation_peak_bytes(box, settings, device), prepared_map_bytes(box, settings) + working)
+    physics = max(preparation_peak_bytes(box, settings, device), prepared_map_bytes(box, settings, device) + working)
     if device == "gpu":  # each thread also keeps its chunk's images in and out in page-locked buffers
         pinned = threads * 2 * chunk_size * box * box * 4
         host = BASELINE_HOST_BYTES + GPU_HOST_OVERHEAD_BYTES + maps_read + io + pinned
@@ -566,7 +566,7 @@ def plan_memory(box: int, settings, options, map_voxels: int = 0) -> MemoryPlan:
         room = room_for_tasks(threads, box)
         fewer_tasks = tuple((tasks, worker_memory(box, settings, device, tasks, chunk, 1, map_voxels).host_bytes,
                              room_for_tasks(tasks, box)) for tasks in range(1, threads))
-        budget = (gpu_memory_free() - prepared_map_bytes(box, settings) if device == "gpu" else
+        budget = (gpu_memory_free() - prepared_map_bytes(box, settings, "gpu") if device == "gpu" else
                   room + BASELINE_HOST_BYTES - worker_memory(box, settings, "cpu", threads, chunk, 0, map_voxels).host_bytes)
         batch = batch_within(budget, box, settings, device, threads, chunk)
     log_directory = None
