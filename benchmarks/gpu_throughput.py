@@ -406,7 +406,7 @@ def main():
                 args.repeats,
             )
             rows.append((box, projector, difference, alpha_difference, prepare_s, rates, queued,
-                         first / transfer_s, resident / 1e9, prepared_map_bytes(box, settings) / 1e9,
+                         first / transfer_s, resident / 1e9, prepared_map_bytes(box, settings, "gpu") / 1e9,
                          pool.total_bytes() / 1e9))
             print(f"box {box} {projector}: particles/s {[round(rate) for rate in rates]} at batches {args.batch}",
                   flush=True)

@@ -234,7 +234,7 @@ def pointer(array):
 #: chosen by ``tile_columns``.
 TILE_X = None
 #: Prepared maps larger than this are sampled in tiles (``tile_columns``).
-TILED_ABOVE_BYTES = 512 * 2**20
+TILED_ABOVE_BYTES = 256 * 2**20
 
 
 def tile_columns(transform) -> int:
@@ -246,7 +246,9 @@ def tile_columns(transform) -> int:
     50 MB L2 to hold much of it. On an H200 at batch 1 024 (BENCHMARKS.md, 2026-11-30):
     box 512 default 34.5 → 18.1 ms, relion 10.5 → 8.9 ms; box 256 relion (1.1 GB)
     2.35 → 2.15 ms; box 256 default (0.27 GB) 4.39 against 4.54 ms and box 128 0.92
-    against 1.04 ms in favour of rows. The values are the same to the bit.
+    against 1.04 ms in favour of rows. The values are the same to the bit. With the default's maps in
+    float16 (box 384: 0.45 GB) tiles still won (batch 256: 1.79 against 2.04 ms), so the threshold fell
+    from 512 to 256 MiB; box 256's float16 pair (0.14 GB) stays on rows.
     """
     if TILE_X is not None:
         return TILE_X
