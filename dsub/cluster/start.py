@@ -93,12 +93,7 @@ def start_cluster(spec):
             client.close()
         return
 
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(quiet_submission_errors())
-        if spec.scheduler == "local":
-            # Its workers, spawned now and whenever the cluster adds or restarts one, leave Ctrl-C to the
-            # coordinator from their first instruction on, not only once their preload runs.
-            stack.enter_context(workers_ignore_ctrl_c())
+    with quiet_submission_errors():
         yield from _start_own_cluster(spec, Client)
 
 
@@ -423,14 +418,18 @@ def local_cluster(spec):
     )
     if spec.adapt is not None:
         workers = spec.adapt[0]
+    # Its workers, spawned now and whenever the cluster adds or restarts one (from the threads made now),
+    # leave Ctrl-C to the coordinator from their first instruction on, not only once their preload runs.
     if not gpus:
-        return LocalCluster(n_workers=workers, **options), description
+        with workers_ignore_ctrl_c():
+            return LocalCluster(n_workers=workers, **options), description
     # CPU work on a GPU machine keeps every core: only GPU workers are kept beside their GPU.
     cpus = gpu_cpus(len(gpus)) if spec.device != "cpu" else [None] * len(gpus)
     if any(cpus):
         description += " (each kept on its GPU's CPUs: " + "; ".join(
             f"GPU {gpu} {format_cpu_list(c) if c else 'any'}" for gpu, c in zip(gpus, cpus)) + ")"
-    cluster = PinnedGPUCluster(gpus, warm_up_gpu=spec.device != "cpu", gpu_cpus=cpus, n_workers=0, **options)
+    with workers_ignore_ctrl_c():
+        cluster = PinnedGPUCluster(gpus, warm_up_gpu=spec.device != "cpu", gpu_cpus=cpus, n_workers=0, **options)
     if workers:
         cluster.scale(workers)
     return cluster, description
