@@ -160,10 +160,18 @@ def close_clusters_at_exit() -> None:
     from distributed.core import Status
     from distributed.deploy.spec import SpecCluster
 
+    from distributed.nanny import Nanny
+
     for cluster in list(SpecCluster._instances):
         if getattr(cluster, "shutdown_on_close", False) and getattr(cluster, "status", Status.closed) != Status.closed:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 cluster.close(timeout=CLOSE_AT_EXIT_S)
+        # A nanny whose close was cut short restarts its worker when the lines below end it: spawned as this
+        # process exits, the new one found its parent's pipe empty and printed an EOFError traceback. A nanny
+        # marked closing restarts nothing (``Nanny._on_worker_exit``); its own close has been tried above.
+        for worker in list(getattr(cluster, "workers", {}).values()):
+            if isinstance(worker, Nanny) and worker.status != Status.closed:
+                worker.status = Status.closing
     children = [child for child in multiprocessing.active_children() if child.daemon]  # as multiprocessing ends
     for child in children:
         with contextlib.suppress(Exception):
