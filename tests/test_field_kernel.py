@@ -1,6 +1,8 @@
-"""The field kernel's plan (``_field_cuda``), on any machine: its radices cover every field size a run can
-choose, its small DFTs are exact, and a block falls back to fewer columns, then to cuFFT, where shared
-memory is short. The kernel itself is checked against NumPy on a GPU (tests/test_gpu.py)."""
+"""The CUDA kernels' parts that run on any machine: the field kernel's plan (``_field_cuda``: its radices
+cover every field size a run can choose, its small DFTs are exact, and a block falls back to fewer columns,
+then to cuFFT, where shared memory is short) and the slice kernel's Kaiser-Bessel polynomial
+(``_slice_cuda.kaiser_bessel_series``). The kernels themselves are checked against NumPy on a GPU
+(tests/test_gpu.py)."""
 
 import numpy as np
 import pytest
@@ -55,3 +57,23 @@ def test_block_shape_falls_back_where_shared_memory_is_short():
     for size in (512, 2048):
         columns, threads = _field_cuda.block_shape(size, 2, h200)
         assert _field_cuda.shared_bytes(size, columns) <= h200 and threads == _field_cuda.LANES * columns
+
+
+@pytest.mark.parametrize("oversampling", [1.25, 1.5, 2.0, 3.0])
+def test_kaiser_bessel_series_of_the_slice_kernel_matches_i0(oversampling):
+    """The GPU slice kernel's weights: the polynomial in u = 1 - r² summed by Horner's rule in float32, as the
+    kernel sums it, against NumPy's I0 (float64), within 1e-6 of the largest weight everywhere on [0, 1]."""
+    from dsub.physics._slice_cuda import kaiser_bessel_series
+    from dsub.physics.projector import projector_kernel
+
+    kernel, _ = projector_kernel("gridding", oversampling)
+    coefficients = np.float32(kaiser_bessel_series(kernel.beta))
+    u = np.linspace(0, 1, 2001, dtype=np.float32)
+    total = np.full_like(u, coefficients[0])
+    for coefficient in coefficients[1:]:
+        total = total * u + coefficient  # float32 throughout
+    weights = total * u
+    expected = np.i0(kernel.beta * np.sqrt(u.astype(np.float64))) - 1.0
+    largest = np.i0(kernel.beta) - 1.0
+    assert np.abs(weights - expected).max() <= 1e-6 * largest
+    assert 12 <= len(coefficients) <= 30 and np.all(coefficients > 0)

@@ -53,6 +53,9 @@ _SOURCE = r"""
 #ifndef HALF
 #define HALF 0
 #endif
+#ifndef KB_SERIES
+#define KB_SERIES 0.f
+#endif
 """ + TRANSFER_SOURCE + r"""
 #if HALF
 // two float16 values (the low half first) of one 32-bit word as float32
@@ -77,8 +80,17 @@ __device__ __forceinline__ void axis_taps(float q, float beta, int* first, float
         if (kind == 0) {
             w[j] = fmaxf(1.f - fabsf(d), 0.f);
         } else {
+            // I0(beta sqrt(u)) - 1 = sum_k (beta^2 u / 4)^k / (k!)^2 for u = 1 - r^2: a polynomial in u with positive
+            // coefficients (KB_SERIES, from the kernel's beta), by Horner's rule; no square root, no division
             const float r = 2.f * d / width;
-            w[j] = fabsf(r) <= 1.f ? cyl_bessel_i0f(beta * sqrtf(fmaxf(1.f - r * r, 0.f))) - 1.f : 0.f;
+            const float u = fmaxf(1.f - r * r, 0.f);
+            const float series[] = {KB_SERIES};
+            float s = series[0];
+#pragma unroll
+            for (int k = 1; k < (int)(sizeof(series) / sizeof(float)); ++k) {
+                s = fmaf(s, u, series[k]);
+            }
+            w[j] = fabsf(r) <= 1.f ? s * u : 0.f;
         }
     }
 }
@@ -255,16 +267,39 @@ def tile_columns(transform) -> int:
     return 16 if transform.nbytes > TILED_ABOVE_BYTES else 0
 
 
-def _compiled(maps: int, width: int, kind: int, tile_x: int, half: int = 0):
+def _compiled(maps: int, width: int, kind: int, tile_x: int, half: int = 0, beta: float = 0.0):
     """The slice kernel for ``maps`` maps and an interpolation kernel of ``width`` taps per axis, ``kind`` 0
-    (trilinear) or 1 (Kaiser-Bessel), threads over tiles of ``tile_x`` columns (``TILE_X``), compiled once each."""
-    key = (maps, width, kind, tile_x, half)
+    (trilinear) or 1 (Kaiser-Bessel of ``beta``), threads over tiles of ``tile_x`` columns (``TILE_X``), maps
+    stored in float16 (``half``), compiled once each."""
+    key = (maps, width, kind, tile_x, half, beta if kind else 0.0)
     if key not in _kernels:
         import cupy
 
+        series = ",".join(f"{c!r}f" for c in kaiser_bessel_series(beta)) if kind else "0.f"
         _kernels[key] = cupy.RawKernel(_SOURCE, "extract_slices", options=(
-            f"-DMAPS={maps}", f"-DWIDTH={width}", f"-DKIND={kind}", f"-DTILE_X={tile_x}", f"-DHALF={half}"))
+            f"-DMAPS={maps}", f"-DWIDTH={width}", f"-DKIND={kind}", f"-DTILE_X={tile_x}", f"-DHALF={half}",
+            f"-DKB_SERIES={series}"))
     return _kernels[key]
+
+
+#: ``kaiser_bessel_series`` leaves out the terms below this fraction of the largest weight, I0(β) - 1.
+SERIES_TOLERANCE = 1e-9
+
+
+def kaiser_bessel_series(beta: float) -> list[float]:
+    """Coefficients, highest power first, of the polynomial in u = 1 - r² that gives the Kaiser-Bessel
+    weight I0(β √u) - 1 (A&S 9.6.12: I0(x) = Σ (x²/4)^k / (k!)², as ``gridding.bessel_i0``): (β²/4)^k / (k!)²
+    for k = K, ..., 1, with K the first power whose term at u = 1 falls below ``SERIES_TOLERANCE`` of the sum.
+    The kernel multiplies the Horner sum by u once more (the constant term is 0)."""
+    quarter = beta * beta / 4.0
+    largest = float(np.i0(beta)) - 1.0
+    coefficients, term, k = [], 1.0, 0
+    while True:
+        k += 1
+        term *= quarter / (k * k)
+        coefficients.append(term)
+        if term < SERIES_TOLERANCE * largest or k >= 60:
+            return coefficients[::-1]
 
 
 def side_by_side(volumes):
@@ -373,7 +408,7 @@ def _launch_slices(maps, transform, interleave, prepared, rotations, corners, si
     else:
         grid, block = launch_grid(count, size * half_width)
     half = int(transform.dtype == cupy.float16)
-    _compiled(maps, int(kernel.width), 0 if kernel.kind == "trilinear" else 1, tile_x, half)(
+    _compiled(maps, int(kernel.width), 0 if kernel.kind == "trilinear" else 1, tile_x, half, float(kernel.beta))(
         grid,
         block,
         (

@@ -36,13 +36,13 @@ __device__ __forceinline__ complex<float> particle_transfer(
     if (given != nullptr) {
         return given[index] * shift;
     }
-    const double frequency = 1.0 / (size * t[0]);
+    const double frequency = t[15] * (1.0 / size);              // 1 / (size * pixel size), in 1/Å per cycle
     const double sx = kx * frequency, sy = ky * frequency;
     const double s2 = sx * sx + sy * sy;
     const double along = sx * t[3] + sy * t[4];                 // |s| cos(theta - phi)
-    const double cos2 = s2 > 0.0 ? along * along / s2 : t[3] * t[3];
-    const double defocus = t[1] * cos2 + t[2] * (1.0 - cos2);
-    const double chi = t[5] * defocus * s2 - t[6] * s2 * s2 + t[7];
+    // defocus(theta) s^2 = (U cos^2 + V sin^2) s^2 with cos^2 = along^2 / s^2: no division (float64's is slow)
+    const double along2 = along * along;
+    const double chi = t[5] * (t[1] * along2 + t[2] * (s2 - along2)) - t[6] * s2 * s2 + t[7];
     // chi in float64, reduced to [-pi, pi] before the float32 sine and cosine (float32 rounding of the result)
     const float reduced = (float)(chi - 6.283185307179586 * rint(chi * 0.15915494309189535));
     float sc, cc;
@@ -73,7 +73,7 @@ def transfer_parameters(particles, squared=None) -> np.ndarray:
     Pixel size (Å), defocus U and V (Å), cos and sin of the astigmatism angle,
     π λ, π Cs λ³ / 2 (Å), phase shift (rad), √(1 - Q0²), Q0, B-factor (Å²), CTF
     scale, origin x and y (pixels), 1 where the CTF is squared (``squared``),
-    and one spare.
+    and 1 / pixel size (1/Å).
     """
     n = len(particles)
     wavelength = electron_wavelength_angstrom(np.asarray(particles.voltage_kv, dtype=np.float64))
@@ -88,6 +88,7 @@ def transfer_parameters(particles, squared=None) -> np.ndarray:
         np.deg2rad(np.asarray(particles.phase_shift_degrees, dtype=np.float64)), np.sqrt(1.0 - q0 * q0), q0,
         particles.ctf_bfactor, particles.ctf_scale, origins[:, 0], origins[:, 1],
         np.zeros(n) if squared is None else np.asarray(squared, dtype=np.float64),
+        1.0 / np.asarray(particles.pixel_size_angstrom, dtype=np.float64),
     )
     for column, values in enumerate(columns):
         table[:, column] = np.broadcast_to(np.asarray(values, dtype=np.float64), (n,))
