@@ -366,3 +366,23 @@ def test_scaled_subtraction_reads_models_where_they_lie(cupy):
         expected = images - alpha[:, None, None] * models.get()
         got = subtract_scaled(cupy.asarray(images), cupy.asarray(alpha), models).get()
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+def test_rfft2_of_a_view_reads_the_images_where_they_lie(cupy):
+    """The field's models are a view of its (y, image, x) rows: their rfft2 through one strided cuFFT plan equals
+    cupyx's of a contiguous copy; a layout a plan cannot read (columns not adjacent) is left to cupyx."""
+    from cupyx.scipy import fft as cufft
+
+    from dsub.physics._model_cuda import rfft2_of_view
+    from dsub.physics.contrast import _rfft2
+
+    rng = np.random.default_rng(8)
+    box, size, images = 48, 96, 10
+    rows = cupy.asarray(rng.normal(size=(box, images, size)), dtype=cupy.float32)  # (y, image, x)
+    view = rows[..., :box].transpose(1, 0, 2)[:7]  # (image, y, x): 7 images of 48 x 48
+    got = rfft2_of_view(view)
+    expected = cufft.rfft2(cupy.ascontiguousarray(view))
+    assert got.shape == expected.shape == (7, box, box // 2 + 1)
+    np.testing.assert_allclose(got.get(), expected.get(), rtol=0, atol=1e-4 * float(abs(expected).max()))
+    np.testing.assert_allclose(_rfft2(cupy, view).get(), expected.get(), rtol=0, atol=1e-4 * float(abs(expected).max()))
+    assert rfft2_of_view(rows[..., ::2][..., :box // 2].transpose(1, 0, 2)) is None  # every other column

@@ -272,6 +272,9 @@ FIELD_PLANS_KEPT = 8
 
 
 _plans = {}
+#: Plans of ``rfft2_of_view`` kept at once (per device, layout and batch size: as CuPy's own plan cache).
+VIEW_PLANS_KEPT = 16
+_view_plans = {}
 
 
 def _field_plans(size: int, box: int, total: int):
@@ -293,18 +296,49 @@ def _column_plan(size: int, total: int):
         (size,), (size,), columns, 1, (size,), columns, 1, cufft.CUFFT_C2C, columns, "C", 0, None))
 
 
-def _kept_plans(key, make):
-    """``make()``'s plans, kept per device and ``key`` (the last ``FIELD_PLANS_KEPT``)."""
+def rfft2_of_view(images):
+    """``rfft2`` of float32 images (n, h, w) read where they lie, or None where their layout does not allow it.
+
+    Each row must be contiguous, with rows and images a whole number of floats apart
+    in any order (the field's (y, image, x) rows that ``extract_in_field`` returns a
+    view of). One cuFFT plan with that layout (advanced data layout: ``inembed`` =
+    (h, row stride), ``idist`` = image stride) reads them in place; cupyx's ``rfft2``
+    first makes a contiguous copy. Returns complex64 (n, h, w//2 + 1), unnormalised
+    as ``rfft2``.
+    """
+    import cupy
+    from cupy.cuda import cufft
+
+    if images.ndim != 3 or images.dtype != cupy.float32 or 0 in images.shape:
+        return None
+    count, height, width = images.shape
+    image_step, row_step, column_step = images.strides
+    if column_step != 4 or image_step <= 0 or row_step <= 0 or image_step % 4 or row_step % 4:
+        return None
+    image_step, row_step = image_step // 4, row_step // 4
+    if row_step < width or max(image_step, row_step * height) >= 2**31:
+        return None
+    half = width // 2 + 1
+    plan = _kept_plans(("view rfft2", height, width, row_step, image_step, count), lambda: cufft.PlanNd(
+        (height, width), (height, row_step), 1, image_step, (height, half), 1, height * half, cufft.CUFFT_R2C,
+        count, "C", -1, width), _view_plans, VIEW_PLANS_KEPT)
+    spectra = cupy.empty((count, height, half), dtype=cupy.complex64)
+    plan.fft(images, spectra, cufft.CUFFT_FORWARD)
+    return spectra
+
+
+def _kept_plans(key, make, plans=_plans, kept=FIELD_PLANS_KEPT):
+    """``make()``'s plans, kept in ``plans`` per device and ``key`` (the last ``kept``)."""
     import cupy
 
     key = (cupy.cuda.Device().id,) + key
-    if key in _plans:
-        _plans[key] = _plans.pop(key)  # the most recently used last
+    if key in plans:
+        plans[key] = plans.pop(key)  # the most recently used last
     else:
-        while len(_plans) >= FIELD_PLANS_KEPT:
-            _plans.pop(next(iter(_plans)))
-        _plans[key] = make()
-    return _plans[key]
+        while len(plans) >= kept:
+            plans.pop(next(iter(plans)))
+        plans[key] = make()
+    return plans[key]
 
 
 def _extract_in_whole_field(images, size: int, table, given):

@@ -152,7 +152,19 @@ def fit_contrast(xp, images, models, pixel_size_angstrom, fit: ContrastFit) -> C
         window = soft_window(xp, box, fit.window_inner, fit.window_outer)
         images = images * window
         models = models * window
-    return fit_spectra(xp, fft_module(xp).rfft2(images), fft_module(xp).rfft2(models), box, pixel_size_angstrom, fit)
+    return fit_spectra(xp, _rfft2(xp, images), _rfft2(xp, models), box, pixel_size_angstrom, fit)
+
+
+def _rfft2(xp, images):
+    """``rfft2`` of real images; on CuPy, images that are a view (the extraction field's models) are read where
+    they lie (``_model_cuda.rfft2_of_view``) instead of copied first."""
+    if xp.__name__ == "cupy" and not images.flags.c_contiguous:
+        from ._model_cuda import rfft2_of_view
+
+        spectra = rfft2_of_view(images)
+        if spectra is not None:
+            return spectra
+    return fft_module(xp).rfft2(images)
 
 
 def fit_spectra(xp, image_ft, model_ft, box: int, pixel_size_angstrom, fit: ContrastFit) -> ContrastResult:
