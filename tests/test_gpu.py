@@ -386,3 +386,7 @@ def test_rfft2_of_a_view_reads_the_images_where_they_lie(cupy):
     np.testing.assert_allclose(got.get(), expected.get(), rtol=0, atol=1e-4 * float(abs(expected).max()))
     np.testing.assert_allclose(_rfft2(cupy, view).get(), expected.get(), rtol=0, atol=1e-4 * float(abs(expected).max()))
     assert rfft2_of_view(rows[..., ::2][..., :box // 2].transpose(1, 0, 2)) is None  # every other column
+    odd = rows[:, :, 1 : box + 1].transpose(1, 0, 2)  # a crop from an odd column: cuFFT refuses its start
+    assert rfft2_of_view(odd) is None
+    np.testing.assert_allclose(_rfft2(cupy, odd).get(), cufft.rfft2(cupy.ascontiguousarray(odd)).get(), rtol=0,
+                               atol=1e-4 * float(abs(expected).max()))

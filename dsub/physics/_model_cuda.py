@@ -299,8 +299,8 @@ def _column_plan(size: int, total: int):
 def rfft2_of_view(images):
     """``rfft2`` of float32 images (n, h, w) read where they lie, or None where their layout does not allow it.
 
-    Each row must be contiguous, with rows and images a whole number of floats apart
-    in any order (the field's (y, image, x) rows that ``extract_in_field`` returns a
+    Each row must be contiguous and start on 8 bytes, with rows and images an even
+    number of floats apart in any order (the field's (y, image, x) rows that ``extract_in_field`` returns a
     view of). One cuFFT plan with that layout (advanced data layout: ``inembed`` =
     (h, row stride), ``idist`` = image stride) reads them in place; cupyx's ``rfft2``
     first makes a contiguous copy. Returns complex64 (n, h, w//2 + 1), unnormalised
@@ -313,7 +313,10 @@ def rfft2_of_view(images):
         return None
     count, height, width = images.shape
     image_step, row_step, column_step = images.strides
-    if column_step != 4 or image_step <= 0 or row_step <= 0 or image_step % 4 or row_step % 4:
+    # cuFFT refuses (CUFFT_INVALID_VALUE) real input that does not start on 8 bytes: rows an odd number of
+    # floats apart, or a crop that starts at an odd column (a field of an odd half-size about its box)
+    if (column_step != 4 or image_step <= 0 or row_step <= 0 or image_step % 8 or row_step % 8
+            or images.data.ptr % 8):
         return None
     image_step, row_step = image_step // 4, row_step // 4
     if row_step < width or max(image_step, row_step * height) >= 2**31:
