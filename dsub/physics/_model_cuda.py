@@ -326,7 +326,10 @@ def rfft2_of_view(images):
         (height, width), (height, row_step), 1, image_step, (height, half), 1, height * half, cufft.CUFFT_R2C,
         count, "C", -1, width), _view_plans, VIEW_PLANS_KEPT)
     spectra = cupy.empty((count, height, half), dtype=cupy.complex64)
-    plan.fft(images, spectra, cufft.CUFFT_FORWARD)
+    try:
+        plan.fft(images, spectra, cufft.CUFFT_FORWARD)
+    except cufft.CuFFTError:  # a layout this cuFFT refuses after all: the caller copies
+        return None
     return spectra
 
 
