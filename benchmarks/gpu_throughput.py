@@ -175,8 +175,9 @@ def stage_profile(cupy, box, batch, repeats, rng):
 
 
 #: ``--variants``: the engine's layouts compared in one run (maps side by side or each alone; the field's
-#: transforms pruned or whole; its columns in one kernel or through cuFFT and a transfer pass).
-VARIANTS = ("pair, pruned", "pair, pruned, cuFFT columns", "separate, pruned", "pair, whole", "separate, whole")
+#: transforms pruned or whole; its rows and its columns in kernels of dsub's or through cuFFT).
+VARIANTS = ("pair, pruned", "pair, pruned, cuFFT rows", "pair, pruned, cuFFT columns", "separate, pruned",
+            "pair, whole", "separate, whole")
 
 
 def variant_rates(cupy, box, batch, repeats, rng):
@@ -203,7 +204,8 @@ def variant_rates(cupy, box, batch, repeats, rng):
         for variant in VARIANTS:
             model = paired if variant.startswith("pair") else separate
             _model_cuda.extract_in_field = functools.partial(
-                pruned_field, pruned="pruned" in variant, columns="cufft" if "cuFFT" in variant else "fused")
+                pruned_field, pruned="pruned" in variant, columns="cufft" if "cuFFT columns" in variant else "fused",
+                rows="cufft" if "cuFFT rows" in variant else "fused")
             try:
                 seconds = timed(cupy, lambda: subtract.subtract_batch(cupy, on_gpu, table, model, settings), repeats)
                 result = subtract.subtract_batch(cupy, on_gpu, table, model, settings)[0].get()

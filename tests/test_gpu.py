@@ -279,12 +279,49 @@ def test_field_extraction_matches_numpy(cupy, optics, box, size):
         table = with_optics(table, rng)
     transfer = ParticleTransfer(table, size, np.arange(len(table)) % 2 == 0)
     images = rng.normal(size=(2, len(table), box, box)).astype(np.float32)
-    expected = _extract_in_field_numpy(np, images, size, transfer)
     parameters, given = transfer.for_kernels(cupy)
-    for pruned, columns in ((True, "fused"), (True, "cufft"), (False, "fused")):
-        got = extract_in_field(cupy.asarray(images), size, parameters, given, pruned=pruned, columns=columns).get()
+    images[1] *= 0.1  # the masked map weaker than the whole: the rows kernels carry both in one transform
+    expected = _extract_in_field_numpy(np, images, size, transfer)
+    for pruned, columns, rows in ((True, "fused", "fused"), (True, "fused", "cufft"), (True, "cufft", "fused"),
+                                  (False, "fused", "fused")):
+        got = extract_in_field(cupy.asarray(images), size, parameters, given, pruned=pruned, columns=columns,
+                               rows=rows).get()
         assert got.shape == expected.shape
-        assert np.max(np.abs(got - expected)) < 1e-5 * np.max(np.abs(expected)), (pruned, columns)
+        for index in range(2):  # each map against its own largest value
+            assert np.max(np.abs(got[index] - expected[index])) < 1e-5 * np.max(np.abs(expected[index])), (
+                pruned, columns, rows, index)
+
+
+@pytest.mark.parametrize("size, box, count", [(512, 256, 3), (128, 64, 5), (100, 48, 3), (96, 48, 2), (90, 40, 3),
+                                              (150, 75, 3)])
+@pytest.mark.parametrize("max_blocks", [None, 3])
+def test_field_rows_kernels_match_cufft(cupy, size, box, count, max_blocks):
+    """Both maps' rows along x into the field as one complex transform, and back (``_rows_cuda``), against
+    cuFFT's R2C of each row zero-padded and its C2R (real parts only at kx = 0 and size/2, as irfft); sizes
+    of each radix, an odd box (rows not a multiple of a block's), blocks that take several turns."""
+    from dsub.physics import _rows_cuda
+
+    rng = np.random.default_rng(size + box)
+    images = cupy.asarray(rng.normal(size=(2, count, box, box)), dtype=cupy.float32)
+    images[1] *= 0.1
+    capacity = 2 * count + 3  # room beyond the images, left alone
+    spectra = cupy.full((box, capacity, size // 2 + 1), 7 + 7j, dtype=cupy.complex64)
+    _rows_cuda.transform_rows(images, spectra, size, max_blocks=max_blocks)
+    padded = cupy.zeros((2 * count, box, size), dtype=cupy.float32)
+    padded[:, :, :box] = images.reshape(2 * count, box, box)
+    expected = cupy.fft.rfft(padded, axis=-1).transpose(1, 0, 2)  # (y, image, kx)
+    for index in range(2):
+        part = slice(index * count, (index + 1) * count)
+        error = float(abs(spectra[:, part] - expected[:, part]).max() / abs(expected[:, part]).max())
+        assert error < 1e-5, (index, error)
+    assert bool((spectra[:, 2 * count:] == 7 + 7j).all())
+    spectra[:, : 2 * count] = cupy.asarray(rng.normal(size=(box, 2 * count, size // 2 + 1))
+                                           + 1j * rng.normal(size=(box, 2 * count, size // 2 + 1)), dtype=cupy.complex64)
+    back = cupy.empty_like(images)
+    _rows_cuda.transform_rows_back(spectra, back, size, max_blocks=max_blocks)
+    inverse = cupy.fft.irfft(spectra[:, : 2 * count], n=size, axis=-1) * size  # unnormalised, as cuFFT's C2R
+    inverse = inverse[..., :box].transpose(1, 0, 2).reshape(2, count, box, box)
+    assert float(abs(back - inverse).max() / abs(inverse).max()) < 1e-5
 
 
 @pytest.mark.parametrize("block", [(4, 128), (2, 64)])

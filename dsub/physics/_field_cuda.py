@@ -118,7 +118,8 @@ def _stage(size: int, radix: int, span: int, sign: int, source: str, target: str
     """One Stockham stage over the block's columns in shared memory, from ``source`` into ``target``
     (``span``: Ns, the product of the radices before it). ``rows_in``: only the first rows of
     ``source`` are read, the others taken as zeros; ``rows_out``: only the first rows of ``target``
-    are written (0: all)."""
+    are written (0: all). Element ``row`` of the thread's ``column`` lies at ``AT(row, column)``, a macro
+    of the kernel (rows outermost here; ``_rows_cuda`` lays each transform out contiguously)."""
     butterflies = size // radix
     step = size // (span * radix)
     conjugate = "" if sign < 0 else "conj"
@@ -132,7 +133,7 @@ def _stage(size: int, radix: int, span: int, sign: int, source: str, target: str
         for (int r = 0; r < {radix}; ++r) {{
             v[r] = complex<float>(0.f, 0.f);
             {read}{{
-                const float2 x = {source}[(j + r * {butterflies}) * COLUMNS + column];
+                const float2 x = {source}[AT(j + r * {butterflies}, column)];
                 const float2 w = twiddles[k * r * {step}];
                 v[r] = complex<float>(x.x, x.y) * {conjugate}(complex<float>(w.x, w.y));
             }}
@@ -141,7 +142,7 @@ def _stage(size: int, radix: int, span: int, sign: int, source: str, target: str
         const int first = (j / {span}) * {span * radix} + k;
 #pragma unroll
         for (int r = 0; r < {radix}; ++r) {{
-            {write}{target}[(first + r * {span}) * COLUMNS + column] = make_float2(v[r].real(), v[r].imag());
+            {write}{target}[AT(first + r * {span}, column)] = make_float2(v[r].real(), v[r].imag());
         }}
     }}
     __syncthreads();"""
@@ -180,6 +181,7 @@ def source(size: int, box: int, maps: int, columns: int = COLUMNS, threads: int 
 #define UNITS (COLUMNS / MAPS)
 #define THREADS {threads}
 #define LANES (THREADS / COLUMNS)
+#define AT(row, column) ((row) * COLUMNS + (column))
 """ + functions + r"""
 
 extern "C" __global__ void __launch_bounds__(THREADS) field_columns(

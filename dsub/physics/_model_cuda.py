@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _field_cuda
+from . import _field_cuda, _rows_cuda
 from ._slice_cuda import extract_slice_pair_cuda, extract_slices_cuda, launch_grid, pointer, side_by_side
 from ._transfer_cuda import SOURCE as TRANSFER_SOURCE
 
@@ -207,7 +207,8 @@ def _slices(volumes, rotations, corners, size, checkerboard, table, given, scale
     return spectra
 
 
-def extract_in_field(images, size: int, table, given, pruned: bool = True, columns: str = "fused"):
+def extract_in_field(images, size: int, table, given, pruned: bool = True, columns: str = "fused",
+                     rows: str = "fused"):
     """``subtract.extract_in_field`` on CuPy for an even ``size``: (m, n, box, box) float32, a view.
 
     ``pruned`` (the default): the transforms skip the field's zeros, as the NumPy
@@ -222,8 +223,13 @@ def extract_in_field(images, size: int, table, given, pruned: bool = True, colum
     one kernel (``_field_cuda.transform_columns``) that reads and writes only the
     box's rows; ``columns="cufft"``: cuFFT along y over the whole field's rows (one
     strided plan over all images, ``_column_plan``), the transfer a pass of its own
-    (kept to compare, and for other sizes). ``pruned=False``: the
-    whole field through ``rfft2``/``irfft2``, the box in its middle (kept to compare).
+    (kept to compare, and for other sizes). ``rows="fused"`` (the default, with fused
+    columns and two maps, the whole and the masked): the steps along x are
+    ``_rows_cuda``'s kernels, both maps of a row one complex transform, the padding
+    never stored, and the result contiguous; ``rows="cufft"``: the box's rows
+    zero-padded to the field's width and cuFFT's R2C and C2R (the result then a view
+    of the field's rows). ``pruned=False``: the whole field through
+    ``rfft2``/``irfft2``, the box in its middle (kept to compare).
     """
     if not pruned:
         return _extract_in_whole_field(images, size, table, given)
@@ -235,13 +241,22 @@ def extract_in_field(images, size: int, table, given, pruned: bool = True, colum
     half = size // 2 + 1
     if total == 0:
         return cupy.empty(images.shape, dtype=cupy.float32)
+    block = _field_cuda.device_block_shape(size, maps) if columns == "fused" else None
+    if block is not None and rows == "fused" and maps == 2 and _rows_cuda.fits(size):
+        images = cupy.ascontiguousarray(images, dtype=cupy.float32)
+        spectra = cupy.empty((box, total, half), dtype=cupy.complex64)
+        _rows_cuda.transform_rows(images, spectra, size)
+        _field_cuda.transform_columns(spectra, size, maps, count, 1.0 / (size * size), table, given,
+                                      columns=block[0], threads=block[1])
+        models = cupy.empty((maps, count, box, box), dtype=cupy.float32)
+        _rows_cuda.transform_rows_back(spectra, models, size)
+        return models
     # room for a whole number of FIELD_IMAGES_STEP images, so that batches of nearby sizes share the plans
     capacity = -(-total // FIELD_IMAGES_STEP) * FIELD_IMAGES_STEP
     rows = cupy.empty((box, capacity, size), dtype=cupy.float32)
     grid, block = launch_grid(box * capacity, size)
     _kernel("pad_rows")(grid, block, (cupy.ascontiguousarray(images, dtype=cupy.float32), rows, np.int32(total),
                                       np.int32(capacity), np.int32(box), np.int32(size)))
-    block = _field_cuda.device_block_shape(size, maps) if columns == "fused" else None
     fused = block is not None
     spectra = cupy.empty((box if fused else size, capacity, half), dtype=cupy.complex64)
     along_x, back_along_x = _field_plans(size, box, capacity)
