@@ -241,13 +241,13 @@ def extract_in_field(images, size: int, table, given, pruned: bool = True, colum
     half = size // 2 + 1
     if total == 0:
         return cupy.empty(images.shape, dtype=cupy.float32)
-    block = _field_cuda.device_block_shape(size, maps) if columns == "fused" else None
-    if block is not None and rows == "fused" and maps == 2 and _rows_cuda.fits(size):
+    column_block = _field_cuda.device_block_shape(size, maps) if columns == "fused" else None
+    if column_block is not None and rows == "fused" and maps == 2 and _rows_cuda.fits(size):
         images = cupy.ascontiguousarray(images, dtype=cupy.float32)
         spectra = cupy.empty((box, total, half), dtype=cupy.complex64)
         _rows_cuda.transform_rows(images, spectra, size)
         _field_cuda.transform_columns(spectra, size, maps, count, 1.0 / (size * size), table, given,
-                                      columns=block[0], threads=block[1])
+                                      columns=column_block[0], threads=column_block[1])
         models = cupy.empty((maps, count, box, box), dtype=cupy.float32)
         _rows_cuda.transform_rows_back(spectra, models, size)
         return models
@@ -257,13 +257,13 @@ def extract_in_field(images, size: int, table, given, pruned: bool = True, colum
     grid, block = launch_grid(box * capacity, size)
     _kernel("pad_rows")(grid, block, (cupy.ascontiguousarray(images, dtype=cupy.float32), rows, np.int32(total),
                                       np.int32(capacity), np.int32(box), np.int32(size)))
-    fused = block is not None
+    fused = column_block is not None
     spectra = cupy.empty((box if fused else size, capacity, half), dtype=cupy.complex64)
     along_x, back_along_x = _field_plans(size, box, capacity)
     along_x.fft(rows, spectra[:box], cufft.CUFFT_FORWARD)
     if fused:
         _field_cuda.transform_columns(spectra, size, maps, count, 1.0 / (size * size), table, given,
-                                      columns=block[0], threads=block[1])
+                                      columns=column_block[0], threads=column_block[1])
     else:
         spectra[box:].fill(0)
         along_y = _column_plan(size, capacity)

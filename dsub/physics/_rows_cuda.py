@@ -152,7 +152,8 @@ def shared_bytes(size: int, rows: int = ROWS) -> int:
 
 
 def fits(size: int) -> bool:
-    """Whether the current device's blocks hold ``ROWS`` rows of a field of ``size`` points (2-3-5 smooth)."""
+    """Whether a field of ``size`` points is 2-3-5 smooth and ``BLOCKS_PER_SM`` blocks of ``ROWS`` of its rows fit
+    an SM of the current device (``_model_cuda.extract_in_field`` uses cuFFT's passes otherwise)."""
     import cupy
 
     return _fits(cupy.cuda.Device().id, size)
@@ -162,8 +163,15 @@ def fits(size: int) -> bool:
 def _fits(device: int, size: int) -> bool:
     import cupy
 
-    limit = cupy.cuda.Device(device).attributes.get("MaxSharedMemoryPerBlockOptin", 48 * 2**10)
+    attributes = cupy.cuda.Device(device).attributes
+    limit = min(attributes.get("MaxSharedMemoryPerBlockOptin", 48 * 2**10),
+                attributes.get("MaxSharedMemoryPerMultiprocessor", 0) // BLOCKS_PER_SM)
     return _field_cuda.radices(size) is not None and shared_bytes(size) <= limit
+
+
+#: Blocks an SM must hold at once for the kernels to pay: at box 512 (a field of 1 024, 139 KB a block, one
+#: an SM) they were slower than cuFFT's passes (box 512: 20 400 against 22 200 particles/s).
+BLOCKS_PER_SM = 2
 
 
 _kernels = {}
