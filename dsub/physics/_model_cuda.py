@@ -6,12 +6,15 @@
   ``(-1)^(kx+ky)`` (which centres the inverse transform, so no ``fftshift``
   copy) and by the inverse FFT's 1/N into one array, then one batched inverse
   FFT without a normalising pass of its own.
-* ``extract_in_field``: the box's rows, zero-padded to the field, transformed
-  along x (cuFFT); one kernel (``_field_cuda.py``) takes every column through
-  the field's transform along y, the transfer and back, reading and writing only
-  the box's rows; the box's rows transformed back along x (cuFFT); the box is a
-  view of those rows. The box lies in the field's corner, not its middle: that
-  shift is undone exactly by reading it back from the same corner.
+* ``extract_in_field``: the box's rows of both maps transformed along x into the
+  field, two real rows as one complex transform with the padding only in shared
+  memory (``_rows_cuda.py``); one kernel (``_field_cuda.py``) takes every column
+  through the field's transform along y, the transfer and back, reading and
+  writing only the box's rows; the rows transformed back along x, only the box's
+  points written (``_rows_cuda.py`` again). Where those kernels do not fit, the
+  rows are zero-padded and go through cuFFT, and the columns too. The box lies in
+  the field's corner, not its middle: that shift is undone exactly by reading it
+  back from the same corner.
 
 cuFFT plans are kept per shape (``_kept_plans``), so a batch of the same shape reuses them.
 """
