@@ -367,6 +367,10 @@ def run_job_script(args) -> int:
 
 def main(argv=None) -> int:
     parser = build_parser()
+    given = sys.argv[1:] if argv is None else list(argv)
+    if not given or given[0].startswith("-") and given[0] not in ("-h", "--help", "--version"):
+        commands = list(parser.command_parsers)
+        parser.error(f"give a command first: {', '.join(commands[:-1])} or {commands[-1]}")
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # said by the command's own parser, with the option it is nearest to
         refuse_unknown(parser.command_parsers[args.command], unknown)

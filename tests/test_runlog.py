@@ -1519,3 +1519,13 @@ def test_a_mistyped_option_is_named_with_the_nearest_one(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "surplus"])
     assert capsys.readouterr().err == "dsub: error: unrecognized arguments: surplus (see 'dsub demo --help').\n"
+
+
+@pytest.mark.parametrize("argv", [[], ["--outdir", "out"]])
+def test_no_command_is_one_line_naming_the_commands(capsys, argv):
+    """A bare ``dsub`` (or options before any command) names the commands, not argparse's "required: command"."""
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == ("dsub: error: give a command first: subtract, job-script, report or demo "
+                                       "(see 'dsub --help').\n")
