@@ -25,7 +25,8 @@ Beside the arrays, plain files that are not Zarr arrays: ``particle_table/``
 (``metadata``: the table the tasks read, deleted once every chunk is stored) and
 ``report_columns/`` (``report.columns``: what the QC report reads of the table,
 kept; written while the chunks run) and ``attempt_progress.json`` (``save_progress``:
-the running attempt's time, chunks and devices, rewritten each time chunks are recorded).
+the running attempt's time, chunks and devices, rewritten each time chunks are recorded;
+it stays after the run, the last attempt's).
 
 The coordinator creates every array before any task runs. A task writes its
 images into the stacks (and, with ``--keep-store``, into the Zarr chunk of
