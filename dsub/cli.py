@@ -43,7 +43,15 @@ def refuse_unknown(parser: argparse.ArgumentParser, unknown: list[str]) -> None:
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse with dsub's error form: one ``dsub: error:`` line and a pointer to --help, exit status 2."""
+    """argparse with dsub's error form: one ``dsub: error:`` line and a pointer to --help, exit status 2.
+
+    Options are taken only as written in full: argparse's unique prefixes (``--mask-keep`` for
+    ``--mask-keeps``, one letter from the flag that flips the region) are refused with the option meant.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         sys.stderr.write(f"dsub: error: {message} (see '{self.prog} --help').\n")
@@ -371,6 +379,13 @@ def main(argv=None) -> int:
     if not given or given[0].startswith("-") and given[0] not in ("-h", "--help", "--version"):
         commands = list(parser.command_parsers)
         parser.error(f"give a command first: {', '.join(commands[:-1])} or {commands[-1]}")
+    command = parser.command_parsers.get(given[0])
+    if command is not None:  # a mistyped option before argparse's "required" line, which would hide it
+        known = {option for action in command._actions for option in action.option_strings}
+        mistyped = [word for word in given[1:] if word.startswith("--") and word != "--"
+                    and word.split("=")[0] not in known]
+        if mistyped:
+            refuse_unknown(command, mistyped)
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # said by the command's own parser, with the option it is nearest to
         refuse_unknown(parser.command_parsers[args.command], unknown)
@@ -382,35 +397,45 @@ def main(argv=None) -> int:
             # dsub's own warnings reach the user; libraries' deprecation notices do not.
             warnings.simplefilter("ignore")
             warnings.simplefilter("default", DsubWarning)
-            warnings.showwarning = lambda message, *rest, **kw: print(f"dsub: warning: {message}", file=sys.stderr)
+            warnings.showwarning = lambda message, *rest, **kw: to_stderr(f"dsub: warning: {message}")
             return handlers[args.command](args)
     except DsubError as exc:
-        print(error_line(exc), file=sys.stderr)  # always one line
+        to_stderr(error_line(exc))  # always one line
         return 2
     except (MemoryError, RuntimeError, ImportError) as exc:
         # Fewer tasks at once only where there were several (not --workers 1, not --scheduler sync).
         line = resource_failure_line(exc, one_task_at_a_time(args))
         if line is None:
             raise
-        print(line, file=sys.stderr)
+        to_stderr(line)
         return 2
     except BrokenPipeError:  # what dsub printed was cut off by its reader (dsub job-script | head): no error
         return 128 + signal.SIGPIPE
     except OSError as exc:
-        print(os_error_line(exc), file=sys.stderr)
+        to_stderr(os_error_line(exc))
         return 2
     except Terminated as exc:
         stopped_before_the_run(exc, args)
-        print(interrupted_line(exc), file=sys.stderr)
+        to_stderr(interrupted_line(exc))
         return 128 + signal.SIGTERM
     except KeyboardInterrupt as exc:
         ignore_further_ctrl_c()  # the clean-up is done; distributed's exit-time handlers are still to run
         stopped_before_the_run(exc, args)
-        print(interrupted_line(exc), file=sys.stderr)
+        to_stderr(interrupted_line(exc))
         return 130
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def to_stderr(line: str) -> None:
+    """A line on stderr. A stderr that is gone (a closed pipe: ``dsub subtract ... 2>&1 | head``) is dropped
+    for the rest of the process and the run goes on, its lines still in OUTDIR/dsub.log; a warning written
+    there had ended the run with nothing written."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")
 
 
 def stopped_before_the_run(exc: KeyboardInterrupt, args) -> None:

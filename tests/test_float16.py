@@ -164,14 +164,14 @@ def test_rerun_with_another_float16_choice_needs_overwrite(dataset, runs, tmp_pa
     assert run_cli(dataset, outdir, "--float16") == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("dsub: error:") and len(err.splitlines()) == 1
-    assert "--float16 was False, now True" in err and "--overwrite" in err
+    assert "--float16 was off, now on" in err and "--overwrite" in err
     assert (outdir / STAR_OUT).read_bytes() == star
 
     assert run_cli(dataset, outdir, "--float16", "--overwrite") == 0
     assert all(mrcfile.open(path).header.mode == 12 for path in stacks_of(outdir))
     # ... and back: the float16 run is refused for a float32 rerun in the same words.
     assert run_cli(dataset, outdir) == 2
-    assert "--float16 was True, now False" in capsys.readouterr().err
+    assert "--float16 was on, now off" in capsys.readouterr().err
 
 
 def test_values_beyond_float16_stop_the_run_with_one_error(dataset, tmp_path, capsys):

@@ -447,7 +447,7 @@ def access_denied(exc: OSError, outdir: Path) -> DsubError:
 def identity_differences(earlier: dict, now: dict) -> list[str]:
     """What differs between an earlier run's identity and this one's, in the command line's words.
 
-    E.g. ``--scale was fit, now input`` or ``--half-a /data/half_A.mrc has changed since that run
+    E.g. ``--scale was fit, now input``, ``--float16 was off, now on`` or ``--half-a /data/half_A.mrc has changed since that run
     (1 000 → 2 000 bytes; modified 2026-11-29T10:00:00.000000000+00:00 → 2026-11-29T11:00:00.000000000+00:00)``.
     """
     changes = [change for name, option in INPUT_OPTIONS.items()
@@ -470,16 +470,28 @@ def identity_differences(earlier: dict, now: dict) -> list[str]:
                     and before.get("chunk_size") != after.get("chunk_size"):
                 continue  # both runs' default, which follows --chunk-size: that line says it
             default_now = key == "particles_per_stack" and derived_now  # left out: the default for these chunks
-            changes.append(f"{option} was {was!r}{' (chosen by dsub for that run)' if key in automatic else ''}, "
-                           f"now {now!r}{' (the default for these chunks)' if default_now else ''}")
+            changes.append(f"{option} was {shown(was)}{' (chosen by dsub for that run)' if key in automatic else ''}, "
+                           f"now {shown(now)}{' (the default for these chunks)' if default_now else ''}")
     named = (set(PARAMETER_OPTIONS) | set(INPUT_OPTIONS)
              | set(FILE_LISTS) | {"fingerprint", "rebox.map_pixel_size", AUTOMATIC_KEY, *RETIRED_KEYS})
     for key in sorted(set(before) | set(after)):  # anything else the identity holds, by its own name
         if not any(key == name or key.startswith(name + ".") for name in named):
             was, now = before.get(key, PARAMETER_DEFAULTS.get(key)), after.get(key, PARAMETER_DEFAULTS.get(key))
             if was != now:
-                changes.append(f"{key} was {was!r}, now {now!r}")
+                changes.append(f"{key} was {shown(was)}, now {shown(now)}")
     return changes
+
+
+def shown(value) -> str:
+    """An option's value as the command line writes it: a flag on or off, a number as written, a word bare,
+    and "not given" for an option left out."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value is None:
+        return "not given"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value) if isinstance(value, (int, str)) else repr(value)
 
 
 def file_difference(option: str, earlier: dict | None, now: dict | None) -> str | None:
