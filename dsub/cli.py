@@ -54,7 +54,7 @@ class OneLineParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message):
-        sys.stderr.write(f"dsub: error: {message} (see '{self.prog} --help').\n")
+        to_stderr(f"dsub: error: {message} (see '{self.prog} --help').")
         sys.exit(2)
 
 
@@ -382,7 +382,8 @@ def main(argv=None) -> int:
     command = parser.command_parsers.get(given[0])
     if command is not None:  # a mistyped option before argparse's "required" line, which would hide it
         known = {option for action in command._actions for option in action.option_strings}
-        mistyped = [word for word in given[1:] if word.startswith("--") and word != "--"
+        options = given[1:given.index("--")] if "--" in given else given[1:]  # after "--" only positionals
+        mistyped = [word for word in options if word.startswith("--") and " " not in word
                     and word.split("=")[0] not in known]
         if mistyped:
             refuse_unknown(command, mistyped)

@@ -12,6 +12,7 @@ from dsub.formats.star import read_particles
 from dsub.physics.gridding import GriddingKernel, grid_size, kaiser_bessel
 from dsub.physics.projector import (
     FLOAT16_TOP,
+    PreparedVolume,
     extract_slices,
     float16_exponent,
     image_spectra,
@@ -143,6 +144,8 @@ def test_float16_rounding_scales_each_map_by_its_own_power_of_two():
         np.testing.assert_array_equal(scaled.astype(np.float16).astype(np.float32), scaled)  # float16 values
         largest = np.abs(exact.view(np.float32)).max()
         assert np.abs(prepared.transform - exact).max() <= 2.0**-10 * largest  # half an ulp a part
+    with pytest.raises(ValueError, match="side-by-side pair"):  # a strided map that is no half of a pair
+        rounded_to_float16(np, PreparedVolume(np.zeros((4, 4, 6), np.complex64)[:, :, ::2], 16, kernel))
     assert float16_exponent(np, np.zeros(4, np.float32)) == 0
     assert float16_exponent(np, np.array([FLOAT16_TOP], np.float32)) == 0
     assert float16_exponent(np, np.array([FLOAT16_TOP * 1.0001], np.float32)) == -1

@@ -1545,6 +1545,20 @@ def test_a_mistyped_required_option_is_named_before_the_missing_one(capsys):
         assert err.startswith(f"dsub: error: unrecognized arguments: {typed} (did you mean {meant}?)"), err
 
 
+def test_words_after_a_double_dash_are_positionals_not_mistyped_options(capsys):
+    """``-- --x.star``: argparse takes the word as the particles; the mistyped-option check leaves it alone."""
+    assert main(["subtract", "--half-a", "a.mrc", "--mask", "m.mrc", "-o", "out", "--", "--x.star"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dsub: error: --x.star: file not found (given as the particles)"), err
+
+
+def test_changed_numbers_are_said_with_every_digit_given():
+    from dsub.workflow.outdir import shown
+
+    assert [shown(value) for value in (2.0000001, 2.0, 1.25, True, False, None, "fit", 16)] == [
+        "2.0000001", "2", "1.25", "on", "off", "not given", "fit", "16"]
+
+
 @pytest.mark.parametrize("argv", [[], ["--outdir", "out"]])
 def test_no_command_is_one_line_naming_the_commands(capsys, argv):
     """A bare ``dsub`` (or options before any command) names the commands, not argparse's "required: command"."""

@@ -290,8 +290,10 @@ FIELD_PLANS_KEPT = 8
 
 
 _plans = {}
-#: Plans of ``rfft2_of_view`` kept at once (per device, layout and batch size: as CuPy's own plan cache).
-VIEW_PLANS_KEPT = 16
+#: Plans of ``rfft2_of_view`` kept at once (per device, layout and batch size). Each holds a work area of
+#: about its batch's size (a GB at box 512), and a batch's size varies with each half set's share of a
+#: chunk: the two latest, not more.
+VIEW_PLANS_KEPT = 2
 _view_plans = {}
 
 

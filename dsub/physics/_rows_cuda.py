@@ -18,6 +18,15 @@ transforms it back and writes only the box's ``box`` points of the real part (th
 whole map) and of the imaginary part (the masked map) into contiguous images.
 Each image is read once and written once; the padding is never stored.
 
+Sharing one transform, the two maps share its float32 rounding: the masked map's
+error follows the whole map's size, not its own. In a float32 NumPy model of one
+forward row (256 points in 512, the same packing, against float64): 1.3e-7 of the masked spectrum's largest
+value with both maps alike, 9e-7 with the masked map 10 times weaker, 8e-6 at
+100, 9e-5 at 1 000 (separate transforms: 1.3e-7 throughout); the inverse adds
+about as much. Against the whole map that is float32 rounding, far below the
+projector's 6.8e-4, and a region a thousand times weaker than the map is hardly
+worth subtracting.
+
 The transforms are ``_field_cuda``'s Stockham stages (its radices; a size with
 another prime factor, or whose rows do not fit a block's shared memory, uses
 cuFFT's passes instead), with each transform contiguous in shared memory and a

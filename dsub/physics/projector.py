@@ -230,7 +230,11 @@ def rounded_to_float16(xp, prepared: PreparedVolume) -> PreparedVolume:
     transform = prepared.transform
     parts = transform.view(np.float32) if transform.flags.c_contiguous else None
     if parts is None:  # one map of a side-by-side pair: its parts are every other pair of the pair's floats
-        parts = transform.base.view(np.float32)[..., _pair_index(transform)]
+        pair = transform.base
+        if (pair is None or pair.ndim != 4 or pair.shape[3] != 2 or pair.dtype != np.complex64
+                or not pair.flags.c_contiguous):
+            raise ValueError("a prepared transform to round must be contiguous or one map of a side-by-side pair")
+        parts = pair.view(np.float32)[..., _pair_index(transform)]
     scale = np.float32(2.0 ** float16_exponent(xp, parts))
     for start in range(0, len(parts), _PLANES):  # a few planes at a time: no copy of the whole map
         planes = parts[start : start + _PLANES]

@@ -490,7 +490,7 @@ def shown(value) -> str:
     if value is None:
         return "not given"
     if isinstance(value, float):
-        return f"{value:g}"
+        return f"{value:.15g}"  # every digit a value was given with: 2.0000001 is not said as 2
     return str(value) if isinstance(value, (int, str)) else repr(value)
 
 
