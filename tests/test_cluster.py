@@ -749,3 +749,47 @@ def test_an_example_profiles_placeholder_path_is_said(capsys, scheduler, profile
 
 def test_a_site_profile_without_placeholders_is_not_warned_about():
     assert cluster_config_warnings(PROFILES / "local-slurm" / "jobqueue.yaml", "slurm") == []
+
+
+def test_a_local_cluster_taken_up_at_once_is_made_in_a_thread_of_its_own(monkeypatch, capsys):
+    """A run without an early cluster (a rerun that only restores a stack): its local cluster is made in a
+    thread of its own, so the main thread never has SIGINT blocked (the maker's mask, which its workers
+    inherit) and takes a Ctrl-C at once."""
+    import signal
+    import threading
+
+    from dsub.cluster import start
+    from dsub.cluster.runner import open_runner
+
+    seen = {}
+    main_thread = threading.main_thread()
+
+    def sigint_blocked(thread) -> bool:
+        status = Path(f"/proc/self/task/{thread.native_id}/status").read_text().splitlines()
+        mask = next(line for line in status if line.startswith("SigBlk:"))
+        return bool(int(mask.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+
+    class Client:
+        dashboard_link = None
+
+        def scheduler_info(self):
+            return {"workers": {}}
+
+    @contextlib.contextmanager
+    def made_here(spec):
+        from dsub.cluster.ctrl_c import workers_ignore_ctrl_c
+
+        with workers_ignore_ctrl_c():  # as local_cluster makes the LocalCluster
+            seen["maker"] = threading.current_thread()
+            seen["maker blocks"] = sigint_blocked(seen["maker"])
+            seen["main blocks"] = sigint_blocked(main_thread)
+        yield Client(), None, "a local cluster"
+        seen["closed"] = True
+
+    monkeypatch.setattr(start, "start_cluster", made_here)
+    spec = ClusterSpec(scheduler="local", workers=1, progress=False)
+    with open_runner(spec) as runner:
+        assert runner.description == "a local cluster"
+    assert seen == {"maker": seen["maker"], "maker blocks": True, "main blocks": False, "closed": True}
+    assert seen["maker"] is not main_thread and not sigint_blocked(main_thread)
+    assert "Starting a local Dask cluster ..." in capsys.readouterr().out

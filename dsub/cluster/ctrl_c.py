@@ -17,11 +17,9 @@ for each worker process (``distributed.process.AsyncProcess``, which spawns it
 through multiprocessing's "spawn" context), made then or later, inherit the mask,
 and so does every worker process, from its first instruction. The process-wide
 dispositions are untouched: the coordinator's other threads still take Ctrl-C.
-Where the main thread itself makes the cluster (a rerun that only restores a
-stack, a cluster the early start could not serve), a Ctrl-C meanwhile is held
-until the cluster is made, or taken by another thread and acted on when the main
-thread's wait next wakes (distributed's ``sync`` polls every 10 s); in the usual
-case a thread of its own makes it (``early.EarlyCluster``). SIGTERM, and a worker's exit when the coordinator
+A run's local cluster is always made in a thread of its own (``early.EarlyCluster``,
+started beside the input checks or when the run takes it up), so the main thread,
+which waits for it, takes a Ctrl-C at once. SIGTERM, and a worker's exit when the coordinator
 goes away (Dask's parent-alive pipe), are left as they are. multiprocessing's
 resource tracker is started before, without the mask (it ignores SIGINT and
 SIGTERM by its own design).

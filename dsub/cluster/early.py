@@ -31,6 +31,26 @@ def start_early(spec) -> "EarlyCluster | None":
     """Start ``spec``'s local cluster in a thread now, saying so; None where ``spec`` is not ``local``."""
     if spec.scheduler != "local":
         return None
+    note = _ready_for_a_thread(spec)
+    if note is not None:
+        print(note, file=spec.out, flush=True)
+    print("Starting a local Dask cluster beside the input checks ...", file=spec.out, flush=True)
+    return EarlyCluster(spec)
+
+
+def start_in_a_thread(spec) -> "EarlyCluster":
+    """``spec``'s local cluster started in a thread now, as ``start_early`` (which says it starts beside the
+    checks) but for a run that takes it up at once (``runner.open_runner``): the cluster's making blocks
+    SIGINT in the thread that makes it (``ctrl_c.workers_ignore_ctrl_c``), so the main thread, which waits,
+    keeps taking Ctrl-C."""
+    note = _ready_for_a_thread(spec)
+    if note is not None:
+        print(note, file=spec.out, flush=True)
+    return EarlyCluster(spec)
+
+
+def _ready_for_a_thread(spec) -> str | None:
+    """What the main thread does before a cluster starts in another; returns the few-cores note, if any."""
     if spec.cluster_config is not None:
         load_cluster_config(spec.cluster_config)  # a bad file is refused now, not after the checks
         # dask-jobqueue (which cluster_config loads for its defaults) sets a signal handler as it is
@@ -42,11 +62,7 @@ def start_early(spec) -> "EarlyCluster | None":
     from . import start
     # In the main thread, before the cluster exists: a run stopped while it starts leaves it to the exit.
     start.close_clusters_quietly_at_exit()
-    note = start.few_cores_note(spec)
-    if note is not None:
-        print(note, file=spec.out, flush=True)
-    print("Starting a local Dask cluster beside the input checks ...", file=spec.out, flush=True)
-    return EarlyCluster(spec)
+    return start.few_cores_note(spec)
 
 
 class EarlyCluster:
@@ -100,8 +116,9 @@ class EarlyCluster:
             client, cluster, description = self._entered
             if self.ready_after >= REPORT_STEP_AFTER_S:
                 waiting = time.monotonic() - waited
+                ahead = self.ready_after - waiting >= 0.05  # started before the run took it up
                 say(spec, f"The first worker was ready in {self.ready_after:.1f} s"
-                          f"{f' (the run waited {waiting:.1f} s for it)' if waiting >= 0.05 else ''}")
+                          f"{f' (the run waited {waiting:.1f} s for it)' if waiting >= 0.05 and ahead else ''}")
             if client.dashboard_link:
                 say(spec, f"Dask dashboard: {client.dashboard_link}")
             yield DistributedRunner(client, cluster, spec, description)
