@@ -486,6 +486,24 @@ def test_terminal_gets_a_bar_and_the_log_plain_lines():
     assert log.getvalue().splitlines()[-1] == "subtract: 4 chunks, 200 particles in 120.0 s, 1.7 particles/s"
 
 
+def test_a_terminal_of_no_width_gets_plain_lines():
+    """Under ``script`` without a size the terminal is 0 columns wide, where a bar drew only blank lines."""
+    import fcntl
+    import struct
+    import termios
+
+    from dsub.cluster.progress import is_terminal
+
+    leader, follower = os.openpty()
+    with os.fdopen(follower, "w") as terminal:
+        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 0, 0, 0))
+        assert terminal.isatty() and not is_terminal(terminal)
+        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+        assert is_terminal(terminal)
+    os.close(leader)
+    assert is_terminal(Terminal())  # a stand-in without a descriptor: a bar, as before
+
+
 def test_the_bar_counts_its_rate_from_the_start_too(monkeypatch):
     """tqdm's own rate and time left are the average since the start, not a smoothed average of update gaps."""
     import tqdm.std

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -30,11 +31,20 @@ REPORT_STEP_AFTER_S = 1.0
 
 
 def is_terminal(stream) -> bool:
-    """Whether ``stream`` is an interactive terminal (a live bar) rather than a log (plain lines)."""
+    """Whether ``stream`` is an interactive terminal (a live bar) rather than a log (plain lines).
+
+    A terminal that says it is 0 columns wide (``script`` started without a size) gets plain lines: a bar
+    there drew only blank lines.
+    """
     try:
-        return bool(stream.isatty())
+        if not stream.isatty():
+            return False
     except (AttributeError, ValueError):  # no isatty, or a closed stream
         return False
+    try:
+        return os.get_terminal_size(stream.fileno()).columns > 0
+    except (AttributeError, ValueError, OSError):  # no file descriptor (a stand-in), or no size to ask for
+        return True
 
 
 def number(value: float) -> str:

@@ -125,6 +125,11 @@ class Transcript:
         except (AttributeError, ValueError):
             return False
 
+    def fileno(self) -> int:
+        """The screen's file descriptor (for its size: ``progress.is_terminal``, tqdm's width); raises as the
+        screen's own does where it has none."""
+        return self.screen.fileno()
+
     def open_log(self, outdir: Path, fresh: bool, command: str | None) -> None:
         """Start appending to OUTDIR/dsub.log (``fresh``: replace it; ``drop_earlier`` does so later)."""
         heading = f"{utc_now()} dsub {__version__} on {socket.gethostname()}: {command or '(called from Python)'}"
