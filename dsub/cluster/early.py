@@ -31,21 +31,17 @@ def start_early(spec) -> "EarlyCluster | None":
     """Start ``spec``'s local cluster in a thread now, saying so; None where ``spec`` is not ``local``."""
     if spec.scheduler != "local":
         return None
-    note = _ready_for_a_thread(spec)
-    if note is not None:
-        print(note, file=spec.out, flush=True)
-    print("Starting a local Dask cluster beside the input checks ...", file=spec.out, flush=True)
-    return EarlyCluster(spec)
+    return start_in_a_thread(spec, "Starting a local Dask cluster beside the input checks ...")
 
 
-def start_in_a_thread(spec) -> "EarlyCluster":
-    """``spec``'s local cluster started in a thread now, as ``start_early`` (which says it starts beside the
-    checks) but for a run that takes it up at once (``runner.open_runner``): the cluster's making blocks
-    SIGINT in the thread that makes it (``ctrl_c.workers_ignore_ctrl_c``), so the main thread, which waits,
-    keeps taking Ctrl-C."""
+def start_in_a_thread(spec, announcement: str) -> "EarlyCluster":
+    """``spec``'s local cluster started in a thread now, after the few-cores note (if any) and
+    ``announcement``: beside the input checks (``start_early``), or for a run that takes it up at once
+    (``runner.open_runner``). The cluster's making blocks SIGINT in the thread that makes it
+    (``ctrl_c.workers_ignore_ctrl_c``), so the main thread, which waits, keeps taking Ctrl-C."""
     note = _ready_for_a_thread(spec)
-    if note is not None:
-        print(note, file=spec.out, flush=True)
+    for line in (note, announcement) if note is not None else (announcement,):
+        print(line, file=spec.out, flush=True)
     return EarlyCluster(spec)
 
 

@@ -507,8 +507,7 @@ def open_runner(spec: ClusterSpec, early=None):
     if spec.scheduler == "local":  # made in a thread of its own: this one keeps taking Ctrl-C meanwhile
         from .early import start_in_a_thread
 
-        say(spec, f"{starting_words(spec)} ...")
-        with start_in_a_thread(spec).runner(spec) as runner:
+        with start_in_a_thread(spec, f"{starting_words(spec)} ...").runner(spec) as runner:
             yield runner
         return
     with cluster_config(spec.cluster_config):
