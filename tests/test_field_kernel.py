@@ -1,7 +1,7 @@
 """The CUDA kernels' parts that run on any machine: the field kernel's plan (``_field_cuda``: its radices
 cover every field size a run can choose, its small DFTs are exact, and a block falls back to fewer columns,
 then to cuFFT, where shared memory is short) and the slice kernel's Kaiser-Bessel polynomial
-(``_slice_cuda.kaiser_bessel_series``). The kernels themselves are checked against NumPy on a GPU
+(``gridding.kaiser_bessel_series``). The kernels themselves are checked against NumPy on a GPU
 (tests/test_gpu.py)."""
 
 import numpy as np
@@ -61,9 +61,10 @@ def test_block_shape_falls_back_where_shared_memory_is_short():
 
 @pytest.mark.parametrize("oversampling", [1.25, 1.5, 2.0, 3.0])
 def test_kaiser_bessel_series_of_the_slice_kernel_matches_i0(oversampling):
-    """The GPU slice kernel's weights: the polynomial in u = 1 - r² summed by Horner's rule in float32, as the
-    kernel sums it, against NumPy's I0 (float64), within 1e-6 of the largest weight everywhere on [0, 1]."""
-    from dsub.physics._slice_cuda import kaiser_bessel_series
+    """The slice kernels' weights: the polynomial in u = 1 - r² summed by Horner's rule in float32, as the
+    kernels sum it, against NumPy's I0 (float64), within 1e-6 of the largest weight everywhere on [0, 1];
+    ``GriddingKernel.weights`` (the NumPy gather's) gives the same float32 values."""
+    from dsub.physics.gridding import kaiser_bessel_series
     from dsub.physics.projector import projector_kernel
 
     kernel, _ = projector_kernel("gridding", oversampling)
@@ -77,3 +78,7 @@ def test_kaiser_bessel_series_of_the_slice_kernel_matches_i0(oversampling):
     largest = np.i0(kernel.beta) - 1.0
     assert np.abs(weights - expected).max() <= 1e-6 * largest
     assert 12 <= len(coefficients) <= 30 and np.all(coefficients > 0)
+    distance = np.sqrt(1.0 - u) * np.float32(kernel.width / 2.0)
+    ours = kernel.weights(np, np.concatenate([distance, -distance, [kernel.width / 2.0 + 0.25]]))
+    assert ours.dtype == np.float32 and ours[-1] == 0
+    assert np.abs(ours[:-1] - np.concatenate([expected, expected])).max() <= 1e-6 * largest

@@ -3,10 +3,11 @@
 
 Each coefficient's 3D point is computed, flipped into the stored half space
 (x ≥ 0) by Hermitian symmetry, given its separable kernel weights (tent, or
-Kaiser-Bessel through the same power series of I0 as ``gridding.bessel_i0``),
+Kaiser-Bessel through the same float32 polynomial as ``GriddingKernel.weights``),
 and its ``width³`` taps are summed straight from the prepared transform, row by
 row along x in the NumPy gather's order, so the values are the same to the
-bit on every case tested. Per output row: the in-band points' coordinates,
+bit on every case tested. A row's taps of two maps side by side are summed as
+4-wide vectors (``_add_pair_row``), in the same order with each product rounded. Per output row: the in-band points' coordinates,
 their weights (loops over the points, which the compiler vectorises), then
 the sums, with each point's rows prefetched a few points ahead (they lie far
 apart in a volume much larger than the caches: the first and the last tap of
@@ -33,6 +34,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .ctf import frequency_grid
+from .gridding import kaiser_bessel_series
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
@@ -69,6 +71,53 @@ def _prefetch(typing_context, array, index):
     return signature, codegen
 
 
+@intrinsic
+def _add_pair_row(typing_context, sums, volume, start, row_weights, weight):
+    """``sums`` plus ``weight`` times one row's weighted taps of two maps side by side, as 4-wide vectors.
+
+    The row is the ``4·width`` float32 at ``volume[start:]`` (``width`` =
+    ``len(row_weights)``): tap j's (real, imaginary) of the first map, then of the
+    second. Returns (real₀, imag₀, real₁, imag₁) + weight · Σ_j row_weights[j] ·
+    tap j, the sum over j taken left to right with each product rounded, as the
+    scalar code's ``v₀w₀ + v₁w₁ + ...`` (no fused multiply-add): the same float32
+    values, four lanes per instruction where the compiler had made one.
+    """
+    lanes = numba.types.UniTuple(numba.types.float32, 4)
+    signature = lanes(sums, volume, start, row_weights, weight)
+    width = len(row_weights)
+
+    def codegen(context, builder, signature, arguments):
+        sums_value, array, index, taps_weights, row_weight = arguments
+        f32, i32 = llvm_ir.FloatType(), llvm_ir.IntType(32)
+        quad = llvm_ir.VectorType(f32, 4)
+        array_type = signature.args[1]
+        view = context.make_array(array_type)(context, builder, array)
+        pointer = cgutils.get_item_pointer(context, builder, array_type, view, [index], wraparound=False)
+        row = builder.load(builder.bitcast(pointer, llvm_ir.VectorType(f32, 4 * width).as_pointer()), align=4)
+        undefined = llvm_ir.Constant(row.type, llvm_ir.Undefined)
+
+        def tap(j):
+            return builder.shuffle_vector(row, undefined, llvm_ir.Constant(llvm_ir.VectorType(i32, 4),
+                                                                           [i32(4 * j + lane) for lane in range(4)]))
+
+        def splat(value):
+            one = builder.insert_element(llvm_ir.Constant(quad, llvm_ir.Undefined), value, i32(0))
+            return builder.shuffle_vector(one, llvm_ir.Constant(quad, llvm_ir.Undefined),
+                                          llvm_ir.Constant(llvm_ir.VectorType(i32, 4), [i32(0)] * 4))
+
+        total = builder.fmul(tap(0), splat(builder.extract_value(taps_weights, 0)))
+        for j in range(1, width):
+            total = builder.fadd(total, builder.fmul(tap(j), splat(builder.extract_value(taps_weights, j))))
+        before = llvm_ir.Constant(quad, llvm_ir.Undefined)
+        for lane in range(4):
+            before = builder.insert_element(before, builder.extract_value(sums_value, lane), i32(lane))
+        total = builder.fadd(before, builder.fmul(total, splat(row_weight)))
+        return context.make_tuple(builder, signature.return_type,
+                                  [builder.extract_element(total, i32(lane)) for lane in range(4)])
+
+    return signature, codegen
+
+
 @numba.njit(nogil=True, cache=True, inline="always")
 def _prefetch_taps(volume, firsts, c, width, grid, columns, reach, floats):
     """Prefetch the first and the last tap of each of point c's width² rows (``floats`` float32 per grid point)."""
@@ -82,14 +131,16 @@ def _prefetch_taps(volume, firsts, c, width, grid, columns, reach, floats):
 
 
 @numba.njit(nogil=True, cache=True)
-def _row_weights(coordinates, count, width, kind, beta, series, firsts, weights, starts, quarter, total):
+def _row_weights(coordinates, count, width, kind, series, firsts, weights, starts, units):
     """First taps and kernel weights of ``count`` points' coordinates (grid units), as ``_axis_taps``.
 
     ``coordinates[axis, c]`` is point c's coordinate; ``firsts[axis, c]`` gets its
-    first tap and ``weights[axis, j, c]`` (float32) the weight of tap ``first + j``.
-    Each loop runs over the points innermost, so the compiler vectorises it; the
-    I0 series of ``gridding.bessel_i0`` runs term by term over every tap of the
-    row at once. ``starts``, ``quarter`` and ``total`` are scratch.
+    first tap and ``weights[axis, j, c]`` (float32) the weight of tap ``first + j``:
+    the tent, or the Kaiser-Bessel polynomial in u = 1 - r² whose coefficients are
+    ``series`` (``gridding.kaiser_bessel_series``), in ``GriddingKernel.weights``'
+    float32 arithmetic and order. Each loop runs over the points (or every tap of
+    the row) innermost, so the compiler vectorises it. ``starts`` and ``units``
+    are scratch.
     """
     for axis in range(3):
         for c in range(count):
@@ -103,28 +154,23 @@ def _row_weights(coordinates, count, width, kind, beta, series, firsts, weights,
                     weights[axis, j, c] = max(np.float32(1.0) - abs(distance), np.float32(0.0))
                 else:
                     ratio = np.float32(2.0) * distance / np.float32(width)
-                    inside = max(np.float32(1.0) - ratio * ratio, np.float32(0.0))
-                    x = np.float64(np.float32(beta) * np.sqrt(inside))
-                    # a tap beyond the kernel gets I0(0) - 1 = 0, as the NumPy twin's where()
-                    quarter[axis, j, c] = x * x / 4.0 if abs(ratio) <= np.float32(1.0) else 0.0
+                    units[axis, j, c] = max(np.float32(1.0) - ratio * ratio, np.float32(0.0))
     if kind == 0:
         return
     # One flat loop over every tap of the row (entries past ``count`` hold finite leftovers, unused).
-    flat_total, flat_quarter = total.reshape(-1), quarter.reshape(-1)
-    for i in range(flat_total.shape[0]):
-        flat_total[i] = 1.0
-    for k in range(series.shape[0] - 1, 0, -1):  # Horner's rule, as gridding.bessel_i0
-        factor = series[k]
-        for i in range(flat_total.shape[0]):
-            flat_total[i] = 1.0 + flat_total[i] * flat_quarter[i] * factor
-    for axis in range(3):
-        for j in range(width):
-            for c in range(count):
-                weights[axis, j, c] = np.float32(total[axis, j, c] - 1.0)
+    flat_weights, flat_units = weights.reshape(-1), units.reshape(-1)
+    for i in range(flat_weights.shape[0]):
+        flat_weights[i] = series[0]
+    for k in range(1, series.shape[0]):  # Horner's rule, highest power first
+        coefficient = series[k]
+        for i in range(flat_weights.shape[0]):
+            flat_weights[i] = flat_weights[i] * flat_units[i] + coefficient
+    for i in range(flat_weights.shape[0]):
+        flat_weights[i] = flat_weights[i] * flat_units[i]
 
 
 @numba.njit(nogil=True, cache=True)
-def _gather(volumes, interleaved, rotations, kx, ky, out, box, grid, reach, step, width, kind, beta, series, cube):
+def _gather(volumes, interleaved, rotations, kx, ky, out, box, grid, reach, step, width, kind, series, cube):
     """Fill ``out`` (m, n, size, size//2 + 1) with the kernel sums of each of the m volumes at each slice point.
 
     ``volumes`` is a tuple of arrays of one shape (P, P, C, ``interleaved``) complex64,
@@ -146,8 +192,7 @@ def _gather(volumes, interleaved, rotations, kx, ky, out, box, grid, reach, step
     firsts = np.empty((3, half), dtype=np.int64)
     weights = np.empty((3, width, half), dtype=np.float32)
     starts = np.empty(half, dtype=np.float32)
-    quarter = np.zeros((3, width, half), dtype=np.float64)
-    total = np.empty((3, width, half), dtype=np.float64)
+    units = np.zeros((3, width, half), dtype=np.float32)
     for p in range(out.shape[1]):
         r = rotations[p]
         for iy in range(size):
@@ -174,7 +219,7 @@ def _gather(volumes, interleaved, rotations, kx, ky, out, box, grid, reach, step
                 points[count] = ix
                 flipped[count] = negative
                 count += 1
-            _row_weights(coordinates, count, width, kind, beta, series, firsts, weights, starts, quarter, total)
+            _row_weights(coordinates, count, width, kind, series, firsts, weights, starts, units)
             for g in range(len(volumes)):
                 volume = volumes[g]
                 for c in range(min(PREFETCH_AHEAD, count)):
@@ -226,35 +271,31 @@ def _tap_sum(volume, weights, firsts, c, width, grid, columns, reach):
 @numba.njit(nogil=True, cache=True, inline="always")
 def _tap_sums_of_two(volume, weights, firsts, c, width, grid, columns, reach):
     """Point c's kernel sums over two volumes stored side by side (two complex64 per grid point),
-    each in ``_tap_sum``'s order."""
+    each in ``_tap_sum``'s order; the default kernel's rows of 4 taps summed as vectors (``_add_pair_row``)."""
     wx, wy, wz = weights[0, :, c], weights[1, :, c], weights[2, :, c]
     x0 = min(max(firsts[0, c] + reach, 0), columns - width)
-    real0 = np.float32(0.0)
-    imag0 = np.float32(0.0)
-    real1 = np.float32(0.0)
-    imag1 = np.float32(0.0)
+    zero = np.float32(0.0)
+    if width == 4:
+        sums = (zero, zero, zero, zero)  # real and imaginary part of each volume's sum
+        for a in range(width):
+            plane = _wrap(firsts[2, c] + a, grid) * grid
+            for b in range(width):
+                s = 4 * ((plane + _wrap(firsts[1, c] + b, grid)) * columns + x0)
+                # the row's weights read here: held in a tuple made before the loops, they stay on the stack (slower)
+                sums = _add_pair_row(sums, volume, s, (wx[0], wx[1], wx[2], wx[3]), wz[a] * wy[b])
+        return complex(sums[0], sums[1]), complex(sums[2], sums[3])
+    real0, imag0, real1, imag1 = zero, zero, zero, zero
     for a in range(width):
         plane = _wrap(firsts[2, c] + a, grid) * grid
         for b in range(width):
             s = 4 * ((plane + _wrap(firsts[1, c] + b, grid)) * columns + x0)
-            if width == 4:
-                row_real0 = volume[s] * wx[0] + volume[s + 4] * wx[1] + volume[s + 8] * wx[2] + volume[s + 12] * wx[3]
-                row_imag0 = (volume[s + 1] * wx[0] + volume[s + 5] * wx[1] + volume[s + 9] * wx[2]
-                             + volume[s + 13] * wx[3])
-                row_real1 = (volume[s + 2] * wx[0] + volume[s + 6] * wx[1] + volume[s + 10] * wx[2]
-                             + volume[s + 14] * wx[3])
-                row_imag1 = (volume[s + 3] * wx[0] + volume[s + 7] * wx[1] + volume[s + 11] * wx[2]
-                             + volume[s + 15] * wx[3])
-            elif width == 2:
+            if width == 2:
                 row_real0 = volume[s] * wx[0] + volume[s + 4] * wx[1]
                 row_imag0 = volume[s + 1] * wx[0] + volume[s + 5] * wx[1]
                 row_real1 = volume[s + 2] * wx[0] + volume[s + 6] * wx[1]
                 row_imag1 = volume[s + 3] * wx[0] + volume[s + 7] * wx[1]
             else:
-                row_real0 = np.float32(0.0)
-                row_imag0 = np.float32(0.0)
-                row_real1 = np.float32(0.0)
-                row_imag1 = np.float32(0.0)
+                row_real0, row_imag0, row_real1, row_imag1 = zero, zero, zero, zero
                 for j in range(width):
                     row_real0 += volume[s + 4 * j] * wx[j]
                     row_imag0 += volume[s + 4 * j + 1] * wx[j]
@@ -269,11 +310,10 @@ def _tap_sums_of_two(volume, weights, firsts, c, width, grid, columns, reach):
 
 
 def _series(kernel) -> np.ndarray:
-    """1/k² for k = 0..terms (entry 0 unused): the I0 series of ``gridding.bessel_i0`` at the kernel's β."""
-    terms = int(12 + 1.5 * kernel.beta) if kernel.kind == "kaiser-bessel" else 0
-    series = np.zeros(terms + 1, dtype=np.float64)
-    series[1:] = 1.0 / np.arange(1, terms + 1, dtype=np.float64) ** 2
-    return series
+    """The Kaiser-Bessel polynomial's coefficients (``gridding.kaiser_bessel_series``), float32; [0] for the tent."""
+    if kernel.kind != "kaiser-bessel":
+        return np.zeros(1, dtype=np.float32)
+    return np.asarray(kaiser_bessel_series(kernel.beta), dtype=np.float32)
 
 
 def extract_slices_numba(prepared, rotations, corners: str, size: int):
@@ -314,7 +354,7 @@ def extract_slices_of_numba(volumes, rotations, corners: str, size: int):
         return out
     _gather(flat, interleaved, rot, np.ascontiguousarray(kx[0]), np.ascontiguousarray(ky[:, 0]), out, box,
             first.grid_size, kernel.reach, np.float32(first.grid_size / float(box)), kernel.width,
-            0 if kernel.kind == "trilinear" else 1, float(kernel.beta), _series(kernel), corners == "map")
+            0 if kernel.kind == "trilinear" else 1, _series(kernel), corners == "map")
     return out
 
 

@@ -3,7 +3,7 @@
 
 Each thread computes its 3D point, flips it into the stored half space (x ≥ 0)
 by Hermitian symmetry, evaluates the separable kernel's ``width`` weights per
-axis (tent, or Kaiser-Bessel through ``cyl_bessel_i0f``) and sums the
+axis (tent, or Kaiser-Bessel as ``gridding.kaiser_bessel_series``' polynomial) and sums the
 ``width³`` taps straight from the prepared transform, so a slice costs one pass
 over the output. Results agree with the NumPy twin to float32 rounding
 (tests/test_gpu.py).
@@ -34,6 +34,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._transfer_cuda import SOURCE as TRANSFER_SOURCE
+from .gridding import kaiser_bessel_series
 
 _SOURCE = r"""
 #include <cupy/complex.cuh>
@@ -275,31 +276,11 @@ def _compiled(maps: int, width: int, kind: int, tile_x: int, half: int = 0, beta
     if key not in _kernels:
         import cupy
 
-        series = ",".join(f"{c!r}f" for c in kaiser_bessel_series(beta)) if kind else "0.f"
+        series = ",".join(f"{float(c)!r}f" for c in kaiser_bessel_series(beta)) if kind else "0.f"
         _kernels[key] = cupy.RawKernel(_SOURCE, "extract_slices", options=(
             f"-DMAPS={maps}", f"-DWIDTH={width}", f"-DKIND={kind}", f"-DTILE_X={tile_x}", f"-DHALF={half}",
             f"-DKB_SERIES={series}"))
     return _kernels[key]
-
-
-#: ``kaiser_bessel_series`` leaves out the terms below this fraction of the largest weight, I0(β) - 1.
-SERIES_TOLERANCE = 1e-9
-
-
-def kaiser_bessel_series(beta: float) -> list[float]:
-    """Coefficients, highest power first, of the polynomial in u = 1 - r² that gives the Kaiser-Bessel
-    weight I0(β √u) - 1 (A&S 9.6.12: I0(x) = Σ (x²/4)^k / (k!)², as ``gridding.bessel_i0``): (β²/4)^k / (k!)²
-    for k = K, ..., 1, with K the first power whose term at u = 1 falls below ``SERIES_TOLERANCE`` of the sum.
-    The kernel multiplies the Horner sum by u once more (the constant term is 0)."""
-    quarter = beta * beta / 4.0
-    largest = float(np.i0(beta)) - 1.0
-    coefficients, term, k = [], 1.0, 0
-    while True:
-        k += 1
-        term *= quarter / (k * k)
-        coefficients.append(term)
-        if term < SERIES_TOLERANCE * largest or k >= 60:
-            return coefficients[::-1]
 
 
 def side_by_side(volumes):
