@@ -118,16 +118,26 @@ def _add_pair_row(typing_context, sums, volume, start, row_weights, weight):
     return signature, codegen
 
 
-@numba.njit(nogil=True, cache=True, inline="always")
-def _prefetch_taps(volume, firsts, c, width, grid, columns, reach, floats):
-    """Prefetch the first and the last tap of each of point c's width² rows (``floats`` float32 per grid point)."""
-    x0 = min(max(firsts[0, c] + reach, 0), columns - width)
+@numba.njit(nogil=True, cache=True)
+def _row_starts(firsts, count, width, grid, columns, reach, floats, starts):
+    """``starts[a·width + b, c]``: where point c's row (z tap a, y tap b) of taps along x begins in the
+    flattened volume (``floats`` float32 per grid point), its first tap clamped into the stored columns;
+    a loop over the points innermost (vectorised), once for the prefetches and the sums alike."""
     for a in range(width):
-        plane = _wrap(firsts[2, c] + a, grid) * grid
         for b in range(width):
-            start = floats * ((plane + _wrap(firsts[1, c] + b, grid)) * columns + x0)
-            _prefetch(volume, start)
-            _prefetch(volume, start + floats * width - 1)  # the row's end may lie in the next cache line
+            row = starts[a * width + b]
+            for c in range(count):
+                plane = _wrap(firsts[2, c] + a, grid)
+                x0 = min(max(firsts[0, c] + reach, 0), columns - width)
+                row[c] = floats * ((plane * grid + _wrap(firsts[1, c] + b, grid)) * columns + x0)
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _prefetch_taps(volume, starts, c, width, floats):
+    """Prefetch the first and the last tap of each of point c's width² rows (``_row_starts``)."""
+    for k in range(width * width):
+        _prefetch(volume, starts[k, c])
+        _prefetch(volume, starts[k, c] + floats * width - 1)  # the row's end may lie in the next cache line
 
 
 @numba.njit(nogil=True, cache=True)
@@ -191,6 +201,7 @@ def _gather(volumes, interleaved, rotations, kx, ky, out, box, grid, reach, step
     flipped = np.empty(half, dtype=np.bool_)
     firsts = np.empty((3, half), dtype=np.int64)
     weights = np.empty((3, width, half), dtype=np.float32)
+    row_starts = np.empty((width * width, half), dtype=np.int64)
     starts = np.empty(half, dtype=np.float32)
     units = np.zeros((3, width, half), dtype=np.float32)
     for p in range(out.shape[1]):
@@ -220,33 +231,32 @@ def _gather(volumes, interleaved, rotations, kx, ky, out, box, grid, reach, step
                 flipped[count] = negative
                 count += 1
             _row_weights(coordinates, count, width, kind, series, firsts, weights, starts, units)
+            _row_starts(firsts, count, width, grid, columns, reach, floats, row_starts)
             for g in range(len(volumes)):
                 volume = volumes[g]
                 for c in range(min(PREFETCH_AHEAD, count)):
-                    _prefetch_taps(volume, firsts, c, width, grid, columns, reach, floats)
+                    _prefetch_taps(volume, row_starts, c, width, floats)
                 for c in range(count):
                     if c + PREFETCH_AHEAD < count:  # the taps' rows are far apart: ask for them early
-                        _prefetch_taps(volume, firsts, c + PREFETCH_AHEAD, width, grid, columns, reach, floats)
+                        _prefetch_taps(volume, row_starts, c + PREFETCH_AHEAD, width, floats)
                     if interleaved == 2:
-                        first, second = _tap_sums_of_two(volume, weights, firsts, c, width, grid, columns, reach)
+                        first, second = _tap_sums_of_two(volume, weights, row_starts, c, width)
                         out[2 * g, p, iy, points[c]] = np.conj(first) if flipped[c] else first
                         out[2 * g + 1, p, iy, points[c]] = np.conj(second) if flipped[c] else second
                     else:
-                        value = _tap_sum(volume, weights, firsts, c, width, grid, columns, reach)
+                        value = _tap_sum(volume, weights, row_starts, c, width)
                         out[g, p, iy, points[c]] = np.conj(value) if flipped[c] else value
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
-def _tap_sum(volume, weights, firsts, c, width, grid, columns, reach):
+def _tap_sum(volume, weights, starts, c, width):
     """Point c's kernel sum over one volume stored alone (one complex64 per grid point)."""
     wx, wy, wz = weights[0, :, c], weights[1, :, c], weights[2, :, c]
-    x0 = min(max(firsts[0, c] + reach, 0), columns - width)
     real = np.float32(0.0)
     imag = np.float32(0.0)
     for a in range(width):
-        plane = _wrap(firsts[2, c] + a, grid) * grid
         for b in range(width):
-            start = 2 * ((plane + _wrap(firsts[1, c] + b, grid)) * columns + x0)
+            start = starts[a * width + b, c]
             # the row's taps along x, contiguous (real, imag) pairs, summed in order
             if width == 4:  # the default kernel, unrolled
                 row_real = (volume[start] * wx[0] + volume[start + 2] * wx[1]
@@ -269,38 +279,36 @@ def _tap_sum(volume, weights, firsts, c, width, grid, columns, reach):
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
-def _tap_sums_of_two(volume, weights, firsts, c, width, grid, columns, reach):
+def _tap_sums_of_two(volume, weights, starts, c, width):
     """Point c's kernel sums over two volumes stored side by side (two complex64 per grid point),
-    each in ``_tap_sum``'s order; the default kernel's rows of 4 taps summed as vectors (``_add_pair_row``)."""
+    each in ``_tap_sum``'s order; rows of 4 and 2 taps (the default's and ``relion``'s kernels) summed as
+    vectors (``_add_pair_row``)."""
     wx, wy, wz = weights[0, :, c], weights[1, :, c], weights[2, :, c]
-    x0 = min(max(firsts[0, c] + reach, 0), columns - width)
     zero = np.float32(0.0)
     if width == 4:
         sums = (zero, zero, zero, zero)  # real and imaginary part of each volume's sum
         for a in range(width):
-            plane = _wrap(firsts[2, c] + a, grid) * grid
             for b in range(width):
-                s = 4 * ((plane + _wrap(firsts[1, c] + b, grid)) * columns + x0)
+                s = starts[a * width + b, c]
                 # the row's weights read here: held in a tuple made before the loops, they stay on the stack (slower)
                 sums = _add_pair_row(sums, volume, s, (wx[0], wx[1], wx[2], wx[3]), wz[a] * wy[b])
         return complex(sums[0], sums[1]), complex(sums[2], sums[3])
+    if width == 2:  # relion's trilinear kernel
+        sums = (zero, zero, zero, zero)
+        for a in range(width):
+            for b in range(width):
+                sums = _add_pair_row(sums, volume, starts[a * width + b, c], (wx[0], wx[1]), wz[a] * wy[b])
+        return complex(sums[0], sums[1]), complex(sums[2], sums[3])
     real0, imag0, real1, imag1 = zero, zero, zero, zero
     for a in range(width):
-        plane = _wrap(firsts[2, c] + a, grid) * grid
         for b in range(width):
-            s = 4 * ((plane + _wrap(firsts[1, c] + b, grid)) * columns + x0)
-            if width == 2:
-                row_real0 = volume[s] * wx[0] + volume[s + 4] * wx[1]
-                row_imag0 = volume[s + 1] * wx[0] + volume[s + 5] * wx[1]
-                row_real1 = volume[s + 2] * wx[0] + volume[s + 6] * wx[1]
-                row_imag1 = volume[s + 3] * wx[0] + volume[s + 7] * wx[1]
-            else:
-                row_real0, row_imag0, row_real1, row_imag1 = zero, zero, zero, zero
-                for j in range(width):
-                    row_real0 += volume[s + 4 * j] * wx[j]
-                    row_imag0 += volume[s + 4 * j + 1] * wx[j]
-                    row_real1 += volume[s + 4 * j + 2] * wx[j]
-                    row_imag1 += volume[s + 4 * j + 3] * wx[j]
+            s = starts[a * width + b, c]
+            row_real0, row_imag0, row_real1, row_imag1 = zero, zero, zero, zero
+            for j in range(width):
+                row_real0 += volume[s + 4 * j] * wx[j]
+                row_imag0 += volume[s + 4 * j + 1] * wx[j]
+                row_real1 += volume[s + 4 * j + 2] * wx[j]
+                row_imag1 += volume[s + 4 * j + 3] * wx[j]
             weight = wz[a] * wy[b]
             real0 += row_real0 * weight
             imag0 += row_imag0 * weight
