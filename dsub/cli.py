@@ -15,8 +15,10 @@ from pathlib import Path
 
 if __name__ == "__main__":  # ``python -m dsub.cli``: what the ``dsub`` command sets before its libraries load
     from .command import lean_threads_under_an_address_space_limit
+    from .fork_server import start as start_fork_server
 
     lean_threads_under_an_address_space_limit()
+    start_fork_server(sys.argv[1:])
 
 from . import __version__  # noqa: E402 -- after the settings above
 from .cluster import ClusterSpec, parse_adapt

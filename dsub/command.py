@@ -24,6 +24,9 @@ def run() -> None:
         from .interrupts import stop_once_on_ctrl_c
 
         stop_once_on_ctrl_c()  # before the libraries load: no Ctrl-C is raised inside importlib's own code
+        from . import fork_server
+
+        fork_server.start(sys.argv[1:])  # a local cluster's workers' libraries load beside this process's
         from .cli import entry
 
         entry()

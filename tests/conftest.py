@@ -43,3 +43,25 @@ def ctrl_c_after_chunks(monkeypatch):
             yield
 
     return stopped_after
+
+
+def is_dask_worker(process) -> bool:
+    """Whether a ``psutil.Process`` is a local cluster's worker: spawned (multiprocessing's ``spawn_main``), or
+    forked from the fork server that ``dsub.fork_server`` starts (whose children keep its command line)."""
+    import psutil
+
+    try:
+        line = " ".join(process.cmdline())
+        if "spawn_main" in line:
+            return True
+        parent = process.parent()
+        return "multiprocessing.forkserver" in line and parent is not None \
+            and "multiprocessing.forkserver" in " ".join(parent.cmdline())
+    except psutil.Error:  # gone meanwhile
+        return False
+
+
+@pytest.fixture
+def dask_workers():
+    """``dask_workers(process)``: the local cluster workers among a ``psutil.Process``'s descendants."""
+    return lambda process: [child for child in process.children(recursive=True) if is_dask_worker(child)]

@@ -495,7 +495,7 @@ def test_sigterm_while_a_local_cluster_starts_ends_in_one_line_and_no_worker_lef
     points of its start: the one stop line, exit status 143, and none of its processes left."""
     from dsub.errors import TERMINATED_BEFORE_WRITING
 
-    for at, delay_s in [("Starting a local Dask cluster", 0.3), ("Starting a local Dask cluster", 1.0),
+    for at, delay_s in [("Starting a local Dask cluster", 0.2), ("Starting a local Dask cluster", 0.6),
                         ("Memory:", 0.0)]:
         code, err, left = stop_a_local_run(tmp_path, at, delay_s)
         assert (code, err.strip().splitlines(), left) == (143, [TERMINATED_BEFORE_WRITING], ""), (at, delay_s)

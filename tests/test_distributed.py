@@ -88,15 +88,16 @@ def test_local_cluster_matches_threads(dataset, threaded, tmp_path):
 
 
 def workers_running() -> list[str]:
-    """Command lines of this process's spawned worker processes still running."""
+    """Command lines of this process's local cluster workers still running."""
     import psutil
+
+    from conftest import is_dask_worker
 
     found = []
     for child in psutil.Process().children(recursive=True):
         try:
-            line = " ".join(child.cmdline())
-            if "spawn_main" in line and child.status() != psutil.STATUS_ZOMBIE:
-                found.append(line)
+            if is_dask_worker(child) and child.status() != psutil.STATUS_ZOMBIE:
+                found.append(" ".join(child.cmdline()))
         except psutil.Error:  # gone meanwhile
             pass
     return found
@@ -390,14 +391,37 @@ def slow_dataset(tmp_path_factory):
     return paths, stacks(clean)
 
 
-def test_worker_killed_mid_run_is_replaced_and_output_is_clean(slow_dataset, tmp_path):
+@pytest.mark.parametrize("switch, forked", [(None, True), ("0", False)])
+def test_local_workers_are_forked_from_the_fork_server_unless_switched_off(slow_dataset, tmp_path, dask_workers,
+                                                                          switch, forked):
+    """``--scheduler local`` forks its workers from the fork server the command starts (``dsub.fork_server``);
+    ``DSUB_FORK_SERVER=0`` spawns them as Dask does. Either way the images are those of ``threads``."""
+    import psutil
+
+    paths, clean = slow_dataset
+    environment = {key: value for key, value in os.environ.items() if key != "DSUB_FORK_SERVER"}
+    if switch is not None:
+        environment["DSUB_FORK_SERVER"] = switch
+    run = dsub(paths, tmp_path / "out", "--chunk-size", "4", "--scheduler", "local", "--workers", "2",
+               env=environment)
+    wait_for_chunks(run, tmp_path / "out", 1)
+    workers = dask_workers(psutil.Process(run.pid))
+    lines = [" ".join(worker.cmdline()) for worker in workers]
+    _, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err
+    assert len(workers) == 2 and all(("multiprocessing.forkserver" in line) is forked for line in lines), lines
+    assert all(("spawn_main" in line) is not forked for line in lines), lines
+    assert same_images(stacks(tmp_path / "out"), clean) <= 1e-6
+
+
+def test_worker_killed_mid_run_is_replaced_and_output_is_clean(slow_dataset, tmp_path, dask_workers):
     import psutil
 
     paths, clean = slow_dataset
     outdir = tmp_path / "out"
     run = dsub(paths, outdir, "--chunk-size", "4", "--scheduler", "local", "--workers", "2", start_new_session=True)
     wait_for_chunks(run, outdir, 3)
-    workers = [p for p in psutil.Process(run.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+    workers = dask_workers(psutil.Process(run.pid))
     assert workers, "no worker process found"
     workers[0].kill()  # SIGKILL, mid-task: the nanny restarts it and the scheduler reruns its task
     out, err = run.communicate(timeout=300)
@@ -581,12 +605,13 @@ def sigint_bit(pid: int, field: str) -> bool:
     return bool(int(line.split()[1], 16) & (1 << (signal.SIGINT - 1)))
 
 
-def test_ctrl_c_while_local_workers_start_prints_no_traceback(dataset, tmp_path):
+def test_ctrl_c_while_local_workers_start_prints_no_traceback(dataset, tmp_path, dask_workers):
     """Ctrl-C to the whole group while a worker's Python is starting: one line from dsub, exit 130.
 
     The signal goes as soon as a worker process runs Python with its SIGINT set
-    (caught by Python's handler, or ignored): its imports then take a second or
-    more, before any preload runs.
+    (caught by Python's handler, or ignored): spawned, its imports then take a
+    second or more before any preload runs; forked from the fork server
+    (``dsub.fork_server``), it unpickles the worker's start and makes the worker.
     """
     import psutil
 
@@ -596,10 +621,9 @@ def test_ctrl_c_while_local_workers_start_prints_no_traceback(dataset, tmp_path)
     deadline = time.monotonic() + 120
     starting = False
     while not starting and time.monotonic() < deadline and run.poll() is None:
-        for child in coordinator.children():
+        for child in dask_workers(coordinator):
             with contextlib.suppress(psutil.Error, OSError, StopIteration):
-                if ("spawn_main" in " ".join(child.cmdline())
-                        and child.exe() == python
+                if (child.exe() == python
                         and (sigint_bit(child.pid, "SigCgt") or sigint_bit(child.pid, "SigIgn"))):
                     starting = True
         time.sleep(0.002)

@@ -307,7 +307,7 @@ def test_all_workers_lost_ends_in_one_line_and_keeps_finished_chunks(tmp_path):
     assert finished_chunks(outdir) >= 3 and not (outdir / "particles_subtracted.star").exists()
 
 
-def test_killed_worker_on_a_local_cluster_ends_in_one_line(tmp_path):
+def test_killed_worker_on_a_local_cluster_ends_in_one_line(tmp_path, dask_workers):
     import signal
 
     import psutil
@@ -324,8 +324,7 @@ def test_killed_worker_on_a_local_cluster_ends_in_one_line(tmp_path):
     run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
                            env=environment)
     wait_for_chunks(run, outdir, 1)  # the first chunk is recorded at once, the next ones a second later
-    workers = [p for p in psutil.Process(run.pid).children(recursive=True)
-               if "spawn_main" in " ".join(p.cmdline())]
+    workers = dask_workers(psutil.Process(run.pid))
     assert workers, "no worker process found"
     for worker in workers:
         worker.send_signal(signal.SIGKILL)  # mid-task, as the kernel's or the nanny's memory killer does

@@ -22,7 +22,8 @@ started beside the input checks or when the run takes it up), so the main thread
 which waits for it, takes a Ctrl-C at once. SIGTERM, and a worker's exit when the coordinator
 goes away (Dask's parent-alive pipe), are left as they are. multiprocessing's
 resource tracker is started before, without the mask (it ignores SIGINT and
-SIGTERM by its own design).
+SIGTERM by its own design). Workers forked from the fork server
+(``dsub.fork_server``) inherit the mask the server was started with.
 
 Until 2026-11 a two-line ``/bin/sh`` script in a temporary folder did this (it
 ignored SIGINT and exec'd the interpreter, set with ``spawn.set_executable``): a
@@ -35,26 +36,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 
-#: A ``-W`` option: the resource tracker's "leaked semaphore objects to clean up at shutdown" warnings.
-RESOURCE_TRACKER_QUIET = "ignore::UserWarning:multiprocessing.resource_tracker"
-
-
-def _start_resource_tracker() -> None:
-    """multiprocessing's resource tracker, started now (without SIGINT blocked), and told to keep quiet.
-
-    It cleans up the semaphores of worker processes a stopped run leaves (SIGTERM to
-    the group) and warns about each on the terminal after dsub's own line: it takes
-    this process's -W options (``util._args_from_interpreter_flags``), so that
-    warning is left out.
-    """
-    from multiprocessing import resource_tracker
-
-    if RESOURCE_TRACKER_QUIET not in sys.warnoptions:
-        sys.warnoptions.append(RESOURCE_TRACKER_QUIET)
-    resource_tracker.ensure_running()
-
+from ..fork_server import start_resource_tracker
 
 @contextlib.contextmanager
 def workers_ignore_ctrl_c():
@@ -65,7 +48,7 @@ def workers_ignore_ctrl_c():
     if os.name != "posix" or not hasattr(signal, "pthread_sigmask"):
         yield
         return
-    _start_resource_tracker()
+    start_resource_tracker()
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield

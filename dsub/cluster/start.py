@@ -15,6 +15,7 @@ from pathlib import Path
 
 import dask
 
+from .. import fork_server
 from ..errors import DsubError, out_of_memory, warn
 from .ctrl_c import workers_ignore_ctrl_c
 from .dashboard import dashboard_on_request
@@ -426,6 +427,8 @@ def local_cluster(spec):
     )
     if spec.adapt is not None:
         workers = spec.adapt[0]
+    if fork_server.method() is not None:  # for every worker of the run, those added or restarted later too
+        dask.config.set({"distributed.worker.multiprocessing-method": fork_server.method()})
     # Its workers, spawned now and whenever the cluster adds or restarts one (from the threads made now),
     # leave Ctrl-C to the coordinator from their first instruction on, not only once their preload runs.
     if not gpus:
