@@ -6,7 +6,10 @@ dsub's task module, one after the other and only once the coordinator has
 imported its own modules, checked the inputs' first part and made the
 cluster's scheduler. On a GPU host that put the worker's first instruction 2.3 s
 after the command's launch and its imports done 2 s later, the longest path to
-the first chunk (``benchmarks/worker_timeline.py``; BENCHMARKS.md).
+the first chunk (``benchmarks/worker_timeline.py``; BENCHMARKS.md). Forked from
+the server, a worker made its worker 0.1 s after its first instruction (1.2-1.3
+s spawned) and had CUDA ready 0.2 s later, before the coordinator's checks
+ended; its first chunk began 0.9-1.2 s sooner.
 
 ``start(argv)``, called by the command's entry point before it imports anything
 but the standard library where the command line asks for ``--scheduler
