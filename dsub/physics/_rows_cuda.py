@@ -67,7 +67,8 @@ def source(size: int, box: int, rows: int = ROWS, threads: int = THREADS) -> str
 #define AT(row, column) ((column) * SIZE + (row))
 """ + functions + r"""
 
-// shared memory: two copies of COLUMNS transforms of SIZE points (each contiguous), then the twiddles
+// shared memory: two copies of COLUMNS transforms of SIZE points (each contiguous), then the twiddles; the
+// units (a particle's row of both maps) of a batch of n particles, and the length of a row's half spectrum
 #define SHARED_ARRAYS \
     extern __shared__ float2 shared[]; \
     float2* data = shared; \
@@ -78,7 +79,9 @@ def source(size: int, box: int, rows: int = ROWS, threads: int = THREADS) -> str
         float s, c; \
         sincospif(-2.f * (float)m / (float)SIZE, &s, &c); \
         twiddles[m] = make_float2(c, s); \
-    }
+    } \
+    const long long units = (long long)n * BOX; \
+    const int half_width = SIZE / 2 + 1;
 
 // Rows y of particle p's two images (map 0: images[p], map 1: images[n + p], each (BOX, BOX) row-major), as the
 // signal index u = p * BOX + y: transformed along x into spectra (BOX, capacity, SIZE/2 + 1) at (y, m * n + p).
@@ -86,8 +89,6 @@ extern "C" __global__ void __launch_bounds__(THREADS) field_rows_forward(
     const float* __restrict__ images, complex<float>* __restrict__ spectra, const int n, const long long capacity)
 {
     SHARED_ARRAYS
-    const long long units = (long long)n * BOX;
-    const int half_width = SIZE / 2 + 1;
     for (long long group = blockIdx.x; group * COLUMNS < units; group += gridDim.x) {
         const long long u = group * COLUMNS + column;
         const bool valid = u < units;
@@ -119,8 +120,6 @@ extern "C" __global__ void __launch_bounds__(THREADS) field_rows_inverse(
     const complex<float>* __restrict__ spectra, float* __restrict__ images, const int n, const long long capacity)
 {
     SHARED_ARRAYS
-    const long long units = (long long)n * BOX;
-    const int half_width = SIZE / 2 + 1;
     for (long long group = blockIdx.x; group * COLUMNS < units; group += gridDim.x) {
         const long long u = group * COLUMNS + column;
         const bool valid = u < units;
