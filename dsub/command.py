@@ -13,7 +13,8 @@ import sys
 
 
 def run() -> None:
-    """Load the command line and run it (``cli.entry``); Ctrl-C while loading: one line, exit status 130.
+    """Load the command line and run it (``cli.entry``); Ctrl-C while loading: one line, exit status 130
+    (SIGTERM: one line, 143).
 
     ``entry`` never returns (it ends the process); a ``KeyboardInterrupt`` that
     leaves it came before ``main``'s own handling took over (between the import
@@ -21,21 +22,24 @@ def run() -> None:
     """
     lean_threads_under_an_address_space_limit()
     try:
-        from .interrupts import stop_once_on_ctrl_c
+        from .interrupts import stop_once_on_ctrl_c, terminate_on_sigterm
 
         stop_once_on_ctrl_c()  # before the libraries load: no Ctrl-C is raised inside importlib's own code
+        terminate_on_sigterm()  # likewise for SIGTERM, which would otherwise end the process without a word
         from . import fork_server
 
         fork_server.start(sys.argv[1:])  # a local cluster's workers' libraries load beside this process's
         from .cli import entry
 
         entry()
-    except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C would cut this line short
-        from .errors import INTERRUPTED_BEFORE_WRITING
+    except KeyboardInterrupt as stop:
+        for signum in (signal.SIGINT, signal.SIGTERM):  # another stop would cut this line short
+            signal.signal(signum, signal.SIG_IGN)
+        from .errors import INTERRUPTED_BEFORE_WRITING, TERMINATED_BEFORE_WRITING, Terminated
 
-        print(INTERRUPTED_BEFORE_WRITING, file=sys.stderr, flush=True)
-        os._exit(130)
+        terminated = isinstance(stop, Terminated)
+        print(TERMINATED_BEFORE_WRITING if terminated else INTERRUPTED_BEFORE_WRITING, file=sys.stderr, flush=True)
+        os._exit(143 if terminated else 130)
 
 
 #: malloc arenas a dsub process keeps under an address-space limit (glibc's ``M_ARENA_MAX``; unlimited, one per

@@ -37,9 +37,10 @@ to keep quiet. SIGTERM (a batch system's stop, sent to the whole process
 group): the workers die of it as spawned ones do, the server ignores it
 (``outlast_sigterm``) and ends when the coordinator does (multiprocessing's
 "alive" pipe). A server killed by it had been started again by
-multiprocessing as soon as a nanny restarted its worker, this time without the
-mask, and its children, forked after the coordinator had gone, printed
-tracebacks on the terminal.
+multiprocessing as soon as a nanny restarted its worker, after the signal, and
+its children, forked after the coordinator had gone, printed tracebacks on the
+terminal. A server killed otherwise (SIGKILL) is started again so too: it
+loads dsub's modules (``use_in_dask``) but does not outlast a SIGTERM.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def start_resource_tracker() -> None:
 def asks_for_local_cluster(argv: list[str]) -> bool:
     """Whether a command line (without the program's name) runs ``subtract`` on ``--scheduler local``."""
     words = argv[: argv.index("--")] if "--" in argv else argv
-    if "subtract" not in words:
+    if "subtract" not in words or "-h" in words or "--help" in words:
         return False
     return "--scheduler=local" in words or any(
         word == "--scheduler" and following == "local" for word, following in zip(words, words[1:]))
@@ -148,3 +149,23 @@ def method() -> str | None:
     if configured.get("PYTHONHASHSEED") in (None, "0"):  # the nanny's own seed then (``Nanny.__init__``)
         configured["PYTHONHASHSEED"] = SERVER_ENVIRON["PYTHONHASHSEED"]
     return "forkserver" if configured == SERVER_ENVIRON else None
+
+
+def use_in_dask() -> bool:
+    """Fork Dask's local workers from the server from now on, where ``method`` allows; whether it does.
+
+    Sets ``distributed.worker.multiprocessing-method`` for this process (every
+    worker a cluster adds or restarts later reads it as it starts), and keeps
+    ``PRELOAD`` as the modules of a server multiprocessing starts again (Dask
+    names its own list once, in ``distributed.utils.get_mp_context``).
+    """
+    chosen = method()
+    if chosen is None:
+        return False
+    import dask
+    from distributed.utils import get_mp_context
+
+    dask.config.set({"distributed.worker.multiprocessing-method": chosen})
+    get_mp_context()
+    multiprocessing.get_context(chosen).set_forkserver_preload(list(PRELOAD))
+    return True

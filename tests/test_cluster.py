@@ -727,11 +727,16 @@ def test_a_refused_job_is_told_the_largest_node_of_its_partition(monkeypatch):
 def test_workers_retired_by_adapt_are_no_loss_but_a_drop_below_its_minimum_is():
     from dsub.cluster.runner import workers_lost
 
+    def addresses(count, first=0):
+        return {f"tcp://127.0.0.1:{port}" for port in range(first, first + count)}
+
     fixed = ClusterSpec(scheduler="slurm", workers=4)
-    assert workers_lost(4, 3, fixed) and not workers_lost(3, 4, fixed) and not workers_lost(4, 4, fixed)
+    assert workers_lost(addresses(4), addresses(3), fixed) == 1
+    assert workers_lost(addresses(3), addresses(4), fixed) == 0 and workers_lost(addresses(4), addresses(4), fixed) == 0
+    assert workers_lost(addresses(4), addresses(3) | addresses(1, 100), fixed) == 1  # replaced before it was seen
     adaptive = ClusterSpec(scheduler="slurm", adapt=(2, 16))
-    assert not workers_lost(16, 2, adaptive)  # the work runs out: Dask retires idle workers down to the minimum
-    assert workers_lost(2, 1, adaptive) and workers_lost(9, 0, adaptive)
+    assert workers_lost(addresses(16), addresses(2), adaptive) == 0  # the work runs out: Dask retires idle workers
+    assert workers_lost(addresses(2), addresses(1), adaptive) == 1 and workers_lost(addresses(9), set(), adaptive) == 9
 
 
 @pytest.mark.parametrize("scheduler, profile", [("slurm", "slurm-gpu.yaml"), ("pbs", "pbspro-gpu.yaml"),

@@ -25,6 +25,7 @@ pytestmark = pytest.mark.skipif(os.name != "posix", reason="fork servers and sig
     (["subtract", "p.star", "--scheduler", "slurm"], False),
     (["job-script", "--scheduler", "local"], False),
     (["subtract", "--", "--scheduler", "local"], False),  # words after -- are names, not options
+    (["subtract", "--scheduler", "local", "--help"], False),  # help only: no cluster
 ])
 def test_the_server_is_started_only_for_a_subtraction_on_a_local_cluster(argv, wanted):
     assert fork_server.asks_for_local_cluster(argv) is wanted
@@ -92,3 +93,19 @@ def test_children_of_the_server_have_the_libraries_and_signals_of_a_dask_worker(
     assert seen["server"]["TERM SigIgn"] and seen["server"]["INT SigBlk"] and seen["alive"]
     assert seen["own"] == {"omp": None, "signals": {"INT SigBlk": False, "TERM SigBlk": False,
                                                     "INT SigIgn": False, "TERM SigIgn": False}}
+
+
+def test_dask_forks_every_later_worker_and_a_restarted_server_loads_dsubs_modules(monkeypatch):
+    from multiprocessing import forkserver
+
+    monkeypatch.setattr(fork_server, "_started", True)
+    before = list(forkserver._forkserver._preload_modules)
+    try:
+        with dask.config.set({"distributed.worker.multiprocessing-method": "spawn"}):  # put back as it leaves
+            assert fork_server.use_in_dask()
+            assert dask.config.get("distributed.worker.multiprocessing-method") == "forkserver"
+            assert forkserver._forkserver._preload_modules == list(fork_server.PRELOAD)  # not Dask's own list
+        monkeypatch.setattr(fork_server, "_started", False)
+        assert not fork_server.use_in_dask()
+    finally:
+        forkserver._forkserver._preload_modules = before

@@ -939,9 +939,15 @@ def test_small_memory_figures_are_never_zero():
     assert gigabytes(3e7) == "30 MB" and gigabytes(2.44e9) == "2.4 GB" and gigabytes(1e3) == "1 MB"
 
 
+@pytest.mark.parametrize("stop, code, line", [
+    ("SIGINT", 130, "dsub: interrupted before anything was written; rerun the command to start"),
+    ("SIGTERM", 143, "dsub: stopped by SIGTERM (a batch system's time limit, a preemption or a cancel) before "
+                     "anything was written; rerun the command to start"),
+])
 @pytest.mark.parametrize("delay_s", [0.05, 0.3])
-def test_ctrl_c_while_dsub_loads_ends_in_one_line(small, tmp_path, delay_s):
-    """The console command loads its libraries after its own interrupt handling is in place."""
+def test_ctrl_c_while_dsub_loads_ends_in_one_line(small, tmp_path, delay_s, stop, code, line):
+    """The console command loads its libraries after its own interrupt and SIGTERM handling is in place (a
+    SIGTERM then had ended it without a word)."""
     import signal
     import time
 
@@ -952,10 +958,10 @@ def test_ctrl_c_while_dsub_loads_ends_in_one_line(small, tmp_path, delay_s):
                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert run.stderr.readline() == "started\n"  # Python is up (its own Ctrl-C handling too); dsub is loading
     time.sleep(delay_s)
-    run.send_signal(signal.SIGINT)
+    run.send_signal(getattr(signal, stop))
     _, err = run.communicate(timeout=120)
-    assert run.returncode == 130 and "Traceback" not in err
-    assert err.strip().splitlines() == ["dsub: interrupted before anything was written; rerun the command to start"]
+    assert run.returncode == code and "Traceback" not in err, err
+    assert err.strip().splitlines() == [line]
 
 
 def test_a_sigint_ignored_from_the_start_stays_ignored(small, tmp_path):

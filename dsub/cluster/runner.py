@@ -347,15 +347,16 @@ class DistributedRunner(_Runner):
         from distributed import wait
 
         alone = _Alone(self.client, self.spec.worker_timeout)
-        known = self._worker_count()
+        known = self._worker_addresses()
         while pending:
             try:
                 done, _ = wait(list(pending), timeout=poll, return_when="FIRST_COMPLETED")
             except TimeoutError:
                 done = set()
-            now = self._worker_count()
-            if workers_lost(known, now, self.spec):
-                say(self.spec, workers_left_line(known - now, now, self.spec))
+            now = self._worker_addresses()
+            lost = workers_lost(known, now, self.spec)
+            if lost:
+                say(self.spec, workers_left_line(lost, len(now), self.spec))
             known = now
             for future in done:
                 pending.discard(future)  # one at a time: a slot frees when its result is handed over
@@ -366,8 +367,8 @@ class DistributedRunner(_Runner):
             else:
                 alone.check()
 
-    def _worker_count(self) -> int:
-        return len(self.client.scheduler_info().get("workers", {}))
+    def _worker_addresses(self) -> set:
+        return set(self.client.scheduler_info().get("workers", {}))
 
     def _fetch(self, future, poll: float, alone: "_Alone"):
         """The result of a finished future, waiting while it is recomputed; ``WorkersLost`` if no worker is left.
@@ -442,10 +443,13 @@ def failed_on(client, key) -> FailedOn:
     return FailedOn(task, ", ".join(workers) or None)
 
 
-def workers_lost(before: int, now: int, spec: ClusterSpec) -> bool:
-    """Whether the drop from ``before`` to ``now`` workers is a loss to say: any drop with a fixed number of
-    workers; with ``--adapt``, only below its minimum (above it, workers retired as the work runs out)."""
-    return now < before and (spec.adapt is None or now < spec.adapt[0])
+def workers_lost(before: set, now: set, spec: ClusterSpec) -> int:
+    """How many of the workers at ``before`` (their addresses) are gone ``now``, as a loss to say: any with a
+    fixed number of workers, even where a new one has taken its place (a local nanny restarts a killed
+    worker process within a second, on a new address); with ``--adapt``, only once fewer than its minimum
+    are left (above it, workers retired as the work runs out)."""
+    gone = len(set(before) - set(now))
+    return gone if spec.adapt is None or len(now) < spec.adapt[0] else 0
 
 
 def workers_left_line(lost: int, left: int, spec: ClusterSpec) -> str:

@@ -377,8 +377,10 @@ def few_cores_note(spec) -> str | None:
     """A line for a local cluster of CPU workers on a machine of ``FEW_CORES`` cores or fewer, else None.
 
     Each worker process starts its own Python, imports dsub and prepares its own
-    maps, work that ``threads`` does once in this process; on two cores that
-    made the sample fit take 15 s against 2 s. GPUs are looked for only on such
+    maps, work that ``threads`` does once in this process; on two cores the
+    demo's sample fit took 1.3-1.5 s against 0.5-0.7 s (15 s against 2 s before
+    the workers were forked from ``fork_server``'s loaded libraries and other
+    changes). GPUs are looked for only on such
     a machine (``visible_gpus`` imports CuPy): a local cluster of GPU workers is
     what a machine with GPUs should use.
     """
@@ -427,8 +429,7 @@ def local_cluster(spec):
     )
     if spec.adapt is not None:
         workers = spec.adapt[0]
-    if fork_server.method() is not None:  # for every worker of the run, those added or restarted later too
-        dask.config.set({"distributed.worker.multiprocessing-method": fork_server.method()})
+    fork_server.use_in_dask()  # where the command started the fork server: every worker of the run forked from it
     # Its workers, spawned now and whenever the cluster adds or restarts one (from the threads made now),
     # leave Ctrl-C to the coordinator from their first instruction on, not only once their preload runs.
     if not gpus:
