@@ -21,6 +21,7 @@ import argparse
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -121,7 +122,7 @@ def main():
                 events = json.loads(path.read_text())
                 for name, when in sorted(events.items(), key=lambda item: item[1]):
                     print(f"  {when - launched:6.2f} s  {name}")
-            subprocess.run(["rm", "-rf", str(outdir)], check=True)
+            shutil.rmtree(outdir)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ loads dsub's modules (``use_in_dask``) but does not outlast a SIGTERM.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -97,6 +98,19 @@ def start_resource_tracker() -> None:
     resource_tracker.ensure_running()
 
 
+@contextlib.contextmanager
+def signals_blocked(signals: set):
+    """While the block runs, this thread blocks ``signals`` (the threads it starts, and the processes they
+    start, keep them blocked: POSIX, across ``fork`` and ``execve``); the resource tracker is started first,
+    without them (``start_resource_tracker``)."""
+    start_resource_tracker()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def asks_for_local_cluster(argv: list[str]) -> bool:
     """Whether a command line (without the program's name) runs ``subtract`` on ``--scheduler local``."""
     words = argv[: argv.index("--")] if "--" in argv else argv
@@ -113,25 +127,23 @@ def start(argv: list[str]) -> None:
     if _started or os.environ.get(SWITCH) == "0" or not asks_for_local_cluster(argv) \
             or not hasattr(signal, "pthread_sigmask") or "forkserver" not in multiprocessing.get_all_start_methods():
         return
-    start_resource_tracker()
     from multiprocessing import forkserver
 
     multiprocessing.get_context("forkserver").set_forkserver_preload(list(PRELOAD))
     saved = {name: os.environ.get(name) for name in (*SERVER_ENVIRON, SERVER_MARK)}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        os.environ.update({**SERVER_ENVIRON, SERVER_MARK: "1"})
-        forkserver.ensure_running()  # spawns the server and returns; it imports PRELOAD on its own
-        _started = True
-    except OSError:  # no server: the workers are spawned as Dask does
-        pass
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    with signals_blocked({signal.SIGINT, signal.SIGTERM}):
+        try:
+            os.environ.update({**SERVER_ENVIRON, SERVER_MARK: "1"})
+            forkserver.ensure_running()  # spawns the server and returns; it imports PRELOAD on its own
+            _started = True
+        except OSError:  # no server: the workers are spawned as Dask does
+            pass
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 def method() -> str | None:

@@ -37,7 +37,8 @@ import contextlib
 import os
 import signal
 
-from ..fork_server import start_resource_tracker
+from ..fork_server import signals_blocked
+
 
 @contextlib.contextmanager
 def workers_ignore_ctrl_c():
@@ -48,9 +49,5 @@ def workers_ignore_ctrl_c():
     if os.name != "posix" or not hasattr(signal, "pthread_sigmask"):
         yield
         return
-    start_resource_tracker()
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
+    with signals_blocked({signal.SIGINT}):
         yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -378,9 +378,7 @@ def few_cores_note(spec) -> str | None:
 
     Each worker process starts its own Python, imports dsub and prepares its own
     maps, work that ``threads`` does once in this process; on two cores the
-    demo's sample fit took 1.3-1.5 s against 0.5-0.7 s (15 s against 2 s before
-    the workers were forked from ``fork_server``'s loaded libraries and other
-    changes). GPUs are looked for only on such
+    demo's sample fit took 1.3-1.5 s against 0.5-0.7 s. GPUs are looked for only on such
     a machine (``visible_gpus`` imports CuPy): a local cluster of GPU workers is
     what a machine with GPUs should use.
     """

@@ -7,9 +7,10 @@ Kaiser-Bessel through the same float32 polynomial as ``GriddingKernel.weights``)
 and its ``width³`` taps are summed straight from the prepared transform, row by
 row along x in the NumPy gather's order, so the values are the same to the
 bit on every case tested. A row's taps of two maps side by side are summed as
-4-wide vectors (``_add_pair_row``), in the same order with each product rounded. Per output row: the in-band points' coordinates,
-their weights (loops over the points, which the compiler vectorises), then
-the sums, with each point's rows prefetched a few points ahead (they lie far
+4-wide vectors (``_add_pair_row``), in the same order with each product
+rounded. Per output row: the in-band points' coordinates, their weights and
+their rows' addresses (loops over the points, which the compiler vectorises),
+then the sums, with each point's rows prefetched a few points ahead (they lie far
 apart in a volume much larger than the caches: the first and the last tap of
 each row, which often lie in two cache lines). Several volumes of one grid
 (a half map whole and masked) are sliced in one pass, sharing the points'
@@ -141,7 +142,7 @@ def _prefetch_taps(volume, starts, c, width, floats):
 
 
 @numba.njit(nogil=True, cache=True)
-def _row_weights(coordinates, count, width, kind, series, firsts, weights, starts, units):
+def _row_weights(coordinates, count, width, kind, series, firsts, weights, first_taps, units):
     """First taps and kernel weights of ``count`` points' coordinates (grid units), as ``_axis_taps``.
 
     ``coordinates[axis, c]`` is point c's coordinate; ``firsts[axis, c]`` gets its
@@ -149,17 +150,17 @@ def _row_weights(coordinates, count, width, kind, series, firsts, weights, start
     the tent, or the Kaiser-Bessel polynomial in u = 1 - r² whose coefficients are
     ``series`` (``gridding.kaiser_bessel_series``), in ``GriddingKernel.weights``'
     float32 arithmetic and order. Each loop runs over the points (or every tap of
-    the row) innermost, so the compiler vectorises it. ``starts`` and ``units``
+    the row) innermost, so the compiler vectorises it. ``first_taps`` and ``units``
     are scratch.
     """
     for axis in range(3):
         for c in range(count):
             first = np.float32(np.ceil(coordinates[axis, c] - np.float32(0.5 * width)))
             firsts[axis, c] = np.int64(first)
-            starts[c] = first
+            first_taps[c] = first
         for j in range(width):
             for c in range(count):
-                distance = coordinates[axis, c] - (starts[c] + np.float32(j))
+                distance = coordinates[axis, c] - (first_taps[c] + np.float32(j))
                 if kind == 0:
                     weights[axis, j, c] = max(np.float32(1.0) - abs(distance), np.float32(0.0))
                 else:
@@ -202,7 +203,7 @@ def _gather(volumes, interleaved, rotations, kx, ky, out, box, grid, reach, step
     firsts = np.empty((3, half), dtype=np.int64)
     weights = np.empty((3, width, half), dtype=np.float32)
     row_starts = np.empty((width * width, half), dtype=np.int64)
-    starts = np.empty(half, dtype=np.float32)
+    first_taps = np.empty(half, dtype=np.float32)
     units = np.zeros((3, width, half), dtype=np.float32)
     for p in range(out.shape[1]):
         r = rotations[p]
@@ -230,7 +231,7 @@ def _gather(volumes, interleaved, rotations, kx, ky, out, box, grid, reach, step
                 points[count] = ix
                 flipped[count] = negative
                 count += 1
-            _row_weights(coordinates, count, width, kind, series, firsts, weights, starts, units)
+            _row_weights(coordinates, count, width, kind, series, firsts, weights, first_taps, units)
             _row_starts(firsts, count, width, grid, columns, reach, floats, row_starts)
             for g in range(len(volumes)):
                 volume = volumes[g]
@@ -293,7 +294,7 @@ def _tap_sums_of_two(volume, weights, starts, c, width):
                 # the row's weights read here: held in a tuple made before the loops, they stay on the stack (slower)
                 sums = _add_pair_row(sums, volume, s, (wx[0], wx[1], wx[2], wx[3]), wz[a] * wy[b])
         return complex(sums[0], sums[1]), complex(sums[2], sums[3])
-    if width == 2:  # relion's trilinear kernel
+    if width == 2:  # relion's trilinear kernel: a loop of its own (one loop branching on the width was slower)
         sums = (zero, zero, zero, zero)
         for a in range(width):
             for b in range(width):
