@@ -784,7 +784,9 @@ def test_an_overwrite_run_stopped_once_its_store_has_its_identity_says_to_resume
     assert line == ("dsub: interrupted; the earlier results in the output folder were replaced by this run's: rerun "
                     "the command without --overwrite to resume (the same command with --overwrite starts over)")
     assert main(subtract_args(small, outdir)) == 2
-    assert "holds the results of a different run: --padding" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the store is this run's, stopped before any chunk: said so, and how to go on
+    assert f"{outdir}: holds an unfinished run (0 of 3 chunks done) that differs from this one: --padding was 2" in err
+    assert "Rerun that run's command to finish it" in err and "results of a different run" not in err
     assert main(subtract_args(small, outdir, "--padding", "2")) == 0
     assert "--padding 2" in (outdir / "dsub.log").read_text()
 

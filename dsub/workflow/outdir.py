@@ -272,6 +272,15 @@ class OutdirLock:
                 break
 
 
+def chunks_done(store_path: Path) -> tuple[int, int] | None:
+    """(finished, all) chunks of the store at ``store_path``; None where they cannot be read."""
+    try:
+        finished = store.finished_chunks(store_path)
+    except Exception:  # noqa: BLE001 -- only a message's detail: the refusal stands without it
+        return None
+    return int(finished.sum()), len(finished)
+
+
 def prepare_outdir(outdir: Path, fingerprint: str, overwrite: bool, identity: dict | None = None,
                    tell=None, before_changes=None) -> bool:
     """Make the output folder ready; True if an identical earlier run's store can be resumed.
@@ -345,6 +354,12 @@ def prepare_outdir(outdir: Path, fingerprint: str, overwrite: bool, identity: di
         if not overwrite:
             changes = identity_differences(earlier, identity) if earlier and identity else []
             what = "; ".join(changes) if changes else "other inputs or parameters"
+            done = chunks_done(store_path)
+            if done is not None and done[0] < done[1]:  # stopped before its end: its command would finish it
+                raise OutputExistsError(
+                    f"{outdir}: holds an unfinished run ({done[0]} of {done[1]} chunks done) that differs from this "
+                    f"one: {what}. Rerun that run's command to finish it, choose another output folder, or add "
+                    "--overwrite to replace it.")
             raise OutputExistsError(
                 f"{outdir}: holds the results of a different run: {what}. "
                 "Choose another output folder, or add --overwrite to replace them."
