@@ -1,6 +1,9 @@
 """The compiled CPU slice gather (numba) against its NumPy twin, which tests/test_projector.py checks
 against independent references (and runs those references on the compiled gather too)."""
 
+import mmap
+import os
+
 import numpy as np
 import pytest
 
@@ -12,6 +15,7 @@ from dsub.physics.projector import (
     prepare_volume,
     prepare_volumes,
     projector_kernel,
+    small_page_zeros,
 )
 from dsub.simulate import random_rotations
 
@@ -57,3 +61,32 @@ def test_maps_prepared_side_by_side_slice_as_maps_prepared_alone(kernel, oversam
         reference = _extract_slices_numpy(np, own, matrices, corners, box)
         assert np.array_equal(sliced[index], extract_slices(np, own, matrices, corners))
         np.testing.assert_allclose(sliced[index], reference, rtol=0, atol=1e-6 * np.abs(reference).max())
+
+
+def huge_page_kilobytes(array: np.ndarray) -> int:
+    """AnonHugePages (kB) of the memory mapping that holds the middle of ``array`` (Linux's /proc/self/smaps;
+    NumPy's hint for huge pages splits off the first page of its allocations, which holds malloc's header)."""
+    address, found = array.__array_interface__["data"][0] + array.nbytes // 2, None
+    for line in open("/proc/self/smaps"):
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:
+            start, end = (int(part, 16) for part in fields[0].split("-"))
+            found = start <= address < end
+        elif found and fields[0] == "AnonHugePages:":
+            return int(fields[1])
+    raise AssertionError("no mapping holds the array")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux's /proc/self/smaps")
+def test_maps_prepared_side_by_side_lie_on_small_pages():
+    """The pair is zeros on 4 kB pages (``small_page_zeros``) where NumPy's own arrays get huge pages."""
+    shape = (64, 64, 512, 2)  # 32 MiB
+    ours, numpys = small_page_zeros(shape, np.complex64), np.zeros(shape, np.complex64)
+    assert ours.dtype == np.complex64 and ours.shape == shape and ours.flags.c_contiguous and ours.flags.writeable
+    assert not ours.any()
+    ours[...], numpys[...] = 1, 1  # touched: the kernel backs both now
+    assert huge_page_kilobytes(ours) == 0
+    if huge_page_kilobytes(numpys) == 0:
+        pytest.skip("this kernel gives no transparent huge pages: nothing to tell apart")
+    volumes = prepare_volumes(np, [np.ones((16,) * 3, np.float32)] * 2, *projector_kernel("relion"))
+    assert volumes[0].transform.base is volumes[1].transform.base and isinstance(volumes[0].transform.base.base, mmap.mmap)
