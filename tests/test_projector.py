@@ -152,6 +152,59 @@ def test_float16_rounding_scales_each_map_by_its_own_power_of_two():
     assert float16_exponent(np, np.array([FLOAT16_TOP / 2], np.float32)) == 1
 
 
+def float16_test_values(rng) -> np.ndarray:
+    """float32 values over float16's whole range: random magnitudes from below its smallest subnormal to
+    its largest normal, every float16 value, and every tie half-way between two of them, of both signs."""
+    spread = np.clip(rng.standard_normal(200_000) * 10.0 ** rng.uniform(-9, 4.5, 200_000), -65_000, 65_000)
+    every = np.arange(1, 0x7BFF, dtype=np.uint16).view(np.float16).astype(np.float64)  # 2⁻²⁴ ... 65 504
+    ties = (every[:-1] + every[1:]) / 2
+    values = np.concatenate([spread, every, ties, [0.0, 2.0**-26, 2.0**-25, 3 * 2.0**-25]])
+    return np.concatenate([values, -values]).astype(np.float32)
+
+
+@pytest.mark.parametrize("exponent", [0, 7, -3])
+def test_compiled_float16_rounding_is_numpys_cast_to_the_bit(exponent):
+    """``_float16_cpu`` rounds as NumPy's cast to float16 does (ties to even, subnormals, signed zeros), in
+    the columns asked only."""
+    pytest.importorskip("numba")
+    from dsub.physics._float16_cpu import round_to_float16_in_place
+
+    values = float16_test_values(np.random.default_rng(5)) * np.float32(2.0**-exponent)
+    parts = values[: len(values) // 4 * 4].reshape(1, 1, -1, 4)
+    rounded = parts.copy()
+    round_to_float16_in_place(rounded, slice(1, 3), exponent)
+    scale = np.float32(2.0**exponent)
+    expected = parts.copy()
+    expected[..., 1:3] = (parts[..., 1:3] * scale).astype(np.float16).astype(np.float32) / scale
+    assert np.array_equal(rounded.view(np.uint32), expected.view(np.uint32))
+    assert not np.array_equal(rounded, parts)
+    with pytest.raises(ValueError, match="4-D float32"):
+        round_to_float16_in_place(parts[..., ::2], slice(0, 1), 0)
+
+
+def test_float16_rounding_of_a_pair_is_the_same_with_and_without_numba(monkeypatch):
+    """``rounded_to_float16`` of each map of a side-by-side pair: the compiled pass and NumPy's cast agree."""
+    pytest.importorskip("numba")
+    import builtins
+
+    rng = np.random.default_rng(6)
+    kernel, oversampling = projector_kernel("gridding")
+    volumes = [rng.normal(size=(16,) * 3).astype(np.float32) * weight for weight in (300.0, 0.003)]
+    compiled = prepare_volumes(np, volumes, kernel, oversampling, float16=True)
+    real_import = builtins.__import__
+
+    def without_the_kernel(name, *args, **kwargs):
+        if name.endswith("_float16_cpu") or (args[2:3] and "_float16_cpu" in (args[2] or ())):
+            raise ImportError("numba hidden")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_the_kernel)
+    cast = prepare_volumes(np, volumes, kernel, oversampling, float16=True)
+    assert compiled[0].transform.base is compiled[1].transform.base  # the pair's views, both ways
+    for ours, numpys in zip(compiled, cast):
+        assert np.array_equal(ours.transform.view(np.uint64), numpys.transform.view(np.uint64))
+
+
 def test_relion_projector_error_against_nufft_is_trilinear_sized(real_map_scene):
     relion = oracle_error(real_map_scene, *projector_kernel("relion"))
     assert 0.002 < relion < 0.05  # the trilinear kernel: a few per mille to a few per cent
