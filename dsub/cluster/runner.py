@@ -225,7 +225,7 @@ class _Done:
 
     def __init__(self, task):
         try:
-            self.value, self.error = dask.compute(task, scheduler="sync")[0], None
+            self.value, self.error = _compute_here(task), None
         except Exception as exc:  # noqa: BLE001 -- re-raised by result(), as a future would
             self.value, self.error = None, exc
 
@@ -235,16 +235,21 @@ class _Done:
         return self.value
 
 
+#: Most tasks that feed one GPU at once (reading and writing around it): more threads only compete
+#: with the GPU's own thread for the interpreter lock (one H200, box 256: a GPU turn took 14 ms with
+#: 8 task threads and 48 ms with 16; BENCHMARKS.md).
+GPU_TASK_THREADS = 8  # the threads scheduler's, and each GPU worker's of a local cluster (``start.local_layout``)
+
+
 def threaded_scheduler_threads(spec: ClusterSpec) -> int:
     """Task threads of the ``threads`` scheduler: ``--workers``; else one per core, at most
-    ``start.GPU_TASK_THREADS`` where the tasks compute on a GPU (``spec.device``: cpu, gpu or auto)."""
+    ``GPU_TASK_THREADS`` where the tasks compute on a GPU (``spec.device``: cpu, gpu or auto)."""
     if spec.workers:
         return spec.workers
     cores = os.cpu_count() or 1
     if spec.device == "cpu":
         return cores
     from ..physics.backend import gpu_available
-    from .start import GPU_TASK_THREADS
 
     return min(cores, GPU_TASK_THREADS) if spec.device == "gpu" or gpu_available() else cores
 
@@ -301,8 +306,15 @@ class ThreadRunner(_Runner):
 
 
 def _compute_here(task):
-    """One delayed task, computed in the calling thread."""
-    return dask.compute(task, scheduler="sync")[0]
+    """One delayed task, computed in the calling thread.
+
+    Dask's synchronous scheduler given as the function itself: named ("sync"),
+    Dask first imports distributed to look for a client (0.1-0.5 s, in the
+    threads scheduler's first task).
+    """
+    from dask.local import get_sync
+
+    return dask.compute(task, scheduler=get_sync)[0]
 
 
 def _drain(pending: set):

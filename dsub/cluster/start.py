@@ -21,6 +21,7 @@ from .ctrl_c import workers_ignore_ctrl_c
 from .dashboard import dashboard_on_request
 from .affinity import format_cpu_list, gpu_cpus
 from .gpus import PinnedGPUCluster, visible_gpus
+from .runner import GPU_TASK_THREADS
 
 
 class NoWorkersError(DsubError, TimeoutError):
@@ -346,12 +347,6 @@ def sbatch_test_only(script: str) -> str | None:
     if result.returncode == 0:
         return None
     return (result.stderr or result.stdout).strip().replace("sbatch: error: ", "")
-
-
-#: Most tasks that feed one GPU at once (reading and writing around it): more threads only compete
-#: with the GPU's own thread for the interpreter lock (one H200, box 256: a GPU turn took 14 ms with
-#: 8 task threads and 48 ms with 16; BENCHMARKS.md).
-GPU_TASK_THREADS = 8
 
 
 def local_layout(spec) -> tuple[int, int, list[str]]:

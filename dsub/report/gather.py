@@ -44,23 +44,9 @@ from ..workflow import export, store
 from ..workflow.pipeline import RUN_SUMMARY
 from .columns import FOLDER, ReportColumns
 from .imaging import bin_images, image_spectra, low_pass, shell_frequencies, shell_powers
+from .sizes import (DISPLAY_PIXELS, DISPLAY_PIXELS_MOST, DISPLAY_RESOLUTION_ANGSTROM, DISPLAY_RESOLUTION_PIXELS,
+                    EXAMPLES_PER_HALF, SPECTRUM_BLOCK_BYTES, SPECTRUM_SAMPLE)
 
-#: Particles whose images are read for the power spectra.
-SPECTRUM_SAMPLE = 256
-#: Images of the sample read and reduced to power spectra at once (float32 bytes of each of input and
-#: result): the report holds a few copies of one block, never the whole sample.
-SPECTRUM_BLOCK_BYTES = 8 * 2**20
-#: Example particles shown per half set.
-EXAMPLES_PER_HALF = 3
-#: Display low-pass: at least this resolution, and never finer than this many pixels.
-DISPLAY_RESOLUTION_ANGSTROM = 10.0
-DISPLAY_RESOLUTION_PIXELS = 3.0
-#: Example images larger than this are shown binned (figures draw them at about this many pixels).
-DISPLAY_PIXELS = 128
-#: ... and never larger than this, whatever the low-pass: the figure draws each at 190 pixels (1.9 in at 100 dpi),
-#: and its drawing library takes about 70 bytes for every pixel given (65 MB more for examples of 256 px than of
-#: 128 px, measured 2026-11-30).
-DISPLAY_PIXELS_MOST = 256
 #: A contrast farther than this many robust standard deviations (1.4826 MAD) from the median is flagged.
 OUTLIER_SIGMAS = 4.0
 #: Per-particle fit-quality arrays that a run may record in the store.

@@ -339,7 +339,7 @@ DASK_CLIENT_THREADS = 6
 #: particles, two malloc arenas, preparation and drawing as a run does them): 95-104 MB mapped, 72-75 MB
 #: resident at box 128, 256 and 384 with 1 Å pixels (examples binned to 128 px), and up to 161 MB mapped,
 #: 134 MB resident with 3 Å pixels at box 256 and 512 (examples shown at 256 px). It reads the spectrum sample in
-#: blocks (``report.gather.SPECTRUM_BLOCK_BYTES`` of input and of result images, with their transforms), holds
+#: blocks (``report.sizes.SPECTRUM_BLOCK_BYTES`` of input and of result images, with their transforms), holds
 #: the examples' images at full size, and draws them in one mosaic whose pixels the drawing library copies in
 #: float64 RGBA (about 70 bytes a pixel measured). Each part below is an upper bound of what was measured;
 #: ``REPORT_FIXED_BYTES``: what does not depend on the box (the figures' canvases, the store's arrays).
@@ -357,7 +357,7 @@ REPORT_PREPARATION_COPIES = 2
 
 def report_example_bytes(box: int) -> int:
     """Bytes of the report's example images of ``box``² float32 pixels, one of input, model or result."""
-    from ..report.gather import EXAMPLES_PER_HALF
+    from ..report.sizes import EXAMPLES_PER_HALF
 
     return 2 * EXAMPLES_PER_HALF * box * box * 4
 
@@ -370,7 +370,7 @@ def report_preparation_bytes(box: int) -> int:
 def report_bytes(particles: int, box: int) -> int:
     """Bytes the QC report needs at its peak for ``particles`` of ``box``² pixels: an upper bound of what was
     measured, which does not grow with the box beyond the examples' few images (see ``REPORT_FIXED_BYTES``)."""
-    from ..report.gather import DISPLAY_PIXELS_MOST, EXAMPLES_PER_HALF, SPECTRUM_BLOCK_BYTES, SPECTRUM_SAMPLE
+    from ..report.sizes import DISPLAY_PIXELS_MOST, EXAMPLES_PER_HALF, SPECTRUM_BLOCK_BYTES, SPECTRUM_SAMPLE
 
     image = box * box * 4
     block = min(int(particles), SPECTRUM_SAMPLE, max(1, SPECTRUM_BLOCK_BYTES // image)) * image

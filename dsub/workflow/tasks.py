@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -173,11 +174,13 @@ def prepare_models(maps: MapFiles, settings: SubtractionSettings, device: str) -
 
 def worker_threads_and_limit() -> tuple[int, int | None]:
     """Tasks this process runs at once, and its Dask memory limit (None outside a Dask worker or unlimited)."""
+    # A Dask worker has loaded distributed; the threads scheduler need not (0.1-0.5 s in its first task).
+    distributed = sys.modules.get("distributed")
     try:
-        from distributed import get_worker
-
-        worker = get_worker()
-    except (ImportError, ValueError):
+        worker = distributed.get_worker() if distributed is not None else None
+    except ValueError:
+        worker = None
+    if worker is None:
         return os.cpu_count() or 1, None  # the threaded scheduler: one task per core at most
     limit = worker.memory_manager.memory_limit
     return worker.state.nthreads, int(limit) if limit else None
