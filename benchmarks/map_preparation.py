@@ -1,7 +1,8 @@
 """Time and peak memory of preparing one half-map (whole and masked) on the CPU, per box size.
 
 The progress display's estimate (``dsub.cluster.progress.map_preparation_estimate``)
-uses the constant printed here: seconds per padded voxel × log2(padded voxels).
+uses, for the padded grid's part, the constant printed here: seconds per padded voxel × log2(padded
+voxels) (beside a term for the maps at the particles' box).
 
     python benchmarks/map_preparation.py --boxes 64 96 128 --padding 3
 """

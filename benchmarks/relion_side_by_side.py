@@ -80,10 +80,19 @@ def first_rows(star: Path, count: int, into: Path) -> Path:
     return into
 
 
-def relion_run(relion: str, paths: dict, star: Path, output: Path) -> tuple[float, float]:
-    """``relion_project --subtract_exp`` of ``star``'s particles: (user, system) CPU seconds."""
-    return timed_child([relion, "--i", str(paths["half_a"]), "--mask", str(paths["mask"]), "--ang", str(star),
-                        "--subtract_exp", "--ctf", "--o", str(output)], cwd=star.parent)
+def relion_run(relion: str, paths: dict, star: Path, output: Path, count: int, box: int) -> tuple[float, float]:
+    """``relion_project --subtract_exp`` of ``star``'s ``count`` particles: (user, system) CPU seconds.
+
+    Raises SystemExit where it wrote no stack of ``count`` images of ``box``² (a program that did nothing)."""
+    seconds = timed_child([relion, "--i", str(paths["half_a"]), "--mask", str(paths["mask"]), "--ang", str(star),
+                           "--subtract_exp", "--ctf", "--o", str(output)], cwd=star.parent)
+    stack = output.with_suffix(".mrcs")
+    expected = 1024 + count * box * box * 4  # MRC header, float32 images
+    if not stack.is_file() or stack.stat().st_size < expected:
+        raise SystemExit(f"{relion} wrote no stack of {count} images of {box} px ({stack}): is it RELION's "
+                         "relion_project?")
+    stack.unlink()  # the next run writes to a disk as empty as this one's
+    return seconds
 
 
 def engine_run(folder: Path, projector: str) -> dict:
@@ -102,14 +111,14 @@ def engine(folder: Path, projector: str) -> dict:
     from dsub.formats.mrc import read_images, read_map
     from dsub.particles import HALF_A, HALF_B
     from dsub.physics.fsc import fourier_shell_correlation
-    from dsub.physics.projector import compiled_cpu_gather, prepare_volume, projector_kernel
+    from dsub.physics.projector import FLOAT16_PROJECTORS, extract_slices_of, prepare_volumes, projector_kernel
     from dsub.physics.subtract import SubtractionSettings, prepare_half_map, subtract_batch
 
     table = read_particles(folder / "particles.star")
-    gather = compiled_cpu_gather()
-    if gather is not None:  # numba's import and the cached kernel's load: once per process, not set-up
-        gather(prepare_volume(np, np.ones((8, 8, 8), np.float32), *projector_kernel("gridding")), np.eye(3)[None],
-               "map", 8)
+    # numba's import and its cached kernels' load (the pair's gather, the float16 rounding): once a process
+    small = prepare_volumes(np, [np.ones((8, 8, 8), np.float32)] * 2, *projector_kernel(projector),
+                            float16=projector in FLOAT16_PROJECTORS)
+    extract_slices_of(np, small, np.eye(3)[None], "map", 8)
     settings = SubtractionSettings(projector=projector)
     started, system = time.process_time(), os.times().system
     (half_a, voxel), (half_b, _), (mask, _) = (read_map(folder / f"{name}.mrc") for name in ("half_a", "half_b", "mask"))
@@ -151,7 +160,11 @@ def main():
     if relion is None:
         raise SystemExit(f"{args.relion} not found: install RELION (Debian: apt-get install relion) or give --relion")
     if not 0 < args.small < args.particles:
-        raise SystemExit("--small must be above 0 and below --particles")
+        raise SystemExit(f"--small ({args.small}) must be above 0 and below --particles ({args.particles})")
+    if args.box < 16 or args.repeats < 1:
+        raise SystemExit(f"--box ({args.box}) must be at least 16 and --repeats ({args.repeats}) at least 1")
+    if args.folder is not None and not args.folder.is_dir():
+        raise SystemExit(f"--folder {args.folder}: no such folder")
     version = subprocess.run([relion, "--version"], capture_output=True, text=True).stdout.split("\n")[0].strip()
     print(f"host: {platform.node()}, {os.cpu_count()} CPU cores, python {platform.python_version()}, numpy "
           f"{np.__version__}, {version or 'RELION'}, date {time.strftime('%Y-%m-%d')}")
@@ -163,8 +176,8 @@ def main():
         paths = write_dataset(folder, args.particles, args.box)
         small = first_rows(paths["star"], args.small, folder / "first.star")
         for repeat in range(1, args.repeats + 1):
-            short = relion_run(relion, paths, small, folder / "relion_first")
-            whole = relion_run(relion, paths, paths["star"], folder / "relion_all")
+            short = relion_run(relion, paths, small, folder / "relion_first", args.small, args.box)
+            whole = relion_run(relion, paths, paths["star"], folder / "relion_all", args.particles, args.box)
             each = (sum(whole) - sum(short)) / (args.particles - args.small)
             setup = sum(short) - args.small * each
             rows.append((repeat, "RELION relion_project --subtract_exp --ctf", setup, short[1], 1 / each))
@@ -174,7 +187,8 @@ def main():
                 rows.append((repeat, name, figures["setup_s"], figures["setup_system_s"], figures["rate"]))
     print(f"\nBox {args.box}, {args.particles} particles (RELION's set-up from its first {args.small}), one core, "
           "CPU seconds (user + system) of each process:")
-    print("| repeat | program | set-up (CPU s) | of it system (s) | particles per CPU-second |")
+    print("| repeat | program | set-up (CPU s) | system (s): dsub's set-up, RELION's short run | "
+          "particles per CPU-second |")
     print("|---|---|---|---|---|")
     for repeat, name, setup, system, rate in rows:
         print(f"| {repeat} | {name} | {setup:.2f} | {system:.2f} | {rate:.0f} |")

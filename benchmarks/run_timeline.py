@@ -192,7 +192,8 @@ def main():
     parser.add_argument("--workers", type=int, nargs="+", default=[0],
                         help="local: worker processes per run (0: one per GPU)")
     parser.add_argument("--task-threads", type=int, nargs="+", default=[0],
-                        help="local: task threads per GPU worker (dsub.cluster.start.GPU_TASK_THREADS; 0: dsub's)")
+                        help="local: task threads per GPU worker (GPU_TASK_THREADS as dsub.cluster.start reads it; "
+                             "0: dsub's)")
     parser.add_argument("--switch-interval", type=float, nargs="+", default=[0.0],
                         help="sys.setswitchinterval per run, seconds (0: Python's default)")
     parser.add_argument("--folder", type=Path, default=None)

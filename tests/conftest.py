@@ -3,6 +3,7 @@
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 # A shell without job control starts `make test &` with SIGINT ignored, and every process the tests start
@@ -65,3 +66,12 @@ def is_dask_worker(process) -> bool:
 def dask_workers():
     """``dask_workers(process)``: the local cluster workers among a ``psutil.Process``'s descendants."""
     return lambda process: [child for child in process.children(recursive=True) if is_dask_worker(child)]
+
+
+@pytest.fixture
+def maps_traced_by_tracemalloc(monkeypatch):
+    """The prepared maps' pair made by NumPy (the same bytes), which tracemalloc sees: it sees no memory map,
+    which ``projector.small_page_zeros`` makes."""
+    from dsub.physics import projector
+
+    monkeypatch.setattr(projector, "small_page_zeros", lambda shape, dtype: np.zeros(shape, dtype))

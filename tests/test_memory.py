@@ -40,16 +40,12 @@ def traced_peak(function, *args) -> tuple[int, object]:
 
 @pytest.mark.parametrize("box, projector, padding", [(24, "gridding", None), (40, "gridding", 2.0),
                                                      (48, "relion", None), (32, "gridding", 1.5)])
-def test_preparation_peak_matches_the_measured_peak(box, projector, padding, monkeypatch):
+def test_preparation_peak_matches_the_measured_peak(box, projector, padding, maps_traced_by_tracemalloc):
     """Both half sets prepared one after the other: the peak comes while the last volume is made.
 
     (The resident maps and a batch's working memory are checked in tests/test_subtract.py.)
-    tracemalloc sees no memory map, so the maps' pair (``small_page_zeros``) is made
-    by NumPy here, the same bytes; the compiled kernels are loaded before the trace.
+    The compiled kernels are loaded before the trace.
     """
-    from dsub.physics import projector as projector_module
-
-    monkeypatch.setattr(projector_module, "small_page_zeros", lambda shape, dtype: np.zeros(shape, dtype))
     settings = SubtractionSettings(projector=projector, padding=padding)
     rng = np.random.default_rng(box)
     half_a, half_b = (rng.standard_normal((box,) * 3).astype(np.float32) for _ in range(2))

@@ -153,31 +153,36 @@ def test_float16_rounding_scales_each_map_by_its_own_power_of_two():
 
 
 def float16_test_values(rng) -> np.ndarray:
-    """float32 values over float16's whole range: random magnitudes from below its smallest subnormal to
-    its largest normal, every float16 value, and every tie half-way between two of them, of both signs."""
+    """float32 values over float16's whole range, of both signs: random magnitudes from below its smallest
+    subnormal to its largest normal, every finite float16 value (2⁻²⁴ ... 65 504), every tie half-way between
+    two of them, zero and the ties around the smallest subnormal; a multiple of 4 long (zeros pad it)."""
     spread = np.clip(rng.standard_normal(200_000) * 10.0 ** rng.uniform(-9, 4.5, 200_000), -65_000, 65_000)
-    every = np.arange(1, 0x7BFF, dtype=np.uint16).view(np.float16).astype(np.float64)  # 2⁻²⁴ ... 65 504
+    every = np.arange(1, 0x7C00, dtype=np.uint16).view(np.float16).astype(np.float64)  # 0x7BFF: 65 504
     ties = (every[:-1] + every[1:]) / 2
     values = np.concatenate([spread, every, ties, [0.0, 2.0**-26, 2.0**-25, 3 * 2.0**-25]])
-    return np.concatenate([values, -values]).astype(np.float32)
+    values = np.concatenate([values, -values]).astype(np.float32)
+    return np.concatenate([values, np.zeros(-len(values) % 4, np.float32)])
 
 
 @pytest.mark.parametrize("exponent", [0, 7, -3])
 def test_compiled_float16_rounding_is_numpys_cast_to_the_bit(exponent):
-    """``_float16_cpu`` rounds as NumPy's cast to float16 does (ties to even, subnormals, signed zeros), in
-    the columns asked only."""
+    """``_float16_cpu`` rounds as NumPy's cast to float16 does (ties to even, subnormals, signed zeros), every
+    value; of several columns, the columns asked only."""
     pytest.importorskip("numba")
     from dsub.physics._float16_cpu import round_to_float16_in_place
 
     values = float16_test_values(np.random.default_rng(5)) * np.float32(2.0**-exponent)
-    parts = values[: len(values) // 4 * 4].reshape(1, 1, -1, 4)
-    rounded = parts.copy()
-    round_to_float16_in_place(rounded, slice(1, 3), exponent)
+    parts = values.reshape(1, 1, -1, 4)
     scale = np.float32(2.0**exponent)
-    expected = parts.copy()
-    expected[..., 1:3] = (parts[..., 1:3] * scale).astype(np.float16).astype(np.float32) / scale
+    rounded = parts.copy()
+    round_to_float16_in_place(rounded, slice(0, 4), exponent)
+    expected = (parts * scale).astype(np.float16).astype(np.float32) / scale
     assert np.array_equal(rounded.view(np.uint32), expected.view(np.uint32))
     assert not np.array_equal(rounded, parts)
+    some = parts.copy()
+    round_to_float16_in_place(some, slice(1, 3), exponent)
+    assert np.array_equal(some[..., 1:3].view(np.uint32), expected[..., 1:3].view(np.uint32))
+    assert np.array_equal(some[..., ::3].view(np.uint32), parts[..., ::3].view(np.uint32))  # left as they were
     with pytest.raises(ValueError, match="4-D float32"):
         round_to_float16_in_place(parts[..., ::2], slice(0, 1), 0)
 
@@ -186,6 +191,8 @@ def test_float16_rounding_of_a_pair_is_the_same_with_and_without_numba(monkeypat
     """``rounded_to_float16`` of each map of a side-by-side pair: the compiled pass and NumPy's cast agree."""
     pytest.importorskip("numba")
     import builtins
+
+    from dsub.physics import _float16_cpu
 
     rng = np.random.default_rng(6)
     kernel, oversampling = projector_kernel("gridding")
@@ -198,7 +205,11 @@ def test_float16_rounding_of_a_pair_is_the_same_with_and_without_numba(monkeypat
             raise ImportError("numba hidden")
         return real_import(name, *args, **kwargs)
 
+    def not_to_be_called(*args, **kwargs):
+        raise AssertionError("the compiled rounding ran where numba was hidden")
+
     monkeypatch.setattr(builtins, "__import__", without_the_kernel)
+    monkeypatch.setattr(_float16_cpu, "round_to_float16_in_place", not_to_be_called)
     cast = prepare_volumes(np, volumes, kernel, oversampling, float16=True)
     assert compiled[0].transform.base is compiled[1].transform.base  # the pair's views, both ways
     for ours, numpys in zip(compiled, cast):

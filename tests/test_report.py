@@ -29,6 +29,7 @@ from dsub.report.columns import FOLDER, ReportColumns
 from dsub.report import gather as gather_module
 from dsub.report.gather import gather, prepare, sample_spectra
 from dsub.report.imaging import bin_images, image_spectra, low_pass, radial_power_spectrum
+from dsub.workflow.transcript import LOG_NAME
 
 BOX = 48
 COUNT = 40
@@ -369,6 +370,28 @@ def test_the_runs_warnings_head_the_report(clean_dataset, tmp_path):
     assert warnings and any("density" in warning for warning in warnings)
     text = (outdir / "report" / "index.html").read_text(encoding="utf-8")
     assert text.count('class="warn"') == len(warnings)
+
+
+def test_the_report_of_a_rerun_keeps_the_warnings_of_the_attempt_that_computed(clean_dataset, tmp_path):
+    """The sample fit's warnings are said by the attempt that fits the sample; a rerun that finds the run
+    finished and draws its lost report fits none: the page keeps the warnings of every attempt."""
+    from dsub.formats.mrc import write_map
+
+    paths, _ = clean_dataset
+    unrelated = np.random.default_rng(3).normal(size=(BOX,) * 3).astype(np.float32)
+    noise = {name: tmp_path / f"{name}.mrc" for name in ("half_a", "half_b")}
+    for path in noise.values():  # two files of one map unrelated to the particles: it explains nothing of them
+        write_map(path, unrelated, PIXEL_SIZE)
+    outdir = tmp_path / "out"
+    assert subtract({**paths, **noise}, outdir) == 0
+    warnings = gather(outdir).warnings
+    assert any("explain almost nothing" in warning for warning in warnings), warnings
+    shutil.rmtree(outdir / "report")
+    assert subtract({**paths, **noise}, outdir) == 0
+    log = (outdir / LOG_NAME).read_text()
+    assert log.count("==== ") == 2 and "explain almost nothing" not in log.rsplit("==== ", 1)[1]  # not refitted
+    assert gather(outdir).warnings == warnings
+    assert (outdir / "report" / "index.html").read_text(encoding="utf-8").count('class="warn"') == len(warnings)
 
 
 # ------------------------------------------------------- prepared during the run, from the store, from the star

@@ -63,16 +63,17 @@ def test_maps_prepared_side_by_side_slice_as_maps_prepared_alone(kernel, oversam
         np.testing.assert_allclose(sliced[index], reference, rtol=0, atol=1e-6 * np.abs(reference).max())
 
 
-def huge_page_kilobytes(array: np.ndarray) -> int:
-    """AnonHugePages (kB) of the memory mapping that holds the middle of ``array`` (Linux's /proc/self/smaps;
-    NumPy's hint for huge pages splits off the first page of its allocations, which holds malloc's header)."""
+def mapping_kilobytes(array: np.ndarray, field: str) -> int:
+    """``field`` (kB: "Anonymous", "AnonHugePages") of the memory mapping that holds the middle of ``array``
+    (Linux's /proc/self/smaps; NumPy's hint for huge pages splits off the first page of its allocations, which
+    holds malloc's header)."""
     address, found = array.__array_interface__["data"][0] + array.nbytes // 2, None
     for line in open("/proc/self/smaps"):
         fields = line.split()
         if "-" in fields[0] and len(fields) >= 5:
             start, end = (int(part, 16) for part in fields[0].split("-"))
             found = start <= address < end
-        elif found and fields[0] == "AnonHugePages:":
+        elif found and fields[0] == f"{field}:":
             return int(fields[1])
     raise AssertionError("no mapping holds the array")
 
@@ -84,9 +85,10 @@ def test_maps_prepared_side_by_side_lie_on_small_pages():
     ours, numpys = small_page_zeros(shape, np.complex64), np.zeros(shape, np.complex64)
     assert ours.dtype == np.complex64 and ours.shape == shape and ours.flags.c_contiguous and ours.flags.writeable
     assert not ours.any()
-    ours[...], numpys[...] = 1, 1  # touched: the kernel backs both now
-    assert huge_page_kilobytes(ours) == 0
-    if huge_page_kilobytes(numpys) == 0:
-        pytest.skip("this kernel gives no transparent huge pages: nothing to tell apart")
     volumes = prepare_volumes(np, [np.ones((16,) * 3, np.float32)] * 2, *projector_kernel("relion"))
     assert volumes[0].transform.base is volumes[1].transform.base and isinstance(volumes[0].transform.base.base, mmap.mmap)
+    ours[...], numpys[...] = 1, 1  # touched: the kernel backs both now
+    assert mapping_kilobytes(ours, "Anonymous") == ours.nbytes // 1024  # private to this process, as NumPy's
+    assert mapping_kilobytes(ours, "AnonHugePages") == 0
+    if mapping_kilobytes(numpys, "AnonHugePages") == 0:
+        pytest.skip("this kernel gives no transparent huge pages: nothing to tell apart")

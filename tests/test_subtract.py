@@ -160,15 +160,11 @@ def test_fit_band_excludes_frequencies_outside_it(scene):
 
 @pytest.mark.parametrize("settings", [SubtractionSettings(), SubtractionSettings(projector="relion"),
                                       SubtractionSettings(extension=3.0), SubtractionSettings(field_slice=True)])
-def test_memory_model_matches_measured_allocation(settings, monkeypatch):
+def test_memory_model_matches_measured_allocation(settings, maps_traced_by_tracemalloc):
     import tracemalloc
 
-    from dsub.physics import projector as projector_module
     from dsub.physics.memory import batch_bytes_per_particle, prepared_map_bytes
     from dsub.physics.subtract import ctf_delocalisation_pixels
-
-    # tracemalloc sees no memory map: the maps' pair (``small_page_zeros``) made by NumPy here, the same bytes
-    monkeypatch.setattr(projector_module, "small_page_zeros", lambda shape, dtype: np.zeros(shape, dtype))
 
     box, count = 48, 8
     rng = np.random.default_rng(2)

@@ -272,24 +272,34 @@ class Estimate:
         return ", ".join(parts) or None
 
 
-#: Seconds per (padded voxel × log2 padded voxels) to prepare both half-maps on a CPU, with the single-precision
-#: preparation that transforms only what the map fills: at box 256, 1.4–2.6 CPU s on a 320³ grid (the default)
-#: and 5.9–7.1 s on a 512³ grid (``--projector relion``), i.e. (2–3.2)e-9 (BENCHMARKS.md, "CPU path").
-_PREPARE_SECONDS_PER_VOXEL_LOG = 3.5e-9
+#: Seconds a map voxel of the particles' box to read both half maps and the mask, compute their FSC and
+#: Wiener-filter both (three maps read, four 3D transforms of the box): about 1 s at box 256 on one core.
+_PREPARE_SECONDS_PER_BOX_VOXEL = 6.5e-8
+#: Seconds per (padded voxel × log2 padded voxels) to prepare the four maps (whole and masked, both half
+#: sets) on their padded grid, transforming only what the map fills. At box 256 on one core (2026-12-01,
+#: ``benchmarks/relion_side_by_side.py`` and ``cpu_throughput.py``): the whole set-up 2.0-2.6 s on a 320³
+#: grid (the default) and 3.1-3.9 s on a 512³ grid (``--projector relion``), the grid's part 1.0-1.3 and
+#: 2.3-2.8 s, i.e. (0.65-1.6)e-9.
+_PREPARE_SECONDS_PER_VOXEL_LOG = 1.0e-9
+#: The same for each map brought through the cube of another box's extent (``workflow.rebox``): a real trial
+#: (a 100³ map through a 684³ cube to box 256) took about 60 s on the 2-core VM for the three maps.
+_REBOX_SECONDS_PER_VOXEL_LOG = 1.75e-9
 
 
-def map_preparation_estimate(grid: int, memory_bytes: int | None = None, rebox_voxels: int = 0) -> Estimate:
-    """Expected cost of preparing both half-maps (read, mask, pad to ``grid``³, FFT) on one CPU.
+def map_preparation_estimate(grid: int, memory_bytes: int | None = None, rebox_voxels: int = 0,
+                             box: int = 0) -> Estimate:
+    """Expected cost of preparing both half-maps (read, FSC, mask, pad to ``grid``³, FFT) on one CPU.
 
-    Four padded FFTs of n = ``grid``³ voxels (``grid``: the prepared maps' side,
-    ``physics.gridding.grid_size``): time grows as n·log2 n (constant measured
-    on a CPU, see BENCHMARKS.md). ``memory_bytes``: the peak, from
-    ``physics.memory.preparation_peak_bytes``. ``rebox_voxels``: the side of the
-    cube maps of another box are brought through first (0: none).
+    The maps at the particles' ``box`` (0: left out) are read, compared (FSC)
+    and filtered: time grows as box³; four padded FFTs of n = ``grid``³ voxels
+    (``grid``: the prepared maps' side, ``physics.gridding.grid_size``) grow as
+    n·log2 n (constants measured on a CPU, see BENCHMARKS.md). ``memory_bytes``:
+    the peak, from ``physics.memory.preparation_peak_bytes``. ``rebox_voxels``:
+    the side of the cube maps of another box are brought through first (0: none).
     """
     voxels = float(grid) ** 3
-    seconds = _PREPARE_SECONDS_PER_VOXEL_LOG * voxels * math.log2(voxels)
-    if rebox_voxels:  # three maps (half maps, mask) each through an FFT of that cube, about half the above each
+    seconds = _PREPARE_SECONDS_PER_BOX_VOXEL * float(box) ** 3 + _PREPARE_SECONDS_PER_VOXEL_LOG * voxels * math.log2(voxels)
+    if rebox_voxels:  # three maps (half maps, mask) each through an FFT of that cube
         cube = float(rebox_voxels) ** 3
-        seconds += 3 * 0.5 * _PREPARE_SECONDS_PER_VOXEL_LOG * cube * math.log2(cube)
+        seconds += 3 * _REBOX_SECONDS_PER_VOXEL_LOG * cube * math.log2(cube)
     return Estimate(seconds=seconds, memory_bytes=memory_bytes)

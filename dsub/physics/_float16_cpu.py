@@ -4,7 +4,7 @@
 a GPU stores them: scaled by a power of two, cast to float16 (IEEE 754
 round to nearest, ties to even, as CuPy's cast) and scaled back. NumPy's cast
 runs about 3.5 ns a value here (no vector instructions for float16 on this
-path): 2.2 s of a worker's 4.4 s set-up at box 256. This kernel rounds in
+path): 2.8 s of a worker's 4.4 s set-up at box 256. This kernel rounds in
 float32 arithmetic, one pass, the same values (tests/test_projector.py
 compares it with NumPy's cast over every range):
 

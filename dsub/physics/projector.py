@@ -38,6 +38,7 @@ map's content where the 3D point lies inside the map's Nyquist cube (``corners =
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 from dataclasses import dataclass
 from functools import lru_cache
@@ -217,15 +218,19 @@ def small_page_zeros(shape, dtype) -> np.ndarray:
     mostly from memory the machine has used before: both half sets' prepared maps
     at box 256 with ``--projector relion`` (2.2 GB) took 6.7 s to set up on huge
     pages and 3.4 s on 4 kB pages, and the slice gather read them 3 % slower
-    (BENCHMARKS.md, "Prepared maps on 4 kB pages"). The kernel's anonymous pages
-    start as zeros; elsewhere than Linux the hint is left out.
+    (BENCHMARKS.md, "RELION side by side on the CPU; maps on 4 kB pages"). A
+    private anonymous map: its pages start as zeros and belong to this process
+    alone, as NumPy's own memory. Elsewhere than Linux the hint is left out.
     """
     count = int(np.prod(shape))
-    mapping = mmap.mmap(-1, max(1, count * np.dtype(dtype).itemsize))
+    private = {"flags": mmap.MAP_PRIVATE} if hasattr(mmap, "MAP_PRIVATE") else {}  # Python's default is shared
+    mapping = mmap.mmap(-1, max(1, count * np.dtype(dtype).itemsize), **private)
     no_huge_pages = getattr(mmap, "MADV_NOHUGEPAGE", None)
     if no_huge_pages is not None:
-        mapping.madvise(no_huge_pages)
-    return np.ndarray(shape, dtype=dtype, buffer=mapping)  # its base is the map: views of it see it as theirs
+        with contextlib.suppress(OSError):  # a kernel without transparent huge pages refuses the hint: none to avoid
+            mapping.madvise(no_huge_pages)
+    # The mapping is the array's base, so views of the array (each map of a pair) have the array as theirs.
+    return np.ndarray(shape, dtype=dtype, buffer=mapping)
 
 
 #: ``float16_exponent`` scales a map's largest part into (FLOAT16_TOP / 2, FLOAT16_TOP]: float16's normal
@@ -249,8 +254,8 @@ def rounded_to_float16(xp, prepared: PreparedVolume) -> PreparedVolume:
 
     The complex64 transform's parts are scaled by ``2**float16_exponent``, rounded to
     float16 (round to nearest even, as CuPy's cast) and scaled back: exact in float32.
-    Where numba imports, in one compiled pass (``_float16_cpu``: NumPy's cast to
-    float16 took half of a worker's set-up), the same values.
+    On NumPy where numba imports, in one compiled pass (``_float16_cpu``: NumPy's
+    cast to float16 took 2.8 s of a worker's 4.4 s set-up at box 256), the same values.
     """
     transform = prepared.transform
     if transform.flags.c_contiguous:  # (P, P, C) complex64: its parts (P, P, C, 2)
@@ -263,13 +268,14 @@ def rounded_to_float16(xp, prepared: PreparedVolume) -> PreparedVolume:
         whole, columns = pair.view(np.float32), _pair_index(transform)
     parts = whole[..., columns]
     exponent = float16_exponent(xp, parts)
-    try:
-        from ._float16_cpu import round_to_float16_in_place
-    except (ImportError, RuntimeError):  # no numba (or nowhere to cache its code): NumPy's cast below
-        pass
-    else:
-        round_to_float16_in_place(whole, columns, exponent)
-        return prepared
+    if xp.__name__ == "numpy":
+        try:
+            from ._float16_cpu import round_to_float16_in_place
+        except (ImportError, RuntimeError):  # no numba (or nowhere to cache its code): NumPy's cast below
+            pass
+        else:
+            round_to_float16_in_place(whole, columns, exponent)
+            return prepared
     scale = np.float32(2.0**exponent)
     for start in range(0, len(parts), _PLANES):  # a few planes at a time: no copy of the whole map
         planes = parts[start : start + _PLANES]

@@ -214,15 +214,20 @@ def finished_run_files(outdir: Path) -> None:
 
 
 def run_warnings(outdir: Path) -> list[str]:
-    """The warnings the last attempt printed (``dsub: warning:`` lines of its part of dsub.log)."""
+    """The warnings of the run's attempts (``dsub: warning:`` lines of dsub.log), each once, in order.
+
+    Every part of dsub.log is an attempt of the run whose results OUTDIR holds (a
+    different run is refused, or replaces the log with ``--overwrite``); a rerun
+    that only finds the run finished, or draws a missing report, says no warning
+    of its own, so the last part alone would drop those of the attempts that
+    computed the results.
+    """
     log = outdir / LOG_NAME
     if not log.is_file():
         return []
-    lines = log.read_text(errors="replace").splitlines()
-    starts = [i for i, line in enumerate(lines) if line.startswith("==== ")]
-    last = lines[starts[-1] + 1:] if starts else lines
     prefix = "dsub: warning: "
-    return list(dict.fromkeys(line[len(prefix):] for line in last if line.startswith(prefix)))
+    lines = log.read_text(errors="replace").splitlines()
+    return list(dict.fromkeys(line[len(prefix):] for line in lines if line.startswith(prefix)))
 
 
 def gather(outdir: Path, prepared: Prepared | None = None) -> ReportData:

@@ -358,8 +358,8 @@ def prepare_outdir(outdir: Path, fingerprint: str, overwrite: bool, identity: di
             if done is not None and done[0] < done[1]:  # stopped before its end: its command would finish it
                 raise OutputExistsError(
                     f"{outdir}: holds an unfinished run ({done[0]} of {done[1]} chunks done) that differs from this "
-                    f"one: {what}. Rerun that run's command to finish it, choose another output folder, or add "
-                    "--overwrite to replace it.")
+                    f"one: {what}. Rerun that run's command (without --overwrite) to finish it, choose another "
+                    "output folder, or add --overwrite to replace it.")
             raise OutputExistsError(
                 f"{outdir}: holds the results of a different run: {what}. "
                 "Choose another output folder, or add --overwrite to replace them."

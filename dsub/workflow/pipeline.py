@@ -265,7 +265,7 @@ def prepare_maps_where_visible(maps: MapFiles, settings, options: RunOptions, bo
     device = here or workers_device
     peak = max(preparation_peak_bytes(box, settings, "cpu" if device == "cpu" else "gpu"),
                resources.REBOX_BYTES_PER_VOXEL * rebox**3)
-    estimate = map_preparation_estimate(size, peak, rebox)
+    estimate = map_preparation_estimate(size, peak, rebox, box)
     if device != "cpu":  # the time model is one CPU's
         estimate = dataclasses.replace(estimate, seconds=None)
     estimate = estimate.text() + {"cpu": "", "gpu": " of GPU memory",

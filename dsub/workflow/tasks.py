@@ -178,7 +178,7 @@ def worker_threads_and_limit() -> tuple[int, int | None]:
     distributed = sys.modules.get("distributed")
     try:
         worker = distributed.get_worker() if distributed is not None else None
-    except ValueError:
+    except (ValueError, AttributeError):  # no worker here; or distributed half-imported by another thread
         worker = None
     if worker is None:
         return os.cpu_count() or 1, None  # the threaded scheduler: one task per core at most
