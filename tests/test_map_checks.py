@@ -309,3 +309,28 @@ def test_maps_smaller_than_the_particles_box_are_refused_where_the_contrast_is_n
     assert not (tmp_path / "none").exists()
     # The same maps at the particles' box are subtracted with --scale none.
     assert run(paths, tmp_path / "whole", "--scheduler", "sync", "--scale", "none") == 0
+
+
+def test_half_maps_that_share_no_signal_are_refused_before_the_chunks(dataset, tmp_path, capsys):
+    """Two unrelated maps given as half maps: their FSC is nowhere significant, the FSC-weighted fit would see an
+    empty model and give every particle a contrast of 0 (said before as "blank images"); refused in one line
+    naming both maps, nothing written. ``--fit-weighting none`` fits against them as they are; the refinement's
+    own half maps, noisy or not, pass."""
+    paths, _ = dataset
+    rng = np.random.default_rng(11)
+    unrelated = {name: tmp_path / f"{name}.mrc" for name in ("half_a", "half_b")}
+    for path in unrelated.values():
+        write_map(path, rng.normal(size=(BOX,) * 3).astype(np.float32), read_map(paths["half_a"])[1])
+    outdir = tmp_path / "out"
+    assert run(paths, outdir, **unrelated) == 2
+    err = capsys.readouterr().err
+    assert (f"dsub: error: {unrelated['half_a']}: shares no signal with {unrelated['half_b']}, the other half map: "
+            "their Fourier shell correlation is nowhere above its noise") in err
+    assert "--fit-weighting none" in err and "blank" not in err and err.count("dsub: error:") == 1
+    assert not (outdir / "particles_subtracted.star").exists() and not (outdir / "subtracted.zarr").exists()
+    assert run(paths, tmp_path / "plain", "--fit-weighting", "none", **unrelated) == 0
+    noisy = {name: tmp_path / f"noisy_{name}.mrc" for name in ("half_a", "half_b")}
+    for name, path in noisy.items():  # the refinement's maps, each with noise of its own twice its signal
+        volume, voxel = read_map(paths[name])
+        write_map(path, volume + rng.normal(0, 2 * volume.std(), volume.shape).astype(np.float32), voxel)
+    assert run(paths, tmp_path / "noisy", **noisy) == 0

@@ -160,11 +160,33 @@ def half_map_models(maps: MapFiles, settings: SubtractionSettings, device: str) 
                 half_a, half_b = (lowpass_map(xp, half, fsc_voxel, settings.lowpass_angstrom) for half in (half_a, half_b))
             # One map for all (--single-map): no second half to tell signal from noise.
             fsc = None if maps.half_a == maps.half_b else fourier_shell_correlation(xp, half_a, half_b, fsc_voxel)
+            if fsc is not None and settings.fit.weighting == "fsc":
+                refuse_half_maps_without_common_signal(maps, fsc)
             _models[key] = {
                 HALF_A: prepare_half_map(xp, half_a, mask, settings, fsc, voxel),
                 HALF_B: prepare_half_map(xp, half_b, mask, settings, fsc, voxel),
             }
         return _models[key]
+
+
+def refuse_half_maps_without_common_signal(maps: MapFiles, fsc) -> None:
+    """Raise ``InputFileError`` where no shell of the half maps' FSC is above its noise (``ShellCurve.significant``).
+
+    The contrast fit weighs each shell by that FSC (``fsc.wiener_filter``): with
+    none significant its model is empty, every particle's contrast would be 0
+    and its fit correlation 0, as for blank images. Two halves of one
+    refinement agree at low resolution whatever their noise; maps that share
+    nothing are another run's, or not half maps.
+    """
+    if np.any(fsc.significant().values > 0):
+        return
+    raise InputFileError(
+        maps.half_a,
+        f"shares no signal with {maps.half_b}, the other half map: their Fourier shell correlation is nowhere "
+        "above its noise (3σ), so the contrast fit, which weighs each shell by it, would have nothing to fit and "
+        "every particle's contrast would be 0.",
+        "Give the two half maps of the refinement these particles come from (or --fit-weighting none to fit "
+        "against the maps as they are).")
 
 
 def prepare_models(maps: MapFiles, settings: SubtractionSettings, device: str) -> None:
