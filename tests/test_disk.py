@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 
 import pytest
 
@@ -103,9 +104,19 @@ def test_a_resume_needs_room_only_for_what_is_left(small, tmp_path, monkeypatch,
     assert "this run writes about" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
 
-    assert main(subtract_args(small, outdir, "--quiet")) == 0, capsys.readouterr().err
+    import dsub.workflow.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "DISK_STATED_BYTES", 1)
+    assert main(subtract_args(small, outdir)) == 0, capsys.readouterr().err
     summary = json.loads((outdir / "dsub_run.json").read_text())
     assert summary["chunks_skipped"] == 1 and summary["attempts"][-1]["chunks_done"] == 2
+    memory = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Memory:")]
+    whole = 3 * STACK_BYTES + metadata_estimate(small)
+    said = re.search(r"; the outputs take about (.+) \(stacks .+\) of disk, ([\d.]+) (kB|MB) of it still to write\.$",
+                     memory[0])
+    assert said and said[1] == disk.size_text(whole), memory[0]
+    left = float(said[2]) * {"kB": 1e3, "MB": 1e6}[said[3]]  # the first chunk's stack is written: two left
+    assert whole - STACK_BYTES - 0.03e6 <= left < whole - 0.5 * STACK_BYTES, memory[0]  # (the store's part kept too)
 
 
 def test_overwrite_counts_the_room_of_the_results_it_replaces(small, tmp_path, monkeypatch, capsys):

@@ -468,7 +468,10 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
     def before_changes(resumes: bool) -> None:
         # Once OUTDIR is examined: a rerun with nothing to compute needs no worker, so states no memory.
         if not nothing_to_compute(store_path, outdir, layout, bounds, out_box, options, resumes):
-            announce_resources(plan, options, outputs, particles=len(table), report_box=out_box)
+            left = (disk.plan_disk(outdir, layout, len(table), out_box, options.chunk_size, options.float16,
+                                   options.keep_store, particle_files, takes_up=True).total
+                    if resumes and store_takes_up(store_path, options) else None)
+            announce_resources(plan, options, outputs, particles=len(table), report_box=out_box, left_to_write=left)
         check_disk_room(outdir, layout, len(table), out_box, options, particle_files, resumes)
 
     resuming = prepare_outdir(outdir, fingerprint, options.overwrite, identity, lambda line: say(options, line),
@@ -780,7 +783,7 @@ def plan_resources(box: int, settings, options: RunOptions, map_voxels: int = 0)
 
 
 def announce_resources(plan, options: RunOptions, outputs: disk.DiskNeed | None = None, particles: int = 0,
-                       report_box: int = 0) -> None:
+                       report_box: int = 0, left_to_write: int | None = None) -> None:
     """Print the memory each worker needs (the ``Memory:`` line); refuse here when this machine cannot hold it,
     or when under an address-space limit this process cannot hold its own share and the QC report of
     ``particles`` images of ``report_box`` px (``resources.check_coordinator``).
@@ -788,10 +791,13 @@ def announce_resources(plan, options: RunOptions, outputs: disk.DiskNeed | None 
     Called once OUTDIR is examined and before anything there changes, for a run
     with work to do (``nothing_to_compute``): a rerun of a finished run starts
     no worker and says only that it is finished. ``outputs``: what the run
-    writes (``disk.plan_disk``), stated in the same line from ``DISK_STATED_BYTES`` on.
+    writes (``disk.plan_disk``), stated in the same line from ``DISK_STATED_BYTES`` on; ``left_to_write``:
+    on a resume, the bytes of it that the earlier attempts left to write, said beside it.
     """
     written = (f"; the outputs take about {outputs.describe()} of disk"
                if outputs is not None and outputs.total >= DISK_STATED_BYTES else "")
+    if written and left_to_write is not None and left_to_write < outputs.total:
+        written += f", {disk.size_text(left_to_write)} of it still to write"
     say(options, f"Memory: {plan.describe()}{written}.")
     if not options.cluster.distributed:
         resources.check_this_machine(plan, particles, report_box or plan.need.box)
