@@ -65,7 +65,8 @@ def timed_child(command: list, **kwargs) -> tuple[float, float]:
     before = children_cpu()
     result = subprocess.run(command, capture_output=True, text=True, **kwargs)
     if result.returncode != 0:
-        raise SystemExit(f"{command[0]} failed ({result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+        raise SystemExit(f"{command[0]} failed ({result.returncode}):\n{result.stdout[-2000:]}\n"
+                         f"{result.stderr[-2000:]}")
     after = children_cpu()
     return after[0] - before[0], after[1] - before[1]
 
@@ -121,7 +122,8 @@ def engine(folder: Path, projector: str) -> dict:
     extract_slices_of(np, small, np.eye(3)[None], "map", 8)
     settings = SubtractionSettings(projector=projector)
     started, system = time.process_time(), os.times().system
-    (half_a, voxel), (half_b, _), (mask, _) = (read_map(folder / f"{name}.mrc") for name in ("half_a", "half_b", "mask"))
+    (half_a, voxel), (half_b, _), (mask, _) = (read_map(folder / f"{name}.mrc")
+                                               for name in ("half_a", "half_b", "mask"))
     curve = fourier_shell_correlation(np, half_a, half_b, voxel)
     models = {half: prepare_half_map(np, volume, mask, settings, curve) for half, volume in ((HALF_A, half_a),
                                                                                           (HALF_B, half_b))}
@@ -146,7 +148,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--box", type=int, default=256)
     parser.add_argument("--particles", type=int, default=4096,
-                        help="particles of the data set (RELION holds every output image until its end: its cost a particle grows with more)")
+                        help="particles of the data set (RELION holds every output image until its end: its cost "
+                             "a particle grows with more)")
     parser.add_argument("--small", type=int, default=64, help="particles of RELION's short run (its set-up)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--folder", type=Path, default=None, help="folder for the data set (a temporary one in it)")

@@ -86,9 +86,11 @@ def test_maps_prepared_side_by_side_lie_on_small_pages():
     assert ours.dtype == np.complex64 and ours.shape == shape and ours.flags.c_contiguous and ours.flags.writeable
     assert not ours.any()
     volumes = prepare_volumes(np, [np.ones((16,) * 3, np.float32)] * 2, *projector_kernel("relion"))
-    assert volumes[0].transform.base is volumes[1].transform.base and isinstance(volumes[0].transform.base.base, mmap.mmap)
+    pair = volumes[0].transform.base
+    assert volumes[1].transform.base is pair and isinstance(pair.base, mmap.mmap)
     ours[...], numpys[...] = 1, 1  # touched: the kernel backs both now
-    assert mapping_kilobytes(ours, "Anonymous") == ours.nbytes // 1024  # private to this process, as NumPy's
+    # private to this process, as NumPy's (a shared map has none); a neighbouring private map may share its entry
+    assert mapping_kilobytes(ours, "Anonymous") >= ours.nbytes // 1024
     assert mapping_kilobytes(ours, "AnonHugePages") == 0
     if mapping_kilobytes(numpys, "AnonHugePages") == 0:
         pytest.skip("this kernel gives no transparent huge pages: nothing to tell apart")

@@ -298,7 +298,8 @@ def map_preparation_estimate(grid: int, memory_bytes: int | None = None, rebox_v
     the side of the cube maps of another box are brought through first (0: none).
     """
     voxels = float(grid) ** 3
-    seconds = _PREPARE_SECONDS_PER_BOX_VOXEL * float(box) ** 3 + _PREPARE_SECONDS_PER_VOXEL_LOG * voxels * math.log2(voxels)
+    seconds = (_PREPARE_SECONDS_PER_BOX_VOXEL * float(box) ** 3
+               + _PREPARE_SECONDS_PER_VOXEL_LOG * voxels * math.log2(voxels))
     if rebox_voxels:  # three maps (half maps, mask) each through an FFT of that cube
         cube = float(rebox_voxels) ** 3
         seconds += 3 * _REBOX_SECONDS_PER_VOXEL_LOG * cube * math.log2(cube)

@@ -170,8 +170,9 @@ def prepare_volumes(xp, volumes, kernel: GriddingKernel, oversampling: float, fl
     (P, P, C, 2) complex64 (views of ``prepared_shape``), so the slice kernels
     (``_slice_cuda.extract_slice_pair_cuda``, ``_slice_cpu.extract_slices_of_numba``)
     read both maps' taps of a point in one load; the values are those of
-    ``prepare_volume``. On NumPy that array lies on 4 kB pages (``small_page_zeros``). Elsewhere (no numba, another count) each map has its own
-    array. numba is found here, not imported (its import belongs to the first slice).
+    ``prepare_volume``. On NumPy that array lies on 4 kB pages (``small_page_zeros``).
+    Elsewhere (no numba, another count) each map has its own array. numba is
+    found here, not imported (its import belongs to the first slice).
 
     ``float16``: every value rounded to float16 after scaling each map by the power
     of two that puts its largest part in (2¹⁴, 2¹⁵] (``rounded_to_float16``): on CuPy
@@ -216,8 +217,8 @@ def small_page_zeros(shape, dtype) -> np.ndarray:
     first used (a virtual machine whose host takes back free memory), each huge
     page handed over costs about 2 s of system time a GB, while 4 kB pages come
     mostly from memory the machine has used before: both half sets' prepared maps
-    at box 256 with ``--projector relion`` (2.2 GB) took 6.7 s to set up on huge
-    pages and 3.4 s on 4 kB pages, and the slice gather read them 3 % slower
+    at box 256 with ``--projector relion`` (2.2 GB) took 6.5 s to set up on huge
+    pages and 3.1-3.2 s on 4 kB pages, and the slice gather read them 4-7 % slower
     (BENCHMARKS.md, "RELION side by side on the CPU; maps on 4 kB pages"). A
     private anonymous map: its pages start as zeros and belong to this process
     alone, as NumPy's own memory. Elsewhere than Linux the hint is left out.

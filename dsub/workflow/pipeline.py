@@ -467,12 +467,12 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
         adopt_strict_run(store_path, identity, fingerprint)
     def before_changes(resumes: bool) -> None:
         # Once OUTDIR is examined: a rerun with nothing to compute needs no worker, so states no memory.
+        need = disk_need(outdir, layout, len(table), out_box, options, particle_files, resumes)
         if not nothing_to_compute(store_path, outdir, layout, bounds, out_box, options, resumes):
-            left = (disk.plan_disk(outdir, layout, len(table), out_box, options.chunk_size, options.float16,
-                                   options.keep_store, particle_files, takes_up=True).total
-                    if resumes and store_takes_up(store_path, options) else None)
+            left = need[0].total if need is not None and need[1] else None  # taken up: only what is left
             announce_resources(plan, options, outputs, particles=len(table), report_box=out_box, left_to_write=left)
-        check_disk_room(outdir, layout, len(table), out_box, options, particle_files, resumes)
+        if need is not None:
+            disk.check_room(outdir, *need, options.float16, options.keep_store)
 
     resuming = prepare_outdir(outdir, fingerprint, options.overwrite, identity, lambda line: say(options, line),
                               before_changes=before_changes)
@@ -817,9 +817,10 @@ def nothing_to_compute(store_path: Path, outdir: Path, layout, bounds, box: int,
     return sample_check_if_all_done(store_path, outdir, layout, bounds, box, options) is not None
 
 
-def check_disk_room(outdir: Path, layout, count: int, box: int, options: RunOptions, particle_files,
-                    resumes: bool) -> None:
-    """Refuse, before anything in OUTDIR changes, a run whose outputs its file system cannot hold (``disk``).
+def disk_need(outdir: Path, layout, count: int, box: int, options: RunOptions, particle_files,
+              resumes: bool) -> tuple[disk.DiskNeed, bool] | None:
+    """What the run writes into OUTDIR, for ``disk.check_room`` before anything there changes: (``DiskNeed``,
+    whether it takes up an earlier run's store and stacks), or None where it writes no stack.
 
     ``resumes``: the run takes up an identical earlier run's store
     (``prepare_outdir``): then only what that run left is counted, unless it
@@ -831,13 +832,13 @@ def check_disk_room(outdir: Path, layout, count: int, box: int, options: RunOpti
     if resumes and store.images_deleted(store_path):
         written = export.stack_sizes(layout, box, np.float16 if options.float16 else np.float32)
         if lost_from_finished_run(outdir, written) is None:
-            return  # finished: at most the star and .cs are written again
+            return None  # finished: at most the star and .cs are written again
         takes_up = False
     elif resumes and not store_takes_up(store_path, options):
         takes_up = False
     need = disk.plan_disk(outdir, layout, count, box, options.chunk_size, options.float16, options.keep_store,
                           particle_files, takes_up)
-    disk.check_room(outdir, need, takes_up, options.float16, options.keep_store)
+    return need, takes_up
 
 
 def write_qc_report(outdir: Path, options: RunOptions, preparation=None) -> None:
