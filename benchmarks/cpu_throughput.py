@@ -18,7 +18,7 @@ slots does), and prints the rate each would have on cores of its own (each threa
 less its wait for a core, from Linux's schedstat, since other jobs may share the machine) and the
 share of time a thread was blocked (on the GIL or a lock): two threads add up when that is ~0.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/cpu_throughput.py [--boxes 128 256] [--batch 32]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/cpu_throughput.py [--boxes 128 256] [--particles 32] [--batch N]
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from gpu_throughput import scene  # noqa: E402
 from dsub.physics import fsc, projector, subtract  # noqa: E402
 from dsub.physics.memory import prepared_map_bytes  # noqa: E402
 from dsub.physics.subtract import SubtractionSettings, prepare_half_map, subtract_batch  # noqa: E402
+from dsub.workflow.resources import batch_cap  # noqa: E402
 
 #: (module, function name, stage): what the breakdown times. Nested calls count in the outer stage only.
 STAGES = [
@@ -116,19 +117,27 @@ def set_up(halves, mask, settings, clock):
     return models, fsc_s, time.process_time() - started, os.times().system - kernel
 
 
-def batch_rate(model, settings, box, batch, rng, repeats, clock=None):
-    """Particles per CPU-second of ``subtract_batch`` (best of ``repeats``), after one warm-up batch."""
-    _, _, images, table = scene(box, batch, rng)
-    subtract_batch(np, images, table, model, settings)
+def in_batches(images, table, model, settings, batch):
+    """``subtract_batch`` over ``images`` in batches of ``batch`` particles, as a task does."""
+    for start in range(0, len(images), batch):
+        rows = np.arange(start, min(start + batch, len(images)))
+        subtract_batch(np, images[rows], table.subset(rows), model, settings)
+
+
+def batch_rate(model, settings, box, particles, batch, rng, repeats, clock=None):
+    """Particles per CPU-second of ``subtract_batch`` over ``particles`` particles in batches of ``batch`` (best
+    of ``repeats``), after one warm-up batch."""
+    _, _, images, table = scene(box, particles, rng)
+    in_batches(images[:batch], table.subset(np.arange(batch)), model, settings, batch)
     best = 0.0
     for _ in range(repeats):
         started = time.process_time()
         if clock is None:
-            subtract_batch(np, images, table, model, settings)
+            in_batches(images, table, model, settings, batch)
         else:
             with clock.installed():
-                subtract_batch(np, images, table, model, settings)
-        best = max(best, batch / (time.process_time() - started))
+                in_batches(images, table, model, settings, batch)
+        best = max(best, particles / (time.process_time() - started))
     return best, images, table
 
 
@@ -138,8 +147,9 @@ def thread_clock():
     return time.perf_counter(), int(on_cpu) / 1e9, int(waiting) / 1e9
 
 
-def two_threads(model, settings, images, table, batches):
-    """One thread, then two, each running ``batches`` batches: rate on free cores and time blocked.
+def two_threads(model, settings, images, table, batch, rounds):
+    """One thread, then two, each running over ``images`` ``rounds`` times in batches of ``batch``: rate on free
+    cores and time blocked.
 
     This machine's cores may be busy with other jobs, so each thread's time waiting
     for a core (schedstat's run delay) is taken out of its wall time: the rate is
@@ -152,8 +162,8 @@ def two_threads(model, settings, images, table, batches):
 
         def work(slot):
             before = thread_clock()
-            for _ in range(batches):
-                subtract_batch(np, images, table, model, settings)
+            for _ in range(rounds):
+                in_batches(images, table, model, settings, batch)
             after = thread_clock()
             wall, on_cpu, waiting = (b - a for a, b in zip(before, after))
             results[slot] = (wall - waiting, wall - on_cpu - waiting)
@@ -165,7 +175,7 @@ def two_threads(model, settings, images, table, batches):
             worker.join()
         own_cores = max(result[0] for result in results)
         blocked = sum(result[1] for result in results) / sum(result[0] for result in results)
-        return threads * batches * len(images) / own_cores, blocked
+        return threads * rounds * len(images) / own_cores, blocked
 
     return run(1), run(2)
 
@@ -174,7 +184,9 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--boxes", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--projectors", nargs="+", default=["gridding", "relion"])
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--particles", type=int, default=32, help="particles timed (each box and projector)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="particles a batch (default: the command's own, resources.batch_cap)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, choices=(1, 2))
     args = parser.parse_args()
@@ -186,35 +198,38 @@ def main():
         volume = projector.prepare_volume(np, np.ones((8, 8, 8), np.float32), *projector.projector_kernel("gridding"))
         gather(volume, np.eye(3)[None], "map", 8)
     print(f"slice gather: {'NumPy' if gather is None else 'numba'} (loaded in {time.process_time() - started:.2f} "
-          f"CPU s); batch {args.batch}")
+          f"CPU s); {args.particles} particles in batches of "
+          f"{args.batch or 'the command’s own size (resources.batch_cap)'}")
     rows, breakdowns, scaling = [], [], []
     for box in args.boxes:
         for name in args.projectors:
             settings = SubtractionSettings(projector=name)
+            batch = args.batch or batch_cap(box, settings, "cpu", 1, args.particles)
             rng = np.random.default_rng(0)
             halves, mask = half_maps(box, rng)
             setup_clock = StageClock()
             models, fsc_s, setup_s, system_s = set_up(halves, mask, settings, setup_clock)
             clock = StageClock()
-            rate, images, table = batch_rate(models[0], settings, box, args.batch, rng, args.repeats)
-            batch_rate(models[0], settings, box, args.batch, rng, 1, clock)
-            rows.append(f"| {box} | {name} | {setup_s:.2f} (system {system_s:.2f}; FSC {fsc_s:.2f}, Wiener "
+            rate, images, table = batch_rate(models[0], settings, box, args.particles, batch, rng, args.repeats)
+            batch_rate(models[0], settings, box, args.particles, batch, rng, 1, clock)
+            rows.append(f"| {box} | {name} | {batch} | {setup_s:.2f} (system {system_s:.2f}; FSC {fsc_s:.2f}, Wiener "
                         f"{setup_clock.seconds['Wiener filter']:.2f}, prepare_volume ×4 "
                         f"{setup_clock.seconds['prepare_volume']:.2f}) | {rate:.1f} | "
                         f"{prepared_map_bytes(box, settings) / 1e9:.2f} |")
             total = sum(clock.seconds.values())
-            stages = ", ".join(f"{stage} {1e3 * s / args.batch:.2f}" for stage, s in
+            stages = ", ".join(f"{stage} {1e3 * s / args.particles:.2f}" for stage, s in
                                sorted(clock.seconds.items(), key=lambda item: -item[1]))
             per_particle = 1e3 / rate
             breakdowns.append(f"| {box} | {name} | {per_particle:.2f} | {stages}, rest "
-                              f"{max(per_particle - 1e3 * total / args.batch, 0):.2f} |")
+                              f"{max(per_particle - 1e3 * total / args.particles, 0):.2f} |")
             if args.threads == 2:
-                (one, one_blocked), (two, two_blocked) = two_threads(models[0], settings, images, table, 2)
+                (one, one_blocked), (two, two_blocked) = two_threads(models[0], settings, images, table, batch, 2)
                 scaling.append(f"| {box} | {name} | {one:.1f} ({100 * one_blocked:.0f} %) | {two:.1f} "
                                f"({100 * two_blocked:.0f} %) | {two / one:.2f} |")
             del models
-    print("\n| box | projector | set-up, both half sets (CPU s) | particles per CPU-second | prepared maps (GB) |")
-    print("|---|---|---|---|---|")
+    print("\n| box | projector | batch | set-up, both half sets (CPU s) | particles per CPU-second "
+          "| prepared maps (GB) |")
+    print("|---|---|---|---|---|---|")
     print("\n".join(rows))
     print("\n| box | projector | ms per particle | stages (ms per particle) |")
     print("|---|---|---|---|")

@@ -24,8 +24,8 @@ times, in fresh processes, with CPU seconds (user + system) of each process:
 - dsub's engine (``dsub.physics``, NumPy and numba, ``OMP_NUM_THREADS=1``) in a process of its own:
   set-up is reading both half maps and the mask, the FSC and both half sets' whole (Wiener-filtered)
   and masked maps prepared; the rate is ``subtract_batch`` over the data set's own particles (read
-  from its stack in batches of 32, each half set with its own model) after one warm-up batch, CPU
-  seconds of the batches only. ``--projector relion`` and the default are both run.
+  from its stack in the command's own batches, ``resources.batch_cap``, each half set with its own
+  model) after one warm-up batch, CPU seconds of the batches only. ``--projector relion`` and the default are both run.
 
 Prints one table; its figures go into BENCHMARKS.md with the machine, the command and the date.
 """
@@ -50,8 +50,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-#: Particles a batch of dsub's engine holds (as ``cpu_throughput.py``).
-BATCH = 32
 
 
 def children_cpu() -> tuple[float, float]:
@@ -114,6 +112,7 @@ def engine(folder: Path, projector: str) -> dict:
     from dsub.physics.fsc import fourier_shell_correlation
     from dsub.physics.projector import FLOAT16_PROJECTORS, extract_slices_of, prepare_volumes, projector_kernel
     from dsub.physics.subtract import SubtractionSettings, prepare_half_map, subtract_batch
+    from dsub.workflow.resources import batch_cap
 
     table = read_particles(folder / "particles.star")
     # numba's import and its cached kernels' load (the pair's gather, the float16 rounding): once a process
@@ -128,10 +127,11 @@ def engine(folder: Path, projector: str) -> dict:
     models = {half: prepare_half_map(np, volume, mask, settings, curve) for half, volume in ((HALF_A, half_a),
                                                                                           (HALF_B, half_b))}
     setup, setup_system = time.process_time() - started, os.times().system - system
+    batch = batch_cap(int(half_a.shape[0]), settings, "cpu", 1, 256)  # the command's own batch on a CPU
     batches = []
     for half, model in models.items():
         rows = np.flatnonzero(table.half_set == half)
-        batches += [(model, rows[start : start + BATCH]) for start in range(0, len(rows), BATCH)]
+        batches += [(model, rows[start : start + batch]) for start in range(0, len(rows), batch)]
     model, rows = batches[0]
     subtract_batch(np, read_images(table.image_paths[rows], table.image_indices[rows]), table.subset(rows), model,
                    settings)  # warm-up

@@ -50,8 +50,13 @@ BASELINE_HOST_BYTES = 330 * 2**20
 GPU_HOST_OVERHEAD_BYTES = 512 * 2**20
 #: A chunk's images as read, as subtracted, and as encoded for the Zarr write.
 IMAGE_COPIES_PER_TASK = 3
-#: Largest batch per task worth making: larger ones do not run faster.
-BATCH_CAP_BYTES = {"cpu": 512 * 2**20, "gpu": 4 * 2**30}
+#: Largest batch per task worth making, in working bytes (``particle_bytes``). On a GPU larger ones do not run
+#: faster. On a CPU smaller ones run faster: a batch whose working arrays stay in the core's caches between the
+#: model's passes (slices, transforms, transfer, fit) beats one that goes out to memory at each (one core, box
+#: 256: the default 223-232 particles/s in batches of 1-4 against 185-198 in batches of 8-64, ``relion``
+#: 568-580 in batches of 2-4 against 494 in batches of 64; box 128: the default 678-709 in batches of 1-4,
+#: 577 in 64, ``relion`` 2 583 in 8, 2 434 in 64; BENCHMARKS.md).
+BATCH_CAP_BYTES = {"cpu": 4 * 2**20, "gpu": 4 * 2**30}
 #: Share of a Dask worker's memory limit dsub plans to use: distributed pauses a worker at 80 %.
 DEFAULT_USABLE_FRACTION = 0.8
 
