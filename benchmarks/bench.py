@@ -115,7 +115,8 @@ def engine_rows(device: str, boxes, batch: int, repeats: int):
             if device == "gpu":
                 xp.cuda.Device().synchronize()
             prepare_s = (time.perf_counter() - started) / 2
-            resident = (pool.used_bytes() - before) if pool is not None else memory.prepared_map_bytes(box, settings)
+            resident = ((pool.used_bytes() - before + memory.texture_bytes(models)) if pool is not None
+                        else memory.prepared_map_bytes(box, settings))
             on_device = xp.asarray(images)
 
             def once(on_device=on_device, model=models[0], settings=settings):

@@ -327,7 +327,7 @@ def field_kernel_parts(cupy, box, batch, repeats, rng):
 def main():
     import cupy
 
-    from dsub.physics.memory import prepared_map_bytes
+    from dsub.physics.memory import prepared_map_bytes, texture_bytes
     from dsub.physics.subtract import SubtractionSettings, prepare_half_map, subtract_batch
 
     parser = argparse.ArgumentParser()
@@ -381,7 +381,7 @@ def main():
             cupy.cuda.Device().synchronize()
             prepare_s = time.perf_counter() - started
             other_half = prepare_half_map(cupy, volume, mask, settings)
-            resident = pool.used_bytes() - before
+            resident = pool.used_bytes() - before + texture_bytes((model, other_half))  # textures: outside the pool
             difference = alpha_difference = float("nan")
             if box <= args.check_up_to:  # correctness on a few particles against the NumPy twin
                 few = np.arange(4)

@@ -209,6 +209,36 @@ def test_memory_estimate_bounds_the_gpu_pool_peak(cupy, box):
     assert resident == prepared_map_bytes(box, settings, "gpu") == prepared_map_bytes(box, settings) // 2
 
 
+@pytest.mark.parametrize("box", [64, 65])
+def test_relion_pair_read_through_its_texture_gives_the_same_slices(cupy, box):
+    """A complex64 pair is also kept in a 3D texture (point sampling): the slices read through it are those
+    of the pair where it lies, to the bit, and the plan counts its bytes."""
+    import dataclasses
+
+    from dsub.physics._slice_cuda import extract_slice_pair_cuda, side_by_side
+    from dsub.physics.memory import prepared_map_bytes, texture_bytes
+    from dsub.simulate import random_rotations
+
+    settings = SubtractionSettings(projector="relion")
+    rng = np.random.default_rng(box)
+    halves = [rng.normal(size=(box,) * 3).astype(np.float32) for _ in range(2)]
+    mask = rng.uniform(0, 1, (box,) * 3).astype(np.float32)
+    models = [prepare_half_map(cupy, half, mask, settings) for half in halves]
+    volumes = (models[0].full, models[0].masked)
+    assert volumes[0].texture is not None and volumes[1].texture is volumes[0].texture
+    pair = side_by_side(volumes)
+    assert volumes[0].texture.nbytes == pair.nbytes
+    plain = tuple(dataclasses.replace(volume, texture=None) for volume in volumes)
+    rotations = np.concatenate([random_rotations(40, rng), np.eye(3)[None]])
+    for corners in ("zero", "map"):
+        through_texture = extract_slice_pair_cuda(volumes, rotations, corners, box, checkerboard=True)
+        where_it_lies = extract_slice_pair_cuda(plain, rotations, corners, box, checkerboard=True)
+        assert float(cupy.abs(where_it_lies).max()) > 0
+        assert bool(cupy.array_equal(through_texture, where_it_lies))
+    pairs = sum(side_by_side((model.full, model.masked)).nbytes for model in models)
+    assert pairs + texture_bytes(models) == prepared_map_bytes(box, settings, "gpu") == 2 * prepared_map_bytes(box, settings)
+
+
 @pytest.mark.parametrize("box, new_box", [(64, 48), (64, 96)])
 def test_translate_and_window_matches_numpy(cupy, box, new_box):
     from dsub.workflow.rebox import translate_and_window

@@ -54,6 +54,9 @@ _SOURCE = r"""
 #ifndef HALF
 #define HALF 0
 #endif
+#ifndef TEXTURE
+#define TEXTURE 0
+#endif
 #ifndef KB_SERIES
 #define KB_SERIES 0.f
 #endif
@@ -110,7 +113,8 @@ extern "C" __global__ void extract_slices(
     const int checkerboard,                       // 1: multiply by (-1)^(kx + ky)
     const float first_scale, const float second_scale,  // each map's values times these (an inverse FFT's 1/N)
     const double* __restrict__ transfer,          // (n, TRANSFER_PARAMETERS), or null: no transfer
-    const complex<float>* __restrict__ given)     // (n, size, size/2 + 1) CTF without the shift, or null
+    const complex<float>* __restrict__ given,     // (n, size, size/2 + 1) CTF without the shift, or null
+    const cudaTextureObject_t texture)            // TEXTURE: the pair in a 3D array, float4 texels (x, y, z)
 {
     const int half_width = size / 2 + 1;
     const int plane = size * half_width;
@@ -195,7 +199,12 @@ extern "C" __global__ void extract_slices(
                         const float2 h0 = halves(h.x), h1 = halves(h.y);
                         const float4 t = make_float4(h0.x, h0.y, h1.x, h1.y);
 #else
+#if TEXTURE
+                        // point sampling at the texel's centre: the stored values, read through the texture cache
+                        const float4 t = tex3D<float4>(texture, (float)(x0 + j) + 0.5f, (float)y + 0.5f, (float)z + 0.5f);
+#else
                         const float4 t = row[j];
+#endif
 #endif
                         const float w = wzy * wx[j];
                         sum.x += t.x * w;
@@ -268,17 +277,17 @@ def tile_columns(transform) -> int:
     return 16 if transform.nbytes > TILED_ABOVE_BYTES else 0
 
 
-def _compiled(maps: int, width: int, kind: int, tile_x: int, half: int = 0, beta: float = 0.0):
+def _compiled(maps: int, width: int, kind: int, tile_x: int, half: int = 0, beta: float = 0.0, texture: int = 0):
     """The slice kernel for ``maps`` maps and an interpolation kernel of ``width`` taps per axis, ``kind`` 0
     (trilinear) or 1 (Kaiser-Bessel of ``beta``), threads over tiles of ``tile_x`` columns (``TILE_X``), maps
-    stored in float16 (``half``), compiled once each."""
-    key = (maps, width, kind, tile_x, half, beta if kind else 0.0)
+    stored in float16 (``half``), a pair read through its texture (``texture``), compiled once each."""
+    key = (maps, width, kind, tile_x, half, beta if kind else 0.0, texture)
     if key not in _kernels:
         import cupy
 
         series = ",".join(f"{float(c)!r}f" for c in kaiser_bessel_series(beta)) if kind else "0.f"
         _kernels[key] = cupy.RawKernel(_SOURCE, "extract_slices", options=(
-            f"-DMAPS={maps}", f"-DWIDTH={width}", f"-DKIND={kind}", f"-DTILE_X={tile_x}", f"-DHALF={half}",
+            f"-DMAPS={maps}", f"-DWIDTH={width}", f"-DKIND={kind}", f"-DTILE_X={tile_x}", f"-DHALF={half}", f"-DTEXTURE={texture}",
             f"-DKB_SERIES={series}"))
     return _kernels[key]
 
@@ -360,12 +369,42 @@ def extract_slice_pair_cuda(volumes, rotations, corners: str, size: int, checker
     if pair is None:
         raise ValueError("the volumes are not prepared side by side (projector.prepare_volumes)")
     scales = tuple(scale * volume.scale for scale, volume in zip(scales, volumes))
+    texture = volumes[0].texture if volumes[0].texture is not None and volumes[1].texture is volumes[0].texture else None
     return _launch_slices(2, pair, 2, volumes[0], rotations, corners, size, checkerboard, transfer, given, out,
-                          scales)
+                          scales, texture)
+
+
+class PairTexture:
+    """A complex64 pair (P, P, C, 2) copied into a 3D CUDA array of float4 texels (x, y, z), one texel a grid
+    point's values of both maps, and the texture object that reads it with point sampling (no interpolation:
+    the stored values). ``nbytes``: the array's size."""
+
+    def __init__(self, pair):
+        import cupy
+        from cupy.cuda import runtime, texture
+
+        planes, rows, columns, _ = pair.shape
+        channels = texture.ChannelFormatDescriptor(32, 32, 32, 32, runtime.cudaChannelFormatKindFloat)
+        self.array = texture.CUDAarray(channels, columns, rows, planes)
+        self.array.copy_from(cupy.ascontiguousarray(pair).view(cupy.float32).reshape(planes, rows, columns * 4))
+        resource = texture.ResourceDescriptor(runtime.cudaResourceTypeArray, cuArr=self.array)
+        reading = texture.TextureDescriptor([runtime.cudaAddressModeClamp] * 3, runtime.cudaFilterModePoint,
+                                            runtime.cudaReadModeElementType, 0)
+        self.texture = texture.TextureObject(resource, reading)
+        self.nbytes = int(pair.nbytes)
+
+
+def texture_fits(pair) -> bool:
+    """Whether this GPU's 3D textures hold ``pair``'s grid (``maxTexture3D``, texels along x, y, z)."""
+    import cupy
+
+    limits = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["maxTexture3D"]
+    planes, rows, columns = pair.shape[:3]
+    return columns <= limits[0] and rows <= limits[1] and planes <= limits[2]
 
 
 def _launch_slices(maps, transform, interleave, prepared, rotations, corners, size, checkerboard, transfer,
-                   given, out, scales):
+                   given, out, scales, texture=None):
     import cupy
 
     rot = cupy.ascontiguousarray(cupy.asarray(rotations, dtype=cupy.float32).reshape(-1, 9))
@@ -389,7 +428,8 @@ def _launch_slices(maps, transform, interleave, prepared, rotations, corners, si
     else:
         grid, block = launch_grid(count, size * half_width)
     half = int(transform.dtype == cupy.float16)
-    _compiled(maps, int(kernel.width), 0 if kernel.kind == "trilinear" else 1, tile_x, half, float(kernel.beta))(
+    _compiled(maps, int(kernel.width), 0 if kernel.kind == "trilinear" else 1, tile_x, half, float(kernel.beta),
+              int(texture is not None))(
         grid,
         block,
         (
@@ -412,6 +452,7 @@ def _launch_slices(maps, transform, interleave, prepared, rotations, corners, si
             np.float32(scales[1]),
             pointer(transfer),
             pointer(given),
+            np.uint64(0) if texture is None else texture.texture,
         ),
     )
     return out

@@ -4,6 +4,7 @@ Prepared maps: each half set keeps two prepared volumes (the whole half-map and
 its masked region), each the oversampled rfft of ``projector.prepare_volume``:
 complex64 of shape (P, P, P//2 + 1 + 2·reach), P = ``grid_size(box,
 oversampling)``; on a GPU the default projector's are stored in float16, half
+that, and a complex64 pair up to 4 GiB is also copied into a 3D texture, twice
 that (``projector.prepare_volumes``). Both half sets are resident, so four volumes.
 
 Batch: the peak of ``subtract_batch`` per particle, measured with tracemalloc
@@ -30,7 +31,7 @@ from __future__ import annotations
 from importlib.util import find_spec
 
 from .gridding import grid_size
-from .projector import FLOAT16_PROJECTORS, prepared_shape, projector_kernel
+from .projector import FLOAT16_PROJECTORS, pair_in_texture, prepared_shape, projector_kernel
 
 #: Bytes per element of an rfft2 half plane (measured): the slices' (plus per kernel width without numba),
 #: the field's (with the compiled transfer, and with NumPy's arrays), the box's (with the compiled contrast fit,
@@ -52,11 +53,14 @@ PREPARED_VOLUMES = 4
 
 def prepared_volume_bytes(box: int, settings, device: str = "cpu") -> int:
     """Bytes of one prepared volume: complex64, or half that on a GPU for a projector whose maps are stored
-    in float16 there (``projector.FLOAT16_PROJECTORS``)."""
+    in float16 there (``projector.FLOAT16_PROJECTORS``); twice that on a GPU where the complex64 pair is
+    also kept in a 3D texture (``projector.pair_in_texture``)."""
     kernel, oversampling = projector_kernel(settings.projector, settings.padding)
     z, y, x = prepared_shape(box, kernel, oversampling)
-    stored = 4 if device == "gpu" and settings.projector in FLOAT16_PROJECTORS else 8
-    return stored * z * y * x
+    if device == "gpu" and settings.projector in FLOAT16_PROJECTORS:
+        return 4 * z * y * x
+    volume = 8 * z * y * x
+    return 2 * volume if device == "gpu" and pair_in_texture(2 * volume) else volume
 
 
 def prepared_map_bytes(box: int, settings, device: str = "cpu") -> int:
@@ -81,11 +85,23 @@ def preparation_peak_bytes(box: int, settings, device: str = "gpu") -> int:
     """
     if device == "cpu":
         return int(4 * prepared_volume_bytes(box, settings) + 4 * box**3)
-    # the GPU's figure counts complex64 volumes: a pair is stored in float16 only once it is prepared
+    # the GPU's figure counts complex64 volumes: a pair is stored in float16 only once it is prepared; one kept
+    # in a texture as well counts twice
     _, oversampling = projector_kernel(settings.projector, settings.padding)
     size = grid_size(box, oversampling)
     plain_rfft = 8 * size * size * (size // 2 + 1)
-    return int(3 * prepared_volume_bytes(box, settings) + PREPARATION_PEAK_PLAIN_RFFTS_GPU * plain_rfft)
+    volume = prepared_volume_bytes(box, settings)
+    if settings.projector not in FLOAT16_PROJECTORS and pair_in_texture(2 * volume):
+        volume *= 2
+    return int(3 * volume + PREPARATION_PEAK_PLAIN_RFFTS_GPU * plain_rfft)
+
+
+def texture_bytes(models) -> int:
+    """Bytes of the 3D textures that half-map models keep outside CuPy's memory pool (``projector.pair_in_texture``),
+    each counted once."""
+    textures = {id(v.texture): v.texture for model in models for v in (model.full, model.masked)
+                if v.texture is not None}
+    return sum(texture.nbytes for texture in textures.values())
 
 
 def compiled_gather_installed() -> bool:
