@@ -194,16 +194,17 @@ extern "C" __global__ void extract_slices(
                     const auto* row = pairs + first;
 #pragma unroll
                     for (int j = 0; j < width; ++j) {
-#if TEXTURE
-                        // point sampling at the texel's centre: the stored values (float16 ones converted to
-                        // float32 exactly), read through the texture cache
-                        const float4 t = tex3D<float4>(texture, (float)(x0 + j) + 0.5f, (float)y + 0.5f, (float)z + 0.5f);
-#elif HALF
+#if HALF
                         const uint2 h = row[j];
                         const float2 h0 = halves(h.x), h1 = halves(h.y);
                         const float4 t = make_float4(h0.x, h0.y, h1.x, h1.y);
 #else
+#if TEXTURE
+                        // point sampling at the texel's centre: the stored values, read through the texture cache
+                        const float4 t = tex3D<float4>(texture, (float)(x0 + j) + 0.5f, (float)y + 0.5f, (float)z + 0.5f);
+#else
                         const float4 t = row[j];
+#endif
 #endif
                         const float w = wzy * wx[j];
                         sum.x += t.x * w;
@@ -374,22 +375,18 @@ def extract_slice_pair_cuda(volumes, rotations, corners: str, size: int, checker
 
 
 class PairTexture:
-    """A pair side by side (``side_by_side``: (P, P, C, 2) complex64, or (P, P, C, 4) float16) copied into a
-    3D CUDA array of four-channel texels (x, y, z), one texel a grid point's values of both maps (32- or 16-bit
-    floats), and the texture object that reads it with point sampling (no interpolation: the stored values,
-    float16 ones as float32). ``nbytes``: the array's size."""
+    """A complex64 pair (P, P, C, 2) copied into a 3D CUDA array of float4 texels (x, y, z), one texel a grid
+    point's values of both maps, and the texture object that reads it with point sampling (no interpolation:
+    the stored values). ``nbytes``: the array's size."""
 
     def __init__(self, pair):
         import cupy
         from cupy.cuda import runtime, texture
 
-        planes, rows, columns = pair.shape[:3]
-        parts = cupy.ascontiguousarray(pair)
-        parts = parts.view(cupy.float32) if parts.dtype == cupy.complex64 else parts  # (P, P, C, 4) floats
-        bits = 8 * parts.dtype.itemsize
-        channels = texture.ChannelFormatDescriptor(bits, bits, bits, bits, runtime.cudaChannelFormatKindFloat)
+        planes, rows, columns, _ = pair.shape
+        channels = texture.ChannelFormatDescriptor(32, 32, 32, 32, runtime.cudaChannelFormatKindFloat)
         self.array = texture.CUDAarray(channels, columns, rows, planes)
-        self.array.copy_from(parts.reshape(planes, rows, columns * 4))
+        self.array.copy_from(cupy.ascontiguousarray(pair).view(cupy.float32).reshape(planes, rows, columns * 4))
         resource = texture.ResourceDescriptor(runtime.cudaResourceTypeArray, cuArr=self.array)
         reading = texture.TextureDescriptor([runtime.cudaAddressModeClamp] * 3, runtime.cudaFilterModePoint,
                                             runtime.cudaReadModeElementType, 0)

@@ -4,8 +4,8 @@ Prepared maps: each half set keeps two prepared volumes (the whole half-map and
 its masked region), each the oversampled rfft of ``projector.prepare_volume``:
 complex64 of shape (P, P, P//2 + 1 + 2·reach), P = ``grid_size(box,
 oversampling)``; on a GPU the default projector's are stored in float16, half
-that, and a pair up to 4 GiB is also copied into a 3D texture, twice what it
-holds (``projector.prepare_volumes``). Both half sets are resident, so four volumes.
+that, and a complex64 pair up to 4 GiB is also copied into a 3D texture, twice
+that (``projector.prepare_volumes``). Both half sets are resident, so four volumes.
 
 Batch: the peak of ``subtract_batch`` per particle, measured with tracemalloc
 on NumPy (tests/test_subtract.py checks it within 25 %): the larger of the
@@ -53,11 +53,13 @@ PREPARED_VOLUMES = 4
 
 def prepared_volume_bytes(box: int, settings, device: str = "cpu") -> int:
     """Bytes of one prepared volume: complex64, or half that on a GPU for a projector whose maps are stored
-    in float16 there (``projector.FLOAT16_PROJECTORS``); twice that on a GPU where the pair is also kept in a
-    3D texture (``projector.pair_in_texture``)."""
+    in float16 there (``projector.FLOAT16_PROJECTORS``); twice that on a GPU where the complex64 pair is
+    also kept in a 3D texture (``projector.pair_in_texture``)."""
     kernel, oversampling = projector_kernel(settings.projector, settings.padding)
     z, y, x = prepared_shape(box, kernel, oversampling)
-    volume = (4 if device == "gpu" and settings.projector in FLOAT16_PROJECTORS else 8) * z * y * x
+    if device == "gpu" and settings.projector in FLOAT16_PROJECTORS:
+        return 4 * z * y * x
+    volume = 8 * z * y * x
     return 2 * volume if device == "gpu" and pair_in_texture(2 * volume) else volume
 
 
@@ -88,7 +90,9 @@ def preparation_peak_bytes(box: int, settings, device: str = "gpu") -> int:
     _, oversampling = projector_kernel(settings.projector, settings.padding)
     size = grid_size(box, oversampling)
     plain_rfft = 8 * size * size * (size // 2 + 1)
-    volume = max(prepared_volume_bytes(box, settings), prepared_volume_bytes(box, settings, "gpu"))
+    volume = prepared_volume_bytes(box, settings)
+    if settings.projector not in FLOAT16_PROJECTORS and pair_in_texture(2 * volume):
+        volume *= 2
     return int(3 * volume + PREPARATION_PEAK_PLAIN_RFFTS_GPU * plain_rfft)
 
 

@@ -197,7 +197,13 @@ def prepare_volumes(xp, volumes, kernel: GriddingKernel, oversampling: float, fl
     prepared = tuple(prepare_volume(xp, volume, kernel, oversampling, out=pair[..., i])
                      for i, volume in enumerate(volumes))
     if not float16:
-        return _with_texture(xp, pair, prepared)
+        if xp.__name__ == "cupy" and pair_in_texture(pair.nbytes):
+            from ._slice_cuda import PairTexture, texture_fits
+
+            if texture_fits(pair):
+                texture = PairTexture(pair)
+                prepared = tuple(dataclasses.replace(p, texture=texture) for p in prepared)
+        return prepared
     if xp.__name__ == "numpy":
         return tuple(rounded_to_float16(xp, p) for p in prepared)
     parts = pair.view(np.float32)  # (P, P, C, 4): each map's real and imaginary parts
@@ -208,38 +214,23 @@ def prepare_volumes(xp, volumes, kernel: GriddingKernel, oversampling: float, fl
             stored[start : start + _PLANES, ..., 2 * i : 2 * i + 2] = (
                 parts[start : start + _PLANES, ..., 2 * i : 2 * i + 2] * np.float32(2.0**exponent))
     del pair, parts, prepared
-    return _with_texture(xp, stored, tuple(PreparedVolume(transform=stored[..., 2 * i : 2 * i + 2], box=box,
-                                                          kernel=kernel, scale=2.0**-exponent)
-                                           for i, exponent in enumerate(exponents)))
+    return tuple(PreparedVolume(transform=stored[..., 2 * i : 2 * i + 2], box=box, kernel=kernel,
+                                scale=2.0**-exponent) for i, exponent in enumerate(exponents))
 
 
-def _with_texture(xp, pair, prepared):
-    """``prepared`` (the pair's two volumes), each given the pair's 3D texture on a GPU where
-    ``pair_in_texture`` allows it and the device's textures hold its grid."""
-    if xp.__name__ != "cupy" or not pair_in_texture(pair.nbytes):
-        return prepared
-    from ._slice_cuda import PairTexture, texture_fits
-
-    if not texture_fits(pair):
-        return prepared
-    texture = PairTexture(pair)
-    return tuple(dataclasses.replace(volume, texture=texture) for volume in prepared)
-
-
-#: Pairs up to this size are also copied into a 3D texture on a GPU (``prepare_volumes``).
+#: Complex64 pairs up to this size are also copied into a 3D texture on a GPU (``prepare_volumes``).
 PAIR_TEXTURE_MAX_BYTES = 4 * 2**30
 
 
 def pair_in_texture(pair_bytes: int) -> bool:
-    """Whether a pair of ``pair_bytes`` (complex64, or float16) is also kept in a 3D texture on a GPU
-    (``prepare_volumes``).
+    """Whether a complex64 pair of ``pair_bytes`` is also kept in a 3D texture on a GPU (``prepare_volumes``).
 
     The slice kernel then reads its taps through the texture cache, whose layout
     keeps neighbouring grid points along y and z close as well as along x: on an
     H200 the pair's slices (``relion``, padding 2, box 256, 1 024 particles) took
     1.67 instead of 2.08 ms, box 384 1.93 instead of 2.47 (BENCHMARKS.md), with the
     same values (point sampling: no interpolation by the hardware). The copy costs
-    the pair's size again, so larger pairs (``relion`` at box 512: 8.6 GB) are read
+    the pair's size again, so larger pairs (box 512 at padding 2: 8.6 GB) are read
     where they lie.
     """
     return 0 < int(pair_bytes) <= PAIR_TEXTURE_MAX_BYTES
