@@ -210,7 +210,7 @@ def test_memory_estimate_bounds_the_gpu_pool_peak(cupy, box):
 
 
 @pytest.mark.parametrize("box", [64, 65])
-def test_relion_pair_read_through_its_texture_gives_the_same_slices(cupy, box):
+def test_relion_pair_read_through_its_texture_gives_the_same_slices(cupy, box, monkeypatch):
     """A complex64 pair is also kept in a 3D texture (point sampling): the slices read through it are those
     of the pair where it lies, to the bit, and the plan counts its bytes."""
     import dataclasses
@@ -219,6 +219,9 @@ def test_relion_pair_read_through_its_texture_gives_the_same_slices(cupy, box):
     from dsub.physics.memory import prepared_map_bytes, texture_bytes
     from dsub.simulate import random_rotations
 
+    from dsub.physics import projector
+
+    monkeypatch.setattr(projector, "PAIR_TEXTURE_BYTES", (0, 2**30))  # pairs this small go in a texture too
     settings = SubtractionSettings(projector="relion")
     rng = np.random.default_rng(box)
     halves = [rng.normal(size=(box,) * 3).astype(np.float32) for _ in range(2)]
@@ -237,6 +240,9 @@ def test_relion_pair_read_through_its_texture_gives_the_same_slices(cupy, box):
         assert bool(cupy.array_equal(through_texture, where_it_lies))
     pairs = sum(side_by_side((model.full, model.masked)).nbytes for model in models)
     assert pairs + texture_bytes(models) == prepared_map_bytes(box, settings, "gpu") == 2 * prepared_map_bytes(box, settings)
+    monkeypatch.undo()
+    assert prepare_half_map(cupy, halves[0], mask, settings).full.texture is None  # 1 MB: read where it lies
+    assert prepared_map_bytes(box, settings, "gpu") == prepared_map_bytes(box, settings)
 
 
 @pytest.mark.parametrize("box, new_box", [(64, 48), (64, 96)])

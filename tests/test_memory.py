@@ -66,6 +66,7 @@ def test_a_gpu_counts_the_texture_of_complex64_pairs_up_to_its_limit():
     relion, default = SubtractionSettings(projector="relion"), SubtractionSettings()
     assert prepared_map_bytes(256, relion, "gpu") == 2 * prepared_map_bytes(256, relion)  # a 1.1 GB pair
     assert prepared_map_bytes(512, relion, "gpu") == prepared_map_bytes(512, relion)  # 8.6 GB: read where it lies
+    assert prepared_map_bytes(128, relion, "gpu") == prepared_map_bytes(128, relion)  # 0.14 GB: much of it in L2
     assert prepared_map_bytes(256, default, "gpu") == prepared_map_bytes(256, default) // 2  # float16, no texture
 
 

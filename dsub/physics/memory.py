@@ -4,8 +4,8 @@ Prepared maps: each half set keeps two prepared volumes (the whole half-map and
 its masked region), each the oversampled rfft of ``projector.prepare_volume``:
 complex64 of shape (P, P, P//2 + 1 + 2·reach), P = ``grid_size(box,
 oversampling)``; on a GPU the default projector's are stored in float16, half
-that, and a complex64 pair up to 4 GiB is also copied into a 3D texture, twice
-that (``projector.prepare_volumes``). Both half sets are resident, so four volumes.
+that, and a complex64 pair of 256 MiB to 4 GiB is also copied into a 3D
+texture, twice that (``projector.prepare_volumes``). Both half sets are resident, so four volumes.
 
 Batch: the peak of ``subtract_batch`` per particle, measured with tracemalloc
 on NumPy (tests/test_subtract.py checks it within 25 %): the larger of the

@@ -218,8 +218,9 @@ def prepare_volumes(xp, volumes, kernel: GriddingKernel, oversampling: float, fl
                                 scale=2.0**-exponent) for i, exponent in enumerate(exponents))
 
 
-#: Complex64 pairs up to this size are also copied into a 3D texture on a GPU (``prepare_volumes``).
-PAIR_TEXTURE_MAX_BYTES = 4 * 2**30
+#: Complex64 pairs larger than the first and up to the second size are also copied into a 3D texture on a
+#: GPU (``prepare_volumes``).
+PAIR_TEXTURE_BYTES = (256 * 2**20, 4 * 2**30)
 
 
 def pair_in_texture(pair_bytes: int) -> bool:
@@ -231,9 +232,13 @@ def pair_in_texture(pair_bytes: int) -> bool:
     1.67 instead of 2.08 ms, box 384 1.93 instead of 2.47 (BENCHMARKS.md), with the
     same values (point sampling: no interpolation by the hardware). The copy costs
     the pair's size again, so larger pairs (box 512 at padding 2: 8.6 GB) are read
-    where they lie.
+    where they lie; a pair the 50 MB L2 cache holds much of (box 128: 0.14 GB) gains
+    nothing (its engine ran at 272 904/s back to back through the texture). The
+    default's float16 pair read through a texture of 16-bit texels was slower (its
+    64-tap slices 3.98 against 3.29 ms at box 256), so it is not copied.
     """
-    return 0 < int(pair_bytes) <= PAIR_TEXTURE_MAX_BYTES
+    low, high = PAIR_TEXTURE_BYTES
+    return low < int(pair_bytes) <= high
 
 
 def small_page_zeros(shape, dtype) -> np.ndarray:
