@@ -139,8 +139,8 @@ def test_the_sample_fits_rate_leaves_out_its_set_up():
     shown.task_done(0, set_up_seconds=6.0)
     finished = shown.close()
     assert finished.items_per_second == pytest.approx(64 / 2.0)
-    assert finished.line() == ("sample fit: 1 task, 64 particles in 8.0 s (6.0 s of it setting up: maps and "
-                               "compiled kernels), 32 particles/s")
+    assert finished.line() == ("sample fit: 1 task, 64 particles in 8.0 s (6.0 s of it setting up: compiled "
+                               "kernels, and maps where none were ready), 32 particles/s")
     assert out.getvalue().splitlines()[-1] == finished.line()
 
 
@@ -191,8 +191,8 @@ def test_the_sample_fit_compiles_before_it_is_timed(small, tmp_path, monkeypatch
     assert main(subtract_args(small, tmp_path / "out", "--scheduler", "sync")) == 0
     assert calls[0] == 1  # one particle first, to compile, before the timed fit of the whole sample
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("sample fit: 1 task"))
-    found = re.fullmatch(r"sample fit: 1 task, (\d+) particles in ([\d.]+) s \(([\d.]+) s of it setting up: maps "
-                         r"and compiled kernels\), (\d[\d ]*(?:\.\d+)?) particles/s", line)  # 1 059: a space
+    found = re.fullmatch(r"sample fit: 1 task, (\d+) particles in ([\d.]+) s \(([\d.]+) s of it setting up: compiled "
+                         r"kernels, and maps where none were ready\), (\d[\d ]*(?:\.\d+)?) particles/s", line)  # 1 059
     assert found, line
     count, seconds, set_up = int(found[1]), float(found[2]), float(found[3])
     per_second = float(found[4].replace(" ", ""))

@@ -92,8 +92,8 @@ class PhaseRate:
         per_second = self.items_per_second
         speed = f", {rate(per_second)} {item_name}/s" if per_second else ""
         unit = self.unit[:-1] if self.tasks == 1 and self.unit.endswith("s") else self.unit
-        set_up = (f" ({self.set_up_seconds:.1f} s of it setting up: maps and compiled kernels)"
-                  if self.set_up_seconds >= 0.05 else "")
+        set_up = (f" ({self.set_up_seconds:.1f} s of it setting up: compiled kernels, and maps where none were "
+                  "ready)" if self.set_up_seconds >= 0.05 else "")
         return (f"{self.label}: {self.tasks} {unit}, {number(self.items)} {item_name} in {self.seconds:.1f} s"
                 f"{set_up}{speed}")
 
