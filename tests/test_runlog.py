@@ -274,6 +274,10 @@ def test_run_record_names_command_versions_and_inputs(small, tmp_path):
     [attempt] = summary["attempts"]
     assert attempt["status"] == "finished" and attempt["chunks_done"] == 3 and attempt["devices"] == ["cpu"]
     assert attempt["particles_per_second"]["subtract"] > 0
+    # the sample fit and its checks have a phase of their own, apart from the chunks' subtraction
+    phases = summary["phase_seconds"]
+    assert list(phases)[-3:] == ["sample_fit", "subtract", "export"] and phases["sample_fit"] > 0
+    assert sum(phases.values()) <= summary["seconds"] + 0.01
 
 
 def test_rerun_of_a_finished_run_keeps_the_first_attempts_figures(small, tmp_path):

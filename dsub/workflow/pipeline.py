@@ -539,6 +539,7 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
                       if validate.far_from_every_group(table, projected_voxel) else None)
             checked = diagnostics.check_sample(table, sample, sample_fit, settings.scale,
                                                lambda line: say(options, line), refuse_unexplained=refuse)
+            timings["sample_fit"] = time.monotonic() - started - sum(timings.values())  # its checks included
             sample_check = None
             if settings.scale == "input":  # for the report: fitted against input contrast
                 fitted = np.asarray(sample_fit[0].alpha)
