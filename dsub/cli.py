@@ -321,6 +321,15 @@ def run_demo(args) -> int:
         raise OptionError(f"--box {args.box} is odd; RELION and cryoSPARC work with even boxes: use {args.box - 1} or "
                           f"{args.box + 1}")
     outdir = Path(args.outdir)
+    for folder in (outdir, *outdir.parents):  # checked before the simulation, which takes a while
+        if folder.exists() and not folder.is_dir():
+            raise OptionError(f"-o {outdir}: {folder} is a file, not a folder: give a folder for the demo's data "
+                              "and results")
+    try:
+        (outdir / "data").mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OptionError(f"-o {outdir}: the folder cannot be made there ({error.strerror}): give a folder you can "
+                          "write to") from None
     print(f"Simulating {args.particles} particles of {args.box} px in {outdir / 'data'} ...", flush=True)
     paths, sim = make_dataset(outdir / "data", count=args.particles, box=args.box)
     options = RunOptions(outdir=outdir / "subtracted", chunk_size=64, overwrite=True,

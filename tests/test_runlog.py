@@ -1453,6 +1453,18 @@ def test_demo_checks_its_values_before_simulating(tmp_path, capsys, option, valu
     assert "Simulating" not in captured.out and not (tmp_path / "demo").exists()
 
 
+def test_demo_refuses_an_output_that_is_a_file_before_simulating(tmp_path, capsys):
+    taken = tmp_path / "afile"
+    taken.write_text("not a folder")
+    for outdir in (taken, taken / "inside"):
+        assert main(["demo", "-o", str(outdir)]) == 2
+        captured = capsys.readouterr()
+        assert captured.err.strip() == (f"dsub: error: -o {outdir}: {taken} is a file, not a folder: give a folder for "
+                                        "the demo's data and results")
+        assert "Simulating" not in captured.out
+    assert taken.read_text() == "not a folder"
+
+
 def test_changed_passthrough_file_is_named_with_its_size_and_time_before_and_after():
     """As for a changed particle stack: the file, then its size and time before → after; no Python repr."""
     from dsub.workflow.outdir import identity_differences

@@ -83,7 +83,7 @@ class SubtractionSettings:
         if self.corners not in CORNERS:
             raise ValueError(f"corners must be one of {CORNERS}, not {self.corners!r}")
         if not self.extension >= 2:
-            raise ValueError(f"--extension must be at least 2 (boxes), not {self.extension!r}")
+            raise ValueError(f"--extension must be at least 2 (boxes), not {self.extension:g}")
 
     def field_size(self, box: int, delocalisation_pixels: float = 0.0) -> int:
         """Side of the extraction field in pixels (the box itself for "relion").
