@@ -245,6 +245,26 @@ def test_relion_pair_read_through_its_texture_gives_the_same_slices(cupy, box, m
     assert prepared_map_bytes(box, settings, "gpu") == prepared_map_bytes(box, settings)
 
 
+def test_no_room_for_the_texture_leaves_the_pair_where_it_lies(cupy, monkeypatch):
+    """A texture the GPU has no room for is not made: the slices are read from the pair, and the run goes on."""
+    from dsub.physics import _slice_cuda, projector
+
+    def no_room(pair):
+        raise cupy.cuda.runtime.CUDARuntimeError(2)  # cudaErrorMemoryAllocation
+
+    monkeypatch.setattr(projector, "PAIR_TEXTURE_BYTES", (0, 2**30))
+    monkeypatch.setattr(_slice_cuda, "PairTexture", no_room)
+    settings = SubtractionSettings(projector="relion")
+    rng = np.random.default_rng(3)
+    half = rng.normal(size=(48,) * 3).astype(np.float32)
+    model = prepare_half_map(cupy, half, np.ones_like(half), settings)
+    assert model.full.texture is None and model.masked.texture is None
+    sim = simulate_particles((two_domain_phantom(48, rng),) * 2, 2, 4, 48, 1.3, rng, snr=None)
+    table = to_particle_table(sim)
+    subtracted, _ = subtract_batch(cupy, sim.images, table, model, settings)
+    assert subtracted.shape == sim.images.shape
+
+
 @pytest.mark.parametrize("box, new_box", [(64, 48), (64, 96)])
 def test_translate_and_window_matches_numpy(cupy, box, new_box):
     from dsub.workflow.rebox import translate_and_window

@@ -197,13 +197,8 @@ def prepare_volumes(xp, volumes, kernel: GriddingKernel, oversampling: float, fl
     prepared = tuple(prepare_volume(xp, volume, kernel, oversampling, out=pair[..., i])
                      for i, volume in enumerate(volumes))
     if not float16:
-        if xp.__name__ == "cupy" and pair_in_texture(pair.nbytes):
-            from ._slice_cuda import PairTexture, texture_fits
-
-            if texture_fits(pair):
-                texture = PairTexture(pair)
-                prepared = tuple(dataclasses.replace(p, texture=texture) for p in prepared)
-        return prepared
+        texture = pair_texture(xp, pair) if xp.__name__ == "cupy" and pair_in_texture(pair.nbytes) else None
+        return prepared if texture is None else tuple(dataclasses.replace(p, texture=texture) for p in prepared)
     if xp.__name__ == "numpy":
         return tuple(rounded_to_float16(xp, p) for p in prepared)
     parts = pair.view(np.float32)  # (P, P, C, 4): each map's real and imaginary parts
@@ -239,6 +234,24 @@ def pair_in_texture(pair_bytes: int) -> bool:
     """
     low, high = PAIR_TEXTURE_BYTES
     return low < int(pair_bytes) <= high
+
+
+def pair_texture(cupy, pair):
+    """``_slice_cuda.PairTexture`` of a complex64 pair on a GPU, or None where this GPU's 3D textures cannot
+    hold its grid or there is no room for the copy (after CuPy's pool gave back its free blocks): its slices
+    are then read where the pair lies, the same values a little slower."""
+    from ._slice_cuda import PairTexture, texture_fits
+
+    if not texture_fits(pair):
+        return None
+    for _ in range(2):
+        try:
+            return PairTexture(pair)
+        except cupy.cuda.runtime.CUDARuntimeError as error:  # the array lies outside CuPy's pool
+            if "cudaErrorMemoryAllocation" not in str(error):
+                raise
+            cupy.get_default_memory_pool().free_all_blocks()
+    return None
 
 
 def small_page_zeros(shape, dtype) -> np.ndarray:
