@@ -22,19 +22,17 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report_speed  # noqa: E402
+from peak_memory import PeakMemory  # noqa: E402
 from report_speed import PER_STACK, finished_run, write_dataset  # noqa: E402
 
 
 def child(outdir: Path, star: Path) -> dict:
     import tracemalloc
-
-    import psutil
 
     from dsub.formats import read_particles
     from dsub.report import start_preparation, warm_up_drawing, write_report
@@ -43,28 +41,14 @@ def child(outdir: Path, star: Path) -> dict:
     table = read_particles(star)
     warm_up_drawing()
     store.read_arrays(outdir / store.STORE_NAME, ("skipped",))
-    process = psutil.Process()
-    peak, stop = [0, 0], threading.Event()
-
-    def watch():
-        while not stop.is_set():
-            now = process.memory_info()
-            peak[0], peak[1] = max(peak[0], now.vms), max(peak[1], now.rss)
-            time.sleep(0.002)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    time.sleep(0.05)
-    start = process.memory_info()
-    tracemalloc.start()
-    started = time.process_time()
-    write_report(outdir, start_preparation(outdir, table, PER_STACK))
-    cpu = time.process_time() - started
-    traced = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    stop.set()
-    watcher.join()
-    return {"mapped": peak[0] - start.vms, "resident": peak[1] - start.rss, "traced": traced, "cpu_s": cpu}
+    with PeakMemory() as peak:
+        tracemalloc.start()
+        started = time.process_time()
+        write_report(outdir, start_preparation(outdir, table, PER_STACK))
+        cpu = time.process_time() - started
+        traced = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return {"mapped": peak.mapped, "resident": peak.resident, "traced": traced, "cpu_s": cpu}
 
 
 def main():

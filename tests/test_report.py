@@ -541,32 +541,20 @@ def test_report_columns_take_a_few_bytes_per_particle(clean_dataset, tmp_path):
 
 
 REPORT_PEAK = """
-import sys, threading, time
-import psutil
+import sys
+sys.path.insert(0, sys.argv[2])
+from peak_memory import PeakMemory
 from dsub.report import warm_up_drawing, write_report
 from dsub.workflow import store
 outdir = sys.argv[1]
 warm_up_drawing()  # a run loads the drawing library early; resources.DRAWING_LIBRARY_BYTES counts it apart
 store.read_arrays(outdir + "/subtracted.zarr", ("skipped",))  # Zarr's threads: a run has them running already
-process = psutil.Process()
-start = process.memory_info()
-peak, stop = [start.vms, start.rss], threading.Event()
-
-def watch():
-    while not stop.is_set():
-        now = process.memory_info()
-        peak[0], peak[1] = max(peak[0], now.vms), max(peak[1], now.rss)
-        time.sleep(0.002)
-
-watcher = threading.Thread(target=watch)
-watcher.start()
-time.sleep(0.05)
-start = process.memory_info()  # the watcher's own stack counted out
-write_report(outdir)
-stop.set()
-watcher.join()
-print(peak[0] - start.vms, peak[1] - start.rss)
+with PeakMemory() as peak:
+    write_report(outdir)
+print(peak.mapped, peak.resident)
 """
+#: Where ``peak_memory.py`` (shared with ``benchmarks/report_memory.py``) lies.
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="psutil's address-space figures on Linux")
@@ -589,8 +577,8 @@ def test_the_reports_memory_is_within_what_the_run_plans_for_it(tmp_path):
                  "--quiet", "--keep-store"]) == 0
     environment = {**os.environ, "MALLOC_ARENA_MAX": "2", "ARROW_DEFAULT_MEMORY_POOL": "system",
                    "OPENBLAS_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", REPORT_PEAK, str(outdir)], capture_output=True, text=True,
-                          env=environment, timeout=300)
+    done = subprocess.run([sys.executable, "-c", REPORT_PEAK, str(outdir), str(BENCHMARKS)], capture_output=True,
+                          text=True, env=environment, timeout=300)
     assert done.returncode == 0, done.stderr
     mapped, resident = (int(word) for word in done.stdout.split())
     planned = resources.report_bytes(count, box)
