@@ -449,6 +449,11 @@ def test_refusal_names_the_changed_parameter_and_input_file(small, tmp_path, cap
     line = refusal(small, outdir, capsys, "--padding", "2", "--scale", "none")
     assert re.search(r"--padding was 1\.25, now 2\b", line) and "--scale was fit, now none" in line
     assert line.count("\n") == 0 and "--overwrite" in line
+    # the earlier run's log keeps the refused command and its error line, after the run's own lines
+    log = (outdir / "dsub.log").read_text().splitlines()
+    headings = [index for index, text in enumerate(log) if text.startswith("==== ")]
+    assert len(headings) == 2 and "--padding 2 --scale none" in log[headings[1]]
+    assert log[-1] == line
 
     stat, mask = os.stat(small["half_a"]), os.stat(small["mask"])
     try:

@@ -303,6 +303,7 @@ def subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings
                 finished = True
                 return summary
             except DsubError as exc:
+                log_refusal_beside_earlier_runs(transcript, lock, options)
                 raise overwrite_noted(exc, options, attempt)
             except OSError as exc:  # wherever it happened, on this machine or a worker: one message
                 explained = explain_os_error(exc, Path(options.outdir))
@@ -315,6 +316,16 @@ def subtract(particles_path, half_a, half_b, mask, settings: SubtractionSettings
                 lock.release()
     finally:
         transcript.close()  # OUTDIR/dsub.log complete on disk before the command returns
+
+
+def log_refusal_beside_earlier_runs(transcript: Transcript, lock: OutdirLock, options: RunOptions) -> None:
+    """A run refused once it held OUTDIR's lock (a different run there, too little room, ...) and before it
+    opened OUTDIR/dsub.log: where that log exists (earlier runs'), the refused command goes into it, with what
+    it printed and, from ``record.failure_recorded``, its error line, as an attempt's would. A folder without
+    a log is left as it was, and so is one that another run holds (this run never had its lock)."""
+    log = Path(options.outdir) / LOG_NAME
+    if lock.fd is not None and not transcript.log.is_open and log.is_file():
+        transcript.open_log(Path(options.outdir), fresh=False, command=options.command)
 
 
 def left_to_resume(options: RunOptions, attempt: record.AttemptRecorder) -> dict:

@@ -68,6 +68,10 @@ class LogFile:
                     file.truncate()
                 self._start = 0
 
+    @property
+    def is_open(self) -> bool:
+        return self._file is not None
+
     def write(self, text: str) -> None:
         with self._lock:
             if self._file is None:
