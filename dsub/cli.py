@@ -13,14 +13,12 @@ import sys
 import warnings
 from pathlib import Path
 
-if __name__ == "__main__":  # ``python -m dsub.cli``: what the ``dsub`` command sets before its libraries load
-    from .command import lean_threads_under_an_address_space_limit
-    from .fork_server import start as start_fork_server
+if __name__ == "__main__":  # ``python -m dsub.cli``: the ``dsub`` command itself, before the libraries load
+    from .command import run
 
-    lean_threads_under_an_address_space_limit()
-    start_fork_server(sys.argv[1:])
+    run()  # its settings, its Ctrl-C and SIGTERM handling while it loads this module as dsub.cli; never returns
 
-from . import __version__  # noqa: E402 -- after the settings above
+from . import __version__  # noqa: E402 -- after the block above
 from .cluster import ClusterSpec, parse_adapt
 from .errors import (
     DsubError, DsubWarning, MissingInputError, OptionError, Terminated,

@@ -979,6 +979,23 @@ def test_ctrl_c_while_dsub_loads_ends_in_one_line(small, tmp_path, delay_s, stop
     assert err.strip().splitlines() == [line]
 
 
+@pytest.mark.parametrize("delay_s", [0.12, 0.2])
+def test_ctrl_c_while_python_m_dsub_cli_loads_ends_in_one_line(small, tmp_path, delay_s):
+    """``python -m dsub.cli`` is the ``dsub`` command: a Ctrl-C while it loads its libraries is one line too
+    (it printed the import's traceback when the libraries were loaded before the command's handling)."""
+    import signal
+    import time
+
+    command = [sys.executable, "-m", "dsub.cli", *subtract_args(small, tmp_path / "out")]
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(delay_s)  # Python is up, dsub's libraries loading (a few tenths of a second)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130 and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("dsub: interrupted"), err
+
+
 def test_a_sigint_ignored_from_the_start_stays_ignored(small, tmp_path):
     """A shell without job control starts `dsub ... &` with SIGINT ignored; dsub keeps it so (POSIX), as Python does."""
     import signal
