@@ -712,6 +712,9 @@ def test_a_rerun_removes_the_temporary_metadata_files_of_a_killed_export(dataset
         patch.setattr(export, "write_metadata", killed)
         assert run(paths["star"], paths, outdir, "--keep-store") == 130
     capsys.readouterr()
+    # the stacks keep their temporary names while the metadata that points at them is written: none looks finished
+    stacks = sorted(path.name for path in (outdir / export.STACK_FOLDER).iterdir())
+    assert stacks and all(name.endswith(export.PARTIAL_SUFFIX) for name in stacks), stacks
     # what kill -9 during the export leaves: the dead writers' temporary files (their pids)
     stale = [f".{export.STAR_NAME}.23545.tmp", f".{export.STAR_NAME}.23721.tmp", f".{export.CS_NAME}.23545.tmp",
              f".{export.SKIPPED_NAME}.4242.tmp"]

@@ -36,13 +36,13 @@
 
 Each stack is created at its full size under a temporary name before the tasks
 run (``prepare_stacks``); each task writes its chunk's images straight into
-their slots (``write_pieces``) and the store records the chunk as finished;
-when every chunk is, the header statistics are written from the store's
-per-image figures and the stacks get their names (``finish_stacks``). The
-metadata files are written last, into a hidden folder (``STAGING_FOLDER``, the
-``into`` of ``write_metadata``) with the run's record, and moved into OUTDIR
-together by ``publish_metadata``: the star and .cs, then ``dsub_run.json``
-last, so a ``dsub_run.json`` in OUTDIR means the export finished (the star and
+their slots (``write_pieces``) and the store records the chunk as finished.
+When every chunk is, the metadata files are written into a hidden folder
+(``STAGING_FOLDER``, the ``into`` of ``write_metadata``) with the run's record;
+then the stacks' header statistics are written from the store's per-image
+figures and the stacks get their names (``finish_stacks``), and the metadata
+is moved into OUTDIR by ``publish_metadata``: the star and .cs, then
+``dsub_run.json`` last, so a ``dsub_run.json`` in OUTDIR means the export finished (the star and
 .cs beside it are whole and of the same export).
 """
 

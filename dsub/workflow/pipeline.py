@@ -614,7 +614,6 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             workers, phases = runner.workers, runner.phases
             # The workers stop while the metadata is written (a local cluster takes seconds to close).
             cleanup.callback(close_in_background(running.pop_all()).join)
-    export.finish_stacks(outdir, layout, store.image_statistics(store_path))  # headers: the tasks wrote the images
     fit = store.per_particle(store_path)
     contrast = fit.pop("contrast")
     skipped = store.skipped_particles(store_path)
@@ -658,6 +657,9 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
         summary = {**record.run_description(options.command, stored_hashes(store_path, identity)),
                    **attempt.finish(summary, phases, workers)}
         (staging / RUN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        # The stacks get their headers (the tasks wrote the images) and names only now, just before the metadata
+        # that points at them: a run stopped while the metadata was written leaves no named stack without it.
+        export.finish_stacks(outdir, layout, store.image_statistics(store_path))
         export.publish_metadata(staging, outdir, RUN_SUMMARY)
     if not options.keep_store:  # only now: a rerun of a run cut short takes up its store and stacks
         store.delete_images(store_path)
