@@ -175,7 +175,9 @@ def prepare_volumes(xp, volumes, kernel: GriddingKernel, oversampling: float, fl
     read both maps' taps of a point in one load; the values are those of
     ``prepare_volume``. On NumPy that array lies on 4 kB pages (``small_page_zeros``).
     Elsewhere (no numba, another count) each map has its own array. numba is
-    found here, not imported (its import belongs to the first slice).
+    found here, not imported (its import belongs to the first slice). On CuPy a
+    complex64 pair of ``pair_in_texture``'s size is also copied into a 3D texture
+    (``pair_texture``; each volume's ``texture``), which the pair's slices read.
 
     ``float16``: every value rounded to float16 after scaling each map by the power
     of two that puts its largest part in (2¹⁴, 2¹⁵] (``rounded_to_float16``): on CuPy
