@@ -639,6 +639,12 @@ def test_slurm_refusal_tells_an_unreachable_controller_from_a_refused_job(monkey
     with pytest.raises(DsubError) as fitting:
         start.preflight(_FakeBatchCluster("1GB"), spec)
     assert "Each job asks for 1GB of memory, what this run needs of each worker job" in str(fitting.value)
+    said["words"] = "Batch job submission failed: Invalid partition name specified"
+    with pytest.raises(DsubError) as named:  # a wrong name: nothing said of memory
+        start.preflight(_FakeBatchCluster("64GB"), spec)
+    assert str(named.value) == (
+        "SLURM refuses the worker job: Batch job submission failed: Invalid partition name specified. Check the "
+        "partition and resources in your cluster config (dsub job-script --scheduler slurm shows the job script).")
     said["words"] = None
     start.preflight(_FakeBatchCluster(), spec)  # accepted: nothing said
 

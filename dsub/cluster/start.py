@@ -301,9 +301,15 @@ def preflight(cluster, spec) -> None:
         raise DsubError(
             f"SLURM's controller did not answer sbatch --test-only: {sentence(said)} Check that SLURM is up "
             "and reachable from this machine (sinfo), then rerun; nothing was submitted.")
-    raise DsubError(f"SLURM refuses the worker job: {sentence(said)}{memory_asked(cluster, spec)}"
-                    f"{largest_node_memory()} Check the partition and resources in your cluster config (dsub "
-                    "job-script --scheduler slurm shows the job script).")
+    # the memory asked for and the nodes' largest matter where SLURM refused the resources, not a name
+    named = any(words in said.lower() for words in NAME_REFUSALS)
+    resources = "" if named else f"{memory_asked(cluster, spec)}{largest_node_memory()}"
+    raise DsubError(f"SLURM refuses the worker job: {sentence(said)}{resources} Check the partition and resources "
+                    "in your cluster config (dsub job-script --scheduler slurm shows the job script).")
+
+
+#: What sbatch says of a name in the job that does not exist (a partition, account or QOS): no resource refused.
+NAME_REFUSALS = ("invalid partition", "invalid account", "invalid qos")
 
 
 def largest_node_memory() -> str:
