@@ -202,6 +202,26 @@ def test_sample_figures_are_strict_json_and_few_particles_skip_the_pose_check(re
     assert not [w for w in recwarn.list if "dsub" in type(w.message).__module__]
 
 
+def test_an_opposite_sign_after_this_region_was_subtracted_names_that_not_the_polarity():
+    """A fit that finds the input's contrast with the other sign, on particles whose region an earlier run
+    already subtracted: the refusal names that subtraction, not the stacks' contrast inversion."""
+    from types import SimpleNamespace
+
+    from dsub.errors import InputFileError
+    from dsub.workflow.diagnostics import check_input_contrast
+
+    rows = np.arange(8)
+    table = SimpleNamespace(input_contrast=np.ones(8), source_path="particles_subtracted.star")
+    fitted, sigma = -0.3 * np.ones(8), 0.05 * np.ones(8)
+    with pytest.raises(InputFileError) as repeated:
+        check_input_contrast(table, rows, fitted, sigma, print, check_ratio=False, region_subtracted_before=True)
+    assert "region was already subtracted from these images" in str(repeated.value)
+    assert "polarity" not in str(repeated.value) and "mask of the region still to be removed" in str(repeated.value)
+    with pytest.raises(InputFileError) as inverted:
+        check_input_contrast(table, rows, fitted, sigma, print, check_ratio=False)
+    assert "opposite polarity" in str(inverted.value)
+
+
 def with_header_voxel_size(paths, folder: Path, voxel: float) -> dict:
     """Copies of the half maps and mask whose header says ``voxel`` Å; the data unchanged (a wrong header)."""
     copies = {}

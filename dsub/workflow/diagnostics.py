@@ -118,7 +118,8 @@ def warn_spread(figures: dict, where: str, scale: str) -> None:
              "standard deviations from the median): check those particles' poses, CTF and images.")
 
 
-def check_sample(table, sample: np.ndarray, result, scale: str, say, refuse_unexplained=None) -> dict:
+def check_sample(table, sample: np.ndarray, result, scale: str, say, refuse_unexplained=None,
+                 region_subtracted_before: bool = False) -> dict:
     """Check the sample fit ``result = (ContrastResult, control correlation, ...)`` (``tasks.SampleFit``) of rows ``sample``.
 
     Raises ``InputFileError`` when, with ``scale == "input"``, the input
@@ -129,7 +130,9 @@ def check_sample(table, sample: np.ndarray, result, scale: str, say, refuse_unex
     evidence in words (``on 64 sample particles the maps explain almost
     nothing ...``) returning the error raised instead of the warning that the
     maps explain almost nothing (``validate.wrong_voxel_size``, for maps whose
-    voxel size is off every optics group's).
+    voxel size is off every optics group's). ``region_subtracted_before``: the
+    earlier run that wrote these particles subtracted this region already
+    (``chain.check_earlier_records``): an opposite sign is then put down to that.
     """
     fit, control = result[:2]
     usable = np.isfinite(fit.alpha) & np.isfinite(control)
@@ -164,7 +167,8 @@ def check_sample(table, sample: np.ndarray, result, scale: str, say, refuse_unex
         earlier = None  # an earlier --scale none run wrote no contrast: nothing to compare with
     if scale == "input":
         figures.update(check_input_contrast(table, sample[usable], fit.alpha[usable], fit.sigma[usable], say,
-                                            check_sign=explained, check_ratio=earlier is None))
+                                            check_sign=explained, check_ratio=earlier is None,
+                                            region_subtracted_before=region_subtracted_before))
     if earlier is not None and scale in ("fit", "input") and explained:
         figures.update(check_earlier_contrast(table, sample[usable], fit.alpha[usable], fit.sigma[usable], scale, say))
     elif scale == "none" and explained:
@@ -184,13 +188,25 @@ def _json_safe(figures: dict) -> dict:
 
 
 def check_input_contrast(table, rows: np.ndarray, fitted: np.ndarray, sigma: np.ndarray, say,
-                         check_sign: bool = True, check_ratio: bool = True) -> dict:
+                         check_sign: bool = True, check_ratio: bool = True,
+                         region_subtracted_before: bool = False) -> dict:
     """With --scale input: refuse the opposite polarity; warn when fitted / input leaves ``RATIO_BAND``
-    (unless ``check_ratio`` is false: an earlier dsub run's output, judged by ``check_earlier_contrast``)."""
+    (unless ``check_ratio`` is false: an earlier dsub run's output, judged by ``check_earlier_contrast``).
+    ``region_subtracted_before``: the refusal names the earlier subtraction of this region as the cause (what
+    it left of the region fits the full map with any sign), not the stacks' polarity."""
     given = np.asarray(table.input_contrast[rows], dtype=np.float64)
     if not rows.size:
         return {}
     given_sign, measured_sign = np.sign(np.median(given)), np.sign(np.median(fitted))
+    if check_sign and given_sign != measured_sign and region_subtracted_before:
+        raise InputFileError(
+            table.source_path,
+            f"the input contrast scales are {'positive' if given_sign > 0 else 'negative'} but a fit on "
+            f"{rows.size} particles finds them {'positive' if measured_sign > 0 else 'negative'}: this mask's "
+            "region was already subtracted from these images (see the warning above), so the full map no longer "
+            "matches them.",
+            "Give the mask of the region still to be removed, or start from the particles before that subtraction.",
+        )
     if check_sign and given_sign != measured_sign:
         raise InputFileError(
             table.source_path,

@@ -549,7 +549,8 @@ def _subtract(particles_path, half_a, half_b, mask, settings: SubtractionSetting
             refuse = (partial(validate.wrong_voxel_size, half_a, pixel_size, table)
                       if validate.far_from_every_group(table, projected_voxel) else None)
             checked = diagnostics.check_sample(table, sample, sample_fit, settings.scale,
-                                               lambda line: say(options, line), refuse_unexplained=refuse)
+                                               lambda line: say(options, line), refuse_unexplained=refuse,
+                                               region_subtracted_before=bool(chained.get("mask_already_subtracted")))
             timings["sample_fit"] = time.monotonic() - started - sum(timings.values())  # its checks included
             sample_check = None
             if settings.scale == "input":  # for the report: fitted against input contrast
