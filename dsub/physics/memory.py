@@ -5,7 +5,8 @@ its masked region), each the oversampled rfft of ``projector.prepare_volume``:
 complex64 of shape (P, P, P//2 + 1 + 2·reach), P = ``grid_size(box,
 oversampling)``; on a GPU the default projector's are stored in float16, half
 that, and a complex64 pair of 256 MiB to 4 GiB is also copied into a 3D
-texture, twice that (``projector.prepare_volumes``). Both half sets are resident, so four volumes.
+texture, twice that (``projector.prepare_volumes``). Both half sets are
+resident, so four volumes.
 
 Batch: the peak of ``subtract_batch`` per particle, measured with tracemalloc
 on NumPy (tests/test_subtract.py checks it within 25 %): the larger of the
@@ -90,9 +91,7 @@ def preparation_peak_bytes(box: int, settings, device: str = "gpu") -> int:
     _, oversampling = projector_kernel(settings.projector, settings.padding)
     size = grid_size(box, oversampling)
     plain_rfft = 8 * size * size * (size // 2 + 1)
-    volume = prepared_volume_bytes(box, settings)
-    if settings.projector not in FLOAT16_PROJECTORS and pair_in_texture(2 * volume):
-        volume *= 2
+    volume = max(prepared_volume_bytes(box, settings), prepared_volume_bytes(box, settings, "gpu"))
     return int(3 * volume + PREPARATION_PEAK_PLAIN_RFFTS_GPU * plain_rfft)
 
 

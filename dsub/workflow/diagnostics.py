@@ -198,23 +198,19 @@ def check_input_contrast(table, rows: np.ndarray, fitted: np.ndarray, sigma: np.
     if not rows.size:
         return {}
     given_sign, measured_sign = np.sign(np.median(given)), np.sign(np.median(fitted))
-    if check_sign and given_sign != measured_sign and region_subtracted_before:
-        raise InputFileError(
-            table.source_path,
-            f"the input contrast scales are {'positive' if given_sign > 0 else 'negative'} but a fit on "
-            f"{rows.size} particles finds them {'positive' if measured_sign > 0 else 'negative'}: this mask's "
-            "region was already subtracted from these images (see the warning above), so the full map no longer "
-            "matches them.",
-            "Give the mask of the region still to be removed, or start from the particles before that subtraction.",
-        )
     if check_sign and given_sign != measured_sign:
+        found = (f"the input contrast scales are {'positive' if given_sign > 0 else 'negative'} but a fit on "
+                 f"{rows.size} particles finds them {'positive' if measured_sign > 0 else 'negative'}: ")
+        if region_subtracted_before:
+            raise InputFileError(
+                table.source_path,
+                found + "this mask's region was already subtracted from these images (see the warning above), so "
+                "the full map no longer matches them.",
+                "Give the mask of the region still to be removed, or start from the particles before that "
+                "subtraction.")
         raise InputFileError(
-            table.source_path,
-            f"the input contrast scales are {'positive' if given_sign > 0 else 'negative'} but a fit on "
-            f"{rows.size} particles finds them {'positive' if measured_sign > 0 else 'negative'}: the images "
-            "have the opposite polarity to what the metadata implies.",
-            "Use --scale fit (it absorbs the polarity), or check the stacks' contrast inversion.",
-        )
+            table.source_path, found + "the images have the opposite polarity to what the metadata implies.",
+            "Use --scale fit (it absorbs the polarity), or check the stacks' contrast inversion.")
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = fitted / given
         ratio_sigma = np.abs(sigma / given)

@@ -323,9 +323,9 @@ def log_refusal_beside_earlier_runs(transcript: Transcript, lock: OutdirLock, op
     opened OUTDIR/dsub.log: where that log exists (earlier runs'), the refused command goes into it, with what
     it printed and, from ``record.failure_recorded``, its error line, as an attempt's would. A folder without
     a log is left as it was, and so is one that another run holds (this run never had its lock)."""
-    log = Path(options.outdir) / LOG_NAME
-    if lock.fd is not None and not transcript.log.is_open and log.is_file():
-        transcript.open_log(Path(options.outdir), fresh=False, command=options.command)
+    outdir = Path(options.outdir)
+    if lock.fd is not None and not transcript.log.is_open and (outdir / LOG_NAME).is_file():
+        transcript.open_log(outdir, fresh=False, command=options.command)
 
 
 def left_to_resume(options: RunOptions, attempt: record.AttemptRecorder) -> dict:
